@@ -1,0 +1,212 @@
+"""The command line: wires commands to pipeline functions and maps errors to exit codes."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from typing import Optional
+
+import typer
+
+from . import __version__
+from .errors import KvcliError, UsageError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Offline KV-cache files for language models: prefill a document once, answer from the cache later.",
+)
+_state = {"debug": False}
+
+ModelOpt = typer.Option(None, "--model", "-m", help="Model directory, .gguf file or hub id [default: bundled SmolLM2-135M-Instruct]")
+QualityOpt = typer.Option("lossless", "--quality", "-q", help="Codec preset: lossless or raw")
+ChunkOpt = typer.Option(256, "--chunk-tokens", min=1, help="Tokens per segment")
+
+
+def _err(message: str) -> None:
+    print(f"Error: {message}", file=sys.stderr)
+
+
+def handled(fn):
+    """Expected failures print one line and exit with their class's code; --debug keeps the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KvcliError as err:
+            if _state["debug"]:
+                raise
+            _err(str(err))
+            raise typer.Exit(err.exit_code) from None
+        except KeyboardInterrupt:
+            _err("interrupted")
+            raise typer.Exit(130) from None
+        except BrokenPipeError:
+            raise typer.Exit(141) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"kvcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for expected errors too"),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version"),
+) -> None:
+    _state["debug"] = debug
+
+
+@app.command()
+@handled
+def prefill(
+    doc: str = typer.Argument(..., help="Document to prefill, or - for stdin"),
+    out: str = typer.Option(..., "--output", "-o", help="Output .kvc file, or - for stdout"),
+    model: Optional[str] = ModelOpt,
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16"),
+    quality: str = QualityOpt,
+    chunk_tokens: int = ChunkOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary to stderr"),
+) -> None:
+    """Run the model over DOC once and write its KV cache as a .kvc file."""
+    from . import models, pipeline
+
+    _check_quality(quality)
+    lm = models.load(model, dtype)
+    t0 = time.perf_counter()
+    kv, size = pipeline.prefill_document(doc, lm, quality, chunk_tokens, out)
+    summary = {"output": out, "tokens": kv.num_tokens, "bytes": size, "quality": quality,
+               "model": lm.name, "dtype": dtype, "seconds": round(time.perf_counter() - t0, 3)}
+    if as_json:
+        print(json.dumps(summary), file=sys.stderr)
+    elif out != "-":
+        print(f"wrote {out}: {kv.num_tokens} tokens, {size:,} bytes ({quality})", file=sys.stderr)
+
+
+@app.command()
+@handled
+def generate(
+    prompt: str = typer.Argument(..., help="The question or continuation prompt"),
+    cache: Optional[str] = typer.Option(None, "--cache", "-c", help=".kvc file holding the context"),
+    document: Optional[str] = typer.Option(None, "--document", "-d", help="Prefill this document instead (reference path)"),
+    model: Optional[str] = ModelOpt,
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Model dtype [default: the cache's, else float32]"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of plain text"),
+) -> None:
+    """Answer PROMPT after a cached context (--cache) or after a full prefill of a document (--document)."""
+    from . import inference, models, pipeline
+
+    if (cache is None) == (document is None):
+        raise UsageError("give exactly one of --cache FILE or --document DOC")
+    t0 = time.perf_counter()
+    if cache is not None:
+        src, header = pipeline.read_header(cache)
+        with src:
+            lm = models.load(model, dtype or header.dtype)
+            kv = pipeline.load_cache(src, header, lm).kv
+        context_ids = kv.token_ids
+    else:
+        lm = models.load(model, dtype or "float32")
+        text = inference.read_document(document)
+        context_ids = inference.document_ids(lm, text)
+        kv = None
+    ids = inference.prompt_ids(lm, prompt)
+    if kv is None:
+        ids = context_ids + ids
+    first: dict = {}
+    start = time.perf_counter()
+    tokens = inference.greedy(lm, kv, ids, max_new_tokens, on_first_token=lambda t: first.setdefault("t", time.perf_counter()))
+    text_out = lm.tokenizer.decode(tokens, skip_special_tokens=True)
+    if as_json:
+        print(json.dumps({"text": text_out, "tokens": len(tokens), "context_tokens": len(context_ids),
+                          "ttft_s": round(first.get("t", start) - start, 4),
+                          "total_s": round(time.perf_counter() - t0, 3)}))
+    else:
+        print(text_out)
+
+
+@app.command()
+@handled
+def decode(
+    file: str = typer.Argument(..., help=".kvc file, or - for stdin"),
+    out: str = typer.Option(..., "--output", "-o", help="Output .safetensors file"),
+) -> None:
+    """Export the decoded cache as safetensors: keys.{i}, values.{i} (kv_heads, tokens, head_dim) and input_ids."""
+    from . import format, kvfile
+    from .kvcache import to_tensor_dict
+    from .tensorfile import save_tensors
+
+    src = format.open_source(file)
+    with src:
+        kv = kvfile.decode(src, format.read_header(src))
+    save_tensors(out, to_tensor_dict(kv))
+
+
+@app.command()
+@handled
+def encode(
+    tensors: str = typer.Argument(..., help="safetensors file with keys.{i}, values.{i}, input_ids"),
+    out: str = typer.Option(..., "--output", "-o", help="Output .kvc file, or - for stdout"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="The model that produced the cache [default: bundled]"),
+    quality: str = QualityOpt,
+    chunk_tokens: int = ChunkOpt,
+) -> None:
+    """Write a cache produced elsewhere (a safetensors export) as a .kvc file for MODEL."""
+    from . import models, pipeline
+    from .kvcache import from_tensor_dict
+    from .tensorfile import load_tensors
+
+    _check_quality(quality)
+    kv = from_tensor_dict(load_tensors(tensors), tensors)
+    lm = models.load(model, "float32")
+    pipeline.check_shapes(kv, lm)
+    from .codecs.presets import make_codec
+
+    pipeline.write_cache(out, kv, lm.identity, make_codec(quality), chunk_tokens)
+
+
+@app.command()
+@handled
+def inspect(
+    file: str = typer.Argument(..., help=".kvc file, or - for stdin"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON"),
+) -> None:
+    """Show what a .kvc file holds: model, tokens, shapes, codec, sizes and per-layer bytes."""
+    from . import format, report
+
+    src = format.open_source(file)
+    with src:
+        info = report.describe(format.read_header(src), src.size)
+    print(json.dumps(info, indent=2) if as_json else report.render(info))
+
+
+@app.command()
+@handled
+def verify(file: str = typer.Argument(..., help=".kvc file, or - for stdin")) -> None:
+    """Check the header and every segment checksum; exit 0 only if all pass."""
+    from . import format, kvfile
+
+    src = format.open_source(file)
+    with src:
+        count = kvfile.verify(src, format.read_header(src))
+    print(f"{file}: ok ({count} segments)")
+
+
+def _check_quality(quality: str) -> None:
+    from .codecs.presets import QUALITIES
+
+    if quality not in QUALITIES:
+        raise UsageError(f"unknown --quality {quality!r}; choose one of {', '.join(QUALITIES)}")
+
+
+def main() -> None:
+    app(prog_name="kvcli")

@@ -1,0 +1,68 @@
+"""`kvcli inspect`: a .kvc header summarized as a dict, and that dict as text."""
+
+from __future__ import annotations
+
+from . import format
+
+FP16_BYTES = 2
+
+
+def describe(header: format.Header, file_size: int) -> dict:
+    elements = header.elements()
+    per_layer = []
+    for li, shape in enumerate(header.layers):
+        k = sum(s.length for s in header.segments if s.layer == li and s.kind == "k")
+        v = sum(s.length for s in header.segments if s.layer == li and s.kind == "v")
+        held = header.num_tokens - shape.token_start
+        k_el = shape.kv_heads * held * shape.key_dim
+        v_el = shape.kv_heads * held * shape.value_dim
+        per_layer.append({"layer": li, "tokens": held, "k_bytes": k, "v_bytes": v,
+                          "k_bits_per_element": round(8 * k / k_el, 3), "v_bits_per_element": round(8 * v / v_el, 3)})
+    aux = sum(s.length for s in header.segments if s.kind == "aux")
+    first = header.layers[0]
+    return {
+        "format_version": f"{header.major}.{header.minor}",
+        "model": header.model,
+        "tokens": header.num_tokens,
+        "layers": len(header.layers),
+        "kv_heads": first.kv_heads,
+        "head_dim": first.key_dim,
+        "dtype": header.dtype,
+        "codec": header.codec,
+        "chunk_tokens": header.chunk_tokens,
+        "segments": len(header.segments),
+        "file_bytes": file_size,
+        "header_bytes": header.data_offset,
+        "aux_bytes": aux,
+        "elements": elements,
+        "bits_per_element": round(8 * file_size / elements, 4),
+        "ratio_vs_fp16": round(elements * FP16_BYTES / file_size, 3),
+        "per_layer": per_layer,
+        **({"extra": header.extra} if header.extra else {}),
+    }
+
+
+def render(info: dict) -> str:
+    m = info["model"]
+    codec = info["codec"]
+    params = ", ".join(f"{k}={v}" for k, v in sorted(codec["params"].items()) if not isinstance(v, (list, dict)))
+    lines = [
+        f"format       .kvc {info['format_version']}",
+        f"model        {m.get('name', '?')} ({m['architecture']})",
+        f"  config     {m['config_digest'][:16]}",
+        f"  weights    {m['weights_digest'][:16]}",
+        f"  tokenizer  {m['tokenizer_digest'][:16]}",
+        f"tokens       {info['tokens']}",
+        f"layers       {info['layers']} x {info['kv_heads']} kv heads x head_dim {info['head_dim']}, {info['dtype']}",
+        f"codec        {codec['name']}" + (f" ({params})" if params else ""),
+        f"segments     {info['segments']} (chunks of {info['chunk_tokens']} tokens)",
+        f"size         {info['file_bytes']:,} bytes (header {info['header_bytes']:,}, tables {info['aux_bytes']:,})",
+        f"bits/element {info['bits_per_element']}",
+        f"vs fp16      {info['ratio_vs_fp16']}x smaller",
+        "",
+        "layer  tokens    K bytes    V bytes  K bits/el  V bits/el",
+    ]
+    for row in info["per_layer"]:
+        lines.append(f"{row['layer']:>5}  {row['tokens']:>6}  {row['k_bytes']:>9,}  {row['v_bytes']:>9,}  "
+                     f"{row['k_bits_per_element']:>9.3f}  {row['v_bits_per_element']:>9.3f}")
+    return "\n".join(lines)
