@@ -77,12 +77,13 @@ def prefill(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary to stderr"),
 ) -> None:
     """Run the model over DOC once and write its KV cache as a .kvc file."""
-    from . import models, pipeline
+    from . import inference, models, pipeline
 
     _check_quality(quality)
+    text = inference.read_document(doc)  # bad input fails before the model loads
     lm = models.load(model, dtype)
     t0 = time.perf_counter()
-    kv, size = pipeline.prefill_document(doc, lm, quality, chunk_tokens, out)
+    kv, size = pipeline.prefill_document(text, lm, quality, chunk_tokens, out)
     summary = {"output": out, "tokens": kv.num_tokens, "bytes": size, "quality": quality,
                "model": lm.name, "dtype": dtype, "seconds": round(time.perf_counter() - t0, 3)}
     if as_json:
@@ -115,8 +116,8 @@ def generate(
             kv = pipeline.load_cache(src, header, lm).kv
         context_ids = kv.token_ids
     else:
-        lm = models.load(model, dtype or "float32")
         text = inference.read_document(document)
+        lm = models.load(model, dtype or "float32")
         context_ids = inference.document_ids(lm, text)
         kv = None
     ids = inference.prompt_ids(lm, prompt)

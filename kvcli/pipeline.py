@@ -49,8 +49,7 @@ def write_cache(out: str, kv: KVCache, lm_identity: dict, codec: Codec, chunk_to
     return format.write_kvc(out, meta, parts)
 
 
-def prefill_document(doc: str, lm: models.LoadedModel, quality: str, chunk_tokens: int, out: str, **codec_opts) -> tuple[KVCache, int]:
-    text = inference.read_document(doc)
+def prefill_document(text: str, lm: models.LoadedModel, quality: str, chunk_tokens: int, out: str, **codec_opts) -> tuple[KVCache, int]:
     ids = inference.document_ids(lm, text)
     inference.check_length(lm, len(ids), "the document")
     codec = make_codec(quality, **codec_opts)  # before prefill: a bad option fails fast

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from tiny_models import ARCHITECTURES, make_model_dir  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Factory: tiny_model_dir(arch, seed=0) -> a saved model directory, built once per session."""
+    made: dict[tuple[str, int], Path] = {}
+
+    def get(arch: str, seed: int = 0) -> Path:
+        if (arch, seed) not in made:
+            made[(arch, seed)] = make_model_dir(arch, tmp_path_factory.mktemp(f"{arch}-{seed}"), seed)
+        return made[(arch, seed)]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_model_dir):
+    from kvcli import models
+
+    loaded: dict = {}
+
+    def get(arch: str, seed: int = 0, dtype: str = "float32"):
+        key = (arch, seed, dtype)
+        if key not in loaded:
+            loaded[key] = models.load(str(tiny_model_dir(arch, seed)), dtype)
+        return loaded[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def default_lm():
+    from kvcli import models
+
+    return models.load(None, "float32")
+
+
+@pytest.fixture
+def cli():
+    """Run the CLI in-process: cli(*args, input=bytes) -> result with exit_code, stdout, stderr, stdout_bytes."""
+    from typer.testing import CliRunner
+
+    from kvcli.cli import _state, app
+
+    runner = CliRunner()
+
+    def run(*args, input=None):
+        _state["debug"] = False
+        return runner.invoke(app, [str(a) for a in args], input=input)
+
+    return run
+
+
+@pytest.fixture
+def doc_file(tmp_path):
+    path = tmp_path / "doc.txt"
+    path.write_text("The harbour town of Velmora sits between two cliffs. Its lighthouse keeper, Anna Brisk, "
+                    "has kept the lamp burning for thirty years. Every evening she climbs 112 steps.\n")
+    return path
+
+
+__all__ = ["ARCHITECTURES"]
