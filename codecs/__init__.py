@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import Codec, CodecError, SegmentContext
+from .kvq import KvqCodec, Profile
 from .lossless import ZstdCodec
 from .raw import RawCodec
 
@@ -13,7 +14,9 @@ def codec_from_header(name: str, params: dict) -> Codec:
         return RawCodec()
     if name == ZstdCodec.name:
         return ZstdCodec.from_params(params)
+    if name == KvqCodec.name:
+        return KvqCodec.from_params(params)
     raise CodecError(f"unknown codec {name!r}")
 
 
-__all__ = ["Codec", "CodecError", "SegmentContext", "RawCodec", "ZstdCodec", "codec_from_header"]
+__all__ = ["Codec", "CodecError", "SegmentContext", "RawCodec", "ZstdCodec", "KvqCodec", "Profile", "codec_from_header"]

@@ -43,9 +43,17 @@ class Codec(ABC):
         """What the header records so that a decoder can rebuild this codec exactly."""
         return {}
 
+    def fit(self, keys: list[torch.Tensor], values: list[torch.Tensor], token_starts: list[int]) -> None:
+        """Look at the whole cache before any segment is encoded (to fit shared tables). Default: nothing."""
+
     def aux(self) -> dict[str, bytes]:
         """Blobs shared by all segments (entropy tables, say), stored once per file."""
         return {}
+
+    def load_aux(self, blobs: dict[str, bytes]) -> None:
+        """Take the blobs aux() wrote, before any segment is decoded."""
+        if blobs:
+            raise CodecError(f"codec {self.name} takes no aux segments, found {sorted(blobs)}")
 
     @abstractmethod
     def encode(self, x: torch.Tensor, ctx: SegmentContext) -> bytes: ...

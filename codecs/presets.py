@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from .base import Codec
+from .kvq import DEFAULT_SINKS, KvqCodec, Profile
 from .lossless import ZstdCodec
 from .raw import RawCodec
 
-QUALITIES = ("lossless", "raw")
+# Step size relative to a layer's RMS at the geometric-mean sensitivity. Set on calibration text, never on
+# the benchmark corpus (docs/codec.md, "Presets").
+LOSSY_SCALES = {"high": 0.25, "balanced": 0.8, "small": 1.5}
+QUALITIES = ("lossless", *LOSSY_SCALES, "raw")
+DEFAULT_QUALITY = "balanced"
 
 
-def make_codec(quality: str, **options) -> Codec:
+def make_codec(quality: str, profile: Profile | None = None, inv_freq: list[np.ndarray | None] | None = None,
+               step_scale: float = 1.0, sinks: int = DEFAULT_SINKS) -> Codec:
     if quality == "lossless":
-        return ZstdCodec(**options)
+        return ZstdCodec()
     if quality == "raw":
         return RawCodec()
-    raise ValueError(f"unknown quality {quality!r}; choose one of {', '.join(QUALITIES)}")
+    if quality not in LOSSY_SCALES:
+        raise ValueError(f"unknown quality {quality!r}; choose one of {', '.join(QUALITIES)}")
+    meta = {"quality": quality, "step_scale": step_scale, "profile": f"{profile.name}:{profile.digest()}" if profile else "none"}
+    return KvqCodec(LOSSY_SCALES[quality] * step_scale, sinks, profile, inv_freq, meta)

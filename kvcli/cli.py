@@ -22,7 +22,9 @@ app = typer.Typer(
 _state = {"debug": False}
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Model directory, .gguf file or hub id [default: bundled SmolLM2-135M-Instruct]")
-QualityOpt = typer.Option("lossless", "--quality", "-q", help="Codec preset: lossless or raw")
+QualityOpt = typer.Option("balanced", "--quality", "-q", help="lossless, high, balanced, small, or raw")
+StepScaleOpt = typer.Option(1.0, "--step-scale", min=1e-3, max=1e3, help="Expert: multiply the preset's quantization steps (recorded in the header)")
+SinksOpt = typer.Option(4, "--sinks", min=0, max=4096, help="Expert: leading tokens kept exact by lossy presets")
 ChunkOpt = typer.Option(256, "--chunk-tokens", min=1, help="Tokens per segment")
 
 
@@ -73,6 +75,8 @@ def prefill(
     model: Optional[str] = ModelOpt,
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16"),
     quality: str = QualityOpt,
+    step_scale: float = StepScaleOpt,
+    sinks: int = SinksOpt,
     chunk_tokens: int = ChunkOpt,
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary to stderr"),
 ) -> None:
@@ -83,7 +87,8 @@ def prefill(
     text = inference.read_document(doc)  # bad input fails before the model loads
     lm = models.load(model, dtype)
     t0 = time.perf_counter()
-    kv, size = pipeline.prefill_document(text, lm, quality, chunk_tokens, out)
+    codec = pipeline.codec_for(quality, lm, step_scale, sinks)
+    kv, size = pipeline.prefill_document(text, lm, codec, chunk_tokens, out)
     summary = {"output": out, "tokens": kv.num_tokens, "bytes": size, "quality": quality,
                "model": lm.name, "dtype": dtype, "seconds": round(time.perf_counter() - t0, 3)}
     if as_json:
@@ -159,6 +164,8 @@ def encode(
     out: str = typer.Option(..., "--output", "-o", help="Output .kvc file, or - for stdout"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="The model that produced the cache [default: bundled]"),
     quality: str = QualityOpt,
+    step_scale: float = StepScaleOpt,
+    sinks: int = SinksOpt,
     chunk_tokens: int = ChunkOpt,
 ) -> None:
     """Write a cache produced elsewhere (a safetensors export) as a .kvc file for MODEL."""
@@ -170,9 +177,7 @@ def encode(
     kv = from_tensor_dict(load_tensors(tensors), tensors)
     lm = models.load(model, "float32")
     pipeline.check_shapes(kv, lm)
-    from .codecs.presets import make_codec
-
-    pipeline.write_cache(out, kv, lm.identity, make_codec(quality), chunk_tokens)
+    pipeline.write_cache(out, kv, lm.identity, pipeline.codec_for(quality, lm, step_scale, sinks), chunk_tokens)
 
 
 @app.command()
@@ -200,6 +205,35 @@ def verify(file: str = typer.Argument(..., help=".kvc file, or - for stdin")) ->
     with src:
         count = kvfile.verify(src, format.read_header(src))
     print(f"{file}: ok ({count} segments)")
+
+
+@app.command()
+@handled
+def calibrate(
+    model: Optional[str] = ModelOpt,
+    text: Optional[list[str]] = typer.Option(None, "--text", "-t", help="Calibration document (repeatable) [default: the two bundled texts]"),
+    out: Optional[str] = typer.Option(None, "--output", "-o", help="Write the profile here instead of the profile directory"),
+    as_json: bool = typer.Option(False, "--json", help="Print the profile's summary as JSON"),
+) -> None:
+    """Measure MODEL's sensitivity to cache loss once; lossy presets then use the stored profile."""
+    from pathlib import Path
+
+    from rich.progress import Progress
+
+    from . import calibrate as calib
+    from . import inference, models, profiles
+
+    texts = [(t, inference.read_document(t)) for t in text] if text else calib.default_texts()
+    lm = models.load(model, "float32")
+    layers = lm.model.config.get_text_config(decoder=True).num_hidden_layers
+    with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task("calibrating", total=2 * layers * len(texts))
+        profile, details = calib.calibrate(lm, texts, progress=lambda: bar.advance(task))
+    path = profiles.save(profile, lm.identity, details, Path(out) if out else None)
+    s = profile.sensitivity
+    summary = {"profile": str(path), "name": profile.name, "digest": profile.digest(), "layers": layers,
+               "sensitivity_range": [float(s.min()), float(s.max())], "texts": details["texts"]}
+    print(json.dumps(summary) if as_json else f"wrote profile {path} (sensitivity spans {s.max() / max(s.min(), 1e-12):.0f}x across layers)")
 
 
 def _check_quality(quality: str) -> None:

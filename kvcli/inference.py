@@ -103,6 +103,17 @@ def greedy(lm: LoadedModel, kv: KVCache | None, ids: list[int], max_new_tokens: 
     return out
 
 
+@torch.inference_mode()
+def greedy_tokens(lm: LoadedModel, kv: KVCache | None, ids: list[int], count: int) -> list[int]:
+    """Exactly `count` greedy tokens, EOS or not: for comparing two caches position by position."""
+    cache = to_model_cache(kv, lm.model) if kv is not None else empty_cache(lm)
+    out, step = [], ids
+    for _ in range(count):
+        step = [int(_forward(lm, step, cache)[-1].argmax())]
+        out.append(step[0])
+    return out
+
+
 def _eos_ids(lm: LoadedModel) -> set[int]:
     eos = lm.model.generation_config.eos_token_id if lm.model.generation_config else None
     if eos is None:

@@ -42,6 +42,7 @@ def encode(kv: KVCache, model_identity: dict, codec: Codec, chunk_tokens: int = 
     """Header fields and segment bytes for `kv`; hand both to format.write_kvc."""
     dtype = DTYPE_NAMES[kv.dtype]
     shapes = layer_shapes(kv)
+    codec.fit(kv.keys, kv.values, [s.token_start for s in shapes])
     jobs = []
     for c_start, c_end in _chunks(0, kv.num_tokens, chunk_tokens):
         for li, shape in enumerate(shapes):
@@ -76,11 +77,10 @@ def open_codec(src: format.ByteSource, header: format.Header) -> Codec:
     except (CodecError, ValueError, TypeError, KeyError) as err:
         raise FormatError(f"{getattr(src, 'path', '<input>')}: codec: {err}") from None
     aux = {s.name: format.read_segment(src, header, s) for s in header.segments if s.kind == "aux"}
-    if aux or hasattr(codec, "load_aux"):
-        try:
-            codec.load_aux(aux)
-        except (CodecError, ValueError, KeyError) as err:
-            raise FormatError(f"{getattr(src, 'path', '<input>')}: codec tables: {err}") from None
+    try:
+        codec.load_aux(aux)
+    except (CodecError, ValueError, KeyError) as err:
+        raise FormatError(f"{getattr(src, 'path', '<input>')}: codec tables: {err}") from None
     return codec
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from . import format, identity, inference, kvfile, models
 from .codecs import Codec
+from .codecs.kvq import DEFAULT_SINKS
 from .codecs.presets import make_codec
 from .errors import ModelMismatchError
 from .kvcache import KVCache
@@ -44,15 +45,24 @@ def load_cache(src: format.ByteSource, header: format.Header, lm: models.LoadedM
     return CacheFile(header, kv)
 
 
+def codec_for(quality: str, lm: models.LoadedModel, step_scale: float = 1.0, sinks: int = DEFAULT_SINKS) -> Codec:
+    """The preset's codec for this model: its calibration profile (if any) and its rotary frequencies."""
+    from . import profiles
+    from .rope import inv_freq_per_layer
+
+    if quality in ("lossless", "raw"):
+        return make_codec(quality)
+    return make_codec(quality, profiles.find(lm.identity), inv_freq_per_layer(lm.model), step_scale, sinks)
+
+
 def write_cache(out: str, kv: KVCache, lm_identity: dict, codec: Codec, chunk_tokens: int) -> int:
     meta, parts = kvfile.encode(kv, lm_identity, codec, chunk_tokens)
     return format.write_kvc(out, meta, parts)
 
 
-def prefill_document(text: str, lm: models.LoadedModel, quality: str, chunk_tokens: int, out: str, **codec_opts) -> tuple[KVCache, int]:
+def prefill_document(text: str, lm: models.LoadedModel, codec: Codec, chunk_tokens: int, out: str) -> tuple[KVCache, int]:
     ids = inference.document_ids(lm, text)
     inference.check_length(lm, len(ids), "the document")
-    codec = make_codec(quality, **codec_opts)  # before prefill: a bad option fails fast
     kv = inference.prefill(lm, ids)
     size = write_cache(out, kv, lm.identity, codec, chunk_tokens)
     return kv, size

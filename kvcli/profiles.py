@@ -1,0 +1,86 @@
+"""Calibration profiles: where they live, how they are found, and their JSON form (never pickle).
+
+Lookup order for a model: the user's profile directory ($KVCLI_CACHE_DIR/profiles, written by
+`kvcli calibrate`), then the profiles shipped inside kvcli. A profile matches a model by its config and
+weights digests. With none found, the codec falls back to uniform steps (docs/codec.md, "Profiles").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from . import identity
+from .codecs import Profile
+from .errors import FormatError
+
+PROFILE_FORMAT = "kvcli-profile"
+PROFILE_VERSION = 1
+
+
+def profile_key(model_identity: dict) -> str:
+    return hashlib.sha256((model_identity["config_digest"] + model_identity["weights_digest"]).encode()).hexdigest()[:24]
+
+
+def user_dir() -> Path:
+    return identity.cache_root() / "profiles"
+
+
+def to_json(profile: Profile, model_identity: dict, details: dict) -> dict:
+    return {
+        "format": PROFILE_FORMAT,
+        "version": PROFILE_VERSION,
+        "name": profile.name,
+        "model": {k: model_identity[k] for k in ("architecture", "name", "config_digest", "weights_digest")},
+        "sensitivity": np.round(profile.sensitivity, 9).tolist(),
+        "key_weights": [np.round(w, 6).tolist() for w in profile.key_weights] if profile.key_weights else None,
+        **details,
+    }
+
+
+def from_json(doc: dict, where: str) -> tuple[Profile, dict]:
+    if doc.get("format") != PROFILE_FORMAT or doc.get("version") != PROFILE_VERSION:
+        raise FormatError(f"{where}: not a kvcli profile of version {PROFILE_VERSION}")
+    try:
+        sens = np.asarray(doc["sensitivity"], dtype=np.float64)
+        weights = [np.asarray(w, dtype=np.float64) for w in doc["key_weights"]] if doc.get("key_weights") else None
+        if sens.ndim != 2 or sens.shape[1] != 2 or not np.isfinite(sens).all():
+            raise ValueError("sensitivity must be (layers, 2) and finite")
+        if weights is not None and (len(weights) != sens.shape[0] or any(w.ndim != 2 for w in weights)):
+            raise ValueError("key_weights must hold one (kv_heads, head_dim) array per layer")
+        return Profile(str(doc["name"]), sens, weights), doc["model"]
+    except (KeyError, TypeError, ValueError) as err:
+        raise FormatError(f"{where}: malformed profile: {err}") from None
+
+
+def save(profile: Profile, model_identity: dict, details: dict, path: Path | None = None) -> Path:
+    from .format import atomic_write
+
+    path = path or user_dir() / f"{profile_key(model_identity)}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(str(path), [json.dumps(to_json(profile, model_identity, details), separators=(",", ":")).encode()])
+    return path
+
+
+def _candidates():
+    if user_dir().is_dir():
+        yield from sorted(user_dir().glob("*.json"))
+    shipped = resources.files("kvcli") / "profiles"
+    for entry in sorted(shipped.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".json"):
+            yield entry
+
+
+def find(model_identity: dict) -> Profile | None:
+    """The profile made for exactly this model (same config and weights), or None."""
+    for entry in _candidates():
+        doc = json.loads(entry.read_text())
+        model = doc.get("model", {})
+        if (model.get("config_digest"), model.get("weights_digest")) == (
+            model_identity["config_digest"], model_identity["weights_digest"]):
+            return from_json(doc, str(entry))[0]
+    return None

@@ -1,0 +1,65 @@
+"""The quality protocol shared by calibration and the benchmarks: teacher-forced continuation after a prefix.
+
+A prefix of a document is the cached context; the tokens after it are fed with the exact cache and with a
+decoded one, and their next-token distributions are compared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import inference
+from .kvcache import KVCache
+from .models import LoadedModel
+
+PREFIX_TOKENS = 2048
+CONTINUATION_TOKENS = 128
+
+
+@dataclass
+class Reference:
+    kv: KVCache  # exact cache of the prefix
+    feed: list[int]  # continuation tokens fed after the prefix
+    targets: torch.Tensor  # the token each fed position should predict
+    logits: torch.Tensor  # float32 logits with the exact cache
+
+
+def reference(lm: LoadedModel, ids: list[int], prefix: int = PREFIX_TOKENS,
+              continuation: int = CONTINUATION_TOKENS) -> Reference:
+    """Exact cache of ids[:prefix] and the logits of the next `continuation` positions."""
+    if len(ids) < prefix + continuation + 1:
+        prefix = len(ids) - continuation - 1
+    if prefix < 16:
+        raise ValueError(f"document of {len(ids)} tokens is too short for a {continuation}-token continuation")
+    kv = inference.prefill(lm, ids[:prefix])
+    feed = ids[prefix : prefix + continuation]
+    targets = torch.tensor(ids[prefix + 1 : prefix + continuation + 1])
+    return Reference(kv, feed, targets, inference.logits_after(lm, kv, feed).float())
+
+
+@dataclass
+class Agreement:
+    top1: float  # fraction of positions whose argmax matches the exact cache's
+    dnll: float  # mean NLL difference (decoded minus exact), nats
+    kl: float  # mean KL(exact || decoded), nats
+
+
+def compare(lm: LoadedModel, ref: Reference, kv: KVCache) -> Agreement:
+    logits = inference.logits_after(lm, kv, ref.feed).float()
+    top1 = (logits.argmax(-1) == ref.logits.argmax(-1)).float().mean().item()
+    nll = F.cross_entropy(logits, ref.targets, reduction="none") - F.cross_entropy(ref.logits, ref.targets, reduction="none")
+    kl = F.kl_div(logits.log_softmax(-1), ref.logits.log_softmax(-1), log_target=True, reduction="batchmean")
+    return Agreement(top1, nll.mean().item(), kl.item())
+
+
+def first_divergence(lm: LoadedModel, ref: Reference, kv: KVCache, tokens: int = 64) -> int:
+    """Position where greedy decoding from `kv` first differs from the exact cache's; `tokens` if never."""
+    exact = inference.greedy_tokens(lm, ref.kv, ref.feed[:1], tokens)
+    other = inference.greedy_tokens(lm, kv, ref.feed[:1], tokens)
+    for i, (a, b) in enumerate(zip(exact, other)):
+        if a != b:
+            return i
+    return tokens

@@ -1,0 +1,27 @@
+"""The rotary-embedding frequencies a model applies to each layer's keys, read from the model itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def inv_freq_per_layer(model) -> list[np.ndarray | None] | None:
+    """(head_dim / 2,) float32 per layer, or None when the model has no rotate-half RoPE we can find.
+
+    The codec only needs an invertible rotation: a wrong frequency costs compression, never correctness,
+    because the decoder re-applies exactly the rotation the encoder removed.
+    """
+    rotary = next((m for name, m in model.named_modules() if name.endswith("rotary_emb")), None)
+    if rotary is None:
+        return None
+    config = model.config.get_text_config(decoder=True)
+    layers = config.num_hidden_layers
+    layer_types = getattr(config, "layer_types", None) or [None] * layers
+    out: list[np.ndarray | None] = []
+    for layer_type in layer_types:
+        freq = getattr(rotary, f"{layer_type}_inv_freq", None) if layer_type else None
+        if freq is None:
+            freq = getattr(rotary, "inv_freq", None)
+        out.append(freq.detach().to(torch.float32).cpu().numpy().copy() if isinstance(freq, torch.Tensor) else None)
+    return out if any(f is not None for f in out) else None
