@@ -238,8 +238,10 @@ class KvqCodec(Codec):
         plan, skip = self._segment_plan(ctx)
         kind = KINDS.index(ctx.kind)
         body = self._pre(x[:, skip:], ctx.layer, kind, ctx.token_start + skip)
-        q = quantize(body, _t(plan.center), _t(plan.step)).permute(0, 2, 1).numpy()  # (H, D, T)
-        words, escapes = entropy.encode_classes([(t, q[mask]) for t, mask in self._groups(plan)])
+        words, escapes = np.zeros(0, np.uint32), np.zeros(0, np.int32)
+        if body.shape[1]:  # a segment of sinks only has nothing to entropy-code
+            q = quantize(body, _t(plan.center), _t(plan.step)).permute(0, 2, 1).numpy()  # (H, D, T)
+            words, escapes = entropy.encode_classes([(t, q[mask]) for t, mask in self._groups(plan)])
         esc = zstandard.ZstdCompressor(level=3).compress(escapes.tobytes()) if escapes.size else b""
         sinks = tensor_bytes(x[:, :skip]).tobytes() if skip else b""
         return struct.pack("<I", len(words)) + words.tobytes() + struct.pack("<I", len(esc)) + esc + sinks
@@ -263,9 +265,9 @@ class KvqCodec(Codec):
         words = np.frombuffer(view, np.uint32, nwords, 4)
         escapes = np.frombuffer(_unzstd(bytes(view[pos : pos + nesc]), 4 * ctx.heads * ctx.dim * max(tokens, 1) + 64),
                                 np.int32) if nesc else np.zeros(0, np.int32)
-        groups = self._groups(plan)
         q = np.empty((ctx.heads, ctx.dim, tokens), dtype=np.int32)
         if tokens:
+            groups = self._groups(plan)
             symbols = entropy.decode_classes(words, [(t, int(mask.sum()), tokens) for t, mask in groups])
             used = 0
             for (table, mask), sym in zip(groups, symbols):
@@ -276,8 +278,8 @@ class KvqCodec(Codec):
                 used += n_esc
             if used != escapes.size:
                 raise CodecError("escape stream has extra values")
-        elif nwords:
-            entropy.decode_classes(words, [])
+        elif nwords or nesc:
+            raise CodecError("a segment of sinks only carries no entropy-coded data")
         body = dequantize(torch.from_numpy(q).permute(0, 2, 1), _t(plan.center), _t(plan.step))
         out = self._post(body, ctx.layer, kind, ctx.token_start + skip).to(ctx.torch_dtype)
         if skip:

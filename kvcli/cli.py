@@ -230,6 +230,7 @@ def calibrate(
         task = bar.add_task("calibrating", total=2 * layers * len(texts))
         profile, details = calib.calibrate(lm, texts, progress=lambda: bar.advance(task))
     path = profiles.save(profile, lm.identity, details, Path(out) if out else None)
+    profile = profiles.load(path)  # as stored: the digest must describe the rounded numbers the codec will use
     s = profile.sensitivity
     summary = {"profile": str(path), "name": profile.name, "digest": profile.digest(), "layers": layers,
                "sensitivity_range": [float(s.min()), float(s.max())], "texts": details["texts"]}

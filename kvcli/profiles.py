@@ -66,6 +66,14 @@ def save(profile: Profile, model_identity: dict, details: dict, path: Path | Non
     return path
 
 
+def load(path: Path) -> Profile:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise FormatError(f"{path}: cannot read profile: {err}") from None
+    return from_json(doc, str(path))[0]
+
+
 def _candidates():
     if user_dir().is_dir():
         yield from sorted(user_dir().glob("*.json"))

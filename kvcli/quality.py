@@ -30,8 +30,8 @@ class Reference:
 def reference(lm: LoadedModel, ids: list[int], prefix: int = PREFIX_TOKENS,
               continuation: int = CONTINUATION_TOKENS) -> Reference:
     """Exact cache of ids[:prefix] and the logits of the next `continuation` positions."""
-    if len(ids) < prefix + continuation + 1:
-        prefix = len(ids) - continuation - 1
+    limit = lm.max_tokens() or len(ids)
+    prefix = min(prefix, len(ids) - continuation - 1, limit - continuation)
     if prefix < 16:
         raise ValueError(f"document of {len(ids)} tokens is too short for a {continuation}-token continuation")
     kv = inference.prefill(lm, ids[:prefix])

@@ -20,7 +20,7 @@ def llama(tiny_model_dir):
 @pytest.fixture
 def kvc(cli, llama, doc_file, tmp_path):
     out = tmp_path / "doc.kvc"
-    result = cli("prefill", doc_file, "-o", out, "--model", llama, "--chunk-tokens", "32")
+    result = cli("prefill", doc_file, "-o", out, "--model", llama, "--chunk-tokens", "32", "-q", "lossless")
     assert result.exit_code == 0, result.stderr
     return out
 
@@ -40,14 +40,15 @@ def test_prefill_then_generate_matches_full_prefill(cli, llama, kvc, doc_file):
 
 
 def test_prefill_stdin_to_stdout_equals_file_output(cli, llama, kvc, doc_file):
-    result = cli("prefill", "-", "-o", "-", "--model", llama, "--chunk-tokens", "32", input=doc_file.read_bytes())
+    result = cli("prefill", "-", "-o", "-", "--model", llama, "--chunk-tokens", "32", "-q", "lossless",
+                 input=doc_file.read_bytes())
     assert result.exit_code == 0
     assert result.stdout_bytes == kvc.read_bytes()
 
 
 def test_rerun_is_idempotent(cli, llama, kvc, doc_file):
     before = kvc.read_bytes()
-    assert cli("prefill", doc_file, "-o", kvc, "--model", llama, "--chunk-tokens", "32").exit_code == 0
+    assert cli("prefill", doc_file, "-o", kvc, "--model", llama, "--chunk-tokens", "32", "-q", "lossless").exit_code == 0
     assert kvc.read_bytes() == before
 
 
@@ -55,7 +56,7 @@ def test_decode_encode_roundtrip_is_byte_identical(cli, llama, kvc, tmp_path):
     st = tmp_path / "kv.safetensors"
     assert cli("decode", kvc, "-o", st).exit_code == 0
     again = tmp_path / "again.kvc"
-    result = cli("encode", st, "-o", again, "--model", llama, "--chunk-tokens", "32")
+    result = cli("encode", st, "-o", again, "--model", llama, "--chunk-tokens", "32", "-q", "lossless")
     assert result.exit_code == 0, result.stderr
     assert again.read_bytes() == kvc.read_bytes()
 
@@ -195,3 +196,22 @@ def test_real_entry_point_exit_code(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 3
     assert proc.stderr == f"Error: {tmp_path / 'none.kvc'}: no such file\n"
+
+
+def test_default_quality_is_balanced_and_inspect_shows_bits(cli, llama, doc_file, tmp_path):
+    out = tmp_path / "lossy.kvc"
+    assert cli("prefill", doc_file, "-o", out, "--model", llama, "--step-scale", "0.5", "--sinks", "2").exit_code == 0
+    info = json.loads(cli("inspect", out, "--json").stdout)
+    params = info["codec"]["params"]
+    assert info["codec"]["name"] == "kvq" and params["quality"] == "balanced"
+    assert params["step_scale"] == 0.5 and params["sinks"] == 2 and params["profile"] == "none"
+    assert all(r["k_bits_per_element"] > 0 and r["v_bits_per_element"] > 0 for r in info["per_layer"])
+    text = cli("inspect", out).stdout
+    assert "K bits/el" in text and "quality=balanced" in text
+
+
+def test_lossy_cache_answers(cli, llama, doc_file, tmp_path):
+    out = tmp_path / "lossy.kvc"
+    assert cli("prefill", doc_file, "-o", out, "--model", llama, "-q", "high").exit_code == 0
+    result = cli("generate", "--cache", out, "--model", llama, "-n", "8", PROMPT)
+    assert result.exit_code == 0 and result.stdout.strip()

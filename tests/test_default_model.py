@@ -36,7 +36,7 @@ def test_generate_from_cache_prints_the_same_text_as_full_prefill(tmp_path, dtyp
     doc = tmp_path / "doc.txt"
     doc.write_text(DOC)
     out = tmp_path / "doc.kvc"
-    made = kvcli("prefill", doc, "-o", out, "--dtype", dtype)
+    made = kvcli("prefill", doc, "-o", out, "--dtype", dtype, "--quality", "lossless")
     assert made.returncode == 0, made.stderr
     question = "\nQuestion: In which year did the factory move?\nAnswer:"
     cached = kvcli("generate", "--cache", out, "-n", "16", question)

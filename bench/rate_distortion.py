@@ -1,0 +1,130 @@
+"""Rate-distortion of kvcli's presets against baseline codecs, all measured in one run.
+
+    python bench/rate_distortion.py [--corpus DIR] [--plot rd.png] [--codecs NAME ...] [--documents N]
+
+Protocol (issue "The CacheGen-style lossy codec"): default model in float32; prefix = the first 2,048 tokens of
+each document, exact cache as the reference; the next 128 tokens teacher-forced; top-1 agreement and dNLL over
+those positions; greedy continuation of 64 tokens and its first divergence; bits per element from real bytes
+(for kvcli: the whole .kvc file, header and tables included). One JSON line per (document, codec), then one
+summary line per codec with the mean over documents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from baselines import registry
+from common import DEFAULT_CORPUS, corpus, emit, environment
+from kvcli import format, inference, kvfile, models, pipeline, quality
+from kvcli.kvcache import KVCache
+
+KVCLI_PRESETS = ("lossless", "high", "balanced", "small")
+
+
+def measure_kvcli(lm, ref: quality.Reference, preset: str):
+    codec = pipeline.codec_for(preset, lm)
+    t0 = time.perf_counter()
+    meta, parts = kvfile.encode(ref.kv, lm.identity, codec, 256)
+    data = format.build_header(meta, parts) + b"".join(p.data for p in parts)
+    enc_s = time.perf_counter() - t0
+    src = format.BytesSource(data)
+    header = format.read_header(src)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        decoded = kvfile.decode(src, header)
+        times.append(time.perf_counter() - t0)
+    return len(data), enc_s, statistics.median(times), decoded
+
+
+def measure_baseline(ref: quality.Reference, enc, dec):
+    kv = ref.kv
+    t0 = time.perf_counter()
+    blobs = [(enc(x.float(), layer, kind), x.shape) for layer in range(kv.num_layers)
+             for kind, x in enumerate((kv.keys[layer], kv.values[layer]))]
+    enc_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = [dec(b, shape, i // 2, i % 2) for i, (b, shape) in enumerate(blobs)]
+    dec_s = time.perf_counter() - t0
+    decoded = KVCache(kv.token_ids, out[0::2], out[1::2])
+    return sum(len(b) for b, _ in blobs), enc_s, dec_s, decoded
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    ap.add_argument("--plot", type=Path, help="write a PNG of bits/element against top-1 agreement")
+    ap.add_argument("--codecs", nargs="*", help="subset of codecs to run (kvcli:PRESET or a baseline name)")
+    ap.add_argument("--documents", type=int, default=0, help="only the first N documents")
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    lm = models.load(None, "float32")
+    env = environment()
+    layers = lm.model.config.num_hidden_layers
+    codecs = [f"kvcli:{p}" for p in KVCLI_PRESETS] + list(registry(layers))
+    if args.codecs:
+        codecs = [c for c in codecs if c in args.codecs]
+    docs = corpus(args.corpus)[: args.documents or None]
+    rows: dict[str, list[dict]] = {c: [] for c in codecs}
+    for doc in docs:
+        ids = inference.document_ids(lm, doc.read_text())
+        ref = quality.reference(lm, ids)
+        exact_greedy = inference.greedy_tokens(lm, ref.kv, ref.feed[:1], 64)
+        elements = sum(k.numel() + v.numel() for k, v in zip(ref.kv.keys, ref.kv.values))
+        for name in codecs:
+            if name.startswith("kvcli:"):
+                size, enc_s, dec_s, decoded = measure_kvcli(lm, ref, name.split(":", 1)[1])
+            else:
+                enc, dec = registry(layers)[name]
+                size, enc_s, dec_s, decoded = measure_baseline(ref, enc, dec)
+            agree = quality.compare(lm, ref, decoded)
+            greedy = inference.greedy_tokens(lm, decoded, ref.feed[:1], 64)
+            diverge = next((i for i, (a, b) in enumerate(zip(exact_greedy, greedy)) if a != b), 64)
+            row = {"what": "rate_distortion", "document": doc.name, "codec": name, "tokens": ref.kv.num_tokens,
+                   "bits_per_element": round(8 * size / elements, 4), "bytes": size, "top1": round(agree.top1, 4),
+                   "dnll": round(agree.dnll, 5), "kl": round(agree.kl, 6), "first_divergence": diverge,
+                   "encode_elements_per_s": round(elements / enc_s), "decode_elements_per_s": round(elements / dec_s)}
+            rows[name].append(row)
+            emit({**row, **env})
+    summary = []
+    for name, rs in rows.items():
+        if not rs:
+            continue
+        mean = {k: round(statistics.mean(r[k] for r in rs), 5) for k in
+                ("bits_per_element", "top1", "dnll", "kl", "first_divergence")}
+        speed = {k: round(statistics.median(r[k] for r in rs)) for k in ("encode_elements_per_s", "decode_elements_per_s")}
+        line = {"what": "rate_distortion_summary", "codec": name, "documents": len(rs), **mean, **speed, **env}
+        summary.append(line)
+        emit(line)
+    if args.plot:
+        plot(summary, args.plot)
+
+
+def plot(summary: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for s in summary:
+        ours = s["codec"].startswith("kvcli:")
+        ax.scatter(s["bits_per_element"], s["top1"], marker="o" if ours else "s", color="C0" if ours else "C1")
+        ax.annotate(s["codec"], (s["bits_per_element"], s["top1"]), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("bits per element (log scale, real file bytes)")
+    ax.set_ylabel("top-1 agreement with the exact cache")
+    ax.set_title("SmolLM2-135M, 2,048-token prefixes, mean over the corpus")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+
+
+if __name__ == "__main__":
+    main()
