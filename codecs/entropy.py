@@ -11,6 +11,7 @@ Every coder call handles all symbols of one class in a segment at once: no Pytho
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 
@@ -78,14 +79,19 @@ def from_tuples(symbols: np.ndarray, escapes: np.ndarray, n: int, tokens: int, h
     escaped = symbols == base**m
     if escapes.size != int(escaped.sum()) * m:
         raise CodecError("escape stream does not match the escape symbols")
-    tuples = np.empty((len(symbols), m), dtype=np.int32)
-    rest = symbols.astype(np.int64)
-    for j in range(m - 1, -1, -1):
-        tuples[:, j] = rest % base - half
-        rest //= base
-    tuples[escaped] = escapes.reshape(-1, m)
+    tuples = _digits_table(half, m)[symbols]  # one gather; the escape row is a placeholder
+    if escapes.size:
+        tuples[escaped] = escapes.reshape(-1, m)
     width = -(-tokens // m) * m
     return tuples.reshape(n, width)[:, :tokens]
+
+
+@functools.lru_cache(maxsize=64)
+def _digits_table(half: int, m: int) -> np.ndarray:
+    """Row s holds the m values that joint symbol s stands for; one extra row for the escape symbol."""
+    base = 2 * half + 1
+    grid = np.indices((base,) * m).reshape(m, -1).T - half
+    return np.concatenate([grid, np.zeros((1, m), dtype=grid.dtype)]).astype(np.int32)
 
 
 def fit_tables(samples: dict[int, list[np.ndarray]]) -> dict[int, ClassTable]:

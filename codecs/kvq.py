@@ -30,13 +30,15 @@ FORMAT_VERSION = 1
 DEFAULT_SINKS = 4
 MIN_STEP = 2.0**-14  # smallest normal float16: steps are stored as float16
 KINDS = ("k", "v")
+TABLE_SAMPLE_TOKENS = 1024
 
 
 @dataclass
 class Profile:
-    """Per-model calibration: how much each (layer, K/V) and each key channel matters.
+    """Per-model calibration: how much each (layer, K/V, head) and each key channel matters.
 
-    sensitivity: (layers, 2) KL of the continuation when only that layer's K or V is coarsely quantized.
+    sensitivity: (layers, 2, kv_heads) KL of the continuation when only that head of that layer's K or V is
+    coarsely quantized; (layers, 2) profiles apply one value to all heads of a layer.
     key_weights: per layer (kv_heads, head_dim) mean squared query per pre-RoPE key channel, or None.
     """
 
@@ -51,10 +53,14 @@ class Profile:
             h.update(np.ascontiguousarray(w, dtype=np.float64).tobytes())
         return h.hexdigest()[:16]
 
-    def step_factor(self, layer: int, kind: int) -> float:
-        s = np.maximum(self.sensitivity, 1e-9)
+    def step_factor(self, layer: int, kind: int, heads: int) -> np.ndarray:
+        """Per-head step multipliers, (sensitivity / geometric mean) ** -1/2, clipped to [1/16, 16]."""
+        s = np.maximum(np.asarray(self.sensitivity, dtype=np.float64), 1e-9)
         ref = float(np.exp(np.log(s).mean()))
-        return float(np.clip(np.sqrt(ref / s[layer, kind]), 1 / 16, 16))
+        mine = s[layer, kind] if s.ndim == 3 else np.full(heads, s[layer, kind])
+        if mine.shape != (heads,):
+            raise ValueError(f"profile has {mine.shape[0]} heads for layer {layer}, the cache {heads}")
+        return np.clip(np.sqrt(ref / mine), 1 / 16, 16)
 
 
 @dataclass
@@ -102,45 +108,56 @@ class KvqCodec(Codec):
     # ------------------------------------------------------------ fitting (encoder only)
 
     def _pre(self, x: torch.Tensor, layer: int, kind: int, token_start: int) -> torch.Tensor:
-        """float32 tensor in the space where quantization happens (pre-RoPE for keys)."""
-        x = x.float()
+        """(heads, tokens, dim) -> float32 (heads, dim, tokens) in the quantization space (pre-RoPE for keys)."""
+        x = x.float().transpose(1, 2).contiguous()
         freq = self.inv_freq[layer] if (kind == 0 and self.inv_freq) else None
-        if freq is None:
+        if freq is None or x.shape[2] == 0:
             return x
-        cos, sin = rope_tables(torch.from_numpy(freq), token_start, x.shape[1])
+        cos, sin = rope_tables(torch.from_numpy(freq), token_start, x.shape[2])
         return unrotate_keys(x, cos, sin)
+
+    def _post(self, x: torch.Tensor, layer: int, kind: int, token_start: int) -> torch.Tensor:
+        """The inverse of _pre, returning a (heads, tokens, dim) view (re-applies RoPE to keys)."""
+        freq = self.inv_freq[layer] if (kind == 0 and self.inv_freq) else None
+        if freq is not None and x.shape[2]:
+            cos, sin = rope_tables(torch.from_numpy(freq), token_start, x.shape[2])
+            x = rotate_keys(x, cos, sin)
+        return x.transpose(1, 2)
 
     def fit(self, keys: list[torch.Tensor], values: list[torch.Tensor], token_starts: list[int]) -> None:
         samples: dict[int, list[np.ndarray]] = {}
         for layer, start in enumerate(token_starts):
             for kind, x in enumerate((keys[layer], values[layer])):
                 skip = max(0, self.sinks - start)
-                body = self._pre(x, layer, kind, start)[:, skip:]
+                body = self._pre(x, layer, kind, start)[:, :, skip:]
                 plan = self._plan(body, layer, kind)
                 self.plans[(layer, kind)] = plan
-                if body.shape[1] == 0:
+                if body.shape[2] == 0:
                     continue
-                q = quantize(body, _t(plan.center), _t(plan.step)).permute(0, 2, 1).numpy()  # (H, D, T)
+                # Tables are a model, not a census: a contiguous window of tokens keeps neighbour statistics.
+                mid = max(0, (body.shape[2] - TABLE_SAMPLE_TOKENS) // 2)
+                window = body[:, :, mid : mid + TABLE_SAMPLE_TOKENS]
+                q = quantize(window, _t(plan.center), _t(plan.step)).numpy()  # (H, D, T)
                 for cls in np.unique(plan.classes):
                     samples.setdefault(int(cls), []).append(q[plan.classes == cls])
         self.tables = entropy.fit_tables(samples)
 
     def _plan(self, body: torch.Tensor, layer: int, kind: int) -> LayerPlan:
-        heads, tokens, dim = body.shape
+        heads, dim, tokens = body.shape
         if tokens == 0:
             ones = np.ones((heads, dim), dtype=np.float16)
             return LayerPlan(np.zeros_like(ones), ones, np.zeros((heads, dim), dtype=np.int8))
-        center = body.mean(dim=1).to(torch.float16).float()
-        rms = float((body - center[:, None, :]).pow(2).mean().sqrt())
-        factor = self.profile.step_factor(layer, kind) if self.profile is not None else 1.0
-        step = torch.full((heads, dim), self.scale * factor * max(rms, 1e-6))
+        center = body.mean(dim=2).to(torch.float16).float()
+        rms = (body - center[..., None]).pow(2).mean(dim=(1, 2)).sqrt().clamp_min(1e-6)  # per head
+        factor = self.profile.step_factor(layer, kind, heads) if self.profile is not None else np.ones(heads)
+        step = (self.scale * torch.from_numpy(factor).float() * rms)[:, None].expand(heads, dim)
         if kind == 0 and self.profile is not None and self.profile.key_weights is not None:
             w = torch.from_numpy(np.asarray(self.profile.key_weights[layer], dtype=np.float64)).clamp_min(1e-12)
             w = w / w.log().mean().exp()
             step = step * w.pow(-0.5).float().clamp(1 / 16, 16)
         step = step.clamp(MIN_STEP, 60000).to(torch.float16).float()
         q = quantize(body, center, step).float()
-        std = q.std(dim=1, unbiased=False).numpy() if tokens > 1 else q.abs().mean(dim=1).numpy()
+        std = q.std(dim=2, unbiased=False).numpy() if tokens > 1 else q.abs().mean(dim=2).numpy()
         return LayerPlan(center.numpy().astype(np.float16), step.numpy().astype(np.float16), entropy.class_of(std))
 
     def roundtrip(self, x: torch.Tensor, layer: int, kind: int, token_start: int) -> torch.Tensor:
@@ -152,15 +169,7 @@ class KvqCodec(Codec):
         body = self._pre(x[:, skip:], layer, kind, token_start + skip)
         plan = self._plan(body, layer, kind)
         approx = dequantize(quantize(body, _t(plan.center), _t(plan.step)), _t(plan.center), _t(plan.step))
-        return torch.cat([x[:, :skip].float(), self._post(approx, layer, kind, token_start + skip)], 1).to(x.dtype)
-
-    def _post(self, x: torch.Tensor, layer: int, kind: int, token_start: int) -> torch.Tensor:
-        """The inverse of _pre: back from the quantization space (re-apply RoPE to keys)."""
-        freq = self.inv_freq[layer] if (kind == 0 and self.inv_freq) else None
-        if freq is None or x.shape[1] == 0:
-            return x
-        cos, sin = rope_tables(torch.from_numpy(freq), token_start, x.shape[1])
-        return rotate_keys(x, cos, sin)
+        return torch.cat([x[:, :skip], self._post(approx, layer, kind, token_start + skip).to(x.dtype)], 1)
 
     # ------------------------------------------------------------ shared tables
 
@@ -226,12 +235,14 @@ class KvqCodec(Codec):
         return plan, skip
 
     def _groups(self, plan: LayerPlan) -> list[tuple[entropy.ClassTable, np.ndarray]]:
+        """(table, channel indices into the flattened (heads * dim) axis) per class, in coding order."""
+        flat = plan.classes.reshape(-1)
         groups = []
-        for cls in np.unique(plan.classes):
+        for cls in np.unique(flat):
             table = self.tables.get(int(cls))
             if table is None:
                 raise CodecError(f"no entropy table for class {int(cls)}")
-            groups.append((table, plan.classes == cls))
+            groups.append((table, np.flatnonzero(flat == cls)))
         return groups
 
     def encode(self, x: torch.Tensor, ctx: SegmentContext) -> bytes:
@@ -239,52 +250,73 @@ class KvqCodec(Codec):
         kind = KINDS.index(ctx.kind)
         body = self._pre(x[:, skip:], ctx.layer, kind, ctx.token_start + skip)
         words, escapes = np.zeros(0, np.uint32), np.zeros(0, np.int32)
-        if body.shape[1]:  # a segment of sinks only has nothing to entropy-code
-            q = quantize(body, _t(plan.center), _t(plan.step)).permute(0, 2, 1).numpy()  # (H, D, T)
-            words, escapes = entropy.encode_classes([(t, q[mask]) for t, mask in self._groups(plan)])
+        if body.shape[2]:  # a segment of sinks only has nothing to entropy-code
+            q = quantize(body, _t(plan.center), _t(plan.step)).numpy()  # (H, D, T)
+            rows = q.reshape(-1, q.shape[2])
+            words, escapes = entropy.encode_classes([(t, rows[idx]) for t, idx in self._groups(plan)])
         esc = zstandard.ZstdCompressor(level=3).compress(escapes.tobytes()) if escapes.size else b""
         sinks = tensor_bytes(x[:, :skip]).tobytes() if skip else b""
         return struct.pack("<I", len(words)) + words.tobytes() + struct.pack("<I", len(esc)) + esc + sinks
 
     def decode(self, data: bytes, ctx: SegmentContext) -> torch.Tensor:
-        plan, skip = self._segment_plan(ctx)
-        kind = KINDS.index(ctx.kind)
-        tokens = ctx.tokens - skip
-        itemsize = torch.empty((), dtype=ctx.torch_dtype).element_size()
-        sink_bytes = ctx.heads * skip * ctx.dim * itemsize
-        view = memoryview(data)
+        q = np.empty(self.symbol_shape(ctx), dtype=np.int32)
+        self.decode_symbols(data, ctx, q)
+        return self.reconstruct(data, ctx, q)
+
+    def symbol_shape(self, ctx: SegmentContext) -> tuple[int, int, int]:
+        """Shape of the quantized integers of a segment: (heads, dim, tokens that are not sinks)."""
+        _, skip = self._segment_plan(ctx)
+        return (ctx.heads, ctx.dim, ctx.tokens - skip)
+
+    def _layout(self, data: bytes, ctx: SegmentContext) -> tuple[int, int, int, int]:
+        """(words, escape bytes, escape offset, sink bytes) of a segment, all checked against its length."""
+        _, skip = self._segment_plan(ctx)
+        sink_bytes = ctx.heads * skip * ctx.dim * torch.empty((), dtype=ctx.torch_dtype).element_size()
         try:
-            (nwords,) = struct.unpack_from("<I", view, 0)
-            pos = 4 + 4 * nwords
-            (nesc,) = struct.unpack_from("<I", view, pos)
+            (nwords,) = struct.unpack_from("<I", data, 0)
+            (nesc,) = struct.unpack_from("<I", data, 4 + 4 * nwords)
         except struct.error:
             raise CodecError("segment is truncated") from None
-        pos += 4
+        pos = 8 + 4 * nwords
         if pos + nesc + sink_bytes != len(data):
             raise CodecError(f"segment sizes do not add up ({pos + nesc + sink_bytes} != {len(data)})")
-        words = np.frombuffer(view, np.uint32, nwords, 4)
-        escapes = np.frombuffer(_unzstd(bytes(view[pos : pos + nesc]), 4 * ctx.heads * ctx.dim * max(tokens, 1) + 64),
-                                np.int32) if nesc else np.zeros(0, np.int32)
-        q = np.empty((ctx.heads, ctx.dim, tokens), dtype=np.int32)
-        if tokens:
-            groups = self._groups(plan)
-            symbols = entropy.decode_classes(words, [(t, int(mask.sum()), tokens) for t, mask in groups])
-            used = 0
-            for (table, mask), sym in zip(groups, symbols):
-                n_esc = int((sym == (2 * table.half + 1) ** table.m).sum()) * table.m
-                if used + n_esc > escapes.size:
-                    raise CodecError("escape stream is too short")
-                q[mask] = entropy.from_tuples(sym, escapes[used : used + n_esc], int(mask.sum()), tokens, table.half, table.m)
-                used += n_esc
-            if used != escapes.size:
-                raise CodecError("escape stream has extra values")
-        elif nwords or nesc:
-            raise CodecError("a segment of sinks only carries no entropy-coded data")
-        body = dequantize(torch.from_numpy(q).permute(0, 2, 1), _t(plan.center), _t(plan.step))
-        out = self._post(body, ctx.layer, kind, ctx.token_start + skip).to(ctx.torch_dtype)
+        return nwords, nesc, pos, sink_bytes
+
+    def decode_symbols(self, data: bytes, ctx: SegmentContext, q: np.ndarray) -> None:
+        """Entropy stage: fill q (heads, dim, tokens) with the segment's integers. numpy and constriction only,
+        so it may run in a forked worker (kvcli.parallel)."""
+        plan, _ = self._segment_plan(ctx)
+        nwords, nesc, pos, _ = self._layout(data, ctx)
+        tokens = q.shape[2]
+        words = np.frombuffer(data, np.uint32, nwords, 4)
+        limit = 4 * ctx.heads * ctx.dim * max(tokens, 1) + 64
+        escapes = np.frombuffer(_unzstd(bytes(data[pos : pos + nesc]), limit), np.int32) if nesc else np.zeros(0, np.int32)
+        if not tokens:
+            if nwords or nesc:
+                raise CodecError("a segment of sinks only carries no entropy-coded data")
+            return
+        groups = self._groups(plan)
+        symbols = entropy.decode_classes(words, [(t, len(rows), tokens) for t, rows in groups])
+        flat = q.reshape(-1, tokens)
+        used = 0
+        for (table, rows), sym in zip(groups, symbols):
+            n_esc = int((sym == (2 * table.half + 1) ** table.m).sum()) * table.m
+            if used + n_esc > escapes.size:
+                raise CodecError("escape stream is too short")
+            flat[rows] = entropy.from_tuples(sym, escapes[used : used + n_esc], len(rows), tokens, table.half, table.m)
+            used += n_esc
+        if used != escapes.size:
+            raise CodecError("escape stream has extra values")
+
+    def reconstruct(self, data: bytes, ctx: SegmentContext, q: np.ndarray) -> torch.Tensor:
+        """Tensor stage: dequantize, re-apply RoPE to keys, put the exact sinks in front."""
+        plan, skip = self._segment_plan(ctx)
+        *_, sink_bytes = self._layout(data, ctx)
+        body = dequantize(torch.from_numpy(q), _t(plan.center), _t(plan.step))
+        out = self._post(body, ctx.layer, KINDS.index(ctx.kind), ctx.token_start + skip).to(ctx.torch_dtype)
         if skip:
             sink_ctx = SegmentContext(ctx.kind, ctx.layer, ctx.token_start, ctx.heads, skip, ctx.dim, ctx.dtype)
-            out = torch.cat([tensor_from_bytes(bytes(view[len(data) - sink_bytes :]), sink_ctx), out], dim=1)
+            out = torch.cat([tensor_from_bytes(bytes(data[len(data) - sink_bytes :]), sink_ctx), out], dim=1)
         return out
 
 

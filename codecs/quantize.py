@@ -1,4 +1,8 @@
-"""Pure tensor functions of the lossy codec, in symmetric pairs: rotate/unrotate keys, quantize/dequantize."""
+"""Pure tensor functions of the lossy codec, in symmetric pairs: rotate/unrotate keys, quantize/dequantize.
+
+Everything here works channel-major, (heads, head_dim, tokens): each channel's tokens are contiguous, which is
+the order the entropy coder consumes, and per-channel parameters broadcast over the last axis.
+"""
 
 from __future__ import annotations
 
@@ -6,35 +10,33 @@ import torch
 
 
 def rope_tables(inv_freq: torch.Tensor, token_start: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each (tokens, head_dim), for absolute positions token_start.. in the rotate-half layout."""
+    """cos and sin, each (head_dim / 2, tokens), for absolute positions token_start, token_start + 1, ..."""
     positions = torch.arange(token_start, token_start + tokens, dtype=torch.float32)
-    angles = torch.outer(positions, inv_freq.float())
-    angles = torch.cat([angles, angles], dim=-1)
+    angles = torch.outer(inv_freq.float(), positions)
     return angles.cos(), angles.sin()
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
 def unrotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Undo RoPE on (heads, tokens, head_dim) keys: rotate each channel pair back by its angle."""
-    return keys * cos - _rotate_half(keys) * sin
+    """Undo RoPE (rotate-half layout) on (heads, head_dim, tokens) keys: rotate each pair back by its angle."""
+    half = keys.shape[1] // 2
+    x1, x2 = keys[:, :half], keys[:, half:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=1)
 
 
 def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Apply RoPE to pre-rotation keys; the inverse of unrotate_keys."""
-    return keys * cos + _rotate_half(keys) * sin
+    """Apply RoPE to pre-rotation (heads, head_dim, tokens) keys; the inverse of unrotate_keys."""
+    half = keys.shape[1] // 2
+    x1, x2 = keys[:, :half], keys[:, half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=1)
 
 
 def quantize(x: torch.Tensor, center: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """Uniform quantization: int32 q with |x - dequantize(q)| <= step / 2 per element.
+    """Uniform quantization: int32 q with |x - dequantize(q)| <= step / 2 per element (up to float32 rounding).
 
-    x is (heads, tokens, dim); center and step are (heads, dim), one per channel.
+    x is (heads, dim, tokens); center and step are (heads, dim), one per channel.
     """
-    return torch.round((x - center[:, None, :]) / step[:, None, :]).to(torch.int32)
+    return torch.round((x - center[..., None]) / step[..., None]).to(torch.int32)
 
 
 def dequantize(q: torch.Tensor, center: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    return q.to(torch.float32) * step[:, None, :] + center[:, None, :]
+    return torch.addcmul(center[..., None], q.to(torch.float32), step[..., None])

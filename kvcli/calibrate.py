@@ -4,9 +4,9 @@ Two measurements on calibration text (docs/codec.md, "Calibration"):
 - key channel weights: the mean squared pre-RoPE query per channel, averaged over the query heads that share
   a KV head and over both channels of a rotary pair. A key error in channel c moves attention scores by
   q_c * error, so the codec gives channel c a step proportional to weight ** -1/2.
-- sensitivity per (layer, K/V): the KL divergence of the continuation when only that layer's K or V is
-  quantized coarsely (step = the layer's RMS). Steps are then set proportional to sensitivity ** -1/2,
-  which equalizes each place's marginal cost in KL per bit.
+- sensitivity per (layer, K/V, head): the KL divergence of the continuation when only that head of that
+  layer's K or V is quantized coarsely (step = the head's RMS). Steps are then set proportional to
+  sensitivity ** -1/2, which equalizes each place's marginal cost in KL per bit.
 """
 
 from __future__ import annotations
@@ -73,16 +73,23 @@ def key_weights(lm: LoadedModel, ids: list[int]) -> list[np.ndarray] | None:
 
 @torch.inference_mode()
 def sensitivity(lm: LoadedModel, ref: quality.Reference, probe: KvqCodec, progress=None) -> np.ndarray:
+    """(layers, 2, kv_heads): KL of the continuation with one head of one layer's K or V coarsely quantized."""
     kv = ref.kv
-    out = np.zeros((kv.num_layers, 2))
+    heads = kv.keys[0].shape[0]
+    out = np.zeros((kv.num_layers, 2, heads))
     for layer in range(kv.num_layers):
         for kind in range(2):
-            keys, values = list(kv.keys), list(kv.values)
-            target = keys if kind == 0 else values
-            target[layer] = probe.roundtrip(target[layer], layer, kind, kv.token_start(layer))
-            out[layer, kind] = max(quality.compare(lm, ref, KVCache(kv.token_ids, keys, values)).kl, 0.0)
-            if progress:
-                progress()
+            exact = (kv.keys if kind == 0 else kv.values)[layer]
+            coarse = probe.roundtrip(exact, layer, kind, kv.token_start(layer))
+            for head in range(heads):
+                keys, values = list(kv.keys), list(kv.values)
+                target = keys if kind == 0 else values
+                mixed = exact.clone()
+                mixed[head] = coarse[head]
+                target[layer] = mixed
+                out[layer, kind, head] = max(quality.compare(lm, ref, KVCache(kv.token_ids, keys, values)).kl, 0.0)
+                if progress:
+                    progress()
     return out
 
 

@@ -225,9 +225,10 @@ def calibrate(
 
     texts = [(t, inference.read_document(t)) for t in text] if text else calib.default_texts()
     lm = models.load(model, "float32")
-    layers = lm.model.config.get_text_config(decoder=True).num_hidden_layers
+    cfg = lm.model.config.get_text_config(decoder=True)
+    layers = cfg.num_hidden_layers
     with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
-        task = bar.add_task("calibrating", total=2 * layers * len(texts))
+        task = bar.add_task("calibrating", total=2 * layers * cfg.num_key_value_heads * len(texts))
         profile, details = calib.calibrate(lm, texts, progress=lambda: bar.advance(task))
     path = profiles.save(profile, lm.identity, details, Path(out) if out else None)
     profile = profiles.load(path)  # as stored: the digest must describe the rounded numbers the codec will use

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 import torch
 
-from . import __version__, format
+from . import __version__, format, parallel
 from .codecs import Codec, CodecError, SegmentContext, codec_from_header
 from .errors import FormatError
 from .kvcache import KVCache
@@ -92,25 +95,65 @@ def decode(src: format.ByteSource, header: format.Header, threads: int | None = 
     keys = [torch.empty((s.kv_heads, n - s.token_start, s.key_dim), dtype=dtype) for s in header.layers]
     values = [torch.empty((s.kv_heads, n - s.token_start, s.value_dim), dtype=dtype) for s in header.layers]
     name = getattr(src, "path", "<input>")
+    segs = [s for s in header.segments if s.kind != "aux"]
+    ctxs = [_context(header.dtype, s.kind, s.layer, header.layers[s.layer], s.token_start, s.token_count) for s in segs]
+    threads = threads or os.cpu_count() or 1
 
-    def work(seg: format.Segment) -> None:
-        shape = header.layers[seg.layer]
-        ctx = _context(header.dtype, seg.kind, seg.layer, shape, seg.token_start, seg.token_count)
-        data = format.read_segment(src, header, seg)
-        try:
-            out = codec.decode(data, ctx)
-        except (CodecError, ValueError, RuntimeError) as err:
-            raise FormatError(f"{name}: {seg.label()}: cannot decode: {err}") from None
+    def place(i: int, out: torch.Tensor) -> None:
+        seg, ctx = segs[i], ctxs[i]
         if tuple(out.shape) != ctx.shape or out.dtype != dtype:
             raise FormatError(f"{name}: {seg.label()}: decoded shape {tuple(out.shape)} != {ctx.shape}")
-        target = keys if seg.kind == "k" else values
-        lo = seg.token_start - shape.token_start
-        target[seg.layer][:, lo : lo + seg.token_count, :] = out
+        lo = seg.token_start - header.layers[seg.layer].token_start
+        (keys if seg.kind == "k" else values)[seg.layer][:, lo : lo + seg.token_count, :] = out
 
-    segs = [s for s in header.segments if s.kind != "aux"]
-    with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
-        list(pool.map(work, segs))
+    def guarded(i: int, fn):
+        try:
+            return fn()
+        except (CodecError, ValueError, RuntimeError) as err:
+            raise FormatError(f"{name}: {segs[i].label()}: cannot decode: {err}") from None
+
+    if threads > 1 and len(segs) >= 8 and hasattr(codec, "decode_symbols") and parallel.fork_available():
+        _decode_two_stage(src, header, codec, segs, ctxs, place, guarded, threads)
+    else:
+        def work(i: int) -> None:
+            data = format.read_segment(src, header, segs[i])
+            place(i, guarded(i, lambda: codec.decode(data, ctxs[i])))
+
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(work, range(len(segs))))
     return KVCache(list(header.token_ids), keys, values)
+
+
+def _decode_two_stage(src, header, codec, segs, ctxs, place, guarded, threads) -> None:
+    """Entropy-decode into shared memory on two processes, then rebuild tensors on threads."""
+    datas = [format.read_segment(src, header, s) for s in segs]  # checksums are verified before any decoding
+    shapes = [guarded(i, lambda i=i: codec.symbol_shape(ctxs[i])) for i in range(len(segs))]
+    sizes = [int(np.prod(shape)) for shape in shapes]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    shared = mmap.mmap(-1, max(4 * int(offsets[-1]), 4))
+    try:
+        symbols = np.frombuffer(shared, dtype=np.int32, count=int(offsets[-1]))
+
+        def view(i: int) -> np.ndarray:
+            return symbols[offsets[i] : offsets[i + 1]].reshape(shapes[i])
+
+        try:
+            parallel.split_run(segs, lambda i: guarded(i, lambda: codec.decode_symbols(datas[i], ctxs[i], view(i))),
+                               [len(d) for d in datas])
+        except parallel.WorkerError as err:
+            raise (FormatError if err.kind == "FormatError" else RuntimeError)(str(err)) from None
+
+        def rebuild(i: int) -> None:
+            place(i, guarded(i, lambda: codec.reconstruct(datas[i], ctxs[i], view(i))))
+
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(rebuild, range(len(segs))))
+        del symbols
+    finally:
+        try:
+            shared.close()
+        except BufferError:  # a tensor still views the buffer; the OS frees it with the last reference
+            pass
 
 
 def verify(src: format.ByteSource, header: format.Header) -> int:

@@ -48,8 +48,8 @@ def from_json(doc: dict, where: str) -> tuple[Profile, dict]:
     try:
         sens = np.asarray(doc["sensitivity"], dtype=np.float64)
         weights = [np.asarray(w, dtype=np.float64) for w in doc["key_weights"]] if doc.get("key_weights") else None
-        if sens.ndim != 2 or sens.shape[1] != 2 or not np.isfinite(sens).all():
-            raise ValueError("sensitivity must be (layers, 2) and finite")
+        if sens.ndim not in (2, 3) or sens.shape[1] != 2 or not np.isfinite(sens).all():
+            raise ValueError("sensitivity must be (layers, 2) or (layers, 2, kv_heads) and finite")
         if weights is not None and (len(weights) != sens.shape[0] or any(w.ndim != 2 for w in weights)):
             raise ValueError("key_weights must hold one (kv_heads, head_dim) array per layer")
         return Profile(str(doc["name"]), sens, weights), doc["model"]

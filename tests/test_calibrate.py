@@ -41,7 +41,7 @@ def test_pre_rope_keys_are_what_the_model_projects(tiny_lm):
     hook.remove()
     pre = captured["k"][0].reshape(len(ids), 2, 16).transpose(0, 1)
     cos, sin = rope_tables(torch.from_numpy(inv_freq_per_layer(lm.model)[1]), 0, len(ids))
-    assert torch.allclose(unrotate_keys(kv.keys[1], cos, sin), pre, atol=1e-5)
+    assert torch.allclose(unrotate_keys(kv.keys[1].transpose(1, 2), cos, sin).transpose(1, 2), pre, atol=1e-5)
 
 
 def test_calibrate_profile_roundtrip(tiny_lm, profile_dir, cli, tiny_model_dir, tmp_path):
@@ -54,24 +54,23 @@ def test_calibrate_profile_roundtrip(tiny_lm, profile_dir, cli, tiny_model_dir, 
     summary = json.loads(result.stdout)
     found = profiles.find(lm.identity)
     assert found is not None and found.digest() == summary["digest"]
-    assert found.sensitivity.shape == (4, 2) and (found.sensitivity > 0).all()
+    assert found.sensitivity.shape == (4, 2, 2) and (found.sensitivity > 0).all()
     assert len(found.key_weights) == 4 and found.key_weights[0].shape == (2, 16)
     codec = pipeline.codec_for("balanced", lm)
     assert codec.params()["profile"] == f"{found.name}:{found.digest()}"
 
 
-def test_sensitivity_ranks_a_damaged_layer(tiny_lm):
-    """A layer whose values the model leans on harder must measure as more sensitive."""
+def test_sensitivity_is_measured_per_head(tiny_lm):
     lm = tiny_lm("qwen2")
     ref = quality.reference(lm, inference.document_ids(lm, TEXT * 2), prefix=200, continuation=32)
     probe = KvqCodec(1.0, inv_freq=inv_freq_per_layer(lm.model))
     base = calibrate.sensitivity(lm, ref, probe)
-    assert base.shape == (4, 2) and (base >= 0).all() and base.max() > 0
+    assert base.shape == (4, 2, 2) and (base >= 0).all() and base.max() > 0
 
 
 def test_shipped_profile_matches_the_default_model(default_lm):
     profile = profiles.find(default_lm.identity)
-    assert profile is not None and profile.sensitivity.shape == (30, 2)
+    assert profile is not None and profile.sensitivity.shape == (30, 2, 3)
     s = profile.sensitivity
     assert s.max() / s.min() > 50  # the spread that motivates per-layer steps
 
