@@ -15,7 +15,7 @@ import torch
 
 from common import DEFAULT_CORPUS, corpus, emit, environment, spread, timed
 from kvcli import format, inference, kvfile, models, pipeline
-from kvcli.codecs.presets import QUALITIES, make_codec
+from kvcli.codecs.presets import QUALITIES
 
 QUESTION = "\nQuestion: What is this document about?\nAnswer:"
 
@@ -37,7 +37,7 @@ def main() -> None:
             full_times, full_token = timed(lambda: int(inference.logits_after(lm, None, ids + prompt)[-1].argmax()), args.repeats)
             for quality in qualities:
                 path = str(Path(tmp) / f"{doc.stem}.{quality}.kvc")
-                size = pipeline.write_cache(path, kv, lm.identity, make_codec(quality, **codec_inputs(lm)), 256)
+                size = pipeline.write_cache(path, kv, lm.identity, pipeline.codec_for(quality, lm), 256)
 
                 def load():
                     with format.FileSource(path) as src:
@@ -63,10 +63,6 @@ def main() -> None:
 
 def decoded_elements(kv) -> int:
     return sum(k.numel() + v.numel() for k, v in zip(kv.keys, kv.values))
-
-
-def codec_inputs(lm) -> dict:
-    return {}
 
 
 if __name__ == "__main__":

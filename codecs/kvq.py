@@ -261,7 +261,7 @@ class KvqCodec(Codec):
     def decode(self, data: bytes, ctx: SegmentContext) -> torch.Tensor:
         q = np.empty(self.symbol_shape(ctx), dtype=np.int32)
         self.decode_symbols(data, ctx, q)
-        return self.reconstruct(data, ctx, q)
+        return self.reconstruct(data, ctx, q).transpose(1, 2).to(ctx.torch_dtype)
 
     def symbol_shape(self, ctx: SegmentContext) -> tuple[int, int, int]:
         """Shape of the quantized integers of a segment: (heads, dim, tokens that are not sinks)."""
@@ -309,15 +309,24 @@ class KvqCodec(Codec):
             raise CodecError("escape stream has extra values")
 
     def reconstruct(self, data: bytes, ctx: SegmentContext, q: np.ndarray) -> torch.Tensor:
-        """Tensor stage: dequantize, re-apply RoPE to keys, put the exact sinks in front."""
+        """Tensor stage: dequantize and re-apply RoPE to keys, exact sinks in front.
+
+        Returns float32 channel-major (heads, dim, tokens); the caller transposes and casts while it copies the
+        segment into place, so no pass over the data is spent on layout alone.
+        """
         plan, skip = self._segment_plan(ctx)
         *_, sink_bytes = self._layout(data, ctx)
         body = dequantize(torch.from_numpy(q), _t(plan.center), _t(plan.step))
-        out = self._post(body, ctx.layer, KINDS.index(ctx.kind), ctx.token_start + skip).to(ctx.torch_dtype)
+        kind = KINDS.index(ctx.kind)
+        freq = self.inv_freq[ctx.layer] if (kind == 0 and self.inv_freq) else None
+        if freq is not None and body.shape[2]:
+            cos, sin = rope_tables(torch.from_numpy(freq), ctx.token_start + skip, body.shape[2])
+            body = rotate_keys(body, cos, sin)
         if skip:
             sink_ctx = SegmentContext(ctx.kind, ctx.layer, ctx.token_start, ctx.heads, skip, ctx.dim, ctx.dtype)
-            out = torch.cat([tensor_from_bytes(bytes(data[len(data) - sink_bytes :]), sink_ctx), out], dim=1)
-        return out
+            sinks = tensor_from_bytes(bytes(data[len(data) - sink_bytes :]), sink_ctx).float().transpose(1, 2)
+            body = torch.cat([sinks, body], dim=2)
+        return body
 
 
 def _t(a: np.ndarray) -> torch.Tensor:

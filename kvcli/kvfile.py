@@ -113,7 +113,21 @@ def decode(src: format.ByteSource, header: format.Header, threads: int | None = 
             raise FormatError(f"{name}: {segs[i].label()}: cannot decode: {err}") from None
 
     if threads > 1 and len(segs) >= 8 and hasattr(codec, "decode_symbols") and parallel.fork_available():
-        _decode_two_stage(src, header, codec, segs, ctxs, place, guarded, threads)
+        # Channel-major storage: segments land without a transpose; the cache holds transposed views, which
+        # injection copies into the model's layout anyway.
+        stores = {(li, kind): torch.empty((s.kv_heads, s.key_dim if kind == "k" else s.value_dim, n - s.token_start), dtype=dtype)
+                  for li, s in enumerate(header.layers) for kind in ("k", "v")}
+        keys = [stores[(li, "k")].transpose(1, 2) for li in range(len(header.layers))]
+        values = [stores[(li, "v")].transpose(1, 2) for li in range(len(header.layers))]
+
+        def place_channel_major(i: int, out: torch.Tensor) -> None:
+            seg, ctx = segs[i], ctxs[i]
+            if tuple(out.shape) != (ctx.heads, ctx.dim, ctx.tokens):
+                raise FormatError(f"{name}: {seg.label()}: decoded shape {tuple(out.shape)} != {ctx.shape}")
+            lo = seg.token_start - header.layers[seg.layer].token_start
+            stores[(seg.layer, seg.kind)][:, :, lo : lo + seg.token_count] = out
+
+        _decode_two_stage(src, header, codec, segs, ctxs, place_channel_major, guarded, threads)
     else:
         def work(i: int) -> None:
             data = format.read_segment(src, header, segs[i])
