@@ -308,24 +308,28 @@ class KvqCodec(Codec):
         if used != escapes.size:
             raise CodecError("escape stream has extra values")
 
-    def reconstruct(self, data: bytes, ctx: SegmentContext, q: np.ndarray) -> torch.Tensor:
+    def reconstruct(self, data: bytes, ctx: SegmentContext, q: np.ndarray, kernel: bool = False,
+                    device: str | torch.device = "cpu") -> torch.Tensor:
         """Tensor stage: dequantize and re-apply RoPE to keys, exact sinks in front.
 
-        Returns float32 channel-major (heads, dim, tokens); the caller transposes and casts while it copies the
-        segment into place, so no pass over the data is spent on layout alone.
+        Returns float32 channel-major (heads, dim, tokens) on `device`; the caller transposes and casts while it
+        copies the segment into place. kernel=True runs the Triton kernel (kvcli.kernels) instead of torch ops.
         """
         plan, skip = self._segment_plan(ctx)
         *_, sink_bytes = self._layout(data, ctx)
-        body = dequantize(torch.from_numpy(q), _t(plan.center), _t(plan.step))
         kind = KINDS.index(ctx.kind)
         freq = self.inv_freq[ctx.layer] if (kind == 0 and self.inv_freq) else None
-        if freq is not None and body.shape[2]:
-            cos, sin = rope_tables(torch.from_numpy(freq), ctx.token_start + skip, body.shape[2])
-            body = rotate_keys(body, cos, sin)
+        args = [torch.from_numpy(q).to(device), _t(plan.center).to(device), _t(plan.step).to(device),
+                torch.from_numpy(freq).to(device) if freq is not None else None, ctx.token_start + skip]
+        if kernel:
+            from ..kernels.dequantize import dequantize_rotate
+        else:
+            from ..kernels.reference import dequantize_rotate_ref as dequantize_rotate
+        body = dequantize_rotate(*args)
         if skip:
             sink_ctx = SegmentContext(ctx.kind, ctx.layer, ctx.token_start, ctx.heads, skip, ctx.dim, ctx.dtype)
             sinks = tensor_from_bytes(bytes(data[len(data) - sink_bytes :]), sink_ctx).float().transpose(1, 2)
-            body = torch.cat([sinks, body], dim=2)
+            body = torch.cat([sinks.to(device), body], dim=2)
         return body
 
 

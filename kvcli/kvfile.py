@@ -87,8 +87,15 @@ def open_codec(src: format.ByteSource, header: format.Header) -> Codec:
     return codec
 
 
-def decode(src: format.ByteSource, header: format.Header, threads: int | None = None) -> KVCache:
-    """Every segment read, checksum-verified and decoded; the exact bad segment is named on failure."""
+def decode(src: format.ByteSource, header: format.Header, threads: int | None = None,
+           device: str | torch.device = "cpu", kernel: bool | None = None) -> KVCache:
+    """Every segment read, checksum-verified and decoded; the exact bad segment is named on failure.
+
+    With a CUDA `device`, kvq's tensor stage runs there as a Triton kernel (kernel=None picks it for CUDA;
+    kernel=True forces it, which on CPU needs TRITON_INTERPRET=1). Other codecs decode on CPU and move.
+    """
+    device = torch.device(device)
+    kernel = device.type == "cuda" if kernel is None else kernel
     codec = open_codec(src, header)
     dtype = format_dtype(header.dtype)
     n = header.num_tokens
@@ -112,10 +119,13 @@ def decode(src: format.ByteSource, header: format.Header, threads: int | None = 
         except (CodecError, ValueError, RuntimeError) as err:
             raise FormatError(f"{name}: {segs[i].label()}: cannot decode: {err}") from None
 
-    if threads > 1 and len(segs) >= 8 and hasattr(codec, "decode_symbols") and parallel.fork_available():
+    two_stage = hasattr(codec, "decode_symbols") and (
+        kernel or device.type != "cpu" or (threads > 1 and len(segs) >= 8 and parallel.fork_available()))
+    if two_stage:
         # Channel-major storage: segments land without a transpose; the cache holds transposed views, which
         # injection copies into the model's layout anyway.
-        stores = {(li, kind): torch.empty((s.kv_heads, s.key_dim if kind == "k" else s.value_dim, n - s.token_start), dtype=dtype)
+        stores = {(li, kind): torch.empty((s.kv_heads, s.key_dim if kind == "k" else s.value_dim, n - s.token_start),
+                                          dtype=dtype, device=device)
                   for li, s in enumerate(header.layers) for kind in ("k", "v")}
         keys = [stores[(li, "k")].transpose(1, 2) for li in range(len(header.layers))]
         values = [stores[(li, "v")].transpose(1, 2) for li in range(len(header.layers))]
@@ -127,7 +137,7 @@ def decode(src: format.ByteSource, header: format.Header, threads: int | None = 
             lo = seg.token_start - header.layers[seg.layer].token_start
             stores[(seg.layer, seg.kind)][:, :, lo : lo + seg.token_count] = out
 
-        _decode_two_stage(src, header, codec, segs, ctxs, place_channel_major, guarded, threads)
+        _decode_two_stage(src, header, codec, segs, ctxs, place_channel_major, guarded, threads, kernel, device)
     else:
         def work(i: int) -> None:
             data = format.read_segment(src, header, segs[i])
@@ -135,10 +145,12 @@ def decode(src: format.ByteSource, header: format.Header, threads: int | None = 
 
         with ThreadPoolExecutor(max_workers=threads) as pool:
             list(pool.map(work, range(len(segs))))
+        if device.type != "cpu":
+            keys, values = [k.to(device) for k in keys], [v.to(device) for v in values]
     return KVCache(list(header.token_ids), keys, values)
 
 
-def _decode_two_stage(src, header, codec, segs, ctxs, place, guarded, threads) -> None:
+def _decode_two_stage(src, header, codec, segs, ctxs, place, guarded, threads, kernel, device) -> None:
     """Entropy-decode into shared memory on two processes, then rebuild tensors on threads."""
     datas = [format.read_segment(src, header, s) for s in segs]  # checksums are verified before any decoding
     shapes = [guarded(i, lambda i=i: codec.symbol_shape(ctxs[i])) for i in range(len(segs))]
@@ -151,14 +163,20 @@ def _decode_two_stage(src, header, codec, segs, ctxs, place, guarded, threads) -
         def view(i: int) -> np.ndarray:
             return symbols[offsets[i] : offsets[i + 1]].reshape(shapes[i])
 
-        try:
-            parallel.split_run(segs, lambda i: guarded(i, lambda: codec.decode_symbols(datas[i], ctxs[i], view(i))),
-                               [len(d) for d in datas])
-        except parallel.WorkerError as err:
-            raise (FormatError if err.kind == "FormatError" else RuntimeError)(str(err)) from None
+        def entropy_stage(i: int) -> None:
+            guarded(i, lambda: codec.decode_symbols(datas[i], ctxs[i], view(i)))
+
+        if threads > 1 and len(segs) >= 8 and parallel.fork_available():
+            try:
+                parallel.split_run(segs, entropy_stage, [len(d) for d in datas])
+            except parallel.WorkerError as err:
+                raise (FormatError if err.kind == "FormatError" else RuntimeError)(str(err)) from None
+        else:
+            for i in range(len(segs)):
+                entropy_stage(i)
 
         def rebuild(i: int) -> None:
-            place(i, guarded(i, lambda: codec.reconstruct(datas[i], ctxs[i], view(i))))
+            place(i, guarded(i, lambda: codec.reconstruct(datas[i], ctxs[i], view(i), kernel, device)))
 
         with ThreadPoolExecutor(max_workers=threads) as pool:
             list(pool.map(rebuild, range(len(segs))))

@@ -8,6 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")  # CI has no GPU: Triton kernels run on CPU tensors
 
 from tiny_models import ARCHITECTURES, make_model_dir  # noqa: E402
 
