@@ -8,6 +8,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+import zstandard
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -75,3 +76,14 @@ def tensor_from_bytes(raw: bytes | np.ndarray, ctx: SegmentContext) -> torch.Ten
     if buf.size != expected:
         raise CodecError(f"decoded {buf.size} bytes, expected {expected}")
     return torch.from_numpy(buf.copy()).view(ctx.torch_dtype).reshape(ctx.shape)
+
+
+def unzstd(data: bytes, limit: int) -> bytes:
+    """One zstd frame, refusing before allocation any frame that declares more than `limit` bytes."""
+    try:
+        declared = zstandard.frame_content_size(data)
+        if declared > limit:
+            raise CodecError(f"zstd frame declares {declared} bytes, more than the {limit} allowed")
+        return zstandard.ZstdDecompressor().decompress(data, max_output_size=limit)
+    except zstandard.ZstdError as err:
+        raise CodecError(f"zstd: {err}") from None

@@ -23,7 +23,7 @@ import torch
 import zstandard
 
 from . import entropy
-from .base import Codec, CodecError, SegmentContext, tensor_bytes, tensor_from_bytes
+from .base import Codec, CodecError, SegmentContext, tensor_bytes, tensor_from_bytes, unzstd
 from .quantize import dequantize, quantize, rope_tables, rotate_keys, unrotate_keys
 
 FORMAT_VERSION = 1
@@ -191,8 +191,8 @@ class KvqCodec(Codec):
     def load_aux(self, blobs: dict[str, bytes]) -> None:
         if set(blobs) != {"kvq.plan", "kvq.tables"}:
             raise CodecError(f"kvq needs aux segments kvq.plan and kvq.tables, found {sorted(blobs)}")
-        plan = _unzstd(blobs["kvq.plan"], 64 << 20)
-        self.tables = entropy.unpack_tables(_unzstd(blobs["kvq.tables"], 64 << 20))
+        plan = unzstd(blobs["kvq.plan"], 64 << 20)
+        self.tables = entropy.unpack_tables(unzstd(blobs["kvq.tables"], 64 << 20))
         try:
             (layers,) = struct.unpack_from("<I", plan, 0)
             pos = 4
@@ -290,7 +290,7 @@ class KvqCodec(Codec):
         tokens = q.shape[2]
         words = np.frombuffer(data, np.uint32, nwords, 4)
         limit = 4 * ctx.heads * ctx.dim * max(tokens, 1) + 64
-        escapes = np.frombuffer(_unzstd(bytes(data[pos : pos + nesc]), limit), np.int32) if nesc else np.zeros(0, np.int32)
+        escapes = np.frombuffer(unzstd(bytes(data[pos : pos + nesc]), limit), np.int32) if nesc else np.zeros(0, np.int32)
         if not tokens:
             if nwords or nesc:
                 raise CodecError("a segment of sinks only carries no entropy-coded data")
@@ -335,10 +335,3 @@ class KvqCodec(Codec):
 
 def _t(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(a, dtype=np.float32))
-
-
-def _unzstd(data: bytes, limit: int) -> bytes:
-    try:
-        return zstandard.ZstdDecompressor().decompress(data, max_output_size=limit)
-    except zstandard.ZstdError as err:
-        raise CodecError(f"zstd: {err}") from None

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import zstandard
 
-from .base import Codec, CodecError, SegmentContext, tensor_bytes, tensor_from_bytes
+from .base import Codec, CodecError, SegmentContext, tensor_bytes, tensor_from_bytes, unzstd
 
 DEFAULT_LEVEL = 3
 
@@ -38,10 +38,7 @@ class ZstdCodec(Codec):
     def decode(self, data: bytes, ctx: SegmentContext) -> torch.Tensor:
         itemsize = torch.empty((), dtype=ctx.torch_dtype).element_size()
         expected = ctx.heads * ctx.tokens * ctx.dim * itemsize
-        try:
-            raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=expected)
-        except zstandard.ZstdError as err:
-            raise CodecError(f"zstd: {err}") from None
+        raw = unzstd(data, expected)
         if len(raw) != expected:
             raise CodecError(f"zstd: decoded {len(raw)} bytes, expected {expected}")
         planes = np.frombuffer(raw, dtype=np.uint8).reshape(itemsize, -1)
