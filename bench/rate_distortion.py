@@ -74,7 +74,7 @@ def main() -> None:
     for doc in docs:
         ids = inference.document_ids(lm, doc.read_text())
         ref = quality.reference(lm, ids)
-        exact_greedy = inference.greedy_tokens(lm, ref.kv, ref.feed[:1], 64)
+        exact_greedy = quality.greedy_continuation(lm, ref, ref.kv)
         elements = sum(k.numel() + v.numel() for k, v in zip(ref.kv.keys, ref.kv.values))
         for name in codecs:
             if name.startswith("kvcli:"):
@@ -83,8 +83,7 @@ def main() -> None:
                 enc, dec = registry(layers)[name]
                 size, enc_s, dec_s, decoded = measure_baseline(ref, enc, dec)
             agree = quality.compare(lm, ref, decoded)
-            greedy = inference.greedy_tokens(lm, decoded, ref.feed[:1], 64)
-            diverge = next((i for i, (a, b) in enumerate(zip(exact_greedy, greedy)) if a != b), 64)
+            diverge = quality.first_divergence(exact_greedy, quality.greedy_continuation(lm, ref, decoded))
             row = {"what": "rate_distortion", "document": doc.name, "codec": name, "tokens": ref.kv.num_tokens,
                    "bits_per_element": round(8 * size / elements, 4), "bytes": size, "top1": round(agree.top1, 4),
                    "dnll": round(agree.dnll, 5), "kl": round(agree.kl, 6), "first_divergence": diverge,

@@ -55,11 +55,11 @@ def compare(lm: LoadedModel, ref: Reference, kv: KVCache) -> Agreement:
     return Agreement(top1, nll.mean().item(), kl.item())
 
 
-def first_divergence(lm: LoadedModel, ref: Reference, kv: KVCache, tokens: int = 64) -> int:
-    """Position where greedy decoding from `kv` first differs from the exact cache's; `tokens` if never."""
-    exact = inference.greedy_tokens(lm, ref.kv, ref.feed[:1], tokens)
-    other = inference.greedy_tokens(lm, kv, ref.feed[:1], tokens)
-    for i, (a, b) in enumerate(zip(exact, other)):
-        if a != b:
-            return i
-    return tokens
+def greedy_continuation(lm: LoadedModel, ref: Reference, kv: KVCache, tokens: int = 64) -> list[int]:
+    """`tokens` greedy tokens after the prefix, starting from the first continuation token."""
+    return inference.greedy_tokens(lm, kv, ref.feed[:1], tokens)
+
+
+def first_divergence(exact: list[int], other: list[int]) -> int:
+    """Index of the first position where two greedy continuations differ; their length if they never do."""
+    return next((i for i, (a, b) in enumerate(zip(exact, other)) if a != b), min(len(exact), len(other)))
