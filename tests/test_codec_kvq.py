@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import zlib
 
 import numpy as np
@@ -134,3 +135,29 @@ def test_fuzz_garbage_behind_valid_checksums(data):
         assert all(k.shape[1] <= 40 for k in out.keys)
     except KvcliError:
         pass
+
+
+def test_two_process_decode_equals_one_thread():
+    src = format.BytesSource(GOOD)
+    header = format.read_header(src)
+    assert len([s for s in header.segments if s.kind != "aux"]) >= 8  # enough segments for the forked path
+    serial = kvfile.decode(src, header, threads=1)
+    forked = kvfile.decode(src, header, threads=2)
+    for a, b in zip(serial.keys + serial.values, forked.keys + forked.values):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("index", range(12))
+def test_a_bad_segment_is_named_whichever_process_decodes_it(index):
+    """Garbage behind a valid checksum in any one segment: one FormatError naming that segment."""
+    from kvcli.errors import FormatError
+
+    header = format.read_header(format.BytesSource(GOOD))
+    seg = [s for s in header.segments if s.kind != "aux"][index]
+
+    def mutate(body):
+        body[seg.offset : seg.offset + 4] = (0xFFFFFFF).to_bytes(4, "little")  # an absurd word count
+
+    src = format.BytesSource(reseal(GOOD, mutate))
+    with pytest.raises(FormatError, match=re.escape(f"{seg.label()}: cannot decode")):
+        kvfile.decode(src, format.read_header(src), threads=2)
