@@ -24,7 +24,7 @@ import zstandard
 
 from . import entropy
 from .base import Codec, CodecError, SegmentContext, tensor_bytes, tensor_from_bytes, unzstd
-from .quantize import dequantize, quantize, rope_tables, rotate_keys, unrotate_keys
+from .quantize import quantize, rope_tables, unrotate_keys
 
 FORMAT_VERSION = 1
 DEFAULT_SINKS = 4
@@ -107,22 +107,19 @@ class KvqCodec(Codec):
 
     # ------------------------------------------------------------ fitting (encoder only)
 
+    def _freq(self, layer: int, kind: int) -> torch.Tensor | None:
+        """The rotary frequencies to remove from this layer's keys; None for values or without RoPE."""
+        freq = self.inv_freq[layer] if (kind == 0 and self.inv_freq) else None
+        return torch.from_numpy(freq) if freq is not None else None
+
     def _pre(self, x: torch.Tensor, layer: int, kind: int, token_start: int) -> torch.Tensor:
         """(heads, tokens, dim) -> float32 (heads, dim, tokens) in the quantization space (pre-RoPE for keys)."""
         x = x.float().transpose(1, 2).contiguous()
-        freq = self.inv_freq[layer] if (kind == 0 and self.inv_freq) else None
+        freq = self._freq(layer, kind)
         if freq is None or x.shape[2] == 0:
             return x
-        cos, sin = rope_tables(torch.from_numpy(freq), token_start, x.shape[2])
+        cos, sin = rope_tables(freq, token_start, x.shape[2])
         return unrotate_keys(x, cos, sin)
-
-    def _post(self, x: torch.Tensor, layer: int, kind: int, token_start: int) -> torch.Tensor:
-        """The inverse of _pre, returning a (heads, tokens, dim) view (re-applies RoPE to keys)."""
-        freq = self.inv_freq[layer] if (kind == 0 and self.inv_freq) else None
-        if freq is not None and x.shape[2]:
-            cos, sin = rope_tables(torch.from_numpy(freq), token_start, x.shape[2])
-            x = rotate_keys(x, cos, sin)
-        return x.transpose(1, 2)
 
     def fit(self, keys: list[torch.Tensor], values: list[torch.Tensor], token_starts: list[int]) -> None:
         samples: dict[int, list[np.ndarray]] = {}
@@ -165,11 +162,14 @@ class KvqCodec(Codec):
 
         Calibration uses it to measure how much loss in one place costs the model.
         """
+        from ..kernels.reference import dequantize_rotate_ref
+
         skip = min(x.shape[1], max(0, self.sinks - token_start))
         body = self._pre(x[:, skip:], layer, kind, token_start + skip)
         plan = self._plan(body, layer, kind)
-        approx = dequantize(quantize(body, _t(plan.center), _t(plan.step)), _t(plan.center), _t(plan.step))
-        return torch.cat([x[:, :skip], self._post(approx, layer, kind, token_start + skip).to(x.dtype)], 1)
+        center, step = _t(plan.center), _t(plan.step)
+        approx = dequantize_rotate_ref(quantize(body, center, step), center, step, self._freq(layer, kind), token_start + skip)
+        return torch.cat([x[:, :skip], approx.transpose(1, 2).to(x.dtype)], 1)
 
     # ------------------------------------------------------------ shared tables
 
@@ -317,10 +317,9 @@ class KvqCodec(Codec):
         """
         plan, skip = self._segment_plan(ctx)
         *_, sink_bytes = self._layout(data, ctx)
-        kind = KINDS.index(ctx.kind)
-        freq = self.inv_freq[ctx.layer] if (kind == 0 and self.inv_freq) else None
+        freq = self._freq(ctx.layer, KINDS.index(ctx.kind))
         args = [torch.from_numpy(q).to(device), _t(plan.center).to(device), _t(plan.step).to(device),
-                torch.from_numpy(freq).to(device) if freq is not None else None, ctx.token_start + skip]
+                freq.to(device) if freq is not None else None, ctx.token_start + skip]
         if kernel:
             from ..kernels.dequantize import dequantize_rotate
         else:
