@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -53,6 +54,15 @@ def handled(fn):
     return wrapper
 
 
+def _status(message: str):
+    """A spinner on stderr while something slow runs, only when a person is watching."""
+    if not sys.stderr.isatty():
+        return contextlib.nullcontext()
+    from rich.console import Console
+
+    return Console(stderr=True).status(message)
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"kvcli {__version__}")
@@ -85,10 +95,12 @@ def prefill(
 
     _check_quality(quality)
     text = inference.read_document(doc)  # bad input fails before the model loads
-    lm = models.load(model, dtype)
+    with _status("loading model"):
+        lm = models.load(model, dtype)
     t0 = time.perf_counter()
     codec = pipeline.codec_for(quality, lm, step_scale, sinks)
-    kv, size = pipeline.prefill_document(text, lm, codec, chunk_tokens, out)
+    with _status("prefilling and encoding"):
+        kv, size = pipeline.prefill_document(text, lm, codec, chunk_tokens, out)
     summary = {"output": out, "tokens": kv.num_tokens, "bytes": size, "quality": quality,
                "model": lm.name, "dtype": dtype, "seconds": round(time.perf_counter() - t0, 3)}
     if as_json:
@@ -116,13 +128,14 @@ def generate(
     t0 = time.perf_counter()
     if cache is not None:
         src, header = pipeline.read_header(cache)
-        with src:
+        with src, _status("loading model and cache"):
             lm = models.load(model, dtype or header.dtype)
             kv = pipeline.load_cache(src, header, lm).kv
         context_ids = kv.token_ids
     else:
         text = inference.read_document(document)
-        lm = models.load(model, dtype or "float32")
+        with _status("loading model"):
+            lm = models.load(model, dtype or "float32")
         context_ids = inference.document_ids(lm, text)
         kv = None
     ids = inference.prompt_ids(lm, prompt)
