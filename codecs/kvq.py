@@ -27,7 +27,7 @@ from .base import Codec, CodecError, SegmentContext, tensor_bytes, tensor_from_b
 from .quantize import quantize, rope_tables, unrotate_keys
 
 FORMAT_VERSION = 1
-DEFAULT_SINKS = 4
+DEFAULT_SINKS = 1  # the first token is the sink; 4 measured no better on development text, at +0.04 bits/element
 MIN_STEP = 2.0**-14  # smallest normal float16: steps are stored as float16
 KINDS = ("k", "v")
 TABLE_SAMPLE_TOKENS = 1024

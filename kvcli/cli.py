@@ -25,7 +25,7 @@ _state = {"debug": False}
 ModelOpt = typer.Option(None, "--model", "-m", help="Model directory, .gguf file or hub id [default: bundled SmolLM2-135M-Instruct]")
 QualityOpt = typer.Option("balanced", "--quality", "-q", help="lossless, high, balanced, small, or raw")
 StepScaleOpt = typer.Option(1.0, "--step-scale", min=1e-3, max=1e3, help="Expert: multiply the preset's quantization steps (recorded in the header)")
-SinksOpt = typer.Option(4, "--sinks", min=0, max=4096, help="Expert: leading tokens kept exact by lossy presets")
+SinksOpt = typer.Option(None, "--sinks", min=0, max=4096, help="Expert: leading tokens kept exact by lossy presets [default: the first token]")
 ChunkOpt = typer.Option(256, "--chunk-tokens", min=1, help="Tokens per segment")
 
 
@@ -86,7 +86,7 @@ def prefill(
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16"),
     quality: str = QualityOpt,
     step_scale: float = StepScaleOpt,
-    sinks: int = SinksOpt,
+    sinks: Optional[int] = SinksOpt,
     chunk_tokens: int = ChunkOpt,
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary to stderr"),
 ) -> None:
@@ -178,7 +178,7 @@ def encode(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="The model that produced the cache [default: bundled]"),
     quality: str = QualityOpt,
     step_scale: float = StepScaleOpt,
-    sinks: int = SinksOpt,
+    sinks: Optional[int] = SinksOpt,
     chunk_tokens: int = ChunkOpt,
 ) -> None:
     """Write a cache produced elsewhere (a safetensors export) as a .kvc file for MODEL."""

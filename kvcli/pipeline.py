@@ -45,14 +45,15 @@ def load_cache(src: format.ByteSource, header: format.Header, lm: models.LoadedM
     return CacheFile(header, kv)
 
 
-def codec_for(quality: str, lm: models.LoadedModel, step_scale: float = 1.0, sinks: int = DEFAULT_SINKS) -> Codec:
+def codec_for(quality: str, lm: models.LoadedModel, step_scale: float = 1.0, sinks: int | None = None) -> Codec:
     """The preset's codec for this model: its calibration profile (if any) and its rotary frequencies."""
     from . import profiles
     from .rope import inv_freq_per_layer
 
     if quality in ("lossless", "raw"):
         return make_codec(quality)
-    return make_codec(quality, profiles.find(lm.identity), inv_freq_per_layer(lm.model), step_scale, sinks)
+    return make_codec(quality, profiles.find(lm.identity), inv_freq_per_layer(lm.model), step_scale,
+                      DEFAULT_SINKS if sinks is None else sinks)
 
 
 def write_cache(out: str, kv: KVCache, lm_identity: dict, codec: Codec, chunk_tokens: int) -> int:
