@@ -64,13 +64,17 @@ def to_tuples(rows: np.ndarray, half: int, m: int) -> tuple[np.ndarray, np.ndarr
         rows = np.concatenate([rows, np.zeros((n, width - tokens), dtype=rows.dtype)], axis=1)
     tuples = rows.reshape(n * width // m, m)
     base = 2 * half + 1
-    escaped = (np.abs(tuples) > half).any(axis=1)
-    digits = np.clip(tuples, -half, half) + half
-    symbols = np.zeros(len(tuples), dtype=np.int64)
-    for j in range(m):
-        symbols = symbols * base + digits[:, j]
+    digits = tuples.astype(np.int32) + half
+    # One unsigned comparison finds values on either side of [-half, half]: negatives wrap to huge numbers.
+    out_of_range = digits.view(np.uint32) >= base
+    escaped = out_of_range[:, 0].copy()
+    symbols = digits[:, 0].copy()
+    for j in range(1, m):
+        escaped |= out_of_range[:, j]
+        symbols *= base  # escaped tuples may overflow here; their symbol is replaced below
+        symbols += digits[:, j]
     symbols[escaped] = base**m
-    return symbols.astype(np.int32), tuples[escaped].reshape(-1)
+    return symbols, tuples[escaped].reshape(-1)
 
 
 def from_tuples(symbols: np.ndarray, escapes: np.ndarray, n: int, tokens: int, half: int, m: int) -> np.ndarray:
