@@ -77,17 +77,20 @@ def to_tuples(rows: np.ndarray, half: int, m: int) -> tuple[np.ndarray, np.ndarr
     return symbols, tuples[escaped].reshape(-1)
 
 
-def from_tuples(symbols: np.ndarray, escapes: np.ndarray, n: int, tokens: int, half: int, m: int) -> np.ndarray:
-    """The inverse of to_tuples: (n, tokens) int32 rows."""
-    base = 2 * half + 1
-    escaped = symbols == base**m
-    if escapes.size != int(escaped.sum()) * m:
-        raise CodecError("escape stream does not match the escape symbols")
-    tuples = _digits_table(half, m)[symbols]  # one gather; the escape row is a placeholder
-    if escapes.size:
-        tuples[escaped] = escapes.reshape(-1, m)
+def from_tuples(symbols: np.ndarray, escapes: np.ndarray, n: int, tokens: int, half: int, m: int) -> tuple[np.ndarray, int]:
+    """The inverse of to_tuples: (n, tokens) int32 rows, and how many values of `escapes` they used.
+
+    `escapes` may run on into later groups' values; only the first (escape symbols × m) are taken.
+    """
+    escaped = symbols == (2 * half + 1) ** m
+    used = int(np.count_nonzero(escaped)) * m
+    if used > escapes.size:
+        raise CodecError("escape stream is too short for the escape symbols")
+    tuples = np.take(_digits_table(half, m), symbols, axis=0)  # the escape row is a placeholder
+    if used:
+        tuples[escaped] = escapes[:used].reshape(-1, m)
     width = -(-tokens // m) * m
-    return tuples.reshape(n, width)[:, :tokens]
+    return tuples.reshape(n, width)[:, :tokens], used
 
 
 @functools.lru_cache(maxsize=64)

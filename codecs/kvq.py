@@ -300,10 +300,8 @@ class KvqCodec(Codec):
         flat = q.reshape(-1, tokens)
         used = 0
         for (table, rows), sym in zip(groups, symbols):
-            n_esc = int((sym == (2 * table.half + 1) ** table.m).sum()) * table.m
-            if used + n_esc > escapes.size:
-                raise CodecError("escape stream is too short")
-            flat[rows] = entropy.from_tuples(sym, escapes[used : used + n_esc], len(rows), tokens, table.half, table.m)
+            values, n_esc = entropy.from_tuples(sym, escapes[used:], len(rows), tokens, table.half, table.m)
+            flat[rows] = values
             used += n_esc
         if used != escapes.size:
             raise CodecError("escape stream has extra values")
