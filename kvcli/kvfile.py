@@ -99,19 +99,11 @@ def decode(src: format.ByteSource, header: format.Header, threads: int | None = 
     codec = open_codec(src, header)
     dtype = format_dtype(header.dtype)
     n = header.num_tokens
-    keys = [torch.empty((s.kv_heads, n - s.token_start, s.key_dim), dtype=dtype) for s in header.layers]
-    values = [torch.empty((s.kv_heads, n - s.token_start, s.value_dim), dtype=dtype) for s in header.layers]
     name = getattr(src, "path", "<input>")
     segs = [s for s in header.segments if s.kind != "aux"]
     ctxs = [_context(header.dtype, s.kind, s.layer, header.layers[s.layer], s.token_start, s.token_count) for s in segs]
     threads = threads or os.cpu_count() or 1
-
-    def place(i: int, out: torch.Tensor) -> None:
-        seg, ctx = segs[i], ctxs[i]
-        if tuple(out.shape) != ctx.shape or out.dtype != dtype:
-            raise FormatError(f"{name}: {seg.label()}: decoded shape {tuple(out.shape)} != {ctx.shape}")
-        lo = seg.token_start - header.layers[seg.layer].token_start
-        (keys if seg.kind == "k" else values)[seg.layer][:, lo : lo + seg.token_count, :] = out
+    fork = threads > 1 and len(segs) >= 8 and parallel.fork_available()
 
     def guarded(i: int, fn):
         try:
@@ -119,9 +111,7 @@ def decode(src: format.ByteSource, header: format.Header, threads: int | None = 
         except (CodecError, ValueError, RuntimeError) as err:
             raise FormatError(f"{name}: {segs[i].label()}: cannot decode: {err}") from None
 
-    two_stage = hasattr(codec, "decode_symbols") and (
-        kernel or device.type != "cpu" or (threads > 1 and len(segs) >= 8 and parallel.fork_available()))
-    if two_stage:
+    if hasattr(codec, "decode_symbols") and (kernel or device.type != "cpu" or fork):
         # Channel-major storage: segments land without a transpose; the cache holds transposed views, which
         # injection copies into the model's layout anyway.
         stores = {(li, kind): torch.empty((s.kv_heads, s.key_dim if kind == "k" else s.value_dim, n - s.token_start),
@@ -137,8 +127,18 @@ def decode(src: format.ByteSource, header: format.Header, threads: int | None = 
             lo = seg.token_start - header.layers[seg.layer].token_start
             stores[(seg.layer, seg.kind)][:, :, lo : lo + seg.token_count] = out
 
-        _decode_two_stage(src, header, codec, segs, ctxs, place_channel_major, guarded, threads, kernel, device)
+        _decode_two_stage(src, header, codec, segs, ctxs, place_channel_major, guarded, threads, fork, kernel, device)
     else:
+        keys = [torch.empty((s.kv_heads, n - s.token_start, s.key_dim), dtype=dtype) for s in header.layers]
+        values = [torch.empty((s.kv_heads, n - s.token_start, s.value_dim), dtype=dtype) for s in header.layers]
+
+        def place(i: int, out: torch.Tensor) -> None:
+            seg, ctx = segs[i], ctxs[i]
+            if tuple(out.shape) != ctx.shape or out.dtype != dtype:
+                raise FormatError(f"{name}: {seg.label()}: decoded shape {tuple(out.shape)} != {ctx.shape}")
+            lo = seg.token_start - header.layers[seg.layer].token_start
+            (keys if seg.kind == "k" else values)[seg.layer][:, lo : lo + seg.token_count, :] = out
+
         def work(i: int) -> None:
             data = format.read_segment(src, header, segs[i])
             place(i, guarded(i, lambda: codec.decode(data, ctxs[i])))
@@ -150,7 +150,7 @@ def decode(src: format.ByteSource, header: format.Header, threads: int | None = 
     return KVCache(list(header.token_ids), keys, values)
 
 
-def _decode_two_stage(src, header, codec, segs, ctxs, place, guarded, threads, kernel, device) -> None:
+def _decode_two_stage(src, header, codec, segs, ctxs, place, guarded, threads, fork, kernel, device) -> None:
     """Entropy-decode into shared memory on two processes, then rebuild tensors on threads."""
     datas = [format.read_segment(src, header, s) for s in segs]  # checksums are verified before any decoding
     shapes = [guarded(i, lambda i=i: codec.symbol_shape(ctxs[i])) for i in range(len(segs))]
@@ -166,7 +166,7 @@ def _decode_two_stage(src, header, codec, segs, ctxs, place, guarded, threads, k
         def entropy_stage(i: int) -> None:
             guarded(i, lambda: codec.decode_symbols(datas[i], ctxs[i], view(i)))
 
-        if threads > 1 and len(segs) >= 8 and parallel.fork_available():
+        if fork:
             try:
                 parallel.split_run(segs, entropy_stage, [len(d) for d in datas])
             except parallel.WorkerError as err:

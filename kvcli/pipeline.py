@@ -63,8 +63,7 @@ def write_cache(out: str, kv: KVCache, lm_identity: dict, codec: Codec, chunk_to
 
 def prefill_document(text: str, lm: models.LoadedModel, codec: Codec, chunk_tokens: int, out: str) -> tuple[KVCache, int]:
     ids = inference.document_ids(lm, text)
-    inference.check_length(lm, len(ids), "the document")
-    kv = inference.prefill(lm, ids)
+    kv = inference.prefill(lm, ids)  # refuses a document longer than the model's context
     size = write_cache(out, kv, lm.identity, codec, chunk_tokens)
     return kv, size
 
