@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import sys
 import time
 from typing import Optional
@@ -259,4 +260,7 @@ def _check_quality(quality: str) -> None:
 
 
 def main() -> None:
+    # transformers' GGUF reader draws a tqdm bar that ignores its own progress switch; tqdm reads this variable
+    # only when it is first imported, so it is set before anything imports it.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     app(prog_name="kvcli")

@@ -102,7 +102,6 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF reader's own bar ignores transformers' switch
     print(f"kvcli: converting {gguf.name} to safetensors once, into {target}", file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
