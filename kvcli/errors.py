@@ -53,3 +53,16 @@ class DeviceError(KvcliError):
     """The requested device or dtype is not available here."""
 
     exit_code = 9
+
+
+class InternalError(KvcliError):
+    """A bug in kvcli (or an exhausted resource), never the user's input: report it with --debug."""
+
+    exit_code = 10
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived. A BaseException, so that no `except Exception` swallows it on the way out and every
+    `finally` and cleanup handler (temporary files, forked workers) runs as it would for Ctrl-C."""
+
+    exit_code = 143

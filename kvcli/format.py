@@ -1,4 +1,4 @@
-"""The .kvc container, version 1: the only code that reads or writes .kvc bytes.
+"""The .kvc container, version 2: the only code that reads or writes .kvc bytes.
 
 docs/format.md is the normative spec; this module implements it and imports no torch.
 
@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import struct
 import sys
-import tempfile
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,7 @@ from typing import BinaryIO, Protocol
 from .errors import FormatError, InputError, StorageError, VersionError
 
 MAGIC = b"\x89KVC\r\n\x1a\n"
-MAJOR = 1
+MAJOR = 2
 MINOR = 0
 PREAMBLE = struct.Struct("<8sHHII")
 PREAMBLE_SIZE = PREAMBLE.size  # 20
@@ -41,8 +43,21 @@ MAX_SEGMENT_ELEMENTS = 1 << 28
 MAX_SEGMENT_BYTES = 1 << 30
 MAX_AUX_BYTES = 64 << 20
 
+MAX_JSON_DEPTH = 8  # the header's deepest legitimate nesting is 4 (segments rows); codec params get a little room
+MAX_NAME_CHARS = 256
+
 DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
 DIGEST_FIELDS = ("config_digest", "weights_digest", "tokenizer_digest")
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
+# Fields whose meaning this reader knows; anything else is kept under Header.extra (a newer minor version's).
+KNOWN_FIELDS = frozenset({"model", "dtype", "token_ids", "layers", "chunk_tokens", "codec", "aux", "segments",
+                          "created_by", "created_at", "source"})
+
+# Temporary files are named .NAME.kvcli-RANDOM.tmp beside the target; ones older than this are debris of a
+# killed writer (kill -9, power loss) and are removed by the next write to the same target.
+TEMP_MARK = ".kvcli-"
+STALE_TEMP_SECONDS = 3600
 
 
 @dataclass(frozen=True)
@@ -84,6 +99,9 @@ class Header:
     segments: list[Segment]
     data_offset: int
     extra: dict  # fields this reader does not interpret, kept for inspect
+    created_by: str = ""
+    created_at: str = ""  # UTC, YYYY-MM-DDTHH:MM:SSZ
+    source: dict | None = None  # {"sha256": hex, "bytes": int} of the document the cache was made from
 
     @property
     def num_tokens(self) -> int:
@@ -99,6 +117,10 @@ class Header:
             held = self.num_tokens - shape.token_start
             total += shape.kv_heads * held * (shape.key_dim + shape.value_dim)
         return total
+
+    def decoded_bytes(self) -> int:
+        """Bytes the decoded K and V tensors occupy in the header's dtype."""
+        return self.elements() * DTYPES[self.dtype]
 
 
 class ByteSource(Protocol):
@@ -176,6 +198,11 @@ def read_header(src: ByteSource) -> Header:
     magic, major, minor, hlen, hcrc = PREAMBLE.unpack(src.read(0, PREAMBLE_SIZE))
     if magic != MAGIC:
         raise FormatError(f"{name}: not a .kvc file (wrong magic)")
+    if major == 1:
+        raise VersionError(
+            f"{name}: a .kvc 1.x file (kvcli 0.1), whose model identity this kvcli cannot check; "
+            "re-create it with `kvcli prefill` (format 2 binds caches to the model's tensors and config)"
+        )
     if major != MAJOR:
         raise VersionError(
             f"{name}: .kvc major version {major} is not supported (this kvcli reads version {MAJOR}); "
@@ -190,10 +217,7 @@ def read_header(src: ByteSource) -> Header:
     raw = src.read(PREAMBLE_SIZE, hlen)
     if zlib.crc32(raw) != hcrc:
         raise FormatError(f"{name}: header checksum mismatch (file is corrupt)")
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FormatError(f"{name}: header is not valid JSON: {err}") from None
+    doc = parse_json(raw, f"{name}: header")
     header = _parse_header(doc, major, minor, PREAMBLE_SIZE + hlen, name)
     expected = header.data_offset + header.data_bytes()
     if expected != src.size:
@@ -210,6 +234,51 @@ def read_segment(src: ByteSource, header: Header, seg: Segment) -> bytes:
     if zlib.crc32(data) != seg.crc32:
         raise FormatError(f"{getattr(src, 'path', '<input>')}: {seg.label()}: checksum mismatch (file is corrupt)")
     return data
+
+
+def parse_json(raw: bytes, where: str):
+    """JSON with the limits a fixed-shape header allows: bounded nesting (refused before the parser can
+    recurse), finite numbers only; integers too long to convert are refused, and every field's range is checked
+    by the schema validation that follows."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise FormatError(f"{where} is not valid UTF-8 (byte {err.start})") from None
+    bare = _JSON_STRING.sub('""', text)  # numbers and brackets inside strings are not numbers or nesting
+    depth = _max_depth(bare)
+    if depth > MAX_JSON_DEPTH:
+        raise FormatError(f"{where} nests {depth} levels deep, more than {MAX_JSON_DEPTH}")
+
+    def parse_float(digits: str) -> float:
+        value = float(digits) if len(digits) <= 64 else float("inf")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise FormatError(f"{where} has a number that is not finite or too long: {digits[:40]}")
+        return value
+
+    def parse_constant(token: str):
+        raise FormatError(f"{where} has {token}, which JSON does not allow")
+
+    try:
+        return json.loads(text, parse_float=parse_float, parse_constant=parse_constant)
+    except json.JSONDecodeError as err:
+        raise FormatError(f"{where} is not valid JSON: {err}") from None
+    except ValueError as err:  # Python refuses integers of more than 4,300 digits; ranges are checked later
+        raise FormatError(f"{where} has a number that cannot be read: {str(err)[:80]}") from None
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def _max_depth(bare: str) -> int:
+    """Deepest [ or { nesting of JSON text whose strings were emptied. Everything but brackets is dropped by a
+    regular expression first (C speed), so the Python loop only sees the brackets."""
+    brackets = _NOT_BRACKET.sub("", bare)
+    depth = deepest = 0
+    for ch in brackets:
+        depth += 1 if ch in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def _req(doc: dict, key: str, kind: type | tuple, where: str):
@@ -233,9 +302,12 @@ def _parse_header(doc: object, major: int, minor: int, data_offset: int, where: 
     if not isinstance(doc, dict):
         raise FormatError(f"{where}: header is not a JSON object")
     model = _req(doc, "model", dict, where)
-    _req(model, "architecture", str, where)
+    _short_str(model, "architecture", where)
+    if "name" in model:
+        _short_str(model, "name", where)
     for field in DIGEST_FIELDS:
-        _req(model, field, str, where)
+        if not HEX64.match(_req(model, field, str, where)):
+            raise FormatError(f"{where}: model {field} must be 64 lowercase hex digits")
     dtype = _req(doc, "dtype", str, where)
     if dtype not in DTYPES:
         raise FormatError(f"{where}: unknown dtype {dtype!r}")
@@ -259,12 +331,31 @@ def _parse_header(doc: object, major: int, minor: int, data_offset: int, where: 
     ]
     chunk = _int_in(doc, "chunk_tokens", 1, MAX_TOKENS, where)
     codec = _req(doc, "codec", dict, where)
-    _req(codec, "name", str, where)
+    _short_str(codec, "name", where)
     _req(codec, "params", dict, where)
     segments = _parse_segments(doc, layers, n, where)
-    known = {"model", "dtype", "token_ids", "layers", "chunk_tokens", "codec", "aux", "segments"}
-    extra = {k: v for k, v in doc.items() if k not in known}
-    return Header(major, minor, model, dtype, token_ids, layers, chunk, codec, segments, data_offset, extra)
+    created_by = _short_str(doc, "created_by", where) if "created_by" in doc else ""
+    created_at = _req(doc, "created_at", str, where) if "created_at" in doc else ""
+    if created_at and not TIMESTAMP.match(created_at):
+        raise FormatError(f"{where}: created_at must look like 2026-01-31T12:00:00Z")
+    source = _parse_source(doc["source"], where) if "source" in doc else None
+    extra = {k: v for k, v in doc.items() if k not in KNOWN_FIELDS}
+    return Header(major, minor, model, dtype, token_ids, layers, chunk, codec, segments, data_offset, extra,
+                  created_by, created_at, source)
+
+
+def _short_str(doc: dict, key: str, where: str) -> str:
+    value = _req(doc, key, str, where)
+    if not 1 <= len(value) <= MAX_NAME_CHARS:
+        raise FormatError(f"{where}: header field {key!r} must have 1 to {MAX_NAME_CHARS} characters")
+    return value
+
+
+def _parse_source(source: object, where: str) -> dict:
+    if not isinstance(source, dict) or not HEX64.match(str(source.get("sha256", ""))):
+        raise FormatError(f"{where}: source must be {{\"sha256\": 64 hex digits, \"bytes\": int}}")
+    _int_in(source, "bytes", 0, 1 << 62, where)
+    return source
 
 
 def _parse_segments(doc: dict, layers: list[LayerShape], n: int, where: str) -> list[Segment]:
@@ -286,10 +377,14 @@ def _parse_segments(doc: dict, layers: list[LayerShape], n: int, where: str) -> 
         cursor += length
         return offset, length, crc
 
+    names: set[str] = set()
     for i, row in enumerate(_req(doc, "aux", list, where)):
         at = f"{where}: aux segment {i}"
         if not isinstance(row, list) or len(row) != 4 or not isinstance(row[0], str):
             raise FormatError(f"{at}: expected [name, offset, length, crc32]")
+        if row[0] in names or not 1 <= len(row[0]) <= MAX_NAME_CHARS:
+            raise FormatError(f"{at}: name {row[0][:40]!r} is empty, too long or used twice")
+        names.add(row[0])
         offset, length, crc = span(row, at)
         if length > MAX_AUX_BYTES:
             raise FormatError(f"{at}: {length} bytes exceeds {MAX_AUX_BYTES}")
@@ -363,27 +458,40 @@ def build_header(meta: dict, parts: list[SegmentData]) -> bytes:
 
 def write_kvc(out: str, meta: dict, parts: list[SegmentData]) -> int:
     """Write a complete file to path `out` atomically, or to stdout for `-`. Returns bytes written."""
-    head = build_header(meta, parts)
-    chunks = [head] + [p.data for p in parts]
-    total = sum(len(c) for c in chunks)
-    if out == "-":
-        stream = sys.stdout.buffer
-        for c in chunks:
-            stream.write(c)
+    chunks = [build_header(meta, parts)] + [p.data for p in parts]
+    write_output(out, chunks)
+    return sum(len(c) for c in chunks)
+
+
+def write_output(out: str, chunks: list[bytes]) -> None:
+    """`-` writes to stdout; anything else is a path written atomically. Write failures are StorageError."""
+    if out != "-":
+        atomic_write(out, chunks)
+        return
+    stream = sys.stdout.buffer
+    try:
+        _write_all(stream, chunks)
         stream.flush()
-        return total
-    atomic_write(out, chunks)
-    return total
+    except BrokenPipeError:
+        raise
+    except OSError as err:
+        raise StorageError(f"stdout: write failed: {err.strerror or err}") from None
 
 
 def atomic_write(path: str, chunks: list[bytes]) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename: a crash leaves the old file or none."""
+    """Write to a temporary file beside `path`, fsync, then rename: a crash leaves the old file or none.
+
+    The new file gets the mode an ordinary open() would give it (0666 less the umask), so caches on shared
+    storage are readable by the services that share it. Stale temporaries of earlier killed writes to the same
+    target are removed first."""
     target = Path(path)
     directory = target.parent if str(target.parent) else Path(".")
     if not directory.is_dir():
         raise StorageError(f"{path}: directory {directory} does not exist")
+    sweep_stale_temporaries(directory, target.name)
+    tmp = directory / f".{target.name}{TEMP_MARK}{secrets.token_hex(6)}.tmp"
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
     except OSError as err:
         raise StorageError(f"{path}: cannot create a file in {directory}: {err.strerror}") from None
     try:
@@ -400,12 +508,34 @@ def atomic_write(path: str, chunks: list[bytes]) -> None:
         raise
 
 
+def sweep_stale_temporaries(directory: Path, name: str, age: float = STALE_TEMP_SECONDS) -> int:
+    """Remove `.NAME.kvcli-*.tmp` files older than `age` seconds: only kvcli's own pattern, only for NAME."""
+    removed = 0
+    cutoff = time.time() - age
+    try:
+        candidates = list(directory.glob(f".{glob_escape(name)}{TEMP_MARK}*.tmp"))
+    except OSError:
+        return 0
+    for tmp in candidates:
+        try:
+            if tmp.is_file() and not tmp.is_symlink() and tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
 def _write_all(fh: BinaryIO, chunks: list[bytes]) -> None:
     for c in chunks:
         fh.write(c)
 
 
-def _unlink_quietly(path: str) -> None:
+def _unlink_quietly(path) -> None:
     try:
         os.unlink(path)
     except OSError:

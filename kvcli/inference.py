@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
-from pathlib import Path
+import time
+from dataclasses import dataclass
 
 import torch
 
@@ -12,24 +14,59 @@ from .kvcache import KVCache, from_model_cache, to_model_cache
 from .models import LoadedModel, cache_argument
 
 
-def read_document(path: str) -> str:
-    """The document's text; `-` reads stdin. Refuses missing, empty and non-UTF-8 input."""
+# A generous bound on UTF-8 bytes per token: lets a document be refused as too long before it is tokenized.
+BYTES_PER_TOKEN = 64
+# Nothing is read past this before the model is known: /dev/zero or a stray disk image fails at once.
+MAX_DOCUMENT_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str  # the path, or <stdin>
+    text: str
+    size: int  # bytes as read
+    sha256: str  # of the bytes as read: the provenance recorded in the .kvc header
+
+    def provenance(self) -> dict:
+        return {"sha256": self.sha256, "bytes": self.size}
+
+
+def read_document(path: str, max_bytes: int = MAX_DOCUMENT_BYTES) -> Document:
+    """The document; `-` reads stdin. Refuses missing, empty, non-UTF-8 and over-long input, reading at most
+    max_bytes + 1 bytes."""
     where = "<stdin>" if path == "-" else path
     try:
-        raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+        if path == "-":
+            raw = sys.stdin.buffer.read(max_bytes + 1)
+        else:
+            with open(path, "rb") as fh:
+                raw = fh.read(max_bytes + 1)
     except FileNotFoundError:
         raise InputError(f"{where}: no such file") from None
     except IsADirectoryError:
         raise InputError(f"{where}: is a directory, expected a text document") from None
     except PermissionError:
         raise InputError(f"{where}: permission denied") from None
+    except OSError as err:
+        raise InputError(f"{where}: cannot read: {err.strerror}") from None
+    if len(raw) > max_bytes:
+        raise InputError(f"{where}: larger than {max_bytes:,} bytes, more than any document kvcli can prefill "
+                         "in one piece")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise InputError(f"{where}: not UTF-8 text (invalid byte at offset {err.start})") from None
     if not text.strip():
         raise InputError(f"{where}: document is empty")
-    return text
+    return Document(where, text, len(raw), hashlib.sha256(raw).hexdigest())
+
+
+def check_document_size(lm: LoadedModel, doc: Document) -> None:
+    """Refuse, before tokenizing, a document that cannot fit the model's context at BYTES_PER_TOKEN."""
+    limit = lm.max_tokens()
+    if limit and doc.size > limit * BYTES_PER_TOKEN:
+        raise InputError(f"{doc.name}: {doc.size:,} bytes cannot fit the model's context of {limit} tokens "
+                         f"(more than {BYTES_PER_TOKEN} bytes per token)")
 
 
 def document_ids(lm: LoadedModel, text: str) -> list[int]:
@@ -82,25 +119,59 @@ def logits_after(lm: LoadedModel, kv: KVCache | None, ids: list[int]) -> torch.T
     return _forward(lm, ids, cache)
 
 
+def chat_ids(lm: LoadedModel, text: str) -> list[int]:
+    """The prompt as the user turn of the model's chat template, ending where the assistant's answer begins.
+
+    The cached document stays in front as context, so a cache made by a plain prefill serves chat prompts too."""
+    if not text:
+        raise UsageError("the prompt is empty")
+    if not getattr(lm.tokenizer, "chat_template", None):
+        raise UsageError(f"--chat: {lm.name} has no chat template; ask without --chat")
+    rendered = lm.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                tokenize=False)
+    return list(lm.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+
+@dataclass
+class Answer:
+    tokens: list[int]
+    text: str
+    first_token_s: float  # from the prompt's first forward pass to the first new token
+    stopped_by: str  # "eos", "stop" or "length"
+
+
 @torch.inference_mode()
-def greedy(lm: LoadedModel, kv: KVCache | None, ids: list[int], max_new_tokens: int, on_first_token=None) -> list[int]:
-    """Greedy continuation of `ids` after the cached context `kv`; stops at EOS or max_new_tokens."""
+def answer(lm: LoadedModel, kv: KVCache | None, ids: list[int], max_new_tokens: int,
+           stop: list[str] = ()) -> Answer:
+    """Greedy continuation of `ids` after the cached context `kv`, ended by EOS, a stop string (cut off, not
+    printed) or max_new_tokens. `kv` is not modified, so one decoded cache serves many prompts."""
     context = kv.num_tokens if kv is not None else 0
     check_length(lm, context + len(ids) + max_new_tokens, "the context plus prompt plus new tokens")
     cache = to_model_cache(kv, lm.model) if kv is not None else empty_cache(lm)
     eos = _eos_ids(lm)
     out: list[int] = []
-    step = ids
+    step, first, reason, text = ids, 0.0, "length", ""
+    start = time.perf_counter()
     for _ in range(max_new_tokens):
-        logits = _forward(lm, step, cache)
-        token = int(logits[-1].argmax())
-        if not out and on_first_token is not None:
-            on_first_token(token)
+        token = int(_forward(lm, step, cache)[-1].argmax())
+        if not out:
+            first = time.perf_counter() - start
         if token in eos:
+            reason = "eos"
             break
         out.append(token)
+        if stop:
+            text = lm.tokenizer.decode(out, skip_special_tokens=True)
+            cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+            if cut >= 0:
+                return Answer(out, text[:cut], first, "stop")
         step = [token]
-    return out
+    return Answer(out, lm.tokenizer.decode(out, skip_special_tokens=True), first, reason)
+
+
+def greedy(lm: LoadedModel, kv: KVCache | None, ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy token ids after the cached context `kv`; stops at EOS or max_new_tokens."""
+    return answer(lm, kv, ids, max_new_tokens).tokens
 
 
 @torch.inference_mode()

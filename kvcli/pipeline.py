@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 from dataclasses import dataclass
+
+import torch
 
 from . import format, identity, inference, kvfile, models
 from .codecs import Codec
 from .codecs.kvq import DEFAULT_SINKS
 from .codecs.presets import make_codec
-from .errors import ModelMismatchError
+from .errors import InputError, ModelMismatchError
 from .kvcache import KVCache
+
+_warned_no_profile: set[str] = set()
 
 
 @dataclass
@@ -36,9 +43,50 @@ def check_identity(header: format.Header, lm: models.LoadedModel, where: str) ->
         )
 
 
+def expected_layers(lm: models.LoadedModel, tokens: int) -> list[format.LayerShape]:
+    """The cache layout the model's own prefill of `tokens` tokens leaves: shapes from a one-token prefill,
+    and for sliding-window layers the last window - 1 tokens only."""
+    from transformers import DynamicCache
+
+    probe = inference.prefill(lm, [0])
+    layers = DynamicCache(config=lm.model.config).layers
+    out = []
+    for i in range(probe.num_layers):
+        window = getattr(layers[i], "sliding_window", None) if getattr(layers[i], "is_sliding", False) else None
+        held = min(tokens, window - 1) if window else tokens
+        out.append(format.LayerShape(probe.keys[i].shape[0], probe.keys[i].shape[2], probe.values[i].shape[2],
+                                     tokens - held))
+    return out
+
+
+def check_layout(layers: list[format.LayerShape], token_ids: list[int], lm: models.LoadedModel, where: str) -> None:
+    """Refuse, before anything is decoded or allocated, a cache whose shapes or tokens the model cannot take."""
+    want = expected_layers(lm, len(token_ids))
+    if len(layers) != len(want):
+        raise ModelMismatchError(f"{where}: the cache has {len(layers)} layers, the model {len(want)}")
+    for i, (got, exp) in enumerate(zip(layers, want)):
+        if (got.kv_heads, got.key_dim, got.value_dim) != (exp.kv_heads, exp.key_dim, exp.value_dim):
+            raise ModelMismatchError(
+                f"{where}: layer {i} has (kv_heads, key_dim, value_dim) = {(got.kv_heads, got.key_dim, got.value_dim)}, "
+                f"the model {(exp.kv_heads, exp.key_dim, exp.value_dim)}")
+        if got.token_start != exp.token_start:
+            raise ModelMismatchError(
+                f"{where}: layer {i} holds tokens from {got.token_start}, but the model keeps them from "
+                f"{exp.token_start} for a {len(token_ids)}-token context")
+    vocab = len(lm.tokenizer)
+    cfg_vocab = getattr(lm.model.config.get_text_config(decoder=True), "vocab_size", None) or vocab
+    limit = max(vocab, cfg_vocab)
+    bad = next((t for t in token_ids if t >= limit), None)
+    if bad is not None:
+        raise ModelMismatchError(f"{where}: token id {bad} is outside the model's vocabulary of {limit}")
+    inference.check_length(lm, len(token_ids), f"{where}: the cached context")
+
+
 def load_cache(src: format.ByteSource, header: format.Header, lm: models.LoadedModel) -> CacheFile:
-    """Verify and decode an opened file for `lm`, refusing caches made by any other model."""
-    check_identity(header, lm, getattr(src, "path", "<input>"))
+    """Verify and decode an opened file for `lm`, refusing caches made by any other model, before decoding."""
+    where = getattr(src, "path", "<input>")
+    check_identity(header, lm, where)
+    check_layout(header.layers, header.token_ids, lm, where)
     kv = kvfile.decode(src, header)
     if kv.dtype != lm.model.dtype:
         kv = KVCache(kv.token_ids, [k.to(lm.model.dtype) for k in kv.keys], [v.to(lm.model.dtype) for v in kv.values])
@@ -52,29 +100,60 @@ def codec_for(quality: str, lm: models.LoadedModel, step_scale: float = 1.0, sin
 
     if quality in ("lossless", "raw"):
         return make_codec(quality)
-    return make_codec(quality, profiles.find(lm.identity), inv_freq_per_layer(lm.model), step_scale,
+    profile = profiles.find(lm.identity)
+    if profile is None and lm.identity["weights_digest"] not in _warned_no_profile:
+        _warned_no_profile.add(lm.identity["weights_digest"])
+        print(f"kvcli: no calibration profile for {lm.name}: --quality {quality} uses uniform steps, which costs "
+              "quality at the same size; run `kvcli calibrate --model ...` once to measure one", file=sys.stderr)
+    return make_codec(quality, profile, inv_freq_per_layer(lm.model), step_scale,
                       DEFAULT_SINKS if sinks is None else sinks)
 
 
-def write_cache(out: str, kv: KVCache, lm_identity: dict, codec: Codec, chunk_tokens: int) -> int:
-    meta, parts = kvfile.encode(kv, lm_identity, codec, chunk_tokens)
+def provenance(source: inference.Document | None = None) -> dict:
+    """Header fields that say where and when a cache was made (docs/format.md, "Header"). SOURCE_DATE_EPOCH,
+    the reproducible-builds convention, replaces the clock so reruns can produce identical bytes."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "")
+    when = int(epoch) if epoch.isdigit() else time.time()
+    extra = {"created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))}
+    if source is not None:
+        extra["source"] = source.provenance()
+    return extra
+
+
+def check_finite(kv: KVCache, codec: Codec, where: str) -> None:
+    """Lossy codecs cannot represent NaN or Inf; refuse before writing rather than write an unreadable file."""
+    if codec.lossless:
+        return
+    for i in range(kv.num_layers):
+        for kind, t in (("keys", kv.keys[i]), ("values", kv.values[i])):
+            if not bool(torch.isfinite(t).all()):
+                raise InputError(f"{where}: {kind}.{i} holds NaN or Inf values, which lossy presets cannot store; "
+                                 "use --quality lossless")
+
+
+def write_cache(out: str, kv: KVCache, lm_identity: dict, codec: Codec, chunk_tokens: int,
+                extra: dict | None = None) -> int:
+    meta, parts = kvfile.encode(kv, lm_identity, codec, chunk_tokens, extra)
     return format.write_kvc(out, meta, parts)
 
 
-def prefill_document(text: str, lm: models.LoadedModel, codec: Codec, chunk_tokens: int, out: str) -> tuple[KVCache, int]:
-    ids = inference.document_ids(lm, text)
-    kv = inference.prefill(lm, ids)  # refuses a document longer than the model's context
-    size = write_cache(out, kv, lm.identity, codec, chunk_tokens)
+def checked_ids(lm: models.LoadedModel, doc: inference.Document) -> list[int]:
+    """The document's tokens, refused early (by size, then by token count) when the context cannot hold them."""
+    inference.check_document_size(lm, doc)
+    ids = inference.document_ids(lm, doc.text)
+    inference.check_length(lm, len(ids), f"{doc.name}: the document")
+    return ids
+
+
+def prefill_document(doc: inference.Document, ids: list[int], lm: models.LoadedModel, codec: Codec,
+                     chunk_tokens: int, out: str) -> tuple[KVCache, int]:
+    kv = inference.prefill(lm, ids)
+    size = write_cache(out, kv, lm.identity, codec, chunk_tokens, provenance(doc))
     return kv, size
 
 
-def check_shapes(kv: KVCache, lm: models.LoadedModel) -> None:
-    """An imported cache must have the model's layer count and head shapes."""
-    reference = inference.prefill(lm, kv.token_ids[:1])
-    if reference.num_layers != kv.num_layers:
-        raise ModelMismatchError(f"the cache has {kv.num_layers} layers, the model {reference.num_layers}")
-    for i in range(kv.num_layers):
-        want = (reference.keys[i].shape[0], reference.keys[i].shape[2], reference.values[i].shape[2])
-        got = (kv.keys[i].shape[0], kv.keys[i].shape[2], kv.values[i].shape[2])
-        if want != got:
-            raise ModelMismatchError(f"layer {i}: (kv_heads, key_dim, value_dim) = {got}, the model has {want}")
+def check_shapes(kv: KVCache, lm: models.LoadedModel, where: str) -> None:
+    """An imported cache must have exactly the layout the model's own prefill would give its tokens."""
+    layers = [format.LayerShape(kv.keys[i].shape[0], kv.keys[i].shape[2], kv.values[i].shape[2], kv.token_start(i))
+              for i in range(kv.num_layers)]
+    check_layout(layers, kv.token_ids, lm, where)

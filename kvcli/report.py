@@ -37,9 +37,19 @@ def describe(header: format.Header, file_size: int) -> dict:
         "elements": elements,
         "bits_per_element": round(8 * file_size / elements, 4),
         "ratio_vs_fp16": round(elements * FP16_BYTES / file_size, 3),
+        "created_by": header.created_by or None,
+        "created_at": header.created_at or None,
+        "source": header.source,
         "per_layer": per_layer,
         **({"extra": header.extra} if header.extra else {}),
     }
+
+
+def _versus_fp16(ratio: float) -> str:
+    """`ratio` is fp16 bytes over file bytes: above 1 the file is smaller than fp16, below 1 larger."""
+    if ratio >= 1:
+        return f"{ratio:.2f}x smaller"
+    return f"{1 / ratio:.2f}x larger"
 
 
 def render(info: dict) -> str:
@@ -58,7 +68,13 @@ def render(info: dict) -> str:
         f"segments     {info['segments']} (chunks of {info['chunk_tokens']} tokens)",
         f"size         {info['file_bytes']:,} bytes (header {info['header_bytes']:,}, tables {info['aux_bytes']:,})",
         f"bits/element {info['bits_per_element']}",
-        f"vs fp16      {info['ratio_vs_fp16']}x smaller",
+        f"vs fp16      {_versus_fp16(info['ratio_vs_fp16'])}",
+    ]
+    if info["created_at"] or info["created_by"]:
+        lines.append(f"created      {info['created_at'] or '?'} by {info['created_by'] or '?'}")
+    if info["source"]:
+        lines.append(f"source       sha256 {info['source']['sha256'][:16]}…, {info['source']['bytes']:,} bytes")
+    lines += [
         "",
         "layer  tokens    K bytes    V bytes  K bits/el  V bits/el",
     ]

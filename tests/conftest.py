@@ -41,6 +41,13 @@ def tiny_lm(tiny_model_dir):
     return get
 
 
+def pytest_collection_modifyitems(items):
+    """Tests that load the real default model are slow, whether through the fixture or by name."""
+    for item in items:
+        if "default_lm" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def default_lm():
     from kvcli import models
@@ -49,16 +56,18 @@ def default_lm():
 
 
 @pytest.fixture
-def cli():
+def cli(monkeypatch):
     """Run the CLI in-process: cli(*args, input=bytes) -> result with exit_code, stdout, stderr, stdout_bytes."""
     from typer.testing import CliRunner
 
-    from kvcli.cli import _state, app
+    from kvcli.cli import app
+    from kvcli.commands.common import state
 
     runner = CliRunner()
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1767225600")  # reruns write identical bytes
 
     def run(*args, input=None):
-        _state["debug"] = False
+        state["debug"] = False
         return runner.invoke(app, [str(a) for a in args], input=input)
 
     return run

@@ -45,7 +45,7 @@ def test_golden_files_decode_to_the_golden_cache(data):
 
 def test_preamble_layout():
     magic, major, minor, hlen, hcrc = struct.unpack("<8sHHII", RAW[:20])
-    assert magic == b"\x89KVC\r\n\x1a\n" and (major, minor) == (1, 0)
+    assert magic == b"\x89KVC\r\n\x1a\n" and (major, minor) == (2, 0)
     assert zlib.crc32(RAW[20 : 20 + hlen]) == hcrc
 
 def flip(data: bytes, pos: int) -> bytes:
@@ -54,36 +54,99 @@ def flip(data: bytes, pos: int) -> bytes:
 def header_len(data: bytes) -> int:
     return struct.unpack("<I", data[12:16])[0]
 
+def set_row(i: int, col: int, value):
+    return lambda d: rewrite_header(d, lambda h: h["segments"][i].__setitem__(col, value))
+
+def set_field(*path_and_value):
+    *path, value = path_and_value
+
+    def change(h):
+        node = h
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    return lambda d: rewrite_header(d, change)
+
+def deep(depth: int) -> bytes:
+    return b'{"x":' + b"[" * depth + b"]" * depth + b"}"
+
 REFUSALS = {
-    "empty file": (lambda d: b"", FormatError, "truncated"),
-    "truncated preamble": (lambda d: d[:15], FormatError, "truncated"),
+    "empty file": (lambda d: b"", FormatError, "truncated: 0 bytes is shorter than the 20-byte preamble"),
+    "truncated preamble": (lambda d: d[:15], FormatError, "truncated: 15 bytes is shorter"),
     "truncated data": (lambda d: d[:-1], FormatError, "truncated: segments end at byte"),
     "trailing bytes": (lambda d: d + b"\0", FormatError, "trailing bytes"),
     "flipped data byte": (lambda d: flip(d, len(d) - 3), FormatError, "segment layer 1 V tokens [3, 5): checksum mismatch"),
     "flipped header byte": (lambda d: flip(d, 40), FormatError, "header checksum mismatch"),
     "wrong magic": (lambda d: b"PK\x03\x04" + d[4:], FormatError, "wrong magic"),
-    "future major version": (lambda d: d[:8] + struct.pack("<H", 2) + d[10:], VersionError, "major version 2"),
+    "future major version": (lambda d: d[:8] + struct.pack("<H", 3) + d[10:], VersionError, "major version 3 is not supported"),
+    "version 1 file": (lambda d: V1, VersionError, "a .kvc 1.x file (kvcli 0.1)"),
     "header longer than file": (lambda d: d[:12] + struct.pack("<I", len(d)) + d[16:], FormatError, "header claims"),
-    "header length over cap": (lambda d: d[:12] + struct.pack("<I", (64 << 20) + 1) + d[16:], FormatError, "outside"),
-    "header not json": (lambda d: rewrite_raw(d, b"{not json"), FormatError, "not valid JSON"),
+    "header length over cap": (lambda d: d[:12] + struct.pack("<I", (64 << 20) + 1) + d[16:], FormatError,
+                               "header length 67108865 is outside [2, 67108864]"),
+    "header not json": (lambda d: rewrite_raw(d, b"{not json"), FormatError, "header is not valid JSON"),
+    "header not an object": (lambda d: rewrite_raw(d, b"[1, 2]"), FormatError, "header is not a JSON object"),
+    "header not utf-8": (lambda d: rewrite_raw(d, b'{"a": "\xff"}'), FormatError, "header is not valid UTF-8"),
+    "header nested 200,000 deep": (lambda d: rewrite_raw(d, deep(200_000)), FormatError, "nests 200001 levels deep"),
+    "header nested 9 deep": (lambda d: rewrite_raw(d, deep(8)), FormatError, "nests 9 levels deep, more than 8"),
+    "5,001-digit integer": (lambda d: rewrite_raw(d, b'{"x": ' + b"7" * 5001 + b"}"), FormatError,
+                            "has a number that cannot be read"),
+    "NaN": (lambda d: rewrite_raw(d, b'{"x": NaN}'), FormatError, "has NaN, which JSON does not allow"),
+    "huge float": (lambda d: rewrite_raw(d, b'{"x": 1e999}'), FormatError, "not finite"),
     "segment gap": (lambda d: rewrite_header(d, lambda h: h["segments"][1].__setitem__(4, h["segments"][1][4] + 1)),
-                    FormatError, "gap or overlap"),
-    "segment layer out of range": (lambda d: rewrite_header(d, lambda h: h["segments"][0].__setitem__(1, 7)),
-                                   FormatError, "layer 7 is outside"),
-    "token count too large": (lambda d: rewrite_header(d, lambda h: h["segments"][0].__setitem__(3, 10**9)),
-                              FormatError, "token_count"),
+                    FormatError, "segment 1: offset 49 leaves a gap or overlap (expected 48)"),
+    "segment layer out of range": (set_row(0, 1, 7), FormatError, "segment 0: layer 7 is outside [0, 1]"),
+    "segment token_start out of range": (set_row(0, 2, 5), FormatError, "segment 0: token_start 5 is outside [0, 4]"),
+    "token count too large": (set_row(0, 3, 10**9), FormatError, "segment 0: token_count 1000000000 is outside [1, 5]"),
+    "segment starts late": (set_row(0, 2, 1), FormatError, "layer 0 K starts at token 1, expected 0"),
+    "unknown segment kind": (set_row(0, 0, "q"), FormatError, "segment 0: unknown kind 'q'"),
+    "segment length over cap": (set_row(0, 5, (1 << 30) + 1), FormatError, "length 1073741825 or crc32"),
+    "negative offset": (set_row(0, 4, -1), FormatError, "segment 0: offset must be a non-negative integer"),
+    "segment row too short": (lambda d: rewrite_header(d, lambda h: h["segments"][0].pop()), FormatError,
+                              "expected [kind, layer, token_start, token_count, offset, length, crc32]"),
     "missing layer coverage": (lambda d: rewrite_header(d, lambda h: h["layers"].append(dict(h["layers"][0]))),
-                               FormatError, "layer 2 K does not cover"),
-    "unknown dtype": (lambda d: rewrite_header(d, lambda h: h.__setitem__("dtype", "int8")), FormatError, "unknown dtype"),
-    "unknown codec": (lambda d: rewrite_header(d, lambda h: h["codec"].__setitem__("name", "lzma")), FormatError, "unknown codec"),
-    "heads over cap": (lambda d: rewrite_header(d, lambda h: h["layers"][0].__setitem__("kv_heads", 10**6)), FormatError, "kv_heads"),
-    "no token ids": (lambda d: rewrite_header(d, lambda h: h.__setitem__("token_ids", [])), FormatError, "token count 0"),
+                               FormatError, "layer 2 K does not cover all 5 tokens"),
+    "unknown dtype": (set_field("dtype", "int8"), FormatError, "unknown dtype 'int8'"),
+    "unknown codec": (set_field("codec", "name", "lzma"), FormatError, "unknown codec 'lzma'"),
+    "heads over cap": (set_field("layers", 0, "kv_heads", 10**6), FormatError, "'kv_heads' = 1000000 is outside [1, 1024]"),
+    "head dim over cap": (set_field("layers", 0, "key_dim", 4097), FormatError, "'key_dim' = 4097 is outside [1, 4096]"),
+    "layer token_start past the end": (set_field("layers", 1, "token_start", 5), FormatError,
+                                       "'token_start' = 5 is outside [0, 4]"),
+    "bool where an int belongs": (set_field("chunk_tokens", True), FormatError, "'chunk_tokens' has the wrong type"),
+    "no token ids": (set_field("token_ids", []), FormatError, "token count 0 is outside"),
+    "negative token id": (set_field("token_ids", [11, -1, 13, 14, 15]), FormatError, "token_ids must be non-negative"),
     "missing model": (lambda d: rewrite_header(d, lambda h: h.pop("model")), FormatError, "'model' is missing"),
+    "digest not hex": (set_field("model", "weights_digest", "w" * 64), FormatError,
+                       "model weights_digest must be 64 lowercase hex digits"),
+    "empty architecture": (set_field("model", "architecture", ""), FormatError, "'architecture' must have 1 to 256"),
+    "bad created_at": (set_field("created_at", "yesterday"), FormatError, "created_at must look like"),
+    "bad source": (set_field("source", {"sha256": "x", "bytes": 3}), FormatError, "source must be"),
+    "negative source bytes": (set_field("source", {"sha256": "a" * 64, "bytes": -3}), FormatError,
+                              "'bytes' = -3 is outside"),
+    "duplicate aux names": (lambda d: with_aux(d, [("t", b"ab"), ("t", b"cd")]), FormatError, "used twice"),
+    "aux segment with a gap": (lambda d: rewrite_header(d, lambda h: h["aux"].append(["x", 3, 0, 0])), FormatError,
+                               "aux segment 0: offset 3 leaves a gap or overlap (expected 0)"),
 }
+
+def with_aux(data: bytes, blobs: list[tuple[str, bytes]]) -> bytes:
+    """`data` with aux segments in front of its tensor data, offsets and checksums made valid."""
+    _, major, minor, hlen, _ = format.PREAMBLE.unpack(data[: format.PREAMBLE_SIZE])
+    doc = json.loads(data[format.PREAMBLE_SIZE : format.PREAMBLE_SIZE + hlen])
+    shift, aux = 0, []
+    for name, blob in blobs:
+        aux.append([name, shift, len(blob), zlib.crc32(blob)])
+        shift += len(blob)
+    doc["aux"] = aux
+    for row in doc["segments"]:
+        row[4] += shift
+    raw = json.dumps(doc).encode()
+    body = data[format.PREAMBLE_SIZE + hlen :]
+    return format.PREAMBLE.pack(format.MAGIC, major, minor, len(raw), zlib.crc32(raw)) + raw + b"".join(b for _, b in blobs) + body
 
 def rewrite_raw(data: bytes, raw: bytes) -> bytes:
     hlen = header_len(data)
-    return format.PREAMBLE.pack(format.MAGIC, 1, 0, len(raw), zlib.crc32(raw)) + raw + data[20 + hlen :]
+    return format.PREAMBLE.pack(format.MAGIC, format.MAJOR, 0, len(raw), zlib.crc32(raw)) + raw + data[20 + hlen :]
+
+V1 = (HERE / "v1-tiny-raw.kvc").read_bytes()
 
 @pytest.mark.parametrize("case", sorted(REFUSALS))
 def test_reader_refuses(case):
@@ -93,11 +156,57 @@ def test_reader_refuses(case):
     assert message in str(info.value)
     assert "\n" not in str(info.value)
 
+def test_newer_minor_version_with_unknown_fields_is_read():
+    """A minor version adds optional fields only: a 2.7 reader's file decodes here, its new fields kept as extra."""
+    data = rewrite_header(RAW, lambda h: h.update(future_field={"x": [1, 2]}, another="y"))
+    data = data[:10] + struct.pack("<H", 7) + data[12:]
+    src = format.BytesSource(data, "t.kvc")
+    header = format.read_header(src)
+    assert (header.major, header.minor) == (2, 7)
+    assert header.extra == {"future_field": {"x": [1, 2]}, "another": "y"}
+    kv, expected = kvfile.decode(src, header), golden_cache()
+    assert all(torch.equal(a, b) for a, b in zip(kv.keys + kv.values, expected.keys + expected.values))
+
+def test_known_optional_fields_are_not_extra():
+    header = format.read_header(format.BytesSource(RAW))
+    assert header.created_by == "kvcli golden" and header.created_at == "2026-01-01T00:00:00Z"
+    assert header.extra == {} and header.source is None
+
 def test_verify_names_the_bad_segment():
     data = flip(RAW, len(RAW) - 3)
     src = format.BytesSource(data, "t.kvc")
     with pytest.raises(FormatError, match=r"t.kvc: segment layer 1 V tokens \[3, 5\)"):
         kvfile.verify(src, format.read_header(src))
+
+def test_atomic_write_gives_the_umask_mode(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        format.atomic_write(str(tmp_path / "a.kvc"), [b"x"])
+        os.umask(0o077)
+        format.atomic_write(str(tmp_path / "b.kvc"), [b"x"])
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.kvc").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.kvc").stat().st_mode & 0o777 == 0o600
+
+def test_stale_temporaries_of_the_same_target_are_swept(tmp_path):
+    import os
+    import time
+
+    old_tmp = tmp_path / ".out.kvc.kvcli-0123456789ab.tmp"
+    fresh_tmp = tmp_path / ".out.kvc.kvcli-ba9876543210.tmp"
+    other_tmp = tmp_path / ".other.kvc.kvcli-0123456789ab.tmp"
+    foreign = tmp_path / ".out.kvc.something.tmp"
+    for p in (old_tmp, fresh_tmp, other_tmp, foreign):
+        p.write_bytes(b"partial")
+    hours_ago = time.time() - 2 * format.STALE_TEMP_SECONDS
+    for p in (old_tmp, other_tmp, foreign):
+        os.utime(p, (hours_ago, hours_ago))
+    format.atomic_write(str(tmp_path / "out.kvc"), [b"done"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["out.kvc", fresh_tmp.name, other_tmp.name, foreign.name])
 
 def test_atomic_write_leaves_no_file_when_interrupted(tmp_path, monkeypatch):
     target = tmp_path / "out.kvc"
@@ -133,7 +242,7 @@ def test_fuzz_mutated_files_fail_cleanly(data):
 @given(st.binary(max_size=256))
 def test_fuzz_random_bytes_fail_cleanly(blob):
     with pytest.raises(KvcliError):
-        load(format.MAGIC + struct.pack("<HH", 1, 0) + blob)
+        load(format.MAGIC + struct.pack("<HH", format.MAJOR, 0) + blob)
 
 @settings(max_examples=100, deadline=None)
 @given(st.data())

@@ -18,8 +18,8 @@ IDENTITY = {
     "architecture": "LlamaForCausalLM",
     "name": "golden",
     "config_digest": "c" * 64,
-    "weights_digest": "w" * 64,
-    "tokenizer_digest": "t" * 64,
+    "weights_digest": "e" * 64,
+    "tokenizer_digest": "f" * 64,
 }
 CHUNK = 3
 
@@ -35,6 +35,7 @@ def golden_cache() -> KVCache:
 def golden_bytes(codec) -> bytes:
     meta, parts = kvfile.encode(golden_cache(), IDENTITY, codec, CHUNK)
     meta["created_by"] = "kvcli golden"  # independent of the package version
+    meta["created_at"] = "2026-01-01T00:00:00Z"
     return format.build_header(meta, parts) + b"".join(p.data for p in parts)
 
 

@@ -1,0 +1,49 @@
+"""`kvcli calibrate`: measure a model's sensitivity to cache loss once; lossy presets then use the profile."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+
+from .common import ModelOpt, emit_json, handled
+
+
+def calibrate(
+    model: Optional[str] = ModelOpt,
+    text: Optional[list[str]] = typer.Option(None, "--text", "-t", help="Calibration document (repeatable) [default: the two bundled texts]"),
+    out: Optional[str] = typer.Option(None, "--output", "-o", help="Write the profile here instead of the profile directory"),
+    as_json: bool = typer.Option(False, "--json", help="Print the profile's summary as JSON"),
+) -> None:
+    """Measure MODEL's sensitivity to cache loss once; lossy presets then use the stored profile."""
+    from pathlib import Path
+
+    from rich.progress import Progress
+
+    from .. import calibrate as calib
+    from .. import inference, models, profiles
+    from .common import check_output
+
+    if out is not None:
+        check_output(out, text or [], binary=False)
+    texts = [(t, inference.read_document(t).text) for t in text] if text else calib.default_texts()
+    lm = models.load(model, "float32")
+    cfg = lm.model.config.get_text_config(decoder=True)
+    layers = cfg.num_hidden_layers
+    with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task("calibrating", total=2 * layers * cfg.num_key_value_heads * len(texts))
+        profile, details = calib.calibrate(lm, texts, progress=lambda: bar.advance(task))
+    path = profiles.save(profile, lm.identity, details, Path(out) if out else None)
+    profile = profiles.load(path)  # as stored: the digest must describe the rounded numbers the codec will use
+    s = profile.sensitivity
+    summary = {"profile": str(path), "name": profile.name, "digest": profile.digest(), "layers": layers,
+               "sensitivity_range": [float(s.min()), float(s.max())], "texts": details["texts"]}
+    if as_json:
+        emit_json(summary)
+    else:
+        print(f"wrote profile {path} (sensitivity spans {s.max() / max(s.min(), 1e-12):.0f}x across layers)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(handled(calibrate))

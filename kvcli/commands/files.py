@@ -1,0 +1,86 @@
+"""Commands on .kvc files themselves: decode, encode, inspect, verify."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from .common import ChunkOpt, QualityOpt, SinksOpt, StepScaleOpt, check_output, check_quality, emit_json, handled
+
+
+def decode(
+    file: str = typer.Argument(..., help=".kvc file, or - for stdin"),
+    out: str = typer.Option(..., "--output", "-o", help="Output .safetensors file, or - for stdout"),
+) -> None:
+    """Export the decoded cache as safetensors: keys.{i}, values.{i} (kv_heads, tokens, head_dim) and input_ids."""
+    from .. import format, kvfile
+    from ..kvcache import to_tensor_dict
+    from ..tensorfile import save_tensors
+
+    check_output(out, [file])
+    with format.open_source(file) as src:
+        header = format.read_header(src)
+        kv = kvfile.decode(src, header)
+    save_tensors(out, to_tensor_dict(kv), {"created_at": header.created_at, "source": header.source})
+
+
+def encode(
+    tensors: str = typer.Argument(..., help="safetensors file with keys.{i}, values.{i}, input_ids"),
+    out: str = typer.Option(..., "--output", "-o", help="Output .kvc file, or - for stdout"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="The model that produced the cache [default: bundled]"),
+    quality: str = QualityOpt,
+    step_scale: float = StepScaleOpt,
+    sinks: Optional[int] = SinksOpt,
+    chunk_tokens: int = ChunkOpt,
+) -> None:
+    """Write a cache produced elsewhere (a safetensors export) as a .kvc file for MODEL."""
+    from .. import models, pipeline
+    from ..kvcache import from_tensor_dict
+    from ..tensorfile import load_tensors
+
+    check_quality(quality)
+    check_output(out, [tensors])
+    exported, provenance = load_tensors(tensors)
+    kv = from_tensor_dict(exported, tensors)
+    lm = models.load(model, "float32")
+    pipeline.check_shapes(kv, lm, tensors)
+    codec = pipeline.codec_for(quality, lm, step_scale, sinks)
+    pipeline.check_finite(kv, codec, tensors)
+    pipeline.write_cache(out, kv, lm.identity, codec, chunk_tokens, {**pipeline.provenance(), **provenance})
+
+
+def inspect(
+    file: str = typer.Argument(..., help=".kvc file, or - for stdin"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON"),
+) -> None:
+    """Show what a .kvc file holds: model, tokens, shapes, codec, sizes and per-layer bytes."""
+    from .. import format, report
+
+    with format.open_source(file) as src:
+        info = report.describe(format.read_header(src), src.size)
+    if as_json:
+        emit_json(info)
+    else:
+        print(report.render(info))
+
+
+def verify(
+    file: str = typer.Argument(..., help=".kvc file, or - for stdin"),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON"),
+) -> None:
+    """Check everything a reader checks short of loading the model: header, codec, every checksum, every segment
+    decoded. Exit 0 only if all pass."""
+    from .. import format, kvfile
+
+    with format.open_source(file) as src:
+        result = kvfile.verify(src, format.read_header(src))
+    if as_json:
+        emit_json({"file": file, **result})
+    else:
+        print(f"{file}: ok ({result['segments']} segments)")
+
+
+def register(app: typer.Typer) -> None:
+    for command in (decode, encode, inspect, verify):
+        app.command()(handled(command))

@@ -1,0 +1,101 @@
+"""`kvcli generate`: answer prompts after a cached context, or after a full prefill of the document (the reference)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Optional
+
+import typer
+
+from .common import ModelOpt, emit_json, handled, status
+
+
+def read_prompts(path: str) -> list[dict]:
+    """JSON lines, each {"prompt": "...", ...} (other fields are carried to the answer) or a bare JSON string."""
+    from ..errors import InputError, UsageError
+    from ..inference import read_document
+
+    doc = read_document(path)
+    prompts = []
+    for number, line in enumerate(doc.text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError as err:
+            raise InputError(f"{doc.name}: line {number}: not JSON: {err}") from None
+        if isinstance(item, str):
+            item = {"prompt": item}
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"]:
+            raise InputError(f'{doc.name}: line {number}: expected {{"prompt": "non-empty text", ...}} or a JSON string')
+        prompts.append(item)
+    if not prompts:
+        raise UsageError(f"{doc.name}: no prompts")
+    return prompts
+
+
+def generate(
+    prompt: Optional[str] = typer.Argument(None, help="The question or continuation prompt"),
+    cache: Optional[str] = typer.Option(None, "--cache", "-c", help=".kvc file holding the context"),
+    document: Optional[str] = typer.Option(None, "--document", "-d", help="Prefill this document instead (reference path)"),
+    prompts_file: Optional[str] = typer.Option(None, "--prompts", help="JSON lines of prompts; one answer line each, "
+                                               "paying the model and cache load once"),
+    model: Optional[str] = ModelOpt,
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Model dtype [default: the cache's, else float32]"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
+    stop: Optional[list[str]] = typer.Option(None, "--stop", help="End the answer before this text (repeatable)"),
+    chat: bool = typer.Option(False, "--chat", help="Ask through the model's chat template: the context stays in "
+                              "front, the prompt becomes the user turn"),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per answer, with timings"),
+) -> None:
+    """Answer PROMPT after a cached context (--cache) or after a full prefill of a document (--document)."""
+    from .. import inference, models, pipeline
+    from ..errors import UsageError
+
+    if (cache is None) == (document is None):
+        raise UsageError("give exactly one of --cache FILE or --document DOC")
+    if (prompt is None) == (prompts_file is None):
+        raise UsageError("give exactly one of PROMPT or --prompts FILE")
+    if prompt == "":
+        raise UsageError("the prompt is empty")
+    if stop and any(not s for s in stop):
+        raise UsageError("--stop needs non-empty text")
+    items = read_prompts(prompts_file) if prompts_file else [{"prompt": prompt}]
+    t0 = time.perf_counter()
+    kv, doc = None, None
+    if cache is not None:
+        src, header = pipeline.read_header(cache)
+        with src:
+            with status("loading model"):
+                lm = models.load(model, dtype or header.dtype)
+            model_s = time.perf_counter() - t0
+            with status("loading cache"):
+                kv = pipeline.load_cache(src, header, lm).kv
+        context_ids = kv.token_ids
+    else:
+        doc = inference.read_document(document)
+        with status("loading model"):
+            lm = models.load(model, dtype or "float32")
+        model_s = time.perf_counter() - t0
+        inference.check_document_size(lm, doc)
+        context_ids = inference.document_ids(lm, doc.text)
+    load_s = time.perf_counter() - t0 - model_s
+    to_ids = inference.chat_ids if chat else inference.prompt_ids
+    for item in items:
+        ids = to_ids(lm, item["prompt"])
+        started = time.perf_counter()
+        # The reference path prefills document and prompt together, as a model without kvcli would.
+        result = inference.answer(lm, kv, ids if kv is not None else context_ids + ids, max_new_tokens, stop or [])
+        if not as_json and not prompts_file:
+            print(result.text)
+            continue
+        emit_json({**item, "text": result.text, "tokens": len(result.tokens), "stopped_by": result.stopped_by,
+                   "context_tokens": len(context_ids), "model_load_s": round(model_s, 4),
+                   "cache_load_s": round(load_s, 4) if kv is not None else None,
+                   "ttft_s": round(result.first_token_s, 4), "answer_s": round(time.perf_counter() - started, 4),
+                   "total_s": round(time.perf_counter() - t0, 4)})
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(handled(generate))
