@@ -156,6 +156,27 @@ def test_reader_refuses(case):
     assert message in str(info.value)
     assert "\n" not in str(info.value)
 
+SCHEMA_CASES = ["unknown dtype", "heads over cap", "head dim over cap", "bool where an int belongs", "no token ids",
+                "negative token id", "missing model", "digest not hex", "empty architecture", "bad created_at",
+                "bad source", "negative source bytes", "segment length over cap", "negative offset",
+                "segment row too short", "unknown segment kind", "token count too large"]
+
+def header_doc(data: bytes) -> dict:
+    hlen = header_len(data)
+    return json.loads(data[format.PREAMBLE_SIZE : format.PREAMBLE_SIZE + hlen])
+
+def test_published_schema_accepts_written_headers_and_rejects_malformed_ones():
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((Path(__file__).parent.parent / "docs" / "kvc-header.schema.json").read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    for data in (RAW, ZSTD):
+        validator.validate(header_doc(data))
+    for case in SCHEMA_CASES:
+        damaged = REFUSALS[case][0](RAW)
+        assert not validator.is_valid(header_doc(damaged)), case
+    # Every field the reader knows is in the schema, and nothing else is required.
+    assert set(schema["properties"]) == format.KNOWN_FIELDS
+
 def test_newer_minor_version_with_unknown_fields_is_read():
     """A minor version adds optional fields only: a 2.7 reader's file decodes here, its new fields kept as extra."""
     data = rewrite_header(RAW, lambda h: h.update(future_field={"x": [1, 2]}, another="y"))
