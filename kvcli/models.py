@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import math
+import mmap
 import os
 import re
 import shutil
@@ -93,23 +95,139 @@ def converted_dir(gguf: Path) -> Path:
     """Safetensors copy of a GGUF model, keyed by the file's SHA-256 and the transformers version."""
     import transformers
 
-    digest = identity.file_sha256(gguf)
+    digest = identity.cached_file_sha256(gguf)
     return identity.cache_root() / "models" / f"{digest[:24]}-transformers-{transformers.__version__}"
 
 
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)
+GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # by value type
+GGUF_STRING, GGUF_ARRAY, GGUF_UINT32 = 8, 9, 4
+GGUF_MAX_DIMS = 4
+GGUF_DEFAULT_ALIGNMENT = 32
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse a file that is not a whole GGUF before transformers parses it (it fails with tracebacks).
+
+    Walks the header (metadata, tensor infos) with every length checked against the file size, then checks that
+    each tensor's data lies inside the file. Reads the header only: milliseconds, where gguf's reader takes seconds.
+    """
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) != GGUF_MAGIC:
+                fh.seek(0)
+                raise ModelLoadError(f"{path}: not a GGUF file (it starts with {fh.read(4)!r}, not {GGUF_MAGIC!r})")
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                _check_gguf_layout(_Cursor(mm))
+    except OSError as err:
+        raise ModelLoadError(f"{path}: cannot read: {err.strerror}") from None
+    except ValueError as err:
+        raise ModelLoadError(f"{path}: not a readable GGUF file (truncated or damaged): {err}") from None
+
+
+class _Cursor:
+    """Little-endian reads over a byte buffer, each checked against its end."""
+
+    def __init__(self, buf) -> None:
+        self.buf, self.pos = buf, 0
+
+    def skip(self, n: int) -> None:
+        if self.pos + n > len(self.buf):
+            raise ValueError(f"{n} bytes needed at offset {self.pos}, past the end of the file ({len(self.buf)} bytes)")
+        self.pos += n
+
+    def take(self, n: int) -> bytes:
+        start = self.pos
+        self.skip(n)
+        return self.buf[start : self.pos]
+
+    def uint(self, width: int) -> int:
+        return int.from_bytes(self.take(width), "little")
+
+
+def _check_gguf_layout(cur: _Cursor) -> None:
+    cur.skip(4)
+    version = cur.uint(4)
+    if version not in GGUF_VERSIONS:
+        raise ValueError(f"GGUF version {version}; kvcli reads versions {GGUF_VERSIONS}")
+    tensor_count, kv_count = cur.uint(8), cur.uint(8)
+    alignment = GGUF_DEFAULT_ALIGNMENT
+    for _ in range(kv_count):
+        key = cur.take(cur.uint(8))
+        kind = cur.uint(4)
+        if key == b"general.alignment" and kind == GGUF_UINT32:
+            alignment = cur.uint(4)
+        else:
+            _skip_value(cur, kind, 0)
+    if alignment <= 0:
+        raise ValueError(f"general.alignment is {alignment}")
+    tensors = []
+    for _ in range(tensor_count):
+        name = cur.take(cur.uint(8)).decode("utf-8", "replace")
+        dims = cur.uint(4)
+        if not 1 <= dims <= GGUF_MAX_DIMS:
+            raise ValueError(f"tensor {name!r} has {dims} dimensions")
+        shape = [cur.uint(8) for _ in range(dims)]
+        tensors.append((name, shape, cur.uint(4), cur.uint(8)))
+    if not tensors:
+        raise ValueError("no tensors")
+    data_start = -(-cur.pos // alignment) * alignment
+    for name, shape, ggml_type, offset in tensors:
+        end = data_start + offset + _ggml_bytes(name, shape, ggml_type)
+        if end > len(cur.buf):
+            raise ValueError(f"tensor {name!r} ends at byte {end}, the file has {len(cur.buf)}")
+
+
+def _skip_value(cur: _Cursor, kind: int, depth: int) -> None:
+    if kind in GGUF_SCALAR_BYTES:
+        cur.skip(GGUF_SCALAR_BYTES[kind])
+    elif kind == GGUF_STRING:
+        cur.skip(cur.uint(8))
+    elif kind == GGUF_ARRAY and depth < 2:
+        item, count = cur.uint(4), cur.uint(8)
+        if item in GGUF_SCALAR_BYTES:
+            cur.skip(count * GGUF_SCALAR_BYTES[item])
+        else:
+            for _ in range(count):  # each element takes at least 8 bytes: a bad count runs off the end quickly
+                _skip_value(cur, item, depth + 1)
+    else:
+        raise ValueError(f"metadata value type {kind} at offset {cur.pos} is unknown or nested too deep")
+
+
+def _ggml_bytes(name: str, shape: list[int], ggml_type: int) -> int:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    except ValueError:
+        raise ValueError(f"tensor {name!r} has unknown ggml type {ggml_type}") from None
+    if shape[0] % block:
+        raise ValueError(f"tensor {name!r}: {shape[0]} is not a multiple of its block size {block}")
+    return math.prod(shape) // block * block_bytes
+
+
 def convert_gguf(gguf: Path, target: Path) -> None:
-    """Dequantize a GGUF model once into a safetensors directory (loads take ~2 s instead of ~15 s)."""
+    """Dequantize a GGUF model once into a safetensors directory (loads take ~2 s instead of ~15 s).
+
+    The work happens in a temporary directory renamed into place, removed on any exception, KeyboardInterrupt and
+    the exception kvcli's SIGTERM handler raises included; a kill -9 leaves it to sweep_stale_temporaries.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
+    check_gguf(gguf)
     print(f"kvcli: converting {gguf.name} to safetensors once, into {target}", file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=identity.temp_prefix(target.name), dir=target.parent))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            try:
+                tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+                src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            except (OSError, ValueError, KeyError) as err:
+                raise ModelLoadError(f"{gguf}: cannot convert this GGUF model: {str(err).splitlines()[0]}") from None
         config = src.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
@@ -122,37 +240,38 @@ def convert_gguf(gguf: Path, target: Path) -> None:
         except OSError:
             if not target.is_dir():  # another process did not win the race: a real failure
                 raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when the rename succeeded
 
 
-def local_directory(source: ModelSource) -> tuple[Path, str]:
-    """The safetensors directory to load and the weights digest of the original files."""
+def local_directory(source: ModelSource) -> Path:
+    """The safetensors directory to load: the given one, the GGUF's converted copy, or the hub's snapshot."""
     if source.directory is not None:
-        return source.directory, identity.sampled_file_digest(identity.weight_files(source.directory))
+        return source.directory
     if source.gguf is not None:
         target = converted_dir(source.gguf)
         if not (target / "config.json").is_file():
             convert_gguf(source.gguf, target)
-        return target, identity.sampled_file_digest([source.gguf])
+        return target
     try:
         from huggingface_hub import snapshot_download
 
-        path = Path(snapshot_download(source.hub_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        return Path(snapshot_download(source.hub_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
     except Exception as err:  # the hub client raises many types; all mean "not reachable here"
         raise ModelLoadError(
             f"{source.hub_id}: not a local path, and the hub could not provide it ({type(err).__name__}); "
             "pass a local model directory or .gguf file"
         ) from None
-    return path, identity.sampled_file_digest(identity.weight_files(path))
 
 
 def load(spec: str | None, dtype: str = "float32") -> LoadedModel:
     source = resolve(spec)
     torch_type = torch_dtype(dtype)
-    directory, weights_digest = local_directory(source)
+    identity.sweep_stale_temporaries()
+    directory = local_directory(source)
+    # Both digests read the files as saved, and first: a damaged file is refused here, naming it.
+    weights_digest = identity.weights_digest(identity.weight_files(directory))
+    config_digest = identity.config_digest(identity.read_config(directory), str(directory / "config.json"))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
@@ -168,7 +287,7 @@ def load(spec: str | None, dtype: str = "float32") -> LoadedModel:
     ident = {
         "architecture": (config.architectures or [config.model_type])[0],
         "name": source.name,
-        "config_digest": identity.config_digest(config.to_dict()),
+        "config_digest": config_digest,
         "weights_digest": weights_digest,
         "tokenizer_digest": identity.tokenizer_digest(tokenizer),
     }

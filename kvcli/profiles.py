@@ -2,7 +2,8 @@
 
 Lookup order for a model: the user's profile directory ($KVCLI_CACHE_DIR/profiles, written by
 `kvcli calibrate`), then the profiles shipped inside kvcli. A profile matches a model by its config and
-weights digests. With none found, the codec falls back to uniform steps (docs/codec.md, "Profiles").
+weights digests (docs/format.md, "Model identity"), so a re-saved or resharded copy of a model still finds its
+profile. With none found, the codec falls back to uniform steps (docs/codec.md, "Profiles").
 """
 
 from __future__ import annotations
@@ -84,11 +85,15 @@ def _candidates():
 
 
 def find(model_identity: dict) -> Profile | None:
-    """The profile made for exactly this model (same config and weights), or None."""
+    """The profile made for exactly this model (same config and weights digests), or None."""
+    wanted = (model_identity["config_digest"], model_identity["weights_digest"])
     for entry in _candidates():
-        doc = json.loads(entry.read_text())
-        model = doc.get("model", {})
-        if (model.get("config_digest"), model.get("weights_digest")) == (
-            model_identity["config_digest"], model_identity["weights_digest"]):
+        try:
+            doc = json.loads(entry.read_text())
+            model = doc["model"]
+            found = (model["config_digest"], model["weights_digest"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise FormatError(f"{entry}: cannot read profile ({err}); delete it or rerun kvcli calibrate") from None
+        if found == wanted:
             return from_json(doc, str(entry))[0]
     return None
