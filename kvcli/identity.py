@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import ModelLoadError, StorageError
+from .format import STALE_TEMP_SECONDS, TEMP_MARK, atomic_write
 
 # ---------------------------------------------------------------------------------------------------------------
 # Canonical JSON (RFC 8785, the JSON Canonicalization Scheme)
@@ -433,8 +434,6 @@ def _stat_key(real: Path, kind: str) -> dict:
 
 def _store(entry: Path, doc: dict) -> None:
     """Best effort: a read-only or full cache directory costs a recomputation next time, nothing more."""
-    from .format import atomic_write  # late: atomic_write may take its temporaries' prefix from this module
-
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(str(entry), [json.dumps(doc, separators=(",", ":")).encode()])
@@ -455,19 +454,21 @@ def cache_root() -> Path:
     return Path(base) / "kvcli"
 
 
-TEMP_MARK = "kvcli-tmp"
-STALE_TEMP_SECONDS = 3600
 CACHE_SUBDIRS = ("", "models", "profiles", "digests")
-TEMP_NAME = re.compile(r"^\..+\.kvcli-tmp-[A-Za-z0-9_]+(\.tmp)?$")
+TEMP_NAME = re.compile(r"^\..+" + re.escape(TEMP_MARK) + r"[A-Za-z0-9_]+\.tmp$")
 
 
 def temp_prefix(name: str) -> str:
-    """Prefix for kvcli's temporary files and directories: `.NAME.kvcli-tmp-` (the sweep matches only these)."""
-    return f".{name}.{TEMP_MARK}-"
+    """mkdtemp prefix of a temporary beside NAME: with the suffix `.tmp`, the naming of format.atomic_write."""
+    return f".{name}{TEMP_MARK}"
 
 
-def sweep_stale_temporaries(root: Path | None = None, max_age: float = STALE_TEMP_SECONDS) -> list[Path]:
-    """Remove kvcli temporaries left by killed processes, once nothing has touched them for max_age seconds."""
+def sweep_cache_dir(root: Path | None = None, max_age: float = STALE_TEMP_SECONDS) -> list[Path]:
+    """Remove kvcli temporaries left in the cache dir by killed processes, once untouched for max_age seconds.
+
+    atomic_write sweeps only the temporaries of the file it writes; this also takes conversion directories and
+    the debris of profiles and digest-cache entries that are never written again.
+    """
     root = Path(root) if root is not None else cache_root()
     removed = []
     now = time.time()

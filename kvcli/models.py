@@ -211,7 +211,7 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantize a GGUF model once into a safetensors directory (loads take ~2 s instead of ~15 s).
 
     The work happens in a temporary directory renamed into place, removed on any exception, KeyboardInterrupt and
-    the exception kvcli's SIGTERM handler raises included; a kill -9 leaves it to sweep_stale_temporaries.
+    the exception kvcli's SIGTERM handler raises included; a kill -9 leaves it to identity.sweep_cache_dir.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -219,7 +219,7 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     check_gguf(gguf)
     print(f"kvcli: converting {gguf.name} to safetensors once, into {target}", file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=identity.temp_prefix(target.name), dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=identity.temp_prefix(target.name), suffix=".tmp", dir=target.parent))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -267,7 +267,7 @@ def local_directory(source: ModelSource) -> Path:
 def load(spec: str | None, dtype: str = "float32") -> LoadedModel:
     source = resolve(spec)
     torch_type = torch_dtype(dtype)
-    identity.sweep_stale_temporaries()
+    identity.sweep_cache_dir()
     directory = local_directory(source)
     # Both digests read the files as saved, and first: a damaged file is refused here, naming it.
     weights_digest = identity.weights_digest(identity.weight_files(directory))

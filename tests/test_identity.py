@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kvcli import identity, models
+from kvcli import format, identity, models
 from kvcli.errors import ModelLoadError
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "format.md"
@@ -399,25 +399,25 @@ def test_sweep_removes_only_old_kvcli_temporaries(tmp_path):
     (root / "models").mkdir(parents=True)
     (root / "profiles").mkdir()
     (root / "digests").mkdir()
-    old_dir = root / "models" / f"{identity.temp_prefix('abc-transformers-5')}x1y2"
+    old_dir = root / "models" / f"{identity.temp_prefix('abc-transformers-5')}x1y2.tmp"
     old_dir.mkdir()
     (old_dir / "model.safetensors").write_bytes(b"0")
-    old_file = root / "profiles" / f"{identity.temp_prefix('key.json')}k9_z.tmp"
+    old_file = root / "profiles" / f"{identity.temp_prefix('key.json')}0a1b2c3d4e5f.tmp"
     old_file.write_bytes(b"{")
     old_digest = root / "digests" / f"{identity.temp_prefix('d.json')}q.tmp"
     old_digest.write_bytes(b"{")
-    fresh = root / "models" / f"{identity.temp_prefix('def-transformers-5')}a1"
+    fresh = root / "models" / f"{identity.temp_prefix('def-transformers-5')}a1.tmp"
     fresh.mkdir()
     (fresh / "config.json").write_bytes(b"{}")
-    foreign = [root / "models" / ".abc.xyz", root / "profiles" / ".key.json.abc123.tmp", root / "notes.kvcli-tmp-1",
-               root / "models" / "abc-transformers-5", root / "digests" / "d.json"]
+    foreign = [root / "models" / ".abc.xyz", root / "profiles" / ".key.json.abc123.tmp", root / "notes.kvcli-1.tmp",
+               root / ".x.kvcli-1.tmp.keep", root / "models" / "abc-transformers-5", root / "digests" / "d.json"]
     for f in foreign:
         f.write_bytes(b"keep")
     for p in [old_dir, old_dir / "model.safetensors", old_file, old_digest, *foreign]:
-        age(p, 2 * identity.STALE_TEMP_SECONDS)
-    age(fresh, 2 * identity.STALE_TEMP_SECONDS)  # an old directory with a file written just now is in use
+        age(p, 2 * format.STALE_TEMP_SECONDS)
+    age(fresh, 2 * format.STALE_TEMP_SECONDS)  # an old directory with a file written just now is in use
 
-    removed = identity.sweep_stale_temporaries(root)
+    removed = identity.sweep_cache_dir(root)
 
     assert sorted(removed) == sorted([old_dir, old_file, old_digest])
     assert not old_dir.exists() and not old_file.exists() and not old_digest.exists()
@@ -425,4 +425,4 @@ def test_sweep_removes_only_old_kvcli_temporaries(tmp_path):
 
 
 def test_sweep_of_a_missing_cache_dir_does_nothing(tmp_path):
-    assert identity.sweep_stale_temporaries(tmp_path / "absent") == []
+    assert identity.sweep_cache_dir(tmp_path / "absent") == []

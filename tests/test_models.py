@@ -24,7 +24,7 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 def leftovers(cache_dir: Path) -> list[str]:
-    return [p.name for p in cache_dir.rglob("*") if identity.TEMP_MARK in p.name]
+    return [p.name for p in cache_dir.rglob("*") if identity.TEMP_NAME.match(p.name)]
 
 
 def test_text_file_named_gguf_is_refused_naming_it(tmp_path, cache_dir):
