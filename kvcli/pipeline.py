@@ -157,3 +157,23 @@ def check_shapes(kv: KVCache, lm: models.LoadedModel, where: str) -> None:
     layers = [format.LayerShape(kv.keys[i].shape[0], kv.keys[i].shape[2], kv.values[i].shape[2], kv.token_start(i))
               for i in range(kv.num_layers)]
     check_layout(layers, kv.token_ids, lm, where)
+
+
+def load_composed(opened: list[tuple[format.ByteSource, format.Header]], lm: models.LoadedModel,
+                  recompute_fraction: float = 0.0) -> KVCache:
+    """Opened files joined in order into one context, as if their documents had been concatenated
+    (kvcli/compose.py), with a fraction of its tokens recomputed. Every file is checked against the model, and
+    the composed length against its context, before any is decoded; one file and no recomputation is load_cache."""
+    from . import compose
+
+    names = [getattr(src, "path", "<input>") for src, _ in opened]
+    for (src, header), where in zip(opened, names):
+        check_identity(header, lm, where)
+    if len(opened) > 1:
+        compose.rope_frequencies(lm)
+        compose.plan_composition(lm, [header.token_ids for _, header in opened], names)
+    if recompute_fraction:
+        compose.check_recomputable(lm)
+    caches = [load_cache(src, header, lm).kv for src, header in opened]
+    kv = compose.compose_caches(lm, caches, names)
+    return compose.recompute_tokens(lm, kv, recompute_fraction).kv

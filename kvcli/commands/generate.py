@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from typing import Optional
@@ -37,7 +38,8 @@ def read_prompts(path: str) -> list[dict]:
 
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="The question or continuation prompt"),
-    cache: Optional[str] = typer.Option(None, "--cache", "-c", help=".kvc file holding the context"),
+    cache: Optional[list[str]] = typer.Option(None, "--cache", "-c", help=".kvc file holding the context; repeat it "
+                                              "to compose several documents' caches in the given order"),
     document: Optional[str] = typer.Option(None, "--document", "-d", help="Prefill this document instead (reference path)"),
     prompts_file: Optional[str] = typer.Option(None, "--prompts", help="JSON lines of prompts; one answer line each, "
                                                "paying the model and cache load once"),
@@ -48,13 +50,18 @@ def generate(
     chat: bool = typer.Option(False, "--chat", help="Ask through the model's chat template: the context stays in "
                               "front, the prompt becomes the user turn"),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per answer, with timings"),
+    recompute_fraction: float = typer.Option(0.0, "--recompute-fraction", min=0.0, max=1.0,
+                                             help="With --cache: recompute this fraction of the context's tokens, "
+                                             "those whose keys the other documents change most (docs/compose.md)"),
 ) -> None:
     """Answer PROMPT after a cached context (--cache) or after a full prefill of a document (--document)."""
     from .. import inference, models, pipeline
     from ..errors import UsageError
 
-    if (cache is None) == (document is None):
-        raise UsageError("give exactly one of --cache FILE or --document DOC")
+    if (not cache) == (document is None):
+        raise UsageError("give exactly one of --cache FILE (repeatable) or --document DOC")
+    if recompute_fraction and not cache:
+        raise UsageError("--recompute-fraction applies to --cache; --document already prefills everything")
     if (prompt is None) == (prompts_file is None):
         raise UsageError("give exactly one of PROMPT or --prompts FILE")
     if prompt == "":
@@ -64,14 +71,18 @@ def generate(
     items = read_prompts(prompts_file) if prompts_file else [{"prompt": prompt}]
     t0 = time.perf_counter()
     kv, doc = None, None
-    if cache is not None:
-        src, header = pipeline.read_header(cache)
-        with src:
+    if cache:
+        with contextlib.ExitStack() as stack:
+            opened = []
+            for path in cache:
+                src, header = pipeline.read_header(path)
+                stack.enter_context(src)
+                opened.append((src, header))
             with status("loading model"):
-                lm = models.load(model, dtype or header.dtype)
+                lm = models.load(model, dtype or opened[0][1].dtype)
             model_s = time.perf_counter() - t0
-            with status("loading cache"):
-                kv = pipeline.load_cache(src, header, lm).kv
+            with status("loading cache" if len(cache) == 1 else f"composing {len(cache)} caches"):
+                kv = pipeline.load_composed(opened, lm, recompute_fraction)
         context_ids = kv.token_ids
     else:
         doc = inference.read_document(document)
