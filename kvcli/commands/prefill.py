@@ -1,33 +1,74 @@
-"""`kvcli prefill`: run the model over a document once and write its KV cache."""
+"""`kvcli prefill`: run the model over documents once and write their KV caches.
+
+One document to one file (`-o`), or many into a store (`--out-dir`) with one JSON line per document on stdout
+(kvcli/ingest.py does the work; docs/ingest.md describes it).
+"""
 
 from __future__ import annotations
 
+import itertools
+import json
 import sys
 import time
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
 from .common import (ChunkOpt, ModelOpt, QualityOpt, SinksOpt, StepScaleOpt, check_output, check_quality, emit_json,
                      handled, status)
 
+LOG_EVERY_SECONDS = 10.0  # plain progress lines when stderr is not a terminal
+
 
 def prefill(
-    doc: str = typer.Argument(..., help="Document to prefill, or - for stdin"),
-    out: str = typer.Option(..., "--output", "-o", help="Output .kvc file, or - for stdout"),
+    docs: Optional[List[str]] = typer.Argument(None, help="Documents: files, directories (walked recursively), "
+                                               "globs, or - for stdin"),
+    out: Optional[str] = typer.Option(None, "--output", "-o", help="One document: output .kvc file, or - for stdout"),
+    out_dir: Optional[str] = typer.Option(None, "--out-dir", help="Many documents: the store to write <key>.kvc into"),
+    jsonl: Optional[str] = typer.Option(None, "--jsonl", help='Documents as JSON lines {"id": ..., "text": ...}, '
+                                        "or - for stdin (with --out-dir)"),
+    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: only the documents of shard I of N, by id"),
+    split: bool = typer.Option(False, "--split", help="Cut documents longer than --max-tokens into segments"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="Tokens per document or segment "
+                                             "[default: the model's context]"),
+    batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", min=1, help="Padded tokens per forward pass; "
+                                     "1 prefills one document at a time [default: 2048]"),
     model: Optional[str] = ModelOpt,
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16"),
     quality: str = QualityOpt,
     step_scale: float = StepScaleOpt,
     sinks: Optional[int] = SinksOpt,
     chunk_tokens: int = ChunkOpt,
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout (with -o FILE)"),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout (with -o FILE; "
+                                 "--out-dir always prints JSON lines)"),
 ) -> None:
-    """Run the model over DOC once and write its KV cache as a .kvc file."""
-    from .. import inference, models, pipeline
+    """Run the model over documents once and write their KV caches as .kvc files."""
     from ..errors import UsageError
 
     check_quality(quality)
+    docs = docs or []
+    if out is not None:
+        many = [name for name, given in (("--out-dir", out_dir), ("--jsonl", jsonl), ("--shard", shard),
+                                         ("--split", split), ("--batch-tokens", batch_tokens)) if given]
+        if len(docs) != 1 or many:
+            raise UsageError("-o writes one document; for " + (", ".join(many) or f"{len(docs)} documents")
+                             + " use --out-dir DIR")
+        prefill_one(docs[0], out, model, dtype, quality, step_scale, sinks, chunk_tokens, as_json)
+        return
+    if out_dir is None:
+        raise UsageError("give -o FILE for one document, or --out-dir DIR for many")
+    if not docs and jsonl is None:
+        raise UsageError("no documents: give files, directories, globs, - or --jsonl FILE")
+    if docs.count("-") + (jsonl == "-") > 1:
+        raise UsageError("stdin can be read once: give - or --jsonl - , not both")
+    prefill_many(docs, jsonl, out_dir, shard, split, max_tokens, batch_tokens, model, dtype, quality, step_scale,
+                 sinks, chunk_tokens)
+
+
+def prefill_one(doc: str, out: str, model, dtype, quality, step_scale, sinks, chunk_tokens, as_json) -> None:
+    from .. import inference, models, pipeline
+    from ..errors import UsageError
+
     if as_json and out == "-":
         raise UsageError("--json prints on stdout, which -o - already uses for the cache")
     check_output(out, [doc])  # before the model loads: a bad output must not cost a prefill
@@ -45,6 +86,86 @@ def prefill(
         emit_json(summary)
     elif out != "-":
         print(f"wrote {out}: {kv.num_tokens} tokens, {size:,} bytes ({quality})", file=sys.stderr)
+
+
+def prefill_many(docs, jsonl, out_dir, shard, split, max_tokens, batch_tokens, model, dtype, quality, step_scale,
+                 sinks, chunk_tokens) -> None:
+    from .. import ingest, models
+
+    index, count = ingest.parse_shard(shard) if shard else (0, 1)
+    store = ingest.open_store(out_dir)  # before the model loads: a bad store must not cost a model load
+    files = list(ingest.file_sources(docs))
+    records = ingest.jsonl_sources(jsonl) if jsonl is not None else iter(())
+    sources = ingest.in_shard(itertools.chain(files, records), index, count)
+    total = sum(ingest.shard_of(s.id, count) == index for s in files)
+    lines = ingest.count_jsonl(jsonl) if jsonl is not None else 0
+    total = None if lines is None or (lines and count > 1) else total + lines
+    with status("loading model"):
+        lm = models.load(model, dtype)
+    settings = ingest.Settings(quality, step_scale, sinks, chunk_tokens, max_tokens, split,
+                               ingest.DEFAULT_BATCH_TOKENS if batch_tokens is None else batch_tokens)
+    engine = ingest.Ingest(lm, store, settings)
+    with Progress(total) as progress:
+        for line in engine.run(sources):
+            print(json.dumps(line, ensure_ascii=False), flush=True)  # flushed: the next job reads as we go
+            progress.update(line)
+    failed = progress.counts["failed"]
+    if failed:  # exits with the code of the first failure's class, as if that document had been alone
+        raise engine.failure(f"{failed} of {progress.done} documents failed; their lines on stdout say why")
+
+
+class Progress:
+    """Documents done, tokens/s and ETA on stderr: a rich bar for a person at a terminal, else a plain line every
+    LOG_EVERY_SECONDS; always a summary at the end."""
+
+    def __init__(self, total: int | None):
+        self.total = total
+        self.counts = {"written": 0, "skipped": 0, "failed": 0}
+        self.tokens = 0  # prefilled, not skipped: the work this run did
+        self.start = self.last_log = time.perf_counter()
+        self.bar = None
+
+    @property
+    def done(self) -> int:
+        return sum(self.counts.values())
+
+    def __enter__(self) -> "Progress":
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+
+            self.bar = Bar(TextColumn("prefill"), BarColumn(), MofNCompleteColumn(),
+                           TextColumn("{task.fields[rate]} tokens/s"), TimeRemainingColumn(),
+                           console=Console(stderr=True), transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("prefill", total=self.total, rate="-")
+        return self
+
+    def update(self, line: dict) -> None:
+        self.counts[line["status"]] += 1
+        if line["status"] == "written":
+            self.tokens += line["tokens"]
+        now = time.perf_counter()
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, rate=f"{self.rate():,.0f}")
+        elif now - self.last_log >= LOG_EVERY_SECONDS:
+            self.last_log = now
+            print(f"kvcli: {self.describe()}", file=sys.stderr, flush=True)
+
+    def rate(self) -> float:
+        return self.tokens / max(time.perf_counter() - self.start, 1e-9)
+
+    def describe(self) -> str:
+        of = f"/{self.total}" if self.total is not None else ""
+        c = self.counts
+        return (f"{self.done}{of} documents ({c['written']} written, {c['skipped']} skipped, {c['failed']} failed), "
+                f"{self.tokens:,} tokens prefilled in {time.perf_counter() - self.start:.1f} s "
+                f"({self.rate():,.0f} tokens/s)")
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        print(f"kvcli: {self.describe()}", file=sys.stderr, flush=True)
 
 
 def register(app: typer.Typer) -> None:

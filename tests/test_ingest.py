@@ -1,0 +1,289 @@
+"""`kvcli prefill --out-dir`: many documents into a store, one JSON line each, idempotent, sharded, split."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kvcli import format, ingest, inference, kvfile
+
+TEXTS = {
+    "harbour.txt": "The harbour town of Velmora sits between two cliffs.",
+    "keeper.txt": "Its lighthouse keeper, Anna Brisk, has kept the lamp burning for thirty years.",
+    "steps.txt": "Every evening she climbs 112 steps.",
+    "boats.txt": "Fishing boats leave before dawn and come back with the tide.",
+}
+
+
+@pytest.fixture
+def llama(tiny_model_dir):
+    return str(tiny_model_dir("llama"))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    root = tmp_path / "docs"
+    (root / "sub").mkdir(parents=True)
+    for i, (name, text) in enumerate(TEXTS.items()):
+        (root / ("sub" if i % 2 else "") / name).write_text(text + "\n")
+    (root / ".hidden.txt").write_text("never read")
+    return root
+
+
+def lines_of(result) -> list[dict]:
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def run_store(cli, *args):
+    return cli("prefill", *[str(a) for a in args])
+
+
+def test_directory_is_walked_and_every_document_gets_a_line_and_a_file(cli, llama, corpus, tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    result = run_store(cli, corpus, "--out-dir", store, "--model", llama, "-q", "lossless")
+    assert result.exit_code == 0, result.stderr
+    lines = lines_of(result)
+    assert sorted(Path(line["id"]).name for line in lines) == sorted(TEXTS)  # hidden file left out
+    for line in lines:
+        assert line["status"] == "written" and line["error"] is None
+        assert line["path"] == str(store / f"{line['key']}.kvc")
+        assert line["bytes"] == os.path.getsize(line["path"])
+        with format.FileSource(line["path"]) as src:
+            header = format.read_header(src)
+            assert header.num_tokens == line["tokens"]
+            assert line["bits_per_element"] == round(line["bytes"] * 8 / header.elements(), 3)
+            assert kvfile.decode(src, header).num_tokens == line["tokens"]
+    assert sorted(os.listdir(store)) == sorted(f"{line['key']}.kvc" for line in lines)
+    assert "4/4 documents (4 written, 0 skipped, 0 failed)" in result.stderr
+
+
+def test_rerun_skips_everything_and_writes_nothing(cli, llama, corpus, tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    first = lines_of(run_store(cli, corpus, "--out-dir", store, "--model", llama))
+    mtimes = {p: p.stat().st_mtime_ns for p in store.iterdir()}
+    again = run_store(cli, corpus, "--out-dir", store, "--model", llama)
+    assert again.exit_code == 0
+    second = lines_of(again)
+    assert [line["status"] for line in second] == ["skipped"] * len(TEXTS)
+    assert [(line["id"], line["key"], line["path"], line["tokens"]) for line in second] == \
+        [(line["id"], line["key"], line["path"], line["tokens"]) for line in first]
+    assert {p: p.stat().st_mtime_ns for p in store.iterdir()} == mtimes
+
+
+def test_one_at_a_time_files_equal_the_single_document_command(cli, llama, corpus, tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    lines = lines_of(run_store(cli, corpus, "--out-dir", store, "--model", llama, "-q", "lossless",
+                               "--batch-tokens", "1"))
+    for line in lines:
+        single = tmp_path / "single.kvc"
+        assert cli("prefill", line["id"], "-o", single, "--model", llama, "-q", "lossless").exit_code == 0
+        assert Path(line["path"]).read_bytes() == single.read_bytes(), line["id"]
+
+
+def test_batched_files_hold_the_caches_of_one_at_a_time(cli, llama, corpus, tmp_path, tiny_lm):
+    stores = {}
+    for batch in ("1", "4096"):
+        stores[batch] = tmp_path / f"store-{batch}"
+        stores[batch].mkdir()
+        result = run_store(cli, corpus, "--out-dir", stores[batch], "--model", llama, "-q", "lossless",
+                           "--batch-tokens", batch)
+        assert result.exit_code == 0
+    assert sorted(os.listdir(stores["1"])) == sorted(os.listdir(stores["4096"]))  # keys do not depend on batching
+    for name in os.listdir(stores["1"]):
+        kvs = []
+        for store in stores.values():
+            with format.FileSource(store / name) as src:
+                kvs.append(kvfile.decode(src, format.read_header(src)))
+        for a, b in zip(kvs[0].keys + kvs[0].values, kvs[1].keys + kvs[1].values):
+            assert (a - b).abs().max() <= 1e-4
+
+
+def test_bad_documents_are_reported_and_the_others_carry_on(cli, llama, corpus, tmp_path):
+    (corpus / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (corpus / "empty.txt").write_text(" \n")
+    store = tmp_path / "store"
+    store.mkdir()
+    result = run_store(cli, corpus, tmp_path / "missing.txt", str(corpus / "*.none"), "--out-dir", store,
+                       "--model", llama)
+    assert result.exit_code == 3  # the first failure's class: an input error
+    by_name = {Path(line["id"]).name: line for line in lines_of(result)}
+    assert by_name["latin1.txt"]["error"].endswith("not UTF-8 text (invalid byte at offset 3)")
+    assert by_name["empty.txt"]["error"].endswith("document is empty")
+    assert by_name["missing.txt"]["error"].endswith("no such file")
+    assert by_name["*.none"]["error"].endswith("no files match")
+    assert all(by_name[name]["status"] == "written" for name in TEXTS)
+    failed = [line for line in by_name.values() if line["status"] == "failed"]
+    assert len(failed) == 4 and all(line["key"] is None and line["path"] is None for line in failed)
+    assert len(os.listdir(store)) == len(TEXTS)
+    tail = result.stderr.strip().splitlines()
+    assert tail[-2].startswith("kvcli: 8/8 documents (4 written, 0 skipped, 4 failed)")
+    assert tail[-1] == "Error: 4 of 8 documents failed; their lines on stdout say why"
+
+
+def test_globs_and_stdin(cli, llama, corpus, tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    result = cli("prefill", str(corpus / "**" / "*.txt"), "-", "--out-dir", store, "--model", llama,
+                 input=b"A document from stdin.")
+    assert result.exit_code == 0, result.stderr
+    ids = [line["id"] for line in lines_of(result)]
+    assert sorted(Path(i).name for i in ids[:-1]) == sorted(TEXTS) and ids[-1] == "<stdin>"
+
+
+def test_jsonl_records_carry_their_fields_through(cli, llama, tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    records = [{"id": "a", "text": TEXTS["harbour.txt"], "url": "https://x/a", "n": 1},
+               {"id": 7, "text": TEXTS["steps.txt"], "path": "mine", "status": "draft"},
+               {"id": "empty", "text": ""},
+               {"id": "notext"},
+               {"id": ["no"], "text": "x"},
+               {"id": "number", "text": 5}]
+    body = "\n".join(json.dumps(r) for r in records) + "\n\nnot json\n"
+    result = cli("prefill", "--jsonl", "-", "--out-dir", store, "--model", llama, input=body.encode())
+    assert result.exit_code == 3
+    lines = lines_of(result)
+    assert [line["id"] for line in lines] == ["a", "7", "empty", "notext", "<stdin>:5", "number", "<stdin>:8"]
+    assert lines[0]["url"] == "https://x/a" and lines[0]["n"] == 1 and lines[0]["status"] == "written"
+    assert lines[1]["status"] == "written" and lines[1]["extra"] == {"path": "mine", "status": "draft"}
+    assert lines[2]["error"] == "empty: document is empty"
+    assert lines[3]["error"] == 'notext: no "text" field'
+    assert "must be a non-empty string or an integer" in lines[4]["error"]
+    assert lines[5]["error"] == 'number: "text" must be a string'
+    assert lines[6]["error"].startswith("<stdin>:8: not valid JSON")
+
+
+def test_jsonl_over_long_line_is_skipped_unread(monkeypatch, tmp_path):
+    monkeypatch.setattr(inference, "MAX_DOCUMENT_BYTES", 50)
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"id": "big", "text": "x" * 500}) + "\n" + json.dumps({"id": "ok", "text": "y"}) + "\n")
+    sources = list(ingest.jsonl_sources(str(path)))
+    assert [s.id for s in sources] == [f"{path}:1", "ok"]
+    with pytest.raises(Exception, match="line longer than 100 bytes"):
+        sources[0].read()
+    assert sources[1].read().text == "y"
+
+
+def test_shards_partition_the_documents_by_a_stable_hash(cli, llama, corpus, tmp_path):
+    assert ingest.shard_of("doc-1", 1000) == 401  # SHA-256, the same in every process (hash() is salted)
+    seen = []
+    for i in range(3):
+        store = tmp_path / f"store{i}"
+        store.mkdir()
+        result = run_store(cli, corpus, "--out-dir", store, "--model", llama, "--shard", f"{i}/3")
+        assert result.exit_code == 0
+        ids = [line["id"] for line in lines_of(result)]
+        assert all(ingest.shard_of(x, 3) == i for x in ids)
+        seen += ids
+    assert sorted(Path(x).name for x in seen) == sorted(TEXTS)
+
+
+@pytest.mark.parametrize("shard", ["3/3", "-1/2", "1", "a/b", "0/0"])
+def test_bad_shard_is_a_usage_error(cli, llama, corpus, tmp_path, shard):
+    result = run_store(cli, corpus, "--out-dir", tmp_path, "--model", llama, "--shard", shard)
+    assert result.exit_code == 2 and result.stderr.startswith("Error: --shard")
+
+
+def test_split_cuts_long_documents_into_segments_on_token_boundaries(cli, llama, tmp_path, tiny_lm):
+    lm = tiny_lm("llama")
+    text = " ".join(TEXTS.values()) * 3
+    ids = inference.document_ids(lm, text)
+    doc = tmp_path / "long.txt"
+    doc.write_text(text)
+    store = tmp_path / "store"
+    store.mkdir()
+    refused = run_store(cli, doc, "--out-dir", store, "--model", llama, "--max-tokens", "100")
+    assert refused.exit_code == 3
+    assert f"the document is {len(ids)} tokens, more than the 100 allowed" in lines_of(refused)[0]["error"]
+    result = run_store(cli, doc, "--out-dir", store, "--model", llama, "--max-tokens", "100", "--split",
+                       "-q", "lossless")
+    assert result.exit_code == 0, result.stderr
+    lines = lines_of(result)
+    count = -(-(len(ids) - 1) // 99)  # each segment: the BOS and up to 99 tokens of the document
+    assert [line["id"] for line in lines] == [f"{doc}#{i}" for i in range(count)]
+    assert all(line["segments"] == count and line["tokens"] <= 100 for line in lines)
+    body = []
+    for line in lines:
+        with format.FileSource(line["path"]) as src:
+            seg = format.read_header(src).token_ids
+        assert seg[0] == ids[0]  # every segment starts like a document: with the BOS
+        body += seg[1:]
+    assert body == ids[1:]
+
+
+def test_split_needs_room_after_the_special_tokens(tiny_lm):
+    with pytest.raises(Exception, match="leaves no room"):
+        ingest.split_ids(list(range(10)), [0], 1)
+
+
+def test_usage_errors_come_before_the_model_loads(cli, corpus, tmp_path):
+    missing_model = tmp_path / "no-model"
+    cases = [
+        (("prefill", corpus / "harbour.txt", corpus / "steps.txt", "-o", tmp_path / "x.kvc"), 2, "-o writes one document"),
+        (("prefill", corpus / "harbour.txt", "-o", tmp_path / "x.kvc", "--split"), 2, "-o writes one document"),
+        (("prefill", corpus / "harbour.txt"), 2, "give -o FILE for one document, or --out-dir DIR"),
+        (("prefill", "--out-dir", tmp_path), 2, "no documents"),
+        (("prefill", "-", "--jsonl", "-", "--out-dir", tmp_path), 2, "stdin can be read once"),
+        (("prefill", corpus, "--out-dir", tmp_path / "nope"), 8, "does not exist"),
+        (("prefill", "--jsonl", tmp_path / "none.jsonl", "--out-dir", tmp_path), 3, "no such file"),
+    ]
+    for args, code, fragment in cases:
+        result = cli(*args, "--model", missing_model)
+        assert result.exit_code == code, (args, result.stderr)
+        assert result.stdout == "" and result.stderr.count("\n") == 1 and fragment in result.stderr, result.stderr
+
+
+def test_plain_progress_lines_when_not_a_terminal(cli, llama, corpus, tmp_path, monkeypatch):
+    from kvcli.commands import prefill
+
+    monkeypatch.setattr(prefill, "LOG_EVERY_SECONDS", 0.0)
+    store = tmp_path / "store"
+    store.mkdir()
+    result = run_store(cli, corpus, "--out-dir", store, "--model", llama, "--batch-tokens", "1")
+    progress = [line for line in result.stderr.splitlines() if line.startswith("kvcli: ")]
+    assert [p.split(" documents")[0] for p in progress] == ["kvcli: 1/4", "kvcli: 2/4", "kvcli: 3/4", "kvcli: 4/4",
+                                                             "kvcli: 4/4"]
+
+
+def test_killed_run_leaves_no_partial_files_and_a_rerun_finishes(llama, tmp_path):
+    """SIGTERM halfway through: exit 143, only complete files; the rerun skips those and writes the rest."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(40):
+        (docs / f"d{i:02}.txt").write_text(f"Document number {i}: " + "the tide comes in and goes out. " * 8)
+    store = tmp_path / "store"
+    store.mkdir()
+    cmd = [sys.executable, "-m", "kvcli", "prefill", str(docs), "--out-dir", str(store), "--model", llama,
+           "--batch-tokens", "1"]
+    env = dict(os.environ, SOURCE_DATE_EPOCH="1767225600")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    first = proc.stdout.readline()
+    assert json.loads(first)["status"] == "written"
+    time.sleep(0.3)  # somewhere in the middle of a later document
+    proc.send_signal(signal.SIGTERM)
+    rest, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "Error: terminated (SIGTERM)"
+    done = [json.loads(line) for line in (first + rest).splitlines()]
+    assert 1 <= len(done) < 40
+    names = os.listdir(store)
+    assert not [n for n in names if n.startswith(".")]  # no temporaries
+    for name in names:  # every file there is whole
+        with format.FileSource(store / name) as src:
+            format.read_header(src)
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    lines = [json.loads(line) for line in rerun.stdout.splitlines()]
+    assert len(lines) == 40
+    assert {line["key"] for line in lines if line["status"] == "skipped"} == {n[:-4] for n in names}
+    assert sum(line["status"] == "written" for line in lines) == 40 - len(names)
