@@ -1,0 +1,60 @@
+"""Cache keys: the content address of a .kvc file in a store (docs/format.md, "Cache keys").
+
+The key depends only on what decides the cache's contents: the model identity, the dtype, the codec with its
+parameters, and the token ids. It never depends on Python's hash(), a random seed, the clock or the machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+import numpy as np
+
+from .errors import UsageError
+
+KEY_DOMAIN = b"kvcli-cache-key-v1\0"
+KEY_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+MODEL_FIELDS = ("architecture", "config_digest", "weights_digest", "tokenizer_digest")
+
+
+def canonical_json(obj) -> bytes:
+    """Sorted keys, no spaces, ASCII only; floats in Python's shortest round-trip repr."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+
+
+def token_bytes(token_ids) -> bytes:
+    """The token ids as u32 little-endian, the byte string both keys and tokens_sha256 hash."""
+    ids = np.asarray(token_ids, dtype=np.int64)
+    if ids.ndim != 1 or (ids.size and (ids.min() < 0 or ids.max() > 0xFFFFFFFF)):
+        raise ValueError("token ids must be a flat list of integers in [0, 2**32)")
+    return ids.astype("<u4").tobytes()
+
+
+def tokens_sha256(token_ids) -> str:
+    return hashlib.sha256(token_bytes(token_ids)).hexdigest()
+
+
+def derive_key(model: dict, dtype: str, codec: dict, token_ids) -> str:
+    """SHA-256 hex of the domain tag, the canonical JSON of what makes the cache, a NUL, and the token bytes."""
+    what = {field: model[field] for field in MODEL_FIELDS}
+    what.update(dtype=dtype, codec={"name": codec["name"], "params": codec["params"]})
+    digest = hashlib.sha256(KEY_DOMAIN)
+    digest.update(canonical_json(what))
+    digest.update(b"\0")
+    digest.update(token_bytes(token_ids))
+    return digest.hexdigest()
+
+
+def key_of_header(header) -> str:
+    """The key of a parsed format.Header: what a store files it under and what a server checks an upload against."""
+    return derive_key(header.model, header.dtype, header.codec, header.token_ids)
+
+
+def check_key(key: str) -> str:
+    """A key is exactly 64 lowercase hex digits, so no path can ever be formed from one."""
+    if not isinstance(key, str) or not KEY_PATTERN.match(key):
+        shown = key[:80] if isinstance(key, str) else type(key).__name__
+        raise UsageError(f"{shown!r} is not a cache key (64 lowercase hex digits)")
+    return key
