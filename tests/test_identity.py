@@ -165,6 +165,12 @@ def test_read_config_refuses_non_finite_numbers_and_non_objects(tmp_path):
         identity.read_config(tmp_path)
 
 
+@pytest.mark.parametrize("bad", [{"rope_scaling": [1.0]}, {"rms_norm_eps": float("inf")}, {"head_dim": 2 ** 60}])
+def test_unusable_computation_values_are_refused_naming_the_config(bad):
+    with pytest.raises(ModelLoadError, match="m/config.json: a computation field has an unusable value"):
+        identity.config_digest(with_changes(V5_CONFIG, **bad), "m/config.json")
+
+
 def test_docs_list_exactly_the_hashed_config_fields():
     text = DOCS.read_text()
     section = text[text.index("### Model identity"):]

@@ -3,9 +3,14 @@ model keeps its identity and its calibration profile."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -99,12 +104,30 @@ def test_damaged_gguf_header_is_refused_naming_the_file(tmp_path, blob, reason):
 
 
 def test_failed_conversion_leaves_no_temporary_directory(tmp_path, cache_dir):
+    # A whole GGUF that is no model: transformers fails after the temporary directory exists.
     fake = tmp_path / "fake.gguf"
-    fake.write_bytes(b"GGUF" + b"\0" * 64)
-    target = cache_dir / "models" / "fake-conversion"
-    with pytest.raises(ModelLoadError, match="fake.gguf: not a readable GGUF file"):
-        models.convert_gguf(fake, target)
-    assert not target.exists() and leftovers(cache_dir) == []
+    fake.write_bytes(gguf_bytes(data=bytes(32 + 18)))
+    with pytest.raises(ModelLoadError, match="fake.gguf: cannot convert this GGUF model: .*general.architecture"):
+        models.load(str(fake))
+    assert (cache_dir / "models").is_dir() and list((cache_dir / "models").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_first_conversion_leaves_no_temporary_directory(tmp_path, cache_dir):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("A short document.\n")
+    exe = Path(sys.executable).with_name("kvcli")
+    proc = subprocess.Popen([exe, "prefill", doc, "-o", tmp_path / "doc.kvc"], stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, KVCLI_CACHE_DIR=str(cache_dir)))
+    deadline = time.time() + 120
+    while not leftovers(cache_dir) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert leftovers(cache_dir), "the conversion never started"
+    time.sleep(1.0)  # let transformers get into the conversion
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "SIGTERM" in err
+    assert leftovers(cache_dir) == [] and not any((cache_dir / "models").iterdir())
 
 
 @pytest.mark.parametrize("keep", [4, 100, -1])
