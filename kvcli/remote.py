@@ -1,0 +1,394 @@
+"""Reading a .kvc file over the network as a format.ByteSource: HTTP(S) range requests or any fsspec URL (s3://...).
+
+The header is fetched first; then every segment is fetched in file order, in blocks of whole segments, by a few
+threads, while the reader (kvfile.decode) consumes earlier blocks, so download and decode overlap. Each block is
+checked against the segment CRCs of the header as it arrives: a corrupted or truncated response is fetched again,
+with backoff, instead of failing the decode. Only damage that survives every retry (a corrupt stored file) reaches
+the reader, which names the bad segment.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import re
+import threading
+import time
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from . import format
+from .errors import FormatError, InputError, StorageError, UsageError
+
+HEAD_PREFETCH = 64 << 10  # one request usually holds the preamble and the whole header
+BLOCK_BYTES = 1 << 20
+WORKERS = 4
+RETRIES = 4
+BACKOFF_S = 0.1
+DEFAULT_CACHE_DIR_BYTES = 4 << 30
+CACHE_DIR_BYTES_ENV = "KVCLI_CACHE_DIR_BYTES"
+TOKEN_ENV = "KVCLI_TOKEN"
+TOKEN_FILE_ENV = "KVCLI_TOKEN_FILE"
+_URL_KEY = re.compile(r"([0-9a-f]{64})(?:\.kvc)?$")
+
+
+class Transient(Exception):
+    """A failure worth retrying: a dropped connection, a 5xx, a short or corrupt body."""
+
+
+class ConnectionFailed(StorageError):
+    """The network failed (refused, reset, timed out): the operation may succeed if tried again."""
+
+
+# ---------------------------------------------------------------- fetchers: one range at a time
+
+
+class HttpFetcher:
+    """Range GETs against a kvcli server (or any HTTP server that honours Range)."""
+
+    def __init__(self, url: str, token: str | None = None, transport=None, timeout_s: float = 30.0):
+        import httpx
+
+        self.name = url
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.client = httpx.Client(transport=transport, headers=headers, follow_redirects=False,
+                                   timeout=httpx.Timeout(timeout_s, connect=10.0))
+
+    def size(self) -> int:
+        response = self._request("HEAD", {})
+        try:
+            return int(response.headers["content-length"])
+        except (KeyError, ValueError):
+            raise StorageError(f"{self.name}: the server sent no Content-Length") from None
+
+    def fetch(self, offset: int, length: int) -> bytes:
+        response = self._request("GET", {"Range": f"bytes={offset}-{offset + length - 1}"})
+        if response.status_code != 206:
+            raise StorageError(f"{self.name}: expected 206 Partial Content, got {response.status_code}")
+        return response.content
+
+    def _request(self, method: str, headers: dict):
+        import httpx
+
+        try:
+            response = self.client.request(method, self.name, headers=headers)
+        except httpx.TransportError as err:
+            raise Transient(f"{type(err).__name__}: {err}") from None
+        check_status(response, self.name)
+        return response
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def check_status(response, where: str) -> None:
+    """HTTP statuses as kvcli errors: 404 is a missing input, 5xx and 429 are worth retrying."""
+    code = response.status_code
+    if code < 400:
+        return
+    if code == 429 or code >= 500:
+        raise Transient(f"HTTP {code}")
+    detail = server_message(response)
+    if code == 404:
+        raise InputError(f"{where}: no such cache{detail}")
+    if code in (401, 403):
+        raise StorageError(f"{where}: {'a token is required' if code == 401 else 'the token was refused'} "
+                           f"(HTTP {code}){detail}; pass the server's bearer token")
+    if code == 422:
+        raise FormatError(f"{where}: refused by the server{detail}")
+    raise StorageError(f"{where}: HTTP {code}{detail}")
+
+
+def server_message(response) -> str:
+    try:
+        return f": {response.json()['error']}"
+    except Exception:  # noqa: BLE001 - a body that is not our JSON error carries nothing worth showing
+        return ""
+
+
+class FsspecFetcher:
+    """Range reads of one object through fsspec (s3fs for s3://)."""
+
+    def __init__(self, url: str):
+        self.name = url
+        self.fs, self.path = filesystem(url)
+
+    def size(self) -> int:
+        try:
+            return int(self.fs.size(self.path))
+        except FileNotFoundError:
+            raise InputError(f"{self.name}: no such cache") from None
+        except OSError as err:
+            raise StorageError(f"{self.name}: {err}") from None
+
+    def fetch(self, offset: int, length: int) -> bytes:
+        try:
+            return self.fs.cat_file(self.path, start=offset, end=offset + length)
+        except FileNotFoundError:
+            raise InputError(f"{self.name}: no such cache") from None
+        except (OSError, TimeoutError) as err:
+            raise Transient(str(err)) from None
+
+    def close(self) -> None:
+        pass
+
+
+def filesystem(url: str, **options):
+    """The fsspec filesystem and path for a URL. For S3, endpoint and credentials come from the usual AWS
+    environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), as for any AWS client."""
+    import fsspec
+
+    protocol = urlsplit(url).scheme
+    if protocol in ("s3", "s3a"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            options.setdefault("client_kwargs", {}).setdefault("endpoint_url", endpoint)
+        # Listings must see other replicas' writes at once: no listing cache.
+        options.setdefault("use_listings_cache", False)
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **options)
+    except (ImportError, ValueError) as err:
+        raise UsageError(f"{url}: cannot open this URL: {err}") from None
+    return fs, path
+
+
+# ---------------------------------------------------------------- the read-ahead source
+
+
+class RemoteSource:
+    """A format.ByteSource over a fetcher, fetching every segment ahead of the reader (see the module doc).
+
+    `refetches` counts ranges fetched again after a transient failure or a checksum mismatch."""
+
+    def __init__(self, fetcher, workers: int = WORKERS, block_bytes: int = BLOCK_BYTES, retries: int = RETRIES,
+                 backoff_s: float = BACKOFF_S, on_complete=None):
+        self.fetcher = fetcher
+        self.path = fetcher.name
+        self.retries, self.backoff_s = retries, backoff_s
+        self.refetches = 0
+        self._on_complete = on_complete
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._starts: list[int] = []
+        self._futures: list[Future] = []
+        self._head = 0  # bytes held before the segment fetches start: the preamble and header
+        self._clean = True
+        try:
+            self.size = self._call(fetcher.size)
+            self._buf = bytearray(self.size)
+            self.header = self._fetch_header()
+            self._start(workers, block_bytes)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- ByteSource
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"read [{offset}, {offset + length}) outside a {self.size}-byte file")
+        if not self._futures and offset + length > self._head:
+            raise ValueError(f"read [{offset}, {offset + length}) before the segments are being fetched")
+        first = bisect.bisect_right(self._starts, offset) - 1
+        i = max(first, 0)
+        while i < len(self._starts) and self._starts[i] < offset + length:
+            self._futures[i].result()
+            i += 1
+        return bytes(self._buf[offset : offset + length])
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+            complete = all(not f.cancelled() and f.exception() is None for f in self._futures)
+            if complete and self._clean and self._on_complete:
+                self._on_complete(self._buf)
+        self.fetcher.close()
+
+    def __enter__(self) -> "RemoteSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- fetching
+
+    def _fetch_header(self) -> format.Header:
+        """Preamble and header, refetched while the header CRC fails (a damaged response, not yet a bad file)."""
+        for attempt in range(self.retries + 1):
+            prefix = self._call(self.fetcher.fetch, 0, min(self.size, HEAD_PREFETCH))
+            if len(prefix) >= format.PREAMBLE_SIZE:
+                hlen = format.PREAMBLE.unpack(prefix[: format.PREAMBLE_SIZE])[3]
+                end = format.PREAMBLE_SIZE + hlen
+                if len(prefix) < end <= min(self.size, format.PREAMBLE_SIZE + format.MAX_HEADER_BYTES):
+                    prefix += self._call(self.fetcher.fetch, len(prefix), end - len(prefix))
+            self._buf[: len(prefix)] = prefix[: self.size]
+            self._head = len(prefix)
+            try:
+                return format.read_header(self)
+            except FormatError:
+                if attempt == self.retries or len(prefix) < format.PREAMBLE_SIZE or prefix[:8] != format.MAGIC:
+                    raise
+                self._retry_wait(attempt)
+        raise AssertionError("unreachable")
+
+    def _start(self, workers: int, block_bytes: int) -> None:
+        """Blocks of whole segments in file order, so each can be checked against its CRCs as it lands."""
+        header = self.header
+        blocks: list[list[format.Segment]] = []
+        for seg in header.segments:
+            if blocks and sum(s.length for s in blocks[-1]) + seg.length <= block_bytes:
+                blocks[-1].append(seg)
+            else:
+                blocks.append([seg])
+        self._starts = [header.data_offset + b[0].offset for b in blocks]
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvcli-fetch")
+        self._futures: list[Future] = [self._pool.submit(self._fetch_block, b) for b in blocks]
+
+    def _fetch_block(self, segs: list[format.Segment]) -> None:
+        base = self.header.data_offset
+        start = base + segs[0].offset
+        length = segs[-1].offset + segs[-1].length - segs[0].offset
+        for attempt in range(self.retries + 1):
+            data = self._call(self.fetcher.fetch, start, length)
+            bad = len(data) != length or any(
+                zlib.crc32(data[s.offset - segs[0].offset : s.offset - segs[0].offset + s.length]) != s.crc32
+                for s in segs)
+            if not bad:
+                break
+            if attempt == self.retries:
+                if len(data) != length:
+                    raise StorageError(f"{self.path}: bytes [{start}, {start + length}) arrived truncated "
+                                       f"{self.retries + 1} times")
+                self._clean = False  # the stored file itself is corrupt: the reader names the segment
+                break
+            with self._lock:
+                self.refetches += 1
+            self._retry_wait(attempt)
+        self._buf[start : start + length] = data
+
+    def _call(self, fn, *args):
+        """fn(*args), retried with exponential backoff while it fails transiently."""
+        for attempt in range(self.retries + 1):
+            try:
+                return fn(*args)
+            except Transient as err:
+                if attempt == self.retries:
+                    raise StorageError(f"{self.path}: {err} (after {self.retries + 1} attempts)") from None
+                with self._lock:
+                    self.refetches += 1
+                self._retry_wait(attempt)
+        raise AssertionError("unreachable")
+
+    def _retry_wait(self, attempt: int) -> None:
+        time.sleep(self.backoff_s * (2**attempt))
+
+
+# ---------------------------------------------------------------- local copies
+
+
+class LocalCache:
+    """Local copies of remote caches as DIR/KEY.kvc, at most `max_bytes` in all; the least recently used go first.
+
+    Recency is the file's mtime, touched on every hit, so several processes sharing DIR agree on it."""
+
+    def __init__(self, directory: str | Path, max_bytes: int | None = None):
+        self.dir = Path(directory)
+        if max_bytes is None:
+            env = os.environ.get(CACHE_DIR_BYTES_ENV, "")
+            max_bytes = int(env) if env.isdigit() else DEFAULT_CACHE_DIR_BYTES
+        self.max_bytes = max_bytes
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StorageError(f"{self.dir}: cannot create the cache directory: {err.strerror}") from None
+
+    def find(self, key: str) -> Path | None:
+        path = self.dir / f"{key}.kvc"
+        try:
+            os.utime(path)
+        except OSError:
+            return None
+        return path
+
+    def add(self, key: str, data: bytes | bytearray) -> None:
+        if len(data) > self.max_bytes:
+            return
+        format.atomic_write(str(self.dir / f"{key}.kvc"), [data])
+        self.evict(keep=key)
+
+    def evict(self, keep: str = "") -> int:
+        """Remove least recently used copies until the total fits; returns the bytes removed."""
+        entries = []
+        for path in self.dir.glob("*.kvc"):
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            entries.append((st.st_mtime, path, st.st_size))
+        total = sum(size for _, _, size in entries)
+        removed = 0
+        for _, path, size in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            if path.stem == keep:
+                continue
+            try:
+                path.unlink()
+            except OSError:
+                continue
+            total -= size
+            removed += size
+        return removed
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def url_key(location: str) -> str | None:
+    """The cache key a URL names in its last path component (KEY or KEY.kvc), if it names one."""
+    match = _URL_KEY.search(urlsplit(location).path)
+    return match.group(1) if match else None
+
+
+def read_token(token: str | None = None, token_file: str | None = None) -> str | None:
+    """A bearer token: given, from a file (first line), or from $KVCLI_TOKEN / $KVCLI_TOKEN_FILE."""
+    if token:
+        return token
+    token_file = token_file or os.environ.get(TOKEN_FILE_ENV)
+    if token_file:
+        try:
+            text = Path(token_file).read_text(encoding="utf-8").strip()
+        except OSError as err:
+            raise InputError(f"{token_file}: cannot read the token file: {err.strerror}") from None
+        if not text:
+            raise InputError(f"{token_file}: the token file is empty")
+        return text.splitlines()[0].strip()
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def make_fetcher(location: str, token: str | None = None, transport=None):
+    scheme = urlsplit(location).scheme
+    if scheme in ("http", "https"):
+        return HttpFetcher(location, read_token(token), transport)
+    return FsspecFetcher(location)
+
+
+def open_source(location: str, cache_dir: str | None = None, token: str | None = None, transport=None,
+                workers: int = WORKERS):
+    """A ByteSource for a local path, an http(s) URL (…/v1/caches/KEY) or an fsspec URL (s3://…/KEY.kvc).
+
+    With `cache_dir`, a remote cache whose URL names its key is read from a local copy when there is one, and
+    a complete, verified download leaves one behind."""
+    if "://" not in location:
+        return format.open_source(location)
+    key = url_key(location)
+    local = LocalCache(cache_dir) if cache_dir and key else None
+    if local:
+        hit = local.find(key)
+        if hit is not None:
+            return format.FileSource(hit)
+    return RemoteSource(make_fetcher(location, token, transport), workers=workers,
+                        on_complete=(lambda data: local.add(key, data)) if local else None)

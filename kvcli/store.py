@@ -1,0 +1,471 @@
+"""The cache store: content-addressed .kvc files under one root, shared by the server, push/pull and prefill.
+
+    store = open_store("caches/")                       # a directory
+    store = open_store("s3://bucket/prefix")            # any fsspec URL; S3 settings from the AWS environment
+    store = open_store("http://host:8088", token="…")   # a `kvcli serve-cache` server
+    key = store.put(None, "doc.kvc")    # validated (header, every CRC), then stored atomically; returns the key
+    store.exists(key); store.size(key); store.read(key, offset, length); store.open(key)  # a format.ByteSource
+    store.list(model=weights_digest); store.lookup(tokens_sha256=…); store.url_for(key); store.delete(key)
+
+Objects are ROOT/KEY.kvc, KEY from kvcli.keys. Nothing lives only in memory: listing and lookup read the files'
+headers (a per-process cache of parsed headers is keyed by key and size, and is only ever a copy of the files).
+Writes are atomic: a temporary file renamed into place on filesystems, one PUT (or one completed multipart
+upload) on object stores, so readers never see a torn file and two writers of one key leave one valid file.
+
+Listing entries are dicts: key, bytes, model (the weights digest: what `model=` filters on), model_name,
+architecture, dtype, tokens, tokens_sha256, codec, created_at, source_sha256.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import BinaryIO, Iterator
+from urllib.parse import urlsplit
+
+from . import format, remote
+from .errors import FormatError, InputError, StorageError, UsageError
+from .keys import KEY_PATTERN, check_key, key_of_header, tokens_sha256
+
+COPY_BLOCK = 1 << 20
+
+Data = bytes | str | Path | BinaryIO
+
+
+# ---------------------------------------------------------------- validation shared by every store
+
+
+class FdSource:
+    """Positional reads from an open binary file (a spooled upload), without taking ownership of it."""
+
+    def __init__(self, fh: BinaryIO, name: str = "<upload>"):
+        self._fd = fh.fileno()
+        self.size = os.fstat(self._fd).st_size
+        self.path = name
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            raise FormatError(f"{self.path}: file changed while being read")
+        return data
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "FdSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def validate(src: format.ByteSource) -> format.Header:
+    """Everything a store checks before a file becomes visible: magic, version, header, every segment's CRC."""
+    header = format.read_header(src)
+    for seg in header.segments:
+        format.read_segment(src, header, seg)
+    return header
+
+
+def open_data(data: Data, name: str = "<upload>"):
+    """A ByteSource over what put() accepts: bytes, a path, or an open binary file."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return format.BytesSource(bytes(data), name)
+    if isinstance(data, (str, Path)):
+        return format.FileSource(data)
+    return FdSource(data, getattr(data, "name", name) if isinstance(getattr(data, "name", None), str) else name)
+
+
+def iter_blocks(src: format.ByteSource, block: int = COPY_BLOCK) -> Iterator[bytes]:
+    for offset in range(0, src.size, block):
+        yield src.read(offset, min(block, src.size - offset))
+
+
+def checked_key(key: str | None, header: format.Header, where: str) -> str:
+    """The key the content gives; a caller's key that differs is a refusal (the upload is not what it claims)."""
+    actual = key_of_header(header)
+    if key is not None and check_key(key) != actual:
+        raise FormatError(f"{where}: the key {key} does not match the file's content (its key is {actual})")
+    return actual
+
+
+def describe(key: str, header: format.Header, size: int) -> dict:
+    """The listing entry for one stored file."""
+    return {
+        "key": key,
+        "bytes": size,
+        "model": header.model["weights_digest"],
+        "model_name": header.model.get("name", ""),
+        "architecture": header.model["architecture"],
+        "dtype": header.dtype,
+        "tokens": header.num_tokens,
+        "tokens_sha256": tokens_sha256(header.token_ids),
+        "codec": header.codec["name"],
+        "created_at": header.created_at or None,
+        "source_sha256": (header.source or {}).get("sha256"),
+    }
+
+
+def matches(entry: dict, model: str | None = None, tokens_sha256: str | None = None,
+            source_sha256: str | None = None) -> bool:
+    return all(want is None or entry.get(field) == want
+               for field, want in (("model", model), ("tokens_sha256", tokens_sha256), ("source_sha256", source_sha256)))
+
+
+def check_hex(value: str | None, what: str) -> str | None:
+    if value is not None and not KEY_PATTERN.match(value):
+        raise UsageError(f"{what} must be 64 lowercase hex digits, got {value[:80]!r}")
+    return value
+
+
+# ---------------------------------------------------------------- stores over files
+
+
+class FileStore:
+    """What directory and object stores share: validation, listing and lookup from the files' headers.
+
+    Subclasses provide _size, _read, _keys (key, size pairs), _write (from a validated source) and _remove."""
+
+    url: str
+
+    def __init__(self):
+        self._headers: dict[tuple[str, int], dict] = {}
+        self._lock = threading.Lock()
+
+    def path_of(self, key: str) -> str:
+        raise NotImplementedError
+
+    def url_for(self, key: str) -> str:
+        return self.path_of(check_key(key))
+
+    def exists(self, key: str) -> bool:
+        return self.size(key) is not None
+
+    def size(self, key: str) -> int | None:
+        return self._size(check_key(key))
+
+    def read(self, key: str, offset: int, length: int) -> bytes:
+        return self._read(check_key(key), offset, length)
+
+    def open(self, key: str) -> format.ByteSource:
+        size = self.size(key)
+        if size is None:
+            raise InputError(f"{self.url}: no cache {key}")
+        return StoredSource(self, key, size)
+
+    def put(self, key: str | None, data: Data) -> str:
+        """Validate the whole file, check it against `key` (None: take the content's key), store it atomically,
+        return its key. Storing a key that exists replaces it with an equally valid file."""
+        with open_data(data) as src:
+            key = checked_key(key, validate(src), getattr(src, "path", "<upload>"))
+            self._write(key, src)
+        return key
+
+    def delete(self, key: str) -> bool:
+        """Remove a cache; False if there was none."""
+        return self._remove(check_key(key))
+
+    def list(self, model: str | None = None) -> list[dict]:
+        check_hex(model, "model")
+        entries = []
+        for key, size in sorted(self._keys()):
+            entry = self.entry(key, size)
+            if entry is not None and matches(entry, model):
+                entries.append(entry)
+        return entries
+
+    def lookup(self, model: str | None = None, tokens_sha256: str | None = None,
+               source_sha256: str | None = None) -> list[dict]:
+        for value, what in ((model, "model"), (tokens_sha256, "tokens_sha256"), (source_sha256, "source_sha256")):
+            check_hex(value, what)
+        return [e for e in self.list(model) if matches(e, None, tokens_sha256, source_sha256)]
+
+    def entry(self, key: str, size: int) -> dict | None:
+        """The listing entry of a stored file, from its header; None if it vanished or is not a valid cache."""
+        with self._lock:
+            cached = self._headers.get((key, size))
+        if cached is not None:
+            return cached
+        try:
+            with StoredSource(self, key, size) as src:
+                header = format.read_header(src)
+        except (FormatError, InputError):
+            return None
+        entry = describe(key, header, size)
+        with self._lock:
+            self._headers[(key, size)] = entry
+        return entry
+
+    # subclasses
+    def _size(self, key: str) -> int | None: ...
+    def _read(self, key: str, offset: int, length: int) -> bytes: ...
+    def _keys(self) -> Iterator[tuple[str, int]]: ...
+    def _write(self, key: str, src: format.ByteSource) -> None: ...
+    def _remove(self, key: str) -> bool: ...
+
+
+class StoredSource:
+    """A ByteSource over one stored file. The first read fetches the first 64 KiB, which usually holds the
+    preamble and the whole header, so listing a remote store costs one request per file."""
+
+    def __init__(self, store: FileStore, key: str, size: int):
+        self.store, self.key, self.size = store, key, size
+        self.path = store.url_for(key)
+        self._head = b""
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"read [{offset}, {offset + length}) outside a {self.size}-byte file")
+        if not self._head:
+            self._head = self.store._read(self.key, 0, min(self.size, remote.HEAD_PREFETCH))
+        if offset + length <= len(self._head):
+            return self._head[offset : offset + length]
+        data = self.store._read(self.key, offset, length)
+        if len(data) != length:
+            raise FormatError(f"{self.path}: changed or truncated while being read")
+        return data
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "StoredSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+class DirStore(FileStore):
+    """A local directory (or a shared filesystem mounted on every replica)."""
+
+    def __init__(self, root: str | Path, create: bool = False):
+        super().__init__()
+        self.root = Path(root).expanduser().absolute()
+        self.url = str(self.root)
+        if create:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise StorageError(f"{self.root}: cannot create the store: {err.strerror}") from None
+        if not self.root.is_dir():
+            raise InputError(f"{self.root}: no such store directory")
+
+    def path_of(self, key: str) -> str:
+        return str(self.root / f"{key}.kvc")
+
+    def _size(self, key: str) -> int | None:
+        try:
+            return os.stat(self.path_of(key)).st_size
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise StorageError(f"{self.path_of(key)}: {err.strerror}") from None
+
+    def _read(self, key: str, offset: int, length: int) -> bytes:
+        try:
+            with open(self.path_of(key), "rb") as fh:
+                return os.pread(fh.fileno(), length, offset)
+        except FileNotFoundError:
+            raise InputError(f"{self.url}: no cache {key}") from None
+        except OSError as err:
+            raise StorageError(f"{self.path_of(key)}: {err.strerror}") from None
+
+    def open(self, key: str) -> format.ByteSource:
+        try:
+            return format.FileSource(self.path_of(check_key(key)))
+        except InputError:
+            raise InputError(f"{self.url}: no cache {key}") from None
+
+    def _keys(self) -> Iterator[tuple[str, int]]:
+        try:
+            with os.scandir(self.root) as it:
+                for entry in it:
+                    stem, dot, ext = entry.name.partition(".")
+                    if ext == "kvc" and KEY_PATTERN.match(stem) and entry.is_file(follow_symlinks=False):
+                        try:
+                            yield stem, entry.stat(follow_symlinks=False).st_size
+                        except FileNotFoundError:
+                            continue
+        except OSError as err:
+            raise StorageError(f"{self.root}: cannot list: {err.strerror}") from None
+
+    def _write(self, key: str, src: format.ByteSource) -> None:
+        format.atomic_write(self.path_of(key), iter_blocks(src))
+
+    def _remove(self, key: str) -> bool:
+        try:
+            os.unlink(self.path_of(key))
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as err:
+            raise StorageError(f"{self.path_of(key)}: cannot delete: {err.strerror}") from None
+
+
+class FsspecStore(FileStore):
+    """Any fsspec URL; s3://bucket/prefix on any S3-compatible service."""
+
+    def __init__(self, url: str, **options):
+        super().__init__()
+        self.url = url.rstrip("/")
+        self.fs, self.prefix = remote.filesystem(self.url, **options)
+        self.prefix = self.prefix.rstrip("/")
+
+    def path_of(self, key: str) -> str:
+        return f"{self.prefix}/{key}.kvc"
+
+    def url_for(self, key: str) -> str:
+        return f"{self.url}/{check_key(key)}.kvc"
+
+    def _size(self, key: str) -> int | None:
+        try:
+            return int(self.fs.size(self.path_of(key)))
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise StorageError(f"{self.url_for(key)}: {err}") from None
+
+    def _read(self, key: str, offset: int, length: int) -> bytes:
+        try:
+            return self.fs.cat_file(self.path_of(key), start=offset, end=offset + length)
+        except FileNotFoundError:
+            raise InputError(f"{self.url}: no cache {key}") from None
+        except OSError as err:
+            raise StorageError(f"{self.url_for(key)}: {err}") from None
+
+    def open(self, key: str) -> format.ByteSource:
+        if self.size(key) is None:
+            raise InputError(f"{self.url}: no cache {key}")
+        return remote.RemoteSource(remote.FsspecFetcher(self.url_for(key)))
+
+    def _keys(self) -> Iterator[tuple[str, int]]:
+        try:
+            listing = self.fs.ls(self.prefix, detail=True)
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            raise StorageError(f"{self.url}: cannot list: {err}") from None
+        for info in listing:
+            stem, dot, ext = info["name"].rsplit("/", 1)[-1].partition(".")
+            if ext == "kvc" and KEY_PATTERN.match(stem) and info.get("type") == "file":
+                yield stem, int(info["size"])
+
+    def _write(self, key: str, src: format.ByteSource) -> None:
+        """One streamed upload that becomes visible only when it completes (one PUT, or a completed multipart
+        upload); a failure discards it instead of letting close() commit a torn object."""
+        path = self.path_of(key)
+        try:
+            fh = self.fs.open(path, "wb")
+        except OSError as err:
+            raise StorageError(f"{self.url_for(key)}: cannot write: {err}") from None
+        try:
+            for block in iter_blocks(src):
+                fh.write(block)
+        except BaseException:
+            discard = getattr(fh, "discard", None)
+            if discard:
+                discard()
+            raise
+        try:
+            fh.close()
+        except OSError as err:
+            raise StorageError(f"{self.url_for(key)}: write failed: {err}") from None
+
+    def _remove(self, key: str) -> bool:
+        if self._size(key) is None:
+            return False
+        try:
+            self.fs.rm_file(self.path_of(key))
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as err:
+            raise StorageError(f"{self.url_for(key)}: cannot delete: {err}") from None
+
+
+# ---------------------------------------------------------------- a kvcli server as a store
+
+
+class ServerStore:
+    """The same API over HTTP against `kvcli serve-cache` (docs/server.md), with an optional bearer token."""
+
+    def __init__(self, url: str, token: str | None = None, transport=None, timeout_s: float = 60.0):
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.token = remote.read_token(token)
+        self.transport = transport
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        self.client = httpx.Client(base_url=self.url, headers=headers, transport=transport,
+                                   timeout=httpx.Timeout(timeout_s, connect=10.0))
+
+    def url_for(self, key: str) -> str:
+        return f"{self.url}/v1/caches/{check_key(key)}"
+
+    def _request(self, method: str, path: str, **kwargs):
+        import httpx
+
+        try:
+            response = self.client.request(method, path, **kwargs)
+        except httpx.TransportError as err:
+            raise remote.ConnectionFailed(f"{self.url}{path}: {type(err).__name__}: {err}") from None
+        if response.status_code != 404 or method not in ("HEAD", "DELETE"):
+            try:
+                remote.check_status(response, f"{self.url}{path}")
+            except remote.Transient as err:
+                raise remote.ConnectionFailed(f"{self.url}{path}: {err}{remote.server_message(response)}") from None
+        return response
+
+    def size(self, key: str) -> int | None:
+        response = self._request("HEAD", f"/v1/caches/{check_key(key)}")
+        return None if response.status_code == 404 else int(response.headers["content-length"])
+
+    def exists(self, key: str) -> bool:
+        return self.size(key) is not None
+
+    def read(self, key: str, offset: int, length: int) -> bytes:
+        response = self._request("GET", f"/v1/caches/{check_key(key)}",
+                                 headers={"Range": f"bytes={offset}-{offset + length - 1}"})
+        return response.content
+
+    def open(self, key: str) -> format.ByteSource:
+        return remote.RemoteSource(remote.HttpFetcher(self.url_for(key), self.token, self.transport))
+
+    def put(self, key: str | None, data: Data) -> str:
+        """Validated here first (a bad file never crosses the network), then validated again by the server."""
+        with open_data(data) as src:
+            key = checked_key(key, validate(src), getattr(src, "path", "<upload>"))
+            response = self._request("PUT", f"/v1/caches/{key}", content=iter_blocks(src),
+                                     headers={"Content-Length": str(src.size),
+                                              "Content-Type": "application/octet-stream"})
+        return response.json()["key"]
+
+    def delete(self, key: str) -> bool:
+        return self._request("DELETE", f"/v1/caches/{check_key(key)}").status_code != 404
+
+    def list(self, model: str | None = None) -> list[dict]:
+        params = {"model": check_hex(model, "model")} if model else {}
+        return self._request("GET", "/v1/caches", params=params).json()["caches"]
+
+    def lookup(self, model: str | None = None, tokens_sha256: str | None = None,
+               source_sha256: str | None = None) -> list[dict]:
+        params = {name: check_hex(value, name) for name, value in
+                  (("model", model), ("tokens_sha256", tokens_sha256), ("source_sha256", source_sha256)) if value}
+        return self._request("GET", "/v1/lookup", params=params).json()["caches"]
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def open_store(root: str, token: str | None = None, create: bool = False, **options):
+    """A store for a directory, an fsspec URL (s3://bucket/prefix) or a kvcli server (http(s)://host:port)."""
+    if not isinstance(root, (str, Path)) or not str(root):
+        raise UsageError("a store needs a directory or URL")
+    root = str(root)
+    scheme = urlsplit(root).scheme if "://" in root else ""
+    if scheme in ("http", "https"):
+        return ServerStore(root, token, **options)
+    if scheme in ("", "file"):
+        return DirStore(root[len("file://"):] if scheme else root, create=create)
+    return FsspecStore(root, **options)

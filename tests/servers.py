@@ -1,0 +1,187 @@
+"""Real servers for the store tests, started on free loopback ports and stopped afterwards: `kvcli serve-cache`,
+`moto_server` (S3), and a TCP proxy that throttles the bytes it forwards. Also small valid .kvc files."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from kvcli import format
+
+REPO = Path(__file__).resolve().parent.parent
+KVCLI = [sys.executable, "-m", "kvcli"]
+MODEL = {"architecture": "TinyForCausalLM", "name": "tiny", "config_digest": "c" * 64, "weights_digest": "a" * 64,
+         "tokenizer_digest": "b" * 64}
+
+
+def make_cache(tokens: int = 40, layers: int = 2, dim: int = 16, chunk: int = 8, seed: int = 0,
+               model: dict | None = None, source: str | None = None) -> bytes:
+    """A valid .kvc (raw codec, random float16 values): the store checks containers, not what they decode to."""
+    rng = random.Random(seed)
+    parts = []
+    for start in range(0, tokens, chunk):
+        count = min(chunk, tokens - start)
+        for layer in range(layers):
+            for kind in ("k", "v"):
+                parts.append(format.SegmentData(kind, layer, start, count, rng.randbytes(count * dim * 2)))
+    meta = {"model": model or MODEL, "dtype": "float16", "token_ids": [rng.randrange(50000) for _ in range(tokens)],
+            "layers": [{"kv_heads": 1, "key_dim": dim, "value_dim": dim, "token_start": 0}] * layers,
+            "chunk_tokens": chunk, "codec": {"name": "raw", "params": {}}, "created_by": "tests",
+            "created_at": "2026-01-31T12:00:00Z"}
+    if source:
+        meta["source"] = {"sha256": source, "bytes": 123}
+    return format.build_header(meta, parts) + b"".join(p.data for p in parts)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class CacheServer:
+    """`kvcli serve-cache ROOT --port 0 …` as a subprocess; `url` is known once it has printed its address."""
+
+    def __init__(self, root, *args: str, env: dict | None = None):
+        self.args = [str(root), "--port", "0", *args]
+        self.env = {**os.environ, "TQDM_DISABLE": "1", **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+        self.log: list[str] = []
+
+    def start(self) -> "CacheServer":
+        self.proc = subprocess.Popen(KVCLI + ["serve-cache", *self.args], stderr=subprocess.PIPE, text=True,
+                                     env=self.env, cwd=REPO)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stderr], [], [], 0.5)
+            if ready:
+                line = self.proc.stderr.readline()
+                if not line:
+                    break
+                self.log.append(line)
+                match = re.search(r"listening on (http://\S+)", line)
+                if match:
+                    self.url = match.group(1)
+                    threading.Thread(target=self._drain, daemon=True).start()
+                    return self
+        self.stop()
+        raise RuntimeError("serve-cache did not start:\n" + "".join(self.log))
+
+    def _drain(self) -> None:
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def __enter__(self) -> "CacheServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def moto_server():
+    """`moto_server` on a free loopback port, with the AWS environment a real S3 client would read."""
+    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
+    if exe is None:
+        raise RuntimeError("moto_server not found")
+    port = free_port()
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.1)
+        yield {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+class ThrottleProxy:
+    """A TCP proxy on loopback forwarding to `target` (host, port), server-to-client at `rate` bytes/s."""
+
+    def __init__(self, target: tuple[str, int], rate: float):
+        self.target, self.rate = target, rate
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.stopped = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def start(self) -> "ThrottleProxy":
+        t = threading.Thread(target=self._accept, daemon=True)
+        t.start()
+        return self
+
+    def _accept(self) -> None:
+        self.listener.settimeout(0.2)
+        while not self.stopped.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            for src, dst, rate in ((client, upstream, None), (upstream, client, self.rate)):
+                t = threading.Thread(target=self._pipe, args=(src, dst, rate), daemon=True)
+                t.start()
+                self.threads.append(t)
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, rate: float | None) -> None:
+        chunk = 16384 if rate is None else max(1024, int(rate / 50))
+        try:
+            while not self.stopped.is_set():
+                data = src.recv(chunk)
+                if not data:
+                    break
+                dst.sendall(data)
+                if rate:
+                    time.sleep(len(data) / rate)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.listener.close()
+
+    def __enter__(self) -> "ThrottleProxy":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

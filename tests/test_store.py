@@ -1,0 +1,134 @@
+"""The storage layer on a directory and on S3 (moto_server on loopback, through the same fsspec path as real S3)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import pytest
+
+from kvcli import format, keys, store
+from kvcli.errors import FormatError, InputError, UsageError
+from servers import make_cache, moto_server
+
+SOURCE = "5" * 64
+
+
+def corrupt(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0x40]) + data[at + 1 :]
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    pytest.importorskip("s3fs")
+    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("moto")
+    with moto_server() as env:
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        boto3.client("s3").create_bucket(Bucket="caches")
+        try:
+            yield env
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+@pytest.fixture(params=["dir", "s3"])
+def any_store(request, tmp_path):
+    if request.param == "dir":
+        return lambda: store.open_store(str(tmp_path / "root"), create=True)
+    request.getfixturevalue("s3_env")
+    prefix = f"s3://caches/{request.node.name.replace('[', '-').rstrip(']')}"
+    return lambda: store.open_store(prefix)
+
+
+def test_put_list_lookup_and_read_back(any_store):
+    st = any_store()
+    a, b = make_cache(seed=1, source=SOURCE), make_cache(seed=2, tokens=17)
+    key_a = st.put(None, a)
+    key_b = st.put(None, b)
+    assert key_a == keys.key_of_header(format.read_header(format.BytesSource(a)))
+    assert st.exists(key_a) and st.size(key_b) == len(b)
+    assert st.read(key_a, 100, 50) == a[100:150]
+    with st.open(key_a) as src:
+        assert src.read(0, src.size) == a
+    # A new store object knows nothing in memory: everything comes back from the files.
+    again = any_store()
+    listed = {e["key"]: e for e in again.list()}
+    assert set(listed) == {key_a, key_b}
+    assert listed[key_a]["bytes"] == len(a) and listed[key_b]["tokens"] == 17
+    assert listed[key_a]["source_sha256"] == SOURCE and listed[key_a]["created_at"] == "2026-01-31T12:00:00Z"
+    assert again.list(model="a" * 64) and again.list(model="e" * 64) == []
+    header_b = format.read_header(format.BytesSource(b))
+    assert [e["key"] for e in again.lookup(tokens_sha256=keys.tokens_sha256(header_b.token_ids))] == [key_b]
+    assert [e["key"] for e in again.lookup(source_sha256=SOURCE)] == [key_a]
+    assert again.delete(key_a) and not again.exists(key_a) and not again.delete(key_a)
+    with pytest.raises(InputError):
+        again.open(key_a)
+
+
+def test_corrupt_or_mislabelled_upload_is_refused_and_leaves_nothing(any_store):
+    st = any_store()
+    data = make_cache(seed=3)
+    key = keys.key_of_header(format.read_header(format.BytesSource(data)))
+    with pytest.raises(FormatError, match="checksum"):
+        st.put(None, corrupt(data, len(data) - 10))
+    with pytest.raises(FormatError, match="truncated"):
+        st.put(None, data[:-1])
+    with pytest.raises(FormatError, match="does not match"):
+        st.put("f" * 64, data)
+    with pytest.raises(UsageError):
+        st.put("../" + "f" * 61, data)
+    assert st.list() == [] and not st.exists(key)
+    if isinstance(st, store.DirStore):
+        assert os.listdir(st.root) == []
+
+
+def test_a_damaged_file_in_the_store_is_left_out_of_listings(tmp_path):
+    st = store.open_store(str(tmp_path))
+    key = st.put(None, make_cache(seed=4))
+    (tmp_path / ("e" * 64 + ".kvc")).write_bytes(b"not a cache")
+    (tmp_path / "notes.txt").write_text("ignored")
+    assert [e["key"] for e in st.list()] == [key]
+
+
+def _put_many(root: str, data: bytes, n: int) -> None:
+    st = store.open_store(root)
+    for _ in range(n):
+        st.put(None, data)
+
+
+def test_two_writers_of_one_key_both_succeed_and_leave_one_valid_file(tmp_path):
+    data = make_cache(seed=5, tokens=400, dim=64)
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_put_many, args=(str(tmp_path), data, 20)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    names = os.listdir(tmp_path)
+    assert len(names) == 1 and names[0].endswith(".kvc")  # no temporaries left behind
+    assert (tmp_path / names[0]).read_bytes() == data
+
+
+def test_open_store_kinds(tmp_path):
+    assert isinstance(store.open_store(str(tmp_path)), store.DirStore)
+    assert isinstance(store.open_store(f"file://{tmp_path}"), store.DirStore)
+    assert isinstance(store.open_store("http://127.0.0.1:9"), store.ServerStore)
+    with pytest.raises(InputError):
+        store.open_store(str(tmp_path / "missing"))
+    with pytest.raises(UsageError):
+        store.open_store("nosuchprotocol://x/y")
+
+
+def test_s3_store_survives_two_replicas_writing_one_bucket(s3_env):
+    one, two = store.open_store("s3://caches/shared"), store.open_store("s3://caches/shared/")
+    k1 = one.put(None, make_cache(seed=6))
+    k2 = two.put(None, make_cache(seed=7))
+    assert {e["key"] for e in one.list()} == {e["key"] for e in two.list()} == {k1, k2}
+    assert one.url_for(k1) == f"s3://caches/shared/{k1}.kvc"
