@@ -6,8 +6,8 @@ import os
 import signal
 import sys
 
-import click
 import typer
+from typer import _click as click  # typer vendors click; its exceptions are these classes
 from typer.core import TyperGroup
 
 from . import __version__

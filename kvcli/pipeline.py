@@ -120,9 +120,9 @@ def provenance(source: inference.Document | None = None) -> dict:
     return extra
 
 
-def check_finite(kv: KVCache, codec: Codec, where: str) -> None:
+def check_finite(kv: KVCache, quality: str, where: str) -> None:
     """Lossy codecs cannot represent NaN or Inf; refuse before writing rather than write an unreadable file."""
-    if codec.lossless:
+    if quality in ("lossless", "raw"):
         return
     for i in range(kv.num_layers):
         for kind, t in (("keys", kv.keys[i]), ("values", kv.values[i])):

@@ -1,10 +1,11 @@
 """safetensors import and export of decoded caches (never pickle).
 
-The export's safetensors metadata carries the cache's provenance (`kvcli.created_at`, `kvcli.source_sha256`,
-`kvcli.source_bytes`), so `decode` then `encode` gives back the same header."""
+The export's safetensors metadata carries the cache's provenance (key `kvcli.provenance`, a JSON object with
+`created_at` and `source`), so `decode` then `encode` gives back the same header."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ import torch
 from . import format
 from .errors import FormatError, InputError
 
-METADATA_PREFIX = "kvcli."
+PROVENANCE_KEY = "kvcli.provenance"
 
 
 def load_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -40,27 +41,23 @@ def save_tensors(path: str, tensors: dict[str, torch.Tensor], provenance: dict |
 
 
 def metadata_from_provenance(provenance: dict) -> dict[str, str]:
-    meta = {}
-    if provenance.get("created_at"):
-        meta[METADATA_PREFIX + "created_at"] = provenance["created_at"]
-    if provenance.get("source"):
-        meta[METADATA_PREFIX + "source_sha256"] = provenance["source"]["sha256"]
-        meta[METADATA_PREFIX + "source_bytes"] = str(provenance["source"]["bytes"])
-    return meta
+    """One metadata entry: safetensors stores metadata in a hash map whose order varies between runs, and one key
+    keeps the export's bytes reproducible."""
+    fields = {k: provenance[k] for k in ("created_at", "source") if provenance.get(k)}
+    return {PROVENANCE_KEY: json.dumps(fields, sort_keys=True, separators=(",", ":"))} if fields else {}
 
 
 def provenance_from_metadata(meta: dict, where: str) -> dict:
-    out = {}
-    if METADATA_PREFIX + "created_at" in meta:
-        out["created_at"] = meta[METADATA_PREFIX + "created_at"]
-    sha, size = meta.get(METADATA_PREFIX + "source_sha256"), meta.get(METADATA_PREFIX + "source_bytes")
-    if sha is not None or size is not None:
-        if not (isinstance(sha, str) and format.HEX64.match(sha) and isinstance(size, str) and size.isdigit()):
-            raise FormatError(f"{where}: metadata kvcli.source_sha256 / kvcli.source_bytes are malformed")
-        out["source"] = {"sha256": sha, "bytes": int(size)}
-    if "created_at" in out and not format.TIMESTAMP.match(out["created_at"]):
-        raise FormatError(f"{where}: metadata kvcli.created_at is malformed")
-    return out
+    if PROVENANCE_KEY not in meta:
+        return {}
+    doc = format.parse_json(str(meta[PROVENANCE_KEY]).encode(), f"{where}: metadata {PROVENANCE_KEY}")
+    created_at, source = (doc.get("created_at"), doc.get("source")) if isinstance(doc, dict) else (None, None)
+    if created_at is not None and not (isinstance(created_at, str) and format.TIMESTAMP.match(created_at)):
+        raise FormatError(f"{where}: metadata {PROVENANCE_KEY}: created_at is malformed")
+    if source is not None and not (isinstance(source, dict) and format.HEX64.match(str(source.get("sha256")))
+                                   and isinstance(source.get("bytes"), int) and source["bytes"] >= 0):
+        raise FormatError(f"{where}: metadata {PROVENANCE_KEY}: source is malformed")
+    return {k: v for k, v in (("created_at", created_at), ("source", source)) if v is not None}
 
 
 def _metadata(data: bytes, where: str) -> dict:

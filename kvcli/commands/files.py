@@ -45,8 +45,8 @@ def encode(
     kv = from_tensor_dict(exported, tensors)
     lm = models.load(model, "float32")
     pipeline.check_shapes(kv, lm, tensors)
+    pipeline.check_finite(kv, quality, tensors)
     codec = pipeline.codec_for(quality, lm, step_scale, sinks)
-    pipeline.check_finite(kv, codec, tensors)
     pipeline.write_cache(out, kv, lm.identity, codec, chunk_tokens, {**pipeline.provenance(), **provenance})
 
 
