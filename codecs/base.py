@@ -1,16 +1,36 @@
-"""The interface every codec implements: one segment (kv_heads, tokens, dim) at a time, in either direction."""
+"""The codec interface: a configuration (what the header records), a fitted encoder and a per-file decoder.
+
+- `Codec` is the configuration: name, params, how to rebuild it from a header (`from_params`, validated against
+  the class's declared PARAMS), and the two factories `fit` (whole cache -> Encoder) and `open` (aux blobs ->
+  Decoder). Every class that sets `name` registers itself; `codec_from_header` looks the name up.
+- `Encoder` and `Decoder` are immutable once built, so threads may share them.
+- Decoding is two declared stages, in this order: `entropy` turns a batch of segments' bytes into integer
+  symbols (CPU, numpy; a GPU entropy decoder may replace it), and `reconstruct` writes one segment's values
+  into a caller-given output tensor, on that tensor's device. The caller (kvfile) knows nothing else.
+"""
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import zstandard
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+REGISTRY: dict[str, type["Codec"]] = {}
+
+
+class CodecError(Exception):
+    """Bytes or params that do not decode under their context. `index`: the failing segment within a batch."""
+
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.index = index
 
 
 @dataclass(frozen=True)
@@ -31,59 +51,142 @@ class SegmentContext:
     def torch_dtype(self) -> torch.dtype:
         return TORCH_DTYPES[self.dtype]
 
-
-class CodecError(ValueError):
-    """A segment's bytes do not decode under its context; the caller names the segment."""
+    @property
+    def nbytes(self) -> int:
+        return self.heads * self.tokens * self.dim * ITEMSIZE[self.dtype]
 
 
 class Codec(ABC):
+    """A codec's configuration. Subclasses declare `name`, `lossless`, `max_expansion` and PARAMS."""
+
     name: ClassVar[str]
     lossless: ClassVar[bool]
+    # Decoded bytes per stored data byte (segments and aux together) that no valid file exceeds; a reader
+    # refuses a file that claims more before allocating anything.
+    max_expansion: ClassVar[float]
+    # Header params: name -> (accepted types, required). Unknown names are refused.
+    PARAMS: ClassVar[dict[str, tuple[tuple[type, ...], bool]]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            REGISTRY[cls.name] = cls
 
     def params(self) -> dict:
         """What the header records so that a decoder can rebuild this codec exactly."""
         return {}
 
-    def fit(self, keys: list[torch.Tensor], values: list[torch.Tensor], token_starts: list[int]) -> None:
-        """Look at the whole cache before any segment is encoded (to fit shared tables). Default: nothing."""
+    @classmethod
+    def from_params(cls, params: Any) -> "Codec":
+        """The codec a header describes; CodecError for unknown, missing or mistyped params."""
+        if not isinstance(params, dict):
+            raise CodecError(f"codec {cls.name}: params must be an object")
+        unknown = sorted(set(params) - set(cls.PARAMS))
+        if unknown:
+            raise CodecError(f"codec {cls.name}: unknown params {unknown}")
+        for key, (types, required) in cls.PARAMS.items():
+            if key not in params:
+                if required:
+                    raise CodecError(f"codec {cls.name}: missing param {key!r}")
+                continue
+            value = params[key]
+            if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+                raise CodecError(f"codec {cls.name}: param {key!r} has the wrong type ({type(value).__name__})")
+        return cls._from_checked(params)
 
+    @classmethod
+    def _from_checked(cls, params: dict) -> "Codec":
+        return cls(**params)
+
+    @abstractmethod
+    def fit(self, keys: list[torch.Tensor], values: list[torch.Tensor], token_starts: list[int]) -> "Encoder":
+        """An encoder for this cache (it may fit shared tables on all of it)."""
+
+    @abstractmethod
+    def open(self, aux: dict[str, bytes]) -> "Decoder":
+        """A decoder for one file, from the aux blobs its encoder wrote."""
+
+
+class Encoder(ABC):
     def aux(self) -> dict[str, bytes]:
         """Blobs shared by all segments (entropy tables, say), stored once per file."""
         return {}
 
-    def load_aux(self, blobs: dict[str, bytes]) -> None:
-        """Take the blobs aux() wrote, before any segment is decoded."""
-        if blobs:
-            raise CodecError(f"codec {self.name} takes no aux segments, found {sorted(blobs)}")
-
     @abstractmethod
     def encode(self, x: torch.Tensor, ctx: SegmentContext) -> bytes: ...
 
+    def encode_many(self, jobs: list[tuple[torch.Tensor, SegmentContext]]) -> list[bytes]:
+        """Several segments at once; codecs that batch their entropy coder override it."""
+        return [self.encode(x, ctx) for x, ctx in jobs]
+
+
+class Decoder(ABC):
+    # Elements per entropy() call that amortize its fixed costs; the caller batches segments up to this.
+    batch_elements: ClassVar[int] = 1 << 20
+
     @abstractmethod
-    def decode(self, data: bytes, ctx: SegmentContext) -> torch.Tensor: ...
+    def entropy(self, segments: list[tuple[SegmentContext, bytes]]) -> list[Any]:
+        """Stage 1: each segment's symbols (an array whose meaning only this decoder knows).
+
+        Checks every size, count and stream invariant; CodecError with `index` naming the failing segment.
+        """
+
+    @abstractmethod
+    def reconstruct(self, ctx: SegmentContext, data: bytes, symbols: Any, out: torch.Tensor,
+                    backend: str = "torch") -> None:
+        """Stage 2: write the segment's values into `out`, a (heads, tokens, dim) tensor of the cache dtype on
+        any device. backend "triton" runs the codec's kernels where it has them."""
+
+
+def reject_aux(codec: str, aux: dict[str, bytes]) -> None:
+    if aux:
+        raise CodecError(f"codec {codec} takes no aux segments, found {sorted(aux)}")
 
 
 def tensor_bytes(x: torch.Tensor) -> np.ndarray:
-    """The little-endian bytes of a contiguous tensor as a (elements, itemsize) uint8 array, without copying."""
+    """The little-endian bytes of a tensor as a (elements, itemsize) uint8 array."""
     flat = x.contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().reshape(flat.numel(), flat.element_size())
+    raw = flat.view(torch.uint8).numpy().reshape(flat.numel(), flat.element_size())
+    return raw[:, ::-1] if sys.byteorder == "big" else raw
 
 
-def tensor_from_bytes(raw: bytes | np.ndarray, ctx: SegmentContext) -> torch.Tensor:
-    itemsize = torch.empty((), dtype=ctx.torch_dtype).element_size()
-    expected = ctx.heads * ctx.tokens * ctx.dim * itemsize
+def bytes_to_tensor(raw: bytes | np.ndarray, ctx: SegmentContext) -> torch.Tensor:
+    """Little-endian bytes of exactly ctx's elements -> a (heads, tokens, dim) tensor of ctx's dtype."""
     buf = np.frombuffer(raw, dtype=np.uint8) if isinstance(raw, (bytes, bytearray, memoryview)) else raw.reshape(-1)
-    if buf.size != expected:
-        raise CodecError(f"decoded {buf.size} bytes, expected {expected}")
-    return torch.from_numpy(buf.copy()).view(ctx.torch_dtype).reshape(ctx.shape)
+    if buf.size != ctx.nbytes:
+        raise CodecError(f"decoded {buf.size} bytes, expected {ctx.nbytes}")
+    items = buf.reshape(-1, ITEMSIZE[ctx.dtype])
+    if sys.byteorder == "big":
+        items = items[:, ::-1]
+    items = np.ascontiguousarray(items)
+    if not items.flags.writeable:  # torch refuses to wrap read-only memory (the segment's bytes)
+        items = items.copy()
+    return torch.from_numpy(items).view(ctx.torch_dtype).reshape(ctx.shape)
 
 
 def unzstd(data: bytes, limit: int) -> bytes:
-    """One zstd frame, refusing before allocation any frame that declares more than `limit` bytes."""
+    """Exactly one zstd frame, nothing after it, refusing before allocation a frame that declares more than
+    `limit` bytes or does not declare its size."""
     try:
         declared = zstandard.frame_content_size(data)
+        if declared < 0:
+            raise CodecError("zstd frame does not declare its size")
         if declared > limit:
             raise CodecError(f"zstd frame declares {declared} bytes, more than the {limit} allowed")
-        return zstandard.ZstdDecompressor().decompress(data, max_output_size=limit)
+        obj = zstandard.ZstdDecompressor().decompressobj()
+        out = obj.decompress(data)
+        if not obj.eof or obj.unused_data:
+            raise CodecError("zstd frame is truncated" if not obj.eof else "bytes after the zstd frame")
     except zstandard.ZstdError as err:
         raise CodecError(f"zstd: {err}") from None
+    if len(out) != declared:
+        raise CodecError(f"zstd frame declares {declared} bytes but holds {len(out)}")
+    return out
+
+
+def codec_from_header(name: Any, params: Any) -> Codec:
+    """Rebuild the codec a file was written with, from the name and params in its header."""
+    cls = REGISTRY.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise CodecError(f"unknown codec {name!r}; this build reads {', '.join(sorted(REGISTRY))}")
+    return cls.from_params(params)

@@ -1,12 +1,11 @@
-"""Entropy coding of quantized KV symbols with constriction's ANS coder.
+"""kvq's entropy stage: channel classes, joint symbols, frequency tables and the bytes of a segment's stream.
 
-Channels (one per layer, K/V, head and head-dim index) are sorted into classes by the spread of their
-quantized values. Each class has one categorical table, fitted on the whole file and stored once. To cut the
-number of coder steps, and to exploit that neighbouring tokens are alike, a class codes `m` consecutive tokens
-of a channel as one joint symbol (m = 4, 2 or 1, the largest whose alphabet stays small). Tuples with a value
-outside the table's range are coded as an escape symbol, and their values go to a side stream.
-
-Every coder call handles all symbols of one class in a segment at once: no Python loop per symbol.
+Channels (one per layer, K/V, head and head-dim index) are sorted into classes by the spread of their quantized
+values. Each class has one frequency table, fitted on the whole file and stored once. To cut the number of coder
+steps, and to exploit that neighbouring tokens are alike, a class codes `m` consecutive tokens of a channel as
+one joint symbol (m = 4, 2 or 1, the largest whose alphabet stays small). Tuples with a value outside the
+table's range are coded as an escape symbol, and their values go to a side stream. The symbols are coded with
+kvcli's interleaved rANS stream (codecs/rans.py); docs/codec.md specifies every byte.
 """
 
 from __future__ import annotations
@@ -15,15 +14,16 @@ import functools
 import struct
 from dataclasses import dataclass
 
-import constriction
 import numpy as np
+import zstandard
 
-from .base import CodecError
+from . import rans
+from .base import CodecError, unzstd
 
 MIN_CLASS, MAX_CLASS = -12, 16  # class c holds channels whose symbol std is about 2 ** (c / 2)
 MAX_ALPHABET = 1024
 MAX_HALF_RANGE = 255
-PERFECT = False  # part of the bitstream definition: encoder and decoder must agree
+HEAD = struct.Struct("<III")  # lanes, words, escape bytes
 
 
 def class_of(std: np.ndarray) -> np.ndarray:
@@ -32,6 +32,7 @@ def class_of(std: np.ndarray) -> np.ndarray:
     return np.clip(c, MIN_CLASS, MAX_CLASS).astype(np.int8)
 
 
+@functools.lru_cache(maxsize=None)
 def class_layout(cls: int) -> tuple[int, int]:
     """(half_range K, tuple length m) of a class: values in [-K, K], tuples of m tokens."""
     std = 2.0 ** (cls / 2)
@@ -42,15 +43,62 @@ def class_layout(cls: int) -> tuple[int, int]:
     return half, 1
 
 
-@dataclass
-class ClassTable:
-    cls: int
-    half: int
-    m: int
-    probs: np.ndarray  # float64, (2K+1)^m + 1 entries, the last is the escape symbol
+def alphabet(cls: int) -> int:
+    """Symbols of a class: every tuple of values in [-K, K], then the escape symbol."""
+    half, m = class_layout(cls)
+    return (2 * half + 1) ** m + 1
 
-    def model(self):
-        return constriction.stream.model.Categorical(self.probs, perfect=PERFECT)
+
+@dataclass(frozen=True)
+class Group:
+    """The channels of one class within a layer and kind: rows into the flattened (heads * dim) axis."""
+
+    cls: int
+    rows: np.ndarray
+
+    def tuples(self, tokens: int) -> int:
+        """Symbols this group codes in a segment of `tokens` non-sink tokens."""
+        return len(self.rows) * -(-tokens // class_layout(self.cls)[1])
+
+
+def groups_of(classes: np.ndarray) -> list[Group]:
+    """Classes in increasing order, each with its channels in ascending flat (head * dim + channel) order."""
+    flat = classes.reshape(-1)
+    return [Group(int(c), np.flatnonzero(flat == c)) for c in np.unique(flat)]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every size a segment's entropy-coded part may have. The encoder asserts its output fits; the decoder
+    refuses anything that does not. Both take them from `limits`, so they cannot disagree."""
+
+    symbols: int
+    lanes: int
+    max_words: int  # at most one renormalization word per symbol
+    max_escape_values: int  # every tuple escaped, padding included
+    sink_bytes: int
+
+    @property
+    def max_escape_bytes(self) -> int:
+        return zstd_bound(4 * self.max_escape_values) if self.max_escape_values else 0
+
+    @property
+    def max_bytes(self) -> int:
+        return HEAD.size + 4 * self.lanes + 2 * self.max_words + self.max_escape_bytes + self.sink_bytes
+
+
+def limits(groups: list[Group], tokens: int, sink_bytes: int) -> Limits:
+    symbols = sum(g.tuples(tokens) for g in groups) if tokens else 0
+    escape_values = sum(g.tuples(tokens) * class_layout(g.cls)[1] for g in groups) if tokens else 0
+    return Limits(symbols, rans.lanes_for(symbols), symbols, escape_values, sink_bytes)
+
+
+def zstd_bound(size: int) -> int:
+    """ZSTD_COMPRESSBOUND: the largest frame zstd writes for `size` input bytes."""
+    return size + (size >> 8) + (((128 << 10) - size) >> 11 if size < (128 << 10) else 0)
+
+
+# ---------------------------------------------------------------- joint symbols
 
 
 def to_tuples(rows: np.ndarray, half: int, m: int) -> tuple[np.ndarray, np.ndarray]:
@@ -77,20 +125,14 @@ def to_tuples(rows: np.ndarray, half: int, m: int) -> tuple[np.ndarray, np.ndarr
     return symbols, tuples[escaped].reshape(-1)
 
 
-def from_tuples(symbols: np.ndarray, escapes: np.ndarray, n: int, tokens: int, half: int, m: int) -> tuple[np.ndarray, int]:
-    """The inverse of to_tuples: (n, tokens) int32 rows, and how many values of `escapes` they used.
-
-    `escapes` may run on into later groups' values; only the first (escape symbols × m) are taken.
-    """
+def from_tuples(symbols: np.ndarray, escapes: np.ndarray, n: int, tokens: int, half: int, m: int) -> np.ndarray:
+    """The inverse of to_tuples: (n, tokens) int32 rows. `escapes` holds exactly m values per escape symbol."""
     escaped = symbols == (2 * half + 1) ** m
-    used = int(np.count_nonzero(escaped)) * m
-    if used > escapes.size:
-        raise CodecError("escape stream is too short for the escape symbols")
     tuples = np.take(_digits_table(half, m), symbols, axis=0)  # the escape row is a placeholder
-    if used:
-        tuples[escaped] = escapes[:used].reshape(-1, m)
+    if escapes.size:
+        tuples[escaped] = escapes.reshape(-1, m)
     width = -(-tokens // m) * m
-    return tuples.reshape(n, width)[:, :tokens], used
+    return tuples.reshape(n, width)[:, :tokens]
 
 
 @functools.lru_cache(maxsize=64)
@@ -101,93 +143,175 @@ def _digits_table(half: int, m: int) -> np.ndarray:
     return np.concatenate([grid, np.zeros((1, m), dtype=grid.dtype)]).astype(np.int32)
 
 
-def fit_tables(samples: dict[int, list[np.ndarray]]) -> dict[int, ClassTable]:
+# ---------------------------------------------------------------- tables
+
+
+@dataclass(frozen=True)
+class ClassTables:
+    """One frequency table per class (ascending), and the rANS tables built from them."""
+
+    classes: tuple[int, ...]
+    coder: rans.Tables
+
+    def index(self, cls: int) -> int:
+        try:
+            return self.classes.index(cls)
+        except ValueError:
+            raise CodecError(f"no entropy table for class {cls}") from None
+
+
+def fit_tables(samples: dict[int, list[np.ndarray]]) -> ClassTables:
     """One table per class from sample rows (n, tokens) of that class's channels."""
-    tables = {}
+    freqs = []
     for cls, rows_list in sorted(samples.items()):
         half, m = class_layout(cls)
-        counts = np.zeros((2 * half + 1) ** m + 1, dtype=np.float64)
+        counts = np.zeros(alphabet(cls), dtype=np.int64)
         for rows in rows_list:
             symbols, _ = to_tuples(rows, half, m)
             counts += np.bincount(symbols, minlength=counts.size)
-        tables[cls] = ClassTable(cls, half, m, quantize_counts(counts))
-    return tables
+        freqs.append(rans.normalize_counts(counts))
+    return ClassTables(tuple(sorted(samples)), rans.Tables(freqs))
 
 
-def quantize_counts(counts: np.ndarray) -> np.ndarray:
-    """Counts scaled to integers below 2**16, keeping every seen symbol non-zero; stored exactly as floats."""
-    if counts.max() <= 0:
-        return np.ones_like(counts)
-    return np.minimum(np.ceil(counts * (65535.0 / counts.max())), 65535.0)
-
-
-def pack_tables(tables: dict[int, ClassTable]) -> bytes:
-    out = [struct.pack("<H", len(tables))]
-    for cls, t in sorted(tables.items()):
-        nz = np.flatnonzero(t.probs).astype(np.uint32)
-        out.append(struct.pack("<bI", cls, len(nz)))
-        out.append(nz.tobytes())
-        out.append(t.probs[nz].astype(np.uint16).tobytes())
+def pack_tables(tables: ClassTables) -> bytes:
+    out = [struct.pack("<H", len(tables.classes))]
+    for cls, freq in zip(tables.classes, tables.coder.freqs):
+        out += [struct.pack("<b", cls), freq.astype("<u2").tobytes()]
     return b"".join(out)
 
 
-def unpack_tables(data: bytes) -> dict[int, ClassTable]:
+def unpack_tables(data: bytes) -> ClassTables:
     try:
         (count,) = struct.unpack_from("<H", data, 0)
         pos = 2
-        tables = {}
+        classes, freqs = [], []
         for _ in range(count):
-            cls, nnz = struct.unpack_from("<bI", data, pos)
-            pos += 5
-            if not MIN_CLASS <= cls <= MAX_CLASS:
-                raise CodecError(f"table class {cls} out of range")
-            half, m = class_layout(cls)
-            size = (2 * half + 1) ** m + 1
-            if nnz > size or pos + 6 * nnz > len(data):
-                raise CodecError(f"table for class {cls} is truncated or too large")
-            idx = np.frombuffer(data, dtype=np.uint32, count=nnz, offset=pos)
-            pos += 4 * nnz
-            vals = np.frombuffer(data, dtype=np.uint16, count=nnz, offset=pos)
-            pos += 2 * nnz
-            if nnz and (idx.max() >= size or vals.min() == 0):
-                raise CodecError(f"table for class {cls} has invalid entries")
-            probs = np.zeros(size, dtype=np.float64)
-            probs[idx] = vals
-            if not probs.any():
-                probs[:] = 1.0
-            tables[cls] = ClassTable(cls, half, m, probs)
+            (cls,) = struct.unpack_from("<b", data, pos)
+            pos += 1
+            if not MIN_CLASS <= cls <= MAX_CLASS or (classes and cls <= classes[-1]):
+                raise CodecError(f"table class {cls} out of range or out of order")
+            size = alphabet(cls)
+            if pos + 2 * size > len(data):
+                raise CodecError(f"table for class {cls} is truncated")
+            freq = np.frombuffer(data, dtype="<u2", count=size, offset=pos).astype(np.uint32)
+            pos += 2 * size
+            rans.check_table(freq, f"table for class {cls}")
+            classes.append(cls)
+            freqs.append(freq)
     except struct.error:
         raise CodecError("entropy tables are truncated") from None
+    except rans.StreamError as err:
+        raise CodecError(str(err)) from None
     if pos != len(data):
         raise CodecError("entropy tables have trailing bytes")
-    return tables
+    return ClassTables(tuple(classes), rans.Tables(freqs))
 
 
-def encode_classes(groups: list[tuple[ClassTable, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """ANS-code each (table, rows) group; returns the compressed words and all escaped values, in group order."""
-    coder = constriction.stream.stack.AnsCoder()
-    escapes = []
-    encoded = []
-    for table, rows in groups:
-        symbols, esc = to_tuples(rows, table.half, table.m)
-        encoded.append((table, symbols))
-        escapes.append(esc)
-    # A stack: encode the last group first so that decoding runs front to back.
-    for table, symbols in reversed(encoded):
-        coder.encode_reverse(symbols, table.model())
-    words = coder.get_compressed()
-    return words, (np.concatenate(escapes) if escapes else np.zeros(0, dtype=np.int32)).astype(np.int32)
+# ---------------------------------------------------------------- segments
 
 
-def decode_classes(words: np.ndarray, groups: list[tuple[ClassTable, int, int]]) -> list[np.ndarray]:
-    """groups: (table, rows, tokens) in encoding order. Returns the symbols of each group."""
-    try:
-        coder = constriction.stream.stack.AnsCoder(words)
-        out = []
-        for table, n, tokens in groups:
-            out.append(coder.decode(table.model(), n * (-(-tokens // table.m))))
-    except (ValueError, RuntimeError) as err:
-        raise CodecError(f"entropy decoder: {err}") from None
-    if not coder.is_empty():
-        raise CodecError("entropy decoder did not consume its whole stream")
+@dataclass(frozen=True)
+class Coded:
+    """A segment's entropy-coded part, split out of its bytes."""
+
+    stream: rans.Stream
+    escape_frame: bytes
+    end: int  # offset of the sink bytes
+
+
+def encode_segments(tables: ClassTables, segments: list[tuple[list[Group], np.ndarray, Limits]]) -> list[bytes]:
+    """Per segment (groups, rows (heads*dim, tokens) int32, limits): its bytes up to the sinks, one batch."""
+    jobs, escapes = [], []
+    for groups, rows, _ in segments:
+        symbols, table_ids, esc = [], [], []
+        for g in groups:
+            half, m = class_layout(g.cls)
+            s, e = to_tuples(rows[g.rows], half, m)
+            symbols.append(s)
+            table_ids.append(np.full(len(s), tables.index(g.cls), dtype=np.uint32))
+            esc.append(e)
+        jobs.append((np.concatenate(symbols) if symbols else np.zeros(0, np.int32),
+                     np.concatenate(table_ids) if table_ids else np.zeros(0, np.uint32)))
+        escapes.append(np.concatenate(esc).astype("<i4") if esc else np.zeros(0, "<i4"))
+    streams = rans.encode_streams(tables.coder, jobs)
+    out = []
+    for (_, _, lim), (symbols, _), stream, esc in zip(segments, jobs, streams, escapes):
+        frame = zstandard.ZstdCompressor(level=3).compress(esc.tobytes()) if esc.size else b""
+        assert len(symbols) == lim.symbols and len(stream.states) == lim.lanes
+        assert len(stream.words) <= lim.max_words and esc.size <= lim.max_escape_values
+        assert len(frame) <= lim.max_escape_bytes
+        out.append(HEAD.pack(len(stream.states), len(stream.words), len(frame)) + stream.states.astype("<u4").tobytes()
+                   + stream.words.astype("<u2").tobytes() + frame)
     return out
+
+
+def split_segment(data: bytes, lim: Limits) -> Coded:
+    """Check a segment's sizes against its limits and cut out its parts. Reads nothing it has not checked."""
+    if len(data) < HEAD.size:
+        raise CodecError("segment is truncated")
+    lanes, words, esc_bytes = HEAD.unpack_from(data, 0)
+    if lanes != lim.lanes:
+        raise CodecError(f"{lanes} lanes, the lane count rule gives {lim.lanes} for {lim.symbols} symbols")
+    if words > lim.max_words:
+        raise CodecError(f"{words} words for {lim.symbols} symbols")
+    if esc_bytes > lim.max_escape_bytes:
+        raise CodecError(f"escape stream of {esc_bytes} bytes, more than the {lim.max_escape_bytes} allowed")
+    total = HEAD.size + 4 * lanes + 2 * words + esc_bytes + lim.sink_bytes
+    if total != len(data):
+        raise CodecError(f"segment sizes do not add up ({total} != {len(data)})")
+    pos = HEAD.size
+    states = np.frombuffer(data, "<u4", lanes, pos).astype(np.uint32)
+    pos += 4 * lanes
+    stream_words = np.frombuffer(data, "<u2", words, pos).astype(np.uint16)
+    pos += 2 * words
+    return Coded(rans.Stream(states, stream_words), bytes(data[pos : pos + esc_bytes]), pos + esc_bytes)
+
+
+def decode_segments(tables: ClassTables, segments: list[tuple[list[Group], int, Coded]]) -> list[np.ndarray]:
+    """Per segment (groups, tokens, coded part): its integers as (heads*dim, tokens) int32 rows, one batch.
+
+    Raises CodecError with `.index` set to the failing segment's position in `segments`.
+    """
+    jobs = []
+    for groups, tokens, coded in segments:
+        ids = [np.full(g.tuples(tokens), tables.index(g.cls), dtype=np.uint32) for g in groups]
+        jobs.append((np.concatenate(ids) if ids else np.zeros(0, np.uint32), coded.stream))
+    try:
+        symbols = rans.decode_streams(tables.coder, jobs)
+    except rans.StreamError as err:
+        raise CodecError(str(err), index=getattr(err, "index", None)) from None
+    out = []
+    for i, ((groups, tokens, coded), sym) in enumerate(zip(segments, symbols)):
+        try:
+            out.append(_rows(groups, tokens, coded, sym))
+        except CodecError as err:
+            raise CodecError(str(err), index=i) from None
+    return out
+
+
+def _rows(groups: list[Group], tokens: int, coded: Coded, symbols: np.ndarray) -> np.ndarray:
+    channels = sum(len(g.rows) for g in groups)
+    rows = np.empty((channels, tokens), dtype=np.int32)
+    pieces, escaped = [], 0
+    pos = 0
+    for g in groups:
+        half, m = class_layout(g.cls)
+        sym = symbols[pos : pos + g.tuples(tokens)]
+        pos += len(sym)
+        pieces.append((g, sym, escaped))
+        escaped += int(np.count_nonzero(sym == (2 * half + 1) ** m)) * m
+    if escaped and not coded.escape_frame:
+        raise CodecError("escape symbols but no escape stream")
+    if coded.escape_frame and not escaped:
+        raise CodecError("an escape stream without escape symbols")
+    values = np.zeros(0, np.int32)
+    if escaped:
+        raw = unzstd(coded.escape_frame, 4 * escaped)
+        if len(raw) != 4 * escaped:
+            raise CodecError(f"escape stream holds {len(raw) // 4} values, the escape symbols need {escaped}")
+        values = np.frombuffer(raw, "<i4").astype(np.int32)
+    for i, (g, sym, start) in enumerate(pieces):
+        half, m = class_layout(g.cls)
+        end = pieces[i + 1][2] if i + 1 < len(pieces) else escaped
+        rows[g.rows] = from_tuples(sym, values[start:end], len(g.rows), tokens, half, m)
+    return rows

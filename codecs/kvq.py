@@ -15,7 +15,9 @@ kvq keeps the per-channel modelling and the neighbour redundancy, and changes th
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,14 +25,19 @@ import torch
 import zstandard
 
 from . import entropy
-from .base import Codec, CodecError, SegmentContext, tensor_bytes, tensor_from_bytes, unzstd
-from .quantize import quantize, rope_tables, unrotate_keys
+from .base import (ITEMSIZE, Codec, CodecError, Decoder, Encoder, SegmentContext, bytes_to_tensor, tensor_bytes,
+                   unzstd)
+from .quantize import dequantize_rotate_ref, quantize, rope_tables, unrotate_keys
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DEFAULT_SINKS = 1  # the first token is the sink; 4 measured no better on development text, at +0.04 bits/element
 MIN_STEP = 2.0**-14  # smallest normal float16: steps are stored as float16
+MAX_STEP = FLOAT16_MAX = 65504.0  # largest float16
+MAX_LEVEL = 2**30  # |q| stays below this, so escapes fit int32 with room to spare
 KINDS = ("k", "v")
 TABLE_SAMPLE_TOKENS = 1024
+BATCH_SYMBOLS = 1 << 22  # symbols per entropy-coder batch: large enough to amortize the step loop
+AUX_LIMIT = 64 << 20
 
 
 @dataclass
@@ -63,7 +70,7 @@ class Profile:
         return np.clip(np.sqrt(ref / mine), 1 / 16, 16)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerPlan:
     """What the decoder needs for one layer and kind: float16 centers and steps, int8 classes (heads, dim)."""
 
@@ -71,46 +78,51 @@ class LayerPlan:
     step: np.ndarray
     classes: np.ndarray
 
+    @property
+    def groups(self) -> list[entropy.Group]:
+        return entropy.groups_of(self.classes)
+
 
 class KvqCodec(Codec):
+    """The configuration: preset scale, sink count, and for encoding the profile and rotary frequencies."""
+
     name = "kvq"
     lossless = False
+    # Each lane of a stream carries at most STEPS_PER_LANE symbols of at most 4 elements in at least 4 bytes of
+    # state (docs/codec.md, "Bounds"): at most 1,024 elements, 4,096 float32 bytes, per stored byte.
+    max_expansion = 4096.0
+    PARAMS = {"version": ((int,), True), "scale": ((int, float), True), "sinks": ((int,), True),
+              "quality": ((str,), False), "step_scale": ((int, float), False), "profile": ((str,), False)}
 
     def __init__(self, scale: float, sinks: int = DEFAULT_SINKS, profile: Profile | None = None,
                  inv_freq: list[np.ndarray | None] | None = None, meta: dict | None = None):
-        if not scale > 0:
-            raise ValueError(f"step scale must be positive, got {scale}")
-        if sinks < 0:
-            raise ValueError(f"sinks must be >= 0, got {sinks}")
+        if not (math.isfinite(scale) and scale > 0):
+            raise CodecError(f"kvq step scale must be finite and positive, got {scale}")
+        if not 0 <= sinks <= 1 << 22:
+            raise CodecError(f"kvq sinks must be in [0, 2^22], got {sinks}")
         self.scale = float(scale)
         self.sinks = int(sinks)
         self.profile = profile
         self.inv_freq = inv_freq  # per layer (head_dim / 2,) float32, None where keys are coded as they are
         self.meta = dict(meta or {})
-        self.plans: dict[tuple[int, int], LayerPlan] = {}
-        self.tables: dict[int, entropy.ClassTable] = {}
-
-    # ------------------------------------------------------------ header
 
     def params(self) -> dict:
         return {"version": FORMAT_VERSION, "scale": self.scale, "sinks": self.sinks, **self.meta}
 
     @classmethod
-    def from_params(cls, params: dict) -> "KvqCodec":
-        if params.get("version") != FORMAT_VERSION:
-            raise CodecError(f"kvq version {params.get('version')!r} is not supported")
-        scale, sinks = params.get("scale"), params.get("sinks")
-        if not isinstance(scale, (int, float)) or not isinstance(sinks, int) or not 0 <= sinks <= 1 << 20:
-            raise CodecError("kvq params need a numeric scale and an integer sinks")
+    def _from_checked(cls, params: dict) -> "KvqCodec":
+        if params["version"] != FORMAT_VERSION:
+            raise CodecError(f"kvq bitstream version {params['version']} is not supported (this build reads "
+                             f"version {FORMAT_VERSION}); re-create the file with this kvcli")
         meta = {k: v for k, v in params.items() if k not in ("version", "scale", "sinks")}
-        return cls(float(scale), sinks, meta=meta)
+        return cls(float(params["scale"]), params["sinks"], meta=meta)
 
-    # ------------------------------------------------------------ fitting (encoder only)
+    # ------------------------------------------------------------ quantization space
 
     def _freq(self, layer: int, kind: int) -> torch.Tensor | None:
         """The rotary frequencies to remove from this layer's keys; None for values or without RoPE."""
-        freq = self.inv_freq[layer] if (kind == 0 and self.inv_freq) else None
-        return torch.from_numpy(freq) if freq is not None else None
+        freq = self.inv_freq[layer] if (kind == 0 and self.inv_freq and layer < len(self.inv_freq)) else None
+        return torch.from_numpy(np.asarray(freq, dtype=np.float32)) if freq is not None else None
 
     def _pre(self, x: torch.Tensor, layer: int, kind: int, token_start: int) -> torch.Tensor:
         """(heads, tokens, dim) -> float32 (heads, dim, tokens) in the quantization space (pre-RoPE for keys)."""
@@ -121,14 +133,63 @@ class KvqCodec(Codec):
         cos, sin = rope_tables(freq, token_start, x.shape[2])
         return unrotate_keys(x, cos, sin)
 
-    def fit(self, keys: list[torch.Tensor], values: list[torch.Tensor], token_starts: list[int]) -> None:
+    def _plan(self, body: torch.Tensor, layer: int, kind: int) -> LayerPlan:
+        heads, dim, tokens = body.shape
+        if tokens == 0:
+            ones = np.ones((heads, dim), dtype=np.float16)
+            return LayerPlan(np.zeros_like(ones), ones, np.zeros((heads, dim), dtype=np.int8))
+        center = body.mean(dim=2).clamp(-MAX_STEP, MAX_STEP).to(torch.float16).float()
+        dev = body - center[..., None]
+        rms = dev.pow(2).mean(dim=(1, 2)).sqrt().nan_to_num(MAX_STEP).clamp_min(1e-6)  # per head
+        factor = self.profile.step_factor(layer, kind, heads) if self.profile is not None else np.ones(heads)
+        step = (self.scale * torch.from_numpy(factor).float() * rms)[:, None].expand(heads, dim)
+        if kind == 0 and self.profile is not None and self.profile.key_weights is not None:
+            w = torch.from_numpy(np.asarray(self.profile.key_weights[layer], dtype=np.float64)).clamp_min(1e-12)
+            w = w / w.log().mean().exp()
+            step = step * w.pow(-0.5).float().clamp(1 / 16, 16)
+        # No channel needs more than MAX_LEVEL steps from its center: escapes stay far inside int32.
+        floor = dev.abs().amax(dim=2) / MAX_LEVEL
+        if (floor > MAX_STEP).any():
+            raise CodecError(f"layer {layer} {KINDS[kind].upper()}: values up to {float(dev.abs().max()):.3g} from "
+                             f"their channel mean are beyond kvq's range ({MAX_STEP * MAX_LEVEL:.3g}); use lossless")
+        # float16 rounding may shave 2^-11 off a floored step: |q| stays below 2^31 all the same.
+        step = torch.maximum(step.clamp(MIN_STEP, 60000), floor).to(torch.float16).float()
+        q = quantize(body, center, step).float()
+        std = q.std(dim=2, unbiased=False).numpy() if tokens > 1 else q.abs().mean(dim=2).numpy()
+        return LayerPlan(center.numpy().astype(np.float16), step.numpy().astype(np.float16), entropy.class_of(std))
+
+    def _skip(self, tokens: int, token_start: int) -> int:
+        """How many of a segment's tokens are exact sinks."""
+        return min(tokens, max(0, self.sinks - token_start))
+
+    def roundtrip(self, x: torch.Tensor, layer: int, kind: int, token_start: int) -> torch.Tensor:
+        """Quantize and dequantize one layer's K or V (heads, tokens, dim) without entropy coding.
+
+        Calibration uses it to measure how much loss in one place costs the model.
+        """
+        skip = self._skip(x.shape[1], token_start)
+        body = self._pre(x[:, skip:], layer, kind, token_start + skip)
+        plan = self._plan(body, layer, kind)
+        center, step = _t(plan.center), _t(plan.step)
+        approx = dequantize_rotate_ref(quantize(body, center, step), center, step, self._freq(layer, kind), token_start + skip)
+        return torch.cat([x[:, :skip], approx.transpose(1, 2).to(x.dtype)], 1)
+
+    # ------------------------------------------------------------ factories
+
+    def fit(self, keys: list[torch.Tensor], values: list[torch.Tensor], token_starts: list[int]) -> "KvqEncoder":
+        plans: dict[tuple[int, int], LayerPlan] = {}
         samples: dict[int, list[np.ndarray]] = {}
         for layer, start in enumerate(token_starts):
             for kind, x in enumerate((keys[layer], values[layer])):
+                if not torch.isfinite(x).all():
+                    raise CodecError(f"layer {layer} {KINDS[kind].upper()} holds non-finite values (NaN or Inf), "
+                                     "which kvq cannot code; use lossless")
                 skip = max(0, self.sinks - start)
                 body = self._pre(x, layer, kind, start)[:, :, skip:]
                 plan = self._plan(body, layer, kind)
-                self.plans[(layer, kind)] = plan
+                plans[(layer, kind)] = plan
+                for cls in np.unique(plan.classes):  # every class a plan names gets a table, used or not
+                    samples.setdefault(int(cls), [])
                 if body.shape[2] == 0:
                     continue
                 # Tables are a model, not a census: a contiguous window of tokens keeps neighbour statistics.
@@ -136,198 +197,198 @@ class KvqCodec(Codec):
                 window = body[:, :, mid : mid + TABLE_SAMPLE_TOKENS]
                 q = quantize(window, _t(plan.center), _t(plan.step)).numpy()  # (H, D, T)
                 for cls in np.unique(plan.classes):
-                    samples.setdefault(int(cls), []).append(q[plan.classes == cls])
-        self.tables = entropy.fit_tables(samples)
+                    samples[int(cls)].append(q[plan.classes == cls])
+        inv_freq = [None if self._freq(layer, 0) is None else self._freq(layer, 0).numpy()
+                    for layer in range(len(token_starts))]
+        return KvqEncoder(self, plans, entropy.fit_tables(samples), inv_freq)
 
-    def _plan(self, body: torch.Tensor, layer: int, kind: int) -> LayerPlan:
-        heads, dim, tokens = body.shape
-        if tokens == 0:
-            ones = np.ones((heads, dim), dtype=np.float16)
-            return LayerPlan(np.zeros_like(ones), ones, np.zeros((heads, dim), dtype=np.int8))
-        center = body.mean(dim=2).to(torch.float16).float()
-        rms = (body - center[..., None]).pow(2).mean(dim=(1, 2)).sqrt().clamp_min(1e-6)  # per head
-        factor = self.profile.step_factor(layer, kind, heads) if self.profile is not None else np.ones(heads)
-        step = (self.scale * torch.from_numpy(factor).float() * rms)[:, None].expand(heads, dim)
-        if kind == 0 and self.profile is not None and self.profile.key_weights is not None:
-            w = torch.from_numpy(np.asarray(self.profile.key_weights[layer], dtype=np.float64)).clamp_min(1e-12)
-            w = w / w.log().mean().exp()
-            step = step * w.pow(-0.5).float().clamp(1 / 16, 16)
-        step = step.clamp(MIN_STEP, 60000).to(torch.float16).float()
-        q = quantize(body, center, step).float()
-        std = q.std(dim=2, unbiased=False).numpy() if tokens > 1 else q.abs().mean(dim=2).numpy()
-        return LayerPlan(center.numpy().astype(np.float16), step.numpy().astype(np.float16), entropy.class_of(std))
+    def open(self, aux: dict[str, bytes]) -> "KvqDecoder":
+        if set(aux) != {"kvq.plan", "kvq.tables"}:
+            raise CodecError(f"kvq needs aux segments kvq.plan and kvq.tables, found {sorted(aux)}")
+        tables = entropy.unpack_tables(unzstd(aux["kvq.tables"], AUX_LIMIT))
+        plans, inv_freq = unpack_plans(unzstd(aux["kvq.plan"], AUX_LIMIT))
+        for plan in plans.values():
+            for g in plan.groups:
+                tables.index(g.cls)  # coverage: every class a plan uses has a table
+        return KvqDecoder(self, plans, tables, inv_freq)
 
-    def roundtrip(self, x: torch.Tensor, layer: int, kind: int, token_start: int) -> torch.Tensor:
-        """Quantize and dequantize one layer's K or V (heads, tokens, dim) without entropy coding.
 
-        Calibration uses it to measure how much loss in one place costs the model.
-        """
-        from ..kernels.reference import dequantize_rotate_ref
+class _Planned:
+    """What encoder and decoder share: the codec, per-(layer, kind) plans, entropy tables, rotary frequencies."""
 
-        skip = min(x.shape[1], max(0, self.sinks - token_start))
-        body = self._pre(x[:, skip:], layer, kind, token_start + skip)
-        plan = self._plan(body, layer, kind)
-        center, step = _t(plan.center), _t(plan.step)
-        approx = dequantize_rotate_ref(quantize(body, center, step), center, step, self._freq(layer, kind), token_start + skip)
-        return torch.cat([x[:, :skip], approx.transpose(1, 2).to(x.dtype)], 1)
+    def __init__(self, codec: KvqCodec, plans: dict[tuple[int, int], LayerPlan], tables: entropy.ClassTables,
+                 inv_freq: list[np.ndarray | None]):
+        self.codec = codec
+        self.plans = plans
+        self.tables = tables
+        self.inv_freq = inv_freq
+        self._groups = {key: plan.groups for key, plan in plans.items()}
+        self._tensors = {key: (_t(p.center), _t(p.step)) for key, p in plans.items()}
 
-    # ------------------------------------------------------------ shared tables
-
-    def aux(self) -> dict[str, bytes]:
-        parts = [struct.pack("<I", len(self.plans) // 2)]
-        layers = len(self.plans) // 2
-        for layer in range(layers):
-            for kind in range(2):
-                p = self.plans[(layer, kind)]
-                heads, dim = p.center.shape
-                freq = self.inv_freq[layer] if (kind == 0 and self.inv_freq and self.inv_freq[layer] is not None) else None
-                parts.append(struct.pack("<HHB", heads, dim, 0 if freq is None else 1))
-                parts += [p.center.tobytes(), p.step.tobytes(), p.classes.tobytes()]
-                if freq is not None:
-                    parts.append(np.asarray(freq, dtype=np.float32).tobytes())
-        zc = zstandard.ZstdCompressor(level=19)
-        return {"kvq.plan": zc.compress(b"".join(parts)), "kvq.tables": zc.compress(entropy.pack_tables(self.tables))}
-
-    def load_aux(self, blobs: dict[str, bytes]) -> None:
-        if set(blobs) != {"kvq.plan", "kvq.tables"}:
-            raise CodecError(f"kvq needs aux segments kvq.plan and kvq.tables, found {sorted(blobs)}")
-        plan = unzstd(blobs["kvq.plan"], 64 << 20)
-        self.tables = entropy.unpack_tables(unzstd(blobs["kvq.tables"], 64 << 20))
-        try:
-            (layers,) = struct.unpack_from("<I", plan, 0)
-            pos = 4
-            self.inv_freq = []
-            for layer in range(layers):
-                for kind in range(2):
-                    heads, dim, has_rope = struct.unpack_from("<HHB", plan, pos)
-                    pos += 5
-                    n = heads * dim
-                    if pos + 5 * n > len(plan):
-                        raise CodecError("plan is truncated")
-                    center = np.frombuffer(plan, np.float16, n, pos).reshape(heads, dim)
-                    step = np.frombuffer(plan, np.float16, n, pos + 2 * n).reshape(heads, dim)
-                    classes = np.frombuffer(plan, np.int8, n, pos + 4 * n).reshape(heads, dim)
-                    pos += 5 * n
-                    if not (np.isfinite(step).all() and (step > 0).all() and np.isfinite(center).all()):
-                        raise CodecError(f"layer {layer}: steps must be finite and positive")
-                    self.plans[(layer, kind)] = LayerPlan(center, step, classes)
-                    if kind == 0:
-                        freq = None
-                        if has_rope:
-                            if dim % 2 or pos + 2 * dim > len(plan):
-                                raise CodecError(f"layer {layer}: bad rotary table")
-                            freq = np.frombuffer(plan, np.float32, dim // 2, pos).copy()
-                            pos += 2 * dim
-                        self.inv_freq.append(freq)
-        except struct.error:
-            raise CodecError("plan is truncated") from None
-        if pos != len(plan):
-            raise CodecError("plan has trailing bytes")
-
-    # ------------------------------------------------------------ segments
-
-    def _segment_plan(self, ctx: SegmentContext) -> tuple[LayerPlan, int]:
+    def _segment(self, ctx: SegmentContext) -> tuple[LayerPlan, int, entropy.Limits]:
+        """The plan, sink count and size limits of a segment."""
         kind = KINDS.index(ctx.kind)
         plan = self.plans.get((ctx.layer, kind))
         if plan is None or plan.center.shape != (ctx.heads, ctx.dim):
             raise CodecError(f"no plan for layer {ctx.layer} {ctx.kind.upper()} with shape {(ctx.heads, ctx.dim)}")
-        skip = min(ctx.tokens, max(0, self.sinks - ctx.token_start))
-        return plan, skip
+        skip = self.codec._skip(ctx.tokens, ctx.token_start)
+        sink_bytes = ctx.heads * skip * ctx.dim * ITEMSIZE[ctx.dtype]
+        return plan, skip, entropy.limits(self._groups[(ctx.layer, kind)], ctx.tokens - skip, sink_bytes)
 
-    def _groups(self, plan: LayerPlan) -> list[tuple[entropy.ClassTable, np.ndarray]]:
-        """(table, channel indices into the flattened (heads * dim) axis) per class, in coding order."""
-        flat = plan.classes.reshape(-1)
-        groups = []
-        for cls in np.unique(flat):
-            table = self.tables.get(int(cls))
-            if table is None:
-                raise CodecError(f"no entropy table for class {int(cls)}")
-            groups.append((table, np.flatnonzero(flat == cls)))
-        return groups
+    def _freq(self, layer: int, kind: int) -> torch.Tensor | None:
+        freq = self.inv_freq[layer] if kind == 0 and layer < len(self.inv_freq) else None
+        return torch.from_numpy(freq) if freq is not None else None
+
+
+class KvqEncoder(_Planned, Encoder):
+    def aux(self) -> dict[str, bytes]:
+        zc = zstandard.ZstdCompressor(level=19)
+        return {"kvq.plan": zc.compress(pack_plans(self.plans, self.inv_freq)),
+                "kvq.tables": zc.compress(entropy.pack_tables(self.tables))}
 
     def encode(self, x: torch.Tensor, ctx: SegmentContext) -> bytes:
-        plan, skip = self._segment_plan(ctx)
+        return self.encode_many([(x, ctx)])[0]
+
+    def encode_many(self, jobs: list[tuple[torch.Tensor, SegmentContext]]) -> list[bytes]:
+        """Quantize every segment, then entropy-code them in a few large batches on two threads."""
+        batches, current, size = [], [], 0
+        for i, (_, ctx) in enumerate(jobs):
+            current.append(i)
+            size += self._segment(ctx)[2].symbols
+            if size >= BATCH_SYMBOLS:
+                batches.append(current)
+                current, size = [], 0
+        if current:
+            batches.append(current)
+        out: list[bytes] = [b""] * len(jobs)
+
+        def run(batch: list[int]) -> None:
+            prepared = [self._prepare(*jobs[i]) for i in batch]
+            coded = entropy.encode_segments(self.tables, [p[:3] for p in prepared])
+            for i, head, (_, _, lim, sinks) in zip(batch, coded, prepared):
+                out[i] = head + sinks
+                assert len(out[i]) <= lim.max_bytes
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            list(pool.map(run, batches))
+        return out
+
+    def _prepare(self, x: torch.Tensor, ctx: SegmentContext):
+        """(groups, rows (heads*dim, tokens) int32, limits, sink bytes) of one segment."""
+        plan, skip, lim = self._segment(ctx)
         kind = KINDS.index(ctx.kind)
-        body = self._pre(x[:, skip:], ctx.layer, kind, ctx.token_start + skip)
-        words, escapes = np.zeros(0, np.uint32), np.zeros(0, np.int32)
-        if body.shape[2]:  # a segment of sinks only has nothing to entropy-code
-            q = quantize(body, _t(plan.center), _t(plan.step)).numpy()  # (H, D, T)
-            rows = q.reshape(-1, q.shape[2])
-            words, escapes = entropy.encode_classes([(t, rows[idx]) for t, idx in self._groups(plan)])
-        esc = zstandard.ZstdCompressor(level=3).compress(escapes.tobytes()) if escapes.size else b""
+        body = self.codec._pre(x[:, skip:], ctx.layer, kind, ctx.token_start + skip)
+        center, step = self._tensors[(ctx.layer, kind)]
+        rows = quantize(body, center, step).numpy().reshape(ctx.heads * ctx.dim, body.shape[2])
         sinks = tensor_bytes(x[:, :skip]).tobytes() if skip else b""
-        return struct.pack("<I", len(words)) + words.tobytes() + struct.pack("<I", len(esc)) + esc + sinks
+        return self._groups[(ctx.layer, kind)], rows, lim, sinks
 
-    def decode(self, data: bytes, ctx: SegmentContext) -> torch.Tensor:
-        q = np.empty(self.symbol_shape(ctx), dtype=np.int32)
-        self.decode_symbols(data, ctx, q)
-        return self.reconstruct(data, ctx, q).transpose(1, 2).to(ctx.torch_dtype)
 
-    def symbol_shape(self, ctx: SegmentContext) -> tuple[int, int, int]:
-        """Shape of the quantized integers of a segment: (heads, dim, tokens that are not sinks)."""
-        _, skip = self._segment_plan(ctx)
-        return (ctx.heads, ctx.dim, ctx.tokens - skip)
+class KvqDecoder(_Planned, Decoder):
+    batch_elements = 1 << 23
 
-    def _layout(self, data: bytes, ctx: SegmentContext) -> tuple[int, int, int, int]:
-        """(words, escape bytes, escape offset, sink bytes) of a segment, all checked against its length."""
-        _, skip = self._segment_plan(ctx)
-        sink_bytes = ctx.heads * skip * ctx.dim * torch.empty((), dtype=ctx.torch_dtype).element_size()
-        try:
-            (nwords,) = struct.unpack_from("<I", data, 0)
-            (nesc,) = struct.unpack_from("<I", data, 4 + 4 * nwords)
-        except struct.error:
-            raise CodecError("segment is truncated") from None
-        pos = 8 + 4 * nwords
-        if pos + nesc + sink_bytes != len(data):
-            raise CodecError(f"segment sizes do not add up ({pos + nesc + sink_bytes} != {len(data)})")
-        return nwords, nesc, pos, sink_bytes
+    def entropy(self, segments: list[tuple[SegmentContext, bytes]]) -> list[np.ndarray]:
+        """Each segment's integers, channel-major (heads * dim, non-sink tokens) int32; all streams in one pass."""
+        jobs = []
+        for i, (ctx, data) in enumerate(segments):
+            try:
+                _, skip, lim = self._segment(ctx)
+                coded = entropy.split_segment(data, lim)
+                if has_nonfinite(data[coded.end :], ctx.dtype):
+                    raise CodecError("a sink token holds a non-finite value, which no kvq writer stores")
+                jobs.append((self._groups[(ctx.layer, KINDS.index(ctx.kind))], ctx.tokens - skip, coded))
+            except CodecError as err:
+                raise CodecError(str(err), index=i) from None
+        return entropy.decode_segments(self.tables, jobs)
 
-    def decode_symbols(self, data: bytes, ctx: SegmentContext, q: np.ndarray) -> None:
-        """Entropy stage: fill q (heads, dim, tokens) with the segment's integers. numpy and constriction only,
-        so it may run in a forked worker (kvcli.parallel)."""
-        plan, _ = self._segment_plan(ctx)
-        nwords, nesc, pos, _ = self._layout(data, ctx)
-        tokens = q.shape[2]
-        words = np.frombuffer(data, np.uint32, nwords, 4)
-        limit = 4 * ctx.heads * ctx.dim * max(tokens, 1) + 64
-        escapes = np.frombuffer(unzstd(bytes(data[pos : pos + nesc]), limit), np.int32) if nesc else np.zeros(0, np.int32)
-        if not tokens:
-            if nwords or nesc:
-                raise CodecError("a segment of sinks only carries no entropy-coded data")
-            return
-        groups = self._groups(plan)
-        symbols = entropy.decode_classes(words, [(t, len(rows), tokens) for t, rows in groups])
-        flat = q.reshape(-1, tokens)
-        used = 0
-        for (table, rows), sym in zip(groups, symbols):
-            values, n_esc = entropy.from_tuples(sym, escapes[used:], len(rows), tokens, table.half, table.m)
-            flat[rows] = values
-            used += n_esc
-        if used != escapes.size:
-            raise CodecError("escape stream has extra values")
-
-    def reconstruct(self, data: bytes, ctx: SegmentContext, q: np.ndarray, kernel: bool = False,
-                    device: str | torch.device = "cpu") -> torch.Tensor:
-        """Tensor stage: dequantize and re-apply RoPE to keys, exact sinks in front.
-
-        Returns float32 channel-major (heads, dim, tokens) on `device`; the caller transposes and casts while it
-        copies the segment into place. kernel=True runs the Triton kernel (kvcli.kernels) instead of torch ops.
-        """
-        plan, skip = self._segment_plan(ctx)
-        *_, sink_bytes = self._layout(data, ctx)
-        freq = self._freq(ctx.layer, KINDS.index(ctx.kind))
-        args = [torch.from_numpy(q).to(device), _t(plan.center).to(device), _t(plan.step).to(device),
-                freq.to(device) if freq is not None else None, ctx.token_start + skip]
-        if kernel:
-            from ..kernels.dequantize import dequantize_rotate
-        else:
-            from ..kernels.reference import dequantize_rotate_ref as dequantize_rotate
-        body = dequantize_rotate(*args)
+    def reconstruct(self, ctx: SegmentContext, data: bytes, symbols: np.ndarray, out: torch.Tensor,
+                    backend: str = "torch") -> None:
+        """Dequantize and re-apply RoPE to keys into out[:, sinks:], the exact sinks into out[:, :sinks]."""
+        _, skip, lim = self._segment(ctx)
+        kind = KINDS.index(ctx.kind)
         if skip:
             sink_ctx = SegmentContext(ctx.kind, ctx.layer, ctx.token_start, ctx.heads, skip, ctx.dim, ctx.dtype)
-            sinks = tensor_from_bytes(bytes(data[len(data) - sink_bytes :]), sink_ctx).float().transpose(1, 2)
-            body = torch.cat([sinks.to(device), body], dim=2)
-        return body
+            out[:, :skip].copy_(bytes_to_tensor(bytes(data[len(data) - lim.sink_bytes :]), sink_ctx))
+        if skip == ctx.tokens:
+            return
+        device = out.device
+        center, step = (t.to(device) for t in self._tensors[(ctx.layer, kind)])
+        freq = self._freq(ctx.layer, kind)
+        q = torch.from_numpy(symbols).reshape(ctx.heads, ctx.dim, ctx.tokens - skip).to(device)
+        if backend == "triton":
+            from ..kernels.dequantize import dequantize_rotate  # needs triton; imported only when asked for
+        else:
+            dequantize_rotate = dequantize_rotate_ref
+        body = dequantize_rotate(q, center, step, freq.to(device) if freq is not None else None, ctx.token_start + skip)
+        if ctx.dtype == "float16":  # a value within step/2 of 65504 must not round to infinity
+            body = body.clamp(-FLOAT16_MAX, FLOAT16_MAX)
+        out[:, skip:].copy_(body.transpose(1, 2))
+
+
+# ---------------------------------------------------------------- plan bytes
+
+
+def pack_plans(plans: dict[tuple[int, int], LayerPlan], inv_freq: list[np.ndarray | None]) -> bytes:
+    layers = len(plans) // 2
+    parts = [struct.pack("<I", layers)]
+    for layer in range(layers):
+        for kind in range(2):
+            p = plans[(layer, kind)]
+            heads, dim = p.center.shape
+            freq = inv_freq[layer] if kind == 0 and layer < len(inv_freq) else None
+            parts.append(struct.pack("<HHB", heads, dim, 0 if freq is None else 1))
+            parts += [p.center.astype("<f2").tobytes(), p.step.astype("<f2").tobytes(), p.classes.tobytes()]
+            if freq is not None:
+                parts.append(np.asarray(freq, dtype="<f4").tobytes())
+    return b"".join(parts)
+
+
+def unpack_plans(plan: bytes) -> tuple[dict[tuple[int, int], LayerPlan], list[np.ndarray | None]]:
+    plans, inv_freq = {}, []
+    try:
+        (layers,) = struct.unpack_from("<I", plan, 0)
+        pos = 4
+        for layer in range(layers):
+            for kind in range(2):
+                heads, dim, has_rope = struct.unpack_from("<HHB", plan, pos)
+                pos += 5
+                n = heads * dim
+                if pos + 5 * n > len(plan) or has_rope > 1 or (has_rope and kind == 1):
+                    raise CodecError(f"plan of layer {layer} is truncated or invalid")
+                center = np.frombuffer(plan, "<f2", n, pos).astype(np.float16).reshape(heads, dim)
+                step = np.frombuffer(plan, "<f2", n, pos + 2 * n).astype(np.float16).reshape(heads, dim)
+                classes = np.frombuffer(plan, np.int8, n, pos + 4 * n).reshape(heads, dim)
+                pos += 5 * n
+                if not (np.isfinite(step).all() and (step > 0).all() and np.isfinite(center).all()):
+                    raise CodecError(f"layer {layer}: steps must be finite and positive, centers finite")
+                if n and (classes.min() < entropy.MIN_CLASS or classes.max() > entropy.MAX_CLASS):
+                    raise CodecError(f"layer {layer}: channel class out of range")
+                plans[(layer, kind)] = LayerPlan(center, step, classes)
+                if kind == 0:
+                    freq = None
+                    if has_rope:
+                        if dim % 2 or pos + 2 * dim > len(plan):
+                            raise CodecError(f"layer {layer}: bad rotary table")
+                        freq = np.frombuffer(plan, "<f4", dim // 2, pos).astype(np.float32)
+                        pos += 2 * dim
+                        if not np.isfinite(freq).all():
+                            raise CodecError(f"layer {layer}: rotary frequencies must be finite")
+                    inv_freq.append(freq)
+    except struct.error:
+        raise CodecError("plan is truncated") from None
+    if pos != len(plan):
+        raise CodecError("plan has trailing bytes")
+    return plans, inv_freq
+
+
+EXPONENT_MASKS = {"float32": ("<u4", 0x7F800000), "float16": ("<u2", 0x7C00), "bfloat16": ("<u2", 0x7F80)}
+
+
+def has_nonfinite(raw: bytes, dtype: str) -> bool:
+    """Whether little-endian elements of `dtype` include NaN or infinity (all exponent bits set)."""
+    kind, mask = EXPONENT_MASKS[dtype]
+    bits = np.frombuffer(raw, kind)
+    return bool(((bits & mask) == mask).any())
 
 
 def _t(a: np.ndarray) -> torch.Tensor:

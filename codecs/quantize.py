@@ -2,18 +2,24 @@
 
 Everything here works channel-major, (heads, head_dim, tokens): each channel's tokens are contiguous, which is
 the order the entropy coder consumes, and per-channel parameters broadcast over the last axis.
+
+Decoding arithmetic is specified to the bit (docs/codec.md, "Reconstruction"): float32 throughout, every
+multiply and add a separate IEEE operation (no fused multiply-add), and the rotary tables rounded once from
+float64, so that an independent decoder reproduces kvcli's values exactly.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
 def rope_tables(inv_freq: torch.Tensor, token_start: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each (head_dim / 2, tokens), for absolute positions token_start, token_start + 1, ..."""
-    positions = torch.arange(token_start, token_start + tokens, dtype=torch.float32)
-    angles = torch.outer(inv_freq.float(), positions)
-    return angles.cos(), angles.sin()
+    """float32 cos and sin, each (head_dim / 2, tokens), of float64 angles position * inv_freq, for absolute
+    positions token_start, token_start + 1, ..."""
+    positions = np.arange(token_start, token_start + tokens, dtype=np.float64)
+    angles = np.outer(inv_freq.cpu().numpy().astype(np.float64), positions)
+    return torch.from_numpy(np.cos(angles).astype(np.float32)), torch.from_numpy(np.sin(angles).astype(np.float32))
 
 
 def unrotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -24,10 +30,13 @@ def unrotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 
 def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Apply RoPE to pre-rotation (heads, head_dim, tokens) keys; the inverse of unrotate_keys."""
+    """Apply RoPE to pre-rotation (heads, head_dim, tokens) keys; the inverse of unrotate_keys.
+
+    Each product and the difference are separate float32 operations (docs/codec.md, "Reconstruction").
+    """
     half = keys.shape[1] // 2
     x1, x2 = keys[:, :half], keys[:, half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=1)
+    return torch.cat([torch.sub(x1 * cos, x2 * sin), torch.add(x2 * cos, x1 * sin)], dim=1)
 
 
 def quantize(x: torch.Tensor, center: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -39,4 +48,18 @@ def quantize(x: torch.Tensor, center: torch.Tensor, step: torch.Tensor) -> torch
 
 
 def dequantize(q: torch.Tensor, center: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    return torch.addcmul(center[..., None], q.to(torch.float32), step[..., None])
+    """float32 center + float32(q) * step: a multiply, then an add (never fused, so every decoder agrees)."""
+    return torch.add(q.to(torch.float32) * step[..., None], center[..., None])
+
+
+def dequantize_rotate_ref(q: torch.Tensor, center: torch.Tensor, step: torch.Tensor,
+                          inv_freq: torch.Tensor | None, token_start: int) -> torch.Tensor:
+    """float32 (heads, dim, tokens): center + q * step per channel, then RoPE on keys (inv_freq given).
+
+    The torch reference of kernels/dequantize.py, and the CPU path of decoding.
+    """
+    x = dequantize(q, center.float(), step.float())
+    if inv_freq is None or q.shape[2] == 0:
+        return x
+    cos, sin = rope_tables(inv_freq, token_start, q.shape[2])
+    return rotate_keys(x, cos.to(x.device), sin.to(x.device))

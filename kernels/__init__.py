@@ -1,5 +1,6 @@
-"""Triton kernels for bulk KV work, each with a torch reference. Installed as `kvcli.kernels`.
+"""Triton kernels for bulk KV work, each tested against its torch reference. Installed as `kvcli.kernels`.
 
-`reference` needs only torch and is the CPU path; `dequantize` needs triton (the `gpu` extra). On CPU the kernels
-run under TRITON_INTERPRET=1, which is how the test suite checks them without a GPU.
+The references live in `codecs/quantize.py` (the CPU path); kernels import them, never the reverse at import
+time. The kernels need triton (the `gpu` extra); on CPU they run under TRITON_INTERPRET=1, which is how the test
+suite checks them without a GPU.
 """

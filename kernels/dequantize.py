@@ -1,9 +1,12 @@
 """kvq's tensor stage on the GPU: integers to values, then RoPE back onto keys, in one pass.
 
-Reference: kernels/reference.py (dequantize_rotate_ref), which is also the CPU path.
+Reference: codecs/quantize.py (dequantize_rotate_ref), which is also the CPU path. Kernels import from codecs,
+never the reverse at import time.
 
 q is channel-major int32 (heads, dim, tokens); center and step are float32 (heads, dim). For keys, inv_freq
-(dim / 2,) rotates channel pairs (i, i + dim/2) by (token_start + t) * inv_freq[i] (rotate-half layout).
+(dim / 2,) rotates channel pairs (i, i + dim/2) by (token_start + t) * inv_freq[i] (rotate-half layout); the
+launcher passes the reference's own cos and sin tables (float64 angles rounded once), so the kernel and the
+reference differ at most where the compiler fuses a multiply and an add.
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..codecs.quantize import rope_tables
+
 BLOCK_TOKENS = 256
 
 
 @triton.jit
-def dequantize_rotate_kernel(q_ptr, center_ptr, step_ptr, freq_ptr, out_ptr, dim, tokens, token_start,
+def dequantize_rotate_kernel(q_ptr, center_ptr, step_ptr, cos_ptr, sin_ptr, out_ptr, dim, tokens,
                              ROTATE: tl.constexpr, BLOCK: tl.constexpr):
     # One program: one head, one channel pair (or one channel without RoPE), one block of tokens.
     head = tl.program_id(0)
@@ -31,9 +36,8 @@ def dequantize_rotate_kernel(q_ptr, center_ptr, step_ptr, freq_ptr, out_ptr, dim
         row_b = row_a + half
         qb = tl.load(q_ptr + row_b * tokens + offs, mask=mask, other=0).to(tl.float32)
         xb = qb * tl.load(step_ptr + row_b) + tl.load(center_ptr + row_b)
-        angle = (token_start + offs).to(tl.float32) * tl.load(freq_ptr + chan)
-        c = tl.cos(angle)
-        s = tl.sin(angle)
+        c = tl.load(cos_ptr + chan * tokens + offs, mask=mask, other=0.0)
+        s = tl.load(sin_ptr + chan * tokens + offs, mask=mask, other=0.0)
         tl.store(out_ptr + row_a * tokens + offs, xa * c - xb * s, mask=mask)
         tl.store(out_ptr + row_b * tokens + offs, xb * c + xa * s, mask=mask)
     else:
@@ -51,8 +55,11 @@ def dequantize_rotate(q: torch.Tensor, center: torch.Tensor, step: torch.Tensor,
     if rotate and dim % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {dim}")
     channels = dim // 2 if rotate else dim
-    freq = inv_freq.float().contiguous() if rotate else center  # unused pointer when not rotating
+    if rotate:
+        cos, sin = (t.to(q.device).contiguous() for t in rope_tables(inv_freq, token_start, tokens))
+    else:
+        cos = sin = center  # unused pointers when not rotating
     grid = (heads, channels, triton.cdiv(tokens, BLOCK_TOKENS))
-    dequantize_rotate_kernel[grid](q.contiguous(), center.float().contiguous(), step.float().contiguous(), freq, out,
-                                   dim, tokens, token_start, ROTATE=rotate, BLOCK=BLOCK_TOKENS)
+    dequantize_rotate_kernel[grid](q.contiguous(), center.float().contiguous(), step.float().contiguous(), cos, sin,
+                                   out, dim, tokens, ROTATE=rotate, BLOCK=BLOCK_TOKENS)
     return out

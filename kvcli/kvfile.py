@@ -1,22 +1,22 @@
-"""KV caches to and from .kvc containers: chunking, codec calls, parallel decode."""
+"""KV caches to and from .kvc containers: chunking, codec calls, bounds, and decoding in file order."""
 
 from __future__ import annotations
 
-import mmap
 import os
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-
-import numpy as np
 
 import torch
 
-from . import __version__, format, parallel
-from .codecs import Codec, CodecError, SegmentContext, codec_from_header
+from . import __version__, format
+from .codecs import Codec, CodecError, Decoder, SegmentContext, codec_from_header
+from .codecs.base import ITEMSIZE
 from .errors import FormatError
 from .kvcache import KVCache
 
 DEFAULT_CHUNK_TOKENS = 256
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+MEMORY_SHARE = 0.9  # a decoded cache may take at most this share of the memory available when decoding starts
 
 
 def _chunks(start: int, end: int, chunk: int):
@@ -40,12 +40,54 @@ def layer_shapes(kv: KVCache) -> list[format.LayerShape]:
     ]
 
 
+def decoded_bytes(layers: list[format.LayerShape], num_tokens: int, dtype: str) -> int:
+    """Bytes of every layer's K and V once decoded."""
+    return sum(s.kv_heads * (num_tokens - s.token_start) * (s.key_dim + s.value_dim) for s in layers) * ITEMSIZE[dtype]
+
+
+def check_expansion(codec: type[Codec] | Codec, decoded: int, stored: int) -> None:
+    """Bound (a): no valid file of this codec decodes to more than max_expansion times its data bytes.
+
+    The writer calls it too, so it never writes a file its reader refuses.
+    """
+    if decoded > codec.max_expansion * stored:
+        raise CodecError(f"{decoded} decoded bytes from {stored} stored bytes exceeds codec {codec.name}'s "
+                         f"maximum expansion of {codec.max_expansion:g}x")
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for the decoded cache: MemAvailable on CPU, free device memory on CUDA; None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_decoded_size(header: format.Header, codec: Codec, name: str, available: int | None) -> None:
+    """Refuse, before allocating anything, a file whose decoded size breaks either bound (docs/codec.md)."""
+    decoded = decoded_bytes(header.layers, header.num_tokens, header.dtype)
+    try:
+        check_expansion(codec, decoded, header.data_bytes())
+    except CodecError as err:
+        raise FormatError(f"{name}: {err}") from None
+    if available is not None and decoded > MEMORY_SHARE * available:
+        raise FormatError(f"{name}: the decoded cache needs {decoded} bytes, more than {MEMORY_SHARE:.0%} of the "
+                          f"{available} bytes of memory available")
+
+
 def encode(kv: KVCache, model_identity: dict, codec: Codec, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
            extra: dict | None = None) -> tuple[dict, list[format.SegmentData]]:
-    """Header fields and segment bytes for `kv`; hand both to format.write_kvc."""
+    """Header fields and segment bytes for `kv`; hand both to format.write_kvc. CodecError if `kv` cannot be
+    coded (non-finite values for a lossy codec, say)."""
     dtype = DTYPE_NAMES[kv.dtype]
     shapes = layer_shapes(kv)
-    codec.fit(kv.keys, kv.values, [s.token_start for s in shapes])
+    encoder = codec.fit(kv.keys, kv.values, [s.token_start for s in shapes])
     jobs = []
     for c_start, c_end in _chunks(0, kv.num_tokens, chunk_tokens):
         for li, shape in enumerate(shapes):
@@ -55,11 +97,11 @@ def encode(kv: KVCache, model_identity: dict, codec: Codec, chunk_tokens: int = 
             for kind, tensors in (("k", kv.keys), ("v", kv.values)):
                 ctx = _context(dtype, kind, li, shape, lo, c_end - lo)
                 local = slice(lo - shape.token_start, c_end - shape.token_start)
-                jobs.append((ctx, tensors[li][:, local, :]))
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        blobs = list(pool.map(lambda job: codec.encode(job[1], job[0]), jobs))
-    parts = [format.SegmentData("aux", -1, 0, 0, data, name) for name, data in sorted(codec.aux().items())]
-    parts += [format.SegmentData(ctx.kind, ctx.layer, ctx.token_start, ctx.tokens, blob) for (ctx, _), blob in zip(jobs, blobs)]
+                jobs.append((tensors[li][:, local, :], ctx))
+    blobs = encoder.encode_many(jobs)
+    parts = [format.SegmentData("aux", -1, 0, 0, data, name) for name, data in sorted(encoder.aux().items())]
+    parts += [format.SegmentData(ctx.kind, ctx.layer, ctx.token_start, ctx.tokens, blob) for (_, ctx), blob in zip(jobs, blobs)]
+    check_expansion(codec, decoded_bytes(shapes, kv.num_tokens, dtype), sum(len(p.data) for p in parts))
     meta = {
         "model": model_identity,
         "dtype": dtype,
@@ -74,125 +116,102 @@ def encode(kv: KVCache, model_identity: dict, codec: Codec, chunk_tokens: int = 
     return meta, parts
 
 
-def open_codec(src: format.ByteSource, header: format.Header) -> Codec:
+def open_decoder(src: format.ByteSource, header: format.Header) -> tuple[Codec, Decoder]:
+    """The file's codec, validated, and its decoder built from the aux segments (checksums verified)."""
+    name = getattr(src, "path", "<input>")
     try:
-        codec = codec_from_header(header.codec["name"], header.codec["params"])
-    except (CodecError, ValueError, TypeError, KeyError) as err:
-        raise FormatError(f"{getattr(src, 'path', '<input>')}: codec: {err}") from None
+        codec = codec_from_header(header.codec.get("name"), header.codec.get("params"))
+    except CodecError as err:
+        raise FormatError(f"{name}: codec: {err}") from None
     aux = {s.name: format.read_segment(src, header, s) for s in header.segments if s.kind == "aux"}
     try:
-        codec.load_aux(aux)
-    except (CodecError, ValueError, KeyError) as err:
-        raise FormatError(f"{getattr(src, 'path', '<input>')}: codec tables: {err}") from None
-    return codec
+        return codec, codec.open(aux)
+    except CodecError as err:
+        raise FormatError(f"{name}: codec tables: {err}") from None
+
+
+def _batches(segs: list[format.Segment], ctxs: list[SegmentContext], target: int) -> list[list[int]]:
+    """Consecutive runs of segments, in file order, of about `target` elements each."""
+    batches, current, size = [], [], 0
+    for i, ctx in enumerate(ctxs):
+        current.append(i)
+        size += ctx.heads * ctx.tokens * ctx.dim
+        if size >= target:
+            batches.append(current)
+            current, size = [], 0
+    return batches + ([current] if current else [])
+
+
+def _segments(header: format.Header) -> tuple[list[format.Segment], list[SegmentContext]]:
+    segs = [s for s in header.segments if s.kind != "aux"]
+    return segs, [_context(header.dtype, s.kind, s.layer, header.layers[s.layer], s.token_start, s.token_count)
+                  for s in segs]
+
+
+def _entropy(decoder: Decoder, name: str, segs, batch: list[int], ctxs, datas: list[bytes]) -> list:
+    try:
+        return decoder.entropy([(ctxs[i], data) for i, data in zip(batch, datas)])
+    except CodecError as err:
+        where = segs[batch[err.index]].label() if err.index is not None else "segments " + ", ".join(
+            segs[i].label() for i in batch)
+        raise FormatError(f"{name}: {where}: cannot decode: {err}") from None
 
 
 def decode(src: format.ByteSource, header: format.Header, threads: int | None = None,
-           device: str | torch.device = "cpu", kernel: bool | None = None) -> KVCache:
-    """Every segment read, checksum-verified and decoded; the exact bad segment is named on failure.
+           device: str | torch.device = "cpu", backend: str | None = None) -> KVCache:
+    """Every segment read in file order, checksum-verified and decoded; the exact bad segment is named on failure.
 
-    With a CUDA `device`, kvq's tensor stage runs there as a Triton kernel (kernel=None picks it for CUDA;
-    kernel=True forces it, which on CPU needs TRITON_INTERPRET=1). Other codecs decode on CPU and move.
+    Segments are read batch by batch while earlier batches decode on `threads` threads, so a source that
+    downloads ahead overlaps download and decode. backend: "torch" or "triton" (default: triton on CUDA).
     """
     device = torch.device(device)
-    kernel = device.type == "cuda" if kernel is None else kernel
-    codec = open_codec(src, header)
+    backend = backend or ("triton" if device.type == "cuda" else "torch")
+    name = getattr(src, "path", "<input>")
+    codec, decoder = open_decoder(src, header)
+    check_decoded_size(header, codec, name, available_memory(device))
     dtype = format_dtype(header.dtype)
     n = header.num_tokens
-    name = getattr(src, "path", "<input>")
-    segs = [s for s in header.segments if s.kind != "aux"]
-    ctxs = [_context(header.dtype, s.kind, s.layer, header.layers[s.layer], s.token_start, s.token_count) for s in segs]
+    keys = [torch.empty((s.kv_heads, n - s.token_start, s.key_dim), dtype=dtype, device=device) for s in header.layers]
+    values = [torch.empty((s.kv_heads, n - s.token_start, s.value_dim), dtype=dtype, device=device) for s in header.layers]
+    segs, ctxs = _segments(header)
     threads = threads or os.cpu_count() or 1
-    fork = threads > 1 and len(segs) >= 8 and parallel.fork_available()
+    total = sum(c.heads * c.tokens * c.dim for c in ctxs)
+    batches = _batches(segs, ctxs, max(1, min(decoder.batch_elements, -(-total // threads))))
 
-    def guarded(i: int, fn):
-        try:
-            return fn()
-        except (CodecError, ValueError, RuntimeError) as err:
-            raise FormatError(f"{name}: {segs[i].label()}: cannot decode: {err}") from None
-
-    if hasattr(codec, "decode_symbols") and (kernel or device.type != "cpu" or fork):
-        # Channel-major storage: segments land without a transpose; the cache holds transposed views, which
-        # injection copies into the model's layout anyway.
-        stores = {(li, kind): torch.empty((s.kv_heads, s.key_dim if kind == "k" else s.value_dim, n - s.token_start),
-                                          dtype=dtype, device=device)
-                  for li, s in enumerate(header.layers) for kind in ("k", "v")}
-        keys = [stores[(li, "k")].transpose(1, 2) for li in range(len(header.layers))]
-        values = [stores[(li, "v")].transpose(1, 2) for li in range(len(header.layers))]
-
-        def place_channel_major(i: int, out: torch.Tensor) -> None:
+    def work(batch: list[int], datas: list[bytes]) -> None:
+        symbols = _entropy(decoder, name, segs, batch, ctxs, datas)
+        for i, data, sym in zip(batch, datas, symbols):
             seg, ctx = segs[i], ctxs[i]
-            if tuple(out.shape) != (ctx.heads, ctx.dim, ctx.tokens):
-                raise FormatError(f"{name}: {seg.label()}: decoded shape {tuple(out.shape)} != {ctx.shape}")
             lo = seg.token_start - header.layers[seg.layer].token_start
-            stores[(seg.layer, seg.kind)][:, :, lo : lo + seg.token_count] = out
+            out = (keys if seg.kind == "k" else values)[seg.layer][:, lo : lo + seg.token_count]
+            try:
+                decoder.reconstruct(ctx, data, sym, out, backend)
+            except CodecError as err:
+                raise FormatError(f"{name}: {seg.label()}: cannot decode: {err}") from None
 
-        _decode_two_stage(src, header, codec, segs, ctxs, place_channel_major, guarded, threads, fork, kernel, device)
-    else:
-        keys = [torch.empty((s.kv_heads, n - s.token_start, s.key_dim), dtype=dtype) for s in header.layers]
-        values = [torch.empty((s.kv_heads, n - s.token_start, s.value_dim), dtype=dtype) for s in header.layers]
-
-        def place(i: int, out: torch.Tensor) -> None:
-            seg, ctx = segs[i], ctxs[i]
-            if tuple(out.shape) != ctx.shape or out.dtype != dtype:
-                raise FormatError(f"{name}: {seg.label()}: decoded shape {tuple(out.shape)} != {ctx.shape}")
-            lo = seg.token_start - header.layers[seg.layer].token_start
-            (keys if seg.kind == "k" else values)[seg.layer][:, lo : lo + seg.token_count, :] = out
-
-        def work(i: int) -> None:
-            data = format.read_segment(src, header, segs[i])
-            place(i, guarded(i, lambda: codec.decode(data, ctxs[i])))
-
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            list(pool.map(work, range(len(segs))))
-        if device.type != "cpu":
-            keys, values = [k.to(device) for k in keys], [v.to(device) for v in values]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            datas = [format.read_segment(src, header, segs[i]) for i in batch]
+            pending.append(pool.submit(work, batch, datas))
+            while len(pending) > threads:
+                pending.popleft().result()
+        while pending:
+            pending.popleft().result()
     return KVCache(list(header.token_ids), keys, values)
 
 
-def _decode_two_stage(src, header, codec, segs, ctxs, place, guarded, threads, fork, kernel, device) -> None:
-    """Entropy-decode into shared memory on two processes, then rebuild tensors on threads."""
-    datas = [format.read_segment(src, header, s) for s in segs]  # checksums are verified before any decoding
-    shapes = [guarded(i, lambda i=i: codec.symbol_shape(ctxs[i])) for i in range(len(segs))]
-    sizes = [int(np.prod(shape)) for shape in shapes]
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    shared = mmap.mmap(-1, max(4 * int(offsets[-1]), 4))
-    try:
-        symbols = np.frombuffer(shared, dtype=np.int32, count=int(offsets[-1]))
-
-        def view(i: int) -> np.ndarray:
-            return symbols[offsets[i] : offsets[i + 1]].reshape(shapes[i])
-
-        def entropy_stage(i: int) -> None:
-            guarded(i, lambda: codec.decode_symbols(datas[i], ctxs[i], view(i)))
-
-        if fork:
-            try:
-                parallel.split_run(segs, entropy_stage, [len(d) for d in datas])
-            except parallel.WorkerError as err:
-                raise (FormatError if err.kind == "FormatError" else RuntimeError)(str(err)) from None
-        else:
-            for i in range(len(segs)):
-                entropy_stage(i)
-
-        def rebuild(i: int) -> None:
-            place(i, guarded(i, lambda: codec.reconstruct(datas[i], ctxs[i], view(i), kernel, device)))
-
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            list(pool.map(rebuild, range(len(segs))))
-        del symbols
-    finally:
-        try:
-            shared.close()
-        except BufferError:  # a tensor still views the buffer; the OS frees it with the last reference
-            pass
-
-
-def verify(src: format.ByteSource, header: format.Header) -> int:
-    """Check every segment's checksum; returns how many were checked."""
-    for seg in header.segments:
-        format.read_segment(src, header, seg)
-    return len(header.segments)
+def verify(src: format.ByteSource, header: format.Header) -> dict:
+    """Everything a reader checks short of loading a model: codec name and params, aux tables, every checksum,
+    the decoded-size bounds, and every segment's entropy stage (sizes, stream, escape counts)."""
+    name = getattr(src, "path", "<input>")
+    codec, decoder = open_decoder(src, header)
+    check_decoded_size(header, codec, name, None)
+    segs, ctxs = _segments(header)
+    for batch in _batches(segs, ctxs, decoder.batch_elements):
+        _entropy(decoder, name, segs, batch, ctxs, [format.read_segment(src, header, segs[i]) for i in batch])
+    return {"ok": True, "codec": codec.name, "segments": len(header.segments), "tensor_segments": len(segs),
+            "decoded_bytes": decoded_bytes(header.layers, header.num_tokens, header.dtype)}
 
 
 def format_dtype(name: str) -> torch.dtype:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import re
-import zlib
 
 import numpy as np
 import pytest
@@ -13,12 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvcli import format, kvfile
-from kvcli.codecs import KvqCodec, Profile
+from kvcli.codecs import CodecError, KvqCodec, Profile
 from kvcli.codecs.quantize import rope_tables, unrotate_keys
-from kvcli.errors import KvcliError
+from kvcli.errors import FormatError, KvcliError
 from kvcli.kvcache import KVCache
 
-IDENT = {"architecture": "X", "config_digest": "a", "weights_digest": "b", "tokenizer_digest": "c"}
+IDENT = {"architecture": "X", "config_digest": "a" * 64, "weights_digest": "b" * 64, "tokenizer_digest": "c" * 64}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 REL = {"float32": 1e-6, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 
@@ -34,11 +32,20 @@ def synthetic_cache(seed, layers, heads, tokens, dim, dtype, window=None):
     return KVCache(list(range(tokens)), keys, values)
 
 
+def build(meta, parts) -> bytes:
+    return format.build_header(meta, parts) + b"".join(p.data for p in parts)
+
+
 def encode_decode(kv, codec, chunk):
-    meta, parts = kvfile.encode(kv, IDENT, codec, chunk)
-    data = format.build_header(meta, parts) + b"".join(p.data for p in parts)
+    data = build(*kvfile.encode(kv, IDENT, codec, chunk))
     src = format.BytesSource(data)
     return data, kvfile.decode(src, format.read_header(src))
+
+
+def file_plans(data: bytes):
+    """The plans the file itself stores (what the decoder uses)."""
+    src = format.BytesSource(data)
+    return kvfile.open_decoder(src, format.read_header(src))[1].plans
 
 
 def inv_freq(layers, dim):
@@ -53,7 +60,8 @@ def test_error_bound_and_exact_sinks(layers, heads, tokens, dim, dtype, chunk, s
     kv = synthetic_cache(seed, layers, heads, tokens, dim, DTYPES[dtype], window)
     freqs = inv_freq(layers, dim) if rope else None
     codec = KvqCodec(scale, sinks, None, freqs)
-    _, out = encode_decode(kv, codec, chunk)
+    data, out = encode_decode(kv, codec, chunk)
+    plans = file_plans(data)
     for layer in range(layers):
         start = kv.token_start(layer)
         skip = max(0, sinks - start)
@@ -62,7 +70,7 @@ def test_error_bound_and_exact_sinks(layers, heads, tokens, dim, dtype, chunk, s
             assert torch.equal(x[:, :skip], y[:, :skip])  # sinks are bit-exact
             if skip >= x.shape[1]:
                 continue
-            step = torch.from_numpy(codec.plans[(layer, kind)].step.astype(np.float32))[:, None, :]
+            step = torch.from_numpy(plans[(layer, kind)].step.astype(np.float32))[:, None, :]
             a, b = x[:, skip:].float(), y[:, skip:].float()
             if kind == 0 and rope:  # the bound holds where quantization happened: before RoPE
                 cos, sin = rope_tables(torch.from_numpy(freqs[layer]), start + skip, a.shape[1])
@@ -87,10 +95,9 @@ def test_finer_steps_mean_smaller_error_and_larger_files():
 def test_profile_shapes_steps():
     kv = synthetic_cache(1, 2, 2, 100, 8, torch.float32)
     sens = np.array([[1e-4, 1e-4], [1e-2, 1e-4]])  # layer 1 K is 100x more sensitive
-    codec = KvqCodec(1.0, 0, Profile("t", sens, None), None)
-    codec.fit(kv.keys, kv.values, [0, 0])
+    encoder = KvqCodec(1.0, 0, Profile("t", sens, None), None).fit(kv.keys, kv.values, [0, 0])
     rms = [float((k - k.mean(1, keepdim=True)).pow(2).mean().sqrt()) for k in kv.keys]
-    ratio = (codec.plans[(1, 0)].step.astype(np.float64).mean() / rms[1]) / (codec.plans[(0, 0)].step.astype(np.float64).mean() / rms[0])
+    ratio = (encoder.plans[(1, 0)].step.astype(np.float64).mean() / rms[1]) / (encoder.plans[(0, 0)].step.astype(np.float64).mean() / rms[0])
     assert ratio == pytest.approx(0.1, rel=0.01)
 
 
@@ -98,66 +105,108 @@ def test_header_records_the_codec_settings():
     kv = synthetic_cache(2, 1, 1, 10, 4, torch.float16)
     data, _ = encode_decode(kv, KvqCodec(0.5, 2, None, None, {"quality": "balanced"}), 8)
     header = format.read_header(format.BytesSource(data))
-    assert header.codec == {"name": "kvq", "params": {"version": 1, "scale": 0.5, "sinks": 2, "quality": "balanced"}}
+    assert header.codec == {"name": "kvq", "params": {"version": 2, "scale": 0.5, "sinks": 2, "quality": "balanced"}}
 
 
-def reseal(data: bytes, mutate) -> bytes:
-    """Apply `mutate` to the data section, then fix every checksum so only the codec can notice."""
-    header = format.read_header(format.BytesSource(data))
-    body = bytearray(data[header.data_offset :])
-    mutate(body)
-    doc = json.loads(data[format.PREAMBLE_SIZE : header.data_offset])
-    for row in doc["aux"]:
-        row[3] = zlib.crc32(bytes(body[row[1] : row[1] + row[2]]))
-    for row in doc["segments"]:
-        row[6] = zlib.crc32(bytes(body[row[4] : row[4] + row[5]]))
-    raw = json.dumps(doc).encode()
-    return format.PREAMBLE.pack(format.MAGIC, 1, 0, len(raw), zlib.crc32(raw)) + raw + bytes(body)
+KV = synthetic_cache(3, 2, 2, 40, 8, torch.float16)
+META, PARTS = kvfile.encode(KV, IDENT, KvqCodec(0.4, 2, None, inv_freq(2, 8)), 16)
+GOOD = build(META, PARTS)
 
 
-GOOD = encode_decode(synthetic_cache(3, 2, 2, 40, 8, torch.float16), KvqCodec(0.4, 2, None, inv_freq(2, 8)), 16)[0]
+def with_params(**params) -> bytes:
+    meta = {**META, "codec": {"name": "kvq", "params": {**META["codec"]["params"], **params}}}
+    return build(meta, PARTS)
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"version": 1}, "kvq bitstream version 1 is not supported"),
+    ({"version": "2"}, "param 'version' has the wrong type"),
+    ({"scale": -1.0}, "step scale must be finite and positive"),
+    ({"scale": True}, "param 'scale' has the wrong type"),
+    ({"sinks": 1.5}, "param 'sinks' has the wrong type"),
+    ({"sinks": -1}, "sinks must be in"),
+    ({"colour": "red"}, "unknown params"),
+])
+def test_bad_params_are_refused_by_decode_and_verify(params, message):
+    for run in (kvfile.decode, kvfile.verify):
+        src = format.BytesSource(with_params(**params), "t.kvc")
+        with pytest.raises(FormatError, match=f"t.kvc: codec: .*{re.escape(message)}"):
+            run(src, format.read_header(src))
+
+
+def test_unknown_codec_is_refused():
+    meta = {**META, "codec": {"name": "kvq9", "params": {}}}
+    src = format.BytesSource(build(meta, PARTS), "t.kvc")
+    with pytest.raises(FormatError, match="unknown codec 'kvq9'"):
+        kvfile.verify(src, format.read_header(src))
+
+
+def replace_segment(index: int, data: bytes) -> bytes:
+    parts = list(PARTS)
+    p = parts[index]
+    parts[index] = format.SegmentData(p.kind, p.layer, p.token_start, p.token_count, data, p.name)
+    return build(META, parts)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
-def test_fuzz_garbage_behind_valid_checksums(data):
-    size = len(GOOD) - format.read_header(format.BytesSource(GOOD)).data_offset
-
-    def mutate(body):
-        for _ in range(data.draw(st.integers(1, 6))):
-            pos = data.draw(st.integers(0, size - 1))
-            body[pos] = data.draw(st.integers(0, 255))
-
-    bad = reseal(GOOD, mutate)
-    try:
+def test_garbage_behind_valid_checksums_is_refused_or_decodes_as_verify_says(data):
+    """Any mutation of a segment's bytes: decode and verify both refuse it with a KvcliError, or both accept it
+    and the values are finite. Never another exception."""
+    index = data.draw(st.integers(0, len(PARTS) - 1))
+    blob = bytearray(PARTS[index].data)
+    for _ in range(data.draw(st.integers(1, 6))):
+        blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))
+    bad = replace_segment(index, bytes(blob))
+    outcome = []
+    for run in (kvfile.verify, kvfile.decode):
         src = format.BytesSource(bad)
-        out = kvfile.decode(src, format.read_header(src))
-        assert all(k.shape[1] <= 40 for k in out.keys)
-    except KvcliError:
-        pass
+        try:
+            result = run(src, format.read_header(src))
+            outcome.append("ok")
+        except KvcliError:
+            outcome.append("refused")
+            continue
+        if run is kvfile.decode:
+            assert all(torch.isfinite(t).all() for t in result.keys + result.values)
+    assert outcome[0] == outcome[1]
 
 
-def test_two_process_decode_equals_one_thread():
+def test_threads_decode_equals_one_thread():
     src = format.BytesSource(GOOD)
     header = format.read_header(src)
-    assert len([s for s in header.segments if s.kind != "aux"]) >= 8  # enough segments for the forked path
     serial = kvfile.decode(src, header, threads=1)
-    forked = kvfile.decode(src, header, threads=2)
-    for a, b in zip(serial.keys + serial.values, forked.keys + forked.values):
+    threaded = kvfile.decode(src, header, threads=2)
+    for a, b in zip(serial.keys + serial.values, threaded.keys + threaded.values):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("index", range(12))
-def test_a_bad_segment_is_named_whichever_process_decodes_it(index):
-    """Garbage behind a valid checksum in any one segment: one FormatError naming that segment."""
-    from kvcli.errors import FormatError
-
+@pytest.mark.parametrize("index", range(2, 14))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_bad_segment_is_named(index, threads):
+    """An absurd lane count in any one segment: one FormatError naming that segment, however decoding is split."""
     header = format.read_header(format.BytesSource(GOOD))
-    seg = [s for s in header.segments if s.kind != "aux"][index]
-
-    def mutate(body):
-        body[seg.offset : seg.offset + 4] = (0xFFFFFFF).to_bytes(4, "little")  # an absurd word count
-
-    src = format.BytesSource(reseal(GOOD, mutate))
+    seg = header.segments[index]
+    data = replace_segment(index, (0xFFFFFFF).to_bytes(4, "little") + PARTS[index].data[4:])
+    src = format.BytesSource(data)
     with pytest.raises(FormatError, match=re.escape(f"{seg.label()}: cannot decode")):
-        kvfile.decode(src, format.read_header(src), threads=2)
+        kvfile.decode(src, format.read_header(src), threads=threads)
+
+
+def test_non_finite_values_are_refused_at_encode_time():
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        kv = synthetic_cache(4, 2, 2, 20, 8, torch.float32)
+        kv.values[1][1, 7, 3] = bad
+        with pytest.raises(CodecError, match="non-finite"):
+            kvfile.encode(kv, IDENT, KvqCodec(0.75, 1, None, None), 16)
+
+
+def test_values_beyond_the_range_are_refused_at_encode_time_and_large_ones_round_trip():
+    kv = synthetic_cache(5, 1, 1, 20, 4, torch.float32)
+    kv.keys[0][0, 5, 1] = 1e15
+    with pytest.raises(CodecError, match="beyond kvq's range"):
+        kvfile.encode(kv, IDENT, KvqCodec(0.75, 0, None, None), 8)
+    kv.keys[0][0, 5, 1] = 1e12
+    data, out = encode_decode(kv, KvqCodec(0.75, 0, None, None), 8)
+    step = float(file_plans(data)[(0, 0)].step[0, 1])
+    assert abs(float(out.keys[0][0, 5, 1]) - 1e12) <= step / 2 + 1e12 * 2**-23
