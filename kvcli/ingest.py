@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from . import batching, inference, kvfile, models, pipeline
+from . import batching, inference, keys, kvfile, models, pipeline
 from .errors import InputError, KvcliError, StorageError, UsageError
 
 # Padded tokens per forward pass. bench/ingest.py: on 2 CPU cores, batches of 8 documents of 300 tokens
@@ -200,43 +200,6 @@ def in_shard(sources: Iterable[Source], index: int, count: int) -> Iterator[Sour
     return (s for s in sources if shard_of(s.id, count) == index)
 
 
-# ---------------------------------------------------------------- store and keys
-
-
-class DirectoryStore:
-    """Content-addressed `<key>.kvc` files in one directory, written atomically."""
-
-    def __init__(self, root: str):
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise StorageError(f"{root}: directory does not exist")
-        if not os.access(self.root, os.W_OK | os.X_OK):
-            raise StorageError(f"{root}: directory is not writable")
-
-    def location(self, key: str) -> str:
-        return str(self.root / f"{key}.kvc")
-
-    def exists(self, key: str) -> bool:
-        return os.path.isfile(self.location(key))
-
-    def put(self, key: str, chunks: list[bytes]) -> str:
-        from .format import atomic_write
-
-        atomic_write(self.location(key), chunks)
-        return self.location(key)
-
-
-def open_store(spec: str) -> DirectoryStore:
-    return DirectoryStore(spec)
-
-
-def cache_key(identity: dict, dtype: str, codec_name: str, codec_params: dict, token_ids: list[int]) -> str:
-    """SHA-256 over what determines a cache's contents: model, dtype, codec and tokens."""
-    doc = {"model": {k: identity[k] for k in ("architecture", "config_digest", "weights_digest", "tokenizer_digest")},
-           "dtype": dtype, "codec": {"name": codec_name, "params": codec_params}, "token_ids": token_ids}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
 # ---------------------------------------------------------------- the engine
 
 
@@ -297,7 +260,7 @@ class Ingest:
     def __init__(self, lm: models.LoadedModel, store, settings: Settings = Settings()):
         self.lm, self.store, self.settings = lm, store, settings
         self.codec = pipeline.codec_for(settings.quality, lm, settings.step_scale, settings.sinks)
-        self.codec_params = self.codec.params()
+        self.codec_spec = {"name": self.codec.name, "params": self.codec.params()}
         context = lm.max_tokens()
         self.max_tokens = min(x for x in (settings.max_tokens, context) if x) if (settings.max_tokens or context) else 0
         if settings.split and not self.max_tokens:
@@ -340,8 +303,9 @@ class Ingest:
         for number, ids in enumerate(segments):
             seg = {} if len(segments) == 1 else {"segment": number, "segments": len(segments)}
             doc_id = source.id if not seg else f"{source.id}#{number}"
-            key = cache_key(self.lm.identity, self.lm.dtype, self.codec.name, self.codec_params, ids)
-            line = manifest_line(doc_id, "skipped", source.extra, key=key, path=self.store.location(key),
+            # The key is known before the forward pass, so a cache already stored costs no prefill.
+            key = keys.derive_key(self.lm.identity, self.lm.dtype, self.codec_spec, ids)
+            line = manifest_line(doc_id, "skipped", source.extra, key=key, path=self.store.url_for(key),
                                  tokens=len(ids), seconds=round(share, 3), **seg)
             yield line if self.store.exists(key) else _Job(line, doc, ids, share)
 
@@ -377,25 +341,25 @@ class Ingest:
             pipeline.check_finite(kv, self.codec, line["id"])
             meta, parts = kvfile.encode(kv, self.lm.identity, self.codec, self.settings.chunk_tokens,
                                         pipeline.provenance(job.doc))
-            chunks = encode_chunks(meta, parts)
-            line["path"] = self.store.put(line["key"], chunks)
+            data = encode_file(meta, parts)
+            self.store.put(line["key"], data)  # validated, then stored atomically under the key we expect
         except StorageError as err:
             line.update(status="failed", error=str(err))
             raise
         except InputError as err:
             line.update(status="failed", error=self._failed(err))
         else:
-            size = sum(len(c) for c in chunks)
+            size = len(data)
             elements = sum(k.numel() + v.numel() for k, v in zip(kv.keys, kv.values))
             line.update(status="written", bytes=size, bits_per_element=round(size * 8 / elements, 3))
         finally:
             line["seconds"] = round(job.seconds + time.perf_counter() - start, 3)
 
 
-def encode_chunks(meta: dict, parts) -> list[bytes]:
+def encode_file(meta: dict, parts) -> bytes:
     from .format import build_header
 
-    return [build_header(meta, parts)] + [p.data for p in parts]
+    return b"".join([build_header(meta, parts)] + [p.data for p in parts])
 
 
 # ---------------------------------------------------------------- Ray Data
@@ -418,7 +382,9 @@ class PrefillBatches:
         if quality not in QUALITIES:
             raise UsageError(f"unknown quality {quality!r}; choose one of {', '.join(QUALITIES)}")
         self.text_field = text_field
-        self.ingest = Ingest(models.load(model, dtype), open_store(store),
+        from .store import open_store
+
+        self.ingest = Ingest(models.load(model, dtype), open_store(store, create=True),
                              Settings(quality, step_scale, sinks, chunk_tokens, max_tokens, split, batch_tokens))
 
     def __call__(self, batch) -> dict[str, list]:

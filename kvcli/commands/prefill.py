@@ -93,7 +93,7 @@ def prefill_many(docs, jsonl, out_dir, shard, split, max_tokens, batch_tokens, m
     from .. import ingest, models
 
     index, count = ingest.parse_shard(shard) if shard else (0, 1)
-    store = ingest.open_store(out_dir)  # before the model loads: a bad store must not cost a model load
+    store = open_writable_store(out_dir)  # before the model loads: a bad store must not cost a model load
     files = list(ingest.file_sources(docs))
     records = ingest.jsonl_sources(jsonl) if jsonl is not None else iter(())
     sources = ingest.in_shard(itertools.chain(files, records), index, count)
@@ -112,6 +112,20 @@ def prefill_many(docs, jsonl, out_dir, shard, split, max_tokens, batch_tokens, m
     failed = progress.counts["failed"]
     if failed:  # exits with the code of the first failure's class, as if that document had been alone
         raise engine.failure(f"{failed} of {progress.done} documents failed; their lines on stdout say why")
+
+
+def open_writable_store(spec: str):
+    """The store for --out-dir (a directory is created), refused before any work when a directory is not
+    writable; remote stores say so on their first write."""
+    import os
+
+    from ..errors import StorageError
+    from ..store import DirStore, open_store
+
+    store = open_store(spec, create=True)
+    if isinstance(store, DirStore) and not os.access(store.root, os.W_OK | os.X_OK):
+        raise StorageError(f"{store.root}: the store directory is not writable")
+    return store
 
 
 class Progress:
