@@ -11,7 +11,7 @@ from typer import _click as click  # typer vendors click; its exceptions are the
 from typer.core import TyperGroup
 
 from . import __version__
-from .commands import calibrate, files, generate, prefill
+from .commands import calibrate, files, generate, prefill, store
 from .commands.common import print_error, state
 from .errors import Terminated
 
@@ -64,7 +64,7 @@ def root(
     state["debug"] = debug
 
 
-for module in (prefill, generate, files, calibrate):
+for module in (prefill, generate, files, calibrate, store):
     module.register(app)
 
 

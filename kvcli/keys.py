@@ -6,11 +6,11 @@ parameters, and the token ids. It never depends on Python's hash(), a random see
 
 from __future__ import annotations
 
+import array
 import hashlib
 import json
 import re
-
-import numpy as np
+import sys
 
 from .errors import UsageError
 
@@ -26,10 +26,13 @@ def canonical_json(obj) -> bytes:
 
 def token_bytes(token_ids) -> bytes:
     """The token ids as u32 little-endian, the byte string both keys and tokens_sha256 hash."""
-    ids = np.asarray(token_ids, dtype=np.int64)
-    if ids.ndim != 1 or (ids.size and (ids.min() < 0 or ids.max() > 0xFFFFFFFF)):
-        raise ValueError("token ids must be a flat list of integers in [0, 2**32)")
-    return ids.astype("<u4").tobytes()
+    try:
+        ids = array.array("I", token_ids)  # C unsigned int: 4 bytes wherever torch runs; the range check is C's
+    except (OverflowError, TypeError):
+        raise ValueError("token ids must be a flat list of integers in [0, 2**32)") from None
+    if sys.byteorder == "big":
+        ids.byteswap()
+    return ids.tobytes()
 
 
 def tokens_sha256(token_ids) -> str:

@@ -25,8 +25,16 @@ class CacheFile:
     kv: KVCache
 
 
-def read_header(path: str) -> tuple[format.ByteSource, format.Header]:
-    src = format.open_source(path)
+def read_header(path: str, cache_dir: str | None = None) -> tuple[format.ByteSource, format.Header]:
+    """Open a file, `-`, or a remote cache (http(s):// or s3:// URL, streamed; docs/server.md) and read its header."""
+    if "://" in path:
+        from . import remote
+
+        src = remote.open_source(path, cache_dir)
+        if isinstance(src, remote.RemoteSource):
+            return src, src.header
+    else:
+        src = format.open_source(path)
     try:
         return src, format.read_header(src)
     except BaseException:

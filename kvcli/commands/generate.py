@@ -39,7 +39,10 @@ def read_prompts(path: str) -> list[dict]:
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="The question or continuation prompt"),
     cache: Optional[list[str]] = typer.Option(None, "--cache", "-c", help=".kvc file holding the context; repeat it "
-                                              "to compose several documents' caches in the given order"),
+                                              "to compose several documents' caches in the given order; a URL "
+                                              "(http(s)://…/v1/caches/KEY, s3://…/KEY.kvc) streams while it decodes"),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Keep local copies of remote caches here "
+                                            "(LRU, at most $KVCLI_CACHE_DIR_BYTES bytes, default 4 GiB)"),
     document: Optional[str] = typer.Option(None, "--document", "-d", help="Prefill this document instead (reference path)"),
     prompts_file: Optional[str] = typer.Option(None, "--prompts", help="JSON lines of prompts; one answer line each, "
                                                "paying the model and cache load once"),
@@ -75,7 +78,7 @@ def generate(
         with contextlib.ExitStack() as stack:
             opened = []
             for path in cache:
-                src, header = pipeline.read_header(path)
+                src, header = pipeline.read_header(path, cache_dir)
                 stack.enter_context(src)
                 opened.append((src, header))
             with status("loading model"):

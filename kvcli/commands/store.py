@@ -1,0 +1,210 @@
+"""Commands on cache stores: `serve-cache`, `push`, `pull` (docs/server.md)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Optional
+
+import typer
+
+from .common import check_output, emit_json, handled
+
+TokenFileOpt = typer.Option(None, "--token-file", help="File whose first line is the bearer token "
+                            "[default: $KVCLI_TOKEN_FILE, then $KVCLI_TOKEN]")
+PULL_BLOCK = 1 << 20
+ATTEMPTS = 4
+
+
+def serve_cache(
+    root: str = typer.Argument(..., help="Store: a directory or an fsspec URL such as s3://bucket/prefix"),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback unless you say otherwise)"),
+    port: int = typer.Option(8088, "--port", min=0, max=65535, help="Port (0: any free port, printed at start)"),
+    token_file: Optional[str] = typer.Option(None, "--token-file", help="File whose first line is the bearer token"),
+    writable: bool = typer.Option(False, "--writable", help="Accept PUT and DELETE (with the token)"),
+    read_token: bool = typer.Option(False, "--read-token", help="Require the token for reads too"),
+    max_upload: int = typer.Option(4 << 30, "--max-upload-bytes", min=1, help="Largest accepted upload"),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error"),
+) -> None:
+    """Serve a cache store over HTTP: range reads, listing, lookup; validated uploads with --writable."""
+    import logging
+    import socket
+
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    from .. import remote, server, store
+    from ..errors import StorageError, UsageError
+
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise UsageError(f"unknown --log-level {log_level!r}")
+    token = remote.read_token(None, token_file) if token_file else None
+    backend = store.open_store(root, create=writable)
+    if isinstance(backend, store.ServerStore):
+        raise UsageError(f"{root}: serve a directory or an object store, not another server")
+    app = server.create_app(backend, token, writable, read_token, max_upload)
+    logging.basicConfig(level=log_level.upper(), format="%(message)s", force=True,
+                        handlers=[RichHandler(console=Console(stderr=True, width=None if sys.stderr.isatty() else 200),
+                                              show_path=False, rich_tracebacks=False, markup=False)])
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except (OSError, OverflowError) as err:
+        raise StorageError(f"cannot listen on {host}:{port}: {getattr(err, 'strerror', None) or err}") from None
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    # One plain line first, for scripts and tests that start the server on port 0.
+    print(f"kvcli serve-cache: listening on http://{shown}:{bound} ({'writable' if writable else 'read-only'}, "
+          f"store {backend.url})", file=sys.stderr, flush=True)
+    if host not in ("127.0.0.1", "::1", "localhost") and not (token and read_token):
+        logging.getLogger("kvcli.server").warning("listening on %s: reads are open to anyone who can reach it", host)
+    with sock:
+        server.serve(app, sock, log_level=log_level)
+    logging.getLogger("kvcli.server").info("stopped")
+
+
+def push(
+    file: str = typer.Argument(..., help=".kvc file to upload"),
+    url: str = typer.Argument(..., help="Store: http(s)://host:port (a kvcli server), a directory or s3://bucket/prefix"),
+    token_file: Optional[str] = TokenFileOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+) -> None:
+    """Validate FILE and store it under its key; print the key and the cache's URL. A cache already there is not
+    sent again."""
+    from .. import format, remote, store
+
+    target = store.open_store(url, remote.read_token(None, token_file), create=True)
+    with format.FileSource(file) as src:
+        key = store.checked_key(None, store.validate(src), file)
+        size = src.size
+    uploaded = False
+    if not target.exists(key):
+        retried(lambda: target.put(key, file), remote.ConnectionFailed)
+        uploaded = True
+    result = {"key": key, "url": target.url_for(key), "bytes": size, "uploaded": uploaded}
+    if as_json:
+        emit_json(result)
+    else:
+        print(f"{key} {result['url']}")
+
+
+def pull(
+    url: str = typer.Argument(..., help="http(s)://host:port/v1/caches/KEY or s3://bucket/prefix/KEY.kvc"),
+    out: str = typer.Option(..., "--output", "-o", help="Output .kvc file"),
+    token_file: Optional[str] = TokenFileOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+) -> None:
+    """Download a cache, resuming an interrupted pull to the same file, and verify every checksum before the file
+    appears."""
+    from .. import remote
+    from ..errors import UsageError
+
+    if out == "-":
+        raise UsageError("pull needs a file name for -o (it resumes into a hidden file beside it)")
+    if "://" not in url:
+        raise UsageError(f"{url}: expected an http(s):// or s3:// URL")
+    check_output(out)
+    fetcher = remote.make_fetcher(url, remote.read_token(None, token_file))
+    try:
+        result = download(fetcher, url, out)
+    finally:
+        fetcher.close()
+    if as_json:
+        emit_json(result)
+    else:
+        resumed = f", resumed at byte {result['resumed_from']:,}" if result["resumed_from"] else ""
+        print(f"wrote {out}: {result['bytes']:,} bytes{resumed}", file=sys.stderr)
+
+
+def download(fetcher, url: str, out: str) -> dict:
+    """Append the missing bytes to a hidden partial file (named for the URL, so another URL never resumes it),
+    verify header and CRCs, refetch any damaged segment, then rename the file into place."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    from .. import format, keys, remote, store
+    from ..errors import FormatError, StorageError
+
+    target = Path(out)
+    # Content-addressed: one key is one file wherever it is fetched from; other URLs are told apart by a digest.
+    tag = remote.url_key(url) or hashlib.sha256(url.encode()).hexdigest()[:16]
+    partial = target.parent / f".{target.name}.{tag}.kvcli-partial"
+    size = retried(fetcher.size)
+    have = partial.stat().st_size if partial.exists() else 0
+    if have > size:
+        partial.unlink()
+        have = 0
+    resumed_from = have
+    try:
+        with open(partial, "ab") as fh:
+            while have < size:
+                n = min(PULL_BLOCK, size - have)
+                data = retried(lambda: fetcher.fetch(have, n))
+                if len(data) != n:
+                    raise StorageError(f"{url}: expected {n} bytes at {have}, got {len(data)}")
+                fh.write(data)
+                fh.flush()
+                have += n
+            os.fsync(fh.fileno())
+        repair(fetcher, partial)
+        with format.FileSource(partial) as src:
+            header = store.validate(src)
+    except FormatError:
+        partial.unlink(missing_ok=True)  # the remote file itself is bad: nothing to resume
+        raise
+    except OSError as err:
+        raise StorageError(f"{partial}: {err.strerror}") from None
+    os.replace(partial, target)
+    return {"output": out, "key": keys.key_of_header(header), "bytes": size, "resumed_from": resumed_from}
+
+
+def repair(fetcher, partial) -> None:
+    """Fetch again every segment whose CRC fails (a response damaged on the way, or by an earlier broken run)."""
+    import os
+    import zlib
+
+    from .. import format
+
+    with format.FileSource(partial) as src:
+        header = format.read_header(src)
+        bad = [s for s in header.segments
+               if zlib.crc32(src.read(header.data_offset + s.offset, s.length)) != s.crc32]
+    if not bad:
+        return
+    with open(partial, "r+b") as fh:
+        for seg in bad:
+            offset = header.data_offset + seg.offset
+            for attempt in range(ATTEMPTS):
+                data = retried(lambda: fetcher.fetch(offset, seg.length))
+                if len(data) == seg.length and zlib.crc32(data) == seg.crc32:
+                    os.pwrite(fh.fileno(), data, offset)
+                    break
+                time.sleep(0.1 * 2**attempt)
+        os.fsync(fh.fileno())
+
+
+def retried(fn, transient: type | tuple = None):
+    """fn(), tried again with exponential backoff while it fails with a network error."""
+    from .. import remote
+
+    transient = transient or (remote.Transient, remote.ConnectionFailed)
+    for attempt in range(ATTEMPTS):
+        try:
+            return fn()
+        except transient as err:
+            if attempt == ATTEMPTS - 1:
+                if isinstance(err, remote.Transient):
+                    raise remote.ConnectionFailed(f"{err} (after {ATTEMPTS} attempts)") from None
+                raise
+            time.sleep(0.2 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve-cache")(handled(serve_cache))
+    for command in (push, pull):
+        app.command()(handled(command))

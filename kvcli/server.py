@@ -1,0 +1,410 @@
+"""`kvcli serve-cache`: a Starlette app over one store (kvcli.store), stateless, so replicas scale out.
+
+Reads: GET/HEAD /v1/caches/{key} (Range, ETag = key), listing, lookup. Writes (--writable, bearer token):
+PUT validates the whole upload (magic, version, header, every CRC, key against content) before the store makes
+it visible atomically; DELETE. Plus /healthz, /metrics (Prometheus text) and /openapi.json. docs/server.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import re
+import tempfile
+import time
+from collections import defaultdict
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from . import __version__
+from .errors import FormatError, InputError, KvcliError, StorageError, UsageError
+from .keys import KEY_PATTERN
+
+log = logging.getLogger("kvcli.server")
+
+DEFAULT_MAX_UPLOAD = 4 << 30
+IO_TIMEOUT_S = 60.0  # longest wait for one chunk of a request body, or for a client to accept one of ours
+STREAM_BLOCK = 1 << 20
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+HTTP_STATUS = {UsageError: 400, InputError: 404, FormatError: 422, StorageError: 503}
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.headers = status, headers or {}
+
+
+def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+class Metrics:
+    """Counters and a latency histogram in Prometheus text format, kept in this process (per replica, as
+    Prometheus scrapes them)."""
+
+    def __init__(self):
+        self.requests: dict[tuple[str, str, int], int] = defaultdict(int)
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.errors: dict[str, int] = defaultdict(int)
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+
+    def observe(self, route: str, method: str, status: int, seconds: float, sent: int) -> None:
+        self.requests[(route, method, status)] += 1
+        self.bytes_sent += sent
+        if status >= 500:
+            self.errors[route] += 1
+        self.latency_sum += seconds
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                self.buckets[i] += 1
+                break
+        else:
+            self.buckets[-1] += 1
+
+    def render(self) -> str:
+        lines = ["# HELP kvcli_requests_total HTTP requests by route, method and status.",
+                 "# TYPE kvcli_requests_total counter"]
+        for (route, method, status), n in sorted(self.requests.items()):
+            lines.append(f'kvcli_requests_total{{route="{route}",method="{method}",status="{status}"}} {n}')
+        lines += ["# HELP kvcli_response_bytes_total Response body bytes sent.",
+                  "# TYPE kvcli_response_bytes_total counter", f"kvcli_response_bytes_total {self.bytes_sent}",
+                  "# HELP kvcli_upload_bytes_total Request body bytes received by uploads.",
+                  "# TYPE kvcli_upload_bytes_total counter", f"kvcli_upload_bytes_total {self.bytes_received}",
+                  "# HELP kvcli_errors_total Responses with a 5xx status, by route.",
+                  "# TYPE kvcli_errors_total counter"]
+        for route, n in sorted(self.errors.items()):
+            lines.append(f'kvcli_errors_total{{route="{route}"}} {n}')
+        lines += ["# HELP kvcli_request_seconds Time from request to the end of the response.",
+                  "# TYPE kvcli_request_seconds histogram"]
+        cumulative = 0
+        for bound, n in zip(LATENCY_BUCKETS, self.buckets):
+            cumulative += n
+            lines.append(f'kvcli_request_seconds_bucket{{le="{bound}"}} {cumulative}')
+        total = cumulative + self.buckets[-1]
+        lines += [f'kvcli_request_seconds_bucket{{le="+Inf"}} {total}',
+                  f"kvcli_request_seconds_sum {self.latency_sum:.6f}", f"kvcli_request_seconds_count {total}"]
+        return "\n".join(lines) + "\n"
+
+
+def route_of(path: str) -> str:
+    if path.startswith("/v1/caches/"):
+        return "/v1/caches/{key}"
+    return path if path in ("/v1/caches", "/v1/lookup", "/healthz", "/metrics", "/openapi.json") else "other"
+
+
+class Observe:
+    """ASGI middleware: one log line and the metrics per request, and a timeout on every send to the client."""
+
+    def __init__(self, app, metrics: Metrics, io_timeout_s: float):
+        self.app, self.metrics, self.io_timeout_s = app, metrics, io_timeout_s
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        facts = {"status": 500, "sent": 0}
+
+        async def timed_send(message):
+            if message["type"] == "http.response.start":
+                facts["status"] = message["status"]
+            elif message["type"] == "http.response.body":
+                facts["sent"] += len(message.get("body", b""))
+            await asyncio.wait_for(send(message), self.io_timeout_s)
+
+        try:
+            await self.app(scope, receive, timed_send)
+        finally:
+            seconds = time.perf_counter() - started
+            route = route_of(scope["path"])
+            self.metrics.observe(route, scope["method"], facts["status"], seconds, facts["sent"])
+            client = (scope.get("client") or ("-", 0))[0]
+            log.info("%s %s %s %d %dB %.1fms", client, scope["method"], scope["path"], facts["status"],
+                     facts["sent"], seconds * 1000)
+
+
+# ---------------------------------------------------------------- the app
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """One byte range as [start, end) within `size`, or None for the whole file. Several ranges are answered
+    with the whole file, as RFC 9110 allows; an unsatisfiable range is a 416."""
+    if header is None or "," in header:
+        return None
+    match = _RANGE.match(header.strip())
+    if not match or match.groups() == ("", ""):
+        raise HTTPError(416, f"unsupported Range {header[:80]!r}", {"Content-Range": f"bytes */{size}"})
+    first, last = match.groups()
+    if first == "":  # the last N bytes
+        start, end = max(0, size - int(last)), size
+    else:
+        start, end = int(first), size if last == "" else min(size, int(last) + 1)
+    if start >= size or start >= end:
+        raise HTTPError(416, f"Range {header[:80]!r} is outside the {size}-byte file",
+                        {"Content-Range": f"bytes */{size}"})
+    return start, end
+
+
+def create_app(store, token: str | None = None, writable: bool = False, read_token: bool = False,
+               max_upload: int = DEFAULT_MAX_UPLOAD, io_timeout_s: float = IO_TIMEOUT_S,
+               spool_dir: str | None = None) -> Observe:
+    """The ASGI app. Writes need `writable` and the bearer `token`; reads need it too when `read_token`."""
+    if writable and not token:
+        raise UsageError("a writable server needs a bearer token (--token-file)")
+    if read_token and not token:
+        raise UsageError("--read-token needs a bearer token (--token-file)")
+    metrics = Metrics()
+    secret = token.encode() if token else b""
+
+    def check_auth(request: Request, required: bool) -> None:
+        if not required:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise HTTPError(401, "a bearer token is required", {"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given.strip().encode(), secret):
+            raise HTTPError(403, "the bearer token is wrong")
+
+    def path_key(request: Request) -> str:
+        key = request.path_params["key"]
+        if not KEY_PATTERN.match(key):
+            raise HTTPError(400, "a cache key is 64 lowercase hex digits")
+        return key
+
+    def hex_param(request: Request, name: str) -> str | None:
+        value = request.query_params.get(name)
+        if value is not None and not KEY_PATTERN.match(value):
+            raise HTTPError(400, f"{name} must be 64 lowercase hex digits")
+        return value
+
+    async def get_cache(request: Request) -> Response:
+        check_auth(request, read_token)
+        key = path_key(request)
+        size = await run_in_threadpool(store.size, key)
+        if size is None:
+            raise HTTPError(404, f"no cache {key}")
+        headers = {"ETag": f'"{key}"', "Accept-Ranges": "bytes", "Cache-Control": "public, max-age=31536000, immutable"}
+        if request.headers.get("if-none-match", "").strip() in (f'"{key}"', "*"):
+            return Response(status_code=304, headers=headers)
+        span = parse_range(request.headers.get("range"), size)
+        if span and request.headers.get("if-range", f'"{key}"').strip() != f'"{key}"':
+            span = None  # a range of some other version is no use to the client: send all
+        start, end = span or (0, size)
+        headers["Content-Length"] = str(end - start)
+        status = 206 if span else 200
+        if span:
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        if request.method == "HEAD":
+            return Response(status_code=status, headers=headers, media_type="application/octet-stream")
+
+        async def body():
+            offset = start
+            while offset < end:
+                n = min(STREAM_BLOCK, end - offset)
+                chunk = await run_in_threadpool(store.read, key, offset, n)
+                if len(chunk) != n:  # deleted or replaced under us: end the response short, the client sees it
+                    raise StorageError(f"{key}: changed while being served")
+                yield chunk
+                offset += n
+
+        return StreamingResponse(body(), status_code=status, headers=headers, media_type="application/octet-stream")
+
+    async def put_cache(request: Request) -> Response:
+        if not writable:
+            raise HTTPError(405, "this server is read-only (start it with --writable)", {"Allow": "GET, HEAD"})
+        check_auth(request, True)
+        key = path_key(request)
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > max_upload):
+            raise HTTPError(413, f"uploads are limited to {max_upload} bytes")
+        with tempfile.TemporaryFile(dir=spool_dir) as spool:  # unlinked: a killed server leaves nothing
+            received = 0
+            chunks = request.stream().__aiter__()
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(chunks.__anext__(), io_timeout_s)
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    raise HTTPError(408, f"no upload data for {io_timeout_s:g} s") from None
+                except ClientDisconnect:
+                    raise HTTPError(400, "the client went away during the upload") from None
+                received += len(chunk)
+                if received > max_upload:
+                    raise HTTPError(413, f"uploads are limited to {max_upload} bytes")
+                await run_in_threadpool(spool.write, chunk)
+            metrics.bytes_received += received
+            if declared is not None and received != int(declared):
+                raise HTTPError(400, f"the upload ended after {received} of {declared} bytes")
+            await run_in_threadpool(spool.flush)
+            existed = await run_in_threadpool(store.exists, key)
+            stored = await run_in_threadpool(store.put, key, spool)
+        return JSONResponse({"key": stored, "url": str(request.url_for("cache", key=stored)), "bytes": received},
+                            status_code=200 if existed else 201)
+
+    async def delete_cache(request: Request) -> Response:
+        if not writable:
+            raise HTTPError(405, "this server is read-only (start it with --writable)", {"Allow": "GET, HEAD"})
+        check_auth(request, True)
+        key = path_key(request)
+        if not await run_in_threadpool(store.delete, key):
+            raise HTTPError(404, f"no cache {key}")
+        return Response(status_code=204)
+
+    async def cache(request: Request) -> Response:
+        if request.method in ("GET", "HEAD"):
+            return await get_cache(request)
+        if request.method == "PUT":
+            return await put_cache(request)
+        return await delete_cache(request)
+
+    async def list_caches(request: Request) -> Response:
+        check_auth(request, read_token)
+        model = hex_param(request, "model")
+        return JSONResponse({"caches": await run_in_threadpool(store.list, model)})
+
+    async def lookup(request: Request) -> Response:
+        check_auth(request, read_token)
+        wanted = {name: hex_param(request, name) for name in ("model", "tokens_sha256", "source_sha256")}
+        if not (wanted["tokens_sha256"] or wanted["source_sha256"]):
+            raise HTTPError(400, "give tokens_sha256 or source_sha256")
+        return JSONResponse({"caches": await run_in_threadpool(lambda: store.lookup(**wanted))})
+
+    async def healthz(request: Request) -> Response:
+        await run_in_threadpool(store.exists, "0" * 64)  # touches the storage: a dead mount or bucket is a 503
+        return JSONResponse({"status": "ok", "writable": writable, "version": __version__})
+
+    async def metrics_text(request: Request) -> Response:
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(openapi_document(max_upload))
+
+    async def on_http_error(request: Request, err: HTTPError) -> Response:
+        return error_response(err.status, str(err), err.headers)
+
+    async def on_kvcli_error(request: Request, err: KvcliError) -> Response:
+        status = next((code for cls, code in HTTP_STATUS.items() if isinstance(err, cls)), 500)
+        if status >= 500:
+            log.error("%s %s: %s", request.method, request.url.path, err)
+        return error_response(status, str(err))
+
+    routes = [
+        Route("/v1/caches/{key}", cache, methods=["GET", "HEAD", "PUT", "DELETE"], name="cache"),
+        Route("/v1/caches", list_caches, methods=["GET"]),
+        Route("/v1/lookup", lookup, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics_text, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPError: on_http_error, KvcliError: on_kvcli_error})
+    return Observe(app, metrics, io_timeout_s)
+
+
+# ---------------------------------------------------------------- OpenAPI
+
+
+def openapi_document(max_upload: int) -> dict:
+    key = {"name": "key", "in": "path", "required": True,
+           "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}, "description": "Cache key (docs/format.md)"}
+    hexq = lambda name, text: {"name": name, "in": "query", "required": False,  # noqa: E731
+                               "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}, "description": text}
+    error = {"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    listing = {"description": "Matching caches", "content": {"application/json": {"schema": {
+        "$ref": "#/components/schemas/Listing"}}}}
+    octets = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+    read_errors = {"400": error, "401": error, "403": error, "404": error}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "kvcli cache server", "version": __version__,
+                 "description": "Content-addressed .kvc KV-cache files (docs/server.md)."},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+                "Entry": {"type": "object", "properties": {
+                    "key": {"type": "string"}, "bytes": {"type": "integer"},
+                    "model": {"type": "string", "description": "weights digest of the model"},
+                    "model_name": {"type": "string"}, "architecture": {"type": "string"},
+                    "dtype": {"type": "string"}, "tokens": {"type": "integer"},
+                    "tokens_sha256": {"type": "string", "description": "SHA-256 of the token ids as u32 LE"},
+                    "codec": {"type": "string"}, "created_at": {"type": ["string", "null"]},
+                    "source_sha256": {"type": ["string", "null"]}}},
+                "Listing": {"type": "object", "required": ["caches"], "properties": {
+                    "caches": {"type": "array", "items": {"$ref": "#/components/schemas/Entry"}}}},
+                "Stored": {"type": "object", "required": ["key", "url", "bytes"], "properties": {
+                    "key": {"type": "string"}, "url": {"type": "string"}, "bytes": {"type": "integer"}}},
+            },
+        },
+        "paths": {
+            "/v1/caches/{key}": {
+                "parameters": [key],
+                "get": {"summary": "Read a cache, or one byte range of it", "parameters": [
+                    {"name": "Range", "in": "header", "required": False, "schema": {"type": "string"},
+                     "description": "bytes=START-END, bytes=START- or bytes=-N; several ranges get the whole file"}],
+                        "responses": {"200": {"description": "The whole file", "content": octets},
+                                      "206": {"description": "The requested range", "content": octets},
+                                      "304": {"description": "If-None-Match matched the ETag (the key)"},
+                                      "416": error, **read_errors}},
+                "head": {"summary": "Size and ETag of a cache", "responses": {
+                    "200": {"description": "Exists"}, "206": {"description": "Range accepted"}, **read_errors}},
+                "put": {"summary": f"Upload a cache (at most {max_upload} bytes); validated before it is visible",
+                        "security": [{"bearer": []}],
+                        "requestBody": {"required": True, "content": octets},
+                        "responses": {"201": {"description": "Stored", "content": {"application/json": {
+                            "schema": {"$ref": "#/components/schemas/Stored"}}}},
+                                      "200": {"description": "Already stored; replaced by an equal cache"},
+                                      "405": error, "408": error, "413": error,
+                                      "422": {"description": "Corrupt file or key does not match the content",
+                                              "content": error["content"]}, **read_errors}},
+                "delete": {"summary": "Delete a cache", "security": [{"bearer": []}],
+                           "responses": {"204": {"description": "Deleted"}, "405": error, **read_errors}},
+            },
+            "/v1/caches": {"get": {"summary": "List caches with metadata from their headers",
+                                   "parameters": [hexq("model", "weights digest of the model")],
+                                   "responses": {"200": listing, "400": error, "401": error, "403": error}}},
+            "/v1/lookup": {"get": {"summary": "Find caches by token or source digest", "parameters": [
+                hexq("model", "weights digest of the model"),
+                hexq("tokens_sha256", "SHA-256 of the token ids as u32 little-endian"),
+                hexq("source_sha256", "SHA-256 of the source document")],
+                                   "responses": {"200": listing, "400": error, "401": error, "403": error}}},
+            "/healthz": {"get": {"summary": "Liveness, with a touch of the store",
+                                 "responses": {"200": {"description": "OK"}, "503": error}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
+                "description": "Text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI"}}}},
+        },
+    }
+
+
+# ---------------------------------------------------------------- running
+
+
+def serve(app, sock, *, log_level: str = "info") -> None:
+    """Run uvicorn on an already bound socket until SIGTERM or SIGINT, then finish open requests and return."""
+    import signal
+
+    import uvicorn
+
+    config = uvicorn.Config(app, log_config=None, log_level=log_level, access_log=False, timeout_keep_alive=5,
+                            timeout_graceful_shutdown=10, server_header=False, proxy_headers=False, lifespan="off")
+    server = uvicorn.Server(config)
+    # uvicorn re-raises the signal that stopped it once it has shut down; a no-op handler makes a requested
+    # stop an ordinary return (exit 0) instead of the CLI's "terminated" error.
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,334 @@
+"""`kvcli serve-cache` as a real process on loopback, driven by the kvcli client and by plain HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kvcli import format, keys, store
+from kvcli.errors import FormatError, StorageError
+from servers import KVCLI, REPO, CacheServer, ThrottleProxy, make_cache
+
+TOKEN = "s3cret-token"
+
+
+def key_of(data: bytes) -> str:
+    return keys.key_of_header(format.read_header(format.BytesSource(data)))
+
+
+def bearer(token: str = TOKEN) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def raw_get(url: str, path: str) -> tuple[int, bytes]:
+    """A request line sent byte for byte, so no client library normalizes the path first."""
+    host, port = url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    return int(reply.split(b" ", 2)[1]), reply
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("secrets") / "token"
+    path.write_text(TOKEN + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture(scope="module")
+def server(root, token_file):
+    with CacheServer(root, "--writable", "--token-file", str(token_file)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def stored(server) -> tuple[str, bytes]:
+    data = make_cache(seed=11, tokens=200, dim=64)
+    response = httpx.put(f"{server.url}/v1/caches/{key_of(data)}", content=data, headers=bearer())
+    assert response.status_code in (200, 201), response.text
+    return key_of(data), data
+
+
+def test_range_requests(server, stored):
+    key, data = stored
+    url = f"{server.url}/v1/caches/{key}"
+    for header, span in (("bytes=0-99", (0, 100)), ("bytes=100-", (100, len(data))), ("bytes=-10", (len(data) - 10, len(data))),
+                         ("bytes=5-5", (5, 6)), (f"bytes=10-{len(data) * 2}", (10, len(data)))):
+        r = httpx.get(url, headers={"Range": header})
+        assert r.status_code == 206, header
+        assert r.content == data[span[0] : span[1]]
+        assert r.headers["content-range"] == f"bytes {span[0]}-{span[1] - 1}/{len(data)}"
+        assert r.headers["etag"] == f'"{key}"'
+    whole = httpx.get(url)
+    assert whole.status_code == 200 and whole.content == data
+    assert httpx.get(url, headers={"Range": "bytes=0-1,5-6"}).content == data  # several ranges: the whole file
+    for bad in ("bytes=abc", f"bytes={len(data)}-", "bytes=9-3", "items=0-1", "bytes=-"):
+        r = httpx.get(url, headers={"Range": bad})
+        assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{len(data)}", bad
+    head = httpx.head(url)
+    assert head.status_code == 200 and int(head.headers["content-length"]) == len(data) and head.content == b""
+    assert httpx.get(url, headers={"If-None-Match": f'"{key}"'}).status_code == 304
+
+
+def test_bad_keys_and_traversal_never_reach_a_file(server, root, stored):
+    secret = root.parent / "outside.kvc"
+    secret.write_bytes(b"SECRET-BYTES")
+    (root / "notakey.kvc").write_bytes(b"SECRET-BYTES")
+    paths = ["/v1/caches/ABC", "/v1/caches/" + "A" * 64, "/v1/caches/" + "a" * 63, "/v1/caches/notakey",
+             "/v1/caches/..%2Foutside", "/v1/caches/..%2F..%2Fetc%2Fpasswd", "/v1/caches/%2e%2e%2foutside.kvc",
+             "/v1/caches/%2E%2E/outside", "/v1/caches/../outside.kvc", "/v1/caches//etc/passwd",
+             "/v1/caches/%2Fetc%2Fpasswd", "/v1/caches/" + "a" * 64 + "%00", "/v1/caches/" + stored[0] + "/../x",
+             "/../../etc/passwd", "/v1/caches/" + "a" * 64 + ".kvc"]
+    for path in paths:
+        status, reply = raw_get(server.url, path)
+        assert status in (400, 404), (path, status)
+        assert b"SECRET" not in reply and b"root:" not in reply
+
+
+def test_tokens_and_read_only(server, stored, root, token_file):
+    key, data = stored
+    other = make_cache(seed=12)
+    url = f"{server.url}/v1/caches/{key_of(other)}"
+    assert httpx.put(url, content=other).status_code == 401
+    assert httpx.put(url, content=other, headers=bearer("wrong")).status_code == 403
+    assert httpx.put(url, content=other, headers={"Authorization": f"Basic {TOKEN}"}).status_code == 401
+    assert httpx.delete(url).status_code == 401
+    assert not (root / f"{key_of(other)}.kvc").exists()
+    with CacheServer(root) as ro:  # read-only: no writes even with a token
+        r = httpx.put(f"{ro.url}/v1/caches/{key_of(other)}", content=other, headers=bearer())
+        assert r.status_code == 405 and "read-only" in r.json()["error"]
+        assert httpx.get(f"{ro.url}/v1/caches/{key}").content == data  # reads need no token by default
+    with CacheServer(root, "--token-file", str(token_file), "--read-token") as guarded:
+        assert httpx.get(f"{guarded.url}/v1/caches/{key}").status_code == 401
+        assert httpx.get(f"{guarded.url}/v1/caches", headers=bearer("nope")).status_code == 403
+        assert httpx.get(f"{guarded.url}/v1/caches/{key}", headers=bearer()).content == data
+    # A writable server without a token, or a typo in the token file, does not start.
+    refused = subprocess.run(KVCLI + ["serve-cache", str(root), "--writable", "--port", "0"], capture_output=True,
+                             text=True, cwd=REPO, timeout=60)
+    assert refused.returncode == 2 and "token" in refused.stderr
+
+
+def test_uploads_are_validated_and_size_capped(server, root, token_file, tmp_path):
+    data = make_cache(seed=13)
+    key = key_of(data)
+    url = f"{server.url}/v1/caches/{key}"
+    bad = data[:-5] + bytes([data[-5] ^ 1]) + data[-4:]
+    r = httpx.put(url, content=bad, headers=bearer())
+    assert r.status_code == 422 and "checksum" in r.json()["error"]
+    r = httpx.put(f"{server.url}/v1/caches/{'e' * 64}", content=data, headers=bearer())
+    assert r.status_code == 422 and "does not match" in r.json()["error"]
+    assert not (root / f"{key}.kvc").exists()
+    # The client refuses a corrupt file before sending it, and reports the server's refusals.
+    client = store.open_store(server.url, token=TOKEN)
+    with pytest.raises(FormatError):
+        client.put(None, bad)
+    with CacheServer(root, "--writable", "--token-file", str(token_file), "--max-upload-bytes", "1000") as small:
+        capped = f"{small.url}/v1/caches/{key}"
+        assert httpx.put(capped, content=data, headers=bearer()).status_code == 413
+        chunked = httpx.put(capped, content=iter([data[i : i + 500] for i in range(0, len(data), 500)]),
+                            headers=bearer())
+        assert chunked.status_code == 413
+    assert not (root / f"{key}.kvc").exists()
+    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []
+
+
+def test_listing_lookup_delete_metrics_and_health(server, stored):
+    key, data = stored
+    header = format.read_header(format.BytesSource(data))
+    listing = httpx.get(f"{server.url}/v1/caches", params={"model": "a" * 64}).json()["caches"]
+    assert key in [e["key"] for e in listing]
+    assert httpx.get(f"{server.url}/v1/caches", params={"model": "f" * 64}).json() == {"caches": []}
+    assert httpx.get(f"{server.url}/v1/caches", params={"model": "x"}).status_code == 400
+    found = httpx.get(f"{server.url}/v1/lookup", params={"tokens_sha256": keys.tokens_sha256(header.token_ids)}).json()
+    assert [e["key"] for e in found["caches"]] == [key]
+    assert httpx.get(f"{server.url}/v1/lookup").status_code == 400
+    extra = make_cache(seed=14)
+    client = store.open_store(server.url, token=TOKEN)
+    extra_key = client.put(None, extra)
+    assert client.exists(extra_key) and client.read(extra_key, 3, 4) == extra[3:7]
+    assert client.delete(extra_key) and not client.exists(extra_key) and not client.delete(extra_key)
+    assert httpx.get(f"{server.url}/healthz").json()["status"] == "ok"
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'kvcli_requests_total{route="/v1/caches/{key}",method="GET",status="206"}' in metrics
+    assert 'kvcli_requests_total{route="/v1/caches/{key}",method="DELETE",status="204"}' in metrics
+    sent = int(next(l.split()[1] for l in metrics.splitlines() if l.startswith("kvcli_response_bytes_total")))
+    assert sent >= len(data)
+    assert "kvcli_request_seconds_bucket{le=\"+Inf\"}" in metrics and "kvcli_upload_bytes_total" in metrics
+
+
+def test_openapi_document_matches_the_routes(server, stored):
+    doc = httpx.get(f"{server.url}/openapi.json").json()
+    assert doc["openapi"].startswith("3.")
+    documented = {(path, method.upper()) for path, ops in doc["paths"].items() for method in ops if method != "parameters"}
+    key = stored[0]
+    for path, method in documented:
+        concrete = path.replace("{key}", key)
+        r = httpx.request(method, f"{server.url}{concrete}", params={"tokens_sha256": "0" * 64})
+        assert r.status_code not in (404, 405) or (method in ("PUT", "DELETE") and r.status_code == 401) \
+            or path == "/v1/caches/{key}" and method == "DELETE", (path, method, r.status_code)
+    for path, method in (("/v1/caches/{key}", "PATCH"), ("/v1/caches", "POST"), ("/nothing", "GET")):
+        assert httpx.request(method, f"{server.url}{path.replace('{key}', key)}").status_code in (404, 405)
+    assert {("/v1/caches/{key}", m) for m in ("GET", "HEAD", "PUT", "DELETE")} <= documented
+    assert {("/v1/caches", "GET"), ("/v1/lookup", "GET"), ("/healthz", "GET"), ("/metrics", "GET")} <= documented
+
+
+def test_restart_and_two_servers_on_one_directory(root, token_file):
+    data = make_cache(seed=15)
+    with CacheServer(root, "--writable", "--token-file", str(token_file)) as one, CacheServer(root) as two:
+        key = store.open_store(one.url, token=TOKEN).put(None, data)
+        assert httpx.get(f"{two.url}/v1/caches/{key}").content == data
+        assert key in [e["key"] for e in httpx.get(f"{two.url}/v1/caches").json()["caches"]]
+    with CacheServer(root) as again:
+        assert key in [e["key"] for e in httpx.get(f"{again.url}/v1/caches").json()["caches"]]
+        assert httpx.get(f"{again.url}/v1/caches/{key}").content == data
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signals_shut_down_cleanly(root, sig):
+    srv = CacheServer(root).start()
+    assert httpx.get(f"{srv.url}/healthz").status_code == 200
+    assert srv.stop(sig) == 0
+    time.sleep(0.2)
+    assert "stopped" in "".join(srv.log)
+
+
+def test_push_and_pull_commands(server, token_file, tmp_path, cli):
+    data = make_cache(seed=16, tokens=100)
+    path = tmp_path / "c.kvc"
+    path.write_bytes(data)
+    first = cli("push", path, server.url, "--token-file", token_file, "--json")
+    assert first.exit_code == 0, first.stderr
+    result = json.loads(first.stdout)
+    assert result == {"key": key_of(data), "url": f"{server.url}/v1/caches/{key_of(data)}", "bytes": len(data),
+                      "uploaded": True}
+    assert json.loads(cli("push", path, server.url, "--json").stdout)["uploaded"] is False  # no token needed
+    plain = cli("push", path, server.url)
+    assert plain.stdout == f"{result['key']} {result['url']}\n"
+    out = tmp_path / "pulled.kvc"
+    pulled = cli("pull", result["url"], "-o", out, "--json")
+    assert pulled.exit_code == 0, pulled.stderr
+    assert json.loads(pulled.stdout)["key"] == result["key"] and out.read_bytes() == data
+    missing = cli("pull", f"{server.url}/v1/caches/{'d' * 64}", "-o", tmp_path / "none.kvc")
+    assert missing.exit_code == 3 and missing.stderr.startswith("Error: ") and not (tmp_path / "none.kvc").exists()
+    bad = tmp_path / "bad.kvc"
+    bad.write_bytes(data[:-1])
+    refused = cli("push", bad, server.url, "--token-file", token_file)
+    assert refused.exit_code == 4 and "truncated" in refused.stderr
+    other = tmp_path / "other.kvc"
+    other.write_bytes(make_cache(seed=19))
+    unauthorized = cli("push", other, server.url)
+    assert unauthorized.exit_code == 8 and "token" in unauthorized.stderr
+    assert cli("push", path, "http://127.0.0.1:1").exit_code == 8
+    assert cli("pull", "http://127.0.0.1:1/v1/caches/" + "a" * 64, "-o", tmp_path / "x.kvc").exit_code == 8
+    assert cli("pull", "relative/path", "-o", tmp_path / "x.kvc").exit_code == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.kvc", "c.kvc", "other.kvc", "pulled.kvc"]
+
+
+def test_server_killed_mid_upload_leaves_nothing(tmp_path, token_file):
+    root = tmp_path / "store"
+    root.mkdir()
+    data = make_cache(seed=17, tokens=2000, dim=256)
+    srv = CacheServer(root, "--writable", "--token-file", str(token_file)).start()
+    started = threading.Event()
+
+    def slow_body():
+        for i in range(0, len(data), 65536):
+            if i >= len(data) // 2:
+                started.set()
+                time.sleep(0.2)
+            yield data[i : i + 65536]
+
+    def upload():
+        try:
+            httpx.put(f"{srv.url}/v1/caches/{key_of(data)}", content=slow_body(), headers=bearer(), timeout=30)
+        except httpx.HTTPError:
+            pass
+
+    t = threading.Thread(target=upload)
+    t.start()
+    assert started.wait(30)
+    time.sleep(0.3)
+    srv.stop(signal.SIGKILL)
+    t.join(30)
+    assert list(root.iterdir()) == []
+    with CacheServer(root) as again:
+        assert httpx.get(f"{again.url}/v1/caches").json() == {"caches": []}
+        assert httpx.head(f"{again.url}/v1/caches/{key_of(data)}").status_code == 404
+
+
+def test_pull_killed_mid_download_resumes(server, tmp_path):
+    data = make_cache(seed=18, tokens=2000, dim=256)  # 4 MB
+    key = store.open_store(server.url, token=TOKEN).put(None, data)
+    host, port = server.url.split("//")[1].split(":")
+    out = tmp_path / "big.kvc"
+    with ThrottleProxy((host, int(port)), rate=1.5e6) as proxy:
+        url = f"http://127.0.0.1:{proxy.port}/v1/caches/{key}"
+        proc = subprocess.Popen(KVCLI + ["pull", url, "-o", str(out), "--json"], cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        partial = []
+        while time.monotonic() < deadline and not partial:
+            partial = [p for p in tmp_path.iterdir() if p.name.endswith(".kvcli-partial") and p.stat().st_size > 0]
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+        assert partial and not out.exists()
+        have = partial[0].stat().st_size
+        assert 0 < have < len(data)
+    done = subprocess.run(KVCLI + ["pull", f"{server.url}/v1/caches/{key}", "-o", str(out), "--json"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["resumed_from"] >= have
+    assert out.read_bytes() == data
+    assert [p.name for p in tmp_path.iterdir()] == ["big.kvc"]
+
+
+def test_32_clients_for_20_seconds_read_random_ranges_without_error(server):
+    files = [make_cache(seed=100 + i, tokens=600, dim=128) for i in range(4)]
+    client = store.open_store(server.url, token=TOKEN)
+    stored = [(client.put(None, d), d) for d in files]
+    crcs = {k: d for k, d in stored}
+    stop = time.monotonic() + 20
+    errors, counts = [], [0] * 32
+
+    def worker(i: int) -> None:
+        rng = random.Random(i)
+        with httpx.Client(timeout=30) as http:
+            while time.monotonic() < stop:
+                key, data = stored[rng.randrange(len(stored))]
+                start = rng.randrange(len(data))
+                end = min(len(data), start + rng.randrange(1, 256 << 10))
+                try:
+                    r = http.get(f"{server.url}/v1/caches/{key}", headers={"Range": f"bytes={start}-{end - 1}"})
+                    if r.status_code != 206 or zlib.crc32(r.content) != zlib.crc32(crcs[key][start:end]):
+                        errors.append((i, r.status_code, start, end))
+                except httpx.HTTPError as err:
+                    errors.append((i, repr(err)))
+                counts[i] += 1
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert min(counts) > 0 and sum(counts) > 100
