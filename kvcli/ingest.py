@@ -338,7 +338,7 @@ class Ingest:
         start = time.perf_counter()
         line = job.line
         try:
-            pipeline.check_finite(kv, self.codec, line["id"])
+            pipeline.check_finite(kv, self.settings.quality, line["id"])
             meta, parts = kvfile.encode(kv, self.lm.identity, self.codec, self.settings.chunk_tokens,
                                         pipeline.provenance(job.doc))
             data = encode_file(meta, parts)
