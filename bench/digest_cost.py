@@ -4,7 +4,8 @@
 
 One JSON line per measurement: hash throughput (SHA-256 vs BLAKE3 on the weight file's bytes in memory), the
 first digest of a file (full read; page cache dropped with posix_fadvise, and warm), and a later one (the digest
-cache hit: headers and one small JSON file). The model must have been loaded once (`kvcli` converts it).
+cache hit: headers and one small JSON file); the same for the tokenizer digest (memoized by its serialized
+text). The model must have been loaded once (`kvcli` converts it).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 import blake3
+from transformers import AutoTokenizer
 
 from common import emit, environment, spread
 from kvcli import identity, models
@@ -71,6 +73,15 @@ def main() -> None:
                   "extrapolated_16GB_s": round(first * SIXTEEN_GB / size, 1), **env})
         times = [seconds(lambda: identity.weights_digest(files)) for _ in range(args.repeats)]
         emit({"what": "weights_digest_later", "bytes": size, "files": len(files), **spread(times), **env})
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        times = []
+        for _ in range(args.repeats):
+            for entry in Path(cache, "digests").glob("*.json"):
+                entry.unlink()
+            times.append(seconds(lambda: identity.tokenizer_digest(tokenizer)))
+        emit({"what": "tokenizer_digest_first", **spread(times), **env})
+        times = [seconds(lambda: identity.tokenizer_digest(tokenizer)) for _ in range(args.repeats)]
+        emit({"what": "tokenizer_digest_later", **spread(times), **env})
 
 
 if __name__ == "__main__":

@@ -224,10 +224,15 @@ TOKENIZER_DEFAULTS = {"ignore_merges": False, "byte_fallback": False, "use_regex
 
 def tokenizer_digest(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        return sha256_hex(canonical_json(canonical_tokenizer(json.loads(backend.to_str()))))
-    vocab = sorted(tokenizer.get_vocab().items())
-    return sha256_hex(canonical_json({"class": type(tokenizer).__name__, "vocab": vocab}))
+    if backend is None:
+        vocab = sorted(tokenizer.get_vocab().items())
+        return sha256_hex(canonical_json({"class": type(tokenizer).__name__, "vocab": vocab}))
+    text = backend.to_str()
+    # Canonicalizing a 50k-token vocabulary takes about a second on a busy CPU: memoize it by the exact text.
+    text_sha256 = sha256_hex(text.encode())
+    return memoized(f"tokenizer\0{text_sha256}", {"kind": "tokenizer", "text_sha256": text_sha256},
+                    lambda: (sha256_hex(canonical_json(canonical_tokenizer(json.loads(text)))), True),
+                    lambda v: isinstance(v, str))
 
 
 def canonical_tokenizer(doc: dict) -> dict:
@@ -238,17 +243,20 @@ def canonical_tokenizer(doc: dict) -> dict:
 
 def _drop_tokenizer_defaults(value):
     if isinstance(value, list):
-        return [_drop_tokenizer_defaults(v) for v in value]
-    if not isinstance(value, dict):
-        return value
+        return [_drop_tokenizer_defaults(v) if isinstance(v, (dict, list)) else v for v in value]
     out = {}
     for key, v in value.items():
         if key in TOKENIZER_DEFAULTS and type(v) is bool and v == TOKENIZER_DEFAULTS[key]:
             continue
-        if key == "merges" and isinstance(v, list):
-            v = [m.split(" ") if isinstance(m, str) and m.count(" ") == 1 else m for m in v]
-        out[key] = _drop_tokenizer_defaults(v)
+        if key in ("vocab", "merges") and isinstance(v, (dict, list)):  # no field below: spare the walk
+            out[key] = _merge_pairs(v) if key == "merges" and isinstance(v, list) else v
+        else:
+            out[key] = _drop_tokenizer_defaults(v) if isinstance(v, (dict, list)) else v
     return out
+
+
+def _merge_pairs(merges: list) -> list:
+    return [m.split(" ") if isinstance(m, str) and m.count(" ") == 1 else m for m in merges]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -413,16 +421,28 @@ def cached(path: Path, kind: str, compute: Callable[[Path], object], valid: Call
         key = _stat_key(real, kind)
     except OSError as err:
         raise ModelLoadError(f"{path}: cannot read: {err.strerror}") from None
-    name = sha256_hex(kind.encode() + b"\0" + str(real).encode())[:32]
-    entry = digest_cache_dir() / f"{name}.json"
+
+    def fresh() -> tuple[object, bool]:
+        value = compute(real)
+        return value, _stat_key(real, kind) == key and time.time() - key["mtime_ns"] / 1e9 > RACY_SECONDS
+
+    return memoized(f"{kind}\0{real}", key, fresh, valid)
+
+
+def memoized(address: str, key: dict, compute: Callable[[], tuple[object, bool]], valid: Callable[[object], bool]):
+    """The value stored at `address` if it was stored under `key` and is valid, else compute() -> (value, storable).
+
+    One entry file per address, so a changed weight file replaces its entry instead of adding one.
+    """
+    entry = digest_cache_dir() / f"{sha256_hex(address.encode())[:32]}.json"
     try:
         doc = json.loads(entry.read_bytes())
         if doc.get("key") == key and valid(doc.get("value")):
             return doc["value"]
     except (OSError, ValueError, AttributeError, RecursionError):
         pass  # no entry or a damaged one: recompute
-    value = compute(real)
-    if _stat_key(real, kind) == key and time.time() - key["mtime_ns"] / 1e9 > RACY_SECONDS:
+    value, storable = compute()
+    if storable:
         _store(entry, {"format": DIGEST_CACHE_FORMAT, "version": DIGEST_CACHE_VERSION, "key": key, "value": value})
     return value
 

@@ -29,6 +29,13 @@ V5_CONFIG = {
 }
 
 
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    root = tmp_path / "kvcli-cache"
+    monkeypatch.setenv("KVCLI_CACHE_DIR", str(root))
+    return root
+
+
 def with_changes(base: dict, **changes) -> dict:
     out = json.loads(json.dumps(base))
     for key, value in changes.items():
@@ -197,6 +204,19 @@ def test_tokenizer_json_runtime_state_and_serialization_changes_do_not_count():
     assert identity.canonical_tokenizer(newer) != identity.canonical_tokenizer(doc)
 
 
+def test_tokenizer_digest_is_memoized_by_the_serialized_text(tiny_lm, cache_dir):
+    tokenizer = tiny_lm("qwen2").tokenizer
+    first = identity.tokenizer_digest(tokenizer)
+    [entry] = (cache_dir / "digests").glob("*.json")
+    doc = json.loads(entry.read_text())
+    assert doc["key"]["kind"] == "tokenizer"
+    doc["value"] = "0" * 64  # a hit returns the stored value: proof that nothing was recomputed
+    entry.write_text(json.dumps(doc))
+    assert identity.tokenizer_digest(tokenizer) == "0" * 64
+    entry.unlink()
+    assert identity.tokenizer_digest(tokenizer) == first
+
+
 def test_tokenizer_digest_sees_bos_handling(tiny_lm):
     # llama's byte tokenizer adds a BOS, qwen2's does not; everything else is equal.
     assert tiny_lm("llama").identity["tokenizer_digest"] != tiny_lm("qwen2").identity["tokenizer_digest"]
@@ -204,13 +224,6 @@ def test_tokenizer_digest_sees_bos_handling(tiny_lm):
 
 # ---------------------------------------------------------------------------------------------------------------
 # weights digest
-
-
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    root = tmp_path / "kvcli-cache"
-    monkeypatch.setenv("KVCLI_CACHE_DIR", str(root))
-    return root
 
 
 def copy_model(src: Path, dst: Path) -> Path:
