@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ def test_default_model_identity(default_lm):
     assert (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim) == (30, 3, 64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_generate_from_cache_prints_the_same_text_as_full_prefill(tmp_path, dtype):
     doc = tmp_path / "doc.txt"
@@ -43,3 +45,20 @@ def test_generate_from_cache_prints_the_same_text_as_full_prefill(tmp_path, dtyp
     full = kvcli("generate", "--document", doc, "--dtype", dtype, "-n", "16", question)
     assert cached.returncode == 0 and full.returncode == 0, cached.stderr + full.stderr
     assert cached.stdout == full.stdout and cached.stdout.strip()
+
+
+@pytest.mark.slow
+def test_chat_answers_end_where_the_turn_ends(tmp_path):
+    """--chat on a plain document cache: the answer stops at the template's end of turn, and equals the answer
+    of the same chat prompt after a full prefill of the document."""
+    doc = tmp_path / "doc.txt"
+    doc.write_text(DOC)
+    out = tmp_path / "doc.kvc"
+    assert kvcli("prefill", doc, "-o", out, "--quality", "lossless").returncode == 0
+    question = "In which year did the factory move? Answer with the year only."
+    cached = kvcli("generate", "--cache", out, "--chat", "-n", "48", "--json", question)
+    full = kvcli("generate", "--document", doc, "--chat", "-n", "48", "--json", question)
+    assert cached.returncode == 0, cached.stderr
+    answer = json.loads(cached.stdout)
+    assert answer["text"] == json.loads(full.stdout)["text"]
+    assert answer["stopped_by"] == "eos" and answer["text"].strip()
