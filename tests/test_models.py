@@ -41,6 +41,15 @@ def test_text_file_named_gguf_is_refused_naming_it(tmp_path, cache_dir):
     assert leftovers(cache_dir) == []
 
 
+def test_cli_reports_a_bad_model_file_in_one_line_with_exit_7(cli, tmp_path, cache_dir, doc_file):
+    fake = tmp_path / "notes.gguf"
+    fake.write_text("these are my notes, not a model\n")
+    result = cli("prefill", doc_file, "-o", tmp_path / "doc.kvc", "--model", fake)
+    assert result.exit_code == 7
+    assert result.stderr == f"Error: {fake}: not a GGUF file (it starts with b'thes', not b'GGUF')\n"
+    assert not (tmp_path / "doc.kvc").exists()
+
+
 @pytest.mark.parametrize("keep", [100, 5_000_000, -16])
 def test_truncated_gguf_is_refused_naming_it(tmp_path, cache_dir, keep):
     data = models.default_gguf_path().read_bytes()
