@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from . import format
 from .errors import FormatError, InputError, StorageError, UsageError
+from .keys import check_key
 
 HEAD_PREFETCH = 64 << 10  # one request usually holds the preamble and the whole header
 BLOCK_BYTES = 1 << 20
@@ -91,6 +92,8 @@ def check_status(response, where: str) -> None:
     if code == 429 or code >= 500:
         raise Transient(f"HTTP {code}")
     detail = server_message(response)
+    if code == 400:
+        raise UsageError(f"{where}: the server refused the request{detail}")
     if code == 404:
         raise InputError(f"{where}: no such cache{detail}")
     if code in (401, 403):
@@ -370,8 +373,10 @@ def read_token(token: str | None = None, token_file: str | None = None) -> str |
 
 
 def make_fetcher(location: str, token: str | None = None, transport=None):
-    scheme = urlsplit(location).scheme
-    if scheme in ("http", "https"):
+    parts = urlsplit(location)
+    if parts.scheme in ("http", "https"):
+        if "/v1/caches/" in parts.path:
+            check_key(parts.path.rsplit("/", 1)[1])
         return HttpFetcher(location, read_token(token), transport)
     return FsspecFetcher(location)
 

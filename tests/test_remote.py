@@ -1,0 +1,234 @@
+"""Reading caches over the network: read-ahead in file order, damaged responses detected and fetched again,
+local LRU copies, S3 URLs, and `generate --cache URL` end to end on a tiny model."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import httpx
+import pytest
+
+from kvcli import format, remote, store
+from kvcli.errors import FormatError, InputError, StorageError
+from servers import CacheServer, make_cache, moto_server
+
+TOKEN = "remote-token"
+
+
+class Tampering(httpx.BaseTransport):
+    """A real HTTP transport whose range responses pass through `damage(index, content)` first; it also records
+    the requested ranges and the most requests ever in flight at once."""
+
+    def __init__(self, damage=None, delay_s: float = 0.0):
+        self.inner = httpx.HTTPTransport()
+        self.damage = damage or (lambda i, content: content)
+        self.delay_s = delay_s
+        self.ranges: list[str] = []
+        self.lock = threading.Lock()
+        self.active = self.peak = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            index = len(self.ranges)
+            self.ranges.append(request.headers.get("range", ""))
+        try:
+            time.sleep(self.delay_s)
+            response = self.inner.handle_request(request)
+            content = response.read()
+            if not request.headers.get("range") or response.status_code != 206:
+                return httpx.Response(response.status_code, headers=response.headers, content=content)
+            damaged = self.damage(index, content)
+            headers = [(k, v) for k, v in response.headers.items() if k.lower() != "content-length"]
+            return httpx.Response(response.status_code, headers=headers, content=damaged)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("remote-store")
+    token = root.parent / "remote-token"
+    token.write_text(TOKEN)
+    with CacheServer(root, "--writable", "--token-file", str(token)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def cached(server) -> tuple[str, bytes]:
+    data = make_cache(seed=21, tokens=512, dim=128, chunk=32)  # 128 segments of 8 KiB
+    key = store.open_store(server.url, token=TOKEN).put(None, data)
+    return f"{server.url}/v1/caches/{key}", data
+
+
+def read_all(src) -> bytes:
+    """Header, then every segment in file order through format.read_segment, as kvfile.decode reads them."""
+    header = format.read_header(src)
+    body = [format.read_segment(src, header, seg) for seg in header.segments]
+    return src.read(0, header.data_offset) + b"".join(body)
+
+
+def open_remote(url: str, transport, **kwargs) -> remote.RemoteSource:
+    return remote.RemoteSource(remote.HttpFetcher(url, transport=transport), block_bytes=64 << 10, **kwargs)
+
+
+def test_fetches_ahead_in_file_order_with_bounded_concurrency(cached):
+    url, data = cached
+    transport = Tampering(delay_s=0.05)
+    with remote.RemoteSource(remote.HttpFetcher(url, transport=transport), workers=3, block_bytes=16 << 10) as src:
+        opened = time.perf_counter()
+        header = src.header
+        assert format.read_segment(src, header, header.segments[0])
+        first_s = time.perf_counter() - opened
+        assert read_all(src) == data
+        total_s = time.perf_counter() - opened
+    starts = [int(r.split("=")[1].split("-")[0]) for r in transport.ranges if r][1:]  # after the header's
+    assert len(starts) >= 30
+    # Requested in file order, give or take the workers racing each other to their next block.
+    assert all(abs(i - sorted(starts).index(s)) < 3 for i, s in enumerate(starts))
+    assert transport.peak <= 3
+    assert first_s < total_s / 4  # the first segment is there long before the last one
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "empty"])
+def test_damaged_responses_are_detected_and_fetched_again(cached, how):
+    url, data = cached
+    hit = set()
+
+    def damage(index: int, content: bytes) -> bytes:
+        if index % 3 != 2 or index in hit:  # every third response is damaged, once
+            return content
+        hit.add(index)
+        if how == "flip":
+            return content[:100] + bytes([content[100] ^ 0xFF]) + content[101:]
+        return content[: len(content) // 2] if how == "truncate" else b""
+
+    with open_remote(url, Tampering(damage)) as src:
+        assert read_all(src) == data
+        assert src.refetches >= 2
+
+
+def test_the_header_is_fetched_again_when_damaged(cached):
+    url, data = cached
+    damaged = Tampering(lambda i, c: c[:30] + b"X" + c[31:] if i == 0 else c)
+    with open_remote(url, damaged) as src:
+        assert read_all(src) == data
+
+
+def test_damage_that_persists_is_a_format_error_naming_the_segment(cached, tmp_path):
+    url, data = cached
+    header = format.read_header(format.BytesSource(data))
+    seg = header.segments[5]
+    at = header.data_offset + seg.offset + 3
+
+    def damage(index: int, content: bytes) -> bytes:
+        return content  # replaced below by a response that always lies
+
+    class Liar(Tampering):
+        def handle_request(self, request):
+            response = super().handle_request(request)
+            if "range" not in request.headers:
+                return response
+            first = int(request.headers["range"].split("=")[1].split("-")[0])
+            body = bytearray(response.content)
+            if first <= at < first + len(body):
+                body[at - first] ^= 1
+            headers = [(k, v) for k, v in response.headers.items() if k.lower() != "content-length"]
+            return httpx.Response(response.status_code, headers=headers, content=bytes(body))
+
+    src = remote.RemoteSource(remote.HttpFetcher(url, transport=Liar(damage)), block_bytes=64 << 10, backoff_s=0.01,
+                              on_complete=lambda buf: pytest.fail("a corrupt file must not be kept"))
+    with src:
+        with pytest.raises(FormatError, match=r"layer \d+ [KV] tokens .* checksum mismatch"):
+            read_all(src)
+
+
+def test_server_errors_are_retried_then_reported(cached):
+    url, data = cached
+
+    class Flaky(httpx.BaseTransport):
+        def __init__(self, failures: int):
+            self.inner, self.failures = httpx.HTTPTransport(), failures
+
+        def handle_request(self, request):
+            if self.failures > 0:
+                self.failures -= 1
+                raise httpx.ConnectError("connection refused (test)")
+            return self.inner.handle_request(request)
+
+    with open_remote(url, Flaky(2), backoff_s=0.01) as src:
+        assert read_all(src) == data
+    with pytest.raises(StorageError, match="after 3 attempts"):
+        open_remote(url, Flaky(100), retries=2, backoff_s=0.01)
+    with pytest.raises(InputError, match="no such cache"):
+        remote.open_source(url[:-64] + "0" * 64)
+
+
+def test_cache_dir_keeps_verified_copies_and_evicts_the_least_recently_used(server, tmp_path):
+    client = store.open_store(server.url, token=TOKEN)
+    blobs = [make_cache(seed=30 + i, tokens=64) for i in range(4)]
+    urls = [client.url_for(client.put(None, b)) for b in blobs]
+    cache_dir = tmp_path / "local"
+    size = len(blobs[0])
+    os.environ[remote.CACHE_DIR_BYTES_ENV] = str(int(size * 2.5))  # room for two copies
+    try:
+        for url, blob in zip(urls[:2], blobs):
+            with remote.open_source(url, str(cache_dir)) as src:
+                assert isinstance(src, remote.RemoteSource) and read_all(src) == blob
+        time.sleep(0.05)
+        with remote.open_source(urls[0], str(cache_dir)) as src:  # a hit: no network, and now the most recent
+            assert isinstance(src, format.FileSource) and read_all(src) == blobs[0]
+        time.sleep(0.05)
+        with remote.open_source(urls[2], str(cache_dir)) as src:
+            read_all(src)
+        kept = sorted(p.name for p in cache_dir.glob("*.kvc"))
+        assert kept == sorted(u.rsplit("/", 1)[1] + ".kvc" for u in (urls[0], urls[2]))
+        with remote.open_source(urls[3], str(cache_dir)) as src:  # an abandoned read leaves no copy
+            format.read_header(src)
+    finally:
+        del os.environ[remote.CACHE_DIR_BYTES_ENV]
+    assert len(list(cache_dir.glob("*.kvc"))) == 2
+    assert not [p for p in cache_dir.iterdir() if p.name.startswith(".")]
+
+
+def test_s3_urls_stream_through_fsspec(tmp_path):
+    pytest.importorskip("s3fs")
+    boto3 = pytest.importorskip("boto3")
+    with moto_server() as env:
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            boto3.client("s3").create_bucket(Bucket="stream")
+            data = make_cache(seed=40, tokens=256, dim=64)
+            key = store.open_store("s3://stream/p").put(None, data)
+            with remote.open_source(f"s3://stream/p/{key}.kvc", str(tmp_path / "c")) as src:
+                assert read_all(src) == data
+            assert (tmp_path / "c" / f"{key}.kvc").read_bytes() == data
+            with pytest.raises(InputError):
+                remote.open_source(f"s3://stream/p/{'0' * 64}.kvc")
+        finally:
+            for k, v in old.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_generate_from_a_url_matches_generate_from_the_file(cli, tiny_model_dir, doc_file, server, tmp_path):
+    model = str(tiny_model_dir("llama"))
+    kvc = tmp_path / "doc.kvc"
+    assert cli("prefill", doc_file, "-o", kvc, "--model", model, "--chunk-tokens", "8", "-q", "lossless").exit_code == 0
+    key = store.open_store(server.url, token=TOKEN).put(None, kvc)
+    local = cli("generate", "--cache", kvc, "--model", model, "-n", "8", "Question:")
+    assert local.exit_code == 0, local.stderr
+    url = f"{server.url}/v1/caches/{key}"
+    streamed = cli("generate", "--cache", url, "--cache-dir", tmp_path / "copies", "--model", model, "-n", "8",
+                   "Question:")
+    assert streamed.exit_code == 0, streamed.stderr
+    assert streamed.stdout == local.stdout
+    assert (tmp_path / "copies" / f"{key}.kvc").read_bytes() == kvc.read_bytes()
+    missing = cli("generate", "--cache", f"{server.url}/v1/caches/{'0' * 64}", "--model", model, "x")
+    assert missing.exit_code == 3 and "no such cache" in missing.stderr
+    bad = cli("generate", "--cache", f"{server.url}/v1/caches/nothex", "--model", model, "x")
+    assert bad.exit_code == 2 and "not a cache key" in bad.stderr
