@@ -156,8 +156,10 @@ def canonical_config(config: dict) -> dict:
         if key.endswith("_config") and key not in EXCLUDED_SUB_CONFIGS and isinstance(value, dict):
             out[key] = canonical_config(value)
     rope = canonical_rope(config)
+    out.pop("rope_scaling", None)  # with no rope, null and {} both mean "none": drop them
+    out.pop("rope_parameters", None)
     if rope is not None:
-        for moved in ("rope_scaling", "rope_theta", "rope_local_base_freq", "partial_rotary_factor"):
+        for moved in ("rope_theta", "rope_local_base_freq", "partial_rotary_factor"):
             out.pop(moved, None)
         out["rope_parameters"] = rope
     for key, default in CONFIG_DEFAULTS.items():

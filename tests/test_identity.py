@@ -126,6 +126,12 @@ def test_transformers_4_rope_form_equals_the_transformers_5_form():
     assert digest(with_changes(scaled4, max_position_embeddings=131072)) != digest(scaled5)
 
 
+def test_a_model_without_rope_hashes_null_empty_and_absent_rope_fields_alike():
+    learned = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128}
+    assert digest(dict(learned, rope_scaling=None)) == digest(dict(learned, rope_parameters={})) == digest(learned)
+    assert digest(dict(learned, partial_rotary_factor=0.5)) != digest(learned)
+
+
 def test_gemma3_rope_forms_agree():
     common = {"model_type": "gemma3_text", "hidden_size": 64, "num_attention_heads": 4, "head_dim": 16,
               "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 8}
