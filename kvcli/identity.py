@@ -338,7 +338,20 @@ def read_safetensors_header(path: Path) -> list[tuple[str, str, list[int], int, 
         except ValueError as err:
             raise ModelLoadError(f"{path}: not a valid safetensors file: tensor {name!r}: {err}") from None
         entries.append((name, dtype, shape, data_start + begin, data_start + end))
+    _check_tiling(path, entries, data_start, size)
     return entries
+
+
+def _check_tiling(path: Path, entries: list, data_start: int, size: int) -> None:
+    """The tensors cover the data section exactly, back to back, as the safetensors library requires to load it."""
+    position = data_start
+    for name, _, _, begin, end in sorted(entries, key=lambda e: (e[3], e[4])):
+        if begin != position:
+            raise ModelLoadError(f"{path}: not a valid safetensors file: tensor {name!r} starts at byte {begin}, "
+                                 f"where the previous one ends at {position} (a gap or an overlap)")
+        position = end
+    if position != size:
+        raise ModelLoadError(f"{path}: not a valid safetensors file: {size - position} bytes after the last tensor")
 
 
 def _unique_keys(pairs: list) -> dict:

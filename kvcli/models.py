@@ -272,13 +272,14 @@ def load(spec: str | None, dtype: str = "float32") -> LoadedModel:
     # Both digests read the files as saved, and first: a damaged file is refused here, naming it.
     weights_digest = identity.weights_digest(identity.weight_files(directory))
     config_digest = identity.config_digest(identity.read_config(directory), str(directory / "config.json"))
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch_type, use_safetensors=True)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         raise ModelLoadError(f"{source.name}: cannot load model: {str(err).splitlines()[0]}") from None
     except RuntimeError as err:
         raise DeviceError(f"{source.name}: cannot load in {dtype}: {str(err).splitlines()[0]}") from None

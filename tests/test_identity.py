@@ -343,6 +343,9 @@ GOOD = {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
     (safetensors_bytes({"w": dict(GOOD["w"], data_offsets=[0, 16])}), "fall outside the 8-byte data section"),
     (safetensors_bytes({"w": dict(GOOD["w"], data_offsets=[8, 0])}), "fall outside"),
     (safetensors_bytes({"w": dict(GOOD["w"], shape=[3])}), "needs 12 bytes, the offsets give 8"),
+    (safetensors_bytes(GOOD, data=bytes(12)), "4 bytes after the last tensor"),
+    (safetensors_bytes({"w": dict(GOOD["w"], shape=[1], data_offsets=[4, 8])}), "'w' starts at byte 73, where the previous one ends at 69"),
+    (safetensors_bytes({"a": dict(GOOD["w"], shape=[1], data_offsets=[0, 4]), **GOOD}), "a gap or an overlap"),
     (safetensors_bytes(GOOD).replace(b'{"w"', b'{"w": 0, "w"', 1).replace(
         struct.pack("<Q", len(json.dumps(GOOD))), struct.pack("<Q", len(json.dumps(GOOD)) + 8)), "duplicate key"),
 ])
