@@ -501,8 +501,9 @@ def temp_prefix(name: str) -> str:
 def sweep_cache_dir(root: Path | None = None, max_age: float = STALE_TEMP_SECONDS) -> list[Path]:
     """Remove kvcli temporaries left in the cache dir by killed processes, once untouched for max_age seconds.
 
-    atomic_write sweeps only the temporaries of the file it writes; this also takes conversion directories and
-    the debris of profiles and digest-cache entries that are never written again.
+    atomic_write sweeps only the temporaries of the file it writes; this also takes conversion directories, the
+    debris of profiles and digest-cache entries that are never written again, and the digest-cache entries of
+    weight files that no longer exist.
     """
     root = Path(root) if root is not None else cache_root()
     removed = []
@@ -516,7 +517,21 @@ def sweep_cache_dir(root: Path | None = None, max_age: float = STALE_TEMP_SECOND
             if TEMP_NAME.match(entry.name) and now - _newest_mtime(entry) > max_age:
                 _remove(entry)
                 removed.append(Path(entry.path))
+            elif sub == "digests" and entry.name.endswith(".json") and _orphaned(entry, now - max_age):
+                _remove(entry)
+                removed.append(Path(entry.path))
     return removed
+
+
+def _orphaned(entry: os.DirEntry, cutoff: float) -> bool:
+    """A digest-cache entry older than cutoff for a weight file that no longer exists (a deleted model)."""
+    try:
+        if entry.stat(follow_symlinks=False).st_mtime > cutoff:
+            return False
+        path = json.loads(Path(entry.path).read_bytes())["key"].get("path")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False  # unreadable or not ours to judge: leave it
+    return isinstance(path, str) and not os.path.exists(path)
 
 
 def _newest_mtime(entry: os.DirEntry) -> float:

@@ -14,6 +14,7 @@ import pytest
 
 from kvcli import format, identity, models
 from kvcli.errors import ModelLoadError
+from tiny_models import byte_tokenizer
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "format.md"
 
@@ -450,6 +451,23 @@ def test_sweep_removes_only_old_kvcli_temporaries(tmp_path):
     assert sorted(removed) == sorted([old_dir, old_file, old_digest])
     assert not old_dir.exists() and not old_file.exists() and not old_digest.exists()
     assert fresh.is_dir() and all(f.exists() for f in foreign)
+
+
+def test_sweep_removes_old_digest_entries_of_deleted_weight_files(tmp_path, cache_dir):
+    kept, deleted, fresh = (tmp_path / f"{n}.safetensors" for n in ("kept", "deleted", "fresh"))
+    for path in (kept, deleted, fresh):
+        path.write_bytes(safetensors_bytes(GOOD))
+        age(path)
+        identity.weights_digest([path])
+    identity.tokenizer_digest(byte_tokenizer(add_bos=False))  # an entry with no file behind it
+    entries = {json.loads(e.read_text())["key"].get("path"): e for e in (cache_dir / "digests").glob("*.json")}
+    for entry in entries.values():
+        age(entry, 2 * format.STALE_TEMP_SECONDS)
+    age(entries[str(fresh)], 10)
+    deleted.unlink()
+    fresh.unlink()
+    assert identity.sweep_cache_dir() == [entries[str(deleted)]]
+    assert entries[str(kept)].exists() and entries[str(fresh)].exists() and entries[None].exists()
 
 
 def test_sweep_of_a_missing_cache_dir_does_nothing(tmp_path):
