@@ -438,7 +438,10 @@ def cached(path: Path, kind: str, compute: Callable[[Path], object], valid: Call
         raise ModelLoadError(f"{path}: cannot read: {err.strerror}") from None
 
     def fresh() -> tuple[object, bool]:
-        value = compute(real)
+        try:
+            value = compute(real)
+        except OSError as err:
+            raise ModelLoadError(f"{path}: cannot read: {err.strerror}") from None
         return value, _stat_key(real, kind) == key and time.time() - key["mtime_ns"] / 1e9 > RACY_SECONDS
 
     return memoized(f"{kind}\0{real}", key, fresh, valid)

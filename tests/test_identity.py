@@ -407,6 +407,11 @@ def test_damaged_digest_cache_entry_is_recomputed(tmp_path, cache_dir):
     assert identity.weights_digest([path]) == first
 
 
+def test_unreadable_file_is_a_model_load_error(tmp_path, cache_dir):
+    with pytest.raises(ModelLoadError, match=f"{re.escape(str(tmp_path))}: cannot read: Is a directory"):
+        identity.cached_file_sha256(tmp_path)
+
+
 def test_weight_files_follow_what_transformers_loads(tmp_path):
     (tmp_path / "model-1.safetensors").write_bytes(b"")
     (tmp_path / "consolidated.safetensors").write_bytes(b"")
