@@ -320,6 +320,19 @@ def test_config_json_with_a_deployment_note_loads_with_the_same_identity(tiny_mo
     assert models.load(str(copy)).identity["config_digest"] == models.load(str(tiny_model_dir("gemma3"))).identity["config_digest"]
 
 
+def test_config_saved_by_transformers_4_loads_with_the_identity_of_its_transformers_5_save(tiny_model_dir, tmp_path, cache_dir):
+    copy = copy_model(tiny_model_dir("llama"), tmp_path / "v4")
+    config = json.loads((copy / "config.json").read_text())
+    theta = config.pop("rope_parameters")["rope_theta"]
+    config.pop("dtype")
+    config.pop("head_dim")  # transformers 4.40 wrote no head_dim for Llama
+    config.update(rope_theta=int(theta), rope_scaling=None, torch_dtype="float32", transformers_version="4.40.0")
+    (copy / "config.json").write_text(json.dumps(config, indent=2))
+    loaded = models.load(str(copy))
+    assert loaded.model.config.head_dim == 16 and loaded.model.config.rope_parameters["rope_theta"] == theta
+    assert loaded.identity["config_digest"] == models.load(str(tiny_model_dir("llama"))).identity["config_digest"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # safetensors header validation
 
