@@ -273,8 +273,11 @@ def decode_segments(tables: ClassTables, segments: list[tuple[list[Group], int, 
     Raises CodecError with `.index` set to the failing segment's position in `segments`.
     """
     jobs = []
-    for groups, tokens, coded in segments:
-        ids = [np.full(g.tuples(tokens), tables.index(g.cls), dtype=np.uint32) for g in groups]
+    for i, (groups, tokens, coded) in enumerate(segments):
+        try:  # coverage: every class of the segment's plan has a table
+            ids = [np.full(g.tuples(tokens), tables.index(g.cls), dtype=np.uint32) for g in groups]
+        except CodecError as err:
+            raise CodecError(str(err), index=i) from None
         jobs.append((np.concatenate(ids) if ids else np.zeros(0, np.uint32), coded.stream))
     try:
         symbols = rans.decode_streams(tables.coder, jobs)

@@ -1,0 +1,71 @@
+"""Regenerate the golden kvq files: python tests/golden/make_golden_kvq.py
+
+One file per lossy preset, from a deterministic synthetic cache shaped like a tiny model (3 layers, one of them
+sliding-window, 2 KV heads, head_dim 8, RoPE on keys, 259 tokens in chunks of 64 so the last segment holds 3
+tokens), with the things that stress a decoder: a 25-sigma outlier token, a constant channel, channels of very
+different spread. The values come from integer arithmetic only, so every platform builds the same cache.
+Run it only for a deliberate change of the kvq bitstream; tests/test_kvq_bitstream.py pins these bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvcli import format, kvfile
+from kvcli.codecs.presets import make_codec
+from kvcli.kvcache import KVCache
+
+HERE = Path(__file__).parent
+IDENTITY = {"architecture": "LlamaForCausalLM", "name": "golden-kvq", "config_digest": "c" * 64,
+            "weights_digest": "e" * 64, "tokenizer_digest": "f" * 64}
+LAYERS, HEADS, DIM, TOKENS, WINDOW, CHUNK = 3, 2, 8, 259, 40, 64
+PRESETS = {"high": ("float32", 4), "balanced": ("float16", 1), "small": ("bfloat16", 0)}  # dtype, sinks
+
+
+def noise(seed: int, n: int) -> np.ndarray:
+    """About standard normal (Irwin-Hall of 4 uniforms), from a 32-bit LCG: exact on every platform."""
+    state = (seed * 2654435761 + 12345) % 2**32
+    out = np.empty(4 * n, dtype=np.float64)
+    for i in range(4 * n):
+        state = (1664525 * state + 1013904223) % 2**32
+        out[i] = state / 2**32
+    return (out.reshape(n, 4).sum(axis=1) - 2.0) * np.sqrt(3.0)
+
+
+def golden_cache(dtype: str) -> KVCache:
+    keys, values = [], []
+    for layer in range(LAYERS):
+        held = TOKENS if layer != 1 else WINDOW - 1
+        for kind, bucket in ((0, keys), (1, values)):
+            x = noise(100 * layer + kind, HEADS * held * DIM).reshape(HEADS, held, DIM)
+            x *= (2.0 ** np.arange(-3, DIM - 3))[None, None, :] / 4  # channels from 1/32 to 8
+            x += np.arange(DIM)[None, None, :] - 3  # channel means
+            x[0, :, 2] = 1.5  # a constant channel
+            x[:, -1, :] += 25 * x.std(axis=1)  # the last token sits 25 sigma out
+            bucket.append(torch.from_numpy(x.astype(np.float32)).to(getattr(torch, dtype)))
+    return KVCache(list(range(1000, 1000 + TOKENS)), keys, values)
+
+
+def inv_freq() -> list[np.ndarray]:
+    return [(1.0 / 10000 ** (np.arange(0, DIM, 2) / DIM)).astype(np.float32) for _ in range(LAYERS)]
+
+
+def golden_bytes(preset: str) -> bytes:
+    dtype, sinks = PRESETS[preset]
+    codec = make_codec(preset, None, inv_freq(), 1.0, sinks)
+    meta, parts = kvfile.encode(golden_cache(dtype), IDENTITY, codec, CHUNK)
+    meta["created_by"] = "kvcli golden"  # independent of the package version
+    meta["created_at"] = "2026-01-01T00:00:00Z"
+    return format.build_header(meta, parts) + b"".join(p.data for p in parts)
+
+
+def main() -> None:
+    for preset in PRESETS:
+        (HERE / f"tiny-kvq-{preset}.kvc").write_bytes(golden_bytes(preset))
+
+
+if __name__ == "__main__":
+    main()

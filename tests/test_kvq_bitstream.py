@@ -1,0 +1,311 @@
+"""The kvq bitstream is pinned and fully specified: golden files, an independent reference decoder, and one
+refusal test per integrity check of the decoder (docs/codec.md, "Every check a kvq decoder performs")."""
+
+from __future__ import annotations
+
+import re
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+
+import kvq_reference
+from kvcli import format, kvfile
+from kvcli.errors import FormatError
+
+GOLDEN = Path(__file__).parent / "golden"
+sys.path.insert(0, str(GOLDEN))
+import make_golden_kvq  # noqa: E402
+
+PRESETS = list(make_golden_kvq.PRESETS)
+HEAD = struct.Struct("<III")
+
+
+def kvcli_bits(data: bytes) -> dict:
+    src = format.BytesSource(data)
+    kv = kvfile.decode(src, format.read_header(src), threads=1)
+    out = {}
+    for layer, (k, v) in enumerate(zip(kv.keys, kv.values)):
+        for kind, t in (("k", k), ("v", v)):
+            wide = t.element_size() == 4
+            arr = t.contiguous().view(torch.int32 if wide else torch.int16).numpy()
+            out[(layer, kind)] = arr.view(np.uint32 if wide else np.uint16)
+    return out
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_reference_decoder_matches_kvcli_bit_for_bit(preset):
+    data = (GOLDEN / f"tiny-kvq-{preset}.kvc").read_bytes()
+    ours, theirs = kvcli_bits(data), kvq_reference.decode_file(data)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert ours[key].shape == theirs[key].shape
+        assert np.array_equal(ours[key], theirs[key]), key
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_writer_reproduces_the_golden_bytes(preset):
+    assert make_golden_kvq.golden_bytes(preset) == (GOLDEN / f"tiny-kvq-{preset}.kvc").read_bytes()
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_golden_files_exercise_escapes_tails_and_sinks(preset):
+    """The golden files are only worth their bytes if they reach the decoder's corners."""
+    header = format.read_header(format.BytesSource((GOLDEN / f"tiny-kvq-{preset}.kvc").read_bytes()))
+    tensor = [s for s in header.segments if s.kind != "aux"]
+    assert min(s.token_count for s in tensor) <= 3
+    data = (GOLDEN / f"tiny-kvq-{preset}.kvc").read_bytes()
+    escapes = [HEAD.unpack_from(data, header.data_offset + s.offset)[2] for s in tensor]
+    assert sum(e > 0 for e in escapes) >= 2
+
+
+# ---------------------------------------------------------------- one refusal per check
+
+META, PARTS = None, None
+
+
+def golden_parts():
+    global META, PARTS
+    if PARTS is None:
+        dtype, sinks = make_golden_kvq.PRESETS["balanced"]
+        codec = make_golden_kvq.make_codec("balanced", None, make_golden_kvq.inv_freq(), 1.0, sinks)
+        META, PARTS = kvfile.encode(make_golden_kvq.golden_cache(dtype), make_golden_kvq.IDENTITY, codec,
+                                    make_golden_kvq.CHUNK)
+    return META, PARTS
+
+
+def segment_fields(blob: bytes) -> dict:
+    lanes, words, esc = HEAD.unpack_from(blob, 0)
+    pos = HEAD.size
+    states = list(struct.unpack_from(f"<{lanes}I", blob, pos))
+    pos += 4 * lanes
+    w = list(struct.unpack_from(f"<{words}H", blob, pos))
+    pos += 2 * words
+    return {"lanes": lanes, "states": states, "words": w, "esc": blob[pos : pos + esc], "rest": blob[pos + esc :]}
+
+
+def segment_bytes(f: dict) -> bytes:
+    return (HEAD.pack(f.get("lanes_field", len(f["states"])), len(f["words"]), len(f["esc"]))
+            + struct.pack(f"<{len(f['states'])}I", *f["states"]) + struct.pack(f"<{len(f['words'])}H", *f["words"])
+            + f["esc"] + f["rest"])
+
+
+def tensor_index(pred) -> int:
+    _, parts = golden_parts()
+    return next(i for i, p in enumerate(parts) if p.kind != "aux" and pred(p, segment_fields(p.data)))
+
+
+def refused(parts, message: str, where: str | None = None) -> None:
+    meta, _ = golden_parts()
+    data = format.build_header(meta, parts) + b"".join(p.data for p in parts)
+    for run in (kvfile.decode, kvfile.verify):
+        src = format.BytesSource(data, "g.kvc")
+        with pytest.raises(FormatError, match=re.escape(message)) as info:
+            run(src, format.read_header(src))
+        if where:
+            assert where in str(info.value)
+
+
+def with_segment(index: int, change) -> list:
+    _, parts = golden_parts()
+    parts = list(parts)
+    p = parts[index]
+    f = segment_fields(p.data)
+    change(f)
+    parts[index] = format.SegmentData(p.kind, p.layer, p.token_start, p.token_count, segment_bytes(f), p.name)
+    return parts
+
+
+def label(index: int) -> str:
+    p = golden_parts()[1][index]
+    return f"layer {p.layer} {p.kind.upper()} tokens [{p.token_start}, {p.token_start + p.token_count})"
+
+
+def test_golden_parts_round_trip_unchanged():
+    i = tensor_index(lambda p, f: f["esc"])
+    assert segment_bytes(segment_fields(golden_parts()[1][i].data)) == golden_parts()[1][i].data
+
+
+def test_lane_count_rule():
+    i = tensor_index(lambda p, f: f["lanes"] >= 1)
+    refused(with_segment(i, lambda f: f["states"].append(1 << 16)), "lanes, the lane count rule gives", label(i))
+
+
+def test_at_most_one_word_per_symbol():
+    i = tensor_index(lambda p, f: p.token_count <= 3)
+    refused(with_segment(i, lambda f: f["words"].extend([0] * 200)), "words for")
+
+
+def test_escape_frame_size_cap():
+    i = tensor_index(lambda p, f: p.token_count <= 3 and f["esc"])
+    noise = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    refused(with_segment(i, lambda f: f.update(esc=zstandard.ZstdCompressor().compress(noise))),
+            "more than the", label(i))
+
+
+def test_initial_states_in_range():
+    i = tensor_index(lambda p, f: f["lanes"] >= 1)
+    refused(with_segment(i, lambda f: f["states"].__setitem__(0, 5)), "initial state is below 2^16")
+
+
+def test_stream_must_end_empty():
+    i = tensor_index(lambda p, f: f["lanes"] >= 1 and p.token_count > 3)
+    refused(with_segment(i, lambda f: f["words"].append(7)), "the entropy decoder read", label(i))
+
+
+def test_stream_must_end_in_the_initial_states():
+    i = tensor_index(lambda p, f: f["lanes"] >= 1 and p.token_count > 3)
+
+    refused(with_segment(i, lambda f: f["states"].__setitem__(0, f["states"][0] ^ 1)), "entropy decoder")
+
+
+def escaped_segment() -> int:
+    return tensor_index(lambda p, f: f["esc"])
+
+
+def escape_values(f) -> np.ndarray:
+    return np.frombuffer(zstandard.ZstdDecompressor().decompress(f["esc"]), "<i4")
+
+
+def test_escape_count_extra_value():
+    i = escaped_segment()
+    extra = lambda f: f.update(esc=zstandard.ZstdCompressor().compress(np.append(escape_values(f), 1).astype("<i4").tobytes()))
+    refused(with_segment(i, extra), "more than the", label(i))
+
+
+def test_escape_count_missing_value():
+    i = escaped_segment()
+    short = lambda f: f.update(esc=zstandard.ZstdCompressor().compress(escape_values(f)[:-1].astype("<i4").tobytes()))
+    refused(with_segment(i, short), "escape stream holds", label(i))
+
+
+def test_escape_frame_must_be_present():
+    i = escaped_segment()
+    refused(with_segment(i, lambda f: f.update(esc=b"")), "escape symbols but no escape stream", label(i))
+
+
+def test_escape_frame_without_escapes_is_refused():
+    i = tensor_index(lambda p, f: not f["esc"] and f["lanes"] >= 1)
+    frame = zstandard.ZstdCompressor().compress(b"\0\0\0\0")
+    refused(with_segment(i, lambda f: f.update(esc=frame)), "an escape stream without escape symbols", label(i))
+
+
+def test_nothing_after_the_escape_frame():
+    i = tensor_index(lambda p, f: f["esc"] and not f["rest"])
+    refused(with_segment(i, lambda f: f.update(esc=f["esc"] + b"\0")), "bytes after the zstd frame", label(i))
+
+
+def test_sinks_must_be_finite():
+    i = tensor_index(lambda p, f: p.token_start == 0 and f["rest"])
+    refused(with_segment(i, lambda f: f.update(rest=b"\x00\x7c" + f["rest"][2:])), "non-finite", label(i))
+
+
+def test_segment_parts_must_add_up():
+    i = tensor_index(lambda p, f: f["lanes"] >= 1)
+    _, parts = golden_parts()
+    parts = list(parts)
+    p = parts[i]
+    parts[i] = format.SegmentData(p.kind, p.layer, p.token_start, p.token_count, p.data + b"\0", p.name)
+    refused(parts, "segment sizes do not add up", label(i))
+
+
+# ---------------------------------------------------------------- tables and plans
+
+
+def with_aux(name: str, change) -> list:
+    _, parts = golden_parts()
+    parts = list(parts)
+    i = next(j for j, p in enumerate(parts) if p.name == name)
+    raw = bytearray(zstandard.ZstdDecompressor().decompress(parts[i].data))
+    raw = change(raw)
+    parts[i] = format.SegmentData("aux", -1, 0, 0, zstandard.ZstdCompressor().compress(bytes(raw)), name)
+    return parts
+
+
+def first_table(raw: bytearray) -> tuple[int, int, int]:
+    """(class, offset of its first frequency, alphabet size)."""
+    from kvq_reference import layout
+
+    cls = struct.unpack_from("<b", raw, 2)[0]
+    half, m = layout(cls)
+    return cls, 3, (2 * half + 1) ** m + 1
+
+
+def test_zero_frequency_is_refused():
+    def change(raw):
+        _, pos, _ = first_table(raw)
+        a, b = struct.unpack_from("<HH", raw, pos)
+        struct.pack_into("<HH", raw, pos, a + b, 0)
+        return raw
+
+    refused(with_aux("kvq.tables", change), "a symbol has frequency 0")
+
+
+def test_frequencies_must_sum_to_the_precision():
+    def change(raw):
+        _, pos, _ = first_table(raw)
+        struct.pack_into("<H", raw, pos, struct.unpack_from("<H", raw, pos)[0] + 1)
+        return raw
+
+    refused(with_aux("kvq.tables", change), "sum to 65537, not 65536")
+
+
+def test_tables_must_cover_every_class_of_the_plans():
+    def change(raw):
+        cls, pos, size = first_table(raw)
+        count = struct.unpack_from("<H", raw, 0)[0]
+        return bytearray(struct.pack("<H", count - 1)) + raw[pos + 2 * size :]
+
+    refused(with_aux("kvq.tables", change), "no entropy table for class")
+
+
+def test_tables_must_be_in_class_order():
+    """Swap the class bytes of two neighbouring tables of the same alphabet: only the order is wrong."""
+    from kvq_reference import layout
+
+    def change(raw):
+        pos, tables = 2, []
+        for _ in range(struct.unpack_from("<H", raw, 0)[0]):
+            cls = struct.unpack_from("<b", raw, pos)[0]
+            half, m = layout(cls)
+            tables.append((pos, (2 * half + 1) ** m))
+            pos += 1 + 2 * ((2 * half + 1) ** m + 1)
+        (a, size), (b, _) = next((x, y) for x, y in zip(tables, tables[1:]) if x[1] == y[1])
+        raw[a], raw[b] = raw[b], raw[a]
+        return raw
+
+    refused(with_aux("kvq.tables", change), "out of range or out of order")
+
+
+def test_tables_have_no_trailing_bytes():
+    refused(with_aux("kvq.tables", lambda raw: raw + b"\0"), "entropy tables have trailing bytes")
+
+
+def test_plan_steps_must_be_positive():
+    def change(raw):
+        heads, dim, _ = struct.unpack_from("<HHB", raw, 4)
+        struct.pack_into("<e", raw, 4 + 5 + 2 * heads * dim, 0.0)
+        return raw
+
+    refused(with_aux("kvq.plan", change), "steps must be finite and positive")
+
+
+def test_plan_classes_must_be_in_range():
+    def change(raw):
+        heads, dim, _ = struct.unpack_from("<HHB", raw, 4)
+        struct.pack_into("<b", raw, 4 + 5 + 4 * heads * dim, 100)
+        return raw
+
+    refused(with_aux("kvq.plan", change), "channel class out of range")
+
+
+def test_aux_frames_refuse_trailing_bytes():
+    _, parts = golden_parts()
+    parts = list(parts)
+    i = next(j for j, p in enumerate(parts) if p.name == "kvq.plan")
+    parts[i] = format.SegmentData("aux", -1, 0, 0, parts[i].data + b"\0", "kvq.plan")
+    refused(parts, "bytes after the zstd frame")
