@@ -221,7 +221,7 @@ class RemoteSource:
     def _fetch_header(self) -> format.Header:
         """Preamble and header, refetched while the header CRC fails (a damaged response, not yet a bad file)."""
         for attempt in range(self.retries + 1):
-            prefix = self._call(self.fetcher.fetch, 0, min(self.size, HEAD_PREFETCH))
+            prefix = self._call(self.fetcher.fetch, 0, min(self.size, HEAD_PREFETCH)) if self.size else b""
             if len(prefix) >= format.PREAMBLE_SIZE:
                 hlen = format.PREAMBLE.unpack(prefix[: format.PREAMBLE_SIZE])[3]
                 end = format.PREAMBLE_SIZE + hlen

@@ -427,6 +427,9 @@ class ServerStore:
     def read(self, key: str, offset: int, length: int) -> bytes:
         response = self._request("GET", f"/v1/caches/{check_key(key)}",
                                  headers={"Range": f"bytes={offset}-{offset + length - 1}"})
+        if response.status_code != 206 or len(response.content) != length:
+            raise StorageError(f"{self.url_for(key)}: asked for {length} bytes at {offset}, got "
+                               f"{len(response.content)} (HTTP {response.status_code})")
         return response.content
 
     def open(self, key: str) -> format.ByteSource:
