@@ -1,12 +1,17 @@
-"""kvq's tensor stage on the GPU: integers to values, then RoPE back onto keys, in one pass.
+"""kvq's tensor stage on the GPU: integers to values, RoPE back onto keys, cast, in one pass.
 
 Reference: codecs/quantize.py (dequantize_rotate_ref), which is also the CPU path. Kernels import from codecs,
 never the reverse at import time.
 
 q is channel-major int32 (heads, dim, tokens); center and step are float32 (heads, dim). For keys, inv_freq
 (dim / 2,) rotates channel pairs (i, i + dim/2) by (token_start + t) * inv_freq[i] (rotate-half layout); the
-launcher passes the reference's own cos and sin tables (float64 angles rounded once), so the kernel and the
-reference differ at most where the compiler fuses a multiply and an add.
+launcher passes the reference's own cos and sin tables (float64 angles rounded once). Every product and sum is
+its own float32 operation (the launch turns off multiply-add fusion), so the kernel reproduces the reference's
+values bit for bit (docs/codec.md, "Reconstruction").
+
+The output is any (heads, tokens, dim) tensor of float32, float16 or bfloat16 with any strides, such as a
+transformers cache layer's [0]: the kernel writes it directly, clamping to the float16 range where the output is
+float16 and rounding to nearest-even on the cast, as `Tensor.copy_` does.
 """
 
 from __future__ import annotations
@@ -17,49 +22,84 @@ import triton.language as tl
 
 from ..codecs.quantize import rope_tables
 
-BLOCK_TOKENS = 256
+BLOCK_TOKENS = 64
+FLOAT16_MAX: tl.constexpr = 65504.0
+
+
+@triton.jit
+def _cast(v, out_ptr, CLAMP: tl.constexpr, BF16: tl.constexpr):
+    if CLAMP:
+        v = tl.minimum(tl.maximum(v, -FLOAT16_MAX), FLOAT16_MAX)
+    if BF16:
+        # Round to nearest-even by hand: the interpreter's cast truncates, and both paths must agree.
+        b = v.to(tl.uint32, bitcast=True)
+        b = b + 0x7FFF + ((b >> 16) & 1)
+        return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return v.to(out_ptr.dtype.element_ty)
 
 
 @triton.jit
 def dequantize_rotate_kernel(q_ptr, center_ptr, step_ptr, cos_ptr, sin_ptr, out_ptr, dim, tokens,
-                             ROTATE: tl.constexpr, BLOCK: tl.constexpr):
-    # One program: one head, one channel pair (or one channel without RoPE), one block of tokens.
+                             out_sh, out_st, out_sc, ROTATE: tl.constexpr, CLAMP: tl.constexpr, BF16: tl.constexpr,
+                             CHANNELS: tl.constexpr, BLOCK: tl.constexpr):
+    # One program: one head, a block of tokens, every channel (ROTATE: the first halves of the pairs).
     head = tl.program_id(0)
-    chan = tl.program_id(1)
-    offs = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < tokens
+    t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    c = tl.arange(0, CHANNELS)
     half = dim // 2
-    row_a = head * dim + chan
-    qa = tl.load(q_ptr + row_a * tokens + offs, mask=mask, other=0).to(tl.float32)
-    xa = qa * tl.load(step_ptr + row_a) + tl.load(center_ptr + row_a)
+    width = half if ROTATE else dim
+    mask = (c[:, None] < width) & (t[None, :] < tokens)
+    row_a = head * dim + c
+    qa = tl.load(q_ptr + row_a[:, None] * tokens + t[None, :], mask=mask, other=0).to(tl.float32)
+    sa = tl.load(step_ptr + row_a, mask=c < width, other=1.0)
+    ca = tl.load(center_ptr + row_a, mask=c < width, other=0.0)
+    xa = qa * sa[:, None] + ca[:, None]
+    out_a = out_ptr + head * out_sh + t[None, :] * out_st + c[:, None] * out_sc
     if ROTATE:
         row_b = row_a + half
-        qb = tl.load(q_ptr + row_b * tokens + offs, mask=mask, other=0).to(tl.float32)
-        xb = qb * tl.load(step_ptr + row_b) + tl.load(center_ptr + row_b)
-        c = tl.load(cos_ptr + chan * tokens + offs, mask=mask, other=0.0)
-        s = tl.load(sin_ptr + chan * tokens + offs, mask=mask, other=0.0)
-        tl.store(out_ptr + row_a * tokens + offs, xa * c - xb * s, mask=mask)
-        tl.store(out_ptr + row_b * tokens + offs, xb * c + xa * s, mask=mask)
+        qb = tl.load(q_ptr + row_b[:, None] * tokens + t[None, :], mask=mask, other=0).to(tl.float32)
+        sb = tl.load(step_ptr + row_b, mask=c < width, other=1.0)
+        cb = tl.load(center_ptr + row_b, mask=c < width, other=0.0)
+        xb = qb * sb[:, None] + cb[:, None]
+        cs = tl.load(cos_ptr + c[:, None] * tokens + t[None, :], mask=mask, other=0.0)
+        sn = tl.load(sin_ptr + c[:, None] * tokens + t[None, :], mask=mask, other=0.0)
+        ya = xa * cs - xb * sn
+        yb = xb * cs + xa * sn
+        tl.store(out_a, _cast(ya, out_ptr, CLAMP, BF16), mask=mask)
+        tl.store(out_a + half * out_sc, _cast(yb, out_ptr, CLAMP, BF16), mask=mask)
     else:
-        tl.store(out_ptr + row_a * tokens + offs, xa, mask=mask)
+        tl.store(out_a, _cast(xa, out_ptr, CLAMP, BF16), mask=mask)
 
 
-def dequantize_rotate(q: torch.Tensor, center: torch.Tensor, step: torch.Tensor,
-                      inv_freq: torch.Tensor | None, token_start: int) -> torch.Tensor:
-    """Host launcher: float32 (heads, dim, tokens) on q's device."""
+def dequantize_rotate(q: torch.Tensor, center: torch.Tensor, step: torch.Tensor, inv_freq: torch.Tensor | None,
+                      token_start: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Host launcher. Without `out`: float32 (heads, dim, tokens) on q's device, the reference's values. With
+    `out` (heads, tokens, dim), float32/float16/bfloat16, any strides, on q's device: written in place, as
+    `out.copy_(reference.clamp(float16 range if float16).transpose(1, 2))` would, and returned."""
     heads, dim, tokens = q.shape
-    out = torch.empty((heads, dim, tokens), dtype=torch.float32, device=q.device)
-    if tokens == 0:
-        return out
+    if out is None:
+        result = torch.empty((heads, dim, tokens), dtype=torch.float32, device=q.device)
+        view = result.transpose(1, 2)
+    else:
+        if out.shape != (heads, tokens, dim) or out.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"out must be float (heads, tokens, dim) = {(heads, tokens, dim)}, got "
+                             f"{out.dtype} {tuple(out.shape)}")
+        result = view = out
+    if tokens == 0 or heads == 0 or dim == 0:
+        return result
     rotate = inv_freq is not None
     if rotate and dim % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {dim}")
-    channels = dim // 2 if rotate else dim
+    center, step = center.float().contiguous(), step.float().contiguous()
     if rotate:
         cos, sin = (t.to(q.device).contiguous() for t in rope_tables(inv_freq, token_start, tokens))
     else:
         cos = sin = center  # unused pointers when not rotating
-    grid = (heads, channels, triton.cdiv(tokens, BLOCK_TOKENS))
-    dequantize_rotate_kernel[grid](q.contiguous(), center.float().contiguous(), step.float().contiguous(), cos, sin,
-                                   out, dim, tokens, ROTATE=rotate, BLOCK=BLOCK_TOKENS)
-    return out
+    channels = triton.next_power_of_2(dim // 2 if rotate else dim)
+    block = max(1, min(BLOCK_TOKENS, 4096 // channels))
+    grid = (heads, triton.cdiv(tokens, block))
+    dequantize_rotate_kernel[grid](q.contiguous(), center, step, cos, sin, view, dim, tokens, *view.stride(),
+                                   ROTATE=rotate, CLAMP=view.dtype == torch.float16,
+                                   BF16=view.dtype == torch.bfloat16, CHANNELS=channels, BLOCK=block,
+                                   enable_fp_fusion=False)
+    return result

@@ -1,0 +1,93 @@
+"""kvq's quantization on the GPU, the inverse of kernels/dequantize.py, in one pass: read a cache layer in
+transformers' layout, un-rotate keys, centre, divide by the step, round, and write channel-major int32.
+
+Reference: codecs/quantize.py, composed as kvq's encoder composes it (`quantize_unrotate_ref` below):
+float32 cast, transpose to (heads, dim, tokens), `unrotate_keys` with `rope_tables`, then `quantize`. Every
+product and sum is its own float32 operation (multiply-add fusion off), the division is correctly rounded and
+rounding goes to nearest-even, so the kernel gives the reference's integers exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..codecs.quantize import quantize, rope_tables, unrotate_keys
+
+BLOCK_TOKENS = 64
+ROUND_MAGIC: tl.constexpr = 8388608.0  # 2^23: adding it to |v| < 2^23 rounds to an integer, nearest-even
+
+
+@triton.jit
+def _round_even(v):
+    # Rounds float32 to nearest-even with two additions: beyond 2^23 every float32 is already an integer.
+    a = tl.abs(v)
+    r = (a + ROUND_MAGIC) - ROUND_MAGIC
+    r = tl.where(v < 0, -r, r)
+    return tl.where(a < ROUND_MAGIC, r, v)
+
+
+@triton.jit
+def quantize_unrotate_kernel(x_ptr, center_ptr, step_ptr, cos_ptr, sin_ptr, q_ptr, dim, tokens, x_sh, x_st, x_sc,
+                             ROTATE: tl.constexpr, CHANNELS: tl.constexpr, BLOCK: tl.constexpr):
+    # One program: one head, a block of tokens, every channel (ROTATE: both halves of every pair).
+    head = tl.program_id(0)
+    t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    c = tl.arange(0, CHANNELS)
+    half = dim // 2
+    width = half if ROTATE else dim
+    cmask = c < width
+    mask = cmask[:, None] & (t[None, :] < tokens)
+    x_a = x_ptr + head * x_sh + t[None, :] * x_st + c[:, None] * x_sc
+    xa = tl.load(x_a, mask=mask, other=0.0).to(tl.float32)
+    row_a = head * dim + c
+    if ROTATE:
+        xb = tl.load(x_a + half * x_sc, mask=mask, other=0.0).to(tl.float32)
+        cs = tl.load(cos_ptr + c[:, None] * tokens + t[None, :], mask=mask, other=0.0)
+        sn = tl.load(sin_ptr + c[:, None] * tokens + t[None, :], mask=mask, other=0.0)
+        ya = xa * cs + xb * sn
+        yb = xb * cs - xa * sn
+        row_b = row_a + half
+        vb = tl.math.div_rn(yb - tl.load(center_ptr + row_b, mask=cmask, other=0.0)[:, None],
+                            tl.load(step_ptr + row_b, mask=cmask, other=1.0)[:, None])
+        tl.store(q_ptr + row_b[:, None] * tokens + t[None, :], _round_even(vb).to(tl.int32), mask=mask)
+    else:
+        ya = xa
+    va = tl.math.div_rn(ya - tl.load(center_ptr + row_a, mask=cmask, other=0.0)[:, None],
+                        tl.load(step_ptr + row_a, mask=cmask, other=1.0)[:, None])
+    tl.store(q_ptr + row_a[:, None] * tokens + t[None, :], _round_even(va).to(tl.int32), mask=mask)
+
+
+def quantize_unrotate(x: torch.Tensor, center: torch.Tensor, step: torch.Tensor, inv_freq: torch.Tensor | None,
+                      token_start: int) -> torch.Tensor:
+    """Host launcher: x (heads, tokens, dim) float32/float16/bfloat16, any strides -> int32 (heads, dim, tokens)
+    on x's device. Values must be finite and |q| < 2^31 (kvq's plan guarantees both)."""
+    heads, tokens, dim = x.shape
+    q = torch.empty((heads, dim, tokens), dtype=torch.int32, device=x.device)
+    if tokens == 0 or heads == 0 or dim == 0:
+        return q
+    rotate = inv_freq is not None
+    if rotate and dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {dim}")
+    center, step = center.float().to(x.device).contiguous(), step.float().to(x.device).contiguous()
+    if rotate:
+        cos, sin = (t.to(x.device).contiguous() for t in rope_tables(inv_freq, token_start, tokens))
+    else:
+        cos = sin = center  # unused pointers when not rotating
+    channels = triton.next_power_of_2(dim // 2 if rotate else dim)
+    block = max(1, min(BLOCK_TOKENS, 4096 // channels))
+    grid = (heads, triton.cdiv(tokens, block))
+    quantize_unrotate_kernel[grid](x, center, step, cos, sin, q, dim, tokens, *x.stride(), ROTATE=rotate,
+                                   CHANNELS=channels, BLOCK=block, enable_fp_fusion=False)
+    return q
+
+
+def quantize_unrotate_ref(x: torch.Tensor, center: torch.Tensor, step: torch.Tensor, inv_freq: torch.Tensor | None,
+                          token_start: int) -> torch.Tensor:
+    """The torch reference: kvq's encoder path (KvqCodec._pre, then quantize) on any device."""
+    body = x.float().transpose(1, 2).contiguous()
+    if inv_freq is not None and body.shape[2]:
+        cos, sin = rope_tables(inv_freq, token_start, body.shape[2])
+        body = unrotate_keys(body, cos.to(x.device), sin.to(x.device))
+    return quantize(body, center.float().to(x.device), step.float().to(x.device))

@@ -1,0 +1,130 @@
+"""kvq's entropy stage on the GPU: kvcli's interleaved rANS streams (docs/codec.md, "Entropy stream").
+
+Reference: codecs/rans.py (decode_streams), the CPU path; this decoder returns exactly its symbols and refuses
+exactly the streams it refuses. One program decodes one stream with one thread per lane. At each step every lane
+decodes its symbol through the slot lookup tables, and the lanes that fell below 2^16 read one word each from
+the stream's word array, in ascending lane order: a lane's word index is the stream's word pointer plus an
+exclusive prefix sum of the renormalizing lanes before it.
+
+All 32-bit unsigned quantities travel as int32 tensors (torch has no usable uint32) and are bitcast in the
+kernel; symbols and words, 16-bit unsigned, travel as int16.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from ..codecs import rans
+
+_STATUS_FIELDS = 2  # per stream: words read, lanes not back at STATE_LOW
+
+
+@triton.jit
+def rans_decode_kernel(states_ptr, words_ptr, tables_ptr, sym_lut_ptr, step_lut_ptr, out_ptr, status_ptr,
+                       lane_first_ptr, lane_count_ptr, sym_first_ptr, sym_count_ptr, word_first_ptr, word_count_ptr,
+                       LANES: tl.constexpr):
+    s = tl.program_id(0)
+    lanes = tl.load(lane_count_ptr + s)
+    n = tl.load(sym_count_ptr + s)
+    sym0 = tl.load(sym_first_ptr + s)
+    word0 = tl.load(word_first_ptr + s)
+    n_words = tl.load(word_count_ptr + s)
+    j = tl.arange(0, LANES)
+    live = j < lanes
+    x = tl.load(states_ptr + tl.load(lane_first_ptr + s) + j, mask=live, other=1 << 16).to(tl.uint32, bitcast=True)
+    ptr = 0
+    steps = tl.cdiv(n, tl.maximum(lanes, 1))
+    for t in range(0, steps):
+        i = t * lanes + j
+        active = live & (i < n)
+        table = tl.load(tables_ptr + sym0 + i, mask=active, other=0).to(tl.int64)
+        slot = x & 0xFFFF
+        row = table * 65536 + slot.to(tl.int64)
+        e = tl.load(step_lut_ptr + row, mask=active, other=0).to(tl.uint32, bitcast=True)
+        sym = tl.load(sym_lut_ptr + row, mask=active, other=0)
+        tl.store(out_ptr + sym0 + i, sym, mask=active)
+        decoded = ((e >> 16) + 1) * (x >> 16) + (e & 0xFFFF)
+        x = tl.where(active, decoded, x)
+        need = active & (x < 65536)
+        need_i = need.to(tl.int32)
+        before = tl.cumsum(need_i, 0) - need_i
+        pos = ptr + before
+        # A read past the stream's own words is refused below (words read != words stored); it reads 0 here.
+        ok = need & (pos < n_words)
+        w = tl.load(words_ptr + word0 + pos, mask=ok, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
+        x = tl.where(need, (x << 16) | w, x)
+        ptr += tl.sum(need_i, 0)
+    tl.store(status_ptr + s * 2, ptr)
+    tl.store(status_ptr + s * 2 + 1, tl.sum((live & (x != 65536)).to(tl.int32), 0))
+
+
+class DeviceTables:
+    """A file's slot lookup tables on one device, built once per file (rans.Tables.lookup)."""
+
+    def __init__(self, tables: rans.Tables, device: torch.device | str):
+        sym_lut, step_lut = tables.lookup()
+        if rans.TOTAL != 1 << 16 or len(sym_lut) != (tables.count + 1) << 16:
+            raise ValueError("the kernel implements 16-bit precision tables (docs/codec.md)")
+        self.count = tables.count
+        self.sym_lut = torch.from_numpy(sym_lut.view(np.int16)).to(device)
+        self.step_lut = torch.from_numpy(step_lut.view(np.int32)).to(device)
+
+
+def check_streams(streams: list[tuple[np.ndarray, rans.Stream]]) -> None:
+    """What rans.decode_streams checks before decoding. Sizes are the caller's to guarantee (entropy.split_segment
+    checks them against the segment's limits), so a wrong size is a ValueError; a state out of range is data."""
+    for k, (tid, st) in enumerate(streams):
+        lanes = rans.lanes_for(len(tid))
+        if len(st.states) != lanes or len(st.words) > len(tid):
+            raise ValueError(f"stream {k}: {len(st.states)} lanes and {len(st.words)} words for {len(tid)} symbols "
+                             f"(the rule gives {lanes} lanes, at most one word per symbol)")
+        if lanes and int(st.states.min()) < rans.STATE_LOW:
+            raise rans.StreamError("a lane's initial state is below 2^16", k)
+
+
+def _offsets(sizes: list[int]) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)[:-1]]).astype(np.int64) if sizes else np.zeros(0, np.int64)
+
+
+def decode_streams(tables: DeviceTables, streams: list[tuple[np.ndarray, rans.Stream]]) -> torch.Tensor:
+    """Decode each (table index per symbol, stream) on tables' device, one program per stream.
+
+    Returns every stream's symbols concatenated in order, int16 holding uint16 bits (stream k's symbols start at
+    the sum of the earlier streams' symbol counts). Raises rans.StreamError with the failing stream's index where
+    rans.decode_streams would.
+    """
+    check_streams(streams)
+    device = tables.sym_lut.device
+    counts = [len(t) for t, _ in streams]
+    total = sum(counts)
+    out = torch.empty(total, dtype=torch.int16, device=device)
+    if not streams or total == 0:
+        return out
+    for tid, _ in streams:
+        if len(tid) and int(tid.max()) >= tables.count:
+            raise ValueError(f"table index {int(tid.max())} of {tables.count} tables")
+    lanes = [len(st.states) for _, st in streams]
+    n_words = [len(st.words) for _, st in streams]
+    meta = np.stack([_offsets(lanes), lanes, _offsets(counts), counts, _offsets(n_words), n_words]).astype(np.int64)
+    if meta.max() >= 1 << 31 or total + sum(n_words) >= 1 << 31:
+        raise ValueError("a batch of streams must stay below 2^31 symbols, words and lanes")
+    meta_d = torch.from_numpy(meta.astype(np.int32)).to(device)
+    table_dtype = np.uint8 if tables.count <= 256 else np.int32  # a byte per symbol is the common case
+    tid = torch.from_numpy(np.concatenate([t for t, _ in streams]).astype(table_dtype)).to(device)
+    states = torch.from_numpy(np.concatenate([st.states for _, st in streams]).astype(np.uint32).view(np.int32))
+    words = np.concatenate([st.words for _, st in streams] + [np.zeros(1, np.uint16)]).astype(np.uint16)
+    status = torch.zeros((len(streams), _STATUS_FIELDS), dtype=torch.int32, device=device)
+    block = max(16, triton.next_power_of_2(max(lanes)))
+    rans_decode_kernel[(len(streams),)](
+        states.to(device), torch.from_numpy(words.view(np.int16)).to(device), tid, tables.sym_lut, tables.step_lut,
+        out, status, *meta_d, LANES=block, num_warps=max(1, min(8, block // 32)))
+    status = status.cpu().numpy()
+    for k, ((read, unfinished), expected) in enumerate(zip(status, n_words)):
+        if read != expected:
+            raise rans.StreamError(f"the entropy decoder read {read} of {expected} words", k)
+        if unfinished:
+            raise rans.StreamError("a lane of the entropy decoder did not end in its initial state", k)
+    return out
