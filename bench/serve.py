@@ -1,0 +1,221 @@
+"""Caches over a network: time to first token over a throttled link, and the server's throughput on loopback.
+
+    python bench/serve.py [--corpus DIR] [--rate-mbit 100 --rate-mbit 1000] [--repeats 3] [--seconds 10]
+
+For every document in the corpus and every link rate, three ways to the first answer token on the default model
+(float32): streaming the `balanced` .kvc from `kvcli serve-cache` (decode overlaps the download); fetching the
+fp16 cache (raw codec) as a whole file, then loading it; recomputing prefill from the text (no transfer). The
+link is throttled in the client: every response byte passes one shared token bucket at the given rate, so
+concurrent range requests share the link as they would share a real one (no added latency per request).
+
+Then the server alone on loopback: `--clients` threads reading random 1 MiB ranges for `--seconds`.
+One JSON line per measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from common import DEFAULT_CORPUS, corpus, emit, environment, spread
+from kvcli import format, inference, kvfile, models, pipeline, remote, store
+from kvcli.codecs.presets import make_codec
+from kvcli.kvcache import KVCache
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from servers import CacheServer  # noqa: E402
+
+QUESTION = "\nQuestion: What is this document about?\nAnswer:"
+MIB = 1 << 20
+
+
+class Link:
+    """One shared link of `bits_per_s`: each chunk waits until the bytes before it have crossed."""
+
+    def __init__(self, bits_per_s: float):
+        self.bytes_per_s = bits_per_s / 8
+        self.lock = threading.Lock()
+        self.free_at = 0.0
+
+    def cross(self, n: int) -> None:
+        with self.lock:
+            start = max(time.perf_counter(), self.free_at)
+            self.free_at = start + n / self.bytes_per_s
+            done = self.free_at
+        delay = done - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+
+
+class ThrottledStream(httpx.SyncByteStream):
+    def __init__(self, inner, link: Link):
+        self.inner, self.link = inner, link
+
+    def __iter__(self):
+        for chunk in self.inner:
+            self.link.cross(len(chunk))
+            yield chunk
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class ThrottledTransport(httpx.BaseTransport):
+    def __init__(self, link: Link):
+        self.inner, self.link = httpx.HTTPTransport(), link
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.inner.handle_request(request)
+        return httpx.Response(response.status_code, headers=response.headers,
+                              stream=ThrottledStream(response.stream, self.link), extensions=response.extensions)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def first_token(lm, kv, prompt: list[int]) -> int:
+    return int(inference.logits_after(lm, kv, prompt)[-1].argmax())
+
+
+def ttft_stream(lm, url: str, prompt: list[int], rate: float) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    with remote.open_source(url, transport=ThrottledTransport(Link(rate))) as src:
+        kv = pipeline.load_cache(src, src.header, lm).kv
+    return time.perf_counter() - t0, first_token(lm, kv, prompt)
+
+
+def ttft_file(lm, url: str, prompt: list[int], rate: float, tmp: Path) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    path = tmp / "fetched.kvc"
+    with httpx.Client(transport=ThrottledTransport(Link(rate)), timeout=600) as client:
+        with client.stream("GET", url) as response, open(path, "wb") as fh:
+            response.raise_for_status()
+            for chunk in response.iter_bytes(MIB):
+                fh.write(chunk)
+    with format.FileSource(path) as src:
+        kv = pipeline.load_cache(src, format.read_header(src), lm).kv
+    return time.perf_counter() - t0, first_token(lm, kv, prompt)
+
+
+def ttft_prefill(lm, ids: list[int], prompt: list[int]) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    token = first_token(lm, None, ids + prompt)
+    return time.perf_counter() - t0, token
+
+
+def median_of(fn, repeats: int) -> tuple[list[float], int]:
+    times, token = [], None
+    for _ in range(repeats):
+        seconds, token = fn()
+        times.append(seconds)
+    return times, token
+
+
+def throughput(url: str, keys_sizes: list[tuple[str, int]], clients: int, seconds: float) -> dict:
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    stop = time.perf_counter() + seconds
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        mine = []
+        with httpx.Client(timeout=30) as http:
+            while time.perf_counter() < stop:
+                key, size = keys_sizes[rng.randrange(len(keys_sizes))]
+                start = rng.randrange(max(1, size - MIB))
+                t0 = time.perf_counter()
+                r = http.get(f"{url}/v1/caches/{key}", headers={"Range": f"bytes={start}-{start + MIB - 1}"})
+                if r.status_code != 206 or len(r.content) != min(MIB, size - start):
+                    with lock:
+                        errors[0] += 1
+                mine.append(time.perf_counter() - t0)
+        with lock:
+            latencies.extend(mine)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    lat = sorted(latencies)
+    return {"requests": len(lat), "errors": errors[0], "seconds": round(wall, 3),
+            "req_per_s": round(len(lat) / wall, 1), "mb_per_s": round(len(lat) * MIB / wall / 1e6, 1),
+            "p50_ms": round(1000 * statistics.median(lat), 2), "p99_ms": round(1000 * lat[int(0.99 * (len(lat) - 1))], 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    ap.add_argument("--rate-mbit", type=float, action="append")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quality", default="balanced")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--skip-ttft", action="store_true")
+    args = ap.parse_args()
+    rates = args.rate_mbit or [100.0, 1000.0]
+    env = environment()
+    lm = models.load(None, "float32")
+    prompt = inference.prompt_ids(lm, QUESTION)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        root = tmp / "store"
+        st = store.open_store(str(root), create=True)
+        docs = []
+        for doc in corpus(args.corpus):
+            ids = inference.document_ids(lm, doc.read_text())
+            kv = inference.prefill(lm, ids)
+            fp16 = KVCache(kv.token_ids, [k.half() for k in kv.keys], [v.half() for v in kv.values])
+            keys = {}
+            for name, cache, codec in ((args.quality, kv, pipeline.codec_for(args.quality, lm)),
+                                       ("fp16", fp16, make_codec("raw"))):
+                path = str(tmp / f"{doc.stem}.{name}.kvc")
+                pipeline.write_cache(path, cache, lm.identity, codec, kvfile.DEFAULT_CHUNK_TOKENS)
+                keys[name] = st.put(None, path)
+            docs.append((doc, ids, keys))
+        with CacheServer(root, "--log-level", "warning") as srv:
+            sizes = [(k, st.size(k)) for _, _, keys in docs for k in keys.values()]
+            if not args.skip_ttft:
+                # Untimed once: lazy initialisation (codec tables, kernels, allocator) is not a network cost.
+                doc, ids, keys = docs[0]
+                ttft_stream(lm, f"{srv.url}/v1/caches/{keys[args.quality]}", prompt, max(rates) * 1e6)
+                ttft_file(lm, f"{srv.url}/v1/caches/{keys['fp16']}", prompt, max(rates) * 1e6, tmp)
+                ttft_prefill(lm, ids[:256], prompt)
+                for doc, ids, keys in docs:
+                    prefill_times, prefill_token = median_of(lambda: ttft_prefill(lm, ids, prompt), args.repeats)
+                    for rate_mbit in rates:
+                        rate = rate_mbit * 1e6
+                        stream_url, file_url = (f"{srv.url}/v1/caches/{keys[n]}" for n in (args.quality, "fp16"))
+                        stream_times, stream_token = median_of(lambda: ttft_stream(lm, stream_url, prompt, rate),
+                                                               args.repeats)
+                        file_times, file_token = median_of(lambda: ttft_file(lm, file_url, prompt, rate, tmp),
+                                                           args.repeats)
+                        emit({"what": "ttft_over_link", "document": doc.name, "tokens": len(ids),
+                              "link_mbit_s": rate_mbit, "stream_quality": args.quality,
+                              "stream_bytes": st.size(keys[args.quality]), "fp16_bytes": st.size(keys["fp16"]),
+                              "ttft_stream_s": spread(stream_times), "ttft_fp16_file_s": spread(file_times),
+                              "ttft_prefill_s": spread(prefill_times),
+                              "stream_vs_file": round(statistics.median(file_times) / statistics.median(stream_times), 2),
+                              "stream_vs_prefill": round(statistics.median(prefill_times) / statistics.median(stream_times), 2),
+                              "first_tokens": {"stream": stream_token, "fp16_file": file_token, "prefill": prefill_token},
+                              "repeats": args.repeats, "model": lm.name, "dtype": "float32", **env})
+            stats = throughput(srv.url, sizes, args.clients, args.seconds)
+            emit({"what": "server_loopback", "range_bytes": MIB, "clients": args.clients, "store": "directory",
+                  **stats, **env})
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
