@@ -97,30 +97,40 @@ def decode_streams(tables: DeviceTables, streams: list[tuple[np.ndarray, rans.St
     rans.decode_streams would.
     """
     check_streams(streams)
-    device = tables.sym_lut.device
-    counts = [len(t) for t, _ in streams]
-    total = sum(counts)
-    out = torch.empty(total, dtype=torch.int16, device=device)
-    if not streams or total == 0:
-        return out
     for tid, _ in streams:
         if len(tid) and int(tid.max()) >= tables.count:
             raise ValueError(f"table index {int(tid.max())} of {tables.count} tables")
-    lanes = [len(st.states) for _, st in streams]
-    n_words = [len(st.words) for _, st in streams]
+    table_dtype = np.uint8 if tables.count <= 256 else np.int32  # a byte per symbol is the common case
+    ids = np.concatenate([t for t, _ in streams]).astype(table_dtype) if streams else np.zeros(0, table_dtype)
+    return decode_checked(tables, torch.from_numpy(ids).to(tables.sym_lut.device), [len(t) for t, _ in streams],
+                          [st for _, st in streams])
+
+
+def decode_checked(tables: DeviceTables, table_ids: torch.Tensor, counts: list[int],
+                   streams: list[rans.Stream]) -> torch.Tensor:
+    """decode_streams for a caller that has run check_streams and built the table ids on the device (uint8 or
+    int32, every stream's ids concatenated, values below tables.count), as a GPU file decoder does."""
+    device = tables.sym_lut.device
+    total = sum(counts)
+    if int(table_ids.numel()) != total:
+        raise ValueError(f"{table_ids.numel()} table ids for {total} symbols")
+    out = torch.empty(total, dtype=torch.int16, device=device)
+    if total == 0:
+        return out
+    lanes = [len(st.states) for st in streams]
+    n_words = [len(st.words) for st in streams]
     meta = np.stack([_offsets(lanes), lanes, _offsets(counts), counts, _offsets(n_words), n_words]).astype(np.int64)
     if meta.max() >= 1 << 31 or total + sum(n_words) >= 1 << 31:
         raise ValueError("a batch of streams must stay below 2^31 symbols, words and lanes")
     meta_d = torch.from_numpy(meta.astype(np.int32)).to(device)
-    table_dtype = np.uint8 if tables.count <= 256 else np.int32  # a byte per symbol is the common case
-    tid = torch.from_numpy(np.concatenate([t for t, _ in streams]).astype(table_dtype)).to(device)
-    states = torch.from_numpy(np.concatenate([st.states for _, st in streams]).astype(np.uint32).view(np.int32))
-    words = np.concatenate([st.words for _, st in streams] + [np.zeros(1, np.uint16)]).astype(np.uint16)
+    states = np.concatenate([st.states for st in streams]).astype(np.uint32)
+    words = np.concatenate([st.words for st in streams] + [np.zeros(1, np.uint16)]).astype(np.uint16)
     status = torch.zeros((len(streams), _STATUS_FIELDS), dtype=torch.int32, device=device)
     block = max(16, triton.next_power_of_2(max(lanes)))
     rans_decode_kernel[(len(streams),)](
-        states.to(device), torch.from_numpy(words.view(np.int16)).to(device), tid, tables.sym_lut, tables.step_lut,
-        out, status, *meta_d, LANES=block, num_warps=max(1, min(8, block // 32)))
+        torch.from_numpy(states.view(np.int32)).to(device), torch.from_numpy(words.view(np.int16)).to(device),
+        table_ids, tables.sym_lut, tables.step_lut, out, status, *meta_d, LANES=block,
+        num_warps=max(1, min(8, block // 32)))
     status = status.cpu().numpy()
     for k, ((read, unfinished), expected) in enumerate(zip(status, n_words)):
         if read != expected:

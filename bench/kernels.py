@@ -1,0 +1,353 @@
+"""GPU kernels: dequantize and quantize bandwidth, entropy-decode rate, and a .kvc in host memory to a cache on
+the device against prefilling the same tokens.
+
+    python bench/kernels.py [--tokens 32768] [--repeats 10] [--out FILE]
+
+One JSON line per measurement (device, versions, percentiles of `repeats` timed runs after a warm-up). The model
+is a random-weight Qwen2 of Qwen2.5-0.5B's shape (no download), in bfloat16; its cache is encoded at `balanced`
+on the CPU with kvcli's encoder. `decode_on_device` below is the GPU file path the commands do not have yet:
+checks and escape frames on the host, then one rANS launch for every segment, joint symbols expanded with
+torch gathers per (layer, kind, segment length, class), and one dequantize launch per layer and kind writing the
+transformers-layout cache. It is checked bit for bit against `kvfile.decode` on the CPU.
+
+On a CPU, TRITON_INTERPRET=1 with `--tiny` runs every step on a two-layer model in seconds (no figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+import torch
+import transformers
+
+from kvcli import format, kvfile
+from kvcli.codecs import entropy, rans
+from kvcli.codecs.base import bytes_to_tensor
+from kvcli.codecs.presets import make_codec
+from kvcli.kernels import rans_decode
+from kvcli.kernels.dequantize import dequantize_rotate
+from kvcli.kernels.quantize import quantize_unrotate
+from kvcli.kvcache import KVCache
+from kvcli.rope import inv_freq_per_layer
+
+# Datasheet HBM bandwidth, bytes/s: the denominators of the "fraction of peak" figures.
+PEAK_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H200": 4.8e12,
+                  "A100-SXM4-80GB": 2.04e12, "A100-SXM4-40GB": 1.555e12}
+QWEN_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=131072, rope_theta=1e6,
+                tie_word_embeddings=True)
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=4096)
+IDENT = {"architecture": "Qwen2ForCausalLM", "config_digest": "a" * 64, "weights_digest": "b" * 64,
+         "tokenizer_digest": "c" * 64}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats: int, device: torch.device) -> tuple[list[float], object]:
+    result = fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        result = fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times, result
+
+
+def percentiles(times: list[float]) -> dict:
+    p = np.percentile(np.array(times), [10, 50, 90])
+    return {"p10_s": round(float(p[0]), 6), "p50_s": round(float(p[1]), 6), "p90_s": round(float(p[2]), 6),
+            "runs": len(times)}
+
+
+def environment(device: torch.device) -> dict:
+    import triton
+
+    env = {"torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
+           "numpy": np.__version__}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        name = props.name
+        env.update(device=name, sms=props.multi_processor_count, cuda=torch.version.cuda,
+                   peak_bandwidth_GBps=next((v / 1e9 for k, v in PEAK_BANDWIDTH.items() if k in name), None))
+    else:
+        env.update(device="cpu (TRITON_INTERPRET)", peak_bandwidth_GBps=None)
+    return env
+
+
+def emit(out, record: dict) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out:
+        out.write(line + "\n")
+        out.flush()
+
+
+# ---------------------------------------------------------------- tensor kernels
+
+
+def bench_tensor_kernels(env, out, device, tokens, heads, dim, repeats) -> None:
+    g = torch.Generator(device=device).manual_seed(0)
+    peak = env["peak_bandwidth_GBps"]
+    copy_src = torch.empty(heads * dim * tokens * 3, dtype=torch.int16, device=device)
+    copy_dst = torch.empty_like(copy_src)
+    times, _ = timed(lambda: copy_dst.copy_(copy_src), repeats, device)
+    copy_gbps = 2 * copy_src.numel() * 2 / np.median(times) / 1e9
+    emit(out, {"bench": "device_copy", "bytes_moved": 4 * copy_src.numel(), "GBps": round(copy_gbps, 1),
+               **percentiles(times), **env})
+    del copy_src, copy_dst
+    freq = torch.from_numpy(1.0 / (1e6 ** (np.arange(0, dim, 2, dtype=np.float32) / dim)))
+    center = torch.randn(heads, dim, device=device, generator=g).half().float()
+    step = (torch.rand(heads, dim, device=device, generator=g) * 0.1 + 0.01).half().float()
+    x = torch.randn(1, heads, tokens, dim, device=device, generator=g).to(torch.bfloat16)
+    for rotate in (True, False):
+        f = freq if rotate else None
+        table_bytes = 2 * 4 * (dim // 2) * tokens if rotate else 0  # cos and sin, read once per head block
+        times, q = timed(lambda: quantize_unrotate(x[0], center, step, f, 0), repeats, device)
+        moved = x.numel() * 2 + q.numel() * 4 + table_bytes
+        emit(out, {"bench": "quantize", "rope": rotate, "heads": heads, "dim": dim, "tokens": tokens,
+                   "in_dtype": "bfloat16", "bytes_moved": moved, "GBps": round(moved / np.median(times) / 1e9, 1),
+                   "fraction_of_peak": round(moved / np.median(times) / 1e9 / peak, 3) if peak else None,
+                   "fraction_of_copy": round(moved / np.median(times) / 1e9 / copy_gbps, 3), **percentiles(times), **env})
+        out_cache = torch.empty(1, heads, tokens, dim, dtype=torch.bfloat16, device=device)
+        times, _ = timed(lambda: dequantize_rotate(q, center, step, f, 0, out=out_cache[0]), repeats, device)
+        moved = q.numel() * 4 + out_cache.numel() * 2 + table_bytes
+        emit(out, {"bench": "dequantize", "rope": rotate, "heads": heads, "dim": dim, "tokens": tokens,
+                   "out_dtype": "bfloat16", "bytes_moved": moved, "GBps": round(moved / np.median(times) / 1e9, 1),
+                   "fraction_of_peak": round(moved / np.median(times) / 1e9 / peak, 3) if peak else None,
+                   "fraction_of_copy": round(moved / np.median(times) / 1e9 / copy_gbps, 3), **percentiles(times), **env})
+        del q, out_cache
+        sync(device)
+
+
+# ---------------------------------------------------------------- the GPU file path
+
+
+class Plan:
+    """Per (layer, kind, non-sink token count): where each class's symbols sit in a segment, on the device."""
+
+    def __init__(self, decoder, layer: int, kind: int, tokens: int, device):
+        groups = decoder._groups[(layer, kind)]
+        self.groups = []
+        ids, esc_code, widths = [], [], []
+        pos = 0
+        for g in groups:
+            half, m = entropy.class_layout(g.cls)
+            n = g.tuples(tokens)
+            table = decoder.tables.index(g.cls)
+            ids.append(np.full(n, table, np.uint8))
+            esc_code.append(np.full(n, (2 * half + 1) ** m, np.int32))
+            widths.append(np.full(n, m, np.int32))
+            digits = torch.from_numpy(entropy._digits_table(half, m)).to(device)
+            self.groups.append((pos, n, len(g.rows), m, torch.from_numpy(g.rows).to(device), digits))
+            pos += n
+        self.symbols = pos
+        self.tokens = tokens
+        cat = (lambda a, dt: np.concatenate(a) if a else np.zeros(0, dt))
+        self.table_ids = torch.from_numpy(cat(ids, np.uint8)).to(device)
+        self.esc_code = torch.from_numpy(cat(esc_code, np.int32)).to(device)
+        self.widths = torch.from_numpy(cat(widths, np.int32)).to(device)
+
+
+def decode_on_device(data: bytes, device: torch.device) -> KVCache:
+    """A .kvc (kvq) in host memory to (heads, tokens, dim) tensors on `device`, through the Triton kernels."""
+    src = format.BytesSource(data)
+    header = format.read_header(src)
+    codec, decoder = kvfile.open_decoder(src, header)
+    tables = rans_decode.DeviceTables(decoder.tables.coder, device)
+    dtype = kvfile.format_dtype(header.dtype)
+    n = header.num_tokens
+    keys = [torch.empty((1, s.kv_heads, n - s.token_start, s.key_dim), dtype=dtype, device=device)
+            for s in header.layers]
+    values = [torch.empty((1, s.kv_heads, n - s.token_start, s.value_dim), dtype=dtype, device=device)
+              for s in header.layers]
+    segs, ctxs = kvfile._segments(header)
+    # Streams ordered by (layer, kind, non-sink tokens), so segments that share a layout are contiguous.
+    batches: dict[tuple[int, int, int], list[int]] = {}
+    skips = []
+    for i, ctx in enumerate(ctxs):
+        _, skip, _ = decoder._segment(ctx)
+        skips.append(skip)
+        batches.setdefault((ctx.layer, ("k", "v").index(ctx.kind), ctx.tokens - skip), []).append(i)
+    order = [i for key in sorted(batches) for i in batches[key]]
+    streams, escapes, sinks = [], [], []
+    for i in order:
+        ctx = ctxs[i]
+        raw = format.read_segment(src, header, segs[i])
+        coded = entropy.split_segment(raw, decoder._segment(ctx)[2])
+        streams.append(coded.stream)
+        escapes.append(coded.escape_frame)
+        if skips[i]:
+            sinks.append((i, raw[coded.end :]))
+    plans = {key: Plan(decoder, *key, device) for key in batches}
+    counts = [plans[(ctxs[i].layer, ("k", "v").index(ctxs[i].kind), ctxs[i].tokens - skips[i])].symbols for i in order]
+    rans_decode.check_streams([(np.zeros(c, np.uint8), st) for c, st in zip(counts, streams)])
+    table_ids = torch.cat([plans[key].table_ids.repeat(len(batches[key])) for key in sorted(batches)])
+    symbols = rans_decode.decode_checked(tables, table_ids, counts, streams).to(torch.int32) & 0xFFFF
+    # Escape values: every segment's frame, in stream order; each escape symbol takes m of them.
+    frames = [entropy.unzstd(f, 4 * decoder._segment(ctxs[i])[2].max_escape_values) if f else b""
+              for i, f in zip(order, escapes)]
+    held = torch.tensor([len(v) // 4 if f else -1 for v, f in zip(frames, escapes)], device=device)
+    esc_all = torch.from_numpy(np.frombuffer(b"".join(frames) + bytes(4), "<i4").astype(np.int32)).to(device)
+    last = esc_all.numel() - 1
+    sym_pos, esc_pos, needed = 0, torch.zeros((), dtype=torch.int64, device=device), []
+    for key in sorted(batches):
+        layer, kind, tokens = key
+        plan, members = plans[key], batches[key]
+        ns = len(members)
+        sym = symbols[sym_pos : sym_pos + ns * plan.symbols].view(ns, plan.symbols)
+        sym_pos += ns * plan.symbols
+        is_esc = sym == plan.esc_code
+        width = torch.where(is_esc, plan.widths, 0)
+        per_seg = width.sum(dim=1)
+        needed.append(per_seg)
+        offsets = torch.cumsum(width.reshape(-1), 0).view(ns, plan.symbols) - width + esc_pos
+        esc_pos = esc_pos + per_seg.sum()
+        heads, dim = ctxs[members[0]].heads, ctxs[members[0]].dim
+        q = torch.empty((ns, heads * dim, tokens), dtype=torch.int32, device=device)
+        for start, count, rows, m, row_idx, digits in plan.groups:
+            s = sym[:, start : start + count]
+            tuples = digits[s.long()]  # (ns, count, m); the escape symbol's row is a placeholder
+            at = (offsets[:, start : start + count, None] + torch.arange(m, device=device)).clamp_(max=last)
+            tuples = torch.where(is_esc[:, start : start + count, None], esc_all[at], tuples)
+            q[:, row_idx] = tuples.reshape(ns, rows, -1)[:, :, :tokens]
+        # One layer-kind's segments are consecutive chunks: lay them along the tokens and dequantize at once.
+        first = ctxs[members[0]]
+        skip = skips[members[0]]
+        span = q.permute(1, 0, 2).reshape(heads, dim, ns * tokens)
+        target = (keys if kind == 0 else values)[layer][0]
+        lo = first.token_start + skip - header.layers[layer].token_start
+        freq = decoder._freq(layer, kind)
+        dequantize_rotate(span, *(t.to(device) for t in decoder._tensors[(layer, kind)]), freq,
+                          first.token_start + skip, out=target[:, lo : lo + ns * tokens])
+    needed = torch.cat(needed)
+    valid = torch.where(held < 0, needed == 0, (needed > 0) & (needed == held))
+    if not bool(valid.all()):
+        bad = int((~valid).nonzero()[0, 0])
+        raise RuntimeError(f"{segs[order[bad]].label()}: escape stream does not match the escape symbols")
+    for i, raw in sinks:
+        ctx = ctxs[i]
+        sink_ctx = type(ctx)(ctx.kind, ctx.layer, ctx.token_start, ctx.heads, skips[i], ctx.dim, ctx.dtype)
+        target = (keys if ctx.kind == "k" else values)[ctx.layer][0]
+        lo = ctx.token_start - header.layers[ctx.layer].token_start
+        target[:, lo : lo + skips[i]].copy_(bytes_to_tensor(bytes(raw), sink_ctx))
+    return KVCache(list(header.token_ids), [k[0] for k in keys], [v[0] for v in values])
+
+
+def entropy_inputs(data: bytes, device: torch.device):
+    """Every kvq segment's stream and table ids of a file, on the device: what the rANS launch takes."""
+    src = format.BytesSource(data)
+    header = format.read_header(src)
+    _, decoder = kvfile.open_decoder(src, header)
+    tables = rans_decode.DeviceTables(decoder.tables.coder, device)
+    ids, counts, streams, elements = [], [], [], 0
+    for seg, ctx in zip(*kvfile._segments(header)):
+        _, skip, lim = decoder._segment(ctx)
+        coded = entropy.split_segment(format.read_segment(src, header, seg), lim)
+        tid = [np.full(g.tuples(ctx.tokens - skip), decoder.tables.index(g.cls), np.uint8)
+               for g in decoder._groups[(ctx.layer, ("k", "v").index(ctx.kind))]]
+        ids += tid
+        counts.append(sum(len(t) for t in tid))
+        streams.append(coded.stream)
+        elements += ctx.heads * ctx.dim * (ctx.tokens - skip)
+    return tables, torch.from_numpy(np.concatenate(ids)).to(device), counts, streams, elements
+
+
+# ---------------------------------------------------------------- model, prefill, end to end
+
+
+def build_model(config: dict, device: torch.device, dtype: torch.dtype):
+    cfg = transformers.Qwen2Config(**config)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.Qwen2ForCausalLM(cfg)
+    return model.to(dtype).eval()
+
+
+def prefill(model, ids: torch.Tensor):
+    with torch.inference_mode():
+        result = model(input_ids=ids[None], use_cache=True, logits_to_keep=1)
+    return result.past_key_values
+
+
+def cache_tensors(cache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return [la.keys[0] for la in layers], [la.values[0] for la in layers]
+    return [k[0] for k in cache.key_cache], [v[0] for v in cache.value_cache]
+
+
+def bench_end_to_end(env, out, device, model_config, tokens, repeats, chunk) -> None:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build_model(model_config, device, dtype)
+    params = sum(p.numel() for p in model.parameters())
+    ids = torch.randint(0, model_config["vocab_size"], (tokens,), generator=torch.Generator().manual_seed(1)).to(device)
+    prefill_times, cache = timed(lambda: prefill(model, ids), max(2, repeats // 3), device)
+    keys, values = cache_tensors(cache)
+    kv = KVCache(ids.tolist(), [k.cpu() for k in keys], [v.cpu() for v in values])
+    del cache, keys, values
+    codec = make_codec("balanced", None, inv_freq_per_layer(model))
+    t0 = time.perf_counter()
+    meta, parts = kvfile.encode(kv, IDENT, codec, chunk)
+    data = format.build_header(meta, parts) + b"".join(p.data for p in parts)
+    encode_s = time.perf_counter() - t0
+    elements = sum(k.numel() + v.numel() for k, v in zip(kv.keys, kv.values))
+    common = {"model": "random Qwen2 " + ("0.5B shape" if model_config is QWEN_05B else "tiny"), "params": params,
+              "tokens": tokens, "chunk_tokens": chunk, "quality": "balanced", "cache_dtype": str(dtype),
+              "kv_elements": elements, "kvc_bytes": len(data), **env}
+    emit(out, {"bench": "prefill", **percentiles(prefill_times), **common})
+    emit(out, {"bench": "encode_cpu", "seconds": round(encode_s, 3), **common})
+    load_times, got = timed(lambda: decode_on_device(data, device), repeats, device)
+    emit(out, {"bench": "kvc_to_device_cache", **percentiles(load_times),
+               "speedup_vs_prefill_p50": round(float(np.median(prefill_times) / np.median(load_times)), 2), **common})
+    src = format.BytesSource(data)
+    t0 = time.perf_counter()
+    want = kvfile.decode(src, format.read_header(src), backend="torch")
+    cpu_s = time.perf_counter() - t0
+    same = all(torch.equal(a.cpu(), b) for a, b in zip(got.keys + got.values, want.keys + want.values))
+    emit(out, {"bench": "cpu_decode_reference", "seconds": round(cpu_s, 3), "device_path_bit_identical": same,
+               **common})
+    tables, table_ids, counts, streams, coded_elements = entropy_inputs(data, device)
+    times, _ = timed(lambda: rans_decode.decode_checked(tables, table_ids, counts, streams), repeats, device)
+    emit(out, {"bench": "entropy_decode", "streams": len(streams), "symbols": sum(counts),
+               "elements": coded_elements, "elements_per_s": round(coded_elements / float(np.median(times))),
+               "includes": "host-to-device copy of states and words, launch, status check", **percentiles(times),
+               **common})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--tiny", action="store_true", help="a two-layer model and small tensors (CPU dry run)")
+    ap.add_argument("--skip", action="append", default=[], choices=["tensor", "end_to_end"])
+    ap.add_argument("--out", help="also append the JSON lines to this file")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = environment(device)
+    out = open(args.out, "a") if args.out else None
+    if "tensor" not in args.skip:
+        if args.tiny:
+            bench_tensor_kernels(env, out, device, 33, 2, 8, args.repeats)
+        else:
+            bench_tensor_kernels(env, out, device, args.tokens, 8, 128, args.repeats)  # one layer of an 8B model
+    if "end_to_end" not in args.skip:
+        bench_end_to_end(env, out, device, TINY if args.tiny else QWEN_05B, args.tokens, args.repeats, args.chunk)
+    if out:
+        out.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
