@@ -159,8 +159,19 @@ class Plan:
         self.widths = torch.from_numpy(cat(widths, np.int32)).to(device)
 
 
-def decode_on_device(data: bytes, device: torch.device) -> KVCache:
-    """A .kvc (kvq) in host memory to (heads, tokens, dim) tensors on `device`, through the Triton kernels."""
+def decode_on_device(data: bytes, device: torch.device, stages: dict | None = None) -> KVCache:
+    """A .kvc (kvq) in host memory to (heads, tokens, dim) tensors on `device`, through the Triton kernels.
+    With `stages`, synchronizes after each stage and records its seconds there."""
+    t0 = time.perf_counter()
+
+    def mark(name: str) -> None:
+        nonlocal t0
+        if stages is not None:
+            sync(device)
+            now = time.perf_counter()
+            stages[name] = stages.get(name, 0.0) + now - t0
+            t0 = now
+
     src = format.BytesSource(data)
     header = format.read_header(src)
     codec, decoder = kvfile.open_decoder(src, header)
@@ -172,38 +183,47 @@ def decode_on_device(data: bytes, device: torch.device) -> KVCache:
     values = [torch.empty((1, s.kv_heads, n - s.token_start, s.value_dim), dtype=dtype, device=device)
               for s in header.layers]
     segs, ctxs = kvfile._segments(header)
-    # Streams ordered by (layer, kind, non-sink tokens), so segments that share a layout are contiguous.
-    batches: dict[tuple[int, int, int], list[int]] = {}
-    skips = []
-    for i, ctx in enumerate(ctxs):
-        _, skip, _ = decoder._segment(ctx)
-        skips.append(skip)
-        batches.setdefault((ctx.layer, ("k", "v").index(ctx.kind), ctx.tokens - skip), []).append(i)
-    order = [i for key in sorted(batches) for i in batches[key]]
+    # Batches: runs of consecutive segments of one layer and kind with the same non-sink token count (one
+    # layout), streams in batch order.
+    limits = [decoder._segment(ctx)[1:] for ctx in ctxs]
+    skips = [skip for skip, _ in limits]
+    batches: list[tuple[tuple[int, int, int], list[int]]] = []
+    follows = -1
+    for i in sorted(range(len(ctxs)), key=lambda i: (ctxs[i].layer, ctxs[i].kind, ctxs[i].token_start)):
+        ctx = ctxs[i]
+        key = (ctx.layer, ("k", "v").index(ctx.kind), ctx.tokens - skips[i])
+        if batches and batches[-1][0] == key and follows == ctx.token_start:
+            batches[-1][1].append(i)
+        else:
+            batches.append((key, [i]))
+        follows = ctx.token_start + ctx.tokens
+    order = [i for _, members in batches for i in members]
     streams, escapes, sinks = [], [], []
     for i in order:
         ctx = ctxs[i]
         raw = format.read_segment(src, header, segs[i])
-        coded = entropy.split_segment(raw, decoder._segment(ctx)[2])
+        coded = entropy.split_segment(raw, limits[i][1])
         streams.append(coded.stream)
         escapes.append(coded.escape_frame)
         if skips[i]:
             sinks.append((i, raw[coded.end :]))
-    plans = {key: Plan(decoder, *key, device) for key in batches}
+    plans = {key: Plan(decoder, *key, device) for key, _ in batches}
     counts = [plans[(ctxs[i].layer, ("k", "v").index(ctxs[i].kind), ctxs[i].tokens - skips[i])].symbols for i in order]
     rans_decode.check_streams([(np.zeros(c, np.uint8), st) for c, st in zip(counts, streams)])
-    table_ids = torch.cat([plans[key].table_ids.repeat(len(batches[key])) for key in sorted(batches)])
+    table_ids = torch.cat([plans[key].table_ids.repeat(len(members)) for key, members in batches])
+    mark("host_read_and_check")
     symbols = rans_decode.decode_checked(tables, table_ids, counts, streams).to(torch.int32) & 0xFFFF
+    mark("entropy_kernel")
     # Escape values: every segment's frame, in stream order; each escape symbol takes m of them.
-    frames = [entropy.unzstd(f, 4 * decoder._segment(ctxs[i])[2].max_escape_values) if f else b""
+    frames = [entropy.unzstd(f, 4 * limits[i][1].max_escape_values) if f else b""
               for i, f in zip(order, escapes)]
     held = torch.tensor([len(v) // 4 if f else -1 for v, f in zip(frames, escapes)], device=device)
     esc_all = torch.from_numpy(np.frombuffer(b"".join(frames) + bytes(4), "<i4").astype(np.int32)).to(device)
     last = esc_all.numel() - 1
     sym_pos, esc_pos, needed = 0, torch.zeros((), dtype=torch.int64, device=device), []
-    for key in sorted(batches):
+    for key, members in batches:
         layer, kind, tokens = key
-        plan, members = plans[key], batches[key]
+        plan = plans[key]
         ns = len(members)
         sym = symbols[sym_pos : sym_pos + ns * plan.symbols].view(ns, plan.symbols)
         sym_pos += ns * plan.symbols
@@ -241,6 +261,7 @@ def decode_on_device(data: bytes, device: torch.device) -> KVCache:
         target = (keys if ctx.kind == "k" else values)[ctx.layer][0]
         lo = ctx.token_start - header.layers[ctx.layer].token_start
         target[:, lo : lo + skips[i]].copy_(bytes_to_tensor(bytes(raw), sink_ctx))
+    mark("expand_dequantize_sinks")
     return KVCache(list(header.token_ids), [k[0] for k in keys], [v[0] for v in values])
 
 
@@ -288,7 +309,7 @@ def cache_tensors(cache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return [k[0] for k in cache.key_cache], [v[0] for v in cache.value_cache]
 
 
-def bench_end_to_end(env, out, device, model_config, tokens, repeats, chunk) -> None:
+def bench_end_to_end(env, out, device, model_config, tokens, repeats, chunks) -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_model(model_config, device, dtype)
     params = sum(p.numel() for p in model.parameters())
@@ -298,18 +319,25 @@ def bench_end_to_end(env, out, device, model_config, tokens, repeats, chunk) -> 
     kv = KVCache(ids.tolist(), [k.cpu() for k in keys], [v.cpu() for v in values])
     del cache, keys, values
     codec = make_codec("balanced", None, inv_freq_per_layer(model))
-    t0 = time.perf_counter()
-    meta, parts = kvfile.encode(kv, IDENT, codec, chunk)
-    data = format.build_header(meta, parts) + b"".join(p.data for p in parts)
-    encode_s = time.perf_counter() - t0
     elements = sum(k.numel() + v.numel() for k, v in zip(kv.keys, kv.values))
-    common = {"model": "random Qwen2 " + ("0.5B shape" if model_config is QWEN_05B else "tiny"), "params": params,
-              "tokens": tokens, "chunk_tokens": chunk, "quality": "balanced", "cache_dtype": str(dtype),
-              "kv_elements": elements, "kvc_bytes": len(data), **env}
-    emit(out, {"bench": "prefill", **percentiles(prefill_times), **common})
-    emit(out, {"bench": "encode_cpu", "seconds": round(encode_s, 3), **common})
+    base = {"model": "random Qwen2 " + ("0.5B shape" if model_config is QWEN_05B else "tiny"), "params": params,
+            "tokens": tokens, "quality": "balanced", "cache_dtype": str(dtype), "kv_elements": elements, **env}
+    emit(out, {"bench": "prefill", **percentiles(prefill_times), **base})
+    for chunk in chunks:
+        t0 = time.perf_counter()
+        meta, parts = kvfile.encode(kv, IDENT, codec, chunk)
+        data = format.build_header(meta, parts) + b"".join(p.data for p in parts)
+        common = {"chunk_tokens": chunk, "kvc_bytes": len(data), **base}
+        emit(out, {"bench": "encode_cpu", "seconds": round(time.perf_counter() - t0, 3), **common})
+        end_to_end(out, device, data, prefill_times, repeats, common)
+
+
+def end_to_end(out, device, data, prefill_times, repeats, common) -> None:
     load_times, got = timed(lambda: decode_on_device(data, device), repeats, device)
+    stages: dict = {}
+    decode_on_device(data, device, stages)
     emit(out, {"bench": "kvc_to_device_cache", **percentiles(load_times),
+               "stages_s_one_synced_run": {k: round(v, 5) for k, v in stages.items()},
                "speedup_vs_prefill_p50": round(float(np.median(prefill_times) / np.median(load_times)), 2), **common})
     src = format.BytesSource(data)
     t0 = time.perf_counter()
@@ -320,17 +348,19 @@ def bench_end_to_end(env, out, device, model_config, tokens, repeats, chunk) -> 
                **common})
     tables, table_ids, counts, streams, coded_elements = entropy_inputs(data, device)
     times, _ = timed(lambda: rans_decode.decode_checked(tables, table_ids, counts, streams), repeats, device)
-    emit(out, {"bench": "entropy_decode", "streams": len(streams), "symbols": sum(counts),
-               "elements": coded_elements, "elements_per_s": round(coded_elements / float(np.median(times))),
-               "includes": "host-to-device copy of states and words, launch, status check", **percentiles(times),
-               **common})
+    batch = rans_decode.upload(tables, counts, streams)
+    kernel_times, _ = timed(lambda: rans_decode.launch(tables, table_ids, batch), repeats, device)
+    for what, t in (("upload of states and words, launch, status check", times), ("launch only", kernel_times)):
+        emit(out, {"bench": "entropy_decode", "includes": what, "streams": len(streams), "symbols": sum(counts),
+                   "lanes_per_program": batch.block, "elements": coded_elements,
+                   "elements_per_s": round(coded_elements / float(np.median(t))), **percentiles(t), **common})
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--chunk", type=int, action="append", help="chunk tokens of the file (repeatable; 256)")
     ap.add_argument("--tiny", action="store_true", help="a two-layer model and small tensors (CPU dry run)")
     ap.add_argument("--skip", action="append", default=[], choices=["tensor", "end_to_end"])
     ap.add_argument("--out", help="also append the JSON lines to this file")
@@ -344,7 +374,8 @@ def main() -> None:
         else:
             bench_tensor_kernels(env, out, device, args.tokens, 8, 128, args.repeats)  # one layer of an 8B model
     if "end_to_end" not in args.skip:
-        bench_end_to_end(env, out, device, TINY if args.tiny else QWEN_05B, args.tokens, args.repeats, args.chunk)
+        bench_end_to_end(env, out, device, TINY if args.tiny else QWEN_05B, args.tokens, args.repeats,
+                         args.chunk or [256])
     if out:
         out.close()
 

@@ -12,6 +12,8 @@ kernel; symbols and words, 16-bit unsigned, travel as int16.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import triton
@@ -110,31 +112,58 @@ def decode_checked(tables: DeviceTables, table_ids: torch.Tensor, counts: list[i
                    streams: list[rans.Stream]) -> torch.Tensor:
     """decode_streams for a caller that has run check_streams and built the table ids on the device (uint8 or
     int32, every stream's ids concatenated, values below tables.count), as a GPU file decoder does."""
+    batch = upload(tables, counts, streams)
+    out, status = launch(tables, table_ids, batch)
+    check_status(status, batch.words_per_stream)
+    return out
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A batch of streams on the device, laid out for one launch."""
+
+    states: torch.Tensor  # int32 bits of every lane's initial state
+    words: torch.Tensor  # int16 bits of every stream's words, one spare word at the end
+    meta: torch.Tensor  # int32 (6, streams): first lane, lanes, first symbol, symbols, first word, words
+    words_per_stream: list[int]
+    symbols: int
+    block: int  # lanes of a program, a power of two
+
+
+def upload(tables: DeviceTables, counts: list[int], streams: list[rans.Stream]) -> Batch:
     device = tables.sym_lut.device
-    total = sum(counts)
-    if int(table_ids.numel()) != total:
-        raise ValueError(f"{table_ids.numel()} table ids for {total} symbols")
-    out = torch.empty(total, dtype=torch.int16, device=device)
-    if total == 0:
-        return out
     lanes = [len(st.states) for st in streams]
     n_words = [len(st.words) for st in streams]
+    total = sum(counts)
     meta = np.stack([_offsets(lanes), lanes, _offsets(counts), counts, _offsets(n_words), n_words]).astype(np.int64)
-    if meta.max() >= 1 << 31 or total + sum(n_words) >= 1 << 31:
+    if meta.size and (meta.max() >= 1 << 31 or total + sum(n_words) >= 1 << 31):
         raise ValueError("a batch of streams must stay below 2^31 symbols, words and lanes")
-    meta_d = torch.from_numpy(meta.astype(np.int32)).to(device)
-    states = np.concatenate([st.states for st in streams]).astype(np.uint32)
+    states = np.concatenate([st.states for st in streams] + [np.zeros(0, np.uint32)]).astype(np.uint32)
     words = np.concatenate([st.words for st in streams] + [np.zeros(1, np.uint16)]).astype(np.uint16)
-    status = torch.zeros((len(streams), _STATUS_FIELDS), dtype=torch.int32, device=device)
-    block = max(16, triton.next_power_of_2(max(lanes)))
-    rans_decode_kernel[(len(streams),)](
-        torch.from_numpy(states.view(np.int32)).to(device), torch.from_numpy(words.view(np.int16)).to(device),
-        table_ids, tables.sym_lut, tables.step_lut, out, status, *meta_d, LANES=block,
-        num_warps=max(1, min(8, block // 32)))
-    status = status.cpu().numpy()
-    for k, ((read, unfinished), expected) in enumerate(zip(status, n_words)):
+    return Batch(torch.from_numpy(states.view(np.int32)).to(device), torch.from_numpy(words.view(np.int16)).to(device),
+                 torch.from_numpy(meta.astype(np.int32)).to(device), n_words, total,
+                 max(16, triton.next_power_of_2(max(lanes, default=1))))
+
+
+def launch(tables: DeviceTables, table_ids: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The symbols (int16 bits) and per-stream status (words read, lanes not back at 2^16), not yet checked."""
+    if int(table_ids.numel()) != batch.symbols:
+        raise ValueError(f"{table_ids.numel()} table ids for {batch.symbols} symbols")
+    device = tables.sym_lut.device
+    out = torch.empty(batch.symbols, dtype=torch.int16, device=device)
+    streams = len(batch.words_per_stream)
+    status = torch.zeros((streams, _STATUS_FIELDS), dtype=torch.int32, device=device)
+    if batch.symbols:
+        rans_decode_kernel[(streams,)](batch.states, batch.words, table_ids, tables.sym_lut, tables.step_lut, out,
+                                       status, *batch.meta, LANES=batch.block,
+                                       num_warps=max(1, min(8, batch.block // 32)))
+    return out, status
+
+
+def check_status(status: torch.Tensor, words_per_stream: list[int]) -> None:
+    """Every stream read exactly its words and ended with every lane at 2^16, or StreamError names the first."""
+    for k, ((read, unfinished), expected) in enumerate(zip(status.cpu().numpy(), words_per_stream)):
         if read != expected:
             raise rans.StreamError(f"the entropy decoder read {read} of {expected} words", k)
         if unfinished:
             raise rans.StreamError("a lane of the entropy decoder did not end in its initial state", k)
-    return out
