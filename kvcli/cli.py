@@ -9,6 +9,7 @@ import sys
 import typer
 from typer import _click as click  # typer vendors click; its exceptions are these classes
 from typer.core import TyperGroup
+from typer.exceptions import Abort
 
 from . import __version__
 from .commands import calibrate, files, generate, prefill, store
@@ -33,7 +34,7 @@ class KvcliGroup(TyperGroup):
         except click.exceptions.ClickException as err:
             print_error(" ".join(err.format_message().split()))
             code = err.exit_code
-        except click.exceptions.Abort:
+        except Abort:
             print_error("aborted")
             code = 130
         if not standalone_mode:
