@@ -5,7 +5,8 @@ never the reverse at import time.
 
 q is channel-major int32 (heads, dim, tokens); center and step are float32 (heads, dim). For keys, inv_freq
 (dim / 2,) rotates channel pairs (i, i + dim/2) by (token_start + t) * inv_freq[i] (rotate-half layout); the
-launcher passes the reference's own cos and sin tables (float64 angles rounded once). Every product and sum is
+launcher passes the reference's own cos and sin tables (float64 angles rounded once), built once per rotary
+frequency vector and device and kept there (rope_tables_on). Every product and sum is
 its own float32 operation (the launch turns off multiply-add fusion), so the kernel reproduces the reference's
 values bit for bit (docs/codec.md, "Reconstruction").
 
@@ -16,14 +17,23 @@ float16 and rounding to nearest-even on the cast, as `Tensor.copy_` does.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from ..codecs.quantize import rope_tables
 
-BLOCK_TOKENS = 64
-FLOAT16_MAX: tl.constexpr = 65504.0
+BLOCK_TOKENS = 256
+TILE_ELEMENTS = 4096  # values per program (per half with RoPE): set from bench/kernels.py's sweep
+NUM_WARPS = 4
+TABLE_CACHE = 8  # (inv_freq, device) pairs whose cos/sin tables stay on the device
+_tables: OrderedDict = OrderedDict()
+_tables_lock = threading.Lock()
+FLOAT16_MAX = tl.constexpr(65504.0)
 
 
 @triton.jit
@@ -39,7 +49,7 @@ def _cast(v, out_ptr, CLAMP: tl.constexpr, BF16: tl.constexpr):
 
 
 @triton.jit
-def dequantize_rotate_kernel(q_ptr, center_ptr, step_ptr, cos_ptr, sin_ptr, out_ptr, dim, tokens,
+def dequantize_rotate_kernel(q_ptr, center_ptr, step_ptr, cos_ptr, sin_ptr, cs_stride, out_ptr, dim, tokens,
                              out_sh, out_st, out_sc, ROTATE: tl.constexpr, CLAMP: tl.constexpr, BF16: tl.constexpr,
                              CHANNELS: tl.constexpr, BLOCK: tl.constexpr):
     # One program: one head, a block of tokens, every channel (ROTATE: the first halves of the pairs).
@@ -61,14 +71,38 @@ def dequantize_rotate_kernel(q_ptr, center_ptr, step_ptr, cos_ptr, sin_ptr, out_
         sb = tl.load(step_ptr + row_b, mask=c < width, other=1.0)
         cb = tl.load(center_ptr + row_b, mask=c < width, other=0.0)
         xb = qb * sb[:, None] + cb[:, None]
-        cs = tl.load(cos_ptr + c[:, None] * tokens + t[None, :], mask=mask, other=0.0)
-        sn = tl.load(sin_ptr + c[:, None] * tokens + t[None, :], mask=mask, other=0.0)
+        cs = tl.load(cos_ptr + c[:, None] * cs_stride + t[None, :], mask=mask, other=0.0)
+        sn = tl.load(sin_ptr + c[:, None] * cs_stride + t[None, :], mask=mask, other=0.0)
         ya = xa * cs - xb * sn
         yb = xb * cs + xa * sn
         tl.store(out_a, _cast(ya, out_ptr, CLAMP, BF16), mask=mask)
         tl.store(out_a + half * out_sc, _cast(yb, out_ptr, CLAMP, BF16), mask=mask)
     else:
         tl.store(out_a, _cast(xa, out_ptr, CLAMP, BF16), mask=mask)
+
+
+def rope_tables_on(inv_freq: torch.Tensor, token_start: int, tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's cos and sin tables (half, tokens) on `device`, as views into a per-(inv_freq, device)
+    table of positions [0, 2^k) built once by `rope_tables`: every entry depends on its position alone, so a
+    slice equals the table the reference builds for that range, and a file's layers share one build."""
+    freq = np.ascontiguousarray(inv_freq.detach().cpu().numpy(), dtype=np.float32)
+    key = (freq.tobytes(), str(torch.device(device)))
+    need = token_start + tokens
+    with _tables_lock:
+        hit = _tables.get(key)
+        if hit is None or hit[0].shape[1] < need:
+            cos, sin = rope_tables(torch.from_numpy(freq), 0, triton.next_power_of_2(max(need, 4096)))
+            hit = _tables[key] = (cos.to(device), sin.to(device))
+            while len(_tables) > TABLE_CACHE:
+                _tables.popitem(last=False)
+        _tables.move_to_end(key)
+    return hit[0][:, token_start:need], hit[1][:, token_start:need]
+
+
+def tile(width: int) -> tuple[int, int]:
+    """(channels, tokens) of a program's tile for `width` channels, powers of two."""
+    channels = triton.next_power_of_2(width)
+    return channels, max(1, min(BLOCK_TOKENS, TILE_ELEMENTS // channels))
 
 
 def dequantize_rotate(q: torch.Tensor, center: torch.Tensor, step: torch.Tensor, inv_freq: torch.Tensor | None,
@@ -92,14 +126,13 @@ def dequantize_rotate(q: torch.Tensor, center: torch.Tensor, step: torch.Tensor,
         raise ValueError(f"RoPE needs an even head_dim, got {dim}")
     center, step = center.float().contiguous(), step.float().contiguous()
     if rotate:
-        cos, sin = (t.to(q.device).contiguous() for t in rope_tables(inv_freq, token_start, tokens))
+        cos, sin = rope_tables_on(inv_freq, token_start, tokens, q.device)
     else:
         cos = sin = center  # unused pointers when not rotating
-    channels = triton.next_power_of_2(dim // 2 if rotate else dim)
-    block = max(1, min(BLOCK_TOKENS, 4096 // channels))
+    channels, block = tile(dim // 2 if rotate else dim)
     grid = (heads, triton.cdiv(tokens, block))
-    dequantize_rotate_kernel[grid](q.contiguous(), center, step, cos, sin, view, dim, tokens, *view.stride(),
-                                   ROTATE=rotate, CLAMP=view.dtype == torch.float16,
+    dequantize_rotate_kernel[grid](q.contiguous(), center, step, cos, sin, cos.stride(0), view, dim, tokens,
+                                   *view.stride(), ROTATE=rotate, CLAMP=view.dtype == torch.float16,
                                    BF16=view.dtype == torch.bfloat16, CHANNELS=channels, BLOCK=block,
-                                   enable_fp_fusion=False)
+                                   num_warps=NUM_WARPS, enable_fp_fusion=False)
     return result

@@ -14,9 +14,9 @@ import triton
 import triton.language as tl
 
 from ..codecs.quantize import quantize, rope_tables, unrotate_keys
-
-BLOCK_TOKENS = 64
-ROUND_MAGIC: tl.constexpr = 8388608.0  # 2^23: adding it to |v| < 2^23 rounds to an integer, nearest-even
+from . import dequantize
+from .dequantize import rope_tables_on, tile
+ROUND_MAGIC = tl.constexpr(8388608.0)  # 2^23: adding it to |v| < 2^23 rounds to an integer, nearest-even
 
 
 @triton.jit
@@ -29,7 +29,8 @@ def _round_even(v):
 
 
 @triton.jit
-def quantize_unrotate_kernel(x_ptr, center_ptr, step_ptr, cos_ptr, sin_ptr, q_ptr, dim, tokens, x_sh, x_st, x_sc,
+def quantize_unrotate_kernel(x_ptr, center_ptr, step_ptr, cos_ptr, sin_ptr, cs_stride, q_ptr, dim, tokens, x_sh,
+                             x_st, x_sc,
                              ROTATE: tl.constexpr, CHANNELS: tl.constexpr, BLOCK: tl.constexpr):
     # One program: one head, a block of tokens, every channel (ROTATE: both halves of every pair).
     head = tl.program_id(0)
@@ -44,8 +45,8 @@ def quantize_unrotate_kernel(x_ptr, center_ptr, step_ptr, cos_ptr, sin_ptr, q_pt
     row_a = head * dim + c
     if ROTATE:
         xb = tl.load(x_a + half * x_sc, mask=mask, other=0.0).to(tl.float32)
-        cs = tl.load(cos_ptr + c[:, None] * tokens + t[None, :], mask=mask, other=0.0)
-        sn = tl.load(sin_ptr + c[:, None] * tokens + t[None, :], mask=mask, other=0.0)
+        cs = tl.load(cos_ptr + c[:, None] * cs_stride + t[None, :], mask=mask, other=0.0)
+        sn = tl.load(sin_ptr + c[:, None] * cs_stride + t[None, :], mask=mask, other=0.0)
         ya = xa * cs + xb * sn
         yb = xb * cs - xa * sn
         row_b = row_a + half
@@ -72,14 +73,14 @@ def quantize_unrotate(x: torch.Tensor, center: torch.Tensor, step: torch.Tensor,
         raise ValueError(f"RoPE needs an even head_dim, got {dim}")
     center, step = center.float().to(x.device).contiguous(), step.float().to(x.device).contiguous()
     if rotate:
-        cos, sin = (t.to(x.device).contiguous() for t in rope_tables(inv_freq, token_start, tokens))
+        cos, sin = rope_tables_on(inv_freq, token_start, tokens, x.device)
     else:
         cos = sin = center  # unused pointers when not rotating
-    channels = triton.next_power_of_2(dim // 2 if rotate else dim)
-    block = max(1, min(BLOCK_TOKENS, 4096 // channels))
+    channels, block = tile(dim // 2 if rotate else dim)
     grid = (heads, triton.cdiv(tokens, block))
-    quantize_unrotate_kernel[grid](x, center, step, cos, sin, q, dim, tokens, *x.stride(), ROTATE=rotate,
-                                   CHANNELS=channels, BLOCK=block, enable_fp_fusion=False)
+    quantize_unrotate_kernel[grid](x, center, step, cos, sin, cos.stride(0), q, dim, tokens, *x.stride(),
+                                   ROTATE=rotate, CHANNELS=channels, BLOCK=block, num_warps=dequantize.NUM_WARPS,
+                                   enable_fp_fusion=False)
     return q
 
 

@@ -154,6 +154,25 @@ def test_rans_refuses_what_the_reference_refuses(device, short_lanes):
         assert got == want, what
 
 
+def test_device_tables_are_the_reference_lookup(device):
+    tables = freq_tables(np.random.default_rng(5))
+    sym_lut, step_lut = tables.lookup()
+    dt = rans_decode.DeviceTables(tables, device)
+    assert np.array_equal(dt.sym_lut.cpu().numpy().view(np.uint16), sym_lut)
+    assert np.array_equal(dt.step_lut.cpu().numpy().view(np.uint32), step_lut)
+
+
+def test_rope_tables_on_device_equal_the_references_for_any_range(device):
+    from kvcli.codecs.quantize import rope_tables
+    from kvcli.kernels.dequantize import rope_tables_on
+
+    freq = rope(16, True)
+    for start, tokens in ((0, 3), (4000, 200), (70000, 5), (17, 1)):  # the second and third grow the table
+        cos, sin = rope_tables_on(freq, start, tokens, device)
+        want_cos, want_sin = rope_tables(freq, start, tokens)
+        assert torch.equal(cos.cpu(), want_cos) and torch.equal(sin.cpu(), want_sin)
+
+
 def test_rans_launcher_refuses_sizes_the_caller_must_check(device, short_lanes):
     """Lane and word counts are checked against the segment's limits before either decoder runs."""
     rng = np.random.default_rng(4)
