@@ -123,6 +123,9 @@ class Encoder(ABC):
 class Decoder(ABC):
     # Elements per entropy() call that amortize its fixed costs; the caller batches segments up to this.
     batch_elements: ClassVar[int] = 1 << 20
+    # Whether reconstruct writes fastest into channel-major storage: the caller then allocates each layer as
+    # (heads, dim, tokens) and hands reconstruct (heads, tokens, dim) views of it.
+    channel_major: ClassVar[bool] = False
 
     @abstractmethod
     def entropy(self, segments: list[tuple[SegmentContext, bytes]]) -> list[Any]:

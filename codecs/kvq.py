@@ -283,6 +283,7 @@ class KvqEncoder(_Planned, Encoder):
 
 class KvqDecoder(_Planned, Decoder):
     batch_elements = 1 << 23
+    channel_major = True  # dequantization works per channel
 
     def entropy(self, segments: list[tuple[SegmentContext, bytes]]) -> list[np.ndarray]:
         """Each segment's integers, channel-major (heads * dim, non-sink tokens) int32; all streams in one pass."""

@@ -10,6 +10,8 @@ float64, so that an independent decoder reproduces kvcli's values exactly.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -17,8 +19,14 @@ import torch
 def rope_tables(inv_freq: torch.Tensor, token_start: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 cos and sin, each (head_dim / 2, tokens), of float64 angles position * inv_freq, for absolute
     positions token_start, token_start + 1, ..."""
-    positions = np.arange(token_start, token_start + tokens, dtype=np.float64)
-    angles = np.outer(inv_freq.cpu().numpy().astype(np.float64), positions)
+    freq = inv_freq.cpu().numpy().astype(np.float64)
+    return _rope_tables(freq.tobytes(), token_start, tokens)
+
+
+@functools.lru_cache(maxsize=64)
+def _rope_tables(freq: bytes, token_start: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached: every layer and kind of a chunk shares its positions, and usually its frequencies."""
+    angles = np.outer(np.frombuffer(freq, np.float64), np.arange(token_start, token_start + tokens, dtype=np.float64))
     return torch.from_numpy(np.cos(angles).astype(np.float32)), torch.from_numpy(np.sin(angles).astype(np.float32))
 
 
@@ -36,7 +44,10 @@ def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     """
     half = keys.shape[1] // 2
     x1, x2 = keys[:, :half], keys[:, half:]
-    return torch.cat([torch.sub(x1 * cos, x2 * sin), torch.add(x2 * cos, x1 * sin)], dim=1)
+    out = torch.empty_like(keys)
+    torch.mul(x1, cos, out=out[:, :half]).sub_(x2 * sin)
+    torch.mul(x2, cos, out=out[:, half:]).add_(x1 * sin)
+    return out
 
 
 def quantize(x: torch.Tensor, center: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -49,7 +60,7 @@ def quantize(x: torch.Tensor, center: torch.Tensor, step: torch.Tensor) -> torch
 
 def dequantize(q: torch.Tensor, center: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """float32 center + float32(q) * step: a multiply, then an add (never fused, so every decoder agrees)."""
-    return torch.add(q.to(torch.float32) * step[..., None], center[..., None])
+    return torch.mul(q, step[..., None]).add_(center[..., None])  # int32 * float32 promotes q exactly as .float()
 
 
 def dequantize_rotate_ref(q: torch.Tensor, center: torch.Tensor, step: torch.Tensor,

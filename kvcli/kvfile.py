@@ -169,12 +169,9 @@ def decode(src: format.ByteSource, header: format.Header, threads: int | None = 
     name = getattr(src, "path", "<input>")
     codec, decoder = open_decoder(src, header)
     check_decoded_size(header, codec, name, available_memory(device))
-    dtype = format_dtype(header.dtype)
-    n = header.num_tokens
-    keys = [torch.empty((s.kv_heads, n - s.token_start, s.key_dim), dtype=dtype, device=device) for s in header.layers]
-    values = [torch.empty((s.kv_heads, n - s.token_start, s.value_dim), dtype=dtype, device=device) for s in header.layers]
+    keys, values = _allocate(header, device, decoder.channel_major)
     segs, ctxs = _segments(header)
-    threads = threads or os.cpu_count() or 1
+    threads = threads or usable_cores()
     total = sum(c.heads * c.tokens * c.dim for c in ctxs)
     batches = _batches(segs, ctxs, max(1, min(decoder.batch_elements, -(-total // threads))))
 
@@ -199,6 +196,25 @@ def decode(src: format.ByteSource, header: format.Header, threads: int | None = 
         while pending:
             pending.popleft().result()
     return KVCache(list(header.token_ids), keys, values)
+
+
+def _allocate(header: format.Header, device: torch.device, channel_major: bool):
+    """Empty (heads, tokens, dim) keys and values per layer; views of (heads, dim, tokens) storage if asked."""
+    dtype, n = format_dtype(header.dtype), header.num_tokens
+    out = []
+    for dim_of in (lambda s: s.key_dim, lambda s: s.value_dim):
+        if channel_major:
+            out.append([torch.empty((s.kv_heads, dim_of(s), n - s.token_start), dtype=dtype, device=device).transpose(1, 2)
+                        for s in header.layers])
+        else:
+            out.append([torch.empty((s.kv_heads, n - s.token_start, dim_of(s)), dtype=dtype, device=device)
+                         for s in header.layers])
+    return out
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, which taskset and containers narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def verify(src: format.ByteSource, header: format.Header) -> dict:
