@@ -12,6 +12,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # CI has no GPU: Triton kernels 
 
 from tiny_models import ARCHITECTURES, make_model_dir  # noqa: E402
 
+pytest_plugins = ["conftest_gpu"]  # --gpu: run the kernel tests on a real GPU instead of the interpreter
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
