@@ -12,7 +12,6 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from . import batching, inference, keys, kvfile, models, pipeline
@@ -261,8 +260,8 @@ class Ingest:
         self.lm, self.store, self.settings = lm, store, settings
         self.codec = pipeline.codec_for(settings.quality, lm, settings.step_scale, settings.sinks)
         self.codec_spec = {"name": self.codec.name, "params": self.codec.params()}
-        context = lm.max_tokens()
-        self.max_tokens = min(x for x in (settings.max_tokens, context) if x) if (settings.max_tokens or context) else 0
+        limits = [x for x in (settings.max_tokens, lm.max_tokens()) if x]
+        self.max_tokens = min(limits) if limits else 0  # 0: the model states no context length
         if settings.split and not self.max_tokens:
             raise UsageError("--split needs --max-tokens: the model does not state its context length")
         self.prefix = special_prefix(lm)

@@ -133,8 +133,10 @@ class Progress:
     LOG_EVERY_SECONDS; always a summary at the end."""
 
     def __init__(self, total: int | None):
+        from ..ingest import STATUSES
+
         self.total = total
-        self.counts = {"written": 0, "skipped": 0, "failed": 0}
+        self.counts = dict.fromkeys(STATUSES, 0)
         self.tokens = 0  # prefilled, not skipped: the work this run did
         self.start = self.last_log = time.perf_counter()
         self.bar = None
