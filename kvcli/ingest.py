@@ -17,8 +17,8 @@ from typing import Callable, Iterable, Iterator
 from . import batching, inference, keys, kvfile, models, pipeline
 from .errors import InputError, KvcliError, StorageError, UsageError
 
-# Padded tokens per forward pass. bench/ingest.py: on 2 CPU cores, batches of 8 documents of 300 tokens
-# beat smaller ones and larger ones gain nothing; memory grows with the product.
+# Padded tokens per forward pass: about six documents of 300 tokens. Activation memory grows with it;
+# bench/ingest.py measures throughput and peak memory against one document per pass.
 DEFAULT_BATCH_TOKENS = 2048
 # Documents gathered before prefill, in tokens per batch: enough to sort by length and keep padding small.
 WINDOW_BATCHES = 4
