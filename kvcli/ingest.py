@@ -338,8 +338,8 @@ class Ingest:
         line = job.line
         try:
             pipeline.check_finite(kv, self.settings.quality, line["id"])
-            meta, parts = kvfile.encode(kv, self.lm.identity, self.codec, self.settings.chunk_tokens,
-                                        pipeline.provenance(job.doc))
+            meta, parts = pipeline.encode_cache(kv, self.lm.identity, self.codec, self.settings.chunk_tokens,
+                                                pipeline.provenance(job.doc))
             data = encode_file(meta, parts)
             self.store.put(line["key"], data)  # validated, then stored atomically under the key we expect
         except StorageError as err:

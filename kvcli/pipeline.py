@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from . import format, identity, inference, kvfile, models
-from .codecs import Codec
+from .codecs import Codec, CodecError
 from .codecs.kvq import DEFAULT_SINKS
 from .codecs.presets import make_codec
 from .errors import InputError, ModelMismatchError
@@ -139,9 +139,19 @@ def check_finite(kv: KVCache, quality: str, where: str) -> None:
                                  "use --quality lossless")
 
 
+def encode_cache(kv: KVCache, lm_identity: dict, codec: Codec, chunk_tokens: int,
+                 extra: dict | None = None) -> tuple[dict, list[format.SegmentData]]:
+    """kvfile.encode, with the codec's refusals (values it cannot store, or whose file its reader would refuse)
+    reported as the input problem they are."""
+    try:
+        return kvfile.encode(kv, lm_identity, codec, chunk_tokens, extra)
+    except CodecError as err:
+        raise InputError(f"cannot store this cache with codec {codec.name}: {err}") from None
+
+
 def write_cache(out: str, kv: KVCache, lm_identity: dict, codec: Codec, chunk_tokens: int,
                 extra: dict | None = None) -> int:
-    meta, parts = kvfile.encode(kv, lm_identity, codec, chunk_tokens, extra)
+    meta, parts = encode_cache(kv, lm_identity, codec, chunk_tokens, extra)
     return format.write_kvc(out, meta, parts)
 
 

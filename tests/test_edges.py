@@ -391,3 +391,17 @@ def test_json_timings_separate_the_stages(cli, kvc, llama):
     info = json.loads(cli("generate", "--cache", kvc, "--model", llama, "-n", "4", "--json", PROMPT).stdout)
     assert info["model_load_s"] > 0 and info["cache_load_s"] > 0 and info["ttft_s"] > 0
     assert info["total_s"] >= info["model_load_s"] + info["cache_load_s"]
+
+
+def test_codec_refusals_at_encode_time_are_input_errors(cli, kvc, llama, tmp_path):
+    """Data a codec cannot store within its reader's bounds (here all zeros, beyond zstd's maximum expansion)
+    is refused before anything is written, as an input problem, not an internal error."""
+    from safetensors.torch import load_file, save_file
+
+    path = export(cli, kvc, tmp_path)
+    tensors = {k: (torch.zeros_like(v) if k != "input_ids" else v) for k, v in load_file(path).items()}
+    save_file(tensors, path)
+    out = tmp_path / "zeros.kvc"
+    one_line_error(cli("encode", path, "-o", out, "--model", llama, "-q", "lossless"), 3,
+                   "cannot store this cache with codec zstd")
+    assert not out.exists()
