@@ -405,3 +405,16 @@ def test_codec_refusals_at_encode_time_are_input_errors(cli, kvc, llama, tmp_pat
     one_line_error(cli("encode", path, "-o", out, "--model", llama, "-q", "lossless"), 3,
                    "cannot store this cache with codec zstd")
     assert not out.exists()
+
+
+def test_lossy_preset_without_a_profile_says_so_once(cli, llama, doc_file, tmp_path, monkeypatch):
+    from kvcli import pipeline
+
+    monkeypatch.setattr(pipeline, "_warned_no_profile", set())
+    first = cli("prefill", doc_file, "-o", tmp_path / "a.kvc", "--model", llama, "-q", "balanced")
+    again = cli("prefill", doc_file, "-o", tmp_path / "b.kvc", "--model", llama, "-q", "small")
+    assert first.exit_code == 0 and again.exit_code == 0
+    assert first.stderr.count("no calibration profile for llama-00") == 1 and "kvcli calibrate" in first.stderr
+    assert "no calibration profile" not in again.stderr
+    lossless = cli("prefill", doc_file, "-o", tmp_path / "c.kvc", "--model", llama, "-q", "lossless")
+    assert "no calibration profile" not in lossless.stderr

@@ -16,6 +16,8 @@ boto3 = pytest.importorskip("boto3")
 
 from servers import moto_server  # noqa: E402
 
+pytestmark = pytest.mark.slow  # starts servers, moto or Ray: outside the fast `-m 'not slow'` loop
+
 EXAMPLE = Path(__file__).parent.parent / "examples" / "ray_ingest.py"
 EPOCH = "1767225600"
 WORDS = "harbour lighthouse keeper tide herring cliff lamp steps evening dawn".split()

@@ -14,6 +14,8 @@ from kvcli import format, remote, store
 from kvcli.errors import FormatError, InputError, StorageError
 from servers import CacheServer, make_cache, moto_server
 
+pytestmark = pytest.mark.slow  # starts servers, moto or Ray: outside the fast `-m 'not slow'` loop
+
 TOKEN = "remote-token"
 
 

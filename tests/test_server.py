@@ -20,6 +20,8 @@ from kvcli import format, keys, store
 from kvcli.errors import FormatError, StorageError
 from servers import KVCLI, REPO, CacheServer, ThrottleProxy, make_cache
 
+pytestmark = pytest.mark.slow  # starts servers, moto or Ray: outside the fast `-m 'not slow'` loop
+
 TOKEN = "s3cret-token"
 
 

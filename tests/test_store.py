@@ -11,6 +11,8 @@ from kvcli import format, keys, store
 from kvcli.errors import FormatError, InputError, UsageError
 from servers import make_cache, moto_server
 
+pytestmark = pytest.mark.slow  # starts servers, moto or Ray: outside the fast `-m 'not slow'` loop
+
 SOURCE = "5" * 64
 
 
