@@ -129,7 +129,20 @@ class ByteSource(Protocol):
     def read(self, offset: int, length: int) -> bytes: ...
 
 
-class FileSource:
+class Source:
+    """What every ByteSource shares: a context manager that closes it (closing owns nothing by default)."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class FileSource(Source):
     """Positional reads from a file, so segments can be read in any order."""
 
     def __init__(self, path: str | Path):
@@ -153,14 +166,8 @@ class FileSource:
     def close(self) -> None:
         os.close(self._fd)
 
-    def __enter__(self) -> "FileSource":
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class BytesSource:
+class BytesSource(Source):
     def __init__(self, data: bytes, name: str = "<stdin>"):
         self.data = data
         self.size = len(data)
@@ -168,15 +175,6 @@ class BytesSource:
 
     def read(self, offset: int, length: int) -> bytes:
         return self.data[offset : offset + length]
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> "BytesSource":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
 
 
 def open_source(path: str) -> FileSource | BytesSource:

@@ -160,7 +160,7 @@ def filesystem(url: str, **options):
 # ---------------------------------------------------------------- the read-ahead source
 
 
-class RemoteSource:
+class RemoteSource(format.Source):
     """A format.ByteSource over a fetcher, fetching every segment ahead of the reader (see the module doc).
 
     `refetches` counts ranges fetched again after a transient failure or a checksum mismatch."""
@@ -209,12 +209,6 @@ class RemoteSource:
             if complete and self._clean and self._on_complete:
                 self._on_complete(self._buf)
         self.fetcher.close()
-
-    def __enter__(self) -> "RemoteSource":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # -- fetching
 

@@ -36,7 +36,7 @@ Data = bytes | str | Path | BinaryIO
 # ---------------------------------------------------------------- validation shared by every store
 
 
-class FdSource:
+class FdSource(format.Source):
     """Positional reads from an open binary file (a spooled upload), without taking ownership of it."""
 
     def __init__(self, fh: BinaryIO, name: str = "<upload>"):
@@ -49,15 +49,6 @@ class FdSource:
         if len(data) != length:
             raise FormatError(f"{self.path}: file changed while being read")
         return data
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> "FdSource":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
 
 
 def validate(src: format.ByteSource) -> format.Header:
@@ -205,7 +196,7 @@ class FileStore:
     def _remove(self, key: str) -> bool: ...
 
 
-class StoredSource:
+class StoredSource(format.Source):
     """A ByteSource over one stored file. The first read fetches the first 64 KiB, which usually holds the
     preamble and the whole header, so listing a remote store costs one request per file."""
 
@@ -225,15 +216,6 @@ class StoredSource:
         if len(data) != length:
             raise FormatError(f"{self.path}: changed or truncated while being read")
         return data
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> "StoredSource":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
 
 
 class DirStore(FileStore):

@@ -76,6 +76,21 @@ def cli(monkeypatch):
 
 
 @pytest.fixture
+def llama(tiny_model_dir):
+    """The tiny Llama model's directory, as a --model argument."""
+    return str(tiny_model_dir("llama"))
+
+
+@pytest.fixture
+def kvc(cli, llama, doc_file, tmp_path):
+    """A lossless cache of doc_file made by the tiny Llama model, in 32-token chunks."""
+    out = tmp_path / "doc.kvc"
+    result = cli("prefill", doc_file, "-o", out, "--model", llama, "--chunk-tokens", "32", "-q", "lossless")
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+@pytest.fixture
 def doc_file(tmp_path):
     path = tmp_path / "doc.txt"
     path.write_text("The harbour town of Velmora sits between two cliffs. Its lighthouse keeper, Anna Brisk, "

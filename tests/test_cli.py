@@ -8,28 +8,11 @@ import subprocess
 import sys
 
 import pytest
+from cli_checks import one_line_error
 
 PROMPT = " The keeper's name is"
 
 
-@pytest.fixture
-def llama(tiny_model_dir):
-    return str(tiny_model_dir("llama"))
-
-
-@pytest.fixture
-def kvc(cli, llama, doc_file, tmp_path):
-    out = tmp_path / "doc.kvc"
-    result = cli("prefill", doc_file, "-o", out, "--model", llama, "--chunk-tokens", "32", "-q", "lossless")
-    assert result.exit_code == 0, result.stderr
-    return out
-
-
-def one_line_error(result, code: int, fragment: str) -> None:
-    assert result.exit_code == code, (result.exit_code, result.stderr, result.exception)
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and fragment in lines[0], result.stderr
 
 
 def test_prefill_then_generate_matches_full_prefill(cli, llama, kvc, doc_file):

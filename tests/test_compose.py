@@ -224,11 +224,6 @@ def test_a_bos_alone_is_refused(tiny_lm):
 
 # The command line.
 
-@pytest.fixture
-def llama(tiny_model_dir):
-    return str(tiny_model_dir("llama"))
-
-
 def prefill_docs(cli, model, tmp_path, quality="lossless", docs=DOCS):
     paths = []
     for j, text in enumerate(docs):

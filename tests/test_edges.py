@@ -17,6 +17,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+from cli_checks import one_line_error
 import torch
 
 from kvcli import format
@@ -25,24 +26,6 @@ PROMPT = " The keeper's name is"
 KVCLI = [sys.executable, "-m", "kvcli"]
 
 
-@pytest.fixture
-def llama(tiny_model_dir):
-    return str(tiny_model_dir("llama"))
-
-
-@pytest.fixture
-def kvc(cli, llama, doc_file, tmp_path):
-    out = tmp_path / "doc.kvc"
-    result = cli("prefill", doc_file, "-o", out, "--model", llama, "--chunk-tokens", "32", "-q", "lossless")
-    assert result.exit_code == 0, result.stderr
-    return out
-
-
-def one_line_error(result, code: int, fragment: str) -> None:
-    assert result.exit_code == code, (result.exit_code, result.stderr, result.exception)
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and fragment in lines[0], result.stderr
 
 
 def run(args, **kwargs) -> subprocess.CompletedProcess:

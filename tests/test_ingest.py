@@ -23,11 +23,6 @@ TEXTS = {
 
 
 @pytest.fixture
-def llama(tiny_model_dir):
-    return str(tiny_model_dir("llama"))
-
-
-@pytest.fixture
 def corpus(tmp_path):
     root = tmp_path / "docs"
     (root / "sub").mkdir(parents=True)
