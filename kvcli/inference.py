@@ -6,6 +6,7 @@ import hashlib
 import sys
 import time
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import torch
 
@@ -31,24 +32,32 @@ class Document:
         return {"sha256": self.sha256, "bytes": self.size}
 
 
+def open_input(path: str, expected: str) -> tuple[BinaryIO, str]:
+    """A binary handle on `path` (stdin for `-`) and the name errors use; failures are InputError lines."""
+    name = "<stdin>" if path == "-" else path
+    try:
+        return (sys.stdin.buffer if path == "-" else open(path, "rb")), name
+    except FileNotFoundError:
+        raise InputError(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{name}: is a directory, expected {expected}") from None
+    except PermissionError:
+        raise InputError(f"{name}: permission denied") from None
+    except OSError as err:
+        raise InputError(f"{name}: cannot read: {err.strerror}") from None
+
+
 def read_document(path: str, max_bytes: int = MAX_DOCUMENT_BYTES) -> Document:
     """The document; `-` reads stdin. Refuses missing, empty, non-UTF-8 and over-long input, reading at most
     max_bytes + 1 bytes."""
-    where = "<stdin>" if path == "-" else path
+    fh, where = open_input(path, "a text document")
     try:
-        if path == "-":
-            raw = sys.stdin.buffer.read(max_bytes + 1)
-        else:
-            with open(path, "rb") as fh:
-                raw = fh.read(max_bytes + 1)
-    except FileNotFoundError:
-        raise InputError(f"{where}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{where}: is a directory, expected a text document") from None
-    except PermissionError:
-        raise InputError(f"{where}: permission denied") from None
+        raw = fh.read(max_bytes + 1)
     except OSError as err:
         raise InputError(f"{where}: cannot read: {err.strerror}") from None
+    finally:
+        if path != "-":
+            fh.close()
     if len(raw) > max_bytes:
         raise InputError(f"{where}: larger than {max_bytes:,} bytes, more than any document kvcli can prefill "
                          "in one piece")

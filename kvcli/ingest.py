@@ -115,17 +115,7 @@ def jsonl_sources(path: str) -> Iterator[Source]:
     """One document per line of newline-delimited JSON; `-` reads stdin. The file is opened at once, so a
     missing one is refused before any work. A line that is not a usable record is a failed document named
     `FILE:LINE`; a line longer than any document is skipped unread."""
-    import sys
-
-    name = "<stdin>" if path == "-" else path
-    try:
-        fh = sys.stdin.buffer if path == "-" else open(path, "rb")
-    except FileNotFoundError:
-        raise InputError(f"{name}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{name}: is a directory, expected a JSONL file") from None
-    except OSError as err:
-        raise InputError(f"{name}: cannot read: {err.strerror}") from None
+    fh, name = inference.open_input(path, "a JSONL file")
     return _records(fh, name, close=path != "-")
 
 
