@@ -157,6 +157,21 @@ def filesystem(url: str, **options):
     return fs, path
 
 
+def retried(fn, transient: type | tuple = (Transient, ConnectionFailed), attempts: int = RETRIES,
+            backoff_s: float = 2 * BACKOFF_S):
+    """fn(), tried again with exponential backoff while it fails with a network error."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except transient as err:
+            if attempt == attempts - 1:
+                if isinstance(err, Transient):
+                    raise ConnectionFailed(f"{err} (after {attempts} attempts)") from None
+                raise
+            time.sleep(backoff_s * 2**attempt)
+    raise AssertionError("unreachable")
+
+
 # ---------------------------------------------------------------- the read-ahead source
 
 

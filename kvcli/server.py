@@ -2,7 +2,9 @@
 
 Reads: GET/HEAD /v1/caches/{key} (Range, ETag = key), listing, lookup. Writes (--writable, bearer token):
 PUT validates the whole upload (magic, version, header, every CRC, key against content) before the store makes
-it visible atomically; DELETE. Plus /healthz, /metrics (Prometheus text) and /openapi.json. docs/server.md.
+it visible atomically; DELETE; resumable uploads in parts under /v1/uploads/{key}/{upload}, staged in the store
+itself (kvcli.store), so any replica takes the next part. Plus /healthz, /metrics (Prometheus text) and
+/openapi.json. docs/server.md.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from starlette.routing import Route
 from . import __version__
 from .errors import FormatError, InputError, KvcliError, StorageError, UsageError
 from .keys import KEY_PATTERN
+from .store import UploadConflict
 
 log = logging.getLogger("kvcli.server")
 
@@ -31,8 +34,10 @@ DEFAULT_MAX_UPLOAD = 4 << 30
 IO_TIMEOUT_S = 60.0  # longest wait for one chunk of a request body, or for a client to accept one of ours
 STREAM_BLOCK = 1 << 20
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+SWEEP_INTERVAL_S = 600.0  # how often a replica looks for abandoned uploads (on upload requests only)
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
-HTTP_STATUS = {UsageError: 400, InputError: 404, FormatError: 422, StorageError: 503}
+_OFFSET = re.compile(r"^(0|[1-9][0-9]{0,18})$")
+HTTP_STATUS = {UploadConflict: 409, UsageError: 400, InputError: 404, FormatError: 422, StorageError: 503}
 
 
 class HTTPError(Exception):
@@ -101,6 +106,11 @@ class Metrics:
 def route_of(path: str) -> str:
     if path.startswith("/v1/caches/"):
         return "/v1/caches/{key}"
+    if path.startswith("/v1/uploads/"):
+        depth = path.count("/")
+        if depth == 5:
+            return "/v1/uploads/{key}/{upload}/complete" if path.endswith("/complete") else "/v1/uploads/{key}/{upload}/{offset}"
+        return "/v1/uploads/{key}/{upload}"
     return path if path in ("/v1/caches", "/v1/lookup", "/healthz", "/metrics", "/openapi.json") else "other"
 
 
@@ -220,43 +230,112 @@ def create_app(store, token: str | None = None, writable: bool = False, read_tok
 
         return StreamingResponse(body(), status_code=status, headers=headers, media_type="application/octet-stream")
 
-    async def put_cache(request: Request) -> Response:
+    def check_writable(request: Request) -> None:
         if not writable:
             raise HTTPError(405, "this server is read-only (start it with --writable)", {"Allow": "GET, HEAD"})
         check_auth(request, True)
-        key = path_key(request)
+
+    async def receive(request: Request, cap: int, what: str):
+        """The request body in chunks, refused (413) past `cap` bytes, declared or streamed, and (408) when the
+        client stalls; a body shorter than its Content-Length is a 400."""
         declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > max_upload):
-            raise HTTPError(413, f"uploads are limited to {max_upload} bytes")
+        if declared is not None and (not declared.isdigit() or int(declared) > cap):
+            raise HTTPError(413, f"{what} are limited to {cap} bytes")
+        received = 0
+        chunks = request.stream().__aiter__()
+        while True:
+            try:
+                chunk = await asyncio.wait_for(chunks.__anext__(), io_timeout_s)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise HTTPError(408, f"no upload data for {io_timeout_s:g} s") from None
+            except ClientDisconnect:
+                raise HTTPError(400, "the client went away during the upload") from None
+            received += len(chunk)
+            if received > cap:
+                raise HTTPError(413, f"{what} are limited to {cap} bytes")
+            yield chunk
+        metrics.bytes_received += received
+        if declared is not None and received != int(declared):
+            raise HTTPError(400, f"the upload ended after {received} of {declared} bytes")
+
+    def stored_response(request: Request, key: str, size: int, existed: bool) -> Response:
+        return JSONResponse({"key": key, "url": str(request.url_for("cache", key=key)), "bytes": size},
+                            status_code=200 if existed else 201)
+
+    async def put_cache(request: Request) -> Response:
+        check_writable(request)
+        key = path_key(request)
         with tempfile.TemporaryFile(dir=spool_dir) as spool:  # unlinked: a killed server leaves nothing
             received = 0
-            chunks = request.stream().__aiter__()
-            while True:
-                try:
-                    chunk = await asyncio.wait_for(chunks.__anext__(), io_timeout_s)
-                except StopAsyncIteration:
-                    break
-                except asyncio.TimeoutError:
-                    raise HTTPError(408, f"no upload data for {io_timeout_s:g} s") from None
-                except ClientDisconnect:
-                    raise HTTPError(400, "the client went away during the upload") from None
+            async for chunk in receive(request, max_upload, "uploads"):
                 received += len(chunk)
-                if received > max_upload:
-                    raise HTTPError(413, f"uploads are limited to {max_upload} bytes")
                 await run_in_threadpool(spool.write, chunk)
-            metrics.bytes_received += received
-            if declared is not None and received != int(declared):
-                raise HTTPError(400, f"the upload ended after {received} of {declared} bytes")
             await run_in_threadpool(spool.flush)
             existed = await run_in_threadpool(store.exists, key)
             stored = await run_in_threadpool(store.put, key, spool)
-        return JSONResponse({"key": stored, "url": str(request.url_for("cache", key=stored)), "bytes": received},
-                            status_code=200 if existed else 201)
+        return stored_response(request, stored, received, existed)
+
+    # -- resumable uploads: parts staged in the store (kvcli.store), so every replica sees them
+
+    last_sweep = [float("-inf")]
+
+    async def upload_ids(request: Request) -> tuple[str, str]:
+        check_writable(request)
+        key = path_key(request)
+        upload = request.path_params["upload"]
+        if not KEY_PATTERN.match(upload):
+            raise HTTPError(400, "an upload id is 64 lowercase hex digits (SHA-256 of the file's header bytes)")
+        if time.monotonic() - last_sweep[0] > SWEEP_INTERVAL_S:
+            last_sweep[0] = time.monotonic()
+            try:
+                swept = await run_in_threadpool(store.sweep_uploads)
+                if swept:
+                    log.info("swept %d abandoned upload(s)", swept)
+            except StorageError as err:
+                log.warning("could not sweep abandoned uploads: %s", err)
+        return key, upload
+
+    async def upload_state(request: Request) -> Response:
+        key, upload = await upload_ids(request)
+        if request.method == "DELETE":
+            if not await run_in_threadpool(store.abort_upload, key, upload):
+                raise HTTPError(404, f"no upload {upload} of {key}")
+            return Response(status_code=204)
+        state = await run_in_threadpool(store.upload_state, key, upload)
+        return JSONResponse({**state, "max_bytes": max_upload})
+
+    async def put_part(request: Request) -> Response:
+        key, upload = await upload_ids(request)
+        text = request.path_params["offset"]
+        if not _OFFSET.match(text):
+            raise HTTPError(400, f"a part offset is a byte count, not {text[:40]!r}")
+        offset, part = int(text), store.part_bytes
+        if offset % part:
+            raise HTTPError(400, f"a part starts at a multiple of {part} bytes, not at {offset}")
+        if offset >= max_upload:
+            raise HTTPError(413, f"uploads are limited to {max_upload} bytes")
+        data = bytearray()
+        async for chunk in receive(request, min(part, max_upload - offset), "parts at this offset"):
+            data += chunk
+        await run_in_threadpool(store.put_part, key, upload, offset, bytes(data))
+        return JSONResponse({"key": key, "upload": upload, "offset": offset, "bytes": len(data)})
+
+    async def complete_upload(request: Request) -> Response:
+        key, upload = await upload_ids(request)
+        text = request.query_params.get("bytes", "")
+        if not _OFFSET.match(text):
+            raise HTTPError(400, "give the file's size as ?bytes=N")
+        size = int(text)
+        if size > max_upload:
+            raise HTTPError(413, f"uploads are limited to {max_upload} bytes")
+        existed = await run_in_threadpool(store.exists, key)
+        stored = await run_in_threadpool(store.complete_upload, key, upload, size)
+        return stored_response(request, stored, size, existed)
 
     async def delete_cache(request: Request) -> Response:
-        if not writable:
-            raise HTTPError(405, "this server is read-only (start it with --writable)", {"Allow": "GET, HEAD"})
-        check_auth(request, True)
+        check_writable(request)
         key = path_key(request)
         if not await run_in_threadpool(store.delete, key):
             raise HTTPError(404, f"no cache {key}")
@@ -289,7 +368,7 @@ def create_app(store, token: str | None = None, writable: bool = False, read_tok
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
     async def openapi(request: Request) -> Response:
-        return JSONResponse(openapi_document(max_upload))
+        return JSONResponse(openapi_document(max_upload, store.part_bytes))
 
     async def on_http_error(request: Request, err: HTTPError) -> Response:
         return error_response(err.status, str(err), err.headers)
@@ -302,6 +381,9 @@ def create_app(store, token: str | None = None, writable: bool = False, read_tok
 
     routes = [
         Route("/v1/caches/{key}", cache, methods=["GET", "HEAD", "PUT", "DELETE"], name="cache"),
+        Route("/v1/uploads/{key}/{upload}", upload_state, methods=["GET", "DELETE"]),
+        Route("/v1/uploads/{key}/{upload}/complete", complete_upload, methods=["POST"]),
+        Route("/v1/uploads/{key}/{upload}/{offset}", put_part, methods=["PUT"]),
         Route("/v1/caches", list_caches, methods=["GET"]),
         Route("/v1/lookup", lookup, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
@@ -315,9 +397,11 @@ def create_app(store, token: str | None = None, writable: bool = False, read_tok
 # ---------------------------------------------------------------- OpenAPI
 
 
-def openapi_document(max_upload: int) -> dict:
+def openapi_document(max_upload: int, part_bytes: int) -> dict:
     key = {"name": "key", "in": "path", "required": True,
            "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}, "description": "Cache key (docs/format.md)"}
+    upload = {"name": "upload", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+              "description": "Upload id: SHA-256 of the file's bytes before its first segment (preamble and header)"}
     hexq = lambda name, text: {"name": name, "in": "query", "required": False,  # noqa: E731
                                "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}, "description": text}
     error = {"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
@@ -345,6 +429,13 @@ def openapi_document(max_upload: int) -> dict:
                     "caches": {"type": "array", "items": {"$ref": "#/components/schemas/Entry"}}}},
                 "Stored": {"type": "object", "required": ["key", "url", "bytes"], "properties": {
                     "key": {"type": "string"}, "url": {"type": "string"}, "bytes": {"type": "integer"}}},
+                "Upload": {"type": "object", "required": ["key", "upload", "part_bytes", "parts"], "properties": {
+                    "key": {"type": "string"}, "upload": {"type": "string"},
+                    "part_bytes": {"type": "integer", "description": "Parts start at multiples of this and hold at "
+                                   "most this many bytes"},
+                    "max_bytes": {"type": "integer", "description": "Largest file the server accepts"},
+                    "parts": {"type": "array", "description": "Staged parts as [offset, length], by offset",
+                              "items": {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2}}}},
             },
         },
         "paths": {
@@ -370,6 +461,41 @@ def openapi_document(max_upload: int) -> dict:
                                               "content": error["content"]}, **read_errors}},
                 "delete": {"summary": "Delete a cache", "security": [{"bearer": []}],
                            "responses": {"204": {"description": "Deleted"}, "405": error, **read_errors}},
+            },
+            "/v1/uploads/{key}/{upload}": {
+                "parameters": [key, upload],
+                "get": {"summary": "The parts of a resumable upload already staged (none yet: an empty list)",
+                        "security": [{"bearer": []}], "responses": {"200": {"description": "Staged parts", "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/Upload"}}}},
+                            "405": error, **read_errors}},
+                "delete": {"summary": "Abort an upload: drop its staged parts", "security": [{"bearer": []}],
+                           "responses": {"204": {"description": "Dropped"}, "405": error, **read_errors}},
+            },
+            "/v1/uploads/{key}/{upload}/{offset}": {
+                "parameters": [key, upload, {"name": "offset", "in": "path", "required": True,
+                                             "schema": {"type": "integer", "minimum": 0, "multipleOf": part_bytes},
+                                             "description": f"Byte offset of the part, a multiple of {part_bytes}"}],
+                "put": {"summary": f"Stage one part (1 to {part_bytes} bytes); sending it again replaces it",
+                        "security": [{"bearer": []}], "requestBody": {"required": True, "content": octets},
+                        "responses": {"200": {"description": "Staged"}, "405": error, "408": error, "413": error,
+                                      **read_errors}},
+            },
+            "/v1/uploads/{key}/{upload}/complete": {
+                "parameters": [key, upload],
+                "post": {"summary": "Assemble the staged parts, validate them as PUT /v1/caches/{key} does, store "
+                                    "the cache atomically and drop the parts",
+                         "security": [{"bearer": []}],
+                         "parameters": [{"name": "bytes", "in": "query", "required": True,
+                                         "schema": {"type": "integer", "minimum": 0}, "description": "File size"}],
+                         "responses": {"201": {"description": "Stored", "content": {"application/json": {
+                             "schema": {"$ref": "#/components/schemas/Stored"}}}},
+                                       "200": {"description": "Already stored; replaced by an equal cache"},
+                                       "409": {"description": "Parts missing: send them and complete again",
+                                               "content": error["content"]},
+                                       "405": error, "413": error,
+                                       "422": {"description": "Corrupt file, or key or upload id does not match the "
+                                                              "content; the staged parts are dropped",
+                                               "content": error["content"]}, **read_errors}},
             },
             "/v1/caches": {"get": {"summary": "List caches with metadata from their headers",
                                    "parameters": [hexq("model", "weights digest of the model")],

@@ -44,6 +44,11 @@ def make_cache(tokens: int = 40, layers: int = 2, dim: int = 16, chunk: int = 8,
     return format.build_header(meta, parts) + b"".join(p.data for p in parts)
 
 
+def make_big_cache(seed: int, mib: float) -> bytes:
+    """A valid .kvc of about `mib` MiB in 256-token segments of 128 KiB: several upload parts."""
+    return make_cache(seed=seed, tokens=256 * max(1, round(mib * 4)), layers=1, dim=256, chunk=256)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -129,10 +134,11 @@ def moto_server():
 
 
 class ThrottleProxy:
-    """A TCP proxy on loopback forwarding to `target` (host, port), server-to-client at `rate` bytes/s."""
+    """A TCP proxy on loopback forwarding to `target` (host, port), server-to-client at `rate` bytes/s and
+    client-to-server at `up_rate` bytes/s (None: as fast as it goes)."""
 
-    def __init__(self, target: tuple[str, int], rate: float):
-        self.target, self.rate = target, rate
+    def __init__(self, target: tuple[str, int], rate: float | None = None, up_rate: float | None = None):
+        self.target, self.rate, self.up_rate = target, rate, up_rate
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.stopped = threading.Event()
@@ -153,7 +159,7 @@ class ThrottleProxy:
             except OSError:
                 return
             upstream = socket.create_connection(self.target)
-            for src, dst, rate in ((client, upstream, None), (upstream, client, self.rate)):
+            for src, dst, rate in ((client, upstream, self.up_rate), (upstream, client, self.rate)):
                 t = threading.Thread(target=self._pipe, args=(src, dst, rate), daemon=True)
                 t.start()
                 self.threads.append(t)

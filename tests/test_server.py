@@ -18,7 +18,7 @@ import pytest
 
 from kvcli import format, keys, store
 from kvcli.errors import FormatError, StorageError
-from servers import KVCLI, REPO, CacheServer, ThrottleProxy, make_cache
+from servers import KVCLI, REPO, CacheServer, ThrottleProxy, make_big_cache, make_cache, moto_server
 
 pytestmark = pytest.mark.slow  # starts servers, moto or Ray: outside the fast `-m 'not slow'` loop
 
@@ -29,15 +29,26 @@ def key_of(data: bytes) -> str:
     return keys.key_of_header(format.read_header(format.BytesSource(data)))
 
 
+def upload_of(data: bytes) -> str:
+    src = format.BytesSource(data)
+    return store.header_digest(src, format.read_header(src))
+
+
+def staged(root: Path) -> list[str]:
+    """Every file under the store's staging prefix (empty directories left behind do not count)."""
+    return sorted(str(p.relative_to(root)) for p in (root / store.UPLOADS).rglob("*") if p.is_file())
+
+
 def bearer(token: str = TOKEN) -> dict:
     return {"Authorization": f"Bearer {token}"}
 
 
-def raw_get(url: str, path: str) -> tuple[int, bytes]:
-    """A request line sent byte for byte, so no client library normalizes the path first."""
+def raw_get(url: str, path: str, method: str = "GET", headers: str = "") -> tuple[int, bytes]:
+    """A request line sent byte for byte, so no client library normalizes the path first. With a Content-Length
+    in `headers` and no body sent, only an answer that does not wait for the body arrives within the timeout."""
     host, port = url.split("//")[1].split(":")
     with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        s.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n".encode())
         reply = b""
         while chunk := s.recv(65536):
             reply += chunk
@@ -184,13 +195,21 @@ def test_openapi_document_matches_the_routes(server, stored):
     key = stored[0]
     for path, method in documented:
         concrete = path.replace("{key}", key)
+        concrete = concrete.replace("{upload}", "0" * 64).replace("{offset}", "0")
         r = httpx.request(method, f"{server.url}{concrete}", params={"tokens_sha256": "0" * 64})
         assert r.status_code not in (404, 405) or (method in ("PUT", "DELETE") and r.status_code == 401) \
             or path == "/v1/caches/{key}" and method == "DELETE", (path, method, r.status_code)
+        if path.startswith("/v1/uploads/"):
+            assert r.status_code == 401, (path, method)  # every upload route is a write: the token first
+            authorized = httpx.request(method, f"{server.url}{concrete}", params={"bytes": "1"}, headers=bearer())
+            routed = authorized.headers.get("content-type", "").startswith("application/json")  # not Starlette's 404
+            assert authorized.status_code != 405 and routed, (path, method, authorized.status_code)
     for path, method in (("/v1/caches/{key}", "PATCH"), ("/v1/caches", "POST"), ("/nothing", "GET")):
         assert httpx.request(method, f"{server.url}{path.replace('{key}', key)}").status_code in (404, 405)
     assert {("/v1/caches/{key}", m) for m in ("GET", "HEAD", "PUT", "DELETE")} <= documented
     assert {("/v1/caches", "GET"), ("/v1/lookup", "GET"), ("/healthz", "GET"), ("/metrics", "GET")} <= documented
+    assert {("/v1/uploads/{key}/{upload}", "GET"), ("/v1/uploads/{key}/{upload}", "DELETE"),
+            ("/v1/uploads/{key}/{upload}/{offset}", "PUT"), ("/v1/uploads/{key}/{upload}/complete", "POST")} <= documented
 
 
 def test_restart_and_two_servers_on_one_directory(root, token_file):
@@ -221,8 +240,9 @@ def test_push_and_pull_commands(server, token_file, tmp_path, cli):
     assert first.exit_code == 0, first.stderr
     result = json.loads(first.stdout)
     assert result == {"key": key_of(data), "url": f"{server.url}/v1/caches/{key_of(data)}", "bytes": len(data),
-                      "uploaded": True}
-    assert json.loads(cli("push", path, server.url, "--json").stdout)["uploaded"] is False  # no token needed
+                      "uploaded": True, "resumed_from": 0, "sent": len(data)}
+    again = json.loads(cli("push", path, server.url, "--json").stdout)  # no token needed
+    assert again["uploaded"] is False and again["sent"] == 0
     plain = cli("push", path, server.url)
     assert plain.stdout == f"{result['key']} {result['url']}\n"
     out = tmp_path / "pulled.kvc"
@@ -334,3 +354,198 @@ def test_32_clients_for_20_seconds_read_random_ranges_without_error(server):
         t.join(60)
     assert errors == []
     assert min(counts) > 0 and sum(counts) > 100
+
+
+# ---------------------------------------------------------------- resumable uploads
+
+
+def put_part(url: str, key: str, upload: str, offset, body: bytes, token: str = TOKEN) -> httpx.Response:
+    return httpx.put(f"{url}/v1/uploads/{key}/{upload}/{offset}", content=body, headers=bearer(token), timeout=30)
+
+
+def complete(url: str, key: str, upload: str, size) -> httpx.Response:
+    return httpx.post(f"{url}/v1/uploads/{key}/{upload}/complete", params={"bytes": size}, headers=bearer(),
+                      timeout=60)
+
+
+def test_push_killed_mid_upload_resumes_where_it_stopped(server, root, token_file, tmp_path):
+    data = make_big_cache(seed=50, mib=20)  # three parts of 8 MiB
+    path = tmp_path / "big.kvc"
+    path.write_bytes(data)
+    key, upload = key_of(data), upload_of(data)
+    first_part = root / store.UPLOADS / key / upload / f"{0:016x}"
+    host, port = server.url.split("//")[1].split(":")
+    with ThrottleProxy((host, int(port)), up_rate=6e6) as proxy:
+        proc = subprocess.Popen(KVCLI + ["push", str(path), f"http://127.0.0.1:{proxy.port}", "--token-file",
+                                         str(token_file)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not first_part.exists() and proc.poll() is None:
+            time.sleep(0.02)
+        proc.kill()
+        proc.wait()
+    assert first_part.exists(), proc.stderr.read().decode()
+    assert not (root / f"{key}.kvc").exists()  # nothing visible from a broken push
+    assert httpx.head(f"{server.url}/v1/caches/{key}").status_code == 404
+    done = subprocess.run(KVCLI + ["push", str(path), server.url, "--token-file", str(token_file), "--json"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["uploaded"] and result["resumed_from"] >= 8 << 20 and result["sent"] <= len(data) - (8 << 20)
+    assert result["key"] == key and (root / f"{key}.kvc").read_bytes() == data
+    assert staged(root) == []
+    pulled = tmp_path / "pulled.kvc"
+    assert subprocess.run(KVCLI + ["pull", result["url"], "-o", str(pulled)], cwd=REPO, timeout=60).returncode == 0
+    assert pulled.read_bytes() == data
+
+
+def test_bad_parts_are_refused_before_anything_is_staged(server, root, token_file):
+    data = make_big_cache(seed=51, mib=9)  # two parts
+    key, upload = key_of(data), upload_of(data)
+    part = 8 << 20
+    state = httpx.get(f"{server.url}/v1/uploads/{key}/{upload}", headers=bearer())
+    assert state.status_code == 200 and state.json()["parts"] == [] and state.json()["part_bytes"] == part
+    refusals = [
+        (put_part(server.url, key, upload, 1, data[1:100]), 400, "multiple"),
+        (put_part(server.url, key, upload, part // 2, data[:100]), 400, "multiple"),
+        (put_part(server.url, key, upload, "-8", data[:100]), 400, "offset"),
+        (put_part(server.url, key, upload, "0x10", data[:100]), 400, "offset"),
+        (put_part(server.url, key, upload, "00", data[:100]), 400, "offset"),
+        (put_part(server.url, key, upload, 1024 * part, data[:100]), 413, f"uploads are limited to {4 << 30} bytes"),
+        (put_part(server.url, key, upload, 0, data[: part + 1]), 413, "limited"),  # more than one part
+        (put_part(server.url, key, upload, 0, b""), 400, "1 to"),
+        (put_part(server.url, key, "Z" * 64, 0, data[:100]), 400, "upload id"),
+        (put_part(server.url, "x" * 64, upload, 0, data[:100]), 400, "cache key"),
+        (put_part(server.url, key, upload, 0, data[:100], token="wrong"), 403, "token"),
+        (httpx.put(f"{server.url}/v1/uploads/{key}/{upload}/0", content=data[:100]), 401, "token"),
+    ]
+    for response, status, words in refusals:
+        assert response.status_code == status and words in response.json()["error"], (response.request.url, response.text)
+    assert staged(root) == []
+    # Refused from the request line and headers alone, before a byte of the body is read.
+    for offset, status in ((1, 400), (0, 413), (1024 * part, 413)):
+        length = part + 1 if offset == 0 else 100
+        code, reply = raw_get(server.url, f"/v1/uploads/{key}/{upload}/{offset}", "PUT",
+                              f"Authorization: Bearer {TOKEN}\r\nContent-Length: {length}\r\n")
+        assert code == status, reply
+    with CacheServer(root) as read_only:
+        r = httpx.put(f"{read_only.url}/v1/uploads/{key}/{upload}/0", content=data[:100], headers=bearer())
+        assert r.status_code == 405
+        assert httpx.get(f"{read_only.url}/v1/uploads/{key}/{upload}", headers=bearer()).status_code == 405
+    assert staged(root) == []
+
+
+def test_completing_checks_the_parts_and_refuses_gaps_and_corruption(server, root):
+    data = make_big_cache(seed=52, mib=9)
+    key, upload = key_of(data), upload_of(data)
+    part = 8 << 20
+    assert put_part(server.url, key, upload, part, data[part:]).status_code == 200
+    gap = complete(server.url, key, upload, len(data))
+    assert gap.status_code == 409 and f"lacks bytes [0, {part})" in gap.json()["error"]
+    assert complete(server.url, key, upload, "").status_code == 400
+    assert complete(server.url, key, upload, 5 << 30).status_code == 413
+    assert httpx.get(f"{server.url}/v1/uploads/{key}/{upload}", headers=bearer()).json()["parts"] == \
+        [[part, len(data) - part]]  # a gap keeps what is there
+    assert put_part(server.url, key, upload, 0, data[:part]).status_code == 200
+    short = complete(server.url, key, upload, len(data) + 1)
+    assert short.status_code == 409 and "lacks bytes" in short.json()["error"]
+    done = complete(server.url, key, upload, len(data))
+    assert done.status_code == 201 and done.json()["key"] == key
+    assert httpx.get(f"{server.url}/v1/caches/{key}").content == data
+    assert staged(root) == []
+    # A part damaged on the way (after the client checked its file) is caught at completion: nothing visible.
+    other = make_big_cache(seed=53, mib=9)
+    key2, upload2 = key_of(other), upload_of(other)
+    damaged = bytearray(other[:part])
+    damaged[part - 1000] ^= 0x01
+    assert put_part(server.url, key2, upload2, 0, bytes(damaged)).status_code == 200
+    assert put_part(server.url, key2, upload2, part, other[part:]).status_code == 200
+    refused = complete(server.url, key2, upload2, len(other))
+    assert refused.status_code == 422 and "checksum mismatch" in refused.json()["error"]
+    assert httpx.head(f"{server.url}/v1/caches/{key2}").status_code == 404 and not (root / f"{key2}.kvc").exists()
+    assert staged(root) == []  # the damaged parts are dropped: resending them could never complete
+    # Parts of another file of the same key are not this upload: the header digest is the id.
+    assert put_part(server.url, key2, upload, 0, other[:part]).status_code == 200
+    assert put_part(server.url, key2, upload, part, other[part:]).status_code == 200
+    mixed = complete(server.url, key2, upload, len(other))
+    assert mixed.status_code == 422 and "upload id" in mixed.json()["error"]
+    # Abort.
+    assert put_part(server.url, key2, upload2, 0, other[:part]).status_code == 200
+    assert httpx.delete(f"{server.url}/v1/uploads/{key2}/{upload2}", headers=bearer()).status_code == 204
+    assert httpx.delete(f"{server.url}/v1/uploads/{key2}/{upload2}", headers=bearer()).status_code == 404
+    assert staged(root) == [] and not (root / f"{key2}.kvc").exists()
+
+
+def test_an_upload_started_on_one_server_finishes_on_another_and_stale_ones_are_swept(tmp_path, token_file):
+    root = tmp_path / "shared"
+    root.mkdir()
+    stale = root / store.UPLOADS / ("1" * 64) / ("2" * 64)
+    stale.mkdir(parents=True)
+    (stale / f"{0:016x}").write_bytes(b"left by a client that never came back")
+    two_days_ago = time.time() - 2 * 86400
+    for p in (stale / f"{0:016x}", stale):
+        os.utime(p, (two_days_ago, two_days_ago))
+    data = make_big_cache(seed=54, mib=9)
+    key, upload = key_of(data), upload_of(data)
+    part = 8 << 20
+    args = ("--writable", "--token-file", str(token_file))
+    with CacheServer(root, *args) as one, CacheServer(root, *args) as two:
+        assert put_part(one.url, key, upload, 0, data[:part]).status_code == 200
+        assert not stale.exists()  # the first upload request of a replica sweeps uploads idle for a day
+        assert httpx.get(f"{two.url}/v1/uploads/{key}/{upload}", headers=bearer()).json()["parts"] == [[0, part]]
+        assert put_part(two.url, key, upload, part, data[part:]).status_code == 200
+        assert complete(one.url, key, upload, len(data)).status_code == 201
+        assert httpx.get(f"{two.url}/v1/caches/{key}").content == data
+    assert staged(root) == []
+
+
+def test_push_resumes_through_a_server_on_s3(tmp_path, token_file):
+    pytest.importorskip("s3fs")
+    boto3 = pytest.importorskip("boto3")
+    data = make_big_cache(seed=55, mib=17)  # three parts
+    path = tmp_path / "s3.kvc"
+    path.write_bytes(data)
+    key, upload = key_of(data), upload_of(data)
+    part = 8 << 20
+    with moto_server() as env:
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                     aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket="parts")
+        with CacheServer("s3://parts/caches", "--writable", "--token-file", str(token_file), env=env) as srv:
+            # An earlier push got the middle part across, then broke off.
+            assert put_part(srv.url, key, upload, part, data[part : 2 * part]).status_code == 200
+            client = store.open_store(srv.url, token=TOKEN)
+            result = store.push(client, path)
+            assert result["resumed_from"] == 0 and result["sent"] == len(data) - part
+            assert client.read(key, 0, len(data)) == data
+            assert httpx.get(f"{srv.url}/v1/uploads/{key}/{upload}", headers=bearer()).json()["parts"] == []
+
+
+def test_push_refuses_a_server_that_names_no_usable_part_size(tmp_path):
+    """A server that is not kvcli's (or a broken one) gets a storage error, not a crash."""
+    import http.server
+
+    class Odd(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def do_GET(self):
+            body = json.dumps({"part_bytes": 0, "parts": []}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Odd)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    path = tmp_path / "big.kvc"
+    path.write_bytes(make_big_cache(seed=56, mib=9))
+    try:
+        with pytest.raises(StorageError, match="unusable part size 0"):
+            store.push(store.open_store(f"http://127.0.0.1:{httpd.server_port}"), path)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -134,3 +134,80 @@ def test_s3_store_survives_two_replicas_writing_one_bucket(s3_env):
     k2 = two.put(None, make_cache(seed=7))
     assert {e["key"] for e in one.list()} == {e["key"] for e in two.list()} == {k1, k2}
     assert one.url_for(k1) == f"s3://caches/shared/{k1}.kvc"
+
+
+def staged_upload(data: bytes) -> tuple[str, str]:
+    src = format.BytesSource(data)
+    header = format.read_header(src)
+    return keys.key_of_header(header), store.header_digest(src, header)
+
+
+def test_uploads_in_parts_are_checked_staged_and_completed(any_store):
+    st = any_store()
+    st.part_bytes = part = 64 << 10
+    data = make_cache(seed=8, tokens=600, dim=64)  # about 300 KiB: five parts
+    key, upload = staged_upload(data)
+    for offset, length, words in ((1, 10, "multiple"), (part // 2, 10, "multiple"), (-part, 10, "multiple"),
+                                  (0, part + 1, "1 to"), (0, 0, "1 to")):
+        with pytest.raises(UsageError, match=words):
+            st.put_part(key, upload, offset, data[:length] if offset >= 0 else b"x" * length)
+    with pytest.raises(UsageError):
+        st.put_part(key, "../" + "0" * 61, 0, data[:10])
+    assert st.upload_state(key, upload)["parts"] == []
+    offsets = list(range(0, len(data), part))
+    for offset in offsets[1:]:
+        st.put_part(key, upload, offset, data[offset : offset + part])
+    with pytest.raises(store.UploadConflict, match=f"lacks bytes \\[0, {part}\\)"):
+        st.complete_upload(key, upload, len(data))
+    st.put_part(key, upload, 0, data[:part])
+    with pytest.raises(store.UploadConflict, match="more than the declared"):
+        st.complete_upload(key, upload, len(data) - 1)
+    # A fresh store object (another replica) sees the same parts, and completes the upload.
+    other = any_store()
+    other.part_bytes = part
+    assert [o for o, _ in other.upload_state(key, upload)["parts"]] == offsets
+    assert other.complete_upload(key, upload, len(data)) == key
+    assert st.read(key, 0, len(data)) == data
+    assert st.upload_state(key, upload)["parts"] == [] and not st.abort_upload(key, upload)
+    # A corrupt assembly is refused, stores nothing and drops its parts.
+    bad = make_cache(seed=9, tokens=600, dim=64)
+    bad_key, bad_upload = staged_upload(bad)
+    for offset in offsets:
+        chunk = bytearray(bad[offset : offset + part])
+        if offset == part:
+            chunk[5] ^= 0x10
+        st.put_part(bad_key, bad_upload, offset, bytes(chunk))
+    with pytest.raises(FormatError, match="checksum mismatch"):
+        st.complete_upload(bad_key, bad_upload, len(bad))
+    assert not st.exists(bad_key) and st.upload_state(bad_key, bad_upload)["parts"] == []
+    with pytest.raises(InputError, match="no upload"):
+        st.complete_upload(bad_key, bad_upload, len(bad))
+    # Sweeping drops only uploads idle longer than the age given; abort drops one.
+    st.put_part(bad_key, bad_upload, 0, bad[:part])
+    assert st.sweep_uploads() == 0 and st.upload_state(bad_key, bad_upload)["parts"]
+    assert st.sweep_uploads(max_age_s=-60) == 1 and st.upload_state(bad_key, bad_upload)["parts"] == []
+    st.put_part(bad_key, bad_upload, 0, bad[:part])
+    assert st.abort_upload(bad_key, bad_upload) and st.upload_state(bad_key, bad_upload)["parts"] == []
+    assert [e["key"] for e in st.list()] == [key]  # staging never shows in listings
+    if isinstance(st, store.DirStore):
+        assert [p for p in (st.root / store.UPLOADS).rglob("*") if p.is_file()] == []
+
+
+def test_push_to_an_object_store_resumes_from_staged_parts(s3_env, tmp_path):
+    st = store.open_store("s3://caches/pushed")
+    st.part_bytes = part = 64 << 10
+    data = make_cache(seed=10, tokens=600, dim=64)
+    path = tmp_path / "c.kvc"
+    path.write_bytes(data)
+    key, upload = staged_upload(data)
+    for offset in (0, part, 3 * part):  # what an earlier push got across before it broke off
+        st.put_part(key, upload, offset, data[offset : offset + part])
+    result = store.push(st, path)
+    assert result == {"key": key, "url": f"s3://caches/pushed/{key}.kvc", "bytes": len(data), "uploaded": True,
+                      "resumed_from": 2 * part, "sent": len(data) - 3 * part}
+    assert st.read(key, 0, len(data)) == data and st.upload_state(key, upload)["parts"] == []
+    assert store.push(st, path)["uploaded"] is False
+    local = store.open_store(str(tmp_path / "dir"), create=True)
+    local.part_bytes = part
+    assert store.push(local, path)["sent"] == len(data)  # a directory: one atomic put, nothing to resume
+    assert os.listdir(tmp_path / "dir") == [f"{key}.kvc"]

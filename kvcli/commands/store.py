@@ -13,7 +13,6 @@ from .common import check_output, emit_json, handled
 TokenFileOpt = typer.Option(None, "--token-file", help="File whose first line is the bearer token "
                             "[default: $KVCLI_TOKEN_FILE, then $KVCLI_TOKEN]")
 PULL_BLOCK = 1 << 20
-ATTEMPTS = 4
 
 
 def serve_cache(
@@ -73,22 +72,15 @@ def push(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
 ) -> None:
     """Validate FILE and store it under its key; print the key and the cache's URL. A cache already there is not
-    sent again."""
-    from .. import format, remote, store
+    sent again; a large file goes to a server or object store in parts, and a push that broke off resumes."""
+    from .. import remote, store
 
     target = store.open_store(url, remote.read_token(None, token_file), create=True)
-    with format.FileSource(file) as src:
-        key = store.checked_key(None, store.validate(src), file)
-        size = src.size
-    uploaded = False
-    if not target.exists(key):
-        retried(lambda: target.put(key, file), remote.ConnectionFailed)
-        uploaded = True
-    result = {"key": key, "url": target.url_for(key), "bytes": size, "uploaded": uploaded}
+    result = store.push(target, file)
     if as_json:
         emit_json(result)
     else:
-        print(f"{key} {result['url']}")
+        print(f"{result['key']} {result['url']}")
 
 
 def pull(
@@ -133,7 +125,7 @@ def download(fetcher, url: str, out: str) -> dict:
     # Content-addressed: one key is one file wherever it is fetched from; other URLs are told apart by a digest.
     tag = remote.url_key(url) or hashlib.sha256(url.encode()).hexdigest()[:16]
     partial = target.parent / f".{target.name}.{tag}.kvcli-partial"
-    size = retried(fetcher.size)
+    size = remote.retried(fetcher.size)
     have = partial.stat().st_size if partial.exists() else 0
     if have > size:
         partial.unlink()
@@ -143,7 +135,7 @@ def download(fetcher, url: str, out: str) -> dict:
         with open(partial, "ab") as fh:
             while have < size:
                 n = min(PULL_BLOCK, size - have)
-                data = retried(lambda: fetcher.fetch(have, n))
+                data = remote.retried(lambda: fetcher.fetch(have, n))
                 if len(data) != n:
                     raise StorageError(f"{url}: expected {n} bytes at {have}, got {len(data)}")
                 fh.write(data)
@@ -167,7 +159,7 @@ def repair(fetcher, partial) -> None:
     import os
     import zlib
 
-    from .. import format
+    from .. import format, remote
 
     with format.FileSource(partial) as src:
         header = format.read_header(src)
@@ -178,30 +170,13 @@ def repair(fetcher, partial) -> None:
     with open(partial, "r+b") as fh:
         for seg in bad:
             offset = header.data_offset + seg.offset
-            for attempt in range(ATTEMPTS):
-                data = retried(lambda: fetcher.fetch(offset, seg.length))
+            for attempt in range(remote.RETRIES):
+                data = remote.retried(lambda: fetcher.fetch(offset, seg.length))
                 if len(data) == seg.length and zlib.crc32(data) == seg.crc32:
                     os.pwrite(fh.fileno(), data, offset)
                     break
                 time.sleep(0.1 * 2**attempt)
         os.fsync(fh.fileno())
-
-
-def retried(fn, transient: type | tuple = None):
-    """fn(), tried again with exponential backoff while it fails with a network error."""
-    from .. import remote
-
-    transient = transient or (remote.Transient, remote.ConnectionFailed)
-    for attempt in range(ATTEMPTS):
-        try:
-            return fn()
-        except transient as err:
-            if attempt == ATTEMPTS - 1:
-                if isinstance(err, remote.Transient):
-                    raise remote.ConnectionFailed(f"{err} (after {ATTEMPTS} attempts)") from None
-                raise
-            time.sleep(0.2 * 2**attempt)
-    raise AssertionError("unreachable")
 
 
 def register(app: typer.Typer) -> None:
