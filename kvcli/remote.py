@@ -301,6 +301,16 @@ class RemoteSource(format.Source):
 # ---------------------------------------------------------------- local copies
 
 
+def cache_dir_bytes() -> int:
+    """The default bound on a cache directory: $KVCLI_CACHE_DIR_BYTES, else 4 GiB."""
+    env = os.environ.get(CACHE_DIR_BYTES_ENV, "").strip()
+    if not env:
+        return DEFAULT_CACHE_DIR_BYTES
+    if not env.isdigit():
+        raise UsageError(f"${CACHE_DIR_BYTES_ENV} must be a number of bytes, not {env[:40]!r}")
+    return int(env)
+
+
 class LocalCache:
     """Local copies of remote caches as DIR/KEY.kvc, at most `max_bytes` in all; the least recently used go first.
 
@@ -308,10 +318,9 @@ class LocalCache:
 
     def __init__(self, directory: str | Path, max_bytes: int | None = None):
         self.dir = Path(directory)
-        if max_bytes is None:
-            env = os.environ.get(CACHE_DIR_BYTES_ENV, "")
-            max_bytes = int(env) if env.isdigit() else DEFAULT_CACHE_DIR_BYTES
-        self.max_bytes = max_bytes
+        self.max_bytes = cache_dir_bytes() if max_bytes is None else max_bytes
+        if self.max_bytes < 0:
+            raise UsageError(f"the bound on the cache directory must be at least 0 bytes, not {self.max_bytes}")
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -390,16 +399,19 @@ def make_fetcher(location: str, token: str | None = None, transport=None):
     return FsspecFetcher(location)
 
 
-def open_source(location: str, cache_dir: str | None = None, token: str | None = None, transport=None,
+def open_source(location: str, cache_dir: str | LocalCache | None = None, token: str | None = None, transport=None,
                 workers: int = WORKERS):
     """A ByteSource for a local path, an http(s) URL (…/v1/caches/KEY) or an fsspec URL (s3://…/KEY.kvc).
 
-    With `cache_dir`, a remote cache whose URL names its key is read from a local copy when there is one, and
-    a complete, verified download leaves one behind."""
+    With `cache_dir` (a directory, bounded by $KVCLI_CACHE_DIR_BYTES, or a LocalCache with its own bound), a
+    remote cache whose URL names its key is read from a local copy when there is one, and a complete, verified
+    download leaves one behind."""
     if "://" not in location:
         return format.open_source(location)
     key = url_key(location)
-    local = LocalCache(cache_dir) if cache_dir and key else None
+    local = None
+    if cache_dir and key:
+        local = cache_dir if isinstance(cache_dir, LocalCache) else LocalCache(cache_dir)
     if local:
         hit = local.find(key)
         if hit is not None:

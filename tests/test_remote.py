@@ -234,3 +234,26 @@ def test_generate_from_a_url_matches_generate_from_the_file(cli, tiny_model_dir,
     assert missing.exit_code == 3 and "no such cache" in missing.stderr
     bad = cli("generate", "--cache", f"{server.url}/v1/caches/nothex", "--model", model, "x")
     assert bad.exit_code == 2 and "not a cache key" in bad.stderr
+
+
+def test_cache_dir_bytes_bounds_the_local_copies(cli, tiny_model_dir, doc_file, server, tmp_path, monkeypatch):
+    model = str(tiny_model_dir("llama"))
+    kvc = tmp_path / "doc.kvc"
+    assert cli("prefill", doc_file, "-o", kvc, "--model", model, "--chunk-tokens", "8", "-q", "lossless").exit_code == 0
+    url = store.open_store(server.url, token=TOKEN).url_for(store.open_store(server.url, token=TOKEN).put(None, kvc))
+    size = kvc.stat().st_size
+    monkeypatch.setenv(remote.CACHE_DIR_BYTES_ENV, "1")  # the option, when given, is the bound, not the environment
+    for bound, kept in ((size, True), (size - 1, False)):
+        copies = tmp_path / f"copies-{bound}"
+        result = cli("generate", "--cache", url, "--cache-dir", copies, "--cache-dir-bytes", bound, "--model", model,
+                     "-n", "2", "Question:")
+        assert result.exit_code == 0, result.stderr
+        assert [p.name for p in copies.iterdir()] == ([url.rsplit("/", 1)[1] + ".kvc"] if kept else [])
+    from_env = tmp_path / "copies-env"
+    assert cli("generate", "--cache", url, "--cache-dir", from_env, "--model", model, "-n", "2", "Q").exit_code == 0
+    assert list(from_env.iterdir()) == []  # $KVCLI_CACHE_DIR_BYTES=1 is the bound without the option
+    monkeypatch.setenv(remote.CACHE_DIR_BYTES_ENV, "lots")
+    refused = cli("generate", "--cache", url, "--cache-dir", from_env, "--model", model, "Q")
+    assert refused.exit_code == 2 and "KVCLI_CACHE_DIR_BYTES" in refused.stderr
+    alone = cli("generate", "--cache", url, "--cache-dir-bytes", "10", "--model", model, "Q")
+    assert alone.exit_code == 2 and "--cache-dir" in alone.stderr

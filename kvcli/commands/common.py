@@ -20,6 +20,8 @@ QualityOpt = typer.Option("balanced", "--quality", "-q", help="lossless, high, b
 StepScaleOpt = typer.Option(1.0, "--step-scale", min=1e-3, max=1e3, help="Expert: multiply the preset's quantization steps (recorded in the header)")
 SinksOpt = typer.Option(None, "--sinks", min=0, max=4096, help="Expert: leading tokens kept exact by lossy presets [default: the first token]")
 ChunkOpt = typer.Option(256, "--chunk-tokens", min=1, max=65536, help="Tokens per segment")
+CacheDirBytesOpt = typer.Option(None, "--cache-dir-bytes", min=0, help="Bound on --cache-dir in bytes; the least "
+                                "recently used copies go first [default: $KVCLI_CACHE_DIR_BYTES, else 4 GiB]")
 
 
 def print_error(message: str) -> None:

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .common import ModelOpt, emit_json, handled, status
+from .common import CacheDirBytesOpt, ModelOpt, emit_json, handled, status
 
 
 def read_prompts(path: str) -> list[dict]:
@@ -42,7 +42,8 @@ def generate(
                                               "to compose several documents' caches in the given order; a URL "
                                               "(http(s)://…/v1/caches/KEY, s3://…/KEY.kvc) streams while it decodes"),
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Keep local copies of remote caches here "
-                                            "(LRU, at most $KVCLI_CACHE_DIR_BYTES bytes, default 4 GiB)"),
+                                            "(LRU, bounded by --cache-dir-bytes)"),
+    cache_dir_bytes: Optional[int] = CacheDirBytesOpt,
     document: Optional[str] = typer.Option(None, "--document", "-d", help="Prefill this document instead (reference path)"),
     prompts_file: Optional[str] = typer.Option(None, "--prompts", help="JSON lines of prompts; one answer line each, "
                                                "paying the model and cache load once"),
@@ -58,11 +59,13 @@ def generate(
                                              "those whose keys the other documents change most (docs/compose.md)"),
 ) -> None:
     """Answer PROMPT after a cached context (--cache) or after a full prefill of a document (--document)."""
-    from .. import inference, models, pipeline
+    from .. import inference, models, pipeline, remote
     from ..errors import UsageError
 
     if (not cache) == (document is None):
         raise UsageError("give exactly one of --cache FILE (repeatable) or --document DOC")
+    if cache_dir_bytes is not None and not cache_dir:
+        raise UsageError("--cache-dir-bytes bounds --cache-dir; give that too")
     if recompute_fraction and not cache:
         raise UsageError("--recompute-fraction applies to --cache; --document already prefills everything")
     if (prompt is None) == (prompts_file is None):
@@ -77,8 +80,9 @@ def generate(
     if cache:
         with contextlib.ExitStack() as stack:
             opened = []
+            local = remote.LocalCache(cache_dir, cache_dir_bytes) if cache_dir else None
             for path in cache:
-                src, header = pipeline.read_header(path, cache_dir)
+                src, header = pipeline.read_header(path, local)
                 stack.enter_context(src)
                 opened.append((src, header))
             with status("loading model"):
