@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -238,6 +239,10 @@ class _Planned:
 
 
 class KvqEncoder(_Planned, Encoder):
+    # "triton": _prepare quantizes each segment on its tensor's device with kernels/quantize.py, which gives the
+    # torch path's integers exactly. kvfile.encode sets it before the first segment.
+    backend = "torch"
+
     def aux(self) -> dict[str, bytes]:
         zc = zstandard.ZstdCompressor(level=19)
         return {"kvq.plan": zc.compress(pack_plans(self.plans, self.inv_freq)),
@@ -274,30 +279,65 @@ class KvqEncoder(_Planned, Encoder):
         """(groups, rows (heads*dim, tokens) int32, limits, sink bytes) of one segment."""
         plan, skip, lim = self._segment(ctx)
         kind = KINDS.index(ctx.kind)
-        body = self.codec._pre(x[:, skip:], ctx.layer, kind, ctx.token_start + skip)
         center, step = self._tensors[(ctx.layer, kind)]
-        rows = quantize(body, center, step).numpy().reshape(ctx.heads * ctx.dim, body.shape[2])
-        sinks = tensor_bytes(x[:, :skip]).tobytes() if skip else b""
+        if self.backend == "triton":
+            from ..kernels.quantize import quantize_unrotate  # needs triton; imported only when asked for
+
+            q = quantize_unrotate(x[:, skip:], center, step, self._freq(ctx.layer, kind), ctx.token_start + skip).cpu()
+        else:
+            q = quantize(self.codec._pre(x[:, skip:], ctx.layer, kind, ctx.token_start + skip), center, step)
+        rows = q.numpy().reshape(ctx.heads * ctx.dim, ctx.tokens - skip)
+        sinks = tensor_bytes(x[:, :skip].cpu()).tobytes() if skip else b""
         return self._groups[(ctx.layer, kind)], rows, lim, sinks
 
 
 class KvqDecoder(_Planned, Decoder):
     batch_elements = 1 << 23
+    # decode_onto's batches: the kernels want many streams per launch; about 10 bytes of device scratch each.
+    device_batch_elements = 1 << 26
     channel_major = True  # dequantization works per channel
 
-    def entropy(self, segments: list[tuple[SegmentContext, bytes]]) -> list[np.ndarray]:
-        """Each segment's integers, channel-major (heads * dim, non-sink tokens) int32; all streams in one pass."""
-        jobs = []
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._device_states: dict = {}  # per device: tables and layouts on it (kernels/kvq_decode.py)
+        self._lock = threading.Lock()
+
+    def split(self, segments: list[tuple[SegmentContext, bytes]]) -> list[tuple[list[entropy.Group], int,
+                                                                               entropy.Coded]]:
+        """Per segment (groups, sink tokens, coded part), every size checked against its limits and the sinks
+        checked finite; CodecError with `index` names the first failing segment."""
+        out = []
         for i, (ctx, data) in enumerate(segments):
             try:
                 _, skip, lim = self._segment(ctx)
                 coded = entropy.split_segment(data, lim)
                 if has_nonfinite(data[coded.end :], ctx.dtype):
                     raise CodecError("a sink token holds a non-finite value, which no kvq writer stores")
-                jobs.append((self._groups[(ctx.layer, KINDS.index(ctx.kind))], ctx.tokens - skip, coded))
+                out.append((self._groups[(ctx.layer, KINDS.index(ctx.kind))], skip, coded))
             except CodecError as err:
                 raise CodecError(str(err), index=i) from None
+        return out
+
+    def entropy(self, segments: list[tuple[SegmentContext, bytes]]) -> list[np.ndarray]:
+        """Each segment's integers, channel-major (heads * dim, non-sink tokens) int32; all streams in one pass."""
+        jobs = [(groups, ctx.tokens - skip, coded) for (ctx, _), (groups, skip, coded)
+                in zip(segments, self.split(segments))]
         return entropy.decode_segments(self.tables, jobs)
+
+    def decode_onto(self, segments: list[tuple[SegmentContext, bytes, torch.Tensor]]) -> None:
+        """The device path of backend "triton" (kernels/kvq_decode.py): a batch of segments decoded straight into
+        their (heads, tokens, dim) outputs on one device, in a few launches, with the values and refusals of
+        entropy() followed by reconstruct()."""
+        from ..kernels import kvq_decode  # needs triton; imported only when asked for
+
+        if not segments:
+            return
+        device = segments[0][2].device
+        with self._lock:
+            state = self._device_states.get(str(device))
+            if state is None:
+                state = self._device_states[str(device)] = kvq_decode.DeviceState(self, device)
+        kvq_decode.decode_onto(state, segments)
 
     def reconstruct(self, ctx: SegmentContext, data: bytes, symbols: np.ndarray, out: torch.Tensor,
                     backend: str = "torch") -> None:

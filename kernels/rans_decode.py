@@ -125,13 +125,13 @@ def decode_checked(tables: DeviceTables, table_ids: torch.Tensor, counts: list[i
     int32, every stream's ids concatenated, values below tables.count), as a GPU file decoder does."""
     batch = upload(tables, counts, streams)
     out, status = launch(tables, table_ids, batch)
-    check_status(status, batch.words_per_stream)
+    check_status(status.cpu().numpy(), batch.words_per_stream)
     return out
 
 
 @dataclass(frozen=True)
 class Batch:
-    """A batch of streams on the device, laid out for one launch."""
+    """A batch of streams on the device, laid out for one launch: views into one buffer, copied in one transfer."""
 
     states: torch.Tensor  # int32 bits of every lane's initial state
     words: torch.Tensor  # int16 bits of every stream's words, one spare word at the end
@@ -142,17 +142,24 @@ class Batch:
 
 
 def upload(tables: DeviceTables, counts: list[int], streams: list[rans.Stream]) -> Batch:
-    device = tables.sym_lut.device
+    """Meta, states and words of every stream packed into one int32 host array and copied to the device once."""
     lanes = [len(st.states) for st in streams]
     n_words = [len(st.words) for st in streams]
     total = sum(counts)
     meta = np.stack([_offsets(lanes), lanes, _offsets(counts), counts, _offsets(n_words), n_words]).astype(np.int64)
     if meta.size and (meta.max() >= 1 << 31 or total + sum(n_words) >= 1 << 31):
         raise ValueError("a batch of streams must stay below 2^31 symbols, words and lanes")
-    states = np.concatenate([st.states for st in streams] + [np.zeros(0, np.uint32)]).astype(np.uint32)
-    words = np.concatenate([st.words for st in streams] + [np.zeros(1, np.uint16)]).astype(np.uint16)
-    return Batch(torch.from_numpy(states.view(np.int32)).to(device), torch.from_numpy(words.view(np.int16)).to(device),
-                 torch.from_numpy(meta.astype(np.int32)).to(device), n_words, total,
+    n_meta, n_lanes, n_all = meta.size, sum(lanes), sum(n_words) + 1  # the spare word keeps the last gather in bounds
+    buf = np.zeros(n_meta + n_lanes + (n_all + 1) // 2, dtype=np.int32)
+    buf[:n_meta] = meta.reshape(-1)
+    if streams:
+        np.concatenate([st.states for st in streams], out=buf[n_meta : n_meta + n_lanes].view(np.uint32),
+                       casting="unsafe")
+        words = buf[n_meta + n_lanes :].view(np.uint16)
+        np.concatenate([st.words for st in streams], out=words[: n_all - 1], casting="unsafe")
+    dev = torch.from_numpy(buf).to(tables.sym_lut.device)
+    return Batch(dev[n_meta : n_meta + n_lanes], dev[n_meta + n_lanes :].view(torch.int16)[:n_all],
+                 dev[:n_meta].view(6, len(streams)), n_words, total,
                  max(16, triton.next_power_of_2(max(lanes, default=1))))
 
 
@@ -171,9 +178,10 @@ def launch(tables: DeviceTables, table_ids: torch.Tensor, batch: Batch) -> tuple
     return out, status
 
 
-def check_status(status: torch.Tensor, words_per_stream: list[int]) -> None:
-    """Every stream read exactly its words and ended with every lane at 2^16, or StreamError names the first."""
-    for k, ((read, unfinished), expected) in enumerate(zip(status.cpu().numpy(), words_per_stream)):
+def check_status(status: np.ndarray, words_per_stream: list[int]) -> None:
+    """Every stream read exactly its words and ended with every lane at 2^16, or StreamError names the first.
+    `status`: launch's, on the host."""
+    for k, ((read, unfinished), expected) in enumerate(zip(status, words_per_stream)):
         if read != expected:
             raise rans.StreamError(f"the entropy decoder read {read} of {expected} words", k)
         if unfinished:

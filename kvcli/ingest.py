@@ -201,6 +201,7 @@ class Settings:
     max_tokens: int | None = None  # None: the model's context
     split: bool = False
     batch_tokens: int = DEFAULT_BATCH_TOKENS  # below two documents' worth: one document per forward pass
+    backend: str = "torch"  # the quantize step's implementation (kvcli.kernels.resolve)
 
 
 @dataclass
@@ -329,7 +330,7 @@ class Ingest:
         try:
             pipeline.check_finite(kv, self.settings.quality, line["id"])
             meta, parts = pipeline.encode_cache(kv, self.lm.identity, self.codec, self.settings.chunk_tokens,
-                                                pipeline.provenance(job.doc))
+                                                pipeline.provenance(job.doc), self.settings.backend)
             data = encode_file(meta, parts)
             self.store.put(line["key"], data)  # validated, then stored atomically under the key we expect
         except StorageError as err:

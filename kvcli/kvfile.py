@@ -12,6 +12,7 @@ from . import __version__, format
 from .codecs import Codec, CodecError, Decoder, SegmentContext, codec_from_header
 from .codecs.base import ITEMSIZE
 from .errors import FormatError
+from .kernels.placement import resolve
 from .kvcache import KVCache
 
 DEFAULT_CHUNK_TOKENS = 256
@@ -82,12 +83,21 @@ def check_decoded_size(header: format.Header, codec: Codec, name: str, available
 
 
 def encode(kv: KVCache, model_identity: dict, codec: Codec, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-           extra: dict | None = None) -> tuple[dict, list[format.SegmentData]]:
+           extra: dict | None = None, backend: str = "torch") -> tuple[dict, list[format.SegmentData]]:
     """Header fields and segment bytes for `kv`; hand both to format.write_kvc. CodecError if `kv` cannot be
-    coded (non-finite values for a lossy codec, say)."""
+    coded (non-finite values for a lossy codec, say).
+
+    The codec fits its tables on the CPU; backend "triton" quantizes segments where `kv` lives, with the
+    codec's kernels where it has them (the file's bytes are the same either way)."""
     dtype = DTYPE_NAMES[kv.dtype]
     shapes = layer_shapes(kv)
-    encoder = codec.fit(kv.keys, kv.values, [s.token_start for s in shapes])
+    host = KVCache(kv.token_ids, [k.cpu() for k in kv.keys], [v.cpu() for v in kv.values])
+    encoder = codec.fit(host.keys, host.values, [s.token_start for s in shapes])
+    on_device = backend == "triton" and hasattr(encoder, "backend")
+    if on_device:
+        encoder.backend = backend
+    else:
+        kv = host
     jobs = []
     for c_start, c_end in _chunks(0, kv.num_tokens, chunk_tokens):
         for li, shape in enumerate(shapes):
@@ -148,43 +158,61 @@ def _segments(header: format.Header) -> tuple[list[format.Segment], list[Segment
                   for s in segs]
 
 
+def _named(err: CodecError, name: str, segs: list[format.Segment], batch: list[int]) -> FormatError:
+    """A codec's refusal within a batch as the format error that names the file and the segment."""
+    where = segs[batch[err.index]].label() if err.index is not None else "segments " + ", ".join(
+        segs[i].label() for i in batch)
+    return FormatError(f"{name}: {where}: cannot decode: {err}")
+
+
 def _entropy(decoder: Decoder, name: str, segs, batch: list[int], ctxs, datas: list[bytes]) -> list:
     try:
         return decoder.entropy([(ctxs[i], data) for i, data in zip(batch, datas)])
     except CodecError as err:
-        where = segs[batch[err.index]].label() if err.index is not None else "segments " + ", ".join(
-            segs[i].label() for i in batch)
-        raise FormatError(f"{name}: {where}: cannot decode: {err}") from None
+        raise _named(err, name, segs, batch) from None
 
 
 def decode(src: format.ByteSource, header: format.Header, threads: int | None = None,
            device: str | torch.device = "cpu", backend: str | None = None) -> KVCache:
-    """Every segment read in file order, checksum-verified and decoded; the exact bad segment is named on failure.
+    """Every segment read in file order, checksum-verified and decoded onto `device`; the exact bad segment is
+    named on failure.
 
     Segments are read batch by batch while earlier batches decode on `threads` threads, so a source that
-    downloads ahead overlaps download and decode. backend: "torch" or "triton" (default: triton on CUDA).
+    downloads ahead overlaps download and decode. backend "torch", "triton" or None (kernels.resolve's auto:
+    triton on CUDA). With "triton", a decoder that has `decode_onto` (kvq) decodes whole batches on the device,
+    one thread launching while this one reads and checksums the next batch; other codecs decode as with torch.
     """
     device = torch.device(device)
-    backend = backend or ("triton" if device.type == "cuda" else "torch")
+    backend = resolve(device.type, backend or "auto").backend
     name = getattr(src, "path", "<input>")
     codec, decoder = open_decoder(src, header)
     check_decoded_size(header, codec, name, available_memory(device))
     keys, values = _allocate(header, device, decoder.channel_major)
     segs, ctxs = _segments(header)
-    threads = threads or usable_cores()
+    on_device = backend == "triton" and hasattr(decoder, "decode_onto")
+    threads = 1 if on_device else threads or usable_cores()
     total = sum(c.heads * c.tokens * c.dim for c in ctxs)
-    batches = _batches(segs, ctxs, max(1, min(decoder.batch_elements, -(-total // threads))))
+    target = decoder.device_batch_elements if on_device else min(decoder.batch_elements, -(-total // threads))
+    batches = _batches(segs, ctxs, max(1, target))
+
+    def out_of(i: int) -> torch.Tensor:
+        seg = segs[i]
+        lo = seg.token_start - header.layers[seg.layer].token_start
+        return (keys if seg.kind == "k" else values)[seg.layer][:, lo : lo + seg.token_count]
 
     def work(batch: list[int], datas: list[bytes]) -> None:
+        if on_device:
+            try:
+                decoder.decode_onto([(ctxs[i], data, out_of(i)) for i, data in zip(batch, datas)])
+            except CodecError as err:
+                raise _named(err, name, segs, batch) from None
+            return
         symbols = _entropy(decoder, name, segs, batch, ctxs, datas)
         for i, data, sym in zip(batch, datas, symbols):
-            seg, ctx = segs[i], ctxs[i]
-            lo = seg.token_start - header.layers[seg.layer].token_start
-            out = (keys if seg.kind == "k" else values)[seg.layer][:, lo : lo + seg.token_count]
             try:
-                decoder.reconstruct(ctx, data, sym, out, backend)
+                decoder.reconstruct(ctxs[i], data, sym, out_of(i), backend)
             except CodecError as err:
-                raise FormatError(f"{name}: {seg.label()}: cannot decode: {err}") from None
+                raise FormatError(f"{name}: {segs[i].label()}: cannot decode: {err}") from None
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         pending: deque = deque()

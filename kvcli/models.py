@@ -264,7 +264,9 @@ def local_directory(source: ModelSource) -> Path:
         ) from None
 
 
-def load(spec: str | None, dtype: str = "float32") -> LoadedModel:
+def load(spec: str | None, dtype: str = "float32", device="cpu") -> LoadedModel:
+    """The model on `device` (a torch.device or name; kvcli.kernels.resolve checks it first), identified by the
+    digests of its files as saved."""
     source = resolve(spec)
     torch_type = torch_dtype(dtype)
     identity.sweep_cache_dir()
@@ -283,6 +285,10 @@ def load(spec: str | None, dtype: str = "float32") -> LoadedModel:
         raise ModelLoadError(f"{source.name}: cannot load model: {str(err).splitlines()[0]}") from None
     except RuntimeError as err:
         raise DeviceError(f"{source.name}: cannot load in {dtype}: {str(err).splitlines()[0]}") from None
+    try:
+        model.to(device)
+    except RuntimeError as err:  # out of device memory, mostly
+        raise DeviceError(f"{source.name}: cannot move to {device}: {str(err).splitlines()[0]}") from None
     model.eval()
     config = model.config
     ident = {

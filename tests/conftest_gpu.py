@@ -23,3 +23,27 @@ def pytest_configure(config):
             raise pytest.UsageError("--gpu given but torch sees no CUDA device")
         # Kernels read this when they are defined, at collection, after this hook: compile them.
         os.environ["TRITON_INTERPRET"] = "0"
+
+
+@pytest.fixture(scope="session")
+def gpu(request) -> bool:
+    """Whether this run is `--gpu`: kernels compiled on CUDA rather than interpreted on the CPU."""
+    return bool(request.config.getoption("--gpu", default=False))
+
+
+@pytest.fixture(scope="session")
+def device(gpu):
+    """Where the kernel tests put their tensors: cuda with --gpu, else the CPU (the interpreter)."""
+    import torch
+
+    return torch.device("cuda" if gpu else "cpu")
+
+
+@pytest.fixture
+def short_lanes(monkeypatch, gpu):
+    """Lanes of 3 steps on CPU, so the interpreter meets many lanes in few steps; the real length on a GPU.
+    The lane count rule is read by encoder and decoders alike, so files written under it decode under it."""
+    if not gpu:
+        from kvcli.codecs import rans
+
+        monkeypatch.setattr(rans, "STEPS_PER_LANE", 3)

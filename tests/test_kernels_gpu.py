@@ -26,23 +26,6 @@ from kvcli.kvcache import KVCache  # noqa: E402
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(scope="session")
-def gpu(request) -> bool:
-    return bool(request.config.getoption("--gpu", default=False))
-
-
-@pytest.fixture(scope="session")
-def device(gpu) -> torch.device:
-    return torch.device("cuda" if gpu else "cpu")
-
-
-@pytest.fixture
-def short_lanes(monkeypatch, gpu):
-    """Lanes of 3 steps on CPU, so the interpreter meets many lanes in few steps; the real length on a GPU."""
-    if not gpu:
-        monkeypatch.setattr(rans, "STEPS_PER_LANE", 3)
-
-
 def freq_tables(rng) -> rans.Tables:
     """Skewed, flat and extreme tables: one symbol at frequency 1 beside one at 2^16 - 2."""
     skewed = rans.normalize_counts(np.bincount(rng.geometric(0.3, 600), minlength=41))

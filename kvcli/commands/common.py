@@ -22,6 +22,9 @@ SinksOpt = typer.Option(None, "--sinks", min=0, max=4096, help="Expert: leading 
 ChunkOpt = typer.Option(256, "--chunk-tokens", min=1, max=65536, help="Tokens per segment")
 CacheDirBytesOpt = typer.Option(None, "--cache-dir-bytes", min=0, help="Bound on --cache-dir in bytes; the least "
                                 "recently used copies go first [default: $KVCLI_CACHE_DIR_BYTES, else 4 GiB]")
+DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda, or auto (cuda when torch sees one)")
+BackendOpt = typer.Option("auto", "--backend", help="The codec's kernels: torch, triton (a GPU, or TRITON_INTERPRET=1 "
+                          "on a CPU), or auto (triton on CUDA, torch on CPU)")
 
 
 def print_error(message: str) -> None:

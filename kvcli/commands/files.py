@@ -6,22 +6,28 @@ from typing import Optional
 
 import typer
 
-from .common import ChunkOpt, QualityOpt, SinksOpt, StepScaleOpt, check_output, check_quality, emit_json, handled
+from .common import (BackendOpt, ChunkOpt, DeviceOpt, QualityOpt, SinksOpt, StepScaleOpt, check_output, check_quality,
+                     emit_json, handled)
 
 
 def decode(
     file: str = typer.Argument(..., help=".kvc file, or - for stdin"),
     out: str = typer.Option(..., "--output", "-o", help="Output .safetensors file, or - for stdout"),
+    device: str = DeviceOpt,
+    backend: str = BackendOpt,
 ) -> None:
     """Export the decoded cache as safetensors: keys.{i}, values.{i} (kv_heads, tokens, head_dim) and input_ids."""
     from .. import format, kvfile
-    from ..kvcache import to_tensor_dict
+    from ..kernels.placement import resolve
+    from ..kvcache import KVCache, to_tensor_dict
     from ..tensorfile import save_tensors
 
+    where = resolve(device, backend)
     check_output(out, [file])
     with format.open_source(file) as src:
         header = format.read_header(src)
-        kv = kvfile.decode(src, header)
+        kv = kvfile.decode(src, header, device=where.device, backend=where.backend)
+    kv = KVCache(kv.token_ids, [k.cpu() for k in kv.keys], [v.cpu() for v in kv.values])
     save_tensors(out, to_tensor_dict(kv), {"created_at": header.created_at, "source": header.source})
 
 
@@ -33,21 +39,27 @@ def encode(
     step_scale: float = StepScaleOpt,
     sinks: Optional[int] = SinksOpt,
     chunk_tokens: int = ChunkOpt,
+    device: str = DeviceOpt,
+    backend: str = BackendOpt,
 ) -> None:
     """Write a cache produced elsewhere (a safetensors export) as a .kvc file for MODEL."""
     from .. import models, pipeline
-    from ..kvcache import from_tensor_dict
+    from ..kernels.placement import resolve
+    from ..kvcache import KVCache, from_tensor_dict
     from ..tensorfile import load_tensors
 
     check_quality(quality)
+    where = resolve(device, backend)
     check_output(out, [tensors])
     exported, provenance = load_tensors(tensors)
     kv = from_tensor_dict(exported, tensors)
-    lm = models.load(model, "float32")
+    kv = KVCache(kv.token_ids, [k.to(where.device) for k in kv.keys], [v.to(where.device) for v in kv.values])
+    lm = models.load(model, "float32", where.device)
     pipeline.check_shapes(kv, lm, tensors)
     pipeline.check_finite(kv, quality, tensors)
     codec = pipeline.codec_for(quality, lm, step_scale, sinks)
-    pipeline.write_cache(out, kv, lm.identity, codec, chunk_tokens, {**pipeline.provenance(), **provenance})
+    pipeline.write_cache(out, kv, lm.identity, codec, chunk_tokens, {**pipeline.provenance(), **provenance},
+                         where.backend)
 
 
 def inspect(

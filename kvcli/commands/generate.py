@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .common import CacheDirBytesOpt, ModelOpt, emit_json, handled, status
+from .common import BackendOpt, CacheDirBytesOpt, DeviceOpt, ModelOpt, emit_json, handled, status
 
 
 def read_prompts(path: str) -> list[dict]:
@@ -49,6 +49,8 @@ def generate(
                                                "paying the model and cache load once"),
     model: Optional[str] = ModelOpt,
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Model dtype [default: the cache's, else float32]"),
+    device: str = DeviceOpt,
+    backend: str = BackendOpt,
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="End the answer before this text (repeatable)"),
     chat: bool = typer.Option(False, "--chat", help="Ask through the model's chat template: the context stays in "
@@ -61,6 +63,7 @@ def generate(
     """Answer PROMPT after a cached context (--cache) or after a full prefill of a document (--document)."""
     from .. import inference, models, pipeline, remote
     from ..errors import UsageError
+    from ..kernels.placement import resolve
 
     if (not cache) == (document is None):
         raise UsageError("give exactly one of --cache FILE (repeatable) or --document DOC")
@@ -74,6 +77,7 @@ def generate(
         raise UsageError("the prompt is empty")
     if stop and any(not s for s in stop):
         raise UsageError("--stop needs non-empty text")
+    where = resolve(device, backend)
     items = read_prompts(prompts_file) if prompts_file else [{"prompt": prompt}]
     t0 = time.perf_counter()
     kv, doc = None, None
@@ -86,15 +90,15 @@ def generate(
                 stack.enter_context(src)
                 opened.append((src, header))
             with status("loading model"):
-                lm = models.load(model, dtype or opened[0][1].dtype)
+                lm = models.load(model, dtype or opened[0][1].dtype, where.device)
             model_s = time.perf_counter() - t0
             with status("loading cache" if len(cache) == 1 else f"composing {len(cache)} caches"):
-                kv = pipeline.load_composed(opened, lm, recompute_fraction)
+                kv = pipeline.load_composed(opened, lm, recompute_fraction, where.backend)
         context_ids = kv.token_ids
     else:
         doc = inference.read_document(document)
         with status("loading model"):
-            lm = models.load(model, dtype or "float32")
+            lm = models.load(model, dtype or "float32", where.device)
         model_s = time.perf_counter() - t0
         inference.check_document_size(lm, doc)
         context_ids = inference.document_ids(lm, doc.text)

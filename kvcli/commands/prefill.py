@@ -14,8 +14,8 @@ from typing import List, Optional
 
 import typer
 
-from .common import (ChunkOpt, ModelOpt, QualityOpt, SinksOpt, StepScaleOpt, check_output, check_quality, emit_json,
-                     handled, status)
+from .common import (BackendOpt, ChunkOpt, DeviceOpt, ModelOpt, QualityOpt, SinksOpt, StepScaleOpt, check_output,
+                     check_quality, emit_json, handled, status)
 
 LOG_EVERY_SECONDS = 10.0  # plain progress lines when stderr is not a terminal
 
@@ -39,13 +39,17 @@ def prefill(
     step_scale: float = StepScaleOpt,
     sinks: Optional[int] = SinksOpt,
     chunk_tokens: int = ChunkOpt,
+    device: str = DeviceOpt,
+    backend: str = BackendOpt,
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout (with -o FILE; "
                                  "--out-dir always prints JSON lines)"),
 ) -> None:
     """Run the model over documents once and write their KV caches as .kvc files."""
     from ..errors import UsageError
+    from ..kernels.placement import resolve
 
     check_quality(quality)
+    where = resolve(device, backend)
     docs = docs or []
     if out is not None:
         many = [name for name, given in (("--out-dir", out_dir), ("--jsonl", jsonl), ("--shard", shard),
@@ -53,7 +57,7 @@ def prefill(
         if len(docs) != 1 or many:
             raise UsageError("-o writes one document; for " + (", ".join(many) or f"{len(docs)} documents")
                              + " use --out-dir DIR")
-        prefill_one(docs[0], out, model, dtype, quality, step_scale, sinks, chunk_tokens, as_json)
+        prefill_one(docs[0], out, model, dtype, quality, step_scale, sinks, chunk_tokens, as_json, where)
         return
     if out_dir is None:
         raise UsageError("give -o FILE for one document, or --out-dir DIR for many")
@@ -62,10 +66,10 @@ def prefill(
     if docs.count("-") + (jsonl == "-") > 1:
         raise UsageError("stdin can be read once: give - or --jsonl - , not both")
     prefill_many(docs, jsonl, out_dir, shard, split, max_tokens, batch_tokens, model, dtype, quality, step_scale,
-                 sinks, chunk_tokens)
+                 sinks, chunk_tokens, where)
 
 
-def prefill_one(doc: str, out: str, model, dtype, quality, step_scale, sinks, chunk_tokens, as_json) -> None:
+def prefill_one(doc: str, out: str, model, dtype, quality, step_scale, sinks, chunk_tokens, as_json, where) -> None:
     from .. import inference, models, pipeline
     from ..errors import UsageError
 
@@ -74,12 +78,12 @@ def prefill_one(doc: str, out: str, model, dtype, quality, step_scale, sinks, ch
     check_output(out, [doc])  # before the model loads: a bad output must not cost a prefill
     document = inference.read_document(doc)  # bad input fails before the model loads
     with status("loading model"):
-        lm = models.load(model, dtype)
+        lm = models.load(model, dtype, where.device)
     t0 = time.perf_counter()
     ids = pipeline.checked_ids(lm, document)
     codec = pipeline.codec_for(quality, lm, step_scale, sinks)
     with status("prefilling and encoding"):
-        kv, size = pipeline.prefill_document(document, ids, lm, codec, chunk_tokens, out)
+        kv, size = pipeline.prefill_document(document, ids, lm, codec, chunk_tokens, out, where.backend)
     summary = {"output": out, "tokens": kv.num_tokens, "bytes": size, "quality": quality,
                "model": lm.name, "dtype": dtype, "seconds": round(time.perf_counter() - t0, 3)}
     if as_json:
@@ -89,7 +93,7 @@ def prefill_one(doc: str, out: str, model, dtype, quality, step_scale, sinks, ch
 
 
 def prefill_many(docs, jsonl, out_dir, shard, split, max_tokens, batch_tokens, model, dtype, quality, step_scale,
-                 sinks, chunk_tokens) -> None:
+                 sinks, chunk_tokens, where) -> None:
     from .. import ingest, models
 
     index, count = ingest.parse_shard(shard) if shard else (0, 1)
@@ -101,9 +105,9 @@ def prefill_many(docs, jsonl, out_dir, shard, split, max_tokens, batch_tokens, m
     lines = ingest.count_jsonl(jsonl) if jsonl is not None else 0
     total = None if lines is None or (lines and count > 1) else total + lines
     with status("loading model"):
-        lm = models.load(model, dtype)
+        lm = models.load(model, dtype, where.device)
     settings = ingest.Settings(quality, step_scale, sinks, chunk_tokens, max_tokens, split,
-                               ingest.DEFAULT_BATCH_TOKENS if batch_tokens is None else batch_tokens)
+                               ingest.DEFAULT_BATCH_TOKENS if batch_tokens is None else batch_tokens, where.backend)
     engine = ingest.Ingest(lm, store, settings)
     with Progress(total) as progress:
         for line in engine.run(sources):

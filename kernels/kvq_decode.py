@@ -1,0 +1,189 @@
+"""kvq's file path on a device (backend "triton"): a batch of segments' bytes to cache tensors in a few launches.
+
+The host checks every segment's sizes and cuts out its stream (KvqDecoder.split, as the CPU path does); one
+transfer and one rANS launch (kernels/rans_decode.py) decode every stream of the batch; the per-segment escape
+counts come back with the streams' status in one transfer, so the escape frames are checked and decompressed
+exactly as the CPU path does (entropy._rows); torch gathers expand joint symbols and escapes; and one fused
+dequantize launch (kernels/dequantize.py) per run of consecutive segments of a layer and kind writes the cache.
+Symbols and values are the CPU path's, bit for bit, and every refusal is the CPU path's, naming the segment.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+import numpy as np
+import torch
+
+from ..codecs import entropy, rans
+from ..codecs.base import CodecError, SegmentContext, bytes_to_tensor, unzstd
+from . import rans_decode
+from .dequantize import dequantize_rotate
+
+
+class Layout:
+    """Where each class's symbols sit in a segment of one (layer, kind, non-sink token count), on the device:
+    per symbol its table, escape symbol and tuple length; per class its rows and digit table."""
+
+    def __init__(self, groups: list[entropy.Group], tables: entropy.ClassTables, tokens: int, device):
+        ids, esc, widths, self.groups = [], [], [], []
+        pos = 0
+        for g in groups:
+            half, m = entropy.class_layout(g.cls)
+            n = g.tuples(tokens)
+            ids.append(np.full(n, tables.index(g.cls), np.int32))
+            esc.append(np.full(n, (2 * half + 1) ** m, np.int32))
+            widths.append(np.full(n, m, np.int32))
+            self.groups.append((pos, n, m, torch.from_numpy(g.rows).to(device), digits_on(half, m, device)))
+            pos += n
+        self.symbols, self.tokens = pos, tokens
+        # One transfer: table ids, escape symbols and widths side by side.
+        packed = torch.from_numpy(np.stack([np.concatenate(a) if a else np.zeros(0, np.int32)
+                                            for a in (ids, esc, widths)])).to(device)
+        self.table_ids, self.esc_code, self.widths = packed[0].to(torch.uint8 if tables.coder.count <= 256
+                                                                  else torch.int32), packed[1], packed[2]
+
+
+@functools.lru_cache(maxsize=256)
+def digits_on(half: int, m: int, device) -> torch.Tensor:
+    """entropy._digits_table on the device: row s holds the m values of joint symbol s."""
+    return torch.from_numpy(entropy._digits_table(half, m)).to(device)
+
+
+class DeviceState:
+    """What a file's decoder keeps on the device across batches: its rANS lookup tables and its layouts."""
+
+    def __init__(self, decoder, device):
+        self.decoder, self.device = decoder, device
+        self.tables = rans_decode.DeviceTables(decoder.tables.coder, device)
+        self._layouts: dict[tuple[int, int, int], Layout] = {}
+        self._lock = threading.Lock()
+
+    def layout(self, layer: int, kind: int, tokens: int) -> Layout:
+        with self._lock:
+            key = (layer, kind, tokens)
+            if key not in self._layouts:
+                self._layouts[key] = Layout(self.decoder._groups[(layer, kind)], self.decoder.tables, tokens,
+                                            self.device)
+            return self._layouts[key]
+
+
+def escape_values(coded: entropy.Coded, escaped: int) -> np.ndarray:
+    """The segment's `escaped` escape values, refused as entropy._rows refuses them (same checks, same words)."""
+    if escaped and not coded.escape_frame:
+        raise CodecError("escape symbols but no escape stream")
+    if coded.escape_frame and not escaped:
+        raise CodecError("an escape stream without escape symbols")
+    if not escaped:
+        return np.zeros(0, np.int32)
+    raw = unzstd(coded.escape_frame, 4 * escaped)
+    if len(raw) != 4 * escaped:
+        raise CodecError(f"escape stream holds {len(raw) // 4} values, the escape symbols need {escaped}")
+    return np.frombuffer(raw, "<i4").astype(np.int32)
+
+
+def decode_onto(state: DeviceState, segments: list[tuple[SegmentContext, bytes, torch.Tensor]]) -> None:
+    """Write each segment's values into its `out`, a (heads, tokens, dim) view on the state's device (CUDA, or
+    the CPU under TRITON_INTERPRET=1). CodecError with `index` names the failing segment."""
+    if not segments:
+        return
+    decoder, device = state.decoder, state.device
+    split = decoder.split([(ctx, data) for ctx, data, _ in segments])
+    # Streams in (layer, kind, position) order: a layer's consecutive segments of one layout share gathers and
+    # a dequantize launch.
+    order = sorted(range(len(segments)), key=lambda i: (segments[i][0].layer, segments[i][0].kind,
+                                                        segments[i][0].token_start))
+    lay = []
+    for i in order:
+        ctx, skip = segments[i][0], split[i][1]
+        try:
+            lay.append(state.layout(ctx.layer, ("k", "v").index(ctx.kind), ctx.tokens - skip))
+        except CodecError as err:
+            raise CodecError(str(err), index=i) from None
+    streams = [split[i][2].stream for i in order]
+    counts = [la.symbols for la in lay]
+    try:
+        rans_decode.check_streams([(np.zeros(c, np.uint8), st) for c, st in zip(counts, streams)])
+    except rans.StreamError as err:
+        raise CodecError(str(err), index=order[err.index]) from None
+    batch = rans_decode.upload(state.tables, counts, streams)
+    cat = (lambda parts, dtype: torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=device))
+    table_ids = cat([la.table_ids for la in lay], torch.uint8)
+    symbols, status = rans_decode.launch(state.tables, table_ids, batch)
+    symbols = symbols.to(torch.int32) & 0xFFFF
+    # Escapes: each escape symbol takes `m` values from the batch's escape array, in stream order.
+    is_esc = symbols == cat([la.esc_code for la in lay], torch.int32)
+    width = torch.where(is_esc, cat([la.widths for la in lay], torch.int32), 0).to(torch.int64)
+    ends = torch.cumsum(width, 0)
+    bounds = torch.tensor(np.cumsum(counts, dtype=np.int64), device=device)
+    at_end = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), ends])[bounds]
+    escaped = torch.diff(at_end, prepend=torch.zeros(1, dtype=torch.int64, device=device))
+    host = torch.cat([status.to(torch.int64).reshape(-1), escaped]).cpu().numpy()
+    try:
+        rans_decode.check_status(host[: 2 * len(order)].reshape(-1, 2), batch.words_per_stream)
+    except rans.StreamError as err:
+        raise CodecError(str(err), index=order[err.index]) from None
+    values = []
+    for k, i in enumerate(order):
+        try:
+            values.append(escape_values(split[i][2], int(host[2 * len(order) + k])))
+        except CodecError as err:
+            raise CodecError(str(err), index=i) from None
+    esc_all = torch.from_numpy(np.concatenate(values + [np.zeros(1, np.int32)])).to(device)
+    offsets = ends - width  # the first escape value of each symbol, in the batch's escape array
+    sym_pos = 0
+    for run in _runs(order, lay, segments, split):
+        la, first = lay[run[0]], order[run[0]]
+        ctx, skip = segments[first][0], split[first][1]
+        ns, span = len(run), la.symbols * len(run)
+        sym = symbols[sym_pos : sym_pos + span].view(ns, la.symbols)
+        esc = is_esc[sym_pos : sym_pos + span].view(ns, la.symbols)
+        off = offsets[sym_pos : sym_pos + span].view(ns, la.symbols)
+        sym_pos += span
+        if la.tokens:
+            q = torch.empty((ctx.heads * ctx.dim, ns, la.tokens), dtype=torch.int32, device=device)
+            for start, n, m, rows, digits in la.groups:
+                tuples = digits[sym[:, start : start + n].long()]  # (ns, n, m); an escape's row is a placeholder
+                at = (off[:, start : start + n, None] + torch.arange(m, device=device)).clamp_(max=len(esc_all) - 1)
+                tuples = torch.where(esc[:, start : start + n, None], esc_all[at], tuples)
+                q[rows] = tuples.reshape(ns, len(rows), -1)[:, :, : la.tokens].transpose(0, 1)
+            kind = ("k", "v").index(ctx.kind)
+            center, step = (t.to(device) for t in decoder._tensors[(ctx.layer, kind)])
+            freq = decoder._freq(ctx.layer, kind)
+            dequantize_rotate(q.view(ctx.heads, ctx.dim, ns * la.tokens), center, step, freq,
+                              ctx.token_start + skip, out=_joined([segments[order[r]][2][:, skip:] for r in run]))
+    for i, (ctx, data, out) in enumerate(segments):
+        skip, coded = split[i][1], split[i][2]
+        if skip:
+            sink_ctx = SegmentContext(ctx.kind, ctx.layer, ctx.token_start, ctx.heads, skip, ctx.dim, ctx.dtype)
+            out[:, :skip].copy_(bytes_to_tensor(bytes(data[coded.end :]), sink_ctx))
+
+
+def _runs(order, lay, segments, split) -> list[list[int]]:
+    """Positions in `order` grouped into runs: one layout, consecutive tokens, adjacent outputs."""
+    runs: list[list[int]] = []
+    for k, i in enumerate(order):
+        if runs:
+            p = order[runs[-1][-1]]
+            prev, cur = segments[p], segments[i]
+            if (lay[runs[-1][-1]] is lay[k] and split[i][1] == 0
+                    and _adjacent(prev[2][:, split[p][1]:], cur[2])):
+                runs[-1].append(k)
+                continue
+        runs.append([k])
+    return runs
+
+
+def _adjacent(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether b's tokens follow a's in the same storage, with the same strides (one view can span both)."""
+    return (a.stride() == b.stride() and a.shape[0] == b.shape[0] and a.shape[2] == b.shape[2]
+            and b.data_ptr() == a.data_ptr() + a.shape[1] * a.stride(1) * a.element_size())
+
+
+def _joined(views: list[torch.Tensor]) -> torch.Tensor:
+    """One (heads, tokens, dim) view over adjacent views (checked by _adjacent)."""
+    first = views[0]
+    if len(views) == 1:
+        return first
+    return first.as_strided((first.shape[0], sum(v.shape[1] for v in views), first.shape[2]), first.stride())
