@@ -140,18 +140,18 @@ def check_finite(kv: KVCache, quality: str, where: str) -> None:
 
 
 def encode_cache(kv: KVCache, lm_identity: dict, codec: Codec, chunk_tokens: int,
-                 extra: dict | None = None) -> tuple[dict, list[format.SegmentData]]:
+                 extra: dict | None = None, backend: str = "torch") -> tuple[dict, list[format.SegmentData]]:
     """kvfile.encode, with the codec's refusals (values it cannot store, or whose file its reader would refuse)
     reported as the input problem they are."""
     try:
-        return kvfile.encode(kv, lm_identity, codec, chunk_tokens, extra)
+        return kvfile.encode(kv, lm_identity, codec, chunk_tokens, extra, backend)
     except CodecError as err:
         raise InputError(f"cannot store this cache with codec {codec.name}: {err}") from None
 
 
 def write_cache(out: str, kv: KVCache, lm_identity: dict, codec: Codec, chunk_tokens: int,
-                extra: dict | None = None) -> int:
-    meta, parts = encode_cache(kv, lm_identity, codec, chunk_tokens, extra)
+                extra: dict | None = None, backend: str = "torch") -> int:
+    meta, parts = encode_cache(kv, lm_identity, codec, chunk_tokens, extra, backend)
     return format.write_kvc(out, meta, parts)
 
 
@@ -164,9 +164,9 @@ def checked_ids(lm: models.LoadedModel, doc: inference.Document) -> list[int]:
 
 
 def prefill_document(doc: inference.Document, ids: list[int], lm: models.LoadedModel, codec: Codec,
-                     chunk_tokens: int, out: str) -> tuple[KVCache, int]:
+                     chunk_tokens: int, out: str, backend: str = "torch") -> tuple[KVCache, int]:
     kv = inference.prefill(lm, ids)
-    size = write_cache(out, kv, lm.identity, codec, chunk_tokens, provenance(doc))
+    size = write_cache(out, kv, lm.identity, codec, chunk_tokens, provenance(doc), backend)
     return kv, size
 
 
@@ -178,7 +178,7 @@ def check_shapes(kv: KVCache, lm: models.LoadedModel, where: str) -> None:
 
 
 def load_composed(opened: list[tuple[format.ByteSource, format.Header]], lm: models.LoadedModel,
-                  recompute_fraction: float = 0.0) -> KVCache:
+                  recompute_fraction: float = 0.0, backend: str = "torch") -> KVCache:
     """Opened files joined in order into one context, as if their documents had been concatenated
     (kvcli/compose.py), with a fraction of its tokens recomputed. Every file is checked against the model, and
     the composed length against its context, before any is decoded; one file and no recomputation is load_cache."""
@@ -192,6 +192,6 @@ def load_composed(opened: list[tuple[format.ByteSource, format.Header]], lm: mod
         compose.plan_composition(lm, [header.token_ids for _, header in opened], names)
     if recompute_fraction:
         compose.check_recomputable(lm)
-    caches = [load_cache(src, header, lm).kv for src, header in opened]
+    caches = [load_cache(src, header, lm, backend).kv for src, header in opened]
     kv = compose.compose_caches(lm, caches, names)
     return compose.recompute_tokens(lm, kv, recompute_fraction).kv
