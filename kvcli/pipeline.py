@@ -90,12 +90,14 @@ def check_layout(layers: list[format.LayerShape], token_ids: list[int], lm: mode
     inference.check_length(lm, len(token_ids), f"{where}: the cached context")
 
 
-def load_cache(src: format.ByteSource, header: format.Header, lm: models.LoadedModel) -> CacheFile:
-    """Verify and decode an opened file for `lm`, refusing caches made by any other model, before decoding."""
+def load_cache(src: format.ByteSource, header: format.Header, lm: models.LoadedModel,
+               backend: str = "torch") -> CacheFile:
+    """Verify and decode an opened file for `lm` onto the model's device, refusing caches made by any other
+    model, before decoding."""
     where = getattr(src, "path", "<input>")
     check_identity(header, lm, where)
     check_layout(header.layers, header.token_ids, lm, where)
-    kv = kvfile.decode(src, header)
+    kv = kvfile.decode(src, header, device=next(lm.model.parameters()).device, backend=backend)
     if kv.dtype != lm.model.dtype:
         kv = KVCache(kv.token_ids, [k.to(lm.model.dtype) for k in kv.keys], [v.to(lm.model.dtype) for v in kv.values])
     return CacheFile(header, kv)
