@@ -1,8 +1,9 @@
 """Rate-distortion of kvcli's presets against baseline codecs, all measured in one run.
 
-    python bench/rate_distortion.py [--corpus DIR] [--plot rd.png] [--codecs NAME ...] [--documents N]
+    python bench/rate_distortion.py [--model M] [--profile auto|none|PATH] [--corpus DIR] [--plot rd.png]
+                                    [--codecs NAME ...] [--documents N]
 
-Protocol (issue "The CacheGen-style lossy codec"): default model in float32; prefix = the first 2,048 tokens of
+Protocol (issue "The CacheGen-style lossy codec"): the model (default: the bundled one) in float32; prefix = the first 2,048 tokens of
 each document, exact cache as the reference; the next 128 tokens teacher-forced; top-1 agreement and dNLL over
 those positions; greedy continuation of 64 tokens and its first divergence; bits per element from real bytes
 (for kvcli: the whole .kvc file, header and tables included). One JSON line per (document, codec), then one
@@ -20,14 +21,25 @@ import torch
 
 from baselines import registry
 from common import DEFAULT_CORPUS, corpus, emit, environment
-from kvcli import format, inference, kvfile, models, pipeline, quality
+from kvcli import format, inference, kvfile, models, pipeline, profiles, quality
+from kvcli.codecs.presets import make_codec
 from kvcli.kvcache import KVCache
+from kvcli.rope import inv_freq_per_layer
 
 KVCLI_PRESETS = ("lossless", "high", "balanced", "small")
 
 
-def measure_kvcli(lm, ref: quality.Reference, preset: str):
-    codec = pipeline.codec_for(preset, lm)
+def kvcli_codec(lm, preset: str, profile: str):
+    """auto: what `kvcli prefill` would use (a stored profile, else automatic calibration); none: uniform
+    steps; else the profile stored at that path, whatever model it names."""
+    if profile == "auto":
+        return pipeline.codec_for(preset, lm)
+    chosen = None if profile == "none" else profiles.load(Path(profile))
+    return make_codec(preset, chosen, inv_freq_per_layer(lm.model))
+
+
+def measure_kvcli(lm, ref: quality.Reference, preset: str, profile: str):
+    codec = kvcli_codec(lm, preset, profile)
     t0 = time.perf_counter()
     meta, parts = kvfile.encode(ref.kv, lm.identity, codec, 256)
     data = format.build_header(meta, parts) + b"".join(p.data for p in parts)
@@ -57,54 +69,65 @@ def measure_baseline(ref: quality.Reference, enc, dec):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="model directory or .gguf file [default: the bundled model]")
+    ap.add_argument("--profile", nargs="+", default=["auto"],
+                    help="kvcli's calibration, one or more of: auto, none, a profile's path (each its own rows)")
     ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     ap.add_argument("--plot", type=Path, help="write a PNG of bits/element against top-1 agreement")
     ap.add_argument("--codecs", nargs="*", help="subset of codecs to run (kvcli:PRESET or a baseline name)")
     ap.add_argument("--documents", type=int, default=0, help="only the first N documents")
+    ap.add_argument("--greedy-tokens", type=int, default=64, help="greedy continuation length; 0 skips it")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    lm = models.load(None, "float32")
-    env = environment()
-    layers = lm.model.config.num_hidden_layers
-    codecs = [f"kvcli:{p}" for p in KVCLI_PRESETS] + list(registry(layers))
+    lm = models.load(args.model, "float32")
+    env = {**environment(), "model": lm.name}
+    layers = lm.model.config.get_text_config(decoder=True).num_hidden_layers
+    names = [f"kvcli:{p}" for p in KVCLI_PRESETS] + list(registry(layers))
     if args.codecs:
-        codecs = [c for c in codecs if c in args.codecs]
+        names = [c for c in names if c in args.codecs]
+    # (label, codec, profile): kvcli's presets once per profile, labelled by it when there are several.
+    runs = [(name if len(args.profile) == 1 else f"{name}[{Path(prof).stem}]", name, prof)
+            for name in names if name.startswith("kvcli:") for prof in args.profile]
+    runs += [(name, name, None) for name in names if not name.startswith("kvcli:")]
     docs = corpus(args.corpus)[: args.documents or None]
-    rows: dict[str, list[dict]] = {c: [] for c in codecs}
+    rows: dict[str, list[dict]] = {label: [] for label, _, _ in runs}
     for doc in docs:
         ids = inference.document_ids(lm, doc.read_text())
         ref = quality.reference(lm, ids)
-        exact_greedy = quality.greedy_continuation(lm, ref, ref.kv)
+        exact_greedy = quality.greedy_continuation(lm, ref, ref.kv, args.greedy_tokens) if args.greedy_tokens else None
         elements = sum(k.numel() + v.numel() for k, v in zip(ref.kv.keys, ref.kv.values))
-        for name in codecs:
-            if name.startswith("kvcli:"):
-                size, enc_s, dec_s, decoded = measure_kvcli(lm, ref, name.split(":", 1)[1])
+        for label, name, prof in runs:
+            if prof is not None:
+                size, enc_s, dec_s, decoded = measure_kvcli(lm, ref, name.split(":", 1)[1], prof)
             else:
                 enc, dec = registry(layers)[name]
                 size, enc_s, dec_s, decoded = measure_baseline(ref, enc, dec)
             agree = quality.compare(lm, ref, decoded)
-            diverge = quality.first_divergence(exact_greedy, quality.greedy_continuation(lm, ref, decoded))
-            row = {"what": "rate_distortion", "document": doc.name, "codec": name, "tokens": ref.kv.num_tokens,
-                   "bits_per_element": round(8 * size / elements, 4), "bytes": size, "top1": round(agree.top1, 4),
-                   "dnll": round(agree.dnll, 5), "kl": round(agree.kl, 6), "first_divergence": diverge,
-                   "encode_elements_per_s": round(elements / enc_s), "decode_elements_per_s": round(elements / dec_s)}
-            rows[name].append(row)
+            diverge = quality.first_divergence(exact_greedy, quality.greedy_continuation(
+                lm, ref, decoded, args.greedy_tokens)) if exact_greedy else None
+            row = {"what": "rate_distortion", "document": doc.name, "codec": label, "profile": prof,
+                   "tokens": ref.kv.num_tokens, "bits_per_element": round(8 * size / elements, 4), "bytes": size,
+                   "top1": round(agree.top1, 4), "dnll": round(agree.dnll, 5), "kl": round(agree.kl, 6),
+                   "first_divergence": diverge, "encode_elements_per_s": round(elements / enc_s),
+                   "decode_elements_per_s": round(elements / dec_s)}
+            rows[label].append(row)
             emit({**row, **env})
     summary = []
-    for name, rs in rows.items():
+    for label, rs in rows.items():
         if not rs:
             continue
-        mean = {k: round(statistics.mean(r[k] for r in rs), 5) for k in
-                ("bits_per_element", "top1", "dnll", "kl", "first_divergence")}
+        mean = {k: round(statistics.mean(r[k] for r in rs), 5) for k in ("bits_per_element", "top1", "dnll", "kl")
+                + (("first_divergence",) if args.greedy_tokens else ())}
         speed = {k: round(statistics.median(r[k] for r in rs)) for k in ("encode_elements_per_s", "decode_elements_per_s")}
-        line = {"what": "rate_distortion_summary", "codec": name, "documents": len(rs), **mean, **speed, **env}
+        line = {"what": "rate_distortion_summary", "codec": label, "profile": rs[0]["profile"], "documents": len(rs),
+                **mean, **speed, **env}
         summary.append(line)
         emit(line)
     if args.plot:
-        plot(summary, args.plot)
+        plot(summary, args.plot, lm.name)
 
 
-def plot(summary: list[dict], path: Path) -> None:
+def plot(summary: list[dict], path: Path, model: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,7 +141,7 @@ def plot(summary: list[dict], path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("bits per element (log scale, real file bytes)")
     ax.set_ylabel("top-1 agreement with the exact cache")
-    ax.set_title("SmolLM2-135M, 2,048-token prefixes, mean over the corpus")
+    ax.set_title(f"{model}, 2,048-token prefixes, mean over the corpus")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,28 +1,41 @@
 """`kvcli calibrate`: measure where a model is sensitive to cache loss, once, and keep it as a profile.
 
-Two measurements on calibration text (docs/codec.md, "Calibration"):
+Every measurement runs on calibration text with the quality protocol (docs/codec.md, "Calibration"):
 - key channel weights: the mean squared pre-RoPE query per channel, averaged over the query heads that share
   a KV head and over both channels of a rotary pair. A key error in channel c moves attention scores by
   q_c * error, so the codec gives channel c a step proportional to weight ** -1/2.
 - sensitivity per (layer, K/V, head): the KL divergence of the continuation when only that head of that
   layer's K or V is quantized coarsely (step = the head's RMS). Steps are then set proportional to
   sensitivity ** -1/2, which equalizes each place's marginal cost in KL per bit.
+
+Two methods measure the sensitivity. `probes` quantizes each head on its own and runs the continuation: exact,
+and one pass per (layer, K/V, head). `fisher` (the default) predicts every head's KL from the empirical Fisher
+information of the continuation (squared gradients of its log-likelihood, next tokens sampled from the model,
+a few backward passes), times the coarse quantization's squared error; then it measures the real KL of a few
+blocks of layers at once and scales each block's predictions to it, because the local estimate misses how
+nonlinear the model's response is, and by how much differs with depth and between keys and values.
 """
 
 from __future__ import annotations
 
+import sys
+import time
 from importlib import resources
 
 import numpy as np
 import torch
 
-from . import inference, quality
+from . import inference, profiles, quality
 from .codecs import KvqCodec, Profile
-from .kvcache import KVCache
+from .kvcache import KVCache, to_model_cache
 from .models import LoadedModel
 from .rope import inv_freq_per_layer
 
 COARSE_SCALE = 1.0
+METHODS = ("fisher", "probes")
+FISHER_GROUPS = 4  # backward passes per text, each over a quarter of the continuation's positions
+BLOCKS = 6  # blocks of adjacent layers whose joint KL sets the level of the Fisher predictions
+SEED = 0
 
 
 def default_texts() -> list[tuple[str, str]]:
@@ -38,27 +51,28 @@ def _attention_modules(lm: LoadedModel) -> list:
     return [getattr(layer, "self_attn", None) for layer in layers]
 
 
-@torch.inference_mode()
-def key_weights(lm: LoadedModel, ids: list[int]) -> list[np.ndarray] | None:
-    """Per layer (kv_heads, head_dim) mean squared query, or None if the model's queries cannot be reached."""
+def reference_and_key_weights(lm: LoadedModel, ids: list[int], prefix: int) -> tuple[quality.Reference, list | None]:
+    """The quality reference of a text and, from its prefill, per layer (kv_heads, head_dim) mean squared
+    query, or None if the model's queries cannot be reached."""
     cfg = lm.model.config.get_text_config(decoder=True)
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     modules = _attention_modules(lm)
     if not modules or any(m is None or not hasattr(m, "q_proj") for m in modules):
-        return None
-    captured: list[torch.Tensor] = [None] * len(modules)
+        return quality.reference(lm, ids, prefix), None
+    captured: list[torch.Tensor | None] = [None] * len(modules)
     hooks = []
     for i, attn in enumerate(modules):
         # Queries after their norm where the model has one (Gemma 3, Qwen 3): that is what meets the keys.
         target = getattr(attn, "q_norm", None) or attn.q_proj
 
         def hook(_mod, _inp, out, i=i):
-            captured[i] = out.detach().float().reshape(-1, heads, dim).pow(2).mean(0)
+            if captured[i] is None:  # the prefill's queries, not the continuation's
+                captured[i] = out.detach().float().reshape(-1, heads, dim).pow(2).mean(0).cpu()
 
         hooks.append(target.register_forward_hook(hook))
     try:
-        inference.prefill(lm, ids)
+        ref = quality.reference(lm, ids, prefix)
     finally:
         for h in hooks:
             h.remove()
@@ -68,11 +82,18 @@ def key_weights(lm: LoadedModel, ids: list[int]) -> list[np.ndarray] | None:
         half = dim // 2
         pair = (per_kv[:, :half] + per_kv[:, half:]) / 2
         weights.append(torch.cat([pair, pair], -1).numpy().astype(np.float64))
-    return weights
+    return ref, weights
+
+
+def coarse_cache(kv: KVCache, probe: KvqCodec) -> KVCache:
+    """Every layer's K and V quantized at the probe's step: the perturbation each sensitivity describes."""
+    keys = [probe.roundtrip(x.cpu(), layer, 0, kv.token_start(layer)).to(x.device) for layer, x in enumerate(kv.keys)]
+    values = [probe.roundtrip(x.cpu(), layer, 1, kv.token_start(layer)).to(x.device) for layer, x in enumerate(kv.values)]
+    return KVCache(kv.token_ids, keys, values)
 
 
 @torch.inference_mode()
-def sensitivity(lm: LoadedModel, ref: quality.Reference, probe: KvqCodec, progress=None) -> np.ndarray:
+def probe_sensitivity(lm: LoadedModel, ref: quality.Reference, coarse: KVCache, progress=None) -> np.ndarray:
     """(layers, 2, kv_heads): KL of the continuation with one head of one layer's K or V coarsely quantized."""
     kv = ref.kv
     heads = kv.keys[0].shape[0]
@@ -80,34 +101,136 @@ def sensitivity(lm: LoadedModel, ref: quality.Reference, probe: KvqCodec, progre
     for layer in range(kv.num_layers):
         for kind in range(2):
             exact = (kv.keys if kind == 0 else kv.values)[layer]
-            coarse = probe.roundtrip(exact, layer, kind, kv.token_start(layer))
+            rough = (coarse.keys if kind == 0 else coarse.values)[layer]
             for head in range(heads):
                 keys, values = list(kv.keys), list(kv.values)
-                target = keys if kind == 0 else values
                 mixed = exact.clone()
-                mixed[head] = coarse[head]
-                target[layer] = mixed
-                out[layer, kind, head] = max(quality.compare(lm, ref, KVCache(kv.token_ids, keys, values)).kl, 0.0)
+                mixed[head] = rough[head]
+                (keys if kind == 0 else values)[layer] = mixed
+                out[layer, kind, head] = _kl(lm, ref, KVCache(kv.token_ids, keys, values))
                 if progress:
                     progress()
     return out
 
 
+def fisher_sensitivity(lm: LoadedModel, ref: quality.Reference, coarse: KVCache, groups: int = FISHER_GROUPS,
+                       seed: int = SEED, progress=None) -> np.ndarray:
+    """(layers, 2, kv_heads): each head's KL under the coarse quantization as the local (second-order) model
+    predicts it: half the squared quantization error weighted by the diagonal Fisher information.
+
+    The Fisher information is that of the continuation's next-token distributions with respect to the cached
+    K and V, estimated from squared gradients of the log-likelihood of tokens sampled from the model itself;
+    positions are split into `groups`, one backward pass each, since squaring a sum over all positions adds
+    cross terms that are zero only on average."""
+    kv = ref.kv
+    layers = kv.num_layers
+    errors = [[((coarse.keys if kind == 0 else coarse.values)[layer] - (kv.keys if kind == 0 else kv.values)[layer])
+               .float().pow(2) for kind in range(2)] for layer in range(layers)]
+    # Clones, because the prefill's tensors were made under inference mode and cannot join a graph.
+    keys = [k.clone().requires_grad_() for k in kv.keys]
+    values = [v.clone().requires_grad_() for v in kv.values]
+    out = np.zeros((layers, 2, kv.keys[0].shape[0]))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.enable_grad():
+        cache = to_model_cache(KVCache(kv.token_ids, keys, values), lm.model)
+        logp = inference._forward(lm, ref.feed, cache).float().log_softmax(-1)
+        sampled = torch.multinomial(logp.detach().exp().cpu(), 1, generator=generator)[:, 0].to(logp.device)
+        loglik = logp.gather(1, sampled[:, None])[:, 0]
+        n = len(loglik)
+        bounds = np.linspace(0, n, min(groups, n) + 1).astype(int)
+        for g, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            grads = torch.autograd.grad(loglik[lo:hi].sum(), keys + values, retain_graph=g < len(bounds) - 2)
+            for layer in range(layers):
+                for kind in range(2):
+                    grad = grads[layer if kind == 0 else layers + layer].float()
+                    out[layer, kind] += (grad.pow(2) * errors[layer][kind]).sum((1, 2)).cpu().numpy()
+            if progress:
+                progress()
+    return out / (2 * n)  # KL is a mean over positions
+
+
+def blocks_of(layers: int, blocks: int = BLOCKS) -> list[range]:
+    bounds = np.linspace(0, layers, min(blocks, layers) + 1).astype(int)
+    return [range(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+@torch.inference_mode()
+def block_kl(lm: LoadedModel, ref: quality.Reference, coarse: KVCache, blocks: list[range], progress=None) -> np.ndarray:
+    """(blocks, 2): KL of the continuation with all heads of a block of layers' K (or V) coarsely quantized."""
+    kv = ref.kv
+    out = np.zeros((len(blocks), 2))
+    for b, block in enumerate(blocks):
+        for kind in range(2):
+            keys, values = list(kv.keys), list(kv.values)
+            target, source = (keys, coarse.keys) if kind == 0 else (values, coarse.values)
+            for layer in block:
+                target[layer] = source[layer]
+            out[b, kind] = _kl(lm, ref, KVCache(kv.token_ids, keys, values))
+            if progress:
+                progress()
+    return out
+
+
+def scale_to_blocks(predicted: np.ndarray, measured: np.ndarray, blocks: list[range]) -> np.ndarray:
+    """Predicted per-head KLs, scaled per (block, K/V) so that they sum to the block's measured KL."""
+    out = predicted.copy()
+    for b, block in enumerate(blocks):
+        for kind in range(2):
+            total = predicted[block.start : block.stop, kind].sum()
+            if total > 0 and measured[b, kind] > 0:
+                out[block.start : block.stop, kind] *= measured[b, kind] / total
+    return out
+
+
+def _kl(lm: LoadedModel, ref: quality.Reference, kv: KVCache) -> float:
+    return max(quality.compare(lm, ref, kv).kl, 0.0)
+
+
+def passes(lm: LoadedModel, texts: int, method: str) -> int:
+    """How many progress steps `calibrate` reports."""
+    cfg = lm.model.config.get_text_config(decoder=True)
+    if method == "probes":
+        return texts * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads
+    return texts * (FISHER_GROUPS + 2 * len(blocks_of(cfg.num_hidden_layers)))
+
+
 def calibrate(lm: LoadedModel, texts: list[tuple[str, str]], prefix: int = quality.PREFIX_TOKENS,
-              progress=None) -> tuple[Profile, dict]:
-    docs = [inference.document_ids(lm, text) for _, text in texts]
+              method: str = "fisher", progress=None) -> tuple[Profile, dict]:
+    if method not in METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
+    inv_freq = inv_freq_per_layer(lm.model)
     weights = None
     per_doc = []
-    for ids in docs:
-        ref = quality.reference(lm, ids, prefix)
-        w = key_weights(lm, ref.kv.token_ids)
+    for _, text in texts:
+        ref, w = reference_and_key_weights(lm, inference.document_ids(lm, text), prefix)
         weights = w if weights is None else [a + b for a, b in zip(weights, w)] if w else None
-        probe = KvqCodec(COARSE_SCALE, profile=Profile("probe", np.ones((ref.kv.num_layers, 2)), w),
-                         inv_freq=inv_freq_per_layer(lm.model))
-        per_doc.append(sensitivity(lm, ref, probe, progress))
+        probe = KvqCodec(COARSE_SCALE, profile=Profile("probe", np.ones((ref.kv.num_layers, 2)), w), inv_freq=inv_freq)
+        coarse = coarse_cache(ref.kv, probe)
+        if method == "probes":
+            per_doc.append(probe_sensitivity(lm, ref, coarse, progress))
+        else:
+            blocks = blocks_of(ref.kv.num_layers)
+            predicted = fisher_sensitivity(lm, ref, coarse, progress=progress)
+            per_doc.append(scale_to_blocks(predicted, block_kl(lm, ref, coarse, blocks, progress), blocks))
     if weights is not None:
-        weights = [w / len(docs) for w in weights]
+        weights = [w / len(texts) for w in weights]
     profile = Profile(f"{lm.name}", np.mean(per_doc, axis=0), weights)
-    details = {"texts": [name for name, _ in texts], "prefix_tokens": prefix,
+    details = {"texts": [name for name, _ in texts], "prefix_tokens": prefix, "method": method,
                "continuation_tokens": quality.CONTINUATION_TOKENS, "coarse_scale": COARSE_SCALE}
+    if method == "fisher":
+        details.update(fisher_groups=FISHER_GROUPS, blocks=len(blocks_of(len(per_doc[0]))), seed=SEED)
     return profile, details
+
+
+def find_or_calibrate(lm: LoadedModel) -> Profile | None:
+    """The model's stored profile; without one, calibrate now (once: the profile is stored under the user's
+    profile directory, keyed by the model's identity), unless automatic calibration is turned off."""
+    found = profiles.find(lm.identity)
+    if found is not None or not profiles.auto_calibrate():
+        return found
+    t0 = time.perf_counter()
+    profile, details = calibrate(lm, default_texts())
+    path = profiles.save(profile, lm.identity, details)
+    print(f"kvcli: calibrated {lm.name} for lossy presets in {time.perf_counter() - t0:.0f} s, once: stored in "
+          f"{path} (set {profiles.AUTO_CALIBRATE_ENV}=0 to skip)", file=sys.stderr)
+    return profiles.load(path)  # as stored: rounded, as every later run will read it

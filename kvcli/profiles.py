@@ -3,13 +3,16 @@
 Lookup order for a model: the user's profile directory ($KVCLI_CACHE_DIR/profiles, written by
 `kvcli calibrate`), then the profiles shipped inside kvcli. A profile matches a model by its config and
 weights digests (docs/format.md, "Model identity"), so a re-saved or resharded copy of a model still finds its
-profile. With none found, the codec falls back to uniform steps (docs/codec.md, "Profiles").
+profile. With none found, the first lossy encode calibrates the model (kvcli.calibrate.find_or_calibrate) and
+stores the result in the user's directory; with KVCLI_AUTO_CALIBRATE=0 it falls back to uniform steps instead
+(docs/codec.md, "Calibration and profiles").
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -21,10 +24,16 @@ from .errors import FormatError
 
 PROFILE_FORMAT = "kvcli-profile"
 PROFILE_VERSION = 1
+AUTO_CALIBRATE_ENV = "KVCLI_AUTO_CALIBRATE"
 
 
 def profile_key(model_identity: dict) -> str:
     return hashlib.sha256((model_identity["config_digest"] + model_identity["weights_digest"]).encode()).hexdigest()[:24]
+
+
+def auto_calibrate() -> bool:
+    """Whether a lossy encode for a model without a profile may calibrate it first (on unless set to 0)."""
+    return os.environ.get(AUTO_CALIBRATE_ENV, "1").strip() != "0"
 
 
 def user_dir() -> Path:

@@ -14,6 +14,7 @@ def calibrate(
     model: Optional[str] = ModelOpt,
     text: Optional[list[str]] = typer.Option(None, "--text", "-t", help="Calibration document (repeatable) [default: the two bundled texts]"),
     out: Optional[str] = typer.Option(None, "--output", "-o", help="Write the profile here instead of the profile directory"),
+    method: str = typer.Option("fisher", "--method", help="fisher (a few passes per text) or probes (one pass per head: slow, the reference)"),
     as_json: bool = typer.Option(False, "--json", help="Print the profile's summary as JSON"),
 ) -> None:
     """Measure MODEL's sensitivity to cache loss once; lossy presets then use the stored profile."""
@@ -23,22 +24,24 @@ def calibrate(
 
     from .. import calibrate as calib
     from .. import inference, models, profiles
+    from ..errors import UsageError
     from .common import check_output
 
+    if method not in calib.METHODS:
+        raise UsageError(f"--method must be one of {', '.join(calib.METHODS)}, not {method!r}")
     if out is not None:
         check_output(out, text or [], binary=False)
     texts = [(t, inference.read_document(t).text) for t in text] if text else calib.default_texts()
     lm = models.load(model, "float32")
-    cfg = lm.model.config.get_text_config(decoder=True)
-    layers = cfg.num_hidden_layers
+    layers = lm.model.config.get_text_config(decoder=True).num_hidden_layers
     with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
-        task = bar.add_task("calibrating", total=2 * layers * cfg.num_key_value_heads * len(texts))
-        profile, details = calib.calibrate(lm, texts, progress=lambda: bar.advance(task))
+        task = bar.add_task("calibrating", total=calib.passes(lm, len(texts), method))
+        profile, details = calib.calibrate(lm, texts, method=method, progress=lambda: bar.advance(task))
     path = profiles.save(profile, lm.identity, details, Path(out) if out else None)
     profile = profiles.load(path)  # as stored: the digest must describe the rounded numbers the codec will use
     s = profile.sensitivity
     summary = {"profile": str(path), "name": profile.name, "digest": profile.digest(), "layers": layers,
-               "sensitivity_range": [float(s.min()), float(s.max())], "texts": details["texts"]}
+               "sensitivity_range": [float(s.min()), float(s.max())], "texts": details["texts"], "method": method}
     if as_json:
         emit_json(summary)
     else:
