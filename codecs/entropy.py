@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import zstandard
 
-from . import rans
+from . import _ans, rans
 from .base import CodecError, unzstd
 
 MIN_CLASS, MAX_CLASS = -12, 16  # class c holds channels whose symbol std is about 2 ** (c / 2)
@@ -88,8 +88,11 @@ class Limits:
 
 
 def limits(groups: list[Group], tokens: int, sink_bytes: int) -> Limits:
-    symbols = sum(g.tuples(tokens) for g in groups) if tokens else 0
-    escape_values = sum(g.tuples(tokens) * class_layout(g.cls)[1] for g in groups) if tokens else 0
+    symbols = escape_values = 0
+    for g in groups:  # once per segment: one pass
+        m = class_layout(g.cls)[1]
+        n = len(g.rows) * -(-tokens // m)
+        symbols, escape_values = symbols + n, escape_values + n * m
     return Limits(symbols, rans.lanes_for(symbols), symbols, escape_values, sink_bytes)
 
 
@@ -125,16 +128,6 @@ def to_tuples(rows: np.ndarray, half: int, m: int) -> tuple[np.ndarray, np.ndarr
     return symbols, tuples[escaped].reshape(-1)
 
 
-def from_tuples(symbols: np.ndarray, escapes: np.ndarray, n: int, tokens: int, half: int, m: int) -> np.ndarray:
-    """The inverse of to_tuples: (n, tokens) int32 rows. `escapes` holds exactly m values per escape symbol."""
-    escaped = symbols == (2 * half + 1) ** m
-    tuples = np.take(_digits_table(half, m), symbols, axis=0)  # the escape row is a placeholder
-    if escapes.size:
-        tuples[escaped] = escapes.reshape(-1, m)
-    width = -(-tokens // m) * m
-    return tuples.reshape(n, width)[:, :tokens]
-
-
 @functools.lru_cache(maxsize=64)
 def _digits_table(half: int, m: int) -> np.ndarray:
     """Row s holds the m values that joint symbol s stands for; one extra row for the escape symbol."""
@@ -158,6 +151,32 @@ class ClassTables:
             return self.classes.index(cls)
         except ValueError:
             raise CodecError(f"no entropy table for class {cls}") from None
+
+    @functools.cached_property
+    def digits(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every class's _digits_table, concatenated (int32), and where each starts (int64): for _ans.expand."""
+        tables = [_digits_table(*class_layout(cls)).reshape(-1) for cls in self.classes]
+        starts = np.cumsum([0] + [len(t) for t in tables[:-1]]) if tables else np.zeros(0)
+        return np.concatenate(tables + [np.zeros(0, np.int32)]), np.asarray(starts, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a segment of `tokens` coded tokens lays out its symbols: for the C coder, per symbol its table
+    (uint16), per group (table, channels, half range, tuple length) (int64), and the groups' channels in order."""
+
+    ids: np.ndarray
+    spec: np.ndarray
+    rows: np.ndarray
+
+    @classmethod
+    def of(cls, groups: list[Group], tokens: int, tables: ClassTables) -> "Layout":
+        """CodecError if a class has no table (coverage)."""
+        index = [tables.index(g.cls) for g in groups]
+        spec = np.array([(k, len(g.rows), *class_layout(g.cls)) for k, g in zip(index, groups)], np.int64)
+        ids = np.repeat(np.array(index, np.uint16), [g.tuples(tokens) for g in groups])
+        rows = np.concatenate([g.rows for g in groups] + [np.zeros(0, np.int64)]).astype(np.int64)
+        return cls(ids, spec.reshape(-1, 4), rows)
 
 
 def fit_tables(samples: dict[int, list[np.ndarray]]) -> ClassTables:
@@ -272,49 +291,41 @@ def decode_segments(tables: ClassTables, segments: list[tuple[list[Group], int, 
 
     Raises CodecError with `.index` set to the failing segment's position in `segments`.
     """
-    jobs = []
-    for i, (groups, tokens, coded) in enumerate(segments):
-        try:  # coverage: every class of the segment's plan has a table
-            ids = [np.full(g.tuples(tokens), tables.index(g.cls), dtype=np.uint32) for g in groups]
-        except CodecError as err:
-            raise CodecError(str(err), index=i) from None
-        jobs.append((np.concatenate(ids) if ids else np.zeros(0, np.uint32), coded.stream))
+    layouts: dict[tuple[int, int], Layout] = {}  # segments of one plan and length share a layout
+    for i, (groups, tokens, _) in enumerate(segments):
+        key = (id(groups), tokens)
+        if key not in layouts:
+            try:
+                layouts[key] = Layout.of(groups, tokens, tables)
+            except CodecError as err:
+                raise CodecError(str(err), index=i) from None
     try:
-        symbols = rans.decode_streams(tables.coder, jobs)
+        symbols = rans.decode_streams(tables.coder, [(layouts[(id(g), n)].ids, coded.stream) for g, n, coded in segments])
     except rans.StreamError as err:
         raise CodecError(str(err), index=getattr(err, "index", None)) from None
     out = []
     for i, ((groups, tokens, coded), sym) in enumerate(zip(segments, symbols)):
+        lay = layouts[(id(groups), tokens)]
         try:
-            out.append(_rows(groups, tokens, coded, sym))
+            values = escape_values(coded, _ans.count_escapes(sym, lay.spec, lay.rows, tokens))
         except CodecError as err:
             raise CodecError(str(err), index=i) from None
+        rows = np.empty((len(lay.rows), tokens), dtype=np.int32)  # the groups cover every channel
+        _ans.expand(sym, lay.spec, lay.rows, tokens, *tables.digits, values, rows)
+        out.append(rows)
     return out
 
 
-def _rows(groups: list[Group], tokens: int, coded: Coded, symbols: np.ndarray) -> np.ndarray:
-    channels = sum(len(g.rows) for g in groups)
-    rows = np.empty((channels, tokens), dtype=np.int32)
-    pieces, escaped = [], 0
-    pos = 0
-    for g in groups:
-        half, m = class_layout(g.cls)
-        sym = symbols[pos : pos + g.tuples(tokens)]
-        pos += len(sym)
-        pieces.append((g, sym, escaped))
-        escaped += int(np.count_nonzero(sym == (2 * half + 1) ** m)) * m
+def escape_values(coded: Coded, escaped: int) -> np.ndarray:
+    """The segment's escape values (int32), given how many its escape symbols stand for; CodecError unless the
+    frame holds exactly those."""
     if escaped and not coded.escape_frame:
         raise CodecError("escape symbols but no escape stream")
     if coded.escape_frame and not escaped:
         raise CodecError("an escape stream without escape symbols")
-    values = np.zeros(0, np.int32)
-    if escaped:
-        raw = unzstd(coded.escape_frame, 4 * escaped)
-        if len(raw) != 4 * escaped:
-            raise CodecError(f"escape stream holds {len(raw) // 4} values, the escape symbols need {escaped}")
-        values = np.frombuffer(raw, "<i4").astype(np.int32)
-    for i, (g, sym, start) in enumerate(pieces):
-        half, m = class_layout(g.cls)
-        end = pieces[i + 1][2] if i + 1 < len(pieces) else escaped
-        rows[g.rows] = from_tuples(sym, values[start:end], len(g.rows), tokens, half, m)
-    return rows
+    if not escaped:
+        return np.zeros(0, np.int32)
+    raw = unzstd(coded.escape_frame, 4 * escaped)
+    if len(raw) != 4 * escaped:
+        raise CodecError(f"escape stream holds {len(raw) // 4} values, the escape symbols need {escaped}")
+    return np.frombuffer(raw, "<i4").astype(np.int32)

@@ -1,11 +1,12 @@
-"""kvcli's interleaved rANS stream (docs/codec.md, "Entropy stream"), vectorized over the lanes of many streams.
+"""kvcli's interleaved rANS stream (docs/codec.md, "Entropy stream"), coded in C over batches of streams.
 
 One stream codes a sequence of symbols, each with its own frequency table. Symbol i goes to lane i mod L and is
 decoded at step i div L. A lane's state is 32 bits in [2^16, 2^32); tables have 16-bit precision, so a decoded
 symbol leaves the state at >= 1 and one 16-bit word brings it back: at most one renormalization per symbol. At
 each step the lanes that renormalize read one word each, in ascending lane order, from the stream's one word
-array. A GPU decodes a stream with one program of L lanes (a prefix sum per step); numpy decodes thousands of
-lanes of many streams per step, which is why every function here takes a batch of streams.
+array. A GPU decodes a stream with one program of L lanes (a prefix sum per step); the C coder (codecs/_ans.c)
+runs the lanes of one stream after another without the GIL, so threads code batches in parallel. This module
+owns the constants and every check on data; the C code only refuses arrays that its caller got wrong.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _ans
+
 PRECISION_BITS = 16
 TOTAL = 1 << PRECISION_BITS  # every table's frequencies sum to exactly this
 STATE_LOW = 1 << 16  # states live in [STATE_LOW, 2**32); the encoder starts, and the decoder must end, here
@@ -21,6 +24,7 @@ WORD_BITS = 16
 WORD_MASK = (1 << WORD_BITS) - 1
 STEPS_PER_LANE = 1024  # the lane count rule: a stream of n symbols has ceil(n / STEPS_PER_LANE) lanes
 MAX_ALPHABET = 1 << 16
+_ans.check_constants(PRECISION_BITS, STATE_LOW, WORD_BITS)
 
 
 class StreamError(Exception):
@@ -52,30 +56,37 @@ class Tables:
             check_table(f, f"table {k}")
         self.count = len(freqs)
         self.freqs = [np.asarray(f, dtype=np.uint32) for f in freqs]
-        sizes = [len(f) for f in self.freqs]
-        self.base = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.uint32) if freqs else np.zeros(0, np.uint32)
-        # One extra entry past the end, the identity (freq TOTAL, cum 0), for lanes past their last symbol.
-        self.freq = np.concatenate(self.freqs + [np.array([TOTAL], np.uint32)])
-        self.cum = np.concatenate([np.cumsum(f, dtype=np.uint32) - f for f in self.freqs] + [np.zeros(1, np.uint32)])
-        self._lut: tuple[np.ndarray, np.ndarray] | None = None
+        size = np.array([len(f) for f in self.freqs], dtype=np.uint32)
+        base = (np.cumsum(size, dtype=np.uint32) - size).astype(np.uint32)
+        freq = np.concatenate(self.freqs + [np.zeros(0, np.uint32)])
+        cum = np.concatenate([np.cumsum(f, dtype=np.uint32) - f for f in self.freqs] + [np.zeros(0, np.uint32)])
+        # What the C coder reads: (freq, cum) of every symbol of every table, each table's first symbol and size.
+        self.coder_arrays = (np.stack([freq, cum], axis=1).copy(), base, size)
+        self._slots: np.ndarray | None = None
+
+    def slots(self) -> np.ndarray:
+        """The symbol of every slot of every table, uint16 (count * TOTAL); built once, by the C coder."""
+        if self._slots is None:
+            slots = np.empty(self.count * TOTAL, np.uint16)
+            _ans.fill_slots(*self.coder_arrays, slots)
+            self._slots = slots
+        return self._slots
 
     def lookup(self) -> tuple[np.ndarray, np.ndarray]:
-        """Decoding tables over (table, slot), (count + 1) * TOTAL entries each: the symbol (uint16), and
-        (slot - cum) | (freq - 1) << 16 (uint32). Row `count` is the identity, which leaves a lane unchanged.
-        Built once per file; concurrent builders would build the same arrays.
+        """The GPU decoder's tables over (table, slot), (count + 1) * TOTAL entries each: the symbol (uint16),
+        and (slot - cum) | (freq - 1) << 16 (uint32). Row `count` is the identity, which leaves a lane unchanged.
+        kernels/rans_decode.py builds them on the device; this numpy construction is their reference.
         """
-        if self._lut is None:
-            slots = np.arange(TOTAL, dtype=np.uint32)
-            syms, steps = [], []
-            for f in self.freqs:
-                sym = np.repeat(np.arange(len(f), dtype=np.uint32), f)
-                cum = np.cumsum(f, dtype=np.uint32) - f
-                syms.append(sym.astype(np.uint16))
-                steps.append((slots - cum[sym]) | ((f[sym] - 1) << 16))
-            syms.append(np.zeros(TOTAL, np.uint16))
-            steps.append(slots | np.uint32((TOTAL - 1) << 16))
-            self._lut = np.concatenate(syms), np.concatenate(steps)
-        return self._lut
+        slots = np.arange(TOTAL, dtype=np.uint32)
+        syms, steps = [], []
+        for f in self.freqs:
+            sym = np.repeat(np.arange(len(f), dtype=np.uint32), f)
+            cum = np.cumsum(f, dtype=np.uint32) - f
+            syms.append(sym.astype(np.uint16))
+            steps.append((slots - cum[sym]) | ((f[sym] - 1) << 16))
+        syms.append(np.zeros(TOTAL, np.uint16))
+        steps.append(slots | np.uint32((TOTAL - 1) << 16))
+        return np.concatenate(syms), np.concatenate(steps)
 
 
 def check_table(freq: np.ndarray, what: str) -> None:
@@ -107,100 +118,53 @@ def normalize_counts(counts: np.ndarray) -> np.ndarray:
     return freq.astype(np.uint32)
 
 
-def _layout(counts: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Per stream: lanes, steps and first global lane; and the total lane count."""
-    lanes = np.array([lanes_for(n) for n in counts], dtype=np.int64)
-    steps = np.array([-(-n // max(lane, 1)) for n, lane in zip(counts, lanes)], dtype=np.int64)
-    first = np.concatenate([[0], np.cumsum(lanes)[:-1]]).astype(np.int64)
-    return lanes, steps, first, int(lanes.sum())
+def _layout(counts: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per stream: symbols and lanes, int64."""
+    return np.array(counts, dtype=np.int64), np.array([lanes_for(n) for n in counts], dtype=np.int64)
 
 
-def _grid(values: list[np.ndarray], lanes, steps, first, total_lanes: int, fill, dtype) -> np.ndarray:
-    """(steps, lanes) matrix with stream s's values dealt round-robin onto its lanes; `fill` elsewhere."""
-    grid = np.full((int(steps.max(initial=0)), total_lanes), fill, dtype=dtype)
-    for v, lane, step, lo in zip(values, lanes, steps, first):
-        if lane:
-            block = np.full(step * lane, fill, dtype=dtype)
-            block[: len(v)] = v
-            grid[:step, lo : lo + lane] = block.reshape(step, lane)
-    return grid
+def _ids(streams) -> np.ndarray:
+    """Every stream's table indices, concatenated, as the coder's uint16 (a file has at most 2^16 tables)."""
+    return np.concatenate([np.asarray(t) for t in streams] + [np.zeros(0, np.uint16)]).astype(np.uint16, copy=False)
 
 
 def encode_streams(tables: Tables, streams: list[tuple[np.ndarray, np.ndarray]]) -> list[Stream]:
-    """Encode each (symbols, table indices) pair, all in one pass over the steps."""
-    lanes, steps, first, total_lanes = _layout([len(s) for s, _ in streams])
-    identity = len(tables.freq) - 1
-    top = np.where(tables.freq < TOTAL, tables.freq << np.uint32(16), np.uint32(0xFFFFFFFF))
-    entry = _grid([tables.base[t] + s.astype(np.uint32) for s, t in streams], lanes, steps, first, total_lanes,
-                  identity, np.uint32)
-    # Lanes not yet started (the encoder runs backwards) hold STATE_LOW, which the identity entry keeps.
-    x = np.full(total_lanes, STATE_LOW, dtype=np.uint32)
-    emit = np.zeros(entry.shape, dtype=bool)
-    low = np.zeros(entry.shape, dtype=np.uint16)
-    shift = np.uint32(WORD_BITS)
-    for t in range(entry.shape[0] - 1, -1, -1):  # a stack: the decoder's last step is encoded first
-        k = entry[t]
-        np.greater_equal(x, top[k], out=emit[t])
-        np.copyto(low[t], x, casting="unsafe")  # the low word, kept where the lane renormalizes
-        x = np.where(emit[t], x >> shift, x)
-        q, r = np.divmod(x, tables.freq[k])
-        x = (q << shift) + r + tables.cum[k]
-    out = []
-    for lane, step, lo in zip(lanes, steps, first):
-        block = np.s_[:step, lo : lo + lane]
-        out.append(Stream(x[lo : lo + lane].copy(), low[block][emit[block]]))
-    return out
+    """Encode each (symbols, table indices) pair; the C coder runs without the GIL."""
+    counts, lanes = _layout([len(s) for s, _ in streams])
+    symbols = np.concatenate([np.asarray(s) for s, _ in streams] + [np.zeros(0, np.int32)]).astype(np.int32, copy=False)
+    states = np.empty(int(lanes.sum()), np.uint32)
+    words = np.empty(len(symbols), np.uint16)
+    n_words = np.empty(len(streams), np.int64)
+    _ans.encode(*tables.coder_arrays, symbols, _ids([t for _, t in streams]), counts, lanes, states, words, n_words)
+    ends, lane_ends = np.cumsum(counts), np.cumsum(lanes)
+    return [Stream(states[le - lane : le], words[end - nw : end])
+            for end, le, lane, nw in zip(ends.tolist(), lane_ends.tolist(), lanes.tolist(), n_words.tolist())]
 
 
 def decode_streams(tables: Tables, streams: list[tuple[np.ndarray, Stream]]) -> list[np.ndarray]:
     """Decode each (table index per symbol, stream); returns the symbols (uint16) of each stream.
 
     The caller guarantees each stream's lane count follows the rule and it has at most one word per symbol.
-    Raises StreamError unless every stream's states start in range and it ends with every state back at
-    STATE_LOW and every word read.
+    Raises StreamError, for the first stream in the batch that fails, unless every stream's states start in
+    range and it ends with every state back at STATE_LOW and every word read. The C decoder runs without the GIL.
     """
-    counts = [len(t) for t, _ in streams]
-    lanes, steps, first, total_lanes = _layout(counts)
+    counts, lanes = _layout([len(t) for t, _ in streams])
     for k, ((tid, st), lane) in enumerate(zip(streams, lanes)):
         # The caller has checked the sizes against its limits (entropy.split_segment); states are data.
         assert len(st.states) == lane and len(st.words) <= len(tid)
         if lane and int(st.states.min()) < STATE_LOW:
             raise StreamError("a lane's initial state is below 2^16", k)
-    if total_lanes == 0:
-        return [np.zeros(0, np.uint16) for _ in streams]
-    sym_lut, step_lut = tables.lookup()
-    row = _grid([t.astype(np.uint32) << np.uint32(PRECISION_BITS) for t, _ in streams], lanes, steps, first,
-                total_lanes, tables.count << PRECISION_BITS, np.uint32)
+    states = np.concatenate([st.states for _, st in streams] + [np.zeros(0, np.uint32)]).astype(np.uint32)
+    # One spare word at the end lets the decoder read branch-free; reads past a stream's words count, read 0.
+    words = np.concatenate([st.words for _, st in streams] + [np.zeros(1, np.uint16)]).astype(np.uint16, copy=False)
     n_words = np.array([len(st.words) for _, st in streams], dtype=np.int64)
-    word_base = np.concatenate([[0], np.cumsum(n_words)[:-1]]).astype(np.int64)
-    # Padding keeps every gather in bounds; a read past a stream's own words fails the final check.
-    words = np.concatenate([st.words for _, st in streams] + [np.zeros(total_lanes + 1, np.uint16)]).astype(np.uint32)
-    limit = len(words) - 1
-    live = np.flatnonzero(lanes > 0)
-    owner = np.repeat(np.arange(len(streams)), lanes)
-    seg_first, seg_end = first[live], (first + lanes)[live]
-    ptr = word_base.copy()
-    x = np.concatenate([st.states for _, st in streams]).astype(np.uint32)
-    counted = np.zeros(total_lanes + 1, dtype=np.int64)
-    mask, shift = np.uint32(WORD_MASK), np.uint32(WORD_BITS)
-    for t in range(row.shape[0]):
-        np.add(row[t], x & mask, out=row[t])  # the row now holds the lookup index, kept for the symbols
-        e = step_lut[row[t]]
-        x = ((e >> shift) + np.uint32(1)) * (x >> shift) + (e & mask)
-        need = x < STATE_LOW
-        np.cumsum(need, out=counted[1:])
-        # Lane j of stream s reads word ptr[s] + (lanes of s before j that renormalize at this step).
-        before = counted[seg_first]
-        start = np.zeros(len(streams), dtype=np.int64)
-        start[live] = ptr[live] - before
-        pos = np.minimum(start[owner] + counted[:-1], limit)
-        x = np.where(need, (x << shift) | words[pos], x)
-        ptr[live] += counted[seg_end] - before
-    out = []
-    for k, (lane, step, lo) in enumerate(zip(lanes, steps, first)):
-        if ptr[k] != word_base[k] + n_words[k]:
-            raise StreamError(f"the entropy decoder read {ptr[k] - word_base[k]} of {n_words[k]} words", k)
-        if lane and (x[lo : lo + lane] != STATE_LOW).any():
+    out = np.empty(int(counts.sum()), np.uint16)
+    read, off = np.empty(len(streams), np.int64), np.empty(len(streams), np.int64)
+    _ans.decode(*tables.coder_arrays, tables.slots(), _ids([t for t, _ in streams]), counts, lanes, states, words,
+                n_words, out, read, off)
+    for k in range(len(streams)):
+        if read[k] != n_words[k]:
+            raise StreamError(f"the entropy decoder read {read[k]} of {n_words[k]} words", k)
+        if off[k]:
             raise StreamError("a lane of the entropy decoder did not end in its initial state", k)
-        out.append(sym_lut[row[:step, lo : lo + lane].reshape(-1)[: counts[k]]])
-    return out
+    return np.split(out, np.cumsum(counts)[:-1]) if streams else []

@@ -1,0 +1,542 @@
+/* kvq's entropy stage in C (docs/codec.md): batch encode and decode of kvcli's interleaved rANS streams, one
+ * stream after another, and the expansion of joint symbols into a segment's integers, each with the GIL
+ * released so that threads decode batches in parallel.
+ *
+ * codecs/rans.py and codecs/entropy.py are the only callers: they build the arrays and turn the per-stream
+ * results into StreamError or CodecError, and rans.py checks the constants it owns against this build's
+ * (check_constants). Everything is validated before the GIL is released: sizes that do not add up, table
+ * indices past the tables and symbols past their alphabet raise ValueError (a bug in the caller, never bad
+ * data); bad data only shows in the returned per-stream counts.
+ *
+ * The decoder follows the spec's two passes per step (decode every lane, then renormalize in ascending lane
+ * order) because that is also the fast order: the first pass has no dependency between lanes.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define PRECISION_BITS 16
+#define TOTAL (1u << PRECISION_BITS)
+#define STATE_LOW (1u << 16)
+#define WORD_BITS 16
+#define WORD_MASK 0xFFFFu
+
+typedef struct {
+    Py_buffer buf;
+    int held;
+} View;
+
+static int view_get(PyObject *obj, View *v, int writable, Py_ssize_t itemsize, const char *what) {
+    if (PyObject_GetBuffer(obj, &v->buf, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0)
+        return -1;
+    v->held = 1;
+    if (v->buf.len % itemsize) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd bytes is not a whole number of %zd-byte items", what, v->buf.len,
+                     itemsize);
+        return -1;
+    }
+    return 0;
+}
+
+static void view_release(View *v) {
+    if (v->held) PyBuffer_Release(&v->buf);
+    v->held = 0;
+}
+
+#define ITEMS(v, type) ((Py_ssize_t)((v).buf.len / (Py_ssize_t)sizeof(type)))
+#define DATA(v, type) ((type *)(v).buf.buf)
+
+/* The tables as the coder reads them: per table its first entry in fc and its size; fc holds
+ * (freq, cum) pairs of every symbol of every table. */
+typedef struct {
+    const uint32_t *fc;
+    const uint32_t *base;
+    const uint32_t *size;
+    Py_ssize_t count;
+} Tables;
+
+static int tables_get(View *fc, View *base, View *size, Tables *t) {
+    Py_ssize_t n_fc = ITEMS(*fc, uint32_t) / 2;
+    t->count = ITEMS(*base, uint32_t);
+    if (ITEMS(*size, uint32_t) != t->count || t->count > 65536) {
+        PyErr_SetString(PyExc_ValueError, "table base and size arrays disagree");
+        return -1;
+    }
+    t->fc = DATA(*fc, uint32_t);
+    t->base = DATA(*base, uint32_t);
+    t->size = DATA(*size, uint32_t);
+    for (Py_ssize_t k = 0; k < t->count; k++) {
+        if ((Py_ssize_t)t->base[k] + (Py_ssize_t)t->size[k] > n_fc || t->size[k] < 1) {
+            PyErr_Format(PyExc_ValueError, "table %zd lies outside the frequency array", k);
+            return -1;
+        }
+        for (uint32_t s = 0; s < t->size[k]; s++) {  /* freq in [1, TOTAL), cum + freq <= TOTAL */
+            uint32_t f = t->fc[2 * (t->base[k] + s)], c = t->fc[2 * (t->base[k] + s) + 1];
+            if (f < 1 || f >= TOTAL || c > TOTAL - f) {
+                PyErr_Format(PyExc_ValueError, "table %zd: symbol %u has freq %u, cum %u", k, s, f, c);
+                return -1;
+            }
+        }
+    }
+    return 0;
+}
+
+/* Per stream: symbol count, lane count and (decode) word count, each int64; checks they add up to the
+ * concatenated arrays' lengths and that the lane counts make sense. */
+static int layout_check(const int64_t *counts, const int64_t *lanes, Py_ssize_t streams, Py_ssize_t symbols,
+                        Py_ssize_t states) {
+    int64_t n = 0, l = 0;
+    for (Py_ssize_t k = 0; k < streams; k++) {
+        if (counts[k] < 0 || lanes[k] < 0 || lanes[k] > counts[k] || (counts[k] > 0 && lanes[k] == 0)) {
+            PyErr_Format(PyExc_ValueError, "stream %zd: %lld lanes for %lld symbols", k, (long long)lanes[k],
+                         (long long)counts[k]);
+            return -1;
+        }
+        n += counts[k];
+        l += lanes[k];
+    }
+    if (n != symbols || l != states) {
+        PyErr_SetString(PyExc_ValueError, "symbol or lane counts do not add up to the arrays");
+        return -1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ slot tables */
+
+PyDoc_STRVAR(fill_slots_doc,
+             "fill_slots(fc, base, size, out)\n\nout (uint16, tables x 2^16): the symbol of every slot of every table.");
+
+static PyObject *fill_slots(PyObject *self, PyObject *args) {
+    PyObject *o_fc, *o_base, *o_size, *o_out;
+    View fc = {0}, base = {0}, size = {0}, out = {0};
+    Tables t;
+    if (!PyArg_ParseTuple(args, "OOOO", &o_fc, &o_base, &o_size, &o_out)) return NULL;
+    if (view_get(o_fc, &fc, 0, 8, "fc") || view_get(o_base, &base, 0, 4, "base") ||
+        view_get(o_size, &size, 0, 4, "size") || view_get(o_out, &out, 1, 2, "out") ||
+        tables_get(&fc, &base, &size, &t))
+        goto fail;
+    if (ITEMS(out, uint16_t) != t.count * (Py_ssize_t)TOTAL) {
+        PyErr_SetString(PyExc_ValueError, "slot array has the wrong size");
+        goto fail;
+    }
+    for (Py_ssize_t k = 0; k < t.count; k++) {
+        uint16_t *row = DATA(out, uint16_t) + k * TOTAL;
+        uint32_t end = 0;
+        for (uint32_t s = 0; s < t.size[k]; s++) {
+            uint32_t f = t.fc[2 * (t.base[k] + s)], c = t.fc[2 * (t.base[k] + s) + 1];
+            if (c != end) {
+                PyErr_Format(PyExc_ValueError, "table %zd: cum of symbol %u is %u, not %u", k, s, c, end);
+                goto fail;
+            }
+            for (uint32_t slot = c; slot < c + f; slot++) row[slot] = (uint16_t)s;
+            end = c + f;
+        }
+        if (end != TOTAL) {
+            PyErr_Format(PyExc_ValueError, "table %zd sums to %u", k, end);
+            goto fail;
+        }
+    }
+    view_release(&fc), view_release(&base), view_release(&size), view_release(&out);
+    Py_RETURN_NONE;
+fail:
+    view_release(&fc), view_release(&base), view_release(&size), view_release(&out);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------------------------ decode */
+
+/* Returns 0, or 1 for a table index or lut symbol out of range (set only by a caller's bug). */
+__attribute__((noinline)) static int decode_stream(const Tables *t, const uint16_t *restrict slots,
+                                                  const uint16_t *restrict ids, int64_t n, int64_t lanes,
+                                                  uint32_t *restrict x, const uint16_t *restrict words,
+                                                  int64_t n_words, uint16_t *restrict out, int64_t *read,
+                                                  int64_t *bad) {
+    const uint32_t *restrict fc = t->fc, *restrict base = t->base, *restrict size = t->size;
+    const uint32_t count = (uint32_t)t->count;
+    int64_t p = 0;
+    for (int64_t t0 = 0; t0 < n; t0 += lanes) {
+        int64_t end = n - t0 < lanes ? n - t0 : lanes;
+        /* The spec's two passes. Decoding, lanes are independent, so the CPU overlaps them ... */
+        for (int64_t j = 0; j < end; j++) {
+            uint32_t k = ids[t0 + j];
+            if (k >= count) return 1;
+            uint32_t v = x[j], slot = v & WORD_MASK;
+            uint32_t s = slots[(size_t)k * TOTAL + slot];
+            if (s >= size[k]) return 1;
+            const uint32_t *e = fc + 2 * (base[k] + s);
+            x[j] = e[0] * (v >> WORD_BITS) + slot - e[1];
+            out[t0 + j] = (uint16_t)s;
+        }
+        /* ... and renormalizing, only the word pointer is serial: branch-free, since about one symbol in four
+         * renormalizes, at random. A read past the stream's words counts but reads 0, as the GPU kernel does;
+         * the caller refuses the stream for it. The word array's spare word keeps the load in bounds. */
+        for (int64_t j = 0; j < end; j++) {
+            uint32_t v = x[j], need = v < STATE_LOW, inside = p < n_words;
+            uint32_t w = words[inside ? p : n_words] & -inside;
+            x[j] = (v << (need * WORD_BITS)) | (w & -need);
+            p += need;
+        }
+    }
+    int64_t off = 0;
+    for (int64_t j = 0; j < lanes; j++) off += x[j] != STATE_LOW;
+    *read = p;
+    *bad = off;
+    return 0;
+}
+
+PyDoc_STRVAR(decode_doc,
+             "decode(fc, base, size, slots, ids, counts, lanes, states, words, n_words, out, read, bad)\n\n"
+             "Decode every stream into out (uint16 symbols). ids: uint16 table per symbol; words: every stream's words\n"
+             "and one spare word at the end; counts, lanes, n_words:\n"
+             "int64 per stream; states: uint32, overwritten with the final states; read, bad: int64 per stream,\n"
+             "set to the words read and the lanes not back at 2^16.");
+
+static PyObject *decode(PyObject *self, PyObject *args) {
+    PyObject *o[13];
+    View v[13] = {{0}};
+    static const Py_ssize_t item[13] = {8, 4, 4, 2, 2, 8, 8, 4, 2, 8, 2, 8, 8};
+    static const int writable[13] = {0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 1, 1, 1};
+    static const char *names[13] = {"fc", "base", "size", "slots", "ids", "counts", "lanes", "states", "words",
+                                    "n_words", "out", "read", "bad"};
+    Tables t;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8],
+                          &o[9], &o[10], &o[11], &o[12]))
+        return NULL;
+    for (int i = 0; i < 13; i++)
+        if (view_get(o[i], &v[i], writable[i], item[i], names[i])) goto done;
+    if (tables_get(&v[0], &v[1], &v[2], &t)) goto done;
+    const int64_t *counts = DATA(v[5], int64_t), *lanes = DATA(v[6], int64_t), *n_words = DATA(v[9], int64_t);
+    Py_ssize_t streams = ITEMS(v[5], int64_t);
+    if (ITEMS(v[3], uint16_t) != t.count * (Py_ssize_t)TOTAL || ITEMS(v[6], int64_t) != streams ||
+        ITEMS(v[9], int64_t) != streams || ITEMS(v[11], int64_t) != streams || ITEMS(v[12], int64_t) != streams ||
+        ITEMS(v[10], uint16_t) != ITEMS(v[4], uint16_t)) {
+        PyErr_SetString(PyExc_ValueError, "decode: array sizes disagree");
+        goto done;
+    }
+    if (layout_check(counts, lanes, streams, ITEMS(v[4], uint16_t), ITEMS(v[7], uint32_t))) goto done;
+    int64_t w = 0;
+    for (Py_ssize_t k = 0; k < streams; k++) {
+        if (n_words[k] < 0 || n_words[k] > counts[k]) {  /* at most one word per symbol */
+            PyErr_Format(PyExc_ValueError, "decode: stream %zd has %lld words", k, (long long)n_words[k]);
+            goto done;
+        }
+        w += n_words[k];
+    }
+    if (w + 1 != ITEMS(v[8], uint16_t)) {
+        PyErr_SetString(PyExc_ValueError, "decode: the word array is not every stream's words and one spare");
+        goto done;
+    }
+    int bug = 0;
+    Py_ssize_t bad_stream = 0;
+    Py_BEGIN_ALLOW_THREADS
+    const uint16_t *ids = DATA(v[4], uint16_t), *words = DATA(v[8], uint16_t);
+    uint32_t *x = DATA(v[7], uint32_t);
+    uint16_t *out = DATA(v[10], uint16_t);
+    for (Py_ssize_t k = 0; k < streams && !bug; k++) {
+        bug = decode_stream(&t, DATA(v[3], uint16_t), ids, counts[k], lanes[k], x, words, n_words[k], out,
+                            DATA(v[11], int64_t) + k, DATA(v[12], int64_t) + k);
+        bad_stream = k;
+        ids += counts[k], out += counts[k], x += lanes[k], words += n_words[k];
+    }
+    Py_END_ALLOW_THREADS
+    if (bug) {
+        PyErr_Format(PyExc_ValueError, "stream %zd: a table index or slot symbol out of range", bad_stream);
+        goto done;
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    for (int i = 0; i < 13; i++) view_release(&v[i]);
+    return result;
+}
+
+/* ------------------------------------------------------------------------------------------ encode */
+
+/* Codes lane j's symbols from the last step to the first (ANS is a stack); the words go backwards from
+ * `top`, so that they end up in step order and, within a step, in ascending lane order. Returns the number
+ * of words, or -1 for a table index or symbol out of range. */
+__attribute__((noinline)) static int64_t encode_stream(const Tables *t, const int32_t *sym, const uint16_t *ids, int64_t n, int64_t lanes,
+                             uint32_t *x, uint16_t *top) {
+    uint16_t *w = top;
+    for (int64_t j = 0; j < lanes; j++) x[j] = STATE_LOW;
+    if (n == 0) return 0;
+    int64_t last = (n - 1) / lanes * lanes;
+    for (int64_t t0 = last; t0 >= 0; t0 -= lanes) {
+        int64_t end = n - t0 < lanes ? n - t0 : lanes;
+        for (int64_t j = end - 1; j >= 0; j--) {
+            uint32_t k = ids[t0 + j];
+            int32_t s = sym[t0 + j];
+            if (k >= (uint32_t)t->count || s < 0 || (uint32_t)s >= t->size[k]) return -1;
+            const uint32_t *e = t->fc + 2 * (t->base[k] + (uint32_t)s);
+            uint32_t v = x[j], f = e[0];
+            if (v >= f << WORD_BITS) {
+                *--w = (uint16_t)(v & WORD_MASK);
+                v >>= WORD_BITS;
+            }
+            x[j] = ((v / f) << WORD_BITS) + v % f + e[1];
+        }
+    }
+    return top - w;
+}
+
+PyDoc_STRVAR(encode_doc,
+             "encode(fc, base, size, symbols, ids, counts, lanes, states, words, n_words)\n\n"
+             "Encode every stream. symbols: int32; ids: uint16 table per symbol; counts, lanes: int64 per stream.\n"
+             "Fills states (uint32, per lane) and n_words (int64 per stream); stream k's words (uint16) are the\n"
+             "last n_words[k] of its slice of `words`, which is as long as `symbols` (one slice per stream).");
+
+static PyObject *encode(PyObject *self, PyObject *args) {
+    PyObject *o[10];
+    View v[10] = {{0}};
+    static const Py_ssize_t item[10] = {8, 4, 4, 4, 2, 8, 8, 4, 2, 8};
+    static const int writable[10] = {0, 0, 0, 0, 0, 0, 0, 1, 1, 1};
+    static const char *names[10] = {"fc", "base", "size", "symbols", "ids", "counts", "lanes", "states", "words",
+                                    "n_words"};
+    Tables t;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8], &o[9]))
+        return NULL;
+    for (int i = 0; i < 10; i++)
+        if (view_get(o[i], &v[i], writable[i], item[i], names[i])) goto done;
+    if (tables_get(&v[0], &v[1], &v[2], &t)) goto done;
+    const int64_t *counts = DATA(v[5], int64_t), *lanes = DATA(v[6], int64_t);
+    Py_ssize_t streams = ITEMS(v[5], int64_t), n = ITEMS(v[3], int32_t);
+    if (ITEMS(v[4], uint16_t) != n || ITEMS(v[8], uint16_t) != n || ITEMS(v[6], int64_t) != streams ||
+        ITEMS(v[9], int64_t) != streams) {
+        PyErr_SetString(PyExc_ValueError, "encode: array sizes disagree");
+        goto done;
+    }
+    if (layout_check(counts, lanes, streams, n, ITEMS(v[7], uint32_t))) goto done;
+    Py_ssize_t bad_stream = -1;
+    Py_BEGIN_ALLOW_THREADS
+    const int32_t *sym = DATA(v[3], int32_t);
+    const uint16_t *ids = DATA(v[4], uint16_t);
+    uint32_t *x = DATA(v[7], uint32_t);
+    uint16_t *words = DATA(v[8], uint16_t);
+    int64_t *n_words = DATA(v[9], int64_t);
+    for (Py_ssize_t k = 0; k < streams; k++) {
+        n_words[k] = encode_stream(&t, sym, ids, counts[k], lanes[k], x, words + counts[k]);
+        if (n_words[k] < 0) {
+            bad_stream = k;
+            break;
+        }
+        sym += counts[k], ids += counts[k], words += counts[k], x += lanes[k];
+    }
+    Py_END_ALLOW_THREADS
+    if (bad_stream >= 0) {
+        PyErr_Format(PyExc_ValueError, "stream %zd: a table index or symbol out of range", bad_stream);
+        goto done;
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    for (int i = 0; i < 10; i++) view_release(&v[i]);
+    return result;
+}
+
+
+/* ------------------------------------------------------------------------------------------ joint symbols */
+
+/* kvq's joint symbols (codecs/entropy.py, docs/codec.md "Channel classes, tuples, symbols"): a segment's
+ * symbols are its groups' in order; a group's are its channels' in order, each channel's ceil(tokens / m)
+ * tuples in token order. spec holds per group (digit table, channels, half range K, tuple length m); rows the
+ * groups' channels, concatenated. The escape symbol of a group is (2K + 1)^m. */
+typedef struct {
+    const int64_t *spec;
+    const int64_t *rows;
+    Py_ssize_t groups, channels;
+    int64_t tokens;
+} Layout;
+
+static int layout_get(View *spec, View *rows, int64_t tokens, Py_ssize_t symbols, Py_ssize_t out_rows, Layout *l) {
+    l->spec = DATA(*spec, int64_t);
+    l->rows = DATA(*rows, int64_t);
+    l->groups = ITEMS(*spec, int64_t) / 4;
+    l->channels = ITEMS(*rows, int64_t);
+    l->tokens = tokens;
+    int64_t n = 0, c = 0;
+    if (ITEMS(*spec, int64_t) % 4 || tokens < 0) goto bad;
+    for (Py_ssize_t g = 0; g < l->groups; g++) {
+        const int64_t *e = l->spec + 4 * g;
+        if (e[1] < 0 || e[2] < 1 || e[2] > 255 || e[3] < 1 || e[3] > 4) goto bad;
+        c += e[1];
+        n += e[1] * ((tokens + e[3] - 1) / e[3]);
+    }
+    if (c != l->channels || n != symbols) goto bad;
+    for (Py_ssize_t r = 0; r < l->channels && tokens > 0; r++)  /* with no tokens, nothing is written */
+        if (l->rows[r] < 0 || l->rows[r] >= out_rows) goto bad;
+    return 0;
+bad:
+    PyErr_SetString(PyExc_ValueError, "joint symbols: the group layout does not match the arrays");
+    return -1;
+}
+
+static uint32_t escape_symbol(const int64_t *e) {
+    uint32_t base = 2 * (uint32_t)e[2] + 1, esc = 1;
+    for (int64_t j = 0; j < e[3]; j++) esc *= base;
+    return esc;
+}
+
+PyDoc_STRVAR(count_escapes_doc,
+             "count_escapes(symbols, spec, rows, tokens) -> int\n\nThe values a segment's escape symbols stand for: m per escape symbol.");
+
+static PyObject *count_escapes(PyObject *self, PyObject *args) {
+    PyObject *o_sym, *o_spec, *o_rows;
+    long long tokens;
+    View sym = {0}, spec = {0}, rows = {0};
+    Layout l;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "OOOL", &o_sym, &o_spec, &o_rows, &tokens)) return NULL;
+    if (view_get(o_sym, &sym, 0, 2, "symbols") || view_get(o_spec, &spec, 0, 8, "spec") ||
+        view_get(o_rows, &rows, 0, 8, "rows") ||
+        layout_get(&spec, &rows, tokens, ITEMS(sym, uint16_t), PY_SSIZE_T_MAX, &l))
+        goto done;
+    int64_t values = 0;
+    Py_BEGIN_ALLOW_THREADS
+    const uint16_t *s = DATA(sym, uint16_t);
+    for (Py_ssize_t g = 0; g < l.groups; g++) {
+        const int64_t *e = l.spec + 4 * g;
+        uint32_t esc = escape_symbol(e);
+        int64_t n = e[1] * ((tokens + e[3] - 1) / e[3]), hits = 0;
+        for (int64_t i = 0; i < n; i++) hits += s[i] == esc;
+        values += hits * e[3];
+        s += n;
+    }
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromLongLong(values);
+done:
+    view_release(&sym), view_release(&spec), view_release(&rows);
+    return result;
+}
+
+/* One channel: its ceil(tokens / m) tuples into dst. The tuple length is a constant in each copy of the loop,
+ * so the compiler turns the copies into single moves. Returns 1 for a symbol past the alphabet or an escape
+ * with no values left. */
+static inline int expand_tuples(const uint16_t *restrict s, int64_t tokens, const int m, uint32_t esc,
+                                const int32_t *restrict table, const int32_t *restrict escapes, Py_ssize_t n_esc,
+                                Py_ssize_t *used, int32_t *restrict dst) {
+    int64_t full = tokens / m;
+    for (int64_t i = 0; i < full; i++) {
+        uint32_t v = s[i];
+        const int32_t *src = table + (size_t)v * m;
+        if (v >= esc) {
+            if (v != esc || *used + m > n_esc) return 1;
+            src = escapes + *used;
+            *used += m;
+        }
+        memcpy(dst + i * m, src, m * sizeof(int32_t));
+    }
+    if (full * m < tokens) {  /* the last tuple's padding is dropped */
+        uint32_t v = s[full];
+        const int32_t *src = table + (size_t)v * m;
+        if (v >= esc) {
+            if (v != esc || *used + m > n_esc) return 1;
+            src = escapes + *used;
+            *used += m;
+        }
+        memcpy(dst + full * m, src, (tokens - full * m) * sizeof(int32_t));
+    }
+    return 0;
+}
+
+static int expand_row(const uint16_t *s, int64_t tokens, int m, uint32_t esc, const int32_t *table,
+                      const int32_t *escapes, Py_ssize_t n_esc, Py_ssize_t *used, int32_t *dst) {
+    switch (m) {
+        case 1: return expand_tuples(s, tokens, 1, esc, table, escapes, n_esc, used, dst);
+        case 2: return expand_tuples(s, tokens, 2, esc, table, escapes, n_esc, used, dst);
+        case 4: return expand_tuples(s, tokens, 4, esc, table, escapes, n_esc, used, dst);
+        default: return expand_tuples(s, tokens, m, esc, table, escapes, n_esc, used, dst);
+    }
+}
+
+PyDoc_STRVAR(expand_doc,
+             "expand(symbols, spec, rows, tokens, digits, offsets, escapes, out)\n\n"
+             "out (int32, channels x tokens): every group's channels from its joint symbols. digits: int32, the m\n"
+             "values of every symbol of every digit table (entropy._digits_table), table t from offsets[t];\n"
+             "escapes: int32, exactly the values count_escapes gives, in symbol order.");
+
+static PyObject *expand(PyObject *self, PyObject *args) {
+    PyObject *o[8];
+    long long tokens;
+    View sym = {0}, spec = {0}, rows = {0}, digits = {0}, offsets = {0}, escapes = {0}, out = {0};
+    Layout l;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "OOOLOOOO", &o[0], &o[1], &o[2], &tokens, &o[4], &o[5], &o[6], &o[7])) return NULL;
+    if (view_get(o[0], &sym, 0, 2, "symbols") || view_get(o[1], &spec, 0, 8, "spec") ||
+        view_get(o[2], &rows, 0, 8, "rows") || view_get(o[4], &digits, 0, 4, "digits") ||
+        view_get(o[5], &offsets, 0, 8, "offsets") || view_get(o[6], &escapes, 0, 4, "escapes") ||
+        view_get(o[7], &out, 1, 4, "out"))
+        goto done;
+    Py_ssize_t cells = ITEMS(out, int32_t);
+    if (tokens <= 0 ? cells != 0 : cells % tokens) {
+        PyErr_SetString(PyExc_ValueError, "expand: the output is not whole rows");
+        goto done;
+    }
+    if (layout_get(&spec, &rows, tokens, ITEMS(sym, uint16_t), tokens > 0 ? cells / tokens : 0, &l)) goto done;
+    for (Py_ssize_t g = 0; g < l.groups; g++) {  /* every symbol's digits lie inside its table */
+        const int64_t *e = l.spec + 4 * g;
+        const int64_t *off = DATA(offsets, int64_t);
+        if (e[0] < 0 || e[0] >= ITEMS(offsets, int64_t) || off[e[0]] < 0 ||
+            off[e[0]] + ((int64_t)escape_symbol(e) + 1) * e[3] > ITEMS(digits, int32_t)) {
+            PyErr_Format(PyExc_ValueError, "expand: group %zd's digit table lies outside the digits", g);
+            goto done;
+        }
+    }
+    int fault = 0;
+    Py_ssize_t used = 0, n_esc = ITEMS(escapes, int32_t);
+    Py_BEGIN_ALLOW_THREADS
+    const uint16_t *s = DATA(sym, uint16_t);
+    const int64_t *row = l.rows;
+    for (Py_ssize_t g = 0; g < l.groups && !fault; g++) {
+        const int64_t *e = l.spec + 4 * g;
+        const int32_t *table = DATA(digits, int32_t) + DATA(offsets, int64_t)[e[0]];
+        int64_t n = (tokens + e[3] - 1) / e[3];
+        for (int64_t r = 0; r < e[1] && !fault; r++, row++, s += n)
+            fault = expand_row(s, tokens, (int)e[3], escape_symbol(e), table, DATA(escapes, int32_t), n_esc, &used,
+                               DATA(out, int32_t) + *row * tokens);
+    }
+    Py_END_ALLOW_THREADS
+    if (fault || used != n_esc) {
+        PyErr_SetString(PyExc_ValueError, "expand: a symbol past its alphabet, or escapes not count_escapes' count");
+        goto done;
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    view_release(&sym), view_release(&spec), view_release(&rows), view_release(&digits), view_release(&offsets),
+        view_release(&escapes), view_release(&out);
+    return result;
+}
+
+/* ------------------------------------------------------------------------------------------ module */
+
+PyDoc_STRVAR(check_doc, "check_constants(precision_bits, state_low, word_bits): raise unless they are this build's.");
+
+static PyObject *check_constants(PyObject *self, PyObject *args) {
+    unsigned long precision, low, word;
+    if (!PyArg_ParseTuple(args, "kkk", &precision, &low, &word)) return NULL;
+    if (precision != PRECISION_BITS || low != STATE_LOW || word != WORD_BITS) {
+        PyErr_SetString(PyExc_ImportError, "kvcli.codecs._ans was built for other rANS constants; rebuild it");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"fill_slots", fill_slots, METH_VARARGS, fill_slots_doc},
+    {"decode", decode, METH_VARARGS, decode_doc},
+    {"encode", encode, METH_VARARGS, encode_doc},
+    {"count_escapes", count_escapes, METH_VARARGS, count_escapes_doc},
+    {"expand", expand, METH_VARARGS, expand_doc},
+    {"check_constants", check_constants, METH_VARARGS, check_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "kvcli.codecs._ans",
+                                    "kvcli's interleaved rANS coder (codecs/rans.py is its interface).", -1,
+                                    methods};
+
+PyMODINIT_FUNC PyInit__ans(void) { return PyModule_Create(&module); }
