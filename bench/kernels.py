@@ -5,10 +5,9 @@ the device against prefilling the same tokens.
 
 One JSON line per measurement (device, versions, percentiles of `repeats` timed runs after a warm-up). The model
 is a random-weight Qwen2 of Qwen2.5-0.5B's shape (no download), in bfloat16; its cache is encoded at `balanced`
-on the CPU with kvcli's encoder. `decode_on_device` below is the GPU file path the commands do not have yet:
-checks and escape frames on the host, then one rANS launch for every segment, joint symbols expanded with
-torch gathers per (layer, kind, segment length, class), and one dequantize launch per layer and kind writing the
-transformers-layout cache. It is checked bit for bit against `kvfile.decode` on the CPU.
+on the CPU with kvcli's encoder. The end-to-end figure is the product's file path, `kvfile.decode(...,
+backend="triton")` (what `kvcli decode/generate --backend triton` run), checked bit for bit against the torch
+path on the CPU; a cProfile of one run names where its host time goes.
 
 On a CPU, TRITON_INTERPRET=1 with `--tiny` runs every step on a two-layer model in seconds (no figures).
 """
@@ -26,7 +25,6 @@ import transformers
 
 from kvcli import format, kvfile
 from kvcli.codecs import entropy, rans
-from kvcli.codecs.base import bytes_to_tensor
 from kvcli.codecs.presets import make_codec
 from kvcli.kernels import dequantize as dq
 from kvcli.kernels import rans_decode
@@ -149,137 +147,26 @@ def bench_tensor_config(env, out, device, tokens, heads, dim, repeats) -> None:
 # ---------------------------------------------------------------- the GPU file path
 
 
-class Plan:
-    """Per (layer, kind, non-sink token count): where each class's symbols sit in a segment, on the device."""
-
-    def __init__(self, decoder, layer: int, kind: int, tokens: int, device):
-        groups = decoder._groups[(layer, kind)]
-        self.groups = []
-        ids, esc_code, widths = [], [], []
-        pos = 0
-        for g in groups:
-            half, m = entropy.class_layout(g.cls)
-            n = g.tuples(tokens)
-            table = decoder.tables.index(g.cls)
-            ids.append(np.full(n, table, np.uint8))
-            esc_code.append(np.full(n, (2 * half + 1) ** m, np.int32))
-            widths.append(np.full(n, m, np.int32))
-            digits = torch.from_numpy(entropy._digits_table(half, m)).to(device)
-            self.groups.append((pos, n, len(g.rows), m, torch.from_numpy(g.rows).to(device), digits))
-            pos += n
-        self.symbols = pos
-        self.tokens = tokens
-        cat = (lambda a, dt: np.concatenate(a) if a else np.zeros(0, dt))
-        self.table_ids = torch.from_numpy(cat(ids, np.uint8)).to(device)
-        self.esc_code = torch.from_numpy(cat(esc_code, np.int32)).to(device)
-        self.widths = torch.from_numpy(cat(widths, np.int32)).to(device)
-
-
-def decode_on_device(data: bytes, device: torch.device, stages: dict | None = None) -> KVCache:
-    """A .kvc (kvq) in host memory to (heads, tokens, dim) tensors on `device`, through the Triton kernels.
-    With `stages`, synchronizes after each stage and records its seconds there."""
-    t0 = time.perf_counter()
-
-    def mark(name: str) -> None:
-        nonlocal t0
-        if stages is not None:
-            sync(device)
-            now = time.perf_counter()
-            stages[name] = stages.get(name, 0.0) + now - t0
-            t0 = now
-
+def decode_on_device(data: bytes, device: torch.device) -> KVCache:
+    """The product's GPU file path: a .kvc in host memory to cache tensors on `device` (kvfile.decode with the
+    triton backend: KvqDecoder.decode_onto, kernels/kvq_decode.py)."""
     src = format.BytesSource(data)
-    header = format.read_header(src)
-    codec, decoder = kvfile.open_decoder(src, header)
-    tables = rans_decode.DeviceTables(decoder.tables.coder, device)
-    dtype = kvfile.format_dtype(header.dtype)
-    n = header.num_tokens
-    keys = [torch.empty((1, s.kv_heads, n - s.token_start, s.key_dim), dtype=dtype, device=device)
-            for s in header.layers]
-    values = [torch.empty((1, s.kv_heads, n - s.token_start, s.value_dim), dtype=dtype, device=device)
-              for s in header.layers]
-    segs, ctxs = kvfile._segments(header)
-    # Batches: runs of consecutive segments of one layer and kind with the same non-sink token count (one
-    # layout), streams in batch order.
-    limits = [decoder._segment(ctx)[1:] for ctx in ctxs]
-    skips = [skip for skip, _ in limits]
-    batches: list[tuple[tuple[int, int, int], list[int]]] = []
-    follows = -1
-    for i in sorted(range(len(ctxs)), key=lambda i: (ctxs[i].layer, ctxs[i].kind, ctxs[i].token_start)):
-        ctx = ctxs[i]
-        key = (ctx.layer, ("k", "v").index(ctx.kind), ctx.tokens - skips[i])
-        if batches and batches[-1][0] == key and follows == ctx.token_start:
-            batches[-1][1].append(i)
-        else:
-            batches.append((key, [i]))
-        follows = ctx.token_start + ctx.tokens
-    order = [i for _, members in batches for i in members]
-    streams, escapes, sinks = [], [], []
+    return kvfile.decode(src, format.read_header(src), device=device, backend="triton")
 
-    # Serial: eight threads made this stage slower on the H200 machine (0.15 s -> 0.55 s for 6,144 segments).
-    parts = [(raw, entropy.split_segment(raw, limits[i][1]))
-             for i, raw in ((i, format.read_segment(src, header, segs[i])) for i in order)]
-    for i, (raw, coded) in zip(order, parts):
-        streams.append(coded.stream)
-        escapes.append(coded.escape_frame)
-        if skips[i]:
-            sinks.append((i, raw[coded.end :]))
-    plans = {key: Plan(decoder, *key, device) for key, _ in batches}
-    counts = [plans[(ctxs[i].layer, ("k", "v").index(ctxs[i].kind), ctxs[i].tokens - skips[i])].symbols for i in order]
-    rans_decode.check_streams([(np.zeros(c, np.uint8), st) for c, st in zip(counts, streams)])
-    table_ids = torch.cat([plans[key].table_ids.repeat(len(members)) for key, members in batches])
-    mark("host_read_and_check")
-    symbols = rans_decode.decode_checked(tables, table_ids, counts, streams).to(torch.int32) & 0xFFFF
-    mark("entropy_kernel")
-    # Escape values: every segment's frame, in stream order; each escape symbol takes m of them.
-    frames = [entropy.unzstd(f, 4 * limits[i][1].max_escape_values) if f else b""
-              for i, f in zip(order, escapes)]
-    held = torch.tensor([len(v) // 4 if f else -1 for v, f in zip(frames, escapes)], device=device)
-    esc_all = torch.from_numpy(np.frombuffer(b"".join(frames) + bytes(4), "<i4").astype(np.int32)).to(device)
-    last = esc_all.numel() - 1
-    sym_pos, esc_pos, needed = 0, torch.zeros((), dtype=torch.int64, device=device), []
-    for key, members in batches:
-        layer, kind, tokens = key
-        plan = plans[key]
-        ns = len(members)
-        sym = symbols[sym_pos : sym_pos + ns * plan.symbols].view(ns, plan.symbols)
-        sym_pos += ns * plan.symbols
-        is_esc = sym == plan.esc_code
-        width = torch.where(is_esc, plan.widths, 0)
-        per_seg = width.sum(dim=1)
-        needed.append(per_seg)
-        offsets = torch.cumsum(width.reshape(-1), 0).view(ns, plan.symbols) - width + esc_pos
-        esc_pos = esc_pos + per_seg.sum()
-        heads, dim = ctxs[members[0]].heads, ctxs[members[0]].dim
-        q = torch.empty((ns, heads * dim, tokens), dtype=torch.int32, device=device)
-        for start, count, rows, m, row_idx, digits in plan.groups:
-            s = sym[:, start : start + count]
-            tuples = digits[s.long()]  # (ns, count, m); the escape symbol's row is a placeholder
-            at = (offsets[:, start : start + count, None] + torch.arange(m, device=device)).clamp_(max=last)
-            tuples = torch.where(is_esc[:, start : start + count, None], esc_all[at], tuples)
-            q[:, row_idx] = tuples.reshape(ns, rows, -1)[:, :, :tokens]
-        # One layer-kind's segments are consecutive chunks: lay them along the tokens and dequantize at once.
-        first = ctxs[members[0]]
-        skip = skips[members[0]]
-        span = q.permute(1, 0, 2).reshape(heads, dim, ns * tokens)
-        target = (keys if kind == 0 else values)[layer][0]
-        lo = first.token_start + skip - header.layers[layer].token_start
-        freq = decoder._freq(layer, kind)
-        dequantize_rotate(span, *(t.to(device) for t in decoder._tensors[(layer, kind)]), freq,
-                          first.token_start + skip, out=target[:, lo : lo + ns * tokens])
-    needed = torch.cat(needed)
-    valid = torch.where(held < 0, needed == 0, (needed > 0) & (needed == held))
-    if not bool(valid.all()):
-        bad = int((~valid).nonzero()[0, 0])
-        raise RuntimeError(f"{segs[order[bad]].label()}: escape stream does not match the escape symbols")
-    for i, raw in sinks:
-        ctx = ctxs[i]
-        sink_ctx = type(ctx)(ctx.kind, ctx.layer, ctx.token_start, ctx.heads, skips[i], ctx.dim, ctx.dtype)
-        target = (keys if ctx.kind == "k" else values)[ctx.layer][0]
-        lo = ctx.token_start - header.layers[ctx.layer].token_start
-        target[:, lo : lo + skips[i]].copy_(bytes_to_tensor(bytes(raw), sink_ctx))
-    mark("expand_dequantize_sinks")
-    return KVCache(list(header.token_ids), [k[0] for k in keys], [v[0] for v in values])
+
+def host_profile(data: bytes, device: torch.device, top: int = 8) -> list[list]:
+    """(function, cumulative seconds) of one synced run's largest host costs, from cProfile."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    decode_on_device(data, device)
+    sync(device)
+    prof.disable()
+    stats = pstats.Stats(prof).stats
+    rows = sorted(((f"{fn[0].rsplit('/', 1)[-1]}:{fn[2]}", st[3]) for fn, st in stats.items()), key=lambda r: -r[1])
+    return [[name, round(sec, 4)] for name, sec in rows[:top]]
 
 
 def entropy_inputs(data: bytes, device: torch.device):
@@ -352,10 +239,8 @@ def bench_end_to_end(env, out, device, model_config, tokens, repeats, chunks) ->
 def end_to_end(out, device, data, prefill_times, repeats, common) -> None:
     first: list = []
     load_times, got = timed(lambda: decode_on_device(data, device), repeats, device, first)
-    stages: dict = {}
-    decode_on_device(data, device, stages)
-    emit(out, {"bench": "kvc_to_device_cache", **percentiles(load_times),
-               "first_call_s": round(first[0], 4), "stages_s_one_synced_run": {k: round(v, 5) for k, v in stages.items()},
+    emit(out, {"bench": "kvc_to_device_cache", **percentiles(load_times), "first_call_s": round(first[0], 4),
+               "host_profile_top": host_profile(data, device),
                "speedup_vs_prefill_p50": round(float(np.median(prefill_times) / np.median(load_times)), 2), **common})
     src = format.BytesSource(data)
     t0 = time.perf_counter()

@@ -299,6 +299,7 @@ class KvqDecoder(_Planned, Decoder):
 
     def __init__(self, *args):
         super().__init__(*args)
+        self._segments: dict = {}  # _segment's results by layout; every thread computes the same values
         self._device_states: dict = {}  # per device: tables and layouts on it (kernels/kvq_decode.py)
         self._lock = threading.Lock()
 
@@ -309,9 +310,14 @@ class KvqDecoder(_Planned, Decoder):
         out = []
         for i, (ctx, data) in enumerate(segments):
             try:
-                _, skip, lim = self._segment(ctx)
+                # _segment depends on the position only through the sink count: one call per layout.
+                key = (ctx.kind, ctx.layer, ctx.heads, ctx.dim, ctx.tokens, min(ctx.token_start, self.codec.sinks),
+                       ctx.dtype)
+                if key not in self._segments:
+                    self._segments[key] = self._segment(ctx)
+                _, skip, lim = self._segments[key]
                 coded = entropy.split_segment(data, lim)
-                if has_nonfinite(data[coded.end :], ctx.dtype):
+                if coded.end < len(data) and has_nonfinite(data[coded.end :], ctx.dtype):
                     raise CodecError("a sink token holds a non-finite value, which no kvq writer stores")
                 out.append((self._groups[(ctx.layer, KINDS.index(ctx.kind))], skip, coded))
             except CodecError as err:

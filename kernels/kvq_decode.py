@@ -101,20 +101,25 @@ def decode_onto(state: DeviceState, segments: list[tuple[SegmentContext, bytes, 
             lay.append(state.layout(ctx.layer, ("k", "v").index(ctx.kind), ctx.tokens - skip))
         except CodecError as err:
             raise CodecError(str(err), index=i) from None
+    # split_segment has checked every size against the limits that the layouts' symbol counts come from.
     streams = [split[i][2].stream for i in order]
     counts = [la.symbols for la in lay]
     try:
-        rans_decode.check_streams([(np.zeros(c, np.uint8), st) for c, st in zip(counts, streams)])
+        batch = rans_decode.upload(state.tables, counts, streams)
     except rans.StreamError as err:
         raise CodecError(str(err), index=order[err.index]) from None
-    batch = rans_decode.upload(state.tables, counts, streams)
-    cat = (lambda parts, dtype: torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=device))
-    table_ids = cat([la.table_ids for la in lay], torch.uint8)
-    symbols, status = rans_decode.launch(state.tables, table_ids, batch)
+    runs = _runs(order, lay, segments, split)
+
+    def per_symbol(field: str) -> torch.Tensor:
+        """A layout field for every symbol of the batch: one repeat per run, one concatenation."""
+        parts = [getattr(lay[run[0]], field).repeat(len(run)) for run in runs]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32, device=device)
+
+    symbols, status = rans_decode.launch(state.tables, per_symbol("table_ids"), batch)
     symbols = symbols.to(torch.int32) & 0xFFFF
     # Escapes: each escape symbol takes `m` values from the batch's escape array, in stream order.
-    is_esc = symbols == cat([la.esc_code for la in lay], torch.int32)
-    width = torch.where(is_esc, cat([la.widths for la in lay], torch.int32), 0).to(torch.int64)
+    is_esc = symbols == per_symbol("esc_code")
+    width = torch.where(is_esc, per_symbol("widths"), 0).to(torch.int64)
     ends = torch.cumsum(width, 0)
     bounds = torch.tensor(np.cumsum(counts, dtype=np.int64), device=device)
     at_end = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), ends])[bounds]
@@ -133,7 +138,7 @@ def decode_onto(state: DeviceState, segments: list[tuple[SegmentContext, bytes, 
     esc_all = torch.from_numpy(np.concatenate(values + [np.zeros(1, np.int32)])).to(device)
     offsets = ends - width  # the first escape value of each symbol, in the batch's escape array
     sym_pos = 0
-    for run in _runs(order, lay, segments, split):
+    for run in runs:
         la, first = lay[run[0]], order[run[0]]
         ctx, skip = segments[first][0], split[first][1]
         ns, span = len(run), la.symbols * len(run)

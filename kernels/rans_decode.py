@@ -87,15 +87,13 @@ class DeviceTables:
 
 
 def check_streams(streams: list[tuple[np.ndarray, rans.Stream]]) -> None:
-    """What rans.decode_streams checks before decoding. Sizes are the caller's to guarantee (entropy.split_segment
-    checks them against the segment's limits), so a wrong size is a ValueError; a state out of range is data."""
+    """The sizes rans.decode_streams asserts. They are the caller's to guarantee (entropy.split_segment checks them
+    against the segment's limits), so a wrong size is a ValueError; states, which are data, are upload's."""
     for k, (tid, st) in enumerate(streams):
         lanes = rans.lanes_for(len(tid))
         if len(st.states) != lanes or len(st.words) > len(tid):
             raise ValueError(f"stream {k}: {len(st.states)} lanes and {len(st.words)} words for {len(tid)} symbols "
                              f"(the rule gives {lanes} lanes, at most one word per symbol)")
-        if lanes and int(st.states.min()) < rans.STATE_LOW:
-            raise rans.StreamError("a lane's initial state is below 2^16", k)
 
 
 def _offsets(sizes: list[int]) -> np.ndarray:
@@ -142,7 +140,8 @@ class Batch:
 
 
 def upload(tables: DeviceTables, counts: list[int], streams: list[rans.Stream]) -> Batch:
-    """Meta, states and words of every stream packed into one int32 host array and copied to the device once."""
+    """Meta, states and words of every stream packed into one int32 host array and copied to the device once.
+    Refuses (StreamError naming the stream) an initial state below 2^16; sizes are the caller's (check_streams)."""
     lanes = [len(st.states) for st in streams]
     n_words = [len(st.words) for st in streams]
     total = sum(counts)
@@ -157,6 +156,10 @@ def upload(tables: DeviceTables, counts: list[int], streams: list[rans.Stream]) 
                        casting="unsafe")
         words = buf[n_meta + n_lanes :].view(np.uint16)
         np.concatenate([st.words for st in streams], out=words[: n_all - 1], casting="unsafe")
+    states = buf[n_meta : n_meta + n_lanes].view(np.uint32)
+    if n_lanes and int(states.min()) < rans.STATE_LOW:
+        lane = int(np.argmax(states < rans.STATE_LOW))
+        raise rans.StreamError("a lane's initial state is below 2^16", int(np.searchsorted(meta[0], lane, "right")) - 1)
     dev = torch.from_numpy(buf).to(tables.sym_lut.device)
     return Batch(dev[n_meta : n_meta + n_lanes], dev[n_meta + n_lanes :].view(torch.int16)[:n_all],
                  dev[:n_meta].view(6, len(streams)), n_words, total,

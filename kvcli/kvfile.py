@@ -178,9 +178,9 @@ def decode(src: format.ByteSource, header: format.Header, threads: int | None = 
     named on failure.
 
     Segments are read batch by batch while earlier batches decode on `threads` threads, so a source that
-    downloads ahead overlaps download and decode. backend "torch", "triton" or None (kernels.resolve's auto:
-    triton on CUDA). With "triton", a decoder that has `decode_onto` (kvq) decodes whole batches on the device,
-    one thread launching while this one reads and checksums the next batch; other codecs decode as with torch.
+    downloads ahead overlaps download and decode. backend "torch", "triton" or None (kernels.placement.resolve's
+    auto: triton on CUDA). With "triton", a decoder that has `decode_onto` (kvq) decodes large batches on the
+    device from this thread while another reads and checksums the next batch; other codecs decode as with torch.
     """
     device = torch.device(device)
     backend = resolve(device.type, backend or "auto").backend
@@ -190,7 +190,7 @@ def decode(src: format.ByteSource, header: format.Header, threads: int | None = 
     keys, values = _allocate(header, device, decoder.channel_major)
     segs, ctxs = _segments(header)
     on_device = backend == "triton" and hasattr(decoder, "decode_onto")
-    threads = 1 if on_device else threads or usable_cores()
+    threads = threads or usable_cores()
     total = sum(c.heads * c.tokens * c.dim for c in ctxs)
     target = decoder.device_batch_elements if on_device else min(decoder.batch_elements, -(-total // threads))
     batches = _batches(segs, ctxs, max(1, target))
@@ -200,13 +200,22 @@ def decode(src: format.ByteSource, header: format.Header, threads: int | None = 
         lo = seg.token_start - header.layers[seg.layer].token_start
         return (keys if seg.kind == "k" else values)[seg.layer][:, lo : lo + seg.token_count]
 
+    def read(batch: list[int]) -> list[bytes]:
+        return [format.read_segment(src, header, segs[i]) for i in batch]
+
+    if on_device:  # launches from this thread; one thread reads and checksums the next batch meanwhile
+        with ThreadPoolExecutor(max_workers=1) as reader:
+            ahead = reader.submit(read, batches[0]) if batches else None
+            for k, batch in enumerate(batches):
+                datas = ahead.result()
+                ahead = reader.submit(read, batches[k + 1]) if k + 1 < len(batches) else None
+                try:
+                    decoder.decode_onto([(ctxs[i], data, out_of(i)) for i, data in zip(batch, datas)])
+                except CodecError as err:
+                    raise _named(err, name, segs, batch) from None
+        return KVCache(list(header.token_ids), keys, values)
+
     def work(batch: list[int], datas: list[bytes]) -> None:
-        if on_device:
-            try:
-                decoder.decode_onto([(ctxs[i], data, out_of(i)) for i, data in zip(batch, datas)])
-            except CodecError as err:
-                raise _named(err, name, segs, batch) from None
-            return
         symbols = _entropy(decoder, name, segs, batch, ctxs, datas)
         for i, data, sym in zip(batch, datas, symbols):
             try:
@@ -217,8 +226,7 @@ def decode(src: format.ByteSource, header: format.Header, threads: int | None = 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         pending: deque = deque()
         for batch in batches:
-            datas = [format.read_segment(src, header, segs[i]) for i in batch]
-            pending.append(pool.submit(work, batch, datas))
+            pending.append(pool.submit(work, batch, read(batch)))
             while len(pending) > threads:
                 pending.popleft().result()
         while pending:
