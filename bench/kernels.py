@@ -2,6 +2,7 @@
 the device against prefilling the same tokens.
 
     python bench/kernels.py [--tokens 32768] [--repeats 10] [--out FILE]
+    python bench/kernels.py --skip tensor --skip end_to_end    # the device path's host costs only, any machine
 
 One JSON line per measurement (device, versions, percentiles of `repeats` timed runs after a warm-up). The model
 is a random-weight Qwen2 of Qwen2.5-0.5B's shape (no download), in bfloat16; its cache is encoded at `balanced`
@@ -169,6 +170,38 @@ def host_profile(data: bytes, device: torch.device, top: int = 8) -> list[list]:
     return [[name, round(sec, 4)] for name, sec in rows[:top]]
 
 
+def bench_host(env, out, tokens: int, chunk: int, repeats: int) -> None:
+    """The device path's per-segment host work without a device: read and CRC32, size checks and cuts
+    (KvqDecoder.split), and packing the upload, on a synthetic cache of Qwen2.5-0.5B's shape."""
+    from kvcli.kernels import kvq_decode
+
+    layers, heads, dim = QWEN_05B["num_hidden_layers"], QWEN_05B["num_key_value_heads"], 64
+    g = torch.Generator().manual_seed(0)
+    keys = [torch.randn(heads, tokens, dim, generator=g) + torch.randn(heads, 1, dim, generator=g) * 3
+            for _ in range(layers)]
+    values = [torch.randn(heads, tokens, dim, generator=g) for _ in range(layers)]
+    freqs = [1.0 / (1e6 ** (np.arange(0, dim, 2, dtype=np.float32) / dim)) for _ in range(layers)]
+    meta, parts = kvfile.encode(KVCache(list(range(tokens)), keys, values), IDENT,
+                                make_codec("balanced", None, freqs), chunk)
+    src = format.BytesSource(format.build_header(meta, parts) + b"".join(p.data for p in parts))
+    header = format.read_header(src)
+    _, decoder = kvfile.open_decoder(src, header)
+    segs, ctxs = kvfile._segments(header)
+    datas = [format.read_segment(src, header, seg) for seg in segs]
+    split = decoder.split(list(zip(ctxs, datas)))
+    state = kvq_decode.DeviceState(decoder, torch.device("cpu"))
+    counts = [state.layout(c.layer, ("k", "v").index(c.kind), c.tokens - skip).symbols for c, (_, skip, _) in
+              zip(ctxs, split)]
+    stages = {"read_and_crc32": lambda: [format.read_segment(src, header, seg) for seg in segs],
+              "split_and_check": lambda: decoder.split(list(zip(ctxs, datas))),
+              "pack_upload": lambda: rans_decode.upload(state.tables, counts, [s[2].stream for s in split])}
+    for stage, fn in stages.items():
+        times, _ = timed(fn, repeats, torch.device("cpu"))
+        emit(out, {"bench": "device_path_host", "stage": stage, "segments": len(segs), "tokens": tokens,
+                   "chunk_tokens": chunk, "us_per_segment": round(float(np.median(times)) / len(segs) * 1e6, 1),
+                   **percentiles(times), **env})
+
+
 def entropy_inputs(data: bytes, device: torch.device):
     """Every kvq segment's stream and table ids of a file, on the device: what the rANS launch takes."""
     src = format.BytesSource(data)
@@ -265,7 +298,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--chunk", type=int, action="append", help="chunk tokens of the file (repeatable; 256)")
     ap.add_argument("--tiny", action="store_true", help="a two-layer model and small tensors (CPU dry run)")
-    ap.add_argument("--skip", action="append", default=[], choices=["tensor", "end_to_end"])
+    ap.add_argument("--skip", action="append", default=[], choices=["tensor", "end_to_end", "host"])
     ap.add_argument("--sweep", action="store_true", help="time the kernels at every tile size and warp count")
     ap.add_argument("--out", help="also append the JSON lines to this file")
     args = ap.parse_args()
@@ -277,6 +310,8 @@ def main() -> None:
             bench_tensor_kernels(env, out, device, 33, 2, 8, args.repeats, False)
         else:  # one layer of an 8B model
             bench_tensor_kernels(env, out, device, args.tokens, 8, 128, args.repeats, args.sweep)
+    if "host" not in args.skip:
+        bench_host(env, out, 2048 if args.tiny else min(args.tokens, 8192), (args.chunk or [256])[0], args.repeats)
     if "end_to_end" not in args.skip:
         bench_end_to_end(env, out, device, TINY if args.tiny else QWEN_05B, args.tokens, args.repeats,
                          args.chunk or [256])
