@@ -361,7 +361,7 @@ def create_app(store, token: str | None = None, writable: bool = False, read_tok
         return JSONResponse({"caches": await run_in_threadpool(lambda: store.lookup(**wanted))})
 
     async def healthz(request: Request) -> Response:
-        await run_in_threadpool(store.exists, "0" * 64)  # touches the storage: a dead mount or bucket is a 503
+        await run_in_threadpool(store.probe)  # a dead mount or an unreachable bucket is a 503
         return JSONResponse({"status": "ok", "writable": writable, "version": __version__})
 
     async def metrics_text(request: Request) -> Response:

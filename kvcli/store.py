@@ -220,6 +220,10 @@ class FileStore:
     def exists(self, key: str) -> bool:
         return self.size(key) is not None
 
+    def probe(self) -> None:
+        """Touch the storage (a health check): a StorageError when it cannot be reached."""
+        self._size("0" * 64)
+
     def size(self, key: str) -> int | None:
         return self._size(check_key(key))
 
@@ -377,6 +381,11 @@ class DirStore(FileStore):
 
     def path_of(self, key: str) -> str:
         return str(self.root / f"{key}.kvc")
+
+    def probe(self) -> None:
+        # A missing file says nothing about a directory that was unmounted or removed: look at the root itself.
+        if not self.root.is_dir():
+            raise StorageError(f"{self.root}: the store directory is gone (unmounted or removed?)")
 
     def _size(self, key: str) -> int | None:
         try:

@@ -549,3 +549,58 @@ def test_push_refuses_a_server_that_names_no_usable_part_size(tmp_path):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_stalled_clients_time_out_and_the_server_stays_healthy(tmp_path, token_file):
+    root = tmp_path / "store"
+    root.mkdir()
+    data = make_big_cache(seed=57, mib=24)
+    key, upload = key_of(data), upload_of(data)
+    with CacheServer(root, "--writable", "--token-file", str(token_file), "--io-timeout", "1") as srv:
+        assert srv.url.startswith("http://127.0.0.1:")  # loopback unless --host says otherwise
+        host, port = srv.url.split("//")[1].split(":")
+        for path in (f"/v1/caches/{key}", f"/v1/uploads/{key}/{upload}/0"):
+            with socket.create_connection((host, int(port)), timeout=10) as s:
+                s.sendall(f"PUT {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                          f"Content-Length: 1000\r\n\r\n".encode() + data[:10])  # then nothing more
+                started = time.monotonic()
+                reply = s.recv(65536)
+                assert reply.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 8, reply
+        assert list(root.iterdir()) in ([], [root / store.UPLOADS]) and staged(root) == []
+        assert store.push(store.open_store(srv.url, token=TOKEN), _write(tmp_path / "big.kvc", data))["uploaded"]
+        # A reader that stops taking the response is cut off instead of holding the server's buffers for ever.
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            s.sendall(f"GET /v1/caches/{key} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            time.sleep(4)
+            got = 0
+            while chunk := s.recv(1 << 20):
+                got += len(chunk)
+            assert got < len(data)
+        assert httpx.get(f"{srv.url}/v1/caches/{key}").content == data
+        # A store directory that disappears is reported by /healthz, and counted as an error.
+        assert httpx.get(f"{srv.url}/healthz").status_code == 200
+        (root / f"{key}.kvc").unlink()
+        os.rename(root, tmp_path / "gone")
+        sick = httpx.get(f"{srv.url}/healthz")
+        assert sick.status_code == 503 and "gone" in sick.json()["error"]
+        assert 'kvcli_errors_total{route="/healthz"} 1' in httpx.get(f"{srv.url}/metrics").text
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_prefill_writes_straight_into_a_server(cli, llama, doc_file, server, monkeypatch):
+    monkeypatch.delenv("KVCLI_TOKEN", raising=False)
+    monkeypatch.delenv("KVCLI_TOKEN_FILE", raising=False)
+    refused = cli("prefill", doc_file, "--out-dir", server.url, "--model", llama, "-q", "lossless")
+    assert refused.exit_code == 8 and "token" in refused.stdout + refused.stderr
+    monkeypatch.setenv("KVCLI_TOKEN", TOKEN)
+    result = cli("prefill", doc_file, "--out-dir", server.url, "--model", llama, "-q", "lossless")
+    assert result.exit_code == 0, result.stderr
+    line = json.loads(result.stdout.splitlines()[0])
+    assert line["status"] == "written" and line["path"] == f"{server.url}/v1/caches/{line['key']}"
+    body = httpx.get(line["path"]).content
+    assert key_of(body) == line["key"] and store.validate(format.BytesSource(body)).num_tokens == line["tokens"]

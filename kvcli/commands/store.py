@@ -23,6 +23,8 @@ def serve_cache(
     writable: bool = typer.Option(False, "--writable", help="Accept PUT and DELETE (with the token)"),
     read_token: bool = typer.Option(False, "--read-token", help="Require the token for reads too"),
     max_upload: int = typer.Option(4 << 30, "--max-upload-bytes", min=1, help="Largest accepted upload"),
+    io_timeout: float = typer.Option(60.0, "--io-timeout", min=0.1, max=3600.0, help="Seconds to wait for the next "
+                                     "chunk of an upload, or for a client to take the next chunk of a response"),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error"),
 ) -> None:
     """Serve a cache store over HTTP: range reads, listing, lookup; validated uploads with --writable."""
@@ -41,7 +43,7 @@ def serve_cache(
     backend = store.open_store(root, create=writable)
     if isinstance(backend, store.ServerStore):
         raise UsageError(f"{root}: serve a directory or an object store, not another server")
-    app = server.create_app(backend, token, writable, read_token, max_upload)
+    app = server.create_app(backend, token, writable, read_token, max_upload, io_timeout)
     logging.basicConfig(level=log_level.upper(), format="%(message)s", force=True,
                         handlers=[RichHandler(console=Console(stderr=True, width=None if sys.stderr.isatty() else 200),
                                               show_path=False, rich_tracebacks=False, markup=False)])
