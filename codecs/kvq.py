@@ -135,12 +135,26 @@ class KvqCodec(Codec):
         return unrotate_keys(x, cos, sin)
 
     def _plan(self, body: torch.Tensor, layer: int, kind: int) -> LayerPlan:
+        return self._fit_layer(body, layer, kind)[0]
+
+    def _fit_layer(self, body: torch.Tensor, layer: int, kind: int) -> tuple[LayerPlan, torch.Tensor]:
+        """The plan of one layer's K or V body (heads, dim, tokens) in the quantization space, and its integers
+        (int32, same shape), which the classes are measured on. CodecError for non-finite or too large values."""
         heads, dim, tokens = body.shape
         if tokens == 0:
             ones = np.ones((heads, dim), dtype=np.float16)
-            return LayerPlan(np.zeros_like(ones), ones, np.zeros((heads, dim), dtype=np.int8))
+            empty = torch.zeros((heads, dim, 0), dtype=torch.int32)
+            return LayerPlan(np.zeros_like(ones), ones, np.zeros((heads, dim), dtype=np.int8)), empty
         center = body.mean(dim=2).clamp(-MAX_STEP, MAX_STEP).to(torch.float16).float()
         dev = body - center[..., None]
+        # NaN or infinite where the body is, or where finite values are so large that their mean overflowed: a
+        # second pass over the body, only on the way to an error, tells which.
+        spread = dev.abs().amax(dim=2)
+        if not torch.isfinite(spread).all():
+            what = f"layer {layer} {KINDS[kind].upper()}"
+            if not torch.isfinite(body).all():
+                raise CodecError(f"{what} holds non-finite values (NaN or Inf), which kvq cannot code; use lossless")
+            spread = body.abs().amax(dim=2)
         rms = dev.pow(2).mean(dim=(1, 2)).sqrt().nan_to_num(MAX_STEP).clamp_min(1e-6)  # per head
         factor = self.profile.step_factor(layer, kind, heads) if self.profile is not None else np.ones(heads)
         step = (self.scale * torch.from_numpy(factor).float() * rms)[:, None].expand(heads, dim)
@@ -149,15 +163,17 @@ class KvqCodec(Codec):
             w = w / w.log().mean().exp()
             step = step * w.pow(-0.5).float().clamp(1 / 16, 16)
         # No channel needs more than MAX_LEVEL steps from its center: escapes stay far inside int32.
-        floor = dev.abs().amax(dim=2) / MAX_LEVEL
+        floor = spread / MAX_LEVEL
         if (floor > MAX_STEP).any():
-            raise CodecError(f"layer {layer} {KINDS[kind].upper()}: values up to {float(dev.abs().max()):.3g} from "
+            raise CodecError(f"layer {layer} {KINDS[kind].upper()}: values up to {float(spread.max()):.3g} from "
                              f"their channel mean are beyond kvq's range ({MAX_STEP * MAX_LEVEL:.3g}); use lossless")
         # float16 rounding may shave 2^-11 off a floored step: |q| stays below 2^31 all the same.
         step = torch.maximum(step.clamp(MIN_STEP, 60000), floor).to(torch.float16).float()
-        q = quantize(body, center, step).float()
-        std = q.std(dim=2, unbiased=False).numpy() if tokens > 1 else q.abs().mean(dim=2).numpy()
-        return LayerPlan(center.numpy().astype(np.float16), step.numpy().astype(np.float16), entropy.class_of(std))
+        q = quantize(body, center, step)
+        qf = q.float()
+        std = qf.std(dim=2, unbiased=False).numpy() if tokens > 1 else qf.abs().mean(dim=2).numpy()
+        plan = LayerPlan(center.numpy().astype(np.float16), step.numpy().astype(np.float16), entropy.class_of(std))
+        return plan, q
 
     def _skip(self, tokens: int, token_start: int) -> int:
         """How many of a segment's tokens are exact sinks."""
@@ -178,30 +194,33 @@ class KvqCodec(Codec):
     # ------------------------------------------------------------ factories
 
     def fit(self, keys: list[torch.Tensor], values: list[torch.Tensor], token_starts: list[int]) -> "KvqEncoder":
+        """Plans and tables from the whole cache, quantizing every element once: the encoder keeps the integers
+        and codes the segments that are slices of these tensors from them."""
         plans: dict[tuple[int, int], LayerPlan] = {}
         samples: dict[int, list[np.ndarray]] = {}
+        fitted: dict[tuple[int, int], Fitted] = {}
         for layer, start in enumerate(token_starts):
             for kind, x in enumerate((keys[layer], values[layer])):
-                if not torch.isfinite(x).all():
-                    raise CodecError(f"layer {layer} {KINDS[kind].upper()} holds non-finite values (NaN or Inf), "
-                                     "which kvq cannot code; use lossless")
-                skip = max(0, self.sinks - start)
-                body = self._pre(x, layer, kind, start)[:, :, skip:]
-                plan = self._plan(body, layer, kind)
+                skip = min(x.shape[1], max(0, self.sinks - start))
+                if skip and not torch.isfinite(x[:, :skip]).all():
+                    raise CodecError(f"layer {layer} {KINDS[kind].upper()} holds non-finite values (NaN or Inf) in "
+                                     "its sink tokens, which kvq cannot code; use lossless")
+                body = self._pre(x[:, skip:], layer, kind, start + skip)
+                plan, q = self._fit_layer(body, layer, kind)
                 plans[(layer, kind)] = plan
+                fitted[(layer, kind)] = Fitted(x, start, _narrow(q))
                 for cls in np.unique(plan.classes):  # every class a plan names gets a table, used or not
                     samples.setdefault(int(cls), [])
                 if body.shape[2] == 0:
                     continue
                 # Tables are a model, not a census: a contiguous window of tokens keeps neighbour statistics.
                 mid = max(0, (body.shape[2] - TABLE_SAMPLE_TOKENS) // 2)
-                window = body[:, :, mid : mid + TABLE_SAMPLE_TOKENS]
-                q = quantize(window, _t(plan.center), _t(plan.step)).numpy()  # (H, D, T)
+                window = q[:, :, mid : mid + TABLE_SAMPLE_TOKENS].numpy()  # (H, D, T)
                 for cls in np.unique(plan.classes):
-                    samples[int(cls)].append(q[plan.classes == cls])
+                    samples[int(cls)].append(window[plan.classes == cls])
         inv_freq = [None if self._freq(layer, 0) is None else self._freq(layer, 0).numpy()
                     for layer in range(len(token_starts))]
-        return KvqEncoder(self, plans, entropy.fit_tables(samples), inv_freq)
+        return KvqEncoder(self, plans, entropy.fit_tables(samples), inv_freq, fitted)
 
     def open(self, aux: dict[str, bytes]) -> "KvqDecoder":
         if set(aux) != {"kvq.plan", "kvq.tables"}:
@@ -238,10 +257,46 @@ class _Planned:
         return torch.from_numpy(freq) if freq is not None else None
 
 
+@dataclass(frozen=True)
+class Fitted:
+    """What fit quantized for one layer and kind: the tensor (heads, tokens, dim) it was given, the absolute
+    position of that tensor's first token, and the integers (heads, dim, non-sink tokens) of its body."""
+
+    source: torch.Tensor
+    start: int
+    q: torch.Tensor
+
+    def rows(self, x: torch.Tensor, token_start: int, skip: int) -> torch.Tensor | None:
+        """The integers of x[:, skip:] if x is the slice of `source` from absolute position token_start (so
+        the values fit saw, as kvfile.encode passes them); None for any other tensor."""
+        src, lo = self.source, token_start - self.start
+        if (x.device != src.device or x.dtype != src.dtype or x.stride() != src.stride() or x.dim() != 3
+                or x.shape[0] != src.shape[0] or x.shape[2] != src.shape[2] or lo < 0
+                or lo + x.shape[1] > src.shape[1]
+                or x.data_ptr() != src.data_ptr() + lo * src.stride(1) * src.element_size()):
+            return None
+        first = lo + skip - (src.shape[1] - self.q.shape[2])  # fit's body starts after the layer's sinks
+        return self.q[:, :, first : first + x.shape[1] - skip] if first >= 0 else None
+
+
+def _narrow(q: torch.Tensor) -> torch.Tensor:
+    """int16 when every integer of the layer fits, as nearly always: half the memory the encoder holds."""
+    if q.numel():
+        lo, hi = torch.aminmax(q)
+        if int(lo) >= -(1 << 15) and int(hi) < 1 << 15:
+            return q.to(torch.int16)
+    return q
+
+
 class KvqEncoder(_Planned, Encoder):
-    # "triton": _prepare quantizes each segment on its tensor's device with kernels/quantize.py, which gives the
-    # torch path's integers exactly. kvfile.encode sets it before the first segment.
+    # "triton": _prepare quantizes each segment fit did not see on its tensor's device with kernels/quantize.py,
+    # which gives the torch path's integers exactly. kvfile.encode sets it before the first segment.
     backend = "torch"
+
+    def __init__(self, codec: KvqCodec, plans: dict[tuple[int, int], LayerPlan], tables: entropy.ClassTables,
+                 inv_freq: list[np.ndarray | None], fitted: dict[tuple[int, int], Fitted] | None = None):
+        super().__init__(codec, plans, tables, inv_freq)
+        self.fitted = fitted or {}
 
     def aux(self) -> dict[str, bytes]:
         zc = zstandard.ZstdCompressor(level=19)
@@ -276,15 +331,17 @@ class KvqEncoder(_Planned, Encoder):
         return out
 
     def _prepare(self, x: torch.Tensor, ctx: SegmentContext):
-        """(groups, rows (heads*dim, tokens) int32, limits, sink bytes) of one segment."""
+        """(groups, rows (heads*dim, tokens) int16 or int32, limits, sink bytes) of one segment."""
         plan, skip, lim = self._segment(ctx)
         kind = KINDS.index(ctx.kind)
         center, step = self._tensors[(ctx.layer, kind)]
-        if self.backend == "triton":
+        fitted = self.fitted.get((ctx.layer, kind))
+        q = fitted.rows(x, ctx.token_start, skip) if fitted is not None else None
+        if q is None and self.backend == "triton":
             from ..kernels.quantize import quantize_unrotate  # needs triton; imported only when asked for
 
             q = quantize_unrotate(x[:, skip:], center, step, self._freq(ctx.layer, kind), ctx.token_start + skip).cpu()
-        else:
+        elif q is None:
             q = quantize(self.codec._pre(x[:, skip:], ctx.layer, kind, ctx.token_start + skip), center, step)
         rows = q.numpy().reshape(ctx.heads * ctx.dim, ctx.tokens - skip)
         sinks = tensor_bytes(x[:, :skip].cpu()).tobytes() if skip else b""
@@ -347,7 +404,8 @@ class KvqDecoder(_Planned, Decoder):
 
     def reconstruct(self, ctx: SegmentContext, data: bytes, symbols: np.ndarray, out: torch.Tensor,
                     backend: str = "torch") -> None:
-        """Dequantize and re-apply RoPE to keys into out[:, sinks:], the exact sinks into out[:, :sinks]."""
+        """Dequantize and re-apply RoPE to keys into out[:, sinks:], the exact sinks into out[:, :sinks], in torch
+        (the triton backend decodes whole batches with decode_onto instead)."""
         _, skip, lim = self._segment(ctx)
         kind = KINDS.index(ctx.kind)
         if skip:
@@ -359,11 +417,8 @@ class KvqDecoder(_Planned, Decoder):
         center, step = (t.to(device) for t in self._tensors[(ctx.layer, kind)])
         freq = self._freq(ctx.layer, kind)
         q = torch.from_numpy(symbols).reshape(ctx.heads, ctx.dim, ctx.tokens - skip).to(device)
-        if backend == "triton":
-            from ..kernels.dequantize import dequantize_rotate  # needs triton; imported only when asked for
-        else:
-            dequantize_rotate = dequantize_rotate_ref
-        body = dequantize_rotate(q, center, step, freq.to(device) if freq is not None else None, ctx.token_start + skip)
+        body = dequantize_rotate_ref(q, center, step, freq.to(device) if freq is not None else None,
+                                     ctx.token_start + skip)
         if ctx.dtype == "float16":  # a value within step/2 of 65504 must not round to infinity
             body = body.clamp(-FLOAT16_MAX, FLOAT16_MAX)
         out[:, skip:].copy_(body.transpose(1, 2))
