@@ -473,6 +473,9 @@ def test_completing_checks_the_parts_and_refuses_gaps_and_corruption(server, roo
     assert httpx.delete(f"{server.url}/v1/uploads/{key2}/{upload2}", headers=bearer()).status_code == 204
     assert httpx.delete(f"{server.url}/v1/uploads/{key2}/{upload2}", headers=bearer()).status_code == 404
     assert staged(root) == [] and not (root / f"{key2}.kvc").exists()
+    metrics = httpx.get(f"{server.url}/metrics").text
+    for route, method, status in (("{offset}", "PUT", 200), ("complete", "POST", 409), ("complete", "POST", 422)):
+        assert f'route="/v1/uploads/{{key}}/{{upload}}/{route}",method="{method}",status="{status}"' in metrics
 
 
 def test_an_upload_started_on_one_server_finishes_on_another_and_stale_ones_are_swept(tmp_path, token_file):
@@ -572,7 +575,7 @@ def test_stalled_clients_time_out_and_the_server_stays_healthy(tmp_path, token_f
         with socket.create_connection((host, int(port)), timeout=10) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
             s.sendall(f"GET /v1/caches/{key} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            time.sleep(4)
+            time.sleep(3)
             got = 0
             while chunk := s.recv(1 << 20):
                 got += len(chunk)
