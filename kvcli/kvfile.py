@@ -91,10 +91,13 @@ def encode(kv: KVCache, model_identity: dict, codec: Codec, chunk_tokens: int = 
     codec's kernels where it has them (the file's bytes are the same either way)."""
     dtype = DTYPE_NAMES[kv.dtype]
     shapes = layer_shapes(kv)
-    host = KVCache(kv.token_ids, [k.cpu() for k in kv.keys], [v.cpu() for v in kv.values])
+    # With triton the fit gets copies even on the CPU, so the segments are quantized by the kernel on every
+    # device alike rather than taken from the fit's integers (which it keeps for the tensors it saw).
+    triton = backend == "triton"
+    host = KVCache(kv.token_ids, [k.to("cpu", copy=triton) for k in kv.keys],
+                   [v.to("cpu", copy=triton) for v in kv.values])
     encoder = codec.fit(host.keys, host.values, [s.token_start for s in shapes])
-    on_device = backend == "triton" and hasattr(encoder, "backend")
-    if on_device:
+    if triton and hasattr(encoder, "backend"):
         encoder.backend = backend
     else:
         kv = host
