@@ -202,3 +202,14 @@ def test_triton_backend_without_triton_is_refused(cli, kvc, doc_file, tmp_path, 
 @pytest.mark.parametrize("flag,value", [("--device", "tpu"), ("--backend", "cuda")])
 def test_unknown_device_or_backend_is_a_usage_error(cli, kvc, tmp_path, flag, value):
     one_line_error(cli("decode", kvc, "-o", tmp_path / "out.safetensors", flag, value), 2, f"unknown {flag}")
+
+
+def test_prefill_into_a_store_with_triton_writes_the_torch_files(cli, llama, doc_file, tmp_path, placed,
+                                                                torch_placed, short_lanes):
+    stores = []
+    for name, backend in (("torch", torch_placed), ("triton", placed)):
+        store = tmp_path / name
+        result = cli("prefill", doc_file, "--out-dir", store, "--model", llama, "--chunk-tokens", "32", *backend)
+        assert result.exit_code == 0, result.stderr
+        stores.append({p.name: p.read_bytes() for p in store.glob("*.kvc")})
+    assert stores[0] and stores[0] == stores[1]
