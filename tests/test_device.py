@@ -20,6 +20,7 @@ from cli_checks import one_line_error  # noqa: E402
 
 from kvcli import format, kvfile  # noqa: E402
 from kvcli.codecs import KvqCodec  # noqa: E402
+from kvcli.codecs.kvq import KvqDecoder  # noqa: E402
 from kvcli.errors import FormatError  # noqa: E402
 from kvcli.kernels.placement import Placement, resolve  # noqa: E402
 from kvcli.kvcache import KVCache  # noqa: E402
@@ -54,13 +55,30 @@ def build(meta, parts) -> bytes:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_triton_decode_is_bit_identical_to_torch(device, short_lanes, dtype):
+@pytest.mark.parametrize("batch", [None, 700])
+def test_triton_decode_is_bit_identical_to_torch(device, short_lanes, monkeypatch, dtype, batch):
+    """One batch, and batches of a few segments each (read ahead while the previous one decodes)."""
+    if batch:
+        monkeypatch.setattr(KvqDecoder, "device_batch_elements", batch)
     data = build(*lossy_parts(dtype))
     want = decode_with(data, "cpu", "torch")
     got = decode_with(data, device, "triton")
     assert got.token_ids == want.token_ids and got.dtype == dtype
     for a, b in zip(want.keys + want.values, got.keys + got.values):
         assert b.device.type == device.type and torch.equal(a, b.cpu())
+
+
+@pytest.mark.parametrize("tokens,sinks", [(1, 1), (3, 5), (2, 0)])
+def test_triton_decode_of_tiny_and_all_sink_caches(device, tokens, sinks):
+    g = torch.Generator().manual_seed(tokens)
+    keys = [torch.randn(2, tokens, 4, generator=g).half()]
+    values = [torch.full((2, tokens, 4), 65500.0).half()]  # near float16's limit: the clamp must agree
+    kv = KVCache(list(range(tokens)), keys, values)
+    meta, parts = kvfile.encode(kv, IDENT, KvqCodec(0.3, sinks, None, [np.ones(2, np.float32)]), 16)
+    data = build(meta, parts)
+    want, got = decode_with(data, "cpu", "torch"), decode_with(data, device, "triton")
+    for a, b in zip(want.keys + want.values, got.keys + got.values):
+        assert torch.equal(a, b.cpu())
 
 
 def damage(parts, what: str):
