@@ -14,6 +14,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 #define PRECISION_BITS 16
@@ -511,6 +512,116 @@ done:
     return result;
 }
 
+
+/* The inverse, for the encoder: m consecutive tokens of a channel as one joint symbol, sum over j of
+ * (v_j + K)(2K + 1)^(m - 1 - j), the last tuple padded with zeros; a tuple with any value outside [-K, K]
+ * is the escape symbol (2K + 1)^m and its m values go to the escapes. */
+#define TUPLES_LOOP(type)                                                                                   \
+    for (int64_t r = 0; r < n; r++) {                                                                       \
+        const type *row = (const type *)values + r * tokens;                                                \
+        for (int64_t i = 0; i < per_row; i++) {                                                             \
+            int32_t v[4] = {0, 0, 0, 0};                                                                    \
+            int64_t width = tokens - i * m < m ? tokens - i * m : m;                                        \
+            uint32_t sym = 0, out = 0;                                                                      \
+            for (int64_t j = 0; j < width; j++) v[j] = row[i * m + j];                                      \
+            for (int64_t j = 0; j < m; j++) {                                                               \
+                uint32_t d = (uint32_t)(v[j] + half); /* negatives wrap: one comparison tests both sides */ \
+                out |= d >= base;                                                                           \
+                sym = sym * base + d;                                                                       \
+            }                                                                                               \
+            if (out) {                                                                                      \
+                memcpy(escapes + used, v, m * sizeof(int32_t));                                             \
+                used += m;                                                                                  \
+                sym = esc;                                                                                  \
+            }                                                                                               \
+            *symbols++ = (int32_t)sym;                                                                      \
+        }                                                                                                   \
+    }
+
+PyDoc_STRVAR(to_tuples_doc,
+             "to_tuples(rows, tokens, half, m, symbols, escapes) -> int\n\n"
+             "rows: int16 or int32 (n, tokens), C order. Fills symbols (int32, n * ceil(tokens / m)) and the first\n"
+             "values of escapes (int32, m per symbol); returns how many escape values it wrote.");
+
+static PyObject *to_tuples(PyObject *self, PyObject *args) {
+    PyObject *o_rows, *o_sym, *o_esc;
+    long long tokens, half, m;
+    View rows = {0}, sym = {0}, esc_view = {0};
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "OLLLOO", &o_rows, &tokens, &half, &m, &o_sym, &o_esc)) return NULL;
+    if (PyObject_GetBuffer(o_rows, &rows.buf, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) goto done;
+    rows.held = 1;
+    if (view_get(o_sym, &sym, 1, 4, "symbols") || view_get(o_esc, &esc_view, 1, 4, "escapes")) goto done;
+    Py_ssize_t item = rows.buf.itemsize;
+    if ((item != 2 && item != 4) || tokens < 1 || half < 1 || half > 255 || (m != 1 && m != 2 && m != 4) ||
+        rows.buf.len % (item * tokens)) {
+        PyErr_SetString(PyExc_ValueError, "to_tuples: rows must be int16 or int32 (n, tokens); 1 <= K <= 255, m 1, 2 or 4");
+        goto done;
+    }
+    int64_t n = rows.buf.len / item / tokens, per_row = (tokens + m - 1) / m;
+    if (ITEMS(sym, int32_t) != n * per_row || ITEMS(esc_view, int32_t) != n * per_row * m) {
+        PyErr_SetString(PyExc_ValueError, "to_tuples: output sizes do not match the rows");
+        goto done;
+    }
+    const uint32_t base = 2 * (uint32_t)half + 1;
+    uint32_t esc = 1;
+    for (int64_t j = 0; j < m; j++) esc *= base;
+    int64_t used = 0;
+    Py_BEGIN_ALLOW_THREADS
+    const void *values = rows.buf.buf;
+    int32_t *symbols = DATA(sym, int32_t), *escapes = DATA(esc_view, int32_t);
+    if (item == 2) {
+        TUPLES_LOOP(int16_t)
+    } else {
+        TUPLES_LOOP(int32_t)
+    }
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromLongLong(used);
+done:
+    view_release(&rows), view_release(&sym), view_release(&esc_view);
+    return result;
+}
+
+
+/* ------------------------------------------------------------------------------------------ channel spread */
+
+PyDoc_STRVAR(spread_doc,
+             "spread(q, tokens, out)\n\nout (float64, one per row): the population standard deviation of each row of q\n"
+             "(int32, (rows, tokens), C order), summed exactly in integers (128-bit squares).");
+
+static PyObject *spread(PyObject *self, PyObject *args) {
+    PyObject *o_q, *o_out;
+    long long tokens;
+    View q = {0}, out = {0};
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "OLO", &o_q, &tokens, &o_out)) return NULL;
+    if (view_get(o_q, &q, 0, 4, "q") || view_get(o_out, &out, 1, 8, "out")) goto done;
+    if (tokens < 1 || ITEMS(q, int32_t) != ITEMS(out, double) * tokens) {
+        PyErr_SetString(PyExc_ValueError, "spread: q is not (rows, tokens) for the rows of out");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    const int32_t *v = DATA(q, int32_t);
+    double *std = DATA(out, double);
+    for (Py_ssize_t r = 0; r < ITEMS(out, double); r++, v += tokens) {
+        int64_t sum = 0;
+        __int128 squares = 0;
+        for (int64_t i = 0; i < tokens; i++) {
+            sum += v[i];
+            squares += (int64_t)v[i] * v[i];
+        }
+        /* tokens * squares - sum^2 = tokens^2 * variance, exact */
+        __int128 spread2 = squares * tokens - (__int128)sum * sum;
+        std[r] = sqrt((double)spread2) / (double)tokens;
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    view_release(&q), view_release(&out);
+    return result;
+}
+
 /* ------------------------------------------------------------------------------------------ module */
 
 PyDoc_STRVAR(check_doc, "check_constants(precision_bits, state_low, word_bits): raise unless they are this build's.");
@@ -531,6 +642,8 @@ static PyMethodDef methods[] = {
     {"encode", encode, METH_VARARGS, encode_doc},
     {"count_escapes", count_escapes, METH_VARARGS, count_escapes_doc},
     {"expand", expand, METH_VARARGS, expand_doc},
+    {"to_tuples", to_tuples, METH_VARARGS, to_tuples_doc},
+    {"spread", spread, METH_VARARGS, spread_doc},
     {"check_constants", check_constants, METH_VARARGS, check_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -32,6 +32,17 @@ def class_of(std: np.ndarray) -> np.ndarray:
     return np.clip(c, MIN_CLASS, MAX_CLASS).astype(np.int8)
 
 
+def classes_of(q: np.ndarray) -> np.ndarray:
+    """Class per channel of q (..., tokens) int32, from the population standard deviation of its values (their
+    mean magnitude for a single token, whose deviation says nothing)."""
+    q = np.ascontiguousarray(q, dtype=np.int32)
+    if q.shape[-1] == 1:
+        return class_of(np.abs(q[..., 0]).astype(np.float64))
+    std = np.empty(q.shape[:-1], np.float64)
+    _ans.spread(q, q.shape[-1], std)
+    return class_of(std)
+
+
 @functools.lru_cache(maxsize=None)
 def class_layout(cls: int) -> tuple[int, int]:
     """(half_range K, tuple length m) of a class: values in [-K, K], tuples of m tokens."""
@@ -105,27 +116,17 @@ def zstd_bound(size: int) -> int:
 
 
 def to_tuples(rows: np.ndarray, half: int, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """rows (n, tokens) int32 -> joint symbols (n * ceil(tokens/m),) and the escaped tuples' values.
+    """rows (n, tokens) int16 or int32 -> joint symbols (n * ceil(tokens/m),) int32 and the escaped tuples'
+    values (int32), in C without the GIL.
 
     Tokens are padded with zeros to a multiple of m; the decoder knows `tokens` and drops the padding.
     """
+    rows = np.ascontiguousarray(rows if rows.dtype in (np.int16, np.int32) else rows.astype(np.int32))
     n, tokens = rows.shape
-    width = -(-tokens // m) * m
-    if width != tokens:
-        rows = np.concatenate([rows, np.zeros((n, width - tokens), dtype=rows.dtype)], axis=1)
-    tuples = rows.reshape(n * width // m, m)
-    base = 2 * half + 1
-    digits = tuples.astype(np.int32) + half
-    # One unsigned comparison finds values on either side of [-half, half]: negatives wrap to huge numbers.
-    out_of_range = digits.view(np.uint32) >= base
-    escaped = out_of_range[:, 0].copy()
-    symbols = digits[:, 0].copy()
-    for j in range(1, m):
-        escaped |= out_of_range[:, j]
-        symbols *= base  # escaped tuples may overflow here; their symbol is replaced below
-        symbols += digits[:, j]
-    symbols[escaped] = base**m
-    return symbols, tuples[escaped].reshape(-1)
+    count = n * -(-tokens // m)
+    symbols, escapes = np.empty(count, np.int32), np.empty(count * m, np.int32)
+    used = _ans.to_tuples(rows, tokens, half, m, symbols, escapes) if count else 0
+    return symbols, escapes[:used].copy()
 
 
 @functools.lru_cache(maxsize=64)

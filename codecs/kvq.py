@@ -170,9 +170,8 @@ class KvqCodec(Codec):
         # float16 rounding may shave 2^-11 off a floored step: |q| stays below 2^31 all the same.
         step = torch.maximum(step.clamp(MIN_STEP, 60000), floor).to(torch.float16).float()
         q = quantize(body, center, step)
-        qf = q.float()
-        std = qf.std(dim=2, unbiased=False).numpy() if tokens > 1 else qf.abs().mean(dim=2).numpy()
-        plan = LayerPlan(center.numpy().astype(np.float16), step.numpy().astype(np.float16), entropy.class_of(std))
+        plan = LayerPlan(center.numpy().astype(np.float16), step.numpy().astype(np.float16),
+                         entropy.classes_of(q.numpy()))
         return plan, q
 
     def _skip(self, tokens: int, token_start: int) -> int:
