@@ -25,7 +25,7 @@ import torch
 import transformers
 
 from kvcli import format, kvfile
-from kvcli.codecs import entropy, rans
+from kvcli.codecs import entropy
 from kvcli.codecs.presets import make_codec
 from kvcli.kernels import dequantize as dq
 from kvcli.kernels import rans_decode

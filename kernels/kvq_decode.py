@@ -58,7 +58,17 @@ class DeviceState:
         self.decoder, self.device = decoder, device
         self.tables = rans_decode.DeviceTables(decoder.tables.coder, device)
         self._layouts: dict[tuple[int, int, int], Layout] = {}
+        self._plans: dict[tuple[int, int], tuple] = {}
         self._lock = threading.Lock()
+
+    def plan(self, layer: int, kind: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Centres, steps (float32 (heads, dim)) and rotary frequencies of a layer's K or V, on the device."""
+        with self._lock:
+            if (layer, kind) not in self._plans:
+                center, step = self.decoder._tensors[(layer, kind)]
+                self._plans[(layer, kind)] = (center.to(self.device), step.to(self.device),
+                                              self.decoder._freq(layer, kind))
+            return self._plans[(layer, kind)]
 
     def layout(self, layer: int, kind: int, tokens: int) -> Layout:
         with self._lock:
@@ -88,8 +98,7 @@ def decode_onto(state: DeviceState, segments: list[tuple[SegmentContext, bytes, 
     the CPU under TRITON_INTERPRET=1). CodecError with `index` names the failing segment."""
     if not segments:
         return
-    decoder, device = state.decoder, state.device
-    split = decoder.split([(ctx, data) for ctx, data, _ in segments])
+    split = state.decoder.split([(ctx, data) for ctx, data, _ in segments])
     # Streams in (layer, kind, position) order: a layer's consecutive segments of one layout share gathers and
     # a dequantize launch.
     order = sorted(range(len(segments)), key=lambda i: (segments[i][0].layer, segments[i][0].kind,
@@ -101,68 +110,81 @@ def decode_onto(state: DeviceState, segments: list[tuple[SegmentContext, bytes, 
             lay.append(state.layout(ctx.layer, ("k", "v").index(ctx.kind), ctx.tokens - skip))
         except CodecError as err:
             raise CodecError(str(err), index=i) from None
-    # split_segment has checked every size against the limits that the layouts' symbol counts come from.
-    streams = [split[i][2].stream for i in order]
-    counts = [la.symbols for la in lay]
-    try:
-        batch = rans_decode.upload(state.tables, counts, streams)
-    except rans.StreamError as err:
-        raise CodecError(str(err), index=order[err.index]) from None
     runs = _runs(order, lay, segments, split)
-
-    def per_symbol(field: str) -> torch.Tensor:
-        """A layout field for every symbol of the batch: one repeat per run, one concatenation."""
-        parts = [getattr(lay[run[0]], field).repeat(len(run)) for run in runs]
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32, device=device)
-
-    symbols, status = rans_decode.launch(state.tables, per_symbol("table_ids"), batch)
-    symbols = symbols.to(torch.int32) & 0xFFFF
-    # Escapes: each escape symbol takes `m` values from the batch's escape array, in stream order.
-    is_esc = symbols == per_symbol("esc_code")
-    width = torch.where(is_esc, per_symbol("widths"), 0).to(torch.int64)
-    ends = torch.cumsum(width, 0)
-    bounds = torch.tensor(np.cumsum(counts, dtype=np.int64), device=device)
-    at_end = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), ends])[bounds]
-    escaped = torch.diff(at_end, prepend=torch.zeros(1, dtype=torch.int64, device=device))
-    host = torch.cat([status.to(torch.int64).reshape(-1), escaped]).cpu().numpy()
-    try:
-        rans_decode.check_status(host[: 2 * len(order)].reshape(-1, 2), batch.words_per_stream)
-    except rans.StreamError as err:
-        raise CodecError(str(err), index=order[err.index]) from None
-    values = []
-    for k, i in enumerate(order):
-        try:
-            values.append(escape_values(split[i][2], int(host[2 * len(order) + k])))
-        except CodecError as err:
-            raise CodecError(str(err), index=i) from None
-    esc_all = torch.from_numpy(np.concatenate(values + [np.zeros(1, np.int32)])).to(device)
-    offsets = ends - width  # the first escape value of each symbol, in the batch's escape array
-    sym_pos = 0
+    symbols, is_esc, first_value, esc_all = _entropy(state, [split[i][2] for i in order], order, lay, runs)
+    pos = 0
     for run in runs:
-        la, first = lay[run[0]], order[run[0]]
+        span = slice(pos, pos + lay[run[0]].symbols * len(run))
+        pos = span.stop
+        first = order[run[0]]
         ctx, skip = segments[first][0], split[first][1]
-        ns, span = len(run), la.symbols * len(run)
-        sym = symbols[sym_pos : sym_pos + span].view(ns, la.symbols)
-        esc = is_esc[sym_pos : sym_pos + span].view(ns, la.symbols)
-        off = offsets[sym_pos : sym_pos + span].view(ns, la.symbols)
-        sym_pos += span
-        if la.tokens:
-            q = torch.empty((ctx.heads * ctx.dim, ns, la.tokens), dtype=torch.int32, device=device)
-            for start, n, m, rows, digits in la.groups:
-                tuples = digits[sym[:, start : start + n].long()]  # (ns, n, m); an escape's row is a placeholder
-                at = (off[:, start : start + n, None] + torch.arange(m, device=device)).clamp_(max=len(esc_all) - 1)
-                tuples = torch.where(esc[:, start : start + n, None], esc_all[at], tuples)
-                q[rows] = tuples.reshape(ns, len(rows), -1)[:, :, : la.tokens].transpose(0, 1)
-            kind = ("k", "v").index(ctx.kind)
-            center, step = (t.to(device) for t in decoder._tensors[(ctx.layer, kind)])
-            freq = decoder._freq(ctx.layer, kind)
-            dequantize_rotate(q.view(ctx.heads, ctx.dim, ns * la.tokens), center, step, freq,
-                              ctx.token_start + skip, out=_joined([segments[order[r]][2][:, skip:] for r in run]))
-    for i, (ctx, data, out) in enumerate(segments):
-        skip, coded = split[i][1], split[i][2]
+        q = _expand(lay[run[0]], len(run), symbols[span], is_esc[span], first_value[span], esc_all,
+                    ctx.heads * ctx.dim)
+        if q is not None:
+            center, step, freq = state.plan(ctx.layer, ("k", "v").index(ctx.kind))
+            dequantize_rotate(q.view(ctx.heads, ctx.dim, -1), center, step, freq, ctx.token_start + skip,
+                              out=_joined([segments[order[k]][2][:, skip:] for k in run]))
+    for (ctx, data, out), (_, skip, coded) in zip(segments, split):
         if skip:
             sink_ctx = SegmentContext(ctx.kind, ctx.layer, ctx.token_start, ctx.heads, skip, ctx.dim, ctx.dtype)
             out[:, :skip].copy_(bytes_to_tensor(bytes(data[coded.end :]), sink_ctx))
+
+
+def _entropy(state: DeviceState, coded: list[entropy.Coded], order: list[int], lay: list[Layout],
+             runs: list[list[int]]):
+    """Decode every stream (in `order`) in one launch and check it as the CPU path does. Returns each symbol
+    (int32), whether it escapes, the index of its first escape value in the batch's escape array, and that array.
+
+    split_segment has checked every size against the limits that the layouts' symbol counts come from."""
+    device = state.device
+    counts = [la.symbols for la in lay]
+    try:
+        batch = rans_decode.upload(state.tables, counts, [c.stream for c in coded])
+    except rans.StreamError as err:
+        raise CodecError(str(err), index=order[err.index]) from None
+
+    def per_symbol(field: str) -> torch.Tensor:
+        """A layout field for every symbol of the batch: one repeat per run, one concatenation."""
+        return torch.cat([getattr(lay[run[0]], field).repeat(len(run)) for run in runs])
+
+    symbols, status = rans_decode.launch(state.tables, per_symbol("table_ids"), batch)
+    symbols = symbols.to(torch.int32) & 0xFFFF
+    is_esc = symbols == per_symbol("esc_code")
+    width = torch.where(is_esc, per_symbol("widths"), 0).to(torch.int64)  # escape values each symbol takes
+    ends = torch.cumsum(width, 0)
+    zero = torch.zeros(1, dtype=torch.int64, device=device)
+    at_end = torch.cat([zero, ends])[torch.tensor(np.cumsum(counts, dtype=np.int64), device=device)]
+    # One transfer back: every stream's status and escape count.
+    host = torch.cat([status.to(torch.int64).reshape(-1), torch.diff(at_end, prepend=zero)]).cpu().numpy()
+    streams = len(order)
+    try:
+        rans_decode.check_status(host[: 2 * streams].reshape(-1, 2), batch.words_per_stream)
+    except rans.StreamError as err:
+        raise CodecError(str(err), index=order[err.index]) from None
+    values = []
+    for k, (i, c) in enumerate(zip(order, coded)):
+        try:
+            values.append(escape_values(c, int(host[2 * streams + k])))
+        except CodecError as err:
+            raise CodecError(str(err), index=i) from None
+    esc_all = torch.from_numpy(np.concatenate(values + [np.zeros(1, np.int32)])).to(device)
+    return symbols, is_esc, ends - width, esc_all
+
+
+def _expand(la: Layout, ns: int, symbols, is_esc, first_value, esc_all, rows: int) -> torch.Tensor | None:
+    """The integers (rows, ns * tokens) int32 of a run of `ns` segments of one layout, from their symbols; None
+    for segments of sinks only."""
+    if not la.tokens:
+        return None
+    sym, esc, off = (t.view(ns, la.symbols) for t in (symbols, is_esc, first_value))
+    q = torch.empty((rows, ns, la.tokens), dtype=torch.int32, device=sym.device)
+    for start, n, m, channels, digits in la.groups:
+        part = slice(start, start + n)
+        tuples = digits[sym[:, part].long()]  # (ns, n, m); an escape's row is a placeholder
+        at = (off[:, part, None] + torch.arange(m, device=sym.device)).clamp_(max=len(esc_all) - 1)
+        tuples = torch.where(esc[:, part, None], esc_all[at], tuples)
+        q[channels] = tuples.reshape(ns, len(channels), -1)[:, :, : la.tokens].transpose(0, 1)
+    return q.view(rows, ns * la.tokens)
 
 
 def _runs(order, lay, segments, split) -> list[list[int]]:
