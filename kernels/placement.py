@@ -51,11 +51,10 @@ def resolve(device: str = "auto", backend: str = "auto") -> Placement:
             "torch sees no CUDA device"
         raise DeviceError(f"--device cuda: {build}; use --device cpu")
     where = torch.device("cuda" if device == "cuda" or (device == "auto" and cuda) else "cpu")
-    has_triton = triton_installed()
-    if backend == "auto":
-        return Placement(where, "triton" if where.type == "cuda" and has_triton else "torch")
+    if backend == "auto":  # triton is imported (about 0.3 s) only where it may run
+        return Placement(where, "triton" if where.type == "cuda" and triton_installed() else "torch")
     if backend == "triton":
-        if not has_triton:
+        if not triton_installed():
             raise DeviceError("--backend triton: triton is not installed; pip install 'kvcli[gpu]', or use "
                               "--backend torch")
         if where.type != "cuda" and not triton_interpreted():
