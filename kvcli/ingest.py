@@ -201,7 +201,7 @@ class Settings:
     max_tokens: int | None = None  # None: the model's context
     split: bool = False
     batch_tokens: int = DEFAULT_BATCH_TOKENS  # below two documents' worth: one document per forward pass
-    backend: str = "torch"  # the quantize step's implementation (kvcli.kernels.resolve)
+    backend: str = "torch"  # the quantize step's implementation (kvcli.kernels.placement.resolve)
 
 
 @dataclass

@@ -265,8 +265,8 @@ def local_directory(source: ModelSource) -> Path:
 
 
 def load(spec: str | None, dtype: str = "float32", device="cpu") -> LoadedModel:
-    """The model on `device` (a torch.device or name; kvcli.kernels.resolve checks it first), identified by the
-    digests of its files as saved."""
+    """The model on `device` (a torch.device or name; kvcli.kernels.placement.resolve checks it first),
+    identified by the digests of its files as saved."""
     source = resolve(spec)
     torch_type = torch_dtype(dtype)
     identity.sweep_cache_dir()
