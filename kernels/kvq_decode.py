@@ -10,7 +10,6 @@ Symbols and values are the CPU path's, bit for bit, and every refusal is the CPU
 
 from __future__ import annotations
 
-import functools
 import threading
 
 import numpy as np
@@ -22,33 +21,43 @@ from . import rans_decode
 from .dequantize import dequantize_rotate
 
 
+MAX_TUPLE = 4  # the longest joint symbol (entropy.class_layout); shorter ones are padded to it
+
+
 class Layout:
-    """Where each class's symbols sit in a segment of one (layer, kind, non-sink token count), on the device:
-    per symbol its table, escape symbol and tuple length; per class its rows and digit table."""
+    """Where each symbol of a segment of one (layer, kind, non-sink token count) sits, on the device: its table,
+    escape symbol, tuple length and first row in one digit table of every class (values padded to MAX_TUPLE),
+    and for each of its MAX_TUPLE values the channel and token it lands on (channel -1: padding)."""
 
     def __init__(self, groups: list[entropy.Group], tables: entropy.ClassTables, tokens: int, device):
-        ids, esc, widths, self.groups = [], [], [], []
-        pos = 0
+        ids, esc, widths, base, channel, token, digits = [], [], [], [], [], [], []
+        lane = np.arange(MAX_TUPLE)
+        first_row = 0
         for g in groups:
             half, m = entropy.class_layout(g.cls)
-            n = g.tuples(tokens)
+            n, per_row = g.tuples(tokens), -(-tokens // m)
             ids.append(np.full(n, tables.index(g.cls), np.int32))
             esc.append(np.full(n, (2 * half + 1) ** m, np.int32))
             widths.append(np.full(n, m, np.int32))
-            self.groups.append((pos, n, m, torch.from_numpy(g.rows).to(device), digits_on(half, m, device)))
-            pos += n
-        self.symbols, self.tokens = pos, tokens
-        # One transfer: table ids, escape symbols and widths side by side.
-        packed = torch.from_numpy(np.stack([np.concatenate(a) if a else np.zeros(0, np.int32)
-                                            for a in (ids, esc, widths)])).to(device)
-        self.table_ids, self.esc_code, self.widths = packed[0].to(torch.uint8 if tables.coder.count <= 256
-                                                                  else torch.int32), packed[1], packed[2]
-
-
-@functools.lru_cache(maxsize=256)
-def digits_on(half: int, m: int, device) -> torch.Tensor:
-    """entropy._digits_table on the device: row s holds the m values of joint symbol s."""
-    return torch.from_numpy(entropy._digits_table(half, m)).to(device)
+            base.append(np.full(n, first_row, np.int32))
+            table = entropy._digits_table(half, m)
+            digits.append(np.pad(table, ((0, 0), (0, MAX_TUPLE - m))))
+            first_row += len(table)
+            j = np.arange(n)  # to_tuples' order: each channel's tuples in token order, channels ascending
+            t = (j % per_row)[:, None] * m + lane
+            real = (lane < m) & (t < tokens)
+            channel.append(np.where(real, g.rows[j // per_row][:, None], -1))
+            token.append(np.where(real, t, 0))
+        self.symbols, self.tokens = sum(len(a) for a in ids), tokens
+        cat = (lambda parts, shape: np.concatenate(parts) if parts else np.zeros(shape, np.int64))
+        # One transfer for the per-symbol fields, one for the destinations, one for the digits.
+        packed = torch.from_numpy(np.stack([cat(a, 0).astype(np.int32) for a in (ids, esc, widths, base)]))
+        packed = packed.to(device)
+        self.table_ids = packed[0].to(torch.uint8 if tables.coder.count <= 256 else torch.int32)
+        self.esc_code, self.widths, self.base = packed[1], packed[2], packed[3]
+        dest = torch.from_numpy(np.stack([cat(channel, (0, MAX_TUPLE)), cat(token, (0, MAX_TUPLE))])).to(device)
+        self.channel, self.token = dest[0], dest[1]
+        self.digits = torch.from_numpy(cat(digits, (0, MAX_TUPLE)).astype(np.int32)).to(device)
 
 
 class DeviceState:
@@ -172,19 +181,23 @@ def _entropy(state: DeviceState, coded: list[entropy.Coded], order: list[int], l
 
 
 def _expand(la: Layout, ns: int, symbols, is_esc, first_value, esc_all, rows: int) -> torch.Tensor | None:
-    """The integers (rows, ns * tokens) int32 of a run of `ns` segments of one layout, from their symbols; None
-    for segments of sinks only."""
+    """The integers (rows, ns * tokens) int32 of a run of `ns` segments of one layout, from their symbols, in a
+    few whole-run operations; None for segments of sinks only."""
     if not la.tokens:
         return None
+    device = symbols.device
     sym, esc, off = (t.view(ns, la.symbols) for t in (symbols, is_esc, first_value))
-    q = torch.empty((rows, ns, la.tokens), dtype=torch.int32, device=sym.device)
-    for start, n, m, channels, digits in la.groups:
-        part = slice(start, start + n)
-        tuples = digits[sym[:, part].long()]  # (ns, n, m); an escape's row is a placeholder
-        at = (off[:, part, None] + torch.arange(m, device=sym.device)).clamp_(max=len(esc_all) - 1)
-        tuples = torch.where(esc[:, part, None], esc_all[at], tuples)
-        q[channels] = tuples.reshape(ns, len(channels), -1)[:, :, : la.tokens].transpose(0, 1)
-    return q.view(rows, ns * la.tokens)
+    lane = torch.arange(MAX_TUPLE, device=device)
+    values = la.digits[sym + la.base]  # (ns, symbols, MAX_TUPLE); an escape's row is a placeholder
+    at = (off[..., None] + lane).clamp_(max=len(esc_all) - 1)
+    values = torch.where(esc[..., None], esc_all[at], values)
+    span = ns * la.tokens
+    scratch = rows * span  # padding values land here, past the integers
+    dest = la.channel * span + la.token + (torch.arange(ns, device=device) * la.tokens)[:, None, None]
+    dest = torch.where(la.channel >= 0, dest, scratch)
+    q = torch.empty(scratch + 1, dtype=torch.int32, device=device)
+    q[dest.reshape(-1)] = values.reshape(-1)
+    return q[:scratch].view(rows, span)
 
 
 def _runs(order, lay, segments, split) -> list[list[int]]:
