@@ -5,7 +5,8 @@ values. Each class has one frequency table, fitted on the whole file and stored 
 steps, and to exploit that neighbouring tokens are alike, a class codes `m` consecutive tokens of a channel as
 one joint symbol (m = 4, 2 or 1, the largest whose alphabet stays small). Tuples with a value outside the
 table's range are coded as an escape symbol, and their values go to a side stream. The symbols are coded with
-kvcli's interleaved rANS stream (codecs/rans.py); docs/codec.md specifies every byte.
+kvcli's interleaved rANS stream (codecs/rans.py); docs/codec.md specifies every byte. The per-element loops
+(joint symbols both ways, channel spread) run in C (codecs/_ans.c) without the GIL.
 """
 
 from __future__ import annotations
