@@ -108,6 +108,10 @@ class Codec(ABC):
 
 
 class Encoder(ABC):
+    # Where segments are quantized: "torch", or "triton" for a codec with kernels (kvfile.encode sets it from
+    # --backend before the first segment; the bytes are the same either way).
+    backend: str = "torch"
+
     def aux(self) -> dict[str, bytes]:
         """Blobs shared by all segments (entropy tables, say), stored once per file."""
         return {}
@@ -126,6 +130,10 @@ class Decoder(ABC):
     # Whether reconstruct writes fastest into channel-major storage: the caller then allocates each layer as
     # (heads, dim, tokens) and hands reconstruct (heads, tokens, dim) views of it.
     channel_major: ClassVar[bool] = False
+    # A decoder with a device path decodes whole batches straight into tensors on a device (decode_onto) when
+    # the backend is "triton"; others run entropy() then reconstruct() there as on the CPU.
+    device_path: ClassVar[bool] = False
+    device_batch_elements: ClassVar[int] = 1 << 26
 
     @abstractmethod
     def entropy(self, segments: list[tuple[SegmentContext, bytes]]) -> list[Any]:
@@ -135,10 +143,14 @@ class Decoder(ABC):
         """
 
     @abstractmethod
-    def reconstruct(self, ctx: SegmentContext, data: bytes, symbols: Any, out: torch.Tensor,
-                    backend: str = "torch") -> None:
+    def reconstruct(self, ctx: SegmentContext, data: bytes, symbols: Any, out: torch.Tensor) -> None:
         """Stage 2: write the segment's values into `out`, a (heads, tokens, dim) tensor of the cache dtype on
-        any device. backend "triton" runs the codec's kernels where it has them."""
+        any device, with torch."""
+
+    def decode_onto(self, segments: list[tuple[SegmentContext, bytes, torch.Tensor]]) -> None:
+        """Both stages for a batch of (context, bytes, out) on out's device with the codec's kernels; only for
+        decoders whose device_path is true. CodecError with `index` naming the failing segment."""
+        raise NotImplementedError(f"{type(self).__name__} has no device path")
 
 
 def reject_aux(codec: str, aux: dict[str, bytes]) -> None:

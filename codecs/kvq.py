@@ -288,9 +288,8 @@ def _narrow(q: torch.Tensor) -> torch.Tensor:
 
 
 class KvqEncoder(_Planned, Encoder):
-    # "triton": _prepare quantizes each segment fit did not see on its tensor's device with kernels/quantize.py,
-    # which gives the torch path's integers exactly. kvfile.encode sets it before the first segment.
-    backend = "torch"
+    """With backend "triton", _prepare quantizes each segment fit did not see on its tensor's device with
+    kernels/quantize.py, which gives the torch path's integers exactly."""
 
     def __init__(self, codec: KvqCodec, plans: dict[tuple[int, int], LayerPlan], tables: entropy.ClassTables,
                  inv_freq: list[np.ndarray | None], fitted: dict[tuple[int, int], Fitted] | None = None):
@@ -349,6 +348,7 @@ class KvqEncoder(_Planned, Encoder):
 
 class KvqDecoder(_Planned, Decoder):
     batch_elements = 1 << 23
+    device_path = True
     # decode_onto's batches: the kernels want many streams per launch; about 10 bytes of device scratch each.
     device_batch_elements = 1 << 26
     channel_major = True  # dequantization works per channel
@@ -401,8 +401,7 @@ class KvqDecoder(_Planned, Decoder):
                 state = self._device_states[str(device)] = kvq_decode.DeviceState(self, device)
         kvq_decode.decode_onto(state, segments)
 
-    def reconstruct(self, ctx: SegmentContext, data: bytes, symbols: np.ndarray, out: torch.Tensor,
-                    backend: str = "torch") -> None:
+    def reconstruct(self, ctx: SegmentContext, data: bytes, symbols: np.ndarray, out: torch.Tensor) -> None:
         """Dequantize and re-apply RoPE to keys into out[:, sinks:], the exact sinks into out[:, :sinks], in torch
         (the triton backend decodes whole batches with decode_onto instead)."""
         _, skip, lim = self._segment(ctx)

@@ -65,7 +65,7 @@ class ZstdCodec(Codec, Encoder, Decoder):
                 raise CodecError(f"zstd: decoded {out[-1].size} bytes, expected {ctx.nbytes}", index=i)
         return out
 
-    def reconstruct(self, ctx, data, symbols, out, backend="torch") -> None:
+    def reconstruct(self, ctx, data, symbols, out) -> None:
         if self.byte_planes:
             symbols = np.ascontiguousarray(symbols.reshape(ITEMSIZE[ctx.dtype], -1).T)
         out.copy_(bytes_to_tensor(symbols, ctx))

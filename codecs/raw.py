@@ -28,5 +28,5 @@ class RawCodec(Codec, Encoder, Decoder):
     def entropy(self, segments: list[tuple[SegmentContext, bytes]]) -> list[np.ndarray]:
         return [np.frombuffer(data, np.uint8) for _, data in segments]
 
-    def reconstruct(self, ctx, data, symbols, out, backend="torch") -> None:
+    def reconstruct(self, ctx, data, symbols, out) -> None:
         out.copy_(bytes_to_tensor(symbols, ctx))

@@ -3,7 +3,7 @@
 The host checks every segment's sizes and cuts out its stream (KvqDecoder.split, as the CPU path does); one
 transfer and one rANS launch (kernels/rans_decode.py) decode every stream of the batch; the per-segment escape
 counts come back with the streams' status in one transfer, so the escape frames are checked and decompressed
-exactly as the CPU path does (entropy._rows); torch gathers expand joint symbols and escapes; and one fused
+exactly as the CPU path does (entropy.escape_values); torch gathers expand joint symbols and escapes; and one fused
 dequantize launch (kernels/dequantize.py) per run of consecutive segments of a layer and kind writes the cache.
 Symbols and values are the CPU path's, bit for bit, and every refusal is the CPU path's, naming the segment.
 """
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..codecs import entropy, rans
-from ..codecs.base import CodecError, SegmentContext, bytes_to_tensor, unzstd
+from ..codecs.base import CodecError, SegmentContext, bytes_to_tensor
 from . import rans_decode
 from .dequantize import dequantize_rotate
 
@@ -86,20 +86,6 @@ class DeviceState:
                 self._layouts[key] = Layout(self.decoder._groups[(layer, kind)], self.decoder.tables, tokens,
                                             self.device)
             return self._layouts[key]
-
-
-def escape_values(coded: entropy.Coded, escaped: int) -> np.ndarray:
-    """The segment's `escaped` escape values, refused as entropy._rows refuses them (same checks, same words)."""
-    if escaped and not coded.escape_frame:
-        raise CodecError("escape symbols but no escape stream")
-    if coded.escape_frame and not escaped:
-        raise CodecError("an escape stream without escape symbols")
-    if not escaped:
-        return np.zeros(0, np.int32)
-    raw = unzstd(coded.escape_frame, 4 * escaped)
-    if len(raw) != 4 * escaped:
-        raise CodecError(f"escape stream holds {len(raw) // 4} values, the escape symbols need {escaped}")
-    return np.frombuffer(raw, "<i4").astype(np.int32)
 
 
 def decode_onto(state: DeviceState, segments: list[tuple[SegmentContext, bytes, torch.Tensor]]) -> None:
@@ -173,7 +159,7 @@ def _entropy(state: DeviceState, coded: list[entropy.Coded], order: list[int], l
     values = []
     for k, (i, c) in enumerate(zip(order, coded)):
         try:
-            values.append(escape_values(c, int(host[2 * streams + k])))
+            values.append(entropy.escape_values(c, int(host[2 * streams + k])))
         except CodecError as err:
             raise CodecError(str(err), index=i) from None
     esc_all = torch.from_numpy(np.concatenate(values + [np.zeros(1, np.int32)])).to(device)

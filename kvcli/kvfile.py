@@ -97,7 +97,7 @@ def encode(kv: KVCache, model_identity: dict, codec: Codec, chunk_tokens: int = 
     host = KVCache(kv.token_ids, [k.to("cpu", copy=triton) for k in kv.keys],
                    [v.to("cpu", copy=triton) for v in kv.values])
     encoder = codec.fit(host.keys, host.values, [s.token_start for s in shapes])
-    if triton and hasattr(encoder, "backend"):
+    if triton:
         encoder.backend = backend
     else:
         kv = host
@@ -192,7 +192,7 @@ def decode(src: format.ByteSource, header: format.Header, threads: int | None = 
     check_decoded_size(header, codec, name, available_memory(device))
     keys, values = _allocate(header, device, decoder.channel_major)
     segs, ctxs = _segments(header)
-    on_device = backend == "triton" and hasattr(decoder, "decode_onto")
+    on_device = backend == "triton" and decoder.device_path
     threads = threads or usable_cores()
     total = sum(c.heads * c.tokens * c.dim for c in ctxs)
     target = decoder.device_batch_elements if on_device else min(decoder.batch_elements, -(-total // threads))
@@ -222,7 +222,7 @@ def decode(src: format.ByteSource, header: format.Header, threads: int | None = 
         symbols = _entropy(decoder, name, segs, batch, ctxs, datas)
         for i, data, sym in zip(batch, datas, symbols):
             try:
-                decoder.reconstruct(ctxs[i], data, sym, out_of(i), backend)
+                decoder.reconstruct(ctxs[i], data, sym, out_of(i))
             except CodecError as err:
                 raise FormatError(f"{name}: {segs[i].label()}: cannot decode: {err}") from None
 
