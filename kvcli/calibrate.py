@@ -11,9 +11,10 @@ Every measurement runs on calibration text with the quality protocol (docs/codec
 Two methods measure the sensitivity. `probes` quantizes each head on its own and runs the continuation: exact,
 and one pass per (layer, K/V, head). `fisher` (the default) predicts every head's KL from the empirical Fisher
 information of the continuation (squared gradients of its log-likelihood, next tokens sampled from the model,
-a few backward passes), times the coarse quantization's squared error; then it measures the real KL of a few
-blocks of layers at once and scales each block's predictions to it, because the local estimate misses how
-nonlinear the model's response is, and by how much differs with depth and between keys and values.
+a few backward passes), times the coarse quantization's squared error. That local estimate ranks heads well but
+misses how nonlinear the model's response is, most of all for keys (the softmax): on the default model it puts
+layer 0's keys 10x too low, which alone doubles the KL at `balanced`. So the real KL is measured for each layer's
+keys (all heads at once) and for a few blocks of layers' values, and the predictions are scaled to it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from .rope import inv_freq_per_layer
 COARSE_SCALE = 1.0
 METHODS = ("fisher", "probes")
 FISHER_GROUPS = 4  # backward passes per text, each over a quarter of the continuation's positions
-BLOCKS = 6  # blocks of adjacent layers whose joint KL sets the level of the Fisher predictions
+VALUE_BLOCKS = 6  # blocks of adjacent layers whose values' joint KL sets the level of the Fisher predictions
 SEED = 0
 
 
@@ -149,36 +150,42 @@ def fisher_sensitivity(lm: LoadedModel, ref: quality.Reference, coarse: KVCache,
     return out / (2 * n)  # KL is a mean over positions
 
 
-def blocks_of(layers: int, blocks: int = BLOCKS) -> list[range]:
+def blocks_of(layers: int, blocks: int) -> list[range]:
     bounds = np.linspace(0, layers, min(blocks, layers) + 1).astype(int)
     return [range(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
+def blocks_per_kind(layers: int) -> tuple[list[range], list[range]]:
+    """Where the real KL is measured: each layer's keys on their own, values in VALUE_BLOCKS blocks."""
+    return blocks_of(layers, layers), blocks_of(layers, VALUE_BLOCKS)
+
+
 @torch.inference_mode()
-def block_kl(lm: LoadedModel, ref: quality.Reference, coarse: KVCache, blocks: list[range], progress=None) -> np.ndarray:
-    """(blocks, 2): KL of the continuation with all heads of a block of layers' K (or V) coarsely quantized."""
+def block_kl(lm: LoadedModel, ref: quality.Reference, coarse: KVCache, blocks: tuple[list[range], list[range]],
+             progress=None) -> list[np.ndarray]:
+    """Per kind, per block: KL of the continuation with all heads of the block's K (or V) coarsely quantized."""
     kv = ref.kv
-    out = np.zeros((len(blocks), 2))
-    for b, block in enumerate(blocks):
-        for kind in range(2):
+    out = [np.zeros(len(blocks[0])), np.zeros(len(blocks[1]))]
+    for kind in range(2):
+        for b, block in enumerate(blocks[kind]):
             keys, values = list(kv.keys), list(kv.values)
             target, source = (keys, coarse.keys) if kind == 0 else (values, coarse.values)
             for layer in block:
                 target[layer] = source[layer]
-            out[b, kind] = _kl(lm, ref, KVCache(kv.token_ids, keys, values))
+            out[kind][b] = _kl(lm, ref, KVCache(kv.token_ids, keys, values))
             if progress:
                 progress()
     return out
 
 
-def scale_to_blocks(predicted: np.ndarray, measured: np.ndarray, blocks: list[range]) -> np.ndarray:
-    """Predicted per-head KLs, scaled per (block, K/V) so that they sum to the block's measured KL."""
+def scale_to_blocks(predicted: np.ndarray, measured: list[np.ndarray], blocks: tuple[list[range], list[range]]) -> np.ndarray:
+    """Predicted per-head KLs, scaled per (K/V, block) so that they sum to the block's measured KL."""
     out = predicted.copy()
-    for b, block in enumerate(blocks):
-        for kind in range(2):
+    for kind in range(2):
+        for b, block in enumerate(blocks[kind]):
             total = predicted[block.start : block.stop, kind].sum()
-            if total > 0 and measured[b, kind] > 0:
-                out[block.start : block.stop, kind] *= measured[b, kind] / total
+            if total > 0 and measured[kind][b] > 0:
+                out[block.start : block.stop, kind] *= measured[kind][b] / total
     return out
 
 
@@ -191,7 +198,7 @@ def passes(lm: LoadedModel, texts: int, method: str) -> int:
     cfg = lm.model.config.get_text_config(decoder=True)
     if method == "probes":
         return texts * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads
-    return texts * (FISHER_GROUPS + 2 * len(blocks_of(cfg.num_hidden_layers)))
+    return texts * (FISHER_GROUPS + sum(len(b) for b in blocks_per_kind(cfg.num_hidden_layers)))
 
 
 def calibrate(lm: LoadedModel, texts: list[tuple[str, str]], prefix: int = quality.PREFIX_TOKENS,
@@ -209,7 +216,7 @@ def calibrate(lm: LoadedModel, texts: list[tuple[str, str]], prefix: int = quali
         if method == "probes":
             per_doc.append(probe_sensitivity(lm, ref, coarse, progress))
         else:
-            blocks = blocks_of(ref.kv.num_layers)
+            blocks = blocks_per_kind(ref.kv.num_layers)
             predicted = fisher_sensitivity(lm, ref, coarse, progress=progress)
             per_doc.append(scale_to_blocks(predicted, block_kl(lm, ref, coarse, blocks, progress), blocks))
     if weights is not None:
@@ -218,7 +225,7 @@ def calibrate(lm: LoadedModel, texts: list[tuple[str, str]], prefix: int = quali
     details = {"texts": [name for name, _ in texts], "prefix_tokens": prefix, "method": method,
                "continuation_tokens": quality.CONTINUATION_TOKENS, "coarse_scale": COARSE_SCALE}
     if method == "fisher":
-        details.update(fisher_groups=FISHER_GROUPS, blocks=len(blocks_of(len(per_doc[0]))), seed=SEED)
+        details.update(fisher_groups=FISHER_GROUPS, value_blocks=VALUE_BLOCKS, seed=SEED)
     return profile, details
 
 

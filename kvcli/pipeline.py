@@ -104,17 +104,19 @@ def load_cache(src: format.ByteSource, header: format.Header, lm: models.LoadedM
 
 
 def codec_for(quality: str, lm: models.LoadedModel, step_scale: float = 1.0, sinks: int | None = None) -> Codec:
-    """The preset's codec for this model: its calibration profile (if any) and its rotary frequencies."""
-    from . import profiles
+    """The preset's codec for this model: its calibration profile (measured now if it has none and automatic
+    calibration is on) and its rotary frequencies."""
+    from .calibrate import find_or_calibrate
     from .rope import inv_freq_per_layer
 
     if quality in ("lossless", "raw"):
         return make_codec(quality)
-    profile = profiles.find(lm.identity)
+    profile = find_or_calibrate(lm)
     if profile is None and lm.identity["weights_digest"] not in _warned_no_profile:
         _warned_no_profile.add(lm.identity["weights_digest"])
-        print(f"kvcli: no calibration profile for {lm.name}: --quality {quality} uses uniform steps, which costs "
-              "quality at the same size; run `kvcli calibrate --model ...` once to measure one", file=sys.stderr)
+        print(f"kvcli: no calibration profile for {lm.name} (KVCLI_AUTO_CALIBRATE=0): --quality {quality} uses "
+              "uniform steps, which costs quality at the same size; run `kvcli calibrate --model ...` once to "
+              "measure one", file=sys.stderr)
     return make_codec(quality, profile, inv_freq_per_layer(lm.model), step_scale,
                       DEFAULT_SINKS if sinks is None else sinks)
 

@@ -76,10 +76,10 @@ def test_fisher_ranks_heads_as_the_probes_do(tiny_lm):
     fisher = calibrate.fisher_sensitivity(lm, ref, coarse)
     assert probes.shape == fisher.shape == (4, 2, 2) and (probes >= 0).all() and (fisher > 0).all()
     assert np.corrcoef(_ranks(probes), _ranks(fisher))[0, 1] > 0.8
-    blocks = calibrate.blocks_of(4, 2)
-    scaled = calibrate.scale_to_blocks(fisher, np.array([[1.0, 2.0], [3.0, 4.0]]), blocks)
-    assert np.allclose([scaled[:2, 0].sum(), scaled[:2, 1].sum(), scaled[2:, 0].sum(), scaled[2:, 1].sum()], [1, 2, 3, 4])
-    assert np.allclose(scaled[:2, 0] / scaled[:2, 0].sum(), fisher[:2, 0] / fisher[:2, 0].sum())
+    blocks = (calibrate.blocks_of(4, 4), calibrate.blocks_of(4, 2))
+    scaled = calibrate.scale_to_blocks(fisher, [np.array([1.0, 2.0, 3.0, 4.0]), np.array([5.0, 6.0])], blocks)
+    assert np.allclose(scaled[:, 0].sum(1), [1, 2, 3, 4]) and np.allclose([scaled[:2, 1].sum(), scaled[2:, 1].sum()], [5, 6])
+    assert np.allclose(scaled[:2, 1] / scaled[:2, 1].sum(), fisher[:2, 1] / fisher[:2, 1].sum())
 
 
 def _kl_top1(lm, ref, codec, tmp_path) -> tuple[float, float]:
@@ -92,13 +92,14 @@ def _kl_top1(lm, ref, codec, tmp_path) -> tuple[float, float]:
 
 
 def test_first_lossy_encode_calibrates_once_and_a_resaved_copy_reuses_it(tiny_lm, tiny_model_dir, profile_dir,
-                                                                          tmp_path, capsys):
+                                                                          tmp_path, capsys, monkeypatch):
     """No stored profile: `balanced` still meets calibrated quality (measured KL 0.0002-0.0003 on the tiny
     models, 0.004 with uniform steps), the profile is written once, and the same weights saved elsewhere find it."""
     from tiny_models import make_model_dir
 
     from kvcli import models
 
+    monkeypatch.setenv("KVCLI_AUTO_CALIBRATE", "1")  # the default, whatever the test session set
     lm = tiny_lm("llama", seed=3)
     ref = quality.reference(lm, inference.document_ids(lm, TEXT * 3), prefix=300, continuation=64)
     codec = pipeline.codec_for("balanced", lm)
