@@ -9,6 +9,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TRITON_INTERPRET", "1")  # CI has no GPU: Triton kernels run on CPU tensors
+# Tests that want automatic calibration turn it on (and point the profile directory at a temporary folder):
+# the suite must never write profiles into the user's cache directory.
+os.environ["KVCLI_AUTO_CALIBRATE"] = "0"
 
 from tiny_models import ARCHITECTURES, make_model_dir  # noqa: E402
 
