@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import kvq_reference
+from coder_inputs import random_streams
 from kvcli.codecs import _ans, entropy, rans
 
 
@@ -21,20 +22,10 @@ def tables_of(rng) -> rans.Tables:
     return rans.Tables([skewed, rans.normalize_counts(np.ones(626)), np.array([1, rans.TOTAL - 2, 1], np.uint32)])
 
 
-def streams_of(rng, tables: rans.Tables, sizes: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(symbols, table ids) per stream, symbols uniform over each table so unlikely ones renormalize often."""
-    out = []
-    for n in sizes:
-        tid = rng.integers(0, tables.count, n).astype(np.uint32)
-        alphabet = np.array([len(f) for f in tables.freqs])
-        out.append(((rng.random(n) * alphabet[tid]).astype(np.int64), tid))
-    return out
-
-
 def coded(seed: int = 0, sizes=(5, 8 * 1024 + 1, 4)):
     rng = np.random.default_rng(seed)
     tables = tables_of(rng)
-    streams = streams_of(rng, tables, list(sizes))
+    streams = random_streams(rng, tables, list(sizes))
     return tables, streams, rans.encode_streams(tables, streams)
 
 
@@ -187,7 +178,7 @@ def test_joint_symbols_expand_to_their_rows_with_escapes_and_padding():
 def big_batch(symbols: int):
     rng = np.random.default_rng(11)
     tables = tables_of(rng)
-    streams = streams_of(rng, tables, [symbols // 8] * 8)
+    streams = random_streams(rng, tables, [symbols // 8] * 8)
     out = rans.encode_streams(tables, streams)
     return tables, streams, [(t, st) for (_, t), st in zip(streams, out)]
 

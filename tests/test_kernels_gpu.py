@@ -16,6 +16,7 @@ import torch
 pytest.importorskip("triton")
 
 from kvcli import format, kvfile  # noqa: E402
+from coder_inputs import random_streams  # noqa: E402
 from kvcli.codecs import KvqCodec, entropy, rans  # noqa: E402
 from kvcli.codecs.quantize import dequantize_rotate_ref  # noqa: E402
 from kvcli.kernels import rans_decode  # noqa: E402
@@ -32,16 +33,6 @@ def freq_tables(rng) -> rans.Tables:
     flat = rans.normalize_counts(np.ones(626))
     extreme = np.array([1, rans.TOTAL - 2, 1], dtype=np.uint32)
     return rans.Tables([skewed, flat, extreme])
-
-
-def random_streams(rng, tables: rans.Tables, sizes: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(symbols, table ids) per stream; symbols uniform over each table, so unlikely ones renormalize often."""
-    out = []
-    for n in sizes:
-        tid = rng.integers(0, tables.count, n).astype(np.uint32)
-        sizes_of = np.array([len(f) for f in tables.freqs])
-        out.append(((rng.random(n) * sizes_of[tid]).astype(np.int64), tid))
-    return out
 
 
 def decode_both(tables, jobs, device):
