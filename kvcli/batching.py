@@ -12,7 +12,7 @@ import torch
 
 from . import inference
 from .kvcache import KVCache
-from .models import LoadedModel, cache_argument
+from .models import LoadedModel, cache_argument, logits_argument
 
 # RoPE variants whose rotation depends on the length of the sequence passed in: a padded batch would rotate a
 # short document as if it were as long as the batch, so such models prefill one document at a time.
@@ -65,7 +65,7 @@ def prefill_batch(lm: LoadedModel, docs: list[list[int]], windows: list[int | No
     inputs = torch.tensor([ids + [ids[-1]] * (width - len(ids)) for ids in docs], dtype=torch.long, device=device)
     # Full-attention layers everywhere, so each document's sliding window can be cut from its own tokens below.
     cache = DynamicCache()
-    lm.model(input_ids=inputs, use_cache=True, **{cache_argument(lm.model): cache})
+    lm.model(input_ids=inputs, use_cache=True, **{cache_argument(lm.model): cache}, **logits_argument(lm.model, True))
     if len(cache.layers) != len(windows):
         raise RuntimeError(f"the model filled {len(cache.layers)} cache layers, its config names {len(windows)}")
     out = []

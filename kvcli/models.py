@@ -309,6 +309,14 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def logits_argument(model, last_only: bool) -> dict:
+    """forward's keyword that limits the logits to the last position, where the model has it (transformers'
+    causal LMs call it `logits_to_keep`)."""
+    if last_only and "logits_to_keep" in inspect.signature(model.forward).parameters:
+        return {"logits_to_keep": 1}
+    return {}
+
+
 def cache_argument(model) -> str:
     """transformers 5 renamed forward's `past_key_values` to `cache`; use whichever this model takes."""
     params = inspect.signature(model.forward).parameters
