@@ -359,6 +359,13 @@ class KvqDecoder(_Planned, Decoder):
         self._device_states: dict = {}  # per device: tables and layouts on it (kernels/kvq_decode.py)
         self._lock = threading.Lock()
 
+    def _layout(self, ctx: SegmentContext) -> tuple[LayerPlan, int, entropy.Limits]:
+        """_segment's result, once per layout: it depends on the position only through the sink count."""
+        key = (ctx.kind, ctx.layer, ctx.heads, ctx.dim, ctx.tokens, min(ctx.token_start, self.codec.sinks), ctx.dtype)
+        if key not in self._segments:
+            self._segments[key] = self._segment(ctx)
+        return self._segments[key]
+
     def split(self, segments: list[tuple[SegmentContext, bytes]]) -> list[tuple[list[entropy.Group], int,
                                                                                entropy.Coded]]:
         """Per segment (groups, sink tokens, coded part), every size checked against its limits and the sinks
@@ -366,12 +373,7 @@ class KvqDecoder(_Planned, Decoder):
         out = []
         for i, (ctx, data) in enumerate(segments):
             try:
-                # _segment depends on the position only through the sink count: one call per layout.
-                key = (ctx.kind, ctx.layer, ctx.heads, ctx.dim, ctx.tokens, min(ctx.token_start, self.codec.sinks),
-                       ctx.dtype)
-                if key not in self._segments:
-                    self._segments[key] = self._segment(ctx)
-                _, skip, lim = self._segments[key]
+                _, skip, lim = self._layout(ctx)
                 coded = entropy.split_segment(data, lim)
                 if coded.end < len(data) and has_nonfinite(data[coded.end :], ctx.dtype):
                     raise CodecError("a sink token holds a non-finite value, which no kvq writer stores")
@@ -404,7 +406,7 @@ class KvqDecoder(_Planned, Decoder):
     def reconstruct(self, ctx: SegmentContext, data: bytes, symbols: np.ndarray, out: torch.Tensor) -> None:
         """Dequantize and re-apply RoPE to keys into out[:, sinks:], the exact sinks into out[:, :sinks], in torch
         (the triton backend decodes whole batches with decode_onto instead)."""
-        _, skip, lim = self._segment(ctx)
+        _, skip, lim = self._layout(ctx)
         kind = KINDS.index(ctx.kind)
         if skip:
             sink_ctx = SegmentContext(ctx.kind, ctx.layer, ctx.token_start, ctx.heads, skip, ctx.dim, ctx.dtype)

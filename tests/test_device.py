@@ -144,18 +144,13 @@ def lossy_kvc(cli, llama, doc_file, tmp_path, short_lanes):
     return out
 
 
-def test_decode_backends_agree_on_a_lossless_file(cli, kvc, tmp_path, placed):
+@pytest.mark.parametrize("file", ["kvc", "lossy_kvc"])
+def test_decode_backends_agree(cli, file, request, tmp_path, placed):
+    """Lossless and lossy files alike: the same tensors, byte for byte."""
+    path = request.getfixturevalue(file)
     torch_out, triton_out = tmp_path / "torch.safetensors", tmp_path / "triton.safetensors"
-    assert cli("decode", kvc, "-o", torch_out, "--backend", "torch", "--device", "cpu").exit_code == 0
-    result = cli("decode", kvc, "-o", triton_out, *placed)
-    assert result.exit_code == 0, result.stderr
-    assert triton_out.read_bytes() == torch_out.read_bytes()
-
-
-def test_decode_backends_agree_on_a_lossy_file(cli, lossy_kvc, tmp_path, placed):
-    torch_out, triton_out = tmp_path / "torch.safetensors", tmp_path / "triton.safetensors"
-    assert cli("decode", lossy_kvc, "-o", torch_out, "--backend", "torch", "--device", "cpu").exit_code == 0
-    result = cli("decode", lossy_kvc, "-o", triton_out, *placed)
+    assert cli("decode", path, "-o", torch_out, "--backend", "torch", "--device", "cpu").exit_code == 0
+    result = cli("decode", path, "-o", triton_out, *placed)
     assert result.exit_code == 0, result.stderr
     assert triton_out.read_bytes() == torch_out.read_bytes()
 
