@@ -170,6 +170,7 @@ class Layout:
     ids: np.ndarray
     spec: np.ndarray
     rows: np.ndarray
+    tokens: int
 
     @classmethod
     def of(cls, groups: list[Group], tokens: int, tables: ClassTables) -> "Layout":
@@ -178,7 +179,24 @@ class Layout:
         spec = np.array([(k, len(g.rows), *class_layout(g.cls)) for k, g in zip(index, groups)], np.int64)
         ids = np.repeat(np.array(index, np.uint16), [g.tuples(tokens) for g in groups])
         rows = np.concatenate([g.rows for g in groups] + [np.zeros(0, np.int64)]).astype(np.int64)
-        return cls(ids, spec.reshape(-1, 4), rows)
+        return cls(ids, spec.reshape(-1, 4), rows, tokens)
+
+
+@dataclass(frozen=True)
+class Symbols:
+    """A segment's entropy-decoded part, every check passed: its joint symbols (uint16) under `layout`, and the
+    values of its escaped tuples (int32)."""
+
+    layout: Layout
+    symbols: np.ndarray
+    escapes: np.ndarray
+
+    def rows(self, tables: ClassTables) -> np.ndarray:
+        """The integers, channel-major (channels, tokens) int32 (the groups cover every channel)."""
+        lay = self.layout
+        rows = np.empty((len(lay.rows), lay.tokens), dtype=np.int32)
+        _ans.expand(self.symbols, lay.spec, lay.rows, lay.tokens, *tables.digits, self.escapes, rows)
+        return rows
 
 
 def fit_tables(samples: dict[int, list[np.ndarray]]) -> ClassTables:
@@ -288,33 +306,22 @@ def split_segment(data: bytes, lim: Limits) -> Coded:
     return Coded(rans.Stream(states, stream_words), bytes(data[pos : pos + esc_bytes]), pos + esc_bytes)
 
 
-def decode_segments(tables: ClassTables, segments: list[tuple[list[Group], int, Coded]]) -> list[np.ndarray]:
-    """Per segment (groups, tokens, coded part): its integers as (heads*dim, tokens) int32 rows, one batch.
+def decode_segments(tables: ClassTables, segments: list[tuple[Layout, Coded]]) -> list[Symbols]:
+    """Per segment (layout, coded part): its symbols and escape values, every stream decoded in one C call.
 
     Raises CodecError with `.index` set to the failing segment's position in `segments`.
     """
-    layouts: dict[tuple[int, int], Layout] = {}  # segments of one plan and length share a layout
-    for i, (groups, tokens, _) in enumerate(segments):
-        key = (id(groups), tokens)
-        if key not in layouts:
-            try:
-                layouts[key] = Layout.of(groups, tokens, tables)
-            except CodecError as err:
-                raise CodecError(str(err), index=i) from None
     try:
-        symbols = rans.decode_streams(tables.coder, [(layouts[(id(g), n)].ids, coded.stream) for g, n, coded in segments])
+        symbols = rans.decode_streams(tables.coder, [(lay.ids, coded.stream) for lay, coded in segments])
     except rans.StreamError as err:
         raise CodecError(str(err), index=getattr(err, "index", None)) from None
     out = []
-    for i, ((groups, tokens, coded), sym) in enumerate(zip(segments, symbols)):
-        lay = layouts[(id(groups), tokens)]
+    for i, ((lay, coded), sym) in enumerate(zip(segments, symbols)):
         try:
-            values = escape_values(coded, _ans.count_escapes(sym, lay.spec, lay.rows, tokens))
+            values = escape_values(coded, _ans.count_escapes(sym, lay.spec, lay.rows, lay.tokens))
         except CodecError as err:
             raise CodecError(str(err), index=i) from None
-        rows = np.empty((len(lay.rows), tokens), dtype=np.int32)  # the groups cover every channel
-        _ans.expand(sym, lay.spec, lay.rows, tokens, *tables.digits, values, rows)
-        out.append(rows)
+        out.append(Symbols(lay, sym, values))
     return out
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import zstandard
 
-from . import entropy
+from . import _ans, entropy
 from .base import (ITEMSIZE, Codec, CodecError, Decoder, Encoder, SegmentContext, bytes_to_tensor, tensor_bytes,
                    unzstd)
 from .quantize import dequantize_rotate_ref, quantize, rope_tables, unrotate_keys
@@ -356,6 +356,8 @@ class KvqDecoder(_Planned, Decoder):
     def __init__(self, *args):
         super().__init__(*args)
         self._segments: dict = {}  # _segment's results by layout; every thread computes the same values
+        self._layouts: dict = {}  # entropy.Layout by (layer, kind, non-sink tokens), likewise
+        self._host = {key: (c.numpy().reshape(-1), st.numpy().reshape(-1)) for key, (c, st) in self._tensors.items()}
         self._device_states: dict = {}  # per device: tables and layouts on it (kernels/kvq_decode.py)
         self._lock = threading.Lock()
 
@@ -382,11 +384,22 @@ class KvqDecoder(_Planned, Decoder):
                 raise CodecError(str(err), index=i) from None
         return out
 
-    def entropy(self, segments: list[tuple[SegmentContext, bytes]]) -> list[np.ndarray]:
-        """Each segment's integers, channel-major (heads * dim, non-sink tokens) int32; all streams in one pass."""
-        jobs = [(groups, ctx.tokens - skip, coded) for (ctx, _), (groups, skip, coded)
-                in zip(segments, self.split(segments))]
+    def entropy(self, segments: list[tuple[SegmentContext, bytes]]) -> list[entropy.Symbols]:
+        """Each segment's joint symbols and escape values, every check done; all streams in one pass."""
+        jobs = []
+        for i, ((ctx, _), (_, skip, coded)) in enumerate(zip(segments, self.split(segments))):
+            try:
+                jobs.append((self._entropy_layout(ctx.layer, KINDS.index(ctx.kind), ctx.tokens - skip), coded))
+            except CodecError as err:
+                raise CodecError(str(err), index=i) from None
         return entropy.decode_segments(self.tables, jobs)
+
+    def _entropy_layout(self, layer: int, kind: int, tokens: int) -> entropy.Layout:
+        """CodecError if a class of the plan has no table."""
+        key = (layer, kind, tokens)
+        if key not in self._layouts:
+            self._layouts[key] = entropy.Layout.of(self._groups[(layer, kind)], tokens, self.tables)
+        return self._layouts[key]
 
     def decode_onto(self, segments: list[tuple[SegmentContext, bytes, torch.Tensor]]) -> None:
         """The device path of backend "triton" (kernels/kvq_decode.py): a batch of segments decoded straight into
@@ -403,25 +416,52 @@ class KvqDecoder(_Planned, Decoder):
                 state = self._device_states[str(device)] = kvq_decode.DeviceState(self, device)
         kvq_decode.decode_onto(state, segments)
 
-    def reconstruct(self, ctx: SegmentContext, data: bytes, symbols: np.ndarray, out: torch.Tensor) -> None:
-        """Dequantize and re-apply RoPE to keys into out[:, sinks:], the exact sinks into out[:, :sinks], in torch
-        (the triton backend decodes whole batches with decode_onto instead)."""
+    def reconstruct(self, ctx: SegmentContext, data: bytes, symbols: entropy.Symbols, out: torch.Tensor) -> None:
+        """The exact sinks into out[:, :sinks], the body into out[:, sinks:]: in C for a CPU output of the file's
+        dtype (dequantize_body), in torch otherwise (the triton backend decodes whole batches with decode_onto)."""
         _, skip, lim = self._layout(ctx)
-        kind = KINDS.index(ctx.kind)
         if skip:
             sink_ctx = SegmentContext(ctx.kind, ctx.layer, ctx.token_start, ctx.heads, skip, ctx.dim, ctx.dtype)
             out[:, :skip].copy_(bytes_to_tensor(bytes(data[len(data) - lim.sink_bytes :]), sink_ctx))
         if skip == ctx.tokens:
             return
-        device = out.device
+        if out.device.type == "cpu" and out.dtype == ctx.torch_dtype:
+            self.dequantize_body(ctx, skip, symbols, out[:, skip:])
+        else:
+            self.dequantize_body_ref(ctx, skip, symbols, out[:, skip:])
+
+    def dequantize_body(self, ctx: SegmentContext, skip: int, symbols: entropy.Symbols, body: torch.Tensor) -> None:
+        """Expand, dequantize, rotate keys and cast into body (heads, tokens - skip, dim), a CPU tensor of the
+        file's dtype, with _ans.reconstruct: one pass over each element, without the GIL, values bit for bit
+        dequantize_body_ref's. The C code refuses strides that would write outside body's storage."""
+        kind = KINDS.index(ctx.kind)
+        center, step = self._host[(ctx.layer, kind)]
+        freq = self._freq(ctx.layer, kind)
+        cos = sin = None
+        if freq is not None:
+            cos, sin = (t.numpy() for t in rope_tables(freq, ctx.token_start + skip, ctx.tokens - skip))
+        lay = symbols.layout
+        storage = torch.empty(0, dtype=torch.uint8).set_(body.untyped_storage()).numpy()
+        place = np.array([body.storage_offset(), ctx.heads, ctx.dim, *body.stride()], np.int64)
+        _ans.reconstruct(symbols.symbols, lay.spec, lay.rows, lay.tokens, *self.tables.digits, symbols.escapes,
+                         center, step, None, cos, sin, storage, place, HOST_DTYPES[body.dtype])
+
+    def dequantize_body_ref(self, ctx: SegmentContext, skip: int, symbols: entropy.Symbols,
+                            body: torch.Tensor) -> None:
+        """dequantize_body in torch (dequantize_rotate_ref), on body's device and into any dtype."""
+        kind = KINDS.index(ctx.kind)
+        device = body.device
         center, step = (t.to(device) for t in self._tensors[(ctx.layer, kind)])
         freq = self._freq(ctx.layer, kind)
-        q = torch.from_numpy(symbols).reshape(ctx.heads, ctx.dim, ctx.tokens - skip).to(device)
-        body = dequantize_rotate_ref(q, center, step, freq.to(device) if freq is not None else None,
-                                     ctx.token_start + skip)
+        q = torch.from_numpy(symbols.rows(self.tables)).reshape(ctx.heads, ctx.dim, ctx.tokens - skip).to(device)
+        values = dequantize_rotate_ref(q, center, step, freq.to(device) if freq is not None else None,
+                                       ctx.token_start + skip)
         if ctx.dtype == "float16":  # a value within step/2 of 65504 must not round to infinity
-            body = body.clamp(-FLOAT16_MAX, FLOAT16_MAX)
-        out[:, skip:].copy_(body.transpose(1, 2))
+            values = values.clamp(-FLOAT16_MAX, FLOAT16_MAX)
+        body.copy_(values.transpose(1, 2))
+
+
+HOST_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # _ans.reconstruct's dtype codes
 
 
 # ---------------------------------------------------------------- plan bytes
