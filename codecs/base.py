@@ -99,8 +99,11 @@ class Codec(ABC):
         return cls(**params)
 
     @abstractmethod
-    def fit(self, keys: list[torch.Tensor], values: list[torch.Tensor], token_starts: list[int]) -> "Encoder":
-        """An encoder for this cache (it may fit shared tables on all of it)."""
+    def fit(self, keys: list[torch.Tensor], values: list[torch.Tensor], token_starts: list[int],
+            attention: list[torch.Tensor] | None = None) -> "Encoder":
+        """An encoder for this cache (it may fit shared tables on all of it). `attention`, per layer (kv_heads,
+        held), is what each token received during prefill (kvcli/importance.py), where measured; lossy codecs
+        may spend fewer bits on tokens that received little."""
 
     @abstractmethod
     def open(self, aux: dict[str, bytes]) -> "Decoder":

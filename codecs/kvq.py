@@ -30,7 +30,8 @@ from .base import (ITEMSIZE, Codec, CodecError, Decoder, Encoder, SegmentContext
                    unzstd)
 from .quantize import dequantize_rotate_ref, quantize, rope_tables, unrotate_keys
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)  # version 2 is version 3 without token weights
 DEFAULT_SINKS = 1  # the first token is the sink; 4 measured no better on development text, at +0.04 bits/element
 MIN_STEP = 2.0**-14  # smallest normal float16: steps are stored as float16
 MAX_STEP = FLOAT16_MAX = 65504.0  # largest float16
@@ -39,6 +40,12 @@ KINDS = ("k", "v")
 TABLE_SAMPLE_TOKENS = 1024
 BATCH_SYMBOLS = 1 << 22  # symbols per entropy-coder batch: large enough to amortize the step loop
 AUX_LIMIT = 64 << 20
+# Token weights (docs/codec.md, "Token weights"): a token's steps are multiplied by 2^(e/8) for its exponent e
+# in [-TOKEN_EXPONENT_LIMIT, TOKEN_EXPONENT_LIMIT], one per (layer, K/V, head, token); e/8 = -alpha * log2 of
+# the attention the token received relative to its head's geometric mean.
+TOKEN_EXPONENT_LIMIT = 24
+TOKEN_FACTORS = np.float32(2.0 ** (np.arange(-TOKEN_EXPONENT_LIMIT, TOKEN_EXPONENT_LIMIT + 1) / 8))
+DEFAULT_TOKEN_ALPHA = 0.25
 
 
 @dataclass
@@ -93,30 +100,38 @@ class KvqCodec(Codec):
     # state (docs/codec.md, "Bounds"): at most 1,024 elements, 4,096 float32 bytes, per stored byte.
     max_expansion = 4096.0
     PARAMS = {"version": ((int,), True), "scale": ((int, float), True), "sinks": ((int,), True),
-              "quality": ((str,), False), "step_scale": ((int, float), False), "profile": ((str,), False)}
+              "quality": ((str,), False), "step_scale": ((int, float), False), "profile": ((str,), False),
+              "token_alpha": ((int, float), False)}
 
     def __init__(self, scale: float, sinks: int = DEFAULT_SINKS, profile: Profile | None = None,
-                 inv_freq: list[np.ndarray | None] | None = None, meta: dict | None = None):
+                 inv_freq: list[np.ndarray | None] | None = None, meta: dict | None = None,
+                 token_alpha: float = DEFAULT_TOKEN_ALPHA):
         if not (math.isfinite(scale) and scale > 0):
             raise CodecError(f"kvq step scale must be finite and positive, got {scale}")
         if not 0 <= sinks <= 1 << 22:
             raise CodecError(f"kvq sinks must be in [0, 2^22], got {sinks}")
+        if not (math.isfinite(token_alpha) and 0 <= token_alpha <= 4):
+            raise CodecError(f"kvq token alpha must be in [0, 4], got {token_alpha}")
         self.scale = float(scale)
         self.sinks = int(sinks)
+        self.token_alpha = float(token_alpha)  # encoder policy: 0 writes no token weights
+        self.version = FORMAT_VERSION  # what a decoder was opened for; encoders write FORMAT_VERSION
         self.profile = profile
         self.inv_freq = inv_freq  # per layer (head_dim / 2,) float32, None where keys are coded as they are
         self.meta = dict(meta or {})
 
     def params(self) -> dict:
-        return {"version": FORMAT_VERSION, "scale": self.scale, "sinks": self.sinks, **self.meta}
+        return {"version": self.version, "scale": self.scale, "sinks": self.sinks, **self.meta}
 
     @classmethod
     def _from_checked(cls, params: dict) -> "KvqCodec":
-        if params["version"] != FORMAT_VERSION:
+        if params["version"] not in READABLE_VERSIONS:
             raise CodecError(f"kvq bitstream version {params['version']} is not supported (this build reads "
-                             f"version {FORMAT_VERSION}); re-create the file with this kvcli")
+                             f"versions {', '.join(map(str, READABLE_VERSIONS))}); re-create the file with this kvcli")
         meta = {k: v for k, v in params.items() if k not in ("version", "scale", "sinks")}
-        return cls(float(params["scale"]), params["sinks"], meta=meta)
+        codec = cls(float(params["scale"]), params["sinks"], meta=meta)
+        codec.version = params["version"]
+        return codec
 
     # ------------------------------------------------------------ quantization space
 
@@ -137,9 +152,23 @@ class KvqCodec(Codec):
     def _plan(self, body: torch.Tensor, layer: int, kind: int) -> LayerPlan:
         return self._fit_layer(body, layer, kind)[0]
 
-    def _fit_layer(self, body: torch.Tensor, layer: int, kind: int) -> tuple[LayerPlan, torch.Tensor]:
+    def token_exponents(self, attention: torch.Tensor, skip: int) -> np.ndarray:
+        """int8 (heads, held) token-weight exponents from the attention each held token received (kvcli/
+        importance.py): -8 * alpha * log2(attention / the head's geometric mean over non-sink tokens), rounded
+        and clipped; 0 for sinks."""
+        a = attention.double().clamp_min(1e-12)
+        body = a[:, skip:]
+        e = torch.zeros_like(a)
+        if body.shape[1]:
+            mean = body.log2().mean(dim=1, keepdim=True)
+            e[:, skip:] = (-8 * self.token_alpha * (body.log2() - mean)).round()
+        return e.clamp(-TOKEN_EXPONENT_LIMIT, TOKEN_EXPONENT_LIMIT).numpy().astype(np.int8)
+
+    def _fit_layer(self, body: torch.Tensor, layer: int, kind: int,
+                   token_factor: torch.Tensor | None = None) -> tuple[LayerPlan, torch.Tensor]:
         """The plan of one layer's K or V body (heads, dim, tokens) in the quantization space, and its integers
-        (int32, same shape), which the classes are measured on. CodecError for non-finite or too large values."""
+        (int32, same shape), which the classes are measured on; token_factor (heads, tokens) scales each token's
+        steps. CodecError for non-finite or too large values."""
         heads, dim, tokens = body.shape
         if tokens == 0:
             ones = np.ones((heads, dim), dtype=np.float16)
@@ -155,7 +184,9 @@ class KvqCodec(Codec):
             if not torch.isfinite(body).all():
                 raise CodecError(f"{what} holds non-finite values (NaN or Inf), which kvq cannot code; use lossless")
             spread = body.abs().amax(dim=2)
-        rms = dev.pow(2).mean(dim=(1, 2)).sqrt().nan_to_num(MAX_STEP).clamp_min(1e-6)  # per head
+        # Per head, of what is quantized: with token weights, the deviations in units of their tokens' factors.
+        spread_of = dev if token_factor is None else dev / token_factor[:, None, :]
+        rms = spread_of.pow(2).mean(dim=(1, 2)).sqrt().nan_to_num(MAX_STEP).clamp_min(1e-6)
         factor = self.profile.step_factor(layer, kind, heads) if self.profile is not None else np.ones(heads)
         step = (self.scale * torch.from_numpy(factor).float() * rms)[:, None].expand(heads, dim)
         if kind == 0 and self.profile is not None and self.profile.key_weights is not None:
@@ -163,13 +194,14 @@ class KvqCodec(Codec):
             w = w / w.log().mean().exp()
             step = step * w.pow(-0.5).float().clamp(1 / 16, 16)
         # No channel needs more than MAX_LEVEL steps from its center: escapes stay far inside int32.
-        floor = spread / MAX_LEVEL
+        finest = token_factor.min(dim=1).values[:, None] if token_factor is not None and tokens else 1.0
+        floor = spread / (MAX_LEVEL * finest)
         if (floor > MAX_STEP).any():
             raise CodecError(f"layer {layer} {KINDS[kind].upper()}: values up to {float(spread.max()):.3g} from "
                              f"their channel mean are beyond kvq's range ({MAX_STEP * MAX_LEVEL:.3g}); use lossless")
         # float16 rounding may shave 2^-11 off a floored step: |q| stays below 2^31 all the same.
         step = torch.maximum(step.clamp(MIN_STEP, 60000), floor).to(torch.float16).float()
-        q = quantize(body, center, step)
+        q = quantize(body, center, step, token_factor)
         plan = LayerPlan(center.numpy().astype(np.float16), step.numpy().astype(np.float16),
                          entropy.classes_of(q.numpy()))
         return plan, q
@@ -192,10 +224,13 @@ class KvqCodec(Codec):
 
     # ------------------------------------------------------------ factories
 
-    def fit(self, keys: list[torch.Tensor], values: list[torch.Tensor], token_starts: list[int]) -> "KvqEncoder":
+    def fit(self, keys: list[torch.Tensor], values: list[torch.Tensor], token_starts: list[int],
+            attention: list[torch.Tensor] | None = None) -> "KvqEncoder":
         """Plans and tables from the whole cache, quantizing every element once: the encoder keeps the integers
-        and codes the segments that are slices of these tensors from them."""
+        and codes the segments that are slices of these tensors from them. With `attention` (per layer
+        (kv_heads, held), kvcli/importance.py) and a token alpha above 0, token weights too."""
         plans: dict[tuple[int, int], LayerPlan] = {}
+        tokens: dict[tuple[int, int], TokenWeights] = {}
         samples: dict[int, list[np.ndarray]] = {}
         fitted: dict[tuple[int, int], Fitted] = {}
         for layer, start in enumerate(token_starts):
@@ -205,7 +240,14 @@ class KvqCodec(Codec):
                     raise CodecError(f"layer {layer} {KINDS[kind].upper()} holds non-finite values (NaN or Inf) in "
                                      "its sink tokens, which kvq cannot code; use lossless")
                 body = self._pre(x[:, skip:], layer, kind, start + skip)
-                plan, q = self._fit_layer(body, layer, kind)
+                factor = None
+                if attention is not None and self.token_alpha > 0:
+                    if attention[layer].shape != x.shape[:2]:
+                        raise ValueError(f"layer {layer}: attention {tuple(attention[layer].shape)} for a cache of "
+                                         f"{tuple(x.shape[:2])} (heads, tokens)")
+                    weights = tokens[(layer, kind)] = TokenWeights(start, self.token_exponents(attention[layer], skip))
+                    factor = weights.factors(start + skip, x.shape[1] - skip)
+                plan, q = self._fit_layer(body, layer, kind, factor)
                 plans[(layer, kind)] = plan
                 fitted[(layer, kind)] = Fitted(x, start, _narrow(q))
                 for cls in np.unique(plan.classes):  # every class a plan names gets a table, used or not
@@ -219,22 +261,46 @@ class KvqCodec(Codec):
                     samples[int(cls)].append(window[plan.classes == cls])
         inv_freq = [None if self._freq(layer, 0) is None else self._freq(layer, 0).numpy()
                     for layer in range(len(token_starts))]
-        return KvqEncoder(self, plans, entropy.fit_tables(samples), inv_freq, fitted)
+        return KvqEncoder(self, plans, entropy.fit_tables(samples), inv_freq, tokens, fitted)
 
     def open(self, aux: dict[str, bytes]) -> "KvqDecoder":
-        if set(aux) != {"kvq.plan", "kvq.tables"}:
-            raise CodecError(f"kvq needs aux segments kvq.plan and kvq.tables, found {sorted(aux)}")
+        version = self.version
+        allowed = [{"kvq.plan", "kvq.tables"}] + ([{"kvq.plan", "kvq.tables", "kvq.tokens"}] if version >= 3 else [])
+        if set(aux) not in allowed:
+            raise CodecError(f"kvq version {version} needs aux segments kvq.plan and kvq.tables"
+                             f"{' (and optionally kvq.tokens)' if version >= 3 else ''}, found {sorted(aux)}")
         tables = entropy.unpack_tables(unzstd(aux["kvq.tables"], AUX_LIMIT))
         plans, inv_freq = unpack_plans(unzstd(aux["kvq.plan"], AUX_LIMIT))
-        return KvqDecoder(self, plans, tables, inv_freq)
+        tokens = unpack_tokens(unzstd(aux["kvq.tokens"], AUX_LIMIT), plans) if "kvq.tokens" in aux else {}
+        return KvqDecoder(self, plans, tables, inv_freq, tokens)
+
+
+@dataclass(frozen=True)
+class TokenWeights:
+    """One layer and kind's token-weight exponents: int8 (heads, tokens) for absolute positions from `first`."""
+
+    first: int
+    exponents: np.ndarray
+
+    def factors(self, start: int, tokens: int) -> torch.Tensor:
+        """float32 (heads, tokens) step factors 2^(e/8) of positions [start, start + tokens), which must lie
+        inside the weights' range (callers check with covers)."""
+        lo = start - self.first
+        return torch.from_numpy(TOKEN_FACTORS[self.exponents[:, lo : lo + tokens].astype(np.int64) + TOKEN_EXPONENT_LIMIT])
+
+    def covers(self, heads: int, start: int, tokens: int) -> bool:
+        return (self.exponents.shape[0] == heads and start >= self.first
+                and start + tokens <= self.first + self.exponents.shape[1])
 
 
 class _Planned:
-    """What encoder and decoder share: the codec, per-(layer, kind) plans, entropy tables, rotary frequencies."""
+    """What encoder and decoder share: the codec, per-(layer, kind) plans, entropy tables, rotary frequencies,
+    token weights."""
 
     def __init__(self, codec: KvqCodec, plans: dict[tuple[int, int], LayerPlan], tables: entropy.ClassTables,
-                 inv_freq: list[np.ndarray | None]):
+                 inv_freq: list[np.ndarray | None], tokens: dict[tuple[int, int], TokenWeights] | None = None):
         self.codec = codec
+        self.tokens = tokens or {}
         self.plans = plans
         self.tables = tables
         self.inv_freq = inv_freq
@@ -254,6 +320,21 @@ class _Planned:
     def _freq(self, layer: int, kind: int) -> torch.Tensor | None:
         freq = self.inv_freq[layer] if kind == 0 and layer < len(self.inv_freq) else None
         return torch.from_numpy(freq) if freq is not None else None
+
+    def _token_weights(self, ctx: SegmentContext, skip: int) -> TokenWeights | None:
+        """The token weights of a segment's layer and kind, None if the file has none for them; CodecError if
+        they do not cover the segment's body."""
+        weights = self.tokens.get((ctx.layer, KINDS.index(ctx.kind)))
+        if weights is not None and not weights.covers(ctx.heads, ctx.token_start + skip, ctx.tokens - skip):
+            raise CodecError(f"token weights of layer {ctx.layer} {ctx.kind.upper()} (heads "
+                             f"{weights.exponents.shape[0]}, positions {weights.first} to "
+                             f"{weights.first + weights.exponents.shape[1]}) do not cover the segment")
+        return weights
+
+    def _token_factors(self, ctx: SegmentContext, skip: int) -> torch.Tensor | None:
+        """float32 (heads, non-sink tokens) step factors of a segment's body, or None (_token_weights)."""
+        weights = self._token_weights(ctx, skip)
+        return weights.factors(ctx.token_start + skip, ctx.tokens - skip) if weights is not None else None
 
 
 @dataclass(frozen=True)
@@ -292,14 +373,18 @@ class KvqEncoder(_Planned, Encoder):
     kernels/quantize.py, which gives the torch path's integers exactly."""
 
     def __init__(self, codec: KvqCodec, plans: dict[tuple[int, int], LayerPlan], tables: entropy.ClassTables,
-                 inv_freq: list[np.ndarray | None], fitted: dict[tuple[int, int], Fitted] | None = None):
-        super().__init__(codec, plans, tables, inv_freq)
+                 inv_freq: list[np.ndarray | None], tokens: dict[tuple[int, int], TokenWeights] | None = None,
+                 fitted: dict[tuple[int, int], Fitted] | None = None):
+        super().__init__(codec, plans, tables, inv_freq, tokens)
         self.fitted = fitted or {}
 
     def aux(self) -> dict[str, bytes]:
         zc = zstandard.ZstdCompressor(level=19)
-        return {"kvq.plan": zc.compress(pack_plans(self.plans, self.inv_freq)),
-                "kvq.tables": zc.compress(entropy.pack_tables(self.tables))}
+        aux = {"kvq.plan": zc.compress(pack_plans(self.plans, self.inv_freq)),
+               "kvq.tables": zc.compress(entropy.pack_tables(self.tables))}
+        if self.tokens:
+            aux["kvq.tokens"] = zc.compress(pack_tokens(self.tokens))
+        return aux
 
     def encode(self, x: torch.Tensor, ctx: SegmentContext) -> bytes:
         return self.encode_many([(x, ctx)])[0]
@@ -335,12 +420,15 @@ class KvqEncoder(_Planned, Encoder):
         center, step = self._tensors[(ctx.layer, kind)]
         fitted = self.fitted.get((ctx.layer, kind))
         q = fitted.rows(x, ctx.token_start, skip) if fitted is not None else None
+        if q is None:
+            factor = self._token_factors(ctx, skip)
         if q is None and self.backend == "triton":
             from ..kernels.quantize import quantize_unrotate  # needs triton; imported only when asked for
 
-            q = quantize_unrotate(x[:, skip:], center, step, self._freq(ctx.layer, kind), ctx.token_start + skip).cpu()
+            q = quantize_unrotate(x[:, skip:], center, step, self._freq(ctx.layer, kind), ctx.token_start + skip,
+                                  factor).cpu()
         elif q is None:
-            q = quantize(self.codec._pre(x[:, skip:], ctx.layer, kind, ctx.token_start + skip), center, step)
+            q = quantize(self.codec._pre(x[:, skip:], ctx.layer, kind, ctx.token_start + skip), center, step, factor)
         rows = q.numpy().reshape(ctx.heads * ctx.dim, ctx.tokens - skip)
         sinks = tensor_bytes(x[:, :skip].cpu()).tobytes() if skip else b""
         return self._groups[(ctx.layer, kind)], rows, lim, sinks
@@ -376,6 +464,7 @@ class KvqDecoder(_Planned, Decoder):
         for i, (ctx, data) in enumerate(segments):
             try:
                 _, skip, lim = self._layout(ctx)
+                self._token_weights(ctx, skip)
                 coded = entropy.split_segment(data, lim)
                 if coded.end < len(data) and has_nonfinite(data[coded.end :], ctx.dtype):
                     raise CodecError("a sink token holds a non-finite value, which no kvq writer stores")
@@ -431,20 +520,23 @@ class KvqDecoder(_Planned, Decoder):
             self.dequantize_body_ref(ctx, skip, symbols, out[:, skip:])
 
     def dequantize_body(self, ctx: SegmentContext, skip: int, symbols: entropy.Symbols, body: torch.Tensor) -> None:
-        """Expand, dequantize, rotate keys and cast into body (heads, tokens - skip, dim), a CPU tensor of the
-        file's dtype, with _ans.reconstruct: one pass over each element, without the GIL, values bit for bit
-        dequantize_body_ref's. The C code refuses strides that would write outside body's storage."""
+        """Expand, dequantize (with token weights where the file has them), rotate keys and cast into body
+        (heads, tokens - skip, dim), a CPU tensor of the file's dtype, with _ans.reconstruct: one pass over each
+        element, without the GIL, values bit for bit dequantize_body_ref's. The C code refuses strides that would
+        write outside body's storage."""
         kind = KINDS.index(ctx.kind)
         center, step = self._host[(ctx.layer, kind)]
         freq = self._freq(ctx.layer, kind)
         cos = sin = None
         if freq is not None:
             cos, sin = (t.numpy() for t in rope_tables(freq, ctx.token_start + skip, ctx.tokens - skip))
+        factor = self._token_factors(ctx, skip)
         lay = symbols.layout
         storage = torch.empty(0, dtype=torch.uint8).set_(body.untyped_storage()).numpy()
         place = np.array([body.storage_offset(), ctx.heads, ctx.dim, *body.stride()], np.int64)
         _ans.reconstruct(symbols.symbols, lay.spec, lay.rows, lay.tokens, *self.tables.digits, symbols.escapes,
-                         center, step, None, cos, sin, storage, place, HOST_DTYPES[body.dtype])
+                         center, step, factor.numpy() if factor is not None else None, cos, sin, storage, place,
+                         HOST_DTYPES[body.dtype])
 
     def dequantize_body_ref(self, ctx: SegmentContext, skip: int, symbols: entropy.Symbols,
                             body: torch.Tensor) -> None:
@@ -454,8 +546,9 @@ class KvqDecoder(_Planned, Decoder):
         center, step = (t.to(device) for t in self._tensors[(ctx.layer, kind)])
         freq = self._freq(ctx.layer, kind)
         q = torch.from_numpy(symbols.rows(self.tables)).reshape(ctx.heads, ctx.dim, ctx.tokens - skip).to(device)
+        factor = self._token_factors(ctx, skip)
         values = dequantize_rotate_ref(q, center, step, freq.to(device) if freq is not None else None,
-                                       ctx.token_start + skip)
+                                       ctx.token_start + skip, factor.to(device) if factor is not None else None)
         if ctx.dtype == "float16":  # a value within step/2 of 65504 must not round to infinity
             values = values.clamp(-FLOAT16_MAX, FLOAT16_MAX)
         body.copy_(values.transpose(1, 2))
@@ -521,6 +614,48 @@ def unpack_plans(plan: bytes) -> tuple[dict[tuple[int, int], LayerPlan], list[np
 
 
 EXPONENT_MASKS = {"float32": ("<u4", 0x7F800000), "float16": ("<u2", 0x7C00), "bfloat16": ("<u2", 0x7F80)}
+
+
+# ---------------------------------------------------------------- token weight bytes
+
+
+def pack_tokens(tokens: dict[tuple[int, int], TokenWeights]) -> bytes:
+    parts = [struct.pack("<I", len(tokens))]
+    for (layer, kind), w in sorted(tokens.items()):
+        heads, count = w.exponents.shape
+        parts.append(struct.pack("<IBHII", layer, kind, heads, w.first, count))
+        parts.append(np.ascontiguousarray(w.exponents, dtype=np.int8).tobytes())
+    return b"".join(parts)
+
+
+def unpack_tokens(data: bytes, plans: dict[tuple[int, int], LayerPlan]) -> dict[tuple[int, int], TokenWeights]:
+    """The kvq.tokens entries, every check of docs/codec.md ("Token weights") done; CodecError otherwise."""
+    tokens: dict[tuple[int, int], TokenWeights] = {}
+    try:
+        (count,) = struct.unpack_from("<I", data, 0)
+        pos, last = 4, None
+        for _ in range(count):
+            layer, kind, heads, first, n = struct.unpack_from("<IBHII", data, pos)
+            pos += 15
+            if last is not None and (layer, kind) <= last:
+                raise CodecError("kvq.tokens entries must be in increasing (layer, kind) order, each once")
+            last = (layer, kind)
+            plan = plans.get((layer, kind)) if kind < 2 else None
+            if plan is None or plan.center.shape[0] != heads:
+                raise CodecError(f"kvq.tokens has weights for layer {layer} kind {kind} with {heads} heads, which "
+                                 "no plan has")
+            if pos + heads * n > len(data):
+                raise CodecError("kvq.tokens is truncated")
+            e = np.frombuffer(data, np.int8, heads * n, pos).reshape(heads, n)
+            pos += heads * n
+            if e.size and int(np.abs(e.astype(np.int16)).max()) > TOKEN_EXPONENT_LIMIT:
+                raise CodecError(f"kvq.tokens exponents must lie in [-{TOKEN_EXPONENT_LIMIT}, {TOKEN_EXPONENT_LIMIT}]")
+            tokens[(layer, kind)] = TokenWeights(first, e)
+    except struct.error:
+        raise CodecError("kvq.tokens is truncated") from None
+    if pos != len(data):
+        raise CodecError(f"kvq.tokens has {len(data) - pos} trailing bytes")
+    return tokens
 
 
 def has_nonfinite(raw: bytes, dtype: str) -> bool:

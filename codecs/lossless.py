@@ -42,7 +42,7 @@ class ZstdCodec(Codec, Encoder, Decoder):
         codec.level = params.get("level", DEFAULT_LEVEL)
         return codec
 
-    def fit(self, keys, values, token_starts) -> "ZstdCodec":
+    def fit(self, keys, values, token_starts, attention=None) -> "ZstdCodec":
         return self
 
     def open(self, aux: dict[str, bytes]) -> "ZstdCodec":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Codec
-from .kvq import DEFAULT_SINKS, KvqCodec, Profile
+from .kvq import DEFAULT_SINKS, DEFAULT_TOKEN_ALPHA, KvqCodec, Profile
 from .lossless import ZstdCodec
 from .raw import RawCodec
 
@@ -24,5 +24,6 @@ def make_codec(quality: str, profile: Profile | None = None, inv_freq: list[np.n
         return RawCodec()
     if quality not in LOSSY_SCALES:
         raise ValueError(f"unknown quality {quality!r}; choose one of {', '.join(QUALITIES)}")
-    meta = {"quality": quality, "step_scale": step_scale, "profile": f"{profile.name}:{profile.digest()}" if profile else "none"}
-    return KvqCodec(LOSSY_SCALES[quality] * step_scale, sinks, profile, inv_freq, meta)
+    meta = {"quality": quality, "step_scale": step_scale, "profile": f"{profile.name}:{profile.digest()}" if profile else "none",
+            "token_alpha": DEFAULT_TOKEN_ALPHA}
+    return KvqCodec(LOSSY_SCALES[quality] * step_scale, sinks, profile, inv_freq, meta, DEFAULT_TOKEN_ALPHA)

@@ -50,26 +50,37 @@ def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     return out
 
 
-def quantize(x: torch.Tensor, center: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """Uniform quantization: int32 q with |x - dequantize(q)| <= step / 2 per element (up to float32 rounding).
+def quantize(x: torch.Tensor, center: torch.Tensor, step: torch.Tensor,
+             token_factor: torch.Tensor | None = None) -> torch.Tensor:
+    """Uniform quantization: int32 q with |x - dequantize(q)| <= step * token_factor / 2 per element (up to
+    float32 rounding).
 
-    x is (heads, dim, tokens); center and step are (heads, dim), one per channel.
+    x is (heads, dim, tokens); center and step are (heads, dim), one per channel; token_factor, if given,
+    (heads, tokens) float32, one per token of each head (docs/codec.md, "Token weights").
     """
-    return torch.round((x - center[..., None]) / step[..., None]).to(torch.int32)
+    size = step[..., None] if token_factor is None else step[..., None] * token_factor[:, None, :]
+    return torch.round((x - center[..., None]) / size).to(torch.int32)
 
 
-def dequantize(q: torch.Tensor, center: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """float32 center + float32(q) * step: a multiply, then an add (never fused, so every decoder agrees)."""
-    return torch.mul(q, step[..., None]).add_(center[..., None])  # int32 * float32 promotes q exactly as .float()
+def dequantize(q: torch.Tensor, center: torch.Tensor, step: torch.Tensor,
+               token_factor: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 center + (float32(q) * step) * token_factor: each multiply and the add a separate float32
+    operation (never fused, so every decoder agrees)."""
+    v = torch.mul(q, step[..., None])  # int32 * float32 promotes q exactly as .float()
+    if token_factor is not None:
+        v.mul_(token_factor[:, None, :])
+    return v.add_(center[..., None])
 
 
 def dequantize_rotate_ref(q: torch.Tensor, center: torch.Tensor, step: torch.Tensor,
-                          inv_freq: torch.Tensor | None, token_start: int) -> torch.Tensor:
-    """float32 (heads, dim, tokens): center + q * step per channel, then RoPE on keys (inv_freq given).
+                          inv_freq: torch.Tensor | None, token_start: int,
+                          token_factor: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 (heads, dim, tokens): center + (q * step) * token_factor per channel, then RoPE on keys (inv_freq
+    given).
 
     The torch reference of kernels/dequantize.py, and the CPU path of decoding.
     """
-    x = dequantize(q, center.float(), step.float())
+    x = dequantize(q, center.float(), step.float(), token_factor)
     if inv_freq is None or q.shape[2] == 0:
         return x
     cos, sin = rope_tables(inv_freq, token_start, q.shape[2])

@@ -15,7 +15,7 @@ class RawCodec(Codec, Encoder, Decoder):
     lossless = True
     max_expansion = 1.0
 
-    def fit(self, keys, values, token_starts) -> "RawCodec":
+    def fit(self, keys, values, token_starts, attention=None) -> "RawCodec":
         return self
 
     def open(self, aux: dict[str, bytes]) -> "RawCodec":

@@ -51,9 +51,9 @@ def _cast(v, out_ptr, CLAMP: tl.constexpr, BF16: tl.constexpr):
 
 
 @triton.jit
-def dequantize_rotate_kernel(q_ptr, center_ptr, step_ptr, cos_ptr, sin_ptr, cs_stride, out_ptr, dim, tokens,
+def dequantize_rotate_kernel(q_ptr, center_ptr, step_ptr, cos_ptr, sin_ptr, cs_stride, tok_ptr, out_ptr, dim, tokens,
                              out_sh, out_st, out_sc, ROTATE: tl.constexpr, CLAMP: tl.constexpr, BF16: tl.constexpr,
-                             CHANNELS: tl.constexpr, BLOCK: tl.constexpr):
+                             SCALED: tl.constexpr, CHANNELS: tl.constexpr, BLOCK: tl.constexpr):
     # One program: one head, a block of tokens, every channel (ROTATE: the first halves of the pairs).
     head = tl.program_id(0)
     t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -65,14 +65,21 @@ def dequantize_rotate_kernel(q_ptr, center_ptr, step_ptr, cos_ptr, sin_ptr, cs_s
     qa = tl.load(q_ptr + row_a[:, None] * tokens + t[None, :], mask=mask, other=0).to(tl.float32)
     sa = tl.load(step_ptr + row_a, mask=c < width, other=1.0)
     ca = tl.load(center_ptr + row_a, mask=c < width, other=0.0)
-    xa = qa * sa[:, None] + ca[:, None]
+    if SCALED:  # token weights: (q * step) * factor, then + centre (docs/codec.md, "Reconstruction")
+        g = tl.load(tok_ptr + head * tokens + t, mask=t < tokens, other=1.0)
+        xa = (qa * sa[:, None]) * g[None, :] + ca[:, None]
+    else:
+        xa = qa * sa[:, None] + ca[:, None]
     out_a = out_ptr + head * out_sh + t[None, :] * out_st + c[:, None] * out_sc
     if ROTATE:
         row_b = row_a + half
         qb = tl.load(q_ptr + row_b[:, None] * tokens + t[None, :], mask=mask, other=0).to(tl.float32)
         sb = tl.load(step_ptr + row_b, mask=c < width, other=1.0)
         cb = tl.load(center_ptr + row_b, mask=c < width, other=0.0)
-        xb = qb * sb[:, None] + cb[:, None]
+        if SCALED:
+            xb = (qb * sb[:, None]) * g[None, :] + cb[:, None]
+        else:
+            xb = qb * sb[:, None] + cb[:, None]
         cs = tl.load(cos_ptr + c[:, None] * cs_stride + t[None, :], mask=mask, other=0.0)
         sn = tl.load(sin_ptr + c[:, None] * cs_stride + t[None, :], mask=mask, other=0.0)
         ya = xa * cs - xb * sn
@@ -108,10 +115,12 @@ def tile(width: int) -> tuple[int, int]:
 
 
 def dequantize_rotate(q: torch.Tensor, center: torch.Tensor, step: torch.Tensor, inv_freq: torch.Tensor | None,
-                      token_start: int, out: torch.Tensor | None = None) -> torch.Tensor:
+                      token_start: int, out: torch.Tensor | None = None,
+                      token_factor: torch.Tensor | None = None) -> torch.Tensor:
     """Host launcher. Without `out`: float32 (heads, dim, tokens) on q's device, the reference's values. With
     `out` (heads, tokens, dim), float32/float16/bfloat16, any strides, on q's device: written in place, as
-    `out.copy_(reference.clamp(float16 range if float16).transpose(1, 2))` would, and returned."""
+    `out.copy_(reference.clamp(float16 range if float16).transpose(1, 2))` would, and returned. token_factor:
+    (heads, tokens) float32 step factors (kvq's token weights), or None."""
     heads, dim, tokens = q.shape
     if out is None:
         result = torch.empty((heads, dim, tokens), dtype=torch.float32, device=q.device)
@@ -131,10 +140,16 @@ def dequantize_rotate(q: torch.Tensor, center: torch.Tensor, step: torch.Tensor,
         cos, sin = rope_tables_on(inv_freq, token_start, tokens, q.device)
     else:
         cos = sin = center  # unused pointers when not rotating
+    scaled = token_factor is not None
+    if scaled:
+        if token_factor.shape != (heads, tokens):
+            raise ValueError(f"token_factor must be (heads, tokens) = {(heads, tokens)}, got {tuple(token_factor.shape)}")
+        token_factor = token_factor.float().to(q.device).contiguous()
     channels, block = tile(dim // 2 if rotate else dim)
     grid = (heads, triton.cdiv(tokens, block))
-    dequantize_rotate_kernel[grid](q.contiguous(), center, step, cos, sin, cos.stride(0), view, dim, tokens,
+    dequantize_rotate_kernel[grid](q.contiguous(), center, step, cos, sin, cos.stride(0),
+                                   token_factor if scaled else center, view, dim, tokens,
                                    *view.stride(), ROTATE=rotate, CLAMP=view.dtype == torch.float16,
-                                   BF16=view.dtype == torch.bfloat16, CHANNELS=channels, BLOCK=block,
+                                   BF16=view.dtype == torch.bfloat16, SCALED=scaled, CHANNELS=channels, BLOCK=block,
                                    num_warps=NUM_WARPS, enable_fp_fusion=False)
     return result

@@ -116,9 +116,12 @@ def decode_onto(state: DeviceState, segments: list[tuple[SegmentContext, bytes, 
         q = _expand(lay[run[0]], len(run), symbols[span], is_esc[span], first_value[span], esc_all,
                     ctx.heads * ctx.dim)
         if q is not None:
-            center, step, freq = state.plan(ctx.layer, ("k", "v").index(ctx.kind))
+            kind = ("k", "v").index(ctx.kind)
+            center, step, freq = state.plan(ctx.layer, kind)
+            weights = state.decoder.tokens.get((ctx.layer, kind))  # split() checked they cover every segment
+            factor = weights.factors(ctx.token_start + skip, q.shape[1]) if weights is not None else None
             dequantize_rotate(q.view(ctx.heads, ctx.dim, -1), center, step, freq, ctx.token_start + skip,
-                              out=_joined([segments[order[k]][2][:, skip:] for k in run]))
+                              out=_joined([segments[order[k]][2][:, skip:] for k in run]), token_factor=factor)
     for (ctx, data, out), (_, skip, coded) in zip(segments, split):
         if skip:
             sink_ctx = SegmentContext(ctx.kind, ctx.layer, ctx.token_start, ctx.heads, skip, ctx.dim, ctx.dtype)

@@ -29,9 +29,9 @@ def _round_even(v):
 
 
 @triton.jit
-def quantize_unrotate_kernel(x_ptr, center_ptr, step_ptr, cos_ptr, sin_ptr, cs_stride, q_ptr, dim, tokens, x_sh,
-                             x_st, x_sc,
-                             ROTATE: tl.constexpr, CHANNELS: tl.constexpr, BLOCK: tl.constexpr):
+def quantize_unrotate_kernel(x_ptr, center_ptr, step_ptr, cos_ptr, sin_ptr, cs_stride, tok_ptr, q_ptr, dim, tokens,
+                             x_sh, x_st, x_sc,
+                             ROTATE: tl.constexpr, SCALED: tl.constexpr, CHANNELS: tl.constexpr, BLOCK: tl.constexpr):
     # One program: one head, a block of tokens, every channel (ROTATE: both halves of every pair).
     head = tl.program_id(0)
     t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -43,6 +43,10 @@ def quantize_unrotate_kernel(x_ptr, center_ptr, step_ptr, cos_ptr, sin_ptr, cs_s
     x_a = x_ptr + head * x_sh + t[None, :] * x_st + c[:, None] * x_sc
     xa = tl.load(x_a, mask=mask, other=0.0).to(tl.float32)
     row_a = head * dim + c
+    if SCALED:  # a token's steps times its factor: the float32 product, as the torch path forms it
+        g = tl.load(tok_ptr + head * tokens + t, mask=t < tokens, other=1.0)
+    else:
+        g = tl.full((BLOCK,), 1.0, tl.float32)
     if ROTATE:
         xb = tl.load(x_a + half * x_sc, mask=mask, other=0.0).to(tl.float32)
         cs = tl.load(cos_ptr + c[:, None] * cs_stride + t[None, :], mask=mask, other=0.0)
@@ -51,19 +55,20 @@ def quantize_unrotate_kernel(x_ptr, center_ptr, step_ptr, cos_ptr, sin_ptr, cs_s
         yb = xb * cs - xa * sn
         row_b = row_a + half
         vb = tl.math.div_rn(yb - tl.load(center_ptr + row_b, mask=cmask, other=0.0)[:, None],
-                            tl.load(step_ptr + row_b, mask=cmask, other=1.0)[:, None])
+                            tl.load(step_ptr + row_b, mask=cmask, other=1.0)[:, None] * g[None, :])
         tl.store(q_ptr + row_b[:, None] * tokens + t[None, :], _round_even(vb).to(tl.int32), mask=mask)
     else:
         ya = xa
     va = tl.math.div_rn(ya - tl.load(center_ptr + row_a, mask=cmask, other=0.0)[:, None],
-                        tl.load(step_ptr + row_a, mask=cmask, other=1.0)[:, None])
+                        tl.load(step_ptr + row_a, mask=cmask, other=1.0)[:, None] * g[None, :])
     tl.store(q_ptr + row_a[:, None] * tokens + t[None, :], _round_even(va).to(tl.int32), mask=mask)
 
 
 def quantize_unrotate(x: torch.Tensor, center: torch.Tensor, step: torch.Tensor, inv_freq: torch.Tensor | None,
-                      token_start: int) -> torch.Tensor:
+                      token_start: int, token_factor: torch.Tensor | None = None) -> torch.Tensor:
     """Host launcher: x (heads, tokens, dim) float32/float16/bfloat16, any strides -> int32 (heads, dim, tokens)
-    on x's device. Values must be finite and |q| < 2^31 (kvq's plan guarantees both)."""
+    on x's device. Values must be finite and |q| < 2^31 (kvq's plan guarantees both). token_factor: (heads,
+    tokens) float32 step factors (kvq's token weights), or None."""
     heads, tokens, dim = x.shape
     q = torch.empty((heads, dim, tokens), dtype=torch.int32, device=x.device)
     if tokens == 0 or heads == 0 or dim == 0:
@@ -76,19 +81,25 @@ def quantize_unrotate(x: torch.Tensor, center: torch.Tensor, step: torch.Tensor,
         cos, sin = rope_tables_on(inv_freq, token_start, tokens, x.device)
     else:
         cos = sin = center  # unused pointers when not rotating
+    scaled = token_factor is not None
+    if scaled:
+        if token_factor.shape != (heads, tokens):
+            raise ValueError(f"token_factor must be (heads, tokens) = {(heads, tokens)}, got {tuple(token_factor.shape)}")
+        token_factor = token_factor.float().to(x.device).contiguous()
     channels, block = tile(dim // 2 if rotate else dim)
     grid = (heads, triton.cdiv(tokens, block))
-    quantize_unrotate_kernel[grid](x, center, step, cos, sin, cos.stride(0), q, dim, tokens, *x.stride(),
-                                   ROTATE=rotate, CHANNELS=channels, BLOCK=block, num_warps=dequantize.NUM_WARPS,
-                                   enable_fp_fusion=False)
+    quantize_unrotate_kernel[grid](x, center, step, cos, sin, cos.stride(0), token_factor if scaled else center, q,
+                                   dim, tokens, *x.stride(), ROTATE=rotate, SCALED=scaled, CHANNELS=channels,
+                                   BLOCK=block, num_warps=dequantize.NUM_WARPS, enable_fp_fusion=False)
     return q
 
 
 def quantize_unrotate_ref(x: torch.Tensor, center: torch.Tensor, step: torch.Tensor, inv_freq: torch.Tensor | None,
-                          token_start: int) -> torch.Tensor:
+                          token_start: int, token_factor: torch.Tensor | None = None) -> torch.Tensor:
     """The torch reference: kvq's encoder path (KvqCodec._pre, then quantize) on any device."""
     body = x.float().transpose(1, 2).contiguous()
     if inv_freq is not None and body.shape[2]:
         cos, sin = rope_tables(inv_freq, token_start, body.shape[2])
         body = unrotate_keys(body, cos.to(x.device), sin.to(x.device))
-    return quantize(body, center.float().to(x.device), step.float().to(x.device))
+    return quantize(body, center.float().to(x.device), step.float().to(x.device),
+                    token_factor.float().to(x.device) if token_factor is not None else None)

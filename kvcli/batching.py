@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import inference
+from . import importance, inference
 from .kvcache import KVCache
 from .models import LoadedModel, cache_argument, logits_argument
 
@@ -50,12 +50,14 @@ def layer_windows(lm: LoadedModel) -> list[int | None]:
 
 
 @torch.inference_mode()
-def prefill_batch(lm: LoadedModel, docs: list[list[int]], windows: list[int | None] | None = None) -> list[KVCache]:
-    """One forward pass over `docs`; the i-th cache equals inference.prefill(lm, docs[i]) up to float rounding."""
+def prefill_batch(lm: LoadedModel, docs: list[list[int]], windows: list[int | None] | None = None,
+                  attention: bool = False) -> list[KVCache]:
+    """One forward pass over `docs`; the i-th cache equals inference.prefill(lm, docs[i], attention) up to float
+    rounding."""
     from transformers import DynamicCache
 
     if len(docs) == 1:
-        return [inference.prefill(lm, docs[0])]
+        return [inference.prefill(lm, docs[0], attention)]
     for ids in docs:
         inference.check_length(lm, len(ids), "the document")
     windows = layer_windows(lm) if windows is None else windows
@@ -65,7 +67,8 @@ def prefill_batch(lm: LoadedModel, docs: list[list[int]], windows: list[int | No
     inputs = torch.tensor([ids + [ids[-1]] * (width - len(ids)) for ids in docs], dtype=torch.long, device=device)
     # Full-attention layers everywhere, so each document's sliding window can be cut from its own tokens below.
     cache = DynamicCache()
-    lm.model(input_ids=inputs, use_cache=True, **{cache_argument(lm.model): cache}, **logits_argument(lm.model, True))
+    with importance.recording(lm, [len(ids) for ids in docs] if attention else []) as rows:
+        lm.model(input_ids=inputs, use_cache=True, **{cache_argument(lm.model): cache}, **logits_argument(lm.model, True))
     if len(cache.layers) != len(windows):
         raise RuntimeError(f"the model filled {len(cache.layers)} cache layers, its config names {len(windows)}")
     out = []
@@ -76,7 +79,10 @@ def prefill_batch(lm: LoadedModel, docs: list[list[int]], windows: list[int | No
             start = n - min(n, window - 1) if window else 0
             keys.append(layer.keys[row, :, start:n].clone())
             values.append(layer.values[row, :, start:n].clone())
-        out.append(KVCache(list(ids), keys, values))
+        kv = KVCache(list(ids), keys, values)
+        if attention:
+            kv.attention = importance.held(rows[row] if rows else None, keys)
+        out.append(kv)
     return out
 
 

@@ -10,6 +10,7 @@ from typing import BinaryIO
 
 import torch
 
+from . import importance
 from .errors import InputError, UsageError
 from .kvcache import KVCache, from_model_cache, to_model_cache
 from .models import LoadedModel, cache_argument, logits_argument
@@ -116,11 +117,18 @@ def empty_cache(lm: LoadedModel):
 
 
 @torch.inference_mode()
-def prefill(lm: LoadedModel, ids: list[int]) -> KVCache:
+def prefill(lm: LoadedModel, ids: list[int], attention: bool = False) -> KVCache:
+    """The document's cache; with `attention`, also the attention its tokens receive (for lossy encoding)."""
     check_length(lm, len(ids), "the document")
     cache = empty_cache(lm)
-    _forward(lm, ids, cache, last_only=True)
-    return from_model_cache(cache, ids)
+    if not attention:
+        _forward(lm, ids, cache, last_only=True)
+        return from_model_cache(cache, ids)
+    with importance.recording(lm, [len(ids)]) as rows:
+        _forward(lm, ids, cache, last_only=True)
+    kv = from_model_cache(cache, ids)
+    kv.attention = importance.held(rows[0] if rows else None, kv.keys)
+    return kv
 
 
 @torch.inference_mode()

@@ -315,7 +315,7 @@ class Ingest:
         for group in batching.plan_batches([len(j.ids) for j in jobs], self.batch_tokens):
             batch = [jobs[i] for i in group]
             start = time.perf_counter()
-            caches = batching.prefill_batch(self.lm, [j.ids for j in batch], self.windows)
+            caches = batching.prefill_batch(self.lm, [j.ids for j in batch], self.windows, not self.codec.lossless)
             forward = time.perf_counter() - start
             total = sum(len(j.ids) for j in batch)
             for job, kv in zip(batch, caches):

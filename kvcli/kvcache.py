@@ -20,6 +20,9 @@ class KVCache:
     token_ids: list[int]
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    # Per layer (kv_heads, held) attention each token received from the prefill's last queries (kvcli/importance.py);
+    # None when not measured (a cache decoded from a file or imported). Lossy codecs use it, nothing else does.
+    attention: list[torch.Tensor] | None = None
 
     @property
     def num_tokens(self) -> int:

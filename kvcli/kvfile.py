@@ -96,7 +96,7 @@ def encode(kv: KVCache, model_identity: dict, codec: Codec, chunk_tokens: int = 
     triton = backend == "triton"
     host = KVCache(kv.token_ids, [k.to("cpu", copy=triton) for k in kv.keys],
                    [v.to("cpu", copy=triton) for v in kv.values])
-    encoder = codec.fit(host.keys, host.values, [s.token_start for s in shapes])
+    encoder = codec.fit(host.keys, host.values, [s.token_start for s in shapes], kv.attention)
     if triton:
         encoder.backend = backend
     else:

@@ -169,7 +169,7 @@ def checked_ids(lm: models.LoadedModel, doc: inference.Document) -> list[int]:
 
 def prefill_document(doc: inference.Document, ids: list[int], lm: models.LoadedModel, codec: Codec,
                      chunk_tokens: int, out: str, backend: str = "torch") -> tuple[KVCache, int]:
-    kv = inference.prefill(lm, ids)
+    kv = inference.prefill(lm, ids, attention=not codec.lossless)
     size = write_cache(out, kv, lm.identity, codec, chunk_tokens, provenance(doc), backend)
     return kv, size
 

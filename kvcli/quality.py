@@ -34,7 +34,7 @@ def reference(lm: LoadedModel, ids: list[int], prefix: int = PREFIX_TOKENS,
     prefix = min(prefix, len(ids) - continuation - 1, limit - continuation)
     if prefix < 16:
         raise ValueError(f"document of {len(ids)} tokens is too short for a {continuation}-token continuation")
-    kv = inference.prefill(lm, ids[:prefix])
+    kv = inference.prefill(lm, ids[:prefix], attention=True)
     feed = ids[prefix : prefix + continuation]
     targets = torch.tensor(ids[prefix + 1 : prefix + continuation + 1])
     return Reference(kv, feed, targets, inference.logits_after(lm, kv, feed).float())

@@ -119,7 +119,24 @@ def rans_decode(states: list[int], words: list[int], table_of: list[list[int]]) 
     return out
 
 
-def decode_segment(data: bytes, seg, shape, dtype: str, sinks: int, plan, tables, freq) -> np.ndarray:
+def read_tokens(raw: bytes) -> dict[tuple[int, str], tuple[int, np.ndarray]]:
+    """kvq.tokens: (layer, "k"/"v") -> (first position, int exponents (heads, tokens))."""
+    (count,) = struct.unpack_from("<I", raw, 0)
+    pos, out = 4, {}
+    for _ in range(count):
+        layer, kind, heads, first, n = struct.unpack_from("<IBHII", raw, pos)
+        pos += 15
+        e = np.frombuffer(raw, np.int8, heads * n, pos).reshape(heads, n).astype(np.int64)
+        pos += heads * n
+        if kind > 1 or np.abs(e).max(initial=0) > 24:
+            raise Invalid("token weights")
+        out[(layer, "kv"[kind])] = (first, e)
+    if pos != len(raw):
+        raise Invalid("token weights trailing bytes")
+    return out
+
+
+def decode_segment(data: bytes, seg, shape, dtype: str, sinks: int, plan, tables, freq, weights) -> np.ndarray:
     """float32 (heads, tokens, dim) values before the final cast, and the raw sink bytes."""
     center, step, classes = plan
     heads, dim = center.shape
@@ -173,6 +190,13 @@ def decode_segment(data: bytes, seg, shape, dtype: str, sinks: int, plan, tables
                 q[r, u * m + j] = values[v]
             v += 1
     x = q.reshape(heads, dim, coded).astype(np.float32) * step[..., None]
+    if weights is not None:
+        first, e = weights
+        lo = seg.token_start + skip - first
+        if lo < 0 or lo + coded > e.shape[1] or e.shape[0] != heads:
+            raise Invalid("token weights do not cover the segment")
+        factor = np.array([np.float32(2.0 ** (k / 8)) for k in e[:, lo : lo + coded].reshape(-1)], np.float32)
+        x = x * factor.reshape(heads, 1, coded)
     x = x + center[..., None]
     if freq is not None and coded:
         positions = np.arange(seg.token_start + skip, seg.token_start + tokens, dtype=np.float64)
@@ -198,9 +222,12 @@ def decode_file(data: bytes) -> dict[tuple[int, str], np.ndarray]:
     src = format.BytesSource(data)
     header = format.read_header(src)
     params = header.codec["params"]
-    if header.codec["name"] != "kvq" or params.get("version") != 2:
-        raise Invalid("not a kvq version 2 file")
+    if header.codec["name"] != "kvq" or params.get("version") not in (2, 3):
+        raise Invalid("not a kvq version 2 or 3 file")
     aux = {s.name: format.read_segment(src, header, s) for s in header.segments if s.kind == "aux"}
+    if "kvq.tokens" in aux and params["version"] < 3:
+        raise Invalid("token weights in a version 2 file")
+    weights = read_tokens(unzstd(aux["kvq.tokens"], None, 64 << 20)) if "kvq.tokens" in aux else {}
     plans, freqs = read_plans(unzstd(aux["kvq.plan"], None, 64 << 20))
     tables = read_tables(unzstd(aux["kvq.tables"], None, 64 << 20))
     bits = "<u4" if header.dtype == "float32" else "<u2"
@@ -215,7 +242,8 @@ def decode_file(data: bytes) -> dict[tuple[int, str], np.ndarray]:
         shape = header.layers[seg.layer]
         values, sink_raw, skip = decode_segment(format.read_segment(src, header, seg), seg, shape, header.dtype,
                                                 params["sinks"], plans[(seg.layer, seg.kind)], tables,
-                                                freqs.get(seg.layer) if seg.kind == "k" else None)
+                                                freqs.get(seg.layer) if seg.kind == "k" else None,
+                                                weights.get((seg.layer, seg.kind)))
         lo = seg.token_start - shape.token_start
         target = out[(seg.layer, seg.kind)]
         heads, dim = target.shape[0], target.shape[2]

@@ -42,7 +42,10 @@ def lossy_parts(dtype, tokens=45, heads=2, dim=8, outliers=0.2, seed=0):
         keys.append(torch.where(far, k * 40, k).to(dtype))
         values.append(torch.where(far, v * 40, v).to(dtype))
     freqs = [1.0 / (10000 ** (np.arange(0, dim, 2, dtype=np.float32) / dim)) for _ in range(3)]
-    return kvfile.encode(KVCache(list(range(tokens)), keys, values), IDENT, KvqCodec(0.3, 2, None, freqs), 16)
+    # Attention received spanning 2^-12..2^12 around its mean: token weights over their whole range.
+    attention = [torch.exp2(torch.randn(heads, k.shape[1], generator=g) * 4) for k in keys]
+    kv = KVCache(list(range(tokens)), keys, values, attention)
+    return kvfile.encode(kv, IDENT, KvqCodec(0.3, 2, None, freqs), 16)
 
 
 def decode_with(data: bytes, device, backend: str) -> KVCache:

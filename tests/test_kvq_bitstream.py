@@ -316,3 +316,92 @@ def test_aux_frames_refuse_trailing_bytes():
     i = next(j for j, p in enumerate(parts) if p.name == "kvq.plan")
     parts[i] = format.SegmentData("aux", -1, 0, 0, parts[i].data + b"\0", "kvq.plan")
     refused(parts, "bytes after the zstd frame")
+
+
+# ---------------------------------------------------------------- version 2 files and token weights (version 3)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_version_2_files_still_decode_bit_for_bit(preset):
+    data = (GOLDEN / f"v2-tiny-kvq-{preset}.kvc").read_bytes()
+    assert format.read_header(format.BytesSource(data)).codec["params"]["version"] == 2
+    ours, theirs = kvcli_bits(data), kvq_reference.decode_file(data)
+    for key in ours:
+        assert np.array_equal(ours[key], theirs[key]), key
+
+
+def test_golden_files_carry_token_weights_that_change_the_values():
+    """Without its token weights a version 3 file decodes to other values: the golden test above covers them."""
+    data = (GOLDEN / "tiny-kvq-balanced.kvc").read_bytes()
+    header = format.read_header(format.BytesSource(data))
+    assert header.codec["params"]["version"] == 3
+    assert "kvq.tokens" in {s.name for s in header.segments if s.kind == "aux"}
+    meta, parts = golden_parts()
+    i = next(j for j, p in enumerate(parts) if p.name == "kvq.tokens")
+    def flatten(raw):  # the first entry's (layer 0 K) exponents all 0
+        pos, (_, _, heads, _, n) = tokens_entry(raw)
+        raw[pos + 15 : pos + 15 + heads * n] = bytes(heads * n)
+        return raw
+
+    flat = with_aux("kvq.tokens", flatten)
+    src = format.BytesSource(format.build_header(meta, flat) + b"".join(p.data for p in flat))
+    changed = kvfile.decode(src, format.read_header(src), threads=1)
+    src = format.BytesSource(format.build_header(meta, parts) + b"".join(p.data for p in parts))
+    exact = kvfile.decode(src, format.read_header(src), threads=1)
+    assert not torch.equal(changed.keys[0], exact.keys[0]) and torch.equal(changed.values[0], exact.values[0])
+    assert parts[i].name == "kvq.tokens"
+
+
+def tokens_entry(raw: bytearray, index: int = 0) -> tuple[int, tuple]:
+    """(offset of entry `index`, its (layer, kind, heads, first, tokens))."""
+    pos = 4
+    for _ in range(index):
+        heads, n = struct.unpack_from("<IBHII", raw, pos)[2], struct.unpack_from("<IBHII", raw, pos)[4]
+        pos += 15 + heads * n
+    return pos, struct.unpack_from("<IBHII", raw, pos)
+
+
+def test_token_exponents_must_be_in_range():
+    def change(raw):
+        pos, _ = tokens_entry(raw)
+        raw[pos + 15] = 25
+        return raw
+    refused(with_aux("kvq.tokens", change), "exponents must lie in [-24, 24]")
+
+
+def test_token_entries_must_be_in_order():
+    def change(raw):
+        pos, (layer, kind, heads, first, n) = tokens_entry(raw, 1)
+        struct.pack_into("<IB", raw, pos, 0, 0)  # a second entry for layer 0 K
+        return raw
+    refused(with_aux("kvq.tokens", change), "increasing (layer, kind) order")
+
+
+def test_token_entries_need_a_plan_with_their_heads():
+    def change(raw):
+        pos, _ = tokens_entry(raw)
+        struct.pack_into("<H", raw, pos + 5, 3)
+        return raw
+    refused(with_aux("kvq.tokens", change), "which no plan has")
+
+
+def test_token_weights_truncated_or_trailing():
+    refused(with_aux("kvq.tokens", lambda raw: raw[:-1]), "kvq.tokens is truncated")
+    refused(with_aux("kvq.tokens", lambda raw: raw + b"\0"), "kvq.tokens has 1 trailing bytes")
+
+
+def test_token_weights_must_cover_their_segments():
+    def change(raw):
+        pos, _ = tokens_entry(raw)
+        struct.pack_into("<I", raw, pos + 7, 5)  # layer 0 K weights now start at position 5
+        return raw
+    refused(with_aux("kvq.tokens", change), "token weights of layer 0 K", "layer 0 K tokens [0,")
+
+
+def test_token_weights_are_refused_in_a_version_2_file():
+    meta, parts = golden_parts()
+    old = dict(meta, codec={"name": "kvq", "params": dict(meta["codec"]["params"], version=2)})
+    data = format.build_header(old, parts) + b"".join(p.data for p in parts)
+    src = format.BytesSource(data, "g.kvc")
+    with pytest.raises(FormatError, match=re.escape("kvq version 2 needs aux segments kvq.plan and kvq.tables,")):
+        kvfile.decode(src, format.read_header(src))

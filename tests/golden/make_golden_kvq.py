@@ -4,7 +4,9 @@ One file per lossy preset, from a deterministic synthetic cache shaped like a ti
 sliding-window, 2 KV heads, head_dim 8, RoPE on keys, 259 tokens in chunks of 64 so the last segment holds 3
 tokens), with the things that stress a decoder: a 25-sigma outlier token, a constant channel, channels of very
 different spread. The values come from integer arithmetic only, so every platform builds the same cache.
-Run it only for a deliberate change of the kvq bitstream; tests/test_kvq_bitstream.py pins these bytes.
+Run it only for a deliberate change of the kvq bitstream; tests/test_kvq_bitstream.py pins these bytes. The
+version 2 files (`v2-tiny-kvq-*.kvc`, no token weights) were written by kvcli before version 3 and stay as they
+are: readers must keep decoding them.
 """
 
 from __future__ import annotations
@@ -46,7 +48,12 @@ def golden_cache(dtype: str) -> KVCache:
             x[0, :, 2] = 1.5  # a constant channel
             x[:, -1, :] += 25 * x.std(axis=1)  # the last token sits 25 sigma out
             bucket.append(torch.from_numpy(x.astype(np.float32)).to(getattr(torch, dtype)))
-    return KVCache(list(range(1000, 1000 + TOKENS)), keys, values)
+    # Attention received (version 3's token weights): a few tokens take most, as in real prefills.
+    attention = []
+    for layer, k in enumerate(keys):
+        a = 2.0 ** (3 * noise(900 + layer, HEADS * k.shape[1]).reshape(HEADS, k.shape[1]))
+        attention.append(torch.from_numpy(a.astype(np.float32)))
+    return KVCache(list(range(1000, 1000 + TOKENS)), keys, values, attention)
 
 
 def inv_freq() -> list[np.ndarray]:

@@ -1,0 +1,129 @@
+"""Which cached tokens a document's own last queries attend to, measured during its prefill.
+
+Per (layer, KV head, held token): the root mean square, over the last QUERIES positions of the prefill and the
+query heads that share the KV head, of the attention weight the token receives. Few tokens carry most of the
+attention (MiKV, KVCrush), and the queries that will read the cache next resemble the document's last ones, so
+the lossy codec gives tokens that receive little attention coarser steps (docs/codec.md, "Token weights").
+
+The weights are computed from the model's own queries by hooks on its attention modules while the prefill runs:
+the last QUERIES hidden states are projected again (about QUERIES / tokens of the prefill's projection work) and
+scored against the layer's keys as the cache holds them. A model whose attention modules lack what this needs
+(q_proj, layer_idx, position embeddings passed as a keyword) gets no weights, and the codec uniform token steps.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from .models import LoadedModel
+
+QUERIES = 256
+
+
+def _modules(lm: LoadedModel) -> list | None:
+    layers = getattr(getattr(lm.model, "model", None), "layers", None)
+    mods = [getattr(layer, "self_attn", None) for layer in layers] if layers is not None else []
+    if not mods or any(m is None or not hasattr(m, "q_proj") or not hasattr(m, "layer_idx") or not hasattr(m, "scaling")
+                       for m in mods):
+        return None
+    return mods
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], -1)
+
+
+def _project(module, proj, norm, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int | None):
+    """(heads, positions, dim) float32 after the module's projection, its norm if any, and RoPE."""
+    x = proj(hidden).view(hidden.shape[0], -1 if heads is None else heads, cos.shape[-1])
+    if norm is not None:
+        x = norm(x)
+    x = x.transpose(0, 1).float()
+    return x * cos.float() + _rotate_half(x) * sin.float()
+
+
+def _keys(module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    return _project(module, module.k_proj, getattr(module, "k_norm", None), hidden, cos, sin, kv_heads)
+
+
+def _received(module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, n: int,
+              window: int | None) -> torch.Tensor:
+    """(kv_heads, held) RMS attention weight each held key receives from the queries of `hidden`, the last rows of
+    the n positions; keys (kv_heads, held, dim) as cached (after RoPE), those of the last `held` positions."""
+    kv_heads, held, dim = keys.shape
+    nq = hidden.shape[0]
+    q = _project(module, module.q_proj, getattr(module, "q_norm", None), hidden, cos, sin, None)  # (heads, nq, dim)
+    group = q.shape[0] // kv_heads
+    qpos = torch.arange(n - nq, n, device=keys.device)[:, None]
+    kpos = torch.arange(n - held, n, device=keys.device)[None, :]
+    hidden_mask = kpos > qpos
+    if window:
+        hidden_mask |= qpos - kpos >= window
+    out = torch.empty(kv_heads, held, dtype=torch.float32, device=keys.device)
+    for h in range(kv_heads):  # one KV head at a time bounds the scores' memory to group x nq x n
+        scores = torch.matmul(q[h * group : (h + 1) * group], keys[h].float().T) * module.scaling
+        weights = scores.masked_fill_(hidden_mask, float("-inf")).softmax(-1)
+        out[h] = weights.nan_to_num_(0.0).pow_(2).mean(dim=(0, 1)).sqrt_()  # NaN: a query that sees no held key
+    return out
+
+
+@contextmanager
+def recording(lm: LoadedModel, lengths: list[int]):
+    """Record the weights of a prefill of len(lengths) right-padded rows with these true lengths, run inside the
+    block. Yields a list per row; after the block each holds (kv_heads, held) per layer, or None when there are no
+    rows or the model cannot be measured (see the module docstring)."""
+    mods = _modules(lm) if lengths else None
+    if mods is None:
+        yield None
+        return
+    rows: list[list] = [[None] * len(mods) for _ in lengths]
+    hooks = []
+
+    def hook(module, args, kwargs, _output):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        embeddings = kwargs.get("position_embeddings")
+        cache = next((kwargs[k] for k in ("past_key_values", "past_key_value", "cache") if kwargs.get(k) is not None),
+                     None)  # the keyword differs between transformers versions
+        if hidden is None or embeddings is None or cache is None:
+            return
+        cos, sin = embeddings
+        if cos.shape[-1] != getattr(module, "head_dim", cos.shape[-1]):  # partial rotary: not measured
+            return
+        layer = cache.layers[module.layer_idx]
+        window = getattr(module, "sliding_window", None)
+        for row, n in enumerate(lengths):
+            lo = max(0, n - QUERIES)
+            pick = min(row, cos.shape[0] - 1)
+            if layer.keys.shape[2] >= n:  # every position cached (batched prefills are right-padded)
+                keys = layer.keys[row, :, :n]
+            else:  # a sliding window's cache: the keys its window needs, from the layer's own projection
+                first = max(0, lo - window + 1)
+                keys = _keys(module, hidden[row, first:n], cos[pick, first:n], sin[pick, first:n],
+                             layer.keys.shape[1])
+            rows[row][module.layer_idx] = _received(module, hidden[row, lo:n], cos[pick, lo:n], sin[pick, lo:n],
+                                                    keys, n, window)
+
+    for m in mods:
+        hooks.append(m.register_forward_hook(hook, with_kwargs=True))
+    try:
+        yield rows
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def held(rows_of_doc: list | None, kv_keys: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """One document's weights cut to the tokens each layer's cache holds (a sliding window keeps the last ones),
+    on the CPU; None if any layer was not measured."""
+    if rows_of_doc is None or len(rows_of_doc) != len(kv_keys):
+        return None
+    out = []
+    for a, keys in zip(rows_of_doc, kv_keys):
+        kept = keys.shape[1]
+        if a is None or a.shape != (keys.shape[0], a.shape[1]) or a.shape[1] < kept:
+            return None
+        out.append(a[:, a.shape[1] - kept :].cpu())
+    return out

@@ -1,0 +1,83 @@
+"""Token weights' input: the attention each cached token receives, measured by hooks during prefill, checked
+against the model's own attention probabilities (eager attention with output_attentions), for full and
+sliding-window layers, single and batched prefills; and what the lossy presets write with it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvcli import batching, format, importance, inference, models
+from kvcli.codecs.presets import make_codec
+
+ARCHS = ["llama", "qwen2", "gemma3"]
+
+
+def eager_received(lm, ids: list[int], held: list[int]) -> list[torch.Tensor]:
+    """The RMS over the last QUERIES positions (and the query heads of a group) of the attention probabilities
+    the model itself reports, per layer (kv_heads, held)."""
+    cfg = lm.model.config.get_text_config(decoder=True)
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    previous = lm.model.config._attn_implementation
+    lm.model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = lm.model(input_ids=torch.tensor([ids]), output_attentions=True, use_cache=False)
+    finally:
+        lm.model.set_attn_implementation(previous)
+    result = []
+    for probs, kept in zip(out.attentions, held):
+        last = probs[0, :, -importance.QUERIES :, :]  # (heads, nq, n)
+        rms = last.pow(2).mean(1).reshape(cfg.num_key_value_heads, group, -1).mean(1).sqrt()
+        result.append(rms[:, rms.shape[1] - kept :])
+    return result
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hooks_measure_the_attention_the_model_computes(tiny_model_dir, arch):
+    lm = models.load(str(tiny_model_dir(arch)))
+    ids = [0] + [int(x) for x in torch.randint(2, 250, (299,), generator=torch.Generator().manual_seed(1))]
+    kv = inference.prefill(lm, ids, attention=True)
+    assert kv.attention is not None and len(kv.attention) == kv.num_layers
+    want = eager_received(lm, ids, [k.shape[1] for k in kv.keys])
+    for layer, (a, b) in enumerate(zip(kv.attention, want)):
+        assert a.shape == (kv.keys[layer].shape[0], kv.keys[layer].shape[1])
+        torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-7, msg=f"layer {layer}")
+    if arch == "gemma3":  # sliding-window layers hold fewer tokens than the prefill
+        assert min(k.shape[1] for k in kv.keys) < len(ids)
+
+
+def test_batched_prefill_measures_each_document_as_alone(tiny_model_dir):
+    lm = models.load(str(tiny_model_dir("llama")))
+    g = torch.Generator().manual_seed(2)
+    docs = [[0] + torch.randint(2, 250, (n,), generator=g).tolist() for n in (120, 40, 300)]
+    together = batching.prefill_batch(lm, docs, attention=True)
+    for ids, kv in zip(docs, together):
+        alone = inference.prefill(lm, ids, attention=True)
+        for a, b in zip(kv.attention, alone.attention):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_prefill_measures_nothing_unless_asked(tiny_model_dir):
+    lm = models.load(str(tiny_model_dir("llama")))
+    assert inference.prefill(lm, [0, 5, 6, 7]).attention is None
+    assert batching.prefill_batch(lm, [[0, 5, 6], [0, 7]])[0].attention is None
+
+
+def test_lossy_prefill_writes_token_weights_and_lossless_does_not(cli, llama, doc_file, tmp_path):
+    for quality, expected in (("balanced", True), ("lossless", False)):
+        out = tmp_path / f"{quality}.kvc"
+        assert cli("prefill", doc_file, "-o", out, "--model", llama, "-q", quality).exit_code == 0
+        header = format.read_header(format.FileSource(out))
+        names = {s.name for s in header.segments if s.kind == "aux"}
+        assert ("kvq.tokens" in names) is expected
+
+
+def test_exponents_follow_the_attention_and_spare_the_sinks():
+    codec = make_codec("balanced")
+    a = torch.tensor([[1.0, 1.0, 16.0, 1 / 16, 2.0**-40, 2.0**40]])
+    e = codec.token_exponents(a, skip=1)
+    assert e[0, 0] == 0  # a sink
+    # alpha 0.25: 16x the head's geometric mean of attention -> steps 2^-1, i.e. exponent -8; clipped at +-24.
+    mean = torch.log2(a[0, 1:]).mean().item()
+    assert e[0, 2] == round(-2 * (4 - mean)) and e[0, 4] == 24 and e[0, 5] == -24
