@@ -1,10 +1,11 @@
-/* kvq's entropy stage in C (docs/codec.md): batch encode and decode of kvcli's interleaved rANS streams, one
- * stream after another, and the expansion of joint symbols into a segment's integers, each with the GIL
- * released so that threads decode batches in parallel.
+/* kvq's entropy stage and CPU reconstruction in C (docs/codec.md): batch encode and decode of kvcli's
+ * interleaved rANS streams, one stream after another, the expansion of joint symbols into a segment's
+ * integers, and their reconstruction straight into a cache tensor, each with the GIL released so that threads
+ * decode batches in parallel.
  *
- * codecs/rans.py and codecs/entropy.py are the only callers: they build the arrays and turn the per-stream
- * results into StreamError or CodecError, and rans.py checks the constants it owns against this build's
- * (check_constants). Everything is validated before the GIL is released: sizes that do not add up, table
+ * codecs/rans.py, codecs/entropy.py and KvqDecoder.dequantize_body are the only callers: they build the arrays
+ * and turn the per-stream results into StreamError or CodecError, and rans.py checks the constants it owns
+ * against this build's (check_constants). Everything is validated before the GIL is released: sizes that do not add up, table
  * indices past the tables and symbols past their alphabet raise ValueError (a bug in the caller, never bad
  * data); bad data only shows in the returned per-stream counts.
  *
@@ -105,58 +106,80 @@ static int layout_check(const int64_t *counts, const int64_t *lanes, Py_ssize_t 
     return 0;
 }
 
-/* ------------------------------------------------------------------------------------------ slot tables */
+/* ------------------------------------------------------------------------------------------ decode */
 
-PyDoc_STRVAR(fill_slots_doc,
-             "fill_slots(fc, base, size, out)\n\nout (uint16, tables x 2^16): the symbol of every slot of every table.");
+#define BUCKET_BITS 12
+#define BUCKETS (1u << BUCKET_BITS)
+#define BUCKET_SHIFT (PRECISION_BITS - BUCKET_BITS)
 
-static PyObject *fill_slots(PyObject *self, PyObject *args) {
-    PyObject *o_fc, *o_base, *o_size, *o_out;
-    View fc = {0}, base = {0}, size = {0}, out = {0};
-    Tables t;
-    if (!PyArg_ParseTuple(args, "OOOO", &o_fc, &o_base, &o_size, &o_out)) return NULL;
-    if (view_get(o_fc, &fc, 0, 8, "fc") || view_get(o_base, &base, 0, 4, "base") ||
-        view_get(o_size, &size, 0, 4, "size") || view_get(o_out, &out, 1, 2, "out") ||
-        tables_get(&fc, &base, &size, &t))
-        goto fail;
-    if (ITEMS(out, uint16_t) != t.count * (Py_ssize_t)TOTAL) {
-        PyErr_SetString(PyExc_ValueError, "slot array has the wrong size");
-        goto fail;
+/* The decoder's search tables, built per call from the frequency tables (each checked here to be contiguous
+ * and to sum to TOTAL): per table its cumulative frequencies with TOTAL appended (size + 1 entries from
+ * cum_base[k]), and per bucket of 2^BUCKET_SHIFT slots the symbol that holds the bucket's first slot. A slot's
+ * symbol is its bucket's or a later one, found by a forward search that rarely takes a step. 2^12 buckets
+ * keep a table at 8 KiB, so a segment's tables stay in cache; a 2^16-entry slot table per class (128 KiB)
+ * did not, and its misses took half the decoder's time. */
+typedef struct {
+    uint32_t *cum;
+    int64_t *cum_base;
+    uint16_t *bucket;
+} Search;
+
+static void search_free(Search *q) {
+    PyMem_RawFree(q->cum), PyMem_RawFree(q->cum_base), PyMem_RawFree(q->bucket);
+    q->cum = NULL, q->cum_base = NULL, q->bucket = NULL;
+}
+
+static int search_get(const Tables *t, Search *q) {
+    int64_t n = 0;
+    for (Py_ssize_t k = 0; k < t->count; k++) n += t->size[k] + 1;
+    q->cum = PyMem_RawMalloc((size_t)n * sizeof(uint32_t) + 1);
+    q->cum_base = PyMem_RawMalloc((size_t)t->count * sizeof(int64_t) + 1);
+    q->bucket = PyMem_RawMalloc((size_t)t->count * BUCKETS * sizeof(uint16_t) + 1);
+    if (!q->cum || !q->cum_base || !q->bucket) {
+        search_free(q);
+        PyErr_NoMemory();
+        return -1;
     }
-    for (Py_ssize_t k = 0; k < t.count; k++) {
-        uint16_t *row = DATA(out, uint16_t) + k * TOTAL;
-        uint32_t end = 0;
-        for (uint32_t s = 0; s < t.size[k]; s++) {
-            uint32_t f = t.fc[2 * (t.base[k] + s)], c = t.fc[2 * (t.base[k] + s) + 1];
-            if (c != end) {
-                PyErr_Format(PyExc_ValueError, "table %zd: cum of symbol %u is %u, not %u", k, s, c, end);
-                goto fail;
+    int64_t at = 0;
+    for (Py_ssize_t k = 0; k < t->count; k++) {
+        uint32_t *c = q->cum + at, end = 0;
+        uint16_t *bucket = q->bucket + (size_t)k * BUCKETS;
+        q->cum_base[k] = at;
+        for (uint32_t s = 0; s < t->size[k]; s++) {
+            uint32_t f = t->fc[2 * (t->base[k] + s)];
+            if (t->fc[2 * (t->base[k] + s) + 1] != end) {
+                PyErr_Format(PyExc_ValueError, "table %zd: cum of symbol %u is %u, not %u", k, s,
+                             t->fc[2 * (t->base[k] + s) + 1], end);
+                search_free(q);
+                return -1;
             }
-            for (uint32_t slot = c; slot < c + f; slot++) row[slot] = (uint16_t)s;
-            end = c + f;
+            c[s] = end;
+            /* the buckets whose first slot lies in [end, end + f) */
+            uint32_t b = (end + (1u << BUCKET_SHIFT) - 1) >> BUCKET_SHIFT;
+            for (; b < BUCKETS && b << BUCKET_SHIFT < end + f; b++) bucket[b] = (uint16_t)s;
+            end += f;
         }
         if (end != TOTAL) {
             PyErr_Format(PyExc_ValueError, "table %zd sums to %u", k, end);
-            goto fail;
+            search_free(q);
+            return -1;
         }
+        c[t->size[k]] = TOTAL;
+        at += t->size[k] + 1;
     }
-    view_release(&fc), view_release(&base), view_release(&size), view_release(&out);
-    Py_RETURN_NONE;
-fail:
-    view_release(&fc), view_release(&base), view_release(&size), view_release(&out);
-    return NULL;
+    return 0;
 }
 
-/* ------------------------------------------------------------------------------------------ decode */
-
-/* Returns 0, or 1 for a table index or lut symbol out of range (set only by a caller's bug). */
-__attribute__((noinline)) static int decode_stream(const Tables *t, const uint16_t *restrict slots,
+/* Returns 0, or 1 for a table index out of range (set only by a caller's bug). */
+__attribute__((noinline)) static int decode_stream(const Tables *t, const Search *q,
                                                   const uint16_t *restrict ids, int64_t n, int64_t lanes,
                                                   uint32_t *restrict x, const uint16_t *restrict words,
                                                   int64_t n_words, uint16_t *restrict out, int64_t *read,
                                                   int64_t *bad) {
-    const uint32_t *restrict fc = t->fc, *restrict base = t->base, *restrict size = t->size;
     const uint32_t count = (uint32_t)t->count;
+    const uint32_t *restrict cum = q->cum;
+    const int64_t *restrict cum_base = q->cum_base;
+    const uint16_t *restrict bucket = q->bucket;
     int64_t p = 0;
     for (int64_t t0 = 0; t0 < n; t0 += lanes) {
         int64_t end = n - t0 < lanes ? n - t0 : lanes;
@@ -165,10 +188,10 @@ __attribute__((noinline)) static int decode_stream(const Tables *t, const uint16
             uint32_t k = ids[t0 + j];
             if (k >= count) return 1;
             uint32_t v = x[j], slot = v & WORD_MASK;
-            uint32_t s = slots[(size_t)k * TOTAL + slot];
-            if (s >= size[k]) return 1;
-            const uint32_t *e = fc + 2 * (base[k] + s);
-            x[j] = e[0] * (v >> WORD_BITS) + slot - e[1];
+            const uint32_t *c = cum + cum_base[k];
+            uint32_t s = bucket[(size_t)k * BUCKETS + (slot >> BUCKET_SHIFT)];
+            while (c[s + 1] <= slot) s++;  /* c[size] = TOTAL ends it inside the table */
+            x[j] = (c[s + 1] - c[s]) * (v >> WORD_BITS) + slot - c[s];
             out[t0 + j] = (uint16_t)s;
         }
         /* ... and renormalizing, only the word pointer is serial: branch-free, since about one symbol in four
@@ -189,36 +212,40 @@ __attribute__((noinline)) static int decode_stream(const Tables *t, const uint16
 }
 
 PyDoc_STRVAR(decode_doc,
-             "decode(fc, base, size, slots, ids, counts, lanes, states, words, n_words, out, read, bad)\n\n"
+             "decode(fc, base, size, ids, counts, lanes, states, words, n_words, out, read, bad)\n\n"
              "Decode every stream into out (uint16 symbols). ids: uint16 table per symbol; words: every stream's words\n"
              "and one spare word at the end; counts, lanes, n_words:\n"
              "int64 per stream; states: uint32, overwritten with the final states; read, bad: int64 per stream,\n"
-             "set to the words read and the lanes not back at 2^16.");
+             "set to the words read and the lanes not back at 2^16. A table whose cumulative frequencies are not\n"
+             "contiguous is refused (ValueError).");
 
 static PyObject *decode(PyObject *self, PyObject *args) {
-    PyObject *o[13];
-    View v[13] = {{0}};
-    static const Py_ssize_t item[13] = {8, 4, 4, 2, 2, 8, 8, 4, 2, 8, 2, 8, 8};
-    static const int writable[13] = {0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 1, 1, 1};
-    static const char *names[13] = {"fc", "base", "size", "slots", "ids", "counts", "lanes", "states", "words",
-                                    "n_words", "out", "read", "bad"};
+    enum { FC, BASE, SIZE, IDS, COUNTS, LANES, STATES, WORDS, NWORDS, OUT, READ, BAD, N };
+    PyObject *o[N];
+    View v[N] = {{0}};
+    static const Py_ssize_t item[N] = {8, 4, 4, 2, 8, 8, 4, 2, 8, 2, 8, 8};
+    static const int writable[N] = {0, 0, 0, 0, 0, 0, 1, 0, 0, 1, 1, 1};
+    static const char *names[N] = {"fc", "base", "size", "ids", "counts", "lanes", "states", "words",
+                                   "n_words", "out", "read", "bad"};
     Tables t;
+    Search q = {0};
     PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8],
-                          &o[9], &o[10], &o[11], &o[12]))
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8],
+                          &o[9], &o[10], &o[11]))
         return NULL;
-    for (int i = 0; i < 13; i++)
+    for (int i = 0; i < N; i++)
         if (view_get(o[i], &v[i], writable[i], item[i], names[i])) goto done;
-    if (tables_get(&v[0], &v[1], &v[2], &t)) goto done;
-    const int64_t *counts = DATA(v[5], int64_t), *lanes = DATA(v[6], int64_t), *n_words = DATA(v[9], int64_t);
-    Py_ssize_t streams = ITEMS(v[5], int64_t);
-    if (ITEMS(v[3], uint16_t) != t.count * (Py_ssize_t)TOTAL || ITEMS(v[6], int64_t) != streams ||
-        ITEMS(v[9], int64_t) != streams || ITEMS(v[11], int64_t) != streams || ITEMS(v[12], int64_t) != streams ||
-        ITEMS(v[10], uint16_t) != ITEMS(v[4], uint16_t)) {
+    if (tables_get(&v[FC], &v[BASE], &v[SIZE], &t)) goto done;
+    const int64_t *counts = DATA(v[COUNTS], int64_t), *lanes = DATA(v[LANES], int64_t),
+                  *n_words = DATA(v[NWORDS], int64_t);
+    Py_ssize_t streams = ITEMS(v[COUNTS], int64_t);
+    if (ITEMS(v[LANES], int64_t) != streams || ITEMS(v[NWORDS], int64_t) != streams ||
+        ITEMS(v[READ], int64_t) != streams || ITEMS(v[BAD], int64_t) != streams ||
+        ITEMS(v[OUT], uint16_t) != ITEMS(v[IDS], uint16_t)) {
         PyErr_SetString(PyExc_ValueError, "decode: array sizes disagree");
         goto done;
     }
-    if (layout_check(counts, lanes, streams, ITEMS(v[4], uint16_t), ITEMS(v[7], uint32_t))) goto done;
+    if (layout_check(counts, lanes, streams, ITEMS(v[IDS], uint16_t), ITEMS(v[STATES], uint32_t))) goto done;
     int64_t w = 0;
     for (Py_ssize_t k = 0; k < streams; k++) {
         if (n_words[k] < 0 || n_words[k] > counts[k]) {  /* at most one word per symbol */
@@ -227,31 +254,33 @@ static PyObject *decode(PyObject *self, PyObject *args) {
         }
         w += n_words[k];
     }
-    if (w + 1 != ITEMS(v[8], uint16_t)) {
+    if (w + 1 != ITEMS(v[WORDS], uint16_t)) {
         PyErr_SetString(PyExc_ValueError, "decode: the word array is not every stream's words and one spare");
         goto done;
     }
+    if (search_get(&t, &q)) goto done;
     int bug = 0;
     Py_ssize_t bad_stream = 0;
     Py_BEGIN_ALLOW_THREADS
-    const uint16_t *ids = DATA(v[4], uint16_t), *words = DATA(v[8], uint16_t);
-    uint32_t *x = DATA(v[7], uint32_t);
-    uint16_t *out = DATA(v[10], uint16_t);
+    const uint16_t *ids = DATA(v[IDS], uint16_t), *words = DATA(v[WORDS], uint16_t);
+    uint32_t *x = DATA(v[STATES], uint32_t);
+    uint16_t *out = DATA(v[OUT], uint16_t);
     for (Py_ssize_t k = 0; k < streams && !bug; k++) {
-        bug = decode_stream(&t, DATA(v[3], uint16_t), ids, counts[k], lanes[k], x, words, n_words[k], out,
-                            DATA(v[11], int64_t) + k, DATA(v[12], int64_t) + k);
+        bug = decode_stream(&t, &q, ids, counts[k], lanes[k], x, words, n_words[k], out,
+                            DATA(v[READ], int64_t) + k, DATA(v[BAD], int64_t) + k);
         bad_stream = k;
         ids += counts[k], out += counts[k], x += lanes[k], words += n_words[k];
     }
     Py_END_ALLOW_THREADS
     if (bug) {
-        PyErr_Format(PyExc_ValueError, "stream %zd: a table index or slot symbol out of range", bad_stream);
+        PyErr_Format(PyExc_ValueError, "stream %zd: a table index out of range", bad_stream);
         goto done;
     }
     result = Py_None;
     Py_INCREF(result);
 done:
-    for (int i = 0; i < 13; i++) view_release(&v[i]);
+    search_free(&q);
+    for (int i = 0; i < N; i++) view_release(&v[i]);
     return result;
 }
 
@@ -894,7 +923,6 @@ static PyObject *check_constants(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"fill_slots", fill_slots, METH_VARARGS, fill_slots_doc},
     {"decode", decode, METH_VARARGS, decode_doc},
     {"encode", encode, METH_VARARGS, encode_doc},
     {"count_escapes", count_escapes, METH_VARARGS, count_escapes_doc},

@@ -62,15 +62,6 @@ class Tables:
         cum = np.concatenate([np.cumsum(f, dtype=np.uint32) - f for f in self.freqs] + [np.zeros(0, np.uint32)])
         # What the C coder reads: (freq, cum) of every symbol of every table, each table's first symbol and size.
         self.coder_arrays = (np.stack([freq, cum], axis=1).copy(), base, size)
-        self._slots: np.ndarray | None = None
-
-    def slots(self) -> np.ndarray:
-        """The symbol of every slot of every table, uint16 (count * TOTAL); built once, by the C coder."""
-        if self._slots is None:
-            slots = np.empty(self.count * TOTAL, np.uint16)
-            _ans.fill_slots(*self.coder_arrays, slots)
-            self._slots = slots
-        return self._slots
 
     def lookup(self) -> tuple[np.ndarray, np.ndarray]:
         """The GPU decoder's tables over (table, slot), (count + 1) * TOTAL entries each: the symbol (uint16),
@@ -160,8 +151,8 @@ def decode_streams(tables: Tables, streams: list[tuple[np.ndarray, Stream]]) -> 
     n_words = np.array([len(st.words) for _, st in streams], dtype=np.int64)
     out = np.empty(int(counts.sum()), np.uint16)
     read, off = np.empty(len(streams), np.int64), np.empty(len(streams), np.int64)
-    _ans.decode(*tables.coder_arrays, tables.slots(), _ids([t for t, _ in streams]), counts, lanes, states, words,
-                n_words, out, read, off)
+    _ans.decode(*tables.coder_arrays, _ids([t for t, _ in streams]), counts, lanes, states, words, n_words, out,
+                read, off)
     for k in range(len(streams)):
         if read[k] != n_words[k]:
             raise StreamError(f"the entropy decoder read {read[k]} of {n_words[k]} words", k)
