@@ -1,6 +1,6 @@
 """Rate-distortion of kvcli's presets against baseline codecs, all measured in one run.
 
-    python bench/rate_distortion.py [--model M] [--profile auto|none|PATH] [--corpus DIR] [--plot rd.png]
+    python bench/rate_distortion.py [--model M] [--profile auto|none|PATH] [--corpus DIR] [--plot rd.png] [--step-scales S ...]
                                     [--codecs NAME ...] [--documents N]
 
 Protocol (issue "The CacheGen-style lossy codec"): the model (default: the bundled one) in float32; prefix = the first 2,048 tokens of
@@ -29,17 +29,17 @@ from kvcli.rope import inv_freq_per_layer
 KVCLI_PRESETS = ("lossless", "high", "balanced", "small")
 
 
-def kvcli_codec(lm, preset: str, profile: str):
+def kvcli_codec(lm, preset: str, profile: str, step_scale: float = 1.0):
     """auto: what `kvcli prefill` would use (a stored profile, else automatic calibration); none: uniform
     steps; else the profile stored at that path, whatever model it names."""
     if profile == "auto":
-        return pipeline.codec_for(preset, lm)
+        return pipeline.codec_for(preset, lm, step_scale)
     chosen = None if profile == "none" else profiles.load(Path(profile))
-    return make_codec(preset, chosen, inv_freq_per_layer(lm.model))
+    return make_codec(preset, chosen, inv_freq_per_layer(lm.model), step_scale)
 
 
-def measure_kvcli(lm, ref: quality.Reference, preset: str, profile: str):
-    codec = kvcli_codec(lm, preset, profile)
+def measure_kvcli(lm, ref: quality.Reference, preset: str, profile: str, step_scale: float = 1.0):
+    codec = kvcli_codec(lm, preset, profile, step_scale)
     t0 = time.perf_counter()
     meta, parts = kvfile.encode(ref.kv, lm.identity, codec, 256)
     data = format.build_header(meta, parts) + b"".join(p.data for p in parts)
@@ -77,6 +77,8 @@ def main() -> None:
     ap.add_argument("--codecs", nargs="*", help="subset of codecs to run (kvcli:PRESET or a baseline name)")
     ap.add_argument("--documents", type=int, default=0, help="only the first N documents")
     ap.add_argument("--greedy-tokens", type=int, default=64, help="greedy continuation length; 0 skips it")
+    ap.add_argument("--step-scales", type=float, nargs="*", default=[],
+                    help="also run each kvcli preset at these --step-scale values (rows kvcli:PRESET@SCALE)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     lm = models.load(args.model, "float32")
@@ -86,19 +88,21 @@ def main() -> None:
     if args.codecs:
         names = [c for c in names if c in args.codecs]
     # (label, codec, profile): kvcli's presets once per profile, labelled by it when there are several.
-    runs = [(name if len(args.profile) == 1 else f"{name}[{Path(prof).stem}]", name, prof)
+    runs = [(name if len(args.profile) == 1 else f"{name}[{Path(prof).stem}]", name, prof, 1.0)
             for name in names if name.startswith("kvcli:") for prof in args.profile]
-    runs += [(name, name, None) for name in names if not name.startswith("kvcli:")]
+    runs += [(f"{label}@{scale:g}", name, prof, scale) for label, name, prof, _ in list(runs)
+             if name != "kvcli:lossless" for scale in args.step_scales]
+    runs += [(name, name, None, 1.0) for name in names if not name.startswith("kvcli:")]
     docs = corpus(args.corpus)[: args.documents or None]
-    rows: dict[str, list[dict]] = {label: [] for label, _, _ in runs}
+    rows: dict[str, list[dict]] = {label: [] for label, _, _, _ in runs}
     for doc in docs:
         ids = inference.document_ids(lm, doc.read_text())
         ref = quality.reference(lm, ids)
         exact_greedy = quality.greedy_continuation(lm, ref, ref.kv, args.greedy_tokens) if args.greedy_tokens else None
         elements = sum(k.numel() + v.numel() for k, v in zip(ref.kv.keys, ref.kv.values))
-        for label, name, prof in runs:
+        for label, name, prof, scale in runs:
             if prof is not None:
-                size, enc_s, dec_s, decoded = measure_kvcli(lm, ref, name.split(":", 1)[1], prof)
+                size, enc_s, dec_s, decoded = measure_kvcli(lm, ref, name.split(":", 1)[1], prof, scale)
             else:
                 enc, dec = registry(layers)[name]
                 size, enc_s, dec_s, decoded = measure_baseline(ref, enc, dec)

@@ -11,7 +11,7 @@ from .raw import RawCodec
 
 # Step size relative to a layer's RMS at the geometric-mean sensitivity. Set on calibration text, never on
 # the benchmark corpus (docs/codec.md, "Presets").
-LOSSY_SCALES = {"high": 0.24, "balanced": 0.75, "small": 1.7}
+LOSSY_SCALES = {"high": 0.24, "balanced": 0.75, "small": 1.55}
 QUALITIES = ("lossless", *LOSSY_SCALES, "raw")
 DEFAULT_QUALITY = "balanced"
 
