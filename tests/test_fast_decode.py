@@ -100,17 +100,21 @@ def escaped(q: np.ndarray):
             np.ascontiguousarray(q, dtype=np.int32).reshape(-1))
 
 
-def fused(q, center, step, rope, out: torch.Tensor, place=None, factor=None) -> None:
-    """_ans.reconstruct of q (heads, dim, tokens) into out (heads, tokens, dim); rope: (cos, sin) or None;
-    factor: token weights (heads, tokens) or None."""
+def fused_args(q, center, step, rope, out: torch.Tensor, place=None, factor=None) -> tuple:
+    """_ans.reconstruct's arguments for q (heads, dim, tokens) into out (heads, tokens, dim); rope: (cos, sin)
+    or None; factor: token weights (heads, tokens) or None."""
     heads, dim, _ = q.shape
     storage = torch.empty(0, dtype=torch.uint8).set_(out.untyped_storage()).numpy()
     if place is None:
         place = [out.storage_offset(), heads, dim, *out.stride()]
     cos, sin = (t.numpy() for t in rope) if rope is not None else (None, None)
-    _ans.reconstruct(*escaped(q), center.reshape(-1).numpy(), step.reshape(-1).numpy(),
-                     factor.numpy() if factor is not None else None, cos, sin, storage,
-                     np.array(place, np.int64), HOST_DTYPES[out.dtype])
+    return (*escaped(q), center.reshape(-1).numpy(), step.reshape(-1).numpy(),
+            factor.numpy() if factor is not None else None, cos, sin, storage, np.array(place, np.int64),
+            HOST_DTYPES[out.dtype])
+
+
+def fused(*args, **kwargs) -> None:
+    _ans.reconstruct(*fused_args(*args, **kwargs))
 
 
 def reference(q, center, step, rope, dtype, factor=None) -> torch.Tensor:
@@ -248,6 +252,7 @@ def test_reconstruction_releases_the_gil():
     center, step = torch.zeros(heads, dim), torch.full((heads, dim), 0.25)
     rope = rope_tables(torch.from_numpy(1.0 / 10000 ** (np.arange(0, dim, 2) / dim)).float(), 0, tokens)
     out = channel_major(heads, tokens, dim, torch.float16)
+    args = fused_args(q, center, step, rope, out)
     ticks, stop, started = [0], threading.Event(), threading.Event()
 
     def count():
@@ -263,7 +268,7 @@ def test_reconstruction_releases_the_gil():
         thread.start()
         started.wait()
         before = ticks[0]
-        fused(q, center, step, rope, out)
+        _ans.reconstruct(*args)
         during = ticks[0] - before
     finally:
         stop.set()

@@ -1,0 +1,75 @@
+"""CPU decoding speed of kvcli's presets: `kvfile.decode` of one document's cache, and for the lossy presets the
+same decode with reconstruction in torch (KvqDecoder.dequantize_body_ref, the path before the fused C one),
+interleaved in one process so that their ratio survives a shared machine.
+
+    python bench/decode.py [--document FILE] [--tokens 2048] [--presets balanced lossless ...] [--repeats 5]
+                           [--threads N]
+
+One JSON line per preset: elements, bits per element, decode seconds (median, min, max over the repeats, each
+after a warm-up), elements per second from the median, and for kvq presets the torch-reconstruction seconds
+and the speed-up. Timings depend on load: run it on a quiet machine for absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from common import DEFAULT_CORPUS, emit, environment, spread
+from kvcli import format, inference, kvfile, models, pipeline, quality
+from kvcli.codecs.kvq import KvqDecoder
+
+
+def decode_seconds(src, header, threads: int | None, torch_reconstruct: bool) -> float:
+    fused = KvqDecoder.dequantize_body
+    if torch_reconstruct:  # the same decode, every body rebuilt by the torch reference instead
+        KvqDecoder.dequantize_body = KvqDecoder.dequantize_body_ref
+    try:
+        t0 = time.perf_counter()
+        kvfile.decode(src, header, threads=threads)
+        return time.perf_counter() - t0
+    finally:
+        KvqDecoder.dequantize_body = fused
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--document", default=str(DEFAULT_CORPUS / "python-tutorial-controlflow.txt"))
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--presets", nargs="+", default=["balanced", "small", "high", "lossless"])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="decoding threads (default: usable cores)")
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    lm = models.load(None, "float32")
+    ids = inference.document_ids(lm, open(args.document, encoding="utf-8").read())[: args.tokens]
+    ref = quality.reference(lm, ids)
+    elements = sum(k.numel() + v.numel() for k, v in zip(ref.kv.keys, ref.kv.values))
+    for preset in args.presets:
+        meta, parts = kvfile.encode(ref.kv, lm.identity, pipeline.codec_for(preset, lm), 256)
+        data = format.build_header(meta, parts) + b"".join(p.data for p in parts)
+        src = format.BytesSource(data)
+        header = format.read_header(src)
+        lossy = header.codec["name"] == "kvq"
+        variants = [False, True] if lossy else [False]
+        times: dict[bool, list[float]] = {v: [] for v in variants}
+        for v in variants:  # warm-up
+            decode_seconds(src, header, args.threads, v)
+        for _ in range(args.repeats):
+            for v in variants:
+                times[v].append(decode_seconds(src, header, args.threads, v))
+        fast = statistics.median(times[False])
+        record = {"bench": "decode", "preset": preset, "document": args.document.rsplit("/", 1)[-1],
+                  "tokens": ref.kv.num_tokens, "elements": elements, "bits_per_element": round(8 * len(data) / elements, 4),
+                  "decode_s": spread(times[False]), "decode_elements_per_s": round(elements / fast)}
+        if lossy:
+            slow = statistics.median(times[True])
+            record |= {"torch_reconstruct_decode_s": spread(times[True]), "speedup": round(slow / fast, 3)}
+        emit(record | {"decode_threads": args.threads or kvfile.usable_cores(), **environment()})
+
+
+if __name__ == "__main__":
+    main()
