@@ -13,14 +13,18 @@ and one pass per (layer, K/V, head). `fisher` (the default) predicts every head'
 information of the continuation (squared gradients of its log-likelihood, next tokens sampled from the model,
 a few backward passes), times the coarse quantization's squared error. That local estimate ranks heads well but
 misses how nonlinear the model's response is, most of all for keys (the softmax): on the default model it puts
-layer 0's keys 10x too low, which alone doubles the KL at `balanced`. So the real KL is measured for each layer's
-keys (all heads at once) and for a few blocks of layers' values, and the predictions are scaled to it.
+layer 0's keys 10x too low, which alone doubles the KL at `balanced`. So the real KL is measured for the first
+layers' keys one by one, for blocks of the other layers' keys and for blocks of values (all heads at once), and
+the predictions are scaled to it. A probe that changes layers l and up starts its pass at layer l, from the
+hidden states the exact continuation left there (docs/codec.md, "Calibration and profiles", for the costs).
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import resources
 
 import numpy as np
@@ -33,9 +37,17 @@ from .models import LoadedModel
 from .rope import inv_freq_per_layer
 
 COARSE_SCALE = 1.0
+# Calibration prefix: half the quality protocol's 2,048 tokens halves the prefill and the attention of every
+# later pass, for a profile that measured as good (docs/codec.md, "Calibration and profiles").
+PREFIX_TOKENS = 1024
 METHODS = ("fisher", "probes")
 FISHER_GROUPS = 4  # backward passes per text, each over a quarter of the continuation's positions
-VALUE_BLOCKS = 6  # blocks of adjacent layers whose values' joint KL sets the level of the Fisher predictions
+# Where the real KL sets the level of the Fisher predictions (one probe pass each): the first layers' keys one
+# by one (the Fisher estimate is furthest off there: 10x low for layer 0's), the other layers' keys and all
+# values in blocks of adjacent layers.
+KEY_LAYERS_ALONE = 4
+KEY_BLOCKS = 6
+VALUE_BLOCKS = 6
 SEED = 0
 
 
@@ -45,22 +57,66 @@ def default_texts() -> list[tuple[str, str]]:
             if e.name.startswith("calibration-") and e.name.endswith(".txt")]
 
 
-def _attention_modules(lm: LoadedModel) -> list:
+@dataclass
+class Reference:
+    """A text's quality reference, and what its exact continuation left at each decoder layer's output: a
+    probe that changes the cache from layer l on gets the same hidden states below l, so it starts at l."""
+
+    ref: quality.Reference
+    layer_outputs: list | None  # None where the decoder layers cannot be reached: probes then run every layer
+
+
+def _decoder_layers(lm: LoadedModel) -> list:
     layers = getattr(getattr(lm.model, "model", None), "layers", None)
-    if layers is None:
-        return []
-    return [getattr(layer, "self_attn", None) for layer in layers]
+    return list(layers) if layers is not None else []
 
 
-def reference_and_key_weights(lm: LoadedModel, ids: list[int], prefix: int) -> tuple[quality.Reference, list | None]:
+def _attention_modules(lm: LoadedModel) -> list:
+    return [getattr(layer, "self_attn", None) for layer in _decoder_layers(lm)]
+
+
+@contextmanager
+def _capture_layer_outputs(lm: LoadedModel, into: list):
+    """Fill `into` with each decoder layer's output of the last forward pass run inside the block."""
+    layers = _decoder_layers(lm)
+    into[:] = [None] * len(layers)
+
+    def hook(_mod, _inp, out, i):
+        into[i] = out
+
+    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: hook(m, a, o, i)) for i, layer in enumerate(layers)]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@contextmanager
+def _start_at(lm: LoadedModel, reference: Reference, start: int):
+    """Layers below `start` hand back their exact outputs instead of computing them again."""
+    layers = _decoder_layers(lm)[:start] if reference.layer_outputs else []
+    for layer, out in zip(layers, reference.layer_outputs):
+        layer.forward = lambda *_args, _out=out, **_kwargs: _out  # an instance attribute shadows the method
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def reference_and_key_weights(lm: LoadedModel, ids: list[int], prefix: int) -> tuple[Reference, list | None]:
     """The quality reference of a text and, from its prefill, per layer (kv_heads, head_dim) mean squared
     query, or None if the model's queries cannot be reached."""
     cfg = lm.model.config.get_text_config(decoder=True)
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     modules = _attention_modules(lm)
+    outputs: list = []
     if not modules or any(m is None or not hasattr(m, "q_proj") for m in modules):
-        return quality.reference(lm, ids, prefix), None
+        with _capture_layer_outputs(lm, outputs):
+            ref = quality.reference(lm, ids, prefix)
+        return Reference(ref, outputs or None), None
     captured: list[torch.Tensor | None] = [None] * len(modules)
     hooks = []
     for i, attn in enumerate(modules):
@@ -73,7 +129,8 @@ def reference_and_key_weights(lm: LoadedModel, ids: list[int], prefix: int) -> t
 
         hooks.append(target.register_forward_hook(hook))
     try:
-        ref = quality.reference(lm, ids, prefix)
+        with _capture_layer_outputs(lm, outputs):  # the continuation's: reference() runs it last
+            ref = quality.reference(lm, ids, prefix)
     finally:
         for h in hooks:
             h.remove()
@@ -83,7 +140,7 @@ def reference_and_key_weights(lm: LoadedModel, ids: list[int], prefix: int) -> t
         half = dim // 2
         pair = (per_kv[:, :half] + per_kv[:, half:]) / 2
         weights.append(torch.cat([pair, pair], -1).numpy().astype(np.float64))
-    return ref, weights
+    return Reference(ref, outputs), weights
 
 
 def coarse_cache(kv: KVCache, probe: KvqCodec) -> KVCache:
@@ -94,9 +151,9 @@ def coarse_cache(kv: KVCache, probe: KvqCodec) -> KVCache:
 
 
 @torch.inference_mode()
-def probe_sensitivity(lm: LoadedModel, ref: quality.Reference, coarse: KVCache, progress=None) -> np.ndarray:
+def probe_sensitivity(lm: LoadedModel, reference: Reference, coarse: KVCache, progress=None) -> np.ndarray:
     """(layers, 2, kv_heads): KL of the continuation with one head of one layer's K or V coarsely quantized."""
-    kv = ref.kv
+    kv = reference.ref.kv
     heads = kv.keys[0].shape[0]
     out = np.zeros((kv.num_layers, 2, heads))
     for layer in range(kv.num_layers):
@@ -108,7 +165,7 @@ def probe_sensitivity(lm: LoadedModel, ref: quality.Reference, coarse: KVCache, 
                 mixed = exact.clone()
                 mixed[head] = rough[head]
                 (keys if kind == 0 else values)[layer] = mixed
-                out[layer, kind, head] = _kl(lm, ref, KVCache(kv.token_ids, keys, values))
+                out[layer, kind, head] = _kl(lm, reference, KVCache(kv.token_ids, keys, values), layer)
                 if progress:
                     progress()
     return out
@@ -156,15 +213,18 @@ def blocks_of(layers: int, blocks: int) -> list[range]:
 
 
 def blocks_per_kind(layers: int) -> tuple[list[range], list[range]]:
-    """Where the real KL is measured: each layer's keys on their own, values in VALUE_BLOCKS blocks."""
-    return blocks_of(layers, layers), blocks_of(layers, VALUE_BLOCKS)
+    """Where the real KL is measured: keys of the first KEY_LAYERS_ALONE layers one by one and of the rest in
+    KEY_BLOCKS blocks, values in VALUE_BLOCKS blocks."""
+    alone = min(KEY_LAYERS_ALONE, layers)
+    rest = [range(b.start + alone, b.stop + alone) for b in blocks_of(layers - alone, KEY_BLOCKS)]
+    return blocks_of(alone, alone) + rest, blocks_of(layers, VALUE_BLOCKS)
 
 
 @torch.inference_mode()
-def block_kl(lm: LoadedModel, ref: quality.Reference, coarse: KVCache, blocks: tuple[list[range], list[range]],
+def block_kl(lm: LoadedModel, reference: Reference, coarse: KVCache, blocks: tuple[list[range], list[range]],
              progress=None) -> list[np.ndarray]:
     """Per kind, per block: KL of the continuation with all heads of the block's K (or V) coarsely quantized."""
-    kv = ref.kv
+    kv = reference.ref.kv
     out = [np.zeros(len(blocks[0])), np.zeros(len(blocks[1]))]
     for kind in range(2):
         for b, block in enumerate(blocks[kind]):
@@ -172,7 +232,7 @@ def block_kl(lm: LoadedModel, ref: quality.Reference, coarse: KVCache, blocks: t
             target, source = (keys, coarse.keys) if kind == 0 else (values, coarse.values)
             for layer in block:
                 target[layer] = source[layer]
-            out[kind][b] = _kl(lm, ref, KVCache(kv.token_ids, keys, values))
+            out[kind][b] = _kl(lm, reference, KVCache(kv.token_ids, keys, values), block.start)
             if progress:
                 progress()
     return out
@@ -189,8 +249,10 @@ def scale_to_blocks(predicted: np.ndarray, measured: list[np.ndarray], blocks: t
     return out
 
 
-def _kl(lm: LoadedModel, ref: quality.Reference, kv: KVCache) -> float:
-    return max(quality.compare(lm, ref, kv).kl, 0.0)
+def _kl(lm: LoadedModel, reference: Reference, kv: KVCache, start: int = 0) -> float:
+    """KL of the continuation with `kv`, which differs from the exact cache in layers `start` and up only."""
+    with _start_at(lm, reference, start):
+        return max(quality.compare(lm, reference.ref, kv).kl, 0.0)
 
 
 def passes(lm: LoadedModel, texts: int, method: str) -> int:
@@ -201,7 +263,7 @@ def passes(lm: LoadedModel, texts: int, method: str) -> int:
     return texts * (FISHER_GROUPS + sum(len(b) for b in blocks_per_kind(cfg.num_hidden_layers)))
 
 
-def calibrate(lm: LoadedModel, texts: list[tuple[str, str]], prefix: int = quality.PREFIX_TOKENS,
+def calibrate(lm: LoadedModel, texts: list[tuple[str, str]], prefix: int = PREFIX_TOKENS,
               method: str = "fisher", progress=None) -> tuple[Profile, dict]:
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
@@ -209,23 +271,25 @@ def calibrate(lm: LoadedModel, texts: list[tuple[str, str]], prefix: int = quali
     weights = None
     per_doc = []
     for _, text in texts:
-        ref, w = reference_and_key_weights(lm, inference.document_ids(lm, text), prefix)
+        reference, w = reference_and_key_weights(lm, inference.document_ids(lm, text), prefix)
+        kv = reference.ref.kv
         weights = w if weights is None else [a + b for a, b in zip(weights, w)] if w else None
-        probe = KvqCodec(COARSE_SCALE, profile=Profile("probe", np.ones((ref.kv.num_layers, 2)), w), inv_freq=inv_freq)
-        coarse = coarse_cache(ref.kv, probe)
+        probe = KvqCodec(COARSE_SCALE, profile=Profile("probe", np.ones((kv.num_layers, 2)), w), inv_freq=inv_freq)
+        coarse = coarse_cache(kv, probe)
         if method == "probes":
-            per_doc.append(probe_sensitivity(lm, ref, coarse, progress))
+            per_doc.append(probe_sensitivity(lm, reference, coarse, progress))
         else:
-            blocks = blocks_per_kind(ref.kv.num_layers)
-            predicted = fisher_sensitivity(lm, ref, coarse, progress=progress)
-            per_doc.append(scale_to_blocks(predicted, block_kl(lm, ref, coarse, blocks, progress), blocks))
+            blocks = blocks_per_kind(kv.num_layers)
+            predicted = fisher_sensitivity(lm, reference.ref, coarse, progress=progress)
+            per_doc.append(scale_to_blocks(predicted, block_kl(lm, reference, coarse, blocks, progress), blocks))
     if weights is not None:
         weights = [w / len(texts) for w in weights]
     profile = Profile(f"{lm.name}", np.mean(per_doc, axis=0), weights)
     details = {"texts": [name for name, _ in texts], "prefix_tokens": prefix, "method": method,
                "continuation_tokens": quality.CONTINUATION_TOKENS, "coarse_scale": COARSE_SCALE}
     if method == "fisher":
-        details.update(fisher_groups=FISHER_GROUPS, value_blocks=VALUE_BLOCKS, seed=SEED)
+        details.update(fisher_groups=FISHER_GROUPS, key_layers_alone=KEY_LAYERS_ALONE, key_blocks=KEY_BLOCKS,
+                       value_blocks=VALUE_BLOCKS, seed=SEED)
     return profile, details
 
 

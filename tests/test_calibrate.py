@@ -11,6 +11,7 @@ import torch
 from kvcli import calibrate, format, inference, pipeline, profiles, quality
 from kvcli.codecs import KvqCodec
 from kvcli.codecs.presets import make_codec
+from kvcli.kvcache import KVCache
 from kvcli.rope import inv_freq_per_layer
 
 TEXT = ("Calibration measures which layers of a model are sensitive to errors in the cached keys and values. "
@@ -67,12 +68,40 @@ def _ranks(a: np.ndarray) -> np.ndarray:
     return np.argsort(np.argsort(a.ravel()))
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma3"])
+def test_probes_that_start_at_the_changed_layer_measure_what_full_passes_do(tiny_lm, arch):
+    """A probe runs only the layers from its first changed one: the KL must be that of the whole model's pass."""
+    lm = tiny_lm(arch)
+    reference, _ = calibrate.reference_and_key_weights(lm, inference.document_ids(lm, TEXT * 2), 200)
+    assert reference.layer_outputs is not None and len(reference.layer_outputs) == 4
+    coarse = calibrate.coarse_cache(reference.ref.kv, KvqCodec(1.0, inv_freq=inv_freq_per_layer(lm.model)))
+    kv = reference.ref.kv
+    for layer in (1, 3):
+        for mixed in (KVCache(kv.token_ids, kv.keys[:layer] + coarse.keys[layer:], kv.values),
+                      KVCache(kv.token_ids, kv.keys, kv.values[:layer] + coarse.values[layer:])):
+            full = quality.compare(lm, reference.ref, mixed).kl
+            assert full > 1e-7 and calibrate._kl(lm, reference, mixed, layer) == pytest.approx(full, rel=1e-4)
+    assert all(not hasattr(layer, "forward") or "forward" not in vars(layer) for layer in lm.model.model.layers)
+
+
+@pytest.mark.parametrize("layers", [2, 4, 5, 18, 30])
+def test_probe_blocks_cover_every_layer_once(layers):
+    keys, values = calibrate.blocks_per_kind(layers)
+    for blocks in (keys, values):
+        assert [i for b in blocks for i in b] == list(range(layers)) and all(len(b) > 0 for b in blocks)
+    alone = min(calibrate.KEY_LAYERS_ALONE, layers)
+    assert [len(b) for b in keys[:alone]] == [1] * alone
+    assert len(keys) == alone + min(calibrate.KEY_BLOCKS, layers - alone)
+    assert len(values) == min(calibrate.VALUE_BLOCKS, layers)
+
+
 def test_fisher_ranks_heads_as_the_probes_do(tiny_lm):
     """The fast estimate must order (layer, K/V, head) places as the per-head probes measure them."""
     lm = tiny_lm("qwen2")
-    ref = quality.reference(lm, inference.document_ids(lm, TEXT * 2), prefix=200, continuation=32)
+    reference, _ = calibrate.reference_and_key_weights(lm, inference.document_ids(lm, TEXT * 2), 200)
+    ref = reference.ref
     coarse = calibrate.coarse_cache(ref.kv, KvqCodec(1.0, inv_freq=inv_freq_per_layer(lm.model)))
-    probes = calibrate.probe_sensitivity(lm, ref, coarse)
+    probes = calibrate.probe_sensitivity(lm, reference, coarse)
     fisher = calibrate.fisher_sensitivity(lm, ref, coarse)
     assert probes.shape == fisher.shape == (4, 2, 2) and (probes >= 0).all() and (fisher > 0).all()
     assert np.corrcoef(_ranks(probes), _ranks(fisher))[0, 1] > 0.8
