@@ -301,9 +301,10 @@ def split_segment(data: bytes, lim: Limits) -> Coded:
     if total != len(data):
         raise CodecError(f"segment sizes do not add up ({total} != {len(data)})")
     pos = HEAD.size
-    states = np.frombuffer(data, "<u4", lanes, pos).astype(np.uint32)
+    # Views of the segment's bytes on a little-endian host (the coder concatenates a batch's streams anyway).
+    states = np.frombuffer(data, "<u4", lanes, pos).astype(np.uint32, copy=False)
     pos += 4 * lanes
-    stream_words = np.frombuffer(data, "<u2", words, pos).astype(np.uint16)
+    stream_words = np.frombuffer(data, "<u2", words, pos).astype(np.uint16, copy=False)
     pos += 2 * words
     return Coded(rans.Stream(states, stream_words), bytes(data[pos : pos + esc_bytes]), pos + esc_bytes)
 
