@@ -87,9 +87,12 @@ def main() -> None:
     names = [f"kvcli:{p}" for p in KVCLI_PRESETS] + list(registry(layers))
     if args.codecs:
         names = [c for c in names if c in args.codecs]
-    # (label, codec, profile): kvcli's presets once per profile, labelled by it when there are several.
-    runs = [(name if len(args.profile) == 1 else f"{name}[{Path(prof).stem}]", name, prof, 1.0)
-            for name in names if name.startswith("kvcli:") for prof in args.profile]
+    # (label, codec, profile): kvcli's presets once per profile, labelled by it when there are several (by the
+    # file's stem, or its whole path where two stems are the same: rows with one label are averaged together).
+    stems = [Path(prof).stem for prof in args.profile]
+    tags = stems if len(set(stems)) == len(stems) else args.profile
+    runs = [(name if len(args.profile) == 1 else f"{name}[{tag}]", name, prof, 1.0)
+            for name in names if name.startswith("kvcli:") for prof, tag in zip(args.profile, tags)]
     runs += [(f"{label}@{scale:g}", name, prof, scale) for label, name, prof, _ in list(runs)
              if name != "kvcli:lossless" for scale in args.step_scales]
     runs += [(name, name, None, 1.0) for name in names if not name.startswith("kvcli:")]
