@@ -170,26 +170,27 @@ static int search_get(const Tables *t, Search *q) {
     return 0;
 }
 
-/* Returns 0, or 1 for a table index out of range (set only by a caller's bug). */
-__attribute__((noinline)) static int decode_stream(const Tables *t, const Search *q,
-                                                  const uint16_t *restrict ids, int64_t n, int64_t lanes,
-                                                  uint32_t *restrict x, const uint16_t *restrict words,
-                                                  int64_t n_words, uint16_t *restrict out, int64_t *read,
-                                                  int64_t *bad) {
-    const uint32_t count = (uint32_t)t->count;
-    const uint32_t *restrict cum = q->cum;
-    const int64_t *restrict cum_base = q->cum_base;
-    const uint16_t *restrict bucket = q->bucket;
-    int64_t p = 0;
+/* One stream; its symbols' tables are runs (run_table, run_length), checked by the caller to cover exactly the
+ * stream's n symbols with tables that exist. */
+__attribute__((noinline)) static void decode_stream(const Search *q, const uint16_t *restrict run_table,
+                                                   const int64_t *restrict run_length, int64_t n, int64_t lanes,
+                                                   uint32_t *restrict x, const uint16_t *restrict words,
+                                                   int64_t n_words, uint16_t *restrict out, int64_t *read,
+                                                   int64_t *bad) {
+    const uint32_t *c = q->cum;
+    const uint16_t *bucket = q->bucket;
+    int64_t p = 0, r = 0, run_end = 0;
     for (int64_t t0 = 0; t0 < n; t0 += lanes) {
         int64_t end = n - t0 < lanes ? n - t0 : lanes;
         /* The spec's two passes. Decoding, lanes are independent, so the CPU overlaps them ... */
         for (int64_t j = 0; j < end; j++) {
-            uint32_t k = ids[t0 + j];
-            if (k >= count) return 1;
+            while (t0 + j >= run_end) {  /* a step crosses into the next group's table at most a few times */
+                c = q->cum + q->cum_base[run_table[r]];
+                bucket = q->bucket + (size_t)run_table[r] * BUCKETS;
+                run_end += run_length[r++];
+            }
             uint32_t v = x[j], slot = v & WORD_MASK;
-            const uint32_t *c = cum + cum_base[k];
-            uint32_t s = bucket[(size_t)k * BUCKETS + (slot >> BUCKET_SHIFT)];
+            uint32_t s = bucket[slot >> BUCKET_SHIFT];
             while (c[s + 1] <= slot) s++;  /* c[size] = TOTAL ends it inside the table */
             x[j] = (c[s + 1] - c[s]) * (v >> WORD_BITS) + slot - c[s];
             out[t0 + j] = (uint16_t)s;
@@ -208,74 +209,86 @@ __attribute__((noinline)) static int decode_stream(const Tables *t, const Search
     for (int64_t j = 0; j < lanes; j++) off += x[j] != STATE_LOW;
     *read = p;
     *bad = off;
-    return 0;
 }
 
 PyDoc_STRVAR(decode_doc,
-             "decode(fc, base, size, ids, counts, lanes, states, words, n_words, out, read, bad)\n\n"
-             "Decode every stream into out (uint16 symbols). ids: uint16 table per symbol; words: every stream's words\n"
-             "and one spare word at the end; counts, lanes, n_words:\n"
-             "int64 per stream; states: uint32, overwritten with the final states; read, bad: int64 per stream,\n"
-             "set to the words read and the lanes not back at 2^16. A table whose cumulative frequencies are not\n"
-             "contiguous is refused (ValueError).");
+             "decode(fc, base, size, run_tables, run_lengths, runs, counts, lanes, states, words, n_words, out, read,\n"
+             "       bad)\n\n"
+             "Decode every stream into out (uint16 symbols). The symbols' tables as runs: run_tables (uint16) and\n"
+             "run_lengths (int64), runs[k] (int64) of them for stream k, adding up to its count; words: every stream's\n"
+             "words and one spare word at the end; counts, lanes, n_words: int64 per stream; states: uint32,\n"
+             "overwritten with the final states; read, bad: int64 per stream, set to the words read and the lanes not\n"
+             "back at 2^16. A table whose cumulative frequencies are not contiguous is refused (ValueError).");
 
 static PyObject *decode(PyObject *self, PyObject *args) {
-    enum { FC, BASE, SIZE, IDS, COUNTS, LANES, STATES, WORDS, NWORDS, OUT, READ, BAD, N };
+    enum { FC, BASE, SIZE, RTAB, RLEN, RUNS, COUNTS, LANES, STATES, WORDS, NWORDS, OUT, READ, BAD, N };
     PyObject *o[N];
     View v[N] = {{0}};
-    static const Py_ssize_t item[N] = {8, 4, 4, 2, 8, 8, 4, 2, 8, 2, 8, 8};
-    static const int writable[N] = {0, 0, 0, 0, 0, 0, 1, 0, 0, 1, 1, 1};
-    static const char *names[N] = {"fc", "base", "size", "ids", "counts", "lanes", "states", "words",
-                                   "n_words", "out", "read", "bad"};
+    static const Py_ssize_t item[N] = {8, 4, 4, 2, 8, 8, 8, 8, 4, 2, 8, 2, 8, 8};
+    static const int writable[N] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 1, 1, 1};
+    static const char *names[N] = {"fc", "base", "size", "run_tables", "run_lengths", "runs", "counts", "lanes",
+                                   "states", "words", "n_words", "out", "read", "bad"};
     Tables t;
     Search q = {0};
     PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8],
-                          &o[9], &o[10], &o[11]))
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8],
+                          &o[9], &o[10], &o[11], &o[12], &o[13]))
         return NULL;
     for (int i = 0; i < N; i++)
         if (view_get(o[i], &v[i], writable[i], item[i], names[i])) goto done;
     if (tables_get(&v[FC], &v[BASE], &v[SIZE], &t)) goto done;
     const int64_t *counts = DATA(v[COUNTS], int64_t), *lanes = DATA(v[LANES], int64_t),
-                  *n_words = DATA(v[NWORDS], int64_t);
-    Py_ssize_t streams = ITEMS(v[COUNTS], int64_t);
+                  *n_words = DATA(v[NWORDS], int64_t), *runs = DATA(v[RUNS], int64_t),
+                  *run_length = DATA(v[RLEN], int64_t);
+    const uint16_t *run_table = DATA(v[RTAB], uint16_t);
+    Py_ssize_t streams = ITEMS(v[COUNTS], int64_t), symbols = ITEMS(v[OUT], uint16_t);
     if (ITEMS(v[LANES], int64_t) != streams || ITEMS(v[NWORDS], int64_t) != streams ||
-        ITEMS(v[READ], int64_t) != streams || ITEMS(v[BAD], int64_t) != streams ||
-        ITEMS(v[OUT], uint16_t) != ITEMS(v[IDS], uint16_t)) {
+        ITEMS(v[RUNS], int64_t) != streams || ITEMS(v[READ], int64_t) != streams ||
+        ITEMS(v[BAD], int64_t) != streams || ITEMS(v[RLEN], int64_t) != ITEMS(v[RTAB], uint16_t)) {
         PyErr_SetString(PyExc_ValueError, "decode: array sizes disagree");
         goto done;
     }
-    if (layout_check(counts, lanes, streams, ITEMS(v[IDS], uint16_t), ITEMS(v[STATES], uint32_t))) goto done;
-    int64_t w = 0;
+    if (layout_check(counts, lanes, streams, symbols, ITEMS(v[STATES], uint32_t))) goto done;
+    int64_t w = 0, r = 0;
     for (Py_ssize_t k = 0; k < streams; k++) {
         if (n_words[k] < 0 || n_words[k] > counts[k]) {  /* at most one word per symbol */
             PyErr_Format(PyExc_ValueError, "decode: stream %zd has %lld words", k, (long long)n_words[k]);
             goto done;
         }
         w += n_words[k];
+        int64_t covered = 0;  /* the runs cover the stream's symbols exactly, with tables that exist */
+        if (runs[k] < 0 || runs[k] > ITEMS(v[RTAB], uint16_t) - r) goto bad_runs;
+        for (int64_t e = r + runs[k]; r < e; r++) {
+            if (run_length[r] < 0 || run_length[r] > counts[k] - covered || run_table[r] >= t.count) goto bad_runs;
+            covered += run_length[r];
+        }
+        if (covered != counts[k]) {
+        bad_runs:
+            PyErr_Format(PyExc_ValueError, "decode: stream %zd: its table runs do not cover its symbols with tables "
+                         "that exist", k);
+            goto done;
+        }
+    }
+    if (r != ITEMS(v[RTAB], uint16_t)) {
+        PyErr_SetString(PyExc_ValueError, "decode: runs left over after the last stream");
+        goto done;
     }
     if (w + 1 != ITEMS(v[WORDS], uint16_t)) {
         PyErr_SetString(PyExc_ValueError, "decode: the word array is not every stream's words and one spare");
         goto done;
     }
     if (search_get(&t, &q)) goto done;
-    int bug = 0;
-    Py_ssize_t bad_stream = 0;
     Py_BEGIN_ALLOW_THREADS
-    const uint16_t *ids = DATA(v[IDS], uint16_t), *words = DATA(v[WORDS], uint16_t);
+    const uint16_t *words = DATA(v[WORDS], uint16_t);
     uint32_t *x = DATA(v[STATES], uint32_t);
     uint16_t *out = DATA(v[OUT], uint16_t);
-    for (Py_ssize_t k = 0; k < streams && !bug; k++) {
-        bug = decode_stream(&t, &q, ids, counts[k], lanes[k], x, words, n_words[k], out,
-                            DATA(v[READ], int64_t) + k, DATA(v[BAD], int64_t) + k);
-        bad_stream = k;
-        ids += counts[k], out += counts[k], x += lanes[k], words += n_words[k];
+    for (Py_ssize_t k = 0; k < streams; k++) {
+        decode_stream(&q, run_table, run_length, counts[k], lanes[k], x, words, n_words[k], out,
+                      DATA(v[READ], int64_t) + k, DATA(v[BAD], int64_t) + k);
+        run_table += runs[k], run_length += runs[k];
+        out += counts[k], x += lanes[k], words += n_words[k];
     }
     Py_END_ALLOW_THREADS
-    if (bug) {
-        PyErr_Format(PyExc_ValueError, "stream %zd: a table index out of range", bad_stream);
-        goto done;
-    }
     result = Py_None;
     Py_INCREF(result);
 done:

@@ -166,10 +166,10 @@ class ClassTables:
 
 @dataclass(frozen=True)
 class Layout:
-    """How a segment of `tokens` coded tokens lays out its symbols: for the C coder, per symbol its table
-    (uint16), per group (table, channels, half range, tuple length) (int64), and the groups' channels in order."""
+    """How a segment of `tokens` coded tokens lays out its symbols: for the C coder, their tables (one run per
+    group), per group (table, channels, half range, tuple length) (int64), and the groups' channels in order."""
 
-    ids: np.ndarray
+    runs: rans.Runs
     spec: np.ndarray
     rows: np.ndarray
     tokens: int
@@ -179,9 +179,9 @@ class Layout:
         """CodecError if a class has no table (coverage)."""
         index = [tables.index(g.cls) for g in groups]
         spec = np.array([(k, len(g.rows), *class_layout(g.cls)) for k, g in zip(index, groups)], np.int64)
-        ids = np.repeat(np.array(index, np.uint16), [g.tuples(tokens) for g in groups])
+        runs = rans.Runs(np.array(index, np.uint16), np.array([g.tuples(tokens) for g in groups], np.int64))
         rows = np.concatenate([g.rows for g in groups] + [np.zeros(0, np.int64)]).astype(np.int64)
-        return cls(ids, spec.reshape(-1, 4), rows, tokens)
+        return cls(runs, spec.reshape(-1, 4), rows, tokens)
 
 
 @dataclass(frozen=True)
@@ -315,7 +315,7 @@ def decode_segments(tables: ClassTables, segments: list[tuple[Layout, Coded]]) -
     Raises CodecError with `.index` set to the failing segment's position in `segments`.
     """
     try:
-        symbols = rans.decode_streams(tables.coder, [(lay.ids, coded.stream) for lay, coded in segments])
+        symbols = rans.decode_runs(tables.coder, [(lay.runs, coded.stream) for lay, coded in segments])
     except rans.StreamError as err:
         raise CodecError(str(err), index=getattr(err, "index", None)) from None
     out = []

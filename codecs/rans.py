@@ -132,26 +132,57 @@ def encode_streams(tables: Tables, streams: list[tuple[np.ndarray, np.ndarray]])
             for end, le, lane, nw in zip(ends.tolist(), lane_ends.tolist(), lanes.tolist(), n_words.tolist())]
 
 
+@dataclass(frozen=True)
+class Runs:
+    """The tables of a stream's symbols as runs: run i's run_lengths[i] symbols use table run_tables[i]."""
+
+    run_tables: np.ndarray  # uint16
+    run_lengths: np.ndarray  # int64
+
+    @property
+    def symbols(self) -> int:
+        return int(self.run_lengths.sum())
+
+    @classmethod
+    def of(cls, ids: np.ndarray) -> "Runs":
+        """The runs of a table index per symbol."""
+        ids = np.asarray(ids)
+        if not len(ids):
+            return cls(np.zeros(0, np.uint16), np.zeros(0, np.int64))
+        starts = np.concatenate([[0], np.flatnonzero(np.diff(ids)) + 1])
+        return cls(ids[starts].astype(np.uint16), np.diff(np.append(starts, len(ids))).astype(np.int64))
+
+
 def decode_streams(tables: Tables, streams: list[tuple[np.ndarray, Stream]]) -> list[np.ndarray]:
-    """Decode each (table index per symbol, stream); returns the symbols (uint16) of each stream.
+    """decode_runs for a table index per symbol of each stream."""
+    return decode_runs(tables, [(Runs.of(tid), st) for tid, st in streams])
+
+
+def decode_runs(tables: Tables, streams: list[tuple[Runs, Stream]]) -> list[np.ndarray]:
+    """Decode each (tables of its symbols, stream); returns the symbols (uint16) of each stream.
 
     The caller guarantees each stream's lane count follows the rule and it has at most one word per symbol.
     Raises StreamError, for the first stream in the batch that fails, unless every stream's states start in
     range and it ends with every state back at STATE_LOW and every word read. The C decoder runs without the GIL.
     """
-    counts, lanes = _layout([len(t) for t, _ in streams])
-    for k, ((tid, st), lane) in enumerate(zip(streams, lanes)):
+    counts, lanes = _layout([runs.symbols for runs, _ in streams])
+    for k, (n, (_, st), lane) in enumerate(zip(counts.tolist(), streams, lanes.tolist())):
         # The caller has checked the sizes against its limits (entropy.split_segment); states are data.
-        assert len(st.states) == lane and len(st.words) <= len(tid)
+        assert len(st.states) == lane and len(st.words) <= n
         if lane and int(st.states.min()) < STATE_LOW:
             raise StreamError("a lane's initial state is below 2^16", k)
     states = np.concatenate([st.states for _, st in streams] + [np.zeros(0, np.uint32)]).astype(np.uint32)
     # One spare word at the end lets the decoder read branch-free; reads past a stream's words count, read 0.
     words = np.concatenate([st.words for _, st in streams] + [np.zeros(1, np.uint16)]).astype(np.uint16, copy=False)
     n_words = np.array([len(st.words) for _, st in streams], dtype=np.int64)
+    run_tables = np.concatenate([r.run_tables for r, _ in streams] + [np.zeros(0, np.uint16)]).astype(np.uint16,
+                                                                                                      copy=False)
+    run_lengths = np.concatenate([r.run_lengths for r, _ in streams] + [np.zeros(0, np.int64)]).astype(np.int64,
+                                                                                                       copy=False)
+    runs = np.array([len(r.run_tables) for r, _ in streams], dtype=np.int64)
     out = np.empty(int(counts.sum()), np.uint16)
     read, off = np.empty(len(streams), np.int64), np.empty(len(streams), np.int64)
-    _ans.decode(*tables.coder_arrays, _ids([t for t, _ in streams]), counts, lanes, states, words, n_words, out,
+    _ans.decode(*tables.coder_arrays, run_tables, run_lengths, runs, counts, lanes, states, words, n_words, out,
                 read, off)
     for k in range(len(streams)):
         if read[k] != n_words[k]:

@@ -96,9 +96,11 @@ def test_wrapper_refuses_sizes_the_caller_must_check():
 
 
 def raw_decode_args(tables, streams, out):
-    """The arrays rans.decode_streams hands the C decoder, as a mutable list."""
+    """The arrays rans.decode_runs hands the C decoder, as a mutable list."""
     counts = np.array([len(t) for _, t in streams], np.int64)
-    return [*tables.coder_arrays, np.concatenate([t for _, t in streams]).astype(np.uint16), counts,
+    runs = [rans.Runs.of(t) for _, t in streams]
+    return [*tables.coder_arrays, np.concatenate([r.run_tables for r in runs]),
+            np.concatenate([r.run_lengths for r in runs]), np.array([len(r.run_tables) for r in runs], np.int64), counts,
             np.array([rans.lanes_for(n) for n in counts], np.int64),
             np.concatenate([st.states for st in out]), np.concatenate([st.words for st in out] + [np.zeros(1, np.uint16)]),
             np.array([len(st.words) for st in out], np.int64), np.empty(int(counts.sum()), np.uint16),
@@ -112,16 +114,25 @@ def shifted_cum(a):
     a[0] = fc
 
 
+def extra_run(a):
+    """One empty run after the last stream's."""
+    a[3], a[4] = np.append(a[3], np.uint16(0)), np.append(a[4], 0)
+
+
 @pytest.mark.parametrize("change, message", [
-    (lambda a: a.__setitem__(3, np.full_like(a[3], 3)), "table index"),  # only 3 tables
-    (lambda a: a.__setitem__(5, a[5] + 1), "do not add up"),  # more lanes than states
-    (lambda a: a.__setitem__(5, np.zeros_like(a[5])), "lanes for"),  # symbols but no lanes
-    (lambda a: a.__setitem__(7, a[7][:-1]), "spare"),  # no spare word
-    (lambda a: a.__setitem__(6, a[6][:-1]), "do not add up"),
-    (lambda a: a.__setitem__(9, a[9][:-1]), "sizes disagree"),
+    (lambda a: a.__setitem__(3, np.full_like(a[3], 3)), "tables that exist"),  # only 3 tables
+    (lambda a: a.__setitem__(4, a[4] + 1), "do not cover"),  # every run one symbol long
+    (lambda a: a.__setitem__(5, a[5] - 1), "do not cover"),  # each stream's last run missing
+    (extra_run, "left over"),
+    (lambda a: a.__setitem__(4, a[4][:-1]), "sizes disagree"),
+    (lambda a: a.__setitem__(7, a[7] + 1), "do not add up"),  # more lanes than states
+    (lambda a: a.__setitem__(7, np.zeros_like(a[7])), "lanes for"),  # symbols but no lanes
+    (lambda a: a.__setitem__(9, a[9][:-1]), "spare"),  # no spare word
+    (lambda a: a.__setitem__(8, a[8][:-1]), "do not add up"),
+    (lambda a: a.__setitem__(11, a[11][:-1]), "do not add up"),  # output shorter than the symbols
     (shifted_cum, "cum of symbol 1 is"),
     (lambda a: a.__setitem__(0, a[0] * 2), "freq"),  # tables that do not sum to 2^16
-    (lambda a: a.__setitem__(9, np.zeros(len(a[9]), np.uint32)), "sizes disagree"),  # wrong dtype
+    (lambda a: a.__setitem__(11, np.zeros(len(a[11]), np.uint32)), "do not add up"),  # wrong dtype
 ])
 def test_c_decoder_refuses_inconsistent_arrays(change, message):
     """Caller bugs are ValueError before any decoding, never a read out of bounds or a StreamError."""
@@ -130,6 +141,17 @@ def test_c_decoder_refuses_inconsistent_arrays(change, message):
     args = raw_decode_args(*coded())
     change(args)
     with pytest.raises(ValueError, match=message):
+        _ans.decode(*args)
+
+
+def test_c_decoder_refuses_runs_whose_lengths_wrap_around():
+    """Runs of 2^63 - 1, 2^63 - 1 and n + 2 symbols sum to n in 64-bit arithmetic; no run may pass the stream."""
+    tables, streams, out = coded(sizes=(5,))
+    args = raw_decode_args(tables, streams, out)
+    args[3] = np.zeros(3, np.uint16)
+    args[4] = np.array([2**63 - 1, 2**63 - 1, 5 + 2], np.int64)
+    args[5] = np.array([3], np.int64)
+    with pytest.raises(ValueError, match="do not cover"):
         _ans.decode(*args)
 
 
@@ -144,7 +166,7 @@ def test_c_expansion_refuses_a_layout_that_does_not_fit():
     groups = [entropy.Group(-10, np.array([0, 2])), entropy.Group(2, np.array([1]))]
     tables = entropy.fit_tables({-10: [np.zeros((2, 8), np.int32)], 2: [np.zeros((1, 8), np.int32)]})
     lay = entropy.Layout.of(groups, 8, tables)
-    sym = np.zeros(len(lay.ids), np.uint16)
+    sym = np.zeros(lay.runs.symbols, np.uint16)
     rows = np.empty((3, 8), np.int32)
     _ans.expand(sym, lay.spec, lay.rows, 8, *tables.digits, np.zeros(0, np.int32), rows)
     with pytest.raises(ValueError, match="group layout"):  # a row past the output
@@ -213,7 +235,7 @@ def test_the_c_decoder_releases_the_gil():
     interval is raised so that no forced switch can hand it the GIL: only a release can."""
     tables, _, jobs = big_batch(2_000_000)
     args = raw_decode_args(tables, [(None, t) for t, _ in jobs], [st for _, st in jobs])
-    states = args[6].copy()
+    states = args[8].copy()
     ticks, stop, started = [0], threading.Event(), threading.Event()
 
     def count():
@@ -235,5 +257,5 @@ def test_the_c_decoder_releases_the_gil():
         stop.set()
         thread.join()
         sys.setswitchinterval(old)
-    assert np.array_equal(args[6], np.full_like(states, rans.STATE_LOW))  # the decode itself succeeded
+    assert np.array_equal(args[8], np.full_like(states, rans.STATE_LOW))  # the decode itself succeeded
     assert during >= 10, during
