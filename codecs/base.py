@@ -4,9 +4,9 @@
   the class's declared PARAMS), and the two factories `fit` (whole cache -> Encoder) and `open` (aux blobs ->
   Decoder). Every class that sets `name` registers itself; `codec_from_header` looks the name up.
 - `Encoder` and `Decoder` are immutable once built, so threads may share them.
-- Decoding is two declared stages, in this order: `entropy` turns a batch of segments' bytes into integer
-  symbols (CPU, numpy; a GPU entropy decoder may replace it), and `reconstruct` writes one segment's values
-  into a caller-given output tensor, on that tensor's device. The caller (kvfile) knows nothing else.
+- Decoding is two declared stages, in this order: `entropy` turns a batch of segments' bytes into symbols (on
+  the CPU; a GPU entropy decoder may replace it), and `reconstruct` writes one segment's values into a
+  caller-given output tensor, on that tensor's device. The caller (kvfile) knows nothing else.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ class Decoder(ABC):
     @abstractmethod
     def reconstruct(self, ctx: SegmentContext, data: bytes, symbols: Any, out: torch.Tensor) -> None:
         """Stage 2: write the segment's values into `out`, a (heads, tokens, dim) tensor of the cache dtype on
-        any device, with torch."""
+        any device (kvq: in C for CPU outputs of the file's dtype, in torch otherwise)."""
 
     def decode_onto(self, segments: list[tuple[SegmentContext, bytes, torch.Tensor]]) -> None:
         """Both stages for a batch of (context, bytes, out) on out's device with the codec's kernels; only for
