@@ -196,6 +196,8 @@ class KvqCodec(Codec):
         # No channel needs more than MAX_LEVEL steps from its center: escapes stay far inside int32.
         finest = token_factor.min(dim=1).values[:, None] if token_factor is not None and tokens else 1.0
         floor = spread / (MAX_LEVEL * finest)
+        if token_factor is not None and (floor > MAX_STEP).any():
+            raise _TooFine()
         if (floor > MAX_STEP).any():
             raise CodecError(f"layer {layer} {KINDS[kind].upper()}: values up to {float(spread.max()):.3g} from "
                              f"their channel mean are beyond kvq's range ({MAX_STEP * MAX_LEVEL:.3g}); use lossless")
@@ -247,7 +249,11 @@ class KvqCodec(Codec):
                                          f"{tuple(x.shape[:2])} (heads, tokens)")
                     weights = tokens[(layer, kind)] = TokenWeights(start, self.token_exponents(attention[layer], skip))
                     factor = weights.factors(start + skip, x.shape[1] - skip)
-                plan, q = self._fit_layer(body, layer, kind, factor)
+                try:
+                    plan, q = self._fit_layer(body, layer, kind, factor)
+                except _TooFine:  # values so far out that a token's finer steps would leave int32: no weights
+                    del tokens[(layer, kind)]
+                    plan, q = self._fit_layer(body, layer, kind)
                 plans[(layer, kind)] = plan
                 fitted[(layer, kind)] = Fitted(x, start, _narrow(q))
                 for cls in np.unique(plan.classes):  # every class a plan names gets a table, used or not
@@ -273,6 +279,10 @@ class KvqCodec(Codec):
         plans, inv_freq = unpack_plans(unzstd(aux["kvq.plan"], AUX_LIMIT))
         tokens = unpack_tokens(unzstd(aux["kvq.tokens"], AUX_LIMIT), plans) if "kvq.tokens" in aux else {}
         return KvqDecoder(self, plans, tables, inv_freq, tokens)
+
+
+class _TooFine(Exception):
+    """A layer's values reach so far that its finest token weight would need integers beyond MAX_LEVEL."""
 
 
 @dataclass(frozen=True)

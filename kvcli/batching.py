@@ -12,7 +12,7 @@ import torch
 
 from . import importance, inference
 from .kvcache import KVCache
-from .models import LoadedModel, cache_argument, logits_argument
+from .models import LoadedModel, cache_argument, layer_windows, logits_argument
 
 # RoPE variants whose rotation depends on the length of the sequence passed in: a padded batch would rotate a
 # short document as if it were as long as the batch, so such models prefill one document at a time.
@@ -39,14 +39,6 @@ def rope_types(config) -> set[str]:
 
 def batchable(lm: LoadedModel) -> bool:
     return not rope_types(lm.model.config) & LENGTH_DEPENDENT_ROPE
-
-
-def layer_windows(lm: LoadedModel) -> list[int | None]:
-    """Per layer, the sliding window a cache of the model keeps (window - 1 tokens), or None for full attention."""
-    from transformers import DynamicCache
-
-    return [getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
-            for layer in DynamicCache(config=lm.model.config).layers]
 
 
 @torch.inference_mode()

@@ -6,9 +6,11 @@ attention (MiKV, KVCrush), and the queries that will read the cache next resembl
 the lossy codec gives tokens that receive little attention coarser steps (docs/codec.md, "Token weights").
 
 The weights are computed from the model's own queries by hooks on its attention modules while the prefill runs:
-the last QUERIES hidden states are projected again (about QUERIES / tokens of the prefill's projection work) and
-scored against the layer's keys as the cache holds them. A model whose attention modules lack what this needs
-(q_proj, layer_idx, position embeddings passed as a keyword) gets no weights, and the codec uniform token steps.
+the last QUERIES hidden states are projected again and scored against the layer's keys as the cache holds them
+(for a sliding-window layer, whose cache keeps only its last keys, the keys its window needs are projected
+again too). A model whose attention modules lack what this needs (q_proj, layer_idx, rotate-half position
+embeddings over the whole head passed as a keyword) gets no weights, and the codec uniform token steps: the
+measurement is optional, so it never fails a prefill.
 """
 
 from __future__ import annotations
@@ -17,16 +19,17 @@ from contextlib import contextmanager
 
 import torch
 
-from .models import LoadedModel
+from .models import LoadedModel, layer_windows
 
 QUERIES = 256
+QUERY_BLOCK = 32  # queries scored at once: bounds the scores' memory to group x QUERY_BLOCK x tokens
 
 
 def _modules(lm: LoadedModel) -> list | None:
     layers = getattr(getattr(lm.model, "model", None), "layers", None)
     mods = [getattr(layer, "self_attn", None) for layer in layers] if layers is not None else []
-    if not mods or any(m is None or not hasattr(m, "q_proj") or not hasattr(m, "layer_idx") or not hasattr(m, "scaling")
-                       for m in mods):
+    if not mods or any(m is None or not hasattr(m, "q_proj") or not hasattr(m, "k_proj")
+                       or not hasattr(m, "layer_idx") or not hasattr(m, "scaling") for m in mods):
         return None
     return mods
 
@@ -36,8 +39,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], -1)
 
 
-def _project(module, proj, norm, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int | None):
-    """(heads, positions, dim) float32 after the module's projection, its norm if any, and RoPE."""
+def _project(proj, norm, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int | None):
+    """(heads, positions, dim) float32 after a projection, its norm if any, and RoPE."""
     x = proj(hidden).view(hidden.shape[0], -1 if heads is None else heads, cos.shape[-1])
     if norm is not None:
         x = norm(x)
@@ -45,64 +48,73 @@ def _project(module, proj, norm, hidden: torch.Tensor, cos: torch.Tensor, sin: t
     return x * cos.float() + _rotate_half(x) * sin.float()
 
 
-def _keys(module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    return _project(module, module.k_proj, getattr(module, "k_norm", None), hidden, cos, sin, kv_heads)
-
-
 def _received(module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, n: int,
               window: int | None) -> torch.Tensor:
     """(kv_heads, held) RMS attention weight each held key receives from the queries of `hidden`, the last rows of
-    the n positions; keys (kv_heads, held, dim) as cached (after RoPE), those of the last `held` positions."""
-    kv_heads, held, dim = keys.shape
+    the n positions; keys (kv_heads, held, dim) after RoPE, those of the last `held` positions."""
+    kv_heads, held, _ = keys.shape
     nq = hidden.shape[0]
-    q = _project(module, module.q_proj, getattr(module, "q_norm", None), hidden, cos, sin, None)  # (heads, nq, dim)
+    q = _project(module.q_proj, getattr(module, "q_norm", None), hidden, cos, sin, None)  # (heads, nq, dim)
     group = q.shape[0] // kv_heads
-    qpos = torch.arange(n - nq, n, device=keys.device)[:, None]
     kpos = torch.arange(n - held, n, device=keys.device)[None, :]
-    hidden_mask = kpos > qpos
-    if window:
-        hidden_mask |= qpos - kpos >= window
-    out = torch.empty(kv_heads, held, dtype=torch.float32, device=keys.device)
-    for h in range(kv_heads):  # one KV head at a time bounds the scores' memory to group x nq x n
-        scores = torch.matmul(q[h * group : (h + 1) * group], keys[h].float().T) * module.scaling
-        weights = scores.masked_fill_(hidden_mask, float("-inf")).softmax(-1)
-        out[h] = weights.nan_to_num_(0.0).pow_(2).mean(dim=(0, 1)).sqrt_()  # NaN: a query that sees no held key
-    return out
+    squares = torch.zeros(kv_heads, held, dtype=torch.float32, device=keys.device)
+    for start in range(0, nq, QUERY_BLOCK):  # a softmax is per query, so blocks of queries add up exactly
+        qpos = torch.arange(n - nq + start, n - nq + min(nq, start + QUERY_BLOCK), device=keys.device)[:, None]
+        hidden_mask = kpos > qpos
+        if window:
+            hidden_mask |= qpos - kpos >= window
+        for h in range(kv_heads):
+            block = q[h * group : (h + 1) * group, start : start + QUERY_BLOCK]
+            scores = torch.matmul(block, keys[h].float().T) * module.scaling
+            weights = scores.masked_fill_(hidden_mask, float("-inf")).softmax(-1)
+            squares[h] += weights.nan_to_num_(0.0).pow_(2).sum(dim=(0, 1))  # NaN: a query that sees no held key
+    return squares.div_(group * nq).sqrt_()
 
 
 @contextmanager
 def recording(lm: LoadedModel, lengths: list[int]):
     """Record the weights of a prefill of len(lengths) right-padded rows with these true lengths, run inside the
-    block. Yields a list per row; after the block each holds (kv_heads, held) per layer, or None when there are no
-    rows or the model cannot be measured (see the module docstring)."""
+    block. Yields a list per row; after the block each holds (kv_heads, held) per layer (None for a layer that
+    could not be measured), or None when there are no rows or the model cannot be measured."""
     mods = _modules(lm) if lengths else None
     if mods is None:
         yield None
         return
+    windows = layer_windows(lm)
     rows: list[list] = [[None] * len(mods) for _ in lengths]
     hooks = []
 
     def hook(module, args, kwargs, _output):
+        try:
+            measure(module, args, kwargs)
+        except Exception:  # noqa: BLE001 - an optional measurement must never fail the prefill it watches
+            for row in rows:
+                row[module.layer_idx] = None
+
+    def measure(module, args, kwargs):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         embeddings = kwargs.get("position_embeddings")
         cache = next((kwargs[k] for k in ("past_key_values", "past_key_value", "cache") if kwargs.get(k) is not None),
                      None)  # the keyword differs between transformers versions
-        if hidden is None or embeddings is None or cache is None:
+        if (hidden is None or cache is None or not isinstance(embeddings, tuple) or len(embeddings) != 2
+                or module.layer_idx >= len(windows)):
             return
         cos, sin = embeddings
-        if cos.shape[-1] != getattr(module, "head_dim", cos.shape[-1]):  # partial rotary: not measured
-            return
         layer = cache.layers[module.layer_idx]
-        window = getattr(module, "sliding_window", None)
+        if cos.shape[-1] != layer.keys.shape[-1]:  # partial rotary: not measured
+            return
+        window = windows[module.layer_idx]
         for row, n in enumerate(lengths):
             lo = max(0, n - QUERIES)
             pick = min(row, cos.shape[0] - 1)
             if layer.keys.shape[2] >= n:  # every position cached (batched prefills are right-padded)
                 keys = layer.keys[row, :, :n]
-            else:  # a sliding window's cache: the keys its window needs, from the layer's own projection
+            elif window:  # a sliding window's cache: the keys its window needs, from the layer's own projection
                 first = max(0, lo - window + 1)
-                keys = _keys(module, hidden[row, first:n], cos[pick, first:n], sin[pick, first:n],
-                             layer.keys.shape[1])
+                keys = _project(module.k_proj, getattr(module, "k_norm", None), hidden[row, first:n],
+                                cos[pick, first:n], sin[pick, first:n], layer.keys.shape[1])
+            else:
+                return
             rows[row][module.layer_idx] = _received(module, hidden[row, lo:n], cos[pick, lo:n], sin[pick, lo:n],
                                                     keys, n, window)
 

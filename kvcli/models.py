@@ -321,3 +321,11 @@ def cache_argument(model) -> str:
     """transformers 5 renamed forward's `past_key_values` to `cache`; use whichever this model takes."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def layer_windows(lm: LoadedModel) -> list[int | None]:
+    """Per layer, the sliding window a cache of the model keeps (window - 1 tokens), or None for full attention."""
+    from transformers import DynamicCache
+
+    return [getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
+            for layer in DynamicCache(config=lm.model.config).layers]

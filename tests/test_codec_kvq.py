@@ -210,3 +210,20 @@ def test_values_beyond_the_range_are_refused_at_encode_time_and_large_ones_round
     data, out = encode_decode(kv, KvqCodec(0.75, 0, None, None), 8)
     step = float(file_plans(data)[(0, 0)].step[0, 1])
     assert abs(float(out.keys[0][0, 5, 1]) - 1e12) <= step / 2 + 1e12 * 2**-23
+
+
+def test_token_weights_give_way_where_finer_steps_would_leave_the_integer_range():
+    """1e13 from its channel mean fits kvq's range at uniform token steps but not at 1/8 of them: that layer and
+    kind is coded without token weights rather than refused."""
+    g = torch.Generator().manual_seed(9)
+    keys = [torch.randn(1, 32, 4, generator=g).bfloat16() for _ in range(2)]
+    values = [torch.randn(1, 32, 4, generator=g).bfloat16() for _ in range(2)]
+    values[1][0, 5, 0] = 1e13
+    attention = [torch.exp2(torch.randn(1, 32, generator=g) * 8) for _ in range(2)]
+    kv = KVCache(list(range(32)), keys, values, attention)
+    meta, parts = kvfile.encode(kv, IDENT, KvqCodec(0.5, 1, None, None), 8)
+    src = format.BytesSource(format.build_header(meta, parts) + b"".join(p.data for p in parts))
+    decoder = kvfile.open_decoder(src, format.read_header(src))[1]
+    assert set(decoder.tokens) == {(0, 0), (0, 1), (1, 0)}
+    out = kvfile.decode(src, format.read_header(src))
+    assert abs(float(out.values[1][0, 5, 0]) - 1e13) < 1e13 * 0.01

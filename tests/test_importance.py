@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcli import batching, format, importance, inference, models
+from kvcli import batching, format, importance, inference, kvfile, models
 from kvcli.codecs.presets import make_codec
 
-ARCHS = ["llama", "qwen2", "gemma3"]
+ARCHS = ["llama", "qwen2", "gemma3", "mistral-sliding"]
 
 
 def eager_received(lm, ids: list[int], held: list[int]) -> list[torch.Tensor]:
@@ -43,12 +43,13 @@ def test_hooks_measure_the_attention_the_model_computes(tiny_model_dir, arch):
     for layer, (a, b) in enumerate(zip(kv.attention, want)):
         assert a.shape == (kv.keys[layer].shape[0], kv.keys[layer].shape[1])
         torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-7, msg=f"layer {layer}")
-    if arch == "gemma3":  # sliding-window layers hold fewer tokens than the prefill
+    if arch in ("gemma3", "mistral-sliding"):  # sliding-window layers hold fewer tokens than the prefill
         assert min(k.shape[1] for k in kv.keys) < len(ids)
 
 
-def test_batched_prefill_measures_each_document_as_alone(tiny_model_dir):
-    lm = models.load(str(tiny_model_dir("llama")))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batched_prefill_measures_each_document_as_alone(tiny_model_dir, arch):
+    lm = models.load(str(tiny_model_dir(arch)))
     g = torch.Generator().manual_seed(2)
     docs = [[0] + torch.randint(2, 250, (n,), generator=g).tolist() for n in (120, 40, 300)]
     together = batching.prefill_batch(lm, docs, attention=True)
@@ -79,5 +80,29 @@ def test_exponents_follow_the_attention_and_spare_the_sinks():
     e = codec.token_exponents(a, skip=1)
     assert e[0, 0] == 0  # a sink
     # alpha 0.25: 16x the head's geometric mean of attention -> steps 2^-1, i.e. exponent -8; clipped at +-24.
-    mean = torch.log2(a[0, 1:]).mean().item()
+    mean = torch.log2(a[0, 1:].clamp_min(1e-12)).mean().item()
     assert e[0, 2] == round(-2 * (4 - mean)) and e[0, 4] == 24 and e[0, 5] == -24
+
+
+def test_a_model_the_hooks_cannot_read_still_prefills_without_weights(tmp_path):
+    """DeepSeek-V2 passes its rotary embedding as one complex tensor: no measurement, the same cache, a lossy file
+    without token weights."""
+    from transformers import AutoModelForCausalLM, DeepseekV2Config
+
+    from tiny_models import byte_tokenizer
+
+    torch.manual_seed(0)
+    cfg = DeepseekV2Config(vocab_size=258, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                           max_position_embeddings=512, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
+                           qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+                           first_k_dense_replace=2, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
+    byte_tokenizer(add_bos=True).save_pretrained(tmp_path / "m")
+    lm = models.load(str(tmp_path / "m"))
+    ids = list(range(2, 42))
+    plain, measured = inference.prefill(lm, ids), inference.prefill(lm, ids, attention=True)
+    assert measured.attention is None
+    assert all(torch.equal(a, b) for a, b in zip(plain.keys + plain.values, measured.keys + measured.values))
+    meta, parts = kvfile.encode(measured, lm.identity, make_codec("balanced"), 16)
+    assert "kvq.tokens" not in {p.name for p in parts if p.kind == "aux"}

@@ -42,6 +42,10 @@ def config_for(arch: str):
         from transformers import MistralConfig
 
         return MistralConfig(**common, sliding_window=None)
+    if arch == "mistral-sliding":  # the window from the config alone: its attention modules carry none
+        from transformers import MistralConfig
+
+        return MistralConfig(**common, sliding_window=SLIDING_WINDOW)
     if arch == "gemma3":
         from transformers import Gemma3TextConfig
 
