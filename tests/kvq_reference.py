@@ -119,16 +119,28 @@ def rans_decode(states: list[int], words: list[int], table_of: list[list[int]]) 
     return out
 
 
-def read_tokens(raw: bytes) -> dict[tuple[int, str], tuple[int, np.ndarray]]:
+def read_tokens(raw: bytes, plans) -> dict[tuple[int, str], tuple[int, np.ndarray]]:
     """kvq.tokens: (layer, "k"/"v") -> (first position, int exponents (heads, tokens))."""
+    if len(raw) < 4:
+        raise Invalid("token weights truncated")
     (count,) = struct.unpack_from("<I", raw, 0)
-    pos, out = 4, {}
+    pos, out, last = 4, {}, None
     for _ in range(count):
+        if pos + 15 > len(raw):
+            raise Invalid("token weights truncated")
         layer, kind, heads, first, n = struct.unpack_from("<IBHII", raw, pos)
         pos += 15
+        if kind > 1 or (last is not None and (layer, kind) <= last):
+            raise Invalid("token weights out of order")
+        last = (layer, kind)
+        plan = plans.get((layer, "kv"[kind]))
+        if plan is None or plan[0].shape[0] != heads:
+            raise Invalid("token weights without a plan")
+        if pos + heads * n > len(raw):
+            raise Invalid("token weights truncated")
         e = np.frombuffer(raw, np.int8, heads * n, pos).reshape(heads, n).astype(np.int64)
         pos += heads * n
-        if kind > 1 or np.abs(e).max(initial=0) > 24:
+        if np.abs(e).max(initial=0) > 24:
             raise Invalid("token weights")
         out[(layer, "kv"[kind])] = (first, e)
     if pos != len(raw):
@@ -227,8 +239,8 @@ def decode_file(data: bytes) -> dict[tuple[int, str], np.ndarray]:
     aux = {s.name: format.read_segment(src, header, s) for s in header.segments if s.kind == "aux"}
     if "kvq.tokens" in aux and params["version"] < 3:
         raise Invalid("token weights in a version 2 file")
-    weights = read_tokens(unzstd(aux["kvq.tokens"], None, 64 << 20)) if "kvq.tokens" in aux else {}
     plans, freqs = read_plans(unzstd(aux["kvq.plan"], None, 64 << 20))
+    weights = read_tokens(unzstd(aux["kvq.tokens"], None, 64 << 20), plans) if "kvq.tokens" in aux else {}
     tables = read_tables(unzstd(aux["kvq.tables"], None, 64 << 20))
     bits = "<u4" if header.dtype == "float32" else "<u2"
     out = {}
