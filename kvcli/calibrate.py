@@ -37,9 +37,6 @@ from .models import LoadedModel
 from .rope import inv_freq_per_layer
 
 COARSE_SCALE = 1.0
-# Calibration prefix: half the quality protocol's 2,048 tokens halves the prefill and the attention of every
-# later pass, for a profile that measured as good (docs/codec.md, "Calibration and profiles").
-PREFIX_TOKENS = 1024
 METHODS = ("fisher", "probes")
 FISHER_GROUPS = 4  # backward passes per text, each over a quarter of the continuation's positions
 # Where the real KL sets the level of the Fisher predictions (one probe pass each): the first layers' keys one
@@ -263,7 +260,7 @@ def passes(lm: LoadedModel, texts: int, method: str) -> int:
     return texts * (FISHER_GROUPS + sum(len(b) for b in blocks_per_kind(cfg.num_hidden_layers)))
 
 
-def calibrate(lm: LoadedModel, texts: list[tuple[str, str]], prefix: int = PREFIX_TOKENS,
+def calibrate(lm: LoadedModel, texts: list[tuple[str, str]], prefix: int = quality.PREFIX_TOKENS,
               method: str = "fisher", progress=None) -> tuple[Profile, dict]:
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
