@@ -22,7 +22,7 @@ import torch
 from .models import LoadedModel, layer_windows
 
 QUERIES = 256
-QUERY_BLOCK = 32  # queries scored at once: bounds the scores' memory to group x QUERY_BLOCK x tokens
+SCORES = 1 << 24  # float32 scores computed at once (64 MiB): queries are scored in blocks that fit
 
 
 def _modules(lm: LoadedModel) -> list | None:
@@ -58,13 +58,14 @@ def _received(module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     group = q.shape[0] // kv_heads
     kpos = torch.arange(n - held, n, device=keys.device)[None, :]
     squares = torch.zeros(kv_heads, held, dtype=torch.float32, device=keys.device)
-    for start in range(0, nq, QUERY_BLOCK):  # a softmax is per query, so blocks of queries add up exactly
-        qpos = torch.arange(n - nq + start, n - nq + min(nq, start + QUERY_BLOCK), device=keys.device)[:, None]
+    step = max(1, SCORES // max(1, group * held))
+    for start in range(0, nq, step):  # a softmax is per query, so blocks of queries add up exactly
+        qpos = torch.arange(n - nq + start, n - nq + min(nq, start + step), device=keys.device)[:, None]
         hidden_mask = kpos > qpos
         if window:
             hidden_mask |= qpos - kpos >= window
         for h in range(kv_heads):
-            block = q[h * group : (h + 1) * group, start : start + QUERY_BLOCK]
+            block = q[h * group : (h + 1) * group, start : start + step]
             scores = torch.matmul(block, keys[h].float().T) * module.scaling
             weights = scores.masked_fill_(hidden_mask, float("-inf")).softmax(-1)
             squares[h] += weights.nan_to_num_(0.0).pow_(2).sum(dim=(0, 1))  # NaN: a query that sees no held key

@@ -106,3 +106,13 @@ def test_a_model_the_hooks_cannot_read_still_prefills_without_weights(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(plain.keys + plain.values, measured.keys + measured.values))
     meta, parts = kvfile.encode(measured, lm.identity, make_codec("balanced"), 16)
     assert "kvq.tokens" not in {p.name for p in parts if p.kind == "aux"}
+
+
+def test_queries_scored_in_several_blocks_give_the_same_weights(tiny_model_dir, monkeypatch):
+    lm = models.load(str(tiny_model_dir("llama")))
+    ids = [0] + torch.randint(2, 250, (299,), generator=torch.Generator().manual_seed(3)).tolist()
+    whole = inference.prefill(lm, ids, attention=True).attention
+    monkeypatch.setattr(importance, "SCORES", 1000)  # 2 heads x 300 keys: blocks of one query
+    blocks = inference.prefill(lm, ids, attention=True).attention
+    for a, b in zip(whole, blocks):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
