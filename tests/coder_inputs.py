@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+import time
+
 import numpy as np
 
 from kvcli.codecs import rans
@@ -15,3 +19,29 @@ def random_streams(rng, tables: rans.Tables, sizes: list[int]) -> list[tuple[np.
         alphabet = np.array([len(f) for f in tables.freqs])
         out.append(((rng.random(n) * alphabet[tid]).astype(np.int64), tid))
     return out
+
+
+def ticks_during(call) -> int:
+    """How many times a pure-Python thread ran while call() did. The switch interval is raised so that no forced
+    switch hands that thread the GIL: it runs (many times) only if call releases the GIL."""
+    ticks, stop, started = [0], threading.Event(), threading.Event()
+
+    def count():
+        started.set()
+        while not stop.is_set():
+            ticks[0] += 1
+            time.sleep(0)  # hands the GIL back at once, so the calling thread never waits on this one
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(100.0)
+    thread = threading.Thread(target=count)
+    try:
+        thread.start()
+        started.wait()
+        before = ticks[0]
+        call()
+        return ticks[0] - before
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(old)

@@ -4,15 +4,13 @@ decoding on threads without the GIL."""
 
 from __future__ import annotations
 
-import sys
 import threading
-import time
 
 import numpy as np
 import pytest
 
 import kvq_reference
-from coder_inputs import random_streams
+from coder_inputs import random_streams, ticks_during
 from kvcli.codecs import _ans, entropy, rans
 
 
@@ -236,26 +234,6 @@ def test_the_c_decoder_releases_the_gil():
     tables, _, jobs = big_batch(2_000_000)
     args = raw_decode_args(tables, [(None, t) for t, _ in jobs], [st for _, st in jobs])
     states = args[8].copy()
-    ticks, stop, started = [0], threading.Event(), threading.Event()
-
-    def count():
-        started.set()
-        while not stop.is_set():
-            ticks[0] += 1
-            time.sleep(0)  # hands the GIL back at once, so the main thread never waits on this thread
-
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(100.0)
-    thread = threading.Thread(target=count)
-    try:
-        thread.start()
-        started.wait()
-        before = ticks[0]
-        _ans.decode(*args)
-        during = ticks[0] - before
-    finally:
-        stop.set()
-        thread.join()
-        sys.setswitchinterval(old)
+    during = ticks_during(lambda: _ans.decode(*args))
     assert np.array_equal(args[8], np.full_like(states, rans.STATE_LOW))  # the decode itself succeeded
     assert during >= 10, during

@@ -4,14 +4,11 @@ round-to-nearest-even casts at their edges, outputs it must refuse, and the GIL 
 
 from __future__ import annotations
 
-import sys
-import threading
-import time
-
 import numpy as np
 import pytest
 import torch
 
+from coder_inputs import ticks_during
 from kvcli import format, kvfile
 from kvcli.codecs import KvqCodec, _ans, entropy
 from kvcli.codecs.kvq import FLOAT16_MAX, HOST_DTYPES
@@ -253,27 +250,7 @@ def test_reconstruction_releases_the_gil():
     rope = rope_tables(torch.from_numpy(1.0 / 10000 ** (np.arange(0, dim, 2) / dim)).float(), 0, tokens)
     out = channel_major(heads, tokens, dim, torch.float16)
     args = fused_args(q, center, step, rope, out)
-    ticks, stop, started = [0], threading.Event(), threading.Event()
-
-    def count():
-        started.set()
-        while not stop.is_set():
-            ticks[0] += 1
-            time.sleep(0)
-
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(100.0)
-    thread = threading.Thread(target=count)
-    try:
-        thread.start()
-        started.wait()
-        before = ticks[0]
-        _ans.reconstruct(*args)
-        during = ticks[0] - before
-    finally:
-        stop.set()
-        thread.join()
-        sys.setswitchinterval(old)
+    during = ticks_during(lambda: _ans.reconstruct(*args))
     assert torch.equal(bits(out), bits(reference(q, center, step, rope, torch.float16)))
     assert during >= 10, during
 
