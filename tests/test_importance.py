@@ -116,3 +116,13 @@ def test_queries_scored_in_several_blocks_give_the_same_weights(tiny_model_dir, 
     blocks = inference.prefill(lm, ids, attention=True).attention
     for a, b in zip(whole, blocks):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_a_failure_inside_the_measurement_leaves_the_prefill_alone(tiny_model_dir, monkeypatch):
+    lm = models.load(str(tiny_model_dir("llama")))
+    ids = [0, 5, 6, 7, 8, 9]
+    plain = inference.prefill(lm, ids)
+    monkeypatch.setattr(importance, "QUERIES", None)  # any error in the hooks' arithmetic
+    measured = inference.prefill(lm, ids, attention=True)
+    assert measured.attention is None
+    assert all(torch.equal(a, b) for a, b in zip(plain.keys + plain.values, measured.keys + measured.values))
