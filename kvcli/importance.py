@@ -57,6 +57,7 @@ def _received(module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     q = _project(module.q_proj, getattr(module, "q_norm", None), hidden, cos, sin, None)  # (heads, nq, dim)
     group = q.shape[0] // kv_heads
     kpos = torch.arange(n - held, n, device=keys.device)[None, :]
+    keys_t = keys.float().transpose(1, 2)  # once, not per block: a copy for half-precision models
     squares = torch.zeros(kv_heads, held, dtype=torch.float32, device=keys.device)
     step = max(1, SCORES // max(1, group * held))
     # Without a window every query sees all keys but the ones after it, among the last nq: only those columns
@@ -69,7 +70,7 @@ def _received(module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
             hidden_mask |= qpos - kpos >= window
         for h in range(kv_heads):
             block = q[h * group : (h + 1) * group, start : start + step]
-            scores = torch.matmul(block, keys[h].float().T).mul_(module.scaling)
+            scores = torch.matmul(block, keys_t[h]).mul_(module.scaling)
             scores[..., tail:].masked_fill_(hidden_mask, float("-inf"))
             weights = scores.softmax(-1)
             if window:
