@@ -58,7 +58,8 @@ class Counter:
 
 def timed_phases(counter: Counter, seconds: dict) -> None:
     """Wrap calibrate's phases so that each is timed and its passes counted under its own name."""
-    for name in ("reference_and_key_weights", "coarse_cache", "fisher_sensitivity", "block_kl", "probe_sensitivity"):
+    for name in ("prefill_and_key_weights", "coarse_cache", "fisher_sensitivity", "continuation_reference", "block_kl",
+                 "probe_sensitivity"):
         inner = getattr(calibrate, name)
 
         def wrapper(*args, _inner=inner, _name=name, **kwargs):

@@ -16,7 +16,9 @@ misses how nonlinear the model's response is, most of all for keys (the softmax)
 layer 0's keys 10x too low, which alone doubles the KL at `balanced`. So the real KL is measured for the first
 layers' keys one by one, for blocks of the other layers' keys and for blocks of values (all heads at once), and
 the predictions are scaled to it. A probe that changes layers l and up starts its pass at layer l, from the
-hidden states the exact continuation left there (docs/codec.md, "Calibration and profiles", for the costs).
+hidden states the exact continuation left there (docs/codec.md, "Calibration and profiles", for the costs). The
+Fisher method's forward pass is that exact continuation: it gives the reference logits and those hidden states,
+so no separate reference pass runs.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ class Reference:
     layer_outputs: list | None  # None where the decoder layers cannot be reached: probes then run every layer
 
 
+Context = tuple[KVCache, list[int], torch.Tensor]  # quality.context: the prefix's cache, the tokens fed, their targets
+
+
 def _decoder_layers(lm: LoadedModel) -> list:
     layers = getattr(getattr(lm.model, "model", None), "layers", None)
     return list(layers) if layers is not None else []
@@ -79,7 +84,9 @@ def _capture_layer_outputs(lm: LoadedModel, into: list):
     into[:] = [None] * len(layers)
 
     def hook(_mod, _inp, out, i):
-        into[i] = out
+        # Detached: a pass under autograd (Fisher's) would otherwise keep its graph alive through the probes.
+        into[i] = out.detach() if isinstance(out, torch.Tensor) else tuple(
+            o.detach() if isinstance(o, torch.Tensor) else o for o in out)
 
     hooks = [layer.register_forward_hook(lambda m, a, o, i=i: hook(m, a, o, i)) for i, layer in enumerate(layers)]
     try:
@@ -102,18 +109,16 @@ def _start_at(lm: LoadedModel, reference: Reference, start: int):
             del layer.forward
 
 
-def reference_and_key_weights(lm: LoadedModel, ids: list[int], prefix: int) -> tuple[Reference, list | None]:
-    """The quality reference of a text and, from its prefill, per layer (kv_heads, head_dim) mean squared
-    query, or None if the model's queries cannot be reached."""
+def prefill_and_key_weights(lm: LoadedModel, ids: list[int], prefix: int) -> tuple[Context, list | None]:
+    """A text's context (its prefix prefilled, without the token-attention measurement that only encoding
+    uses) and, from that prefill, per layer (kv_heads, head_dim) mean squared query, or None if the model's
+    queries cannot be reached."""
     cfg = lm.model.config.get_text_config(decoder=True)
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     modules = _attention_modules(lm)
-    outputs: list = []
     if not modules or any(m is None or not hasattr(m, "q_proj") for m in modules):
-        with _capture_layer_outputs(lm, outputs):
-            ref = quality.reference(lm, ids, prefix)
-        return Reference(ref, outputs or None), None
+        return quality.context(lm, ids, prefix, attention=False), None
     captured: list[torch.Tensor | None] = [None] * len(modules)
     hooks = []
     for i, attn in enumerate(modules):
@@ -121,13 +126,11 @@ def reference_and_key_weights(lm: LoadedModel, ids: list[int], prefix: int) -> t
         target = getattr(attn, "q_norm", None) or attn.q_proj
 
         def hook(_mod, _inp, out, i=i):
-            if captured[i] is None:  # the prefill's queries, not the continuation's
-                captured[i] = out.detach().float().reshape(-1, heads, dim).pow(2).mean(0).cpu()
+            captured[i] = out.detach().float().reshape(-1, heads, dim).pow(2).mean(0).cpu()
 
         hooks.append(target.register_forward_hook(hook))
     try:
-        with _capture_layer_outputs(lm, outputs):  # the continuation's: reference() runs it last
-            ref = quality.reference(lm, ids, prefix)
+        context = quality.context(lm, ids, prefix, attention=False)
     finally:
         for h in hooks:
             h.remove()
@@ -137,7 +140,16 @@ def reference_and_key_weights(lm: LoadedModel, ids: list[int], prefix: int) -> t
         half = dim // 2
         pair = (per_kv[:, :half] + per_kv[:, half:]) / 2
         weights.append(torch.cat([pair, pair], -1).numpy().astype(np.float64))
-    return Reference(ref, outputs), weights
+    return context, weights
+
+
+def continuation_reference(lm: LoadedModel, context: Context) -> Reference:
+    """The exact continuation's logits and layer outputs, from a pass of its own (the `probes` method's)."""
+    kv, feed, targets = context
+    outputs: list = []
+    with _capture_layer_outputs(lm, outputs):
+        logits = inference.logits_after(lm, kv, feed).float()
+    return Reference(quality.Reference(kv, feed, targets, logits), outputs or None)
 
 
 def coarse_cache(kv: KVCache, probe: KvqCodec) -> KVCache:
@@ -168,16 +180,17 @@ def probe_sensitivity(lm: LoadedModel, reference: Reference, coarse: KVCache, pr
     return out
 
 
-def fisher_sensitivity(lm: LoadedModel, ref: quality.Reference, coarse: KVCache, groups: int = FISHER_GROUPS,
-                       seed: int = SEED, progress=None) -> np.ndarray:
+def fisher_sensitivity(lm: LoadedModel, context: Context, coarse: KVCache, groups: int = FISHER_GROUPS,
+                       seed: int = SEED, progress=None) -> tuple[np.ndarray, Reference]:
     """(layers, 2, kv_heads): each head's KL under the coarse quantization as the local (second-order) model
-    predicts it: half the squared quantization error weighted by the diagonal Fisher information.
+    predicts it: half the squared quantization error weighted by the diagonal Fisher information. And the
+    text's reference: the forward pass these gradients go back through is the exact continuation.
 
     The Fisher information is that of the continuation's next-token distributions with respect to the cached
     K and V, estimated from squared gradients of the log-likelihood of tokens sampled from the model itself;
     positions are split into `groups`, one backward pass each, since squaring a sum over all positions adds
     cross terms that are zero only on average."""
-    kv = ref.kv
+    kv, feed, targets = context
     layers = kv.num_layers
     errors = [[((coarse.keys if kind == 0 else coarse.values)[layer] - (kv.keys if kind == 0 else kv.values)[layer])
                .float().pow(2) for kind in range(2)] for layer in range(layers)]
@@ -186,9 +199,12 @@ def fisher_sensitivity(lm: LoadedModel, ref: quality.Reference, coarse: KVCache,
     values = [v.clone().requires_grad_() for v in kv.values]
     out = np.zeros((layers, 2, kv.keys[0].shape[0]))
     generator = torch.Generator().manual_seed(seed)
+    outputs: list = []
     with torch.enable_grad():
         cache = to_model_cache(KVCache(kv.token_ids, keys, values), lm.model)
-        logp = inference._forward(lm, ref.feed, cache).float().log_softmax(-1)
+        with _capture_layer_outputs(lm, outputs):
+            logits = inference._forward(lm, feed, cache).float()
+        logp = logits.log_softmax(-1)
         sampled = torch.multinomial(logp.detach().exp().cpu(), 1, generator=generator)[:, 0].to(logp.device)
         loglik = logp.gather(1, sampled[:, None])[:, 0]
         n = len(loglik)
@@ -201,7 +217,8 @@ def fisher_sensitivity(lm: LoadedModel, ref: quality.Reference, coarse: KVCache,
                     out[layer, kind] += (grad.pow(2) * errors[layer][kind]).sum((1, 2)).cpu().numpy()
             if progress:
                 progress()
-    return out / (2 * n)  # KL is a mean over positions
+    reference = Reference(quality.Reference(kv, feed, targets, logits.detach()), outputs or None)
+    return out / (2 * n), reference  # KL is a mean over positions
 
 
 def blocks_of(layers: int, blocks: int) -> list[range]:
@@ -268,16 +285,16 @@ def calibrate(lm: LoadedModel, texts: list[tuple[str, str]], prefix: int = quali
     weights = None
     per_doc = []
     for _, text in texts:
-        reference, w = reference_and_key_weights(lm, inference.document_ids(lm, text), prefix)
-        kv = reference.ref.kv
+        context, w = prefill_and_key_weights(lm, inference.document_ids(lm, text), prefix)
+        kv = context[0]
         weights = w if weights is None else [a + b for a, b in zip(weights, w)] if w else None
         probe = KvqCodec(COARSE_SCALE, profile=Profile("probe", np.ones((kv.num_layers, 2)), w), inv_freq=inv_freq)
         coarse = coarse_cache(kv, probe)
         if method == "probes":
-            per_doc.append(probe_sensitivity(lm, reference, coarse, progress))
+            per_doc.append(probe_sensitivity(lm, continuation_reference(lm, context), coarse, progress))
         else:
             blocks = blocks_per_kind(kv.num_layers)
-            predicted = fisher_sensitivity(lm, reference.ref, coarse, progress=progress)
+            predicted, reference = fisher_sensitivity(lm, context, coarse, progress=progress)
             per_doc.append(scale_to_blocks(predicted, block_kl(lm, reference, coarse, blocks, progress), blocks))
     if weights is not None:
         weights = [w / len(texts) for w in weights]

@@ -70,17 +70,22 @@ def _ranks(a: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma3"])
 def test_probes_that_start_at_the_changed_layer_measure_what_full_passes_do(tiny_lm, arch):
-    """A probe runs only the layers from its first changed one: the KL must be that of the whole model's pass."""
+    """A probe runs only the layers from its first changed one: the KL must be that of the whole model's pass,
+    from either method's reference (the Fisher forward pass, under autograd, makes the default method's)."""
     lm = tiny_lm(arch)
-    reference, _ = calibrate.reference_and_key_weights(lm, inference.document_ids(lm, TEXT * 2), 200)
-    assert reference.layer_outputs is not None and len(reference.layer_outputs) == 4
-    coarse = calibrate.coarse_cache(reference.ref.kv, KvqCodec(1.0, inv_freq=inv_freq_per_layer(lm.model)))
-    kv = reference.ref.kv
-    for layer in (1, 3):
-        for mixed in (KVCache(kv.token_ids, kv.keys[:layer] + coarse.keys[layer:], kv.values),
-                      KVCache(kv.token_ids, kv.keys, kv.values[:layer] + coarse.values[layer:])):
-            full = quality.compare(lm, reference.ref, mixed).kl
-            assert full > 1e-7 and calibrate._kl(lm, reference, mixed, layer) == pytest.approx(full, rel=1e-4)
+    context, _ = calibrate.prefill_and_key_weights(lm, inference.document_ids(lm, TEXT * 2), 200)
+    kv = context[0]
+    coarse = calibrate.coarse_cache(kv, KvqCodec(1.0, inv_freq=inv_freq_per_layer(lm.model)))
+    own = calibrate.continuation_reference(lm, context)
+    _, from_fisher = calibrate.fisher_sensitivity(lm, context, coarse)
+    assert torch.allclose(from_fisher.ref.logits, own.ref.logits, atol=1e-5) and not from_fisher.ref.logits.requires_grad
+    for reference in (own, from_fisher):
+        assert reference.layer_outputs is not None and len(reference.layer_outputs) == 4
+        for layer in (1, 3):
+            for mixed in (KVCache(kv.token_ids, kv.keys[:layer] + coarse.keys[layer:], kv.values),
+                          KVCache(kv.token_ids, kv.keys, kv.values[:layer] + coarse.values[layer:])):
+                full = quality.compare(lm, own.ref, mixed).kl
+                assert full > 1e-7 and calibrate._kl(lm, reference, mixed, layer) == pytest.approx(full, rel=1e-4)
     assert all(not hasattr(layer, "forward") or "forward" not in vars(layer) for layer in lm.model.model.layers)
 
 
@@ -98,11 +103,10 @@ def test_probe_blocks_cover_every_layer_once(layers):
 def test_fisher_ranks_heads_as_the_probes_do(tiny_lm):
     """The fast estimate must order (layer, K/V, head) places as the per-head probes measure them."""
     lm = tiny_lm("qwen2")
-    reference, _ = calibrate.reference_and_key_weights(lm, inference.document_ids(lm, TEXT * 2), 200)
-    ref = reference.ref
-    coarse = calibrate.coarse_cache(ref.kv, KvqCodec(1.0, inv_freq=inv_freq_per_layer(lm.model)))
-    probes = calibrate.probe_sensitivity(lm, reference, coarse)
-    fisher = calibrate.fisher_sensitivity(lm, ref, coarse)
+    context, _ = calibrate.prefill_and_key_weights(lm, inference.document_ids(lm, TEXT * 2), 200)
+    coarse = calibrate.coarse_cache(context[0], KvqCodec(1.0, inv_freq=inv_freq_per_layer(lm.model)))
+    probes = calibrate.probe_sensitivity(lm, calibrate.continuation_reference(lm, context), coarse)
+    fisher, _ = calibrate.fisher_sensitivity(lm, context, coarse)
     assert probes.shape == fisher.shape == (4, 2, 2) and (probes >= 0).all() and (fisher > 0).all()
     assert np.corrcoef(_ranks(probes), _ranks(fisher))[0, 1] > 0.8
     blocks = (calibrate.blocks_of(4, 4), calibrate.blocks_of(4, 2))
