@@ -16,6 +16,7 @@
 #include <Python.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <float.h>
 #include <math.h>
 #include <string.h>
 
@@ -814,28 +815,51 @@ done:
 
 /* The inverse, for the encoder: m consecutive tokens of a channel as one joint symbol, sum over j of
  * (v_j + K)(2K + 1)^(m - 1 - j), the last tuple padded with zeros; a tuple with any value outside [-K, K]
- * is the escape symbol (2K + 1)^m and its m values go to the escapes. */
-#define TUPLES_LOOP(type)                                                                                   \
-    for (int64_t r = 0; r < n; r++) {                                                                       \
-        const type *row = (const type *)values + r * tokens;                                                \
-        for (int64_t i = 0; i < per_row; i++) {                                                             \
-            int32_t v[4] = {0, 0, 0, 0};                                                                    \
-            int64_t width = tokens - i * m < m ? tokens - i * m : m;                                        \
-            uint32_t sym = 0, out = 0;                                                                      \
-            for (int64_t j = 0; j < width; j++) v[j] = row[i * m + j];                                      \
-            for (int64_t j = 0; j < m; j++) {                                                               \
-                uint32_t d = (uint32_t)(v[j] + half); /* negatives wrap: one comparison tests both sides */ \
-                out |= d >= base;                                                                           \
-                sym = sym * base + d;                                                                       \
-            }                                                                                               \
-            if (out) {                                                                                      \
-                memcpy(escapes + used, v, m * sizeof(int32_t));                                             \
-                used += m;                                                                                  \
-                sym = esc;                                                                                  \
-            }                                                                                               \
-            *symbols++ = (int32_t)sym;                                                                      \
-        }                                                                                                   \
+ * is the escape symbol (2K + 1)^m, and its m values go to `escapes` (when given) at *used. One row of `tokens`
+ * int16 or int32 values (wide) into sym. to_tuples, count_tuples and encode_rows all call row_symbols, so
+ * they cannot disagree; each (m, wide) is its own copy of the loop, with m a constant. */
+static inline __attribute__((always_inline)) void row_symbols_of(const void *row, const int wide, int64_t tokens,
+                                                                 const int m, int32_t half, uint32_t *restrict sym,
+                                                                 int32_t *restrict escapes, int64_t *used) {
+    const uint32_t base = 2 * (uint32_t)half + 1;
+    uint32_t esc = 1;
+    for (int j = 0; j < m; j++) esc *= base;
+    const int64_t per_row = (tokens + m - 1) / m;
+    for (int64_t i = 0; i < per_row; i++) {
+        int32_t v[4] = {0, 0, 0, 0};
+        const int64_t width = tokens - i * m < m ? tokens - i * m : m;
+        if (width == m)
+            for (int j = 0; j < m; j++) v[j] = wide ? ((const int32_t *)row)[i * m + j] : ((const int16_t *)row)[i * m + j];
+        else
+            for (int64_t j = 0; j < width; j++) v[j] = wide ? ((const int32_t *)row)[i * m + j] : ((const int16_t *)row)[i * m + j];
+        uint32_t s = 0, out = 0;
+        for (int j = 0; j < m; j++) {
+            uint32_t d = (uint32_t)(v[j] + half); /* negatives wrap: one comparison tests both sides */
+            out |= d >= base;
+            s = s * base + d;
+        }
+        if (out) {
+            s = esc;
+            if (escapes) {
+                memcpy(escapes + *used, v, m * sizeof(int32_t));
+                *used += m;
+            }
+        }
+        sym[i] = s;
     }
+}
+
+static void row_symbols(const void *row, int wide, int64_t tokens, int m, int32_t half, uint32_t *sym,
+                        int32_t *escapes, int64_t *used) {
+    switch (2 * m + wide) {
+    case 2: row_symbols_of(row, 0, tokens, 1, half, sym, escapes, used); break;
+    case 3: row_symbols_of(row, 1, tokens, 1, half, sym, escapes, used); break;
+    case 4: row_symbols_of(row, 0, tokens, 2, half, sym, escapes, used); break;
+    case 5: row_symbols_of(row, 1, tokens, 2, half, sym, escapes, used); break;
+    case 8: row_symbols_of(row, 0, tokens, 4, half, sym, escapes, used); break;
+    default: row_symbols_of(row, 1, tokens, 4, half, sym, escapes, used); break;
+    }
+}
 
 PyDoc_STRVAR(to_tuples_doc,
              "to_tuples(rows, tokens, half, m, symbols, escapes) -> int\n\n"
@@ -862,19 +886,21 @@ static PyObject *to_tuples(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "to_tuples: output sizes do not match the rows");
         goto done;
     }
-    const uint32_t base = 2 * (uint32_t)half + 1;
-    uint32_t esc = 1;
-    for (int64_t j = 0; j < m; j++) esc *= base;
+    uint32_t *buf = PyMem_RawMalloc(per_row * sizeof(uint32_t));
+    if (!buf) {
+        PyErr_NoMemory();
+        goto done;
+    }
     int64_t used = 0;
     Py_BEGIN_ALLOW_THREADS
-    const void *values = rows.buf.buf;
     int32_t *symbols = DATA(sym, int32_t), *escapes = DATA(esc_view, int32_t);
-    if (item == 2) {
-        TUPLES_LOOP(int16_t)
-    } else {
-        TUPLES_LOOP(int32_t)
+    for (int64_t r = 0; r < n; r++) {
+        row_symbols((const char *)rows.buf.buf + r * tokens * item, item == 4, tokens, (int)m, (int32_t)half, buf,
+                    escapes, &used);
+        for (int64_t i = 0; i < per_row; i++) *symbols++ = (int32_t)buf[i];
     }
     Py_END_ALLOW_THREADS
+    PyMem_RawFree(buf);
     result = PyLong_FromLongLong(used);
 done:
     view_release(&rows), view_release(&sym), view_release(&esc_view);
@@ -921,6 +947,426 @@ done:
     return result;
 }
 
+/* ------------------------------------------------------------------------------------------ encoder: fit */
+
+/* kvq's fit, one layer and kind at a time, in as few passes over its elements as torch's reductions allow:
+ * the means (the centre, and the rms that sets the steps) stay torch's own reductions, because their
+ * summation order decides the float16-rounded centre and step of the file; everything around them is here.
+ * Every operation is torch's, element for element: separate float32 multiplies, adds and divisions (no
+ * multiply-add, -ffp-contract=off), rounding half to even. */
+
+/* A strided float32 array of rank 3, as the buffer protocol describes it (strides in elements). */
+typedef struct {
+    View v;
+    int64_t shape[3], stride[3];
+} Strided;
+
+static int strided_get(PyObject *obj, Strided *s, const char *what) {
+    if (PyObject_GetBuffer(obj, &s->v.buf, PyBUF_STRIDED_RO | PyBUF_FORMAT) < 0) return -1;
+    s->v.held = 1;
+    const char *f = s->v.buf.format;
+    if (s->v.buf.ndim != 3 || s->v.buf.itemsize != 4 || !f || (strcmp(f, "f") && strcmp(f, "<f") && strcmp(f, "=f"))) {
+        PyErr_Format(PyExc_ValueError, "%s must be a float32 array of rank 3", what);
+        return -1;
+    }
+    for (int i = 0; i < 3; i++) {
+        s->shape[i] = s->v.buf.shape[i];
+        if (s->v.buf.strides[i] % 4) {
+            PyErr_Format(PyExc_ValueError, "%s: strides must be whole elements", what);
+            return -1;
+        }
+        s->stride[i] = s->v.buf.strides[i] / 4;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(unrotate_doc,
+             "unrotate(x, cos, sin, out)\n\n"
+             "x: float32 (heads, tokens, dim), any strides. out (float32 (heads, dim, tokens), C order) = x\n"
+             "transposed, with RoPE (rotate-half layout) undone where cos and sin (float32 (dim / 2, tokens)) are\n"
+             "given, as codecs/quantize.py's unrotate_keys: x1 * cos + x2 * sin and x2 * cos - x1 * sin.");
+
+#define TILE 32 /* tokens per tile: a tile's rows of x stay in the L1 cache while its channels are written */
+
+static PyObject *unrotate(PyObject *self, PyObject *args) {
+    PyObject *o_x, *o_cos, *o_sin, *o_out;
+    Strided x = {{{0}}};
+    View cv = {0}, sv = {0}, out = {0};
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "OOOO", &o_x, &o_cos, &o_sin, &o_out)) return NULL;
+    if (strided_get(o_x, &x, "x") || view_get(o_out, &out, 1, 4, "out")) goto done;
+    const int rotate = o_cos != Py_None;
+    if (rotate && (view_get(o_cos, &cv, 0, 4, "cos") || view_get(o_sin, &sv, 0, 4, "sin"))) goto done;
+    const int64_t heads = x.shape[0], tokens = x.shape[1], dim = x.shape[2], half = dim / 2;
+    if (ITEMS(out, float) != heads * tokens * dim ||
+        (rotate && (dim % 2 || ITEMS(cv, float) != half * tokens || ITEMS(sv, float) != half * tokens))) {
+        PyErr_SetString(PyExc_ValueError, "unrotate: out, cos or sin do not match x");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    const float *src = (const float *)x.v.buf.buf, *cs = rotate ? DATA(cv, float) : NULL,
+                *sn = rotate ? DATA(sv, float) : NULL;
+    float *dst = DATA(out, float);
+    const int64_t sh = x.stride[0], st = x.stride[1], sd = x.stride[2];
+    for (int64_t h = 0; h < heads; h++) {
+        float *oh = dst + h * dim * tokens;
+        for (int64_t t0 = 0; t0 < tokens; t0 += TILE) {
+            const int64_t t1 = t0 + TILE < tokens ? t0 + TILE : tokens;
+            const float *xh = src + h * sh;
+            for (int64_t d = 0; d < (rotate ? half : dim); d++) {
+                float *o1 = oh + d * tokens;
+                if (!rotate) {
+                    for (int64_t t = t0; t < t1; t++) o1[t] = xh[t * st + d * sd];
+                    continue;
+                }
+                float *o2 = oh + (d + half) * tokens;
+                const float *c = cs + d * tokens, *s = sn + d * tokens;
+                for (int64_t t = t0; t < t1; t++) {
+                    float x1 = xh[t * st + d * sd], x2 = xh[t * st + (d + half) * sd];
+                    float a = x1 * c[t], b = x2 * s[t], e = x2 * c[t], f = x1 * s[t];
+                    o1[t] = a + b;
+                    o2[t] = e - f;
+                }
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    view_release(&x.v), view_release(&cv), view_release(&sv), view_release(&out);
+    return result;
+}
+
+static inline uint32_t bits_of(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    return u;
+}
+
+PyDoc_STRVAR(deviations_doc,
+             "deviations(body, center, factor, spread, squares) -> bool\n\n"
+             "body: float32 (heads, dim, tokens), C order; center float32 (heads, dim); factor float32 (heads, tokens)\n"
+             "or None. Fills spread (float32 (heads, dim)) with max |body - center| per channel and squares (like\n"
+             "body) with ((body - center) / factor)^2. Returns False if any body - center is NaN or infinite (spread\n"
+             "then means nothing).");
+
+static PyObject *deviations(PyObject *self, PyObject *args) {
+    PyObject *o_body, *o_center, *o_factor, *o_spread, *o_sq;
+    long long heads;
+    View body = {0}, center = {0}, factor = {0}, spread = {0}, sq = {0};
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "OOOLOO", &o_body, &o_center, &o_factor, &heads, &o_spread, &o_sq)) return NULL;
+    if (view_get(o_body, &body, 0, 4, "body") || view_get(o_center, &center, 0, 4, "center") ||
+        view_get(o_spread, &spread, 1, 4, "spread") || view_get(o_sq, &sq, 1, 4, "squares"))
+        goto done;
+    const int weighted = o_factor != Py_None;
+    if (weighted && view_get(o_factor, &factor, 0, 4, "factor")) goto done;
+    const Py_ssize_t channels = ITEMS(center, float);
+    if (heads < 1 || channels % heads || ITEMS(spread, float) != channels || channels == 0 ||
+        ITEMS(body, float) % channels || ITEMS(sq, float) != ITEMS(body, float) ||
+        (weighted && ITEMS(factor, float) != heads * (ITEMS(body, float) / channels))) {
+        PyErr_SetString(PyExc_ValueError, "deviations: array sizes disagree");
+        goto done;
+    }
+    uint32_t most_bits = 0;
+    Py_BEGIN_ALLOW_THREADS
+    const int64_t tokens = ITEMS(body, float) / channels, dim = channels / heads;
+    const float *x = DATA(body, float), *c = DATA(center, float);
+    float *top = DATA(spread, float), *out = DATA(sq, float);
+    for (Py_ssize_t r = 0; r < channels; r++, x += tokens, out += tokens) {
+        const float *f = weighted ? DATA(factor, float) + (r / dim) * tokens : NULL;
+        const float cr = c[r];
+        /* |dev| compared as bits: for floats without a sign, their order; NaN and infinity above every finite
+         * value, so one integer maximum (which vectorizes) is both the spread and the finiteness test. */
+        uint32_t most = 0;
+        if (weighted) {
+            for (int64_t t = 0; t < tokens; t++) {
+                float dev = x[t] - cr, u = dev / f[t];
+                uint32_t b = bits_of(dev) & 0x7FFFFFFFu;
+                most = b > most ? b : most;
+                out[t] = u * u;
+            }
+        } else {
+            for (int64_t t = 0; t < tokens; t++) {
+                float dev = x[t] - cr;
+                uint32_t b = bits_of(dev) & 0x7FFFFFFFu;
+                most = b > most ? b : most;
+                out[t] = dev * dev;
+            }
+        }
+        memcpy(top + r, &most, 4);
+        most_bits = most > most_bits ? most : most_bits;
+    }
+    Py_END_ALLOW_THREADS
+    const int finite = most_bits < 0x7F800000u;
+    result = PyBool_FromLong(finite);
+done:
+    view_release(&body), view_release(&center), view_release(&factor), view_release(&spread), view_release(&sq);
+    return result;
+}
+
+/* torch.round: to the nearest integer, ties to even. Below 2^23 adding 2^23 leaves no fraction bits, so the
+ * float32 addition rounds (to nearest even, the default mode) and the subtraction is exact; from 2^23 up every
+ * float32 is an integer already. The choice is made on the bits, without a branch, so that the loops around it
+ * vectorize (nearbyintf is a libm call without SSE4.1). */
+static inline float round_even(float y) {
+    const float big = 8388608.0f;
+    float a = fabsf(y), r = (a + big) - big;
+    uint32_t ua = bits_of(a), ur = bits_of(r), small = -(uint32_t)(ua < 0x4B000000u); /* 2^23's bits */
+    ur = (ur & small) | (ua & ~small) | (bits_of(y) & 0x80000000u);
+    memcpy(&r, &ur, 4);
+    return r;
+}
+
+PyDoc_STRVAR(quantize_doc,
+             "quantize(body, center, step, factor, q, std) -> bool\n\n"
+             "codecs/quantize.py's quantize, element for element: q = round_half_even((body - center) / size) with\n"
+             "size = step * factor in float32 (step alone without factor). body: float32 (heads, dim, tokens), C order;\n"
+             "center, step float32 (heads, dim); factor float32 (heads, tokens) or None; q int16 or int32 like body.\n"
+             "Also fills std (float64 per channel) as spread() would from q. Returns False, with q incomplete, if a\n"
+             "value does not fit int16 q (quantize into int32 then); every value must fit int32.");
+
+/* One channel's integers into q, and their exact sum and sum of squares for its class (spread()'s). Each
+ * loop is simple enough to vectorize; the squares take 64 bits unless some |q| reaches 46341 (2^15.5), where
+ * they could overflow and go through 128 bits as spread() does. Returns 0 if int16 output does not fit. */
+static inline int quantize_row(const float *restrict x, int64_t tokens, float cr, float sr, const float *restrict f,
+                               int32_t *restrict q, double *std) {
+    if (f)
+        for (int64_t t = 0; t < tokens; t++) {
+            float size = sr * f[t];
+            q[t] = (int32_t)round_even((x[t] - cr) / size);
+        }
+    else
+        for (int64_t t = 0; t < tokens; t++) q[t] = (int32_t)round_even((x[t] - cr) / sr);
+    int32_t lo = 0, hi = 0;
+    for (int64_t t = 0; t < tokens; t++) {
+        lo = q[t] < lo ? q[t] : lo;
+        hi = q[t] > hi ? q[t] : hi;
+    }
+    int64_t sum = 0;
+    __int128 squares = 0;
+    if (lo > -46341 && hi < 46341) {
+        int64_t sq = 0;
+        for (int64_t t = 0; t < tokens; t++) {
+            sum += q[t];
+            sq += (int64_t)q[t] * q[t];
+        }
+        squares = sq;
+    } else {
+        for (int64_t t = 0; t < tokens; t++) {
+            sum += q[t];
+            squares += (int64_t)q[t] * q[t];
+        }
+    }
+    /* tokens * squares - sum^2 = tokens^2 * variance, exact */
+    __int128 spread2 = squares * tokens - (__int128)sum * sum;
+    *std = sqrt((double)spread2) / (double)tokens;
+    return lo >= INT16_MIN && hi <= INT16_MAX;
+}
+
+static PyObject *quantize(PyObject *self, PyObject *args) {
+    PyObject *o_body, *o_center, *o_step, *o_factor, *o_q, *o_std;
+    long long heads;
+    View body = {0}, center = {0}, step = {0}, factor = {0}, q = {0}, sd = {0};
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "OOOOLOO", &o_body, &o_center, &o_step, &o_factor, &heads, &o_q, &o_std))
+        return NULL;
+    if (view_get(o_body, &body, 0, 4, "body") || view_get(o_center, &center, 0, 4, "center") ||
+        view_get(o_step, &step, 0, 4, "step") || view_get(o_std, &sd, 1, 8, "std"))
+        goto done;
+    if (PyObject_GetBuffer(o_q, &q.buf, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
+    q.held = 1;
+    const int weighted = o_factor != Py_None;
+    if (weighted && view_get(o_factor, &factor, 0, 4, "factor")) goto done;
+    const Py_ssize_t channels = ITEMS(center, float), item = q.buf.itemsize;
+    if (heads < 1 || channels == 0 || channels % heads || ITEMS(step, float) != channels ||
+        ITEMS(sd, double) != channels || ITEMS(body, float) % channels || (item != 2 && item != 4) ||
+        q.buf.len / item != ITEMS(body, float) ||
+        (weighted && ITEMS(factor, float) != heads * (ITEMS(body, float) / channels))) {
+        PyErr_SetString(PyExc_ValueError, "quantize: array sizes disagree");
+        goto done;
+    }
+    const int64_t tokens = ITEMS(body, float) / channels, dim = channels / heads;
+    int32_t *row = item == 2 ? PyMem_RawMalloc(tokens * sizeof(int32_t)) : NULL;
+    if (item == 2 && !row) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int fits = 1;
+    Py_BEGIN_ALLOW_THREADS
+    const float *x = DATA(body, float), *c = DATA(center, float), *s = DATA(step, float);
+    double *std = DATA(sd, double);
+    for (Py_ssize_t r = 0; r < channels && fits; r++, x += tokens) {
+        const float *f = weighted ? DATA(factor, float) + (r / dim) * tokens : NULL;
+        int32_t *q32 = item == 4 ? (int32_t *)q.buf.buf + r * tokens : row;
+        fits = quantize_row(x, tokens, c[r], s[r], f, q32, std + r) || item == 4;
+        if (item == 2 && fits) {
+            int16_t *q16 = (int16_t *)q.buf.buf + r * tokens;
+            for (int64_t t = 0; t < tokens; t++) q16[t] = (int16_t)row[t];
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(row);
+    result = PyBool_FromLong(fits);
+done:
+    view_release(&body), view_release(&center), view_release(&step), view_release(&factor), view_release(&q),
+        view_release(&sd);
+    return result;
+}
+
+/* ------------------------------------------------------------------------------------------ encoder: segments */
+
+PyDoc_STRVAR(count_tuples_doc,
+             "count_tuples(rows, tokens, half, m, counts)\n\n"
+             "Adds to counts (int64, (2K + 1)^m + 1) how often each joint symbol of to_tuples(rows, ...) occurs.");
+
+static PyObject *count_tuples(PyObject *self, PyObject *args) {
+    PyObject *o_rows, *o_counts;
+    long long tokens, half, m;
+    View rows = {0}, cv = {0};
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "OLLLO", &o_rows, &tokens, &half, &m, &o_counts)) return NULL;
+    if (PyObject_GetBuffer(o_rows, &rows.buf, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) goto done;
+    rows.held = 1;
+    if (view_get(o_counts, &cv, 1, 8, "counts")) goto done;
+    Py_ssize_t item = rows.buf.itemsize;
+    if ((item != 2 && item != 4) || tokens < 1 || half < 1 || half > 255 || (m != 1 && m != 2 && m != 4) ||
+        rows.buf.len % (item * tokens)) {
+        PyErr_SetString(PyExc_ValueError, "count_tuples: rows must be int16 or int32 (n, tokens); 1 <= K <= 255, m 1, 2 or 4");
+        goto done;
+    }
+    uint32_t esc = 1;
+    for (int64_t j = 0; j < m; j++) esc *= 2 * (uint32_t)half + 1;
+    if (ITEMS(cv, int64_t) != (Py_ssize_t)esc + 1) {
+        PyErr_SetString(PyExc_ValueError, "count_tuples: counts must have one entry per symbol of the alphabet");
+        goto done;
+    }
+    const int64_t n = rows.buf.len / item / tokens, per_row = (tokens + m - 1) / m;
+    uint32_t *buf = PyMem_RawMalloc(per_row * sizeof(uint32_t));
+    if (!buf) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    int64_t *counts = DATA(cv, int64_t);
+    for (int64_t r = 0; r < n; r++) {
+        row_symbols((const char *)rows.buf.buf + r * tokens * item, item == 4, tokens, (int)m, (int32_t)half, buf,
+                    NULL, NULL);
+        for (int64_t i = 0; i < per_row; i++) counts[buf[i]]++;
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(buf);
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    view_release(&rows), view_release(&cv);
+    return result;
+}
+
+PyDoc_STRVAR(encode_rows_doc,
+             "encode_rows(fc, base, size, rows, spec, channels, states, words, escapes) -> (words used, escapes used)\n\n"
+             "One segment's stream straight from its integers: to_tuples of each group's channels (spec and channels\n"
+             "as for expand: per group (table, channels, K, m), int64; the groups' rows of `rows`, int64), the\n"
+             "symbols coded as encode() codes one stream, its lane count the length of states. rows: int16 or int32\n"
+             "(channels, tokens), rows at any stride, tokens contiguous. words (uint16) has one entry per symbol;\n"
+             "the stream's words are its last `words used`. escapes (int32) takes the escaped tuples' values.");
+
+static PyObject *encode_rows(PyObject *self, PyObject *args) {
+    PyObject *o[9];
+    View v[9] = {{0}};
+    Py_buffer rows = {0};
+    int rows_held = 0;
+    Tables t;
+    Layout l;
+    uint32_t *sym = NULL;
+    const uint32_t **entry = NULL;
+    int64_t *count = NULL;
+    PyObject *result = NULL;
+    enum { FC, BASE, SIZE, ROWS, SPEC, CHANNELS, STATES, WORDS, ESCAPES };
+    static const Py_ssize_t item[9] = {8, 4, 4, 0, 8, 8, 4, 2, 4};
+    static const int writable[9] = {0, 0, 0, 0, 0, 0, 1, 1, 1};
+    static const char *names[9] = {"fc", "base", "size", "", "spec", "channels", "states", "words", "escapes"};
+    if (!PyArg_ParseTuple(args, "OOOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8]))
+        return NULL;
+    for (int i = 0; i < 9; i++)
+        if (i != ROWS && view_get(o[i], &v[i], writable[i], item[i], names[i])) goto done;
+    if (PyObject_GetBuffer(o[ROWS], &rows, PyBUF_STRIDED_RO | PyBUF_FORMAT) < 0) goto done;
+    rows_held = 1;
+    const Py_ssize_t ri = rows.itemsize;
+    /* The stride of an axis of one entry is whatever the exporter chose: never used, never checked. */
+    if (rows.ndim != 2 || (ri != 2 && ri != 4) || (rows.shape[1] > 1 && rows.strides[1] != ri) ||
+        (rows.shape[0] > 1 && rows.strides[0] % ri)) {
+        PyErr_SetString(PyExc_ValueError, "encode_rows: rows must be int16 or int32 (channels, tokens), tokens contiguous");
+        goto done;
+    }
+    const int64_t tokens = rows.shape[1], row_stride = rows.shape[0] > 1 ? rows.strides[0] / ri : 0;
+    const Py_ssize_t n = ITEMS(v[WORDS], uint16_t), lanes = ITEMS(v[STATES], uint32_t);
+    if (tables_get(&v[FC], &v[BASE], &v[SIZE], &t) ||
+        layout_get(&v[SPEC], &v[CHANNELS], tokens, n, rows.shape[0], &l))
+        goto done;
+    int64_t escape_room = 0;
+    for (Py_ssize_t g = 0; g < l.groups; g++) {
+        const int64_t *e = l.spec + 4 * g;
+        if (e[0] < 0 || e[0] >= t.count || t.size[e[0]] != escape_symbol(e) + 1) {
+            PyErr_Format(PyExc_ValueError, "encode_rows: group %zd's table is not its class's alphabet", g);
+            goto done;
+        }
+        escape_room += e[1] * ((tokens + e[3] - 1) / e[3]) * e[3];
+    }
+    if (lanes > n || (n > 0 && lanes == 0) || ITEMS(v[ESCAPES], int32_t) < escape_room) {
+        PyErr_SetString(PyExc_ValueError, "encode_rows: lanes or escape room do not fit the symbols");
+        goto done;
+    }
+    sym = PyMem_RawMalloc((n ? n : 1) * sizeof(uint32_t));
+    entry = PyMem_RawMalloc((l.groups ? l.groups : 1) * sizeof(*entry));
+    count = PyMem_RawMalloc((l.groups ? l.groups : 1) * sizeof(*count));
+    if (!sym || !entry || !count) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int64_t used = 0, n_words = 0;
+    Py_BEGIN_ALLOW_THREADS
+    /* The symbols, group after group, channel after channel. */
+    uint32_t *s = sym;
+    int32_t *escapes = DATA(v[ESCAPES], int32_t);
+    const int64_t *channel = l.rows;
+    for (Py_ssize_t g = 0; g < l.groups; g++) {
+        const int64_t *e = l.spec + 4 * g, per_row = (tokens + e[3] - 1) / e[3];
+        entry[g] = t.fc + 2 * (size_t)t.base[e[0]];
+        count[g] = e[1] * per_row;
+        for (int64_t k = 0; k < e[1]; k++, channel++, s += per_row)
+            row_symbols((const char *)rows.buf + (size_t)(*channel * row_stride) * ri, ri == 4, tokens, (int)e[3],
+                        (int32_t)e[2], s, escapes, &used);
+    }
+    /* Coded from the last symbol to the first (ANS is a stack): symbol i on lane i mod lanes, as encode_stream. */
+    uint32_t *x = DATA(v[STATES], uint32_t);
+    uint16_t *top = DATA(v[WORDS], uint16_t) + n, *w = top;
+    for (Py_ssize_t j = 0; j < lanes; j++) x[j] = STATE_LOW;
+    Py_ssize_t g = l.groups - 1, j = n ? (n - 1) % lanes : 0;
+    int64_t start = n;
+    const uint32_t *fc = NULL;
+    for (int64_t i = n - 1; i >= 0; i--) {
+        while (i < start) start -= count[g], fc = entry[g--];
+        const uint32_t *en = fc + 2 * sym[i];
+        uint32_t u = x[j], f = en[0];
+        if (u >= f << WORD_BITS) {
+            *--w = (uint16_t)(u & WORD_MASK);
+            u >>= WORD_BITS;
+        }
+        x[j] = ((u / f) << WORD_BITS) + u % f + en[1];
+        j = j ? j - 1 : lanes - 1;
+    }
+    n_words = top - w;
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("LL", (long long)n_words, (long long)used);
+done:
+    PyMem_RawFree(sym), PyMem_RawFree(entry), PyMem_RawFree(count);
+    if (rows_held) PyBuffer_Release(&rows);
+    for (int i = 0; i < 9; i++) view_release(&v[i]);
+    return result;
+}
+
 /* ------------------------------------------------------------------------------------------ module */
 
 PyDoc_STRVAR(check_doc, "check_constants(precision_bits, state_low, word_bits): raise unless they are this build's.");
@@ -943,6 +1389,11 @@ static PyMethodDef methods[] = {
     {"reconstruct", reconstruct, METH_VARARGS, reconstruct_doc},
     {"to_tuples", to_tuples, METH_VARARGS, to_tuples_doc},
     {"spread", spread, METH_VARARGS, spread_doc},
+    {"unrotate", unrotate, METH_VARARGS, unrotate_doc},
+    {"deviations", deviations, METH_VARARGS, deviations_doc},
+    {"quantize", quantize, METH_VARARGS, quantize_doc},
+    {"count_tuples", count_tuples, METH_VARARGS, count_tuples_doc},
+    {"encode_rows", encode_rows, METH_VARARGS, encode_rows_doc},
     {"check_constants", check_constants, METH_VARARGS, check_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -201,17 +201,29 @@ class Symbols:
         return rows
 
 
+def count_symbols(cls: int, rows: np.ndarray) -> np.ndarray:
+    """How often each joint symbol of class `cls` (to_tuples') occurs in rows (n, tokens), counted in C without
+    the symbols themselves or the GIL: int64, one count per symbol of the alphabet."""
+    counts = np.zeros(alphabet(cls), dtype=np.int64)
+    if rows.size:
+        rows = np.ascontiguousarray(rows if rows.dtype in (np.int16, np.int32) else rows.astype(np.int32))
+        _ans.count_tuples(rows, rows.shape[1], *class_layout(cls), counts)
+    return counts
+
+
+def tables_of(counts: dict[int, np.ndarray]) -> ClassTables:
+    """One table per class from its symbol counts (count_symbols)."""
+    return ClassTables(tuple(sorted(counts)), rans.Tables([rans.normalize_counts(counts[c]) for c in sorted(counts)]))
+
+
 def fit_tables(samples: dict[int, list[np.ndarray]]) -> ClassTables:
     """One table per class from sample rows (n, tokens) of that class's channels."""
-    freqs = []
-    for cls, rows_list in sorted(samples.items()):
-        half, m = class_layout(cls)
-        counts = np.zeros(alphabet(cls), dtype=np.int64)
+    counts = {}
+    for cls, rows_list in samples.items():
+        counts[cls] = np.zeros(alphabet(cls), dtype=np.int64)
         for rows in rows_list:
-            symbols, _ = to_tuples(rows, half, m)
-            counts += np.bincount(symbols, minlength=counts.size)
-        freqs.append(rans.normalize_counts(counts))
-    return ClassTables(tuple(sorted(samples)), rans.Tables(freqs))
+            counts[cls] += count_symbols(cls, rows)
+    return tables_of(counts)
 
 
 def pack_tables(tables: ClassTables) -> bytes:
@@ -260,29 +272,23 @@ class Coded:
     end: int  # offset of the sink bytes
 
 
-def encode_segments(tables: ClassTables, segments: list[tuple[list[Group], np.ndarray, Limits]]) -> list[bytes]:
-    """Per segment (groups, rows (heads*dim, tokens) int32, limits): its bytes up to the sinks, one batch."""
-    jobs, escapes = [], []
-    for groups, rows, _ in segments:
-        symbols, table_ids, esc = [], [], []
-        for g in groups:
-            half, m = class_layout(g.cls)
-            s, e = to_tuples(rows[g.rows], half, m)
-            symbols.append(s)
-            table_ids.append(np.full(len(s), tables.index(g.cls), dtype=np.uint32))
-            esc.append(e)
-        jobs.append((np.concatenate(symbols) if symbols else np.zeros(0, np.int32),
-                     np.concatenate(table_ids) if table_ids else np.zeros(0, np.uint32)))
-        escapes.append(np.concatenate(esc).astype("<i4") if esc else np.zeros(0, "<i4"))
-    streams = rans.encode_streams(tables.coder, jobs)
+def encode_segments(tables: ClassTables, segments: list[tuple[Layout, np.ndarray, Limits]]) -> list[bytes]:
+    """Per segment (layout, rows (heads*dim, tokens) int16 or int32, limits): its bytes up to the sinks. Each
+    segment is one C call (_ans.encode_rows: joint symbols and rANS coding) without the GIL."""
     out = []
-    for (_, _, lim), (symbols, _), stream, esc in zip(segments, jobs, streams, escapes):
-        frame = zstandard.ZstdCompressor(level=3).compress(esc.tobytes()) if esc.size else b""
-        assert len(symbols) == lim.symbols and len(stream.states) == lim.lanes
-        assert len(stream.words) <= lim.max_words and esc.size <= lim.max_escape_values
+    for lay, rows, lim in segments:
+        states = np.empty(lim.lanes, np.uint32)
+        words = np.empty(lim.symbols, np.uint16)
+        escapes = np.empty(lim.max_escape_values, np.int32)
+        n_words = used = 0
+        if lim.symbols:
+            rows = rows if rows.dtype in (np.int16, np.int32) else rows.astype(np.int32)
+            n_words, used = _ans.encode_rows(*tables.coder.coder_arrays, rows, lay.spec, lay.rows, states, words,
+                                             escapes)
+        frame = zstandard.ZstdCompressor(level=3).compress(escapes[:used].astype("<i4").tobytes()) if used else b""
         assert len(frame) <= lim.max_escape_bytes
-        out.append(HEAD.pack(len(stream.states), len(stream.words), len(frame)) + stream.states.astype("<u4").tobytes()
-                   + stream.words.astype("<u2").tobytes() + frame)
+        out.append(HEAD.pack(lim.lanes, n_words, len(frame)) + states.astype("<u4").tobytes()
+                   + words[lim.symbols - n_words :].astype("<u2").tobytes() + frame)
     return out
 
 

@@ -144,7 +144,18 @@ class KvqCodec(Codec):
         return torch.from_numpy(np.asarray(freq, dtype=np.float32)) if freq is not None else None
 
     def _pre(self, x: torch.Tensor, layer: int, kind: int, token_start: int) -> torch.Tensor:
-        """(heads, tokens, dim) -> float32 (heads, dim, tokens) in the quantization space (pre-RoPE for keys)."""
+        """(heads, tokens, dim) -> float32 (heads, dim, tokens) in the quantization space (pre-RoPE for keys):
+        _pre_ref's values, for a float32 CPU tensor in one C pass (_ans.unrotate) instead of torch's six."""
+        if x.device.type != "cpu" or x.dtype != torch.float32 or x.requires_grad or x.shape[1] == 0:
+            return self._pre_ref(x, layer, kind, token_start)
+        heads, tokens, dim = x.shape
+        freq = self._freq(layer, kind)
+        cos, sin = rope_tables(freq, token_start, tokens) if freq is not None else (None, None)
+        body = torch.empty((heads, dim, tokens), dtype=torch.float32)
+        _ans.unrotate(x.numpy(), *(t.numpy() if t is not None else None for t in (cos, sin)), body.numpy())
+        return body
+
+    def _pre_ref(self, x: torch.Tensor, layer: int, kind: int, token_start: int) -> torch.Tensor:
         x = x.float().transpose(1, 2).contiguous()
         freq = self._freq(layer, kind)
         if freq is None or x.shape[2] == 0:
@@ -170,26 +181,24 @@ class KvqCodec(Codec):
     def _fit_layer(self, body: torch.Tensor, layer: int, kind: int,
                    token_factor: torch.Tensor | None = None) -> tuple[LayerPlan, torch.Tensor]:
         """The plan of one layer's K or V body (heads, dim, tokens) in the quantization space, and its integers
-        (int32, same shape), which the classes are measured on; token_factor (heads, tokens) scales each token's
-        steps. CodecError for non-finite or too large values."""
+        (same shape; int16 where every one fits, else int32), which the classes are measured on; token_factor
+        (heads, tokens) scales each token's steps. CodecError for non-finite or too large values."""
         heads, dim, tokens = body.shape
         if tokens == 0:
             ones = np.ones((heads, dim), dtype=np.float16)
             empty = torch.zeros((heads, dim, 0), dtype=torch.int32)
             return LayerPlan(np.zeros_like(ones), ones, np.zeros((heads, dim), dtype=np.int8)), empty
         center = body.mean(dim=2).clamp(-MAX_STEP, MAX_STEP).to(torch.float16).float()
-        dev = body - center[..., None]
+        # Per head, of what is quantized: with token weights, the deviations in units of their tokens' factors.
+        spread, squares = deviations(body, center, token_factor)
         # NaN or infinite where the body is, or where finite values are so large that their mean overflowed: a
         # second pass over the body, only on the way to an error, tells which.
-        spread = dev.abs().amax(dim=2)
         if not torch.isfinite(spread).all():
             what = f"layer {layer} {KINDS[kind].upper()}"
             if not torch.isfinite(body).all():
                 raise CodecError(f"{what} holds non-finite values (NaN or Inf), which kvq cannot code; use lossless")
             spread = body.abs().amax(dim=2)
-        # Per head, of what is quantized: with token weights, the deviations in units of their tokens' factors.
-        spread_of = dev if token_factor is None else dev / token_factor[:, None, :]
-        rms = spread_of.pow(2).mean(dim=(1, 2)).sqrt().nan_to_num(MAX_STEP).clamp_min(1e-6)
+        rms = squares.mean(dim=(1, 2)).sqrt().nan_to_num(MAX_STEP).clamp_min(1e-6)
         factor = self.profile.step_factor(layer, kind, heads) if self.profile is not None else np.ones(heads)
         step = (self.scale * torch.from_numpy(factor).float() * rms)[:, None].expand(heads, dim)
         if kind == 0 and self.profile is not None and self.profile.key_weights is not None:
@@ -206,10 +215,8 @@ class KvqCodec(Codec):
                              f"their channel mean are beyond kvq's range ({MAX_STEP * MAX_LEVEL:.3g}); use lossless")
         # float16 rounding may shave 2^-11 off a floored step: |q| stays below 2^31 all the same.
         step = torch.maximum(step.clamp(MIN_STEP, 60000), floor).to(torch.float16).float()
-        q = quantize(body, center, step, token_factor)
-        plan = LayerPlan(center.numpy().astype(np.float16), step.numpy().astype(np.float16),
-                         entropy.classes_of(q.numpy()))
-        return plan, q
+        q, classes = quantize_classes(body, center, step, token_factor)
+        return LayerPlan(center.numpy().astype(np.float16), step.numpy().astype(np.float16), classes), q
 
     def _skip(self, tokens: int, token_start: int) -> int:
         """How many of a segment's tokens are exact sinks."""
@@ -234,43 +241,57 @@ class KvqCodec(Codec):
         """Plans and tables from the whole cache, quantizing every element once: the encoder keeps the integers
         and codes the segments that are slices of these tensors from them. With `attention` (per layer
         (kv_heads, held), kvcli/importance.py) and a token alpha above 0, token weights too."""
+        jobs = [(layer, kind) for layer in range(len(token_starts)) for kind in range(2)]
+
+        def fit_one(job: tuple[int, int]):
+            layer, kind = job
+            return self._fit_one((keys, values)[kind][layer], layer, kind, token_starts[layer],
+                                 attention[layer] if attention is not None and self.token_alpha > 0 else None)
+
         plans: dict[tuple[int, int], LayerPlan] = {}
         tokens: dict[tuple[int, int], TokenWeights] = {}
-        samples: dict[int, list[np.ndarray]] = {}
+        counts: dict[int, np.ndarray] = {}
         fitted: dict[tuple[int, int], Fitted] = {}
-        for layer, start in enumerate(token_starts):
-            for kind, x in enumerate((keys[layer], values[layer])):
-                skip = min(x.shape[1], max(0, self.sinks - start))
-                if skip and not torch.isfinite(x[:, :skip]).all():
-                    raise CodecError(f"layer {layer} {KINDS[kind].upper()} holds non-finite values (NaN or Inf) in "
-                                     "its sink tokens, which kvq cannot code; use lossless")
-                body = self._pre(x[:, skip:], layer, kind, start + skip)
-                factor = None
-                if attention is not None and self.token_alpha > 0:
-                    if attention[layer].shape != x.shape[:2]:
-                        raise ValueError(f"layer {layer}: attention {tuple(attention[layer].shape)} for a cache of "
-                                         f"{tuple(x.shape[:2])} (heads, tokens)")
-                    weights = tokens[(layer, kind)] = TokenWeights(start, self.token_exponents(attention[layer], skip))
-                    factor = weights.factors(start + skip, x.shape[1] - skip)
-                try:
-                    plan, q = self._fit_layer(body, layer, kind, factor)
-                except _TooFine:  # values so far out that a token's finer steps would leave int32: no weights
-                    del tokens[(layer, kind)]
-                    plan, q = self._fit_layer(body, layer, kind)
-                plans[(layer, kind)] = plan
-                fitted[(layer, kind)] = Fitted(x, start, _narrow(q))
-                for cls in np.unique(plan.classes):  # every class a plan names gets a table, used or not
-                    samples.setdefault(int(cls), [])
-                if body.shape[2] == 0:
-                    continue
-                # Tables are a model, not a census: a contiguous window of tokens keeps neighbour statistics.
-                mid = max(0, (body.shape[2] - TABLE_SAMPLE_TOKENS) // 2)
-                window = q[:, :, mid : mid + TABLE_SAMPLE_TOKENS].numpy()  # (H, D, T)
-                for cls in np.unique(plan.classes):
-                    samples[int(cls)].append(window[plan.classes == cls])
+        # Two threads: the passes over the elements (C) and torch's reductions run without the GIL. Results and
+        # errors come in job order, as from a loop.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for job, (plan, q, weights, layer_counts) in zip(jobs, pool.map(fit_one, jobs)):
+                plans[job], fitted[job] = plan, Fitted((keys, values)[job[1]][job[0]], token_starts[job[0]], q)
+                if weights is not None:
+                    tokens[job] = weights
+                for cls, n in layer_counts.items():
+                    counts[cls] = counts[cls] + n if cls in counts else n
         inv_freq = [None if self._freq(layer, 0) is None else self._freq(layer, 0).numpy()
                     for layer in range(len(token_starts))]
-        return KvqEncoder(self, plans, entropy.fit_tables(samples), inv_freq, tokens, fitted)
+        return KvqEncoder(self, plans, entropy.tables_of(counts), inv_freq, tokens, fitted)
+
+    def _fit_one(self, x: torch.Tensor, layer: int, kind: int, start: int, attention: torch.Tensor | None):
+        """fit's work for one layer and kind: (plan, integers, token weights or None, symbol counts of a table
+        sample per class of the plan)."""
+        skip = min(x.shape[1], max(0, self.sinks - start))
+        if skip and not torch.isfinite(x[:, :skip]).all():
+            raise CodecError(f"layer {layer} {KINDS[kind].upper()} holds non-finite values (NaN or Inf) in "
+                             "its sink tokens, which kvq cannot code; use lossless")
+        body = self._pre(x[:, skip:], layer, kind, start + skip)
+        weights = factor = None
+        if attention is not None:
+            if attention.shape != x.shape[:2]:
+                raise ValueError(f"layer {layer}: attention {tuple(attention.shape)} for a cache of "
+                                 f"{tuple(x.shape[:2])} (heads, tokens)")
+            weights = TokenWeights(start, self.token_exponents(attention, skip))
+            factor = weights.factors(start + skip, x.shape[1] - skip)
+        try:
+            plan, q = self._fit_layer(body, layer, kind, factor)
+        except _TooFine:  # values so far out that a token's finer steps would leave int32: no weights
+            weights = None
+            plan, q = self._fit_layer(body, layer, kind)
+        # Every class a plan names gets a table, used or not. Tables are a model, not a census: a contiguous
+        # window of tokens keeps neighbour statistics.
+        mid = max(0, (body.shape[2] - TABLE_SAMPLE_TOKENS) // 2)
+        window = q[:, :, mid : mid + TABLE_SAMPLE_TOKENS].numpy()  # (H, D, T)
+        counts = {int(cls): entropy.count_symbols(int(cls), window[plan.classes == cls])
+                  for cls in np.unique(plan.classes)}
+        return plan, q, weights, counts
 
     def open(self, aux: dict[str, bytes]) -> "KvqDecoder":
         version = self.version
@@ -372,6 +393,54 @@ class Fitted:
         return self.q[:, :, first : first + x.shape[1] - skip] if first >= 0 else None
 
 
+def deviations(body: torch.Tensor, center: torch.Tensor,
+               token_factor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """deviations_ref's tensors, in one C pass (_ans.deviations) for a float32 CPU body; torch's where any
+    deviation is not finite, so that _fit_layer's error path sees what it always saw."""
+    if body.device.type != "cpu" or body.requires_grad:
+        return deviations_ref(body, center, token_factor)
+    body, center = body.float().contiguous(), center.float().contiguous()
+    factor = token_factor.float().contiguous().numpy() if token_factor is not None else None
+    spread, squares = torch.empty(center.shape), torch.empty(body.shape)
+    if not _ans.deviations(body.numpy(), center.numpy(), factor, body.shape[0], spread.numpy(), squares.numpy()):
+        return deviations_ref(body, center, token_factor)
+    return spread, squares
+
+
+def deviations_ref(body: torch.Tensor, center: torch.Tensor,
+                   token_factor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel the largest |body - center|; per element ((body - center) / token_factor)^2, whose mean per
+    head is the rms that sets the head's step."""
+    dev = body - center[..., None]
+    spread_of = dev if token_factor is None else dev / token_factor[:, None, :]
+    return dev.abs().amax(dim=2), spread_of.pow(2)
+
+
+def quantize_classes(body: torch.Tensor, center: torch.Tensor, step: torch.Tensor,
+                     token_factor: torch.Tensor | None) -> tuple[torch.Tensor, np.ndarray]:
+    """quantize_classes_ref's integers and classes in one C pass (_ans.quantize) over a CPU body: the integers
+    are written straight as int16 when they fit (as nearly always), the classes' sums taken on the way. The
+    rounding rule is codecs/quantize.py's quantize; the C pass repeats it, and tests/test_fast_encode.py holds
+    the two to the same integers."""
+    if body.device.type != "cpu" or body.shape[2] < 2:
+        return quantize_classes_ref(body, center, step, token_factor)
+    body, center, step = (t.float().contiguous() for t in (body, center, step))
+    factor = token_factor.float().contiguous().numpy() if token_factor is not None else None
+    std = np.empty(center.shape, np.float64)
+    for dtype in (torch.int16, torch.int32):
+        q = torch.empty(body.shape, dtype=dtype)
+        if _ans.quantize(body.numpy(), center.numpy(), step.numpy(), factor, body.shape[0], q.numpy(), std):
+            return q, entropy.class_of(std)
+    raise AssertionError("kvq integers always fit int32")
+
+
+def quantize_classes_ref(body: torch.Tensor, center: torch.Tensor, step: torch.Tensor,
+                         token_factor: torch.Tensor | None) -> tuple[torch.Tensor, np.ndarray]:
+    """quantize's integers (int16 where every one fits, else int32) and the class of each channel."""
+    q = quantize(body, center, step, token_factor).cpu()
+    return _narrow(q), entropy.classes_of(q.numpy())
+
+
 def _narrow(q: torch.Tensor) -> torch.Tensor:
     """int16 when every integer of the layer fits, as nearly always: half the memory the encoder holds."""
     if q.numel():
@@ -390,6 +459,7 @@ class KvqEncoder(_Planned, Encoder):
                  fitted: dict[tuple[int, int], Fitted] | None = None):
         super().__init__(codec, plans, tables, inv_freq, tokens)
         self.fitted = fitted or {}
+        self._layouts: dict = {}  # entropy.Layout by (layer, kind, non-sink tokens); threads compute the same
 
     def aux(self) -> dict[str, bytes]:
         zc = zstandard.ZstdCompressor(level=AUX_LEVEL)
@@ -427,7 +497,7 @@ class KvqEncoder(_Planned, Encoder):
         return out
 
     def _prepare(self, x: torch.Tensor, ctx: SegmentContext):
-        """(groups, rows (heads*dim, tokens) int16 or int32, limits, sink bytes) of one segment."""
+        """(entropy layout, rows (heads*dim, tokens) int16 or int32, limits, sink bytes) of one segment."""
         plan, skip, lim = self._segment(ctx)
         kind = KINDS.index(ctx.kind)
         center, step = self._tensors[(ctx.layer, kind)]
@@ -442,9 +512,12 @@ class KvqEncoder(_Planned, Encoder):
                                   factor).cpu()
         elif q is None:
             q = quantize(self.codec._pre(x[:, skip:], ctx.layer, kind, ctx.token_start + skip), center, step, factor)
-        rows = q.numpy().reshape(ctx.heads * ctx.dim, ctx.tokens - skip)
+        rows = q.numpy().reshape(ctx.heads * ctx.dim, ctx.tokens - skip)  # a view: no copy of fit's integers
         sinks = tensor_bytes(x[:, :skip].cpu()).tobytes() if skip else b""
-        return self._groups[(ctx.layer, kind)], rows, lim, sinks
+        key = (ctx.layer, kind, ctx.tokens - skip)
+        if key not in self._layouts:
+            self._layouts[key] = entropy.Layout.of(self._groups[(ctx.layer, kind)], ctx.tokens - skip, self.tables)
+        return self._layouts[key], rows, lim, sinks
 
 
 class KvqDecoder(_Planned, Decoder):

@@ -1,0 +1,170 @@
+"""kvq's fast encoder writes exactly the bytes of the reference path it replaced.
+
+The fast path: KvqCodec._pre, kvq.deviations and kvq.quantize_classes in C passes (codecs/_ans.c), layers fitted
+on two threads, table counts by _ans.count_tuples and each segment coded by one _ans.encode_rows call. The
+reference path: _pre_ref, deviations_ref and quantize_classes_ref in torch (codecs/quantize.py's quantize is the
+rounding rule), and the per-group to_tuples + rans.encode_streams coder below. Whole files are compared for
+caches that reach every branch (sliding windows, token weights, a profile, int32 integers, odd shapes, half
+dtypes, values on rounding ties), and each C pass against its reference on crafted values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+
+from kvcli import format, kvfile
+from kvcli.codecs import KvqCodec, entropy, kvq, rans
+from kvcli.codecs.kvq import Profile
+from kvcli.kvcache import KVCache
+
+IDENT = {"architecture": "X", "config_digest": "a" * 64, "weights_digest": "b" * 64, "tokenizer_digest": "c" * 64}
+
+
+def count_symbols_ref(cls: int, rows: np.ndarray) -> np.ndarray:
+    symbols, _ = entropy.to_tuples(rows, *entropy.class_layout(cls)) if rows.size else (np.zeros(0, np.int64), None)
+    return np.bincount(symbols, minlength=entropy.alphabet(cls)).astype(np.int64)
+
+
+def encode_segments_ref(tables: entropy.ClassTables, segments) -> list[bytes]:
+    """The coder before encode_rows: each group's joint symbols and a table index per symbol, then one batch."""
+    jobs, escapes = [], []
+    for lay, rows, _ in segments:
+        symbols, ids, esc, first = [], [], [], 0
+        for table, channels, half, m in lay.spec.tolist():
+            s, e = entropy.to_tuples(np.asarray(rows)[lay.rows[first : first + channels]], half, m)
+            first += channels
+            symbols.append(s)
+            ids.append(np.full(len(s), table, np.uint16))
+            esc.append(e)
+        jobs.append((np.concatenate(symbols + [np.zeros(0, np.int32)]), np.concatenate(ids + [np.zeros(0, np.uint16)])))
+        escapes.append(np.concatenate(esc + [np.zeros(0, np.int32)]).astype("<i4"))
+    out = []
+    for stream, esc in zip(rans.encode_streams(tables.coder, jobs), escapes):
+        frame = zstandard.ZstdCompressor(level=3).compress(esc.tobytes()) if esc.size else b""
+        out.append(entropy.HEAD.pack(len(stream.states), len(stream.words), len(frame))
+                   + stream.states.astype("<u4").tobytes() + stream.words.astype("<u2").tobytes() + frame)
+    return out
+
+
+@pytest.fixture
+def reference(monkeypatch):
+    """Call it to switch the encoder to the reference path for the rest of the test."""
+
+    def switch():
+        monkeypatch.setattr(KvqCodec, "_pre", KvqCodec._pre_ref)
+        monkeypatch.setattr(kvq, "deviations", kvq.deviations_ref)
+        monkeypatch.setattr(kvq, "quantize_classes", kvq.quantize_classes_ref)
+        monkeypatch.setattr(entropy, "count_symbols", count_symbols_ref)
+        monkeypatch.setattr(entropy, "encode_segments", encode_segments_ref)
+
+    return switch
+
+
+def file_bytes(kv: KVCache, codec: KvqCodec, chunk: int) -> bytes:
+    meta, parts = kvfile.encode(kv, IDENT, codec, chunk)
+    return format.build_header(meta, parts) + b"".join(p.data for p in parts)
+
+
+def inv_freq(dim: int, layers: int) -> list[np.ndarray]:
+    return [(1.0 / 10000 ** (np.arange(0, dim, 2) / dim)).astype(np.float32)] * layers
+
+
+def cache(tokens: int, heads: int, dim: int, held: list[int], seed: int, dtype=torch.float32,
+          attention: bool = False) -> KVCache:
+    """Layer i keeps the last held[i] tokens (a sliding window where fewer than `tokens`); keys of unequal
+    channel scales, as real keys have, so that classes differ."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.exp2(torch.randn(heads, 1, dim, generator=g) * 2)
+    keys = [(torch.randn(heads, n, dim, generator=g) * scale + 1).to(dtype) for n in held]
+    values = [torch.randn(heads, n, dim, generator=g).to(dtype) for n in held]
+    weights = [torch.exp2(torch.randn(heads, n, generator=g) * 6) for n in held] if attention else None
+    return KVCache(list(range(tokens)), keys, values, weights)
+
+
+CASES = {
+    "plain": dict(tokens=37, heads=2, dim=8, held=[37, 37, 37]),
+    "sliding window and token weights": dict(tokens=45, heads=2, dim=8, held=[45, 20, 45, 7], attention=True),
+    "one head, odd tuples, one token": dict(tokens=6, heads=1, dim=6, held=[6, 1, 5, 2]),
+    "model-sized heads, token weights": dict(tokens=300, heads=3, dim=64, held=[300, 300], attention=True),
+    "float16": dict(tokens=29, heads=2, dim=8, held=[29, 29], dtype=torch.float16, attention=True),
+    "bfloat16": dict(tokens=29, heads=2, dim=8, held=[29, 29], dtype=torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("sinks", [0, 1, 4])
+def test_files_are_the_reference_bytes(case, sinks, reference):
+    spec = CASES[case]
+    kv = cache(seed=len(case) + sinks, **spec)
+    layers, heads, dim = len(spec["held"]), spec["heads"], spec["dim"]
+    g = np.random.default_rng(sinks)
+    profile = Profile("p", g.uniform(0.01, 1, (layers, 2, heads)), [g.uniform(0.1, 10, (heads, dim))] * layers)
+    codecs = [KvqCodec(0.5, sinks, None, inv_freq(dim, layers)), KvqCodec(2.0, sinks, profile, inv_freq(dim, layers)),
+              KvqCodec(0.05, sinks, None, None, token_alpha=1.0)]
+    fast = [file_bytes(kv, c, 16) for c in codecs]
+    reference()
+    assert fast == [file_bytes(kv, c, 16) for c in codecs]
+
+
+def test_integers_beyond_int16_are_the_reference_bytes(reference):
+    kv = cache(tokens=40, heads=2, dim=8, held=[40, 40], seed=3, attention=True)
+    # Steps are capped at 60000: about 2^24 steps from the channel's center, far beyond 2^15.5, so int32
+    # integers and 128-bit squares.
+    kv.keys[0][1, 5, 3] = 1e12
+    kv.values[1][0, 9, 2] = -1e12
+    codec = KvqCodec(0.5, 1, None, inv_freq(8, 2))
+    fast = file_bytes(kv, codec, 16)
+    fitted = codec.fit(kv.keys, kv.values, [0, 0], kv.attention).fitted
+    assert [fitted[k].q.dtype for k in ((0, 0), (0, 1), (1, 1))] == [torch.int32, torch.int16, torch.int32]
+    reference()
+    assert fast == file_bytes(kv, codec, 16)
+
+
+def test_quantize_classes_round_ties_to_even_like_quantize():
+    """Values on exact ties (n + 1/2 steps from the center), near 2^23 steps, at 2^15 and signed zeros."""
+    g = torch.Generator().manual_seed(0)
+    heads, dim, tokens = 2, 5, 64
+    center = (torch.randn(heads, dim, generator=g) * 4).half().float()
+    step = torch.exp2(torch.randint(-6, 4, (heads, dim), generator=g).float())
+    n = torch.randint(-40, 40, (heads, dim, tokens), generator=g).float()
+    n[0, 0, :8] = torch.tensor([0.5, -0.5, 1.5, -1.5, 2.5, -2.5, -0.0, 0.0])
+    n[1, 1, :6] = torch.tensor([2.0**23 - 0.5, -(2.0**23) + 1.5, 2.0**23 + 2, 32767.5, -32768.5, 2.0**24])
+    body = center[..., None] + n * step[..., None]
+    factor = torch.exp2(torch.randint(-3, 4, (heads, tokens), generator=g).float() / 8)
+    for f in (None, factor):
+        q, classes = kvq.quantize_classes(body, center, step, f)
+        q_ref, classes_ref = kvq.quantize_classes_ref(body, center, step, f)
+        assert q.dtype == q_ref.dtype == torch.int32 and torch.equal(q, q_ref)
+        assert np.array_equal(classes, classes_ref)
+    small = body[:, :, 10:]
+    small = center[..., None] + (small - center[..., None]).clamp(-30, 30)
+    q, classes = kvq.quantize_classes(small, center, step, None)
+    q_ref, classes_ref = kvq.quantize_classes_ref(small, center, step, None)
+    assert q.dtype == q_ref.dtype == torch.int16 and torch.equal(q, q_ref) and np.array_equal(classes, classes_ref)
+
+
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), 3e38])
+def test_deviations_match_the_reference(bad):
+    g = torch.Generator().manual_seed(1)
+    body = torch.randn(3, 4, 33, generator=g) * 100
+    center = body.mean(dim=2).half().float()
+    factor = torch.exp2(torch.randint(-24, 25, (3, 33), generator=g).float() / 8)
+    if bad is not None:
+        body[1, 2, 7] = bad
+    for f in (None, factor):
+        spread, squares = kvq.deviations(body, center, f)
+        spread_ref, squares_ref = kvq.deviations_ref(body, center, f)
+        assert torch.equal(spread.nan_to_num(-1.0), spread_ref.nan_to_num(-1.0))
+        assert torch.equal(squares.nan_to_num(-1.0), squares_ref.nan_to_num(-1.0))
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_pre_matches_the_reference_on_strided_slices(rope):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 50, 10, generator=g) * 7
+    codec = KvqCodec(1.0, 1, None, inv_freq(10, 1) if rope else None)
+    for view in (x[:, 3:41], x.transpose(0, 1).contiguous().transpose(0, 1)[:, 1:], x[:, 7:8]):
+        assert torch.equal(codec._pre(view, 0, 0, 5), codec._pre_ref(view, 0, 0, 5))
