@@ -60,7 +60,8 @@ typedef struct {
     Py_ssize_t count;
 } Tables;
 
-static int tables_get(View *fc, View *base, View *size, Tables *t) {
+/* Every table inside the frequency array: enough for memory safety where no frequency divides. */
+static int tables_shape(View *fc, View *base, View *size, Tables *t) {
     Py_ssize_t n_fc = ITEMS(*fc, uint32_t) / 2;
     t->count = ITEMS(*base, uint32_t);
     if (ITEMS(*size, uint32_t) != t->count || t->count > 65536) {
@@ -75,6 +76,13 @@ static int tables_get(View *fc, View *base, View *size, Tables *t) {
             PyErr_Format(PyExc_ValueError, "table %zd lies outside the frequency array", k);
             return -1;
         }
+    }
+    return 0;
+}
+
+static int tables_get(View *fc, View *base, View *size, Tables *t) {
+    if (tables_shape(fc, base, size, t)) return -1;
+    for (Py_ssize_t k = 0; k < t->count; k++) {
         for (uint32_t s = 0; s < t->size[k]; s++) {  /* freq in [1, TOTAL), cum + freq <= TOTAL */
             uint32_t f = t->fc[2 * (t->base[k] + s)], c = t->fc[2 * (t->base[k] + s) + 1];
             if (f < 1 || f >= TOTAL || c > TOTAL - f) {
@@ -1265,31 +1273,35 @@ done:
 }
 
 PyDoc_STRVAR(encode_rows_doc,
-             "encode_rows(fc, base, size, rows, spec, channels, states, words, escapes) -> (words used, escapes used)\n\n"
+             "encode_rows(fc, base, size, reciprocals, rows, spec, channels, states, words, escapes)\n"
+             "    -> (words used, escapes used)\n\n"
              "One segment's stream straight from its integers: to_tuples of each group's channels (spec and channels\n"
              "as for expand: per group (table, channels, K, m), int64; the groups' rows of `rows`, int64), the\n"
              "symbols coded as encode() codes one stream, its lane count the length of states. rows: int16 or int32\n"
              "(channels, tokens), rows at any stride, tokens contiguous. words (uint16) has one entry per symbol;\n"
-             "the stream's words are its last `words used`. escapes (int32) takes the escaped tuples' values.");
+             "the stream's words are its last `words used`. escapes (int32) takes the escaped tuples' values.\n"
+             "reciprocals: reciprocals(fc)'s, which replace the coder's divisions.");
 
 static PyObject *encode_rows(PyObject *self, PyObject *args) {
-    PyObject *o[9];
-    View v[9] = {{0}};
+    PyObject *o[10];
+    View v[10] = {{0}};
     Py_buffer rows = {0};
     int rows_held = 0;
     Tables t;
     Layout l;
     uint32_t *sym = NULL;
     const uint32_t **entry = NULL;
+    const uint64_t **inverse = NULL;
     int64_t *count = NULL;
     PyObject *result = NULL;
-    enum { FC, BASE, SIZE, ROWS, SPEC, CHANNELS, STATES, WORDS, ESCAPES };
-    static const Py_ssize_t item[9] = {8, 4, 4, 0, 8, 8, 4, 2, 4};
-    static const int writable[9] = {0, 0, 0, 0, 0, 0, 1, 1, 1};
-    static const char *names[9] = {"fc", "base", "size", "", "spec", "channels", "states", "words", "escapes"};
-    if (!PyArg_ParseTuple(args, "OOOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8]))
+    enum { FC, BASE, SIZE, RCP, ROWS, SPEC, CHANNELS, STATES, WORDS, ESCAPES, N };
+    static const Py_ssize_t item[N] = {8, 4, 4, 8, 0, 8, 8, 4, 2, 4};
+    static const int writable[N] = {0, 0, 0, 0, 0, 0, 0, 1, 1, 1};
+    static const char *names[N] = {"fc", "base", "size", "reciprocals", "", "spec", "channels", "states", "words",
+                                   "escapes"};
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8], &o[9]))
         return NULL;
-    for (int i = 0; i < 9; i++)
+    for (int i = 0; i < N; i++)
         if (i != ROWS && view_get(o[i], &v[i], writable[i], item[i], names[i])) goto done;
     if (PyObject_GetBuffer(o[ROWS], &rows, PyBUF_STRIDED_RO | PyBUF_FORMAT) < 0) goto done;
     rows_held = 1;
@@ -1302,9 +1314,15 @@ static PyObject *encode_rows(PyObject *self, PyObject *args) {
     }
     const int64_t tokens = rows.shape[1], row_stride = rows.shape[0] > 1 ? rows.strides[0] / ri : 0;
     const Py_ssize_t n = ITEMS(v[WORDS], uint16_t), lanes = ITEMS(v[STATES], uint32_t);
-    if (tables_get(&v[FC], &v[BASE], &v[SIZE], &t) ||
+    /* Only the tables' shape is checked, not every frequency (that would cost as much as a small segment): with
+     * reciprocals for divisions, bad frequencies make a bad stream, never a fault. */
+    if (tables_shape(&v[FC], &v[BASE], &v[SIZE], &t) ||
         layout_get(&v[SPEC], &v[CHANNELS], tokens, n, rows.shape[0], &l))
         goto done;
+    if (ITEMS(v[RCP], uint64_t) != ITEMS(v[FC], uint64_t)) {
+        PyErr_SetString(PyExc_ValueError, "encode_rows: one reciprocal per frequency");
+        goto done;
+    }
     int64_t escape_room = 0;
     for (Py_ssize_t g = 0; g < l.groups; g++) {
         const int64_t *e = l.spec + 4 * g;
@@ -1320,8 +1338,9 @@ static PyObject *encode_rows(PyObject *self, PyObject *args) {
     }
     sym = PyMem_RawMalloc((n ? n : 1) * sizeof(uint32_t));
     entry = PyMem_RawMalloc((l.groups ? l.groups : 1) * sizeof(*entry));
+    inverse = PyMem_RawMalloc((l.groups ? l.groups : 1) * sizeof(*inverse));
     count = PyMem_RawMalloc((l.groups ? l.groups : 1) * sizeof(*count));
-    if (!sym || !entry || !count) {
+    if (!sym || !entry || !inverse || !count) {
         PyErr_NoMemory();
         goto done;
     }
@@ -1334,6 +1353,7 @@ static PyObject *encode_rows(PyObject *self, PyObject *args) {
     for (Py_ssize_t g = 0; g < l.groups; g++) {
         const int64_t *e = l.spec + 4 * g, per_row = (tokens + e[3] - 1) / e[3];
         entry[g] = t.fc + 2 * (size_t)t.base[e[0]];
+        inverse[g] = DATA(v[RCP], uint64_t) + t.base[e[0]];
         count[g] = e[1] * per_row;
         for (int64_t k = 0; k < e[1]; k++, channel++, s += per_row)
             row_symbols((const char *)rows.buf + (size_t)(*channel * row_stride) * ri, ri == 4, tokens, (int)e[3],
@@ -1346,24 +1366,56 @@ static PyObject *encode_rows(PyObject *self, PyObject *args) {
     Py_ssize_t g = l.groups - 1, j = n ? (n - 1) % lanes : 0;
     int64_t start = n;
     const uint32_t *fc = NULL;
+    const uint64_t *rcp = NULL;
     for (int64_t i = n - 1; i >= 0; i--) {
-        while (i < start) start -= count[g], fc = entry[g--];
+        while (i < start) start -= count[g], fc = entry[g], rcp = inverse[g--];
         const uint32_t *en = fc + 2 * sym[i];
+        const uint64_t r = rcp[sym[i]];
         uint32_t u = x[j], f = en[0];
         if (u >= f << WORD_BITS) {
             *--w = (uint16_t)(u & WORD_MASK);
             u >>= WORD_BITS;
         }
-        x[j] = ((u / f) << WORD_BITS) + u % f + en[1];
+        const uint32_t q = r ? (uint32_t)(((unsigned __int128)u * r) >> 64) : u; /* u / f */
+        x[j] = (q << WORD_BITS) + (u - q * f) + en[1];
         j = j ? j - 1 : lanes - 1;
     }
     n_words = top - w;
     Py_END_ALLOW_THREADS
     result = Py_BuildValue("LL", (long long)n_words, (long long)used);
 done:
-    PyMem_RawFree(sym), PyMem_RawFree(entry), PyMem_RawFree(count);
+    PyMem_RawFree(sym), PyMem_RawFree(entry), PyMem_RawFree(inverse), PyMem_RawFree(count);
     if (rows_held) PyBuffer_Release(&rows);
-    for (int i = 0; i < 9; i++) view_release(&v[i]);
+    for (int i = 0; i < N; i++) view_release(&v[i]);
+    return result;
+}
+
+PyDoc_STRVAR(reciprocals_doc,
+             "reciprocals(fc, out)\n\n"
+             "out (uint64, one per (freq, cum) pair of fc): ceil(2^64 / freq), 0 for a frequency below 2. For a state\n"
+             "u < 2^32 the high 64 bits of u * ceil(2^64 / f) are u / f exactly: the error u * (ceil - 2^64 / f) / 2^64\n"
+             "is below 2^-32, and the fraction of u / f is at most 1 - 1/f <= 1 - 2^-16.");
+
+static PyObject *reciprocals(PyObject *self, PyObject *args) {
+    PyObject *o_fc, *o_out;
+    View fc = {0}, out = {0};
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "OO", &o_fc, &o_out)) return NULL;
+    if (view_get(o_fc, &fc, 0, 8, "fc") || view_get(o_out, &out, 1, 8, "out")) goto done;
+    if (ITEMS(out, uint64_t) != ITEMS(fc, uint64_t)) {
+        PyErr_SetString(PyExc_ValueError, "reciprocals: one output per frequency");
+        goto done;
+    }
+    const uint32_t *f = DATA(fc, uint32_t);
+    uint64_t *r = DATA(out, uint64_t);
+    for (Py_ssize_t i = 0; i < ITEMS(out, uint64_t); i++) {
+        uint64_t freq = f[2 * i];
+        r[i] = freq < 2 ? 0 : (uint64_t)((((unsigned __int128)1 << 64) + freq - 1) / freq);
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    view_release(&fc), view_release(&out);
     return result;
 }
 
@@ -1394,6 +1446,7 @@ static PyMethodDef methods[] = {
     {"quantize", quantize, METH_VARARGS, quantize_doc},
     {"count_tuples", count_tuples, METH_VARARGS, count_tuples_doc},
     {"encode_rows", encode_rows, METH_VARARGS, encode_rows_doc},
+    {"reciprocals", reciprocals, METH_VARARGS, reciprocals_doc},
     {"check_constants", check_constants, METH_VARARGS, check_doc},
     {NULL, NULL, 0, NULL},
 };

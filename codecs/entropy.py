@@ -157,6 +157,13 @@ class ClassTables:
             raise CodecError(f"no entropy table for class {cls}") from None
 
     @functools.cached_property
+    def reciprocals(self) -> np.ndarray:
+        """Per symbol of every table, in the coder's order, what _ans.encode_rows multiplies by for a division."""
+        out = np.empty(len(self.coder.coder_arrays[0]), np.uint64)
+        _ans.reciprocals(self.coder.coder_arrays[0], out)
+        return out
+
+    @functools.cached_property
     def digits(self) -> tuple[np.ndarray, np.ndarray]:
         """Every class's _digits_table, concatenated (int32), and where each starts (int64): for _ans.expand."""
         tables = [_digits_table(*class_layout(cls)).reshape(-1) for cls in self.classes]
@@ -283,8 +290,8 @@ def encode_segments(tables: ClassTables, segments: list[tuple[Layout, np.ndarray
         n_words = used = 0
         if lim.symbols:
             rows = rows if rows.dtype in (np.int16, np.int32) else rows.astype(np.int32)
-            n_words, used = _ans.encode_rows(*tables.coder.coder_arrays, rows, lay.spec, lay.rows, states, words,
-                                             escapes)
+            n_words, used = _ans.encode_rows(*tables.coder.coder_arrays, tables.reciprocals, rows, lay.spec, lay.rows,
+                                             states, words, escapes)
         frame = zstandard.ZstdCompressor(level=3).compress(escapes[:used].astype("<i4").tobytes()) if used else b""
         assert len(frame) <= lim.max_escape_bytes
         out.append(HEAD.pack(lim.lanes, n_words, len(frame)) + states.astype("<u4").tobytes()

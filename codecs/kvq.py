@@ -460,6 +460,7 @@ class KvqEncoder(_Planned, Encoder):
         super().__init__(codec, plans, tables, inv_freq, tokens)
         self.fitted = fitted or {}
         self._layouts: dict = {}  # entropy.Layout by (layer, kind, non-sink tokens); threads compute the same
+        tables.reciprocals  # computed once here rather than by both coding threads
 
     def aux(self) -> dict[str, bytes]:
         zc = zstandard.ZstdCompressor(level=AUX_LEVEL)

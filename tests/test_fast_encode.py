@@ -168,3 +168,22 @@ def test_pre_matches_the_reference_on_strided_slices(rope):
     codec = KvqCodec(1.0, 1, None, inv_freq(10, 1) if rope else None)
     for view in (x[:, 3:41], x.transpose(0, 1).contiguous().transpose(0, 1)[:, 1:], x[:, 7:8]):
         assert torch.equal(codec._pre(view, 0, 0, 5), codec._pre_ref(view, 0, 0, 5))
+
+
+@pytest.mark.parametrize("rows_dtype", [np.int16, np.int32])
+def test_coder_matches_the_reference_at_extreme_frequencies(rows_dtype):
+    """Symbols of frequency 1 (no reciprocal: the state is its own quotient) next to one of almost 2^16, escapes,
+    several lanes, and rows that are a strided view."""
+    counts = {-12: np.zeros(entropy.alphabet(-12), np.int64), 0: np.ones(entropy.alphabet(0), np.int64)}
+    counts[-12][40] = 10**9  # every other symbol of class -12 gets frequency 1, symbol 40 the rest
+    tables = entropy.tables_of(counts)
+    assert tables.coder.freqs[0].min() == 1 and tables.coder.freqs[0].max() > 65000
+    g = np.random.default_rng(0)
+    q = g.integers(-1, 2, (6, 4, 2001)).astype(rows_dtype)
+    q[g.random(q.shape) < 0.01] = 7  # escapes in both classes
+    rows = q[:, :, 3:2000].reshape(24, 1997)
+    groups = entropy.groups_of(np.array([0, -12, -12, 0] * 6, np.int8).reshape(6, 4))
+    lay = entropy.Layout.of(groups, 1997, tables)
+    segment = (lay, rows, entropy.limits(groups, 1997, 0))
+    assert segment[2].lanes > 1
+    assert entropy.encode_segments(tables, [segment]) == encode_segments_ref(tables, [segment])
