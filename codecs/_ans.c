@@ -826,35 +826,50 @@ done:
  * is the escape symbol (2K + 1)^m, and its m values go to `escapes` (when given) at *used. One row of `tokens`
  * int16 or int32 values (wide) into sym. to_tuples, count_tuples and encode_rows all call row_symbols, so
  * they cannot disagree; each (m, wide) is its own copy of the loop, with m a constant. */
+/* Tuple i of a row into v, zeros past the row's end. */
+static inline __attribute__((always_inline)) void tuple_at(const void *row, const int wide, int64_t tokens,
+                                                           const int m, int64_t i, int32_t v[4]) {
+    for (int j = 0; j < m; j++)
+        v[j] = i * m + j >= tokens ? 0 : wide ? ((const int32_t *)row)[i * m + j] : ((const int16_t *)row)[i * m + j];
+}
+
 static inline __attribute__((always_inline)) void row_symbols_of(const void *row, const int wide, int64_t tokens,
                                                                  const int m, int32_t half, uint32_t *restrict sym,
                                                                  int32_t *restrict escapes, int64_t *used) {
     const uint32_t base = 2 * (uint32_t)half + 1;
-    uint32_t esc = 1;
+    uint32_t esc = 1, any = 0;
     for (int j = 0; j < m; j++) esc *= base;
-    const int64_t per_row = (tokens + m - 1) / m;
-    for (int64_t i = 0; i < per_row; i++) {
-        int32_t v[4] = {0, 0, 0, 0};
-        const int64_t width = tokens - i * m < m ? tokens - i * m : m;
-        if (width == m)
-            for (int j = 0; j < m; j++) v[j] = wide ? ((const int32_t *)row)[i * m + j] : ((const int16_t *)row)[i * m + j];
-        else
-            for (int64_t j = 0; j < width; j++) v[j] = wide ? ((const int32_t *)row)[i * m + j] : ((const int16_t *)row)[i * m + j];
+    const int64_t full = tokens / m, per_row = (tokens + m - 1) / m;
+    /* Whole tuples without a branch, so that the loop vectorizes; escapes are rare, and their values are
+     * collected after. Negative values wrap: one comparison tests both sides of [-K, K]. */
+    for (int64_t i = 0; i < full; i++) {
         uint32_t s = 0, out = 0;
         for (int j = 0; j < m; j++) {
-            uint32_t d = (uint32_t)(v[j] + half); /* negatives wrap: one comparison tests both sides */
+            uint32_t d = (uint32_t)((wide ? ((const int32_t *)row)[i * m + j] : ((const int16_t *)row)[i * m + j]) + half);
             out |= d >= base;
             s = s * base + d;
         }
-        if (out) {
-            s = esc;
-            if (escapes) {
-                memcpy(escapes + *used, v, m * sizeof(int32_t));
+        any |= out;
+        sym[i] = out ? esc : s;
+    }
+    if (full < per_row) {
+        int32_t v[4];
+        uint32_t s = 0, out = 0;
+        tuple_at(row, wide, tokens, m, full, v);
+        for (int j = 0; j < m; j++) {
+            uint32_t d = (uint32_t)(v[j] + half);
+            out |= d >= base;
+            s = s * base + d;
+        }
+        any |= out;
+        sym[full] = out ? esc : s;
+    }
+    if (any && escapes)
+        for (int64_t i = 0; i < per_row; i++)
+            if (sym[i] == esc) {
+                tuple_at(row, wide, tokens, m, i, escapes + *used);
                 *used += m;
             }
-        }
-        sym[i] = s;
-    }
 }
 
 static void row_symbols(const void *row, int wide, int64_t tokens, int m, int32_t half, uint32_t *sym,
@@ -988,6 +1003,44 @@ static int strided_get(PyObject *obj, Strided *s, const char *what) {
     return 0;
 }
 
+#ifdef __SSE2__
+#include <emmintrin.h>
+
+/* Four tokens (rows st apart) of four contiguous channels, as four vectors of the four tokens, one per channel. */
+static inline void channels4(const float *x, int64_t st, __m128 v[4]) {
+    v[0] = _mm_loadu_ps(x), v[1] = _mm_loadu_ps(x + st), v[2] = _mm_loadu_ps(x + 2 * st), v[3] = _mm_loadu_ps(x + 3 * st);
+    _MM_TRANSPOSE4_PS(v[0], v[1], v[2], v[3]);
+}
+
+/* unrotate's tokens [0, blocked) of one head, blocked a multiple of 4, channels contiguous (a multiple of 4 of
+ * them, or of each half with RoPE); the same separate multiplies, adds and subtractions as the scalar loop. */
+static void unrotate_blocks(const float *x, int64_t st, int64_t blocked, int64_t tokens, int64_t dim,
+                            const float *cs, const float *sn, float *out) {
+    const int64_t half = dim / 2;
+    for (int64_t t = 0; t < blocked; t += 4) {
+        const float *xt = x + t * st;
+        if (!cs) {
+            for (int64_t d = 0; d < dim; d += 4) {
+                __m128 v[4];
+                channels4(xt + d, st, v);
+                for (int k = 0; k < 4; k++) _mm_storeu_ps(out + (d + k) * tokens + t, v[k]);
+            }
+            continue;
+        }
+        for (int64_t d = 0; d < half; d += 4) {
+            __m128 a[4], b[4];
+            channels4(xt + d, st, a);
+            channels4(xt + d + half, st, b);
+            for (int k = 0; k < 4; k++) {
+                const __m128 c = _mm_loadu_ps(cs + (d + k) * tokens + t), s = _mm_loadu_ps(sn + (d + k) * tokens + t);
+                _mm_storeu_ps(out + (d + k) * tokens + t, _mm_add_ps(_mm_mul_ps(a[k], c), _mm_mul_ps(b[k], s)));
+                _mm_storeu_ps(out + (d + k + half) * tokens + t, _mm_sub_ps(_mm_mul_ps(b[k], c), _mm_mul_ps(a[k], s)));
+            }
+        }
+    }
+}
+#endif
+
 PyDoc_STRVAR(unrotate_doc,
              "unrotate(x, cos, sin, out)\n\n"
              "x: float32 (heads, tokens, dim), any strides. out (float32 (heads, dim, tokens), C order) = x\n"
@@ -1016,9 +1069,19 @@ static PyObject *unrotate(PyObject *self, PyObject *args) {
                 *sn = rotate ? DATA(sv, float) : NULL;
     float *dst = DATA(out, float);
     const int64_t sh = x.stride[0], st = x.stride[1], sd = x.stride[2];
+    /* Four tokens at a time in blocks of 4 x 4 where channels are contiguous; what is left, and any other
+     * layout, in the tiles below. */
+#ifdef __SSE2__
+    const int64_t blocked = sd == 1 && (rotate ? half : dim) % 4 == 0 ? tokens / 4 * 4 : 0;
+#else
+    const int64_t blocked = 0;
+#endif
     for (int64_t h = 0; h < heads; h++) {
         float *oh = dst + h * dim * tokens;
-        for (int64_t t0 = 0; t0 < tokens; t0 += TILE) {
+#ifdef __SSE2__
+        unrotate_blocks(src + h * sh, st, blocked, tokens, dim, cs, sn, oh);
+#endif
+        for (int64_t t0 = blocked; t0 < tokens; t0 += TILE) {
             const int64_t t1 = t0 + TILE < tokens ? t0 + TILE : tokens;
             const float *xh = src + h * sh;
             for (int64_t d = 0; d < (rotate ? half : dim); d++) {

@@ -162,11 +162,14 @@ def test_deviations_match_the_reference(bad):
 
 
 @pytest.mark.parametrize("rope", [False, True])
-def test_pre_matches_the_reference_on_strided_slices(rope):
+@pytest.mark.parametrize("dim", [10, 16])  # blocks of 4 x 4 where a half is a multiple of 4, else scalar only
+def test_pre_matches_the_reference_on_strided_slices(rope, dim):
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(3, 50, 10, generator=g) * 7
-    codec = KvqCodec(1.0, 1, None, inv_freq(10, 1) if rope else None)
-    for view in (x[:, 3:41], x.transpose(0, 1).contiguous().transpose(0, 1)[:, 1:], x[:, 7:8]):
+    x = torch.randn(3, 50, dim, generator=g) * 7
+    every_other = torch.randn(3, 50, 2 * dim, generator=g)[:, :, ::2]  # channels not contiguous
+    codec = KvqCodec(1.0, 1, None, inv_freq(dim, 1) if rope else None)
+    views = (x[:, 3:41], x.transpose(0, 1).contiguous().transpose(0, 1)[:, 1:], x[:, 7:8], every_other[:, 2:40])
+    for view in views:
         assert torch.equal(codec._pre(view, 0, 0, 5), codec._pre_ref(view, 0, 0, 5))
 
 
