@@ -11,7 +11,7 @@ Every measurement runs on calibration text with the quality protocol (docs/codec
 Two methods measure the sensitivity. `probes` quantizes each head on its own and runs the continuation: exact,
 and one pass per (layer, K/V, head). `fisher` (the default) predicts every head's KL from the empirical Fisher
 information of the continuation (squared gradients of its log-likelihood, next tokens sampled from the model,
-a few backward passes), times the coarse quantization's squared error. That local estimate ranks heads well but
+one backward pass), times the coarse quantization's squared error. That local estimate ranks heads well but
 misses how nonlinear the model's response is, most of all for keys (the softmax): on the default model it puts
 layer 0's keys 10x too low, which alone doubles the KL at `balanced`. So the real KL is measured for the first
 layers' keys one by one, for blocks of the other layers' keys and for blocks of values (all heads at once), and
@@ -40,7 +40,10 @@ from .rope import inv_freq_per_layer
 
 COARSE_SCALE = 1.0
 METHODS = ("fisher", "probes")
-FISHER_GROUPS = 4  # backward passes per text, each over a quarter of the continuation's positions
+# Backward passes per text, each over its share of the continuation's positions. One pass (about a tenth of the
+# run each) made profiles within the 4-document scatter of 4 passes' on both models, over two seeds (docs/codec.md,
+# "Calibration time"): KL -11% to +33% at `balanced`, -20% to +12% at `small`, no mean trend beyond the scatter.
+FISHER_GROUPS = 1
 # Where the real KL sets the level of the Fisher predictions (one probe pass each): the first layers' keys one
 # by one (the Fisher estimate is furthest off there: 10x low for layer 0's), the other layers' keys and all
 # values in blocks of adjacent layers.
@@ -188,8 +191,9 @@ def fisher_sensitivity(lm: LoadedModel, context: Context, coarse: KVCache, group
 
     The Fisher information is that of the continuation's next-token distributions with respect to the cached
     K and V, estimated from squared gradients of the log-likelihood of tokens sampled from the model itself;
-    positions are split into `groups`, one backward pass each, since squaring a sum over all positions adds
-    cross terms that are zero only on average."""
+    positions can be split into `groups`, one backward pass each: squaring a sum over positions adds cross terms
+    that are zero on average (each position's token is sampled on its own) but add noise, which more groups
+    lessen at one backward pass each."""
     kv, feed, targets = context
     layers = kv.num_layers
     errors = [[((coarse.keys if kind == 0 else coarse.values)[layer] - (kv.keys if kind == 0 else kv.values)[layer])
