@@ -1,9 +1,12 @@
 /* kvq's entropy stage and CPU reconstruction in C (docs/codec.md): batch encode and decode of kvcli's
  * interleaved rANS streams, one stream after another, the expansion of joint symbols into a segment's
  * integers, and their reconstruction straight into a cache tensor, each with the GIL released so that threads
- * decode batches in parallel.
+ * decode batches in parallel. For the encoder, the passes of KvqCodec.fit over a layer's elements (un-RoPE,
+ * deviations, quantization with the class sums, table counts) and a segment's joint symbols coded in one call
+ * (encode_rows), also without the GIL, so that fit and coding run on two threads.
  *
- * codecs/rans.py, codecs/entropy.py and KvqDecoder.dequantize_body are the only callers: they build the arrays
+ * codecs/rans.py, codecs/entropy.py, codecs/kvq.py's fit helpers and KvqDecoder.dequantize_body are the only
+ * callers: they build the arrays
  * and turn the per-stream results into StreamError or CodecError, and rans.py checks the constants it owns
  * against this build's (check_constants). Everything is validated before the GIL is released: sizes that do not add up, table
  * indices past the tables and symbols past their alphabet raise ValueError (a bug in the caller, never bad

@@ -38,7 +38,7 @@ MAX_STEP = FLOAT16_MAX = 65504.0  # largest float16
 MAX_LEVEL = 2**30  # |q| stays below this, so escapes fit int32 with room to spare
 KINDS = ("k", "v")
 TABLE_SAMPLE_TOKENS = 1024
-BATCH_SYMBOLS = 1 << 22  # symbols per entropy-coder batch: large enough to amortize the step loop
+BATCH_SYMBOLS = 1 << 22  # symbols per task of encode_many's two threads (each segment is one C call)
 AUX_LIMIT = 64 << 20
 # zstd level of the aux segments: level 19 saved 0.05% of a 2,048-token file's bytes over 12 and cost a
 # seventh of the encoder's time (0.16 s against 0.02 s, most of it on the token weights).
@@ -397,7 +397,7 @@ def deviations(body: torch.Tensor, center: torch.Tensor,
                token_factor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """deviations_ref's tensors, in one C pass (_ans.deviations) for a float32 CPU body; torch's where any
     deviation is not finite, so that _fit_layer's error path sees what it always saw."""
-    if body.device.type != "cpu" or body.requires_grad:
+    if body.device.type != "cpu" or body.requires_grad or body.numel() == 0:
         return deviations_ref(body, center, token_factor)
     body, center = body.float().contiguous(), center.float().contiguous()
     factor = token_factor.float().contiguous().numpy() if token_factor is not None else None
@@ -422,7 +422,7 @@ def quantize_classes(body: torch.Tensor, center: torch.Tensor, step: torch.Tenso
     are written straight as int16 when they fit (as nearly always), the classes' sums taken on the way. The
     rounding rule is codecs/quantize.py's quantize; the C pass repeats it, and tests/test_fast_encode.py holds
     the two to the same integers."""
-    if body.device.type != "cpu" or body.shape[2] < 2:
+    if body.device.type != "cpu" or body.shape[2] < 2 or body.numel() == 0:
         return quantize_classes_ref(body, center, step, token_factor)
     body, center, step = (t.float().contiguous() for t in (body, center, step))
     factor = token_factor.float().contiguous().numpy() if token_factor is not None else None
