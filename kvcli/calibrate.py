@@ -34,6 +34,8 @@ import torch
 
 from . import inference, profiles, quality
 from .codecs import KvqCodec, Profile
+from .codecs.kvq import DEFAULT_TOKEN_ALPHA
+from .codecs.quantize import dequantize_rotate_ref
 from .kvcache import KVCache, to_model_cache
 from .models import LoadedModel
 from .rope import inv_freq_per_layer
@@ -113,15 +115,15 @@ def _start_at(lm: LoadedModel, reference: Reference, start: int):
 
 
 def prefill_and_key_weights(lm: LoadedModel, ids: list[int], prefix: int) -> tuple[Context, list | None]:
-    """A text's context (its prefix prefilled, without the token-attention measurement that only encoding
-    uses) and, from that prefill, per layer (kv_heads, head_dim) mean squared query, or None if the model's
-    queries cannot be reached."""
+    """A text's context (its prefix prefilled, with the attention its tokens receive: coarse_cache weighs tokens
+    by it as encoding does) and, from that prefill, per layer (kv_heads, head_dim) mean squared query, or None
+    if the model's queries cannot be reached."""
     cfg = lm.model.config.get_text_config(decoder=True)
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     modules = _attention_modules(lm)
     if not modules or any(m is None or not hasattr(m, "q_proj") for m in modules):
-        return quality.context(lm, ids, prefix, attention=False), None
+        return quality.context(lm, ids, prefix), None
     captured: list[torch.Tensor | None] = [None] * len(modules)
     hooks = []
     for i, attn in enumerate(modules):
@@ -133,7 +135,7 @@ def prefill_and_key_weights(lm: LoadedModel, ids: list[int], prefix: int) -> tup
 
         hooks.append(target.register_forward_hook(hook))
     try:
-        context = quality.context(lm, ids, prefix, attention=False)
+        context = quality.context(lm, ids, prefix)
     finally:
         for h in hooks:
             h.remove()
@@ -156,10 +158,21 @@ def continuation_reference(lm: LoadedModel, context: Context) -> Reference:
 
 
 def coarse_cache(kv: KVCache, probe: KvqCodec) -> KVCache:
-    """Every layer's K and V quantized at the probe's step: the perturbation each sensitivity describes."""
-    keys = [probe.roundtrip(x.cpu(), layer, 0, kv.token_start(layer)).to(x.device) for layer, x in enumerate(kv.keys)]
-    values = [probe.roundtrip(x.cpu(), layer, 1, kv.token_start(layer)).to(x.device) for layer, x in enumerate(kv.values)]
-    return KVCache(kv.token_ids, keys, values)
+    """Every layer's K and V quantized at the probe's step, with the token weights that encoding derives from
+    kv.attention (KvqCodec.fit's per-layer fit): the perturbation each sensitivity describes. Under uniform token
+    steps instead, the profile measures an error the encoder never makes (docs/codec.md, "Calibration time")."""
+    out: tuple[list, list] = ([], [])
+    for layer in range(kv.num_layers):
+        start = kv.token_start(layer)
+        attention = kv.attention[layer] if kv.attention is not None and probe.token_alpha > 0 else None
+        for kind, x in enumerate((kv.keys[layer], kv.values[layer])):
+            plan, q, weights, _ = probe._fit_one(x.cpu(), layer, kind, start, attention)
+            skip = probe._skip(x.shape[1], start)
+            factor = weights.factors(start + skip, x.shape[1] - skip) if weights is not None else None
+            center, step = (torch.from_numpy(a.astype(np.float32)) for a in (plan.center, plan.step))
+            approx = dequantize_rotate_ref(q, center, step, probe._freq(layer, kind), start + skip, factor)
+            out[kind].append(torch.cat([x[:, :skip].cpu(), approx.transpose(1, 2).to(x.dtype)], 1).to(x.device))
+    return KVCache(kv.token_ids, *out)
 
 
 @torch.inference_mode()
@@ -292,7 +305,9 @@ def calibrate(lm: LoadedModel, texts: list[tuple[str, str]], prefix: int = quali
         context, w = prefill_and_key_weights(lm, inference.document_ids(lm, text), prefix)
         kv = context[0]
         weights = w if weights is None else [a + b for a, b in zip(weights, w)] if w else None
-        probe = KvqCodec(COARSE_SCALE, profile=Profile("probe", np.ones((kv.num_layers, 2)), w), inv_freq=inv_freq)
+        # The presets' token alpha, so that the probe weighs tokens as the encoder will.
+        probe = KvqCodec(COARSE_SCALE, profile=Profile("probe", np.ones((kv.num_layers, 2)), w), inv_freq=inv_freq,
+                         token_alpha=DEFAULT_TOKEN_ALPHA)
         coarse = coarse_cache(kv, probe)
         if method == "probes":
             per_doc.append(probe_sensitivity(lm, continuation_reference(lm, context), coarse, progress))
@@ -304,7 +319,8 @@ def calibrate(lm: LoadedModel, texts: list[tuple[str, str]], prefix: int = quali
         weights = [w / len(texts) for w in weights]
     profile = Profile(f"{lm.name}", np.mean(per_doc, axis=0), weights)
     details = {"texts": [name for name, _ in texts], "prefix_tokens": prefix, "method": method,
-               "continuation_tokens": quality.CONTINUATION_TOKENS, "coarse_scale": COARSE_SCALE}
+               "continuation_tokens": quality.CONTINUATION_TOKENS, "coarse_scale": COARSE_SCALE,
+               "coarse_token_alpha": DEFAULT_TOKEN_ALPHA}
     if method == "fisher":
         details.update(fisher_groups=FISHER_GROUPS, key_layers_alone=KEY_LAYERS_ALONE, key_blocks=KEY_BLOCKS,
                        value_blocks=VALUE_BLOCKS, seed=SEED)

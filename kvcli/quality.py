@@ -27,15 +27,15 @@ class Reference:
     logits: torch.Tensor  # float32 logits with the exact cache
 
 
-def context(lm: LoadedModel, ids: list[int], prefix: int = PREFIX_TOKENS, continuation: int = CONTINUATION_TOKENS,
-            attention: bool = True) -> tuple[KVCache, list[int], torch.Tensor]:
-    """Exact cache of ids[:prefix], the next `continuation` tokens to feed after it and the token each should
-    predict. `attention` also measures what lossy encoding weighs tokens by (calibration does not need it)."""
+def context(lm: LoadedModel, ids: list[int], prefix: int = PREFIX_TOKENS,
+            continuation: int = CONTINUATION_TOKENS) -> tuple[KVCache, list[int], torch.Tensor]:
+    """Exact cache of ids[:prefix] (with the attention its tokens receive, which lossy encoding weighs them by),
+    the next `continuation` tokens to feed after it and the token each should predict."""
     limit = lm.max_tokens() or len(ids)
     prefix = min(prefix, len(ids) - continuation - 1, limit - continuation)
     if prefix < 16:
         raise ValueError(f"document of {len(ids)} tokens is too short for a {continuation}-token continuation")
-    kv = inference.prefill(lm, ids[:prefix], attention=attention)
+    kv = inference.prefill(lm, ids[:prefix], attention=True)
     return kv, ids[prefix : prefix + continuation], torch.tensor(ids[prefix + 1 : prefix + continuation + 1])
 
 

@@ -89,6 +89,25 @@ def test_probes_that_start_at_the_changed_layer_measure_what_full_passes_do(tiny
     assert all(not hasattr(layer, "forward") or "forward" not in vars(layer) for layer in lm.model.model.layers)
 
 
+def test_coarse_cache_is_what_encoding_with_the_probe_decodes_to(tiny_lm, tmp_path):
+    """The probe's perturbation carries the encoder's token weights: decoding a file written with the probe
+    codec gives the coarse cache back, and the weights change it (uniform token steps would not match)."""
+    lm = tiny_lm("llama")
+    context, _ = calibrate.prefill_and_key_weights(lm, inference.document_ids(lm, TEXT * 2), 200)
+    kv = context[0]
+    assert kv.attention is not None
+    probe = KvqCodec(1.0, inv_freq=inv_freq_per_layer(lm.model))
+    coarse = calibrate.coarse_cache(kv, probe)
+    path = tmp_path / "probe.kvc"
+    pipeline.write_cache(str(path), kv, lm.identity, probe, 256)
+    with format.FileSource(path) as src:
+        decoded = pipeline.load_cache(src, format.read_header(src), lm).kv
+    for a, b in zip(coarse.keys + coarse.values, decoded.keys + decoded.values):
+        assert torch.allclose(a, b, atol=1e-5)
+    uniform = calibrate.coarse_cache(KVCache(kv.token_ids, kv.keys, kv.values), probe)
+    assert not all(torch.allclose(a, b, atol=1e-5) for a, b in zip(uniform.values, coarse.values))
+
+
 @pytest.mark.parametrize("layers", [2, 4, 5, 18, 30])
 def test_probe_blocks_cover_every_layer_once(layers):
     keys, values = calibrate.blocks_per_kind(layers)
