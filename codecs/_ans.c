@@ -23,6 +23,14 @@
 #include <math.h>
 #include <string.h>
 
+/* The encoder's element loops are also compiled for AVX2 and picked at load time where the CPU has it (glibc's
+ * ifunc): twice the lanes of the SSE2 that every x86-64 has, and the same IEEE results (no FMA: -ffp-contract=off). */
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define WIDE __attribute__((target_clones("avx2", "default")))
+#else
+#define WIDE
+#endif
+
 #define PRECISION_BITS 16
 #define TOTAL (1u << PRECISION_BITS)
 #define STATE_LOW (1u << 16)
@@ -875,7 +883,7 @@ static inline __attribute__((always_inline)) void row_symbols_of(const void *row
             }
 }
 
-static void row_symbols(const void *row, int wide, int64_t tokens, int m, int32_t half, uint32_t *sym,
+WIDE static void row_symbols(const void *row, int wide, int64_t tokens, int m, int32_t half, uint32_t *sym,
                         int32_t *escapes, int64_t *used) {
     switch (2 * m + wide) {
     case 2: row_symbols_of(row, 0, tokens, 1, half, sym, escapes, used); break;
@@ -1118,6 +1126,30 @@ static inline uint32_t bits_of(float x) {
     return u;
 }
 
+/* One channel's squares into out; returns the bits of its largest |dev|. Compared as bits: for floats without a
+ * sign, their order, with NaN and infinity above every finite value, so one integer maximum (which vectorizes)
+ * is both the spread and the finiteness test. */
+WIDE static uint32_t deviation_row(const float *restrict x, int64_t tokens, float cr, const float *restrict f,
+                                   float *restrict out) {
+    uint32_t most = 0;
+    if (f) {
+        for (int64_t t = 0; t < tokens; t++) {
+            float dev = x[t] - cr, u = dev / f[t];
+            uint32_t b = bits_of(dev) & 0x7FFFFFFFu;
+            most = b > most ? b : most;
+            out[t] = u * u;
+        }
+    } else {
+        for (int64_t t = 0; t < tokens; t++) {
+            float dev = x[t] - cr;
+            uint32_t b = bits_of(dev) & 0x7FFFFFFFu;
+            most = b > most ? b : most;
+            out[t] = dev * dev;
+        }
+    }
+    return most;
+}
+
 PyDoc_STRVAR(deviations_doc,
              "deviations(body, center, factor, spread, squares) -> bool\n\n"
              "body: float32 (heads, dim, tokens), C order; center float32 (heads, dim); factor float32 (heads, tokens)\n"
@@ -1150,25 +1182,7 @@ static PyObject *deviations(PyObject *self, PyObject *args) {
     float *top = DATA(spread, float), *out = DATA(sq, float);
     for (Py_ssize_t r = 0; r < channels; r++, x += tokens, out += tokens) {
         const float *f = weighted ? DATA(factor, float) + (r / dim) * tokens : NULL;
-        const float cr = c[r];
-        /* |dev| compared as bits: for floats without a sign, their order; NaN and infinity above every finite
-         * value, so one integer maximum (which vectorizes) is both the spread and the finiteness test. */
-        uint32_t most = 0;
-        if (weighted) {
-            for (int64_t t = 0; t < tokens; t++) {
-                float dev = x[t] - cr, u = dev / f[t];
-                uint32_t b = bits_of(dev) & 0x7FFFFFFFu;
-                most = b > most ? b : most;
-                out[t] = u * u;
-            }
-        } else {
-            for (int64_t t = 0; t < tokens; t++) {
-                float dev = x[t] - cr;
-                uint32_t b = bits_of(dev) & 0x7FFFFFFFu;
-                most = b > most ? b : most;
-                out[t] = dev * dev;
-            }
-        }
+        const uint32_t most = deviation_row(x, tokens, c[r], f, out);
         memcpy(top + r, &most, 4);
         most_bits = most > most_bits ? most : most_bits;
     }
@@ -1204,7 +1218,7 @@ PyDoc_STRVAR(quantize_doc,
 /* One channel's integers into q, and their exact sum and sum of squares for its class (spread()'s). Each
  * loop is simple enough to vectorize; the squares take 64 bits unless some |q| reaches 46341 (2^15.5), where
  * they could overflow and go through 128 bits as spread() does. Returns 0 if int16 output does not fit. */
-static inline int quantize_row(const float *restrict x, int64_t tokens, float cr, float sr, const float *restrict f,
+WIDE static int quantize_row(const float *restrict x, int64_t tokens, float cr, float sr, const float *restrict f,
                                int32_t *restrict q, double *std) {
     if (f)
         for (int64_t t = 0; t < tokens; t++) {
