@@ -24,11 +24,14 @@
 #include <string.h>
 
 /* The encoder's element loops are also compiled for AVX2 and picked at load time where the CPU has it (glibc's
- * ifunc): twice the lanes of the SSE2 that every x86-64 has, and the same IEEE results (no FMA: -ffp-contract=off). */
+ * ifunc): twice the lanes of the SSE2 that every x86-64 has, and the same IEEE results (no FMA: -ffp-contract=off).
+ * CFLAGS=-DWIDE= builds the SSE2 loops alone, to test them on a CPU with AVX2. */
+#ifndef WIDE
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
 #define WIDE __attribute__((target_clones("avx2", "default")))
 #else
 #define WIDE
+#endif
 #endif
 
 #define PRECISION_BITS 16
