@@ -190,3 +190,16 @@ def test_coder_matches_the_reference_at_extreme_frequencies(rows_dtype):
     segment = (lay, rows, entropy.limits(groups, 1997, 0))
     assert segment[2].lanes > 1
     assert entropy.encode_segments(tables, [segment]) == encode_segments_ref(tables, [segment])
+
+
+def test_fit_on_two_threads_raises_the_first_error_in_layer_order():
+    """Layers are fitted in parallel, but the error is the one a loop over (layer, K/V) would meet first."""
+    kv = cache(tokens=40, heads=2, dim=8, held=[40, 40, 40], seed=4)
+    kv.values[0][1, 20, 3] = float("nan")
+    kv.keys[2][0, 0, 1] = float("inf")  # a sink: refused before the layer is even quantized
+    kv.keys[1][0, 9, 0] = 1e38  # beyond kvq's range
+    with pytest.raises(kvq.CodecError, match="layer 0 V holds non-finite values"):
+        KvqCodec(0.5, 1, None, inv_freq(8, 3)).fit(kv.keys, kv.values, [0, 0, 0])
+    kv.values[0][1, 20, 3] = 0.0
+    with pytest.raises(kvq.CodecError, match="layer 1 K: values up to"):
+        KvqCodec(0.5, 1, None, inv_freq(8, 3)).fit(kv.keys, kv.values, [0, 0, 0])
