@@ -138,10 +138,14 @@ class KvqCodec(Codec):
 
     # ------------------------------------------------------------ quantization space
 
-    def _freq(self, layer: int, kind: int) -> torch.Tensor | None:
-        """The rotary frequencies to remove from this layer's keys; None for values or without RoPE."""
+    def _freq(self, layer: int, kind: int, dim: int) -> torch.Tensor | None:
+        """The rotary frequencies to remove from this layer's keys of head dimension `dim`; None for values,
+        without RoPE, or where the frequencies do not span the head (partial rotary, DeepSeek's MLA, whose
+        rotation is not rotate-half over the whole head): those keys are coded as they are."""
         freq = self.inv_freq[layer] if (kind == 0 and self.inv_freq and layer < len(self.inv_freq)) else None
-        return torch.from_numpy(np.asarray(freq, dtype=np.float32)) if freq is not None else None
+        if freq is None or 2 * len(freq) != dim:
+            return None
+        return torch.from_numpy(np.asarray(freq, dtype=np.float32))
 
     def _pre(self, x: torch.Tensor, layer: int, kind: int, token_start: int) -> torch.Tensor:
         """(heads, tokens, dim) -> float32 (heads, dim, tokens) in the quantization space (pre-RoPE for keys):
@@ -149,7 +153,7 @@ class KvqCodec(Codec):
         if x.device.type != "cpu" or x.dtype != torch.float32 or x.requires_grad or x.shape[1] == 0:
             return self._pre_ref(x, layer, kind, token_start)
         heads, tokens, dim = x.shape
-        freq = self._freq(layer, kind)
+        freq = self._freq(layer, kind, dim)
         cos, sin = rope_tables(freq, token_start, tokens) if freq is not None else (None, None)
         body = torch.empty((heads, dim, tokens), dtype=torch.float32)
         _ans.unrotate(x.numpy(), *(t.numpy() if t is not None else None for t in (cos, sin)), body.numpy())
@@ -157,7 +161,7 @@ class KvqCodec(Codec):
 
     def _pre_ref(self, x: torch.Tensor, layer: int, kind: int, token_start: int) -> torch.Tensor:
         x = x.float().transpose(1, 2).contiguous()
-        freq = self._freq(layer, kind)
+        freq = self._freq(layer, kind, x.shape[1])
         if freq is None or x.shape[2] == 0:
             return x
         cos, sin = rope_tables(freq, token_start, x.shape[2])
@@ -231,7 +235,7 @@ class KvqCodec(Codec):
         body = self._pre(x[:, skip:], layer, kind, token_start + skip)
         plan = self._plan(body, layer, kind)
         center, step = _t(plan.center), _t(plan.step)
-        approx = dequantize_rotate_ref(quantize(body, center, step), center, step, self._freq(layer, kind), token_start + skip)
+        approx = dequantize_rotate_ref(quantize(body, center, step), center, step, self._freq(layer, kind, x.shape[2]), token_start + skip)
         return torch.cat([x[:, :skip], approx.transpose(1, 2).to(x.dtype)], 1)
 
     # ------------------------------------------------------------ factories
@@ -261,8 +265,8 @@ class KvqCodec(Codec):
                     tokens[job] = weights
                 for cls, n in layer_counts.items():
                     counts[cls] = counts[cls] + n if cls in counts else n
-        inv_freq = [None if self._freq(layer, 0) is None else self._freq(layer, 0).numpy()
-                    for layer in range(len(token_starts))]
+        freqs = [self._freq(layer, 0, keys[layer].shape[2]) for layer in range(len(token_starts))]
+        inv_freq = [None if f is None else f.numpy() for f in freqs]
         return KvqEncoder(self, plans, entropy.tables_of(counts), inv_freq, tokens, fitted)
 
     def _fit_one(self, x: torch.Tensor, layer: int, kind: int, start: int, attention: torch.Tensor | None):

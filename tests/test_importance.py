@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcli import batching, format, importance, inference, kvfile, models
+from kvcli import batching, format, importance, inference, kvfile, models, pipeline
 from kvcli.codecs.presets import make_codec
 
 ARCHS = ["llama", "qwen2", "gemma3", "mistral-sliding"]
@@ -86,7 +86,9 @@ def test_exponents_follow_the_attention_and_spare_the_sinks():
 
 def test_a_model_the_hooks_cannot_read_still_prefills_without_weights(tmp_path):
     """DeepSeek-V2 passes its rotary embedding as one complex tensor: no measurement, the same cache, a lossy file
-    without token weights."""
+    without token weights. Its rotary frequencies span only the rotary part of the key head, so the codec the
+    commands build codes those keys as they are (it used to fail un-rotating them) and they decode within the
+    step bound."""
     from transformers import AutoModelForCausalLM, DeepseekV2Config
 
     from tiny_models import byte_tokenizer
@@ -104,8 +106,17 @@ def test_a_model_the_hooks_cannot_read_still_prefills_without_weights(tmp_path):
     plain, measured = inference.prefill(lm, ids), inference.prefill(lm, ids, attention=True)
     assert measured.attention is None
     assert all(torch.equal(a, b) for a, b in zip(plain.keys + plain.values, measured.keys + measured.values))
-    meta, parts = kvfile.encode(measured, lm.identity, make_codec("balanced"), 16)
+    codec = pipeline.codec_for("balanced", lm)
+    assert codec.inv_freq is not None and 2 * len(codec.inv_freq[0]) < measured.keys[0].shape[2]
+    meta, parts = kvfile.encode(measured, lm.identity, codec, 16)
     assert "kvq.tokens" not in {p.name for p in parts if p.kind == "aux"}
+    data = format.build_header(meta, parts) + b"".join(p.data for p in parts)
+    src = format.BytesSource(data)
+    decoded = kvfile.decode(src, format.read_header(src))
+    for exact, got in zip(measured.keys + measured.values, decoded.keys + decoded.values):
+        spread = (exact[:, 1:] - exact[:, 1:].mean(1, keepdim=True)).abs().max()
+        assert (got - exact).abs().max() <= spread  # quantized, not garbage; sinks exact
+        torch.testing.assert_close(got[:, :1], exact[:, :1])
 
 
 def test_queries_scored_in_several_blocks_give_the_same_weights(tiny_model_dir, monkeypatch):
