@@ -170,7 +170,7 @@ def coarse_cache(kv: KVCache, probe: KvqCodec) -> KVCache:
             skip = probe._skip(x.shape[1], start)
             factor = weights.factors(start + skip, x.shape[1] - skip) if weights is not None else None
             center, step = (torch.from_numpy(a.astype(np.float32)) for a in (plan.center, plan.step))
-            approx = dequantize_rotate_ref(q, center, step, probe._freq(layer, kind), start + skip, factor)
+            approx = dequantize_rotate_ref(q, center, step, probe._freq(layer, kind, x.shape[2]), start + skip, factor)
             out[kind].append(torch.cat([x[:, :skip].cpu(), approx.transpose(1, 2).to(x.dtype)], 1).to(x.device))
     return KVCache(kv.token_ids, *out)
 
