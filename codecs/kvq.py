@@ -167,9 +167,6 @@ class KvqCodec(Codec):
         cos, sin = rope_tables(freq, token_start, x.shape[2])
         return unrotate_keys(x, cos, sin)
 
-    def _plan(self, body: torch.Tensor, layer: int, kind: int) -> LayerPlan:
-        return self._fit_layer(body, layer, kind)[0]
-
     def token_exponents(self, attention: torch.Tensor, skip: int) -> np.ndarray:
         """int8 (heads, held) token-weight exponents from the attention each held token received (kvcli/
         importance.py): -8 * alpha * log2(attention / the head's geometric mean over non-sink tokens), rounded
@@ -226,17 +223,21 @@ class KvqCodec(Codec):
         """How many of a segment's tokens are exact sinks."""
         return min(tokens, max(0, self.sinks - token_start))
 
-    def roundtrip(self, x: torch.Tensor, layer: int, kind: int, token_start: int) -> torch.Tensor:
-        """Quantize and dequantize one layer's K or V (heads, tokens, dim) without entropy coding.
+    def roundtrip(self, x: torch.Tensor, layer: int, kind: int, token_start: int,
+                  attention: torch.Tensor | None = None) -> torch.Tensor:
+        """Quantize and dequantize one layer's K or V (heads, tokens, dim) as a file would, without entropy
+        coding: with `attention` (heads, tokens) and a token alpha above 0, under the token weights `fit` would
+        derive from it.
 
-        Calibration uses it to measure how much loss in one place costs the model.
+        Calibration uses it to measure how much the encoder's own error in one place costs the model.
         """
+        plan, q, weights, _ = self._fit_one(x.cpu(), layer, kind, token_start,
+                                            attention if self.token_alpha > 0 else None)
         skip = self._skip(x.shape[1], token_start)
-        body = self._pre(x[:, skip:], layer, kind, token_start + skip)
-        plan = self._plan(body, layer, kind)
-        center, step = _t(plan.center), _t(plan.step)
-        approx = dequantize_rotate_ref(quantize(body, center, step), center, step, self._freq(layer, kind, x.shape[2]), token_start + skip)
-        return torch.cat([x[:, :skip], approx.transpose(1, 2).to(x.dtype)], 1)
+        factor = weights.factors(token_start + skip, x.shape[1] - skip) if weights is not None else None
+        approx = dequantize_rotate_ref(q, _t(plan.center), _t(plan.step), self._freq(layer, kind, x.shape[2]),
+                                       token_start + skip, factor)
+        return torch.cat([x[:, :skip].cpu(), approx.transpose(1, 2).to(x.dtype)], 1).to(x.device)
 
     # ------------------------------------------------------------ factories
 

@@ -35,7 +35,6 @@ import torch
 from . import inference, profiles, quality
 from .codecs import KvqCodec, Profile
 from .codecs.kvq import DEFAULT_TOKEN_ALPHA
-from .codecs.quantize import dequantize_rotate_ref
 from .kvcache import KVCache, to_model_cache
 from .models import LoadedModel
 from .rope import inv_freq_per_layer
@@ -163,15 +162,9 @@ def coarse_cache(kv: KVCache, probe: KvqCodec) -> KVCache:
     steps instead, the profile measures an error the encoder never makes (docs/codec.md, "Calibration time")."""
     out: tuple[list, list] = ([], [])
     for layer in range(kv.num_layers):
-        start = kv.token_start(layer)
-        attention = kv.attention[layer] if kv.attention is not None and probe.token_alpha > 0 else None
+        attention = kv.attention[layer] if kv.attention is not None else None
         for kind, x in enumerate((kv.keys[layer], kv.values[layer])):
-            plan, q, weights, _ = probe._fit_one(x.cpu(), layer, kind, start, attention)
-            skip = probe._skip(x.shape[1], start)
-            factor = weights.factors(start + skip, x.shape[1] - skip) if weights is not None else None
-            center, step = (torch.from_numpy(a.astype(np.float32)) for a in (plan.center, plan.step))
-            approx = dequantize_rotate_ref(q, center, step, probe._freq(layer, kind, x.shape[2]), start + skip, factor)
-            out[kind].append(torch.cat([x[:, :skip].cpu(), approx.transpose(1, 2).to(x.dtype)], 1).to(x.device))
+            out[kind].append(probe.roundtrip(x, layer, kind, kv.token_start(layer), attention))
     return KVCache(kv.token_ids, *out)
 
 
