@@ -223,16 +223,6 @@ def tables_of(counts: dict[int, np.ndarray]) -> ClassTables:
     return ClassTables(tuple(sorted(counts)), rans.Tables([rans.normalize_counts(counts[c]) for c in sorted(counts)]))
 
 
-def fit_tables(samples: dict[int, list[np.ndarray]]) -> ClassTables:
-    """One table per class from sample rows (n, tokens) of that class's channels."""
-    counts = {}
-    for cls, rows_list in samples.items():
-        counts[cls] = np.zeros(alphabet(cls), dtype=np.int64)
-        for rows in rows_list:
-            counts[cls] += count_symbols(cls, rows)
-    return tables_of(counts)
-
-
 def pack_tables(tables: ClassTables) -> bytes:
     out = [struct.pack("<H", len(tables.classes))]
     for cls, freq in zip(tables.classes, tables.coder.freqs):

@@ -273,7 +273,7 @@ class KvqCodec(Codec):
     def _fit_one(self, x: torch.Tensor, layer: int, kind: int, start: int, attention: torch.Tensor | None):
         """fit's work for one layer and kind: (plan, integers, token weights or None, symbol counts of a table
         sample per class of the plan)."""
-        skip = min(x.shape[1], max(0, self.sinks - start))
+        skip = self._skip(x.shape[1], start)
         if skip and not torch.isfinite(x[:, :skip]).all():
             raise CodecError(f"layer {layer} {KINDS[kind].upper()} holds non-finite values (NaN or Inf) in "
                              "its sink tokens, which kvq cannot code; use lossless")

@@ -69,9 +69,6 @@ class Reference:
     layer_outputs: list | None  # None where the decoder layers cannot be reached: probes then run every layer
 
 
-Context = tuple[KVCache, list[int], torch.Tensor]  # quality.context: the prefix's cache, the tokens fed, their targets
-
-
 def _decoder_layers(lm: LoadedModel) -> list:
     layers = getattr(getattr(lm.model, "model", None), "layers", None)
     return list(layers) if layers is not None else []
@@ -113,7 +110,7 @@ def _start_at(lm: LoadedModel, reference: Reference, start: int):
             del layer.forward
 
 
-def prefill_and_key_weights(lm: LoadedModel, ids: list[int], prefix: int) -> tuple[Context, list | None]:
+def prefill_and_key_weights(lm: LoadedModel, ids: list[int], prefix: int) -> tuple[quality.Context, list | None]:
     """A text's context (its prefix prefilled, with the attention its tokens receive: coarse_cache weighs tokens
     by it as encoding does) and, from that prefill, per layer (kv_heads, head_dim) mean squared query, or None
     if the model's queries cannot be reached."""
@@ -147,7 +144,7 @@ def prefill_and_key_weights(lm: LoadedModel, ids: list[int], prefix: int) -> tup
     return context, weights
 
 
-def continuation_reference(lm: LoadedModel, context: Context) -> Reference:
+def continuation_reference(lm: LoadedModel, context: quality.Context) -> Reference:
     """The exact continuation's logits and layer outputs, from a pass of its own (the `probes` method's)."""
     kv, feed, targets = context
     outputs: list = []
@@ -189,7 +186,7 @@ def probe_sensitivity(lm: LoadedModel, reference: Reference, coarse: KVCache, pr
     return out
 
 
-def fisher_sensitivity(lm: LoadedModel, context: Context, coarse: KVCache, groups: int = FISHER_GROUPS,
+def fisher_sensitivity(lm: LoadedModel, context: quality.Context, coarse: KVCache, groups: int = FISHER_GROUPS,
                        seed: int = SEED, progress=None) -> tuple[np.ndarray, Reference]:
     """(layers, 2, kv_heads): each head's KL under the coarse quantization as the local (second-order) model
     predicts it: half the squared quantization error weighted by the diagonal Fisher information. And the

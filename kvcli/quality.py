@@ -27,8 +27,11 @@ class Reference:
     logits: torch.Tensor  # float32 logits with the exact cache
 
 
+Context = tuple[KVCache, list[int], torch.Tensor]  # the prefix's cache, the tokens fed after it, their targets
+
+
 def context(lm: LoadedModel, ids: list[int], prefix: int = PREFIX_TOKENS,
-            continuation: int = CONTINUATION_TOKENS) -> tuple[KVCache, list[int], torch.Tensor]:
+            continuation: int = CONTINUATION_TOKENS) -> Context:
     """Exact cache of ids[:prefix] (with the attention its tokens receive, which lossy encoding weighs them by),
     the next `continuation` tokens to feed after it and the token each should predict."""
     limit = lm.max_tokens() or len(ids)

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from kvcli.codecs import rans
+from kvcli.codecs import entropy, rans
 
 
 def random_streams(rng, tables: rans.Tables, sizes: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -45,3 +45,10 @@ def ticks_during(call) -> int:
         stop.set()
         thread.join()
         sys.setswitchinterval(old)
+
+
+def fit_tables(samples: dict[int, list[np.ndarray]]) -> entropy.ClassTables:
+    """One table per class from sample rows (n, tokens) of that class's channels, as the encoder counts them."""
+    return entropy.tables_of({cls: sum((entropy.count_symbols(cls, rows) for rows in rows_list),
+                                       np.zeros(entropy.alphabet(cls), np.int64))
+                              for cls, rows_list in samples.items()})

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import kvq_reference
-from coder_inputs import random_streams, ticks_during
+from coder_inputs import fit_tables, random_streams, ticks_during
 from kvcli.codecs import _ans, entropy, rans
 
 
@@ -162,7 +162,7 @@ def test_c_encoder_refuses_symbols_outside_their_alphabet():
 
 def test_c_expansion_refuses_a_layout_that_does_not_fit():
     groups = [entropy.Group(-10, np.array([0, 2])), entropy.Group(2, np.array([1]))]
-    tables = entropy.fit_tables({-10: [np.zeros((2, 8), np.int32)], 2: [np.zeros((1, 8), np.int32)]})
+    tables = fit_tables({-10: [np.zeros((2, 8), np.int32)], 2: [np.zeros((1, 8), np.int32)]})
     lay = entropy.Layout.of(groups, 8, tables)
     sym = np.zeros(lay.runs.symbols, np.uint16)
     rows = np.empty((3, 8), np.int32)
@@ -187,7 +187,7 @@ def test_joint_symbols_expand_to_their_rows_with_escapes_and_padding():
     rows = (rng.normal(size=(5, tokens)) * 2.0 ** (classes[:, None] / 2)).round().astype(np.int32)
     rows[:, 3] = 900  # out of every class's range
     groups = entropy.groups_of(classes)
-    tables = entropy.fit_tables({int(c): [rows[classes == c]] for c in np.unique(classes)})
+    tables = fit_tables({int(c): [rows[classes == c]] for c in np.unique(classes)})
     lay = entropy.Layout.of(groups, tokens, tables)
     sym, esc = [], []
     for g in groups:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from coder_inputs import ticks_during
+from coder_inputs import fit_tables, ticks_during
 from kvcli import format, kvfile
-from kvcli.codecs import KvqCodec, _ans, entropy
+from kvcli.codecs import KvqCodec, _ans
 from kvcli.codecs.kvq import FLOAT16_MAX, HOST_DTYPES
 from kvcli.codecs.quantize import rope_tables, rotate_keys
 from kvcli.kvcache import KVCache
@@ -89,7 +89,7 @@ def escaped(q: np.ndarray):
     """_ans.reconstruct's leading arguments for integers q (heads, dim, tokens) of any value: one group of class
     16 (m = 1, K = 255) whose every symbol is the escape, so each integer comes from the escapes as it is."""
     heads, dim, tokens = q.shape
-    tables = entropy.fit_tables({16: [np.zeros((1, 4), np.int32)]})
+    tables = fit_tables({16: [np.zeros((1, 4), np.int32)]})
     channels = heads * dim
     spec = np.array([[0, channels, 255, 1]], np.int64)
     symbols = np.full(channels * tokens, 511, np.uint16)
