@@ -418,6 +418,11 @@ typedef struct {
     int64_t tokens;
 } Layout;
 
+/* The tuple shapes kvq's classes use (entropy.class_layout): every loop over tuples handles exactly these. */
+static int tuple_shape_ok(long long half, long long m) {
+    return half >= 1 && half <= 255 && (m == 1 || m == 2 || m == 4);
+}
+
 static int layout_get(View *spec, View *rows, int64_t tokens, Py_ssize_t symbols, Py_ssize_t out_rows, Layout *l) {
     l->spec = DATA(*spec, int64_t);
     l->rows = DATA(*rows, int64_t);
@@ -428,7 +433,7 @@ static int layout_get(View *spec, View *rows, int64_t tokens, Py_ssize_t symbols
     if (ITEMS(*spec, int64_t) % 4 || tokens < 0) goto bad;
     for (Py_ssize_t g = 0; g < l->groups; g++) {
         const int64_t *e = l->spec + 4 * g;
-        if (e[1] < 0 || e[2] < 1 || e[2] > 255 || e[3] < 1 || e[3] > 4) goto bad;
+        if (e[1] < 0 || !tuple_shape_ok(e[2], e[3])) goto bad;
         c += e[1];
         n += e[1] * ((tokens + e[3] - 1) / e[3]);
     }
@@ -894,7 +899,8 @@ WIDE static void row_symbols(const void *row, int wide, int64_t tokens, int m, i
     case 4: row_symbols_of(row, 0, tokens, 2, half, sym, escapes, used); break;
     case 5: row_symbols_of(row, 1, tokens, 2, half, sym, escapes, used); break;
     case 8: row_symbols_of(row, 0, tokens, 4, half, sym, escapes, used); break;
-    default: row_symbols_of(row, 1, tokens, 4, half, sym, escapes, used); break;
+    case 9: row_symbols_of(row, 1, tokens, 4, half, sym, escapes, used); break;
+    default: break; /* no other shape passes tuple_shape_ok */
     }
 }
 
@@ -913,7 +919,7 @@ static PyObject *to_tuples(PyObject *self, PyObject *args) {
     rows.held = 1;
     if (view_get(o_sym, &sym, 1, 4, "symbols") || view_get(o_esc, &esc_view, 1, 4, "escapes")) goto done;
     Py_ssize_t item = rows.buf.itemsize;
-    if ((item != 2 && item != 4) || tokens < 1 || half < 1 || half > 255 || (m != 1 && m != 2 && m != 4) ||
+    if ((item != 2 && item != 4) || tokens < 1 || !tuple_shape_ok(half, m) ||
         rows.buf.len % (item * tokens)) {
         PyErr_SetString(PyExc_ValueError, "to_tuples: rows must be int16 or int32 (n, tokens); 1 <= K <= 255, m 1, 2 or 4");
         goto done;
@@ -1322,7 +1328,7 @@ static PyObject *count_tuples(PyObject *self, PyObject *args) {
     rows.held = 1;
     if (view_get(o_counts, &cv, 1, 8, "counts")) goto done;
     Py_ssize_t item = rows.buf.itemsize;
-    if ((item != 2 && item != 4) || tokens < 1 || half < 1 || half > 255 || (m != 1 && m != 2 && m != 4) ||
+    if ((item != 2 && item != 4) || tokens < 1 || !tuple_shape_ok(half, m) ||
         rows.buf.len % (item * tokens)) {
         PyErr_SetString(PyExc_ValueError, "count_tuples: rows must be int16 or int32 (n, tokens); 1 <= K <= 255, m 1, 2 or 4");
         goto done;

@@ -122,7 +122,8 @@ def to_tuples(rows: np.ndarray, half: int, m: int) -> tuple[np.ndarray, np.ndarr
     """rows (n, tokens) int16 or int32 -> joint symbols (n * ceil(tokens/m),) int32 and the escaped tuples'
     values (int32), in C without the GIL.
 
-    Tokens are padded with zeros to a multiple of m; the decoder knows `tokens` and drops the padding.
+    Tokens are padded with zeros to a multiple of m; the decoder knows `tokens` and drops the padding. The encoder
+    forms its symbols inside encode_rows; this separate pass is the reference the tests hold it to.
     """
     rows = np.ascontiguousarray(rows if rows.dtype in (np.int16, np.int32) else rows.astype(np.int32))
     n, tokens = rows.shape

@@ -209,9 +209,9 @@ class KvqCodec(Codec):
         # No channel needs more than MAX_LEVEL steps from its center: escapes stay far inside int32.
         finest = token_factor.min(dim=1).values[:, None] if token_factor is not None and tokens else 1.0
         floor = spread / (MAX_LEVEL * finest)
-        if token_factor is not None and (floor > MAX_STEP).any():
-            raise _TooFine()
         if (floor > MAX_STEP).any():
+            if token_factor is not None:
+                raise _TooFine()
             raise CodecError(f"layer {layer} {KINDS[kind].upper()}: values up to {float(spread.max()):.3g} from "
                              f"their channel mean are beyond kvq's range ({MAX_STEP * MAX_LEVEL:.3g}); use lossless")
         # float16 rounding may shave 2^-11 off a floored step: |q| stays below 2^31 all the same.

@@ -16,7 +16,7 @@ import torch
 import zstandard
 
 from kvcli import format, kvfile
-from kvcli.codecs import KvqCodec, entropy, kvq, rans
+from kvcli.codecs import KvqCodec, _ans, entropy, kvq, rans
 from kvcli.codecs.kvq import Profile
 from kvcli.kvcache import KVCache
 
@@ -203,3 +203,14 @@ def test_fit_on_two_threads_raises_the_first_error_in_layer_order():
     kv.values[0][1, 20, 3] = 0.0
     with pytest.raises(kvq.CodecError, match="layer 1 K: values up to"):
         KvqCodec(0.5, 1, None, inv_freq(8, 3)).fit(kv.keys, kv.values, [0, 0, 0])
+
+
+def test_coder_refuses_a_tuple_length_no_class_has():
+    """Tuples of 3 tokens fit the arithmetic of a layout but no loop of the coder: refused, not run past the rows."""
+    tables = entropy.tables_of({0: np.ones(3**3 + 1, np.int64)})  # the alphabet of K = 1, m = 3, and its escape
+    rows = np.zeros((1, 7), np.int16)
+    symbols = -(-7 // 3)
+    with pytest.raises(ValueError, match="group layout"):
+        _ans.encode_rows(*tables.coder.coder_arrays, tables.reciprocals, rows, np.array([[0, 1, 1, 3]], np.int64),
+                         np.zeros(1, np.int64), np.empty(1, np.uint32), np.empty(symbols, np.uint16),
+                         np.empty(symbols * 3, np.int32))
