@@ -953,6 +953,30 @@ done:
 
 /* ------------------------------------------------------------------------------------------ channel spread */
 
+/* The population standard deviation of a row of integers, from their exact sum and sum of squares
+ * (tokens * squares - sum^2 = tokens^2 * variance, exact), given the row's extremes. The squares take 64 bits
+ * unless some |v| reaches 46341 (2^15.5), where they could overflow and go through 128 bits. spread() and the
+ * fused quantize() must give the same classes bit for bit, so both call this. */
+static inline double row_std(const int32_t *restrict v, int64_t tokens, int32_t lo, int32_t hi) {
+    int64_t sum = 0;
+    __int128 squares = 0;
+    if (lo > -46341 && hi < 46341) {
+        int64_t sq = 0;
+        for (int64_t t = 0; t < tokens; t++) {
+            sum += v[t];
+            sq += (int64_t)v[t] * v[t];
+        }
+        squares = sq;
+    } else {
+        for (int64_t t = 0; t < tokens; t++) {
+            sum += v[t];
+            squares += (int64_t)v[t] * v[t];
+        }
+    }
+    __int128 spread2 = squares * tokens - (__int128)sum * sum;
+    return sqrt((double)spread2) / (double)tokens;
+}
+
 PyDoc_STRVAR(spread_doc,
              "spread(q, tokens, out)\n\nout (float64, one per row): the population standard deviation of each row of q\n"
              "(int32, (rows, tokens), C order), summed exactly in integers (128-bit squares).");
@@ -972,15 +996,12 @@ static PyObject *spread(PyObject *self, PyObject *args) {
     const int32_t *v = DATA(q, int32_t);
     double *std = DATA(out, double);
     for (Py_ssize_t r = 0; r < ITEMS(out, double); r++, v += tokens) {
-        int64_t sum = 0;
-        __int128 squares = 0;
+        int32_t lo = 0, hi = 0;
         for (int64_t i = 0; i < tokens; i++) {
-            sum += v[i];
-            squares += (int64_t)v[i] * v[i];
+            lo = v[i] < lo ? v[i] : lo;
+            hi = v[i] > hi ? v[i] : hi;
         }
-        /* tokens * squares - sum^2 = tokens^2 * variance, exact */
-        __int128 spread2 = squares * tokens - (__int128)sum * sum;
-        std[r] = sqrt((double)spread2) / (double)tokens;
+        std[r] = row_std(v, tokens, lo, hi);
     }
     Py_END_ALLOW_THREADS
     result = Py_None;
@@ -1224,9 +1245,8 @@ PyDoc_STRVAR(quantize_doc,
              "Also fills std (float64 per channel) as spread() would from q. Returns False, with q incomplete, if a\n"
              "value does not fit int16 q (quantize into int32 then); every value must fit int32.");
 
-/* One channel's integers into q, and their exact sum and sum of squares for its class (spread()'s). Each
- * loop is simple enough to vectorize; the squares take 64 bits unless some |q| reaches 46341 (2^15.5), where
- * they could overflow and go through 128 bits as spread() does. Returns 0 if int16 output does not fit. */
+/* One channel's integers into q, and their standard deviation for its class (row_std, as spread() gives it).
+ * Each loop is simple enough to vectorize. Returns 0 if int16 output does not fit. */
 WIDE static int quantize_row(const float *restrict x, int64_t tokens, float cr, float sr, const float *restrict f,
                                int32_t *restrict q, double *std) {
     if (f)
@@ -1241,24 +1261,7 @@ WIDE static int quantize_row(const float *restrict x, int64_t tokens, float cr, 
         lo = q[t] < lo ? q[t] : lo;
         hi = q[t] > hi ? q[t] : hi;
     }
-    int64_t sum = 0;
-    __int128 squares = 0;
-    if (lo > -46341 && hi < 46341) {
-        int64_t sq = 0;
-        for (int64_t t = 0; t < tokens; t++) {
-            sum += q[t];
-            sq += (int64_t)q[t] * q[t];
-        }
-        squares = sq;
-    } else {
-        for (int64_t t = 0; t < tokens; t++) {
-            sum += q[t];
-            squares += (int64_t)q[t] * q[t];
-        }
-    }
-    /* tokens * squares - sum^2 = tokens^2 * variance, exact */
-    __int128 spread2 = squares * tokens - (__int128)sum * sum;
-    *std = sqrt((double)spread2) / (double)tokens;
+    *std = row_std(q, tokens, lo, hi);
     return lo >= INT16_MIN && hi <= INT16_MAX;
 }
 
@@ -1371,6 +1374,16 @@ PyDoc_STRVAR(encode_rows_doc,
              "the stream's words are its last `words used`. escapes (int32) takes the escaped tuples' values.\n"
              "reciprocals: reciprocals(fc)'s, which replace the coder's divisions.");
 
+/* Whether a buffer holds native int16 or int32 (struct codes h, i, or l where long has 4 bytes): a float32
+ * array has the item size of int32 and would be coded as its bit patterns. */
+static int native_signed(const Py_buffer *b) {
+    const char *f = b->format ? b->format : "B";
+    if (*f == '@' || *f == '=') f++;
+    if (f[0] == '\0' || f[1] != '\0') return 0;
+    return (f[0] == 'h' && b->itemsize == 2) ||
+           ((f[0] == 'i' || (f[0] == 'l' && sizeof(long) == 4)) && b->itemsize == 4);
+}
+
 static PyObject *encode_rows(PyObject *self, PyObject *args) {
     PyObject *o[10];
     View v[10] = {{0}};
@@ -1396,7 +1409,7 @@ static PyObject *encode_rows(PyObject *self, PyObject *args) {
     rows_held = 1;
     const Py_ssize_t ri = rows.itemsize;
     /* The stride of an axis of one entry is whatever the exporter chose: never used, never checked. */
-    if (rows.ndim != 2 || (ri != 2 && ri != 4) || (rows.shape[1] > 1 && rows.strides[1] != ri) ||
+    if (rows.ndim != 2 || !native_signed(&rows) || (rows.shape[1] > 1 && rows.strides[1] != ri) ||
         (rows.shape[0] > 1 && rows.strides[0] % ri)) {
         PyErr_SetString(PyExc_ValueError, "encode_rows: rows must be int16 or int32 (channels, tokens), tokens contiguous");
         goto done;

@@ -214,3 +214,13 @@ def test_coder_refuses_a_tuple_length_no_class_has():
         _ans.encode_rows(*tables.coder.coder_arrays, tables.reciprocals, rows, np.array([[0, 1, 1, 3]], np.int64),
                          np.zeros(1, np.int64), np.empty(1, np.uint32), np.empty(symbols, np.uint16),
                          np.empty(symbols * 3, np.int32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16, np.int64])
+def test_coder_refuses_rows_that_are_not_int16_or_int32(dtype):
+    """float32 has int32's item size and uint16 int16's: either would be coded as its bit patterns. Refused."""
+    tables = entropy.tables_of({0: np.ones(2**4 + 1, np.int64)})  # K = 1, m = 4, and its escape
+    rows = np.zeros((1, 8), dtype)
+    with pytest.raises(ValueError, match="rows must be int16 or int32"):
+        _ans.encode_rows(*tables.coder.coder_arrays, tables.reciprocals, rows, np.array([[0, 1, 1, 4]], np.int64),
+                         np.zeros(1, np.int64), np.empty(1, np.uint32), np.empty(2, np.uint16), np.empty(8, np.int32))
