@@ -135,24 +135,50 @@ def main() -> None:
 
 
 def plot(summary: list[dict], path: Path, model: str) -> None:
+    """Two panels over bits per element: top-1 agreement, and KL on a log scale (codecs with KL 0 left out)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for s in summary:
-        ours = s["codec"].startswith("kvcli:")
-        ax.scatter(s["bits_per_element"], s["top1"], marker="o" if ours else "s", color="C0" if ours else "C1")
-        ax.annotate(s["codec"], (s["bits_per_element"], s["top1"]), textcoords="offset points", xytext=(4, 3), fontsize=7)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("bits per element (log scale, real file bytes)")
-    ax.set_ylabel("top-1 agreement with the exact cache")
-    ax.set_title(f"{model}, 2,048-token prefixes, mean over the corpus")
-    ax.grid(alpha=0.3)
+    fig, (top, kl) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120)
+    panels = [(ax, key, [s for s in summary if key != "kl" or s["kl"] > 0]) for ax, key in ((top, "top1"), (kl, "kl"))]
+    for ax, key, shown in panels:
+        for s in shown:
+            ours = s["codec"].startswith("kvcli:")
+            ax.scatter(s["bits_per_element"], s[key], marker="o" if ours else "s", color="C0" if ours else "C1")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("bits per element (log scale, real file bytes)")
+        ax.grid(alpha=0.3)
+    top.set_ylabel("top-1 agreement with the exact cache")
+    kl.set_yscale("log")
+    kl.set_ylabel("KL(exact || decoded), nats per position")
+    fig.suptitle(f"{model}, 2,048-token prefixes, mean over the corpus")
     fig.tight_layout()
+    for ax, key, shown in panels:  # after the layout, which moves the axes the names are measured in
+        _label(fig, ax, [(s["bits_per_element"], s[key], s["codec"]) for s in shown])
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
+
+
+def _label(fig, ax, points: list[tuple[float, float, str]]) -> None:
+    """Each point's name beside it, at the first of four places inside the axes where it overlaps no name placed
+    before."""
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    placed = []
+    for x, y, name in sorted(points):
+        for dx, dy, ha in ((4, 3, "left"), (4, -10, "left"), (-4, 3, "right"), (-4, -10, "right")):
+            text = ax.annotate(name, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7, ha=ha)
+            box = text.get_window_extent(renderer)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not any(box.overlaps(other) for other in placed):
+                break
+            text.remove()
+        else:  # crowded everywhere: keep the first place
+            text = ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+            box = text.get_window_extent(renderer)
+        placed.append(box)
 
 
 if __name__ == "__main__":
