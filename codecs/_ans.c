@@ -955,12 +955,13 @@ done:
 
 /* The population standard deviation of a row of integers, from their exact sum and sum of squares
  * (tokens * squares - sum^2 = tokens^2 * variance, exact), given the row's extremes. The squares take 64 bits
- * unless some |v| reaches 46341 (2^15.5), where they could overflow and go through 128 bits. spread() and the
- * fused quantize() must give the same classes bit for bit, so both call this. */
+ * unless some |v| reaches 46341 (2^15.5) or the row reaches 2^32 tokens, where they could overflow and go
+ * through 128 bits. spread() and the fused quantize() must give the same classes bit for bit, so both call
+ * this. */
 static inline double row_std(const int32_t *restrict v, int64_t tokens, int32_t lo, int32_t hi) {
     int64_t sum = 0;
     __int128 squares = 0;
-    if (lo > -46341 && hi < 46341) {
+    if (lo > -46341 && hi < 46341 && tokens < ((int64_t)1 << 32)) {
         int64_t sq = 0;
         for (int64_t t = 0; t < tokens; t++) {
             sum += v[t];
@@ -979,7 +980,7 @@ static inline double row_std(const int32_t *restrict v, int64_t tokens, int32_t 
 
 PyDoc_STRVAR(spread_doc,
              "spread(q, tokens, out)\n\nout (float64, one per row): the population standard deviation of each row of q\n"
-             "(int32, (rows, tokens), C order), summed exactly in integers (128-bit squares).");
+             "(int32, (rows, tokens), C order), summed exactly in integers.");
 
 static PyObject *spread(PyObject *self, PyObject *args) {
     PyObject *o_q, *o_out;
