@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import random
-from pathlib import Path
 
 import torch
 
-from common import DEFAULT_CORPUS, corpus, emit, environment
+from common import corpus, emit, environment
 from kvcli import format, inference, kvfile, models
-from rate_distortion import kvcli_codec
+from rate_distortion import kvcli_codec, model_options
 
 FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
 QUESTION = "\nQuestion: What is the access code for the archive room?\nAnswer: The access code is"
@@ -35,10 +34,7 @@ def planted(text: str, fraction: float, code: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="model directory or .gguf file [default: the bundled model]")
-    ap.add_argument("--profile", nargs="+", default=["auto"],
-                    help="kvcli's calibration, one or more of: auto, none, a profile's path (each its own rows)")
-    ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    model_options(ap)
     ap.add_argument("--tokens", type=int, default=1024, help="each document's first N tokens, before planting")
     ap.add_argument("--presets", nargs="+", default=["balanced", "small"])
     ap.add_argument("--documents", type=int, default=4)

@@ -67,12 +67,17 @@ def measure_baseline(ref: quality.Reference, enc, dec):
     return sum(len(b) for b, _ in blobs), enc_s, dec_s, decoded
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def model_options(ap: argparse.ArgumentParser) -> None:
+    """--model, --profile and --corpus, as every benchmark of kvcli's lossy presets takes them."""
     ap.add_argument("--model", help="model directory or .gguf file [default: the bundled model]")
     ap.add_argument("--profile", nargs="+", default=["auto"],
                     help="kvcli's calibration, one or more of: auto, none, a profile's path (each its own rows)")
     ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_options(ap)
     ap.add_argument("--plot", type=Path, help="write a PNG of bits/element against top-1 agreement")
     ap.add_argument("--codecs", nargs="*", help="subset of codecs to run (kvcli:PRESET or a baseline name)")
     ap.add_argument("--documents", type=int, default=0, help="only the first N documents")
