@@ -44,9 +44,9 @@ def main() -> None:
     lm = models.load(args.model, "float32")
     env = {**environment(), "model": lm.name}
     question = inference.prompt_ids(lm, QUESTION)
-    codecs = [(f"kvcli:{preset}" + (f"[{prof}]" if len(args.profile) > 1 else ""), preset, prof)
+    codecs = [(f"kvcli:{preset}" + (f"[{prof}]" if len(args.profile) > 1 else ""), kvcli_codec(lm, preset, prof))
               for prof in args.profile for preset in args.presets]
-    correct = {"exact": 0, **{label: 0 for label, _, _ in codecs}}
+    correct = {"exact": 0, **{label: 0 for label, _ in codecs}}
     rng = random.Random(args.seed)
     trials = 0
     for doc in corpus(args.corpus)[: args.documents]:
@@ -56,8 +56,8 @@ def main() -> None:
             code = str(rng.randint(1000, 9999))
             kv = inference.prefill(lm, inference.document_ids(lm, planted(text, fraction, code)), attention=True)
             answers = {"exact": lm.tokenizer.decode(inference.greedy(lm, kv, question, 6))}
-            for label, preset, prof in codecs:
-                meta, parts = kvfile.encode(kv, lm.identity, kvcli_codec(lm, preset, prof), 256)
+            for label, codec in codecs:
+                meta, parts = kvfile.encode(kv, lm.identity, codec, 256)
                 src = format.BytesSource(format.build_header(meta, parts) + b"".join(p.data for p in parts))
                 decoded = kvfile.decode(src, format.read_header(src))
                 answers[label] = lm.tokenizer.decode(inference.greedy(lm, decoded, question, 6))
