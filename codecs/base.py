@@ -2,7 +2,7 @@
 
 - `Codec` is the configuration: name, params, how to rebuild it from a header (`from_params`, validated against
   the class's declared PARAMS), and the two factories `fit` (whole cache -> Encoder) and `open` (aux blobs ->
-  Decoder). Every class that sets `name` registers itself; `codec_from_header` looks the name up.
+  Decoder). `registry.codec_from_header` rebuilds one from a file's header.
 - `Encoder` and `Decoder` are immutable once built, so threads may share them.
 - Decoding is two declared stages, in this order: `entropy` turns a batch of segments' bytes into symbols (on
   the CPU; a GPU entropy decoder may replace it), and `reconstruct` writes one segment's values into a
@@ -22,7 +22,6 @@ import zstandard
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
-REGISTRY: dict[str, type["Codec"]] = {}
 
 
 class CodecError(Exception):
@@ -66,11 +65,6 @@ class Codec(ABC):
     max_expansion: ClassVar[float]
     # Header params: name -> (accepted types, required). Unknown names are refused.
     PARAMS: ClassVar[dict[str, tuple[tuple[type, ...], bool]]] = {}
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if "name" in cls.__dict__:
-            REGISTRY[cls.name] = cls
 
     def params(self) -> dict:
         """What the header records so that a decoder can rebuild this codec exactly."""
@@ -201,10 +195,3 @@ def unzstd(data: bytes, limit: int) -> bytes:
         raise CodecError(f"zstd frame declares {declared} bytes but holds {len(out)}")
     return out
 
-
-def codec_from_header(name: Any, params: Any) -> Codec:
-    """Rebuild the codec a file was written with, from the name and params in its header."""
-    cls = REGISTRY.get(name) if isinstance(name, str) else None
-    if cls is None:
-        raise CodecError(f"unknown codec {name!r}; this build reads {', '.join(sorted(REGISTRY))}")
-    return cls.from_params(params)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from . import inference, profiles, quality
-from .codecs import KvqCodec, Profile
+from .codecs.kvq import KvqCodec, Profile
 from .codecs.kvq import DEFAULT_TOKEN_ALPHA
 from .kvcache import KVCache, to_model_cache
 from .models import LoadedModel

@@ -9,7 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from . import __version__, format
-from .codecs import Codec, CodecError, Decoder, SegmentContext, codec_from_header
+from .codecs.base import Codec, CodecError, Decoder, SegmentContext
+from .codecs.registry import codec_from_header
 from .codecs.base import ITEMSIZE
 from .errors import FormatError
 from .kernels.placement import resolve

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from . import format, identity, inference, kvfile, models
-from .codecs import Codec, CodecError
+from .codecs.base import Codec, CodecError
 from .codecs.kvq import DEFAULT_SINKS
 from .codecs.presets import make_codec
 from .errors import InputError, ModelMismatchError

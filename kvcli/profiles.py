@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import identity
-from .codecs import Profile
+from .codecs.kvq import Profile
 from .errors import FormatError
 
 PROFILE_FORMAT = "kvcli-profile"

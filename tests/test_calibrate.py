@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvcli import calibrate, format, inference, pipeline, profiles, quality
-from kvcli.codecs import KvqCodec
+from kvcli.codecs.kvq import KvqCodec
 from kvcli.codecs.presets import make_codec
 from kvcli.kvcache import KVCache
 from kvcli.rope import inv_freq_per_layer

@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvcli import format, kvfile
-from kvcli.codecs import CodecError, KvqCodec, Profile
+from kvcli.codecs.base import CodecError
+from kvcli.codecs.kvq import KvqCodec, Profile
 from kvcli.codecs.quantize import rope_tables, unrotate_keys
 from kvcli.errors import FormatError, KvcliError
 from kvcli.kvcache import KVCache

@@ -12,7 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvcli import format, kvfile
-from kvcli.codecs import CodecError, RawCodec, SegmentContext, ZstdCodec
+from kvcli.codecs.base import CodecError, SegmentContext
+from kvcli.codecs.raw import RawCodec
+from kvcli.codecs.lossless import ZstdCodec
 from kvcli.errors import FormatError
 from kvcli.kvcache import KVCache
 
@@ -97,7 +99,7 @@ def test_zstd_level_is_informational_for_a_decoder(level):
     (7, {}, "unknown codec 7"),
 ])
 def test_codec_params_are_validated(name, params, message):
-    from kvcli.codecs import codec_from_header
+    from kvcli.codecs.registry import codec_from_header
 
     with pytest.raises(CodecError, match=re.escape(message)):
         codec_from_header(name, params)

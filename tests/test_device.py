@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 from cli_checks import one_line_error  # noqa: E402
 
 from kvcli import format, kvfile  # noqa: E402
-from kvcli.codecs import KvqCodec  # noqa: E402
+from kvcli.codecs.kvq import KvqCodec  # noqa: E402
 from kvcli.codecs.kvq import KvqDecoder  # noqa: E402
 from kvcli.errors import FormatError  # noqa: E402
 from kvcli.kernels.placement import Placement, resolve  # noqa: E402

@@ -166,7 +166,7 @@ def small_foreign_cache(tmp_path: Path, lm, layers: int) -> Path:
     """A lossless file that respects every format bound and carries `lm`'s identity, with `layers` layers of
     2 heads x 200 tokens (the tiny models have 4 layers)."""
     from kvcli import kvfile
-    from kvcli.codecs import ZstdCodec
+    from kvcli.codecs.lossless import ZstdCodec
     from kvcli.kvcache import KVCache
 
     g = torch.Generator().manual_seed(0)

@@ -10,7 +10,8 @@ import torch
 
 from coder_inputs import fit_tables, ticks_during
 from kvcli import format, kvfile
-from kvcli.codecs import KvqCodec, _ans
+from kvcli.codecs.kvq import KvqCodec
+from kvcli.codecs import _ans
 from kvcli.codecs.kvq import FLOAT16_MAX, HOST_DTYPES
 from kvcli.codecs.quantize import rope_tables, rotate_keys
 from kvcli.kvcache import KVCache

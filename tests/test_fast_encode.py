@@ -16,7 +16,8 @@ import torch
 import zstandard
 
 from kvcli import format, kvfile
-from kvcli.codecs import KvqCodec, _ans, entropy, kvq, rans
+from kvcli.codecs.kvq import KvqCodec
+from kvcli.codecs import _ans, entropy, kvq, rans
 from kvcli.codecs.kvq import Profile
 from kvcli.kvcache import KVCache
 

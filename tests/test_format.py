@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from golden.make_golden import HERE, golden_bytes, golden_cache
 from kvcli import format, kvfile
-from kvcli.codecs import RawCodec
+from kvcli.codecs.raw import RawCodec
 from kvcli.errors import FormatError, KvcliError, VersionError
 
 RAW = (HERE / "tiny-raw.kvc").read_bytes()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvcli import format, inference, kvfile
-from kvcli.codecs import ZstdCodec
+from kvcli.codecs.lossless import ZstdCodec
 from tiny_models import ARCHITECTURES, SLIDING_WINDOW
 
 DOC = "Some document text, long enough that a sliding window of eight tokens overflows many times over."

@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("triton")
 
 from kvcli import format, kvfile  # noqa: E402
-from kvcli.codecs import KvqCodec  # noqa: E402
+from kvcli.codecs.kvq import KvqCodec  # noqa: E402
 from kvcli.codecs.quantize import dequantize_rotate_ref  # noqa: E402
 from kvcli.kernels.dequantize import dequantize_rotate  # noqa: E402
 from kvcli.kvcache import KVCache  # noqa: E402

@@ -17,7 +17,8 @@ pytest.importorskip("triton")
 
 from kvcli import format, kvfile  # noqa: E402
 from coder_inputs import random_streams  # noqa: E402
-from kvcli.codecs import KvqCodec, entropy, rans  # noqa: E402
+from kvcli.codecs.kvq import KvqCodec  # noqa: E402
+from kvcli.codecs import entropy, rans  # noqa: E402
 from kvcli.codecs.quantize import dequantize_rotate_ref  # noqa: E402
 from kvcli.kernels import rans_decode  # noqa: E402
 from kvcli.kernels.dequantize import dequantize_rotate  # noqa: E402

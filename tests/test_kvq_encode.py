@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from kvcli import kvfile
-from kvcli.codecs import CodecError, KvqCodec, entropy
+from kvcli.codecs.base import CodecError
+from kvcli.codecs.kvq import KvqCodec
+from kvcli.codecs import entropy
 from kvcli.codecs.base import SegmentContext
 from kvcli.kvcache import KVCache
 

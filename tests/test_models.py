@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from kvcli import identity, models, profiles
-from kvcli.codecs import Profile
+from kvcli.codecs.kvq import Profile
 from kvcli.errors import ModelLoadError
 
 

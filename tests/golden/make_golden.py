@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from kvcli import format, kvfile
-from kvcli.codecs import RawCodec, ZstdCodec
+from kvcli.codecs.raw import RawCodec
+from kvcli.codecs.lossless import ZstdCodec
 from kvcli.kvcache import KVCache
 
 HERE = Path(__file__).parent

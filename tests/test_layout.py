@@ -1,0 +1,45 @@
+"""The checkout's own folders never shadow an installed package, for any Python started in the repository root.
+
+`codecs/` and `kernels/` install as `kvcli.codecs` and `kvcli.kernels`; with an `__init__.py` they would also be
+importable as bare `codecs` and `kernels` from the root, and transformers imports Hugging Face's `kernels`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_in_root(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_no_root_entry_is_a_regular_package_an_installed_distribution_also_provides():
+    installed = {name for name, dists in importlib.metadata.packages_distributions().items() if set(dists) != {"kvcli"}}
+    regular = {p.name for p in REPO.iterdir() if (p / "__init__.py").is_file()}
+    regular |= {p.stem for p in REPO.glob("*.py")}
+    assert not regular & installed
+    assert not (REPO / "kernels" / "__init__.py").exists() and not (REPO / "codecs" / "__init__.py").exists()
+
+
+def test_python_in_root_imports_transformers_model_code_and_kvcli():
+    code = ("import kernels, transformers.models.llama.modeling_llama, kvcli.cli, kvcli.codecs.registry, "
+            "kvcli.kernels.placement; print(kernels.__file__)")
+    done = run_in_root("-c", code)
+    assert done.returncode == 0, done.stderr
+    assert not Path(done.stdout.strip()).is_relative_to(REPO / "kernels")  # the installed package, not our folder
+
+
+def test_python_m_kvcli_in_root_runs_a_model(tiny_model_dir, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The library opened in 1908 on the corner of Elm Street.")
+    out = tmp_path / "doc.kvc"
+    model = str(tiny_model_dir("llama"))
+    done = run_in_root("-m", "kvcli", "prefill", str(doc), "-o", str(out), "--model", model, "--quality", "lossless")
+    assert done.returncode == 0, done.stderr
+    done = run_in_root("-m", "kvcli", "generate", "--cache", str(out), "--model", model, "--max-new-tokens", "3", " Q:")
+    assert done.returncode == 0, done.stderr
