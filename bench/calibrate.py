@@ -2,7 +2,7 @@
 
     python bench/calibrate.py [--model M] [--method fisher|probes] [--threads N] [--output PROFILE.json]
 
-Runs kvcli.calibrate.calibrate on the bundled calibration texts, as `kvcli calibrate` does, with the model load
+Runs kvcli.calibration.calibrate.calibrate on the bundled calibration texts, as `kvcli calibrate` does, with the model load
 timed apart. Work is counted with forward hooks, not derived from the code: decoder-layer token passes (one
 token through one decoder layer, summed over every forward pass, the gradient-enabled one included; backward
 passes are not hooked: `fisher_groups` of them per text, each about twice its forward), output-layer token
@@ -20,9 +20,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-
 from common import emit, environment
-from kvcli import calibrate, models, profiles
+
+from kvcli.calibration import calibrate, profiles
+from kvcli.modeling import models
 
 
 class Counter:

@@ -4,7 +4,7 @@
                             [--quality lossless --quality balanced] [--repeats 3]
 
 Documents are the first --doc-tokens tokens of each corpus file (four of them), composed in the four cyclic
-orders. Quality follows kvcli/quality.py: the next 128 tokens of the last document are teacher-forced after the
+orders. Quality follows kvcli/calibration/quality.py: the next 128 tokens of the last document are teacher-forced after the
 prefill of the concatenation (the reference) and after the composed cache, from exact per-document caches, with
 no recomputation and with each fraction. TTFT goes through the CLI's path (read, decode, compose, recompute, run
 the question) from files of each quality. The needle is a sentence planted mid-way into one document.
@@ -20,10 +20,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from common import DEFAULT_CORPUS, corpus, emit, environment, spread, timed
-from kvcli import compose, inference, models, pipeline, quality
 from kvcli.codecs.presets import QUALITIES
+
+from kvcli.calibration import quality
+from kvcli.modeling import inference, models
+from kvcli.reuse import compose, pipeline
 
 QUESTION = "\nQuestion: What are these documents about?\nAnswer:"
 NEEDLE = " The access code for the archive room is 7341."

@@ -17,10 +17,13 @@ import statistics
 import time
 
 import torch
-
 from common import DEFAULT_CORPUS, emit, environment, spread
-from kvcli import format, inference, kvfile, models, pipeline, quality
 from kvcli.codecs.kvq import KvqDecoder
+
+from kvcli.calibration import quality
+from kvcli.container import format, kvfile
+from kvcli.modeling import inference, models
+from kvcli.reuse import pipeline
 
 
 def decode_seconds(src, header, threads: int | None, torch_reconstruct: bool) -> float:

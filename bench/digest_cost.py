@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 
 import blake3
+from common import emit, environment, spread
 from transformers import AutoTokenizer
 
-from common import emit, environment, spread
-from kvcli import identity, models
+from kvcli.container import identity
+from kvcli.modeling import models
 
 SIXTEEN_GB = 16e9
 

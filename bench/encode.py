@@ -18,9 +18,11 @@ import statistics
 import time
 
 import torch
-
 from common import DEFAULT_CORPUS, emit, environment, spread
-from kvcli import format, inference, kvfile, models, pipeline
+
+from kvcli.container import format, kvfile
+from kvcli.modeling import inference, models
+from kvcli.reuse import pipeline
 
 
 def main() -> None:

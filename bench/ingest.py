@@ -42,8 +42,9 @@ def make_documents(lm, paths: list[Path], count: int, tokens: int) -> list[dict]
 
 def worker(args) -> None:
     """One setting in this process: prints one JSON object with the measurements."""
-    from kvcli import ingest, models
-    from kvcli.store import open_store
+    from kvcli.modeling import models
+    from kvcli.reuse import ingest
+    from kvcli.storage.store import open_store
 
     lm = models.load(None, "float32")
     docs = make_documents(lm, corpus(args.corpus), args.docs + WARMUP_DOCS, args.tokens)
@@ -72,7 +73,7 @@ def worker(args) -> None:
 
 def _time_forward_passes(engine) -> dict:
     """Wrap the engine's batched prefill to add up the time spent in forward passes."""
-    from kvcli import batching
+    from kvcli.modeling import batching
 
     totals = {"seconds": 0.0, "calls": 0}
     inner = batching.prefill_batch

@@ -23,16 +23,16 @@ import time
 import numpy as np
 import torch
 import transformers
-
-from kvcli import format, kvfile
 from kvcli.codecs import entropy
 from kvcli.codecs.presets import make_codec
 from kvcli.kernels import dequantize as dq
 from kvcli.kernels import rans_decode
 from kvcli.kernels.dequantize import dequantize_rotate
 from kvcli.kernels.quantize import quantize_unrotate
-from kvcli.kvcache import KVCache
-from kvcli.rope import inv_freq_per_layer
+
+from kvcli.container import format, kvfile
+from kvcli.modeling.kvcache import KVCache
+from kvcli.modeling.rope import inv_freq_per_layer
 
 # Datasheet HBM bandwidth, bytes/s: the denominators of the "fraction of peak" figures.
 PEAK_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H200": 4.8e12,

@@ -17,10 +17,11 @@ import argparse
 import random
 
 import torch
-
 from common import corpus, emit, environment
-from kvcli import format, inference, kvfile, models
 from rate_distortion import kvcli_codec, model_options
+
+from kvcli.container import format, kvfile
+from kvcli.modeling import inference, models
 
 FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
 QUESTION = "\nQuestion: What is the access code for the archive room?\nAnswer: The access code is"

@@ -18,13 +18,16 @@ import time
 from pathlib import Path
 
 import torch
-
 from baselines import registry
 from common import DEFAULT_CORPUS, corpus, emit, environment
-from kvcli import format, inference, kvfile, models, pipeline, profiles, quality
 from kvcli.codecs.presets import make_codec
-from kvcli.kvcache import KVCache
-from kvcli.rope import inv_freq_per_layer
+
+from kvcli.calibration import profiles, quality
+from kvcli.container import format, kvfile
+from kvcli.modeling import inference, models
+from kvcli.modeling.kvcache import KVCache
+from kvcli.modeling.rope import inv_freq_per_layer
+from kvcli.reuse import pipeline
 
 KVCLI_PRESETS = ("lossless", "high", "balanced", "small")
 

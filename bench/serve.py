@@ -25,11 +25,14 @@ from pathlib import Path
 
 import httpx
 import torch
-
 from common import DEFAULT_CORPUS, corpus, emit, environment, spread
-from kvcli import format, inference, kvfile, models, pipeline, remote, store
 from kvcli.codecs.presets import make_codec
-from kvcli.kvcache import KVCache
+
+from kvcli.container import format, kvfile
+from kvcli.modeling import inference, models
+from kvcli.modeling.kvcache import KVCache
+from kvcli.reuse import pipeline
+from kvcli.storage import remote, store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from servers import CacheServer  # noqa: E402

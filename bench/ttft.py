@@ -12,10 +12,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from common import DEFAULT_CORPUS, corpus, emit, environment, spread, timed
-from kvcli import format, inference, kvfile, models, pipeline
 from kvcli.codecs.presets import QUALITIES
+
+from kvcli.container import format, kvfile
+from kvcli.modeling import inference, models
+from kvcli.reuse import pipeline
 
 QUESTION = "\nQuestion: What is this document about?\nAnswer:"
 

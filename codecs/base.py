@@ -96,7 +96,7 @@ class Codec(ABC):
     def fit(self, keys: list[torch.Tensor], values: list[torch.Tensor], token_starts: list[int],
             attention: list[torch.Tensor] | None = None) -> "Encoder":
         """An encoder for this cache (it may fit shared tables on all of it). `attention`, per layer (kv_heads,
-        held), is what each token received during prefill (kvcli/importance.py), where measured; lossy codecs
+        held), is what each token received during prefill (kvcli/modeling/importance.py), where measured; lossy codecs
         may spend fewer bits on tokens that received little."""
 
     @abstractmethod

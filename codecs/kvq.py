@@ -26,8 +26,7 @@ import torch
 import zstandard
 
 from . import _ans, entropy
-from .base import (ITEMSIZE, Codec, CodecError, Decoder, Encoder, SegmentContext, bytes_to_tensor, tensor_bytes,
-                   unzstd)
+from .base import ITEMSIZE, Codec, CodecError, Decoder, Encoder, SegmentContext, bytes_to_tensor, tensor_bytes, unzstd
 from .quantize import dequantize_rotate_ref, quantize, rope_tables, unrotate_keys
 
 FORMAT_VERSION = 3
@@ -245,7 +244,7 @@ class KvqCodec(Codec):
             attention: list[torch.Tensor] | None = None) -> "KvqEncoder":
         """Plans and tables from the whole cache, quantizing every element once: the encoder keeps the integers
         and codes the segments that are slices of these tensors from them. With `attention` (per layer
-        (kv_heads, held), kvcli/importance.py) and a token alpha above 0, token weights too."""
+        (kv_heads, held), kvcli/modeling/importance.py) and a token alpha above 0, token weights too."""
         jobs = [(layer, kind) for layer in range(len(token_starts)) for kind in range(2)]
 
         def fit_one(job: tuple[int, int]):

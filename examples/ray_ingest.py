@@ -33,7 +33,7 @@ def ingest(path: str, store: str, manifest: str, actors: int = 2, batch_size: in
            blocks: int | None = None, **settings) -> dict:
     """Run the pipeline; returns the count of manifest rows per status. The actor pool holds actors x actor_cpus
     CPUs for as long as it runs: leave some for the tasks that read the input, or they wait forever."""
-    from kvcli.ingest import PrefillBatches
+    from kvcli.reuse.ingest import PrefillBatches
 
     docs = read_documents(path, blocks)
     rows = docs.map_batches(PrefillBatches, fn_constructor_kwargs={"store": store, **settings},

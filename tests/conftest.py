@@ -33,7 +33,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_model_dir):
-    from kvcli import models
+    from kvcli.modeling import models
 
     loaded: dict = {}
 
@@ -55,7 +55,7 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def default_lm():
-    from kvcli import models
+    from kvcli.modeling import models
 
     return models.load(None, "float32")
 

@@ -13,7 +13,7 @@ import struct
 import numpy as np
 import zstandard
 
-from kvcli import format
+from kvcli.container import format
 
 PRECISION = 16
 LOW = 1 << 16

@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from kvcli import format
+from kvcli.container import format
 
 REPO = Path(__file__).resolve().parent.parent
 KVCLI = [sys.executable, "-m", "kvcli"]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kvcli import batching, inference
 from tiny_models import ARCHITECTURES, SLIDING_WINDOW
+
+from kvcli.modeling import batching, inference
 
 TEXTS = [
     "Short one.",

@@ -7,12 +7,15 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from kvcli import calibrate, format, inference, pipeline, profiles, quality
 from kvcli.codecs.kvq import KvqCodec
 from kvcli.codecs.presets import make_codec
-from kvcli.kvcache import KVCache
-from kvcli.rope import inv_freq_per_layer
+
+from kvcli.calibration import calibrate, profiles, quality
+from kvcli.container import format
+from kvcli.modeling import inference
+from kvcli.modeling.kvcache import KVCache
+from kvcli.modeling.rope import inv_freq_per_layer
+from kvcli.reuse import pipeline
 
 TEXT = ("Calibration measures which layers of a model are sensitive to errors in the cached keys and values. "
         "Every layer is probed on its own, with coarse quantization, and the change in the next-token "
@@ -149,7 +152,7 @@ def test_first_lossy_encode_calibrates_once_and_a_resaved_copy_reuses_it(tiny_lm
     models, 0.004 with uniform steps), the profile is written once, and the same weights saved elsewhere find it."""
     from tiny_models import make_model_dir
 
-    from kvcli import models
+    from kvcli.modeling import models
 
     monkeypatch.setenv("KVCLI_AUTO_CALIBRATE", "1")  # the default, whatever the test session set
     lm = tiny_lm("llama", seed=3)

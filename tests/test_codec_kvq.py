@@ -9,13 +9,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from kvcli import format, kvfile
 from kvcli.codecs.base import CodecError
 from kvcli.codecs.kvq import KvqCodec, Profile
 from kvcli.codecs.quantize import rope_tables, unrotate_keys
+
+from kvcli.container import format, kvfile
 from kvcli.errors import FormatError, KvcliError
-from kvcli.kvcache import KVCache
+from kvcli.modeling.kvcache import KVCache
 
 IDENT = {"architecture": "X", "config_digest": "a" * 64, "weights_digest": "b" * 64, "tokenizer_digest": "c" * 64}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -10,13 +10,13 @@ import torch
 import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from kvcli import format, kvfile
 from kvcli.codecs.base import CodecError, SegmentContext
-from kvcli.codecs.raw import RawCodec
 from kvcli.codecs.lossless import ZstdCodec
+from kvcli.codecs.raw import RawCodec
+
+from kvcli.container import format, kvfile
 from kvcli.errors import FormatError
-from kvcli.kvcache import KVCache
+from kvcli.modeling.kvcache import KVCache
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kvcli import compose, inference, models
-from kvcli.errors import InputError, ModelMismatchError, UsageError
-from kvcli.rope import shift_keys
 from tiny_models import ARCHITECTURES, byte_tokenizer, config_for
+
+from kvcli.errors import InputError, ModelMismatchError, UsageError
+from kvcli.modeling import inference, models
+from kvcli.modeling.rope import shift_keys
+from kvcli.reuse import compose
 
 DOCS = ("The harbour town of Velmora sits between two cliffs, and its lighthouse is older than the town.",
         "Trains leave the valley station every hour; the last one goes at eleven.",

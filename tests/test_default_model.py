@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kvcli import models
+from kvcli.modeling import models
 
 DOC = ("Marta Ilves founded the Ostrava Glassworks in 1921. The works made lamp chimneys at first, then bottles. "
        "In 1954 the factory moved to a new site by the river, and Marta's grandson Pavel ran it until 1990.\n")

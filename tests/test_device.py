@@ -17,13 +17,15 @@ import torch
 pytest.importorskip("triton")
 
 from cli_checks import one_line_error  # noqa: E402
-
-from kvcli import format, kvfile  # noqa: E402
-from kvcli.codecs.kvq import KvqCodec  # noqa: E402
-from kvcli.codecs.kvq import KvqDecoder  # noqa: E402
-from kvcli.errors import FormatError  # noqa: E402
+from kvcli.codecs.kvq import (
+    KvqCodec,  # noqa: E402
+    KvqDecoder,  # noqa: E402
+)
 from kvcli.kernels.placement import Placement, resolve  # noqa: E402
-from kvcli.kvcache import KVCache  # noqa: E402
+
+from kvcli.container import format, kvfile  # noqa: E402
+from kvcli.errors import FormatError  # noqa: E402
+from kvcli.modeling.kvcache import KVCache  # noqa: E402
 
 IDENT = {"architecture": "X", "config_digest": "a" * 64, "weights_digest": "b" * 64, "tokenizer_digest": "c" * 64}
 PROMPT = "Who keeps the lighthouse?"

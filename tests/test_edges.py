@@ -17,10 +17,10 @@ import zlib
 from pathlib import Path
 
 import pytest
-from cli_checks import one_line_error
 import torch
+from cli_checks import one_line_error
 
-from kvcli import format
+from kvcli.container import format
 
 PROMPT = " The keeper's name is"
 KVCLI = [sys.executable, "-m", "kvcli"]
@@ -165,9 +165,10 @@ def test_sigterm_during_a_write_removes_the_temporary_file(tmp_path, monkeypatch
 def small_foreign_cache(tmp_path: Path, lm, layers: int) -> Path:
     """A lossless file that respects every format bound and carries `lm`'s identity, with `layers` layers of
     2 heads x 200 tokens (the tiny models have 4 layers)."""
-    from kvcli import kvfile
     from kvcli.codecs.lossless import ZstdCodec
-    from kvcli.kvcache import KVCache
+
+    from kvcli.container import kvfile
+    from kvcli.modeling.kvcache import KVCache
 
     g = torch.Generator().manual_seed(0)
     keys = [torch.randn(2, 200, 16, generator=g) for _ in range(layers)]
@@ -180,7 +181,7 @@ def small_foreign_cache(tmp_path: Path, lm, layers: int) -> Path:
 
 def test_cache_with_other_shapes_is_refused_before_decoding(cli, tiny_lm, llama, tmp_path, monkeypatch):
     bomb = small_foreign_cache(tmp_path, tiny_lm("llama"), layers=2)
-    from kvcli import kvfile
+    from kvcli.container import kvfile
 
     def must_not_decode(*args, **kwargs):
         raise AssertionError("decoded before the layout check")
@@ -207,7 +208,7 @@ def test_prefill_of_dev_zero_is_refused_at_once(llama, tmp_path):
 def test_document_too_long_in_bytes_is_refused_before_tokenizing(cli, llama, tmp_path, monkeypatch):
     doc = tmp_path / "big.txt"
     doc.write_text("word " * 20_000)  # 100,000 bytes; the tiny model's 512-token context allows 32,768
-    from kvcli import inference
+    from kvcli.modeling import inference
 
     monkeypatch.setattr(inference, "document_ids", lambda *a: pytest.fail("tokenized a hopeless document"))
     one_line_error(cli("prefill", doc, "-o", tmp_path / "x.kvc", "--model", llama), 3,
@@ -328,7 +329,7 @@ def test_empty_prompt_is_refused_before_anything_loads(cli, kvc, tmp_path):
 
 
 def test_internal_errors_are_not_blamed_on_the_file(cli, kvc, monkeypatch):
-    from kvcli import report
+    from kvcli.container import report
 
     monkeypatch.setattr(report, "describe", lambda *a: {}["boom"])
     one_line_error(cli("inspect", kvc), 10, "internal error: KeyError")
@@ -391,7 +392,7 @@ def test_codec_refusals_at_encode_time_are_input_errors(cli, kvc, llama, tmp_pat
 
 
 def test_lossy_preset_without_a_profile_says_so_once(cli, llama, doc_file, tmp_path, monkeypatch):
-    from kvcli import pipeline
+    from kvcli.reuse import pipeline
 
     monkeypatch.setattr(pipeline, "_warned_no_profile", set())
     first = cli("prefill", doc_file, "-o", tmp_path / "a.kvc", "--model", llama, "-q", "balanced")

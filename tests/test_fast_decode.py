@@ -7,14 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from coder_inputs import fit_tables, ticks_during
-from kvcli import format, kvfile
-from kvcli.codecs.kvq import KvqCodec
 from kvcli.codecs import _ans
-from kvcli.codecs.kvq import FLOAT16_MAX, HOST_DTYPES
+from kvcli.codecs.kvq import FLOAT16_MAX, HOST_DTYPES, KvqCodec
 from kvcli.codecs.quantize import rope_tables, rotate_keys
-from kvcli.kvcache import KVCache
+
+from kvcli.container import format, kvfile
+from kvcli.modeling.kvcache import KVCache
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}

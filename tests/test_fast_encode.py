@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 import torch
 import zstandard
-
-from kvcli import format, kvfile
-from kvcli.codecs.kvq import KvqCodec
 from kvcli.codecs import _ans, entropy, kvq, rans
-from kvcli.codecs.kvq import Profile
-from kvcli.kvcache import KVCache
+from kvcli.codecs.kvq import KvqCodec, Profile
+
+from kvcli.container import format, kvfile
+from kvcli.modeling.kvcache import KVCache
 
 IDENT = {"architecture": "X", "config_digest": "a" * 64, "weights_digest": "b" * 64, "tokenizer_digest": "c" * 64}
 

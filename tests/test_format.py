@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from golden.make_golden import HERE, golden_bytes, golden_cache
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from golden.make_golden import HERE, golden_bytes, golden_cache
-from kvcli import format, kvfile
 from kvcli.codecs.raw import RawCodec
+
+from kvcli.container import format, kvfile
 from kvcli.errors import FormatError, KvcliError, VersionError
 
 RAW = (HERE / "tiny-raw.kvc").read_bytes()

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kvcli import batching, format, importance, inference, kvfile, models, pipeline
 from kvcli.codecs.presets import make_codec
+
+from kvcli.container import format, kvfile
+from kvcli.modeling import batching, importance, inference, models
+from kvcli.reuse import pipeline
 
 ARCHS = ["llama", "qwen2", "gemma3", "mistral-sliding"]
 
@@ -89,9 +91,8 @@ def test_a_model_the_hooks_cannot_read_still_prefills_without_weights(tmp_path):
     without token weights. Its rotary frequencies span only the rotary part of the key head, so the codec the
     commands build codes those keys as they are (it used to fail un-rotating them) and they decode within the
     step bound."""
-    from transformers import AutoModelForCausalLM, DeepseekV2Config
-
     from tiny_models import byte_tokenizer
+    from transformers import AutoModelForCausalLM, DeepseekV2Config
 
     torch.manual_seed(0)
     cfg = DeepseekV2Config(vocab_size=258, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,

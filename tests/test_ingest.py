@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from kvcli import format, ingest, inference, kvfile
+from kvcli.container import format, kvfile
+from kvcli.modeling import inference
+from kvcli.reuse import ingest
 
 TEXTS = {
     "harbour.txt": "The harbour town of Velmora sits between two cliffs.",

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kvcli import format, inference, kvfile
 from kvcli.codecs.lossless import ZstdCodec
 from tiny_models import ARCHITECTURES, SLIDING_WINDOW
+
+from kvcli.container import format, kvfile
+from kvcli.modeling import inference
 
 DOC = "Some document text, long enough that a sliding window of eight tokens overflows many times over."
 PROMPT = " And then the prompt asks:"

@@ -9,11 +9,12 @@ import torch
 
 pytest.importorskip("triton")
 
-from kvcli import format, kvfile  # noqa: E402
 from kvcli.codecs.kvq import KvqCodec  # noqa: E402
 from kvcli.codecs.quantize import dequantize_rotate_ref  # noqa: E402
 from kvcli.kernels.dequantize import dequantize_rotate  # noqa: E402
-from kvcli.kvcache import KVCache  # noqa: E402
+
+from kvcli.container import format, kvfile  # noqa: E402
+from kvcli.modeling.kvcache import KVCache  # noqa: E402
 
 
 @pytest.mark.parametrize("heads,dim,tokens", [(1, 2, 1), (3, 6, 7), (2, 64, 300), (1, 16, 257)])

@@ -15,15 +15,16 @@ import torch
 
 pytest.importorskip("triton")
 
-from kvcli import format, kvfile  # noqa: E402
 from coder_inputs import random_streams  # noqa: E402
-from kvcli.codecs.kvq import KvqCodec  # noqa: E402
 from kvcli.codecs import entropy, rans  # noqa: E402
+from kvcli.codecs.kvq import KvqCodec  # noqa: E402
 from kvcli.codecs.quantize import dequantize_rotate_ref  # noqa: E402
 from kvcli.kernels import rans_decode  # noqa: E402
 from kvcli.kernels.dequantize import dequantize_rotate  # noqa: E402
 from kvcli.kernels.quantize import quantize_unrotate, quantize_unrotate_ref  # noqa: E402
-from kvcli.kvcache import KVCache  # noqa: E402
+
+from kvcli.container import format, kvfile  # noqa: E402
+from kvcli.modeling.kvcache import KVCache  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

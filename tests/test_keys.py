@@ -9,10 +9,10 @@ import subprocess
 import sys
 
 import pytest
-
-from kvcli import format, keys
-from kvcli.errors import UsageError
 from servers import MODEL, make_cache
+
+from kvcli.container import format, keys
+from kvcli.errors import UsageError
 
 CODEC = {"name": "kvq", "params": {"step": 0.25, "bits": [2, 3], "sinks": 1}}
 IDS = [1, 2, 3, 70000, 0]
@@ -62,7 +62,7 @@ def test_key_of_a_header_equals_the_key_of_its_fields():
 
 
 def test_same_key_in_processes_with_different_hash_seeds():
-    code = ("from kvcli import keys; import json, sys; a = json.loads(sys.argv[1]);"
+    code = ("from kvcli.container import keys; import json, sys; a = json.loads(sys.argv[1]);"
             "print(keys.derive_key(a['m'], 'float32', a['c'], a['i']))")
     arg = json.dumps({"m": MODEL, "c": CODEC, "i": IDS})
     seen = set()

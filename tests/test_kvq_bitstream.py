@@ -8,13 +8,13 @@ import struct
 import sys
 from pathlib import Path
 
+import kvq_reference
 import numpy as np
 import pytest
 import torch
 import zstandard
 
-import kvq_reference
-from kvcli import format, kvfile
+from kvcli.container import format, kvfile
 from kvcli.errors import FormatError
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -6,13 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from kvcli import kvfile
-from kvcli.codecs.base import CodecError
-from kvcli.codecs.kvq import KvqCodec
 from kvcli.codecs import entropy
-from kvcli.codecs.base import SegmentContext
-from kvcli.kvcache import KVCache
+from kvcli.codecs.base import CodecError, SegmentContext
+from kvcli.codecs.kvq import KvqCodec
+
+from kvcli.container import kvfile
+from kvcli.modeling.kvcache import KVCache
 
 IDENT = {"architecture": "X", "config_digest": "a" * 64, "weights_digest": "b" * 64, "tokenizer_digest": "c" * 64}
 
@@ -63,7 +62,7 @@ def test_large_integers_keep_32_bits_and_round_trip():
     encoder = codec().fit(kv.keys, kv.values, [0, 0])
     assert encoder.fitted[(0, 0)].q.dtype == torch.int32 and encoder.fitted[(1, 0)].q.dtype == torch.int16
     meta, parts = kvfile.encode(kv, IDENT, codec(), 8)
-    from kvcli import format
+    from kvcli.container import format
 
     src = format.BytesSource(format.build_header(meta, parts) + b"".join(p.data for p in parts))
     out = kvfile.decode(src, format.read_header(src))

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import tomllib
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -43,3 +45,10 @@ def test_python_m_kvcli_in_root_runs_a_model(tiny_model_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     done = run_in_root("-m", "kvcli", "generate", "--cache", str(out), "--model", model, "--max-new-tokens", "3", " Q:")
     assert done.returncode == 0, done.stderr
+
+
+def test_the_wheel_lists_every_folder_of_modules():
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = {setuptools["package-dir"].get(name, name.replace(".", "/")) for name in setuptools["packages"]}
+    folders = {str(p.parent.relative_to(REPO)) for p in (REPO / "kvcli").rglob("*.py")}
+    assert folders | {"codecs", "kernels"} == listed

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from kvcli import identity, models, profiles
 from kvcli.codecs.kvq import Profile
+
+from kvcli.calibration import profiles
+from kvcli.container import identity
 from kvcli.errors import ModelLoadError
+from kvcli.modeling import models
 
 
 @pytest.fixture

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kvcli import inference, quality
-from kvcli.kvcache import KVCache
+from kvcli.calibration import quality
+from kvcli.modeling import inference
+from kvcli.modeling.kvcache import KVCache
 
 TEXT = "A quiet harbour, a lighthouse, and a keeper who counts the steps every evening. " * 6
 

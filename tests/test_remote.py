@@ -9,10 +9,11 @@ import time
 
 import httpx
 import pytest
-
-from kvcli import format, remote, store
-from kvcli.errors import FormatError, InputError, StorageError
 from servers import CacheServer, make_cache, moto_server
+
+from kvcli.container import format
+from kvcli.errors import FormatError, InputError, StorageError
+from kvcli.storage import remote, store
 
 pytestmark = pytest.mark.slow  # starts servers, moto or Ray: outside the fast `-m 'not slow'` loop
 

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from kvcli import format, keys, store
-from kvcli.errors import FormatError, StorageError
 from servers import KVCLI, REPO, CacheServer, ThrottleProxy, make_big_cache, make_cache, moto_server
+
+from kvcli.container import format, keys
+from kvcli.errors import FormatError, StorageError
+from kvcli.storage import store
 
 pytestmark = pytest.mark.slow  # starts servers, moto or Ray: outside the fast `-m 'not slow'` loop
 

@@ -6,10 +6,11 @@ import multiprocessing
 import os
 
 import pytest
-
-from kvcli import format, keys, store
-from kvcli.errors import FormatError, InputError, UsageError
 from servers import make_cache, moto_server
+
+from kvcli.container import format, keys
+from kvcli.errors import FormatError, InputError, UsageError
+from kvcli.storage import store
 
 pytestmark = pytest.mark.slow  # starts servers, moto or Ray: outside the fast `-m 'not slow'` loop
 

@@ -22,9 +22,10 @@ def calibrate(
 
     from rich.progress import Progress
 
-    from .. import calibrate as calib
-    from .. import inference, models, profiles
+    from ..calibration import calibrate as calib
+    from ..calibration import profiles
     from ..errors import UsageError
+    from ..modeling import inference, models
     from .common import check_output
 
     if method not in calib.METHODS:

@@ -6,8 +6,18 @@ from typing import Optional
 
 import typer
 
-from .common import (BackendOpt, ChunkOpt, DeviceOpt, QualityOpt, SinksOpt, StepScaleOpt, check_output, check_quality,
-                     emit_json, handled)
+from .common import (
+    BackendOpt,
+    ChunkOpt,
+    DeviceOpt,
+    QualityOpt,
+    SinksOpt,
+    StepScaleOpt,
+    check_output,
+    check_quality,
+    emit_json,
+    handled,
+)
 
 
 def decode(
@@ -17,10 +27,10 @@ def decode(
     backend: str = BackendOpt,
 ) -> None:
     """Export the decoded cache as safetensors: keys.{i}, values.{i} (kv_heads, tokens, head_dim) and input_ids."""
-    from .. import format, kvfile
+    from ..container import format, kvfile
+    from ..container.tensorfile import save_tensors
     from ..kernels.placement import resolve
-    from ..kvcache import KVCache, to_tensor_dict
-    from ..tensorfile import save_tensors
+    from ..modeling.kvcache import KVCache, to_tensor_dict
 
     where = resolve(device, backend)
     check_output(out, [file])
@@ -43,10 +53,11 @@ def encode(
     backend: str = BackendOpt,
 ) -> None:
     """Write a cache produced elsewhere (a safetensors export) as a .kvc file for MODEL."""
-    from .. import models, pipeline
+    from ..container.tensorfile import load_tensors
     from ..kernels.placement import resolve
-    from ..kvcache import KVCache, from_tensor_dict
-    from ..tensorfile import load_tensors
+    from ..modeling import models
+    from ..modeling.kvcache import KVCache, from_tensor_dict
+    from ..reuse import pipeline
 
     check_quality(quality)
     where = resolve(device, backend)
@@ -67,7 +78,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print JSON"),
 ) -> None:
     """Show what a .kvc file holds: model, tokens, shapes, codec, sizes and per-layer bytes."""
-    from .. import format, report
+    from ..container import format, report
 
     with format.open_source(file) as src:
         info = report.describe(format.read_header(src), src.size)
@@ -83,7 +94,7 @@ def verify(
 ) -> None:
     """Check everything a reader checks short of loading the model: header, codec, every checksum, every segment
     decoded. Exit 0 only if all pass."""
-    from .. import format, kvfile
+    from ..container import format, kvfile
 
     with format.open_source(file) as src:
         result = kvfile.verify(src, format.read_header(src))

@@ -15,7 +15,7 @@ from .common import BackendOpt, CacheDirBytesOpt, DeviceOpt, ModelOpt, emit_json
 def read_prompts(path: str) -> list[dict]:
     """JSON lines, each {"prompt": "...", ...} (other fields are carried to the answer) or a bare JSON string."""
     from ..errors import InputError, UsageError
-    from ..inference import read_document
+    from ..modeling.inference import read_document
 
     doc = read_document(path)
     prompts = []
@@ -61,9 +61,11 @@ def generate(
                                              "those whose keys the other documents change most (docs/compose.md)"),
 ) -> None:
     """Answer PROMPT after a cached context (--cache) or after a full prefill of a document (--document)."""
-    from .. import inference, models, pipeline, remote
     from ..errors import UsageError
     from ..kernels.placement import resolve
+    from ..modeling import inference, models
+    from ..reuse import pipeline
+    from ..storage import remote
 
     if (not cache) == (document is None):
         raise UsageError("give exactly one of --cache FILE (repeatable) or --document DOC")

@@ -1,7 +1,7 @@
 """`kvcli prefill`: run the model over documents once and write their KV caches.
 
 One document to one file (`-o`), or many into a store (`--out-dir`) with one JSON line per document on stdout
-(kvcli/ingest.py does the work; docs/ingest.md describes it).
+(kvcli/reuse/ingest.py does the work; docs/ingest.md describes it).
 """
 
 from __future__ import annotations
@@ -14,8 +14,20 @@ from typing import List, Optional
 
 import typer
 
-from .common import (BackendOpt, ChunkOpt, DeviceOpt, ModelOpt, QualityOpt, SinksOpt, StepScaleOpt, check_output,
-                     check_quality, emit_json, handled, status)
+from .common import (
+    BackendOpt,
+    ChunkOpt,
+    DeviceOpt,
+    ModelOpt,
+    QualityOpt,
+    SinksOpt,
+    StepScaleOpt,
+    check_output,
+    check_quality,
+    emit_json,
+    handled,
+    status,
+)
 
 LOG_EVERY_SECONDS = 10.0  # plain progress lines when stderr is not a terminal
 
@@ -70,8 +82,9 @@ def prefill(
 
 
 def prefill_one(doc: str, out: str, model, dtype, quality, step_scale, sinks, chunk_tokens, as_json, where) -> None:
-    from .. import inference, models, pipeline
     from ..errors import UsageError
+    from ..modeling import inference, models
+    from ..reuse import pipeline
 
     if as_json and out == "-":
         raise UsageError("--json prints on stdout, which -o - already uses for the cache")
@@ -94,7 +107,8 @@ def prefill_one(doc: str, out: str, model, dtype, quality, step_scale, sinks, ch
 
 def prefill_many(docs, jsonl, out_dir, shard, split, max_tokens, batch_tokens, model, dtype, quality, step_scale,
                  sinks, chunk_tokens, where) -> None:
-    from .. import ingest, models
+    from ..modeling import models
+    from ..reuse import ingest
 
     index, count = ingest.parse_shard(shard) if shard else (0, 1)
     store = open_writable_store(out_dir)  # before the model loads: a bad store must not cost a model load
@@ -124,7 +138,7 @@ def open_writable_store(spec: str):
     import os
 
     from ..errors import StorageError
-    from ..store import DirStore, open_store
+    from ..storage.store import DirStore, open_store
 
     store = open_store(spec, create=True)
     if isinstance(store, DirStore) and not os.access(store.root, os.W_OK | os.X_OK):
@@ -137,7 +151,7 @@ class Progress:
     LOG_EVERY_SECONDS; always a summary at the end."""
 
     def __init__(self, total: int | None):
-        from ..ingest import STATUSES
+        from ..reuse.ingest import STATUSES
 
         self.total = total
         self.counts = dict.fromkeys(STATUSES, 0)
@@ -152,7 +166,8 @@ class Progress:
     def __enter__(self) -> "Progress":
         if sys.stderr.isatty():
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as Bar
 
             self.bar = Bar(TextColumn("prefill"), BarColumn(), MofNCompleteColumn(),
                            TextColumn("{task.fields[rate]} tokens/s"), TimeRemainingColumn(),

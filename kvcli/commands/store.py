@@ -34,8 +34,8 @@ def serve_cache(
     from rich.console import Console
     from rich.logging import RichHandler
 
-    from .. import remote, server, store
     from ..errors import StorageError, UsageError
+    from ..storage import remote, server, store
 
     if log_level not in ("debug", "info", "warning", "error"):
         raise UsageError(f"unknown --log-level {log_level!r}")
@@ -75,7 +75,7 @@ def push(
 ) -> None:
     """Validate FILE and store it under its key; print the key and the cache's URL. A cache already there is not
     sent again; a large file goes to a server or object store in parts, and a push that broke off resumes."""
-    from .. import remote, store
+    from ..storage import remote, store
 
     target = store.open_store(url, remote.read_token(None, token_file), create=True)
     result = store.push(target, file)
@@ -93,8 +93,8 @@ def pull(
 ) -> None:
     """Download a cache, resuming an interrupted pull to the same file, and verify every checksum before the file
     appears."""
-    from .. import remote
     from ..errors import UsageError
+    from ..storage import remote
 
     if out == "-":
         raise UsageError("pull needs a file name for -o (it resumes into a hidden file beside it)")
@@ -120,8 +120,9 @@ def download(fetcher, url: str, out: str) -> dict:
     import os
     from pathlib import Path
 
-    from .. import format, keys, remote, store
+    from ..container import format, keys
     from ..errors import FormatError, StorageError
+    from ..storage import remote, store
 
     target = Path(out)
     # Content-addressed: one key is one file wherever it is fetched from; other URLs are told apart by a digest.
@@ -161,7 +162,8 @@ def repair(fetcher, partial) -> None:
     import os
     import zlib
 
-    from .. import format, remote
+    from ..container import format
+    from ..storage import remote
 
     with format.FileSource(partial) as src:
         header = format.read_header(src)

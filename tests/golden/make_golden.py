@@ -8,11 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
-from kvcli import format, kvfile
-from kvcli.codecs.raw import RawCodec
 from kvcli.codecs.lossless import ZstdCodec
-from kvcli.kvcache import KVCache
+from kvcli.codecs.raw import RawCodec
+
+from kvcli.container import format, kvfile
+from kvcli.modeling.kvcache import KVCache
 
 HERE = Path(__file__).parent
 IDENTITY = {

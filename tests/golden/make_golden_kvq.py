@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from kvcli import format, kvfile
 from kvcli.codecs.presets import make_codec
-from kvcli.kvcache import KVCache
+
+from kvcli.container import format, kvfile
+from kvcli.modeling.kvcache import KVCache
 
 HERE = Path(__file__).parent
 IDENTITY = {"architecture": "LlamaForCausalLM", "name": "golden-kvq", "config_digest": "c" * 64,

@@ -8,13 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from . import __version__, format
-from .codecs.base import Codec, CodecError, Decoder, SegmentContext
-from .codecs.registry import codec_from_header
-from .codecs.base import ITEMSIZE
-from .errors import FormatError
-from .kernels.placement import resolve
-from .kvcache import KVCache
+from .. import __version__
+from ..codecs.base import ITEMSIZE, Codec, CodecError, Decoder, SegmentContext
+from ..codecs.registry import codec_from_header
+from ..errors import FormatError
+from ..kernels.placement import resolve
+from ..modeling.kvcache import KVCache
+from . import format
 
 DEFAULT_CHUNK_TOKENS = 256
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}

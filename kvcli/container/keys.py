@@ -12,7 +12,7 @@ import json
 import re
 import sys
 
-from .errors import UsageError
+from ..errors import UsageError
 
 KEY_DOMAIN = b"kvcli-cache-key-v1\0"
 KEY_PATTERN = re.compile(r"^[0-9a-f]{64}$")

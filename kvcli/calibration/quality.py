@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import inference
-from .kvcache import KVCache
-from .models import LoadedModel
+from ..modeling import inference
+from ..modeling.kvcache import KVCache
+from ..modeling.models import LoadedModel
 
 PREFIX_TOKENS = 2048
 CONTINUATION_TOKENS = 128

@@ -10,11 +10,10 @@ from typing import BinaryIO
 
 import torch
 
+from ..errors import InputError, UsageError
 from . import importance
-from .errors import InputError, UsageError
 from .kvcache import KVCache, from_model_cache, to_model_cache
 from .models import LoadedModel, cache_argument, logits_argument
-
 
 # A generous bound on UTF-8 bytes per token: lets a document be refused as too long before it is tokenized.
 BYTES_PER_TOKEN = 64

@@ -3,7 +3,7 @@
 Lookup order for a model: the user's profile directory ($KVCLI_CACHE_DIR/profiles, written by
 `kvcli calibrate`), then the profiles shipped inside kvcli. A profile matches a model by its config and
 weights digests (docs/format.md, "Model identity"), so a re-saved or resharded copy of a model still finds its
-profile. With none found, the first lossy encode calibrates the model (kvcli.calibrate.find_or_calibrate) and
+profile. With none found, the first lossy encode calibrates the model (kvcli.calibration.calibrate.find_or_calibrate) and
 stores the result in the user's directory; with KVCLI_AUTO_CALIBRATE=0 it falls back to uniform steps instead
 (docs/codec.md, "Calibration and profiles").
 """
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import identity
-from .codecs.kvq import Profile
-from .errors import FormatError
+from ..codecs.kvq import Profile
+from ..container import identity
+from ..errors import FormatError
 
 PROFILE_FORMAT = "kvcli-profile"
 PROFILE_VERSION = 1
@@ -68,7 +68,7 @@ def from_json(doc: dict, where: str) -> tuple[Profile, dict]:
 
 
 def save(profile: Profile, model_identity: dict, details: dict, path: Path | None = None) -> Path:
-    from .format import atomic_write
+    from ..container.format import atomic_write
 
     path = path or user_dir() / f"{profile_key(model_identity)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +87,7 @@ def load(path: Path) -> Profile:
 def _candidates():
     if user_dir().is_dir():
         yield from sorted(user_dir().glob("*.json"))
-    shipped = resources.files("kvcli") / "profiles"
+    shipped = resources.files("kvcli.calibration") / "profiles"
     for entry in sorted(shipped.iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".json"):
             yield entry

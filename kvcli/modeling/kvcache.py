@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import FormatError, ModelMismatchError
+from ..errors import FormatError, ModelMismatchError
 
 
 @dataclass
@@ -20,7 +20,7 @@ class KVCache:
     token_ids: list[int]
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
-    # Per layer (kv_heads, held) attention each token received from the prefill's last queries (kvcli/importance.py);
+    # Per layer (kv_heads, held) attention each token received from the prefill's last queries (kvcli/modeling/importance.py);
     # None when not measured (a cache decoded from a file or imported). Lossy codecs use it, nothing else does.
     attention: list[torch.Tensor] | None = None
 

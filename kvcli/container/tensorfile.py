@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import FormatError, InputError
 from . import format
-from .errors import FormatError, InputError
 
 PROVENANCE_KEY = "kvcli.provenance"
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .errors import ModelLoadError, StorageError
+from ..errors import ModelLoadError, StorageError
 from .format import STALE_TEMP_SECONDS, TEMP_MARK, atomic_write
 
 # ---------------------------------------------------------------------------------------------------------------

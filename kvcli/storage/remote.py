@@ -19,9 +19,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from . import format
-from .errors import FormatError, InputError, StorageError, UsageError
-from .keys import check_key
+from ..container import format
+from ..container.keys import check_key
+from ..errors import FormatError, InputError, StorageError, UsageError
 
 HEAD_PREFETCH = 64 << 10  # one request usually holds the preamble and the whole header
 BLOCK_BYTES = 1 << 20

@@ -1,0 +1,202 @@
+"""What each command does, without the command line: prefill to a file, load a file for a model, export, import."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..codecs.base import Codec, CodecError
+from ..codecs.kvq import DEFAULT_SINKS
+from ..codecs.presets import make_codec
+from ..container import format, identity, kvfile
+from ..errors import InputError, ModelMismatchError
+from ..modeling import inference, models
+from ..modeling.kvcache import KVCache
+
+_warned_no_profile: set[str] = set()
+
+
+@dataclass
+class CacheFile:
+    header: format.Header
+    kv: KVCache
+
+
+def read_header(path: str, cache_dir: str | None = None) -> tuple[format.ByteSource, format.Header]:
+    """Open a file, `-`, or a remote cache (http(s):// or s3:// URL, streamed; docs/server.md) and read its header."""
+    if "://" in path:
+        from ..storage import remote
+
+        src = remote.open_source(path, cache_dir)
+        if isinstance(src, remote.RemoteSource):
+            return src, src.header
+    else:
+        src = format.open_source(path)
+    try:
+        return src, format.read_header(src)
+    except BaseException:
+        src.close()
+        raise
+
+
+def check_identity(header: format.Header, lm: models.LoadedModel, where: str) -> None:
+    why = identity.describe_mismatch(header.model, lm.identity)
+    if why:
+        raise ModelMismatchError(
+            f"{where}: made by a different model ({header.model.get('name', '?')}): {why}; "
+            "pass the --model that created it, or prefill again"
+        )
+
+
+def expected_layers(lm: models.LoadedModel, tokens: int) -> list[format.LayerShape]:
+    """The cache layout the model's own prefill of `tokens` tokens leaves: shapes from a one-token prefill,
+    and for sliding-window layers the last window - 1 tokens only."""
+    from transformers import DynamicCache
+
+    probe = inference.prefill(lm, [0])
+    layers = DynamicCache(config=lm.model.config).layers
+    out = []
+    for i in range(probe.num_layers):
+        window = getattr(layers[i], "sliding_window", None) if getattr(layers[i], "is_sliding", False) else None
+        held = min(tokens, window - 1) if window else tokens
+        out.append(format.LayerShape(probe.keys[i].shape[0], probe.keys[i].shape[2], probe.values[i].shape[2],
+                                     tokens - held))
+    return out
+
+
+def check_layout(layers: list[format.LayerShape], token_ids: list[int], lm: models.LoadedModel, where: str) -> None:
+    """Refuse, before anything is decoded or allocated, a cache whose shapes or tokens the model cannot take."""
+    want = expected_layers(lm, len(token_ids))
+    if len(layers) != len(want):
+        raise ModelMismatchError(f"{where}: the cache has {len(layers)} layers, the model {len(want)}")
+    for i, (got, exp) in enumerate(zip(layers, want)):
+        if (got.kv_heads, got.key_dim, got.value_dim) != (exp.kv_heads, exp.key_dim, exp.value_dim):
+            raise ModelMismatchError(
+                f"{where}: layer {i} has (kv_heads, key_dim, value_dim) = {(got.kv_heads, got.key_dim, got.value_dim)}, "
+                f"the model {(exp.kv_heads, exp.key_dim, exp.value_dim)}")
+        if got.token_start != exp.token_start:
+            raise ModelMismatchError(
+                f"{where}: layer {i} holds tokens from {got.token_start}, but the model keeps them from "
+                f"{exp.token_start} for a {len(token_ids)}-token context")
+    vocab = len(lm.tokenizer)
+    cfg_vocab = getattr(lm.model.config.get_text_config(decoder=True), "vocab_size", None) or vocab
+    limit = max(vocab, cfg_vocab)
+    bad = next((t for t in token_ids if t >= limit), None)
+    if bad is not None:
+        raise ModelMismatchError(f"{where}: token id {bad} is outside the model's vocabulary of {limit}")
+    inference.check_length(lm, len(token_ids), f"{where}: the cached context")
+
+
+def load_cache(src: format.ByteSource, header: format.Header, lm: models.LoadedModel,
+               backend: str = "torch") -> CacheFile:
+    """Verify and decode an opened file for `lm` onto the model's device, refusing caches made by any other
+    model, before decoding."""
+    where = getattr(src, "path", "<input>")
+    check_identity(header, lm, where)
+    check_layout(header.layers, header.token_ids, lm, where)
+    kv = kvfile.decode(src, header, device=next(lm.model.parameters()).device, backend=backend)
+    if kv.dtype != lm.model.dtype:
+        kv = KVCache(kv.token_ids, [k.to(lm.model.dtype) for k in kv.keys], [v.to(lm.model.dtype) for v in kv.values])
+    return CacheFile(header, kv)
+
+
+def codec_for(quality: str, lm: models.LoadedModel, step_scale: float = 1.0, sinks: int | None = None) -> Codec:
+    """The preset's codec for this model: its calibration profile (measured now if it has none and automatic
+    calibration is on) and its rotary frequencies."""
+    from ..calibration.calibrate import find_or_calibrate
+    from ..modeling.rope import inv_freq_per_layer
+
+    if quality in ("lossless", "raw"):
+        return make_codec(quality)
+    profile = find_or_calibrate(lm)
+    if profile is None and lm.identity["weights_digest"] not in _warned_no_profile:
+        _warned_no_profile.add(lm.identity["weights_digest"])
+        print(f"kvcli: no calibration profile for {lm.name} (KVCLI_AUTO_CALIBRATE=0): --quality {quality} uses "
+              "uniform steps, which costs quality at the same size; run `kvcli calibrate --model ...` once to "
+              "measure one", file=sys.stderr)
+    return make_codec(quality, profile, inv_freq_per_layer(lm.model), step_scale,
+                      DEFAULT_SINKS if sinks is None else sinks)
+
+
+def provenance(source: inference.Document | None = None) -> dict:
+    """Header fields that say where and when a cache was made (docs/format.md, "Header"). SOURCE_DATE_EPOCH,
+    the reproducible-builds convention, replaces the clock so reruns can produce identical bytes."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "")
+    when = int(epoch) if epoch.isdigit() else time.time()
+    extra = {"created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))}
+    if source is not None:
+        extra["source"] = source.provenance()
+    return extra
+
+
+def check_finite(kv: KVCache, quality: str, where: str) -> None:
+    """Lossy codecs cannot represent NaN or Inf; refuse before writing rather than write an unreadable file."""
+    if quality in ("lossless", "raw"):
+        return
+    for i in range(kv.num_layers):
+        for kind, t in (("keys", kv.keys[i]), ("values", kv.values[i])):
+            if not bool(torch.isfinite(t).all()):
+                raise InputError(f"{where}: {kind}.{i} holds NaN or Inf values, which lossy presets cannot store; "
+                                 "use --quality lossless")
+
+
+def encode_cache(kv: KVCache, lm_identity: dict, codec: Codec, chunk_tokens: int,
+                 extra: dict | None = None, backend: str = "torch") -> tuple[dict, list[format.SegmentData]]:
+    """kvfile.encode, with the codec's refusals (values it cannot store, or whose file its reader would refuse)
+    reported as the input problem they are."""
+    try:
+        return kvfile.encode(kv, lm_identity, codec, chunk_tokens, extra, backend)
+    except CodecError as err:
+        raise InputError(f"cannot store this cache with codec {codec.name}: {err}") from None
+
+
+def write_cache(out: str, kv: KVCache, lm_identity: dict, codec: Codec, chunk_tokens: int,
+                extra: dict | None = None, backend: str = "torch") -> int:
+    meta, parts = encode_cache(kv, lm_identity, codec, chunk_tokens, extra, backend)
+    return format.write_kvc(out, meta, parts)
+
+
+def checked_ids(lm: models.LoadedModel, doc: inference.Document) -> list[int]:
+    """The document's tokens, refused early (by size, then by token count) when the context cannot hold them."""
+    inference.check_document_size(lm, doc)
+    ids = inference.document_ids(lm, doc.text)
+    inference.check_length(lm, len(ids), f"{doc.name}: the document")
+    return ids
+
+
+def prefill_document(doc: inference.Document, ids: list[int], lm: models.LoadedModel, codec: Codec,
+                     chunk_tokens: int, out: str, backend: str = "torch") -> tuple[KVCache, int]:
+    kv = inference.prefill(lm, ids, attention=not codec.lossless)
+    size = write_cache(out, kv, lm.identity, codec, chunk_tokens, provenance(doc), backend)
+    return kv, size
+
+
+def check_shapes(kv: KVCache, lm: models.LoadedModel, where: str) -> None:
+    """An imported cache must have exactly the layout the model's own prefill would give its tokens."""
+    layers = [format.LayerShape(kv.keys[i].shape[0], kv.keys[i].shape[2], kv.values[i].shape[2], kv.token_start(i))
+              for i in range(kv.num_layers)]
+    check_layout(layers, kv.token_ids, lm, where)
+
+
+def load_composed(opened: list[tuple[format.ByteSource, format.Header]], lm: models.LoadedModel,
+                  recompute_fraction: float = 0.0, backend: str = "torch") -> KVCache:
+    """Opened files joined in order into one context, as if their documents had been concatenated
+    (kvcli/reuse/compose.py), with a fraction of its tokens recomputed. Every file is checked against the model, and
+    the composed length against its context, before any is decoded; one file and no recomputation is load_cache."""
+    from . import compose
+
+    names = [getattr(src, "path", "<input>") for src, _ in opened]
+    for (src, header), where in zip(opened, names):
+        check_identity(header, lm, where)
+    if len(opened) > 1:
+        compose.rope_frequencies(lm)
+        compose.plan_composition(lm, [header.token_ids for _, header in opened], names)
+    if recompute_fraction:
+        compose.check_recomputable(lm)
+    caches = [load_cache(src, header, lm, backend).kv for src, header in opened]
+    kv = compose.compose_caches(lm, caches, names)
+    return compose.recompute_tokens(lm, kv, recompute_fraction).kv

@@ -1,0 +1,811 @@
+"""The cache store: content-addressed .kvc files under one root, shared by the server, push/pull and prefill.
+
+    store = open_store("caches/")                       # a directory
+    store = open_store("s3://bucket/prefix")            # any fsspec URL; S3 settings from the AWS environment
+    store = open_store("http://host:8088", token="…")   # a `kvcli serve-cache` server
+    key = store.put(None, "doc.kvc")    # validated (header, every CRC), then stored atomically; returns the key
+    store.exists(key); store.size(key); store.read(key, offset, length); store.open(key)  # a format.ByteSource
+    store.list(model=weights_digest); store.lookup(tokens_sha256=…); store.url_for(key); store.delete(key)
+    push(store, "doc.kvc")              # put, or for a large file an upload in parts that resumes where it stopped
+
+Objects are ROOT/KEY.kvc, KEY from kvcli.container.keys. Nothing lives only in memory: listing and lookup read the files'
+headers (a per-process cache of parsed headers is keyed by key and size, and is only ever a copy of the files).
+Writes are atomic: a temporary file renamed into place on filesystems, one PUT (or one completed multipart
+upload) on object stores, so readers never see a torn file and two writers of one key leave one valid file.
+
+Resumable uploads stage parts in the store itself, under ROOT/.uploads/KEY/UPLOAD/OFFSET (UPLOAD: the header
+digest, so two files of one key never mix), and complete by validating the assembled parts like any put: any
+replica over the same store can take the next part or the completion, and a restart loses nothing.
+
+Listing entries are dicts: key, bytes, model (the weights digest: what `model=` filters on), model_name,
+architecture, dtype, tokens, tokens_sha256, codec, created_at, source_sha256.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import BinaryIO, Iterator
+from urllib.parse import urlsplit
+
+from ..container import format
+from ..container.keys import KEY_PATTERN, check_key, key_of_header, tokens_sha256
+from ..errors import FormatError, InputError, StorageError, UsageError
+from . import remote
+
+COPY_BLOCK = 1 << 20
+PART_BYTES = 8 << 20  # an upload part; a push of a larger file goes in parts and resumes where it broke off
+STALE_UPLOAD_S = 24 * 3600  # staged parts untouched this long belong to an upload nobody will finish
+UPLOADS = ".uploads"  # the staging prefix in a store: never a key, so listings never see it
+_PART_NAME = re.compile(r"^[0-9a-f]{16}$")
+
+Data = bytes | str | Path | BinaryIO
+
+
+# ---------------------------------------------------------------- validation shared by every store
+
+
+class FdSource(format.Source):
+    """Positional reads from an open binary file (a spooled upload), without taking ownership of it."""
+
+    def __init__(self, fh: BinaryIO, name: str = "<upload>"):
+        self._fd = fh.fileno()
+        self.size = os.fstat(self._fd).st_size
+        self.path = name
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            raise FormatError(f"{self.path}: file changed while being read")
+        return data
+
+
+def validate(src: format.ByteSource) -> format.Header:
+    """Everything a store checks before a file becomes visible: magic, version, header, every segment's CRC."""
+    header = format.read_header(src)
+    for seg in header.segments:
+        format.read_segment(src, header, seg)
+    return header
+
+
+def open_data(data: Data, name: str = "<upload>"):
+    """A ByteSource over what put() accepts: bytes, a path, or an open binary file."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return format.BytesSource(bytes(data), name)
+    if isinstance(data, (str, Path)):
+        return format.FileSource(data)
+    return FdSource(data, getattr(data, "name", name) if isinstance(getattr(data, "name", None), str) else name)
+
+
+def iter_blocks(src: format.ByteSource, block: int = COPY_BLOCK) -> Iterator[bytes]:
+    for offset in range(0, src.size, block):
+        yield src.read(offset, min(block, src.size - offset))
+
+
+def checked_key(key: str | None, header: format.Header, where: str) -> str:
+    """The key the content gives; a caller's key that differs is a refusal (the upload is not what it claims)."""
+    actual = key_of_header(header)
+    if key is not None and check_key(key) != actual:
+        raise FormatError(f"{where}: the key {key} does not match the file's content (its key is {actual})")
+    return actual
+
+
+def describe(key: str, header: format.Header, size: int) -> dict:
+    """The listing entry for one stored file."""
+    return {
+        "key": key,
+        "bytes": size,
+        "model": header.model["weights_digest"],
+        "model_name": header.model.get("name", ""),
+        "architecture": header.model["architecture"],
+        "dtype": header.dtype,
+        "tokens": header.num_tokens,
+        "tokens_sha256": tokens_sha256(header.token_ids),
+        "codec": header.codec["name"],
+        "created_at": header.created_at or None,
+        "source_sha256": (header.source or {}).get("sha256"),
+    }
+
+
+def matches(entry: dict, model: str | None = None, tokens_sha256: str | None = None,
+            source_sha256: str | None = None) -> bool:
+    return all(want is None or entry.get(field) == want
+               for field, want in (("model", model), ("tokens_sha256", tokens_sha256), ("source_sha256", source_sha256)))
+
+
+def check_hex(value: str | None, what: str) -> str | None:
+    if value is not None and not KEY_PATTERN.match(value):
+        raise UsageError(f"{what} must be 64 lowercase hex digits, got {value[:80]!r}")
+    return value
+
+
+# ---------------------------------------------------------------- resumable uploads: what every store shares
+
+
+class UploadConflict(UsageError):
+    """The staged parts do not make the declared file (a gap, or a part that vanished while being read): send
+    the missing parts, then complete again."""
+
+
+def header_digest(src: format.ByteSource, header: format.Header) -> str:
+    """An upload's id: SHA-256 of the bytes before the first segment. The header lists every segment's length and
+    CRC, so it pins the whole file: parts of two different files with one key never mix."""
+    return hashlib.sha256(src.read(0, header.data_offset)).hexdigest()
+
+
+def check_part(offset: int, length: int, part_bytes: int) -> None:
+    """Parts start at multiples of the part size and hold at most one part's bytes, so no two overlap."""
+    if offset < 0 or offset % part_bytes:
+        raise UsageError(f"a part starts at a multiple of {part_bytes} bytes, not at {offset}")
+    if not 0 < length <= part_bytes:
+        raise UsageError(f"a part holds 1 to {part_bytes} bytes, not {length}")
+
+
+def check_layout(parts: list[tuple[int, int]], size: int) -> None:
+    """The parts (offset, length), sorted, must cover [0, size) exactly."""
+    end = 0
+    for offset, length in parts:
+        if offset != end:
+            raise UploadConflict(f"the upload lacks bytes [{end}, {offset}) of {size}; send them and complete again")
+        end = offset + length
+    if end != size:
+        what = f"lacks bytes [{end}, {size})" if end < size else f"holds {end} bytes, more than the declared {size}"
+        raise UploadConflict(f"the upload {what}; send the missing parts and complete again")
+
+
+def resumable_prefix(parts: list[tuple[int, int]], part_bytes: int, size: int) -> int:
+    """How many bytes from the start a new run need not send again: the first gap."""
+    have = dict(parts)
+    end = 0
+    while end < size and have.get(end) == min(part_bytes, size - end):
+        end += have[end]
+    return end
+
+
+class PartsSource(format.Source):
+    """An upload's staged parts read as one file, holding one part at a time (validation reads in order)."""
+
+    def __init__(self, store: "FileStore", key: str, upload: str, parts: list[tuple[int, int]], size: int):
+        self.store, self.key, self.upload, self.size = store, key, upload, size
+        self.path = f"upload {upload[:12]} of {key}"
+        self._starts = [offset for offset, _ in parts]
+        self._lengths = [length for _, length in parts]
+        self._held: tuple[int, bytes] = (-1, b"")
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"read [{offset}, {offset + length}) outside a {self.size}-byte upload")
+        out = bytearray()
+        while length:
+            i = bisect.bisect_right(self._starts, offset) - 1
+            start = self._starts[i]
+            if self._held[0] != start:
+                data = self.store._read_part(self.key, self.upload, start)
+                if len(data) != self._lengths[i]:
+                    raise UploadConflict(f"{self.path}: the part at {start} changed while being read")
+                self._held = (start, data)
+            piece = self._held[1][offset - start : offset - start + length]
+            out += piece
+            offset += len(piece)
+            length -= len(piece)
+        return bytes(out)
+
+
+# ---------------------------------------------------------------- stores over files
+
+
+class FileStore:
+    """What directory and object stores share: validation, listing and lookup from the files' headers.
+
+    Subclasses provide _size, _read, _keys (key, size pairs), _write (from a validated source) and _remove."""
+
+    url: str
+
+    def __init__(self):
+        self._headers: dict[tuple[str, int], dict] = {}
+        self._lock = threading.Lock()
+
+    def path_of(self, key: str) -> str:
+        raise NotImplementedError
+
+    def url_for(self, key: str) -> str:
+        return self.path_of(check_key(key))
+
+    def exists(self, key: str) -> bool:
+        return self.size(key) is not None
+
+    def probe(self) -> None:
+        """Touch the storage (a health check): a StorageError when it cannot be reached."""
+        self._size("0" * 64)
+
+    def size(self, key: str) -> int | None:
+        return self._size(check_key(key))
+
+    def read(self, key: str, offset: int, length: int) -> bytes:
+        return self._read(check_key(key), offset, length)
+
+    def open(self, key: str) -> format.ByteSource:
+        size = self.size(key)
+        if size is None:
+            raise InputError(f"{self.url}: no cache {key}")
+        return StoredSource(self, key, size)
+
+    def put(self, key: str | None, data: Data) -> str:
+        """Validate the whole file, check it against `key` (None: take the content's key), store it atomically,
+        return its key. Storing a key that exists replaces it with an equally valid file."""
+        with open_data(data) as src:
+            key = checked_key(key, validate(src), getattr(src, "path", "<upload>"))
+            self._write(key, src)
+        return key
+
+    def delete(self, key: str) -> bool:
+        """Remove a cache; False if there was none."""
+        return self._remove(check_key(key))
+
+    def list(self, model: str | None = None) -> list[dict]:
+        check_hex(model, "model")
+        entries = []
+        for key, size in sorted(self._keys()):
+            entry = self.entry(key, size)
+            if entry is not None and matches(entry, model):
+                entries.append(entry)
+        return entries
+
+    def lookup(self, model: str | None = None, tokens_sha256: str | None = None,
+               source_sha256: str | None = None) -> list[dict]:
+        for value, what in ((model, "model"), (tokens_sha256, "tokens_sha256"), (source_sha256, "source_sha256")):
+            check_hex(value, what)
+        return [e for e in self.list(model) if matches(e, None, tokens_sha256, source_sha256)]
+
+    # -- resumable uploads (module doc); `part_bytes` may be lowered on an instance, as tests do
+
+    part_bytes = PART_BYTES
+
+    def upload_state(self, key: str, upload: str) -> dict:
+        """The part size and the parts (offset, length) already staged: a client resumes from the first gap."""
+        parts = self._parts(check_key(key), check_hex(upload, "upload"))
+        return {"key": key, "upload": upload, "part_bytes": self.part_bytes, "parts": [list(p) for p in parts]}
+
+    def put_part(self, key: str, upload: str, offset: int, data: bytes) -> None:
+        """Stage one part atomically (sending a part again replaces it); checked before anything is written."""
+        check_key(key)
+        check_hex(upload, "upload")
+        check_part(offset, len(data), self.part_bytes)
+        self._write_part(key, upload, offset, data)
+
+    def complete_upload(self, key: str, upload: str, size: int) -> str:
+        """Validate the assembled parts as put() validates a file, store them atomically, drop the staging.
+        A gap is an UploadConflict (the parts stay); a file that fails validation drops them, since sending the
+        same parts again cannot mend it."""
+        parts = self._parts(check_key(key), check_hex(upload, "upload"))
+        if not parts:
+            raise InputError(f"{self.url}: no upload {upload} of {key}")
+        check_layout(parts, size)
+        with PartsSource(self, key, upload, parts, size) as src:
+            try:
+                header = validate(src)
+                checked_key(key, header, src.path)
+                if header_digest(src, header) != upload:
+                    raise FormatError(f"{src.path}: its header is not the one the upload id names")
+            except FormatError:
+                self._remove_upload(key, upload)
+                raise
+            self._write(key, src)
+        self._remove_upload(key, upload)
+        return key
+
+    def abort_upload(self, key: str, upload: str) -> bool:
+        """Drop an upload's staged parts; False if there were none."""
+        return self._remove_upload(check_key(key), check_hex(upload, "upload"))
+
+    def sweep_uploads(self, max_age_s: float = STALE_UPLOAD_S) -> int:
+        """Drop every upload whose newest part is older than `max_age_s`; returns how many were dropped."""
+        cutoff = time.time() - max_age_s
+        removed = 0
+        for key, upload, touched in list(self._uploads()):
+            if touched < cutoff and self._remove_upload(key, upload):
+                removed += 1
+        return removed
+
+    def entry(self, key: str, size: int) -> dict | None:
+        """The listing entry of a stored file, from its header; None if it vanished or is not a valid cache."""
+        with self._lock:
+            cached = self._headers.get((key, size))
+        if cached is not None:
+            return cached
+        try:
+            with StoredSource(self, key, size) as src:
+                header = format.read_header(src)
+        except (FormatError, InputError):
+            return None
+        entry = describe(key, header, size)
+        with self._lock:
+            self._headers[(key, size)] = entry
+        return entry
+
+    # subclasses
+    def _size(self, key: str) -> int | None: ...
+    def _read(self, key: str, offset: int, length: int) -> bytes: ...
+    def _keys(self) -> Iterator[tuple[str, int]]: ...
+    def _write(self, key: str, src: format.ByteSource) -> None: ...
+    def _remove(self, key: str) -> bool: ...
+    def _parts(self, key: str, upload: str) -> list[tuple[int, int]]: ...
+    def _read_part(self, key: str, upload: str, offset: int) -> bytes: ...
+    def _write_part(self, key: str, upload: str, offset: int, data: bytes) -> None: ...
+    def _remove_upload(self, key: str, upload: str) -> bool: ...
+    def _uploads(self) -> Iterator[tuple[str, str, float]]: ...  # key, upload, time of the newest part
+
+
+class StoredSource(format.Source):
+    """A ByteSource over one stored file. The first read fetches the first 64 KiB, which usually holds the
+    preamble and the whole header, so listing a remote store costs one request per file."""
+
+    def __init__(self, store: FileStore, key: str, size: int):
+        self.store, self.key, self.size = store, key, size
+        self.path = store.url_for(key)
+        self._head = b""
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"read [{offset}, {offset + length}) outside a {self.size}-byte file")
+        if not self._head:
+            self._head = self.store._read(self.key, 0, min(self.size, remote.HEAD_PREFETCH))
+        if offset + length <= len(self._head):
+            return self._head[offset : offset + length]
+        data = self.store._read(self.key, offset, length)
+        if len(data) != length:
+            raise FormatError(f"{self.path}: changed or truncated while being read")
+        return data
+
+
+class DirStore(FileStore):
+    """A local directory (or a shared filesystem mounted on every replica)."""
+
+    def __init__(self, root: str | Path, create: bool = False):
+        super().__init__()
+        self.root = Path(root).expanduser().absolute()
+        self.url = str(self.root)
+        if create:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise StorageError(f"{self.root}: cannot create the store: {err.strerror}") from None
+        if not self.root.is_dir():
+            raise InputError(f"{self.root}: no such store directory")
+
+    def path_of(self, key: str) -> str:
+        return str(self.root / f"{key}.kvc")
+
+    def probe(self) -> None:
+        # A missing file says nothing about a directory that was unmounted or removed: look at the root itself.
+        if not self.root.is_dir():
+            raise StorageError(f"{self.root}: the store directory is gone (unmounted or removed?)")
+
+    def _size(self, key: str) -> int | None:
+        try:
+            return os.stat(self.path_of(key)).st_size
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise StorageError(f"{self.path_of(key)}: {err.strerror}") from None
+
+    def _read(self, key: str, offset: int, length: int) -> bytes:
+        try:
+            with open(self.path_of(key), "rb") as fh:
+                return os.pread(fh.fileno(), length, offset)
+        except FileNotFoundError:
+            raise InputError(f"{self.url}: no cache {key}") from None
+        except OSError as err:
+            raise StorageError(f"{self.path_of(key)}: {err.strerror}") from None
+
+    def open(self, key: str) -> format.ByteSource:
+        try:
+            return format.FileSource(self.path_of(check_key(key)))
+        except InputError:
+            raise InputError(f"{self.url}: no cache {key}") from None
+
+    def _keys(self) -> Iterator[tuple[str, int]]:
+        try:
+            with os.scandir(self.root) as it:
+                for entry in it:
+                    stem, dot, ext = entry.name.partition(".")
+                    if ext == "kvc" and KEY_PATTERN.match(stem) and entry.is_file(follow_symlinks=False):
+                        try:
+                            yield stem, entry.stat(follow_symlinks=False).st_size
+                        except FileNotFoundError:
+                            continue
+        except OSError as err:
+            raise StorageError(f"{self.root}: cannot list: {err.strerror}") from None
+
+    def _write(self, key: str, src: format.ByteSource) -> None:
+        format.atomic_write(self.path_of(key), iter_blocks(src))
+
+    def _remove(self, key: str) -> bool:
+        try:
+            os.unlink(self.path_of(key))
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as err:
+            raise StorageError(f"{self.path_of(key)}: cannot delete: {err.strerror}") from None
+
+
+    def _upload_dir(self, key: str, upload: str) -> Path:
+        return self.root / UPLOADS / key / upload
+
+    def _parts(self, key: str, upload: str) -> list[tuple[int, int]]:
+        parts = []
+        try:
+            with os.scandir(self._upload_dir(key, upload)) as it:
+                for entry in it:
+                    if _PART_NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
+                        with contextlib.suppress(FileNotFoundError):
+                            parts.append((int(entry.name, 16), entry.stat(follow_symlinks=False).st_size))
+        except FileNotFoundError:
+            return []
+        except OSError as err:
+            raise StorageError(f"{self._upload_dir(key, upload)}: cannot list: {err.strerror}") from None
+        return sorted(parts)
+
+    def _read_part(self, key: str, upload: str, offset: int) -> bytes:
+        path = self._upload_dir(key, upload) / f"{offset:016x}"
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise UploadConflict(f"upload {upload[:12]} of {key}: the part at {offset} vanished (completed or "
+                                 "aborted meanwhile)") from None
+        except OSError as err:
+            raise StorageError(f"{path}: {err.strerror}") from None
+
+    def _write_part(self, key: str, upload: str, offset: int, data: bytes) -> None:
+        directory = self._upload_dir(key, upload)
+        for attempt in range(2):  # a completion or sweep elsewhere may remove the directory between the two steps
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise StorageError(f"{directory}: cannot create: {err.strerror}") from None
+            try:
+                format.atomic_write(str(directory / f"{offset:016x}"), [data])
+                return
+            except StorageError:
+                if attempt or directory.is_dir():
+                    raise
+
+    def _remove_upload(self, key: str, upload: str) -> bool:
+        directory = self._upload_dir(key, upload)
+        try:
+            shutil.rmtree(directory)
+        except FileNotFoundError:
+            return False
+        except OSError as err:
+            raise StorageError(f"{directory}: cannot remove: {err.strerror}") from None
+        with contextlib.suppress(OSError):
+            directory.parent.rmdir()  # only if no other upload of the key is staged
+        return True
+
+    def _uploads(self) -> Iterator[tuple[str, str, float]]:
+        staging = self.root / UPLOADS
+        try:
+            key_dirs = [d for d in staging.iterdir() if KEY_PATTERN.match(d.name)]
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            raise StorageError(f"{staging}: cannot list: {err.strerror}") from None
+        for key_dir in key_dirs:
+            with contextlib.suppress(OSError):
+                for directory in key_dir.iterdir():
+                    if KEY_PATTERN.match(directory.name):
+                        stamps = [directory.stat().st_mtime]
+                        stamps += [p.stat().st_mtime for p in directory.iterdir()]
+                        yield key_dir.name, directory.name, max(stamps)
+
+
+class FsspecStore(FileStore):
+    """Any fsspec URL; s3://bucket/prefix on any S3-compatible service."""
+
+    def __init__(self, url: str, **options):
+        super().__init__()
+        self.url = url.rstrip("/")
+        self.fs, self.prefix = remote.filesystem(self.url, **options)
+        self.prefix = self.prefix.rstrip("/")
+
+    def path_of(self, key: str) -> str:
+        return f"{self.prefix}/{key}.kvc"
+
+    def url_for(self, key: str) -> str:
+        return f"{self.url}/{check_key(key)}.kvc"
+
+    def _size(self, key: str) -> int | None:
+        try:
+            return int(self.fs.size(self.path_of(key)))
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise StorageError(f"{self.url_for(key)}: {err}") from None
+
+    def _read(self, key: str, offset: int, length: int) -> bytes:
+        try:
+            return self.fs.cat_file(self.path_of(key), start=offset, end=offset + length)
+        except FileNotFoundError:
+            raise InputError(f"{self.url}: no cache {key}") from None
+        except OSError as err:
+            raise StorageError(f"{self.url_for(key)}: {err}") from None
+
+    def open(self, key: str) -> format.ByteSource:
+        if self.size(key) is None:
+            raise InputError(f"{self.url}: no cache {key}")
+        return remote.RemoteSource(remote.FsspecFetcher(self.url_for(key)))
+
+    def _keys(self) -> Iterator[tuple[str, int]]:
+        try:
+            listing = self.fs.ls(self.prefix, detail=True)
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            raise StorageError(f"{self.url}: cannot list: {err}") from None
+        for info in listing:
+            stem, dot, ext = info["name"].rsplit("/", 1)[-1].partition(".")
+            if ext == "kvc" and KEY_PATTERN.match(stem) and info.get("type") == "file":
+                yield stem, int(info["size"])
+
+    def _write(self, key: str, src: format.ByteSource) -> None:
+        """One streamed upload that becomes visible only when it completes (one PUT, or a completed multipart
+        upload); a failure discards it instead of letting close() commit a torn object."""
+        path = self.path_of(key)
+        try:
+            fh = self.fs.open(path, "wb")
+        except OSError as err:
+            raise StorageError(f"{self.url_for(key)}: cannot write: {err}") from None
+        try:
+            for block in iter_blocks(src):
+                fh.write(block)
+        except BaseException:
+            discard = getattr(fh, "discard", None)
+            if discard:
+                discard()
+            raise
+        try:
+            fh.close()
+        except OSError as err:
+            raise StorageError(f"{self.url_for(key)}: write failed: {err}") from None
+
+    def _remove(self, key: str) -> bool:
+        if self._size(key) is None:
+            return False
+        try:
+            self.fs.rm_file(self.path_of(key))
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as err:
+            raise StorageError(f"{self.url_for(key)}: cannot delete: {err}") from None
+
+    def _upload_path(self, key: str, upload: str) -> str:
+        return f"{self.prefix}/{UPLOADS}/{key}/{upload}"
+
+    def _parts(self, key: str, upload: str) -> list[tuple[int, int]]:
+        try:
+            listing = self.fs.ls(self._upload_path(key, upload), detail=True)
+        except FileNotFoundError:
+            return []
+        except OSError as err:
+            raise StorageError(f"{self.url}: cannot list upload {upload}: {err}") from None
+        return sorted((int(name, 16), int(info["size"])) for info in listing
+                      if info.get("type") == "file" and _PART_NAME.match(name := info["name"].rsplit("/", 1)[-1]))
+
+    def _read_part(self, key: str, upload: str, offset: int) -> bytes:
+        path = f"{self._upload_path(key, upload)}/{offset:016x}"
+        try:
+            return self.fs.cat_file(path)
+        except FileNotFoundError:
+            raise UploadConflict(f"upload {upload[:12]} of {key}: the part at {offset} vanished (completed or "
+                                 "aborted meanwhile)") from None
+        except OSError as err:
+            raise StorageError(f"{self.url}/{UPLOADS}/{key}/{upload}: {err}") from None
+
+    def _write_part(self, key: str, upload: str, offset: int, data: bytes) -> None:
+        try:
+            self.fs.pipe_file(f"{self._upload_path(key, upload)}/{offset:016x}", data)  # one PUT: atomic
+        except OSError as err:
+            raise StorageError(f"{self.url}: cannot stage a part of upload {upload}: {err}") from None
+
+    def _remove_upload(self, key: str, upload: str) -> bool:
+        paths = [f"{self._upload_path(key, upload)}/{offset:016x}" for offset, _ in self._parts(key, upload)]
+        if not paths:
+            return False
+        try:
+            self.fs.rm(paths)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise StorageError(f"{self.url}: cannot remove upload {upload}: {err}") from None
+        return True
+
+    def _uploads(self) -> Iterator[tuple[str, str, float]]:
+        staging = f"{self.prefix}/{UPLOADS}"
+        try:
+            found = self.fs.find(staging, detail=True)
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            raise StorageError(f"{self.url}/{UPLOADS}: cannot list: {err}") from None
+        newest: dict[tuple[str, str], float] = {}
+        for path, info in found.items():
+            names = path[len(staging) + 1 :].split("/")
+            if len(names) == 3 and KEY_PATTERN.match(names[0]) and KEY_PATTERN.match(names[1]):
+                which = (names[0], names[1])
+                newest[which] = max(newest.get(which, 0.0), modified(info))
+        for (key, upload), touched in newest.items():
+            yield key, upload, touched
+
+
+def modified(info: dict) -> float:
+    """An fsspec listing entry's modification time as a POSIX timestamp (s3fs: LastModified; local: mtime)."""
+    stamp = info.get("LastModified") or info.get("mtime") or info.get("created") or 0.0
+    return stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)
+
+
+# ---------------------------------------------------------------- a kvcli server as a store
+
+
+class ServerStore:
+    """The same API over HTTP against `kvcli serve-cache` (docs/server.md), with an optional bearer token."""
+
+    def __init__(self, url: str, token: str | None = None, transport=None, timeout_s: float = 60.0):
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.token = remote.read_token(token)
+        self.transport = transport
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        self.client = httpx.Client(base_url=self.url, headers=headers, transport=transport,
+                                   timeout=httpx.Timeout(timeout_s, connect=10.0))
+
+    def url_for(self, key: str) -> str:
+        return f"{self.url}/v1/caches/{check_key(key)}"
+
+    def _request(self, method: str, path: str, **kwargs):
+        import httpx
+
+        try:
+            response = self.client.request(method, path, **kwargs)
+        except httpx.TransportError as err:
+            raise remote.ConnectionFailed(f"{self.url}{path}: {type(err).__name__}: {err}") from None
+        if response.status_code == 409:
+            raise UploadConflict(f"{self.url}{path}: refused{remote.server_message(response)}")
+        if response.status_code != 404 or method not in ("HEAD", "DELETE"):
+            try:
+                remote.check_status(response, f"{self.url}{path}")
+            except remote.Transient as err:
+                raise remote.ConnectionFailed(f"{self.url}{path}: {err}{remote.server_message(response)}") from None
+        return response
+
+    def size(self, key: str) -> int | None:
+        response = self._request("HEAD", f"/v1/caches/{check_key(key)}")
+        return None if response.status_code == 404 else int(response.headers["content-length"])
+
+    def exists(self, key: str) -> bool:
+        return self.size(key) is not None
+
+    def read(self, key: str, offset: int, length: int) -> bytes:
+        response = self._request("GET", f"/v1/caches/{check_key(key)}",
+                                 headers={"Range": f"bytes={offset}-{offset + length - 1}"})
+        if response.status_code != 206 or len(response.content) != length:
+            raise StorageError(f"{self.url_for(key)}: asked for {length} bytes at {offset}, got "
+                               f"{len(response.content)} (HTTP {response.status_code})")
+        return response.content
+
+    def open(self, key: str) -> format.ByteSource:
+        return remote.RemoteSource(remote.HttpFetcher(self.url_for(key), self.token, self.transport))
+
+    def put(self, key: str | None, data: Data) -> str:
+        """Validated here first (a bad file never crosses the network), then validated again by the server."""
+        with open_data(data) as src:
+            key = checked_key(key, validate(src), getattr(src, "path", "<upload>"))
+            response = self._request("PUT", f"/v1/caches/{key}", content=iter_blocks(src),
+                                     headers={"Content-Length": str(src.size),
+                                              "Content-Type": "application/octet-stream"})
+        return response.json()["key"]
+
+    def delete(self, key: str) -> bool:
+        return self._request("DELETE", f"/v1/caches/{check_key(key)}").status_code != 404
+
+    def upload_state(self, key: str, upload: str) -> dict:
+        state = self._request("GET", self._upload_path(key, upload)).json()
+        part_bytes = state.get("part_bytes")
+        if not isinstance(part_bytes, int) or not 0 < part_bytes <= format.MAX_SEGMENT_BYTES:
+            raise StorageError(f"{self.url}: the server sent an unusable part size {part_bytes!r}")
+        return state
+
+    def put_part(self, key: str, upload: str, offset: int, data: bytes) -> None:
+        self._request("PUT", f"{self._upload_path(key, upload)}/{offset}", content=data,
+                      headers={"Content-Type": "application/octet-stream"})
+
+    def complete_upload(self, key: str, upload: str, size: int) -> str:
+        import httpx
+
+        # The server reads the whole file back before it answers: allow for that at a slow disk's pace.
+        timeout = httpx.Timeout(60.0 + size / 20e6, connect=10.0)
+        response = self._request("POST", f"{self._upload_path(key, upload)}/complete", params={"bytes": size},
+                                 timeout=timeout)
+        return response.json()["key"]
+
+    def abort_upload(self, key: str, upload: str) -> bool:
+        return self._request("DELETE", self._upload_path(key, upload)).status_code != 404
+
+    def _upload_path(self, key: str, upload: str) -> str:
+        return f"/v1/uploads/{check_key(key)}/{check_hex(upload, 'upload')}"
+
+    def list(self, model: str | None = None) -> list[dict]:
+        params = {"model": check_hex(model, "model")} if model else {}
+        return self._request("GET", "/v1/caches", params=params).json()["caches"]
+
+    def lookup(self, model: str | None = None, tokens_sha256: str | None = None,
+               source_sha256: str | None = None) -> list[dict]:
+        params = {name: check_hex(value, name) for name, value in
+                  (("model", model), ("tokens_sha256", tokens_sha256), ("source_sha256", source_sha256)) if value}
+        return self._request("GET", "/v1/lookup", params=params).json()["caches"]
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def push(target, path: str | Path) -> dict:
+    """Validate a file and store it under its key; nothing is sent when the store has it. A file larger than one
+    part goes to a remote store in parts: parts staged by an earlier run that broke off are not sent again.
+    Returns key, url, bytes, uploaded, resumed_from (bytes from the start already staged) and sent."""
+    with format.FileSource(path) as src:
+        header = validate(src)
+        key = checked_key(None, header, src.path)
+        result = {"key": key, "url": target.url_for(key), "bytes": src.size, "uploaded": False, "resumed_from": 0,
+                  "sent": 0}
+        if target.exists(key):
+            return result
+        result["uploaded"] = True
+        if isinstance(target, DirStore) or src.size <= getattr(target, "part_bytes", PART_BYTES):
+            # Nothing worth resuming: one atomic put.
+            remote.retried(lambda: target.put(key, src.path), remote.ConnectionFailed)
+            result["sent"] = src.size
+            return result
+        upload = header_digest(src, header)
+        for attempt in range(2):
+            state = remote.retried(lambda: target.upload_state(key, upload), remote.ConnectionFailed)
+            part, have = state["part_bytes"], {offset: length for offset, length in state["parts"]}
+            if attempt == 0:
+                result["resumed_from"] = resumable_prefix(state["parts"], part, src.size)
+            for offset in range(0, src.size, part):
+                length = min(part, src.size - offset)
+                if have.get(offset) != length:
+                    data = src.read(offset, length)
+                    remote.retried(lambda: target.put_part(key, upload, offset, data), remote.ConnectionFailed)
+                    result["sent"] += length
+            try:
+                remote.retried(lambda: target.complete_upload(key, upload, src.size), remote.ConnectionFailed)
+                return result
+            except UploadConflict:
+                # Another run completed it (its parts are gone), or a sweep took some parts: look again, once.
+                if target.exists(key):
+                    return result
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+
+def open_store(root: str, token: str | None = None, create: bool = False, **options):
+    """A store for a directory, an fsspec URL (s3://bucket/prefix) or a kvcli server (http(s)://host:port)."""
+    if not isinstance(root, (str, Path)) or not str(root):
+        raise UsageError("a store needs a directory or URL")
+    root = str(root)
+    scheme = urlsplit(root).scheme if "://" in root else ""
+    if scheme in ("http", "https"):
+        return ServerStore(root, token, **options)
+    if scheme in ("", "file"):
+        return DirStore(root[len("file://"):] if scheme else root, create=create)
+    return FsspecStore(root, **options)
