@@ -28,7 +28,7 @@ import triton.language as tl
 from ..codecs.quantize import rope_tables
 
 BLOCK_TOKENS = 256
-# Values per program (per half with RoPE) and warps: bench/kernels.py --sweep on an H200 found 4096 and 8 the
+# Values per program (per half with RoPE) and warps: bench/kernel_bandwidth.py --sweep on an H200 found 4096 and 8 the
 # fastest for dequantizing keys and values together (234 us for 2 x 33.5 M elements; 2048/4: 250, 8192/8: 278).
 TILE_ELEMENTS = 4096
 NUM_WARPS = 8

@@ -20,11 +20,21 @@ def run_in_root(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
-def test_no_root_entry_is_a_regular_package_an_installed_distribution_also_provides():
+# Folders that are sys.path[0] for someone: the root (python -m, notebooks, Ray workers), bench/ (its scripts run
+# from there), tests/ (conftest puts it first), examples/.
+PATH_FOLDERS = ("", "bench", "tests", "examples")
+
+
+def importable_names(folder: Path) -> set[str]:
+    """What `import NAME` finds in `folder` ahead of site-packages: modules and regular packages."""
+    return {p.name for p in folder.iterdir() if (p / "__init__.py").is_file()} | {p.stem for p in folder.glob("*.py")}
+
+
+def test_no_folder_on_a_path_shadows_an_installed_or_standard_module():
     installed = {name for name, dists in importlib.metadata.packages_distributions().items() if set(dists) != {"kvcli"}}
-    regular = {p.name for p in REPO.iterdir() if (p / "__init__.py").is_file()}
-    regular |= {p.stem for p in REPO.glob("*.py")}
-    assert not regular & installed
+    taken = installed | set(sys.stdlib_module_names)
+    for folder in PATH_FOLDERS:
+        assert not importable_names(REPO / folder) & taken, folder
     assert not (REPO / "kernels" / "__init__.py").exists() and not (REPO / "codecs" / "__init__.py").exists()
 
 

@@ -1,8 +1,8 @@
 """GPU kernels: dequantize and quantize bandwidth, entropy-decode rate, and a .kvc in host memory to a cache on
 the device against prefilling the same tokens.
 
-    python bench/kernels.py [--tokens 32768] [--repeats 10] [--out FILE]
-    python bench/kernels.py --skip tensor --skip end_to_end    # the device path's host costs only, any machine
+    python bench/kernel_bandwidth.py [--tokens 32768] [--repeats 10] [--out FILE]
+    python bench/kernel_bandwidth.py --skip tensor --skip end_to_end    # the device path's host costs only, any machine
 
 One JSON line per measurement (device, versions, percentiles of `repeats` timed runs after a warm-up). The model
 is a random-weight Qwen2 of Qwen2.5-0.5B's shape (no download), in bfloat16; its cache is encoded at `balanced`
