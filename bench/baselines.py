@@ -197,17 +197,18 @@ def fp16_zstd_decode(data: bytes, shape) -> torch.Tensor:
 
 
 def registry(layers: int) -> dict[str, tuple]:
-    """name -> (encode(x, layer, kind) -> bytes, decode(bytes, shape, layer, kind) -> tensor)."""
+    """name -> (encode(x, layer, kind, token_start) -> bytes, decode(bytes, shape, layer, kind, token_start) ->
+    tensor); token_start is the absolute position of the layer's first held token."""
     def fixed(enc, dec, **kw):
-        return (lambda x, l, k: enc(x, **kw), lambda b, s, l, k: dec(b, s, **kw))
+        return (lambda x, l, k, start: enc(x, **kw), lambda b, s, l, k, start: dec(b, s, **kw))
 
     def cg(all_bins, chunk=256):
-        return (lambda x, l, k: cachegen_encode(x, cachegen_bins(l, layers, k, all_bins), chunk),
-                lambda b, s, l, k: cachegen_decode(b, s, cachegen_bins(l, layers, k, all_bins), chunk))
+        return (lambda x, l, k, start: cachegen_encode(x, cachegen_bins(l, layers, k, all_bins), chunk),
+                lambda b, s, l, k, start: cachegen_decode(b, s, cachegen_bins(l, layers, k, all_bins), chunk))
 
     def kivi(bits):
-        return (lambda x, l, k: kivi_encode(x, bits, per_channel=(k == 0)),
-                lambda b, s, l, k: kivi_decode(b, s, bits, per_channel=(k == 0)))
+        return (lambda x, l, k, start: kivi_encode(x, bits, per_channel=(k == 0)),
+                lambda b, s, l, k, start: kivi_decode(b, s, bits, per_channel=(k == 0)))
 
     return {
         "fp16": fixed(fp16_encode, fp16_decode),

@@ -1,14 +1,16 @@
 """Needle retrieval from lossy caches: a fact planted in a document, asked after the document's cache.
 
     python bench/needle.py [--model M] [--profile auto|none|PATH ...] [--corpus DIR] [--tokens 1024]
-                           [--presets balanced small] [--documents 4] [--seed 0]
+                           [--presets balanced small] [--kvtc B ...] [--documents 4] [--seed 0]
 
 Teacher-forced KL (bench/rate_distortion.py) measures how a lossy cache changes the continuation of the
 document itself; this measures whether a fact stated once, anywhere in it, can still be read back. Each corpus
 document is cut to its first --tokens tokens and a sentence "The access code for the archive room is NNNN." (a
 random four-digit code per trial) is inserted after the sentence nearest 10%, 30%, 50%, 70% and 90% of its text.
 The model answers a fixed question greedily (6 tokens) after the exact cache and after each preset's decoded
-file; an answer is correct if it contains the code. One JSON line per trial, then one summary line per codec.
+file; an answer is correct if it contains the code. `--kvtc B` adds the KVTC baseline at target B bits per element
+(bench/kvtc.py, its basis fitted on kvcli's calibration texts). One JSON line per trial, then one summary line
+per codec.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import random
 
 import torch
 from common import corpus, emit, environment
+from kvtc import Kvtc
 from rate_distortion import kvcli_codec, model_options
 
+from kvcli.calibration.calibrate import default_texts
 from kvcli.container import format, kvfile
 from kvcli.modeling import inference, models
 
@@ -38,6 +42,7 @@ def main() -> None:
     model_options(ap)
     ap.add_argument("--tokens", type=int, default=1024, help="each document's first N tokens, before planting")
     ap.add_argument("--presets", nargs="+", default=["balanced", "small"])
+    ap.add_argument("--kvtc", type=float, nargs="*", default=[], help="also KVTC at these target bits per element")
     ap.add_argument("--documents", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -47,7 +52,9 @@ def main() -> None:
     question = inference.prompt_ids(lm, QUESTION)
     codecs = [(f"kvcli:{preset}" + (f"[{prof}]" if len(args.profile) > 1 else ""), kvcli_codec(lm, preset, prof))
               for prof in args.profile for preset in args.presets]
-    correct = {"exact": 0, **{label: 0 for label, _ in codecs}}
+    kvtc = Kvtc.fit(lm, [text for _, text in default_texts()]) if args.kvtc else None
+    kvtc_plans = {f"kvtc@{b:g}": kvtc.plans(b) for b in args.kvtc} if kvtc else {}
+    correct = {"exact": 0, **{label: 0 for label, _ in codecs}, **{label: 0 for label in kvtc_plans}}
     rng = random.Random(args.seed)
     trials = 0
     for doc in corpus(args.corpus)[: args.documents]:
@@ -61,6 +68,9 @@ def main() -> None:
                 meta, parts = kvfile.encode(kv, lm.identity, codec, 256)
                 src = format.BytesSource(format.build_header(meta, parts) + b"".join(p.data for p in parts))
                 decoded = kvfile.decode(src, format.read_header(src))
+                answers[label] = lm.tokenizer.decode(inference.greedy(lm, decoded, question, 6))
+            for label, plans in kvtc_plans.items():
+                decoded, _ = kvtc.roundtrip(plans, kv)
                 answers[label] = lm.tokenizer.decode(inference.greedy(lm, decoded, question, 6))
             hits = {label: code in answer for label, answer in answers.items()}
             for label, hit in hits.items():

@@ -3,6 +3,10 @@
     python bench/rate_distortion.py [--model M] [--profile auto|none|PATH] [--corpus DIR] [--plot rd.png] [--step-scales S ...]
                                     [--codecs NAME ...] [--documents N]
 
+KVTC (bench/kvtc.py) runs when named: `--codecs kvtc@1.0 kvtc@1.5`, the number its target bits per element
+before DEFLATE; its basis is fitted once on kvcli's calibration texts and its bytes reported apart
+(`dictionary_bytes`).
+
 Protocol (issue "The CacheGen-style lossy codec"): the model (default: the bundled one) in float32; prefix = the first 2,048 tokens of
 each document, exact cache as the reference; the next 128 tokens teacher-forced; top-1 agreement and dNLL over
 those positions; greedy continuation of 64 tokens and its first divergence; bits per element from real bytes
@@ -20,9 +24,11 @@ from pathlib import Path
 import torch
 from baselines import registry
 from common import DEFAULT_CORPUS, corpus, emit, environment
-from kvcli.codecs.presets import make_codec
+from kvtc import Kvtc
 
 from kvcli.calibration import profiles, quality
+from kvcli.calibration.calibrate import default_texts
+from kvcli.codecs.presets import make_codec
 from kvcli.container import format, kvfile
 from kvcli.modeling import inference, models
 from kvcli.modeling.kvcache import KVCache
@@ -60,14 +66,28 @@ def measure_kvcli(lm, ref: quality.Reference, preset: str, profile: str, step_sc
 def measure_baseline(ref: quality.Reference, enc, dec):
     kv = ref.kv
     t0 = time.perf_counter()
-    blobs = [(enc(x.float(), layer, kind), x.shape) for layer in range(kv.num_layers)
+    blobs = [(enc(x.float(), layer, kind, kv.token_start(layer)), x.shape) for layer in range(kv.num_layers)
              for kind, x in enumerate((kv.keys[layer], kv.values[layer]))]
     enc_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out = [dec(b, shape, i // 2, i % 2) for i, (b, shape) in enumerate(blobs)]
+    out = [dec(b, shape, i // 2, i % 2, kv.token_start(i // 2)) for i, (b, shape) in enumerate(blobs)]
     dec_s = time.perf_counter() - t0
     decoded = KVCache(kv.token_ids, out[0::2], out[1::2])
     return sum(len(b) for b, _ in blobs), enc_s, dec_s, decoded
+
+
+def kvtc_baselines(lm, names: list[str], baselines: dict) -> dict[str, int]:
+    """Adds each kvtc@B to `baselines` (one basis fitted for all); returns name -> dictionary bytes."""
+    if not names:
+        return {}
+    kvtc = Kvtc.fit(lm, [text for _, text in default_texts()])
+    out = {}
+    for name in names:
+        plans = kvtc.plans(float(name.split("@", 1)[1]))
+        baselines[name] = (lambda x, l, k, s, plans=plans: kvtc.encode(plans[(l, k)], x, l, k, s),
+                           lambda b, shape, l, k, s, plans=plans: kvtc.decode(plans[(l, k)], b, shape, l, k, s))
+        out[name] = kvtc.dictionary_bytes(plans)
+    return out
 
 
 def model_options(ap: argparse.ArgumentParser) -> None:
@@ -92,9 +112,13 @@ def main() -> None:
     lm = models.load(args.model, "float32")
     env = {**environment(), "model": lm.name}
     layers = lm.model.config.get_text_config(decoder=True).num_hidden_layers
-    names = [f"kvcli:{p}" for p in KVCLI_PRESETS] + list(registry(layers))
+    baselines = registry(layers)
+    names = [f"kvcli:{p}" for p in KVCLI_PRESETS] + list(baselines)
+    dictionary: dict[str, int] = {}
     if args.codecs:
         names = [c for c in names if c in args.codecs]
+        dictionary = kvtc_baselines(lm, [c for c in args.codecs if c.startswith("kvtc@")], baselines)
+        names += list(dictionary)
     # (label, codec, profile): kvcli's presets once per profile, labelled by it when there are several (by the
     # file's stem, or its whole path where two stems are the same: rows with one label are averaged together).
     stems = [Path(prof).stem for prof in args.profile]
@@ -115,7 +139,7 @@ def main() -> None:
             if prof is not None:
                 size, enc_s, dec_s, decoded = measure_kvcli(lm, ref, name.split(":", 1)[1], prof, scale)
             else:
-                enc, dec = registry(layers)[name]
+                enc, dec = baselines[name]
                 size, enc_s, dec_s, decoded = measure_baseline(ref, enc, dec)
             agree = quality.compare(lm, ref, decoded)
             diverge = quality.first_divergence(exact_greedy, quality.greedy_continuation(
@@ -136,6 +160,8 @@ def main() -> None:
         speed = {k: round(statistics.median(r[k] for r in rs)) for k in ("encode_elements_per_s", "decode_elements_per_s")}
         line = {"what": "rate_distortion_summary", "codec": label, "profile": rs[0]["profile"], "documents": len(rs),
                 **mean, **speed, **env}
+        if label in dictionary:
+            line["dictionary_bytes"] = dictionary[label]
         summary.append(line)
         emit(line)
     if args.plot:
