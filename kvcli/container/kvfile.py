@@ -143,7 +143,7 @@ def open_decoder(src: format.ByteSource, header: format.Header) -> tuple[Codec, 
         raise FormatError(f"{name}: codec: {err}") from None
     aux = {s.name: format.read_segment(src, header, s) for s in header.segments if s.kind == "aux"}
     try:
-        return codec, codec.open(aux)
+        return codec, codec.open(aux, len(header.layers))
     except CodecError as err:
         raise FormatError(f"{name}: codec tables: {err}") from None
 
