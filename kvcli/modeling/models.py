@@ -86,12 +86,32 @@ def resolve(spec: str | None) -> ModelSource:
     raise ModelLoadError(f"{spec}: model path does not exist")
 
 
+def check_dtype(name: str) -> str:
+    if name not in DTYPE_NAMES:
+        raise UsageError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_NAMES)}")
+    return name
+
+
 def torch_dtype(name: str):
     import torch
 
-    if name not in DTYPE_NAMES:
-        raise UsageError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_NAMES)}")
-    return getattr(torch, name)
+    return getattr(torch, check_dtype(name))
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which model to load, in which dtype, onto which device (--model, --dtype, --device). The dtype is checked
+    when built, so a command refuses it before any work; the loaded model then carries dtype and device."""
+
+    spec: str | None = None  # a directory, .gguf file or hub id; None: the bundled default
+    dtype: str = "float32"
+    device: object = "cpu"  # a torch.device or its name (kvcli.kernels.placement.resolve checks it)
+
+    def __post_init__(self) -> None:
+        check_dtype(self.dtype)
+
+    def load(self) -> "LoadedModel":
+        return load(self.spec, self.dtype, self.device)
 
 
 def converted_dir(gguf: Path) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -11,14 +12,52 @@ import torch
 
 from ..codecs.base import Codec, CodecError
 from ..codecs.kvq import DEFAULT_SINKS
-from ..codecs.presets import make_codec
+from ..codecs.presets import DEFAULT_QUALITY, PRESET_CODECS, QUALITIES, make_codec
 from ..container import format, identity, kvfile
-from ..errors import InputError, ModelMismatchError
+from ..errors import InputError, ModelMismatchError, UsageError
 from ..modeling import inference, models
 from ..modeling.kvcache import KVCache
 from . import compose
 
 _warned_no_profile: set[str] = set()
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How a cache becomes a file: the preset (--quality) with its expert settings, the segment length and where
+    the quantize step runs. Checked when built, so a command refuses a bad value before any work; commands build
+    one and hand it down (commands/prefill.py, files.py, ingest.Settings)."""
+
+    quality: str = DEFAULT_QUALITY
+    step_scale: float = 1.0  # multiplies the preset's steps (lossy presets)
+    sinks: int | None = None  # leading tokens kept exact by lossy presets; None: the codec's default
+    chunk_tokens: int = kvfile.DEFAULT_CHUNK_TOKENS
+    backend: str = "torch"  # "torch" or "triton" (kernels.placement.resolve)
+
+    def __post_init__(self) -> None:
+        if self.quality not in QUALITIES:
+            raise UsageError(f"unknown --quality {self.quality!r}; choose one of {', '.join(QUALITIES)}")
+        if not (isinstance(self.step_scale, (int, float)) and math.isfinite(self.step_scale) and self.step_scale > 0):
+            raise UsageError(f"--step-scale must be a finite number above 0, not {self.step_scale!r}")
+        if self.sinks is not None and not (_is_int(self.sinks) and 0 <= self.sinks <= format.MAX_TOKENS):
+            raise UsageError(f"--sinks must be an integer in [0, {format.MAX_TOKENS}], not {self.sinks!r}")
+        if not (_is_int(self.chunk_tokens) and 1 <= self.chunk_tokens <= format.MAX_TOKENS):
+            raise UsageError(f"--chunk-tokens must be an integer in [1, {format.MAX_TOKENS}], "
+                             f"not {self.chunk_tokens!r}")
+        if self.backend not in ("torch", "triton"):
+            raise UsageError(f"backend must be torch or triton, not {self.backend!r}")
+
+    @property
+    def lossless(self) -> bool:
+        """Whether the preset's codec keeps every bit (asked of the codec class, before any codec is built)."""
+        return PRESET_CODECS[self.quality].lossless
+
+    def codec(self, lm: models.LoadedModel) -> Codec:
+        return codec_for(self.quality, lm, self.step_scale, self.sinks)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -95,7 +134,7 @@ def codec_for(quality: str, lm: models.LoadedModel, step_scale: float = 1.0, sin
     from ..calibration.calibrate import find_or_calibrate
     from ..modeling.rope import inv_freq_per_layer
 
-    if quality in ("lossless", "raw"):
+    if quality not in PRESET_CODECS or PRESET_CODECS[quality].lossless:  # nothing to calibrate (or refused)
         return make_codec(quality)
     profile = find_or_calibrate(lm)
     if profile is None and lm.identity["weights_digest"] not in _warned_no_profile:
@@ -118,9 +157,9 @@ def provenance(source: inference.Document | None = None) -> dict:
     return extra
 
 
-def check_finite(kv: KVCache, quality: str, where: str) -> None:
+def check_finite(kv: KVCache, options: EncodeOptions, where: str) -> None:
     """Lossy codecs cannot represent NaN or Inf; refuse before writing rather than write an unreadable file."""
-    if quality in ("lossless", "raw"):
+    if options.lossless:
         return
     for i in range(kv.num_layers):
         for kind, t in (("keys", kv.keys[i]), ("values", kv.values[i])):
@@ -153,10 +192,12 @@ def checked_ids(lm: models.LoadedModel, doc: inference.Document) -> list[int]:
     return ids
 
 
-def prefill_document(doc: inference.Document, ids: list[int], lm: models.LoadedModel, codec: Codec,
-                     chunk_tokens: int, out: str, backend: str = "torch") -> tuple[KVCache, int]:
+def prefill_document(doc: inference.Document, ids: list[int], lm: models.LoadedModel, codec: Codec, out: str,
+                     options: EncodeOptions = EncodeOptions()) -> tuple[KVCache, int]:
+    """The document's cache written to `out` with `codec` (options.codec(lm), built once by the caller), cut and
+    quantized as `options` say."""
     kv = inference.prefill(lm, ids, attention=not codec.lossless)
-    size = write_cache(out, kv, lm.identity, codec, chunk_tokens, provenance(doc), backend)
+    size = write_cache(out, kv, lm.identity, codec, options.chunk_tokens, provenance(doc), options.backend)
     return kv, size
 
 
