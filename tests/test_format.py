@@ -224,6 +224,23 @@ def test_raw_segments_must_hold_exactly_their_elements():
                                               r"expected 48"):
             run(src, format.read_header(src))
 
+@pytest.mark.parametrize("chunk", [0, 1 << 23, 2.5, True])
+def test_writer_refuses_a_chunk_length_no_reader_takes(chunk):
+    with pytest.raises(ValueError, match="chunk_tokens must be an integer in"):
+        kvfile.encode(golden_cache(), {}, RawCodec(), chunk)
+
+def test_writer_refuses_a_negative_chunk_length():
+    """It looped without end (where 0 divided by zero): run apart, with a deadline."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, 'tests'); from golden.make_golden import golden_cache; "
+            "from kvcli.codecs.raw import RawCodec; from kvcli.container import kvfile; "
+            "kvfile.encode(golden_cache(), {}, RawCodec(), -1)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                         cwd=Path(__file__).parent.parent)
+    assert run.returncode == 1 and "ValueError: chunk_tokens must be an integer in" in run.stderr, run.stderr[-500:]
+
 def test_known_optional_fields_are_not_extra():
     header = format.read_header(format.BytesSource(RAW))
     assert header.created_by == "kvcli golden" and header.created_at == "2026-01-01T00:00:00Z"

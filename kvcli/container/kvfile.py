@@ -94,6 +94,9 @@ def encode(kv: KVCache, model_identity: dict, codec: Codec, chunk_tokens: int = 
 
     The codec fits its tables on the CPU; backend "triton" quantizes segments where `kv` lives, with the
     codec's kernels where it has them (the file's bytes are the same either way)."""
+    if type(chunk_tokens) is not int or not 1 <= chunk_tokens <= format.MAX_TOKENS:
+        # 0 divided by zero and a negative length never ended; a reader would refuse either value
+        raise ValueError(f"chunk_tokens must be an integer in [1, {format.MAX_TOKENS}], not {chunk_tokens!r}")
     dtype = DTYPE_NAMES[kv.dtype]
     shapes = layer_shapes(kv)
     # With triton the fit gets copies even on the CPU, so the segments are quantized by the kernel on every
