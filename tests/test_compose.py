@@ -367,6 +367,17 @@ def test_composition_is_planned_once_and_the_model_probed_once(cli, llama, tmp_p
     assert max_error(kv, direct) == 0 and max_error(kv, again) == 0
 
 
+def test_a_plan_for_other_caches_is_refused(tiny_lm):
+    lm = tiny_lm("llama")
+    caches, _ = parts(lm)
+    names = ["a", "b", "c"]
+    plan = compose.plan_composition(lm, [c.token_ids for c in caches], names)
+    assert compose.compose_caches(lm, caches, names, plan).token_ids == plan.token_ids
+    for other in (caches[::-1], caches[:2]):
+        with pytest.raises(ValueError, match="the plan was made for other caches"):
+            compose.compose_caches(lm, other, names[: len(other)], plan)
+
+
 def test_compose_does_not_import_pipeline():
     """pipeline uses compose; compose needs nothing of pipeline (the two imported each other)."""
     import subprocess

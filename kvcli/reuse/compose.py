@@ -123,9 +123,9 @@ def compose_caches(lm: LoadedModel, caches: list[KVCache], names: list[str], pla
     if len(caches) == 1:
         return caches[0]
     plan = plan or plan_composition(lm, [c.token_ids for c in caches], names)
-    if len(plan.pieces) != len(caches):
-        raise ValueError(f"a plan for {len(plan.pieces)} caches, given {len(caches)}")
     ids = plan.token_ids
+    if len(plan.pieces) != len(caches) or ids != [t for c, p in zip(caches, plan.pieces) for t in c.token_ids[p.skip:]]:
+        raise ValueError("the plan was made for other caches than these")
     keys, values = [], []
     for i, layer in enumerate(plan.layers):
         k_parts, v_parts = [], []
