@@ -43,13 +43,13 @@ def make_documents(lm, paths: list[Path], count: int, tokens: int) -> list[dict]
 def worker(args) -> None:
     """One setting in this process: prints one JSON object with the measurements."""
     from kvcli.modeling import models
-    from kvcli.reuse import ingest
+    from kvcli.reuse import ingest, pipeline
     from kvcli.storage.store import open_store
 
     lm = models.load(None, "float32")
     docs = make_documents(lm, corpus(args.corpus), args.docs + WARMUP_DOCS, args.tokens)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    settings = ingest.Settings(quality=args.quality, batch_tokens=args.worker)
+    settings = ingest.Settings(pipeline.EncodeOptions(quality=args.quality), batch_tokens=args.worker)
     with tempfile.TemporaryDirectory() as tmp:
         engine = ingest.Ingest(lm, open_store(tmp), settings)
         list(engine.run(ingest.record_source(d, d["id"]) for d in docs[args.docs:]))  # warm-up, not counted

@@ -1,8 +1,8 @@
 """The codec interface: a configuration (what the header records), a fitted encoder and a per-file decoder.
 
 - `Codec` is the configuration: name, params, how to rebuild it from a header (`from_params`, validated against
-  the class's declared PARAMS), and the two factories `fit` (whole cache -> Encoder) and `open` (aux blobs ->
-  Decoder). `registry.codec_from_header` rebuilds one from a file's header.
+  the class's declared PARAMS), and the two factories `fit` (whole cache -> Encoder) and `open` (aux blobs and
+  the header's layer count -> Decoder). `registry.codec_from_header` rebuilds one from a file's header.
 - `Encoder` and `Decoder` are immutable once built, so threads may share them.
 - Decoding is two declared stages, in this order: `entropy` turns a batch of segments' bytes into symbols (on
   the CPU; a GPU entropy decoder may replace it), and `reconstruct` writes one segment's values into a
@@ -100,8 +100,8 @@ class Codec(ABC):
         may spend fewer bits on tokens that received little."""
 
     @abstractmethod
-    def open(self, aux: dict[str, bytes]) -> "Decoder":
-        """A decoder for one file, from the aux blobs its encoder wrote."""
+    def open(self, aux: dict[str, bytes], layers: int) -> "Decoder":
+        """A decoder for one file of `layers` layers (the header's count), from the aux blobs its encoder wrote."""
 
 
 class Encoder(ABC):

@@ -297,7 +297,7 @@ class KvqCodec(Codec):
                   for cls in np.unique(plan.classes)}
         return plan, q, weights, counts
 
-    def open(self, aux: dict[str, bytes]) -> "KvqDecoder":
+    def open(self, aux: dict[str, bytes], layers: int) -> "KvqDecoder":
         version = self.version
         allowed = [{"kvq.plan", "kvq.tables"}] + ([{"kvq.plan", "kvq.tables", "kvq.tokens"}] if version >= 3 else [])
         if set(aux) not in allowed:
@@ -305,6 +305,8 @@ class KvqCodec(Codec):
                              f"{' (and optionally kvq.tokens)' if version >= 3 else ''}, found {sorted(aux)}")
         tables = entropy.unpack_tables(unzstd(aux["kvq.tables"], AUX_LIMIT))
         plans, inv_freq = unpack_plans(unzstd(aux["kvq.plan"], AUX_LIMIT))
+        if len(plans) != 2 * layers:  # a plan for a layer the file does not have would be read and never used
+            raise CodecError(f"kvq.plan has {len(plans) // 2} layers, the header {layers}")
         tokens = unpack_tokens(unzstd(aux["kvq.tokens"], AUX_LIMIT), plans) if "kvq.tokens" in aux else {}
         return KvqDecoder(self, plans, tables, inv_freq, tokens)
 

@@ -45,7 +45,7 @@ class ZstdCodec(Codec, Encoder, Decoder):
     def fit(self, keys, values, token_starts, attention=None) -> "ZstdCodec":
         return self
 
-    def open(self, aux: dict[str, bytes]) -> "ZstdCodec":
+    def open(self, aux: dict[str, bytes], layers: int) -> "ZstdCodec":
         reject_aux(self.name, aux)
         return self
 

@@ -12,18 +12,20 @@ from .raw import RawCodec
 # Step size relative to a layer's RMS at the geometric-mean sensitivity. Set on calibration text, never on
 # the benchmark corpus (docs/codec.md, "Presets").
 LOSSY_SCALES = {"high": 0.24, "balanced": 0.75, "small": 1.55}
-QUALITIES = ("lossless", *LOSSY_SCALES, "raw")
+# Each preset's codec class: what callers ask (`lossless`, say) before the codec is built.
+PRESET_CODECS: dict[str, type[Codec]] = {"lossless": ZstdCodec, **dict.fromkeys(LOSSY_SCALES, KvqCodec),
+                                         "raw": RawCodec}
+QUALITIES = tuple(PRESET_CODECS)
 DEFAULT_QUALITY = "balanced"
 
 
 def make_codec(quality: str, profile: Profile | None = None, inv_freq: list[np.ndarray | None] | None = None,
                step_scale: float = 1.0, sinks: int = DEFAULT_SINKS) -> Codec:
-    if quality == "lossless":
-        return ZstdCodec()
-    if quality == "raw":
-        return RawCodec()
-    if quality not in LOSSY_SCALES:
+    cls = PRESET_CODECS.get(quality)
+    if cls is None:
         raise ValueError(f"unknown quality {quality!r}; choose one of {', '.join(QUALITIES)}")
+    if cls.lossless:  # nothing to set: no steps, no profile
+        return cls()
     meta = {"quality": quality, "step_scale": step_scale, "profile": f"{profile.name}:{profile.digest()}" if profile else "none",
             "token_alpha": DEFAULT_TOKEN_ALPHA}
     return KvqCodec(LOSSY_SCALES[quality] * step_scale, sinks, profile, inv_freq, meta, DEFAULT_TOKEN_ALPHA)

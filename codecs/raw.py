@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import Codec, Decoder, Encoder, SegmentContext, bytes_to_tensor, reject_aux, tensor_bytes
+from .base import Codec, CodecError, Decoder, Encoder, SegmentContext, bytes_to_tensor, reject_aux, tensor_bytes
 
 
 class RawCodec(Codec, Encoder, Decoder):
@@ -18,7 +18,7 @@ class RawCodec(Codec, Encoder, Decoder):
     def fit(self, keys, values, token_starts, attention=None) -> "RawCodec":
         return self
 
-    def open(self, aux: dict[str, bytes]) -> "RawCodec":
+    def open(self, aux: dict[str, bytes], layers: int) -> "RawCodec":
         reject_aux(self.name, aux)
         return self
 
@@ -26,6 +26,11 @@ class RawCodec(Codec, Encoder, Decoder):
         return tensor_bytes(x).tobytes()
 
     def entropy(self, segments: list[tuple[SegmentContext, bytes]]) -> list[np.ndarray]:
+        """The bytes as they are, each segment exactly its elements' size (so verify, which runs only this
+        stage, refuses what reconstruct would)."""
+        for i, (ctx, data) in enumerate(segments):
+            if len(data) != ctx.nbytes:
+                raise CodecError(f"raw: {len(data)} bytes, expected {ctx.nbytes}", index=i)
         return [np.frombuffer(data, np.uint8) for _, data in segments]
 
     def reconstruct(self, ctx, data, symbols, out) -> None:

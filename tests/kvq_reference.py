@@ -240,6 +240,8 @@ def decode_file(data: bytes) -> dict[tuple[int, str], np.ndarray]:
     if "kvq.tokens" in aux and params["version"] < 3:
         raise Invalid("token weights in a version 2 file")
     plans, freqs = read_plans(unzstd(aux["kvq.plan"], None, 64 << 20))
+    if len(plans) != 2 * len(header.layers):
+        raise Invalid("plan layer count differs from the header's")
     weights = read_tokens(unzstd(aux["kvq.tokens"], None, 64 << 20), plans) if "kvq.tokens" in aux else {}
     tables = read_tables(unzstd(aux["kvq.tables"], None, 64 << 20))
     bits = "<u4" if header.dtype == "float32" else "<u2"

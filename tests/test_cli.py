@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from cli_checks import one_line_error
 
 PROMPT = " The keeper's name is"
@@ -53,6 +54,26 @@ def test_decode_export_layout(cli, kvc, tmp_path, tiny_lm):
     n = tensors["input_ids"].shape[0]
     assert str(tensors["input_ids"].dtype) == "torch.int64"
     assert tuple(tensors["keys.0"].shape) == (2, n, 16) and tuple(tensors["values.3"].shape) == (2, n, 16)
+
+
+def test_decode_exports_the_header_dtype_and_only_the_tokens_a_window_holds(cli, tmp_path):
+    """docs/format.md, "Export": keys.{i} and values.{i} in the cache's dtype, a sliding-window layer only its held
+    tokens, input_ids int64 with every token, the provenance in one metadata entry; no model needed."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    golden = Path(__file__).parent / "golden" / "tiny-kvq-balanced.kvc"  # float16; layer 1 holds 39 of 259 tokens
+    st = tmp_path / "kv.safetensors"
+    assert cli("decode", golden, "-o", st).exit_code == 0
+    with safe_open(st, "pt") as f:
+        names, meta = set(f.keys()), f.metadata()
+        tensors = {name: f.get_tensor(name) for name in names}
+    assert names == {"input_ids"} | {f"{kind}.{i}" for kind in ("keys", "values") for i in range(3)}
+    assert tensors["input_ids"].dtype == torch.int64 and tensors["input_ids"].tolist() == list(range(1000, 1259))
+    assert {t.dtype for name, t in tensors.items() if name != "input_ids"} == {torch.float16}
+    assert [tuple(tensors[f"keys.{i}"].shape) for i in range(3)] == [(2, 259, 8), (2, 39, 8), (2, 259, 8)]
+    assert json.loads(meta["kvcli.provenance"]) == {"created_at": "2026-01-01T00:00:00Z"}
 
 
 def test_inspect_json(cli, kvc):

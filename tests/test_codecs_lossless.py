@@ -35,7 +35,7 @@ def bits(x: torch.Tensor) -> torch.Tensor:
 
 
 def decode_one(codec, data: bytes, ctx: SegmentContext) -> torch.Tensor:
-    decoder = codec.open({})
+    decoder = codec.open({}, 1)
     out = torch.empty(ctx.shape, dtype=ctx.torch_dtype)
     decoder.reconstruct(ctx, data, decoder.entropy([(ctx, data)])[0], out)
     return out

@@ -334,6 +334,60 @@ def test_needle_in_one_of_four_composed_documents(default_lm):
         assert "7341" in lm.tokenizer.decode(inference.greedy(lm, blend.kv, question, 6))
 
 
+def test_composition_is_planned_once_and_the_model_probed_once(cli, llama, tmp_path, monkeypatch):
+    """load_composed plans from the headers and composes by that plan; the layout checks of every file and the
+    plan share one probe of the model's cache shapes, which a second load does not repeat."""
+    import contextlib
+
+    from kvcli.reuse import pipeline
+
+    paths = prefill_docs(cli, llama, tmp_path)
+    lm = models.load(llama, "float32")
+    passes, calls = [], []
+    lm.model.register_forward_hook(lambda *_: passes.append(1))
+    for name in ("plan_composition", "rope_frequencies"):
+        real = getattr(compose, name)
+        monkeypatch.setattr(compose, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+
+    def load():
+        with contextlib.ExitStack() as stack:
+            opened = []
+            for path in paths:
+                src, header = pipeline.read_header(str(path))
+                opened.append((stack.enter_context(src), header))
+            return pipeline.load_composed(opened, lm)
+
+    kv = load()
+    assert len(passes) == 1 and sorted(calls) == ["plan_composition", "rope_frequencies"]
+    again = load()
+    assert len(passes) == 1 and len(calls) == 4
+    caches = [inference.prefill(lm, inference.document_ids(lm, t)) for t in DOCS]
+    direct = compose.compose_caches(lm, caches, ["a", "b", "c"])
+    assert kv.token_ids == again.token_ids == direct.token_ids
+    assert max_error(kv, direct) == 0 and max_error(kv, again) == 0
+
+
+def test_a_plan_for_other_caches_is_refused(tiny_lm):
+    lm = tiny_lm("llama")
+    caches, _ = parts(lm)
+    names = ["a", "b", "c"]
+    plan = compose.plan_composition(lm, [c.token_ids for c in caches], names)
+    assert compose.compose_caches(lm, caches, names, plan).token_ids == plan.token_ids
+    for other in (caches[::-1], caches[:2]):
+        with pytest.raises(ValueError, match="the plan was made for other caches"):
+            compose.compose_caches(lm, other, names[: len(other)], plan)
+
+
+def test_compose_does_not_import_pipeline():
+    """pipeline uses compose; compose needs nothing of pipeline (the two imported each other)."""
+    import subprocess
+    import sys
+
+    code = "import sys, kvcli.reuse.compose; print('kvcli.reuse.pipeline' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "False", run.stderr
+
+
 def test_cli_checks_every_file_before_decoding_any(cli, llama, tiny_model_dir, tmp_path):
     """The model is checked before the length, and the length before any segment is decoded."""
     long_docs = ("y" * 300, "z" * 300)

@@ -177,16 +177,69 @@ def test_published_schema_accepts_written_headers_and_rejects_malformed_ones():
     # Every field the reader knows is in the schema, and nothing else is required.
     assert set(schema["properties"]) == format.KNOWN_FIELDS
 
-def test_newer_minor_version_with_unknown_fields_is_read():
-    """A minor version adds optional fields only: a 2.7 reader's file decodes here, its new fields kept as extra."""
-    data = rewrite_header(RAW, lambda h: h.update(future_field={"x": [1, 2]}, another="y"))
-    data = data[:10] + struct.pack("<H", 7) + data[12:]
+@pytest.mark.parametrize("minor", [0, 7])
+def test_unknown_fields_are_read_past_whatever_the_minor_version(minor):
+    """A minor version adds optional fields only: a 2.7 writer's file decodes here, its new fields kept as extra.
+    The reader never compares the minor version: a 2.0 file with fields it does not know is read the same way,
+    and unknown members of the model, layer and codec objects are ignored as well (docs/format.md)."""
+    def change(h):
+        h.update(future_field={"x": [1, 2]}, another="y")
+        h["model"]["future"] = 1
+        h["layers"][0]["future"] = [2]
+        h["codec"]["future"] = "z"
+    data = rewrite_header(RAW, change)
+    data = data[:10] + struct.pack("<H", minor) + data[12:]
     src = format.BytesSource(data, "t.kvc")
     header = format.read_header(src)
-    assert (header.major, header.minor) == (2, 7)
+    assert (header.major, header.minor) == (2, minor)
     assert header.extra == {"future_field": {"x": [1, 2]}, "another": "y"}
     kv, expected = kvfile.decode(src, header), golden_cache()
     assert all(torch.equal(a, b) for a, b in zip(kv.keys + kv.values, expected.keys + expected.values))
+
+@pytest.mark.parametrize("data", [RAW, ZSTD], ids=["raw", "zstd"])
+def test_lossless_codecs_refuse_aux_segments(data):
+    damaged = with_aux(data, [("t", b"ab")])
+    for run in (kvfile.decode, kvfile.verify):
+        src = format.BytesSource(damaged, "t.kvc")
+        with pytest.raises(FormatError, match=r"t.kvc: codec tables: codec (raw|zstd) takes no aux segments, "
+                                              r"found \['t'\]"):
+            run(src, format.read_header(src))
+
+def test_raw_segments_must_hold_exactly_their_elements():
+    """Two segments' lengths traded (one 2 bytes short, the next 2 long) keep the file's total, so only the codec
+    can tell: verify must refuse what decode refuses."""
+    def trade(h):
+        h["segments"][0][5] -= 2
+        h["segments"][1][4] -= 2
+        h["segments"][1][5] += 2
+    damaged = rewrite_header(RAW, trade)
+    doc = header_doc(damaged)
+    body = damaged[format.PREAMBLE_SIZE + header_len(damaged) :]
+    for row in doc["segments"][:2]:
+        row[6] = zlib.crc32(body[row[4] : row[4] + row[5]])
+    damaged = rewrite_header(damaged, lambda h: h.update(segments=doc["segments"]))
+    for run in (kvfile.decode, kvfile.verify):
+        src = format.BytesSource(damaged, "t.kvc")
+        with pytest.raises(FormatError, match=r"segment layer 0 K tokens \[0, 3\): cannot decode: .*46 bytes, "
+                                              r"expected 48"):
+            run(src, format.read_header(src))
+
+@pytest.mark.parametrize("chunk", [0, 1 << 23, 2.5, True])
+def test_writer_refuses_a_chunk_length_no_reader_takes(chunk):
+    with pytest.raises(ValueError, match="chunk_tokens must be an integer in"):
+        kvfile.encode(golden_cache(), {}, RawCodec(), chunk)
+
+def test_writer_refuses_a_negative_chunk_length():
+    """It looped without end (where 0 divided by zero): run apart, with a deadline."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, 'tests'); from golden.make_golden import golden_cache; "
+            "from kvcli.codecs.raw import RawCodec; from kvcli.container import kvfile; "
+            "kvfile.encode(golden_cache(), {}, RawCodec(), -1)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                         cwd=Path(__file__).parent.parent)
+    assert run.returncode == 1 and "ValueError: chunk_tokens must be an integer in" in run.stderr, run.stderr[-500:]
 
 def test_known_optional_fields_are_not_extra():
     header = format.read_header(format.BytesSource(RAW))

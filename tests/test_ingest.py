@@ -292,3 +292,50 @@ def test_killed_run_leaves_no_partial_files_and_a_rerun_finishes(cli, llama, tmp
     assert len(lines) == 12
     assert {line["key"] for line in lines if line["status"] == "skipped"} == {n[:-4] for n in names}
     assert sum(line["status"] == "written" for line in lines) == 12 - len(names)
+
+
+# ---------------------------------------------------------------- options, checked once when built
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"quality": "best"}, "unknown --quality 'best'"),
+    ({"step_scale": 0.0}, "--step-scale must be a finite number above 0"),
+    ({"step_scale": float("nan")}, "--step-scale must be a finite number above 0"),
+    ({"sinks": -1}, "--sinks must be an integer in [0, 4194304]"),
+    ({"sinks": True}, "--sinks must be an integer"),
+    ({"chunk_tokens": 0}, "--chunk-tokens must be an integer in [1, 4194304]"),
+    ({"backend": "cuda"}, "backend must be torch or triton"),
+])
+def test_encode_options_are_checked_when_built(fields, message):
+    from kvcli.errors import UsageError
+    from kvcli.reuse.pipeline import EncodeOptions
+
+    with pytest.raises(UsageError) as info:
+        EncodeOptions(**fields)
+    assert message in str(info.value)
+
+
+def test_settings_are_checked_when_built():
+    from kvcli.errors import UsageError
+
+    for fields in ({"batch_tokens": 0}, {"max_tokens": -5}):
+        with pytest.raises(UsageError, match="must be an integer of at least 1"):
+            ingest.Settings(**fields)
+
+
+def test_each_presets_options_know_whether_its_codec_is_lossless():
+    """Options answer `lossless` from the preset's codec class, before a codec (or a profile) exists: the codec
+    the preset then builds must agree."""
+    from kvcli.codecs.presets import QUALITIES, make_codec
+    from kvcli.reuse.pipeline import EncodeOptions
+
+    assert {q: EncodeOptions(q).lossless for q in QUALITIES} == {q: make_codec(q).lossless for q in QUALITIES}
+    assert [q for q in QUALITIES if EncodeOptions(q).lossless] == ["lossless", "raw"]
+
+
+def test_a_bad_dtype_is_refused_before_the_store_is_created(cli, llama, corpus, tmp_path):
+    store = tmp_path / "new-store"
+    result = run_store(cli, corpus, "--out-dir", store, "--model", llama, "--dtype", "float8")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.strip() == "Error: unknown dtype 'float8'; choose one of float32, bfloat16, float16"
+    assert not store.exists()

@@ -404,3 +404,96 @@ def test_token_weights_are_refused_in_a_version_2_file():
     src = format.BytesSource(data, "g.kvc")
     with pytest.raises(FormatError, match=re.escape("kvq version 2 needs aux segments kvq.plan and kvq.tables,")):
         kvfile.decode(src, format.read_header(src))
+
+
+# ---------------------------------------------------------------- what docs/codec.md states about the numbers
+
+
+def test_token_factors_are_two_to_the_e_over_8_correctly_rounded_to_float32():
+    """docs/codec.md gives the 49 factors as a formula, not a list: 2^(e/8) rounded to the nearest float32, e in
+    [-24, 24]. Checked against 60-digit arithmetic, not against float64 pow, which need not be correctly rounded."""
+    from decimal import Decimal, localcontext
+
+    from kvcli.codecs.kvq import TOKEN_EXPONENT_LIMIT, TOKEN_FACTORS
+
+    def nearest_float32(e: int) -> np.float32:
+        with localcontext() as ctx:
+            ctx.prec = 60
+            exact = (Decimal(2).ln() * e / 8).exp()
+            guess = np.float32(float(exact))
+            around = (np.nextafter(guess, np.float32(0)), guess, np.nextafter(guess, np.float32(np.inf)))
+            return min(around, key=lambda c: abs(Decimal(float(c)) - exact))
+
+    assert TOKEN_EXPONENT_LIMIT == 24 and TOKEN_FACTORS.dtype == np.float32
+    assert [float(f) for f in TOKEN_FACTORS] == [float(nearest_float32(e)) for e in range(-24, 25)]
+
+
+def test_escape_values_are_the_integers_themselves():
+    """An escaped tuple's values are the signed integers, taken as they are, even where they would have fitted the
+    class's range: kvcli and the reference decoder (docs alone) decode the changed segment alike."""
+    i = escaped_segment()
+    zeros = lambda f: f.update(esc=zstandard.ZstdCompressor().compress(np.zeros_like(escape_values(f)).tobytes()))
+    meta, _ = golden_parts()
+    parts = with_segment(i, zeros)
+    data = format.build_header(meta, parts) + b"".join(p.data for p in parts)
+    ours, theirs = kvcli_bits(data), kvq_reference.decode_file(data)
+    original = kvcli_bits(format.build_header(meta, golden_parts()[1]) + b"".join(p.data for p in golden_parts()[1]))
+    p = golden_parts()[1][i]
+    assert not np.array_equal(ours[(p.layer, p.kind)], original[(p.layer, p.kind)])
+    for key in ours:
+        assert np.array_equal(ours[key], theirs[key]), key
+
+
+def test_plan_layer_count_must_equal_the_headers():
+    def layers(count_change: int):
+        def change(raw):
+            (count,) = struct.unpack_from("<I", raw, 0)
+            pos = 4
+            for _ in range(count - 1):  # to the last layer's entries
+                for _kind in range(2):
+                    heads, dim, rope = struct.unpack_from("<HHB", raw, pos)
+                    pos += 5 + 5 * heads * dim + (2 * dim if rope else 0)
+            last = raw[pos:]
+            body = raw[4:] + last if count_change > 0 else raw[4:pos]
+            return bytearray(struct.pack("<I", count + count_change)) + body
+        return change
+
+    refused(with_aux("kvq.plan", layers(+1)), "kvq.plan has 4 layers, the header 3")
+    refused(with_aux("kvq.plan", layers(-1)), "kvq.plan has 2 layers, the header 3")
+
+
+def test_segment_boundaries_need_not_follow_chunk_tokens():
+    """chunk_tokens records how the writer cut the file; a reader takes any cut that covers each layer and kind in
+    order: here every layer and kind cut its own way, one cut inside the sinks, segments in layer order rather
+    than chunk order. The values are those of the regularly chunked file (kvq's integers come from the fit of the
+    whole cache, not from the segments)."""
+    from kvcli.codecs.base import SegmentContext
+
+    dtype, sinks = make_golden_kvq.PRESETS["high"]
+    assert sinks == 4
+    kv = make_golden_kvq.golden_cache(dtype)
+    codec = make_golden_kvq.make_codec("high", None, make_golden_kvq.inv_freq(), 1.0, sinks)
+    meta, parts = kvfile.encode(kv, make_golden_kvq.IDENTITY, codec, make_golden_kvq.CHUNK)
+    shapes = kvfile.layer_shapes(kv)
+    encoder = codec.fit(kv.keys, kv.values, [s.token_start for s in shapes], kv.attention)
+    jobs = []
+    for layer, shape in enumerate(shapes):
+        for kind, tensors, dim in (("k", kv.keys, shape.key_dim), ("v", kv.values, shape.value_dim)):
+            step = 7 + 3 * layer + (kind == "v")
+            inside_sinks = {2} if shape.token_start < 2 else set()
+            cuts = sorted({*range(shape.token_start, kv.num_tokens, step), *inside_sinks}) + [kv.num_tokens]
+            for lo, hi in zip(cuts, cuts[1:]):
+                local = slice(lo - shape.token_start, hi - shape.token_start)
+                jobs.append((tensors[layer][:, local], SegmentContext(kind, layer, lo, shape.kv_heads, hi - lo,
+                                                                      dim, dtype)))
+    blobs = encoder.encode_many(jobs)
+    cut = [format.SegmentData("aux", -1, 0, 0, data, name) for name, data in sorted(encoder.aux().items())]
+    cut += [format.SegmentData(c.kind, c.layer, c.token_start, c.tokens, b) for (_, c), b in zip(jobs, blobs)]
+    data = format.build_header(meta, cut) + b"".join(p.data for p in cut)
+    header = format.read_header(format.BytesSource(data))
+    assert header.chunk_tokens == 64 and any(s.token_start % 64 and s.token_start != shapes[s.layer].token_start
+                                             for s in header.segments if s.kind != "aux")
+    regular = kvcli_bits(format.build_header(meta, parts) + b"".join(p.data for p in parts))
+    ours, theirs = kvcli_bits(data), kvq_reference.decode_file(data)
+    for key in regular:
+        assert np.array_equal(ours[key], regular[key]) and np.array_equal(theirs[key], regular[key]), key

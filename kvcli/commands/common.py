@@ -107,10 +107,3 @@ def check_output(out: str, inputs: list[str] = (), binary: bool = True) -> None:
         for inp in inputs:
             if inp != "-" and Path(inp).exists() and os.path.samefile(inp, target):
                 raise UsageError(f"{out}: is the same file as the input {inp}; choose another output")
-
-
-def check_quality(quality: str) -> None:
-    from ..codecs.presets import QUALITIES
-
-    if quality not in QUALITIES:
-        raise UsageError(f"unknown --quality {quality!r}; choose one of {', '.join(QUALITIES)}")

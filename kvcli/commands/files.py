@@ -14,7 +14,6 @@ from .common import (
     SinksOpt,
     StepScaleOpt,
     check_output,
-    check_quality,
     emit_json,
     handled,
 )
@@ -59,18 +58,18 @@ def encode(
     from ..modeling.kvcache import KVCache, from_tensor_dict
     from ..reuse import pipeline
 
-    check_quality(quality)
     where = resolve(device, backend)
+    options = pipeline.EncodeOptions(quality, step_scale, sinks, chunk_tokens, where.backend)
     check_output(out, [tensors])
     exported, provenance = load_tensors(tensors)
     kv = from_tensor_dict(exported, tensors)
     kv = KVCache(kv.token_ids, [k.to(where.device) for k in kv.keys], [v.to(where.device) for v in kv.values])
     lm = models.load(model, "float32", where.device)
     pipeline.check_shapes(kv, lm, tensors)
-    pipeline.check_finite(kv, quality, tensors)
-    codec = pipeline.codec_for(quality, lm, step_scale, sinks)
-    pipeline.write_cache(out, kv, lm.identity, codec, chunk_tokens, {**pipeline.provenance(), **provenance},
-                         where.backend)
+    pipeline.check_finite(kv, options, tensors)
+    codec = options.codec(lm)
+    pipeline.write_cache(out, kv, lm.identity, codec, options.chunk_tokens, {**pipeline.provenance(), **provenance},
+                         options.backend)
 
 
 def inspect(

@@ -10,7 +10,7 @@ import itertools
 import json
 import sys
 import time
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
@@ -23,11 +23,15 @@ from .common import (
     SinksOpt,
     StepScaleOpt,
     check_output,
-    check_quality,
     emit_json,
     handled,
     status,
 )
+
+if TYPE_CHECKING:
+    from ..modeling.models import ModelChoice
+    from ..reuse.ingest import Settings
+    from ..reuse.pipeline import EncodeOptions
 
 LOG_EVERY_SECONDS = 10.0  # plain progress lines when stderr is not a terminal
 
@@ -59,9 +63,12 @@ def prefill(
     """Run the model over documents once and write their KV caches as .kvc files."""
     from ..errors import UsageError
     from ..kernels.placement import resolve
+    from ..modeling.models import ModelChoice
+    from ..reuse import ingest, pipeline
 
-    check_quality(quality)
     where = resolve(device, backend)
+    options = pipeline.EncodeOptions(quality, step_scale, sinks, chunk_tokens, where.backend)
+    choice = ModelChoice(model, dtype, where.device)
     docs = docs or []
     if out is not None:
         many = [name for name, given in (("--out-dir", out_dir), ("--jsonl", jsonl), ("--shard", shard),
@@ -69,7 +76,7 @@ def prefill(
         if len(docs) != 1 or many:
             raise UsageError("-o writes one document; for " + (", ".join(many) or f"{len(docs)} documents")
                              + " use --out-dir DIR")
-        prefill_one(docs[0], out, model, dtype, quality, step_scale, sinks, chunk_tokens, as_json, where)
+        prefill_one(docs[0], out, choice, options, as_json)
         return
     if out_dir is None:
         raise UsageError("give -o FILE for one document, or --out-dir DIR for many")
@@ -77,13 +84,14 @@ def prefill(
         raise UsageError("no documents: give files, directories, globs, - or --jsonl FILE")
     if docs.count("-") + (jsonl == "-") > 1:
         raise UsageError("stdin can be read once: give - or --jsonl - , not both")
-    prefill_many(docs, jsonl, out_dir, shard, split, max_tokens, batch_tokens, model, dtype, quality, step_scale,
-                 sinks, chunk_tokens, where)
+    settings = ingest.Settings(options, max_tokens, split,
+                               ingest.DEFAULT_BATCH_TOKENS if batch_tokens is None else batch_tokens)
+    prefill_many(docs, jsonl, out_dir, shard, choice, settings)
 
 
-def prefill_one(doc: str, out: str, model, dtype, quality, step_scale, sinks, chunk_tokens, as_json, where) -> None:
+def prefill_one(doc: str, out: str, choice: ModelChoice, options: EncodeOptions, as_json: bool) -> None:
     from ..errors import UsageError
-    from ..modeling import inference, models
+    from ..modeling import inference
     from ..reuse import pipeline
 
     if as_json and out == "-":
@@ -91,23 +99,22 @@ def prefill_one(doc: str, out: str, model, dtype, quality, step_scale, sinks, ch
     check_output(out, [doc])  # before the model loads: a bad output must not cost a prefill
     document = inference.read_document(doc)  # bad input fails before the model loads
     with status("loading model"):
-        lm = models.load(model, dtype, where.device)
+        lm = choice.load()
     t0 = time.perf_counter()
     ids = pipeline.checked_ids(lm, document)
-    codec = pipeline.codec_for(quality, lm, step_scale, sinks)
+    codec = options.codec(lm)
     with status("prefilling and encoding"):
-        kv, size = pipeline.prefill_document(document, ids, lm, codec, chunk_tokens, out, where.backend)
-    summary = {"output": out, "tokens": kv.num_tokens, "bytes": size, "quality": quality,
-               "model": lm.name, "dtype": dtype, "seconds": round(time.perf_counter() - t0, 3)}
+        kv, size = pipeline.prefill_document(document, ids, lm, codec, out, options)
+    summary = {"output": out, "tokens": kv.num_tokens, "bytes": size, "quality": options.quality,
+               "model": lm.name, "dtype": choice.dtype, "seconds": round(time.perf_counter() - t0, 3)}
     if as_json:
         emit_json(summary)
     elif out != "-":
-        print(f"wrote {out}: {kv.num_tokens} tokens, {size:,} bytes ({quality})", file=sys.stderr)
+        print(f"wrote {out}: {kv.num_tokens} tokens, {size:,} bytes ({options.quality})", file=sys.stderr)
 
 
-def prefill_many(docs, jsonl, out_dir, shard, split, max_tokens, batch_tokens, model, dtype, quality, step_scale,
-                 sinks, chunk_tokens, where) -> None:
-    from ..modeling import models
+def prefill_many(docs: list[str], jsonl: str | None, out_dir: str, shard: str | None, choice: ModelChoice,
+                 settings: Settings) -> None:
     from ..reuse import ingest
 
     index, count = ingest.parse_shard(shard) if shard else (0, 1)
@@ -119,9 +126,7 @@ def prefill_many(docs, jsonl, out_dir, shard, split, max_tokens, batch_tokens, m
     lines = ingest.count_jsonl(jsonl) if jsonl is not None else 0
     total = None if lines is None or (lines and count > 1) else total + lines
     with status("loading model"):
-        lm = models.load(model, dtype, where.device)
-    settings = ingest.Settings(quality, step_scale, sinks, chunk_tokens, max_tokens, split,
-                               ingest.DEFAULT_BATCH_TOKENS if batch_tokens is None else batch_tokens, where.backend)
+        lm = choice.load()
     engine = ingest.Ingest(lm, store, settings)
     with Progress(total) as progress:
         for line in engine.run(sources):

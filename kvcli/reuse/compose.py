@@ -15,9 +15,9 @@ import torch
 from ..errors import InputError, ModelMismatchError, UsageError
 from ..modeling import inference
 from ..modeling.kvcache import KVCache
-from ..modeling.models import LoadedModel, cache_argument
+from ..container.format import LayerShape
+from ..modeling.models import LoadedModel, cache_argument, expected_layers
 from ..modeling.rope import inv_freq_per_layer, shift_keys
-from . import pipeline
 
 # Architectures whose every layer applies rotate-half RoPE to the whole key (the layout shift_keys undoes) and
 # whose decoder layers recompute() drives directly; each one is exercised by tests/test_compose.py.
@@ -36,6 +36,16 @@ class Piece:
 
     skip: int  # leading tokens of the cache left out: a repeated BOS
     shift: int  # composed position minus the position in its own cache, for every token kept
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A composition, decided from the caches' tokens before any is decoded: what compose_caches carries out."""
+
+    pieces: list[Piece]  # per cache, in order
+    token_ids: list[int]  # the composed context
+    freqs: list[torch.Tensor]  # per layer, the inverse frequencies that move keys (rope_frequencies)
+    layers: list[LayerShape]  # the composed context's layout, as the model's own prefill of it leaves it
 
 
 @dataclass
@@ -82,13 +92,15 @@ def leading_bos(lm: LoadedModel) -> int | None:
     return bos if bos is not None and inference.document_ids(lm, "a")[:1] == [bos] else None
 
 
-def plan_composition(lm: LoadedModel, token_ids: list[list[int]], names: list[str]) -> tuple[list[Piece], list[int]]:
-    """Where each cache goes and the composed tokens, refused when they cannot fit the model's context.
+def plan_composition(lm: LoadedModel, token_ids: list[list[int]], names: list[str]) -> Plan:
+    """Where each cache goes and the composed tokens, refused when the model's keys cannot be moved
+    (rope_frequencies) or the tokens cannot fit its context.
 
     Every document after the first loses its leading BOS (when the tokenizer adds one), with that BOS's K and V:
     the composed tokens are those of the documents' token sequences concatenated with one BOS in front, which is
     also what the reference prefill sees.
     """
+    freqs = rope_frequencies(lm)
     bos = leading_bos(lm)
     pieces, ids = [], []
     for j, (doc, name) in enumerate(zip(token_ids, names)):
@@ -98,28 +110,30 @@ def plan_composition(lm: LoadedModel, token_ids: list[list[int]], names: list[st
         pieces.append(Piece(skip, len(ids) - skip))
         ids.extend(doc[skip:])
     inference.check_length(lm, len(ids), f"the context composed of {len(token_ids)} caches")
-    return pieces, ids
+    return Plan(pieces, ids, freqs, expected_layers(lm, len(ids)))
 
 
-def compose_caches(lm: LoadedModel, caches: list[KVCache], names: list[str]) -> KVCache:
-    """One cache for the documents of `caches` in order, keys moved to their composed positions.
+def compose_caches(lm: LoadedModel, caches: list[KVCache], names: list[str], plan: Plan | None = None) -> KVCache:
+    """One cache for the documents of `caches` in order, keys moved to their composed positions: by `plan`, the
+    plan_composition of these caches' tokens (made here when not given).
 
     Sliding-window layers keep the last window - 1 composed tokens, as the model's own prefill would; the caches
     hold enough of them, since each keeps its own last window - 1 (or all of its tokens).
     """
     if len(caches) == 1:
         return caches[0]
-    freqs = rope_frequencies(lm)
-    pieces, ids = plan_composition(lm, [c.token_ids for c in caches], names)
-    starts = [layer.token_start for layer in pipeline.expected_layers(lm, len(ids))]
+    plan = plan or plan_composition(lm, [c.token_ids for c in caches], names)
+    ids = plan.token_ids
+    if len(plan.pieces) != len(caches) or ids != [t for c, p in zip(caches, plan.pieces) for t in c.token_ids[p.skip:]]:
+        raise ValueError("the plan was made for other caches than these")
     keys, values = [], []
-    for i, start in enumerate(starts):
+    for i, layer in enumerate(plan.layers):
         k_parts, v_parts = [], []
-        for cache, piece in zip(caches, pieces):
+        for cache, piece in zip(caches, plan.pieces):
             drop = max(0, piece.skip - cache.token_start(i))
-            k_parts.append(shift_keys(cache.keys[i][:, drop:], freqs[i], piece.shift))
+            k_parts.append(shift_keys(cache.keys[i][:, drop:], plan.freqs[i], piece.shift))
             v_parts.append(cache.values[i][:, drop:])
-        held = len(ids) - start
+        held = len(ids) - layer.token_start
         keys.append(torch.cat(k_parts, dim=1)[:, -held:].contiguous())
         values.append(torch.cat(v_parts, dim=1)[:, -held:].contiguous())
     return KVCache(ids, keys, values)

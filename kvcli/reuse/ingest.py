@@ -196,14 +196,17 @@ def in_shard(sources: Iterable[Source], index: int, count: int) -> Iterator[Sour
 
 @dataclass(frozen=True)
 class Settings:
-    quality: str = "balanced"
-    step_scale: float = 1.0
-    sinks: int | None = None
-    chunk_tokens: int = kvfile.DEFAULT_CHUNK_TOKENS
+    """How a run encodes (the options every cache gets) and how it cuts and batches documents; checked when built."""
+
+    encode: pipeline.EncodeOptions = pipeline.EncodeOptions()
     max_tokens: int | None = None  # None: the model's context
     split: bool = False
     batch_tokens: int = DEFAULT_BATCH_TOKENS  # below two documents' worth: one document per forward pass
-    backend: str = "torch"  # the quantize step's implementation (kvcli.kernels.placement.resolve)
+
+    def __post_init__(self) -> None:
+        for name, value in (("--max-tokens", self.max_tokens), ("--batch-tokens", self.batch_tokens)):
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise UsageError(f"{name} must be an integer of at least 1, not {value!r}")
 
 
 @dataclass
@@ -251,7 +254,7 @@ class Ingest:
 
     def __init__(self, lm: models.LoadedModel, store, settings: Settings = Settings()):
         self.lm, self.store, self.settings = lm, store, settings
-        self.codec = pipeline.codec_for(settings.quality, lm, settings.step_scale, settings.sinks)
+        self.codec = settings.encode.codec(lm)
         self.codec_spec = {"name": self.codec.name, "params": self.codec.params()}
         limits = [x for x in (settings.max_tokens, lm.max_tokens()) if x]
         self.max_tokens = min(limits) if limits else 0  # 0: the model states no context length
@@ -330,9 +333,10 @@ class Ingest:
         start = time.perf_counter()
         line = job.line
         try:
-            pipeline.check_finite(kv, self.settings.quality, line["id"])
-            meta, parts = pipeline.encode_cache(kv, self.lm.identity, self.codec, self.settings.chunk_tokens,
-                                                pipeline.provenance(job.doc), self.settings.backend)
+            options = self.settings.encode
+            pipeline.check_finite(kv, options, line["id"])
+            meta, parts = pipeline.encode_cache(kv, self.lm.identity, self.codec, options.chunk_tokens,
+                                                pipeline.provenance(job.doc), options.backend)
             data = encode_file(meta, parts)
             self.store.put(line["key"], data)  # validated, then stored atomically under the key we expect
         except StorageError as err:
@@ -369,15 +373,12 @@ class PrefillBatches:
                  step_scale: float = 1.0, sinks: int | None = None, chunk_tokens: int = kvfile.DEFAULT_CHUNK_TOKENS,
                  max_tokens: int | None = None, split: bool = False, batch_tokens: int = DEFAULT_BATCH_TOKENS,
                  text_field: str = "text"):
-        from ..codecs.presets import QUALITIES
-
-        if quality not in QUALITIES:
-            raise UsageError(f"unknown quality {quality!r}; choose one of {', '.join(QUALITIES)}")
-        self.text_field = text_field
         from ..storage.store import open_store
 
-        self.ingest = Ingest(models.load(model, dtype), open_store(store, create=True),
-                             Settings(quality, step_scale, sinks, chunk_tokens, max_tokens, split, batch_tokens))
+        encode = pipeline.EncodeOptions(quality=quality, step_scale=step_scale, sinks=sinks, chunk_tokens=chunk_tokens)
+        settings = Settings(encode, max_tokens=max_tokens, split=split, batch_tokens=batch_tokens)
+        self.text_field = text_field
+        self.ingest = Ingest(models.ModelChoice(model, dtype).load(), open_store(store, create=True), settings)
 
     def __call__(self, batch) -> dict[str, list]:
         columns = {name: _plain_list(values) for name, values in dict(batch).items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -11,13 +12,52 @@ import torch
 
 from ..codecs.base import Codec, CodecError
 from ..codecs.kvq import DEFAULT_SINKS
-from ..codecs.presets import make_codec
+from ..codecs.presets import DEFAULT_QUALITY, PRESET_CODECS, QUALITIES, make_codec
 from ..container import format, identity, kvfile
-from ..errors import InputError, ModelMismatchError
+from ..errors import InputError, ModelMismatchError, UsageError
 from ..modeling import inference, models
 from ..modeling.kvcache import KVCache
+from . import compose
 
 _warned_no_profile: set[str] = set()
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How a cache becomes a file: the preset (--quality) with its expert settings, the segment length and where
+    the quantize step runs. Checked when built, so a command refuses a bad value before any work; commands build
+    one and hand it down (commands/prefill.py, files.py, ingest.Settings)."""
+
+    quality: str = DEFAULT_QUALITY
+    step_scale: float = 1.0  # multiplies the preset's steps (lossy presets)
+    sinks: int | None = None  # leading tokens kept exact by lossy presets; None: the codec's default
+    chunk_tokens: int = kvfile.DEFAULT_CHUNK_TOKENS
+    backend: str = "torch"  # "torch" or "triton" (kernels.placement.resolve)
+
+    def __post_init__(self) -> None:
+        if self.quality not in QUALITIES:
+            raise UsageError(f"unknown --quality {self.quality!r}; choose one of {', '.join(QUALITIES)}")
+        if not (isinstance(self.step_scale, (int, float)) and math.isfinite(self.step_scale) and self.step_scale > 0):
+            raise UsageError(f"--step-scale must be a finite number above 0, not {self.step_scale!r}")
+        if self.sinks is not None and not (_is_int(self.sinks) and 0 <= self.sinks <= format.MAX_TOKENS):
+            raise UsageError(f"--sinks must be an integer in [0, {format.MAX_TOKENS}], not {self.sinks!r}")
+        if not (_is_int(self.chunk_tokens) and 1 <= self.chunk_tokens <= format.MAX_TOKENS):
+            raise UsageError(f"--chunk-tokens must be an integer in [1, {format.MAX_TOKENS}], "
+                             f"not {self.chunk_tokens!r}")
+        if self.backend not in ("torch", "triton"):
+            raise UsageError(f"backend must be torch or triton, not {self.backend!r}")
+
+    @property
+    def lossless(self) -> bool:
+        """Whether the preset's codec keeps every bit (asked of the codec class, before any codec is built)."""
+        return PRESET_CODECS[self.quality].lossless
+
+    def codec(self, lm: models.LoadedModel) -> Codec:
+        return codec_for(self.quality, lm, self.step_scale, self.sinks)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -52,25 +92,9 @@ def check_identity(header: format.Header, lm: models.LoadedModel, where: str) ->
         )
 
 
-def expected_layers(lm: models.LoadedModel, tokens: int) -> list[format.LayerShape]:
-    """The cache layout the model's own prefill of `tokens` tokens leaves: shapes from a one-token prefill,
-    and for sliding-window layers the last window - 1 tokens only."""
-    from transformers import DynamicCache
-
-    probe = inference.prefill(lm, [0])
-    layers = DynamicCache(config=lm.model.config).layers
-    out = []
-    for i in range(probe.num_layers):
-        window = getattr(layers[i], "sliding_window", None) if getattr(layers[i], "is_sliding", False) else None
-        held = min(tokens, window - 1) if window else tokens
-        out.append(format.LayerShape(probe.keys[i].shape[0], probe.keys[i].shape[2], probe.values[i].shape[2],
-                                     tokens - held))
-    return out
-
-
 def check_layout(layers: list[format.LayerShape], token_ids: list[int], lm: models.LoadedModel, where: str) -> None:
     """Refuse, before anything is decoded or allocated, a cache whose shapes or tokens the model cannot take."""
-    want = expected_layers(lm, len(token_ids))
+    want = models.expected_layers(lm, len(token_ids))
     if len(layers) != len(want):
         raise ModelMismatchError(f"{where}: the cache has {len(layers)} layers, the model {len(want)}")
     for i, (got, exp) in enumerate(zip(layers, want)):
@@ -110,7 +134,7 @@ def codec_for(quality: str, lm: models.LoadedModel, step_scale: float = 1.0, sin
     from ..calibration.calibrate import find_or_calibrate
     from ..modeling.rope import inv_freq_per_layer
 
-    if quality in ("lossless", "raw"):
+    if quality not in PRESET_CODECS or PRESET_CODECS[quality].lossless:  # nothing to calibrate (or refused)
         return make_codec(quality)
     profile = find_or_calibrate(lm)
     if profile is None and lm.identity["weights_digest"] not in _warned_no_profile:
@@ -133,9 +157,9 @@ def provenance(source: inference.Document | None = None) -> dict:
     return extra
 
 
-def check_finite(kv: KVCache, quality: str, where: str) -> None:
+def check_finite(kv: KVCache, options: EncodeOptions, where: str) -> None:
     """Lossy codecs cannot represent NaN or Inf; refuse before writing rather than write an unreadable file."""
-    if quality in ("lossless", "raw"):
+    if options.lossless:
         return
     for i in range(kv.num_layers):
         for kind, t in (("keys", kv.keys[i]), ("values", kv.values[i])):
@@ -168,10 +192,12 @@ def checked_ids(lm: models.LoadedModel, doc: inference.Document) -> list[int]:
     return ids
 
 
-def prefill_document(doc: inference.Document, ids: list[int], lm: models.LoadedModel, codec: Codec,
-                     chunk_tokens: int, out: str, backend: str = "torch") -> tuple[KVCache, int]:
+def prefill_document(doc: inference.Document, ids: list[int], lm: models.LoadedModel, codec: Codec, out: str,
+                     options: EncodeOptions = EncodeOptions()) -> tuple[KVCache, int]:
+    """The document's cache written to `out` with `codec` (options.codec(lm), built once by the caller), cut and
+    quantized as `options` say."""
     kv = inference.prefill(lm, ids, attention=not codec.lossless)
-    size = write_cache(out, kv, lm.identity, codec, chunk_tokens, provenance(doc), backend)
+    size = write_cache(out, kv, lm.identity, codec, options.chunk_tokens, provenance(doc), options.backend)
     return kv, size
 
 
@@ -186,17 +212,14 @@ def load_composed(opened: list[tuple[format.ByteSource, format.Header]], lm: mod
                   recompute_fraction: float = 0.0, backend: str = "torch") -> KVCache:
     """Opened files joined in order into one context, as if their documents had been concatenated
     (kvcli/reuse/compose.py), with a fraction of its tokens recomputed. Every file is checked against the model, and
-    the composed length against its context, before any is decoded; one file and no recomputation is load_cache."""
-    from . import compose
-
+    the composed length against its context, before any is decoded; one file and no recomputation is load_cache.
+    The composition is planned once, from the headers, and the plan is what places the decoded caches."""
     names = [getattr(src, "path", "<input>") for src, _ in opened]
     for (src, header), where in zip(opened, names):
         check_identity(header, lm, where)
-    if len(opened) > 1:
-        compose.rope_frequencies(lm)
-        compose.plan_composition(lm, [header.token_ids for _, header in opened], names)
+    plan = compose.plan_composition(lm, [header.token_ids for _, header in opened], names) if len(opened) > 1 else None
     if recompute_fraction:
         compose.check_recomputable(lm)
     caches = [load_cache(src, header, lm, backend).kv for src, header in opened]
-    kv = compose.compose_caches(lm, caches, names)
+    kv = compose.compose_caches(lm, caches, names, plan)
     return compose.recompute_tokens(lm, kv, recompute_fraction).kv
