@@ -4,23 +4,31 @@ Reads: GET/HEAD /v1/caches/{key} (Range, ETag = key), listing, lookup. Writes (-
 PUT validates the whole upload (magic, version, header, every CRC, key against content) before the store makes
 it visible atomically; DELETE; resumable uploads in parts under /v1/uploads/{key}/{upload}, staged in the store
 itself (kvcli.store), so any replica takes the next part. Plus /healthz, /metrics (Prometheus text) and
-/openapi.json. docs/server.md.
+/openapi.json, generated from the same route table (ENDPOINTS) as the routes. docs/server.md.
+
+serve() runs it under uvicorn with a protocol of our own (guarded_protocol) that bounds what slow clients can
+hold: request heads, stalled readers, connections near the open-file limit; warnings are rate-limited.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import re
+import socket
+import struct
 import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -28,18 +36,25 @@ from starlette.routing import Route
 from .. import __version__
 from ..container.keys import KEY_PATTERN
 from ..errors import FormatError, InputError, KvcliError, StorageError, UsageError
-from .store import UploadConflict
+from .store import UploadConflict, checked_key, open_data, validate
 
 log = logging.getLogger("kvcli.server")
 
 DEFAULT_MAX_UPLOAD = 4 << 30
-IO_TIMEOUT_S = 60.0  # longest wait for one chunk of a request body, or for a client to accept one of ours
+IO_TIMEOUT_S = 60.0  # longest wait for one chunk of a request body, or for a client to take any of a response
+HEADER_TIMEOUT_S = 10.0  # from connecting (or the end of the previous response) to a complete request head
+FD_RESERVE = 100  # open files kept free of connections: store reads in the thread pool, spools, logs
+WARN_INTERVAL_S = 10.0  # at most one warning line per event class this often
+CLIENT_GONE = 499  # nginx's "client closed request": a response the client did not take whole
+CUT = "kvcli.cut"  # the scope extension through which serve()'s protocol lets the app end a connection at once
 STREAM_BLOCK = 1 << 20
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SWEEP_INTERVAL_S = 600.0  # how often a replica looks for abandoned uploads (on upload requests only)
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE = re.compile(r"(\d*)-(\d*)")
+_UNIT = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+)=(.*)", re.S)
+_ETAG = re.compile(r'\s*(?:W/)?("[^"]*")\s*(?:,|\Z)')
 HEX64 = "^[0-9a-f]{64}$"  # the OpenAPI pattern of keys, upload ids and digests
-_OFFSET = re.compile(r"^(0|[1-9][0-9]{0,18})$")
+_OFFSET = re.compile(r"0|[1-9][0-9]{0,18}")
 HTTP_STATUS = {UploadConflict: 409, UsageError: 400, InputError: 404, FormatError: 422, StorageError: 503}
 
 
@@ -106,56 +121,89 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-def route_of(path: str) -> str:
-    if path.startswith("/v1/caches/"):
-        return "/v1/caches/{key}"
-    if path.startswith("/v1/uploads/"):
-        depth = path.count("/")
-        if depth == 5:
-            return "/v1/uploads/{key}/{upload}/complete" if path.endswith("/complete") else "/v1/uploads/{key}/{upload}/{offset}"
-        return "/v1/uploads/{key}/{upload}"
-    return path if path in ("/v1/caches", "/v1/lookup", "/healthz", "/metrics", "/openapi.json") else "other"
+def printable(text: str) -> str:
+    """Client-controlled text made safe for one log line: spaces, backslashes, control and non-ASCII characters
+    escaped, so a path cannot forge a line (%0a) or write a NUL (%00)."""
+    return "".join(c if " " < c < "\x7f" and c != "\\" else "\\x20" if c == " " else c.encode("unicode_escape").decode()
+                   for c in text)
 
 
 class Observe:
-    """ASGI middleware: one log line and the metrics per request, and a timeout on every send to the client."""
+    """ASGI middleware: one log line and the metrics per request. A response that did not reach the client whole
+    (the client stopped reading or went away, or the store failed while it streamed) is logged as one warning
+    line with the reason and counted under what happened (499, 500), never under the status it started with."""
 
-    def __init__(self, app, metrics: Metrics, io_timeout_s: float):
-        self.app, self.metrics, self.io_timeout_s = app, metrics, io_timeout_s
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
-        facts = {"status": 500, "sent": 0}
+        facts = {"status": 500, "sent": 0, "started": False, "complete": False, "gone": False}
 
-        async def timed_send(message):
+        async def watched_receive():
+            message = await receive()
+            facts["gone"] |= message["type"] == "http.disconnect" and not facts["complete"]
+            return message
+
+        async def counted_send(message):
             if message["type"] == "http.response.start":
-                facts["status"] = message["status"]
+                facts["status"], facts["started"] = message["status"], True
             elif message["type"] == "http.response.body":
                 facts["sent"] += len(message.get("body", b""))
-            await asyncio.wait_for(send(message), self.io_timeout_s)
+                facts["complete"] = not message.get("more_body", False)
+            await send(message)
 
+        failure = None
         try:
-            await self.app(scope, receive, timed_send)
-        finally:
-            seconds = time.perf_counter() - started
-            route = route_of(scope["path"])
-            self.metrics.observe(route, scope["method"], facts["status"], seconds, facts["sent"])
-            client = (scope.get("client") or ("-", 0))[0]
-            log.info("%s %s %s %d %dB %.1fms", client, scope["method"], scope["path"], facts["status"],
-                     facts["sent"], seconds * 1000)
+            await self.app(scope, watched_receive, counted_send)
+        except Exception as err:  # noqa: BLE001 - raised after the response started, so no handler could answer
+            if not facts["started"]:
+                raise
+            # Starlette wraps an error it has a handler for in a RuntimeError once the response has started.
+            failure = err.__cause__ if isinstance(err.__cause__, (KvcliError, OSError)) else err
+        cutter = scope.get("extensions", {}).get(CUT)
+        status, reason = facts["status"], None
+        if failure is not None and not facts["complete"]:
+            status, reason = 500, printable(str(failure) if isinstance(failure, (KvcliError, OSError))
+                                            else f"{type(failure).__name__}: {failure}")
+            if cutter is None:
+                raise failure  # not under serve(): let the server close the connection
+            cutter(reason)
+            await asyncio.sleep(0)  # let the transport report the loss, so uvicorn sees no unfinished response
+        elif cutter is not None and cutter.reason:
+            status, reason = CLIENT_GONE, cutter.reason
+        elif facts["started"] and (facts["gone"] or not facts["complete"]):
+            status, reason = CLIENT_GONE, "the client went away"
+        seconds = time.perf_counter() - started
+        route = scope.get("route")
+        self.metrics.observe(route.path if route is not None else "other", scope["method"], status, seconds,
+                             facts["sent"])
+        client = (scope.get("client") or ("-", 0))[0]
+        path = printable(scope.get("raw_path", b"").decode("latin-1") or scope["path"])
+        line = f"{client} {scope['method']} {path} {status} {facts['sent']}B {seconds * 1000:.1f}ms"
+        if failure is not None and not isinstance(failure, (KvcliError, OSError)):
+            log.error("%s: %s", line, reason, exc_info=failure)  # a bug in kvcli: the traceback is wanted
+        elif failure is not None and facts["complete"]:
+            log.error("%s", line, exc_info=failure)
+        elif reason:
+            log.warning("%s: %s", line, reason)
+        else:
+            log.info("%s", line)
 
 
 # ---------------------------------------------------------------- the app
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """One byte range as [start, end) within `size`, or None for the whole file. Several ranges are answered
-    with the whole file, as RFC 9110 allows; an unsatisfiable range is a 416."""
-    if header is None or "," in header:
+    """One byte range as [start, end) within `size`, or None for the whole file. A unit other than bytes (any
+    case) is ignored and several ranges get the whole file, as RFC 9110 allows; a malformed or unsatisfiable
+    byte range is a 416."""
+    unit = _UNIT.fullmatch(header.strip()) if header is not None else None
+    if header is None or (unit and unit.group(1).lower() != "bytes") or "," in header:
         return None
-    match = _RANGE.match(header.strip())
+    match = _RANGE.fullmatch(unit.group(2).strip()) if unit else None
     if not match or match.groups() == ("", ""):
         raise HTTPError(416, f"unsupported Range {header[:80]!r}", {"Content-Range": f"bytes */{size}"})
     first, last = match.groups()
@@ -167,6 +215,22 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         raise HTTPError(416, f"Range {header[:80]!r} is outside the {size}-byte file",
                         {"Content-Range": f"bytes */{size}"})
     return start, end
+
+
+def none_match(header: str | None, etag: str) -> bool:
+    """If-None-Match (RFC 9110 13.1.2): `*`, or a list of entity tags compared weakly (W/ ignored)."""
+    if header is None:
+        return False
+    if header.strip() == "*":
+        return True
+    pos, tags = 0, []
+    while pos < len(header):
+        match = _ETAG.match(header, pos)
+        if not match:
+            return False  # not a list of entity tags: the condition is not met, send the file
+        tags.append(match.group(1))
+        pos = match.end()
+    return etag in tags
 
 
 @dataclass(frozen=True)
@@ -208,14 +272,14 @@ def check_writable(request: Request) -> None:
 
 def path_key(request: Request) -> str:
     key = request.path_params["key"]
-    if not KEY_PATTERN.match(key):
+    if not KEY_PATTERN.fullmatch(key):
         raise HTTPError(400, "a cache key is 64 lowercase hex digits")
     return key
 
 
 def hex_param(request: Request, name: str) -> str | None:
     value = request.query_params.get(name)
-    if value is not None and not KEY_PATTERN.match(value):
+    if value is not None and not KEY_PATTERN.fullmatch(value):
         raise HTTPError(400, f"{name} must be 64 lowercase hex digits")
     return value
 
@@ -231,11 +295,11 @@ async def get_cache(request: Request) -> Response:
     if size is None:
         raise HTTPError(404, f"no cache {key}")
     headers = {"ETag": f'"{key}"', "Accept-Ranges": "bytes", "Cache-Control": "public, max-age=31536000, immutable"}
-    if request.headers.get("if-none-match", "").strip() in (f'"{key}"', "*"):
+    if none_match(request.headers.get("if-none-match"), headers["ETag"]):
         return Response(status_code=304, headers=headers)
     span = parse_range(request.headers.get("range"), size)
-    if span and request.headers.get("if-range", f'"{key}"').strip() != f'"{key}"':
-        span = None  # a range of some other version is no use to the client: send all
+    if span and request.headers.get("if-range", headers["ETag"]).strip() != headers["ETag"]:
+        span = None  # a range of some other version (or a date, or a weak tag) is no use to the client: send all
     start, end = span or (0, size)
     headers["Content-Length"] = str(end - start)
     status = 206 if span else 200
@@ -249,7 +313,7 @@ async def get_cache(request: Request) -> Response:
         while offset < end:
             n = min(STREAM_BLOCK, end - offset)
             chunk = await run_in_threadpool(store.read, key, offset, n)
-            if len(chunk) != n:  # deleted or replaced under us: end the response short, the client sees it
+            if len(chunk) != n:  # truncated under us: Observe cuts the connection, the client sees a short body
                 raise StorageError(f"{key}: changed while being served")
             yield chunk
             offset += n
@@ -289,6 +353,18 @@ def stored_response(request: Request, key: str, size: int, existed: bool) -> Res
                         status_code=200 if existed else 201)
 
 
+def keep_or_put(store, key: str, spool) -> int | None:
+    """First writer wins: the ETag is the key and responses say `immutable`, so a key's bytes must never change
+    (equal keys may carry other bytes: another created_at, another batching). A valid upload of a stored key
+    leaves the stored file; returns its size, or None when this upload was stored."""
+    with open_data(spool) as src:
+        checked_key(key, validate(src), src.path)  # a corrupt or mislabelled body is refused all the same
+    size = store.size(key)
+    if size is None:
+        store.put(key, spool)
+    return size
+
+
 async def put_cache(request: Request) -> Response:
     check_writable(request)
     key = path_key(request)
@@ -299,9 +375,8 @@ async def put_cache(request: Request) -> Response:
             received += len(chunk)
             await run_in_threadpool(spool.write, chunk)
         await run_in_threadpool(spool.flush)
-        existed = await run_in_threadpool(settings.store.exists, key)
-        stored = await run_in_threadpool(settings.store.put, key, spool)
-    return stored_response(request, stored, received, existed)
+        kept = await run_in_threadpool(keep_or_put, settings.store, key, spool)
+    return stored_response(request, key, received if kept is None else kept, kept is not None)
 
 
 async def delete_cache(request: Request) -> Response:
@@ -319,7 +394,7 @@ async def upload_ids(request: Request) -> tuple[str, str]:
     check_writable(request)
     key = path_key(request)
     upload = request.path_params["upload"]
-    if not KEY_PATTERN.match(upload):
+    if not KEY_PATTERN.fullmatch(upload):
         raise HTTPError(400, "an upload id is 64 lowercase hex digits (SHA-256 of the file's header bytes)")
     state = request.app.state
     if time.monotonic() - state.last_sweep > SWEEP_INTERVAL_S:
@@ -351,7 +426,7 @@ async def put_part(request: Request) -> Response:
     key, upload = await upload_ids(request)
     settings = settings_of(request)
     text = request.path_params["offset"]
-    if not _OFFSET.match(text):
+    if not _OFFSET.fullmatch(text):
         raise HTTPError(400, f"a part offset is a byte count, not {text[:40]!r}")
     offset, part, cap = int(text), settings.store.part_bytes, settings.max_upload
     if offset % part:
@@ -369,14 +444,17 @@ async def complete_upload(request: Request) -> Response:
     key, upload = await upload_ids(request)
     settings = settings_of(request)
     text = request.query_params.get("bytes", "")
-    if not _OFFSET.match(text):
+    if not _OFFSET.fullmatch(text):
         raise HTTPError(400, "give the file's size as ?bytes=N")
     size = int(text)
     if size > settings.max_upload:
         raise HTTPError(413, f"uploads are limited to {settings.max_upload} bytes")
-    existed = await run_in_threadpool(settings.store.exists, key)
+    kept = await run_in_threadpool(settings.store.size, key)
+    if kept is not None:  # first writer wins (keep_or_put): the staged parts are not needed
+        await run_in_threadpool(settings.store.abort_upload, key, upload)
+        return stored_response(request, key, kept, True)
     stored = await run_in_threadpool(settings.store.complete_upload, key, upload, size)
-    return stored_response(request, stored, size, existed)
+    return stored_response(request, stored, size, False)
 
 
 async def list_caches(request: Request) -> Response:
@@ -413,10 +491,15 @@ async def on_http_error(request: Request, err: HTTPError) -> Response:
     return error_response(err.status, str(err), err.headers)
 
 
+async def on_starlette_error(request: Request, err: StarletteHTTPException) -> Response:
+    """The router's own answers (404 for an unknown path, 405 with Allow for an unknown method) as JSON too."""
+    return error_response(err.status_code, err.detail, err.headers)
+
+
 async def on_kvcli_error(request: Request, err: KvcliError) -> Response:
     status = next((code for cls, code in HTTP_STATUS.items() if isinstance(err, cls)), 500)
     if status >= 500:
-        log.error("%s %s: %s", request.method, request.url.path, err)
+        log.error("%s %s: %s", request.method, printable(request.url.path), printable(str(err)))
     return error_response(status, str(err))
 
 
@@ -442,7 +525,7 @@ class Endpoint:
 ERROR = ("Error", "error")
 READ_ERRORS = {"400": ERROR, "401": ERROR, "403": ERROR, "404": ERROR}
 WRITE_ERRORS = {**READ_ERRORS, "405": ERROR}
-STORED = {"201": ("Stored", "Stored"), "200": ("Already stored; replaced by an equal cache", "Stored")}
+STORED = {"201": ("Stored", "Stored"), "200": ("Already stored: the stored file stays (first writer wins)", "Stored")}
 
 
 def hex_query(name: str, text: str) -> dict:
@@ -520,12 +603,13 @@ def create_app(store, token: str | None = None, writable: bool = False, read_tok
         raise UsageError("a writable server needs a bearer token (--token-file)")
     if read_token and not token:
         raise UsageError("--read-token needs a bearer token (--token-file)")
-    app = Starlette(routes=routes(), exception_handlers={HTTPError: on_http_error, KvcliError: on_kvcli_error})
+    app = Starlette(routes=routes(), exception_handlers={HTTPError: on_http_error, KvcliError: on_kvcli_error,
+                                                         StarletteHTTPException: on_starlette_error})
     app.state.settings = Settings(store, token.encode() if token else b"", writable, read_token, max_upload,
                                   io_timeout_s, spool_dir)
     app.state.metrics = Metrics()
     app.state.last_sweep = float("-inf")
-    return Observe(app, app.state.metrics, io_timeout_s)
+    return Observe(app, app.state.metrics)
 
 
 # ---------------------------------------------------------------- OpenAPI, from the route table
@@ -620,20 +704,221 @@ def openapi_document(max_upload: int, part_bytes: int, endpoints=ENDPOINTS) -> d
 # ---------------------------------------------------------------- running
 
 
-def serve(app, sock, *, log_level: str = "info") -> None:
+class RateLimited:
+    """At most one warning line per event class every `interval_s`; the next line of a class says how many like
+    it were dropped meanwhile. Thousands of slow or refused connections must not become megabytes of log."""
+
+    def __init__(self, interval_s: float = WARN_INTERVAL_S):
+        self.interval_s = interval_s
+        self.last: dict[str, float] = {}
+        self.dropped: dict[str, int] = defaultdict(int)
+
+    def allow(self, what: str) -> str | None:
+        """None to drop this line, else the suffix it carries."""
+        now = time.monotonic()
+        if now - self.last.get(what, float("-inf")) < self.interval_s:
+            self.dropped[what] += 1
+            return None
+        self.last[what] = now
+        dropped = self.dropped.pop(what, 0)
+        return f" ({dropped} more like it in the last {self.interval_s:g} s)" if dropped else ""
+
+    def warn(self, what: str, message: str, *args) -> None:
+        suffix = self.allow(what)
+        if suffix is not None:
+            log.warning(message + "%s", *args, suffix)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """As a logging filter on uvicorn's and asyncio's loggers: their warnings and errors, one per message."""
+        if record.levelno < logging.WARNING:
+            return True
+        suffix = self.allow(f"{record.name}:{record.msg}")
+        if suffix:
+            record.msg, record.args = f"{record.getMessage()}{suffix}", None
+        return suffix is not None
+
+    def loop_exception(self, loop, context: dict) -> None:
+        """The event loop's errors (accept() at the open-file limit above all) as one line each, no traceback."""
+        err = context.get("exception")
+        what = f"{context.get('message', 'event loop error')}: {type(err).__name__ if err else ''}"
+        self.warn(what, "%s%s", context.get("message", "event loop error"), f": {err}" if err else "")
+
+
+class Cutter:
+    """Handed to the app as scope["extensions"]["kvcli.cut"] by serve()'s protocol: ends the connection at once
+    and keeps the first reason, which Observe logs. A reset, not a close: close() would first flush what waits in
+    the buffers to a client that may never read it, and the kernel would hold megabytes per socket meanwhile."""
+
+    def __init__(self, transport):
+        self.transport, self.reason = transport, None
+
+    def __call__(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        reset(self.transport)
+
+
+def reset(transport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass  # already gone
+    transport.abort()
+
+
+def guarded_protocol(header_timeout_s: float, io_timeout_s: float, max_connections: int, warnings: RateLimited):
+    """uvicorn's h11 protocol with what it lacks against slow clients (uvicorn 0.55 bounds only the idle time
+    between requests): a request head must be complete `header_timeout_s` after connecting or after the previous
+    response (a new connection that sends nothing counts too); a client that takes no response data for
+    `io_timeout_s` is reset; past `max_connections` the oldest connection still without a request head is closed,
+    so that a flood of slow connections cannot use up the open-file limit. Malformed requests get JSON errors."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    timeout_reply = error_reply(408, f"no complete request head within {header_timeout_s:g} s")
+
+    class GuardedProtocol(H11Protocol):
+        waiting: dict = {}  # connections still without a request head, oldest first (ordered like a queue)
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.head_timer = self.stall_timer = self.cutter = None
+            self.await_head()
+            if len(self.connections) > max_connections:
+                self.shed()
+
+        def connection_lost(self, exc) -> None:
+            self.stop_waiting()
+            self.cancel_stall()
+            super().connection_lost(exc)
+
+        def await_head(self) -> None:
+            self.stop_waiting()
+            self.head_bytes = 0
+            self.waiting[self] = None
+            self.head_timer = self.loop.call_later(header_timeout_s, self.head_overdue)
+
+        def stop_waiting(self) -> None:
+            self.waiting.pop(self, None)
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+                self.head_timer = None
+
+        def data_received(self, data: bytes) -> None:
+            if self.head_timer is not None:
+                self.head_bytes += len(data)
+            super().data_received(data)
+
+        def handle_events(self) -> None:
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not cycle:  # a request head arrived and its task is created, not yet started
+                self.stop_waiting()
+                self.cutter = Cutter(self.transport)
+                self.cycle.scope.setdefault("extensions", {})[CUT] = self.cutter
+
+        def on_response_complete(self) -> None:
+            cycle = self.cycle
+            super().on_response_complete()
+            if self.cycle is cycle and not self.transport.is_closing():
+                self.await_head()
+
+        def head_overdue(self) -> None:
+            self.head_timer = None
+            self.waiting.pop(self, None)
+            if self.transport.is_closing():
+                return
+            if self.head_bytes:
+                self.transport.write(timeout_reply)
+            self.transport.close()
+            warnings.warn("header timeout", "closed a connection from %s: no complete request head within %g s",
+                          (self.client or ("-",))[0], header_timeout_s)
+
+        def shed(self) -> None:
+            oldest = next(iter(self.waiting), None)
+            if oldest is None:
+                return  # every connection is in a request: nothing idle to drop
+            oldest.stop_waiting()
+            reset(oldest.transport)
+            warnings.warn("shed", "%d connections, the most the open-file limit allows: closed the oldest one "
+                          "without a request head", max_connections)
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self.stall_timer is None:
+                self.stall_timer = self.loop.call_later(io_timeout_s, self.reader_stalled)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            self.cancel_stall()
+
+        def cancel_stall(self) -> None:
+            if self.stall_timer is not None:
+                self.stall_timer.cancel()
+                self.stall_timer = None
+
+        def reader_stalled(self) -> None:
+            self.stall_timer = None
+            (self.cutter or Cutter(self.transport))(f"the client took no data for {io_timeout_s:g} s")
+
+        def send_400_response(self, msg: str) -> None:
+            if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                self.transport.write(error_reply(400, msg))
+            self.transport.close()
+
+    return GuardedProtocol
+
+
+def error_reply(status: int, message: str) -> bytes:
+    """A whole JSON error response as bytes, for answers the protocol gives before any request reaches the app."""
+    body = json.dumps({"error": message}).encode()
+    return (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
+
+
+def open_file_limit() -> int:
+    """Raise the soft limit on open files to the hard one (shells often start at 1024) and return it."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+    if soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def serve(app, sock, *, log_level: str = "info", header_timeout_s: float = HEADER_TIMEOUT_S,
+          io_timeout_s: float = IO_TIMEOUT_S) -> None:
     """Run uvicorn on an already bound socket until SIGTERM or SIGINT, then finish open requests and return."""
     import signal
 
     import uvicorn
 
-    config = uvicorn.Config(app, log_config=None, log_level=log_level, access_log=False, timeout_keep_alive=5,
-                            timeout_graceful_shutdown=10, server_header=False, proxy_headers=False, lifespan="off")
+    warnings = RateLimited()
+    for name in ("uvicorn.error", "asyncio"):
+        logging.getLogger(name).addFilter(warnings.filter)
+    max_connections = max(16, open_file_limit() - FD_RESERVE)
+    protocol = guarded_protocol(header_timeout_s, io_timeout_s, max_connections, warnings)
+    config = uvicorn.Config(app, http=protocol, loop="asyncio", log_config=None, log_level=log_level,
+                            access_log=False, timeout_keep_alive=5, timeout_graceful_shutdown=10, server_header=False,
+                            proxy_headers=False, lifespan="off")
     server = uvicorn.Server(config)
+
+    async def run() -> None:
+        asyncio.get_running_loop().set_exception_handler(warnings.loop_exception)
+        await server.serve(sockets=[sock])
+
     # uvicorn re-raises the signal that stopped it once it has shut down; a no-op handler makes a requested
     # stop an ordinary return (exit 0) instead of the CLI's "terminated" error.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        server.run(sockets=[sock])
+        asyncio.run(run())
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

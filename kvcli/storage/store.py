@@ -767,6 +767,10 @@ def push(target, path: str | Path) -> dict:
         result = {"key": key, "url": target.url_for(key), "bytes": src.size, "uploaded": False, "resumed_from": 0,
                   "sent": 0}
         if target.exists(key):
+            if isinstance(target, ServerStore):
+                # Reads may be open to all: only a write route tells a client without write access that it has
+                # none (401, 403 or 405 raise here), instead of "already stored" to a client that could not store.
+                target.upload_state(key, header_digest(src, header))
             return result
         result["uploaded"] = True
         if isinstance(target, DirStore) or src.size <= getattr(target, "part_bytes", PART_BYTES):
