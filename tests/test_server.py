@@ -805,6 +805,17 @@ def test_unknown_routes_and_methods_answer_json(server, stored):
     assert post.status_code == 405 and set(post.headers["allow"].replace(" ", "").split(",")) == {"GET", "HEAD"}
     status, reply = raw_get(server.url, "/healthz", headers="Bad Header Line\r\n")
     assert status == 400 and b"application/json" in reply and b'{"error": ' in reply
+    # Request heads over 16 KiB are refused however they arrive (in one read too), and no redirect to the
+    # client's Host for a trailing slash.
+    for path, headers in (("/healthz", "X-Big: " + "a" * 100_000 + "\r\n"), ("/" + "a" * 20_000, "")):
+        status, reply = raw_get(server.url, path, headers=headers)
+        assert status == 400 and b'{"error": ' in reply
+    assert raw_get(server.url, f"/v1/caches/{key}/")[0] == 404
+    # Methods nobody routes do not make new metric series: an attacker could otherwise grow them without bound.
+    for odd in ("BREW", "PROPFIND", "XYZZY"):
+        assert httpx.request(odd, f"{server.url}/v1/caches/{key}").status_code == 405
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert "BREW" not in metrics and "XYZZY" not in metrics and 'method="OTHER",status="405"' in metrics
 
 
 def test_a_client_that_cannot_write_is_never_told_it_wrote(server, stored, token_file, tmp_path, cli, root):

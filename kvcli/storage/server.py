@@ -46,6 +46,10 @@ HEADER_TIMEOUT_S = 10.0  # from connecting (or the end of the previous response)
 FD_RESERVE = 100  # open files kept free of connections: store reads in the thread pool, spools, logs
 WARN_INTERVAL_S = 10.0  # at most one warning line per event class this often
 CLIENT_GONE = 499  # nginx's "client closed request": a response the client did not take whole
+MAX_HEAD = 16 << 10  # h11's limit on an incomplete request head, applied however the bytes arrive
+HEAD_SLICE = 1 << 10  # h11 is fed this much at a time while a head is awaited: it sees MAX_HEAD pass (+1 KiB)
+MAX_LOGGED_PATH = 300  # characters of a path in a log line (heads can be 16 KiB)
+SHED_DELAY_S = 0.05  # past the connection limit, how long new connections get to be read before the oldest go
 CUT = "kvcli.cut"  # the scope extension through which serve()'s protocol lets the app end a connection at once
 STREAM_BLOCK = 1 << 20
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -178,10 +182,11 @@ class Observe:
             status, reason = CLIENT_GONE, "the client went away"
         seconds = time.perf_counter() - started
         route = scope.get("route")
-        self.metrics.observe(route.path if route is not None else "other", scope["method"], status, seconds,
-                             facts["sent"])
+        method = scope["method"] if scope["method"] in METHODS else "OTHER"  # labels a client cannot multiply
+        self.metrics.observe(route.path if route is not None else "other", method, status, seconds, facts["sent"])
         client = (scope.get("client") or ("-", 0))[0]
         path = printable(scope.get("raw_path", b"").decode("latin-1") or scope["path"])
+        path = path if len(path) <= MAX_LOGGED_PATH else path[:MAX_LOGGED_PATH] + "..."
         line = f"{client} {scope['method']} {path} {status} {facts['sent']}B {seconds * 1000:.1f}ms"
         if failure is not None and not isinstance(failure, (KvcliError, OSError)):
             log.error("%s: %s", line, reason, exc_info=failure)  # a bug in kvcli: the traceback is wanted
@@ -577,6 +582,7 @@ ENDPOINTS = (
     Endpoint("GET", "/openapi.json", openapi, "This document", {"200": ("OpenAPI", None)}),
 )
 ROUTE_NAMES = {"/v1/caches/{key}": "cache"}  # for url_for
+METHODS = {e.method for e in ENDPOINTS}
 
 
 def dispatcher(handlers: dict[str, Callable]) -> Callable:
@@ -605,6 +611,7 @@ def create_app(store, token: str | None = None, writable: bool = False, read_tok
         raise UsageError("--read-token needs a bearer token (--token-file)")
     app = Starlette(routes=routes(), exception_handlers={HTTPError: on_http_error, KvcliError: on_kvcli_error,
                                                          StarletteHTTPException: on_starlette_error})
+    app.router.redirect_slashes = False  # a 307 to whatever Host the client sent is no use: a trailing / is a 404
     app.state.settings = Settings(store, token.encode() if token else b"", writable, read_token, max_upload,
                                   io_timeout_s, spool_dir)
     app.state.metrics = Metrics()
@@ -781,13 +788,15 @@ def guarded_protocol(header_timeout_s: float, io_timeout_s: float, max_connectio
 
     class GuardedProtocol(H11Protocol):
         waiting: dict = {}  # connections still without a request head, oldest first (ordered like a queue)
+        shedding = None  # the pending call of shed()
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self.head_timer = self.stall_timer = self.cutter = None
             self.await_head()
-            if len(self.connections) > max_connections:
-                self.shed()
+            if len(self.connections) > max_connections and not self.shedding:
+                # Not now: a connection accepted in this burst has not been read yet, and may hold a whole request.
+                GuardedProtocol.shedding = self.loop.call_later(SHED_DELAY_S, self.shed)
 
         def connection_lost(self, exc) -> None:
             self.stop_waiting()
@@ -807,9 +816,16 @@ def guarded_protocol(header_timeout_s: float, io_timeout_s: float, max_connectio
                 self.head_timer = None
 
         def data_received(self, data: bytes) -> None:
+            # h11 refuses a head still incomplete past MAX_HEAD, but a longer one that arrives in one read (up to
+            # 256 KiB) would pass whole: feed it in slices while a head is awaited.
+            while self.head_timer is not None and len(data) > HEAD_SLICE and not self.transport.is_closing():
+                self.head_bytes += HEAD_SLICE
+                super().data_received(data[:HEAD_SLICE])
+                data = data[HEAD_SLICE:]
             if self.head_timer is not None:
                 self.head_bytes += len(data)
-            super().data_received(data)
+            if not self.transport.is_closing():
+                super().data_received(data)
 
         def handle_events(self) -> None:
             cycle = self.cycle
@@ -837,13 +853,15 @@ def guarded_protocol(header_timeout_s: float, io_timeout_s: float, max_connectio
                           (self.client or ("-",))[0], header_timeout_s)
 
         def shed(self) -> None:
-            oldest = next(iter(self.waiting), None)
-            if oldest is None:
-                return  # every connection is in a request: nothing idle to drop
-            oldest.stop_waiting()
-            reset(oldest.transport)
-            warnings.warn("shed", "%d connections, the most the open-file limit allows: closed the oldest one "
-                          "without a request head", max_connections)
+            GuardedProtocol.shedding = None
+            excess = len(self.connections) - max_connections
+            victims = list(self.waiting)[:max(0, excess)]  # a connection in a request is never dropped
+            for victim in victims:
+                victim.stop_waiting()
+                reset(victim.transport)
+            if victims:
+                warnings.warn("shed", "%d connections, the most the open-file limit allows: closed the %d oldest "
+                              "without a complete request head", max_connections, len(victims))
 
         def pause_writing(self) -> None:
             super().pause_writing()
@@ -906,7 +924,7 @@ def serve(app, sock, *, log_level: str = "info", header_timeout_s: float = HEADE
     max_connections = max(16, open_file_limit() - FD_RESERVE)
     protocol = guarded_protocol(header_timeout_s, io_timeout_s, max_connections, warnings)
     config = uvicorn.Config(app, http=protocol, loop="asyncio", log_config=None, log_level=log_level,
-                            access_log=False, timeout_keep_alive=5, timeout_graceful_shutdown=10, server_header=False,
+                            access_log=False, timeout_keep_alive=5, h11_max_incomplete_event_size=MAX_HEAD, timeout_graceful_shutdown=10, server_header=False,
                             proxy_headers=False, lifespan="off")
     server = uvicorn.Server(config)
 
