@@ -39,7 +39,7 @@ def serve_cache(
     from rich.logging import RichHandler
 
     from ..errors import StorageError, UsageError
-    from ..storage import remote, server, store
+    from ..storage import remote, server, serving, store
 
     if log_level not in ("debug", "info", "warning", "error"):
         raise UsageError(f"unknown --log-level {log_level!r}")
@@ -67,7 +67,7 @@ def serve_cache(
     if host not in ("127.0.0.1", "::1", "localhost") and not (token and read_token):
         logging.getLogger("kvcli.server").warning("listening on %s: reads are open to anyone who can reach it", host)
     with sock:
-        server.serve(app, sock, log_level=log_level, header_timeout_s=header_timeout, io_timeout_s=io_timeout)
+        serving.serve(app, sock, log_level=log_level, header_timeout_s=header_timeout, io_timeout_s=io_timeout)
     logging.getLogger("kvcli.server").info("stopped")
 
 
