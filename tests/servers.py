@@ -26,7 +26,7 @@ MODEL = {"architecture": "TinyForCausalLM", "name": "tiny", "config_digest": "c"
 
 
 def make_cache(tokens: int = 40, layers: int = 2, dim: int = 16, chunk: int = 8, seed: int = 0,
-               model: dict | None = None, source: str | None = None) -> bytes:
+               model: dict | None = None, source: str | None = None, created_at: str = "2026-01-31T12:00:00Z") -> bytes:
     """A valid .kvc (raw codec, random float16 values): the store checks containers, not what they decode to."""
     rng = random.Random(seed)
     parts = []
@@ -38,7 +38,7 @@ def make_cache(tokens: int = 40, layers: int = 2, dim: int = 16, chunk: int = 8,
     meta = {"model": model or MODEL, "dtype": "float16", "token_ids": [rng.randrange(50000) for _ in range(tokens)],
             "layers": [{"kv_heads": 1, "key_dim": dim, "value_dim": dim, "token_start": 0}] * layers,
             "chunk_tokens": chunk, "codec": {"name": "raw", "params": {}}, "created_by": "tests",
-            "created_at": "2026-01-31T12:00:00Z"}
+            "created_at": created_at}
     if source:
         meta["source"] = {"sha256": source, "bytes": 123}
     return format.build_header(meta, parts) + b"".join(p.data for p in parts)
@@ -58,16 +58,17 @@ def free_port() -> int:
 class CacheServer:
     """`kvcli serve-cache ROOT --port 0 …` as a subprocess; `url` is known once it has printed its address."""
 
-    def __init__(self, root, *args: str, env: dict | None = None):
+    def __init__(self, root, *args: str, env: dict | None = None, open_files: int | None = None):
         self.args = [str(root), "--port", "0", *args]
         self.env = {**os.environ, "TQDM_DISABLE": "1", **(env or {})}
+        self.open_files = open_files  # a lower limit on open files (soft and hard), to reach it in a test
         self.proc: subprocess.Popen | None = None
         self.url = ""
         self.log: list[str] = []
 
     def start(self) -> "CacheServer":
         self.proc = subprocess.Popen(KVCLI + ["serve-cache", *self.args], stderr=subprocess.PIPE, text=True,
-                                     env=self.env, cwd=REPO)
+                                     env=self.env, cwd=REPO, preexec_fn=self._limit if self.open_files else None)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             ready, _, _ = select.select([self.proc.stderr], [], [], 0.5)
@@ -83,6 +84,11 @@ class CacheServer:
                     return self
         self.stop()
         raise RuntimeError("serve-cache did not start:\n" + "".join(self.log))
+
+    def _limit(self) -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
 
     def _drain(self) -> None:
         for line in self.proc.stderr:

@@ -24,7 +24,11 @@ def serve_cache(
     read_token: bool = typer.Option(False, "--read-token", help="Require the token for reads too"),
     max_upload: int = typer.Option(4 << 30, "--max-upload-bytes", min=1, help="Largest accepted upload"),
     io_timeout: float = typer.Option(60.0, "--io-timeout", min=0.1, max=3600.0, help="Seconds to wait for the next "
-                                     "chunk of an upload, or for a client to take the next chunk of a response"),
+                                     "chunk of an upload (then 408), or for a client to take any response data (then "
+                                     "the connection is reset)"),
+    header_timeout: float = typer.Option(10.0, "--header-timeout", min=0.1, max=3600.0, help="Seconds a connection "
+                                         "has to send a complete request head, from connecting or from the previous "
+                                         "response (then it is closed)"),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error"),
 ) -> None:
     """Serve a cache store over HTTP: range reads, listing, lookup; validated uploads with --writable."""
@@ -35,7 +39,7 @@ def serve_cache(
     from rich.logging import RichHandler
 
     from ..errors import StorageError, UsageError
-    from ..storage import remote, server, store
+    from ..storage import remote, server, serving, store
 
     if log_level not in ("debug", "info", "warning", "error"):
         raise UsageError(f"unknown --log-level {log_level!r}")
@@ -63,7 +67,7 @@ def serve_cache(
     if host not in ("127.0.0.1", "::1", "localhost") and not (token and read_token):
         logging.getLogger("kvcli.server").warning("listening on %s: reads are open to anyone who can reach it", host)
     with sock:
-        server.serve(app, sock, log_level=log_level)
+        serving.serve(app, sock, log_level=log_level, header_timeout_s=header_timeout, io_timeout_s=io_timeout)
     logging.getLogger("kvcli.server").info("stopped")
 
 

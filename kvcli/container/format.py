@@ -48,8 +48,8 @@ MAX_NAME_CHARS = 256
 
 DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
 DIGEST_FIELDS = ("config_digest", "weights_digest", "tokenizer_digest")
-HEX64 = re.compile(r"^[0-9a-f]{64}$")
-TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
+HEX64 = re.compile(r"[0-9a-f]{64}")  # used with fullmatch: "$" would let a trailing newline through
+TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
 # Fields whose meaning this reader knows; anything else is kept under Header.extra (a newer minor version's).
 KNOWN_FIELDS = frozenset({"model", "dtype", "token_ids", "layers", "chunk_tokens", "codec", "aux", "segments",
                           "created_by", "created_at", "source"})
@@ -304,7 +304,7 @@ def _parse_header(doc: object, major: int, minor: int, data_offset: int, where: 
     if "name" in model:
         _short_str(model, "name", where)
     for field in DIGEST_FIELDS:
-        if not HEX64.match(_req(model, field, str, where)):
+        if not HEX64.fullmatch(_req(model, field, str, where)):
             raise FormatError(f"{where}: model {field} must be 64 lowercase hex digits")
     dtype = _req(doc, "dtype", str, where)
     if dtype not in DTYPES:
@@ -334,7 +334,7 @@ def _parse_header(doc: object, major: int, minor: int, data_offset: int, where: 
     segments = _parse_segments(doc, layers, n, where)
     created_by = _short_str(doc, "created_by", where) if "created_by" in doc else ""
     created_at = _req(doc, "created_at", str, where) if "created_at" in doc else ""
-    if created_at and not TIMESTAMP.match(created_at):
+    if created_at and not TIMESTAMP.fullmatch(created_at):
         raise FormatError(f"{where}: created_at must look like 2026-01-31T12:00:00Z")
     source = _parse_source(doc["source"], where) if "source" in doc else None
     extra = {k: v for k, v in doc.items() if k not in KNOWN_FIELDS}
@@ -350,7 +350,7 @@ def _short_str(doc: dict, key: str, where: str) -> str:
 
 
 def _parse_source(source: object, where: str) -> dict:
-    if not isinstance(source, dict) or not HEX64.match(str(source.get("sha256", ""))):
+    if not isinstance(source, dict) or not HEX64.fullmatch(str(source.get("sha256", ""))):
         raise FormatError(f"{where}: source must be {{\"sha256\": 64 hex digits, \"bytes\": int}}")
     _int_in(source, "bytes", 0, 1 << 62, where)
     return source

@@ -517,7 +517,7 @@ def sweep_cache_dir(root: Path | None = None, max_age: float = STALE_TEMP_SECOND
         except OSError:
             continue
         for entry in entries:
-            if TEMP_NAME.match(entry.name) and now - _newest_mtime(entry) > max_age:
+            if TEMP_NAME.fullmatch(entry.name) and now - _newest_mtime(entry) > max_age:
                 _remove(entry)
                 removed.append(Path(entry.path))
             elif sub == "digests" and entry.name.endswith(".json") and _orphaned(entry, now - max_age):

@@ -15,7 +15,7 @@ import sys
 from ..errors import UsageError
 
 KEY_DOMAIN = b"kvcli-cache-key-v1\0"
-KEY_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+KEY_PATTERN = re.compile(r"\A[0-9a-f]{64}\Z")  # \Z, not $: "$" also matches before a trailing newline
 MODEL_FIELDS = ("architecture", "config_digest", "weights_digest", "tokenizer_digest")
 
 
@@ -57,7 +57,7 @@ def key_of_header(header) -> str:
 
 def check_key(key: str) -> str:
     """A key is exactly 64 lowercase hex digits, so no path can ever be formed from one."""
-    if not isinstance(key, str) or not KEY_PATTERN.match(key):
+    if not isinstance(key, str) or not KEY_PATTERN.fullmatch(key):
         shown = key[:80] if isinstance(key, str) else type(key).__name__
         raise UsageError(f"{shown!r} is not a cache key (64 lowercase hex digits)")
     return key

@@ -52,9 +52,9 @@ def provenance_from_metadata(meta: dict, where: str) -> dict:
         return {}
     doc = format.parse_json(str(meta[PROVENANCE_KEY]).encode(), f"{where}: metadata {PROVENANCE_KEY}")
     created_at, source = (doc.get("created_at"), doc.get("source")) if isinstance(doc, dict) else (None, None)
-    if created_at is not None and not (isinstance(created_at, str) and format.TIMESTAMP.match(created_at)):
+    if created_at is not None and not (isinstance(created_at, str) and format.TIMESTAMP.fullmatch(created_at)):
         raise FormatError(f"{where}: metadata {PROVENANCE_KEY}: created_at is malformed")
-    if source is not None and not (isinstance(source, dict) and format.HEX64.match(str(source.get("sha256")))
+    if source is not None and not (isinstance(source, dict) and format.HEX64.fullmatch(str(source.get("sha256")))
                                    and isinstance(source.get("bytes"), int) and source["bytes"] >= 0):
         raise FormatError(f"{where}: metadata {PROVENANCE_KEY}: source is malformed")
     return {k: v for k, v in (("created_at", created_at), ("source", source)) if v is not None}

@@ -81,7 +81,7 @@ def resolve(spec: str | None) -> ModelSource:
         if path.suffix.lower() != ".gguf":
             raise ModelLoadError(f"{spec}: expected a model directory or a .gguf file")
         return ModelSource(path.stem, None, path)
-    if HUB_ID.match(spec) and not spec.startswith("."):
+    if HUB_ID.fullmatch(spec) and not spec.startswith("."):
         return ModelSource(spec, None, None, hub_id=spec)
     raise ModelLoadError(f"{spec}: model path does not exist")
 

@@ -32,7 +32,7 @@ DEFAULT_CACHE_DIR_BYTES = 4 << 30
 CACHE_DIR_BYTES_ENV = "KVCLI_CACHE_DIR_BYTES"
 TOKEN_ENV = "KVCLI_TOKEN"
 TOKEN_FILE_ENV = "KVCLI_TOKEN_FILE"
-_URL_KEY = re.compile(r"([0-9a-f]{64})(?:\.kvc)?$")
+_URL_KEY = re.compile(r"([0-9a-f]{64})(?:\.kvc)?\Z")
 
 
 class Transient(Exception):

@@ -44,7 +44,7 @@ COPY_BLOCK = 1 << 20
 PART_BYTES = 8 << 20  # an upload part; a push of a larger file goes in parts and resumes where it broke off
 STALE_UPLOAD_S = 24 * 3600  # staged parts untouched this long belong to an upload nobody will finish
 UPLOADS = ".uploads"  # the staging prefix in a store: never a key, so listings never see it
-_PART_NAME = re.compile(r"^[0-9a-f]{16}$")
+_PART_NAME = re.compile(r"[0-9a-f]{16}")
 
 Data = bytes | str | Path | BinaryIO
 
@@ -121,7 +121,7 @@ def matches(entry: dict, model: str | None = None, tokens_sha256: str | None = N
 
 
 def check_hex(value: str | None, what: str) -> str | None:
-    if value is not None and not KEY_PATTERN.match(value):
+    if value is not None and not KEY_PATTERN.fullmatch(value):
         raise UsageError(f"{what} must be 64 lowercase hex digits, got {value[:80]!r}")
     return value
 
@@ -416,7 +416,7 @@ class DirStore(FileStore):
             with os.scandir(self.root) as it:
                 for entry in it:
                     stem, dot, ext = entry.name.partition(".")
-                    if ext == "kvc" and KEY_PATTERN.match(stem) and entry.is_file(follow_symlinks=False):
+                    if ext == "kvc" and KEY_PATTERN.fullmatch(stem) and entry.is_file(follow_symlinks=False):
                         try:
                             yield stem, entry.stat(follow_symlinks=False).st_size
                         except FileNotFoundError:
@@ -445,7 +445,7 @@ class DirStore(FileStore):
         try:
             with os.scandir(self._upload_dir(key, upload)) as it:
                 for entry in it:
-                    if _PART_NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
+                    if _PART_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
                         with contextlib.suppress(FileNotFoundError):
                             parts.append((int(entry.name, 16), entry.stat(follow_symlinks=False).st_size))
         except FileNotFoundError:
@@ -493,7 +493,7 @@ class DirStore(FileStore):
     def _uploads(self) -> Iterator[tuple[str, str, float]]:
         staging = self.root / UPLOADS
         try:
-            key_dirs = [d for d in staging.iterdir() if KEY_PATTERN.match(d.name)]
+            key_dirs = [d for d in staging.iterdir() if KEY_PATTERN.fullmatch(d.name)]
         except FileNotFoundError:
             return
         except OSError as err:
@@ -501,7 +501,7 @@ class DirStore(FileStore):
         for key_dir in key_dirs:
             with contextlib.suppress(OSError):
                 for directory in key_dir.iterdir():
-                    if KEY_PATTERN.match(directory.name):
+                    if KEY_PATTERN.fullmatch(directory.name):
                         stamps = [directory.stat().st_mtime]
                         stamps += [p.stat().st_mtime for p in directory.iterdir()]
                         yield key_dir.name, directory.name, max(stamps)
@@ -552,7 +552,7 @@ class FsspecStore(FileStore):
             raise StorageError(f"{self.url}: cannot list: {err}") from None
         for info in listing:
             stem, dot, ext = info["name"].rsplit("/", 1)[-1].partition(".")
-            if ext == "kvc" and KEY_PATTERN.match(stem) and info.get("type") == "file":
+            if ext == "kvc" and KEY_PATTERN.fullmatch(stem) and info.get("type") == "file":
                 yield stem, int(info["size"])
 
     def _write(self, key: str, src: format.ByteSource) -> None:
@@ -598,7 +598,7 @@ class FsspecStore(FileStore):
         except OSError as err:
             raise StorageError(f"{self.url}: cannot list upload {upload}: {err}") from None
         return sorted((int(name, 16), int(info["size"])) for info in listing
-                      if info.get("type") == "file" and _PART_NAME.match(name := info["name"].rsplit("/", 1)[-1]))
+                      if info.get("type") == "file" and _PART_NAME.fullmatch(name := info["name"].rsplit("/", 1)[-1]))
 
     def _read_part(self, key: str, upload: str, offset: int) -> bytes:
         path = f"{self._upload_path(key, upload)}/{offset:016x}"
@@ -639,7 +639,7 @@ class FsspecStore(FileStore):
         newest: dict[tuple[str, str], float] = {}
         for path, info in found.items():
             names = path[len(staging) + 1 :].split("/")
-            if len(names) == 3 and KEY_PATTERN.match(names[0]) and KEY_PATTERN.match(names[1]):
+            if len(names) == 3 and KEY_PATTERN.fullmatch(names[0]) and KEY_PATTERN.fullmatch(names[1]):
                 which = (names[0], names[1])
                 newest[which] = max(newest.get(which, 0.0), modified(info))
         for (key, upload), touched in newest.items():
@@ -767,6 +767,10 @@ def push(target, path: str | Path) -> dict:
         result = {"key": key, "url": target.url_for(key), "bytes": src.size, "uploaded": False, "resumed_from": 0,
                   "sent": 0}
         if target.exists(key):
+            if isinstance(target, ServerStore):
+                # Reads may be open to all: only a write route tells a client without write access that it has
+                # none (401, 403 or 405 raise here), instead of "already stored" to a client that could not store.
+                target.upload_state(key, header_digest(src, header))
             return result
         result["uploaded"] = True
         if isinstance(target, DirStore) or src.size <= getattr(target, "part_bytes", PART_BYTES):
