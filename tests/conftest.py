@@ -1,10 +1,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+from kvcli.container.identity import cache_root
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -12,6 +16,18 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # CI has no GPU: Triton kernels 
 # Tests that want automatic calibration turn it on (and point the profile directory at a temporary folder):
 # the suite must never write profiles into the user's cache directory.
 os.environ["KVCLI_AUTO_CALIBRATE"] = "0"
+# Nor read them: a profile or digest the user's cache holds (a tiny test model's, calibrated by hand) would change
+# what the no-profile tests see. The suite, and every process it starts, gets a cache directory of its own; only
+# converted models are shared with the user's, since converting the default model again costs time, not truth.
+_USER_MODELS = cache_root() / "models"
+_USER_MODELS.mkdir(parents=True, exist_ok=True)
+SUITE_CACHE = Path(tempfile.mkdtemp(prefix="kvcli-test-cache-"))
+(SUITE_CACHE / "models").symlink_to(_USER_MODELS, target_is_directory=True)
+os.environ["KVCLI_CACHE_DIR"] = str(SUITE_CACHE)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SUITE_CACHE, ignore_errors=True)  # removes the link to the user's models, not what it points to
 
 from tiny_models import ARCHITECTURES, make_model_dir  # noqa: E402
 
