@@ -180,7 +180,12 @@ def plot(summary: list[dict], path: Path, model: str) -> None:
     for ax, key, shown in panels:
         for s in shown:
             ours = s["codec"].startswith("kvcli:")
-            ax.scatter(s["bits_per_element"], s[key], marker="o" if ours else "s", color="C0" if ours else "C1")
+            if not s["codec"].startswith("kvtc@"):
+                ax.scatter(s["bits_per_element"], s[key], marker="o" if ours else "s", color="C0" if ours else "C1")
+        kvtc = sorted((s["bits_per_element"], s[key]) for s in shown if s["codec"].startswith("kvtc@"))
+        if kvtc:  # one curve: its points are one method at several targets
+            ax.plot(*zip(*kvtc), marker="^", color="C2", label="KVTC")
+            ax.legend(loc="best", fontsize=7)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("bits per element (log scale, real file bytes)")
         ax.grid(alpha=0.3)
