@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 from servers import CacheServer, make_cache, moto_server
 
-from kvcli.container import format
+from kvcli.container import format, keys
 from kvcli.errors import FormatError, InputError, StorageError
 from kvcli.storage import remote, store
 
@@ -258,3 +259,60 @@ def test_cache_dir_bytes_bounds_the_local_copies(cli, tiny_model_dir, doc_file, 
     assert refused.exit_code == 2 and "KVCLI_CACHE_DIR_BYTES" in refused.stderr
     alone = cli("generate", "--cache", url, "--cache-dir-bytes", "10", "--model", model, "Q")
     assert alone.exit_code == 2 and "--cache-dir" in alone.stderr
+
+
+def mislabel(server, right: bytes, wrong: bytes) -> str:
+    """Put `wrong`'s bytes in the server's store under the key of `right` (a store that swapped two objects) and
+    return that key's URL."""
+    key = keys.key_of_header(format.read_header(format.BytesSource(right)))
+    (Path(server.args[0]) / f"{key}.kvc").write_bytes(wrong)
+    return f"{server.url}/v1/caches/{key}"
+
+
+def test_a_url_serving_another_caches_bytes_is_refused_and_nothing_is_kept(server, tmp_path):
+    url = mislabel(server, make_cache(seed=50), make_cache(seed=51))
+    copies = tmp_path / "copies"
+    with pytest.raises(FormatError, match="does not match the file's content"):
+        remote.open_source(url, str(copies))
+    assert list(copies.iterdir()) == []
+
+
+def test_a_local_copy_with_another_key_is_dropped_and_fetched_again(server, tmp_path):
+    client = store.open_store(server.url, token=TOKEN)
+    data = make_cache(seed=52)
+    url = client.url_for(client.put(None, data))
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    poisoned = copies / f"{url.rsplit('/', 1)[1]}.kvc"
+    poisoned.write_bytes(make_cache(seed=53))  # left by a kvcli that did not check, or swapped by hand
+    with remote.open_source(url, str(copies)) as src:
+        assert isinstance(src, remote.RemoteSource) and read_all(src) == data
+    assert poisoned.read_bytes() == data
+
+
+def test_pull_and_generate_refuse_a_cache_whose_content_key_is_not_the_urls(cli, server, llama, tmp_path):
+    url = mislabel(server, make_cache(seed=54), make_cache(seed=55))
+    out = tmp_path / "pulled" / "x.kvc"
+    out.parent.mkdir()
+    pulled = cli("pull", url, "-o", out)
+    assert pulled.exit_code == 4 and "does not match the file's content" in pulled.stderr
+    assert list(out.parent.iterdir()) == []  # neither the file nor a partial to resume
+    copies = tmp_path / "copies"
+    answered = cli("generate", "--cache", url, "--cache-dir", copies, "--model", llama, "-n", "2", "Question:")
+    assert answered.exit_code == 4 and "does not match the file's content" in answered.stderr
+    assert answered.stdout == "" and list(copies.iterdir()) == []
+
+
+def test_a_cache_dir_that_cannot_be_written(cli, server, llama, tmp_path):
+    client = store.open_store(server.url, token=TOKEN)
+    url = client.url_for(client.put(None, make_cache(seed=56)))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user whom permissions do not stop")
+        refused = cli("generate", "--cache", url, "--cache-dir", locked, "--model", "/nonexistent/model", "Q")
+        assert refused.exit_code == 8 and "not writable" in refused.stderr  # before the model load (exit 7)
+    finally:
+        locked.chmod(0o700)

@@ -115,7 +115,8 @@ def pull(
 
 def download(fetcher, url: str, out: str) -> dict:
     """Append the missing bytes to a hidden partial file (named for the URL, so another URL never resumes it),
-    verify header and CRCs, refetch any damaged segment, then rename the file into place."""
+    verify header and CRCs, refetch any damaged segment, check that the content's key is the one the URL names,
+    then rename the file into place."""
     import hashlib
     import os
     from pathlib import Path
@@ -147,14 +148,14 @@ def download(fetcher, url: str, out: str) -> dict:
             os.fsync(fh.fileno())
         repair(fetcher, partial)
         with format.FileSource(partial) as src:
-            header = store.validate(src)
+            key = keys.checked_key(remote.url_key(url), store.validate(src), url)
     except FormatError:
         partial.unlink(missing_ok=True)  # the remote file itself is bad: nothing to resume
         raise
     except OSError as err:
         raise StorageError(f"{partial}: {err.strerror}") from None
     os.replace(partial, target)
-    return {"output": out, "key": keys.key_of_header(header), "bytes": size, "resumed_from": resumed_from}
+    return {"output": out, "key": key, "bytes": size, "resumed_from": resumed_from}
 
 
 def repair(fetcher, partial) -> None:
