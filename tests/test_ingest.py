@@ -292,3 +292,27 @@ def test_killed_run_leaves_no_partial_files_and_a_rerun_finishes(cli, llama, tmp
     assert len(lines) == 12
     assert {line["key"] for line in lines if line["status"] == "skipped"} == {n[:-4] for n in names}
     assert sum(line["status"] == "written" for line in lines) == 12 - len(names)
+
+
+@pytest.mark.slow  # starts moto_server
+def test_an_s3_store_is_checked_before_the_model_loads_and_then_written(cli, llama, corpus, tmp_path, monkeypatch):
+    pytest.importorskip("s3fs")
+    boto3 = pytest.importorskip("boto3")
+    from servers import AWS_SETTINGS, moto_server
+
+    for name in AWS_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    with moto_server() as env:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        s3 = boto3.client("s3")
+        missing = run_store(cli, corpus, "--out-dir", "s3://missing-bucket/p", "--model", tmp_path / "no-model")
+        assert missing.exit_code == 8 and missing.stdout == "", missing.stderr  # not 7: before the model load
+        assert missing.stderr.count("\n") == 1 and "bucket does not exist" in missing.stderr
+        s3.create_bucket(Bucket="caches")
+        result = run_store(cli, corpus / "harbour.txt", "--out-dir", "s3://caches/p", "--model", llama)
+        assert result.exit_code == 0, result.stderr
+        [line] = lines_of(result)
+        assert line["status"] == "written" and line["path"] == f"s3://caches/p/{line['key']}.kvc"
+        stored = [o["Key"] for o in s3.list_objects_v2(Bucket="caches").get("Contents", [])]
+        assert stored == [f"p/{line['key']}.kvc"]  # the writability probe left nothing behind
