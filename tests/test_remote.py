@@ -316,3 +316,14 @@ def test_a_cache_dir_that_cannot_be_written(cli, server, llama, tmp_path):
         assert refused.exit_code == 8 and "not writable" in refused.stderr  # before the model load (exit 7)
     finally:
         locked.chmod(0o700)
+
+
+def test_prefill_into_a_server_checks_the_token_before_the_model_loads(cli, server, doc_file, tmp_path, monkeypatch):
+    monkeypatch.delenv(remote.TOKEN_ENV, raising=False)
+    monkeypatch.delenv(remote.TOKEN_FILE_ENV, raising=False)
+    args = ("prefill", doc_file, "--out-dir", server.url, "--model", tmp_path / "no-model")
+    refused = cli(*args)
+    assert refused.exit_code == 8 and "a token is required" in refused.stderr and refused.stdout == ""
+    monkeypatch.setenv(remote.TOKEN_ENV, TOKEN)
+    allowed = cli(*args)
+    assert allowed.exit_code == 7, allowed.stderr  # the store took the check; the missing model comes next

@@ -12,7 +12,7 @@ from servers import KVCLI, REPO, ThrottleProxy, aws_free_env, free_port, make_bi
 
 from kvcli.container import format, keys
 from kvcli.errors import FormatError, InputError, UsageError
-from kvcli.storage import store
+from kvcli.storage import remote, store
 
 pytestmark = pytest.mark.slow  # starts servers, moto or Ray: outside the fast `-m 'not slow'` loop
 
@@ -290,3 +290,16 @@ def test_s3_store_killed_mid_push_is_one_line_and_exit_8(tmp_path):
             env.proc.kill()  # one part staged, the next on its way
         result = finish(proc)
     assert_storage_error(result, "cannot stage a part")
+
+
+def test_s3_requests_are_retried_by_botocore_alone_below_kvcli(monkeypatch):
+    """s3fs's own retry loop multiplied botocore's: an endpoint that accepted connections and never answered
+    kept one push going for more than 6 minutes (docs/server.md has the measurements)."""
+    pytest.importorskip("s3fs")
+    for name in ("AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS"):
+        monkeypatch.delenv(name, raising=False)
+    fs, _ = remote.filesystem("s3://caches/retries")
+    assert fs.retries == 1 and fs.config_kwargs["retries"] == {"mode": "standard"}
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "7")  # the user's choice stands
+    fs, _ = remote.filesystem("s3://caches/retries")
+    assert "retries" not in fs.config_kwargs

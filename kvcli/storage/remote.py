@@ -13,8 +13,8 @@ import bisect
 import functools
 import importlib
 import os
-import sys
 import re
+import sys
 import threading
 import time
 import zlib
@@ -76,7 +76,7 @@ def storage_error(err: BaseException, where: str) -> StorageError:
     if isinstance(err, PermissionError):
         return StorageError(f"{where}: access denied ({text}); check the credentials and the bucket's policy")
     network = ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
-               "ProxyConnectionError", "HTTPClientError", "FSTimeoutError")
+               "ProxyConnectionError", "ConnectionError", "HTTPClientError", "FSTimeoutError")
     if kind in network or isinstance(err, (TimeoutError, ConnectionError)) or type(err).__module__.startswith("aiohttp"):
         return ConnectionFailed(f"{where}: {text}")
     return StorageError(f"{where}: {text}")
@@ -191,10 +191,18 @@ def filesystem(url: str, **options):
             options.setdefault("client_kwargs", {}).setdefault("endpoint_url", endpoint)
         # Listings must see other replicas' writes at once: no listing cache.
         options.setdefault("use_listings_cache", False)
+        # botocore retries a request, s3fs retries a timeout around that, and kvcli's own retries wrap both: against
+        # an endpoint that accepts connections and never answers, one push took over 6 minutes before it failed.
+        # One layer below kvcli's: botocore's standard mode (3 attempts, throttling such as SlowDown included)
+        # unless the environment chooses, and no second loop in s3fs (below).
+        if not (os.environ.get("AWS_RETRY_MODE") or os.environ.get("AWS_MAX_ATTEMPTS")):
+            options.setdefault("config_kwargs", {}).setdefault("retries", {"mode": "standard"})
     try:
         fs, path = fsspec.core.url_to_fs(url, **options)
     except (ImportError, ValueError) as err:
         raise UsageError(f"{url}: cannot open this URL: {err}") from None
+    if protocol in ("s3", "s3a"):
+        fs.retries = 1  # s3fs's own loop: a class attribute its constructor does not take
     return fs, path
 
 
