@@ -216,6 +216,20 @@ def test_push_to_an_object_store_resumes_from_staged_parts(s3_env, tmp_path):
     assert os.listdir(tmp_path / "dir") == [f"{key}.kvc"]
 
 
+
+def test_push_replaces_a_truncated_or_foreign_object_under_its_key(any_store, tmp_path):
+    st = any_store()
+    data = make_cache(seed=12)
+    path = tmp_path / "c.kvc"
+    path.write_bytes(data)
+    key = keys.key_of_header(format.read_header(format.BytesSource(data)))
+    for damaged in (data[:-10], make_cache(seed=13)):  # what another writer or a broken disk left under the key
+        st._write(key, format.BytesSource(damaged))
+        assert store.push(st, path)["uploaded"] is True
+        assert st.read(key, 0, len(data)) == data
+    assert store.push(st, path)["uploaded"] is False  # a sound copy is trusted: nothing sent
+
+
 # ---------------------------------------------------------------- S3 failures seen by the commands
 
 

@@ -149,9 +149,9 @@ def download(fetcher, url: str, out: str) -> dict:
         repair(fetcher, partial)
         with format.FileSource(partial) as src:
             key = keys.checked_key(remote.url_key(url), store.validate(src), url)
-    except FormatError:
+    except FormatError as err:
         partial.unlink(missing_ok=True)  # the remote file itself is bad: nothing to resume
-        raise
+        raise type(err)(str(err).replace(str(partial), url)) from None  # the removed partial means nothing to a user
     except OSError as err:
         raise StorageError(f"{partial}: {err.strerror}") from None
     os.replace(partial, target)

@@ -341,10 +341,10 @@ class FileStore:
 
 
 class StoredSource(format.Source):
-    """A ByteSource over one stored file. The first read fetches the first 64 KiB, which usually holds the
-    preamble and the whole header, so listing a remote store costs one request per file."""
+    """A ByteSource over one stored file in any store. The first read fetches the first 64 KiB, which usually holds
+    the preamble and the whole header, so listing a remote store costs one request per file."""
 
-    def __init__(self, store: FileStore, key: str, size: int):
+    def __init__(self, store, key: str, size: int):
         self.store, self.key, self.size = store, key, size
         self.path = store.url_for(key)
         self._head = b""
@@ -353,10 +353,10 @@ class StoredSource(format.Source):
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ValueError(f"read [{offset}, {offset + length}) outside a {self.size}-byte file")
         if not self._head:
-            self._head = self.store._read(self.key, 0, min(self.size, remote.HEAD_PREFETCH))
+            self._head = self.store.read(self.key, 0, min(self.size, remote.HEAD_PREFETCH))
         if offset + length <= len(self._head):
             return self._head[offset : offset + length]
-        data = self.store._read(self.key, offset, length)
+        data = self.store.read(self.key, offset, length)
         if len(data) != length:
             raise FormatError(f"{self.path}: changed or truncated while being read")
         return data
@@ -775,6 +775,21 @@ class ServerStore:
         self.client.close()
 
 
+def stored_soundly(target, key: str) -> bool:
+    """Whether the store holds `key` as a file whose header reads, fits the stored size and gives that key. A
+    truncated object, or another cache's bytes under the key, is replaced by a push rather than trusted (one
+    ranged read; the segments' CRCs are checked by whoever reads them)."""
+    size = target.size(key)
+    if size is None:
+        return False
+    try:
+        with StoredSource(target, key, size) as src:
+            checked_key(key, format.read_header(src), src.path)
+    except (FormatError, InputError):  # damaged, or gone since size() answered
+        return False
+    return True
+
+
 def push(target, path: str | Path) -> dict:
     """Validate a file and store it under its key; nothing is sent when the store has it. A file larger than one
     part goes to a remote store in parts: parts staged by an earlier run that broke off are not sent again.
@@ -784,7 +799,7 @@ def push(target, path: str | Path) -> dict:
         key = checked_key(None, header, src.path)
         result = {"key": key, "url": target.url_for(key), "bytes": src.size, "uploaded": False, "resumed_from": 0,
                   "sent": 0}
-        if target.exists(key):
+        if stored_soundly(target, key):
             return result
         result["uploaded"] = True
         if isinstance(target, DirStore) or src.size <= getattr(target, "part_bytes", PART_BYTES):
