@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from kvcli.container import format, kvfile
+from kvcli.errors import StorageError
 from kvcli.modeling import inference
 from kvcli.reuse import ingest
 
@@ -309,6 +310,8 @@ def test_an_s3_store_is_checked_before_the_model_loads_and_then_written(cli, lla
         missing = run_store(cli, corpus, "--out-dir", "s3://missing-bucket/p", "--model", tmp_path / "no-model")
         assert missing.exit_code == 8 and missing.stdout == "", missing.stderr  # not 7: before the model load
         assert missing.stderr.count("\n") == 1 and "bucket does not exist" in missing.stderr
+        with pytest.raises(StorageError, match="bucket does not exist"):  # Ray's entry point, alike
+            ingest.PrefillBatches("s3://missing-bucket/p", model=str(tmp_path / "no-model"))
         s3.create_bucket(Bucket="caches")
         result = run_store(cli, corpus / "harbour.txt", "--out-dir", "s3://caches/p", "--model", llama)
         assert result.exit_code == 0, result.stderr

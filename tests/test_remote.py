@@ -327,3 +327,22 @@ def test_prefill_into_a_server_checks_the_token_before_the_model_loads(cli, serv
     monkeypatch.setenv(remote.TOKEN_ENV, TOKEN)
     allowed = cli(*args)
     assert allowed.exit_code == 7, allowed.stderr  # the store took the check; the missing model comes next
+
+
+def test_a_local_copy_that_does_not_fit_on_the_disk_is_skipped_with_one_line(server, kvc, llama, tmp_path):
+    """`ulimit -f` below the cache's size stands in for a full disk: the answer comes, the copy does not."""
+    import resource
+    import subprocess
+
+    from servers import KVCLI, REPO
+
+    client = store.open_store(server.url, token=TOKEN)
+    url = client.url_for(client.put(None, kvc))
+    limit = kvc.stat().st_size // 2
+    copies = tmp_path / "copies"
+    done = subprocess.run(KVCLI + ["generate", "--cache", url, "--cache-dir", str(copies), "--model", llama, "-n", "2",
+                                   "Question:"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert done.returncode == 0 and done.stdout, done.stderr
+    assert done.stderr.startswith("kvcli: no local copy kept: ") and "File too large" in done.stderr
+    assert done.stderr.count("\n") == 1 and list(copies.iterdir()) == []  # no temporary left either

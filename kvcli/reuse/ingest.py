@@ -376,7 +376,9 @@ class PrefillBatches:
         self.text_field = text_field
         from ..storage.store import open_store
 
-        self.ingest = Ingest(models.load(model, dtype), open_store(store, create=True),
+        target = open_store(store, create=True)
+        target.check_writable()  # before the model loads, as for prefill --out-dir
+        self.ingest = Ingest(models.load(model, dtype), target,
                              Settings(quality, step_scale, sinks, chunk_tokens, max_tokens, split, batch_tokens))
 
     def __call__(self, batch) -> dict[str, list]:
