@@ -277,17 +277,20 @@ def test_a_url_serving_another_caches_bytes_is_refused_and_nothing_is_kept(serve
     assert list(copies.iterdir()) == []
 
 
-def test_a_local_copy_with_another_key_is_dropped_and_fetched_again(server, tmp_path):
+def test_a_local_copy_that_is_not_sound_is_dropped_and_fetched_again(server, tmp_path):
     client = store.open_store(server.url, token=TOKEN)
     data = make_cache(seed=52)
     url = client.url_for(client.put(None, data))
     copies = tmp_path / "copies"
     copies.mkdir()
     poisoned = copies / f"{url.rsplit('/', 1)[1]}.kvc"
-    poisoned.write_bytes(make_cache(seed=53))  # left by a kvcli that did not check, or swapped by hand
-    with remote.open_source(url, str(copies)) as src:
-        assert isinstance(src, remote.RemoteSource) and read_all(src) == data
-    assert poisoned.read_bytes() == data
+    flipped = bytearray(data)
+    flipped[-3] ^= 0x40
+    for bad in (make_cache(seed=53), data[:100], bytes(flipped)):  # another cache's bytes, truncated, a bit flipped
+        poisoned.write_bytes(bad)
+        with remote.open_source(url, str(copies)) as src:
+            assert isinstance(src, remote.RemoteSource) and read_all(src) == data
+        assert poisoned.read_bytes() == data
 
 
 def test_pull_and_generate_refuse_a_cache_whose_content_key_is_not_the_urls(cli, server, llama, tmp_path):

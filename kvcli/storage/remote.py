@@ -382,8 +382,12 @@ class LocalCache:
             raise StorageError(f"{self.dir}: the cache directory is not writable")
 
     def find(self, key: str) -> format.FileSource | None:
-        """The local copy of `key`, opened, if there is one whose content is that key's; a copy with another key
-        (damaged, or left by a kvcli that did not check) is removed, and the caller fetches the cache again."""
+        """The local copy of `key`, opened, if there is a sound one: every CRC holds and the content is that key's.
+        A copy that is not (a damaged disk, a copy left by a kvcli that did not check) is removed, and the caller
+        fetches the cache again; one that stayed would fail every later run. Checking reads the copy once more,
+        from a local disk, before the decoder does."""
+        from .store import validate  # store.py imports this module
+
         path = self.dir / f"{key}.kvc"
         try:
             os.utime(path)
@@ -391,7 +395,7 @@ class LocalCache:
         except (OSError, InputError):
             return None
         try:
-            checked_key(key, format.read_header(src), str(path))
+            checked_key(key, validate(src), str(path))
         except FormatError:
             src.close()
             path.unlink(missing_ok=True)
