@@ -349,3 +349,17 @@ def test_a_local_copy_that_does_not_fit_on_the_disk_is_skipped_with_one_line(ser
     assert done.returncode == 0 and done.stdout, done.stderr
     assert done.stderr.startswith("kvcli: no local copy kept: ") and "File too large" in done.stderr
     assert done.stderr.count("\n") == 1 and list(copies.iterdir()) == []  # no temporary left either
+
+
+def test_push_with_a_wrong_token_is_refused_even_when_the_cache_is_stored(cli, server, tmp_path, monkeypatch):
+    monkeypatch.delenv(remote.TOKEN_ENV, raising=False)
+    monkeypatch.delenv(remote.TOKEN_FILE_ENV, raising=False)
+    path = tmp_path / "c.kvc"
+    path.write_bytes(make_cache(seed=57))
+    store.open_store(server.url, token=TOKEN).put(None, path)
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text("not-the-token")
+    refused = cli("push", path, server.url, "--token-file", wrong)
+    assert refused.exit_code == 8 and "the token was refused" in refused.stderr and refused.stdout == ""
+    found = cli("push", path, server.url, "--json")  # no token: told that it is there, not that it was written
+    assert found.exit_code == 0 and '"uploaded": false' in found.stdout

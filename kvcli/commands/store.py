@@ -78,6 +78,8 @@ def push(
     from ..storage import remote, store
 
     target = store.open_store(url, remote.read_token(None, token_file), create=True)
+    if getattr(target, "token", None):
+        target.check_writable()  # a wrong token is refused even when the cache is already there to be found
     result = store.push(target, file)
     if as_json:
         emit_json(result)
