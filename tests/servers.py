@@ -112,9 +112,33 @@ class CacheServer:
         self.stop()
 
 
+AWS_SETTINGS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE",
+                "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ROLE_ARN",
+                "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+
+
+def aws_free_env(**extra: str) -> dict:
+    """This process's environment for a kvcli subprocess with no AWS settings of the host's: no credentials, no
+    profile, empty config and credentials files, no instance metadata lookup, and one attempt per request (botocore
+    retries a refused connection for seconds, and kvcli tries again on top)."""
+    env = {k: v for k, v in os.environ.items() if k not in AWS_SETTINGS}
+    env.update(AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull, AWS_EC2_METADATA_DISABLED="true",
+               AWS_MAX_ATTEMPTS="1", AWS_DEFAULT_REGION="us-east-1", TQDM_DISABLE="1")
+    env.update(extra)
+    return env
+
+
+class MotoEnv(dict):
+    """The AWS environment for a moto_server; `proc` is the server, for tests that kill it."""
+
+    proc: subprocess.Popen
+
+
 @contextlib.contextmanager
 def moto_server():
-    """`moto_server` on a free loopback port, with the AWS environment a real S3 client would read."""
+    """`moto_server` on a free loopback port, with the AWS environment a real S3 client would read (config files
+    pointed at empty ones, so the host's own AWS profile never mixes in)."""
     exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
     if exe is None:
         raise RuntimeError("moto_server not found")
@@ -132,10 +156,13 @@ def moto_server():
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise RuntimeError("moto_server did not start") from None
                 time.sleep(0.1)
-        yield {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_DEFAULT_REGION": "us-east-1"}
+        env = MotoEnv(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
+        env.proc = proc
+        yield env
     finally:
-        proc.terminate()
+        if proc.poll() is None:
+            proc.terminate()
         proc.wait(10)
 
 
@@ -164,7 +191,11 @@ class ThrottleProxy:
                 continue
             except OSError:
                 return
-            upstream = socket.create_connection(self.target)
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:  # the target died: so does this connection, as if made to the target
+                client.close()
+                continue
             for src, dst, rate in ((client, upstream, self.up_rate), (upstream, client, self.rate)):
                 t = threading.Thread(target=self._pipe, args=(src, dst, rate), daemon=True)
                 t.start()

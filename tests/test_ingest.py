@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from kvcli.container import format, kvfile
+from kvcli.errors import StorageError
 from kvcli.modeling import inference
 from kvcli.reuse import ingest
 
@@ -339,3 +340,29 @@ def test_a_bad_dtype_is_refused_before_the_store_is_created(cli, llama, corpus, 
     assert result.exit_code == 2 and result.stdout == ""
     assert result.stderr.strip() == "Error: unknown dtype 'float8'; choose one of float32, bfloat16, float16"
     assert not store.exists()
+
+
+@pytest.mark.slow  # starts moto_server
+def test_an_s3_store_is_checked_before_the_model_loads_and_then_written(cli, llama, corpus, tmp_path, monkeypatch):
+    pytest.importorskip("s3fs")
+    boto3 = pytest.importorskip("boto3")
+    from servers import AWS_SETTINGS, moto_server
+
+    for name in AWS_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    with moto_server() as env:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        s3 = boto3.client("s3")
+        missing = run_store(cli, corpus, "--out-dir", "s3://missing-bucket/p", "--model", tmp_path / "no-model")
+        assert missing.exit_code == 8 and missing.stdout == "", missing.stderr  # not 7: before the model load
+        assert missing.stderr.count("\n") == 1 and "bucket does not exist" in missing.stderr
+        with pytest.raises(StorageError, match="bucket does not exist"):  # Ray's entry point, alike
+            ingest.PrefillBatches("s3://missing-bucket/p", model=str(tmp_path / "no-model"))
+        s3.create_bucket(Bucket="caches")
+        result = run_store(cli, corpus / "harbour.txt", "--out-dir", "s3://caches/p", "--model", llama)
+        assert result.exit_code == 0, result.stderr
+        [line] = lines_of(result)
+        assert line["status"] == "written" and line["path"] == f"s3://caches/p/{line['key']}.kvc"
+        stored = [o["Key"] for o in s3.list_objects_v2(Bucket="caches").get("Contents", [])]
+        assert stored == [f"p/{line['key']}.kvc"]  # the writability probe left nothing behind

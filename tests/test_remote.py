@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 from servers import CacheServer, make_cache, moto_server
 
-from kvcli.container import format
+from kvcli.container import format, keys
 from kvcli.errors import FormatError, InputError, StorageError
 from kvcli.storage import remote, store
 
@@ -258,3 +259,107 @@ def test_cache_dir_bytes_bounds_the_local_copies(cli, tiny_model_dir, doc_file, 
     assert refused.exit_code == 2 and "KVCLI_CACHE_DIR_BYTES" in refused.stderr
     alone = cli("generate", "--cache", url, "--cache-dir-bytes", "10", "--model", model, "Q")
     assert alone.exit_code == 2 and "--cache-dir" in alone.stderr
+
+
+def mislabel(server, right: bytes, wrong: bytes) -> str:
+    """Put `wrong`'s bytes in the server's store under the key of `right` (a store that swapped two objects) and
+    return that key's URL."""
+    key = keys.key_of_header(format.read_header(format.BytesSource(right)))
+    (Path(server.args[0]) / f"{key}.kvc").write_bytes(wrong)
+    return f"{server.url}/v1/caches/{key}"
+
+
+def test_a_url_serving_another_caches_bytes_is_refused_and_nothing_is_kept(server, tmp_path):
+    url = mislabel(server, make_cache(seed=50), make_cache(seed=51))
+    copies = tmp_path / "copies"
+    with pytest.raises(FormatError, match="does not match the file's content"):
+        remote.open_source(url, str(copies))
+    assert list(copies.iterdir()) == []
+
+
+def test_a_local_copy_that_is_not_sound_is_dropped_and_fetched_again(server, tmp_path):
+    client = store.open_store(server.url, token=TOKEN)
+    data = make_cache(seed=52)
+    url = client.url_for(client.put(None, data))
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    poisoned = copies / f"{url.rsplit('/', 1)[1]}.kvc"
+    flipped = bytearray(data)
+    flipped[-3] ^= 0x40
+    for bad in (make_cache(seed=53), data[:100], bytes(flipped)):  # another cache's bytes, truncated, a bit flipped
+        poisoned.write_bytes(bad)
+        with remote.open_source(url, str(copies)) as src:
+            assert isinstance(src, remote.RemoteSource) and read_all(src) == data
+        assert poisoned.read_bytes() == data
+
+
+def test_pull_and_generate_refuse_a_cache_whose_content_key_is_not_the_urls(cli, server, llama, tmp_path):
+    url = mislabel(server, make_cache(seed=54), make_cache(seed=55))
+    out = tmp_path / "pulled" / "x.kvc"
+    out.parent.mkdir()
+    pulled = cli("pull", url, "-o", out)
+    assert pulled.exit_code == 4 and "does not match the file's content" in pulled.stderr
+    assert list(out.parent.iterdir()) == []  # neither the file nor a partial to resume
+    copies = tmp_path / "copies"
+    answered = cli("generate", "--cache", url, "--cache-dir", copies, "--model", llama, "-n", "2", "Question:")
+    assert answered.exit_code == 4 and "does not match the file's content" in answered.stderr
+    assert answered.stdout == "" and list(copies.iterdir()) == []
+
+
+def test_a_cache_dir_that_cannot_be_written(cli, server, llama, tmp_path):
+    client = store.open_store(server.url, token=TOKEN)
+    url = client.url_for(client.put(None, make_cache(seed=56)))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user whom permissions do not stop")
+        refused = cli("generate", "--cache", url, "--cache-dir", locked, "--model", "/nonexistent/model", "Q")
+        assert refused.exit_code == 8 and "not writable" in refused.stderr  # before the model load (exit 7)
+    finally:
+        locked.chmod(0o700)
+
+
+def test_prefill_into_a_server_checks_the_token_before_the_model_loads(cli, server, doc_file, tmp_path, monkeypatch):
+    monkeypatch.delenv(remote.TOKEN_ENV, raising=False)
+    monkeypatch.delenv(remote.TOKEN_FILE_ENV, raising=False)
+    args = ("prefill", doc_file, "--out-dir", server.url, "--model", tmp_path / "no-model")
+    refused = cli(*args)
+    assert refused.exit_code == 8 and "a token is required" in refused.stderr and refused.stdout == ""
+    monkeypatch.setenv(remote.TOKEN_ENV, TOKEN)
+    allowed = cli(*args)
+    assert allowed.exit_code == 7, allowed.stderr  # the store took the check; the missing model comes next
+
+
+def test_a_local_copy_that_does_not_fit_on_the_disk_is_skipped_with_one_line(server, kvc, llama, tmp_path):
+    """`ulimit -f` below the cache's size stands in for a full disk: the answer comes, the copy does not."""
+    import resource
+    import subprocess
+
+    from servers import KVCLI, REPO
+
+    client = store.open_store(server.url, token=TOKEN)
+    url = client.url_for(client.put(None, kvc))
+    limit = kvc.stat().st_size // 2
+    copies = tmp_path / "copies"
+    done = subprocess.run(KVCLI + ["generate", "--cache", url, "--cache-dir", str(copies), "--model", llama, "-n", "2",
+                                   "Question:"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert done.returncode == 0 and done.stdout, done.stderr
+    assert done.stderr.startswith("kvcli: no local copy kept: ") and "File too large" in done.stderr
+    assert done.stderr.count("\n") == 1 and list(copies.iterdir()) == []  # no temporary left either
+
+
+def test_push_with_a_wrong_token_is_refused_even_when_the_cache_is_stored(cli, server, tmp_path, monkeypatch):
+    monkeypatch.delenv(remote.TOKEN_ENV, raising=False)
+    monkeypatch.delenv(remote.TOKEN_FILE_ENV, raising=False)
+    path = tmp_path / "c.kvc"
+    path.write_bytes(make_cache(seed=57))
+    store.open_store(server.url, token=TOKEN).put(None, path)
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text("not-the-token")
+    refused = cli("push", path, server.url, "--token-file", wrong)
+    assert refused.exit_code == 8 and "the token was refused" in refused.stderr and refused.stdout == ""
+    found = cli("push", path, server.url, "--json")  # no token: told that it is there, not that it was written
+    assert found.exit_code == 0 and '"uploaded": false' in found.stdout

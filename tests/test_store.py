@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
+import time
 
 import pytest
-from servers import make_cache, moto_server
+from servers import KVCLI, REPO, ThrottleProxy, aws_free_env, free_port, make_big_cache, make_cache, moto_server
 
 from kvcli.container import format, keys
 from kvcli.errors import FormatError, InputError, UsageError
-from kvcli.storage import store
+from kvcli.storage import remote, store
 
 pytestmark = pytest.mark.slow  # starts servers, moto or Ray: outside the fast `-m 'not slow'` loop
 
@@ -212,3 +214,106 @@ def test_push_to_an_object_store_resumes_from_staged_parts(s3_env, tmp_path):
     local.part_bytes = part
     assert store.push(local, path)["sent"] == len(data)  # a directory: one atomic put, nothing to resume
     assert os.listdir(tmp_path / "dir") == [f"{key}.kvc"]
+
+
+
+def test_push_replaces_a_truncated_or_foreign_object_under_its_key(any_store, tmp_path):
+    st = any_store()
+    data = make_cache(seed=12)
+    path = tmp_path / "c.kvc"
+    path.write_bytes(data)
+    key = keys.key_of_header(format.read_header(format.BytesSource(data)))
+    for damaged in (data[:-10], make_cache(seed=13)):  # what another writer or a broken disk left under the key
+        st._write(key, format.BytesSource(damaged))
+        assert store.push(st, path)["uploaded"] is True
+        assert st.read(key, 0, len(data)) == data
+    assert store.push(st, path)["uploaded"] is False  # a sound copy is trusted: nothing sent
+
+
+# ---------------------------------------------------------------- S3 failures seen by the commands
+
+
+def run_kvcli(args, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(KVCLI + [str(a) for a in args], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return proc.returncode, out, err
+
+
+def assert_storage_error(result: tuple[int, str, str], words: str) -> None:
+    """Exit 8 and one `Error:` line naming the cause: no traceback, no "a bug in kvcli"."""
+    code, out, err = result
+    lines = err.splitlines()
+    assert code == 8 and len(lines) == 1 and lines[0].startswith("Error: ") and words in lines[0], err[-3000:]
+    assert out == ""
+
+
+def s3_commands(tmp_path, url: str) -> dict[str, list]:
+    """push, pull, generate --cache and prefill --out-dir against `url`. The model path does not exist: a command
+    that got as far as loading it would exit 7, so an exit 8 shows the store was found out before any work."""
+    cache = tmp_path / "c.kvc"
+    cache.write_bytes(make_cache(seed=70))
+    doc = tmp_path / "doc.txt"
+    doc.write_text("A short document.\n")
+    key = "7" * 64
+    return {"push": ["push", cache, url],
+            "pull": ["pull", f"{url}/{key}.kvc", "-o", tmp_path / "pulled.kvc"],
+            "generate": ["generate", "--cache", f"{url}/{key}.kvc", "--model", tmp_path / "no-model", "Q"],
+            "prefill": ["prefill", doc, "--out-dir", url, "--model", tmp_path / "no-model"]}
+
+
+@pytest.mark.parametrize("failure", ["no credentials", "unreachable endpoint"])
+def test_s3_failures_are_one_line_and_exit_8_for_every_command(failure, tmp_path):
+    pytest.importorskip("s3fs")
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    if failure == "no credentials":
+        env, words = aws_free_env(AWS_ENDPOINT_URL=endpoint), "no usable S3 credentials"
+    else:
+        env, words = aws_free_env(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s"), \
+            "Could not connect to the endpoint"
+    procs = {name: run_kvcli(args, env) for name, args in s3_commands(tmp_path, "s3://caches/p").items()}
+    for name, proc in procs.items():
+        assert_storage_error(finish(proc), words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.kvc", "doc.txt"]  # no partial file from pull
+
+
+def test_s3_store_killed_mid_push_is_one_line_and_exit_8(tmp_path):
+    pytest.importorskip("s3fs")
+    boto3 = pytest.importorskip("boto3")
+    path = tmp_path / "big.kvc"
+    path.write_bytes(make_big_cache(seed=71, mib=20))  # three parts of 8 MiB
+    with moto_server() as env:
+        s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+        s3.create_bucket(Bucket="caches")
+        port = int(env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+        with ThrottleProxy(("127.0.0.1", port), up_rate=4e6) as proxy:  # about 5 s for the whole file
+            proc = run_kvcli(["push", path, "s3://caches/p"],
+                             aws_free_env(**{**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}))
+            deadline = time.monotonic() + 60
+            while not s3.list_objects_v2(Bucket="caches", Prefix="p/.uploads/").get("KeyCount"):
+                assert proc.poll() is None and time.monotonic() < deadline, finish(proc)
+                time.sleep(0.05)
+            env.proc.kill()  # one part staged, the next on its way
+        result = finish(proc)
+    assert_storage_error(result, "cannot stage a part")
+
+
+def test_s3_requests_are_retried_by_botocore_alone_below_kvcli(monkeypatch):
+    """s3fs's own retry loop multiplied botocore's: an endpoint that accepted connections and never answered
+    kept one push going for more than 6 minutes (docs/server.md has the measurements)."""
+    pytest.importorskip("s3fs")
+    for name in ("AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS"):
+        monkeypatch.delenv(name, raising=False)
+    fs, _ = remote.filesystem("s3://caches/retries")
+    assert fs.retries == 1 and fs.config_kwargs["retries"] == {"mode": "standard"}
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "7")  # the user's choice stands
+    fs, _ = remote.filesystem("s3://caches/retries")
+    assert "retries" not in fs.config_kwargs

@@ -138,16 +138,11 @@ def prefill_many(docs: list[str], jsonl: str | None, out_dir: str, shard: str | 
 
 
 def open_writable_store(spec: str):
-    """The store for --out-dir (a directory is created), refused before any work when a directory is not
-    writable; remote stores say so on their first write."""
-    import os
-
-    from ..errors import StorageError
-    from ..storage.store import DirStore, open_store
+    """The store for --out-dir (a directory is created), refused before any work when it cannot take a write."""
+    from ..storage.store import open_store
 
     store = open_store(spec, create=True)
-    if isinstance(store, DirStore) and not os.access(store.root, os.W_OK | os.X_OK):
-        raise StorageError(f"{store.root}: the store directory is not writable")
+    store.check_writable()
     return store
 
 

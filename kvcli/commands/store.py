@@ -82,6 +82,7 @@ def push(
     from ..storage import remote, store
 
     target = store.open_store(url, remote.read_token(None, token_file), create=True)
+    target.check_writable()  # even when the cache is there already: a client that cannot write is never told it wrote
     result = store.push(target, file)
     if as_json:
         emit_json(result)
@@ -119,7 +120,8 @@ def pull(
 
 def download(fetcher, url: str, out: str) -> dict:
     """Append the missing bytes to a hidden partial file (named for the URL, so another URL never resumes it),
-    verify header and CRCs, refetch any damaged segment, then rename the file into place."""
+    verify header and CRCs, refetch any damaged segment, check that the content's key is the one the URL names,
+    then rename the file into place."""
     import hashlib
     import os
     from pathlib import Path
@@ -151,14 +153,14 @@ def download(fetcher, url: str, out: str) -> dict:
             os.fsync(fh.fileno())
         repair(fetcher, partial)
         with format.FileSource(partial) as src:
-            header = store.validate(src)
-    except FormatError:
+            key = keys.checked_key(remote.url_key(url), store.validate(src), url)
+    except FormatError as err:
         partial.unlink(missing_ok=True)  # the remote file itself is bad: nothing to resume
-        raise
+        raise type(err)(str(err).replace(str(partial), url)) from None  # the removed partial means nothing to a user
     except OSError as err:
         raise StorageError(f"{partial}: {err.strerror}") from None
     os.replace(partial, target)
-    return {"output": out, "key": keys.key_of_header(header), "bytes": size, "resumed_from": resumed_from}
+    return {"output": out, "key": key, "bytes": size, "resumed_from": resumed_from}
 
 
 def repair(fetcher, partial) -> None:

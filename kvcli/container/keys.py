@@ -12,7 +12,7 @@ import json
 import re
 import sys
 
-from ..errors import UsageError
+from ..errors import FormatError, UsageError
 
 KEY_DOMAIN = b"kvcli-cache-key-v1\0"
 KEY_PATTERN = re.compile(r"\A[0-9a-f]{64}\Z")  # \Z, not $: "$" also matches before a trailing newline
@@ -53,6 +53,15 @@ def derive_key(model: dict, dtype: str, codec: dict, token_ids) -> str:
 def key_of_header(header) -> str:
     """The key of a parsed format.Header: what a store files it under and what a server checks an upload against."""
     return derive_key(header.model, header.dtype, header.codec, header.token_ids)
+
+
+def checked_key(key: str | None, header, where: str) -> str:
+    """The key a parsed header gives; a caller's key that differs is a FormatError: the bytes are not what their
+    name claims (an upload under the wrong key, or a store serving another document's file under this one)."""
+    actual = key_of_header(header)
+    if key is not None and check_key(key) != actual:
+        raise FormatError(f"{where}: the key {key} does not match the file's content (its key is {actual})")
+    return actual
 
 
 def check_key(key: str) -> str:

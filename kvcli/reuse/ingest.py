@@ -378,7 +378,9 @@ class PrefillBatches:
         encode = pipeline.EncodeOptions(quality=quality, step_scale=step_scale, sinks=sinks, chunk_tokens=chunk_tokens)
         settings = Settings(encode, max_tokens=max_tokens, split=split, batch_tokens=batch_tokens)
         self.text_field = text_field
-        self.ingest = Ingest(models.ModelChoice(model, dtype).load(), open_store(store, create=True), settings)
+        target = open_store(store, create=True)
+        target.check_writable()  # before the model loads, as for prefill --out-dir
+        self.ingest = Ingest(models.ModelChoice(model, dtype).load(), target, settings)
 
     def __call__(self, batch) -> dict[str, list]:
         columns = {name: _plain_list(values) for name, values in dict(batch).items()}

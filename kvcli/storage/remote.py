@@ -10,8 +10,11 @@ the reader, which names the bad segment.
 from __future__ import annotations
 
 import bisect
+import functools
+import importlib
 import os
 import re
+import sys
 import threading
 import time
 import zlib
@@ -20,7 +23,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..container import format
-from ..container.keys import check_key
+from ..container.keys import check_key, checked_key
 from ..errors import FormatError, InputError, StorageError, UsageError
 
 HEAD_PREFETCH = 64 << 10  # one request usually holds the preamble and the whole header
@@ -41,6 +44,42 @@ class Transient(Exception):
 
 class ConnectionFailed(StorageError):
     """The network failed (refused, reset, timed out): the operation may succeed if tried again."""
+
+
+# ---------------------------------------------------------------- object-store failures as kvcli errors
+
+
+@functools.cache
+def store_exceptions() -> tuple[type[BaseException], ...]:
+    """What an object store's client stack raises when the store, not kvcli, failed: OSError (s3fs turns S3's error
+    codes into OSError subclasses), botocore's errors (credentials, endpoints, retries given up), aiohttp's and
+    fsspec's timeouts. Imported only where installed: s3fs is an optional extra."""
+    found: list[type[BaseException]] = [OSError]
+    for module, names in (("botocore.exceptions", ("BotoCoreError", "ClientError")), ("aiohttp", ("ClientError",)),
+                          ("fsspec.exceptions", ("FSTimeoutError",))):
+        try:
+            loaded = importlib.import_module(module)
+        except ImportError:
+            continue
+        found += [getattr(loaded, name) for name in names if hasattr(loaded, name)]
+    return tuple(found)
+
+
+def storage_error(err: BaseException, where: str) -> StorageError:
+    """The one mapping from an object store's failure to the line a user sees: ConnectionFailed (worth another
+    try) for a network failure, else a StorageError. A missing object is the caller's business, not this one's."""
+    kind = type(err).__name__
+    text = " ".join(str(err).split()) or kind
+    if kind in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
+        return StorageError(f"{where}: no usable S3 credentials ({text}); set AWS_ACCESS_KEY_ID and "
+                            "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
+    if isinstance(err, PermissionError):
+        return StorageError(f"{where}: access denied ({text}); check the credentials and the bucket's policy")
+    network = ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+               "ProxyConnectionError", "ConnectionError", "HTTPClientError", "FSTimeoutError")
+    if kind in network or isinstance(err, (TimeoutError, ConnectionError)) or type(err).__module__.startswith("aiohttp"):
+        return ConnectionFailed(f"{where}: {text}")
+    return StorageError(f"{where}: {text}")
 
 
 # ---------------------------------------------------------------- fetchers: one range at a time
@@ -119,20 +158,22 @@ class FsspecFetcher:
         self.fs, self.path = filesystem(url)
 
     def size(self) -> int:
-        try:
-            return int(self.fs.size(self.path))
-        except FileNotFoundError:
-            raise InputError(f"{self.name}: no such cache") from None
-        except OSError as err:
-            raise StorageError(f"{self.name}: {err}") from None
+        return int(self._call(self.fs.size, self.path))
 
     def fetch(self, offset: int, length: int) -> bytes:
+        return self._call(self.fs.cat_file, self.path, start=offset, end=offset + length)
+
+    def _call(self, fn, *args, **kwargs):
+        """A network failure is Transient (the reader tries again); anything else the store said is final."""
         try:
-            return self.fs.cat_file(self.path, start=offset, end=offset + length)
+            return fn(*args, **kwargs)
         except FileNotFoundError:
             raise InputError(f"{self.name}: no such cache") from None
-        except (OSError, TimeoutError) as err:
-            raise Transient(str(err)) from None
+        except store_exceptions() as err:
+            failure = storage_error(err, self.name)
+            if isinstance(failure, ConnectionFailed):
+                raise Transient(" ".join(str(err).split()) or type(err).__name__) from None
+            raise failure from None
 
     def close(self) -> None:
         pass
@@ -150,10 +191,18 @@ def filesystem(url: str, **options):
             options.setdefault("client_kwargs", {}).setdefault("endpoint_url", endpoint)
         # Listings must see other replicas' writes at once: no listing cache.
         options.setdefault("use_listings_cache", False)
+        # botocore retries a request, s3fs retries a timeout around that, and kvcli's own retries wrap both: against
+        # an endpoint that accepts connections and never answers, one push took over 6 minutes before it failed.
+        # One layer below kvcli's: botocore's standard mode (3 attempts, throttling such as SlowDown included)
+        # unless the environment chooses, and no second loop in s3fs (below).
+        if not (os.environ.get("AWS_RETRY_MODE") or os.environ.get("AWS_MAX_ATTEMPTS")):
+            options.setdefault("config_kwargs", {}).setdefault("retries", {"mode": "standard"})
     try:
         fs, path = fsspec.core.url_to_fs(url, **options)
     except (ImportError, ValueError) as err:
         raise UsageError(f"{url}: cannot open this URL: {err}") from None
+    if protocol in ("s3", "s3a"):
+        fs.retries = 1  # s3fs's own loop: a class attribute its constructor does not take
     return fs, path
 
 
@@ -178,10 +227,12 @@ def retried(fn, transient: type | tuple = (Transient, ConnectionFailed), attempt
 class RemoteSource(format.Source):
     """A format.ByteSource over a fetcher, fetching every segment ahead of the reader (see the module doc).
 
-    `refetches` counts ranges fetched again after a transient failure or a checksum mismatch."""
+    `refetches` counts ranges fetched again after a transient failure or a checksum mismatch. With `key`, a header
+    whose content key differs is refused (FormatError) before any segment is fetched: a store that serves another
+    document's bytes under a key never reaches the reader or a local copy."""
 
     def __init__(self, fetcher, workers: int = WORKERS, block_bytes: int = BLOCK_BYTES, retries: int = RETRIES,
-                 backoff_s: float = BACKOFF_S, on_complete=None):
+                 backoff_s: float = BACKOFF_S, on_complete=None, key: str | None = None):
         self.fetcher = fetcher
         self.path = fetcher.name
         self.retries, self.backoff_s = retries, backoff_s
@@ -197,6 +248,7 @@ class RemoteSource(format.Source):
             self.size = self._call(fetcher.size)
             self._buf = bytearray(self.size)
             self.header = self._fetch_header()
+            checked_key(key, self.header, self.path)
             self._start(workers, block_bytes)
         except BaseException:
             self.close()
@@ -325,19 +377,41 @@ class LocalCache:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise StorageError(f"{self.dir}: cannot create the cache directory: {err.strerror}") from None
+        # Refused before any work, as for --out-dir: a copy that cannot be kept would be found out only at the end.
+        if not os.access(self.dir, os.W_OK | os.X_OK):
+            raise StorageError(f"{self.dir}: the cache directory is not writable")
 
-    def find(self, key: str) -> Path | None:
+    def find(self, key: str) -> format.FileSource | None:
+        """The local copy of `key`, opened, if there is a sound one: every CRC holds and the content is that key's.
+        A copy that is not (a damaged disk, a copy left by a kvcli that did not check) is removed, and the caller
+        fetches the cache again; one that stayed would fail every later run. Checking reads the copy once more,
+        from a local disk, before the decoder does."""
+        from .store import validate  # store.py imports this module
+
         path = self.dir / f"{key}.kvc"
         try:
             os.utime(path)
-        except OSError:
+            src = format.FileSource(path)
+        except (OSError, InputError):
             return None
-        return path
+        try:
+            checked_key(key, validate(src), str(path))
+        except FormatError:
+            src.close()
+            path.unlink(missing_ok=True)
+            return None
+        return src
 
     def add(self, key: str, data: bytes | bytearray) -> None:
+        """Keep a verified download. The copy only saves a later fetch: failing to write it (a full disk) is said
+        on stderr and is not the command's failure."""
         if len(data) > self.max_bytes:
             return
-        format.atomic_write(str(self.dir / f"{key}.kvc"), [data])
+        try:
+            format.atomic_write(str(self.dir / f"{key}.kvc"), [data])
+        except StorageError as err:
+            print(f"kvcli: no local copy kept: {err}", file=sys.stderr)
+            return
         self.evict(keep=key)
 
     def evict(self, keep: str = "") -> int:
@@ -403,9 +477,10 @@ def open_source(location: str, cache_dir: str | LocalCache | None = None, token:
                 workers: int = WORKERS):
     """A ByteSource for a local path, an http(s) URL (…/v1/caches/KEY) or an fsspec URL (s3://…/KEY.kvc).
 
-    With `cache_dir` (a directory, bounded by $KVCLI_CACHE_DIR_BYTES, or a LocalCache with its own bound), a
-    remote cache whose URL names its key is read from a local copy when there is one, and a complete, verified
-    download leaves one behind."""
+    A URL that names a key (KEY or KEY.kvc as its last component) is a promise about the content: a header whose
+    key differs is a FormatError. With `cache_dir` (a directory, bounded by $KVCLI_CACHE_DIR_BYTES, or a LocalCache
+    with its own bound), such a cache is read from a local copy when there is one, and a complete, verified download
+    leaves one behind."""
     if "://" not in location:
         return format.open_source(location)
     key = url_key(location)
@@ -415,6 +490,6 @@ def open_source(location: str, cache_dir: str | LocalCache | None = None, token:
     if local:
         hit = local.find(key)
         if hit is not None:
-            return format.FileSource(hit)
-    return RemoteSource(make_fetcher(location, token, transport), workers=workers,
+            return hit
+    return RemoteSource(make_fetcher(location, token, transport), workers=workers, key=key,
                         on_complete=(lambda data: local.add(key, data)) if local else None)

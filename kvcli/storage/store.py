@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import os
 import re
+import secrets
 import shutil
 import threading
 import time
@@ -36,7 +37,7 @@ from typing import BinaryIO, Iterator
 from urllib.parse import urlsplit
 
 from ..container import format
-from ..container.keys import KEY_PATTERN, check_key, key_of_header, tokens_sha256
+from ..container.keys import KEY_PATTERN, check_key, checked_key, tokens_sha256
 from ..errors import FormatError, InputError, StorageError, UsageError
 from . import remote
 
@@ -87,14 +88,6 @@ def open_data(data: Data, name: str = "<upload>"):
 def iter_blocks(src: format.ByteSource, block: int = COPY_BLOCK) -> Iterator[bytes]:
     for offset in range(0, src.size, block):
         yield src.read(offset, min(block, src.size - offset))
-
-
-def checked_key(key: str | None, header: format.Header, where: str) -> str:
-    """The key the content gives; a caller's key that differs is a refusal (the upload is not what it claims)."""
-    actual = key_of_header(header)
-    if key is not None and check_key(key) != actual:
-        raise FormatError(f"{where}: the key {key} does not match the file's content (its key is {actual})")
-    return actual
 
 
 def describe(key: str, header: format.Header, size: int) -> dict:
@@ -225,6 +218,10 @@ class FileStore:
         """Touch the storage (a health check): a StorageError when it cannot be reached."""
         self._size("0" * 64)
 
+    def check_writable(self) -> None:
+        """A StorageError now, before any work, if this store cannot take a write."""
+        raise NotImplementedError
+
     def size(self, key: str) -> int | None:
         return self._size(check_key(key))
 
@@ -344,10 +341,10 @@ class FileStore:
 
 
 class StoredSource(format.Source):
-    """A ByteSource over one stored file. The first read fetches the first 64 KiB, which usually holds the
-    preamble and the whole header, so listing a remote store costs one request per file."""
+    """A ByteSource over one stored file in any store. The first read fetches the first 64 KiB, which usually holds
+    the preamble and the whole header, so listing a remote store costs one request per file."""
 
-    def __init__(self, store: FileStore, key: str, size: int):
+    def __init__(self, store, key: str, size: int):
         self.store, self.key, self.size = store, key, size
         self.path = store.url_for(key)
         self._head = b""
@@ -356,10 +353,10 @@ class StoredSource(format.Source):
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ValueError(f"read [{offset}, {offset + length}) outside a {self.size}-byte file")
         if not self._head:
-            self._head = self.store._read(self.key, 0, min(self.size, remote.HEAD_PREFETCH))
+            self._head = self.store.read(self.key, 0, min(self.size, remote.HEAD_PREFETCH))
         if offset + length <= len(self._head):
             return self._head[offset : offset + length]
-        data = self.store._read(self.key, offset, length)
+        data = self.store.read(self.key, offset, length)
         if len(data) != length:
             raise FormatError(f"{self.path}: changed or truncated while being read")
         return data
@@ -387,6 +384,10 @@ class DirStore(FileStore):
         # A missing file says nothing about a directory that was unmounted or removed: look at the root itself.
         if not self.root.is_dir():
             raise StorageError(f"{self.root}: the store directory is gone (unmounted or removed?)")
+
+    def check_writable(self) -> None:
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StorageError(f"{self.root}: the store directory is not writable")
 
     def _size(self, key: str) -> int | None:
         try:
@@ -522,21 +523,32 @@ class FsspecStore(FileStore):
     def url_for(self, key: str) -> str:
         return f"{self.url}/{check_key(key)}.kvc"
 
+    def check_writable(self) -> None:
+        """An empty object written and removed under the staging prefix: a missing bucket, credentials that cannot
+        write or an endpoint that does not answer show now, not after a model load and a prefill."""
+        probe = f"{self.prefix}/{UPLOADS}/probe-{secrets.token_hex(8)}"
+        try:
+            self.fs.pipe_file(probe, b"")
+        except remote.store_exceptions() as err:
+            raise remote.storage_error(err, f"{self.url}: cannot write") from None
+        with contextlib.suppress(*remote.store_exceptions()):  # a store that lets us write but not delete is usable
+            self.fs.rm_file(probe)
+
     def _size(self, key: str) -> int | None:
         try:
             return int(self.fs.size(self.path_of(key)))
         except FileNotFoundError:
             return None
-        except OSError as err:
-            raise StorageError(f"{self.url_for(key)}: {err}") from None
+        except remote.store_exceptions() as err:
+            raise remote.storage_error(err, self.url_for(key)) from None
 
     def _read(self, key: str, offset: int, length: int) -> bytes:
         try:
             return self.fs.cat_file(self.path_of(key), start=offset, end=offset + length)
         except FileNotFoundError:
             raise InputError(f"{self.url}: no cache {key}") from None
-        except OSError as err:
-            raise StorageError(f"{self.url_for(key)}: {err}") from None
+        except remote.store_exceptions() as err:
+            raise remote.storage_error(err, self.url_for(key)) from None
 
     def open(self, key: str) -> format.ByteSource:
         if self.size(key) is None:
@@ -548,8 +560,8 @@ class FsspecStore(FileStore):
             listing = self.fs.ls(self.prefix, detail=True)
         except FileNotFoundError:
             return
-        except OSError as err:
-            raise StorageError(f"{self.url}: cannot list: {err}") from None
+        except remote.store_exceptions() as err:
+            raise remote.storage_error(err, f"{self.url}: cannot list") from None
         for info in listing:
             stem, dot, ext = info["name"].rsplit("/", 1)[-1].partition(".")
             if ext == "kvc" and KEY_PATTERN.fullmatch(stem) and info.get("type") == "file":
@@ -561,20 +573,21 @@ class FsspecStore(FileStore):
         path = self.path_of(key)
         try:
             fh = self.fs.open(path, "wb")
-        except OSError as err:
-            raise StorageError(f"{self.url_for(key)}: cannot write: {err}") from None
+        except remote.store_exceptions() as err:
+            raise remote.storage_error(err, f"{self.url_for(key)}: cannot write") from None
         try:
             for block in iter_blocks(src):
-                fh.write(block)
-        except BaseException:
-            discard = getattr(fh, "discard", None)
-            if discard:
-                discard()
-            raise
-        try:
+                fh.write(block)  # past the block size this sends a part
             fh.close()
-        except OSError as err:
-            raise StorageError(f"{self.url_for(key)}: write failed: {err}") from None
+        except BaseException as err:
+            with contextlib.suppress(Exception):  # the store may be gone: the failure worth naming is the first
+                discard = getattr(fh, "discard", None)
+                if discard:
+                    discard()  # aborts a multipart upload
+            fh.closed = True  # else garbage collection would close() it, committing what was sent so far
+            if isinstance(err, remote.store_exceptions()):
+                raise remote.storage_error(err, f"{self.url_for(key)}: write failed") from None
+            raise
 
     def _remove(self, key: str) -> bool:
         if self._size(key) is None:
@@ -584,8 +597,8 @@ class FsspecStore(FileStore):
             return True
         except FileNotFoundError:
             return False
-        except OSError as err:
-            raise StorageError(f"{self.url_for(key)}: cannot delete: {err}") from None
+        except remote.store_exceptions() as err:
+            raise remote.storage_error(err, f"{self.url_for(key)}: cannot delete") from None
 
     def _upload_path(self, key: str, upload: str) -> str:
         return f"{self.prefix}/{UPLOADS}/{key}/{upload}"
@@ -595,8 +608,8 @@ class FsspecStore(FileStore):
             listing = self.fs.ls(self._upload_path(key, upload), detail=True)
         except FileNotFoundError:
             return []
-        except OSError as err:
-            raise StorageError(f"{self.url}: cannot list upload {upload}: {err}") from None
+        except remote.store_exceptions() as err:
+            raise remote.storage_error(err, f"{self.url}: cannot list upload {upload}") from None
         return sorted((int(name, 16), int(info["size"])) for info in listing
                       if info.get("type") == "file" and _PART_NAME.fullmatch(name := info["name"].rsplit("/", 1)[-1]))
 
@@ -607,14 +620,14 @@ class FsspecStore(FileStore):
         except FileNotFoundError:
             raise UploadConflict(f"upload {upload[:12]} of {key}: the part at {offset} vanished (completed or "
                                  "aborted meanwhile)") from None
-        except OSError as err:
-            raise StorageError(f"{self.url}/{UPLOADS}/{key}/{upload}: {err}") from None
+        except remote.store_exceptions() as err:
+            raise remote.storage_error(err, f"{self.url}/{UPLOADS}/{key}/{upload}") from None
 
     def _write_part(self, key: str, upload: str, offset: int, data: bytes) -> None:
         try:
             self.fs.pipe_file(f"{self._upload_path(key, upload)}/{offset:016x}", data)  # one PUT: atomic
-        except OSError as err:
-            raise StorageError(f"{self.url}: cannot stage a part of upload {upload}: {err}") from None
+        except remote.store_exceptions() as err:
+            raise remote.storage_error(err, f"{self.url}: cannot stage a part of upload {upload}") from None
 
     def _remove_upload(self, key: str, upload: str) -> bool:
         paths = [f"{self._upload_path(key, upload)}/{offset:016x}" for offset, _ in self._parts(key, upload)]
@@ -624,8 +637,8 @@ class FsspecStore(FileStore):
             self.fs.rm(paths)
         except FileNotFoundError:
             pass
-        except OSError as err:
-            raise StorageError(f"{self.url}: cannot remove upload {upload}: {err}") from None
+        except remote.store_exceptions() as err:
+            raise remote.storage_error(err, f"{self.url}: cannot remove upload {upload}") from None
         return True
 
     def _uploads(self) -> Iterator[tuple[str, str, float]]:
@@ -634,8 +647,8 @@ class FsspecStore(FileStore):
             found = self.fs.find(staging, detail=True)
         except FileNotFoundError:
             return
-        except OSError as err:
-            raise StorageError(f"{self.url}/{UPLOADS}: cannot list: {err}") from None
+        except remote.store_exceptions() as err:
+            raise remote.storage_error(err, f"{self.url}/{UPLOADS}: cannot list") from None
         newest: dict[tuple[str, str], float] = {}
         for path, info in found.items():
             names = path[len(staging) + 1 :].split("/")
@@ -717,6 +730,11 @@ class ServerStore:
     def delete(self, key: str) -> bool:
         return self._request("DELETE", f"/v1/caches/{check_key(key)}").status_code != 404
 
+    def check_writable(self) -> None:
+        """Asks for the state of an upload nobody made: the server answers it only to a client that may write
+        (a writable server, the right token), and it changes nothing."""
+        self.upload_state("0" * 64, "0" * 64)
+
     def upload_state(self, key: str, upload: str) -> dict:
         state = self._request("GET", self._upload_path(key, upload)).json()
         part_bytes = state.get("part_bytes")
@@ -757,6 +775,21 @@ class ServerStore:
         self.client.close()
 
 
+def stored_soundly(target, key: str) -> bool:
+    """Whether the store holds `key` as a file whose header reads, fits the stored size and gives that key. A
+    truncated object, or another cache's bytes under the key, is replaced by a push rather than trusted (one
+    ranged read; the segments' CRCs are checked by whoever reads them)."""
+    size = target.size(key)
+    if size is None:
+        return False
+    try:
+        with StoredSource(target, key, size) as src:
+            checked_key(key, format.read_header(src), src.path)
+    except (FormatError, InputError):  # damaged, or gone since size() answered
+        return False
+    return True
+
+
 def push(target, path: str | Path) -> dict:
     """Validate a file and store it under its key; nothing is sent when the store has it. A file larger than one
     part goes to a remote store in parts: parts staged by an earlier run that broke off are not sent again.
@@ -766,11 +799,7 @@ def push(target, path: str | Path) -> dict:
         key = checked_key(None, header, src.path)
         result = {"key": key, "url": target.url_for(key), "bytes": src.size, "uploaded": False, "resumed_from": 0,
                   "sent": 0}
-        if target.exists(key):
-            if isinstance(target, ServerStore):
-                # Reads may be open to all: only a write route tells a client without write access that it has
-                # none (401, 403 or 405 raise here), instead of "already stored" to a client that could not store.
-                target.upload_state(key, header_digest(src, header))
+        if stored_soundly(target, key):
             return result
         result["uploaded"] = True
         if isinstance(target, DirStore) or src.size <= getattr(target, "part_bytes", PART_BYTES):
