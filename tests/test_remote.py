@@ -361,5 +361,5 @@ def test_push_with_a_wrong_token_is_refused_even_when_the_cache_is_stored(cli, s
     wrong.write_text("not-the-token")
     refused = cli("push", path, server.url, "--token-file", wrong)
     assert refused.exit_code == 8 and "the token was refused" in refused.stderr and refused.stdout == ""
-    found = cli("push", path, server.url, "--json")  # no token: told that it is there, not that it was written
-    assert found.exit_code == 0 and '"uploaded": false' in found.stdout
+    anonymous = cli("push", path, server.url, "--json")  # no token: no more told that it is there
+    assert anonymous.exit_code == 8 and "a token is required" in anonymous.stderr and anonymous.stdout == ""
