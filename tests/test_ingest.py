@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -247,16 +248,42 @@ def test_missing_store_directory_is_created(cli, llama, corpus, tmp_path):
     assert os.listdir(store) == [lines_of(result)[0]["key"] + ".kvc"]
 
 
-def test_plain_progress_lines_when_not_a_terminal(cli, llama, corpus, tmp_path, monkeypatch):
+def test_heartbeat_reports_tokens_inside_a_long_group_of_forward_passes(cli, llama, corpus, tmp_path, monkeypatch):
+    """All four documents fall in one window of several forward passes, whose lines come only at its end: the
+    heartbeat must still show the tokens through the model meanwhile, and a summary closes the run."""
     from kvcli.commands import prefill
+    from kvcli.modeling import batching
 
-    monkeypatch.setattr(prefill, "LOG_EVERY_SECONDS", 0.0)
+    real = batching.prefill_batch
+
+    def slow_forward(*args, **kwargs):  # the real forward pass, made long enough for several heartbeats
+        caches = real(*args, **kwargs)
+        time.sleep(0.15)
+        return caches
+
+    monkeypatch.setattr(batching, "prefill_batch", slow_forward)
+    monkeypatch.setattr(prefill, "LOG_EVERY_SECONDS", 0.02)
     store = tmp_path / "store"
-    store.mkdir()
-    result = run_store(cli, corpus, "--out-dir", store, "--model", llama, "--batch-tokens", "1")
-    progress = [line for line in result.stderr.splitlines() if line.startswith("kvcli: ")]
-    assert [p.split(" documents")[0] for p in progress] == ["kvcli: 1/4", "kvcli: 2/4", "kvcli: 3/4", "kvcli: 4/4",
-                                                             "kvcli: 4/4"]
+    result = run_store(cli, corpus, "--out-dir", store, "--model", llama, "--batch-tokens", "24")
+    assert result.exit_code == 0, result.stderr
+    total = sum(line["tokens"] for line in lines_of(result))
+    beats = [line for line in result.stderr.splitlines() if re.match(r"kvcli: \d", line)]
+    assert len(beats) >= 4
+    before_any_line = {int(re.search(r"\), ([\d,]+) tokens prefilled", b)[1].replace(",", "")) for b in beats
+                       if b.startswith("kvcli: 0/4 documents")}
+    assert len(before_any_line - {0}) >= 2, beats  # tokens rose, pass by pass, while no document had finished
+    assert max(before_any_line) < total
+    assert beats[-1].startswith(f"kvcli: 4/4 documents (4 written, 0 skipped, 0 failed), {total} tokens prefilled")
+
+
+def test_progress_counts_one_document_in_the_singular(tmp_path):
+    from kvcli.commands.prefill import Progress
+
+    for total, expected in ((1, "1/1 document ("), (None, "1 document ("), (2, "1/2 documents (")):
+        progress = Progress(total)
+        progress.counts["written"] = 1
+        assert progress.describe().startswith(expected), progress.describe()
+    assert Progress(None).describe().startswith("0 documents (")
 
 
 def test_killed_run_leaves_no_partial_files_and_a_rerun_finishes(cli, llama, tmp_path):

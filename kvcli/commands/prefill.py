@@ -9,11 +9,13 @@ from __future__ import annotations
 import itertools
 import json
 import sys
+import threading
 import time
 from typing import List, Optional
 
 import typer
 
+from ..stdout import write_stdout_text
 from .common import (
     BackendOpt,
     ChunkOpt,
@@ -27,9 +29,10 @@ from .common import (
     emit_json,
     handled,
     status,
+    stderr_console,
 )
 
-LOG_EVERY_SECONDS = 10.0  # plain progress lines when stderr is not a terminal
+LOG_EVERY_SECONDS = 10.0  # the heartbeat's interval when stderr is not a terminal
 
 
 def prefill(
@@ -122,11 +125,11 @@ def prefill_many(docs, jsonl, out_dir, shard, split, max_tokens, batch_tokens, m
         lm = models.load(model, dtype, where.device)
     settings = ingest.Settings(quality, step_scale, sinks, chunk_tokens, max_tokens, split,
                                ingest.DEFAULT_BATCH_TOKENS if batch_tokens is None else batch_tokens, where.backend)
-    engine = ingest.Ingest(lm, store, settings)
-    with Progress(total) as progress:
+    progress = Progress(total)
+    engine = ingest.Ingest(lm, store, settings, on_forward=progress.prefilled)
+    with progress:
         for line in engine.run(sources):
-            print(json.dumps(line, ensure_ascii=False), flush=True)  # flushed: the next job reads as we go
-            progress.update(line)
+            progress.emit(line)
     failed = progress.counts["failed"]
     if failed:  # exits with the code of the first failure's class, as if that document had been alone
         raise engine.failure(f"{failed} of {progress.done} documents failed; their lines on stdout say why")
@@ -147,60 +150,88 @@ def open_writable_store(spec: str):
 
 
 class Progress:
-    """Documents done, tokens/s and ETA on stderr: a rich bar for a person at a terminal, else a plain line every
-    LOG_EVERY_SECONDS; always a summary at the end."""
+    """Documents done, tokens/s and ETA on stderr, never on stdout (the manifest's): a rich bar when stderr is a
+    terminal, else a heartbeat line every `interval` seconds from a timer thread, so a long group of forward
+    passes still shows the tokens prefilled so far; always a summary at the end."""
 
-    def __init__(self, total: int | None):
+    def __init__(self, total: int | None, interval: float | None = None):
         from ..reuse.ingest import STATUSES
 
         self.total = total
+        self.interval = LOG_EVERY_SECONDS if interval is None else interval
         self.counts = dict.fromkeys(STATUSES, 0)
-        self.tokens = 0  # prefilled, not skipped: the work this run did
-        self.start = self.last_log = time.perf_counter()
+        self.tokens = 0  # through the model so far, counted per forward pass: skipped documents cost none
+        self.start = time.perf_counter()
         self.bar = None
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
 
     @property
     def done(self) -> int:
         return sum(self.counts.values())
 
     def __enter__(self) -> "Progress":
+        self.start = time.perf_counter()
         if sys.stderr.isatty():
-            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as Bar
 
             self.bar = Bar(TextColumn("prefill"), BarColumn(), MofNCompleteColumn(),
                            TextColumn("{task.fields[rate]} tokens/s"), TimeRemainingColumn(),
-                           console=Console(stderr=True), transient=True)
-            self.bar.start()
+                           console=stderr_console(), transient=True, redirect_stdout=False)
             self.task = self.bar.add_task("prefill", total=self.total, rate="-")
+            self.bar.start()
+        else:
+            self._beat = threading.Thread(target=self._heartbeat, name="kvcli-progress", daemon=True)
+            self._beat.start()
         return self
 
-    def update(self, line: dict) -> None:
+    def prefilled(self, tokens: int) -> None:
+        """Ingest's callback after each forward pass."""
+        self.tokens += tokens
+        if self.bar is not None:
+            self.bar.update(self.task, rate=f"{self.rate():,.0f}")
+
+    def emit(self, line: dict) -> None:
+        """A manifest line on stdout, flushed (the next job reads as we go), then counted."""
+        text = json.dumps(line, ensure_ascii=False) + "\n"
+        if self.bar is not None and sys.stdout.isatty():
+            self.bar.stop()  # the same terminal: the bar steps aside so the line is not drawn over
+            try:
+                write_stdout_text(text)
+            finally:
+                self.bar.start()
+        else:
+            write_stdout_text(text)
         self.counts[line["status"]] += 1
-        if line["status"] == "written":
-            self.tokens += line["tokens"]
-        now = time.perf_counter()
         if self.bar is not None:
             self.bar.update(self.task, advance=1, rate=f"{self.rate():,.0f}")
-        elif now - self.last_log >= LOG_EVERY_SECONDS:
-            self.last_log = now
-            print(f"kvcli: {self.describe()}", file=sys.stderr, flush=True)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._log()
+
+    def _log(self) -> None:
+        print(f"kvcli: {self.describe()}", file=sys.stderr, flush=True)
 
     def rate(self) -> float:
         return self.tokens / max(time.perf_counter() - self.start, 1e-9)
 
     def describe(self) -> str:
         of = f"/{self.total}" if self.total is not None else ""
+        noun = "document" if (self.done if self.total is None else self.total) == 1 else "documents"
         c = self.counts
-        return (f"{self.done}{of} documents ({c['written']} written, {c['skipped']} skipped, {c['failed']} failed), "
+        return (f"{self.done}{of} {noun} ({c['written']} written, {c['skipped']} skipped, {c['failed']} failed), "
                 f"{self.tokens:,} tokens prefilled in {time.perf_counter() - self.start:.1f} s "
                 f"({self.rate():,.0f} tokens/s)")
 
     def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
         if self.bar is not None:
             self.bar.stop()
-        print(f"kvcli: {self.describe()}", file=sys.stderr, flush=True)
+        self._log()
 
 
 def register(app: typer.Typer) -> None:

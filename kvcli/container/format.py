@@ -466,14 +466,9 @@ def write_output(out: str, chunks: list[bytes]) -> None:
     if out != "-":
         atomic_write(out, chunks)
         return
-    stream = sys.stdout.buffer
-    try:
-        _write_all(stream, chunks)
-        stream.flush()
-    except BrokenPipeError:
-        raise
-    except OSError as err:
-        raise StorageError(f"stdout: write failed: {err.strerror or err}") from None
+    from ..stdout import write_stdout
+
+    write_stdout(chunks)  # a reader that stops early gets a cut-off file: an error (exit 8), never a quiet 141
 
 
 def atomic_write(path: str, chunks: list[bytes]) -> None:

@@ -249,8 +249,10 @@ def manifest_line(doc_id: str, status: str, extra: dict | None = None, **fields)
 class Ingest:
     """Prefill documents into a store. Model, codec and store are set up once; run() may be called many times."""
 
-    def __init__(self, lm: models.LoadedModel, store, settings: Settings = Settings()):
+    def __init__(self, lm: models.LoadedModel, store, settings: Settings = Settings(),
+                 on_forward: Callable[[int], None] | None = None):
         self.lm, self.store, self.settings = lm, store, settings
+        self.on_forward = on_forward  # told the tokens of each forward pass as it ends (progress between lines)
         self.codec = pipeline.codec_for(settings.quality, lm, settings.step_scale, settings.sinks)
         self.codec_spec = {"name": self.codec.name, "params": self.codec.params()}
         limits = [x for x in (settings.max_tokens, lm.max_tokens()) if x]
@@ -320,6 +322,8 @@ class Ingest:
             caches = batching.prefill_batch(self.lm, [j.ids for j in batch], self.windows, not self.codec.lossless)
             forward = time.perf_counter() - start
             total = sum(len(j.ids) for j in batch)
+            if self.on_forward is not None:
+                self.on_forward(total)
             for job, kv in zip(batch, caches):
                 job.seconds += forward * len(job.ids) / total
                 self._write(job, kv)

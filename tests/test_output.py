@@ -1,0 +1,246 @@
+"""Data on stdout arrives whole or kvcli says it did not: `-o -` and the manifest lines against full files, full or
+closed or non-blocking pipes, with and without PYTHONUNBUFFERED; progress never touches stdout.
+
+Each case runs in a subprocess, since what it tests is the process's real file descriptor 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import resource
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 400_000  # several times a pipe's 64 KiB, so a reader that waits makes the writer wait
+# write_stdout as the CLI calls it, with handled()'s mapping of a StorageError: one line and its exit code.
+DRIVER = """
+import sys
+from kvcli.errors import StorageError
+from kvcli.stdout import write_stdout
+print("", end="")  # the text layer is in use too, as it is once anything has printed
+try:
+    write_stdout([bytes(range(256)) * (int(sys.argv[1]) // 256)])
+except StorageError as err:
+    print(f"Error: {err}", file=sys.stderr)
+    sys.exit(err.exit_code)
+"""
+UNBUFFERED = [pytest.param({"PYTHONUNBUFFERED": "1"}, id="unbuffered"), pytest.param({}, id="buffered")]
+
+
+def environment(extra: dict) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    # One thread: on a shared, oversubscribed CPU, idle-spinning worker threads slow tiny models tenfold.
+    return dict(env, OMP_NUM_THREADS="1", SOURCE_DATE_EPOCH="1767225600", PYTHONPATH=str(ROOT), **extra)
+
+
+def payload(size: int = SIZE) -> bytes:
+    return bytes(range(256)) * (size // 256)
+
+
+def file_size_limit(limit: int):
+    """preexec_fn: a `ulimit -f` of `limit` bytes, and SIGXFSZ ignored, so a write past it fails with EFBIG."""
+
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    return apply
+
+
+def run_into_nonblocking_pipe(cmd: list[str], env: dict, timeout: float = 120) -> tuple[int, bytes, str]:
+    """Start cmd with stdout on a pipe whose write end is non-blocking, read nothing until it has surely filled
+    the pipe, then read slowly to the end."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    proc = subprocess.Popen(cmd, stdout=w, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    os.close(w)
+    got = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        time.sleep(0.5)
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([r], [], [], 1.0)
+            if not ready:
+                continue
+            block = os.read(r, 8192)
+            if not block:
+                break
+            got += block
+            time.sleep(0.0005)  # a slow reader: the writer meets a full pipe again and again
+        err = proc.stderr.read().decode()
+        return proc.wait(timeout=max(1.0, deadline - time.monotonic())), bytes(got), err
+    finally:
+        os.close(r)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+
+def run_into_closed_pipe(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run(cmd, stdout=w, stderr=subprocess.PIPE, env=env, cwd=ROOT, timeout=120, text=True)
+    finally:
+        os.close(w)
+
+
+# ---------------------------------------------------------------- write_stdout itself
+
+
+@pytest.mark.parametrize("env", UNBUFFERED)
+def test_a_slow_reader_of_a_nonblocking_pipe_gets_every_byte(env):
+    rc, got, err = run_into_nonblocking_pipe([sys.executable, "-c", DRIVER, str(SIZE)], environment(env))
+    assert (rc, err) == (0, "")
+    assert got == payload()
+
+
+@pytest.mark.parametrize("env", UNBUFFERED)
+def test_a_file_size_limit_is_an_error_naming_the_bytes_written(env, tmp_path):
+    out = tmp_path / "out"
+    with open(out, "wb") as fh:
+        proc = subprocess.run([sys.executable, "-c", DRIVER, str(SIZE)], stdout=fh, stderr=subprocess.PIPE,
+                              env=environment(env), cwd=ROOT, timeout=60, text=True,
+                              preexec_fn=file_size_limit(100_000))
+    assert proc.returncode == 8
+    assert proc.stderr == (f"Error: stdout: write failed after 100,000 of {SIZE - SIZE % 256:,} bytes: the file "
+                           "size limit was reached (ulimit -f)\n")
+    assert out.read_bytes() == payload()[:100_000]
+
+
+@pytest.mark.parametrize("env", UNBUFFERED)
+def test_a_closed_pipe_is_an_error(env):
+    proc = run_into_closed_pipe([sys.executable, "-c", DRIVER, str(SIZE)], environment(env))
+    assert proc.returncode == 8
+    assert proc.stderr == (f"Error: stdout: write failed after 0 of {SIZE - SIZE % 256:,} bytes: the reader "
+                           "closed the pipe\n")
+
+
+# ---------------------------------------------------------------- the commands
+
+
+@pytest.fixture(scope="module")
+def long_doc(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("output") / "long.txt"
+    path.write_text(("The harbour town of Velmora sits between two cliffs. " * 9)[:480])  # 481 tokens
+    return path
+
+
+@pytest.fixture(scope="module")
+def long_kvc(tiny_model_dir, long_doc) -> tuple[Path, bytes]:
+    """A lossless cache of about 390 KB, and its decoded export (about 495 KB) written to a file."""
+    kvc = long_doc.parent / "long.kvc"
+    base = [sys.executable, "-m", "kvcli"]
+    subprocess.run(base + ["prefill", str(long_doc), "-o", str(kvc), "-m", str(tiny_model_dir("llama")),
+                           "-q", "lossless"], check=True, env=environment({}), cwd=ROOT, timeout=120,
+                   capture_output=True)
+    exported = long_doc.parent / "long.safetensors"
+    subprocess.run(base + ["decode", str(kvc), "-o", str(exported)], check=True, env=environment({}), cwd=ROOT,
+                   timeout=120, capture_output=True)
+    return kvc, exported.read_bytes()
+
+
+@pytest.mark.parametrize("env", UNBUFFERED)
+def test_decode_to_a_slowly_read_nonblocking_pipe_is_whole(env, long_kvc):
+    kvc, expected = long_kvc
+    rc, got, err = run_into_nonblocking_pipe([sys.executable, "-m", "kvcli", "decode", str(kvc), "-o", "-"],
+                                             environment(env))
+    assert (rc, err) == (0, "")
+    assert got == expected
+
+
+def test_prefill_to_stdout_past_the_file_size_limit_fails_with_exit_8(tiny_model_dir, long_doc, tmp_path):
+    out = tmp_path / "out.kvc"
+    with open(out, "wb") as fh:
+        proc = subprocess.run([sys.executable, "-m", "kvcli", "prefill", str(long_doc), "-o", "-", "-m",
+                               str(tiny_model_dir("llama")), "-q", "lossless"], stdout=fh, stderr=subprocess.PIPE,
+                              env=environment({"PYTHONUNBUFFERED": "1"}), cwd=ROOT, timeout=120, text=True,
+                              preexec_fn=file_size_limit(200_000))
+    assert proc.returncode == 8, proc.stderr
+    assert proc.stderr.endswith("bytes: the file size limit was reached (ulimit -f)\n")
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert out.stat().st_size == 200_000
+
+
+def test_decode_into_a_closed_pipe_fails_with_exit_8(long_kvc):
+    kvc, expected = long_kvc
+    proc = run_into_closed_pipe([sys.executable, "-m", "kvcli", "decode", str(kvc), "-o", "-"], environment({}))
+    assert proc.returncode == 8
+    assert proc.stderr == (f"Error: stdout: write failed after 0 of {len(expected):,} bytes: the reader closed "
+                           "the pipe\n")
+
+
+# ---------------------------------------------------------------- progress on a terminal
+
+
+def run_on_pty(cmd: list[str], env: dict, stdout, timeout: float = 120) -> tuple[int, str]:
+    """cmd with stderr (and stdout, if `stdout` is None) on a real pseudo-terminal; returns the exit code and
+    everything the terminal showed."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=slave if stdout is None else stdout,
+                            stderr=slave, env=dict(env, TERM="xterm-256color", COLUMNS="60"), cwd=ROOT)
+    os.close(slave)
+    shown = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    block = os.read(master, 65536)
+                except OSError:  # EIO: the last process holding the terminal is gone
+                    break
+                if not block:
+                    break
+                shown += block
+            elif proc.poll() is not None:
+                break
+        return proc.wait(timeout=10), shown.decode(errors="replace")
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def docs(tmp_path) -> Path:
+    root = tmp_path / "docs"
+    root.mkdir()
+    for i in range(4):
+        # Long lines: a terminal 60 columns wide would hard-wrap them if they were drawn there.
+        (root / f"d{i}.txt").write_text(f"Document {i}: " + "the tide comes in and goes out. " * 4)
+    return root
+
+
+def test_progress_on_a_terminal_leaves_redirected_stdout_to_the_manifest(tiny_model_dir, docs, tmp_path):
+    manifest = tmp_path / "manifest.jsonl"
+    cmd = [sys.executable, "-m", "kvcli", "prefill", str(docs), "--out-dir", str(tmp_path / "store"), "-m",
+           str(tiny_model_dir("llama")), "-q", "lossless"]
+    with open(manifest, "wb") as fh:
+        rc, shown = run_on_pty(cmd, environment({}), fh)
+    assert rc == 0, shown
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert [(line["id"], line["status"]) for line in lines] == [(str(docs / f"d{i}.txt"), "written") for i in range(4)]
+    assert '"status"' not in shown  # the terminal got progress, never data
+    assert "kvcli: 4/4 documents (4 written" in shown
+
+
+def test_stdout_on_the_same_terminal_gets_whole_unwrapped_lines(tiny_model_dir, docs, tmp_path):
+    cmd = [sys.executable, "-m", "kvcli", "prefill", str(docs), "--out-dir", str(tmp_path / "store"), "-m",
+           str(tiny_model_dir("llama")), "-q", "lossless"]
+    rc, shown = run_on_pty(cmd, environment({}), None)
+    assert rc == 0, shown
+    lines = [json.loads(line[line.index("{"):]) for line in shown.replace("\r\n", "\n").split("\n")
+             if '"status"' in line]
+    assert [line["status"] for line in lines] == ["written"] * 4
