@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
+import subprocess
+import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -200,8 +204,6 @@ def test_verify_names_the_bad_segment():
         kvfile.verify(src, format.read_header(src))
 
 def test_atomic_write_gives_the_umask_mode(tmp_path):
-    import os
-
     old = os.umask(0o022)
     try:
         format.atomic_write(str(tmp_path / "a.kvc"), [b"x"])
@@ -212,22 +214,56 @@ def test_atomic_write_gives_the_umask_mode(tmp_path):
     assert (tmp_path / "a.kvc").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "b.kvc").stat().st_mode & 0o777 == 0o600
 
-def test_stale_temporaries_of_the_same_target_are_swept(tmp_path):
-    import os
-    import time
+def dead_pid() -> int:
+    """The pid of a process that has ended and been reaped."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
-    old_tmp = tmp_path / ".out.kvc.kvcli-0123456789ab.tmp"
-    fresh_tmp = tmp_path / ".out.kvc.kvcli-ba9876543210.tmp"
-    other_tmp = tmp_path / ".other.kvc.kvcli-0123456789ab.tmp"
+
+def test_temporaries_whose_writer_is_gone_are_swept(tmp_path):
+    here, other = format.host_tag(), "0" * 12 if format.host_tag() != "0" * 12 else "1" * 12
+    dead = tmp_path / f".out.kvc.kvcli-{here}_{dead_pid()}_0123456789ab.tmp"
+    dead_other_target = tmp_path / f".x.kvc.kvcli-{here}_{dead_pid()}_0123456789ab.tmp"
+    alive_old = tmp_path / f".out.kvc.kvcli-{here}_{os.getpid()}_0123456789ab.tmp"  # a slow writer, still at it
+    elsewhere_old = tmp_path / f".out.kvc.kvcli-{other}_1_0123456789ab.tmp"
+    elsewhere_fresh = tmp_path / f".out.kvc.kvcli-{other}_1_ba9876543210.tmp"
+    unnamed_old = tmp_path / ".out.kvc.kvcli-0123456789ab.tmp"  # kvcli before HOST_PID
+    unnamed_fresh = tmp_path / ".out.kvc.kvcli-ba9876543210.tmp"
     foreign = tmp_path / ".out.kvc.something.tmp"
-    for p in (old_tmp, fresh_tmp, other_tmp, foreign):
+    for p in (dead, dead_other_target, alive_old, elsewhere_old, elsewhere_fresh, unnamed_old, unnamed_fresh, foreign):
         p.write_bytes(b"partial")
     hours_ago = time.time() - 2 * format.STALE_TEMP_SECONDS
-    for p in (old_tmp, other_tmp, foreign):
+    for p in (alive_old, elsewhere_old, unnamed_old, foreign):
         os.utime(p, (hours_ago, hours_ago))
     format.atomic_write(str(tmp_path / "out.kvc"), [b"done"])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["out.kvc", fresh_tmp.name, other_tmp.name, foreign.name])
+        ["out.kvc", alive_old.name, elsewhere_fresh.name, unnamed_fresh.name, foreign.name])
+
+
+def test_a_directory_is_swept_once_then_every_few_minutes(tmp_path, monkeypatch):
+    """A sweep lists the directory; a store may hold millions of files, so not one sweep per write."""
+    swept = []
+    real = format.sweep_stale_temporaries
+    monkeypatch.setattr(format, "sweep_stale_temporaries", lambda d, *a: swept.append(d) or real(d, *a))
+    for name in ("a.kvc", "b.kvc", "c.kvc"):
+        format.atomic_write(str(tmp_path / name), [b"x"])
+    assert len(swept) == 1
+    later = time.monotonic() + format.SWEEP_EVERY_SECONDS + 1
+    monkeypatch.setattr(time, "monotonic", lambda: later)
+    format.atomic_write(str(tmp_path / "d.kvc"), [b"x"])
+    assert len(swept) == 2
+
+
+def test_the_writers_own_temporary_carries_its_host_and_pid(tmp_path, monkeypatch):
+    seen = []
+    real = format._write_all
+    monkeypatch.setattr(format, "_write_all", lambda fh, chunks: seen.append(os.listdir(tmp_path)) or real(fh, chunks))
+    format.atomic_write(str(tmp_path / "out.kvc"), [b"x"])
+    [[name]] = seen
+    assert format.TEMP_NAME.match(name)["host"] == format.host_tag()
+    assert format.TEMP_NAME.match(name)["pid"] == str(os.getpid())
+
 
 def test_atomic_write_leaves_no_file_when_interrupted(tmp_path, monkeypatch):
     target = tmp_path / "out.kvc"

@@ -319,3 +319,56 @@ def test_killed_run_leaves_no_partial_files_and_a_rerun_finishes(cli, llama, tmp
     assert len(lines) == 12
     assert {line["key"] for line in lines if line["status"] == "skipped"} == {n[:-4] for n in names}
     assert sum(line["status"] == "written" for line in lines) == 12 - len(names)
+
+
+# A writer that stalls halfway through a file, as a process killed with -9 mid-write leaves it.
+STALLED_WRITER = """
+import sys, time
+from kvcli.container import format
+
+def blocks():
+    yield b"half a cache"
+    print("writing", flush=True)
+    time.sleep(120)
+    yield b"never"
+
+format.atomic_write(sys.argv[1], blocks())
+"""
+
+
+def stalled_writer(path: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", STALLED_WRITER, str(path)], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert proc.stdout.readline() == "writing\n"
+    return proc
+
+
+def temporaries(store: Path) -> list[str]:
+    return sorted(name for name in os.listdir(store) if name.startswith("."))
+
+
+def test_temporaries_of_writers_killed_with_sigkill_are_swept_by_the_next_run(cli, llama, corpus, tmp_path):
+    """kill -9 mid-write leaves the temporary: the next run removes it whether it writes that key again or skips
+    it, and leaves a live writer's temporary alone."""
+    store = tmp_path / "store"
+    first = run_store(cli, corpus, "--out-dir", store, "--model", llama)
+    assert first.exit_code == 0, first.stderr
+    rewritten, skipped, busy = (store / f"{line['key']}.kvc" for line in lines_of(first)[:3])
+    rewritten.unlink()
+    live = stalled_writer(busy)
+    try:
+        killed = [stalled_writer(target) for target in (rewritten, skipped)]  # all alive: none sweeps another's
+        for proc in killed:
+            proc.kill()  # SIGKILL: no handler runs, the temporary stays
+            proc.wait(timeout=10)
+            proc.stdout.close()
+        left = temporaries(store)
+        assert len(left) == 3 and all(format.TEMP_NAME.match(name) for name in left)
+        again = run_store(cli, corpus, "--out-dir", store, "--model", llama)
+        assert again.exit_code == 0, again.stderr
+        assert sorted(line["status"] for line in lines_of(again)) == ["skipped"] * 3 + ["written"]
+        assert temporaries(store) == [name for name in left if name.startswith(f".{busy.name}")]
+    finally:
+        live.kill()
+        live.wait(timeout=10)
+        live.stdout.close()

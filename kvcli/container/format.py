@@ -13,10 +13,13 @@ docs/format.md is the normative spec; this module implements it and imports no t
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import re
 import secrets
+import socket
 import struct
 import sys
 import time
@@ -54,11 +57,16 @@ TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
 KNOWN_FIELDS = frozenset({"model", "dtype", "token_ids", "layers", "chunk_tokens", "codec", "aux", "segments",
                           "created_by", "created_at", "source"})
 
-# Temporary files are named .NAME.kvcli-RANDOM.tmp beside the target; ones older than this are debris of a
-# killed writer (kill -9, power loss) and are removed by the next write to the same target.
+# Temporary files are named .NAME.kvcli-HOST_PID_RANDOM.tmp beside their target. HOST stands for this boot of this
+# machine and its pid namespace, so a later writer can tell that a temporary's writer is gone (kill -9, a crash)
+# and remove it at once. A temporary of another machine or container, or an older name without HOST and PID, is
+# removed once untouched for STALE_TEMP_SECONDS.
 TEMP_MARK = ".kvcli-"
+TEMP_NAME = re.compile(r"^\..+" + re.escape(TEMP_MARK) + r"(?:(?P<host>[0-9a-f]{12})_(?P<pid>[0-9]{1,10})_)?[A-Za-z0-9_]+\.tmp$")
 STALE_TEMP_SECONDS = 3600
-
+# A writer sweeps a directory when it first writes there, then at most this often: a sweep lists the whole
+# directory, and a store may hold millions of files.
+SWEEP_EVERY_SECONDS = 600
 
 @dataclass(frozen=True)
 class Segment:
@@ -475,14 +483,14 @@ def atomic_write(path: str, chunks: list[bytes]) -> None:
     """Write to a temporary file beside `path`, fsync, then rename: a crash leaves the old file or none.
 
     The new file gets the mode an ordinary open() would give it (0666 less the umask), so caches on shared
-    storage are readable by the services that share it. Stale temporaries of earlier killed writes to the same
-    target are removed first."""
+    storage are readable by the services that share it. Temporaries of earlier killed writers in the same
+    directory are removed first (sweep_now_and_then)."""
     target = Path(path)
     directory = target.parent if str(target.parent) else Path(".")
     if not directory.is_dir():
         raise StorageError(f"{path}: directory {directory} does not exist")
-    sweep_stale_temporaries(directory, target.name)
-    tmp = directory / f".{target.name}{TEMP_MARK}{secrets.token_hex(6)}.tmp"
+    sweep_now_and_then(directory)
+    tmp = directory / f".{target.name}{TEMP_MARK}{host_tag()}_{os.getpid()}_{secrets.token_hex(6)}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
     except OSError as err:
@@ -501,26 +509,62 @@ def atomic_write(path: str, chunks: list[bytes]) -> None:
         raise
 
 
-def sweep_stale_temporaries(directory: Path, name: str, age: float = STALE_TEMP_SECONDS) -> int:
-    """Remove `.NAME.kvcli-*.tmp` files older than `age` seconds: only kvcli's own pattern, only for NAME."""
+_last_sweep: dict[str, float] = {}  # directory -> time.monotonic() of this process's last sweep there
+
+
+def sweep_now_and_then(directory: Path) -> None:
+    """sweep_stale_temporaries, on this process's first write into `directory` and then every
+    SWEEP_EVERY_SECONDS."""
+    last = _last_sweep.get(os.path.abspath(directory))
+    if last is None or time.monotonic() - last >= SWEEP_EVERY_SECONDS:
+        sweep_stale_temporaries(directory)
+
+
+def sweep_stale_temporaries(directory: Path, age: float = STALE_TEMP_SECONDS) -> int:
+    """Remove kvcli's temporary files in `directory` whose writer is gone: of this machine, when its process
+    has ended; of another machine or unnamed, when untouched for `age` seconds. Returns how many."""
     removed = 0
     cutoff = time.time() - age
+    _last_sweep[os.path.abspath(directory)] = time.monotonic()
     try:
-        candidates = list(directory.glob(f".{glob_escape(name)}{TEMP_MARK}*.tmp"))
+        with os.scandir(directory) as it:
+            entries = [e for e in it if e.name.startswith(".") and TEMP_MARK in e.name]
     except OSError:
         return 0
-    for tmp in candidates:
+    for entry in entries:
+        name = TEMP_NAME.match(entry.name)
         try:
-            if tmp.is_file() and not tmp.is_symlink() and tmp.stat().st_mtime < cutoff:
-                tmp.unlink()
+            if name and entry.is_file(follow_symlinks=False) and _writer_gone(name, entry, cutoff):
+                os.unlink(entry.path)
                 removed += 1
         except OSError:
-            pass
+            pass  # gone already, or not ours to remove
     return removed
 
 
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
+def _writer_gone(name: re.Match, entry: os.DirEntry, cutoff: float) -> bool:
+    if name["host"] != host_tag():  # another machine's pid says nothing here: only the age does
+        return entry.stat(follow_symlinks=False).st_mtime < cutoff
+    try:
+        os.kill(int(name["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError):
+        pass  # alive under another user, or no pid this system could have
+    return False
+
+
+@functools.cache
+def host_tag() -> str:
+    """12 hex digits for this boot of this machine and this pid namespace: where a pid names one process."""
+    parts = [socket.gethostname()]
+    for read in (lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+                 lambda: os.readlink("/proc/self/ns/pid")):
+        try:
+            parts.append(read())
+        except OSError:
+            pass  # not Linux: the host name alone
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
 
 
 def _write_all(fh: BinaryIO, chunks: list[bytes]) -> None:

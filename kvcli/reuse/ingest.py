@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
-from ..container import keys, kvfile
+from ..container import format, keys, kvfile
 from ..errors import InputError, KvcliError, StorageError, UsageError
 from ..modeling import batching, inference, models
 from . import pipeline
@@ -263,6 +263,8 @@ class Ingest:
         self.windows = batching.layer_windows(lm)
         self.batch_tokens = settings.batch_tokens if batching.batchable(lm) else 0
         self.failure: type[KvcliError] | None = None  # the class of the first document's failure
+        if getattr(store, "root", None) is not None:  # a directory: a rerun that only skips writes nothing, so
+            format.sweep_stale_temporaries(store.root)  # the temporaries of a killed run are swept here
 
     def _failed(self, err: KvcliError) -> str:
         self.failure = self.failure or type(err)
