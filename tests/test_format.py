@@ -84,6 +84,17 @@ REFUSALS = {
     "wrong magic": (lambda d: b"PK\x03\x04" + d[4:], FormatError, "wrong magic"),
     "future major version": (lambda d: d[:8] + struct.pack("<H", 3) + d[10:], VersionError, "major version 3 is not supported"),
     "version 1 file": (lambda d: V1, VersionError, "a .kvc 1.x file (kvcli 0.1)"),
+    "future major version, header damaged": (lambda d: flip(d[:8] + struct.pack("<H", 3) + d[10:], 40), FormatError,
+                                             "looks corrupt, not another version's file: major version 3, and header "
+                                             "checksum mismatch"),
+    "future major version, header length damaged": (lambda d: d[:8] + struct.pack("<HHI", 3, 0, len(d)) + d[16:],
+                                                    FormatError, "looks corrupt, not another version's file: major "
+                                                    "version 3, and truncated: header claims"),
+    "version 1 file, header damaged": (lambda d: flip(V1, 40), FormatError,
+                                       "looks corrupt, not another version's file: major version 1, and header "
+                                       "checksum mismatch"),
+    "major version 0": (lambda d: d[:8] + struct.pack("<H", 0) + d[10:], FormatError,
+                        "looks corrupt: major version 0 never existed"),
     "header longer than file": (lambda d: d[:12] + struct.pack("<I", len(d)) + d[16:], FormatError, "header claims"),
     "header length over cap": (lambda d: d[:12] + struct.pack("<I", (64 << 20) + 1) + d[16:], FormatError,
                                "header length 67108865 is outside [2, 67108864]"),

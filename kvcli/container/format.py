@@ -62,7 +62,8 @@ KNOWN_FIELDS = frozenset({"model", "dtype", "token_ids", "layers", "chunk_tokens
 # and remove it at once. A temporary of another machine or container, or an older name without HOST and PID, is
 # removed once untouched for STALE_TEMP_SECONDS.
 TEMP_MARK = ".kvcli-"
-TEMP_NAME = re.compile(r"^\..+" + re.escape(TEMP_MARK) + r"(?:(?P<host>[0-9a-f]{12})_(?P<pid>[0-9]{1,10})_)?[A-Za-z0-9_]+\.tmp$")
+TEMP_NAME = re.compile(r"^\..+" + re.escape(TEMP_MARK)
+                       + r"(?:(?P<host>[0-9a-f]{12})_(?P<pid>[0-9]{1,10})_)?[A-Za-z0-9_]+\.tmp$")
 STALE_TEMP_SECONDS = 3600
 # A writer sweeps a directory when it first writes there, then at most this often: a sweep lists the whole
 # directory, and a store may hold millions of files.
@@ -197,6 +198,21 @@ def open_source(path: str) -> FileSource | BytesSource:
 
 def read_header(src: ByteSource) -> Header:
     name = getattr(src, "path", "<input>")
+    major, minor, raw = read_preamble(src, name)
+    doc = parse_json(raw, f"{name}: header")
+    header = _parse_header(doc, major, minor, PREAMBLE_SIZE + len(raw), name)
+    expected = header.data_offset + header.data_bytes()
+    if expected != src.size:
+        what = "truncated" if src.size < expected else "trailing bytes"
+        raise FormatError(f"{name}: {what}: segments end at byte {expected} but the file has {src.size} bytes")
+    return header
+
+
+def read_preamble(src: ByteSource, name: str) -> tuple[int, int, bytes]:
+    """Major, minor and the header bytes, with every check of the preamble. Every major version keeps this
+    preamble, so a version this reader does not know is a VersionError only when magic, header length and header
+    CRC check out, as in a newer file; with them damaged too, or a version that never existed, the file looks
+    corrupt (FormatError)."""
     if src.size < PREAMBLE_SIZE:
         if src.size >= 8 and src.read(0, 8) != MAGIC:
             raise FormatError(f"{name}: not a .kvc file (wrong magic)")
@@ -204,6 +220,13 @@ def read_header(src: ByteSource) -> Header:
     magic, major, minor, hlen, hcrc = PREAMBLE.unpack(src.read(0, PREAMBLE_SIZE))
     if magic != MAGIC:
         raise FormatError(f"{name}: not a .kvc file (wrong magic)")
+    raw, damage = _header_bytes(src, hlen, hcrc)
+    if major == 0:
+        raise FormatError(f"{name}: looks corrupt: major version 0 never existed")
+    if major != MAJOR and damage:
+        raise FormatError(f"{name}: looks corrupt, not another version's file: major version {major}, and {damage}")
+    if damage:
+        raise FormatError(f"{name}: {damage}")
     if major == 1:
         raise VersionError(
             f"{name}: a .kvc 1.x file (kvcli 0.1), whose model identity this kvcli cannot check; "
@@ -214,22 +237,19 @@ def read_header(src: ByteSource) -> Header:
             f"{name}: .kvc major version {major} is not supported (this kvcli reads version {MAJOR}); "
             "upgrade kvcli or re-create the cache"
         )
+    return major, minor, raw
+
+
+def _header_bytes(src: ByteSource, hlen: int, hcrc: int) -> tuple[bytes, str | None]:
+    """The header the preamble points at, or what is wrong with the preamble's length and CRC."""
     if hlen < 2 or hlen > MAX_HEADER_BYTES:
-        raise FormatError(f"{name}: header length {hlen} is outside [2, {MAX_HEADER_BYTES}]")
+        return b"", f"header length {hlen} is outside [2, {MAX_HEADER_BYTES}]"
     if PREAMBLE_SIZE + hlen > src.size:
-        raise FormatError(
-            f"{name}: truncated: header claims {hlen} bytes but only {src.size - PREAMBLE_SIZE} follow the preamble"
-        )
+        return b"", f"truncated: header claims {hlen} bytes but only {src.size - PREAMBLE_SIZE} follow the preamble"
     raw = src.read(PREAMBLE_SIZE, hlen)
     if zlib.crc32(raw) != hcrc:
-        raise FormatError(f"{name}: header checksum mismatch (file is corrupt)")
-    doc = parse_json(raw, f"{name}: header")
-    header = _parse_header(doc, major, minor, PREAMBLE_SIZE + hlen, name)
-    expected = header.data_offset + header.data_bytes()
-    if expected != src.size:
-        what = "truncated" if src.size < expected else "trailing bytes"
-        raise FormatError(f"{name}: {what}: segments end at byte {expected} but the file has {src.size} bytes")
-    return header
+        return raw, "header checksum mismatch (file is corrupt)"
+    return raw, None
 
 
 def read_segment(src: ByteSource, header: Header, seg: Segment) -> bytes:
