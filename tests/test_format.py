@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -349,3 +350,42 @@ def test_missing_file_is_an_input_error(tmp_path):
         format.FileSource(tmp_path / "nope.kvc")
 
 Path  # re-exported for fixtures in other modules
+
+
+class Endless:
+    """A stream that never ends (`yes |`), counting what is read from it."""
+
+    def __init__(self, head: bytes = b""):
+        self.head, self.taken = head, 0
+
+    def read(self, n: int) -> bytes:
+        data = self.head[self.taken : self.taken + n]
+        data += b"y" * (n - len(data))
+        self.taken += n
+        return data
+
+
+def test_a_stream_is_read_as_far_as_the_file_goes():
+    import io
+
+    src = format.read_stream(io.BytesIO(RAW))
+    assert src.read(0, src.size) == RAW and format.read_header(src).num_tokens == 5
+
+
+@pytest.mark.parametrize("head, message", [
+    (b"", "not a .kvc file (wrong magic)"),
+    (format.MAGIC, "header length 2038004089 is outside"),
+    (RAW, f"trailing bytes: segments end at byte {len(RAW)} but the input goes on"),
+])
+def test_an_endless_stream_is_refused_after_its_first_bytes(head, message):
+    stream = Endless(head)
+    with pytest.raises(FormatError, match=re.escape(message)):
+        format.read_header(format.read_stream(stream))
+    assert stream.taken <= len(head) + format.PREAMBLE_SIZE + 1
+
+
+def test_a_stream_shorter_than_its_header_claims_is_truncated():
+    import io
+
+    with pytest.raises(FormatError, match="truncated: segments end at byte"):
+        format.read_header(format.read_stream(io.BytesIO(RAW[:-3])))

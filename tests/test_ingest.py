@@ -251,7 +251,6 @@ def test_missing_store_directory_is_created(cli, llama, corpus, tmp_path):
 def test_heartbeat_reports_tokens_inside_a_long_group_of_forward_passes(cli, llama, corpus, tmp_path, monkeypatch):
     """All four documents fall in one window of several forward passes, whose lines come only at its end: the
     heartbeat must still show the tokens through the model meanwhile, and a summary closes the run."""
-    from kvcli.commands import prefill
     from kvcli.modeling import batching
 
     real = batching.prefill_batch
@@ -262,7 +261,7 @@ def test_heartbeat_reports_tokens_inside_a_long_group_of_forward_passes(cli, lla
         return caches
 
     monkeypatch.setattr(batching, "prefill_batch", slow_forward)
-    monkeypatch.setattr(prefill, "LOG_EVERY_SECONDS", 0.02)
+    monkeypatch.setenv("KVCLI_PROGRESS_SECONDS", "0.02")
     store = tmp_path / "store"
     result = run_store(cli, corpus, "--out-dir", store, "--model", llama, "--batch-tokens", "24")
     assert result.exit_code == 0, result.stderr
@@ -274,6 +273,14 @@ def test_heartbeat_reports_tokens_inside_a_long_group_of_forward_passes(cli, lla
     assert len(before_any_line - {0}) >= 2, beats  # tokens rose, pass by pass, while no document had finished
     assert max(before_any_line) < total
     assert beats[-1].startswith(f"kvcli: 4/4 documents (4 written, 0 skipped, 0 failed), {total} tokens prefilled")
+
+
+def test_one_failed_document_is_told_in_the_singular(cli, llama, tmp_path):
+    result = run_store(cli, tmp_path / "missing.txt", "--out-dir", tmp_path / "store", "--model", llama)
+    assert result.exit_code == 3
+    summary, error = result.stderr.splitlines()[-2:]
+    assert summary.startswith("kvcli: 1/1 document (0 written, 0 skipped, 1 failed), 0 tokens prefilled in ")
+    assert error == "Error: 1 of 1 document failed; its line on stdout says why"
 
 
 def test_progress_counts_one_document_in_the_singular(tmp_path):

@@ -6,6 +6,7 @@ Each case runs in a subprocess, since what it tests is the process's real file d
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
@@ -25,7 +26,7 @@ SIZE = 400_000  # several times a pipe's 64 KiB, so a reader that waits makes th
 DRIVER = """
 import sys
 from kvcli.errors import StorageError
-from kvcli.stdout import write_stdout
+from kvcli.stdio import write_stdout
 print("", end="")  # the text layer is in use too, as it is once anything has printed
 try:
     write_stdout([bytes(range(256)) * (int(sys.argv[1]) // 256)])
@@ -139,14 +140,15 @@ def long_doc(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def long_kvc(tiny_model_dir, long_doc) -> tuple[Path, bytes]:
     """A lossless cache of about 390 KB, and its decoded export (about 495 KB) written to a file."""
-    kvc = long_doc.parent / "long.kvc"
-    base = [sys.executable, "-m", "kvcli"]
-    subprocess.run(base + ["prefill", str(long_doc), "-o", str(kvc), "-m", str(tiny_model_dir("llama")),
-                           "-q", "lossless"], check=True, env=environment({}), cwd=ROOT, timeout=120,
-                   capture_output=True)
-    exported = long_doc.parent / "long.safetensors"
-    subprocess.run(base + ["decode", str(kvc), "-o", str(exported)], check=True, env=environment({}), cwd=ROOT,
-                   timeout=120, capture_output=True)
+    from typer.testing import CliRunner
+
+    from kvcli.cli import app
+
+    kvc, exported = long_doc.parent / "long.kvc", long_doc.parent / "long.safetensors"
+    for args in (["prefill", long_doc, "-o", kvc, "-m", tiny_model_dir("llama"), "-q", "lossless"],
+                 ["decode", kvc, "-o", exported]):
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.stderr
     return kvc, exported.read_bytes()
 
 
@@ -178,6 +180,45 @@ def test_decode_into_a_closed_pipe_fails_with_exit_8(long_kvc):
     assert proc.returncode == 8
     assert proc.stderr == (f"Error: stdout: write failed after 0 of {len(expected):,} bytes: the reader closed "
                            "the pipe\n")
+
+
+def test_heartbeats_wait_on_a_full_pipe_that_stderr_shares_with_stdout(tiny_model_dir, tmp_path):
+    """`2>&1` into a small non-blocking pipe read slowly: progress lines meet it full as often as the manifest."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(20):
+        (docs / f"d{i:02}.txt").write_text(f"Document {i}: the tide comes in and goes out.")
+    cmd = [sys.executable, "-m", "kvcli", "prefill", str(docs), "--out-dir", str(tmp_path / "store"), "-m",
+           str(tiny_model_dir("llama")), "-q", "lossless", "--batch-tokens", "1"]
+    env = environment({"PYTHONUNBUFFERED": "1", "KVCLI_PROGRESS_SECONDS": "0.05"})
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)  # one page: a dozen lines fill it
+    os.set_blocking(w, False)
+    proc = subprocess.Popen(cmd, stdout=w, stderr=w, env=env, cwd=ROOT)
+    os.close(w)
+    got = bytearray()
+    try:
+        select.select([r], [], [], 60)  # the first line: the run is under way
+        time.sleep(1.0)  # kvcli fills the pipe within 0.3 s here, then heartbeats find it full
+        for _ in range(20_000):
+            if not select.select([r], [], [], 60)[0]:
+                break
+            block = os.read(r, 4096)
+            if not block:
+                break
+            got += block
+            time.sleep(0.005)
+        rc = proc.wait(timeout=60)
+    finally:
+        os.close(r)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = got.decode()
+    assert rc == 0, text[-2000:]
+    assert [json.loads(line)["status"] for line in text.splitlines() if line.startswith("{")] == ["written"] * 20
+    others = [line for line in text.splitlines() if not line.startswith("{")]
+    assert len(others) >= 3 and all(line.startswith("kvcli: ") for line in others), others[:20]
 
 
 # ---------------------------------------------------------------- progress on a terminal

@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 from ..errors import InternalError, KvcliError, StorageError, Terminated, UsageError
-from ..stdout import abandon_stdout, write_stdout_text
+from ..stdio import abandon_stdout, write_stderr_text, write_stdout_text
 
 state = {"debug": False}
 
@@ -29,7 +29,7 @@ BackendOpt = typer.Option("auto", "--backend", help="The codec's kernels: torch,
 
 
 def print_error(message: str) -> None:
-    print(f"Error: {message}", file=sys.stderr)
+    write_stderr_text(f"Error: {message}\n")
 
 
 def handled(fn):

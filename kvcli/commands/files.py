@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from ..stdout import write_stdout_text
+from ..stdio import write_stdout_text
 from .common import (
     BackendOpt,
     ChunkOpt,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import sys
 import threading
 import time
@@ -15,7 +16,7 @@ from typing import List, Optional
 
 import typer
 
-from ..stdout import write_stdout_text
+from ..stdio import write_stderr_text, write_stdout_text
 from .common import (
     BackendOpt,
     ChunkOpt,
@@ -32,7 +33,7 @@ from .common import (
     stderr_console,
 )
 
-LOG_EVERY_SECONDS = 10.0  # the heartbeat's interval when stderr is not a terminal
+LOG_EVERY_SECONDS = 10.0  # the heartbeat's interval when stderr is not a terminal, unless $KVCLI_PROGRESS_SECONDS
 
 
 def prefill(
@@ -105,7 +106,7 @@ def prefill_one(doc: str, out: str, model, dtype, quality, step_scale, sinks, ch
     if as_json:
         emit_json(summary)
     elif out != "-":
-        print(f"wrote {out}: {kv.num_tokens} tokens, {size:,} bytes ({quality})", file=sys.stderr)
+        write_stderr_text(f"wrote {out}: {kv.num_tokens} tokens, {size:,} bytes ({quality})\n")
 
 
 def prefill_many(docs, jsonl, out_dir, shard, split, max_tokens, batch_tokens, model, dtype, quality, step_scale,
@@ -121,18 +122,20 @@ def prefill_many(docs, jsonl, out_dir, shard, split, max_tokens, batch_tokens, m
     total = sum(ingest.shard_of(s.id, count) == index for s in files)
     lines = ingest.count_jsonl(jsonl) if jsonl is not None else 0
     total = None if lines is None or (lines and count > 1) else total + lines
+    progress = Progress(total)  # before the model loads: a bad $KVCLI_PROGRESS_SECONDS must not cost a load
     with status("loading model"):
         lm = models.load(model, dtype, where.device)
     settings = ingest.Settings(quality, step_scale, sinks, chunk_tokens, max_tokens, split,
                                ingest.DEFAULT_BATCH_TOKENS if batch_tokens is None else batch_tokens, where.backend)
-    progress = Progress(total)
     engine = ingest.Ingest(lm, store, settings, on_forward=progress.prefilled)
     with progress:
         for line in engine.run(sources):
             progress.emit(line)
     failed = progress.counts["failed"]
     if failed:  # exits with the code of the first failure's class, as if that document had been alone
-        raise engine.failure(f"{failed} of {progress.done} documents failed; their lines on stdout say why")
+        noun = "document" if progress.done == 1 else "documents"
+        why = "its line on stdout says why" if failed == 1 else "their lines on stdout say why"
+        raise engine.failure(f"{failed} of {progress.done} {noun} failed; {why}")
 
 
 def open_writable_store(spec: str):
@@ -149,6 +152,21 @@ def open_writable_store(spec: str):
     return store
 
 
+def progress_interval() -> float:
+    from ..errors import UsageError
+
+    text = os.environ.get("KVCLI_PROGRESS_SECONDS")
+    if text is None:
+        return LOG_EVERY_SECONDS
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0.01 <= seconds <= 86400:  # NaN fails too
+        raise UsageError(f"KVCLI_PROGRESS_SECONDS={text!r}: expected seconds between 0.01 and 86400")
+    return seconds
+
+
 class Progress:
     """Documents done, tokens/s and ETA on stderr, never on stdout (the manifest's): a rich bar when stderr is a
     terminal, else a heartbeat line every `interval` seconds from a timer thread, so a long group of forward
@@ -158,7 +176,7 @@ class Progress:
         from ..reuse.ingest import STATUSES
 
         self.total = total
-        self.interval = LOG_EVERY_SECONDS if interval is None else interval
+        self.interval = progress_interval() if interval is None else interval
         self.counts = dict.fromkeys(STATUSES, 0)
         self.tokens = 0  # through the model so far, counted per forward pass: skipped documents cost none
         self.start = time.perf_counter()
@@ -212,7 +230,7 @@ class Progress:
             self._log()
 
     def _log(self) -> None:
-        print(f"kvcli: {self.describe()}", file=sys.stderr, flush=True)
+        write_stderr_text(f"kvcli: {self.describe()}\n")
 
     def rate(self) -> float:
         return self.tokens / max(time.perf_counter() - self.start, 1e-9)

@@ -187,22 +187,56 @@ class BytesSource(Source):
 
 
 def open_source(path: str) -> FileSource | BytesSource:
-    """`-` reads the whole of stdin; anything else is a path."""
+    """`-` reads a .kvc file from stdin; anything else is a path."""
     if path == "-":
-        return BytesSource(sys.stdin.buffer.read())
+        return read_stream(sys.stdin.buffer)
     return FileSource(path)
+
+
+STREAM_BLOCK = 16 << 20
+
+
+def read_stream(fh: BinaryIO, name: str = "<stdin>") -> BytesSource:
+    """A .kvc file from a stream, read no further than the file can go: the preamble, the header it announces,
+    the segments the header lists. Input that is no .kvc file is refused after its first bytes (not read to
+    the end: `yes | kvcli inspect -` would never end), and input that goes on past the last segment is refused
+    at once, without reading the rest."""
+    data = _read_upto(fh, PREAMBLE_SIZE)
+    magic, _, _, hlen, _ = PREAMBLE.unpack(data.ljust(PREAMBLE_SIZE, b"\0"))
+    if len(data) < PREAMBLE_SIZE or magic != MAGIC or not 2 <= hlen <= MAX_HEADER_BYTES:
+        return BytesSource(bytes(data), name)  # read_header says what is wrong
+    data += _read_upto(fh, hlen)
+    header = read_header(BytesSource(bytes(data), name), whole=False)
+    data += _read_upto(fh, header.data_offset + header.data_bytes() - len(data))
+    if fh.read(1):
+        raise FormatError(f"{name}: trailing bytes: segments end at byte {len(data)} but the input goes on")
+    return BytesSource(bytes(data), name)
+
+
+def _read_upto(fh: BinaryIO, n: int) -> bytearray:
+    """Up to n bytes, fewer only at the end of the stream; a block at a time, so a size that a damaged header
+    claims is never allocated before the bytes are there."""
+    data = bytearray()
+    while len(data) < n:
+        block = fh.read(min(n - len(data), STREAM_BLOCK))
+        if not block:
+            break
+        data += block
+    return data
 
 
 # ---------------------------------------------------------------- reading
 
 
-def read_header(src: ByteSource) -> Header:
+def read_header(src: ByteSource, whole: bool = True) -> Header:
+    """The header, every check made; `whole=False` leaves out the one that the source holds exactly the
+    segments the header lists (read_stream reads them after the header)."""
     name = getattr(src, "path", "<input>")
     major, minor, raw = read_preamble(src, name)
     doc = parse_json(raw, f"{name}: header")
     header = _parse_header(doc, major, minor, PREAMBLE_SIZE + len(raw), name)
     expected = header.data_offset + header.data_bytes()
-    if expected != src.size:
+    if whole and expected != src.size:
         what = "truncated" if src.size < expected else "trailing bytes"
         raise FormatError(f"{name}: {what}: segments end at byte {expected} but the file has {src.size} bytes")
     return header
@@ -494,7 +528,7 @@ def write_output(out: str, chunks: list[bytes]) -> None:
     if out != "-":
         atomic_write(out, chunks)
         return
-    from ..stdout import write_stdout
+    from ..stdio import write_stdout
 
     write_stdout(chunks)  # a reader that stops early gets a cut-off file: an error (exit 8), never a quiet 141
 

@@ -4,7 +4,8 @@ Python's own stdout can lose data silently. With PYTHONUNBUFFERED=1 `sys.stdout.
 short writes (a file at its `ulimit -f`, a full non-blocking pipe) are dropped with no error; without it, a
 non-blocking pipe (a reader such as Node sets O_NONBLOCK on it) raises BlockingIOError when full, and the flush at
 interpreter exit fails again (exit 120). So everything kvcli prints as data goes through write_stdout, which
-writes the file descriptor itself: it loops on short writes and waits on a full non-blocking pipe.
+writes the file descriptor itself: it loops on short writes and waits on a full non-blocking pipe. Progress and
+error lines go through write_stderr_text, for stderr is often the same pipe.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import errno
 import os
 import select
 import sys
-from typing import Iterable
+from typing import Iterable, TextIO
 
 from .errors import StorageError
 
@@ -23,6 +24,14 @@ REASONS = {
     errno.EFBIG: "the file size limit was reached (ulimit -f)",
     errno.ENOSPC: "no space left on device",
 }
+
+
+class ShortWrite(OSError):
+    """A write that failed after `done` bytes."""
+
+    def __init__(self, err: OSError, done: int):
+        super().__init__(err.errno, err.strerror)
+        self.done = done
 
 
 def write_stdout(data: bytes | Iterable[bytes], closed_reader_ok: bool = False) -> int:
@@ -35,23 +44,13 @@ def write_stdout(data: bytes | Iterable[bytes], closed_reader_ok: bool = False) 
     chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
     total = sum(len(c) for c in chunks)
     try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError):  # not a file (CliRunner, a notebook): its own write is whole
-        return _write_stream(chunks, total)
-    done = 0
-    try:
-        _flush(fd)
-        for chunk in chunks:
-            view = memoryview(chunk).cast("B")
-            while view:
-                n = _write_some(fd, view)
-                view, done = view[n:], done + n
-    except OSError as err:
-        abandon_stdout(fd)
+        write_all(sys.stdout, chunks)
+    except ShortWrite as err:
+        abandon_stdout()
         if err.errno == errno.EPIPE and closed_reader_ok:
             raise BrokenPipeError(err.errno, err.strerror) from None
         reason = REASONS.get(err.errno, err.strerror or str(err))
-        raise StorageError(f"stdout: write failed after {done:,} of {total:,} bytes: {reason}") from None
+        raise StorageError(f"stdout: write failed after {err.done:,} of {total:,} bytes: {reason}") from None
     return total
 
 
@@ -60,10 +59,37 @@ def write_stdout_text(text: str) -> None:
     write_stdout(text.encode("utf-8", errors="surrogateescape"), closed_reader_ok=True)
 
 
-def abandon_stdout(fd: int | None = None) -> None:
+def write_stderr_text(text: str) -> None:
+    """A progress or error line. A stderr that cannot take it is let be: there is nowhere left to say so."""
+    try:
+        write_all(sys.stderr, [text.encode("utf-8", errors="backslashreplace")])
+    except (OSError, ValueError):
+        pass
+
+
+def write_all(stream: TextIO, chunks: list) -> None:
+    """Every byte of `chunks` after whatever `stream` holds, on its file descriptor; ShortWrite on failure."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (CliRunner, a notebook): its own write is whole
+        _write_stream(stream, chunks)
+        return
+    done = 0
+    try:
+        _flush(stream, fd)
+        for chunk in chunks:
+            view = memoryview(chunk).cast("B")
+            while view:
+                n = _write_some(fd, view)
+                view, done = view[n:], done + n
+    except OSError as err:
+        raise ShortWrite(err, done) from None
+
+
+def abandon_stdout() -> None:
     """Point stdout at /dev/null: nothing later, the flush at exit included, can fail on it or add to it."""
     try:
-        fd = sys.stdout.fileno() if fd is None else fd
+        fd = sys.stdout.fileno()
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, fd)
         os.close(devnull)
@@ -77,26 +103,25 @@ def _write_some(fd: int, view: memoryview) -> int:
         try:
             return os.write(fd, view)
         except BlockingIOError:
-            wait_writable(fd)
+            _wait_writable(fd)
 
 
-def wait_writable(fd: int) -> None:
+def _wait_writable(fd: int) -> None:
     # No timeout: a blocking descriptor would wait for the reader just as long. Signals still interrupt it.
     select.select([], [fd], [])
 
 
-def _flush(fd: int) -> None:
-    """Whatever Python holds for stdout goes first, so the bytes keep their order."""
+def _flush(stream: TextIO, fd: int) -> None:
+    """Whatever Python holds for the stream goes first, so the bytes keep their order."""
     while True:
         try:
-            sys.stdout.flush()
+            stream.flush()
             return
         except BlockingIOError:
-            wait_writable(fd)
+            _wait_writable(fd)
 
 
-def _write_stream(chunks: list, total: int) -> int:
-    stream = sys.stdout
+def _write_stream(stream: TextIO, chunks: list) -> None:
     buffer = getattr(stream, "buffer", None)
     for chunk in chunks:
         if buffer is not None:
@@ -104,4 +129,3 @@ def _write_stream(chunks: list, total: int) -> int:
         else:
             stream.write(bytes(chunk).decode("utf-8", errors="surrogateescape"))
     stream.flush()
-    return total
