@@ -23,6 +23,7 @@ REASONS = {
     errno.EPIPE: "the reader closed the pipe",
     errno.EFBIG: "the file size limit was reached (ulimit -f)",
     errno.ENOSPC: "no space left on device",
+    errno.EBADF: "the descriptor is closed (>&-)",
 }
 
 
@@ -69,6 +70,8 @@ def write_stderr_text(text: str) -> None:
 
 def write_all(stream: TextIO, chunks: list) -> None:
     """Every byte of `chunks` after whatever `stream` holds, on its file descriptor; ShortWrite on failure."""
+    if stream is None:  # Python found the descriptor closed when it started
+        raise ShortWrite(OSError(errno.EBADF, os.strerror(errno.EBADF)), 0)
     try:
         fd = stream.fileno()
     except (AttributeError, OSError, ValueError):  # not a file (CliRunner, a notebook): its own write is whole
@@ -84,6 +87,14 @@ def write_all(stream: TextIO, chunks: list) -> None:
                 view, done = view[n:], done + n
     except OSError as err:
         raise ShortWrite(err, done) from None
+
+
+def is_terminal(stream: TextIO | None) -> bool:
+    """False for a closed standard stream too (None: `2>&-`)."""
+    try:
+        return stream is not None and stream.isatty()
+    except (OSError, ValueError):
+        return False
 
 
 def abandon_stdout() -> None:

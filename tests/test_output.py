@@ -127,6 +127,20 @@ def test_a_closed_pipe_is_an_error(env):
                            "closed the pipe\n")
 
 
+def close_fd(fd: int):
+    """preexec_fn: the child starts with `fd` closed (`>&-`), so Python sees sys.stdout or sys.stderr as None."""
+    return lambda: os.close(fd)
+
+
+def test_a_closed_stdout_is_an_error():
+    proc = subprocess.run([sys.executable, "-c", DRIVER, str(SIZE)], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, env=environment({}), cwd=ROOT, timeout=60, text=True,
+                          preexec_fn=close_fd(1))
+    assert proc.returncode == 8
+    assert proc.stderr == (f"Error: stdout: write failed after 0 of {SIZE - SIZE % 256:,} bytes: the descriptor "
+                           "is closed (>&-)\n")
+
+
 # ---------------------------------------------------------------- the commands
 
 
@@ -172,6 +186,58 @@ def test_prefill_to_stdout_past_the_file_size_limit_fails_with_exit_8(tiny_model
     assert proc.stderr.endswith("bytes: the file size limit was reached (ulimit -f)\n")
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert out.stat().st_size == 200_000
+
+
+def test_closed_standard_streams(long_kvc, tmp_path):
+    """`>&-` is refused before any work when stdout is the output; `2>&-` costs the message, not the exit code;
+    `<&-` is an input error."""
+    kvc, _ = long_kvc
+    cmd = [sys.executable, "-m", "kvcli"]
+    decode = subprocess.run(cmd + ["decode", str(kvc), "-o", "-"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=environment({}), cwd=ROOT, timeout=60, text=True, preexec_fn=close_fd(1))
+    assert (decode.returncode, decode.stderr) == (8, "Error: stdout is closed (>&-); redirect it to where the "
+                                                     "output should go\n")
+    missing = subprocess.run(cmd + ["inspect", str(tmp_path / "none.kvc")], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, env=environment({}), cwd=ROOT, timeout=60,
+                             preexec_fn=close_fd(2))
+    assert (missing.returncode, missing.stdout) == (3, b"")
+    no_stdin = subprocess.run(cmd + ["inspect", "-"], capture_output=True, env=environment({}), cwd=ROOT,
+                              timeout=60, text=True, preexec_fn=close_fd(0))
+    assert (no_stdin.returncode, no_stdin.stderr) == (3, "Error: <stdin>: stdin is closed (<&-); pipe a .kvc file "
+                                                         "in or give its path\n")
+
+
+def test_binary_input_from_a_terminal_is_refused(long_kvc):
+    """Nobody types a .kvc file: `kvcli decode -` with no pipe would wait forever."""
+    main, child = pty.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "kvcli", "decode", "-", "-o", os.devnull], stdin=child,
+                              capture_output=True, env=environment({}), cwd=ROOT, timeout=60, text=True)
+    finally:
+        os.close(child)
+        os.close(main)
+    assert (proc.returncode, proc.stderr) == (2, "Error: refusing to read binary data from a terminal; pipe a .kvc "
+                                                 "file in or give its path\n")
+
+
+def test_a_document_typed_at_the_terminal_is_read_to_ctrl_d(tiny_model_dir, tmp_path):
+    out = tmp_path / "typed.kvc"
+    main, child = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "kvcli", "prefill", "-", "-o", str(out), "-m",
+                             str(tiny_model_dir("llama")), "-q", "lossless"], stdin=child, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=environment({}), cwd=ROOT, text=True)
+    os.close(child)
+    try:
+        os.write(main, b"The harbour town of Velmora sits between two cliffs.\n\x04")  # a line, then Ctrl-D
+        _, err = proc.communicate(timeout=120)
+    finally:
+        os.close(main)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert err.splitlines()[0] == "kvcli: reading the documents from the terminal; end them with Ctrl-D"
+    assert out.stat().st_size > 0
 
 
 def test_decode_into_a_closed_pipe_fails_with_exit_8(long_kvc):

@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 from ..errors import InternalError, KvcliError, StorageError, Terminated, UsageError
-from ..stdio import abandon_stdout, write_stderr_text, write_stdout_text
+from ..stdio import abandon_stdout, is_terminal, write_stderr_text, write_stdout_text
 
 state = {"debug": False}
 
@@ -78,7 +78,7 @@ def handled(fn):
 def status(message: str):
     """A spinner on stderr while something slow runs, only when a person is watching. It leaves sys.stdout
     alone (rich's own status() would take it over), so data written meanwhile still goes to stdout."""
-    if not sys.stderr.isatty():
+    if not is_terminal(sys.stderr):
         return contextlib.nullcontext()
     from rich.live import Live
     from rich.spinner import Spinner
@@ -102,7 +102,9 @@ def check_output(out: str, inputs: list[str] = (), binary: bool = True) -> None:
     """Refuse an output before any work: a terminal for binary data, a missing or read-only directory, a
     directory as the target, or the same file as one of the inputs (which the write would destroy)."""
     if out == "-":
-        if binary and sys.stdout.isatty():
+        if sys.stdout is None:
+            raise StorageError("stdout is closed (>&-); redirect it to where the output should go")
+        if binary and is_terminal(sys.stdout):
             raise UsageError("refusing to write binary data to a terminal; redirect stdout or pass -o FILE")
         return
     target = Path(out)

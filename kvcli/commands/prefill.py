@@ -16,7 +16,7 @@ from typing import List, Optional
 
 import typer
 
-from ..stdio import write_stderr_text, write_stdout_text
+from ..stdio import is_terminal, write_stderr_text, write_stdout_text
 from .common import (
     BackendOpt,
     ChunkOpt,
@@ -67,6 +67,8 @@ def prefill(
     check_quality(quality)
     where = resolve(device, backend)
     docs = docs or []
+    if ("-" in docs or jsonl == "-") and is_terminal(sys.stdin):  # a forgotten pipe would look like a hang
+        write_stderr_text("kvcli: reading the documents from the terminal; end them with Ctrl-D\n")
     if out is not None:
         many = [name for name, given in (("--out-dir", out_dir), ("--jsonl", jsonl), ("--shard", shard),
                                          ("--split", split), ("--batch-tokens", batch_tokens)) if given]
@@ -115,6 +117,7 @@ def prefill_many(docs, jsonl, out_dir, shard, split, max_tokens, batch_tokens, m
     from ..reuse import ingest
 
     index, count = ingest.parse_shard(shard) if shard else (0, 1)
+    check_output("-", binary=False)  # the manifest's lines go there
     store = open_writable_store(out_dir)  # before the model loads: a bad store must not cost a model load
     files = list(ingest.file_sources(docs))
     records = ingest.jsonl_sources(jsonl) if jsonl is not None else iter(())
@@ -190,7 +193,7 @@ class Progress:
 
     def __enter__(self) -> "Progress":
         self.start = time.perf_counter()
-        if sys.stderr.isatty():
+        if is_terminal(sys.stderr):
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as Bar
 
@@ -213,7 +216,7 @@ class Progress:
     def emit(self, line: dict) -> None:
         """A manifest line on stdout, flushed (the next job reads as we go), then counted."""
         text = json.dumps(line, ensure_ascii=False) + "\n"
-        if self.bar is not None and sys.stdout.isatty():
+        if self.bar is not None and is_terminal(sys.stdout):
             self.bar.stop()  # the same terminal: the bar steps aside so the line is not drawn over
             try:
                 write_stdout_text(text)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from ..errors import FormatError, InputError, StorageError, VersionError
+from ..errors import FormatError, InputError, StorageError, UsageError, VersionError
 
 MAGIC = b"\x89KVC\r\n\x1a\n"
 MAJOR = 2
@@ -187,10 +187,14 @@ class BytesSource(Source):
 
 
 def open_source(path: str) -> FileSource | BytesSource:
-    """`-` reads a .kvc file from stdin; anything else is a path."""
-    if path == "-":
-        return read_stream(sys.stdin.buffer)
-    return FileSource(path)
+    """`-` reads a .kvc file from stdin (not from a terminal: nobody types one); anything else is a path."""
+    if path != "-":
+        return FileSource(path)
+    if sys.stdin is None:
+        raise InputError("<stdin>: stdin is closed (<&-); pipe a .kvc file in or give its path")
+    if sys.stdin.isatty():
+        raise UsageError("refusing to read binary data from a terminal; pipe a .kvc file in or give its path")
+    return read_stream(sys.stdin.buffer)
 
 
 STREAM_BLOCK = 16 << 20
