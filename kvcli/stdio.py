@@ -18,13 +18,17 @@ from typing import Iterable, TextIO
 
 from .errors import StorageError
 
-# What a failed write to stdout most likely means, where strerror alone would puzzle.
+# What a failed write most likely means, where strerror alone would puzzle.
 REASONS = {
     errno.EPIPE: "the reader closed the pipe",
     errno.EFBIG: "the file size limit was reached (ulimit -f)",
     errno.ENOSPC: "no space left on device",
     errno.EBADF: "the descriptor is closed (>&-)",
 }
+
+
+def reason(err: OSError) -> str:
+    return REASONS.get(err.errno, err.strerror or str(err))
 
 
 class ShortWrite(OSError):
@@ -50,8 +54,7 @@ def write_stdout(data: bytes | Iterable[bytes], closed_reader_ok: bool = False) 
         abandon_stdout()
         if err.errno == errno.EPIPE and closed_reader_ok:
             raise BrokenPipeError(err.errno, err.strerror) from None
-        reason = REASONS.get(err.errno, err.strerror or str(err))
-        raise StorageError(f"stdout: write failed after {err.done:,} of {total:,} bytes: {reason}") from None
+        raise StorageError(f"stdout: write failed after {err.done:,} of {total:,} bytes: {reason(err)}") from None
     return total
 
 

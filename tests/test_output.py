@@ -127,6 +127,16 @@ def test_a_closed_pipe_is_an_error(env):
                            "closed the pipe\n")
 
 
+def test_a_file_past_the_size_limit_is_an_error_and_leaves_no_temporary(tmp_path):
+    write = ("import sys\nfrom kvcli.container import format\nfrom kvcli.errors import StorageError\n"
+             "try:\n    format.atomic_write(sys.argv[1], [b'x' * 300_000])\n"
+             "except StorageError as err:\n    print(err)\n")
+    proc = subprocess.run([sys.executable, "-c", write, str(tmp_path / "out.kvc")], capture_output=True,
+                          env=environment({}), cwd=ROOT, timeout=60, text=True, preexec_fn=file_size_limit(100_000))
+    assert proc.stdout == f"{tmp_path / 'out.kvc'}: write failed: the file size limit was reached (ulimit -f)\n"
+    assert os.listdir(tmp_path) == []
+
+
 def close_fd(fd: int):
     """preexec_fn: the child starts with `fd` closed (`>&-`), so Python sees sys.stdout or sys.stderr as None."""
     return lambda: os.close(fd)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from ..errors import FormatError, InputError, StorageError, UsageError, VersionError
+from ..stdio import reason, write_stdout
 
 MAGIC = b"\x89KVC\r\n\x1a\n"
 MAJOR = 2
@@ -532,8 +533,6 @@ def write_output(out: str, chunks: list[bytes]) -> None:
     if out != "-":
         atomic_write(out, chunks)
         return
-    from ..stdio import write_stdout
-
     write_stdout(chunks)  # a reader that stops early gets a cut-off file: an error (exit 8), never a quiet 141
 
 
@@ -561,7 +560,7 @@ def atomic_write(path: str, chunks: list[bytes]) -> None:
         os.replace(tmp, target)
     except OSError as err:
         _unlink_quietly(tmp)
-        raise StorageError(f"{path}: write failed: {err.strerror}") from None
+        raise StorageError(f"{path}: write failed: {reason(err)}") from None
     except BaseException:
         _unlink_quietly(tmp)
         raise
