@@ -246,7 +246,7 @@ def test_a_document_typed_at_the_terminal_is_read_to_ctrl_d(tiny_model_dir, tmp_
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, err
-    assert err.splitlines()[0] == "kvcli: reading the documents from the terminal; end them with Ctrl-D"
+    assert err.splitlines()[0] == "kvcli: reading from the terminal; end the input with Ctrl-D"
     assert out.stat().st_size > 0
 
 

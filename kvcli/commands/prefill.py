@@ -68,7 +68,7 @@ def prefill(
     where = resolve(device, backend)
     docs = docs or []
     if ("-" in docs or jsonl == "-") and is_terminal(sys.stdin):  # a forgotten pipe would look like a hang
-        write_stderr_text("kvcli: reading the documents from the terminal; end them with Ctrl-D\n")
+        write_stderr_text("kvcli: reading from the terminal; end the input with Ctrl-D\n")
     if out is not None:
         many = [name for name, given in (("--out-dir", out_dir), ("--jsonl", jsonl), ("--shard", shard),
                                          ("--split", split), ("--batch-tokens", batch_tokens)) if given]

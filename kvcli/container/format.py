@@ -70,6 +70,7 @@ STALE_TEMP_SECONDS = 3600
 # directory, and a store may hold millions of files.
 SWEEP_EVERY_SECONDS = 600
 
+
 @dataclass(frozen=True)
 class Segment:
     kind: str  # "k", "v" or "aux"
@@ -600,6 +601,7 @@ def sweep_stale_temporaries(directory: Path, age: float = STALE_TEMP_SECONDS) ->
 
 
 def _writer_gone(name: re.Match, entry: os.DirEntry, cutoff: float) -> bool:
+    """For this machine's temporaries, whether the pid in the name has ended; for others, whether it is old."""
     if name["host"] != host_tag():  # another machine's pid says nothing here: only the age does
         return entry.stat(follow_symlinks=False).st_mtime < cutoff
     try:
