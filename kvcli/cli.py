@@ -18,7 +18,17 @@ from .errors import Terminated
 
 
 class KvcliGroup(TyperGroup):
-    """Usage errors as one `Error:` line and exit 2, like every other expected failure (no boxed help)."""
+    """Usage errors as one `Error:` line and exit 2, like every other expected failure (no boxed help); flags
+    without a type in --help."""
+
+    def get_params(self, ctx):
+        return flags_without_metavar(super().get_params(ctx))
+
+    def get_command(self, ctx, cmd_name):
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            flags_without_metavar(command.get_params(ctx))  # --help included, which click makes on first use
+        return command
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
@@ -40,6 +50,14 @@ class KvcliGroup(TyperGroup):
         if not standalone_mode:
             return code
         sys.exit(code or 0)
+
+
+def flags_without_metavar(params: list) -> list:
+    """typer labels every flag `<bool>` in --help, though a flag takes no value: an empty metavar shows none."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
 
 
 app = typer.Typer(

@@ -219,3 +219,16 @@ def test_lossy_cache_answers(cli, llama, doc_file, tmp_path):
     assert cli("prefill", doc_file, "-o", out, "--model", llama, "-q", "high").exit_code == 0
     result = cli("generate", "--cache", out, "--model", llama, "-n", "8", PROMPT)
     assert result.exit_code == 0 and result.stdout.strip()
+
+
+@pytest.mark.parametrize("command", [[], ["prefill"], ["generate"], ["decode"], ["inspect"], ["verify"], ["push"],
+                                     ["pull"], ["serve-cache"], ["calibrate"]])
+def test_help_shows_no_type_for_flags(cli, command):
+    """A flag takes no value: typer's `<bool>` beside it read as if it wanted one."""
+    result = cli(*command, "--help")
+    assert result.exit_code == 0, result.stderr
+    assert "--help" in result.stdout and "<bool>" not in result.stdout
+
+
+def test_help_still_shows_the_type_of_options_that_take_a_value(cli):
+    assert "<int range>" in cli("prefill", "--help").stdout

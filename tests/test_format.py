@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import struct
+import subprocess
+import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -80,6 +85,17 @@ REFUSALS = {
     "wrong magic": (lambda d: b"PK\x03\x04" + d[4:], FormatError, "wrong magic"),
     "future major version": (lambda d: d[:8] + struct.pack("<H", 3) + d[10:], VersionError, "major version 3 is not supported"),
     "version 1 file": (lambda d: V1, VersionError, "a .kvc 1.x file (kvcli 0.1)"),
+    "future major version, header damaged": (lambda d: flip(d[:8] + struct.pack("<H", 3) + d[10:], 40), FormatError,
+                                             "looks corrupt, not another version's file: major version 3, and header "
+                                             "checksum mismatch"),
+    "future major version, header length damaged": (lambda d: d[:8] + struct.pack("<HHI", 3, 0, len(d)) + d[16:],
+                                                    FormatError, "looks corrupt, not another version's file: major "
+                                                    "version 3, and truncated: header claims"),
+    "version 1 file, header damaged": (lambda d: flip(V1, 40), FormatError,
+                                       "looks corrupt, not another version's file: major version 1, and header "
+                                       "checksum mismatch"),
+    "major version 0": (lambda d: d[:8] + struct.pack("<H", 0) + d[10:], FormatError,
+                        "looks corrupt: major version 0 never existed"),
     "header longer than file": (lambda d: d[:12] + struct.pack("<I", len(d)) + d[16:], FormatError, "header claims"),
     "header length over cap": (lambda d: d[:12] + struct.pack("<I", (64 << 20) + 1) + d[16:], FormatError,
                                "header length 67108865 is outside [2, 67108864]"),
@@ -253,8 +269,6 @@ def test_verify_names_the_bad_segment():
         kvfile.verify(src, format.read_header(src))
 
 def test_atomic_write_gives_the_umask_mode(tmp_path):
-    import os
-
     old = os.umask(0o022)
     try:
         format.atomic_write(str(tmp_path / "a.kvc"), [b"x"])
@@ -265,22 +279,56 @@ def test_atomic_write_gives_the_umask_mode(tmp_path):
     assert (tmp_path / "a.kvc").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "b.kvc").stat().st_mode & 0o777 == 0o600
 
-def test_stale_temporaries_of_the_same_target_are_swept(tmp_path):
-    import os
-    import time
+def dead_pid() -> int:
+    """The pid of a process that has ended and been reaped."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
-    old_tmp = tmp_path / ".out.kvc.kvcli-0123456789ab.tmp"
-    fresh_tmp = tmp_path / ".out.kvc.kvcli-ba9876543210.tmp"
-    other_tmp = tmp_path / ".other.kvc.kvcli-0123456789ab.tmp"
+
+def test_temporaries_whose_writer_is_gone_are_swept(tmp_path):
+    here, other = format.host_tag(), "0" * 12 if format.host_tag() != "0" * 12 else "1" * 12
+    dead = tmp_path / f".out.kvc.kvcli-{here}_{dead_pid()}_0123456789ab.tmp"
+    dead_other_target = tmp_path / f".x.kvc.kvcli-{here}_{dead_pid()}_0123456789ab.tmp"
+    alive_old = tmp_path / f".out.kvc.kvcli-{here}_{os.getpid()}_0123456789ab.tmp"  # a slow writer, still at it
+    elsewhere_old = tmp_path / f".out.kvc.kvcli-{other}_1_0123456789ab.tmp"
+    elsewhere_fresh = tmp_path / f".out.kvc.kvcli-{other}_1_ba9876543210.tmp"
+    unnamed_old = tmp_path / ".out.kvc.kvcli-0123456789ab.tmp"  # kvcli before HOST_PID
+    unnamed_fresh = tmp_path / ".out.kvc.kvcli-ba9876543210.tmp"
     foreign = tmp_path / ".out.kvc.something.tmp"
-    for p in (old_tmp, fresh_tmp, other_tmp, foreign):
+    for p in (dead, dead_other_target, alive_old, elsewhere_old, elsewhere_fresh, unnamed_old, unnamed_fresh, foreign):
         p.write_bytes(b"partial")
     hours_ago = time.time() - 2 * format.STALE_TEMP_SECONDS
-    for p in (old_tmp, other_tmp, foreign):
+    for p in (alive_old, elsewhere_old, unnamed_old, foreign):
         os.utime(p, (hours_ago, hours_ago))
     format.atomic_write(str(tmp_path / "out.kvc"), [b"done"])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["out.kvc", fresh_tmp.name, other_tmp.name, foreign.name])
+        ["out.kvc", alive_old.name, elsewhere_fresh.name, unnamed_fresh.name, foreign.name])
+
+
+def test_a_directory_is_swept_once_then_every_few_minutes(tmp_path, monkeypatch):
+    """A sweep lists the directory; a store may hold millions of files, so not one sweep per write."""
+    swept = []
+    real = format.sweep_stale_temporaries
+    monkeypatch.setattr(format, "sweep_stale_temporaries", lambda d, *a: swept.append(d) or real(d, *a))
+    for name in ("a.kvc", "b.kvc", "c.kvc"):
+        format.atomic_write(str(tmp_path / name), [b"x"])
+    assert len(swept) == 1
+    later = time.monotonic() + format.SWEEP_EVERY_SECONDS + 1
+    monkeypatch.setattr(time, "monotonic", lambda: later)
+    format.atomic_write(str(tmp_path / "d.kvc"), [b"x"])
+    assert len(swept) == 2
+
+
+def test_the_writers_own_temporary_carries_its_host_and_pid(tmp_path, monkeypatch):
+    seen = []
+    real = format._write_all
+    monkeypatch.setattr(format, "_write_all", lambda fh, chunks: seen.append(os.listdir(tmp_path)) or real(fh, chunks))
+    format.atomic_write(str(tmp_path / "out.kvc"), [b"x"])
+    [[name]] = seen
+    assert format.TEMP_NAME.match(name)["host"] == format.host_tag()
+    assert format.TEMP_NAME.match(name)["pid"] == str(os.getpid())
+
 
 def test_atomic_write_leaves_no_file_when_interrupted(tmp_path, monkeypatch):
     target = tmp_path / "out.kvc"
@@ -355,3 +403,42 @@ def test_missing_file_is_an_input_error(tmp_path):
         format.FileSource(tmp_path / "nope.kvc")
 
 Path  # re-exported for fixtures in other modules
+
+
+class Endless:
+    """A stream that never ends (`yes |`), counting what is read from it."""
+
+    def __init__(self, head: bytes = b""):
+        self.head, self.taken = head, 0
+
+    def read(self, n: int) -> bytes:
+        data = self.head[self.taken : self.taken + n]
+        data += b"y" * (n - len(data))
+        self.taken += n
+        return data
+
+
+def test_a_stream_is_read_as_far_as_the_file_goes():
+    import io
+
+    src = format.read_stream(io.BytesIO(RAW))
+    assert src.read(0, src.size) == RAW and format.read_header(src).num_tokens == 5
+
+
+@pytest.mark.parametrize("head, message", [
+    (b"", "not a .kvc file (wrong magic)"),
+    (format.MAGIC, "header length 2038004089 is outside"),
+    (RAW, f"trailing bytes: segments end at byte {len(RAW)} but the input goes on"),
+])
+def test_an_endless_stream_is_refused_after_its_first_bytes(head, message):
+    stream = Endless(head)
+    with pytest.raises(FormatError, match=re.escape(message)):
+        format.read_header(format.read_stream(stream))
+    assert stream.taken <= len(head) + format.PREAMBLE_SIZE + 1
+
+
+def test_a_stream_shorter_than_its_header_claims_is_truncated():
+    import io
+
+    with pytest.raises(FormatError, match="truncated: segments end at byte"):
+        format.read_header(format.read_stream(io.BytesIO(RAW[:-3])))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -248,16 +249,49 @@ def test_missing_store_directory_is_created(cli, llama, corpus, tmp_path):
     assert os.listdir(store) == [lines_of(result)[0]["key"] + ".kvc"]
 
 
-def test_plain_progress_lines_when_not_a_terminal(cli, llama, corpus, tmp_path, monkeypatch):
-    from kvcli.commands import prefill
+def test_heartbeat_reports_tokens_inside_a_long_group_of_forward_passes(cli, llama, corpus, tmp_path, monkeypatch):
+    """All four documents fall in one window of several forward passes, whose lines come only at its end: the
+    heartbeat must still show the tokens through the model meanwhile, and a summary closes the run."""
+    from kvcli.modeling import batching
 
-    monkeypatch.setattr(prefill, "LOG_EVERY_SECONDS", 0.0)
+    real = batching.prefill_batch
+
+    def slow_forward(*args, **kwargs):  # the real forward pass, made long enough for several heartbeats
+        caches = real(*args, **kwargs)
+        time.sleep(0.15)
+        return caches
+
+    monkeypatch.setattr(batching, "prefill_batch", slow_forward)
+    monkeypatch.setenv("KVCLI_PROGRESS_SECONDS", "0.02")
     store = tmp_path / "store"
-    store.mkdir()
-    result = run_store(cli, corpus, "--out-dir", store, "--model", llama, "--batch-tokens", "1")
-    progress = [line for line in result.stderr.splitlines() if line.startswith("kvcli: ")]
-    assert [p.split(" documents")[0] for p in progress] == ["kvcli: 1/4", "kvcli: 2/4", "kvcli: 3/4", "kvcli: 4/4",
-                                                             "kvcli: 4/4"]
+    result = run_store(cli, corpus, "--out-dir", store, "--model", llama, "--batch-tokens", "24")
+    assert result.exit_code == 0, result.stderr
+    total = sum(line["tokens"] for line in lines_of(result))
+    beats = [line for line in result.stderr.splitlines() if re.match(r"kvcli: \d", line)]
+    assert len(beats) >= 4
+    before_any_line = {int(re.search(r"\), ([\d,]+) tokens prefilled", b)[1].replace(",", "")) for b in beats
+                       if b.startswith("kvcli: 0/4 documents")}
+    assert len(before_any_line - {0}) >= 2, beats  # tokens rose, pass by pass, while no document had finished
+    assert max(before_any_line) < total
+    assert beats[-1].startswith(f"kvcli: 4/4 documents (4 written, 0 skipped, 0 failed), {total} tokens prefilled")
+
+
+def test_one_failed_document_is_told_in_the_singular(cli, llama, tmp_path):
+    result = run_store(cli, tmp_path / "missing.txt", "--out-dir", tmp_path / "store", "--model", llama)
+    assert result.exit_code == 3
+    summary, error = result.stderr.splitlines()[-2:]
+    assert summary.startswith("kvcli: 1/1 document (0 written, 0 skipped, 1 failed), 0 tokens prefilled in ")
+    assert error == "Error: 1 of 1 document failed; its line on stdout says why"
+
+
+def test_progress_counts_one_document_in_the_singular(tmp_path):
+    from kvcli.commands.prefill import Progress
+
+    for total, expected in ((1, "1/1 document ("), (None, "1 document ("), (2, "1/2 documents (")):
+        progress = Progress(total)
+        progress.counts["written"] = 1
+        assert progress.describe().startswith(expected), progress.describe()
+    assert Progress(None).describe().startswith("0 documents (")
 
 
 def test_killed_run_leaves_no_partial_files_and_a_rerun_finishes(cli, llama, tmp_path):
@@ -366,3 +400,56 @@ def test_an_s3_store_is_checked_before_the_model_loads_and_then_written(cli, lla
         assert line["status"] == "written" and line["path"] == f"s3://caches/p/{line['key']}.kvc"
         stored = [o["Key"] for o in s3.list_objects_v2(Bucket="caches").get("Contents", [])]
         assert stored == [f"p/{line['key']}.kvc"]  # the writability probe left nothing behind
+
+
+# A writer that stalls halfway through a file, as a process killed with -9 mid-write leaves it.
+STALLED_WRITER = """
+import sys, time
+from kvcli.container import format
+
+def blocks():
+    yield b"half a cache"
+    print("writing", flush=True)
+    time.sleep(120)
+    yield b"never"
+
+format.atomic_write(sys.argv[1], blocks())
+"""
+
+
+def stalled_writer(path: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", STALLED_WRITER, str(path)], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert proc.stdout.readline() == "writing\n"
+    return proc
+
+
+def temporaries(store: Path) -> list[str]:
+    return sorted(name for name in os.listdir(store) if name.startswith("."))
+
+
+def test_temporaries_of_writers_killed_with_sigkill_are_swept_by_the_next_run(cli, llama, corpus, tmp_path):
+    """kill -9 mid-write leaves the temporary: the next run removes it whether it writes that key again or skips
+    it, and leaves a live writer's temporary alone."""
+    store = tmp_path / "store"
+    first = run_store(cli, corpus, "--out-dir", store, "--model", llama)
+    assert first.exit_code == 0, first.stderr
+    rewritten, skipped, busy = (store / f"{line['key']}.kvc" for line in lines_of(first)[:3])
+    rewritten.unlink()
+    live = stalled_writer(busy)
+    try:
+        killed = [stalled_writer(target) for target in (rewritten, skipped)]  # all alive: none sweeps another's
+        for proc in killed:
+            proc.kill()  # SIGKILL: no handler runs, the temporary stays
+            proc.wait(timeout=10)
+            proc.stdout.close()
+        left = temporaries(store)
+        assert len(left) == 3 and all(format.TEMP_NAME.match(name) for name in left)
+        again = run_store(cli, corpus, "--out-dir", store, "--model", llama)
+        assert again.exit_code == 0, again.stderr
+        assert sorted(line["status"] for line in lines_of(again)) == ["skipped"] * 3 + ["written"]
+        assert temporaries(store) == [name for name in left if name.startswith(f".{busy.name}")]
+    finally:
+        live.kill()
+        live.wait(timeout=10)
+        live.stdout.close()

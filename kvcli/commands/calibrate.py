@@ -26,7 +26,8 @@ def calibrate(
     from ..calibration import profiles
     from ..errors import UsageError
     from ..modeling import inference, models
-    from .common import check_output
+    from ..stdio import is_terminal
+    from .common import check_output, stderr_console
 
     if method not in calib.METHODS:
         raise UsageError(f"--method must be one of {', '.join(calib.METHODS)}, not {method!r}")
@@ -35,7 +36,9 @@ def calibrate(
     texts = [(t, inference.read_document(t).text) for t in text] if text else calib.default_texts()
     lm = models.load(model, "float32")
     layers = lm.model.config.get_text_config(decoder=True).num_hidden_layers
-    with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
+    # On stderr, as all progress: rich's default console is stdout, where --json and the summary go.
+    with Progress(console=stderr_console(), transient=True, redirect_stdout=False,
+                  disable=not is_terminal(sys.stderr)) as bar:
         task = bar.add_task("calibrating", total=calib.passes(lm, len(texts), method))
         profile, details = calib.calibrate(lm, texts, method=method, progress=lambda: bar.advance(task))
     path = profiles.save(profile, lm.identity, details, Path(out) if out else None)

@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from ..errors import InternalError, KvcliError, StorageError, Terminated, UsageError
+from ..stdio import abandon_stdout, is_terminal, write_stderr_text, write_stdout_text
 
 state = {"debug": False}
 
@@ -28,7 +29,7 @@ BackendOpt = typer.Option("auto", "--backend", help="The codec's kernels: torch,
 
 
 def print_error(message: str) -> None:
-    print(f"Error: {message}", file=sys.stderr)
+    write_stderr_text(f"Error: {message}\n")
 
 
 def handled(fn):
@@ -54,9 +55,9 @@ def handled(fn):
             print_error("interrupted" if isinstance(err, KeyboardInterrupt) else "terminated (SIGTERM)")
             raise typer.Exit(130 if isinstance(err, KeyboardInterrupt) else Terminated.exit_code) from None
         except BrokenPipeError:
-            # The reader went away (`| head`): not an error worth a message; keep Python from complaining at exit.
-            with contextlib.suppress(OSError):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            # The reader of text went away (`| head`): not an error worth a message; keep Python from complaining
+            # at exit.
+            abandon_stdout()
             raise typer.Exit(141) from None
         except MemoryError:
             if state["debug"]:
@@ -75,24 +76,35 @@ def handled(fn):
 
 
 def status(message: str):
-    """A spinner on stderr while something slow runs, only when a person is watching."""
-    if not sys.stderr.isatty():
+    """A spinner on stderr while something slow runs, only when a person is watching. It leaves sys.stdout
+    alone (rich's own status() would take it over), so data written meanwhile still goes to stdout."""
+    if not is_terminal(sys.stderr):
         return contextlib.nullcontext()
+    from rich.live import Live
+    from rich.spinner import Spinner
+
+    return Live(Spinner("dots", message), console=stderr_console(), transient=True, redirect_stdout=False)
+
+
+def stderr_console():
+    """The rich console every display draws on: stderr, so stdout holds only data."""
     from rich.console import Console
 
-    return Console(stderr=True).status(message)
+    return Console(file=sys.stderr)
 
 
 def emit_json(obj: dict) -> None:
     """One JSON object on one line of stdout: what every --json prints."""
-    print(json.dumps(obj, ensure_ascii=False))
+    write_stdout_text(json.dumps(obj, ensure_ascii=False) + "\n")
 
 
 def check_output(out: str, inputs: list[str] = (), binary: bool = True) -> None:
     """Refuse an output before any work: a terminal for binary data, a missing or read-only directory, a
     directory as the target, or the same file as one of the inputs (which the write would destroy)."""
     if out == "-":
-        if binary and sys.stdout.isatty():
+        if sys.stdout is None:
+            raise StorageError("stdout is closed (>&-); redirect it to where the output should go")
+        if binary and is_terminal(sys.stdout):
             raise UsageError("refusing to write binary data to a terminal; redirect stdout or pass -o FILE")
         return
     target = Path(out)

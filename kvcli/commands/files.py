@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from ..stdio import write_stdout_text
 from .common import (
     BackendOpt,
     ChunkOpt,
@@ -84,7 +85,7 @@ def inspect(
     if as_json:
         emit_json(info)
     else:
-        print(report.render(info))
+        write_stdout_text(report.render(info) + "\n")
 
 
 def verify(
@@ -100,7 +101,7 @@ def verify(
     if as_json:
         emit_json({"file": file, **result})
     else:
-        print(f"{file}: ok ({result['segments']} segments)")
+        write_stdout_text(f"{file}: ok ({result['segments']} segments)\n")
 
 
 def register(app: typer.Typer) -> None:

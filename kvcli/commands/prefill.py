@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
+from ..stdio import is_terminal, write_stderr_text, write_stdout_text
 from .common import (
     BackendOpt,
     ChunkOpt,
@@ -26,6 +29,7 @@ from .common import (
     emit_json,
     handled,
     status,
+    stderr_console,
 )
 
 if TYPE_CHECKING:
@@ -33,7 +37,7 @@ if TYPE_CHECKING:
     from ..reuse.ingest import Settings
     from ..reuse.pipeline import EncodeOptions
 
-LOG_EVERY_SECONDS = 10.0  # plain progress lines when stderr is not a terminal
+LOG_EVERY_SECONDS = 10.0  # the heartbeat's interval when stderr is not a terminal, unless $KVCLI_PROGRESS_SECONDS
 
 
 def prefill(
@@ -70,6 +74,8 @@ def prefill(
     options = pipeline.EncodeOptions(quality, step_scale, sinks, chunk_tokens, where.backend)
     choice = ModelChoice(model, dtype, where.device)
     docs = docs or []
+    if ("-" in docs or jsonl == "-") and is_terminal(sys.stdin):  # a forgotten pipe would look like a hang
+        write_stderr_text("kvcli: reading from the terminal; end the input with Ctrl-D\n")
     if out is not None:
         many = [name for name, given in (("--out-dir", out_dir), ("--jsonl", jsonl), ("--shard", shard),
                                          ("--split", split), ("--batch-tokens", batch_tokens)) if given]
@@ -110,7 +116,7 @@ def prefill_one(doc: str, out: str, choice: ModelChoice, options: EncodeOptions,
     if as_json:
         emit_json(summary)
     elif out != "-":
-        print(f"wrote {out}: {kv.num_tokens} tokens, {size:,} bytes ({options.quality})", file=sys.stderr)
+        write_stderr_text(f"wrote {out}: {kv.num_tokens} tokens, {size:,} bytes ({options.quality})\n")
 
 
 def prefill_many(docs: list[str], jsonl: str | None, out_dir: str, shard: str | None, choice: ModelChoice,
@@ -118,6 +124,7 @@ def prefill_many(docs: list[str], jsonl: str | None, out_dir: str, shard: str | 
     from ..reuse import ingest
 
     index, count = ingest.parse_shard(shard) if shard else (0, 1)
+    check_output("-", binary=False)  # the manifest's lines go there
     store = open_writable_store(out_dir)  # before the model loads: a bad store must not cost a model load
     files = list(ingest.file_sources(docs))
     records = ingest.jsonl_sources(jsonl) if jsonl is not None else iter(())
@@ -125,16 +132,18 @@ def prefill_many(docs: list[str], jsonl: str | None, out_dir: str, shard: str | 
     total = sum(ingest.shard_of(s.id, count) == index for s in files)
     lines = ingest.count_jsonl(jsonl) if jsonl is not None else 0
     total = None if lines is None or (lines and count > 1) else total + lines
+    progress = Progress(total)  # before the model loads: a bad $KVCLI_PROGRESS_SECONDS must not cost a load
     with status("loading model"):
         lm = choice.load()
-    engine = ingest.Ingest(lm, store, settings)
-    with Progress(total) as progress:
+    engine = ingest.Ingest(lm, store, settings, on_forward=progress.prefilled)
+    with progress:
         for line in engine.run(sources):
-            print(json.dumps(line, ensure_ascii=False), flush=True)  # flushed: the next job reads as we go
-            progress.update(line)
+            progress.emit(line)
     failed = progress.counts["failed"]
     if failed:  # exits with the code of the first failure's class, as if that document had been alone
-        raise engine.failure(f"{failed} of {progress.done} documents failed; their lines on stdout say why")
+        noun = "document" if progress.done == 1 else "documents"
+        why = "its line on stdout says why" if failed == 1 else "their lines on stdout say why"
+        raise engine.failure(f"{failed} of {progress.done} {noun} failed; {why}")
 
 
 def open_writable_store(spec: str):
@@ -146,61 +155,104 @@ def open_writable_store(spec: str):
     return store
 
 
-class Progress:
-    """Documents done, tokens/s and ETA on stderr: a rich bar for a person at a terminal, else a plain line every
-    LOG_EVERY_SECONDS; always a summary at the end."""
+def progress_interval() -> float:
+    from ..errors import UsageError
 
-    def __init__(self, total: int | None):
+    text = os.environ.get("KVCLI_PROGRESS_SECONDS")
+    if text is None:
+        return LOG_EVERY_SECONDS
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0.01 <= seconds <= 86400:  # NaN fails too
+        raise UsageError(f"KVCLI_PROGRESS_SECONDS={text!r}: expected seconds between 0.01 and 86400")
+    return seconds
+
+
+class Progress:
+    """Documents done, tokens/s and ETA on stderr, never on stdout (the manifest's): a rich bar when stderr is a
+    terminal, else a heartbeat line every `interval` seconds from a timer thread, so a long group of forward
+    passes still shows the tokens prefilled so far; always a summary at the end."""
+
+    def __init__(self, total: int | None, interval: float | None = None):
         from ..reuse.ingest import STATUSES
 
         self.total = total
+        self.interval = progress_interval() if interval is None else interval
         self.counts = dict.fromkeys(STATUSES, 0)
-        self.tokens = 0  # prefilled, not skipped: the work this run did
-        self.start = self.last_log = time.perf_counter()
+        self.tokens = 0  # through the model so far, counted per forward pass: skipped documents cost none
+        self.start = time.perf_counter()
         self.bar = None
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
 
     @property
     def done(self) -> int:
         return sum(self.counts.values())
 
     def __enter__(self) -> "Progress":
-        if sys.stderr.isatty():
-            from rich.console import Console
+        self.start = time.perf_counter()
+        if is_terminal(sys.stderr):
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as Bar
 
             self.bar = Bar(TextColumn("prefill"), BarColumn(), MofNCompleteColumn(),
                            TextColumn("{task.fields[rate]} tokens/s"), TimeRemainingColumn(),
-                           console=Console(stderr=True), transient=True)
-            self.bar.start()
+                           console=stderr_console(), transient=True, redirect_stdout=False)
             self.task = self.bar.add_task("prefill", total=self.total, rate="-")
+            self.bar.start()
+        else:
+            self._beat = threading.Thread(target=self._heartbeat, name="kvcli-progress", daemon=True)
+            self._beat.start()
         return self
 
-    def update(self, line: dict) -> None:
+    def prefilled(self, tokens: int) -> None:
+        """Ingest's callback after each forward pass."""
+        self.tokens += tokens
+        if self.bar is not None:
+            self.bar.update(self.task, rate=f"{self.rate():,.0f}")
+
+    def emit(self, line: dict) -> None:
+        """A manifest line on stdout, flushed (the next job reads as we go), then counted."""
+        text = json.dumps(line, ensure_ascii=False) + "\n"
+        if self.bar is not None and is_terminal(sys.stdout):
+            self.bar.stop()  # the same terminal: the bar steps aside so the line is not drawn over
+            try:
+                write_stdout_text(text)
+            finally:
+                self.bar.start()
+        else:
+            write_stdout_text(text)
         self.counts[line["status"]] += 1
-        if line["status"] == "written":
-            self.tokens += line["tokens"]
-        now = time.perf_counter()
         if self.bar is not None:
             self.bar.update(self.task, advance=1, rate=f"{self.rate():,.0f}")
-        elif now - self.last_log >= LOG_EVERY_SECONDS:
-            self.last_log = now
-            print(f"kvcli: {self.describe()}", file=sys.stderr, flush=True)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._log()
+
+    def _log(self) -> None:
+        write_stderr_text(f"kvcli: {self.describe()}\n")
 
     def rate(self) -> float:
         return self.tokens / max(time.perf_counter() - self.start, 1e-9)
 
     def describe(self) -> str:
         of = f"/{self.total}" if self.total is not None else ""
+        noun = "document" if (self.done if self.total is None else self.total) == 1 else "documents"
         c = self.counts
-        return (f"{self.done}{of} documents ({c['written']} written, {c['skipped']} skipped, {c['failed']} failed), "
+        return (f"{self.done}{of} {noun} ({c['written']} written, {c['skipped']} skipped, {c['failed']} failed), "
                 f"{self.tokens:,} tokens prefilled in {time.perf_counter() - self.start:.1f} s "
                 f"({self.rate():,.0f} tokens/s)")
 
     def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
         if self.bar is not None:
             self.bar.stop()
-        print(f"kvcli: {self.describe()}", file=sys.stderr, flush=True)
+        self._log()
 
 
 def register(app: typer.Typer) -> None:

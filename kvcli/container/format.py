@@ -13,10 +13,13 @@ docs/format.md is the normative spec; this module implements it and imports no t
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import re
 import secrets
+import socket
 import struct
 import sys
 import time
@@ -25,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from ..errors import FormatError, InputError, StorageError, VersionError
+from ..errors import FormatError, InputError, StorageError, UsageError, VersionError
+from ..stdio import reason, write_stdout
 
 MAGIC = b"\x89KVC\r\n\x1a\n"
 MAJOR = 2
@@ -54,10 +58,17 @@ TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
 KNOWN_FIELDS = frozenset({"model", "dtype", "token_ids", "layers", "chunk_tokens", "codec", "aux", "segments",
                           "created_by", "created_at", "source"})
 
-# Temporary files are named .NAME.kvcli-RANDOM.tmp beside the target; ones older than this are debris of a
-# killed writer (kill -9, power loss) and are removed by the next write to the same target.
+# Temporary files are named .NAME.kvcli-HOST_PID_RANDOM.tmp beside their target. HOST stands for this boot of this
+# machine and its pid namespace, so a later writer can tell that a temporary's writer is gone (kill -9, a crash)
+# and remove it at once. A temporary of another machine or container, or an older name without HOST and PID, is
+# removed once untouched for STALE_TEMP_SECONDS.
 TEMP_MARK = ".kvcli-"
+TEMP_NAME = re.compile(r"^\..+" + re.escape(TEMP_MARK)
+                       + r"(?:(?P<host>[0-9a-f]{12})_(?P<pid>[0-9]{1,10})_)?[A-Za-z0-9_]+\.tmp$")
 STALE_TEMP_SECONDS = 3600
+# A writer sweeps a directory when it first writes there, then at most this often: a sweep lists the whole
+# directory, and a store may hold millions of files.
+SWEEP_EVERY_SECONDS = 600
 
 
 @dataclass(frozen=True)
@@ -178,17 +189,70 @@ class BytesSource(Source):
 
 
 def open_source(path: str) -> FileSource | BytesSource:
-    """`-` reads the whole of stdin; anything else is a path."""
-    if path == "-":
-        return BytesSource(sys.stdin.buffer.read())
-    return FileSource(path)
+    """`-` reads a .kvc file from stdin (not from a terminal: nobody types one); anything else is a path."""
+    if path != "-":
+        return FileSource(path)
+    if sys.stdin is None:
+        raise InputError("<stdin>: stdin is closed (<&-); pipe a .kvc file in or give its path")
+    if sys.stdin.isatty():
+        raise UsageError("refusing to read binary data from a terminal; pipe a .kvc file in or give its path")
+    return read_stream(sys.stdin.buffer)
+
+
+STREAM_BLOCK = 16 << 20
+
+
+def read_stream(fh: BinaryIO, name: str = "<stdin>") -> BytesSource:
+    """A .kvc file from a stream, read no further than the file can go: the preamble, the header it announces,
+    the segments the header lists. Input that is no .kvc file is refused after its first bytes (not read to
+    the end: `yes | kvcli inspect -` would never end), and input that goes on past the last segment is refused
+    at once, without reading the rest."""
+    data = _read_upto(fh, PREAMBLE_SIZE)
+    magic, _, _, hlen, _ = PREAMBLE.unpack(data.ljust(PREAMBLE_SIZE, b"\0"))
+    if len(data) < PREAMBLE_SIZE or magic != MAGIC or not 2 <= hlen <= MAX_HEADER_BYTES:
+        return BytesSource(bytes(data), name)  # read_header says what is wrong
+    data += _read_upto(fh, hlen)
+    header = read_header(BytesSource(bytes(data), name), whole=False)
+    data += _read_upto(fh, header.data_offset + header.data_bytes() - len(data))
+    if fh.read(1):
+        raise FormatError(f"{name}: trailing bytes: segments end at byte {len(data)} but the input goes on")
+    return BytesSource(bytes(data), name)
+
+
+def _read_upto(fh: BinaryIO, n: int) -> bytearray:
+    """Up to n bytes, fewer only at the end of the stream; a block at a time, so a size that a damaged header
+    claims is never allocated before the bytes are there."""
+    data = bytearray()
+    while len(data) < n:
+        block = fh.read(min(n - len(data), STREAM_BLOCK))
+        if not block:
+            break
+        data += block
+    return data
 
 
 # ---------------------------------------------------------------- reading
 
 
-def read_header(src: ByteSource) -> Header:
+def read_header(src: ByteSource, whole: bool = True) -> Header:
+    """The header, every check made; `whole=False` leaves out the one that the source holds exactly the
+    segments the header lists (read_stream reads them after the header)."""
     name = getattr(src, "path", "<input>")
+    major, minor, raw = read_preamble(src, name)
+    doc = parse_json(raw, f"{name}: header")
+    header = _parse_header(doc, major, minor, PREAMBLE_SIZE + len(raw), name)
+    expected = header.data_offset + header.data_bytes()
+    if whole and expected != src.size:
+        what = "truncated" if src.size < expected else "trailing bytes"
+        raise FormatError(f"{name}: {what}: segments end at byte {expected} but the file has {src.size} bytes")
+    return header
+
+
+def read_preamble(src: ByteSource, name: str) -> tuple[int, int, bytes]:
+    """Major, minor and the header bytes, with every check of the preamble. Every major version keeps this
+    preamble, so a version this reader does not know is a VersionError only when magic, header length and header
+    CRC check out, as in a newer file; with them damaged too, or a version that never existed, the file looks
+    corrupt (FormatError)."""
     if src.size < PREAMBLE_SIZE:
         if src.size >= 8 and src.read(0, 8) != MAGIC:
             raise FormatError(f"{name}: not a .kvc file (wrong magic)")
@@ -196,6 +260,13 @@ def read_header(src: ByteSource) -> Header:
     magic, major, minor, hlen, hcrc = PREAMBLE.unpack(src.read(0, PREAMBLE_SIZE))
     if magic != MAGIC:
         raise FormatError(f"{name}: not a .kvc file (wrong magic)")
+    raw, damage = _header_bytes(src, hlen, hcrc)
+    if major == 0:
+        raise FormatError(f"{name}: looks corrupt: major version 0 never existed")
+    if major != MAJOR and damage:
+        raise FormatError(f"{name}: looks corrupt, not another version's file: major version {major}, and {damage}")
+    if damage:
+        raise FormatError(f"{name}: {damage}")
     if major == 1:
         raise VersionError(
             f"{name}: a .kvc 1.x file (kvcli 0.1), whose model identity this kvcli cannot check; "
@@ -206,22 +277,19 @@ def read_header(src: ByteSource) -> Header:
             f"{name}: .kvc major version {major} is not supported (this kvcli reads version {MAJOR}); "
             "upgrade kvcli or re-create the cache"
         )
+    return major, minor, raw
+
+
+def _header_bytes(src: ByteSource, hlen: int, hcrc: int) -> tuple[bytes, str | None]:
+    """The header the preamble points at, or what is wrong with the preamble's length and CRC."""
     if hlen < 2 or hlen > MAX_HEADER_BYTES:
-        raise FormatError(f"{name}: header length {hlen} is outside [2, {MAX_HEADER_BYTES}]")
+        return b"", f"header length {hlen} is outside [2, {MAX_HEADER_BYTES}]"
     if PREAMBLE_SIZE + hlen > src.size:
-        raise FormatError(
-            f"{name}: truncated: header claims {hlen} bytes but only {src.size - PREAMBLE_SIZE} follow the preamble"
-        )
+        return b"", f"truncated: header claims {hlen} bytes but only {src.size - PREAMBLE_SIZE} follow the preamble"
     raw = src.read(PREAMBLE_SIZE, hlen)
     if zlib.crc32(raw) != hcrc:
-        raise FormatError(f"{name}: header checksum mismatch (file is corrupt)")
-    doc = parse_json(raw, f"{name}: header")
-    header = _parse_header(doc, major, minor, PREAMBLE_SIZE + hlen, name)
-    expected = header.data_offset + header.data_bytes()
-    if expected != src.size:
-        what = "truncated" if src.size < expected else "trailing bytes"
-        raise FormatError(f"{name}: {what}: segments end at byte {expected} but the file has {src.size} bytes")
-    return header
+        return raw, "header checksum mismatch (file is corrupt)"
+    return raw, None
 
 
 def read_segment(src: ByteSource, header: Header, seg: Segment) -> bytes:
@@ -466,28 +534,21 @@ def write_output(out: str, chunks: list[bytes]) -> None:
     if out != "-":
         atomic_write(out, chunks)
         return
-    stream = sys.stdout.buffer
-    try:
-        _write_all(stream, chunks)
-        stream.flush()
-    except BrokenPipeError:
-        raise
-    except OSError as err:
-        raise StorageError(f"stdout: write failed: {err.strerror or err}") from None
+    write_stdout(chunks)  # a reader that stops early gets a cut-off file: an error (exit 8), never a quiet 141
 
 
 def atomic_write(path: str, chunks: list[bytes]) -> None:
     """Write to a temporary file beside `path`, fsync, then rename: a crash leaves the old file or none.
 
     The new file gets the mode an ordinary open() would give it (0666 less the umask), so caches on shared
-    storage are readable by the services that share it. Stale temporaries of earlier killed writes to the same
-    target are removed first."""
+    storage are readable by the services that share it. Temporaries of earlier killed writers in the same
+    directory are removed first (sweep_now_and_then)."""
     target = Path(path)
     directory = target.parent if str(target.parent) else Path(".")
     if not directory.is_dir():
         raise StorageError(f"{path}: directory {directory} does not exist")
-    sweep_stale_temporaries(directory, target.name)
-    tmp = directory / f".{target.name}{TEMP_MARK}{secrets.token_hex(6)}.tmp"
+    sweep_now_and_then(directory)
+    tmp = directory / f".{target.name}{TEMP_MARK}{host_tag()}_{os.getpid()}_{secrets.token_hex(6)}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
     except OSError as err:
@@ -500,32 +561,69 @@ def atomic_write(path: str, chunks: list[bytes]) -> None:
         os.replace(tmp, target)
     except OSError as err:
         _unlink_quietly(tmp)
-        raise StorageError(f"{path}: write failed: {err.strerror}") from None
+        raise StorageError(f"{path}: write failed: {reason(err)}") from None
     except BaseException:
         _unlink_quietly(tmp)
         raise
 
 
-def sweep_stale_temporaries(directory: Path, name: str, age: float = STALE_TEMP_SECONDS) -> int:
-    """Remove `.NAME.kvcli-*.tmp` files older than `age` seconds: only kvcli's own pattern, only for NAME."""
+_last_sweep: dict[str, float] = {}  # directory -> time.monotonic() of this process's last sweep there
+
+
+def sweep_now_and_then(directory: Path) -> None:
+    """sweep_stale_temporaries, on this process's first write into `directory` and then every
+    SWEEP_EVERY_SECONDS."""
+    last = _last_sweep.get(os.path.abspath(directory))
+    if last is None or time.monotonic() - last >= SWEEP_EVERY_SECONDS:
+        sweep_stale_temporaries(directory)
+
+
+def sweep_stale_temporaries(directory: Path, age: float = STALE_TEMP_SECONDS) -> int:
+    """Remove kvcli's temporary files in `directory` whose writer is gone: of this machine, when its process
+    has ended; of another machine or unnamed, when untouched for `age` seconds. Returns how many."""
     removed = 0
     cutoff = time.time() - age
+    _last_sweep[os.path.abspath(directory)] = time.monotonic()
     try:
-        candidates = list(directory.glob(f".{glob_escape(name)}{TEMP_MARK}*.tmp"))
+        with os.scandir(directory) as it:
+            entries = [e for e in it if e.name.startswith(".") and TEMP_MARK in e.name]
     except OSError:
         return 0
-    for tmp in candidates:
+    for entry in entries:
+        name = TEMP_NAME.match(entry.name)
         try:
-            if tmp.is_file() and not tmp.is_symlink() and tmp.stat().st_mtime < cutoff:
-                tmp.unlink()
+            if name and entry.is_file(follow_symlinks=False) and _writer_gone(name, entry, cutoff):
+                os.unlink(entry.path)
                 removed += 1
         except OSError:
-            pass
+            pass  # gone already, or not ours to remove
     return removed
 
 
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
+def _writer_gone(name: re.Match, entry: os.DirEntry, cutoff: float) -> bool:
+    """For this machine's temporaries, whether the pid in the name has ended; for others, whether it is old."""
+    if name["host"] != host_tag():  # another machine's pid says nothing here: only the age does
+        return entry.stat(follow_symlinks=False).st_mtime < cutoff
+    try:
+        os.kill(int(name["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError):
+        pass  # alive under another user, or no pid this system could have
+    return False
+
+
+@functools.cache
+def host_tag() -> str:
+    """12 hex digits for this boot of this machine and this pid namespace: where a pid names one process."""
+    parts = [socket.gethostname()]
+    for read in (lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+                 lambda: os.readlink("/proc/self/ns/pid")):
+        try:
+            parts.append(read())
+        except OSError:
+            pass  # not Linux: the host name alone
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
 
 
 def _write_all(fh: BinaryIO, chunks: list[bytes]) -> None:

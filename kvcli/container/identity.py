@@ -16,14 +16,13 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
 from ..errors import ModelLoadError, StorageError
-from .format import STALE_TEMP_SECONDS, TEMP_MARK, atomic_write
+from .format import STALE_TEMP_SECONDS, TEMP_MARK, TEMP_NAME, atomic_write
 
 # ---------------------------------------------------------------------------------------------------------------
 # Canonical JSON (RFC 8785, the JSON Canonicalization Scheme)
@@ -493,7 +492,6 @@ def cache_root() -> Path:
 
 
 CACHE_SUBDIRS = ("", "models", "profiles", "digests")
-TEMP_NAME = re.compile(r"^\..+" + re.escape(TEMP_MARK) + r"[A-Za-z0-9_]+\.tmp$")
 
 
 def temp_prefix(name: str) -> str:
@@ -504,7 +502,7 @@ def temp_prefix(name: str) -> str:
 def sweep_cache_dir(root: Path | None = None, max_age: float = STALE_TEMP_SECONDS) -> list[Path]:
     """Remove kvcli temporaries left in the cache dir by killed processes, once untouched for max_age seconds.
 
-    atomic_write sweeps only the temporaries of the file it writes; this also takes conversion directories, the
+    atomic_write sweeps temporary files of dead writers; this also takes conversion directories, the
     debris of profiles and digest-cache entries that are never written again, and the digest-cache entries of
     weight files that no longer exist.
     """

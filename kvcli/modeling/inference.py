@@ -35,6 +35,8 @@ class Document:
 def open_input(path: str, expected: str) -> tuple[BinaryIO, str]:
     """A binary handle on `path` (stdin for `-`) and the name errors use; failures are InputError lines."""
     name = "<stdin>" if path == "-" else path
+    if path == "-" and sys.stdin is None:
+        raise InputError(f"{name}: stdin is closed (<&-); pipe {expected} in or give its path")
     try:
         return (sys.stdin.buffer if path == "-" else open(path, "rb")), name
     except FileNotFoundError:

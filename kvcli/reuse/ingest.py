@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
-from ..container import keys, kvfile
+from ..container import format, keys, kvfile
 from ..errors import InputError, KvcliError, StorageError, UsageError
 from ..modeling import batching, inference, models
 from . import pipeline
@@ -252,8 +252,10 @@ def manifest_line(doc_id: str, status: str, extra: dict | None = None, **fields)
 class Ingest:
     """Prefill documents into a store. Model, codec and store are set up once; run() may be called many times."""
 
-    def __init__(self, lm: models.LoadedModel, store, settings: Settings = Settings()):
+    def __init__(self, lm: models.LoadedModel, store, settings: Settings = Settings(),
+                 on_forward: Callable[[int], None] | None = None):
         self.lm, self.store, self.settings = lm, store, settings
+        self.on_forward = on_forward  # told the tokens of each forward pass as it ends (progress between lines)
         self.codec = settings.encode.codec(lm)
         self.codec_spec = {"name": self.codec.name, "params": self.codec.params()}
         limits = [x for x in (settings.max_tokens, lm.max_tokens()) if x]
@@ -264,6 +266,8 @@ class Ingest:
         self.windows = batching.layer_windows(lm)
         self.batch_tokens = settings.batch_tokens if batching.batchable(lm) else 0
         self.failure: type[KvcliError] | None = None  # the class of the first document's failure
+        if getattr(store, "root", None) is not None:  # a directory: a rerun that only skips writes nothing, so
+            format.sweep_stale_temporaries(store.root)  # the temporaries of a killed run are swept here
 
     def _failed(self, err: KvcliError) -> str:
         self.failure = self.failure or type(err)
@@ -323,6 +327,8 @@ class Ingest:
             caches = batching.prefill_batch(self.lm, [j.ids for j in batch], self.windows, not self.codec.lossless)
             forward = time.perf_counter() - start
             total = sum(len(j.ids) for j in batch)
+            if self.on_forward is not None:
+                self.on_forward(total)
             for job, kv in zip(batch, caches):
                 job.seconds += forward * len(job.ids) / total
                 self._write(job, kv)
