@@ -766,6 +766,34 @@ def test_a_stored_key_keeps_its_bytes_so_a_resume_never_stitches_two_files(serve
     assert httpx.put(url, content=later[:-1], headers=bearer()).status_code == 422
 
 
+def test_concurrent_puts_of_one_key_store_one_file(server, root):
+    """Two PUTs of equal-key files with other bytes at the same time: exactly one is stored (201), the other is
+    told the key was stored (200), and the stored bytes are the winner's. A check-then-write let both replace
+    the file (201 and 201, 4 of 5 tries with 16 MB files), so a reader between the two renames saw the ETag's
+    bytes change."""
+    later = make_cache(seed=61, tokens=256 * 16, layers=1, dim=256, chunk=256, created_at="2026-02-01T12:00:00Z")
+    first = make_cache(seed=61, tokens=256 * 16, layers=1, dim=256, chunk=256)
+    key = key_of(first)
+    assert key_of(later) == key and later != first
+    url = f"{server.url}/v1/caches/{key}"
+    for _ in range(4):
+        httpx.delete(url, headers=bearer())
+        answers: dict[bytes, int] = {}
+
+        def put(data: bytes) -> None:
+            answers[data] = httpx.put(url, content=data, headers=bearer(), timeout=60).status_code
+
+        threads = [threading.Thread(target=put, args=(data,)) for data in (first, later)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        assert sorted(answers.values()) == [200, 201], answers
+        winner = next(data for data, status in answers.items() if status == 201)
+        assert (root / f"{key}.kvc").read_bytes() == winner
+    assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]
+
+
 def test_paths_and_client_text_cannot_forge_log_lines(server):
     fake = "/v1/caches/%0aFAKE%20LINE%20200%00x%1b[31m"
     status, _ = raw_get(server.url, fake)

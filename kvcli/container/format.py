@@ -13,6 +13,7 @@ docs/format.md is the normative spec; this module implements it and imports no t
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -537,8 +538,10 @@ def write_output(out: str, chunks: list[bytes]) -> None:
     write_stdout(chunks)  # a reader that stops early gets a cut-off file: an error (exit 8), never a quiet 141
 
 
-def atomic_write(path: str, chunks: list[bytes]) -> None:
+def atomic_write(path: str, chunks: list[bytes], exclusive: bool = False) -> None:
     """Write to a temporary file beside `path`, fsync, then rename: a crash leaves the old file or none.
+    `exclusive` never replaces a file that is there: FileExistsError instead, decided by link(2) in one step, so
+    of two concurrent writers exactly one wins (a store's first writer, whose bytes an immutable ETag names).
 
     The new file gets the mode an ordinary open() would give it (0666 less the umask), so caches on shared
     storage are readable by the services that share it. Temporaries of earlier killed writers in the same
@@ -558,7 +561,13 @@ def atomic_write(path: str, chunks: list[bytes]) -> None:
             _write_all(fh, chunks)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        if exclusive:
+            _link_new(tmp, target)
+        else:
+            os.replace(tmp, target)
+    except FileExistsError:
+        _unlink_quietly(tmp)
+        raise
     except OSError as err:
         _unlink_quietly(tmp)
         raise StorageError(f"{path}: write failed: {reason(err)}") from None
@@ -629,6 +638,23 @@ def host_tag() -> str:
 def _write_all(fh: BinaryIO, chunks: list[bytes]) -> None:
     for c in chunks:
         fh.write(c)
+
+
+def _link_new(tmp: Path, target: Path) -> None:
+    """Rename `tmp` to `target` unless `target` exists (FileExistsError)."""
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+        # No hard links on this filesystem (some FUSE and SMB mounts): check, then rename; racy, but only there.
+        if target.exists():
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target)) from None
+        os.replace(tmp, target)
+        return
+    os.unlink(tmp)
 
 
 def _unlink_quietly(path) -> None:

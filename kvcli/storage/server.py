@@ -351,12 +351,11 @@ def keep_or_put(store, key: str, spool) -> int | None:
     """First writer wins: the ETag is the key and responses say `immutable`, so a key's bytes must never change
     (equal keys may carry other bytes: another created_at, another batching). A valid upload of a stored key
     leaves the stored file; returns its size, or None when this upload was stored."""
-    with open_data(spool) as src:
-        checked_key(key, validate(src), src.path)  # a corrupt or mislabelled body is refused all the same
-    size = store.size(key)
-    if size is None:
-        store.put(key, spool)
-    return size
+    try:
+        store.put(key, spool, exclusive=True)  # exclusive: two concurrent PUTs of a key store one file, not both
+    except FileExistsError:
+        return store.size(key)
+    return None
 
 
 async def put_cache(request: Request) -> Response:
@@ -443,11 +442,10 @@ async def complete_upload(request: Request) -> Response:
     size = int(text)
     if size > settings.max_upload:
         raise HTTPError(413, f"uploads are limited to {settings.max_upload} bytes")
-    kept = await run_in_threadpool(settings.store.size, key)
-    if kept is not None:  # first writer wins (keep_or_put): the staged parts are not needed
-        await run_in_threadpool(settings.store.abort_upload, key, upload)
-        return stored_response(request, key, kept, True)
-    stored = await run_in_threadpool(settings.store.complete_upload, key, upload, size)
+    try:  # first writer wins, as in keep_or_put; the staged parts go either way
+        stored = await run_in_threadpool(settings.store.complete_upload, key, upload, size, True)
+    except FileExistsError:
+        return stored_response(request, key, await run_in_threadpool(settings.store.size, key), True)
     return stored_response(request, stored, size, False)
 
 
