@@ -21,6 +21,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 import struct
 import sys
 import time
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from ..errors import FormatError, InputError, StorageError, UsageError, VersionError
-from ..stdio import reason, write_stdout
+from ..stdio import ShortWrite, reason, write_all, write_stdout
 
 MAGIC = b"\x89KVC\r\n\x1a\n"
 MAJOR = 2
@@ -531,11 +532,35 @@ def write_kvc(out: str, meta: dict, parts: list[SegmentData]) -> int:
 
 
 def write_output(out: str, chunks: list[bytes]) -> None:
-    """`-` writes to stdout; anything else is a path written atomically. Write failures are StorageError."""
-    if out != "-":
+    """`-` writes to stdout; a device or pipe (`/dev/null`, `/dev/stdout`, a FIFO) is written through; anything
+    else is a path written atomically. Write failures are StorageError."""
+    if out == "-":
+        write_stdout(chunks)  # a reader that stops early gets a cut-off file: an error (exit 8), never a quiet 141
+    elif is_stream(out):
+        write_through(out, chunks)
+    else:
         atomic_write(out, chunks)
-        return
-    write_stdout(chunks)  # a reader that stops early gets a cut-off file: an error (exit 8), never a quiet 141
+
+
+def is_stream(path: str) -> bool:
+    """Whether `path` names something other than a regular file (a device, a FIFO, a socket), following links. A
+    rename over it would replace the node itself: as root, `-o /dev/null` made /dev/null a regular file."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def write_through(path: str, chunks: list[bytes]) -> None:
+    try:
+        fh = open(path, "wb", buffering=0)
+    except OSError as err:
+        raise StorageError(f"{path}: cannot open for writing: {err.strerror}") from None
+    try:
+        with fh:
+            write_all(fh, chunks)
+    except ShortWrite as err:
+        raise StorageError(f"{path}: write failed after {err.done:,} bytes: {reason(err)}") from None
 
 
 def atomic_write(path: str, chunks: list[bytes], exclusive: bool = False) -> None:
