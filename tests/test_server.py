@@ -794,6 +794,27 @@ def test_concurrent_puts_of_one_key_store_one_file(server, root):
     assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_push_mends_a_damaged_or_foreign_file_stored_under_its_key(server, root, token_file, tmp_path, cli):
+    """push replaces a truncated or foreign object under its key (stored_soundly), but the server kept any stored
+    file, answered 200, and push said uploaded with exit 0 while the store still held the damaged file."""
+    good = make_cache(seed=62, tokens=300, dim=64)
+    other = make_cache(seed=63, tokens=300, dim=64)
+    key = key_of(good)
+    path = tmp_path / "good.kvc"
+    path.write_bytes(good)
+    stored = root / f"{key}.kvc"
+    for damaged in (good[: len(good) // 2], other):
+        stored.write_bytes(damaged)
+        pushed = cli("push", path, server.url, "--token-file", token_file, "--json")
+        assert pushed.exit_code == 0, pushed.stderr
+        assert stored.read_bytes() == good
+    # Through the resumable upload as well: its completion replaces a damaged file.
+    stored.write_bytes(good[:-7])
+    assert put_part(server.url, key, upload_of(good), 0, good).status_code == 200
+    assert complete(server.url, key, upload_of(good), len(good)).status_code == 201
+    assert stored.read_bytes() == good
+
+
 def test_paths_and_client_text_cannot_forge_log_lines(server):
     fake = "/v1/caches/%0aFAKE%20LINE%20200%00x%1b[31m"
     status, _ = raw_get(server.url, fake)

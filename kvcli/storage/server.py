@@ -31,7 +31,7 @@ from starlette.routing import Route
 from .. import __version__
 from ..container.keys import KEY_PATTERN
 from ..errors import FormatError, InputError, KvcliError, StorageError, UsageError
-from .store import UploadConflict, checked_key, open_data, validate
+from .store import UploadConflict, checked_key, open_data, stored_soundly, validate
 
 log = logging.getLogger("kvcli.server")
 
@@ -351,11 +351,17 @@ def keep_or_put(store, key: str, spool) -> int | None:
     """First writer wins: the ETag is the key and responses say `immutable`, so a key's bytes must never change
     (equal keys may carry other bytes: another created_at, another batching). A valid upload of a stored key
     leaves the stored file; returns its size, or None when this upload was stored."""
-    try:
-        store.put(key, spool, exclusive=True)  # exclusive: two concurrent PUTs of a key store one file, not both
+    try:  # exclusive: two concurrent PUTs of a key store one file, not both
+        store.put(key, spool, exclusive=keeps(store, key))
     except FileExistsError:
         return store.size(key)
     return None
+
+
+def keeps(store, key: str) -> bool:
+    """Whether an upload of `key` must leave the stored file: unless it is damaged or another cache's (a truncated
+    copy, a file put there by hand), which no client can have read as the key's bytes and push means to mend."""
+    return store.size(key) is None or stored_soundly(store, key)
 
 
 async def put_cache(request: Request) -> Response:
@@ -443,7 +449,8 @@ async def complete_upload(request: Request) -> Response:
     if size > settings.max_upload:
         raise HTTPError(413, f"uploads are limited to {settings.max_upload} bytes")
     try:  # first writer wins, as in keep_or_put; the staged parts go either way
-        stored = await run_in_threadpool(settings.store.complete_upload, key, upload, size, True)
+        exclusive = await run_in_threadpool(keeps, settings.store, key)
+        stored = await run_in_threadpool(settings.store.complete_upload, key, upload, size, exclusive)
     except FileExistsError:
         return stored_response(request, key, await run_in_threadpool(settings.store.size, key), True)
     return stored_response(request, stored, size, False)
