@@ -363,3 +363,17 @@ def test_push_with_a_wrong_token_is_refused_even_when_the_cache_is_stored(cli, s
     assert refused.exit_code == 8 and "the token was refused" in refused.stderr and refused.stdout == ""
     anonymous = cli("push", path, server.url, "--json")  # no token: no more told that it is there
     assert anonymous.exit_code == 8 and "a token is required" in anonymous.stderr and anonymous.stdout == ""
+
+
+def test_malformed_urls_are_usage_errors_before_any_request(cli, server, kvc, tmp_path):
+    """A newline or tab in a URL (urlsplit drops it, httpx refuses it), a broken IPv6 host, a port out of range
+    and an http URL without a host: exit 10 ("a bug in kvcli") or a connection failure after 4 attempts before."""
+    key = "0" * 64
+    for url in (f"{server.url}/v1/caches/{key}\n", f"{server.url}/v1/caches/{key}\t", f"http://[::1/v1/caches/{key}",
+                f"http://127.0.0.1:99999/v1/caches/{key}", f"http:///v1/caches/{key}"):
+        for args in (("pull", url, "-o", tmp_path / "out.kvc"), ("push", kvc, url.replace(f"/v1/caches/{key}", "")),
+                     ("generate", "--cache", url, "--model", "/nonexistent/model", "Q")):
+            result = cli(*args)
+            assert result.exit_code == 2, (args, result.stderr)
+            assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, (args, result.stderr)
+    assert not (tmp_path / "out.kvc").exists()

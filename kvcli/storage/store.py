@@ -845,7 +845,7 @@ def open_store(root: str, token: str | None = None, create: bool = False, **opti
     if not isinstance(root, (str, Path)) or not str(root):
         raise UsageError("a store needs a directory or URL")
     root = str(root)
-    scheme = urlsplit(root).scheme if "://" in root else ""
+    scheme = urlsplit(remote.check_url(root)).scheme if "://" in root else ""
     if scheme in ("http", "https"):
         return ServerStore(root, token, **options)
     if scheme in ("", "file"):
