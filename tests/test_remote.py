@@ -199,6 +199,22 @@ def test_cache_dir_keeps_verified_copies_and_evicts_the_least_recently_used(serv
     assert not [p for p in cache_dir.iterdir() if p.name.startswith(".")]
 
 
+def test_eviction_takes_only_copies_kvcli_made(server, tmp_path):
+    """--cache-dir pointed at a directory that holds a user's own .kvc files: eviction removed every *.kvc, the
+    user's 63 MB mine.kvc included (seen with `generate --cache-dir . --cache-dir-bytes 100000`)."""
+    client = store.open_store(server.url, token=TOKEN)
+    blob = make_cache(seed=38, tokens=64)
+    url = client.url_for(client.put(None, blob))
+    cache_dir = tmp_path / "work"
+    cache_dir.mkdir()
+    mine = cache_dir / "mine.kvc"
+    mine.write_bytes(make_cache(seed=39, tokens=200))
+    os.utime(mine, (1, 1))  # the oldest file there
+    with remote.open_source(url, remote.LocalCache(cache_dir, max_bytes=len(blob))) as src:
+        assert read_all(src) == blob
+    assert mine.exists() and (cache_dir / f"{url.rsplit('/', 1)[1]}.kvc").read_bytes() == blob
+
+
 def test_s3_urls_stream_through_fsspec(tmp_path):
     pytest.importorskip("s3fs")
     boto3 = pytest.importorskip("boto3")

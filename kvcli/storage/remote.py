@@ -23,7 +23,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..container import format
-from ..container.keys import check_key, checked_key
+from ..container.keys import KEY_PATTERN, check_key, checked_key
 from ..errors import FormatError, InputError, StorageError, UsageError
 
 HEAD_PREFETCH = 64 << 10  # one request usually holds the preamble and the whole header
@@ -418,6 +418,8 @@ class LocalCache:
         """Remove least recently used copies until the total fits; returns the bytes removed."""
         entries = []
         for path in self.dir.glob("*.kvc"):
+            if not KEY_PATTERN.fullmatch(path.stem):  # not a copy kvcli made: a user's own file in the directory
+                continue
             try:
                 st = path.stat()
             except OSError:
