@@ -815,6 +815,29 @@ def test_push_mends_a_damaged_or_foreign_file_stored_under_its_key(server, root,
     assert stored.read_bytes() == good
 
 
+def test_two_completions_of_one_upload_both_succeed(server, root):
+    """Two pushes of one file share its upload id: the completion that comes second (or runs at the same time)
+    found its parts taken by the first and failed with 404 ('no upload'; push exit 3, 1 of 3 tries of two
+    concurrent `kvcli push` of a 40 MB file), though the cache was stored."""
+    data = make_big_cache(seed=64, mib=12)
+    key, upload = key_of(data), upload_of(data)
+    part = store.PART_BYTES
+    for _ in range(3):
+        httpx.delete(f"{server.url}/v1/caches/{key}", headers=bearer())
+        for offset in range(0, len(data), part):
+            assert put_part(server.url, key, upload, offset, data[offset : offset + part]).status_code == 200
+        answers: list[int] = []
+        threads = [threading.Thread(target=lambda: answers.append(complete(server.url, key, upload, len(data))
+                                                                  .status_code)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        assert sorted(answers) == [200, 201], answers
+        assert complete(server.url, key, upload, len(data)).status_code == 200  # and any later one
+        assert (root / f"{key}.kvc").read_bytes() == data and staged(root) == []
+
+
 def test_paths_and_client_text_cannot_forge_log_lines(server):
     fake = "/v1/caches/%0aFAKE%20LINE%20200%00x%1b[31m"
     status, _ = raw_get(server.url, fake)

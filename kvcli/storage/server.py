@@ -358,10 +358,16 @@ def keep_or_put(store, key: str, spool) -> int | None:
     return None
 
 
+def kept_size(store, key: str) -> int | None:
+    """The size of a sound file stored under `key`, which uploads of the key leave in place."""
+    size = store.size(key)
+    return size if size is not None and stored_soundly(store, key) else None
+
+
 def keeps(store, key: str) -> bool:
     """Whether an upload of `key` must leave the stored file: unless it is damaged or another cache's (a truncated
     copy, a file put there by hand), which no client can have read as the key's bytes and push means to mend."""
-    return store.size(key) is None or stored_soundly(store, key)
+    return store.size(key) is None or kept_size(store, key) is not None
 
 
 async def put_cache(request: Request) -> Response:
@@ -448,12 +454,28 @@ async def complete_upload(request: Request) -> Response:
     size = int(text)
     if size > settings.max_upload:
         raise HTTPError(413, f"uploads are limited to {settings.max_upload} bytes")
-    try:  # first writer wins, as in keep_or_put; the staged parts go either way
-        exclusive = await run_in_threadpool(keeps, settings.store, key)
-        stored = await run_in_threadpool(settings.store.complete_upload, key, upload, size, exclusive)
-    except FileExistsError:
-        return stored_response(request, key, await run_in_threadpool(settings.store.size, key), True)
+    store = settings.store
+    try:
+        stored = await run_in_threadpool(complete_or_keep, store, key, upload, size)
+    except (InputError, UploadConflict):
+        # Two pushes of one file share its upload id: the other's completion took the parts this one completes.
+        if await run_in_threadpool(kept_size, store, key) is None:
+            raise
+        stored = None
+    if stored is None:  # first writer wins, as in keep_or_put; parts staged meanwhile are not needed
+        await run_in_threadpool(store.abort_upload, key, upload)
+        return stored_response(request, key, await run_in_threadpool(store.size, key), True)
     return stored_response(request, stored, size, False)
+
+
+def complete_or_keep(store, key: str, upload: str, size: int) -> str | None:
+    """The key, completed from the staged parts; None when a sound file of the key is stored (it stays)."""
+    if kept_size(store, key) is not None:
+        return None
+    try:
+        return store.complete_upload(key, upload, size, exclusive=keeps(store, key))
+    except FileExistsError:
+        return None
 
 
 async def list_caches(request: Request) -> Response:
