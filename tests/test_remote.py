@@ -13,7 +13,7 @@ import pytest
 from servers import CacheServer, make_cache, moto_server
 
 from kvcli.container import format, keys
-from kvcli.errors import FormatError, InputError, StorageError
+from kvcli.errors import FormatError, InputError, StorageError, UsageError
 from kvcli.storage import remote, store
 
 pytestmark = pytest.mark.slow  # starts servers, moto or Ray: outside the fast `-m 'not slow'` loop
@@ -393,3 +393,19 @@ def test_malformed_urls_are_usage_errors_before_any_request(cli, server, kvc, tm
             assert result.exit_code == 2, (args, result.stderr)
             assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, (args, result.stderr)
     assert not (tmp_path / "out.kvc").exists()
+
+
+def test_pull_refuses_a_fifo_or_device_as_its_output(cli, server, tmp_path):
+    """pull renames its verified partial file over -o: over a FIFO (or, as root, /dev/null) that replaced the node."""
+    import stat
+
+    url = store.open_store(server.url, token=TOKEN).url_for(store.open_store(server.url, token=TOKEN)
+                                                            .put(None, make_cache(seed=57)))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    refused = cli("pull", url, "-o", fifo)
+    assert refused.exit_code == 2 and refused.stderr.startswith("Error: pull needs a file name")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["fifo"]
+    with pytest.raises(UsageError):  # the same guard in every atomic write
+        format.atomic_write(str(fifo), [b"x"])
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)

@@ -575,6 +575,8 @@ def atomic_write(path: str, chunks: list[bytes], exclusive: bool = False) -> Non
     directory = target.parent if str(target.parent) else Path(".")
     if not directory.is_dir():
         raise StorageError(f"{path}: directory {directory} does not exist")
+    if is_stream(path):  # the rename would replace the device or FIFO itself; write_output writes through them
+        raise UsageError(f"{path}: not a regular file; give the name of a file to write")
     sweep_now_and_then(directory)
     tmp = directory / f".{target.name}{TEMP_MARK}{host_tag()}_{os.getpid()}_{secrets.token_hex(6)}.tmp"
     try:
