@@ -378,6 +378,7 @@ def test_push_with_a_wrong_token_is_refused_even_when_the_cache_is_stored(cli, s
     wrong.write_text("not-the-token")
     refused = cli("push", path, server.url, "--token-file", wrong)
     assert refused.exit_code == 8 and "the token was refused" in refused.stderr and refused.stdout == ""
+    assert refused.stderr.startswith(f"Error: {server.url}: cannot write: ")  # the server, not the probe's URL
     anonymous = cli("push", path, server.url, "--json")  # no token: no more told that it is there
     assert anonymous.exit_code == 8 and "a token is required" in anonymous.stderr and anonymous.stdout == ""
 

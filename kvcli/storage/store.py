@@ -741,8 +741,12 @@ class ServerStore:
 
     def check_writable(self) -> None:
         """Asks for the state of an upload nobody made: the server answers it only to a client that may write
-        (a writable server, the right token), and it changes nothing."""
-        self.upload_state("0" * 64, "0" * 64)
+        (a writable server, the right token), and it changes nothing. A refusal names the server, not the probe."""
+        probe = self._upload_path("0" * 64, "0" * 64)
+        try:
+            self.upload_state("0" * 64, "0" * 64)
+        except StorageError as err:
+            raise type(err)(str(err).replace(f"{self.url}{probe}", f"{self.url}: cannot write")) from None
 
     def upload_state(self, key: str, upload: str) -> dict:
         state = self._request("GET", self._upload_path(key, upload)).json()
