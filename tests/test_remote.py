@@ -411,3 +411,13 @@ def test_pull_refuses_a_fifo_or_device_as_its_output(cli, server, tmp_path):
     with pytest.raises(UsageError):  # the same guard in every atomic write
         format.atomic_write(str(fifo), [b"x"])
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_pull_from_a_server_that_is_down_names_the_url(cli, tmp_path):
+    """The fetcher's retries ended in 'Error: ConnectError: [Errno 111] Connection refused (after 4 attempts)'."""
+    from servers import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/v1/caches/{'7' * 64}"  # nothing listens there
+    failed = cli("pull", url, "-o", tmp_path / "out.kvc")
+    assert failed.exit_code == 8 and failed.stderr.startswith(f"Error: {url}: "), failed.stderr
+    assert failed.stderr.count("\n") == 1 and list(tmp_path.iterdir()) == []

@@ -111,6 +111,10 @@ def pull(
     fetcher = remote.make_fetcher(url, remote.read_token(None, token_file))
     try:
         result = download(fetcher, url, out)
+    except remote.ConnectionFailed as err:
+        if str(err).startswith(url):
+            raise
+        raise remote.ConnectionFailed(f"{url}: {err}") from None  # the fetcher's retries do not name what failed
     finally:
         fetcher.close()
     if as_json:
