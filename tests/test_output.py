@@ -250,6 +250,31 @@ def test_a_document_typed_at_the_terminal_is_read_to_ctrl_d(tiny_model_dir, tmp_
     assert out.stat().st_size > 0
 
 
+def test_an_output_that_is_a_fifo_or_a_device_is_written_through_not_replaced(long_kvc, tmp_path):
+    """`-o /dev/null`, `-o /dev/stdout` or `-o FIFO`: the rename of an atomic write replaced the node itself (as
+    root, /dev/null became a regular file); a FIFO is the case a test may break."""
+    import stat
+    import threading
+
+    kvc, expected = long_kvc
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    proc = subprocess.run([sys.executable, "-m", "kvcli", "decode", str(kvc), "-o", str(fifo)], env=environment({}),
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    if proc.returncode:  # the reader still waits for a writer: open the FIFO once so its thread ends
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)) if reader.is_alive() else None
+    reader.join(30)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and got == [expected]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo"]
+    proc = subprocess.run([sys.executable, "-m", "kvcli", "decode", str(kvc), "-o", os.devnull], env=environment({}),
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stderr) == (0, "") and stat.S_ISCHR(os.stat(os.devnull).st_mode)
+
+
 def test_decode_into_a_closed_pipe_fails_with_exit_8(long_kvc):
     kvc, expected = long_kvc
     proc = run_into_closed_pipe([sys.executable, "-m", "kvcli", "decode", str(kvc), "-o", "-"], environment({}))

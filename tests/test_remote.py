@@ -13,7 +13,7 @@ import pytest
 from servers import CacheServer, make_cache, moto_server
 
 from kvcli.container import format, keys
-from kvcli.errors import FormatError, InputError, StorageError
+from kvcli.errors import FormatError, InputError, StorageError, UsageError
 from kvcli.storage import remote, store
 
 pytestmark = pytest.mark.slow  # starts servers, moto or Ray: outside the fast `-m 'not slow'` loop
@@ -199,6 +199,22 @@ def test_cache_dir_keeps_verified_copies_and_evicts_the_least_recently_used(serv
     assert not [p for p in cache_dir.iterdir() if p.name.startswith(".")]
 
 
+def test_eviction_takes_only_copies_kvcli_made(server, tmp_path):
+    """--cache-dir pointed at a directory that holds a user's own .kvc files: eviction removed every *.kvc, the
+    user's 63 MB mine.kvc included (seen with `generate --cache-dir . --cache-dir-bytes 100000`)."""
+    client = store.open_store(server.url, token=TOKEN)
+    blob = make_cache(seed=38, tokens=64)
+    url = client.url_for(client.put(None, blob))
+    cache_dir = tmp_path / "work"
+    cache_dir.mkdir()
+    mine = cache_dir / "mine.kvc"
+    mine.write_bytes(make_cache(seed=39, tokens=200))
+    os.utime(mine, (1, 1))  # the oldest file there
+    with remote.open_source(url, remote.LocalCache(cache_dir, max_bytes=len(blob))) as src:
+        assert read_all(src) == blob
+    assert mine.exists() and (cache_dir / f"{url.rsplit('/', 1)[1]}.kvc").read_bytes() == blob
+
+
 def test_s3_urls_stream_through_fsspec(tmp_path):
     pytest.importorskip("s3fs")
     boto3 = pytest.importorskip("boto3")
@@ -347,7 +363,8 @@ def test_a_local_copy_that_does_not_fit_on_the_disk_is_skipped_with_one_line(ser
                                    "Question:"], cwd=REPO, capture_output=True, text=True, timeout=120,
                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
     assert done.returncode == 0 and done.stdout, done.stderr
-    assert done.stderr.startswith("kvcli: no local copy kept: ") and "the file size limit was reached" in done.stderr
+    assert done.stderr.startswith("kvcli: no local copy kept: ")
+    assert done.stderr.endswith("write failed: the file size limit was reached (ulimit -f)\n")
     assert done.stderr.count("\n") == 1 and list(copies.iterdir()) == []  # no temporary left either
 
 
@@ -361,5 +378,46 @@ def test_push_with_a_wrong_token_is_refused_even_when_the_cache_is_stored(cli, s
     wrong.write_text("not-the-token")
     refused = cli("push", path, server.url, "--token-file", wrong)
     assert refused.exit_code == 8 and "the token was refused" in refused.stderr and refused.stdout == ""
+    assert refused.stderr.startswith(f"Error: {server.url}: cannot write: ")  # the server, not the probe's URL
     anonymous = cli("push", path, server.url, "--json")  # no token: no more told that it is there
     assert anonymous.exit_code == 8 and "a token is required" in anonymous.stderr and anonymous.stdout == ""
+
+
+def test_malformed_urls_are_usage_errors_before_any_request(cli, server, kvc, tmp_path):
+    """A newline or tab in a URL (urlsplit drops it, httpx refuses it), a broken IPv6 host, a port out of range
+    and an http URL without a host: exit 10 ("a bug in kvcli") or a connection failure after 4 attempts before."""
+    key = "0" * 64
+    for url in (f"{server.url}/v1/caches/{key}\n", f"{server.url}/v1/caches/{key}\t", f"http://[::1/v1/caches/{key}",
+                f"http://127.0.0.1:99999/v1/caches/{key}", f"http:///v1/caches/{key}"):
+        for args in (("pull", url, "-o", tmp_path / "out.kvc"), ("push", kvc, url.replace(f"/v1/caches/{key}", "")),
+                     ("generate", "--cache", url, "--model", "/nonexistent/model", "Q")):
+            result = cli(*args)
+            assert result.exit_code == 2, (args, result.stderr)
+            assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, (args, result.stderr)
+    assert not (tmp_path / "out.kvc").exists()
+
+
+def test_pull_refuses_a_fifo_or_device_as_its_output(cli, server, tmp_path):
+    """pull renames its verified partial file over -o: over a FIFO (or, as root, /dev/null) that replaced the node."""
+    import stat
+
+    url = store.open_store(server.url, token=TOKEN).url_for(store.open_store(server.url, token=TOKEN)
+                                                            .put(None, make_cache(seed=57)))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    refused = cli("pull", url, "-o", fifo)
+    assert refused.exit_code == 2 and refused.stderr.startswith("Error: pull needs a file name")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["fifo"]
+    with pytest.raises(UsageError):  # the same guard in every atomic write
+        format.atomic_write(str(fifo), [b"x"])
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_pull_from_a_server_that_is_down_names_the_url(cli, tmp_path):
+    """The fetcher's retries ended in 'Error: ConnectError: [Errno 111] Connection refused (after 4 attempts)'."""
+    from servers import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/v1/caches/{'7' * 64}"  # nothing listens there
+    failed = cli("pull", url, "-o", tmp_path / "out.kvc")
+    assert failed.exit_code == 8 and failed.stderr.startswith(f"Error: {url}: "), failed.stderr
+    assert failed.stderr.count("\n") == 1 and list(tmp_path.iterdir()) == []

@@ -766,6 +766,78 @@ def test_a_stored_key_keeps_its_bytes_so_a_resume_never_stitches_two_files(serve
     assert httpx.put(url, content=later[:-1], headers=bearer()).status_code == 422
 
 
+def test_concurrent_puts_of_one_key_store_one_file(server, root):
+    """Two PUTs of equal-key files with other bytes at the same time: exactly one is stored (201), the other is
+    told the key was stored (200), and the stored bytes are the winner's. A check-then-write let both replace
+    the file (201 and 201, 4 of 5 tries with 16 MB files), so a reader between the two renames saw the ETag's
+    bytes change."""
+    later = make_cache(seed=61, tokens=256 * 16, layers=1, dim=256, chunk=256, created_at="2026-02-01T12:00:00Z")
+    first = make_cache(seed=61, tokens=256 * 16, layers=1, dim=256, chunk=256)
+    key = key_of(first)
+    assert key_of(later) == key and later != first
+    url = f"{server.url}/v1/caches/{key}"
+    for _ in range(4):
+        httpx.delete(url, headers=bearer())
+        answers: dict[bytes, int] = {}
+
+        def put(data: bytes) -> None:
+            answers[data] = httpx.put(url, content=data, headers=bearer(), timeout=60).status_code
+
+        threads = [threading.Thread(target=put, args=(data,)) for data in (first, later)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        assert sorted(answers.values()) == [200, 201], answers
+        winner = next(data for data, status in answers.items() if status == 201)
+        assert (root / f"{key}.kvc").read_bytes() == winner
+    assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_push_mends_a_damaged_or_foreign_file_stored_under_its_key(server, root, token_file, tmp_path, cli):
+    """push replaces a truncated or foreign object under its key (stored_soundly), but the server kept any stored
+    file, answered 200, and push said uploaded with exit 0 while the store still held the damaged file."""
+    good = make_cache(seed=62, tokens=300, dim=64)
+    other = make_cache(seed=63, tokens=300, dim=64)
+    key = key_of(good)
+    path = tmp_path / "good.kvc"
+    path.write_bytes(good)
+    stored = root / f"{key}.kvc"
+    for damaged in (good[: len(good) // 2], other):
+        stored.write_bytes(damaged)
+        pushed = cli("push", path, server.url, "--token-file", token_file, "--json")
+        assert pushed.exit_code == 0, pushed.stderr
+        assert stored.read_bytes() == good
+    # Through the resumable upload as well: its completion replaces a damaged file.
+    stored.write_bytes(good[:-7])
+    assert put_part(server.url, key, upload_of(good), 0, good).status_code == 200
+    assert complete(server.url, key, upload_of(good), len(good)).status_code == 201
+    assert stored.read_bytes() == good
+
+
+def test_two_completions_of_one_upload_both_succeed(server, root):
+    """Two pushes of one file share its upload id: the completion that comes second (or runs at the same time)
+    found its parts taken by the first and failed with 404 ('no upload'; push exit 3, 1 of 3 tries of two
+    concurrent `kvcli push` of a 40 MB file), though the cache was stored."""
+    data = make_big_cache(seed=64, mib=12)
+    key, upload = key_of(data), upload_of(data)
+    part = store.PART_BYTES
+    for _ in range(3):
+        httpx.delete(f"{server.url}/v1/caches/{key}", headers=bearer())
+        for offset in range(0, len(data), part):
+            assert put_part(server.url, key, upload, offset, data[offset : offset + part]).status_code == 200
+        answers: list[int] = []
+        threads = [threading.Thread(target=lambda: answers.append(complete(server.url, key, upload, len(data))
+                                                                  .status_code)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        assert sorted(answers) == [200, 201], answers
+        assert complete(server.url, key, upload, len(data)).status_code == 200  # and any later one
+        assert (root / f"{key}.kvc").read_bytes() == data and staged(root) == []
+
+
 def test_paths_and_client_text_cannot_forge_log_lines(server):
     fake = "/v1/caches/%0aFAKE%20LINE%20200%00x%1b[31m"
     status, _ = raw_get(server.url, fake)

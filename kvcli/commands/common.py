@@ -110,6 +110,10 @@ def check_output(out: str, inputs: list[str] = (), binary: bool = True) -> None:
     target = Path(out)
     if target.is_dir():
         raise UsageError(f"{out}: is a directory; give a file name")
+    from ..container.format import is_stream
+
+    if is_stream(out):  # /dev/null, /dev/stdout, a FIFO: written through, so its directory does not matter
+        return
     directory = target.parent
     if not directory.is_dir():
         raise StorageError(f"{out}: directory {directory} does not exist")

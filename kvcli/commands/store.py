@@ -101,7 +101,9 @@ def pull(
     from ..errors import UsageError
     from ..storage import remote
 
-    if out == "-":
+    from ..container.format import is_stream
+
+    if out == "-" or is_stream(out):  # a rename over a device or FIFO would replace the node (as root, /dev/null)
         raise UsageError("pull needs a file name for -o (it resumes into a hidden file beside it)")
     if "://" not in url:
         raise UsageError(f"{url}: expected an http(s):// or s3:// URL")
@@ -109,6 +111,10 @@ def pull(
     fetcher = remote.make_fetcher(url, remote.read_token(None, token_file))
     try:
         result = download(fetcher, url, out)
+    except remote.ConnectionFailed as err:
+        if str(err).startswith(url):
+            raise
+        raise remote.ConnectionFailed(f"{url}: {err}") from None  # the fetcher's retries do not name what failed
     finally:
         fetcher.close()
     if as_json:

@@ -13,6 +13,7 @@ docs/format.md is the normative spec; this module implements it and imports no t
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -20,6 +21,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 import struct
 import sys
 import time
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from ..errors import FormatError, InputError, StorageError, UsageError, VersionError
-from ..stdio import reason, write_stdout
+from ..stdio import ShortWrite, reason, write_all, write_stdout
 
 MAGIC = b"\x89KVC\r\n\x1a\n"
 MAJOR = 2
@@ -530,15 +532,41 @@ def write_kvc(out: str, meta: dict, parts: list[SegmentData]) -> int:
 
 
 def write_output(out: str, chunks: list[bytes]) -> None:
-    """`-` writes to stdout; anything else is a path written atomically. Write failures are StorageError."""
-    if out != "-":
+    """`-` writes to stdout; a device or pipe (`/dev/null`, `/dev/stdout`, a FIFO) is written through; anything
+    else is a path written atomically. Write failures are StorageError."""
+    if out == "-":
+        write_stdout(chunks)  # a reader that stops early gets a cut-off file: an error (exit 8), never a quiet 141
+    elif is_stream(out):
+        write_through(out, chunks)
+    else:
         atomic_write(out, chunks)
-        return
-    write_stdout(chunks)  # a reader that stops early gets a cut-off file: an error (exit 8), never a quiet 141
 
 
-def atomic_write(path: str, chunks: list[bytes]) -> None:
+def is_stream(path: str) -> bool:
+    """Whether `path` names something other than a regular file (a device, a FIFO, a socket), following links. A
+    rename over it would replace the node itself: as root, `-o /dev/null` made /dev/null a regular file."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def write_through(path: str, chunks: list[bytes]) -> None:
+    try:
+        fh = open(path, "wb", buffering=0)
+    except OSError as err:
+        raise StorageError(f"{path}: cannot open for writing: {err.strerror}") from None
+    try:
+        with fh:
+            write_all(fh, chunks)
+    except ShortWrite as err:
+        raise StorageError(f"{path}: write failed after {err.done:,} bytes: {reason(err)}") from None
+
+
+def atomic_write(path: str, chunks: list[bytes], exclusive: bool = False) -> None:
     """Write to a temporary file beside `path`, fsync, then rename: a crash leaves the old file or none.
+    `exclusive` never replaces a file that is there: FileExistsError instead, decided by link(2) in one step, so
+    of two concurrent writers exactly one wins (a store's first writer, whose bytes an immutable ETag names).
 
     The new file gets the mode an ordinary open() would give it (0666 less the umask), so caches on shared
     storage are readable by the services that share it. Temporaries of earlier killed writers in the same
@@ -547,6 +575,8 @@ def atomic_write(path: str, chunks: list[bytes]) -> None:
     directory = target.parent if str(target.parent) else Path(".")
     if not directory.is_dir():
         raise StorageError(f"{path}: directory {directory} does not exist")
+    if is_stream(path):  # the rename would replace the device or FIFO itself; write_output writes through them
+        raise UsageError(f"{path}: not a regular file; give the name of a file to write")
     sweep_now_and_then(directory)
     tmp = directory / f".{target.name}{TEMP_MARK}{host_tag()}_{os.getpid()}_{secrets.token_hex(6)}.tmp"
     try:
@@ -558,7 +588,13 @@ def atomic_write(path: str, chunks: list[bytes]) -> None:
             _write_all(fh, chunks)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        if exclusive:
+            _link_new(tmp, target)
+        else:
+            os.replace(tmp, target)
+    except FileExistsError:
+        _unlink_quietly(tmp)
+        raise
     except OSError as err:
         _unlink_quietly(tmp)
         raise StorageError(f"{path}: write failed: {reason(err)}") from None
@@ -629,6 +665,23 @@ def host_tag() -> str:
 def _write_all(fh: BinaryIO, chunks: list[bytes]) -> None:
     for c in chunks:
         fh.write(c)
+
+
+def _link_new(tmp: Path, target: Path) -> None:
+    """Rename `tmp` to `target` unless `target` exists (FileExistsError)."""
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+        # No hard links on this filesystem (some FUSE and SMB mounts): check, then rename; racy, but only there.
+        if target.exists():
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target)) from None
+        os.replace(tmp, target)
+        return
+    os.unlink(tmp)
 
 
 def _unlink_quietly(path) -> None:

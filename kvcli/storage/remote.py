@@ -23,7 +23,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..container import format
-from ..container.keys import check_key, checked_key
+from ..container.keys import KEY_PATTERN, check_key, checked_key
 from ..errors import FormatError, InputError, StorageError, UsageError
 
 HEAD_PREFETCH = 64 << 10  # one request usually holds the preamble and the whole header
@@ -418,6 +418,8 @@ class LocalCache:
         """Remove least recently used copies until the total fits; returns the bytes removed."""
         entries = []
         for path in self.dir.glob("*.kvc"):
+            if not KEY_PATTERN.fullmatch(path.stem):  # not a copy kvcli made: a user's own file in the directory
+                continue
             try:
                 st = path.stat()
             except OSError:
@@ -464,8 +466,25 @@ def read_token(token: str | None = None, token_file: str | None = None) -> str |
     return os.environ.get(TOKEN_ENV) or None
 
 
+def check_url(location: str) -> str:
+    """A URL refused as a usage error (exit 2) before any request: control characters (urlsplit drops a
+    newline that httpx then refuses), a malformed host or port, an http(s) URL without a host. These reached the
+    user as "a bug in kvcli" (exit 10), or as a connection failure after 4 attempts."""
+    bad = next((c for c in location if ord(c) < 0x20 or ord(c) == 0x7F), None)
+    if bad is not None:
+        raise UsageError(f"{location!r}: a URL cannot hold {bad!r}; percent-encode it or remove it")
+    try:
+        parts = urlsplit(location)
+        parts.port  # noqa: B018 - raises ValueError for a port outside 0-65535
+    except ValueError as err:
+        raise UsageError(f"{location}: not a valid URL ({err})") from None
+    if parts.scheme in ("http", "https") and not parts.hostname:
+        raise UsageError(f"{location}: the URL names no host")
+    return location
+
+
 def make_fetcher(location: str, token: str | None = None, transport=None):
-    parts = urlsplit(location)
+    parts = urlsplit(check_url(location))
     if parts.scheme in ("http", "https"):
         if "/v1/caches/" in parts.path:
             check_key(parts.path.rsplit("/", 1)[1])
@@ -483,7 +502,7 @@ def open_source(location: str, cache_dir: str | LocalCache | None = None, token:
     leaves one behind."""
     if "://" not in location:
         return format.open_source(location)
-    key = url_key(location)
+    key = url_key(check_url(location))
     local = None
     if cache_dir and key:
         local = cache_dir if isinstance(cache_dir, LocalCache) else LocalCache(cache_dir)

@@ -31,7 +31,7 @@ from starlette.routing import Route
 from .. import __version__
 from ..container.keys import KEY_PATTERN
 from ..errors import FormatError, InputError, KvcliError, StorageError, UsageError
-from .store import UploadConflict, checked_key, open_data, validate
+from .store import UploadConflict, checked_key, open_data, stored_soundly, validate
 
 log = logging.getLogger("kvcli.server")
 
@@ -351,12 +351,23 @@ def keep_or_put(store, key: str, spool) -> int | None:
     """First writer wins: the ETag is the key and responses say `immutable`, so a key's bytes must never change
     (equal keys may carry other bytes: another created_at, another batching). A valid upload of a stored key
     leaves the stored file; returns its size, or None when this upload was stored."""
-    with open_data(spool) as src:
-        checked_key(key, validate(src), src.path)  # a corrupt or mislabelled body is refused all the same
+    try:  # exclusive: two concurrent PUTs of a key store one file, not both
+        store.put(key, spool, exclusive=keeps(store, key))
+    except FileExistsError:
+        return store.size(key)
+    return None
+
+
+def kept_size(store, key: str) -> int | None:
+    """The size of a sound file stored under `key`, which uploads of the key leave in place."""
     size = store.size(key)
-    if size is None:
-        store.put(key, spool)
-    return size
+    return size if size is not None and stored_soundly(store, key) else None
+
+
+def keeps(store, key: str) -> bool:
+    """Whether an upload of `key` must leave the stored file: unless it is damaged or another cache's (a truncated
+    copy, a file put there by hand), which no client can have read as the key's bytes and push means to mend."""
+    return store.size(key) is None or kept_size(store, key) is not None
 
 
 async def put_cache(request: Request) -> Response:
@@ -443,12 +454,28 @@ async def complete_upload(request: Request) -> Response:
     size = int(text)
     if size > settings.max_upload:
         raise HTTPError(413, f"uploads are limited to {settings.max_upload} bytes")
-    kept = await run_in_threadpool(settings.store.size, key)
-    if kept is not None:  # first writer wins (keep_or_put): the staged parts are not needed
-        await run_in_threadpool(settings.store.abort_upload, key, upload)
-        return stored_response(request, key, kept, True)
-    stored = await run_in_threadpool(settings.store.complete_upload, key, upload, size)
+    store = settings.store
+    try:
+        stored = await run_in_threadpool(complete_or_keep, store, key, upload, size)
+    except (InputError, UploadConflict):
+        # Two pushes of one file share its upload id: the other's completion took the parts this one completes.
+        if await run_in_threadpool(kept_size, store, key) is None:
+            raise
+        stored = None
+    if stored is None:  # first writer wins, as in keep_or_put; parts staged meanwhile are not needed
+        await run_in_threadpool(store.abort_upload, key, upload)
+        return stored_response(request, key, await run_in_threadpool(store.size, key), True)
     return stored_response(request, stored, size, False)
+
+
+def complete_or_keep(store, key: str, upload: str, size: int) -> str | None:
+    """The key, completed from the staged parts; None when a sound file of the key is stored (it stays)."""
+    if kept_size(store, key) is not None:
+        return None
+    try:
+        return store.complete_upload(key, upload, size, exclusive=keeps(store, key))
+    except FileExistsError:
+        return None
 
 
 async def list_caches(request: Request) -> Response:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -234,12 +235,13 @@ class FileStore:
             raise InputError(f"{self.url}: no cache {key}")
         return StoredSource(self, key, size)
 
-    def put(self, key: str | None, data: Data) -> str:
+    def put(self, key: str | None, data: Data, exclusive: bool = False) -> str:
         """Validate the whole file, check it against `key` (None: take the content's key), store it atomically,
-        return its key. Storing a key that exists replaces it with an equally valid file."""
+        return its key. Storing a key that exists replaces it with an equally valid file; with `exclusive` the
+        stored file stays and this raises FileExistsError (first writer wins, also against a concurrent put)."""
         with open_data(data) as src:
             key = checked_key(key, validate(src), getattr(src, "path", "<upload>"))
-            self._write(key, src)
+            self._write(key, src, exclusive)
         return key
 
     def delete(self, key: str) -> bool:
@@ -277,10 +279,10 @@ class FileStore:
         check_part(offset, len(data), self.part_bytes)
         self._write_part(key, upload, offset, data)
 
-    def complete_upload(self, key: str, upload: str, size: int) -> str:
+    def complete_upload(self, key: str, upload: str, size: int, exclusive: bool = False) -> str:
         """Validate the assembled parts as put() validates a file, store them atomically, drop the staging.
         A gap is an UploadConflict (the parts stay); a file that fails validation drops them, since sending the
-        same parts again cannot mend it."""
+        same parts again cannot mend it; so does `exclusive` (as for put) when the key is stored."""
         parts = self._parts(check_key(key), check_hex(upload, "upload"))
         if not parts:
             raise InputError(f"{self.url}: no upload {upload} of {key}")
@@ -294,7 +296,11 @@ class FileStore:
             except FormatError:
                 self._remove_upload(key, upload)
                 raise
-            self._write(key, src)
+            try:
+                self._write(key, src, exclusive)
+            except FileExistsError:
+                self._remove_upload(key, upload)
+                raise
         self._remove_upload(key, upload)
         return key
 
@@ -331,7 +337,7 @@ class FileStore:
     def _size(self, key: str) -> int | None: ...
     def _read(self, key: str, offset: int, length: int) -> bytes: ...
     def _keys(self) -> Iterator[tuple[str, int]]: ...
-    def _write(self, key: str, src: format.ByteSource) -> None: ...
+    def _write(self, key: str, src: format.ByteSource, exclusive: bool = False) -> None: ...
     def _remove(self, key: str) -> bool: ...
     def _parts(self, key: str, upload: str) -> list[tuple[int, int]]: ...
     def _read_part(self, key: str, upload: str, offset: int) -> bytes: ...
@@ -425,8 +431,8 @@ class DirStore(FileStore):
         except OSError as err:
             raise StorageError(f"{self.root}: cannot list: {err.strerror}") from None
 
-    def _write(self, key: str, src: format.ByteSource) -> None:
-        format.atomic_write(self.path_of(key), iter_blocks(src))
+    def _write(self, key: str, src: format.ByteSource, exclusive: bool = False) -> None:
+        format.atomic_write(self.path_of(key), iter_blocks(src), exclusive)
 
     def _remove(self, key: str) -> bool:
         try:
@@ -567,9 +573,12 @@ class FsspecStore(FileStore):
             if ext == "kvc" and KEY_PATTERN.fullmatch(stem) and info.get("type") == "file":
                 yield stem, int(info["size"])
 
-    def _write(self, key: str, src: format.ByteSource) -> None:
+    def _write(self, key: str, src: format.ByteSource, exclusive: bool = False) -> None:
         """One streamed upload that becomes visible only when it completes (one PUT, or a completed multipart
         upload); a failure discards it instead of letting close() commit a torn object."""
+        if exclusive and self._size(key) is not None:
+            # Checked, not atomic (no conditional PUT here): two writers of one key at the same moment may both write.
+            raise FileExistsError(errno.EEXIST, "the key is stored", self.url_for(key))
         path = self.path_of(key)
         try:
             fh = self.fs.open(path, "wb")
@@ -732,8 +741,12 @@ class ServerStore:
 
     def check_writable(self) -> None:
         """Asks for the state of an upload nobody made: the server answers it only to a client that may write
-        (a writable server, the right token), and it changes nothing."""
-        self.upload_state("0" * 64, "0" * 64)
+        (a writable server, the right token), and it changes nothing. A refusal names the server, not the probe."""
+        probe = self._upload_path("0" * 64, "0" * 64)
+        try:
+            self.upload_state("0" * 64, "0" * 64)
+        except StorageError as err:
+            raise type(err)(str(err).replace(f"{self.url}{probe}", f"{self.url}: cannot write")) from None
 
     def upload_state(self, key: str, upload: str) -> dict:
         state = self._request("GET", self._upload_path(key, upload)).json()
@@ -836,7 +849,7 @@ def open_store(root: str, token: str | None = None, create: bool = False, **opti
     if not isinstance(root, (str, Path)) or not str(root):
         raise UsageError("a store needs a directory or URL")
     root = str(root)
-    scheme = urlsplit(root).scheme if "://" in root else ""
+    scheme = urlsplit(remote.check_url(root)).scheme if "://" in root else ""
     if scheme in ("http", "https"):
         return ServerStore(root, token, **options)
     if scheme in ("", "file"):
