@@ -116,9 +116,11 @@ def test_two_writers_of_one_key_both_succeed_and_leave_one_valid_file(tmp_path):
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
-    names = os.listdir(tmp_path)
-    assert len(names) == 1 and names[0].endswith(".kvc")  # no temporaries left behind
-    assert (tmp_path / names[0]).read_bytes() == data
+    names = sorted(os.listdir(tmp_path))
+    assert len(names) == 2 and names[0] == ".index" and names[1].endswith(".kvc")  # no temporaries left behind
+    assert (tmp_path / names[1]).read_bytes() == data
+    entries = [p for p in (tmp_path / ".index").rglob("*") if p.is_file()]
+    assert [p.name for p in entries] == [names[1][:-4]] * (400 // 256)  # nor among the index entries
 
 
 def test_open_store_kinds(tmp_path):
@@ -213,7 +215,7 @@ def test_push_to_an_object_store_resumes_from_staged_parts(s3_env, tmp_path):
     local = store.open_store(str(tmp_path / "dir"), create=True)
     local.part_bytes = part
     assert store.push(local, path)["sent"] == len(data)  # a directory: one atomic put, nothing to resume
-    assert os.listdir(tmp_path / "dir") == [f"{key}.kvc"]
+    assert sorted(os.listdir(tmp_path / "dir")) == [".index", f"{key}.kvc"]
 
 
 

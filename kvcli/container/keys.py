@@ -70,3 +70,32 @@ def check_key(key: str) -> str:
         shown = key[:80] if isinstance(key, str) else type(key).__name__
         raise UsageError(f"{shown!r} is not a cache key (64 lowercase hex digits)")
     return key
+
+
+CHUNK_DOMAIN = b"kvcli-chunk-key-v1\0"
+CHUNK_TOKENS = 256
+
+
+def chunk_keys(model: dict, dtype: str, token_ids, chunk_tokens: int = CHUNK_TOKENS) -> list[str]:
+    """The chained key of every full `chunk_tokens` chunk of `token_ids` (docs/format.md, "Chunk keys").
+
+    Key i is SHA-256 of the domain tag, key i-1's 32 bytes (32 zero bytes for the first chunk), the canonical JSON
+    of the model identity and dtype, a NUL and chunk i's token bytes: equal keys mean equal tokens from position 0
+    to the chunk's end for one model and dtype, whichever file or process computed them. A partial last chunk has
+    no key."""
+    if type(chunk_tokens) is not int or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a positive integer, not {chunk_tokens!r}")
+    what = {field: model[field] for field in MODEL_FIELDS}
+    what["dtype"] = dtype
+    context = canonical_json(what) + b"\0"
+    data = token_bytes(token_ids)
+    width = 4 * chunk_tokens
+    keys, previous = [], bytes(32)
+    for start in range(0, len(data) - width + 1, width):
+        digest = hashlib.sha256(CHUNK_DOMAIN)
+        digest.update(previous)
+        digest.update(context)
+        digest.update(data[start : start + width])
+        previous = digest.digest()
+        keys.append(previous.hex())
+    return keys

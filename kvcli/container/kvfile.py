@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from itertools import accumulate
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -244,6 +245,89 @@ def decode(src: format.ByteSource, header: format.Header, threads: int | None = 
         while pending:
             pending.popleft().result()
     return KVCache(list(header.token_ids), keys, values)
+
+
+class SpanSource(format.Source):
+    """A source whose bytes [offset, offset + len(data)) were read ahead in one request; other reads pass through."""
+
+    def __init__(self, src: format.ByteSource, offset: int, data: bytes):
+        self.src, self.offset, self.data = src, offset, data
+        self.size = src.size
+        self.path = getattr(src, "path", "<input>")
+
+    def read(self, offset: int, length: int) -> bytes:
+        lo = offset - self.offset
+        if 0 <= lo and lo + length <= len(self.data):
+            return self.data[lo : lo + length]
+        return self.src.read(offset, length)
+
+
+class PrefixReader:
+    """Tokens [0, tokens) of a file, decoded layer by layer on the CPU: what a loader that computes layer l while
+    layer l+1 loads asks for. Opening it reads the codec tables and, in one read, the bytes of every segment that
+    holds those tokens (files are chunk-major, so they are the start of the data section); nothing after them.
+
+        reader = PrefixReader(src, header, 512)
+        k, v = reader.layer(0)          # (kv_heads, 512, key_dim), (kv_heads, 512, value_dim)
+        kv = reader.cache()             # every layer, as a KVCache of the first 512 tokens
+    """
+
+    def __init__(self, src: format.ByteSource, header: format.Header, tokens: int):
+        name = getattr(src, "path", "<input>")
+        if type(tokens) is not int or not 0 < tokens <= header.num_tokens:
+            raise ValueError(f"{name}: a prefix of 1 to {header.num_tokens} tokens, not {tokens!r}")
+        if tokens < header.num_tokens and any(s.token_start for s in header.layers):
+            raise FormatError(f"{name}: a layer holds only the document's last tokens (a sliding window), so the "
+                              f"file has no prefix of {tokens} tokens")
+        self.header, self.tokens, self.name = header, tokens, name
+        self.codec, self.decoder = open_decoder(src, header)
+        check_decoded_size(header, self.codec, name, None)
+        segs, ctxs = _segments(header)
+        wanted = [i for i, seg in enumerate(segs) if seg.token_start < tokens]
+        self._by_layer: dict[tuple[int, str], list[int]] = {}
+        for i in wanted:
+            self._by_layer.setdefault((segs[i].layer, segs[i].kind), []).append(i)
+        self._segs, self._ctxs = segs, ctxs
+        if wanted:
+            start = min(segs[i].offset for i in wanted)
+            end = max(segs[i].offset + segs[i].length for i in wanted)
+            src = SpanSource(src, header.data_offset + start, src.read(header.data_offset + start, end - start))
+        self._src = src
+
+    def layer(self, layer: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's K and V for tokens [0, tokens), as (kv_heads, tokens, dim) tensors of the file's dtype;
+        every segment checksum-verified, a bad one named."""
+        shape = self.header.layers[layer]
+        return (self._decode(layer, "k", shape.key_dim, device), self._decode(layer, "v", shape.value_dim, device))
+
+    def cache(self, device: str | torch.device = "cpu") -> KVCache:
+        layers = [self.layer(i, device) for i in range(len(self.header.layers))]
+        return KVCache(list(self.header.token_ids[: self.tokens]), [k for k, _ in layers], [v for _, v in layers])
+
+    def _decode(self, layer: int, kind: str, dim: int, device) -> torch.Tensor:
+        batch = self._by_layer.get((layer, kind), [])
+        covered = sum(self._ctxs[i].tokens for i in batch)
+        if covered < self.tokens or [self._segs[i].token_start for i in batch] != list(accumulate(
+                [0] + [self._ctxs[i].tokens for i in batch[:-1]])):
+            raise FormatError(f"{self.name}: layer {layer} {kind.upper()} has no segments for all of tokens "
+                              f"[0, {self.tokens})")
+        heads = self.header.layers[layer].kv_heads
+        dtype = format_dtype(self.header.dtype)
+        if self.decoder.channel_major:
+            out = torch.empty((heads, dim, covered), dtype=dtype, device=device).transpose(1, 2)
+        else:
+            out = torch.empty((heads, covered, dim), dtype=dtype, device=device)
+        datas = [format.read_segment(self._src, self.header, self._segs[i]) for i in batch]
+        symbols = _entropy(self.decoder, self.name, self._segs, batch, self._ctxs, datas)
+        pos = 0
+        for i, data, sym in zip(batch, datas, symbols):
+            ctx = self._ctxs[i]
+            try:
+                self.decoder.reconstruct(ctx, data, sym, out[:, pos : pos + ctx.tokens])
+            except CodecError as err:
+                raise FormatError(f"{self.name}: {self._segs[i].label()}: cannot decode: {err}") from None
+            pos += ctx.tokens
+        return out[:, : self.tokens]
 
 
 def _allocate(header: format.Header, device: torch.device, channel_major: bool):

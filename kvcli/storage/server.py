@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import re
 import tempfile
@@ -31,6 +32,7 @@ from starlette.routing import Route
 from .. import __version__
 from ..container.keys import KEY_PATTERN
 from ..errors import FormatError, InputError, KvcliError, StorageError, UsageError
+from .index import MAX_CHUNKS, check_chunk_keys
 from .store import UploadConflict, checked_key, open_data, stored_soundly, validate
 
 log = logging.getLogger("kvcli.server")
@@ -493,6 +495,23 @@ async def lookup(request: Request) -> Response:
     return JSONResponse({"caches": await run_in_threadpool(lambda: store.lookup(**wanted))})
 
 
+PREFIX_BODY_BYTES = 80 * MAX_CHUNKS  # {"chunk_keys": [...]}: 67 bytes a key, with room for spaces
+
+
+async def prefix_lookup(request: Request) -> Response:
+    """The batch lookup of the prefix index: every chunk key of a prompt in one request, the verified hits of its
+    longest stored prefix in the answer (index.best_hits)."""
+    check_readable(request)
+    body = b"".join([chunk async for chunk in receive_body(request, PREFIX_BODY_BYTES, "prefix lookups")])
+    try:
+        keys = json.loads(body)["chunk_keys"]
+    except (ValueError, TypeError, KeyError):
+        raise HTTPError(400, 'the body must be a JSON object {"chunk_keys": [...]}') from None
+    check_chunk_keys(keys)
+    hits = await run_in_threadpool(settings_of(request).store.prefix_hits_for, keys)
+    return JSONResponse({"hits": [hit.to_json() for hit in hits]})
+
+
 async def healthz(request: Request) -> Response:
     settings = settings_of(request)
     await run_in_threadpool(settings.store.probe)  # a dead mount or an unreachable bucket is a 503
@@ -540,6 +559,7 @@ class Endpoint:
     responses: dict[str, tuple[str, str | None]]
     write: bool = False  # needs --writable and the bearer token
     body: bool = False  # takes the file's bytes
+    json_body: str | None = None  # takes a JSON object of this schema
     params: tuple[dict, ...] = ()  # query and header parameters
 
 
@@ -593,6 +613,11 @@ ENDPOINTS = (
              params=(hex_query("model", "weights digest of the model"),
                      hex_query("tokens_sha256", "SHA-256 of the token ids as u32 little-endian"),
                      hex_query("source_sha256", "SHA-256 of the source document"))),
+    Endpoint("POST", "/v1/prefix", prefix_lookup,
+             "Find the longest stored prefix of a prompt from its chunk keys (docs/format.md, \"Prefix index\"); "
+             "every file that holds it, verified against its header, best first",
+             {"200": ("The hits, all of one length; none: an empty list", "PrefixHits"), "400": ERROR, "401": ERROR,
+              "403": ERROR, "408": ERROR, "413": ERROR}, json_body="PrefixLookup"),
     Endpoint("GET", "/healthz", healthz, "Liveness, with a touch of the store", {"200": ("OK", None), "503": ERROR}),
     Endpoint("GET", "/metrics", metrics_text, "Prometheus metrics", {"200": ("Text exposition format", "text")}),
     Endpoint("GET", "/openapi.json", openapi, "This document", {"200": ("OpenAPI", None)}),
@@ -659,6 +684,17 @@ SCHEMAS = {
         "caches": {"type": "array", "items": {"$ref": "#/components/schemas/Entry"}}}},
     "Stored": {"type": "object", "required": ["key", "url", "bytes"], "properties": {
         "key": {"type": "string"}, "url": {"type": "string"}, "bytes": {"type": "integer"}}},
+    "PrefixLookup": {"type": "object", "required": ["chunk_keys"], "properties": {
+        "chunk_keys": {"type": "array", "maxItems": MAX_CHUNKS, "items": {"type": "string", "pattern": HEX64},
+                       "description": "The prompt's chunk keys in order (docs/format.md, \"Chunk keys\")"}}},
+    "PrefixHits": {"type": "object", "required": ["hits"], "properties": {"hits": {"type": "array", "items": {
+        "type": "object", "required": ["file_key", "tokens", "codec", "quality", "bytes", "file_tokens"],
+        "properties": {
+            "file_key": {"type": "string", "pattern": HEX64, "description": "Cache key of the file"},
+            "tokens": {"type": "integer", "description": "Prompt tokens the file holds: a multiple of 256"},
+            "codec": {"type": "string"}, "quality": {"type": "string", "description": "The --quality preset"},
+            "bytes": {"type": "integer", "description": "The whole file's size"},
+            "file_tokens": {"type": "integer", "description": "Tokens in the whole file"}}}}}},
     "Upload": {"type": "object", "required": ["key", "upload", "part_bytes", "parts"], "properties": {
         "key": {"type": "string"}, "upload": {"type": "string"},
         "part_bytes": {"type": "integer", "description": "Parts start at multiples of this and hold at most this "
@@ -692,6 +728,8 @@ def operation(e: Endpoint, sizes: dict) -> dict:
         op["security"] = [{"bearer": []}]
     if e.body:
         op["requestBody"] = {"required": True, "content": OCTETS}
+    if e.json_body:
+        op["requestBody"] = {"required": True, "content": content_of(e.json_body)}
     return op
 
 

@@ -33,6 +33,7 @@ import secrets
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Iterator
 from urllib.parse import urlsplit
@@ -40,7 +41,8 @@ from urllib.parse import urlsplit
 from ..container import format
 from ..container.keys import KEY_PATTERN, check_key, checked_key, tokens_sha256
 from ..errors import FormatError, InputError, StorageError, UsageError
-from . import remote
+from . import index, remote
+from .index import INDEX, FileChunks, PrefixHit
 
 COPY_BLOCK = 1 << 20
 PART_BYTES = 8 << 20  # an upload part; a push of a larger file goes in parts and resumes where it broke off
@@ -195,15 +197,19 @@ class PartsSource(format.Source):
 # ---------------------------------------------------------------- stores over files
 
 
-class FileStore:
-    """What directory and object stores share: validation, listing and lookup from the files' headers.
+class FileStore(index.PrefixLookup):
+    """What directory and object stores share: validation, listing and lookup from the files' headers, and the
+    prefix index (index.py).
 
-    Subclasses provide _size, _read, _keys (key, size pairs), _write (from a validated source) and _remove."""
+    Subclasses provide _size, _read, _keys (key, size pairs), _write (from a validated source) and _remove, and for
+    the index _index_files, _write_entry, _remove_entry and _entries."""
 
     url: str
+    index_workers = 1  # concurrent requests of one index lookup or update; a remote store raises it
 
     def __init__(self):
         self._headers: dict[tuple[str, int], dict] = {}
+        self._chunks: dict[tuple[str, int], FileChunks] = {}
         self._lock = threading.Lock()
 
     def path_of(self, key: str) -> str:
@@ -240,13 +246,19 @@ class FileStore:
         return its key. Storing a key that exists replaces it with an equally valid file; with `exclusive` the
         stored file stays and this raises FileExistsError (first writer wins, also against a concurrent put)."""
         with open_data(data) as src:
-            key = checked_key(key, validate(src), getattr(src, "path", "<upload>"))
+            header = validate(src)
+            key = checked_key(key, header, getattr(src, "path", "<upload>"))
             self._write(key, src, exclusive)
+            self._record(key, header, src.size)
         return key
 
     def delete(self, key: str) -> bool:
-        """Remove a cache; False if there was none."""
-        return self._remove(check_key(key))
+        """Remove a cache, then its index entries; False if there was none."""
+        info = self.chunks_of(key)
+        removed = self._remove(key)
+        if info is not None:
+            self._map(lambda chunk: self._remove_entry(chunk, key), info.chunks)
+        return removed
 
     def list(self, model: str | None = None) -> list[dict]:
         check_hex(model, "model")
@@ -301,6 +313,7 @@ class FileStore:
             except FileExistsError:
                 self._remove_upload(key, upload)
                 raise
+            self._record(key, header, size)
         self._remove_upload(key, upload)
         return key
 
@@ -333,6 +346,76 @@ class FileStore:
             self._headers[(key, size)] = entry
         return entry
 
+    # -- the prefix index (index.py)
+
+    def _map(self, fn, items) -> list:
+        items = list(items)
+        if self.index_workers <= 1 or len(items) <= 1:
+            return [fn(item) for item in items]
+        with ThreadPoolExecutor(max_workers=min(self.index_workers, len(items))) as pool:
+            return list(pool.map(fn, items))
+
+    def _record(self, key: str, header: format.Header, size: int) -> None:
+        """Index a file just stored: called after the write, so no entry names a file that is not there."""
+        info = index.file_chunks(header, size)
+        self._remember(key, size, info)
+        self._map(lambda entry: self._write_entry(entry[0], key, entry[1]), index.entries(key, info))
+
+    def _remember(self, key: str, size: int, info: FileChunks) -> None:
+        with self._lock:
+            if len(self._chunks) >= 65536:  # a copy of the files, so dropping it all costs only rereads
+                self._chunks.clear()
+            self._chunks[(key, size)] = info
+
+    def chunks_of(self, key: str) -> FileChunks | None:
+        """A stored file's chunk keys and what a hit reports, from its header; None if it is gone or damaged."""
+        size = self.size(key)
+        if size is None:
+            return None
+        with self._lock:
+            cached = self._chunks.get((key, size))
+        if cached is not None:
+            return cached
+        try:
+            with StoredSource(self, key, size) as src:
+                header = format.read_header(src)
+        except (FormatError, InputError):
+            return None
+        info = index.file_chunks(header, size)
+        self._remember(key, size, info)
+        return info
+
+    def prefix_hits_for(self, keys: list[str]) -> list[PrefixHit]:
+        """The verified hits of the longest stored prefix of a chunk-key chain (index.best_hits)."""
+        keys = index.check_chunk_keys(keys)
+        return index.best_hits(keys, self._map(self._index_files, keys), self._verified_chunks, self._map)
+
+    def _verified_chunks(self, key: str) -> FileChunks | None:
+        """chunks_of, with a store that fails mid-lookup counted as a missing file: a hint is never an error."""
+        try:
+            return self.chunks_of(key)
+        except StorageError:
+            return None
+
+    def rebuild_index(self) -> dict:
+        """Make the index what the files say, from the files alone: every entry of every stored file written
+        (again: the same bytes), every other entry removed. Idempotent; returns counts."""
+        expected: set[tuple[str, str]] = set()
+        files = indexed = 0
+        for key, _ in sorted(self._keys()):
+            files += 1
+            info = self.chunks_of(key)
+            if info is None or not info.chunks:
+                continue
+            indexed += 1
+            found = index.entries(key, info)
+            self._map(lambda entry: self._write_entry(entry[0], key, entry[1]), found)
+            expected.update((chunk, key) for chunk, _ in found)
+        stale = [pair for pair in self._entries() if pair not in expected]
+        self._map(lambda pair: self._remove_entry(*pair), stale)
+        return {"store": self.url, "files": files, "indexed": indexed, "entries": len(expected),
+                "removed": len(stale)}
+
     # subclasses
     def _size(self, key: str) -> int | None: ...
     def _read(self, key: str, offset: int, length: int) -> bytes: ...
@@ -344,6 +427,10 @@ class FileStore:
     def _write_part(self, key: str, upload: str, offset: int, data: bytes) -> None: ...
     def _remove_upload(self, key: str, upload: str) -> bool: ...
     def _uploads(self) -> Iterator[tuple[str, str, float]]: ...  # key, upload, time of the newest part
+    def _index_files(self, chunk: str) -> list[str]: ...  # the file keys named under one chunk key
+    def _write_entry(self, chunk: str, key: str, data: bytes) -> None: ...
+    def _remove_entry(self, chunk: str, key: str) -> None: ...
+    def _entries(self) -> Iterator[tuple[str, str]]: ...  # every (chunk key, file key) in the index
 
 
 class StoredSource(format.Source):
@@ -443,6 +530,50 @@ class DirStore(FileStore):
         except OSError as err:
             raise StorageError(f"{self.path_of(key)}: cannot delete: {err.strerror}") from None
 
+    def _index_files(self, chunk: str) -> list[str]:
+        try:
+            names = os.listdir(self.root / INDEX / chunk)
+        except FileNotFoundError:
+            return []
+        except OSError as err:
+            raise StorageError(f"{self.root / INDEX / chunk}: cannot list: {err.strerror}") from None
+        return [name for name in names if KEY_PATTERN.fullmatch(name)]
+
+    def _write_entry(self, chunk: str, key: str, data: bytes) -> None:
+        directory = self.root / INDEX / chunk
+        for attempt in range(2):  # a removal of the chunk's last entry elsewhere may remove the folder meanwhile
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise StorageError(f"{directory}: cannot create: {err.strerror}") from None
+            try:
+                format.atomic_write(str(directory / key), [data])
+                return
+            except StorageError:
+                if attempt or directory.is_dir():
+                    raise
+
+    def _remove_entry(self, chunk: str, key: str) -> None:
+        directory = self.root / INDEX / chunk
+        try:
+            os.unlink(directory / key)
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            raise StorageError(f"{directory / key}: cannot delete: {err.strerror}") from None
+        with contextlib.suppress(OSError):
+            directory.rmdir()  # only if no other file's entry is there
+
+    def _entries(self) -> Iterator[tuple[str, str]]:
+        try:
+            chunks = [d.name for d in (self.root / INDEX).iterdir() if KEY_PATTERN.fullmatch(d.name)]
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            raise StorageError(f"{self.root / INDEX}: cannot list: {err.strerror}") from None
+        for chunk in chunks:
+            for key in self._index_files(chunk):
+                yield chunk, key
 
     def _upload_dir(self, key: str, upload: str) -> Path:
         return self.root / UPLOADS / key / upload
@@ -516,6 +647,10 @@ class DirStore(FileStore):
 
 class FsspecStore(FileStore):
     """Any fsspec URL; s3://bucket/prefix on any S3-compatible service."""
+
+    # A lookup lists one folder per chunk key of the prompt: all at once, so it costs one round trip's latency
+    # for prompts up to this many chunks (8,192 tokens), and one more per further 32 chunks.
+    index_workers = 32
 
     def __init__(self, url: str, **options):
         super().__init__()
@@ -609,6 +744,42 @@ class FsspecStore(FileStore):
         except remote.store_exceptions() as err:
             raise remote.storage_error(err, f"{self.url_for(key)}: cannot delete") from None
 
+    def _index_files(self, chunk: str) -> list[str]:
+        try:
+            listing = self.fs.ls(f"{self.prefix}/{INDEX}/{chunk}", detail=False)
+        except FileNotFoundError:
+            return []
+        except remote.store_exceptions() as err:
+            raise remote.storage_error(err, f"{self.url}/{INDEX}/{chunk}: cannot list") from None
+        return [name for path in listing if KEY_PATTERN.fullmatch(name := path.rstrip("/").rsplit("/", 1)[-1])]
+
+    def _write_entry(self, chunk: str, key: str, data: bytes) -> None:
+        try:
+            self.fs.pipe_file(f"{self.prefix}/{INDEX}/{chunk}/{key}", data)  # one PUT: atomic
+        except remote.store_exceptions() as err:
+            raise remote.storage_error(err, f"{self.url}/{INDEX}/{chunk}/{key}: cannot write") from None
+
+    def _remove_entry(self, chunk: str, key: str) -> None:
+        try:
+            self.fs.rm_file(f"{self.prefix}/{INDEX}/{chunk}/{key}")
+        except FileNotFoundError:
+            pass
+        except remote.store_exceptions() as err:
+            raise remote.storage_error(err, f"{self.url}/{INDEX}/{chunk}/{key}: cannot delete") from None
+
+    def _entries(self) -> Iterator[tuple[str, str]]:
+        root = f"{self.prefix}/{INDEX}"
+        try:
+            found = self.fs.find(root)
+        except FileNotFoundError:
+            return
+        except remote.store_exceptions() as err:
+            raise remote.storage_error(err, f"{self.url}/{INDEX}: cannot list") from None
+        for path in found:
+            names = path[len(root) + 1 :].split("/")
+            if len(names) == 2 and all(KEY_PATTERN.fullmatch(name) for name in names):
+                yield names[0], names[1]
+
     def _upload_path(self, key: str, upload: str) -> str:
         return f"{self.prefix}/{UPLOADS}/{key}/{upload}"
 
@@ -677,7 +848,7 @@ def modified(info: dict) -> float:
 # ---------------------------------------------------------------- a kvcli server as a store
 
 
-class ServerStore:
+class ServerStore(index.PrefixLookup):
     """The same API over HTTP against `kvcli serve-cache` (docs/server.md), with an optional bearer token."""
 
     def __init__(self, url: str, token: str | None = None, transport=None, timeout_s: float = 60.0):
@@ -783,6 +954,18 @@ class ServerStore:
         params = {name: check_hex(value, name) for name, value in
                   (("model", model), ("tokens_sha256", tokens_sha256), ("source_sha256", source_sha256)) if value}
         return self._request("GET", "/v1/lookup", params=params).json()["caches"]
+
+    def prefix_hits_for(self, keys: list[str]) -> list[PrefixHit]:
+        """One request for the whole chain: the server reads its index and verifies the files (index.best_hits)."""
+        keys = index.check_chunk_keys(keys)
+        body = self._request("POST", "/v1/prefix", json={"chunk_keys": keys}).json()
+        try:
+            hits = [PrefixHit.from_json(hit, self.url) for hit in body["hits"]]
+        except (TypeError, KeyError, ValueError) as err:
+            raise StorageError(f"{self.url}/v1/prefix: an unusable answer: {err}") from None
+        if any(hit.tokens > len(keys) * index.CHUNK_TOKENS for hit in hits):
+            raise StorageError(f"{self.url}/v1/prefix: a hit longer than the prompt")
+        return sorted(hits, key=index.rank)
 
     def close(self) -> None:
         self.client.close()
