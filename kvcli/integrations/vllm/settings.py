@@ -1,0 +1,47 @@
+"""The connector's settings, read from vLLM's kv_connector_extra_config and checked once at engine start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from ...codecs.presets import QUALITIES
+from ...storage.remote import DEFAULT_CACHE_DIR_BYTES
+
+
+@dataclass(frozen=True)
+class Settings:
+    store: str  # a directory, s3://bucket/prefix, or a serve-cache URL
+    token_file: str | None = None  # the serve-cache bearer token, first line of this file
+    quality: str = "balanced"  # the preset saves are written at, or "none" to only load
+    cache_dir: str | None = None  # local copies of remote caches, least recently used evicted first
+    cache_dir_bytes: int = DEFAULT_CACHE_DIR_BYTES
+    max_loads: int = 2  # caches decoded at once (threads)
+    max_pending_saves: int = 4  # prefixes waiting to be encoded; beyond, a save is skipped and counted
+    load_timeout_s: float = 30.0  # a layer not loaded by then is recomputed by vLLM
+    stats_dir: str | None = None  # the counters as JSON, scheduler.json and worker.json, rewritten after each step
+
+    @classmethod
+    def from_extra(cls, extra: dict | None) -> "Settings":
+        extra = dict(extra or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(extra) - known)
+        if unknown:
+            raise ValueError(f"kvcli connector: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        if not extra.get("store"):
+            raise ValueError("kvcli connector: kv_connector_extra_config needs 'store' (a directory, s3://bucket/prefix "
+                             "or a serve-cache URL)")
+        return cls(**extra)
+
+    def __post_init__(self) -> None:
+        if self.quality != "none" and self.quality not in QUALITIES:
+            raise ValueError(f"kvcli connector: quality must be none or one of {', '.join(QUALITIES)}, not {self.quality!r}")
+        for name in ("max_loads", "max_pending_saves", "cache_dir_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "cache_dir_bytes" else 1):
+                raise ValueError(f"kvcli connector: {name} must be a positive integer, not {value!r}")
+        if not isinstance(self.load_timeout_s, (int, float)) or not self.load_timeout_s > 0:
+            raise ValueError(f"kvcli connector: load_timeout_s must be a number above 0, not {self.load_timeout_s!r}")
+
+    @property
+    def saves(self) -> bool:
+        return self.quality != "none"
