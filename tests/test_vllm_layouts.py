@@ -5,7 +5,9 @@ synthetic paged tensors (no vLLM needed): what the connector writes is what each
   several physical orders (KVCacheLayout: LBHNC is [B, H, N, C] in memory, LBNHC is [B, N, H, C]);
 - FLASH_ATTN reads `kv.transpose(1, 2).split(D, dim=-1)`: (B, N, H, D) keys and values;
 - FLASHINFER permutes to the physical order (`kv.permute(*layout.layer_view_order)`) and splits the last axis;
-- CPU_ATTN reads `kv.view(B, H, 2N, D).chunk(2, dim=2)`: each (block, head) holds its N keys, then its N values.
+- CPU_ATTN (AVX-512 "vec" kernels) splits `kv.view(B, H, 2N, D).chunk(2, dim=2)`: each (block, head) holds its
+  keys dimension-major, (D, N), then its values token-major, (N, D) (found by comparing a vLLM-saved cache with
+  transformers' keys, see kvcli/integrations/vllm/paged.py).
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def flashinfer_reads(kv: torch.Tensor, slot: int, physical: str):
 
 def cpu_reads(kv: torch.Tensor, slot: int):
     keys, values = kv.view(BLOCKS, HEADS, 2 * N, D).chunk(2, dim=2)
-    return keys[slot // N, :, slot % N], values[slot // N, :, slot % N]
+    block, offset = slot // N, slot % N
+    return keys[block].reshape(HEADS, D, N)[:, :, offset], values[block, :, offset]
 
 
 def request(tokens: int, seed: int = 0):

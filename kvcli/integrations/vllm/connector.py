@@ -237,6 +237,9 @@ class KvcliConnector(KVConnectorBase_V1):
         heads = model_config.get_num_kv_heads(self._vllm_config.parallel_config)
         head_dim = model_config.get_head_size()
         layers = [kv_caches[name] for name in names]
+        if layout == "cpu":
+            _check_cpu_kernels(model_config.dtype, layers[0].shape[2], head_dim,
+                               self._vllm_config.cache_config.cache_dtype)
         target = PagedTarget(layers, layout, self.block_size, heads, head_dim, head_dim, model_config.dtype)
         self._layer_of = {name: i for i, name in enumerate(names)}
         self._target = target
@@ -317,6 +320,16 @@ class KvcliConnector(KVConnectorBase_V1):
         if self._loader is not None:
             self._loader.close()
         STATS.flush(self._stats_path)
+
+
+def _check_cpu_kernels(dtype: torch.dtype, kernel_block: int, head_dim: int, cache_dtype) -> None:
+    """The CPU backend's key layout belongs to its kernel (ISA); only the measured one is addressed."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa  # vLLM's own choice, as its builder makes it
+
+    isa = _get_attn_isa(dtype, kernel_block, head_dim, cache_dtype)
+    if isa not in paged.CPU_ISAS:
+        raise paged.LayoutError(f"the CPU attention kernels {isa!r} keep keys in a layout kvcli has not measured "
+                                f"(supported: {', '.join(paged.CPU_ISAS)})")
 
 
 def _layer_number(name: str) -> tuple[int, str]:

@@ -37,7 +37,8 @@ class LoadJob:
     end: int
     block_ids: list[int]
     layers: int
-    events: list[threading.Event] = field(init=False)
+    events: list[threading.Event] = field(init=False)  # per layer: written (or never will be)
+    done: threading.Event = field(default_factory=threading.Event, init=False)  # settled and counted
     fault: str | None = None
     cancelled: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock, init=False)
@@ -83,11 +84,9 @@ class Loader:
             self._give_up(job, f"layer {layer} of {job.file_key} was not loaded within {self.timeout_s:g} s")
 
     def finish(self, job: LoadJob, deadline: float) -> None:
-        """Wait for every layer (the model may not have asked for all), giving up at the deadline."""
-        for layer in range(job.layers):
-            if not job.wait(layer, deadline):
-                self._give_up(job, f"{job.file_key} was not loaded within {self.timeout_s:g} s")
-                return
+        """Wait for the load to settle (the model may not have asked for every layer), giving up at the deadline."""
+        if not job.done.wait(max(0.0, deadline - time.monotonic())):
+            self._give_up(job, f"{job.file_key} was not loaded within {self.timeout_s:g} s")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -116,6 +115,7 @@ class Loader:
         finally:
             for event in job.events:
                 event.set()
+            job.done.set()
 
     def _load(self, job: LoadJob) -> None:
         src = self.open_cache(job.file_key)

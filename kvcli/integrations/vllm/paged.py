@@ -5,8 +5,12 @@ whatever the physical order (its KVCacheLayout: [B, H, N, C], [B, N, H, C], ...)
 for every physical order. What differs between backends is how they read the content axis:
 - "split" (FLASH_ATTN, FLASHINFER, TRITON_ATTN): per token, the first key_dim elements are the key and the
   rest the value: `kv.transpose(1, 2).split(key_dim, dim=-1)` gives (B, N, H, D) keys and values;
-- "cpu" (CPU_ATTN): per (block, head), the block's N * (key_dim + value_dim) contiguous elements are read as
-  (2N, D) rows, the block's N keys first and then its N values (`kv.view(B, H, 2N, D).chunk(2, dim=2)`).
+- "cpu" (CPU_ATTN with its AVX-512 kernels, ISA "vec"): per (block, head), the block's N * (key_dim + value_dim)
+  contiguous elements hold the keys first, dimension-major (D, N): element d of token t at d * N + t, then the
+  values token-major (N, D) (`kv.view(B, H, 2N, D).chunk(2, dim=2)` splits the halves). Measured: a key read
+  token-major disagreed with transformers' (relative error 1.4) while the values agreed to 4e-7; read as (D, N)
+  the keys agreed to 3e-7. The CPU backend's other kernels (amx, vec16, neon...) may lay keys out otherwise and
+  are refused (cpu_isa_supported).
 
 Token t of a request sits in slot block_ids[t // manager_block] * manager_block + t % manager_block; a kernel
 block size smaller than the manager's (vLLM splits each manager block into equal kernel blocks) is the view's
@@ -24,6 +28,9 @@ LAYOUTS = ("cpu", "split")
 
 class LayoutError(ValueError):
     """A paged tensor this module cannot address (an unknown backend, a shape that does not fit the model)."""
+
+
+CPU_ISAS = ("vec",)  # the CPU kernels whose key layout is the one above (measured)
 
 
 def layout_of(backend_name: str) -> str:
@@ -61,7 +68,8 @@ def _halves(kv_layer: torch.Tensor, layout: str, key_dim: int, value_dim: int) -
             raise LayoutError("the CPU backend keeps keys and values of one width")
         blocks, heads, n, _ = kv_layer.shape
         rows = kv_layer.view(blocks, heads, 2 * n, key_dim)  # a view: writes land in the paged tensor
-        return rows[:, :, :n], rows[:, :, n:]
+        keys = rows[:, :, :n].view(blocks, heads, key_dim, n).transpose(2, 3)  # stored (D, N), seen as (N, D)
+        return keys, rows[:, :, n:]
     raise LayoutError(f"unknown paged layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
 
 
