@@ -247,7 +247,8 @@ class KvcliConnector(KVConnectorBase_V1):
                               self.settings.load_timeout_s, self._opener())
         if self.settings.saves:
             codec = save_codec(self.settings.quality, self.identity, _read_config(self.model_dir), len(layers))
-            self._saver = Saver(self.store, codec, self.identity, self.dtype, STATS, self.settings.max_pending_saves)
+            self._saver = Saver(self.store, codec, self.identity, self.dtype, STATS, self.settings.max_pending_saves,
+                                settled=lambda: STATS.flush(self._stats_path))
         logger.info("kvcli connector: store %s, %d layers, %s layout, saves at %s", self.settings.store,
                     len(layers), layout, self.settings.quality)
 

@@ -55,9 +55,11 @@ def save_codec(quality: str, model_identity: dict, config: dict, layers: int) ->
 
 class Saver:
     def __init__(self, store, codec: Codec, model_identity: dict, dtype: str, stats: Stats, max_pending: int,
-                 chunk_tokens: int = kvfile.DEFAULT_CHUNK_TOKENS):
+                 chunk_tokens: int = kvfile.DEFAULT_CHUNK_TOKENS, settled=None):
         self.store, self.codec, self.identity, self.dtype = store, codec, model_identity, dtype
         self.stats, self.chunk_tokens = stats, chunk_tokens
+        # called after each save settles: an idle engine takes no more steps, so nothing else would publish it
+        self.settled = settled or (lambda: None)
         self._queue: queue.Queue = queue.Queue(max_pending)
         self._thread = threading.Thread(target=self._run, name="kvcli-saver", daemon=True)
         self._thread.start()
@@ -89,6 +91,7 @@ class Saver:
             except Exception as err:  # a failed save is a missing cache later, never the engine's failure
                 self.stats.add("save_failures")
                 self.stats.fault("save", f"a save of {len(job.token_ids)} tokens failed: {type(err).__name__}: {err}")
+            self.settled()
 
     def save(self, job: SaveJob) -> str:
         key = self.key_of(job.token_ids)

@@ -19,6 +19,7 @@ FAULTS = ("model_mismatch", "shape_mismatch", "corrupt", "store_unavailable", "t
 class Stats:
     def __init__(self):
         self._lock = threading.Lock()
+        self._flushing = threading.Lock()
         self._counts: dict[str, int] = {}
         self._logged: set[str] = set()
         self._dirty = False
@@ -47,16 +48,17 @@ class Stats:
         """Rewrite the stats file if anything changed since the last flush (atomically: readers never see half)."""
         if not path:
             return
-        with self._lock:
-            if not self._dirty:
-                return
-            self._dirty = False
-            data = json.dumps(self._counts, sort_keys=True).encode()
-        try:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, [data])
-        except Exception as err:  # the stats file is an aid; it never stops the engine
-            self.fault("internal", f"cannot write the stats file {path}: {err}")
+        with self._flushing:  # one writer at a time, so an older snapshot never lands after a newer one
+            with self._lock:
+                if not self._dirty:
+                    return
+                self._dirty = False
+                data = json.dumps(self._counts, sort_keys=True).encode()
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(path, [data])
+            except Exception as err:  # the stats file is an aid; it never stops the engine
+                self.fault("internal", f"cannot write the stats file {path}: {err}")
 
 
 STATS = Stats()
