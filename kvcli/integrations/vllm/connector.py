@@ -94,7 +94,8 @@ class KvcliConnector(KVConnectorBase_V1):
         self.model_dir = str(vllm_config.model_config.model)
         self.dtype = kvfile.DTYPE_NAMES.get(vllm_config.model_config.dtype)
         self.enabled = self._usable(vllm_config)
-        self.identity = model_identity(self.model_dir) if self.enabled else None
+        self.identity = self._identity() if self.enabled else None
+        self.enabled = self.identity is not None
         token = remote.read_token(None, self.settings.token_file) if self.settings.token_file else None
         self.store = open_store(self.settings.store, token, create=self.settings.saves
                                 and "://" not in self.settings.store)
@@ -125,6 +126,13 @@ class KvcliConnector(KVConnectorBase_V1):
         if why:
             logger.warning("kvcli connector disabled: %s is not supported", why)
         return why is None
+
+    def _identity(self) -> dict | None:
+        try:
+            return model_identity(self.model_dir)
+        except Exception as err:  # a hub id, a model without safetensors, a damaged file: serve without the tier
+            logger.warning("kvcli connector disabled: cannot identify the model %s: %s", self.model_dir, err)
+            return None
 
     @property
     def requires_kv_delivery(self) -> bool:
