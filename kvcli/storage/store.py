@@ -359,7 +359,25 @@ class FileStore(index.PrefixLookup):
         """Index a file just stored: called after the write, so no entry names a file that is not there."""
         info = index.file_chunks(header, size)
         self._remember(key, size, info)
-        self._map(lambda entry: self._write_entry(entry[0], key, entry[1]), index.entries(key, info))
+        self._write_entries(key, index.entries(key, info))
+
+    def _write_entries(self, key: str, found: list[tuple[str, bytes]]) -> None:
+        """The last chunk's entry goes last: once it is there, all of the file's are (ensure_indexed's check)."""
+        self._map(lambda entry: self._write_entry(entry[0], key, entry[1]), found[:-1])
+        if found:
+            self._write_entry(found[-1][0], key, found[-1][1])
+
+    def ensure_indexed(self, key: str, chunks: list[str]) -> bool:
+        """Index a stored file whose entries a writer killed between the file and its last entry never wrote (one
+        existence check when they are there). `chunks`: the file's chunk keys, known to a caller that has its
+        tokens. True if entries were written."""
+        if not chunks or self._has_entry(chunks[-1], key):
+            return False
+        info = self.chunks_of(key)
+        if info is None or not info.chunks:
+            return False
+        self._write_entries(key, index.entries(key, info))
+        return True
 
     def _remember(self, key: str, size: int, info: FileChunks) -> None:
         with self._lock:
@@ -409,7 +427,7 @@ class FileStore(index.PrefixLookup):
                 continue
             indexed += 1
             found = index.entries(key, info)
-            self._map(lambda entry: self._write_entry(entry[0], key, entry[1]), found)
+            self._write_entries(key, found)
             expected.update((chunk, key) for chunk, _ in found)
         stale = [pair for pair in self._entries() if pair not in expected]
         self._map(lambda pair: self._remove_entry(*pair), stale)
@@ -428,6 +446,7 @@ class FileStore(index.PrefixLookup):
     def _remove_upload(self, key: str, upload: str) -> bool: ...
     def _uploads(self) -> Iterator[tuple[str, str, float]]: ...  # key, upload, time of the newest part
     def _index_files(self, chunk: str) -> list[str]: ...  # the file keys named under one chunk key
+    def _has_entry(self, chunk: str, key: str) -> bool: ...
     def _write_entry(self, chunk: str, key: str, data: bytes) -> None: ...
     def _remove_entry(self, chunk: str, key: str) -> None: ...
     def _entries(self) -> Iterator[tuple[str, str]]: ...  # every (chunk key, file key) in the index
@@ -538,6 +557,9 @@ class DirStore(FileStore):
         except OSError as err:
             raise StorageError(f"{self.root / INDEX / chunk}: cannot list: {err.strerror}") from None
         return [name for name in names if KEY_PATTERN.fullmatch(name)]
+
+    def _has_entry(self, chunk: str, key: str) -> bool:
+        return (self.root / INDEX / chunk / key).is_file()
 
     def _write_entry(self, chunk: str, key: str, data: bytes) -> None:
         directory = self.root / INDEX / chunk
@@ -753,6 +775,12 @@ class FsspecStore(FileStore):
             raise remote.storage_error(err, f"{self.url}/{INDEX}/{chunk}: cannot list") from None
         return [name for path in listing if KEY_PATTERN.fullmatch(name := path.rstrip("/").rsplit("/", 1)[-1])]
 
+    def _has_entry(self, chunk: str, key: str) -> bool:
+        try:
+            return bool(self.fs.exists(f"{self.prefix}/{INDEX}/{chunk}/{key}"))
+        except remote.store_exceptions() as err:
+            raise remote.storage_error(err, f"{self.url}/{INDEX}/{chunk}/{key}") from None
+
     def _write_entry(self, chunk: str, key: str, data: bytes) -> None:
         try:
             self.fs.pipe_file(f"{self.prefix}/{INDEX}/{chunk}/{key}", data)  # one PUT: atomic
@@ -954,6 +982,11 @@ class ServerStore(index.PrefixLookup):
         params = {name: check_hex(value, name) for name, value in
                   (("model", model), ("tokens_sha256", tokens_sha256), ("source_sha256", source_sha256)) if value}
         return self._request("GET", "/v1/lookup", params=params).json()["caches"]
+
+    def ensure_indexed(self, key: str, chunks: list[str]) -> bool:
+        """Nothing to do from here: a server indexes what it stores, and `kvcli index rebuild` on its own store
+        mends what a killed server left."""
+        return False
 
     def prefix_hits_for(self, keys: list[str]) -> list[PrefixHit]:
         """One request for the whole chain: the server reads its index and verifies the files (index.best_hits)."""
