@@ -670,9 +670,8 @@ class DirStore(FileStore):
 class FsspecStore(FileStore):
     """Any fsspec URL; s3://bucket/prefix on any S3-compatible service."""
 
-    # A lookup lists one folder per chunk key of the prompt: all at once, so it costs one round trip's latency
-    # for prompts up to this many chunks (8,192 tokens), and one more per further 32 chunks.
-    index_workers = 32
+    # A lookup lists one folder per chunk key of the prompt, this many at once.
+    index_workers = remote.S3_CONNECTIONS
 
     def __init__(self, url: str, **options):
         super().__init__()
