@@ -18,7 +18,7 @@ from kvcli.container import format, keys, kvfile
 from kvcli.errors import FormatError
 from kvcli.modeling.kvcache import KVCache
 from kvcli.reuse.ingest import encode_file
-from kvcli.storage import index, store
+from kvcli.storage import index, remote, store
 
 GOLDEN_IDS = list(range(1000, 1600))  # 600 tokens: two full chunks and a partial one
 GOLDEN_KEYS = ["c2166be209bfbf6c8623ccbff24640984ea127c9e1a2519b68cd733f617cbc28",
@@ -262,3 +262,22 @@ def test_http_lookup_is_one_request_and_checks_its_input(tmp_path, token_file):
             r = httpx.post(f"{server.url}/v1/prefix", content=body)
             assert r.status_code in (400, 413) and "error" in r.json(), (body[:30], r.status_code)
         assert httpx.post(f"{server.url}/v1/prefix", json={"chunk_keys": []}).json() == {"hits": []}
+
+
+def test_a_hit_is_read_in_ranges_of_only_what_its_prefix_needs(any_store):
+    st, _ = any_store
+    doc = document(40, 2000)  # 1 MB of raw float32: far past the first 64 KiB read
+    data = cache_file(doc, chunk=256)
+    key = st.put(None, data)
+    hit = st.lookup_prefix(MODEL, "float32", doc[:700])
+    reads = []
+    plain = st.read
+    st.read = lambda k, offset, length: reads.append((offset, length)) or plain(k, offset, length)
+    with store.open_ranged(st, hit.file_key, hit.bytes) as src:
+        header = format.read_header(src)
+        kv = kvfile.PrefixReader(src, header, hit.tokens).cache()
+    full = kvfile.decode(format.BytesSource(data), format.read_header(format.BytesSource(data)), threads=1)
+    assert torch.equal(kv.keys[1], full.keys[1][:, :512]) and torch.equal(kv.values[0], full.values[0][:, :512])
+    span_end = header.data_offset + max(s.offset + s.length for s in header.segments if s.token_start < 512)
+    assert len(reads) <= 2 and max(o + n for o, n in reads) == span_end  # the head, then one span
+    assert sum(n for _, n in reads) <= span_end + remote.HEAD_PREFETCH and span_end < len(data) // 3

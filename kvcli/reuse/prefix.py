@@ -7,6 +7,7 @@ from ..container import format, kvfile
 from ..errors import UsageError
 from ..modeling import models
 from ..modeling.kvcache import KVCache
+from ..storage.store import open_ranged
 from . import pipeline
 
 CHAT_SEPARATOR = "\n\n"  # between the document and the question, in the one user turn
@@ -47,7 +48,7 @@ def load_stored_prefix(store, lm: models.LoadedModel, ids: list[int]):
     if hit is None or len(ids) < 2:
         return None, None
     n = min(hit.tokens, len(ids) - 1)
-    with store.open(hit.file_key) as src:
+    with open_ranged(store, hit.file_key, hit.bytes) as src:
         header = format.read_header(src)
         where = getattr(src, "path", hit.file_key)
         pipeline.check_identity(header, lm, where)

@@ -474,6 +474,17 @@ class StoredSource(format.Source):
         return data
 
 
+def open_ranged(target, key: str, size: int | None = None) -> StoredSource:
+    """A stored file of any store as a ByteSource that fetches only the ranges read (the first read: 64 KiB, which
+    usually holds the header), where store.open() of a remote store downloads the whole file ahead of the reader.
+    `size`, when known (a PrefixHit's bytes), saves asking for it; a file of another size then fails to parse."""
+    if size is None:
+        size = target.size(key)
+        if size is None:
+            raise InputError(f"{target.url}: no cache {key}")
+    return StoredSource(target, check_key(key), size)
+
+
 class DirStore(FileStore):
     """A local directory (or a shared filesystem mounted on every replica)."""
 
