@@ -213,6 +213,11 @@ def test_stale_and_damaged_entries_are_skipped(any_store):
     # an entry that names a file of other tokens: the file is read and does not match
     inside._write_entry(chunks[1], other_key, b"{not json")
     assert st.lookup_prefix(MODEL, "float32", doc).file_key == key
+    # a name in the index that is no key (a temporary left by a crash, a stray file) is never read
+    if isinstance(inside, store.DirStore):
+        (inside.root / index.INDEX / chunks[0] / ".junk.kvcli-x.tmp").write_bytes(b"x")
+        (inside.root / index.INDEX / chunks[0] / "README").write_bytes(b"x")
+    assert st.lookup_prefix(MODEL, "float32", doc).file_key == key
     # an entry whose file is gone (deleted behind the store's back): skipped, the lookup falls back to nothing
     inside._remove(key)
     assert st.lookup_prefix(MODEL, "float32", doc) is None
@@ -262,6 +267,10 @@ def test_http_lookup_is_one_request_and_checks_its_input(tmp_path, token_file):
             r = httpx.post(f"{server.url}/v1/prefix", content=body)
             assert r.status_code in (400, 413) and "error" in r.json(), (body[:30], r.status_code)
         assert httpx.post(f"{server.url}/v1/prefix", json={"chunk_keys": []}).json() == {"hits": []}
+        spec = httpx.get(f"{server.url}/openapi.json").json()
+        lookup = spec["paths"]["/v1/prefix"]["post"]
+        assert lookup["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/PrefixLookup")
+        assert "PrefixHits" in json.dumps(lookup["responses"]["200"])
 
 
 def test_a_hit_is_read_in_ranges_of_only_what_its_prefix_needs(any_store):

@@ -215,3 +215,33 @@ def test_the_loaded_prefix_gives_the_logits_of_a_full_prefill(llama, tmp_path, s
     assert torch.allclose(loaded, full, atol=1e-4), (loaded - full).abs().max()
     shifted = inference.logits_after(lm, kv, ids[257:])[-1]  # the test can tell a wrong continuation apart
     assert not torch.allclose(shifted, full, atol=1e-2)
+
+
+@pytest.mark.slow  # starts moto_server
+def test_prefill_generate_and_rebuild_on_s3(cli, llama, tmp_path, monkeypatch):
+    pytest.importorskip("s3fs")
+    boto3 = pytest.importorskip("boto3")
+    from servers import moto_server
+
+    doc = written(tmp_path / "doc.txt", text(4, 400))
+    with moto_server() as env:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        boto3.client("s3").create_bucket(Bucket="caches")
+        url = "s3://caches/p"
+        [line] = lines(ok(cli("prefill", doc, "--out-dir", url, "--model", llama, "-q", "lossless")))
+        args = ("--model", llama, "-n", "4", "--json")
+        result = json.loads(ok(cli("generate", "--store", url, "--document", doc, QUESTION, *args)).stdout)
+        assert result["stored_tokens"] == 256 and result["stored_key"] == line["key"]
+        st = store.open_store(url)
+        for chunk, key in list(st._entries()):
+            st._remove_entry(chunk, key)
+        assert json.loads(ok(cli("index", "rebuild", url)).stdout) == {
+            "store": url, "files": 1, "indexed": 1, "entries": 1, "removed": 0}
+        assert [key for _, key in st._entries()] == [line["key"]]
+        env.proc.terminate()  # the store goes away: a storage error, one line, exit 8
+        env.proc.wait(10)
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+        down = cli("generate", "--store", url, "--document", doc, QUESTION, *args)
+        assert down.exit_code == 8 and down.stderr.startswith("Error: ") and len(down.stderr.splitlines()) == 1, \
+            down.stderr
