@@ -7,8 +7,10 @@
     store.exists(key); store.size(key); store.read(key, offset, length); store.open(key)  # a format.ByteSource
     store.list(model=weights_digest); store.lookup(tokens_sha256=…); store.url_for(key); store.delete(key)
     push(store, "doc.kvc")              # put, or for a large file an upload in parts that resumes where it stopped
+    store.lookup_prefix(model, dtype, token_ids); store.prefix_hits(…)  # the prefix index (index.py)
 
-Objects are ROOT/KEY.kvc, KEY from kvcli.container.keys. Nothing lives only in memory: listing and lookup read the files'
+Objects are ROOT/KEY.kvc, KEY from kvcli.container.keys, and the prefix index's entries
+ROOT/.index/CHUNK/KEY. Nothing lives only in memory: listing and lookup read the files'
 headers (a per-process cache of parsed headers is keyed by key and size, and is only ever a copy of the files).
 Writes are atomic: a temporary file renamed into place on filesystems, one PUT (or one completed multipart
 upload) on object stores, so readers never see a torn file and two writers of one key leave one valid file.
