@@ -174,6 +174,10 @@ def test_chat_prefix_stores_what_a_chat_prompt_starts_with(cli, chat_llama, llam
                           "--chat-prefix")))
     # the template's opening, the document, the separator: what every question's prompt starts with
     assert line["tokens"] == len("<|user|>\n") + 360 + len("\n\n")
+    one = json.loads(ok(cli("prefill", doc, "-o", tmp_path / "one.kvc", "--model", chat_llama, "-q", "lossless",
+                            "--chat-prefix", "--json")).stdout)
+    assert one["tokens"] == line["tokens"] and (tmp_path / "one.kvc").read_bytes() == (
+        root / f"{line['key']}.kvc").read_bytes()
     args = ("--model", chat_llama, "-n", "5", "--json", "--chat")
     from_store = json.loads(ok(cli("generate", "--store", root, "--document", doc, QUESTION, *args)).stdout)
     empty = tmp_path / "empty"
