@@ -290,3 +290,19 @@ def test_a_hit_is_read_in_ranges_of_only_what_its_prefix_needs(any_store):
     span_end = header.data_offset + max(s.offset + s.length for s in header.segments if s.token_start < 512)
     assert len(reads) <= 2 and max(o + n for o, n in reads) == span_end  # the head, then one span
     assert sum(n for _, n in reads) <= span_end + remote.HEAD_PREFETCH and span_end < len(data) // 3
+
+
+def test_prefix_reader_on_the_triton_path_matches_the_torch_path(device, short_lanes):
+    pytest.importorskip("triton")
+    gen = torch.Generator().manual_seed(5)
+    n = 40
+    kv = KVCache(list(range(n)), [torch.randn(2, n, 8, generator=gen) * 3 for _ in range(2)],
+                 [torch.randn(2, n, 8, generator=gen) for _ in range(2)])
+    meta, parts = kvfile.encode(kv, MODEL, make_codec("balanced"), chunk_tokens=16)
+    data = encode_file(meta, parts)
+    header = format.read_header(format.BytesSource(data))
+    torch_path = kvfile.PrefixReader(format.BytesSource(data), header, 20)
+    triton_path = kvfile.PrefixReader(format.BytesSource(data), header, 20, backend="triton")
+    for layer in range(2):
+        for a, b in zip(torch_path.layer(layer), triton_path.layer(layer, device)):
+            assert b.device.type == device.type and torch.equal(a, b.cpu())

@@ -271,10 +271,15 @@ class PrefixReader:
         reader = PrefixReader(src, header, 512)
         k, v = reader.layer(0)          # (kv_heads, 512, key_dim), (kv_heads, 512, value_dim)
         kv = reader.cache()             # every layer, as a KVCache of the first 512 tokens
+
+    backend "torch" decodes with the C decoder (onto the CPU; torch elsewhere); "triton" decodes each layer on the
+    output's device with the codec's kernels where it has them (kvq's decode_onto), as decode() does.
     """
 
-    def __init__(self, src: format.ByteSource, header: format.Header, tokens: int):
+    def __init__(self, src: format.ByteSource, header: format.Header, tokens: int, backend: str = "torch"):
         name = getattr(src, "path", "<input>")
+        if backend not in ("torch", "triton"):
+            raise ValueError(f"backend must be torch or triton, not {backend!r}")
         if type(tokens) is not int or not 0 < tokens <= header.num_tokens:
             raise ValueError(f"{name}: a prefix of 1 to {header.num_tokens} tokens, not {tokens!r}")
         if tokens < header.num_tokens and any(s.token_start for s in header.layers):
@@ -291,6 +296,7 @@ class PrefixReader:
         self._src = src
         self.codec, self.decoder = open_decoder(src, header)
         check_decoded_size(header, self.codec, name, None)
+        self._on_device = backend == "triton" and self.decoder.device_path
         self._by_layer: dict[tuple[int, str], list[int]] = {}
         for i in wanted:
             self._by_layer.setdefault((segs[i].layer, segs[i].kind), []).append(i)
@@ -320,6 +326,14 @@ class PrefixReader:
         else:
             out = torch.empty((heads, covered, dim), dtype=dtype, device=device)
         datas = [format.read_segment(self._src, self.header, self._segs[i]) for i in batch]
+        starts = list(accumulate([0] + [self._ctxs[i].tokens for i in batch]))
+        if self._on_device:
+            try:
+                self.decoder.decode_onto([(self._ctxs[i], data, out[:, pos : pos + self._ctxs[i].tokens])
+                                          for i, data, pos in zip(batch, datas, starts)])
+            except CodecError as err:
+                raise _named(err, self.name, self._segs, batch) from None
+            return out[:, : self.tokens]
         symbols = _entropy(self.decoder, self.name, self._segs, batch, self._ctxs, datas)
         pos = 0
         for i, data, sym in zip(batch, datas, symbols):
