@@ -38,7 +38,7 @@ class KvcliGroup(TyperGroup):
             err.show()
             code = 2
         except click.exceptions.UsageError as err:
-            hint = f" (see `kvcli {err.ctx.info_name} --help`)" if err.ctx and err.ctx.parent else " (see `kvcli --help`)"
+            hint = f" (see `{err.ctx.command_path} --help`)" if err.ctx and err.ctx.parent else " (see `kvcli --help`)"
             print_error(" ".join(err.format_message().split()) + hint)
             code = err.exit_code
         except click.exceptions.ClickException as err:

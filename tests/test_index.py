@@ -18,7 +18,7 @@ from kvcli.container import format, keys, kvfile
 from kvcli.errors import FormatError
 from kvcli.modeling.kvcache import KVCache
 from kvcli.reuse.ingest import encode_file
-from kvcli.storage import index, store
+from kvcli.storage import index, remote, store
 
 GOLDEN_IDS = list(range(1000, 1600))  # 600 tokens: two full chunks and a partial one
 GOLDEN_KEYS = ["c2166be209bfbf6c8623ccbff24640984ea127c9e1a2519b68cd733f617cbc28",
@@ -213,6 +213,11 @@ def test_stale_and_damaged_entries_are_skipped(any_store):
     # an entry that names a file of other tokens: the file is read and does not match
     inside._write_entry(chunks[1], other_key, b"{not json")
     assert st.lookup_prefix(MODEL, "float32", doc).file_key == key
+    # a name in the index that is no key (a temporary left by a crash, a stray file) is never read
+    if isinstance(inside, store.DirStore):
+        (inside.root / index.INDEX / chunks[0] / ".junk.kvcli-x.tmp").write_bytes(b"x")
+        (inside.root / index.INDEX / chunks[0] / "README").write_bytes(b"x")
+    assert st.lookup_prefix(MODEL, "float32", doc).file_key == key
     # an entry whose file is gone (deleted behind the store's back): skipped, the lookup falls back to nothing
     inside._remove(key)
     assert st.lookup_prefix(MODEL, "float32", doc) is None
@@ -226,20 +231,23 @@ def test_stale_and_damaged_entries_are_skipped(any_store):
     assert [chunk for chunk, name in inside._entries() if name == other_key] == [chunks[1]]
 
 
-def test_rebuild_from_the_files_alone_is_idempotent(tmp_path):
-    st = store.DirStore(tmp_path, create=True)
+def test_rebuild_from_the_files_alone_is_idempotent(any_store):
+    st, inside = any_store  # over a server, the rebuild runs on the server's own store
     docs = [document(20 + i, n) for i, n in enumerate((300, 600, 800))]
     stored = [st.put(None, cache_file(d)) for d in docs]
-    before = sorted(st._entries())
-    for chunk, key in before:
-        st._remove_entry(chunk, key)
-    st._write_entry("f" * 64, stored[0], b"stale")
-    st._remove(stored[2])
-    summary = st.rebuild_index()
-    assert summary == {"store": st.url, "files": 2, "indexed": 2, "entries": 1 + 2, "removed": 1}
-    assert sorted(st._entries()) == sorted(e for e in before if e[1] != stored[2])
-    assert st.rebuild_index()["removed"] == 0 and sorted(st._entries()) == sorted(e for e in before if e[1] != stored[2])
-    assert st.lookup_prefix(MODEL, "float32", docs[1]).tokens == 512
+    before = sorted(inside._entries())
+    for chunk, key in before[:4]:
+        inside._remove_entry(chunk, key)
+    inside._write_entry("f" * 64, stored[0], b"stale")
+    inside._remove(stored[2])
+    summary = inside.rebuild_index()
+    left_of_gone = sum(key == stored[2] for _, key in before[4:])
+    assert summary == {"store": inside.url, "files": 2, "indexed": 2, "entries": 1 + 2, "removed": 1 + left_of_gone}
+    kept = sorted(e for e in before if e[1] != stored[2])
+    assert sorted(inside._entries()) == kept
+    assert inside.rebuild_index()["removed"] == 0 and sorted(inside._entries()) == kept
+    assert st.lookup_prefix(MODEL, "float32", docs[1] + [9]).tokens == 512
+    assert st.lookup_prefix(MODEL, "float32", docs[2]) is None
 
 
 def test_http_lookup_is_one_request_and_checks_its_input(tmp_path, token_file):
@@ -259,3 +267,42 @@ def test_http_lookup_is_one_request_and_checks_its_input(tmp_path, token_file):
             r = httpx.post(f"{server.url}/v1/prefix", content=body)
             assert r.status_code in (400, 413) and "error" in r.json(), (body[:30], r.status_code)
         assert httpx.post(f"{server.url}/v1/prefix", json={"chunk_keys": []}).json() == {"hits": []}
+        spec = httpx.get(f"{server.url}/openapi.json").json()
+        lookup = spec["paths"]["/v1/prefix"]["post"]
+        assert lookup["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/PrefixLookup")
+        assert "PrefixHits" in json.dumps(lookup["responses"]["200"])
+
+
+def test_a_hit_is_read_in_ranges_of_only_what_its_prefix_needs(any_store):
+    st, _ = any_store
+    doc = document(40, 2000)  # 1 MB of raw float32: far past the first 64 KiB read
+    data = cache_file(doc, chunk=256)
+    key = st.put(None, data)
+    hit = st.lookup_prefix(MODEL, "float32", doc[:700])
+    reads = []
+    plain = st.read
+    st.read = lambda k, offset, length: reads.append((offset, length)) or plain(k, offset, length)
+    with store.open_ranged(st, hit.file_key, hit.bytes) as src:
+        header = format.read_header(src)
+        kv = kvfile.PrefixReader(src, header, hit.tokens).cache()
+    full = kvfile.decode(format.BytesSource(data), format.read_header(format.BytesSource(data)), threads=1)
+    assert torch.equal(kv.keys[1], full.keys[1][:, :512]) and torch.equal(kv.values[0], full.values[0][:, :512])
+    span_end = header.data_offset + max(s.offset + s.length for s in header.segments if s.token_start < 512)
+    assert len(reads) <= 2 and max(o + n for o, n in reads) == span_end  # the head, then one span
+    assert sum(n for _, n in reads) <= span_end + remote.HEAD_PREFETCH and span_end < len(data) // 3
+
+
+def test_prefix_reader_on_the_triton_path_matches_the_torch_path(device, short_lanes):
+    pytest.importorskip("triton")
+    gen = torch.Generator().manual_seed(5)
+    n = 40
+    kv = KVCache(list(range(n)), [torch.randn(2, n, 8, generator=gen) * 3 for _ in range(2)],
+                 [torch.randn(2, n, 8, generator=gen) for _ in range(2)])
+    meta, parts = kvfile.encode(kv, MODEL, make_codec("balanced"), chunk_tokens=16)
+    data = encode_file(meta, parts)
+    header = format.read_header(format.BytesSource(data))
+    torch_path = kvfile.PrefixReader(format.BytesSource(data), header, 20)
+    triton_path = kvfile.PrefixReader(format.BytesSource(data), header, 20, backend="triton")
+    for layer in range(2):
+        for a, b in zip(torch_path.layer(layer), triton_path.layer(layer, device)):
+            assert b.device.type == device.type and torch.equal(a, b.cpu())

@@ -319,8 +319,9 @@ def test_killed_run_leaves_no_partial_files_and_a_rerun_finishes(cli, llama, tmp
     assert err.strip().splitlines()[-1] == "Error: terminated (SIGTERM)"
     done = [json.loads(line) for line in (first + rest).splitlines()]
     assert 1 <= len(done) < count
-    names = os.listdir(store)
+    names = [n for n in os.listdir(store) if n != ".index"]
     assert not [n for n in names if n.startswith(".")]  # no temporaries
+    assert not [p for p in (store / ".index").rglob(".*")]  # nor among the prefix index's entries
     for name in names:  # every file there is whole
         with format.FileSource(store / name) as src:
             format.read_header(src)

@@ -45,6 +45,12 @@ def generate(
                                             "(LRU, bounded by --cache-dir-bytes)"),
     cache_dir_bytes: Optional[int] = CacheDirBytesOpt,
     document: Optional[str] = typer.Option(None, "--document", "-d", help="Prefill this document instead (reference path)"),
+    store: Optional[str] = typer.Option(None, "--store", help="With --document: load the longest prefix of document "
+                                        "and prompt that this store holds (a directory, s3://…, http(s)://…), prefill "
+                                        "only the rest; with --chat the prompt is the chat turn [document, question] "
+                                        "that `prefill --chat-prefix` stores"),
+    token_file: Optional[str] = typer.Option(None, "--token-file", help="With --store on a server: the bearer token "
+                                             "file [default: $KVCLI_TOKEN_FILE, then $KVCLI_TOKEN]"),
     prompts_file: Optional[str] = typer.Option(None, "--prompts", help="JSON lines of prompts; one answer line each, "
                                                "paying the model and cache load once"),
     model: Optional[str] = ModelOpt,
@@ -69,6 +75,8 @@ def generate(
 
     if (not cache) == (document is None):
         raise UsageError("give exactly one of --cache FILE (repeatable) or --document DOC")
+    if store is not None and document is None:
+        raise UsageError("--store looks up the prefix of --document DOC and the prompt; give --document")
     if cache_dir_bytes is not None and not cache_dir:
         raise UsageError("--cache-dir-bytes bounds --cache-dir; give that too")
     if recompute_fraction and not cache:
@@ -82,7 +90,7 @@ def generate(
     where = resolve(device, backend)
     items = read_prompts(prompts_file) if prompts_file else [{"prompt": prompt}]
     t0 = time.perf_counter()
-    kv, doc = None, None
+    kv, doc, stored = None, None, None
     if cache:
         with contextlib.ExitStack() as stack:
             opened = []
@@ -99,6 +107,7 @@ def generate(
         context_ids = kv.token_ids
     else:
         doc = inference.read_document(document)
+        stored = open_prefix_store(store, token_file) if store is not None else None
         with status("loading model"):
             lm = models.load(model, dtype or "float32", where.device)
         model_s = time.perf_counter() - t0
@@ -107,6 +116,11 @@ def generate(
     load_s = time.perf_counter() - t0 - model_s
     to_ids = inference.chat_ids if chat else inference.prompt_ids
     for item in items:
+        if stored is not None:
+            answer_from_store(lm, stored, doc, item, chat, max_new_tokens, stop or [],
+                              as_json or prompts_file is not None,
+                              {"model_load_s": round(model_s, 4)}, t0)
+            continue
         ids = to_ids(lm, item["prompt"])
         started = time.perf_counter()
         # The reference path prefills document and prompt together, as a model without kvcli would.
@@ -119,6 +133,39 @@ def generate(
                    "cache_load_s": round(load_s, 4) if kv is not None else None,
                    "ttft_s": round(result.first_token_s, 4), "answer_s": round(time.perf_counter() - started, 4),
                    "total_s": round(time.perf_counter() - t0, 4)})
+
+
+def open_prefix_store(spec: str, token_file: str | None):
+    from ..storage import remote
+    from ..storage.store import open_store
+
+    return open_store(spec, remote.read_token(None, token_file) if spec.startswith(("http://", "https://")) else None)
+
+
+def answer_from_store(lm, stored, doc, item: dict, chat: bool, max_new_tokens: int, stop: list[str], as_json: bool,
+                      timings: dict, t0: float) -> None:
+    """Document and prompt as one token sequence; the longest stored prefix of it loaded, the rest prefilled."""
+    from ..modeling import inference
+    from ..reuse import prefix
+
+    if chat:
+        ids = prefix.chat_ids(lm, doc.text, item["prompt"])
+    else:
+        ids = inference.document_ids(lm, doc.text) + inference.prompt_ids(lm, item["prompt"])
+    started = time.perf_counter()
+    with status("looking up the store"):
+        kv, hit = prefix.load_stored_prefix(stored, lm, ids)
+    loaded = kv.num_tokens if kv is not None else 0
+    load_s = time.perf_counter() - started
+    result = inference.answer(lm, kv, ids[loaded:], max_new_tokens, stop)
+    if not as_json:
+        print(result.text)
+        return
+    emit_json({**item, "text": result.text, "tokens": len(result.tokens), "stopped_by": result.stopped_by,
+               "context_tokens": len(ids), "stored_tokens": loaded, "computed_tokens": len(ids) - loaded,
+               "stored_key": hit.file_key if hit else None, "stored_quality": hit.quality if hit else None,
+               **timings, "cache_load_s": round(load_s, 4), "ttft_s": round(result.first_token_s, 4),
+               "answer_s": round(time.perf_counter() - started, 4), "total_s": round(time.perf_counter() - t0, 4)})
 
 
 def register(app: typer.Typer) -> None:

@@ -63,6 +63,9 @@ def prefill(
     backend: str = BackendOpt,
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout (with -o FILE; "
                                  "--out-dir always prints JSON lines)"),
+    chat_prefix: bool = typer.Option(False, "--chat-prefix", help="Store the tokens a chat prompt about the document "
+                                     "starts with (the model's chat template up to the question), as vLLM and "
+                                     "`generate --store --chat` see them (docs/format.md, \"Prefix index\")"),
 ) -> None:
     """Run the model over documents once and write their KV caches as .kvc files."""
     from ..errors import UsageError
@@ -82,7 +85,7 @@ def prefill(
         if len(docs) != 1 or many:
             raise UsageError("-o writes one document; for " + (", ".join(many) or f"{len(docs)} documents")
                              + " use --out-dir DIR")
-        prefill_one(docs[0], out, choice, options, as_json)
+        prefill_one(docs[0], out, choice, options, as_json, chat_prefix)
         return
     if out_dir is None:
         raise UsageError("give -o FILE for one document, or --out-dir DIR for many")
@@ -91,11 +94,12 @@ def prefill(
     if docs.count("-") + (jsonl == "-") > 1:
         raise UsageError("stdin can be read once: give - or --jsonl - , not both")
     settings = ingest.Settings(options, max_tokens, split,
-                               ingest.DEFAULT_BATCH_TOKENS if batch_tokens is None else batch_tokens)
+                               ingest.DEFAULT_BATCH_TOKENS if batch_tokens is None else batch_tokens, chat_prefix)
     prefill_many(docs, jsonl, out_dir, shard, choice, settings)
 
 
-def prefill_one(doc: str, out: str, choice: ModelChoice, options: EncodeOptions, as_json: bool) -> None:
+def prefill_one(doc: str, out: str, choice: ModelChoice, options: EncodeOptions, as_json: bool,
+                chat_prefix: bool = False) -> None:
     from ..errors import UsageError
     from ..modeling import inference
     from ..reuse import pipeline
@@ -107,7 +111,7 @@ def prefill_one(doc: str, out: str, choice: ModelChoice, options: EncodeOptions,
     with status("loading model"):
         lm = choice.load()
     t0 = time.perf_counter()
-    ids = pipeline.checked_ids(lm, document)
+    ids = pipeline.checked_ids(lm, document) if not chat_prefix else chat_prefix_ids(lm, document)
     codec = options.codec(lm)
     with status("prefilling and encoding"):
         kv, size = pipeline.prefill_document(document, ids, lm, codec, out, options)
@@ -117,6 +121,16 @@ def prefill_one(doc: str, out: str, choice: ModelChoice, options: EncodeOptions,
         emit_json(summary)
     elif out != "-":
         write_stderr_text(f"wrote {out}: {kv.num_tokens} tokens, {size:,} bytes ({options.quality})\n")
+
+
+def chat_prefix_ids(lm, document) -> list[int]:
+    from ..modeling import inference
+    from ..reuse import prefix
+
+    inference.check_document_size(lm, document)
+    ids = prefix.chat_prefix_ids(lm, document.text)
+    inference.check_length(lm, len(ids), f"{document.name}: the chat prompt up to the question")
+    return ids
 
 
 def prefill_many(docs: list[str], jsonl: str | None, out_dir: str, shard: str | None, choice: ModelChoice,

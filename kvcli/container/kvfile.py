@@ -263,36 +263,44 @@ class SpanSource(format.Source):
 
 
 class PrefixReader:
-    """Tokens [0, tokens) of a file, decoded layer by layer on the CPU: what a loader that computes layer l while
-    layer l+1 loads asks for. Opening it reads the codec tables and, in one read, the bytes of every segment that
-    holds those tokens (files are chunk-major, so they are the start of the data section); nothing after them.
+    """Tokens [0, tokens) of a file, decoded layer by layer: what a loader that computes layer l while layer l+1
+    loads asks for. Opening it reads, in one read, the codec tables and every segment that holds those tokens
+    (files are chunk-major: the tables, then chunk by chunk, so they are the start of the data section), and
+    nothing after them; over a store, open the file with store.open_ranged, which fetches only what is read.
 
         reader = PrefixReader(src, header, 512)
         k, v = reader.layer(0)          # (kv_heads, 512, key_dim), (kv_heads, 512, value_dim)
         kv = reader.cache()             # every layer, as a KVCache of the first 512 tokens
+
+    backend "torch" decodes with the C decoder (onto the CPU; torch elsewhere); "triton" decodes each layer on the
+    output's device with the codec's kernels where it has them (kvq's decode_onto), as decode() does.
     """
 
-    def __init__(self, src: format.ByteSource, header: format.Header, tokens: int):
+    def __init__(self, src: format.ByteSource, header: format.Header, tokens: int, backend: str = "torch"):
         name = getattr(src, "path", "<input>")
+        if backend not in ("torch", "triton"):
+            raise ValueError(f"backend must be torch or triton, not {backend!r}")
         if type(tokens) is not int or not 0 < tokens <= header.num_tokens:
             raise ValueError(f"{name}: a prefix of 1 to {header.num_tokens} tokens, not {tokens!r}")
         if tokens < header.num_tokens and any(s.token_start for s in header.layers):
             raise FormatError(f"{name}: a layer holds only the document's last tokens (a sliding window), so the "
                               f"file has no prefix of {tokens} tokens")
         self.header, self.tokens, self.name = header, tokens, name
-        self.codec, self.decoder = open_decoder(src, header)
-        check_decoded_size(header, self.codec, name, None)
         segs, ctxs = _segments(header)
         wanted = [i for i, seg in enumerate(segs) if seg.token_start < tokens]
+        needed = [s for s in header.segments if s.kind == "aux"] + [segs[i] for i in wanted]
+        if needed:
+            start = header.data_offset + min(s.offset for s in needed)
+            end = header.data_offset + max(s.offset + s.length for s in needed)
+            src = SpanSource(src, start, src.read(start, end - start))
+        self._src = src
+        self.codec, self.decoder = open_decoder(src, header)
+        check_decoded_size(header, self.codec, name, None)
+        self._on_device = backend == "triton" and self.decoder.device_path
         self._by_layer: dict[tuple[int, str], list[int]] = {}
         for i in wanted:
             self._by_layer.setdefault((segs[i].layer, segs[i].kind), []).append(i)
         self._segs, self._ctxs = segs, ctxs
-        if wanted:
-            start = min(segs[i].offset for i in wanted)
-            end = max(segs[i].offset + segs[i].length for i in wanted)
-            src = SpanSource(src, header.data_offset + start, src.read(header.data_offset + start, end - start))
-        self._src = src
 
     def layer(self, layer: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's K and V for tokens [0, tokens), as (kv_heads, tokens, dim) tensors of the file's dtype;
@@ -318,6 +326,14 @@ class PrefixReader:
         else:
             out = torch.empty((heads, covered, dim), dtype=dtype, device=device)
         datas = [format.read_segment(self._src, self.header, self._segs[i]) for i in batch]
+        starts = list(accumulate([0] + [self._ctxs[i].tokens for i in batch]))
+        if self._on_device:
+            try:
+                self.decoder.decode_onto([(self._ctxs[i], data, out[:, pos : pos + self._ctxs[i].tokens])
+                                          for i, data, pos in zip(batch, datas, starts)])
+            except CodecError as err:
+                raise _named(err, self.name, self._segs, batch) from None
+            return out[:, : self.tokens]
         symbols = _entropy(self.decoder, self.name, self._segs, batch, self._ctxs, datas)
         pos = 0
         for i, data, sym in zip(batch, datas, symbols):

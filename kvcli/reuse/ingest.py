@@ -18,6 +18,7 @@ from ..container import format, keys, kvfile
 from ..errors import InputError, KvcliError, StorageError, UsageError
 from ..modeling import batching, inference, models
 from . import pipeline
+from . import prefix as stored_prefix
 
 # Padded tokens per forward pass: about six documents of 300 tokens. Activation memory grows with it;
 # bench/ingest.py measures throughput and peak memory against one document per pass.
@@ -202,8 +203,11 @@ class Settings:
     max_tokens: int | None = None  # None: the model's context
     split: bool = False
     batch_tokens: int = DEFAULT_BATCH_TOKENS  # below two documents' worth: one document per forward pass
+    chat_prefix: bool = False  # store the chat prompt's tokens up to the question (reuse/prefix.py), not the document's
 
     def __post_init__(self) -> None:
+        if self.chat_prefix and self.split:
+            raise UsageError("--chat-prefix stores where a chat prompt starts; it cannot be cut into --split segments")
         for name, value in (("--max-tokens", self.max_tokens), ("--batch-tokens", self.batch_tokens)):
             if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise UsageError(f"{name} must be an integer of at least 1, not {value!r}")
@@ -263,6 +267,8 @@ class Ingest:
         if settings.split and not self.max_tokens:
             raise UsageError("--split needs --max-tokens: the model does not state its context length")
         self.prefix = special_prefix(lm)
+        if settings.chat_prefix:
+            stored_prefix.check_chat_template(lm)
         self.windows = batching.layer_windows(lm)
         self.batch_tokens = settings.batch_tokens if batching.batchable(lm) else 0
         self.failure: type[KvcliError] | None = None  # the class of the first document's failure
@@ -306,12 +312,20 @@ class Ingest:
             key = keys.derive_key(self.lm.identity, self.lm.dtype, self.codec_spec, ids)
             line = manifest_line(doc_id, "skipped", source.extra, key=key, path=self.store.url_for(key),
                                  tokens=len(ids), seconds=round(share, 3), **seg)
-            yield line if self.store.exists(key) else _Job(line, doc, ids, share)
+            if self.store.exists(key):
+                # a run killed between a file and its index entries left the file unindexed: mend that here
+                self.store.ensure_indexed(key, keys.chunk_keys(self.lm.identity, self.lm.dtype, ids))
+                yield line
+            else:
+                yield _Job(line, doc, ids, share)
 
     def _segments(self, doc: inference.Document) -> list[list[int]]:
         if not self.settings.split:
             inference.check_document_size(self.lm, doc)
-        ids = inference.document_ids(self.lm, doc.text)
+        if self.settings.chat_prefix:
+            ids = stored_prefix.chat_prefix_ids(self.lm, doc.text)
+        else:
+            ids = inference.document_ids(self.lm, doc.text)
         if not self.max_tokens or len(ids) <= self.max_tokens:
             return [ids]
         if not self.settings.split:

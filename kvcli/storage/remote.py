@@ -29,6 +29,7 @@ from ..errors import FormatError, InputError, StorageError, UsageError
 HEAD_PREFETCH = 64 << 10  # one request usually holds the preamble and the whole header
 BLOCK_BYTES = 1 << 20
 WORKERS = 4
+S3_CONNECTIONS = 32  # concurrent requests to one S3 endpoint (a prefix lookup sends one per chunk of a prompt)
 RETRIES = 4
 BACKOFF_S = 0.1
 DEFAULT_CACHE_DIR_BYTES = 4 << 30
@@ -197,6 +198,9 @@ def filesystem(url: str, **options):
         # unless the environment chooses, and no second loop in s3fs (below).
         if not (os.environ.get("AWS_RETRY_MODE") or os.environ.get("AWS_MAX_ATTEMPTS")):
             options.setdefault("config_kwargs", {}).setdefault("retries", {"mode": "standard"})
+        # A prefix lookup lists one folder per chunk of the prompt at once (store.FsspecStore.index_workers):
+        # botocore's 10 connections would queue them.
+        options.setdefault("config_kwargs", {}).setdefault("max_pool_connections", S3_CONNECTIONS)
     try:
         fs, path = fsspec.core.url_to_fs(url, **options)
     except (ImportError, ValueError) as err:

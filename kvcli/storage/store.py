@@ -7,8 +7,10 @@
     store.exists(key); store.size(key); store.read(key, offset, length); store.open(key)  # a format.ByteSource
     store.list(model=weights_digest); store.lookup(tokens_sha256=…); store.url_for(key); store.delete(key)
     push(store, "doc.kvc")              # put, or for a large file an upload in parts that resumes where it stopped
+    store.lookup_prefix(model, dtype, token_ids); store.prefix_hits(…)  # the prefix index (index.py)
 
-Objects are ROOT/KEY.kvc, KEY from kvcli.container.keys. Nothing lives only in memory: listing and lookup read the files'
+Objects are ROOT/KEY.kvc, KEY from kvcli.container.keys, and the prefix index's entries
+ROOT/.index/CHUNK/KEY. Nothing lives only in memory: listing and lookup read the files'
 headers (a per-process cache of parsed headers is keyed by key and size, and is only ever a copy of the files).
 Writes are atomic: a temporary file renamed into place on filesystems, one PUT (or one completed multipart
 upload) on object stores, so readers never see a torn file and two writers of one key leave one valid file.
@@ -359,7 +361,25 @@ class FileStore(index.PrefixLookup):
         """Index a file just stored: called after the write, so no entry names a file that is not there."""
         info = index.file_chunks(header, size)
         self._remember(key, size, info)
-        self._map(lambda entry: self._write_entry(entry[0], key, entry[1]), index.entries(key, info))
+        self._write_entries(key, index.entries(key, info))
+
+    def _write_entries(self, key: str, found: list[tuple[str, bytes]]) -> None:
+        """The last chunk's entry goes last: once it is there, all of the file's are (ensure_indexed's check)."""
+        self._map(lambda entry: self._write_entry(entry[0], key, entry[1]), found[:-1])
+        if found:
+            self._write_entry(found[-1][0], key, found[-1][1])
+
+    def ensure_indexed(self, key: str, chunks: list[str]) -> bool:
+        """Index a stored file whose entries a writer killed between the file and its last entry never wrote (one
+        existence check when they are there). `chunks`: the file's chunk keys, known to a caller that has its
+        tokens. True if entries were written."""
+        if not chunks or self._has_entry(chunks[-1], key):
+            return False
+        info = self.chunks_of(key)
+        if info is None or not info.chunks:
+            return False
+        self._write_entries(key, index.entries(key, info))
+        return True
 
     def _remember(self, key: str, size: int, info: FileChunks) -> None:
         with self._lock:
@@ -409,7 +429,7 @@ class FileStore(index.PrefixLookup):
                 continue
             indexed += 1
             found = index.entries(key, info)
-            self._map(lambda entry: self._write_entry(entry[0], key, entry[1]), found)
+            self._write_entries(key, found)
             expected.update((chunk, key) for chunk, _ in found)
         stale = [pair for pair in self._entries() if pair not in expected]
         self._map(lambda pair: self._remove_entry(*pair), stale)
@@ -428,6 +448,7 @@ class FileStore(index.PrefixLookup):
     def _remove_upload(self, key: str, upload: str) -> bool: ...
     def _uploads(self) -> Iterator[tuple[str, str, float]]: ...  # key, upload, time of the newest part
     def _index_files(self, chunk: str) -> list[str]: ...  # the file keys named under one chunk key
+    def _has_entry(self, chunk: str, key: str) -> bool: ...
     def _write_entry(self, chunk: str, key: str, data: bytes) -> None: ...
     def _remove_entry(self, chunk: str, key: str) -> None: ...
     def _entries(self) -> Iterator[tuple[str, str]]: ...  # every (chunk key, file key) in the index
@@ -453,6 +474,17 @@ class StoredSource(format.Source):
         if len(data) != length:
             raise FormatError(f"{self.path}: changed or truncated while being read")
         return data
+
+
+def open_ranged(target, key: str, size: int | None = None) -> StoredSource:
+    """A stored file of any store as a ByteSource that fetches only the ranges read (the first read: 64 KiB, which
+    usually holds the header), where store.open() of a remote store downloads the whole file ahead of the reader.
+    `size`, when known (a PrefixHit's bytes), saves asking for it; a file of another size then fails to parse."""
+    if size is None:
+        size = target.size(key)
+        if size is None:
+            raise InputError(f"{target.url}: no cache {key}")
+    return StoredSource(target, check_key(key), size)
 
 
 class DirStore(FileStore):
@@ -538,6 +570,9 @@ class DirStore(FileStore):
         except OSError as err:
             raise StorageError(f"{self.root / INDEX / chunk}: cannot list: {err.strerror}") from None
         return [name for name in names if KEY_PATTERN.fullmatch(name)]
+
+    def _has_entry(self, chunk: str, key: str) -> bool:
+        return (self.root / INDEX / chunk / key).is_file()
 
     def _write_entry(self, chunk: str, key: str, data: bytes) -> None:
         directory = self.root / INDEX / chunk
@@ -648,9 +683,8 @@ class DirStore(FileStore):
 class FsspecStore(FileStore):
     """Any fsspec URL; s3://bucket/prefix on any S3-compatible service."""
 
-    # A lookup lists one folder per chunk key of the prompt: all at once, so it costs one round trip's latency
-    # for prompts up to this many chunks (8,192 tokens), and one more per further 32 chunks.
-    index_workers = 32
+    # A lookup lists one folder per chunk key of the prompt, this many at once.
+    index_workers = remote.S3_CONNECTIONS
 
     def __init__(self, url: str, **options):
         super().__init__()
@@ -752,6 +786,12 @@ class FsspecStore(FileStore):
         except remote.store_exceptions() as err:
             raise remote.storage_error(err, f"{self.url}/{INDEX}/{chunk}: cannot list") from None
         return [name for path in listing if KEY_PATTERN.fullmatch(name := path.rstrip("/").rsplit("/", 1)[-1])]
+
+    def _has_entry(self, chunk: str, key: str) -> bool:
+        try:
+            return bool(self.fs.exists(f"{self.prefix}/{INDEX}/{chunk}/{key}"))
+        except remote.store_exceptions() as err:
+            raise remote.storage_error(err, f"{self.url}/{INDEX}/{chunk}/{key}") from None
 
     def _write_entry(self, chunk: str, key: str, data: bytes) -> None:
         try:
@@ -954,6 +994,11 @@ class ServerStore(index.PrefixLookup):
         params = {name: check_hex(value, name) for name, value in
                   (("model", model), ("tokens_sha256", tokens_sha256), ("source_sha256", source_sha256)) if value}
         return self._request("GET", "/v1/lookup", params=params).json()["caches"]
+
+    def ensure_indexed(self, key: str, chunks: list[str]) -> bool:
+        """Nothing to do from here: a server indexes what it stores, and `kvcli index rebuild` on its own store
+        mends what a killed server left."""
+        return False
 
     def prefix_hits_for(self, keys: list[str]) -> list[PrefixHit]:
         """One request for the whole chain: the server reads its index and verifies the files (index.best_hits)."""
