@@ -29,7 +29,7 @@ from vllm.logger import init_logger
 from ...container import kvfile
 from ...container.keys import CHUNK_TOKENS
 from ...storage import remote
-from ...storage.store import DirStore, open_store
+from ...storage.store import DirStore, open_ranged, open_store
 from . import paged
 from .engine_identity import model_identity
 from .loading import Loader, LoadJob, PagedTarget
@@ -252,7 +252,7 @@ class KvcliConnector(KVConnectorBase_V1):
         self._layer_of = {name: i for i, name in enumerate(names)}
         self._target = target
         self._loader = Loader(self.store, self.identity, target, STATS, self.settings.max_loads,
-                              self.settings.load_timeout_s, self._opener())
+                              self.settings.load_timeout_s, self._opener(), _decode_backend(layers[0].device))
         if self.settings.saves:
             codec = save_codec(self.settings.quality, self.identity, _read_config(self.model_dir), len(layers))
             self._saver = Saver(self.store, codec, self.identity, self.dtype, STATS, self.settings.max_pending_saves,
@@ -263,7 +263,7 @@ class KvcliConnector(KVConnectorBase_V1):
     def _opener(self):
         """How a stored file is opened: from the store, or through the bounded local copies of remote caches."""
         if not self.settings.cache_dir or isinstance(self.store, DirStore):
-            return self.store.open
+            return lambda key: open_ranged(self.store, key)  # only the prefix's bytes travel
         local = remote.LocalCache(self.settings.cache_dir, self.settings.cache_dir_bytes)
         token = getattr(self.store, "token", None)
         return lambda key: remote.open_source(self.store.url_for(key), local, token)
@@ -329,6 +329,17 @@ class KvcliConnector(KVConnectorBase_V1):
         if self._loader is not None:
             self._loader.close()
         STATS.flush(self._stats_path)
+
+
+def _decode_backend(device: torch.device) -> str:
+    """Triton onto a GPU's paged tensors where it is installed, else the C decoder on the CPU."""
+    if device.type != "cuda":
+        return "torch"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "triton"
 
 
 def _check_cpu_kernels(dtype: torch.dtype, kernel_block: int, head_dim: int, cache_dtype) -> None:

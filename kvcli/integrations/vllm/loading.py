@@ -70,9 +70,9 @@ class PagedTarget:
 
 class Loader:
     def __init__(self, store, model_identity: dict, target: PagedTarget, stats: Stats, max_loads: int,
-                 timeout_s: float, open_cache=None):
+                 timeout_s: float, open_cache=None, backend: str = "torch"):
         self.store, self.identity, self.target, self.stats = store, model_identity, target, stats
-        self.timeout_s = timeout_s
+        self.timeout_s, self.backend = timeout_s, backend  # "triton": decoded on the paged tensors' device
         self.open_cache = open_cache or store.open
         self._pool = ThreadPoolExecutor(max_workers=max_loads, thread_name_prefix="kvcli-load")
 
@@ -122,10 +122,11 @@ class Loader:
         try:
             header = format.read_header(src)
             self._check(header, job)
-            reader = kvfile.PrefixReader(src, header, job.end)  # one range read of every segment it needs
+            reader = kvfile.PrefixReader(src, header, job.end, self.backend)  # one read of the segments it needs
             where = self.target.where(job.block_ids, job.start, job.end)
+            device = self.target.layers[0].device if self.backend == "triton" else "cpu"
             for layer in range(job.layers):
-                keys, values = reader.layer(layer)
+                keys, values = reader.layer(layer, device)
                 with job.lock:
                     if job.cancelled:
                         return
