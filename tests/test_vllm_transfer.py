@@ -125,3 +125,28 @@ def test_saves_are_idempotent_by_key_and_a_full_queue_skips(tmp_path):
     # the prefix already stored is not encoded again; the big one is stored once
     assert counts["saves"] == 2 and counts.get("saves_already_stored", 0) == accepted.count(True)
     assert sorted(e["tokens"] for e in store.list()) == [TOKENS, 4096]
+
+
+def test_a_store_that_never_answers_times_out_and_nothing_is_written_after(tmp_path):
+    """A listening socket nobody accepts from: the connection opens, no answer comes. The load gives up at its
+    deadline, and the job can no longer write (vLLM recomputes those blocks meanwhile)."""
+    import socket
+
+    from kvcli.storage.store import ServerStore, open_ranged
+
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        store, stats, kv = ServerStore(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout_s=3), Stats(), random_cache()
+        t = target()
+        loader = Loader(store, MODEL, t, stats, 1, 0.5, lambda key: open_ranged(store, key))
+        key = keys.derive_key(MODEL, "float32", {"name": "zstd", "params": {}}, kv.token_ids)
+        job = LoadJob("r", key, kv.token_ids, 0, TOKENS, BLOCK_IDS, LAYERS)
+        loader.start(job)
+        began = time.monotonic()
+        loader.wait_layer(job, 0, time.monotonic() + 0.5)
+        assert time.monotonic() - began < 2.5 and job.fault == "timeout" and job.cancelled
+        assert job.done.wait(10)  # the client's own timeout ends the thread; the fault stays the first one
+        assert job.fault == "timeout" and not any(layer.any() for layer in t.layers)
+        assert stats.snapshot() == {"fault_timeout": 1}
+    finally:
+        silent.close()
