@@ -317,6 +317,32 @@ def chunk_segments(header: format.Header, name: str) -> list[list[int]]:
     return chunks
 
 
+def chunk_spans(header: format.Header, chunks: list[list[int]]) -> list[tuple[int, int]]:
+    """Per chunk, the offset and length in the file of the bytes from its first segment to the end of its last:
+    one range read (writers put a chunk's segments together)."""
+    segs = [s for s in header.segments if s.kind != "aux"]
+    spans = []
+    for members in chunks:
+        if not members:  # every layer a sliding window that starts after this chunk
+            spans.append((header.data_offset, 0))
+            continue
+        lo = min(segs[i].offset for i in members)
+        hi = max(segs[i].offset + segs[i].length for i in members)
+        spans.append((header.data_offset + lo, hi - lo))
+    return spans
+
+
+def chunk_elements(header: format.Header) -> list[int]:
+    """Per chunk, the K and V elements it decodes to over all layers."""
+    size, n = header.chunk_tokens, header.num_tokens
+    out = []
+    for lo in range(0, n, size):
+        hi = min(lo + size, n)
+        out.append(sum(s.kv_heads * max(0, hi - max(lo, s.token_start)) * (s.key_dim + s.value_dim)
+                       for s in header.layers))
+    return out
+
+
 class LevelDecoder:
     """One file of a mixed-level decode: its codec's decoder (built from its own aux segments) and its chunks,
     decoded one at a time into tensors shared with the other files of the same cache."""
@@ -328,19 +354,11 @@ class LevelDecoder:
         check_decoded_size(header, self.codec, self.name, None)
         self.segs, self.ctxs = _segments(header)
         self.chunks = chunk_segments(header, self.name)
-
-    def span(self, chunk: int) -> tuple[int, int]:
-        """Offset and length, in the file, of the bytes from the chunk's first segment to the end of its last: one
-        range read (writers put a chunk's segments together)."""
-        if not self.chunks[chunk]:  # every layer a sliding window that starts after this chunk
-            return self.header.data_offset, 0
-        lo = min(self.segs[i].offset for i in self.chunks[chunk])
-        hi = max(self.segs[i].offset + self.segs[i].length for i in self.chunks[chunk])
-        return self.header.data_offset + lo, hi - lo
+        self.spans = chunk_spans(header, self.chunks)
 
     def split(self, chunk: int, data: bytes) -> list[bytes]:
-        """The chunk's segments cut from the bytes of span(chunk), each checksum verified (FormatError naming it)."""
-        start = self.span(chunk)[0] - self.header.data_offset
+        """The chunk's segments cut from the bytes of spans[chunk], each checksum verified (FormatError naming it)."""
+        start = self.spans[chunk][0] - self.header.data_offset
         out = []
         for i in self.chunks[chunk]:
             seg = self.segs[i]
@@ -384,6 +402,6 @@ def decode_mixed(levels: list[tuple[format.ByteSource, format.Header]], picks: l
     keys, values = allocate(headers[0], device)
     for chunk, pick in enumerate(picks):
         level = decoders[pick]
-        offset, length = level.span(chunk)
+        offset, length = level.spans[chunk]
         level.decode_chunk(chunk, level.split(chunk, level.src.read(offset, length)), keys, values)
     return KVCache(list(headers[0].token_ids), keys, values)

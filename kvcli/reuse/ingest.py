@@ -313,8 +313,10 @@ class Ingest:
         except KvcliError as err:
             if isinstance(err, StorageError):
                 raise
-            yield [manifest_line(source.id, "failed", source.extra, error=self._failed(err),
-                                 seconds=round(time.perf_counter() - start, 3))]
+            error, seconds = self._failed(err), round(time.perf_counter() - start, 3)
+            yield [manifest_line(source.id, "failed", source.extra, error=error, seconds=seconds,
+                                 quality=options.quality)
+                   for options, _ in self.levels]  # a line per level, as for a document that succeeds
             return
         share = (time.perf_counter() - start) / len(segments)
         for number, ids in enumerate(segments):
