@@ -12,6 +12,7 @@ import torch
 
 from kvcli.container import format, kvfile
 from kvcli.modeling import inference
+from kvcli.modeling.kvcache import KVCache
 from kvcli.reuse import controller
 from kvcli.reuse.controller import RECOMPUTE, Speeds, Stream
 
@@ -19,7 +20,7 @@ from servers import CacheServer, ThrottleProxy
 
 LEVELS = ("lossless", "high", "small")
 PROMPT = "Who keeps the lamp?"
-SLOW = Speeds(prefill_s_per_token=1.0, decode_s_per_element=1e-9)  # recomputing never pays
+SLOW = {"prefill_s_per_token": 1.0, "decode_s_per_element": 1e-9}  # priors: recomputing never pays
 
 
 @pytest.fixture(autouse=True)
@@ -43,10 +44,10 @@ def stored(cli, llama, tmp_path):
     return root, {line["quality"]: line["key"] for line in map(json.loads, result.stdout.splitlines())}
 
 
-def stream_of(lm, url: str, deadline: float, speeds: Speeds | None = None, min_quality: str = "small") -> Stream:
+def stream_of(lm, url: str, deadline: float, priors: dict, min_quality: str = "small") -> Stream:
+    """A stream whose speeds start from these priors, as on a machine that has measured nothing yet."""
     store, key = controller.locate(url, timeout_s=deadline + 1.0)
-    speeds = Speeds(speeds.prefill_s_per_token, speeds.decode_s_per_element) if speeds else None
-    return Stream(lm, store, key, deadline, min_quality, speeds=speeds)
+    return Stream(lm, store, key, deadline, min_quality, speeds=Speeds(**priors))
 
 
 def picks_of(report: dict) -> list[str]:
@@ -92,8 +93,10 @@ def test_a_slow_link_gets_a_lower_level_and_the_answer_of_those_chunks_decoded_a
             stream = stream_of(lm, f"http://127.0.0.1:{proxy.port}/v1/caches/{keys['lossless']}", 2.0, SLOW)
             kv = stream.run()
     picks = picks_of(stream.report)
-    # Lower levels, save perhaps the last chunks, which the time left may let through at the top level.
-    assert picks[0] != "lossless" and picks.count("lossless") <= 2, picks
+    # Lower levels, save perhaps the last chunks, which the time left may let through at the top level; the whole
+    # top level alone would need 3.1 s at this rate.
+    assert picks[0] != "lossless" and picks.count("lossless") < len(picks) / 2, picks
+    assert stream.report["cache_s"] < 3.0
     assert stream.report["measured_mbit_s"] < 2.0
     reference = mixed_reference(root, keys, picks)
     assert same(kv, reference)
@@ -122,7 +125,7 @@ def test_a_stalled_store_is_left_for_recompute(stored, tiny_lm):
         host, port = urlsplit(srv.url).hostname, urlsplit(srv.url).port
         with ThrottleProxy((host, port)) as proxy:
             stream = stream_of(lm, f"http://127.0.0.1:{proxy.port}/v1/caches/{keys['high']}", 1.0,
-                               Speeds(prefill_s_per_token=0.01, decode_s_per_element=1e-9))
+                               {"prefill_s_per_token": 0.01, "decode_s_per_element": 1e-9})
             stream.open()
             proxy.stalled.set()  # the store stops answering after the headers
             try:
@@ -130,11 +133,18 @@ def test_a_stalled_store_is_left_for_recompute(stored, tiny_lm):
             finally:
                 proxy.stalled.clear()
     failed = [c for c in stream.report["chunks"] if "failed" in c]
-    assert len(failed) == 1 and failed[0]["chunk"] == 0 and failed[0]["failed"].startswith("stalled")
-    assert picks_of(stream.report) == [RECOMPUTE] * 11
-    exact = inference.prefill(lm, kv.token_ids)
-    for got, want in zip(kv.keys + kv.values, exact.keys + exact.values):
-        assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    assert len(failed) == 1 and failed[0]["failed"].startswith("stalled"), failed
+    # Chunks that came with the header's range read need no more of the store; from the stall on, recompute.
+    stall = failed[0]["chunk"]
+    picks = picks_of(stream.report)
+    assert stall < 11 and RECOMPUTE not in picks[:stall] and picks[stall:] == [RECOMPUTE] * (11 - stall), picks
+    # The chunks before the stall as stored, the rest prefilled after them.
+    lo = 32 * stall
+    loaded = mixed_reference(root, keys, picks[:stall] + ["high"] * (11 - stall))
+    prefix = KVCache(kv.token_ids[:lo], [k[:, :lo] for k in loaded.keys], [v[:, :lo] for v in loaded.values])
+    want = inference.extend(lm, prefix if lo else None, kv.token_ids[lo:])
+    for got, ref in zip(kv.keys + kv.values, want.keys + want.values):
+        assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
 
 
 def test_a_damaged_chunk_comes_from_another_level(stored, tiny_lm):
@@ -173,7 +183,9 @@ def test_a_chunk_damaged_at_every_level_is_recomputed(stored, tiny_lm):
     kv = stream.run()
     assert [c["choice"] for c in stream.report["chunks"] if c["chunk"] == 0] == ["lossless", "high", "small",
                                                                                 RECOMPUTE]
-    assert picks_of(stream.report) == [RECOMPUTE] + ["lossless"] * 10
+    picks = picks_of(stream.report)
+    # Once a chunk has been recomputed, its measured cost may make recomputing the sooner path: exact either way.
+    assert picks[0] == RECOMPUTE and set(picks[1:]) <= {"lossless", RECOMPUTE}, picks
     exact = inference.prefill(lm, kv.token_ids[:32])
     for got, want in zip(kv.keys + kv.values, exact.keys + exact.values):
         assert torch.allclose(got[:, :32], want, atol=1e-4)

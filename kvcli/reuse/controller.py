@@ -102,14 +102,16 @@ def _memory(kind: str, name: str) -> Path:
     return cache_root() / kind / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}.json"
 
 
-def _recall(path: Path, fields: tuple[str, ...]) -> dict | None:
-    """A remembered measurement, or None when there is none or it is not sound (then measured again)."""
+def _recall(path: Path) -> dict[str, float]:
+    """Remembered measurements by name: those that are sound (a damaged file is measured again)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        values = {f: float(data[f]) for f in fields}
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return values if all(math.isfinite(v) and v > 0 for v in values.values()) else None
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: float(v) for k, v in data.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0}
 
 
 def _remember(path: Path, values: dict) -> None:
@@ -121,14 +123,15 @@ def _remember(path: Path, values: dict) -> None:
         pass
 
 
-@dataclass
 class Speeds:
-    """This machine's speeds for one model: prefill seconds per token and decode seconds per element, each either
-    measured (here, now or in an earlier run) or a prior until it is."""
+    """This machine's speeds for one model, each measured (now or by an earlier run, and kept) or else a prior:
+    `prefill_s_per_token` (recomputing a chunk), `first_token_s` (the question's forward pass after the context),
+    and `decode_s_per_element.QUALITY` per level."""
 
-    prefill_s_per_token: float
-    decode_s_per_element: float
-    measured: set[str] = field(default_factory=set)  # which of the two are measurements
+    def __init__(self, prefill_s_per_token: float, decode_s_per_element: float = ASSUMED_DECODE_S_PER_ELEMENT,
+                 measured: dict[str, float] | None = None):
+        self.priors = {"prefill_s_per_token": prefill_s_per_token, "decode_s_per_element": decode_s_per_element}
+        self.measured = dict(measured or {})
 
     @staticmethod
     def name(lm: models.LoadedModel) -> str:
@@ -137,35 +140,46 @@ class Speeds:
 
     @classmethod
     def recall(cls, lm: models.LoadedModel) -> "Speeds":
-        path = _memory("speeds", cls.name(lm))
-        prefill = _recall(path, ("prefill_s_per_token",))
-        decode = _recall(path, ("decode_s_per_element",))
         device = next(lm.model.parameters()).device.type
         # The embedding table is looked up, not multiplied: it costs no FLOPs.
         params = sum(p.numel() for p in lm.model.parameters()) - lm.model.get_input_embeddings().weight.numel()
-        estimate = 2 * max(params, 1) / ASSUMED_FLOPS.get(device, ASSUMED_FLOPS["cpu"])
-        return cls(prefill["prefill_s_per_token"] if prefill else estimate,
-                   decode["decode_s_per_element"] if decode else ASSUMED_DECODE_S_PER_ELEMENT,
-                   {name for name, known in (("prefill_s_per_token", prefill), ("decode_s_per_element", decode))
-                    if known})
+        known = _recall(_memory("speeds", cls.name(lm)))
+        return cls(2 * max(params, 1) / ASSUMED_FLOPS.get(device, ASSUMED_FLOPS["cpu"]), measured=known)
+
+    def get(self, name: str) -> float:
+        return self.measured.get(name, self.priors.get(name.split(".")[0], 0.0))
+
+    @property
+    def prefill_s_per_token(self) -> float:
+        return self.get("prefill_s_per_token")
+
+    def first_token_s(self, prompt_tokens: int) -> float:
+        return self.measured.get("first_token_s", prompt_tokens * self.prefill_s_per_token)
 
     def measure(self, name: str, value: float) -> None:
-        """A new measurement: blended into the estimate once there is one, else replacing the prior."""
-        setattr(self, name, _blend(getattr(self, name), value) if name in self.measured else value)
-        self.measured.add(name)
+        """A new measurement: blended into the last one, or replacing the prior."""
+        self.measured[name] = _blend(self.measured[name], value) if name in self.measured else value
 
     def keep(self, lm: models.LoadedModel) -> None:
         if self.measured:
-            _remember(_memory("speeds", self.name(lm)), {name: getattr(self, name) for name in self.measured})
+            _remember(_memory("speeds", self.name(lm)), self.measured)
 
 
-def recall_link(store_url: str) -> float | None:
-    known = _recall(_memory("links", store_url), ("bytes_per_s",))
-    return known["bytes_per_s"] if known else None
+def remember_first_token(lm: models.LoadedModel, seconds: float) -> None:
+    """The question's forward pass after a streamed context, measured by the caller: the next plan reserves it."""
+    speeds = Speeds.recall(lm)
+    speeds.measure("first_token_s", seconds)
+    speeds.keep(lm)
 
 
-def keep_link(store_url: str, bytes_per_s: float) -> None:
-    _remember(_memory("links", store_url), {"bytes_per_s": bytes_per_s, "store": store_url})
+def recall_link(store_url: str) -> dict[str, float]:
+    """The last run's throughput and request latency to this store, if there was one."""
+    known = _recall(_memory("links", store_url))
+    return known if {"bytes_per_s", "request_s"} <= set(known) else {}
+
+
+def keep_link(store_url: str, bytes_per_s: float, request_s: float) -> None:
+    _remember(_memory("links", store_url), {"bytes_per_s": bytes_per_s, "request_s": request_s})
 
 
 def _blend(old: float, new: float) -> float:
@@ -232,6 +246,7 @@ def open_levels(store, key: str, min_quality: str) -> tuple[format.Header, list[
     if size is None:
         raise InputError(f"{store.url_for(key)}: no such cache")
     src = RangeSource(store, key, size)
+    # The size request has no body: its time is the link's latency; the range read's gives a first throughput.
     probe = {"bytes": len(src.head), "seconds": time.perf_counter() - asked, "request_s": asked - started}
     header = format.read_header(src)
     found = {key: (src, header)}
@@ -296,8 +311,8 @@ class Stream:
         pipeline.check_identity(header, self.lm, where)
         pipeline.check_layout(header.layers, header.token_ids, self.lm, where)
         remembered = recall_link(self.store.url)
-        self.request_s = probe["request_s"]
-        self.initial_bytes_per_s = remembered or probe["bytes"] / max(probe["seconds"] - self.request_s, 1e-4)
+        self.request_s = remembered.get("request_s", min(probe["request_s"], probe["seconds"]))
+        self.initial_bytes_per_s = remembered.get("bytes_per_s", probe["bytes"] / max(probe["seconds"], 1e-6))
         self.samples: deque[tuple[int, float]] = deque(maxlen=WINDOW)
         self.recomputable = all(layer.token_start == 0 for layer in header.layers)
         self.header = header
@@ -307,7 +322,8 @@ class Stream:
         self.report = {"deadline_s": self.deadline_s, "min_quality": self.min_quality,
                        "levels": [{"quality": lv.quality, "key": lv.key, "bytes": lv.source.size} for lv in self.levels],
                        "initial_mbit_s": round(self.initial_bytes_per_s * 8e-6, 3),
-                       "initial_from": "history" if remembered else "probe", "chunks": []}
+                       "initial_from": "history" if remembered else "probe",
+                       "open_s": round(time.perf_counter() - started, 4), "chunks": []}
 
     def stream(self) -> KVCache:
         """Every chunk fetched at its chosen level or recomputed, re-planned after each."""
@@ -342,7 +358,7 @@ class Stream:
         self.report["measured_mbit_s"] = round(self.bytes_per_s * 8e-6, 3)
         self.report["cache_s"] = round(time.perf_counter() - started, 4)
         if fetched:
-            keep_link(self.store.url, self.bytes_per_s)
+            keep_link(self.store.url, self.bytes_per_s, self.request_s)
         self.speeds.keep(self.lm)
         return KVCache(list(header.token_ids), keys, values)
 
@@ -351,18 +367,21 @@ class Stream:
         """The link's throughput over the last WINDOW chunk fetches, or the first estimate before any."""
         if not self.samples:
             return self.initial_bytes_per_s
-        return sum(b for b, _ in self.samples) / max(sum(s for _, s in self.samples), 1e-6)
+        moving = sum(max(s - self.request_s, 0.1 * s) for _, s in self.samples)  # less each read's latency
+        return sum(b for b, _ in self.samples) / max(moving, 1e-6)
 
     def reserve(self) -> float:
         """The prompt's own forward pass, which comes after the context and before the first token."""
-        return self.prompt_tokens * self.speeds.prefill_s_per_token
+        return self.speeds.first_token_s(self.prompt_tokens)
 
     def fetch_s(self, level: Level, chunk: int) -> float:
         offset, length = level.spans[chunk]
         if offset + length <= len(level.source.head):  # already here
-            return self.elements[chunk] * self.speeds.decode_s_per_element
-        return (self.request_s + length / self.bytes_per_s
-                + self.elements[chunk] * self.speeds.decode_s_per_element)
+            return self.decode_s(level, chunk)
+        return self.request_s + length / self.bytes_per_s + self.decode_s(level, chunk)
+
+    def decode_s(self, level: Level, chunk: int) -> float:
+        return self.elements[chunk] * self.speeds.get(f"decode_s_per_element.{level.quality}")
 
     def recompute_s(self, chunk: int) -> float:
         lo, hi = self.bounds[chunk]
@@ -426,8 +445,9 @@ class Stream:
             return f"damaged: {err}"
         decode_seconds = time.perf_counter() - t1
         if self.elements[chunk]:
-            self.speeds.measure("decode_s_per_element", decode_seconds / self.elements[chunk])
-        self.report["chunks"].append({**entry, "bytes": size, "seconds": round(time.perf_counter() - t0, 4)})
+            self.speeds.measure(f"decode_s_per_element.{level.quality}", decode_seconds / self.elements[chunk])
+        self.report["chunks"].append({**entry, "bytes": size, "seconds": round(time.perf_counter() - t0, 4),
+                                      "decode_s": round(decode_seconds, 4)})
         return None
 
     @staticmethod
