@@ -388,26 +388,34 @@ class Stream:
         return (hi - lo) * self.speeds.prefill_s_per_token if self.recomputable else math.inf
 
     def plan(self, chunk: int, budget: float, tried: set[str], stalled: bool) -> Plan:
-        """This chunk's choice: the best level at which it and every later chunk fit the budget (each chunk
-        recomputed instead where that is sooner, which is never worse: recomputing is exact); else the fastest
-        path. A level this chunk already failed at is not chosen again for it."""
+        """This chunk's choice: the best level at which it and every later chunk fit the budget, a chunk being
+        recomputed instead where the link is so slow that recomputing is sooner than fetching it at any level
+        (its cost is a prefill estimate: a chunk fetched at a lower level is the safer bet whenever the link
+        allows one); else the fastest path. A level this chunk already failed at is not chosen again for it."""
         rest = range(chunk + 1, len(self.bounds))
         levels = [] if stalled else self.levels
+        usable = [lv for lv in levels if lv.quality not in tried]
+        recompute_here = self.recompute_s(chunk) < min((self.fetch_s(lv, chunk) for lv in usable), default=math.inf)
         for level in levels:
-            cost = sum(min(self.fetch_s(level, j), self.recompute_s(j)) for j in rest)
-            here = math.inf if level.quality in tried else self.fetch_s(level, chunk)
-            first = min(here, self.recompute_s(chunk))
-            if first + cost <= budget and math.isfinite(first):
-                return Plan(RECOMPUTE if self.recompute_s(chunk) < here else level.quality, first + cost, True)
-        options = [(self.recompute_s(chunk), RECOMPUTE)] + [
-            (self.fetch_s(lv, chunk), lv.quality) for lv in levels if lv.quality not in tried]
+            if level.quality in tried and not recompute_here:
+                continue
+            first = self.recompute_s(chunk) if recompute_here else self.fetch_s(level, chunk)
+            seconds = first + sum(self.cost(level, j, levels) for j in rest)
+            if seconds <= budget:
+                return Plan(RECOMPUTE if recompute_here else level.quality, seconds, True)
+        options = [(self.recompute_s(chunk), RECOMPUTE)] + [(self.fetch_s(lv, chunk), lv.quality) for lv in usable]
         seconds, choice = min(options, key=lambda o: (o[0], -QUALITY_RANK.get(o[1], 4)))
         if not math.isfinite(seconds):
             raise (StorageError if stalled else FormatError)(
                 f"{self.store.url_for(self.key)}: chunk {chunk} can be neither fetched (every level failed) nor "
                 "recomputed (the model has sliding-window layers)")
-        cheapest = sum(min([self.recompute_s(j)] + [self.fetch_s(lv, j) for lv in levels]) for j in rest)
-        return Plan(choice, seconds + cheapest, seconds + cheapest <= budget)
+        seconds += sum(min([self.recompute_s(j)] + [self.fetch_s(lv, j) for lv in levels]) for j in rest)
+        return Plan(choice, seconds, seconds <= budget)
+
+    def cost(self, level: Level, chunk: int, levels: list[Level]) -> float:
+        """A later chunk's predicted time in a plan at `level`: recomputed if that is sooner than any fetch."""
+        recompute = self.recompute_s(chunk)
+        return recompute if recompute < min(self.fetch_s(lv, chunk) for lv in levels) else self.fetch_s(level, chunk)
 
     def attempt(self, pool: ThreadPoolExecutor, chunk: int, plan: Plan, budget: float, keys, values) -> str | None:
         """The chunk done as planned (None), or why not."""
