@@ -44,6 +44,10 @@ WINDOW = 4  # the link's throughput is that of the last few chunk fetches
 # of milliseconds, which is not a stalled store.
 STALL_FLOOR_S = 0.25
 HEAD_BYTES = 16 << 10  # a header of 240 segments (30 layers, 4 chunks) is about 15 KiB
+# The named file's first read (an eighth of it, within these bounds): large enough that its time says something
+# of the throughput and not only of the latency (on loopback a kvcli server answers a 16 KiB read in about 40 ms
+# on this 2-core machine, a 1 Gbit/s link moves 256 KiB in 2 ms), small next to the file itself.
+PROBE_BYTES = 256 << 10
 _DEADLINE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s)?\s*\Z")
 
 
@@ -202,6 +206,15 @@ class Level:
     def rank(self) -> int:
         return QUALITY_RANK[self.quality]
 
+    def aux_reads(self) -> tuple[int, int]:
+        """Reads and bytes of the aux segments still to fetch before this level's first chunk decodes."""
+        if self.decoder is not None:
+            return 0, 0
+        head = len(self.source.head)
+        aux = [s for s in self.header.segments
+               if s.kind == "aux" and self.header.data_offset + s.offset + s.length > head]
+        return len(aux), sum(s.length for s in aux)
+
     def open(self) -> kvfile.LevelDecoder:
         if self.decoder is None:
             self.decoder = kvfile.LevelDecoder(self.source, self.header)
@@ -212,10 +225,10 @@ class RangeSource(format.Source):
     """Range reads of one stored file, each its own request but the first: HEAD_BYTES, which usually hold the
     preamble and the header, kept. (StoredSource's 64 KiB would fetch a small level whole before it is chosen.)"""
 
-    def __init__(self, store, key: str, size: int):
+    def __init__(self, store, key: str, size: int, head_bytes: int = HEAD_BYTES):
         self.store, self.key, self.size = store, key, size
         self.path = store.url_for(key)
-        self.head = store.read(key, 0, min(size, HEAD_BYTES))
+        self.head = store.read(key, 0, min(size, head_bytes))
 
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -238,28 +251,32 @@ def _open(store, key: str) -> tuple[RangeSource, format.Header]:
 
 def open_levels(store, key: str, min_quality: str) -> tuple[format.Header, list[Level], dict]:
     """The named cache's header, the levels of its document at min_quality or better (best first), and the
-    probe: the seconds of a request without a body (the link's latency), the bytes and seconds of the first
-    range read."""
-    started = time.perf_counter()
+    probe: the bytes and seconds of the named file's first read, and the times of the other levels' HEAD_BYTES
+    reads, which are mostly the link's latency per read."""
     size = store.size(key)
-    asked = time.perf_counter()
     if size is None:
         raise InputError(f"{store.url_for(key)}: no such cache")
-    src = RangeSource(store, key, size)
-    # The size request has no body: its time is the link's latency; the range read's gives a first throughput.
-    probe = {"bytes": len(src.head), "seconds": time.perf_counter() - asked, "request_s": asked - started}
+    started = time.perf_counter()
+    src = RangeSource(store, key, size, min(max(size // 8, HEAD_BYTES), PROBE_BYTES))
+    probe = {"bytes": len(src.head), "seconds": time.perf_counter() - started, "small_reads": []}
     header = format.read_header(src)
-    found = {key: (src, header)}
     entries = store.lookup(model=header.model["weights_digest"], tokens_sha256=tokens_sha256(header.token_ids))
-    for entry in sorted(entries, key=lambda e: e["key"]):
-        if entry["key"] in found or entry.get("dtype") != header.dtype:
-            continue
+    others = sorted(e["key"] for e in entries if e["key"] != key and e.get("dtype") == header.dtype)
+
+    def level(other: str):
+        t0 = time.perf_counter()
         try:
-            other = _open(store, entry["key"])
-            kvfile.check_mixable([header, other[1]], [src.path, other[0].path])
+            got = _open(store, other)
+            kvfile.check_mixable([header, got[1]], [src.path, got[0].path])
         except (FormatError, InputError, StorageError):
-            continue  # not a level of this cache (or unreadable now): the others still serve
-        found[entry["key"]] = other
+            return None  # not a level of this cache (or unreadable now): the others still serve
+        probe["small_reads"].append((time.perf_counter() - t0) / 2)  # a size request and a range read
+        return other, got
+
+    found = {key: (src, header)}
+    if others:
+        with ThreadPoolExecutor(max_workers=min(4, len(others)), thread_name_prefix="kvcli-levels") as pool:
+            found.update(item for item in pool.map(level, others) if item is not None)
     levels: dict[str, Level] = {}
     for k, (s, h) in found.items():
         quality = quality_of(h)
@@ -311,8 +328,10 @@ class Stream:
         pipeline.check_identity(header, self.lm, where)
         pipeline.check_layout(header.layers, header.token_ids, self.lm, where)
         remembered = recall_link(self.store.url)
-        self.request_s = remembered.get("request_s", min(probe["request_s"], probe["seconds"]))
-        self.initial_bytes_per_s = remembered.get("bytes_per_s", probe["bytes"] / max(probe["seconds"], 1e-6))
+        # A small read's time is mostly latency; without one (a single level), the probe's time bounds it.
+        self.request_s = remembered.get("request_s", min(probe["small_reads"] or [probe["seconds"]]))
+        moving = max(probe["seconds"] - self.request_s, 0.1 * probe["seconds"], 1e-6)
+        self.initial_bytes_per_s = remembered.get("bytes_per_s", probe["bytes"] / moving)
         self.samples: deque[tuple[int, float]] = deque(maxlen=WINDOW)
         self.recomputable = all(layer.token_start == 0 for layer in header.layers)
         self.header = header
@@ -376,9 +395,10 @@ class Stream:
 
     def fetch_s(self, level: Level, chunk: int) -> float:
         offset, length = level.spans[chunk]
-        if offset + length <= len(level.source.head):  # already here
+        if offset + length <= len(level.source.head) and level.aux_reads()[0] == 0:  # already here
             return self.decode_s(level, chunk)
-        return self.request_s + length / self.bytes_per_s + self.decode_s(level, chunk)
+        reads, aux = level.aux_reads()  # a level's first chunk fetches its codec tables too
+        return (1 + reads) * self.request_s + (length + aux) / self.bytes_per_s + self.decode_s(level, chunk)
 
     def decode_s(self, level: Level, chunk: int) -> float:
         return self.elements[chunk] * self.speeds.get(f"decode_s_per_element.{level.quality}")
