@@ -133,7 +133,8 @@ def test_a_stalled_store_is_left_for_recompute(stored, tiny_lm):
             finally:
                 proxy.stalled.clear()
     failed = [c for c in stream.report["chunks"] if "failed" in c]
-    assert len(failed) == 1 and failed[0]["failed"].startswith("stalled"), failed
+    # Abandoned by the controller, or ended first by the client's read timeout (the deadline plus 1 s).
+    assert len(failed) == 1 and (failed[0]["failed"].startswith("stalled") or "timed out" in failed[0]["failed"])
     # Chunks that came with the header's range read need no more of the store; from the stall on, recompute.
     stall = failed[0]["chunk"]
     picks = picks_of(stream.report)

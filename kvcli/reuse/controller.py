@@ -43,6 +43,7 @@ WINDOW = 4  # the link's throughput is that of the last few chunk fetches
 # A fetch is never abandoned sooner than this plus twice its predicted time: a busy machine pauses a thread for tens
 # of milliseconds, which is not a stalled store.
 STALL_FLOOR_S = 0.25
+STALL_CAP_S = 60.0  # a model that cannot recompute (inf) still gives up on a stalled store
 HEAD_BYTES = 16 << 10  # a header of 240 segments (30 layers, 4 chunks) is about 15 KiB
 # The named file's first read (an eighth of it, within these bounds): large enough that its time says something
 # of the throughput and not only of the latency (on loopback a kvcli server answers a 16 KiB read in about 40 ms
@@ -450,9 +451,12 @@ class Stream:
             return None
         level = next(lv for lv in self.levels if lv.quality == plan.choice)
         predicted = self.fetch_s(level, chunk)
-        # Past this point recomputing the rest would miss the deadline too: the store is stalled, not slow.
+        # When the fetch is abandoned for recomputing this chunk and the rest: at the last moment at which that still
+        # meets the deadline; or, where it cannot, once the fetch has taken as long as recomputing would (a slow
+        # link misread as a stalled store would cost the whole recompute). Never before twice the prediction.
         rest = sum(self.recompute_s(j) for j in range(chunk, len(self.bounds)))
-        wait = max(budget - rest, 2 * predicted + STALL_FLOOR_S)
+        wait = max(budget - rest if budget > rest else rest, 2 * predicted + STALL_FLOOR_S)
+        wait = min(wait, STALL_CAP_S)
         t0 = time.perf_counter()
         future = pool.submit(self.fetch, level, chunk)
         try:
