@@ -1,6 +1,14 @@
 """Caches over a network: time to first token over a throttled link, and the server's throughput on loopback.
 
     python bench/serve.py [--corpus DIR] [--rate-mbit 100 --rate-mbit 1000] [--repeats 3] [--seconds 10]
+    python bench/serve.py --trace [--tokens 256 --tokens 1024] [--deadline 0.5 --deadline 1 --deadline 2]
+
+With --trace: the streaming controller (`generate --deadline`, kvcli/reuse/controller.py) against streaming one
+fixed level and against recomputing, over a link whose rate follows a trace (1 Gbit/s for 1 s, 20 Mbit/s for 1.5 s,
+and again), each run starting at another point of it. Each corpus document is cut to each --tokens and stored at
+every level from one prefill. Per run: time to first token, whether each deadline was met, and quality: the KL
+divergence of the next-token distributions over the question from those of the exact cache, from the chunks the
+run actually used. A fixed-level run still going after --give-up-s is stopped and counts as missing every deadline.
 
 For every document in the corpus and every link rate, three ways to the first answer token on the default model
 (float32): streaming the `balanced` .kvc from `kvcli serve-cache` (decode overlaps the download); fetching the
@@ -15,6 +23,7 @@ One JSON line per measurement.
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import statistics
 import sys
@@ -83,6 +92,50 @@ class ThrottledTransport(httpx.BaseTransport):
 
     def close(self) -> None:
         self.inner.close()
+
+
+class TraceLink(Link):
+    """A link whose rate follows `trace` ([(bits_per_s, seconds), ...], repeated), entered `offset` seconds in.
+    Past `give_up_at` (perf_counter) a transfer raises TooLate: the run has missed every deadline."""
+
+    def __init__(self, trace: list[tuple[float, float]], offset: float, give_up_at: float = math.inf):
+        self.trace, self.period = trace, sum(d for _, d in trace)
+        self.origin = time.perf_counter() - offset
+        self.lock = threading.Lock()
+        self.free_at = 0.0
+        self.give_up_at = give_up_at
+
+    def _phase(self, t: float) -> tuple[float, float]:
+        """The rate at time t, in bytes/s, and when it next changes."""
+        into = (t - self.origin) % self.period
+        for bits, seconds in self.trace:
+            if into < seconds:
+                return bits / 8, t + (seconds - into)
+            into -= seconds
+        return self.trace[0][0] / 8, t + self.trace[0][1]
+
+    def cross(self, n: int) -> None:
+        with self.lock:
+            t = max(time.perf_counter(), self.free_at)
+            while n > 0:
+                rate, change = self._phase(t)
+                fits = (change - t) * rate
+                if fits >= n:
+                    t += n / rate
+                    n = 0
+                else:
+                    n -= fits
+                    t = change
+            self.free_at = t
+        if t > self.give_up_at:
+            raise TooLate()
+        delay = t - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+
+
+class TooLate(Exception):
+    pass
 
 
 def first_token(lm, kv, prompt: list[int]) -> int:
@@ -158,6 +211,122 @@ def throughput(url: str, keys_sizes: list[tuple[str, int]], clients: int, second
             "p50_ms": round(1000 * statistics.median(lat), 2), "p99_ms": round(1000 * lat[int(0.99 * (len(lat) - 1))], 2)}
 
 
+TRACE = [(1e9, 1.0), (20e6, 1.5)]  # bits/s and seconds, repeated
+LEVELS = ("lossless", "high", "balanced", "small")
+
+
+def logprobs(lm, kv, prompt: list[int]) -> torch.Tensor:
+    return torch.log_softmax(inference.logits_after(lm, kv, prompt).float(), -1)
+
+
+def kl(exact: torch.Tensor, got: torch.Tensor) -> float:
+    """Mean over the question's positions of KL(exact || got), in nats."""
+    return float((exact.exp() * (exact - got)).sum(-1).mean())
+
+
+def run_fixed(lm, url: str, prompt: list[int], link: TraceLink, exact: torch.Tensor) -> dict:
+    t0 = time.perf_counter()
+    try:
+        with remote.open_source(url, transport=ThrottledTransport(link)) as src:
+            kv = pipeline.load_cache(src, src.header, lm).kv
+    except TooLate:
+        return {"ttft_s": None, "kl": None}
+    got = logprobs(lm, kv, prompt)
+    return {"ttft_s": time.perf_counter() - t0, "kl": kl(exact, got)}
+
+
+def run_controller(lm, base: str, key: str, deadline: float, prompt: list[int], link: TraceLink,
+                   exact: torch.Tensor) -> dict:
+    from kvcli.reuse.controller import Stream, remember_first_token
+
+    target = store.ServerStore(base, transport=ThrottledTransport(link), timeout_s=deadline + 1.0)
+    t0 = time.perf_counter()
+    try:
+        stream = Stream(lm, target, key, deadline, "small", len(prompt))
+        kv = stream.run()
+    except TooLate:
+        return {"ttft_s": None, "kl": None, "choices": None}
+    finally:
+        target.close()
+    t1 = time.perf_counter()
+    got = logprobs(lm, kv, prompt)
+    remember_first_token(lm, time.perf_counter() - t1)  # as generate does after its first answer
+    choices = [c["choice"] for c in stream.report["chunks"] if "failed" not in c]
+    return {"ttft_s": time.perf_counter() - t0, "kl": kl(exact, got), "choices": choices,
+            "predicted_ttft_s": stream.report["predicted_ttft_s"]}
+
+
+def trace_bench(args, lm, env: dict) -> None:
+    from kvcli.reuse.controller import Speeds
+    from kvcli.reuse.ingest import encode_file
+
+    prompt = inference.prompt_ids(lm, QUESTION)
+    period = sum(d for _, d in TRACE)
+    offsets = [period * i / args.offsets for i in range(args.offsets)]
+    results: dict[tuple, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "store"
+        st = store.open_store(str(root), create=True)
+        docs = []
+        for doc in corpus(args.corpus):
+            full = inference.document_ids(lm, doc.read_text())
+            for n in args.tokens or [256, 1024]:
+                ids = full[:n]
+                kv = inference.prefill(lm, ids, attention=True)  # one prefill, one encode per level
+                keys = {}
+                for quality in LEVELS:
+                    meta, parts = pipeline.encode_cache(kv, lm.identity, pipeline.codec_for(quality, lm),
+                                                        args.chunk_tokens)
+                    keys[quality] = st.put(None, encode_file(meta, parts))
+                docs.append((doc.name, ids, keys, logprobs(lm, kv, prompt)))
+        with CacheServer(root, "--log-level", "warning") as srv:
+            name, ids, keys, exact = docs[0]  # untimed once: lazy initialisation is not a network cost
+            run_fixed(lm, f"{srv.url}/v1/caches/{keys['small']}", prompt, TraceLink(TRACE, 0.0), exact)
+            for name, ids, keys, exact in docs:
+                t0 = time.perf_counter()
+                first_token(lm, None, ids + prompt)
+                recompute_s = time.perf_counter() - t0
+                speeds = Speeds.recall(lm)  # the controller's prefill cost: measured on this machine, kept
+                speeds.measure("prefill_s_per_token", recompute_s / len(ids + prompt))
+                speeds.keep(lm)
+                rows = {("recompute", None): [{"ttft_s": recompute_s, "kl": 0.0}] * len(offsets)}
+                for quality in LEVELS:
+                    rows[(quality, None)] = [
+                        run_fixed(lm, f"{srv.url}/v1/caches/{keys[quality]}", prompt,
+                                  TraceLink(TRACE, off, time.perf_counter() + args.give_up_s), exact)
+                        for off in offsets]
+                for deadline in args.deadline or [0.5, 1.0, 2.0]:
+                    rows[("controller", deadline)] = [
+                        run_controller(lm, srv.url, keys["lossless"], deadline, prompt,
+                                       TraceLink(TRACE, off, time.perf_counter() + args.give_up_s), exact)
+                        for off in offsets]
+                for (method, deadline), runs in rows.items():
+                    emit({"what": "trace_runs", "document": name, "tokens": len(ids), "method": method,
+                          "deadline_s": deadline, "runs": [{k: (round(v, 4) if isinstance(v, float) else v)
+                                                            for k, v in r.items()} for r in runs],
+                          "offsets_s": offsets, "trace": TRACE, "model": lm.name, **env})
+                    results.setdefault((len(ids), method, deadline), []).append(runs)
+    summarize(results, args.deadline or [0.5, 1.0, 2.0], env)
+
+
+def summarize(results: dict, deadlines: list[float], env: dict) -> None:
+    """Per document length, deadline and method: deadlines met, median time to first token, mean KL."""
+    for tokens in sorted({t for t, _, _ in results}):
+        for deadline in deadlines:
+            for (t, method, d), per_doc in sorted(results.items(), key=lambda kv: str(kv[0])):
+                if t != tokens or d not in (None, deadline):
+                    continue
+                runs = [r for doc_runs in per_doc for r in doc_runs]
+                met = [r["ttft_s"] is not None and r["ttft_s"] <= deadline for r in runs]
+                done = [r for r in runs if r["ttft_s"] is not None]
+                emit({"what": "trace_summary", "tokens": tokens, "deadline_s": deadline, "method": method,
+                      "runs": len(runs), "met": round(sum(met) / len(runs), 3),
+                      "ttft_median_s": round(statistics.median([r["ttft_s"] for r in done]), 3) if done else None,
+                      "kl_mean": round(statistics.mean([r["kl"] for r in done]), 5) if done else None,
+                      "kl_mean_met": round(statistics.mean([r["kl"] for r, m in zip(runs, met) if m]), 5)
+                      if any(met) else None, **env})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
@@ -167,10 +336,20 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--skip-ttft", action="store_true")
+    ap.add_argument("--trace", action="store_true", help="the streaming controller over a bandwidth trace")
+    ap.add_argument("--tokens", type=int, action="append", help="with --trace: cut documents to this many tokens")
+    ap.add_argument("--deadline", type=float, action="append", help="with --trace: seconds")
+    ap.add_argument("--offsets", type=int, default=3, help="with --trace: runs per setting, entering the trace "
+                    "at evenly spaced points")
+    ap.add_argument("--chunk-tokens", type=int, default=128)
+    ap.add_argument("--give-up-s", type=float, default=5.0)
     args = ap.parse_args()
     rates = args.rate_mbit or [100.0, 1000.0]
     env = environment()
     lm = models.load(None, "float32")
+    if args.trace:
+        trace_bench(args, lm, env)
+        return
     prompt = inference.prompt_ids(lm, QUESTION)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -168,13 +168,15 @@ def moto_server():
 
 class ThrottleProxy:
     """A TCP proxy on loopback forwarding to `target` (host, port), server-to-client at `rate` bytes/s and
-    client-to-server at `up_rate` bytes/s (None: as fast as it goes)."""
+    client-to-server at `up_rate` bytes/s (None: as fast as it goes). While `stalled` is set, nothing more is
+    forwarded either way, on open connections too: a store that stopped answering."""
 
     def __init__(self, target: tuple[str, int], rate: float | None = None, up_rate: float | None = None):
         self.target, self.rate, self.up_rate = target, rate, up_rate
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.stopped = threading.Event()
+        self.stalled = threading.Event()
         self.threads: list[threading.Thread] = []
 
     def start(self) -> "ThrottleProxy":
@@ -208,6 +210,8 @@ class ThrottleProxy:
                 data = src.recv(chunk)
                 if not data:
                     break
+                while self.stalled.is_set() and not self.stopped.is_set():
+                    time.sleep(0.01)
                 dst.sendall(data)
                 if rate:
                     time.sleep(len(data) / rate)

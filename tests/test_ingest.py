@@ -457,3 +457,45 @@ def test_temporaries_of_writers_killed_with_sigkill_are_swept_by_the_next_run(cl
         live.kill()
         live.wait(timeout=10)
         live.stdout.close()
+
+
+def test_several_levels_come_from_one_prefill_and_equal_the_single_level_files(cli, llama, corpus, tmp_path):
+    store = tmp_path / "store"
+    result = run_store(cli, corpus, "--out-dir", store, "--model", llama, "-q", "lossless,high,small",
+                       "--batch-tokens", "1")
+    assert result.exit_code == 0, result.stderr
+    lines = lines_of(result)
+    assert [line["quality"] for line in lines] == ["lossless", "high", "small"] * len(TEXTS)
+    assert all(line["status"] == "written" for line in lines)
+    assert len({line["key"] for line in lines}) == 3 * len(TEXTS)
+    # One forward pass per document, not one per level: the tokens prefilled are the documents' tokens once.
+    tokens = sum(line["tokens"] for line in lines[::3])
+    assert f"{tokens:,} tokens prefilled" in result.stderr
+    assert f"{3 * len(TEXTS)}/{3 * len(TEXTS)}" in result.stderr
+    for line in lines[:3]:
+        single = tmp_path / "single.kvc"
+        assert cli("prefill", line["id"], "-o", single, "--model", llama, "-q", line["quality"]).exit_code == 0
+        assert Path(line["path"]).read_bytes() == single.read_bytes(), line["quality"]
+
+
+def test_a_level_missing_from_the_store_is_the_only_one_written(cli, llama, corpus, tmp_path):
+    store = tmp_path / "store"
+    first = lines_of(run_store(cli, corpus, "--out-dir", store, "--model", llama, "-q", "lossless,small"))
+    removed = first[1]
+    os.unlink(removed["path"])
+    again = lines_of(run_store(cli, corpus, "--out-dir", store, "--model", llama, "-q", "lossless,small"))
+    assert [line["status"] for line in again] == ["written" if line["key"] == removed["key"] else "skipped"
+                                                  for line in first]
+
+
+@pytest.mark.parametrize("quality, message", [("high,,small", "preset names separated by commas"),
+                                              ("high,high", "names a preset twice"),
+                                              ("high,tiny", "unknown --quality 'tiny'")])
+def test_bad_level_lists_are_usage_errors(cli, llama, corpus, tmp_path, quality, message):
+    result = run_store(cli, corpus, "--out-dir", tmp_path / "store", "--model", llama, "-q", quality)
+    assert result.exit_code == 2 and message in result.stderr and result.stdout == ""
+
+
+def test_several_levels_need_a_store(cli, llama, doc_file, tmp_path):
+    result = cli("prefill", doc_file, "-o", tmp_path / "x.kvc", "--model", llama, "-q", "high,small")
+    assert result.exit_code == 2 and "several --quality levels use --out-dir" in result.stderr

@@ -65,6 +65,11 @@ def generate(
     recompute_fraction: float = typer.Option(0.0, "--recompute-fraction", min=0.0, max=1.0,
                                              help="With --cache: recompute this fraction of the context's tokens, "
                                              "those whose keys the other documents change most (docs/compose.md)"),
+    deadline: Optional[str] = typer.Option(None, "--deadline", help="With one --cache in a store: have the context in "
+                                           "place by then (1.5s, 800ms), choosing per chunk among the stored quality "
+                                           "levels or recomputing (docs/streaming.md)"),
+    min_quality: Optional[str] = typer.Option(None, "--min-quality", help="With --deadline: the lowest level it may "
+                                              "choose (small, balanced, high, lossless) [default: small]"),
 ) -> None:
     """Answer PROMPT after a cached context (--cache) or after a full prefill of a document (--document)."""
     from ..errors import UsageError
@@ -87,11 +92,22 @@ def generate(
         raise UsageError("the prompt is empty")
     if stop and any(not s for s in stop):
         raise UsageError("--stop needs non-empty text")
+    deadline_s = check_deadline(deadline, min_quality, cache, cache_dir, recompute_fraction)
     where = resolve(device, backend)
     items = read_prompts(prompts_file) if prompts_file else [{"prompt": prompt}]
     t0 = time.perf_counter()
-    kv, doc, stored = None, None, None
-    if cache:
+    kv, doc, stored, stream = None, None, None, None
+    if deadline_s is not None:
+        from ..reuse import controller
+
+        with status("loading model"):
+            lm = models.load(model, dtype or controller.stored_dtype(cache[0]), where.device)
+        model_s = time.perf_counter() - t0
+        first_ids = (inference.chat_ids if chat else inference.prompt_ids)(lm, items[0]["prompt"])
+        with status("streaming the cache"):
+            kv, stream = controller.load(lm, cache[0], deadline_s, min_quality or "small", len(first_ids))
+        context_ids = kv.token_ids
+    elif cache:
         with contextlib.ExitStack() as stack:
             opened = []
             local = remote.LocalCache(cache_dir, cache_dir_bytes) if cache_dir else None
@@ -125,14 +141,42 @@ def generate(
         started = time.perf_counter()
         # The reference path prefills document and prompt together, as a model without kvcli would.
         result = inference.answer(lm, kv, ids if kv is not None else context_ids + ids, max_new_tokens, stop or [])
+        if stream is not None and "ttft_s" not in stream:
+            # The deadline counts from the first byte asked for to the first token of the first answer.
+            stream["ttft_s"] = round(load_s + result.first_token_s, 4)
+            controller.remember_first_token(lm, result.first_token_s)
         if not as_json and not prompts_file:
             print(result.text)
             continue
-        emit_json({**item, "text": result.text, "tokens": len(result.tokens), "stopped_by": result.stopped_by,
-                   "context_tokens": len(context_ids), "model_load_s": round(model_s, 4),
-                   "cache_load_s": round(load_s, 4) if kv is not None else None,
-                   "ttft_s": round(result.first_token_s, 4), "answer_s": round(time.perf_counter() - started, 4),
-                   "total_s": round(time.perf_counter() - t0, 4)})
+        line = {**item, "text": result.text, "tokens": len(result.tokens), "stopped_by": result.stopped_by,
+                "context_tokens": len(context_ids), "model_load_s": round(model_s, 4),
+                "cache_load_s": round(load_s, 4) if kv is not None else None,
+                "ttft_s": round(result.first_token_s, 4), "answer_s": round(time.perf_counter() - started, 4),
+                "total_s": round(time.perf_counter() - t0, 4)}
+        if stream is not None:
+            line["stream"] = {**stream, "deadline_met": stream["ttft_s"] <= deadline_s}
+        emit_json(line)
+
+
+def check_deadline(deadline: str | None, min_quality: str | None, cache: list[str] | None, cache_dir: str | None,
+                   recompute_fraction: float) -> float | None:
+    """--deadline's seconds (None without it), refused with the options it cannot go with."""
+    from ..errors import UsageError
+    from ..reuse import controller
+
+    if deadline is None:
+        if min_quality is not None:
+            raise UsageError("--min-quality bounds the levels --deadline chooses among; give --deadline too")
+        return None
+    seconds = controller.parse_deadline(deadline)
+    if min_quality is not None:
+        controller.check_quality(min_quality)
+    if not cache or len(cache) != 1:
+        raise UsageError("--deadline streams one --cache from a store")
+    if cache_dir or recompute_fraction:
+        raise UsageError("--deadline chooses each chunk's level itself; it does not take --cache-dir or "
+                         "--recompute-fraction")
+    return seconds
 
 
 def open_prefix_store(spec: str, token_file: str | None):

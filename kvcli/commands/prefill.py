@@ -22,7 +22,6 @@ from .common import (
     ChunkOpt,
     DeviceOpt,
     ModelOpt,
-    QualityOpt,
     SinksOpt,
     StepScaleOpt,
     check_output,
@@ -55,7 +54,9 @@ def prefill(
                                      "1 prefills one document at a time [default: 2048]"),
     model: Optional[str] = ModelOpt,
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16"),
-    quality: str = QualityOpt,
+    quality: str = typer.Option("balanced", "--quality", "-q", help="lossless, high, balanced, small, or raw; with "
+                                "--out-dir, several separated by commas (high,balanced,small) are each stored "
+                                "from one prefill"),
     step_scale: float = StepScaleOpt,
     sinks: Optional[int] = SinksOpt,
     chunk_tokens: int = ChunkOpt,
@@ -74,14 +75,16 @@ def prefill(
     from ..reuse import ingest, pipeline
 
     where = resolve(device, backend)
-    options = pipeline.EncodeOptions(quality, step_scale, sinks, chunk_tokens, where.backend)
+    qualities = ingest.parse_qualities(quality)
+    options = pipeline.EncodeOptions(qualities[0], step_scale, sinks, chunk_tokens, where.backend)
     choice = ModelChoice(model, dtype, where.device)
     docs = docs or []
     if ("-" in docs or jsonl == "-") and is_terminal(sys.stdin):  # a forgotten pipe would look like a hang
         write_stderr_text("kvcli: reading from the terminal; end the input with Ctrl-D\n")
     if out is not None:
         many = [name for name, given in (("--out-dir", out_dir), ("--jsonl", jsonl), ("--shard", shard),
-                                         ("--split", split), ("--batch-tokens", batch_tokens)) if given]
+                                         ("--split", split), ("--batch-tokens", batch_tokens),
+                                         ("several --quality levels", len(qualities) > 1)) if given]
         if len(docs) != 1 or many:
             raise UsageError("-o writes one document; for " + (", ".join(many) or f"{len(docs)} documents")
                              + " use --out-dir DIR")
@@ -94,7 +97,8 @@ def prefill(
     if docs.count("-") + (jsonl == "-") > 1:
         raise UsageError("stdin can be read once: give - or --jsonl - , not both")
     settings = ingest.Settings(options, max_tokens, split,
-                               ingest.DEFAULT_BATCH_TOKENS if batch_tokens is None else batch_tokens, chat_prefix)
+                               ingest.DEFAULT_BATCH_TOKENS if batch_tokens is None else batch_tokens,
+                               chat_prefix=chat_prefix, qualities=qualities if len(qualities) > 1 else ())
     prefill_many(docs, jsonl, out_dir, shard, choice, settings)
 
 
@@ -145,7 +149,7 @@ def prefill_many(docs: list[str], jsonl: str | None, out_dir: str, shard: str | 
     sources = ingest.in_shard(itertools.chain(files, records), index, count)
     total = sum(ingest.shard_of(s.id, count) == index for s in files)
     lines = ingest.count_jsonl(jsonl) if jsonl is not None else 0
-    total = None if lines is None or (lines and count > 1) else total + lines
+    total = None if lines is None or (lines and count > 1) else (total + lines) * len(settings.levels())
     progress = Progress(total)  # before the model loads: a bad $KVCLI_PROGRESS_SECONDS must not cost a load
     with status("loading model"):
         lm = choice.load()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 from collections import deque
 from itertools import accumulate
 from concurrent.futures import ThreadPoolExecutor
@@ -380,3 +381,127 @@ def verify(src: format.ByteSource, header: format.Header) -> dict:
 
 def format_dtype(name: str) -> torch.dtype:
     return {v: k for k, v in DTYPE_NAMES.items()}[name]
+
+
+# ---------------------------------------------------------------- mixed-level decoding (docs/format.md)
+
+
+MIXED_FIELDS = ("dtype", "token_ids", "layers", "chunk_tokens")
+
+
+def check_mixable(headers: list[format.Header], names: list[str]) -> None:
+    """Files whose chunks may be mixed into one cache: the same model (its identity less the informational name),
+    dtype, tokens, layer shapes and chunking. Codecs may differ: each chunk is decoded with its own file's."""
+    first, where = headers[0], names[0]
+    for header, name in zip(headers[1:], names[1:]):
+        for field in ("model",) + MIXED_FIELDS:
+            a, b = getattr(first, field), getattr(header, field)
+            if field == "model":
+                a, b = ({k: v for k, v in m.items() if k != "name"} for m in (a, b))
+            if a != b:
+                raise FormatError(f"{name}: cannot be mixed with {where}: its {field} differs")
+
+
+def chunk_segments(header: format.Header, name: str) -> list[list[int]]:
+    """Per chunk (tokens [i·chunk_tokens, (i+1)·chunk_tokens)), the indexes into the file's tensor segments of
+    those holding its tokens, in file order. A segment that crosses a chunk boundary makes the file unmixable."""
+    segs = [s for s in header.segments if s.kind != "aux"]
+    size = header.chunk_tokens
+    chunks: list[list[int]] = [[] for _ in range(-(-header.num_tokens // size))]
+    for i, seg in enumerate(segs):
+        first = seg.token_start // size
+        if (seg.token_start + seg.token_count - 1) // size != first:
+            raise FormatError(f"{name}: {seg.label()} crosses a boundary of its {size}-token chunks, so its chunks "
+                              "cannot be mixed with another file's")
+        chunks[first].append(i)
+    return chunks
+
+
+def chunk_spans(header: format.Header, chunks: list[list[int]]) -> list[tuple[int, int]]:
+    """Per chunk, the offset and length in the file of the bytes from its first segment to the end of its last:
+    one range read (writers put a chunk's segments together)."""
+    segs = [s for s in header.segments if s.kind != "aux"]
+    spans = []
+    for members in chunks:
+        if not members:  # every layer a sliding window that starts after this chunk
+            spans.append((header.data_offset, 0))
+            continue
+        lo = min(segs[i].offset for i in members)
+        hi = max(segs[i].offset + segs[i].length for i in members)
+        spans.append((header.data_offset + lo, hi - lo))
+    return spans
+
+
+def chunk_elements(header: format.Header) -> list[int]:
+    """Per chunk, the K and V elements it decodes to over all layers."""
+    size, n = header.chunk_tokens, header.num_tokens
+    out = []
+    for lo in range(0, n, size):
+        hi = min(lo + size, n)
+        out.append(sum(s.kv_heads * max(0, hi - max(lo, s.token_start)) * (s.key_dim + s.value_dim)
+                       for s in header.layers))
+    return out
+
+
+class LevelDecoder:
+    """One file of a mixed-level decode: its codec's decoder (built from its own aux segments) and its chunks,
+    decoded one at a time into tensors shared with the other files of the same cache."""
+
+    def __init__(self, src: format.ByteSource, header: format.Header):
+        self.src, self.header = src, header
+        self.name = getattr(src, "path", "<input>")
+        self.codec, self.decoder = open_decoder(src, header)
+        check_decoded_size(header, self.codec, self.name, None)
+        self.segs, self.ctxs = _segments(header)
+        self.chunks = chunk_segments(header, self.name)
+        self.spans = chunk_spans(header, self.chunks)
+
+    def split(self, chunk: int, data: bytes) -> list[bytes]:
+        """The chunk's segments cut from the bytes of spans[chunk], each checksum verified (FormatError naming it)."""
+        start = self.spans[chunk][0] - self.header.data_offset
+        out = []
+        for i in self.chunks[chunk]:
+            seg = self.segs[i]
+            part = data[seg.offset - start : seg.offset - start + seg.length]
+            if len(part) != seg.length:
+                raise FormatError(f"{self.name}: {seg.label()} is truncated")
+            if zlib.crc32(part) != seg.crc32:
+                raise FormatError(f"{self.name}: {seg.label()}: checksum mismatch (file is corrupt)")
+            out.append(part)
+        return out
+
+    def decode_chunk(self, chunk: int, datas: list[bytes], keys: list[torch.Tensor],
+                     values: list[torch.Tensor]) -> None:
+        """The chunk's segments decoded into `keys` and `values` (allocate()'s tensors)."""
+        batch = self.chunks[chunk]
+        symbols = _entropy(self.decoder, self.name, self.segs, batch, self.ctxs, datas)
+        for i, data, sym in zip(batch, datas, symbols):
+            seg = self.segs[i]
+            lo = seg.token_start - self.header.layers[seg.layer].token_start
+            out = (keys if seg.kind == "k" else values)[seg.layer][:, lo : lo + seg.token_count]
+            try:
+                self.decoder.reconstruct(self.ctxs[i], data, sym, out)
+            except CodecError as err:
+                raise FormatError(f"{self.name}: {seg.label()}: cannot decode: {err}") from None
+
+
+def allocate(header: format.Header, device: str | torch.device = "cpu") -> tuple[list, list]:
+    """Empty keys and values per layer for the header's cache, to decode chunks into."""
+    return _allocate(header, torch.device(device), False)
+
+
+def decode_mixed(levels: list[tuple[format.ByteSource, format.Header]], picks: list[int],
+                 device: str | torch.device = "cpu") -> KVCache:
+    """The cache with chunk i decoded from levels[picks[i]]: the reference a streaming reader's result equals."""
+    headers = [h for _, h in levels]
+    check_mixable(headers, [getattr(src, "path", "<input>") for src, _ in levels])
+    decoders = {p: LevelDecoder(*levels[p]) for p in sorted(set(picks))}
+    chunks = len(next(iter(decoders.values())).chunks)
+    if len(picks) != chunks:
+        raise ValueError(f"{len(picks)} picks for {chunks} chunks")
+    keys, values = allocate(headers[0], device)
+    for chunk, pick in enumerate(picks):
+        level = decoders[pick]
+        offset, length = level.spans[chunk]
+        level.decode_chunk(chunk, level.split(chunk, level.src.read(offset, length)), keys, values)
+    return KVCache(list(headers[0].token_ids), keys, values)

@@ -133,6 +133,15 @@ def prefill(lm: LoadedModel, ids: list[int], attention: bool = False) -> KVCache
 
 
 @torch.inference_mode()
+def extend(lm: LoadedModel, kv: KVCache | None, ids: list[int]) -> KVCache:
+    """The cache of the cached context `kv` (or none) followed by `ids`: a prefill of `ids` that attends to `kv`.
+    The streaming controller recomputes a chunk this way after the chunks it loaded (kvcli/reuse/controller.py)."""
+    cache = to_model_cache(kv, lm.model) if kv is not None and kv.num_tokens else empty_cache(lm)
+    _forward(lm, ids, cache, last_only=True)
+    return from_model_cache(cache, (kv.token_ids if kv is not None else []) + list(ids))
+
+
+@torch.inference_mode()
 def logits_after(lm: LoadedModel, kv: KVCache | None, ids: list[int]) -> torch.Tensor:
     """Logits for each of `ids` given the cached context `kv` (or none): (len(ids), vocab)."""
     cache = to_model_cache(kv, lm.model) if kv is not None else empty_cache(lm)

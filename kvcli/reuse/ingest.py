@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator
 
 from ..container import format, keys, kvfile
@@ -26,8 +26,8 @@ DEFAULT_BATCH_TOKENS = 2048
 # Documents gathered before prefill, in tokens per batch: enough to sort by length and keep padding small.
 WINDOW_BATCHES = 4
 
-MANIFEST_FIELDS = ("id", "status", "key", "path", "tokens", "bytes", "bits_per_element", "seconds", "error",
-                   "segment", "segments")
+MANIFEST_FIELDS = ("id", "status", "key", "path", "quality", "tokens", "bytes", "bits_per_element", "seconds",
+                   "error", "segment", "segments")
 STATUSES = ("written", "skipped", "failed")
 
 
@@ -204,6 +204,9 @@ class Settings:
     split: bool = False
     batch_tokens: int = DEFAULT_BATCH_TOKENS  # below two documents' worth: one document per forward pass
     chat_prefix: bool = False  # store the chat prompt's tokens up to the question (reuse/prefix.py), not the document's
+    # Several presets stored from one prefill (`--quality high,balanced,small`): the levels a streaming reader
+    # chooses among (docs/streaming.md). Empty: encode.quality alone.
+    qualities: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.chat_prefix and self.split:
@@ -211,13 +214,28 @@ class Settings:
         for name, value in (("--max-tokens", self.max_tokens), ("--batch-tokens", self.batch_tokens)):
             if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise UsageError(f"{name} must be an integer of at least 1, not {value!r}")
+        if len(set(self.qualities)) != len(self.qualities):
+            raise UsageError(f"--quality names a preset twice: {','.join(self.qualities)}")
+        self.levels()  # each preset is checked as EncodeOptions are
+
+    def levels(self) -> list[pipeline.EncodeOptions]:
+        """The options of every level written, in the order given."""
+        return [replace(self.encode, quality=q) for q in self.qualities] or [self.encode]
+
+
+def parse_qualities(text: str) -> tuple[str, ...]:
+    """`--quality high,balanced,small`: the presets, in order; one name gives one (the usual single level)."""
+    names = tuple(name.strip() for name in text.split(","))
+    if any(not name for name in names):
+        raise UsageError(f"--quality {text!r}: expected preset names separated by commas")
+    return names
 
 
 @dataclass
 class _Job:
-    """One document (or segment) whose cache is not in the store yet."""
+    """One document (or segment) with a level whose cache is not in the store yet."""
 
-    line: dict
+    lines: list[dict]  # one per level, in the levels' order; those already stored say "skipped"
     doc: inference.Document
     ids: list[int]
     seconds: float  # spent on it so far
@@ -260,8 +278,8 @@ class Ingest:
                  on_forward: Callable[[int], None] | None = None):
         self.lm, self.store, self.settings = lm, store, settings
         self.on_forward = on_forward  # told the tokens of each forward pass as it ends (progress between lines)
-        self.codec = settings.encode.codec(lm)
-        self.codec_spec = {"name": self.codec.name, "params": self.codec.params()}
+        self.levels = [(options, options.codec(lm)) for options in settings.levels()]
+        self.lossless = all(codec.lossless for _, codec in self.levels)
         limits = [x for x in (settings.max_tokens, lm.max_tokens()) if x]
         self.max_tokens = min(limits) if limits else 0  # 0: the model states no context length
         if settings.split and not self.max_tokens:
@@ -301,23 +319,29 @@ class Ingest:
         except KvcliError as err:
             if isinstance(err, StorageError):
                 raise
-            yield manifest_line(source.id, "failed", source.extra, error=self._failed(err),
-                                seconds=round(time.perf_counter() - start, 3))
+            error, seconds = self._failed(err), round(time.perf_counter() - start, 3)
+            yield [manifest_line(source.id, "failed", source.extra, error=error, seconds=seconds,
+                                 quality=options.quality)
+                   for options, _ in self.levels]  # a line per level, as for a document that succeeds
             return
         share = (time.perf_counter() - start) / len(segments)
         for number, ids in enumerate(segments):
             seg = {} if len(segments) == 1 else {"segment": number, "segments": len(segments)}
             doc_id = source.id if not seg else f"{source.id}#{number}"
-            # The key is known before the forward pass, so a cache already stored costs no prefill.
-            key = keys.derive_key(self.lm.identity, self.lm.dtype, self.codec_spec, ids)
-            line = manifest_line(doc_id, "skipped", source.extra, key=key, path=self.store.url_for(key),
-                                 tokens=len(ids), seconds=round(share, 3), **seg)
-            if self.store.exists(key):
-                # a run killed between a file and its index entries left the file unindexed: mend that here
-                self.store.ensure_indexed(key, keys.chunk_keys(self.lm.identity, self.lm.dtype, ids))
-                yield line
-            else:
-                yield _Job(line, doc, ids, share)
+            # The keys are known before the forward pass, so caches already stored cost no prefill.
+            lines = []
+            for options, codec in self.levels:
+                key = keys.derive_key(self.lm.identity, self.lm.dtype, {"name": codec.name, "params": codec.params()},
+                                      ids)
+                stored = self.store.exists(key)
+                if stored:
+                    # a run killed between a file and its index entries left the file unindexed: mend that here
+                    self.store.ensure_indexed(key, keys.chunk_keys(self.lm.identity, self.lm.dtype, ids))
+                lines.append(manifest_line(doc_id, "skipped" if stored else "pending", source.extra,
+                                           key=key, path=self.store.url_for(key), quality=options.quality,
+                                           tokens=len(ids), seconds=round(share, 3), **seg))
+            done = all(line["status"] == "skipped" for line in lines)
+            yield lines if done else _Job(lines, doc, ids, share)
 
     def _segments(self, doc: inference.Document) -> list[list[int]]:
         if not self.settings.split:
@@ -338,7 +362,7 @@ class Ingest:
         for group in batching.plan_batches([len(j.ids) for j in jobs], self.batch_tokens):
             batch = [jobs[i] for i in group]
             start = time.perf_counter()
-            caches = batching.prefill_batch(self.lm, [j.ids for j in batch], self.windows, not self.codec.lossless)
+            caches = batching.prefill_batch(self.lm, [j.ids for j in batch], self.windows, not self.lossless)
             forward = time.perf_counter() - start
             total = sum(len(j.ids) for j in batch)
             if self.on_forward is not None:
@@ -347,29 +371,32 @@ class Ingest:
                 job.seconds += forward * len(job.ids) / total
                 self._write(job, kv)
         for entry in window:
-            yield entry.line if isinstance(entry, _Job) else entry
+            yield from entry.lines if isinstance(entry, _Job) else entry
 
     def _write(self, job: _Job, kv) -> None:
-        start = time.perf_counter()
-        line = job.line
-        try:
-            options = self.settings.encode
-            pipeline.check_finite(kv, options, line["id"])
-            meta, parts = pipeline.encode_cache(kv, self.lm.identity, self.codec, options.chunk_tokens,
-                                                pipeline.provenance(job.doc), options.backend)
-            data = encode_file(meta, parts)
-            self.store.put(line["key"], data)  # validated, then stored atomically under the key we expect
-        except StorageError as err:
-            line.update(status="failed", error=str(err))
-            raise
-        except InputError as err:
-            line.update(status="failed", error=self._failed(err))
-        else:
-            size = len(data)
-            elements = sum(k.numel() + v.numel() for k, v in zip(kv.keys, kv.values))
-            line.update(status="written", bytes=size, bits_per_element=round(size * 8 / elements, 3))
-        finally:
-            line["seconds"] = round(job.seconds + time.perf_counter() - start, 3)
+        """Each missing level encoded from the one prefill; a line's seconds are the prefill's share plus its own
+        encoding and storing."""
+        for line, (options, codec) in zip(job.lines, self.levels):
+            if line["status"] == "skipped":
+                continue
+            start = time.perf_counter()
+            try:
+                pipeline.check_finite(kv, options, line["id"])
+                meta, parts = pipeline.encode_cache(kv, self.lm.identity, codec, options.chunk_tokens,
+                                                    pipeline.provenance(job.doc), options.backend)
+                data = encode_file(meta, parts)
+                self.store.put(line["key"], data)  # validated, then stored atomically under the key we expect
+            except StorageError as err:
+                line.update(status="failed", error=str(err))
+                raise
+            except InputError as err:
+                line.update(status="failed", error=self._failed(err))
+            else:
+                size = len(data)
+                elements = sum(k.numel() + v.numel() for k, v in zip(kv.keys, kv.values))
+                line.update(status="written", bytes=size, bits_per_element=round(size * 8 / elements, 3))
+            finally:
+                line["seconds"] = round(job.seconds + time.perf_counter() - start, 3)
 
 
 def encode_file(meta: dict, parts) -> bytes:
@@ -395,8 +422,11 @@ class PrefillBatches:
                  text_field: str = "text"):
         from ..storage.store import open_store
 
-        encode = pipeline.EncodeOptions(quality=quality, step_scale=step_scale, sinks=sinks, chunk_tokens=chunk_tokens)
-        settings = Settings(encode, max_tokens=max_tokens, split=split, batch_tokens=batch_tokens)
+        qualities = parse_qualities(quality)
+        encode = pipeline.EncodeOptions(quality=qualities[0], step_scale=step_scale, sinks=sinks,
+                                        chunk_tokens=chunk_tokens)
+        settings = Settings(encode, max_tokens=max_tokens, split=split, batch_tokens=batch_tokens,
+                            qualities=qualities if len(qualities) > 1 else ())
         self.text_field = text_field
         target = open_store(store, create=True)
         target.check_writable()  # before the model loads, as for prefill --out-dir

@@ -1,0 +1,534 @@
+"""CacheGen's streaming controller: a context streamed chunk by chunk so that it is in place before a
+time-to-first-token deadline, each chunk from the stored quality level the link can carry in time, or recomputed
+from its tokens when that is sooner (docs/streaming.md).
+
+The levels of one document are the files of a store with its tokens (`store.lookup(tokens_sha256=…)`) whose
+headers can be mixed (docs/format.md, "Mixed-level decoding"). Before the first chunk the throughput comes from
+the last run against the same store (kept in $KVCLI_CACHE_DIR/links/), else from the first range read (the
+header's). After every chunk the plan is made again from the throughput, decode and prefill speeds measured so
+far. The speeds of this machine are kept in $KVCLI_CACHE_DIR/speeds/, so a later run starts from measurements.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FetchTimeout
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from ..container import format, kvfile
+from ..container.identity import cache_root
+from ..container.keys import KEY_PATTERN, tokens_sha256
+from ..errors import FormatError, InputError, StorageError, UsageError
+from ..modeling import inference, models
+from ..modeling.kvcache import KVCache
+
+# Worst to best. raw and lossless hold the model's values exactly, as a recomputed chunk does.
+QUALITY_RANK = {"small": 0, "balanced": 1, "high": 2, "lossless": 3, "raw": 3}
+RECOMPUTE = "recompute"
+# Before anything is measured on this machine: prefill costs 2 × parameters FLOPs per token at this rate.
+ASSUMED_FLOPS = {"cpu": 2e10, "cuda": 2e12}
+# Before a chunk has been decoded on this machine (the first decode replaces it).
+ASSUMED_DECODE_S_PER_ELEMENT = 2e-8
+EWMA = 0.5  # weight of the newest measurement in the running estimates of this machine's speeds
+WINDOW = 4  # the link's throughput is that of the last few chunk fetches
+# A fetch is never abandoned sooner than this plus twice its predicted time: a busy machine pauses a thread for tens
+# of milliseconds, which is not a stalled store.
+STALL_FLOOR_S = 0.25
+STALL_CAP_S = 60.0  # a model that cannot recompute (inf) still gives up on a stalled store
+HEAD_BYTES = 16 << 10  # a header of 240 segments (30 layers, 4 chunks) is about 15 KiB
+# The named file's first read (an eighth of it, within these bounds): large enough that its time says something
+# of the throughput and not only of the latency (on loopback a kvcli server answers a 16 KiB read in about 40 ms
+# on this 2-core machine, a 1 Gbit/s link moves 256 KiB in 2 ms), small next to the file itself.
+PROBE_BYTES = 256 << 10
+_DEADLINE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s)?\s*\Z")
+
+
+def parse_deadline(text: str) -> float:
+    """`1.5s`, `1500ms` or `1.5` (seconds) as seconds, in (0, 3600]."""
+    match = _DEADLINE.match(text or "")
+    seconds = float(match.group(1)) / (1000 if match.group(2) == "ms" else 1) if match else -1.0
+    if not 0 < seconds <= 3600:
+        raise UsageError(f"--deadline {text!r}: expected a time such as 1.5s or 800ms, above 0 and at most 1 hour")
+    return seconds
+
+
+def check_quality(name: str) -> str:
+    if name not in QUALITY_RANK:
+        raise UsageError(f"--min-quality {name!r}: choose one of {', '.join(QUALITY_RANK)}")
+    return name
+
+
+def quality_of(header: format.Header) -> str | None:
+    """The preset a file was written with, or None for a codec setting no preset has (not a level)."""
+    name, params = header.codec.get("name"), header.codec.get("params") or {}
+    if name == "zstd":
+        return "lossless"
+    if name == "raw":
+        return "raw"
+    if name == "kvq" and params.get("step_scale", 1.0) == 1.0 and params.get("quality") in QUALITY_RANK:
+        return params["quality"]
+    return None
+
+
+def locate(url: str, token: str | None = None, timeout_s: float = 60.0):
+    """The store holding the cache a --cache URL or path names, and its key."""
+    from ..storage import remote
+    from ..storage import store as stores
+
+    if "://" in url:
+        key = remote.url_key(remote.check_url(url))
+        scheme = urlsplit(url).scheme
+        if key and scheme in ("http", "https") and "/v1/caches/" in url:
+            return stores.ServerStore(url[: url.index("/v1/caches/")], remote.read_token(token),
+                                      timeout_s=timeout_s), key
+        if key and scheme not in ("http", "https"):
+            return stores.open_store(url.rsplit("/", 1)[0]), key
+    else:
+        key = Path(url).stem if Path(url).suffix == ".kvc" and KEY_PATTERN.fullmatch(Path(url).stem) else None
+        if key:
+            return stores.open_store(str(Path(url).parent)), key
+    raise UsageError(f"{url}: --deadline needs a cache in a store, named by its key "
+                     "(http://HOST/v1/caches/KEY, s3://BUCKET/PREFIX/KEY.kvc or DIR/KEY.kvc)")
+
+
+# ---------------------------------------------------------------- what this machine and the link measured
+
+
+def _memory(kind: str, name: str) -> Path:
+    return cache_root() / kind / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}.json"
+
+
+def _recall(path: Path) -> dict[str, float]:
+    """Remembered measurements by name: those that are sound (a damaged file is measured again)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: float(v) for k, v in data.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0}
+
+
+def _remember(path: Path, values: dict) -> None:
+    """Kept for the next run; failing to keep it only costs that run a guess."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        format.atomic_write(str(path), [json.dumps(values, sort_keys=True).encode()])
+    except (OSError, StorageError):
+        pass
+
+
+class Speeds:
+    """This machine's speeds for one model, each measured (now or by an earlier run, and kept) or else a prior:
+    `prefill_s_per_token` (recomputing a chunk), `first_token_s` (the question's forward pass after the context),
+    and `decode_s_per_element.QUALITY` per level."""
+
+    def __init__(self, prefill_s_per_token: float, decode_s_per_element: float = ASSUMED_DECODE_S_PER_ELEMENT,
+                 measured: dict[str, float] | None = None):
+        self.priors = {"prefill_s_per_token": prefill_s_per_token, "decode_s_per_element": decode_s_per_element}
+        self.measured = dict(measured or {})
+
+    @staticmethod
+    def name(lm: models.LoadedModel) -> str:
+        device = next(lm.model.parameters()).device.type
+        return f"{lm.identity['weights_digest']}/{device}/{lm.dtype}"
+
+    @classmethod
+    def recall(cls, lm: models.LoadedModel) -> "Speeds":
+        device = next(lm.model.parameters()).device.type
+        # The embedding table is looked up, not multiplied: it costs no FLOPs.
+        params = sum(p.numel() for p in lm.model.parameters()) - lm.model.get_input_embeddings().weight.numel()
+        known = _recall(_memory("speeds", cls.name(lm)))
+        return cls(2 * max(params, 1) / ASSUMED_FLOPS.get(device, ASSUMED_FLOPS["cpu"]), measured=known)
+
+    def get(self, name: str) -> float:
+        return self.measured.get(name, self.priors.get(name.split(".")[0], 0.0))
+
+    @property
+    def prefill_s_per_token(self) -> float:
+        return self.get("prefill_s_per_token")
+
+    def first_token_s(self, prompt_tokens: int) -> float:
+        return self.measured.get("first_token_s", prompt_tokens * self.prefill_s_per_token)
+
+    def measure(self, name: str, value: float) -> None:
+        """A new measurement: blended into the last one, or replacing the prior."""
+        self.measured[name] = _blend(self.measured[name], value) if name in self.measured else value
+
+    def keep(self, lm: models.LoadedModel) -> None:
+        if self.measured:
+            _remember(_memory("speeds", self.name(lm)), self.measured)
+
+
+def remember_first_token(lm: models.LoadedModel, seconds: float) -> None:
+    """The question's forward pass after a streamed context, measured by the caller: the next plan reserves it."""
+    speeds = Speeds.recall(lm)
+    speeds.measure("first_token_s", seconds)
+    speeds.keep(lm)
+
+
+def recall_link(store_url: str) -> dict[str, float]:
+    """The last run's throughput and request latency to this store, if there was one."""
+    known = _recall(_memory("links", store_url))
+    return known if {"bytes_per_s", "request_s"} <= set(known) else {}
+
+
+def keep_link(store_url: str, bytes_per_s: float, request_s: float) -> None:
+    _remember(_memory("links", store_url), {"bytes_per_s": bytes_per_s, "request_s": request_s})
+
+
+def _blend(old: float, new: float) -> float:
+    return (1 - EWMA) * old + EWMA * new
+
+
+# ---------------------------------------------------------------- levels
+
+
+@dataclass
+class Level:
+    quality: str
+    key: str
+    source: format.ByteSource
+    header: format.Header
+    spans: list[tuple[int, int]]
+    decoder: kvfile.LevelDecoder | None = None  # built when first used: its aux segments are fetched then
+
+    @property
+    def rank(self) -> int:
+        return QUALITY_RANK[self.quality]
+
+    def aux_reads(self) -> tuple[int, int]:
+        """Reads and bytes of the aux segments still to fetch before this level's first chunk decodes."""
+        if self.decoder is not None:
+            return 0, 0
+        head = len(self.source.head)
+        aux = [s for s in self.header.segments
+               if s.kind == "aux" and self.header.data_offset + s.offset + s.length > head]
+        return len(aux), sum(s.length for s in aux)
+
+    def open(self) -> kvfile.LevelDecoder:
+        if self.decoder is None:
+            self.decoder = kvfile.LevelDecoder(self.source, self.header)
+        return self.decoder
+
+
+class RangeSource(format.Source):
+    """Range reads of one stored file, each its own request but the first: HEAD_BYTES, which usually hold the
+    preamble and the header, kept. (StoredSource's 64 KiB would fetch a small level whole before it is chosen.)"""
+
+    def __init__(self, store, key: str, size: int, head_bytes: int = HEAD_BYTES):
+        self.store, self.key, self.size = store, key, size
+        self.path = store.url_for(key)
+        self.head = store.read(key, 0, min(size, head_bytes))
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"read [{offset}, {offset + length}) outside a {self.size}-byte file")
+        if offset + length <= len(self.head):
+            return self.head[offset : offset + length]
+        data = self.store.read(self.key, offset, length)
+        if len(data) != length:
+            raise FormatError(f"{self.path}: changed or truncated while being read")
+        return data
+
+
+def _open(store, key: str) -> tuple[RangeSource, format.Header]:
+    size = store.size(key)
+    if size is None:
+        raise InputError(f"{store.url_for(key)}: no such cache")
+    src = RangeSource(store, key, size)
+    return src, format.read_header(src)
+
+
+def open_levels(store, key: str, min_quality: str) -> tuple[format.Header, list[Level], dict]:
+    """The named cache's header, the levels of its document at min_quality or better (best first), and the
+    probe: the bytes and seconds of the named file's first read, and the times of the other levels' HEAD_BYTES
+    reads, which are mostly the link's latency per read."""
+    size = store.size(key)
+    if size is None:
+        raise InputError(f"{store.url_for(key)}: no such cache")
+    started = time.perf_counter()
+    src = RangeSource(store, key, size, min(max(size // 8, HEAD_BYTES), PROBE_BYTES))
+    probe = {"bytes": len(src.head), "seconds": time.perf_counter() - started, "small_reads": []}
+    header = format.read_header(src)
+    entries = store.lookup(model=header.model["weights_digest"], tokens_sha256=tokens_sha256(header.token_ids))
+    others = sorted(e["key"] for e in entries if e["key"] != key and e.get("dtype") == header.dtype)
+
+    def level(other: str):
+        t0 = time.perf_counter()
+        try:
+            got = _open(store, other)
+            kvfile.check_mixable([header, got[1]], [src.path, got[0].path])
+        except (FormatError, InputError, StorageError):
+            return None  # not a level of this cache (or unreadable now): the others still serve
+        probe["small_reads"].append((time.perf_counter() - t0) / 2)  # a size request and a range read
+        return other, got
+
+    found = {key: (src, header)}
+    if others:
+        with ThreadPoolExecutor(max_workers=min(4, len(others)), thread_name_prefix="kvcli-levels") as pool:
+            found.update(item for item in pool.map(level, others) if item is not None)
+    levels: dict[str, Level] = {}
+    for k, (s, h) in found.items():
+        quality = quality_of(h)
+        if quality is None or QUALITY_RANK[quality] < QUALITY_RANK[min_quality] or quality in levels:
+            continue
+        try:
+            spans = kvfile.chunk_spans(h, kvfile.chunk_segments(h, s.path))
+        except FormatError:
+            continue
+        levels[quality] = Level(quality, k, s, h, spans)
+    return header, sorted(levels.values(), key=lambda lv: -lv.rank), probe
+
+
+# ---------------------------------------------------------------- the controller
+
+
+@dataclass
+class Plan:
+    choice: str  # a level's quality, or RECOMPUTE
+    seconds: float  # predicted for this chunk and the rest
+    meets: bool
+
+
+@dataclass
+class Stream:
+    """One cache streamed under a deadline. run() returns the cache; `report` says what was chosen and why."""
+
+    lm: models.LoadedModel
+    store: object
+    key: str
+    deadline_s: float
+    min_quality: str = "small"
+    prompt_tokens: int = 0
+    speeds: Speeds | None = None
+    report: dict = field(default_factory=dict)
+
+    def run(self) -> KVCache:
+        self.open()
+        return self.stream()
+
+    def open(self) -> None:
+        """Before the first chunk: the levels, their headers, the first throughput estimate. The clock starts."""
+        from . import pipeline
+
+        self.started = started = time.perf_counter()
+        self.speeds = self.speeds or Speeds.recall(self.lm)
+        header, self.levels, probe = open_levels(self.store, self.key, self.min_quality)
+        where = self.store.url_for(self.key)
+        pipeline.check_identity(header, self.lm, where)
+        pipeline.check_layout(header.layers, header.token_ids, self.lm, where)
+        remembered = recall_link(self.store.url)
+        # A small read's time is mostly latency; without one (a single level), the probe's time bounds it.
+        self.request_s = remembered.get("request_s", min(probe["small_reads"] or [probe["seconds"]]))
+        moving = max(probe["seconds"] - self.request_s, 0.1 * probe["seconds"], 1e-6)
+        self.initial_bytes_per_s = remembered.get("bytes_per_s", probe["bytes"] / moving)
+        self.samples: deque[tuple[int, float]] = deque(maxlen=WINDOW)
+        self.recomputable = all(layer.token_start == 0 for layer in header.layers)
+        self.header = header
+        size = header.chunk_tokens
+        self.bounds = [(lo, min(lo + size, header.num_tokens)) for lo in range(0, header.num_tokens, size)]
+        self.elements = kvfile.chunk_elements(header)
+        self.report = {"deadline_s": self.deadline_s, "min_quality": self.min_quality,
+                       "levels": [{"quality": lv.quality, "key": lv.key, "bytes": lv.source.size} for lv in self.levels],
+                       "initial_mbit_s": round(self.initial_bytes_per_s * 8e-6, 3),
+                       "initial_from": "history" if remembered else "probe",
+                       "open_s": round(time.perf_counter() - started, 4), "chunks": []}
+
+    def stream(self) -> KVCache:
+        """Every chunk fetched at its chosen level or recomputed, re-planned after each."""
+        header, started = self.header, self.started
+        keys, values = kvfile.allocate(header, next(self.lm.model.parameters()).device)
+        stalled, warned, fetched = False, False, False
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcli-stream")
+        try:
+            for chunk, (lo, hi) in enumerate(self.bounds):
+                tried: set[str] = set()
+                while True:
+                    budget = self.deadline_s - (time.perf_counter() - started) - self.reserve()
+                    plan = self.plan(chunk, budget, tried, stalled)
+                    if "predicted_s" not in self.report:
+                        self.report["predicted_s"] = round(plan.seconds + time.perf_counter() - started, 4)
+                        self.report["predicted_ttft_s"] = round(self.report["predicted_s"] + self.reserve(), 4)
+                    if not plan.meets and not warned:
+                        warned = True
+                        print(f"kvcli: the deadline of {self.deadline_s:g} s cannot be met at --min-quality "
+                              f"{self.min_quality} or by recomputing; taking the fastest path", file=sys.stderr)
+                    note = self.attempt(pool, chunk, plan, budget, keys, values)
+                    if note is None:
+                        fetched |= plan.choice != RECOMPUTE
+                        break
+                    tried.add(plan.choice)
+                    if note.startswith("stalled") or note.startswith("store failed"):
+                        stalled = True
+                    self.report["chunks"].append({"chunk": chunk, "tokens": [lo, hi], "choice": plan.choice,
+                                                  "failed": note})
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        self.report["measured_mbit_s"] = round(self.bytes_per_s * 8e-6, 3)
+        self.report["cache_s"] = round(time.perf_counter() - started, 4)
+        if fetched:
+            keep_link(self.store.url, self.bytes_per_s, self.request_s)
+        self.speeds.keep(self.lm)
+        return KVCache(list(header.token_ids), keys, values)
+
+    @property
+    def bytes_per_s(self) -> float:
+        """The link's throughput over the last WINDOW chunk fetches, or the first estimate before any."""
+        if not self.samples:
+            return self.initial_bytes_per_s
+        moving = sum(max(s - self.request_s, 0.1 * s) for _, s in self.samples)  # less each read's latency
+        return sum(b for b, _ in self.samples) / max(moving, 1e-6)
+
+    def reserve(self) -> float:
+        """The prompt's own forward pass, which comes after the context and before the first token."""
+        return self.speeds.first_token_s(self.prompt_tokens)
+
+    def fetch_s(self, level: Level, chunk: int) -> float:
+        offset, length = level.spans[chunk]
+        if offset + length <= len(level.source.head) and level.aux_reads()[0] == 0:  # already here
+            return self.decode_s(level, chunk)
+        reads, aux = level.aux_reads()  # a level's first chunk fetches its codec tables too
+        return (1 + reads) * self.request_s + (length + aux) / self.bytes_per_s + self.decode_s(level, chunk)
+
+    def decode_s(self, level: Level, chunk: int) -> float:
+        return self.elements[chunk] * self.speeds.get(f"decode_s_per_element.{level.quality}")
+
+    def recompute_s(self, chunk: int) -> float:
+        lo, hi = self.bounds[chunk]
+        return (hi - lo) * self.speeds.prefill_s_per_token if self.recomputable else math.inf
+
+    def plan(self, chunk: int, budget: float, tried: set[str], stalled: bool) -> Plan:
+        """This chunk's choice: the best level at which it and every later chunk fit the budget, a chunk being
+        recomputed instead where the link is so slow that recomputing is sooner than fetching it at any level
+        (its cost is a prefill estimate: a chunk fetched at a lower level is the safer bet whenever the link
+        allows one); else the fastest path. A level this chunk already failed at is not chosen again for it."""
+        rest = range(chunk + 1, len(self.bounds))
+        levels = [] if stalled else self.levels
+        usable = [lv for lv in levels if lv.quality not in tried]
+        recompute_here = self.recompute_s(chunk) < min((self.fetch_s(lv, chunk) for lv in usable), default=math.inf)
+        for level in levels:
+            if level.quality in tried and not recompute_here:
+                continue
+            first = self.recompute_s(chunk) if recompute_here else self.fetch_s(level, chunk)
+            seconds = first + sum(self.cost(level, j, levels) for j in rest)
+            if seconds <= budget:
+                return Plan(RECOMPUTE if recompute_here else level.quality, seconds, True)
+        options = [(self.recompute_s(chunk), RECOMPUTE)] + [(self.fetch_s(lv, chunk), lv.quality) for lv in usable]
+        seconds, choice = min(options, key=lambda o: (o[0], -QUALITY_RANK.get(o[1], 4)))
+        if not math.isfinite(seconds):
+            raise (StorageError if stalled else FormatError)(
+                f"{self.store.url_for(self.key)}: chunk {chunk} can be neither fetched (every level failed) nor "
+                "recomputed (the model has sliding-window layers)")
+        seconds += sum(min([self.recompute_s(j)] + [self.fetch_s(lv, j) for lv in levels]) for j in rest)
+        return Plan(choice, seconds, seconds <= budget)
+
+    def cost(self, level: Level, chunk: int, levels: list[Level]) -> float:
+        """A later chunk's predicted time in a plan at `level`: recomputed if that is sooner than any fetch."""
+        recompute = self.recompute_s(chunk)
+        return recompute if recompute < min(self.fetch_s(lv, chunk) for lv in levels) else self.fetch_s(level, chunk)
+
+    def attempt(self, pool: ThreadPoolExecutor, chunk: int, plan: Plan, budget: float, keys, values) -> str | None:
+        """The chunk done as planned (None), or why not."""
+        lo, hi = self.bounds[chunk]
+        entry = {"chunk": chunk, "tokens": [lo, hi], "choice": plan.choice}
+        if plan.choice == RECOMPUTE:
+            t0 = time.perf_counter()
+            self.recompute(lo, hi, keys, values)
+            seconds = time.perf_counter() - t0
+            self.speeds.measure("prefill_s_per_token", seconds / (hi - lo))
+            self.report["chunks"].append({**entry, "bytes": 0, "seconds": round(seconds, 4)})
+            return None
+        level = next(lv for lv in self.levels if lv.quality == plan.choice)
+        predicted = self.fetch_s(level, chunk)
+        # When the fetch is abandoned for recomputing this chunk and the rest: at the last moment at which that still
+        # meets the deadline; or, where it cannot, once the fetch has taken as long as recomputing would (a slow
+        # link misread as a stalled store would cost the whole recompute). Never before twice the prediction.
+        rest = sum(self.recompute_s(j) for j in range(chunk, len(self.bounds)))
+        wait = max(budget - rest if budget > rest else rest, 2 * predicted + STALL_FLOOR_S)
+        wait = min(wait, STALL_CAP_S)
+        t0 = time.perf_counter()
+        future = pool.submit(self.fetch, level, chunk)
+        try:
+            decoder, data, fetch_seconds = future.result(timeout=wait)
+        except FetchTimeout:
+            return f"stalled: no answer in {wait:.3f} s"
+        except (StorageError, InputError) as err:
+            return f"store failed: {err}"
+        except FormatError as err:
+            return f"damaged: {err}"
+        size = level.spans[chunk][1]
+        if fetch_seconds is not None:
+            self.samples.append((size, fetch_seconds))
+        t1 = time.perf_counter()
+        try:
+            decoder.decode_chunk(chunk, decoder.split(chunk, data), keys, values)
+        except FormatError as err:
+            return f"damaged: {err}"
+        decode_seconds = time.perf_counter() - t1
+        if self.elements[chunk]:
+            self.speeds.measure(f"decode_s_per_element.{level.quality}", decode_seconds / self.elements[chunk])
+        self.report["chunks"].append({**entry, "bytes": size, "seconds": round(time.perf_counter() - t0, 4),
+                                      "decode_s": round(decode_seconds, 4)})
+        return None
+
+    @staticmethod
+    def fetch(level: Level, chunk: int) -> tuple[kvfile.LevelDecoder, bytes, float | None]:
+        """On the fetch thread: the level's decoder (its aux, on first use), then the chunk's bytes, timed alone
+        (None when they came with the header's range read and measured nothing)."""
+        decoder = level.open()
+        offset, length = level.spans[chunk]
+        if offset + length <= len(level.source.head):
+            return decoder, level.source.read(offset, length), None
+        t0 = time.perf_counter()
+        data = level.source.read(offset, length)
+        return decoder, data, time.perf_counter() - t0
+
+    def recompute(self, lo: int, hi: int, keys, values) -> None:
+        """Prefill of the chunk's tokens after the tokens before it, as they stand (loaded or recomputed)."""
+        ids = self.header.token_ids
+        dtype = self.lm.model.dtype
+        prefix = KVCache(ids[:lo], [k[:, :lo].to(dtype) for k in keys], [v[:, :lo].to(dtype) for v in values])
+        full = inference.extend(self.lm, prefix if lo else None, ids[lo:hi])
+        for layer in range(len(keys)):
+            keys[layer][:, lo:hi] = full.keys[layer][:, lo:hi].to(keys[layer].dtype)
+            values[layer][:, lo:hi] = full.values[layer][:, lo:hi].to(values[layer].dtype)
+
+
+def stored_dtype(url: str, token: str | None = None) -> str:
+    """The dtype the named cache was made in (the model is loaded in it unless --dtype says otherwise)."""
+    store, key = locate(url, token)
+    try:
+        return _open(store, key)[1].dtype
+    finally:
+        close = getattr(store, "close", None)
+        if close is not None:
+            close()
+
+
+def load(lm: models.LoadedModel, url: str, deadline_s: float, min_quality: str = "small", prompt_tokens: int = 0,
+         token: str | None = None) -> tuple[KVCache, dict]:
+    """generate --deadline: the cache `url` names, streamed by the controller; its report."""
+    # A read that stalls past the deadline is useless, and the abandoned fetch thread ends with it.
+    store, key = locate(url, token, timeout_s=deadline_s + 1.0)
+    stream = Stream(lm, store, key, deadline_s, min_quality, prompt_tokens)
+    try:
+        kv = stream.run()
+    finally:
+        close = getattr(store, "close", None)
+        if close is not None:
+            close()
+    if kv.dtype != lm.model.dtype:
+        kv = KVCache(kv.token_ids, [k.to(lm.model.dtype) for k in kv.keys], [v.to(lm.model.dtype) for v in kv.values])
+    return kv, stream.report
+
