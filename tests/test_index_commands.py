@@ -116,6 +116,25 @@ def test_generate_store_skips_a_stale_entry_and_a_damaged_file(cli, llama, tmp_p
     assert entries(root) == []
 
 
+def test_generate_store_computes_the_tokens_of_a_file_that_fails_to_decode(cli, llama, tmp_path, stored_doc):
+    """A file whose header (and so its chunk keys) is sound but whose first segment is damaged passes the lookup and
+    fails the decode: one warning line, every token computed, the answer of a full prefill."""
+    doc, root, key = stored_doc
+    args = ("--model", llama, "-n", "6", "--json")
+    path = root / f"{key}.kvc"
+    data = bytearray(path.read_bytes())
+    header = format.read_header(format.BytesSource(bytes(data)))
+    seg = next(s for s in header.segments if s.kind == "k" and s.layer == 0 and s.token_start == 0)
+    data[header.data_offset + seg.offset] ^= 0x40
+    path.write_bytes(bytes(data))
+    result = ok(cli("generate", "--store", root, "--document", doc, QUESTION, *args))
+    answer = json.loads(result.stdout)
+    assert answer["stored_tokens"] == 0 and answer["stored_key"] is None
+    assert answer["text"] == json.loads(ok(cli("generate", "--document", doc, QUESTION, *args)).stdout)["text"]
+    [warning] = [line for line in result.stderr.splitlines() if line.startswith("Warning: ")]
+    assert key in warning and "checksum" in warning and "computing its 256 tokens" in warning
+
+
 def test_index_rebuild_from_the_files_alone(cli, tmp_path, stored_doc):
     doc, root, key = stored_doc
     before = entries(root)
