@@ -505,7 +505,7 @@ async def prefix_lookup(request: Request) -> Response:
     body = b"".join([chunk async for chunk in receive_body(request, PREFIX_BODY_BYTES, "prefix lookups")])
     try:
         keys = json.loads(body)["chunk_keys"]
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):  # RecursionError: arrays nested past Python's stack
         raise HTTPError(400, 'the body must be a JSON object {"chunk_keys": [...]}') from None
     check_chunk_keys(keys)
     hits = await run_in_threadpool(settings_of(request).store.prefix_hits_for, keys)
