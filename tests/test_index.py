@@ -15,7 +15,7 @@ from servers import MODEL, CacheServer, moto_server
 
 from kvcli.codecs.presets import PRESET_CODECS, make_codec
 from kvcli.container import format, keys, kvfile
-from kvcli.errors import FormatError
+from kvcli.errors import FormatError, StorageError
 from kvcli.modeling.kvcache import KVCache
 from kvcli.reuse.ingest import encode_file
 from kvcli.storage import index, remote, store
@@ -231,6 +231,77 @@ def test_stale_and_damaged_entries_are_skipped(any_store):
     assert [chunk for chunk, name in inside._entries() if name == other_key] == [chunks[1]]
 
 
+def test_litter_where_the_index_keeps_folders_is_no_error(tmp_path):
+    """A file or a symbolic link named like a chunk key in .index (a hand edit, a copy tool): lookups skip it, and the
+    next write of an entry there replaces it rather than failing or writing through the link."""
+    (tmp_path / "root").mkdir()
+    st = store.DirStore(tmp_path / "root")
+    doc = document(12, 300)
+    chunk = keys.chunk_keys(MODEL, "float32", doc)[0]
+    (tmp_path / "root" / index.INDEX).mkdir()
+    (tmp_path / "root" / index.INDEX / chunk).write_bytes(b"a file, not a folder")
+    assert st.lookup_prefix(MODEL, "float32", doc) is None
+    key = st.put(None, cache_file(doc))
+    assert st.lookup_prefix(MODEL, "float32", doc).file_key == key
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    st._remove_entry(chunk, key)
+    (tmp_path / "root" / index.INDEX / chunk).symlink_to(outside)
+    assert st.lookup_prefix(MODEL, "float32", doc) is None  # a link names no file the index wrote
+    assert st.rebuild_index()["entries"] == 1
+    assert list(outside.iterdir()) == [] and st.lookup_prefix(MODEL, "float32", doc).file_key == key
+
+
+def test_a_delete_racing_a_put_of_the_same_file_never_leaves_it_unfound(tmp_path):
+    """Another writer's put of the same file lands right after delete() removed it: the file is stored again and
+    must stay findable, so delete() may not remove entries after the file."""
+    data = cache_file(document(13, 300))
+
+    class Racing(store.DirStore):
+        def _remove(self, key):
+            removed = super()._remove(key)
+            store.DirStore(self.root).put(None, data)  # the other writer, between this delete's steps
+            return removed
+
+    (tmp_path / "root").mkdir()
+    st = Racing(tmp_path / "root")
+    key = store.DirStore(tmp_path / "root").put(None, data)
+    assert st.delete(key)
+    assert st.exists(key) and st.lookup_prefix(MODEL, "float32", document(13, 300)).file_key == key
+
+
+def test_a_server_answer_that_is_not_json_is_a_storage_error(tmp_path):
+    """A proxy in front of a server that answers 200 with an HTML page: exit 8's error, not a JSON traceback."""
+    import http.server
+    import threading
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = b"<html>signed out</html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        client = store.ServerStore(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=5)
+        with pytest.raises(StorageError, match="an unusable answer"):
+            client.prefix_hits(MODEL, "float32", document(14, 300))
+        client.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
 def test_rebuild_from_the_files_alone_is_idempotent(any_store):
     st, inside = any_store  # over a server, the rebuild runs on the server's own store
     docs = [document(20 + i, n) for i, n in enumerate((300, 600, 800))]
@@ -263,7 +334,7 @@ def test_http_lookup_is_one_request_and_checks_its_input(tmp_path, token_file):
         assert client.lookup_prefix(MODEL, "float32", doc + [5]).tokens == 1024
         assert seen == ["/v1/prefix"]
         client.close()
-        for body in (b"[]", b"{\"chunk_keys\": [\"xyz\"]}", b"not json", json.dumps({"chunk_keys": ["0" * 64] * 20000}).encode()):
+        for body in (b"[]", b"{\"chunk_keys\": [\"xyz\"]}", b"not json", b"[" * 200_000, json.dumps({"chunk_keys": ["0" * 64] * 20000}).encode()):
             r = httpx.post(f"{server.url}/v1/prefix", content=body)
             assert r.status_code in (400, 413) and "error" in r.json(), (body[:30], r.status_code)
         assert httpx.post(f"{server.url}/v1/prefix", json={"chunk_keys": []}).json() == {"hits": []}

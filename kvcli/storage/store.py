@@ -33,6 +33,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -255,12 +256,13 @@ class FileStore(index.PrefixLookup):
         return key
 
     def delete(self, key: str) -> bool:
-        """Remove a cache, then its index entries; False if there was none."""
+        """Remove a cache's index entries, then the cache; False if there was none. Entries first: a put of the same
+        key racing with this leaves at worst entries of a file that is gone (a lookup skips them, a rebuild removes
+        them), never a stored file that no lookup finds."""
         info = self.chunks_of(key)
-        removed = self._remove(key)
         if info is not None:
             self._map(lambda chunk: self._remove_entry(chunk, key), info.chunks)
-        return removed
+        return self._remove(key)
 
     def list(self, model: str | None = None) -> list[dict]:
         check_hex(model, "model")
@@ -565,7 +567,7 @@ class DirStore(FileStore):
     def _index_files(self, chunk: str) -> list[str]:
         try:
             names = os.listdir(self.root / INDEX / chunk)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # a stray file where a folder belongs names no file
             return []
         except OSError as err:
             raise StorageError(f"{self.root / INDEX / chunk}: cannot list: {err.strerror}") from None
@@ -576,6 +578,10 @@ class DirStore(FileStore):
 
     def _write_entry(self, chunk: str, key: str, data: bytes) -> None:
         directory = self.root / INDEX / chunk
+        with contextlib.suppress(OSError):
+            if not stat.S_ISDIR(os.lstat(directory).st_mode):
+                # litter where only kvcli writes folders (a file, a link that would lead writes out of the store)
+                directory.unlink()
         for attempt in range(2):  # a removal of the chunk's last entry elsewhere may remove the folder meanwhile
             try:
                 directory.mkdir(parents=True, exist_ok=True)
@@ -642,6 +648,10 @@ class DirStore(FileStore):
         for attempt in range(2):  # a completion or sweep elsewhere may remove the directory between the two steps
             try:
                 directory.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:  # not a folder: only kvcli writes in the index, so it is litter, replaced
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    directory.unlink()
+                continue
             except OSError as err:
                 raise StorageError(f"{directory}: cannot create: {err.strerror}") from None
             try:
@@ -1003,9 +1013,9 @@ class ServerStore(index.PrefixLookup):
     def prefix_hits_for(self, keys: list[str]) -> list[PrefixHit]:
         """One request for the whole chain: the server reads its index and verifies the files (index.best_hits)."""
         keys = index.check_chunk_keys(keys)
-        body = self._request("POST", "/v1/prefix", json={"chunk_keys": keys}).json()
+        response = self._request("POST", "/v1/prefix", json={"chunk_keys": keys})
         try:
-            hits = [PrefixHit.from_json(hit, self.url) for hit in body["hits"]]
+            hits = [PrefixHit.from_json(hit, self.url) for hit in response.json()["hits"]]
         except (TypeError, KeyError, ValueError) as err:
             raise StorageError(f"{self.url}/v1/prefix: an unusable answer: {err}") from None
         if any(hit.tokens > len(keys) * index.CHUNK_TOKENS for hit in hits):
