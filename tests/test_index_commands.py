@@ -240,6 +240,36 @@ def test_the_loaded_prefix_gives_the_logits_of_a_full_prefill(llama, tmp_path, s
     assert not torch.allclose(shifted, full, atol=1e-2)
 
 
+def test_a_server_killed_or_a_file_deleted_between_lookup_and_read_leaves_the_tokens_to_compute(
+        llama, stored_doc, capfd):
+    from kvcli.modeling import inference
+    from kvcli.reuse import prefix
+
+    doc, root, key = stored_doc
+    lm = models.load(llama, "float32")
+    ids = inference.document_ids(lm, doc.read_text()) + inference.prompt_ids(lm, QUESTION)
+    with CacheServer(root) as server:
+        class KilledAfterLookup(store.ServerStore):
+            def prefix_hits_for(self, keys):
+                hits = super().prefix_hits_for(keys)
+                server.stop()
+                return hits
+
+        client = KilledAfterLookup(server.url, timeout_s=10)
+        assert prefix.load_stored_prefix(client, lm, ids) == (None, None)
+        client.close()
+
+    class DeletedAfterLookup(store.DirStore):
+        def prefix_hits_for(self, keys):
+            hits = super().prefix_hits_for(keys)
+            (root / f"{key}.kvc").unlink()  # another process's delete, between this lookup and its read
+            return hits
+
+    assert prefix.load_stored_prefix(DeletedAfterLookup(root), lm, ids) == (None, None)
+    warnings = capfd.readouterr().err.splitlines()
+    assert len(warnings) == 2 and all(line.startswith(f"Warning: {key}: cannot load") for line in warnings), warnings
+
+
 @pytest.mark.slow  # starts moto_server
 def test_prefill_generate_and_rebuild_on_s3(cli, llama, tmp_path, monkeypatch):
     pytest.importorskip("s3fs")
