@@ -270,6 +270,33 @@ def test_a_delete_racing_a_put_of_the_same_file_never_leaves_it_unfound(tmp_path
     assert st.exists(key) and st.lookup_prefix(MODEL, "float32", document(13, 300)).file_key == key
 
 
+@pytest.mark.parametrize("parts", [False, True])
+def test_an_upload_of_a_stored_file_mends_its_missing_entries(tmp_path, token_file, parts):
+    """A server killed between a file and its entries answers the client's retry with 200 (the file stays): that
+    retry, a PUT or an upload in parts, writes the entries the killed one did not."""
+    import shutil
+
+    (tmp_path / "root").mkdir()
+    doc = document(15, 600)
+    data = cache_file(doc)
+    with CacheServer(tmp_path / "root", "--writable", "--token-file", token_file) as server:
+        client = store.ServerStore(server.url, token=TOKEN)
+        key = client.put(None, data)
+        before = sorted(store.DirStore(tmp_path / "root")._entries())
+        shutil.rmtree(tmp_path / "root" / index.INDEX)
+        assert client.lookup_prefix(MODEL, "float32", doc) is None
+        if parts:
+            with format.BytesSource(data) as src:
+                upload = store.header_digest(src, format.read_header(src))
+            client.put_part(key, upload, 0, data)
+            client.complete_upload(key, upload, len(data))
+        else:
+            client.put(None, data)
+        assert sorted(store.DirStore(tmp_path / "root")._entries()) == before
+        assert client.lookup_prefix(MODEL, "float32", doc).file_key == key
+        client.close()
+
+
 def test_a_server_answer_that_is_not_json_is_a_storage_error(tmp_path):
     """A proxy in front of a server that answers 200 with an HTML page: exit 8's error, not a JSON traceback."""
     import http.server

@@ -473,6 +473,7 @@ async def complete_upload(request: Request) -> Response:
 def complete_or_keep(store, key: str, upload: str, size: int) -> str | None:
     """The key, completed from the staged parts; None when a sound file of the key is stored (it stays)."""
     if kept_size(store, key) is not None:
+        store.mend_entries(key)
         return None
     try:
         return store.complete_upload(key, upload, size, exclusive=keeps(store, key))

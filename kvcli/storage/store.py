@@ -251,9 +251,21 @@ class FileStore(index.PrefixLookup):
         with open_data(data) as src:
             header = validate(src)
             key = checked_key(key, header, getattr(src, "path", "<upload>"))
-            self._write(key, src, exclusive)
+            try:
+                self._write(key, src, exclusive)
+            except FileExistsError:
+                self.mend_entries(key, header)
+                raise
             self._record(key, header, src.size)
         return key
+
+    def mend_entries(self, key: str, header: format.Header | None = None) -> None:
+        """An upload of a stored key leaves the file, and still indexes it if its writer was killed before its
+        entries (a client's retry after a server died mid-put mends what it left), for one existence check.
+        `header`: the upload's, whose chunk keys are the stored file's (equal keys, equal tokens); None: read."""
+        info = index.file_chunks(header, 0) if header is not None else self.chunks_of(key)
+        if info is not None:
+            self.ensure_indexed(key, list(info.chunks))
 
     def delete(self, key: str) -> bool:
         """Remove a cache's index entries, then the cache; False if there was none. Entries first: a put of the same
@@ -316,6 +328,7 @@ class FileStore(index.PrefixLookup):
                 self._write(key, src, exclusive)
             except FileExistsError:
                 self._remove_upload(key, upload)
+                self.mend_entries(key, header)
                 raise
             self._record(key, header, size)
         self._remove_upload(key, upload)
@@ -1006,8 +1019,8 @@ class ServerStore(index.PrefixLookup):
         return self._request("GET", "/v1/lookup", params=params).json()["caches"]
 
     def ensure_indexed(self, key: str, chunks: list[str]) -> bool:
-        """Nothing to do from here: a server indexes what it stores, and `kvcli index rebuild` on its own store
-        mends what a killed server left."""
+        """Nothing to do from here: a server indexes what it stores and mends the entries of a stored file when it is
+        uploaded again; `kvcli index rebuild` on its own store mends the rest of what a killed server left."""
         return False
 
     def prefix_hits_for(self, keys: list[str]) -> list[PrefixHit]:
