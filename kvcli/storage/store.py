@@ -50,6 +50,7 @@ from .index import INDEX, FileChunks, PrefixHit
 COPY_BLOCK = 1 << 20
 PART_BYTES = 8 << 20  # an upload part; a push of a larger file goes in parts and resumes where it broke off
 STALE_UPLOAD_S = 24 * 3600  # staged parts untouched this long belong to an upload nobody will finish
+REBUILD_WORKERS = 8  # rebuild_index's concurrent header reads and entry writes, on any store
 UPLOADS = ".uploads"  # the staging prefix in a store: never a key, so listings never see it
 _PART_NAME = re.compile(r"[0-9a-f]{16}")
 
@@ -365,11 +366,12 @@ class FileStore(index.PrefixLookup):
 
     # -- the prefix index (index.py)
 
-    def _map(self, fn, items) -> list:
+    def _map(self, fn, items, workers: int | None = None) -> list:
         items = list(items)
-        if self.index_workers <= 1 or len(items) <= 1:
+        workers = self.index_workers if workers is None else workers
+        if workers <= 1 or len(items) <= 1:
             return [fn(item) for item in items]
-        with ThreadPoolExecutor(max_workers=min(self.index_workers, len(items))) as pool:
+        with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
             return list(pool.map(fn, items))
 
     def _record(self, key: str, header: format.Header, size: int) -> None:
@@ -434,21 +436,22 @@ class FileStore(index.PrefixLookup):
 
     def rebuild_index(self) -> dict:
         """Make the index what the files say, from the files alone: every entry of every stored file written
-        (again: the same bytes), every other entry removed. Idempotent; returns counts."""
-        expected: set[tuple[str, str]] = set()
-        files = indexed = 0
-        for key, _ in sorted(self._keys()):
-            files += 1
-            info = self.chunks_of(key)
-            if info is None or not info.chunks:
-                continue
-            indexed += 1
-            found = index.entries(key, info)
-            self._write_entries(key, found)
-            expected.update((chunk, key) for chunk, _ in found)
+        (again: the same bytes), every other entry removed. Idempotent; returns counts. Headers are read, entries
+        written and removed REBUILD_WORKERS at a time, on a directory too: there each entry costs a synchronous
+        metadata write, and thousands of them one by one took seconds per thousand (docs/format.md)."""
+        workers = max(self.index_workers, REBUILD_WORKERS)
+        keys = sorted(key for key, _ in self._keys())
+        found = [(key, index.entries(key, info)) for key, info in zip(keys, self._map(self.chunks_of, keys, workers))
+                 if info is not None and info.chunks]
+        # every file's last entry after all its others, as _write_entries orders them
+        self._map(lambda entry: self._write_entry(*entry),
+                  [(chunk, key, data) for key, entries in found for chunk, data in entries[:-1]], workers)
+        self._map(lambda entry: self._write_entry(*entry),
+                  [(entries[-1][0], key, entries[-1][1]) for key, entries in found], workers)
+        expected = {(chunk, key) for key, entries in found for chunk, _ in entries}
         stale = [pair for pair in self._entries() if pair not in expected]
-        self._map(lambda pair: self._remove_entry(*pair), stale)
-        return {"store": self.url, "files": files, "indexed": indexed, "entries": len(expected),
+        self._map(lambda pair: self._remove_entry(*pair), stale, workers)
+        return {"store": self.url, "files": len(keys), "indexed": len(found), "entries": len(expected),
                 "removed": len(stale)}
 
     # subclasses
