@@ -270,6 +270,30 @@ def test_a_server_killed_or_a_file_deleted_between_lookup_and_read_leaves_the_to
     assert len(warnings) == 2 and all(line.startswith(f"Warning: {key}: cannot load") for line in warnings), warnings
 
 
+def test_a_prompt_of_whole_chunks_and_one_shorter_than_a_chunk(cli, llama, tmp_path):
+    import torch
+
+    from kvcli.modeling import inference
+    from kvcli.reuse import prefix
+
+    doc = written(tmp_path / "doc.txt", text(6, 511))  # 512 tokens with the BOS: exactly two chunks
+    root = tmp_path / "store"
+    [line] = lines(ok(cli("prefill", doc, "--out-dir", root, "--model", llama, "-q", "lossless")))
+    assert line["tokens"] == 512 and len(entries(root)) == 2
+    lm = models.load(llama, "float32")
+    ids = inference.document_ids(lm, doc.read_text())
+    # the prompt is the whole stored file: all but its last token loaded, that one computed for the logits
+    kv, hit = prefix.load_stored_prefix(store.DirStore(root), lm, ids)
+    assert hit.tokens == 512 and kv.num_tokens == 511
+    assert torch.allclose(inference.logits_after(lm, kv, ids[511:])[-1], inference.logits_after(lm, None, ids)[-1],
+                          atol=1e-4)
+    args = ("--model", llama, "-n", "4", "--json")
+    short = written(tmp_path / "short.txt", doc.read_text()[:40])  # shares 41 tokens, no whole chunk
+    answer = json.loads(ok(cli("generate", "--store", root, "--document", short, QUESTION, *args)).stdout)
+    assert answer["stored_tokens"] == 0 and answer["text"] == json.loads(
+        ok(cli("generate", "--document", short, QUESTION, *args)).stdout)["text"]
+
+
 @pytest.mark.slow  # starts moto_server
 def test_prefill_generate_and_rebuild_on_s3(cli, llama, tmp_path, monkeypatch):
     pytest.importorskip("s3fs")
