@@ -50,6 +50,7 @@ from .index import INDEX, FileChunks, PrefixHit
 COPY_BLOCK = 1 << 20
 PART_BYTES = 8 << 20  # an upload part; a push of a larger file goes in parts and resumes where it broke off
 STALE_UPLOAD_S = 24 * 3600  # staged parts untouched this long belong to an upload nobody will finish
+HEADER_CACHE_ITEMS = 65536  # per cache of what headers say (FileStore._from_header)
 REBUILD_WORKERS = 8  # rebuild_index's concurrent header reads and entry writes, on any store
 UPLOADS = ".uploads"  # the staging prefix in a store: never a key, so listings never see it
 _PART_NAME = re.compile(r"[0-9a-f]{16}")
@@ -350,8 +351,13 @@ class FileStore(index.PrefixLookup):
 
     def entry(self, key: str, size: int) -> dict | None:
         """The listing entry of a stored file, from its header; None if it vanished or is not a valid cache."""
+        return self._from_header(self._headers, key, size, lambda header: describe(key, header, size))
+
+    def _from_header(self, cache: dict, key: str, size: int, make):
+        """make(the stored file's header), kept in `cache` by key and size; None if the file vanished or is damaged.
+        A cache is a copy of what the files say, so dropping it all when it is full costs only rereads."""
         with self._lock:
-            cached = self._headers.get((key, size))
+            cached = cache.get((key, size))
         if cached is not None:
             return cached
         try:
@@ -359,10 +365,14 @@ class FileStore(index.PrefixLookup):
                 header = format.read_header(src)
         except (FormatError, InputError):
             return None
-        entry = describe(key, header, size)
+        return self._keep(cache, key, size, make(header))
+
+    def _keep(self, cache: dict, key: str, size: int, value):
         with self._lock:
-            self._headers[(key, size)] = entry
-        return entry
+            if len(cache) >= HEADER_CACHE_ITEMS:
+                cache.clear()
+            cache[(key, size)] = value
+        return value
 
     # -- the prefix index (index.py)
 
@@ -376,8 +386,7 @@ class FileStore(index.PrefixLookup):
 
     def _record(self, key: str, header: format.Header, size: int) -> None:
         """Index a file just stored: called after the write, so no entry names a file that is not there."""
-        info = index.file_chunks(header, size)
-        self._remember(key, size, info)
+        info = self._keep(self._chunks, key, size, index.file_chunks(header, size))
         self._write_entries(key, index.entries(key, info))
 
     def _write_entries(self, key: str, found: list[tuple[str, bytes]]) -> None:
@@ -398,29 +407,12 @@ class FileStore(index.PrefixLookup):
         self._write_entries(key, index.entries(key, info))
         return True
 
-    def _remember(self, key: str, size: int, info: FileChunks) -> None:
-        with self._lock:
-            if len(self._chunks) >= 65536:  # a copy of the files, so dropping it all costs only rereads
-                self._chunks.clear()
-            self._chunks[(key, size)] = info
-
     def chunks_of(self, key: str) -> FileChunks | None:
         """A stored file's chunk keys and what a hit reports, from its header; None if it is gone or damaged."""
         size = self.size(key)
         if size is None:
             return None
-        with self._lock:
-            cached = self._chunks.get((key, size))
-        if cached is not None:
-            return cached
-        try:
-            with StoredSource(self, key, size) as src:
-                header = format.read_header(src)
-        except (FormatError, InputError):
-            return None
-        info = index.file_chunks(header, size)
-        self._remember(key, size, info)
-        return info
+        return self._from_header(self._chunks, key, size, lambda header: index.file_chunks(header, size))
 
     def prefix_hits_for(self, keys: list[str]) -> list[PrefixHit]:
         """The verified hits of the longest stored prefix of a chunk-key chain (index.best_hits)."""
