@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 
 import httpx
 import pytest
 import torch
-from servers import MODEL, CacheServer, moto_server
+from servers import MODEL, CacheServer, foreign_server
 
 from kvcli.codecs.presets import PRESET_CODECS, make_codec
 from kvcli.container import format, keys, kvfile
@@ -129,24 +128,6 @@ def test_prefix_reader_names_a_damaged_segment_and_refuses_bad_lengths():
 
 
 # ---------------------------------------------------------------- stores
-
-
-@pytest.fixture(scope="module")
-def s3_env():
-    pytest.importorskip("s3fs")
-    boto3 = pytest.importorskip("boto3")
-    with moto_server() as env:
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        boto3.client("s3").create_bucket(Bucket="caches")
-        try:
-            yield env
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -299,34 +280,11 @@ def test_an_upload_of_a_stored_file_mends_its_missing_entries(tmp_path, token_fi
 
 def test_a_server_answer_that_is_not_json_is_a_storage_error(tmp_path):
     """A proxy in front of a server that answers 200 with an HTML page: exit 8's error, not a JSON traceback."""
-    import http.server
-    import threading
-
-    class Page(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            body = b"<html>signed out</html>"
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        client = store.ServerStore(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=5)
+    with foreign_server({"POST": (200, "text/html", b"<html>signed out</html>")}) as url:
+        client = store.ServerStore(url, timeout_s=5)
         with pytest.raises(StorageError, match="an unusable answer"):
             client.prefix_hits(MODEL, "float32", document(14, 300))
         client.close()
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 def test_rebuild_from_the_files_alone_is_idempotent(any_store):
