@@ -306,6 +306,24 @@ def test_rebuild_from_the_files_alone_is_idempotent(any_store):
     assert st.lookup_prefix(MODEL, "float32", docs[2]) is None
 
 
+def test_a_rebuild_keeps_the_entries_of_a_file_stored_while_it_runs(tmp_path):
+    """On a live store a put lands after the rebuild listed the files: its entries are not in the rebuild's list,
+    and must not be removed as stale (the file would be unfindable until the next rebuild)."""
+    (tmp_path / "root").mkdir()
+    doc = document(16, 600)
+
+    class Live(store.DirStore):
+        def _entries(self):
+            store.DirStore(self.root).put(None, cache_file(doc))  # another writer, after the listing of files
+            return super()._entries()
+
+    st = Live(tmp_path / "root")
+    st.put(None, cache_file(document(17, 300)))
+    st._write_entry("f" * 64, "e" * 64, b"{}")  # litter, still removed
+    assert st.rebuild_index()["removed"] == 1
+    assert store.DirStore(tmp_path / "root").lookup_prefix(MODEL, "float32", doc).tokens == 512
+
+
 def test_http_lookup_is_one_request_and_checks_its_input(tmp_path, token_file):
     (tmp_path / "root").mkdir()
     seen = []

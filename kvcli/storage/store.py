@@ -441,10 +441,17 @@ class FileStore(index.PrefixLookup):
         self._map(lambda entry: self._write_entry(*entry),
                   [(entries[-1][0], key, entries[-1][1]) for key, entries in found], workers)
         expected = {(chunk, key) for key, entries in found for chunk, _ in entries}
-        stale = [pair for pair in self._entries() if pair not in expected]
+        unlisted = [pair for pair in self._entries() if pair not in expected]
+        # a file stored since the listing above (a live store) has entries that are no litter: those stay
+        stale = [pair for pair, gone in zip(unlisted, self._map(self._names_no_file, unlisted, workers)) if gone]
         self._map(lambda pair: self._remove_entry(*pair), stale, workers)
         return {"store": self.url, "files": len(keys), "indexed": len(found), "entries": len(expected),
                 "removed": len(stale)}
+
+    def _names_no_file(self, pair: tuple[str, str]) -> bool:
+        chunk, key = pair
+        info = self.chunks_of(key)
+        return info is None or chunk not in info.chunks
 
     # subclasses
     def _size(self, key: str) -> int | None: ...
