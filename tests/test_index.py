@@ -231,6 +231,12 @@ def test_litter_where_the_index_keeps_folders_is_no_error(tmp_path):
     assert st.lookup_prefix(MODEL, "float32", doc) is None  # a link names no file the index wrote
     assert st.rebuild_index()["entries"] == 1
     assert list(outside.iterdir()) == [] and st.lookup_prefix(MODEL, "float32", doc).file_key == key
+    # a folder where an entry belongs: the rebuild removes the one of no file and rewrites the file's own
+    (tmp_path / "root" / index.INDEX / ("f" * 64) / ("e" * 64) / "x").mkdir(parents=True)
+    st._remove_entry(chunk, key)
+    (tmp_path / "root" / index.INDEX / chunk / key).mkdir(parents=True)
+    assert st.rebuild_index() == {"store": st.url, "files": 1, "indexed": 1, "entries": 1, "removed": 1}
+    assert sorted(st._entries()) == [(chunk, key)] and (tmp_path / "root" / index.INDEX / chunk / key).is_file()
 
 
 def test_a_delete_racing_a_put_of_the_same_file_never_leaves_it_unfound(tmp_path):

@@ -602,6 +602,9 @@ class DirStore(FileStore):
                 directory.mkdir(parents=True, exist_ok=True)
             except OSError as err:
                 raise StorageError(f"{directory}: cannot create: {err.strerror}") from None
+            with contextlib.suppress(OSError):
+                if stat.S_ISDIR(os.lstat(directory / key).st_mode):  # litter where an entry belongs, as above
+                    shutil.rmtree(directory / key, ignore_errors=True)
             try:
                 format.atomic_write(str(directory / key), [data])
                 return
@@ -615,6 +618,8 @@ class DirStore(FileStore):
             os.unlink(directory / key)
         except FileNotFoundError:
             return
+        except IsADirectoryError:  # litter named like an entry (rmtree never follows a link out of the store)
+            shutil.rmtree(directory / key, ignore_errors=True)
         except OSError as err:
             raise StorageError(f"{directory / key}: cannot delete: {err.strerror}") from None
         with contextlib.suppress(OSError):
