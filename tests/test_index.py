@@ -293,6 +293,22 @@ def test_a_server_answer_that_is_not_json_is_a_storage_error(tmp_path):
         client.close()
 
 
+def test_an_entry_naming_another_models_file_of_the_same_tokens_is_no_hit(any_store):
+    st, inside = any_store
+    doc = document(18, 600)
+    gen = torch.Generator().manual_seed(0)
+    kv = KVCache(doc, [torch.randn(2, 600, 16, generator=gen) for _ in range(2)],
+                 [torch.randn(2, 600, 16, generator=gen) for _ in range(2)])
+    perturbed = dict(MODEL, weights_digest="d" * 64)  # the same architecture and tokenizer, other weights
+    meta, parts = kvfile.encode(kv, perturbed, make_codec("raw"), chunk_tokens=64)
+    foreign = st.put(None, encode_file(meta, parts))
+    for chunk in keys.chunk_keys(MODEL, "float32", doc):  # planted under this model's chunks
+        inside._write_entry(chunk, foreign, b"{}")
+    assert st.lookup_prefix(MODEL, "float32", doc) is None
+    assert st.lookup_prefix(perturbed, "float32", doc).file_key == foreign
+    assert st.lookup_prefix(MODEL, "float16", doc) is None
+
+
 def test_rebuild_from_the_files_alone_is_idempotent(any_store):
     st, inside = any_store  # over a server, the rebuild runs on the server's own store
     docs = [document(20 + i, n) for i, n in enumerate((300, 600, 800))]
