@@ -135,6 +135,27 @@ def test_generate_store_computes_the_tokens_of_a_file_that_fails_to_decode(cli, 
     assert key in warning and "checksum" in warning and "computing its 256 tokens" in warning
 
 
+def test_a_damaged_hit_gives_way_to_another_file_of_the_same_prefix(cli, llama, stored_doc, capfd):
+    from kvcli.modeling import inference
+    from kvcli.reuse import prefix
+
+    doc, root, key = stored_doc
+    [raw] = lines(ok(cli("prefill", doc, "--out-dir", root, "--model", llama, "-q", "raw")))
+    path = root / f"{key}.kvc"  # the lossless file, the first hit (as exact as raw, and smaller)
+    data = bytearray(path.read_bytes())
+    header = format.read_header(format.BytesSource(bytes(data)))
+    seg = next(s for s in header.segments if s.kind == "v" and s.layer == 1 and s.token_start == 0)
+    data[header.data_offset + seg.offset + seg.length // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    lm = models.load(llama, "float32")
+    ids = inference.document_ids(lm, doc.read_text()) + inference.prompt_ids(lm, QUESTION)
+    assert [hit.file_key for hit in store.DirStore(root).prefix_hits(lm.identity, lm.dtype, ids)] == [key, raw["key"]]
+    kv, hit = prefix.load_stored_prefix(store.DirStore(root), lm, ids)
+    assert hit.file_key == raw["key"] and kv.num_tokens == 256
+    [warning] = capfd.readouterr().err.splitlines()
+    assert warning.startswith(f"Warning: {key}: cannot load the stored prefix, trying another stored file: ")
+
+
 def test_index_rebuild_from_the_files_alone(cli, tmp_path, stored_doc):
     doc, root, key = stored_doc
     before = entries(root)

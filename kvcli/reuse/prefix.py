@@ -52,13 +52,13 @@ def load_stored_prefix(store, lm: models.LoadedModel, ids: list[int]):
     if not hits or len(ids) < 2:
         return None, None
     n = min(hits[0].tokens, len(ids) - 1)
-    for hit in hits:
+    for i, hit in enumerate(hits, 1):
         try:
             kv = _load(store, hit, lm, ids, n)
         except (FormatError, InputError, StorageError, ModelMismatchError) as err:
-            reason = " ".join(str(err).split())
-            write_stderr_text(f"Warning: {hit.file_key}: cannot load the stored prefix, computing its {n} tokens "
-                              f"instead: {reason}\n")
+            then = "trying another stored file" if i < len(hits) else f"computing its {n} tokens instead"
+            write_stderr_text(f"Warning: {hit.file_key}: cannot load the stored prefix, {then}: "
+                              f"{' '.join(str(err).split())}\n")
             continue
         if kv is not None:
             return kv, hit
