@@ -1,8 +1,10 @@
 """The prefix index: how long `store.lookup_prefix` takes for prompts of growing length, on a directory, on S3
 (moto_server on loopback, behind a proxy that delays every forwarded piece by half a round trip) and through
-`kvcli serve-cache`; and reading the first N tokens of a hit with kvfile.PrefixReader.
+`kvcli serve-cache`; reading the first N tokens of a hit with kvfile.PrefixReader; and `rebuild_index` of the
+directory after `--stale` entries of files that are gone were planted in its index.
 
     python bench/prefix_lookup.py [--tokens 2048 --tokens 8192 --tokens 32768] [--rtt-ms 20] [--repeats 5]
+                                  [--stale 5000]
 
 One stored file per prompt length (raw codec, 2 layers, 1 head of 8: the lookup reads headers only) and
 `--others` unrelated files. The prompt is that file's tokens and a 50-token question. One JSON line per
@@ -107,12 +109,30 @@ def measure(kind: str, st, docs: dict[int, list[int]], repeats: int, rtt_s: floa
         emit(line)
 
 
+def rebuild(local: store.DirStore, stale: int, repeats: int, facts: dict) -> None:
+    """Each time: `stale` entries under as many chunk folders, all naming a file that is not stored, then one
+    rebuild_index, which removes them (and rewrites the stored files' own entries)."""
+    times = []
+    for _ in range(repeats):
+        for i in range(stale):
+            folder = local.root / ".index" / os.urandom(32).hex()
+            folder.mkdir(parents=True)
+            (folder / ("e" * 64)).write_bytes(b"{}\n")  # planted without fsync: only the rebuild is timed
+        started = time.perf_counter()
+        summary = local.rebuild_index()
+        times.append(time.perf_counter() - started)
+        assert summary["removed"] == stale, summary
+    emit({"what": "rebuild_index", "store": "dir", "stale_entries": stale, "files": summary["files"],
+          "entries": summary["entries"], "seconds": spread(times), **facts})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, action="append")
     parser.add_argument("--others", type=int, default=20)
     parser.add_argument("--rtt-ms", type=float, default=20.0)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--stale", type=int, default=5000)
     args = parser.parse_args()
     lengths = args.tokens or [2048, 8192, 32768]
     facts = environment()
@@ -133,6 +153,8 @@ def main() -> None:
                 times, _ = timed(lambda: kvfile.PrefixReader(src, header, 2048).cache(), args.repeats)
             emit({"what": "prefix_read", "store": "dir", "file_tokens": n, "tokens": 2048, "seconds": spread(times),
                   **facts})
+        if args.stale:
+            rebuild(local, args.stale, args.repeats, facts)
         with moto_server() as env:
             os.environ.update(env)
             import boto3

@@ -118,3 +118,25 @@ def doc_file(tmp_path):
 
 
 __all__ = ["ARCHITECTURES"]
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    """moto_server on loopback with a bucket "caches", its endpoint and keys in os.environ for the module's tests."""
+    pytest.importorskip("s3fs")
+    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("moto")
+    from servers import moto_server
+
+    with moto_server() as env:
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        boto3.client("s3").create_bucket(Bucket="caches")
+        try:
+            yield env
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v

@@ -55,6 +55,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def foreign_server(answers: dict[str, tuple[int, str | None, bytes]]):
+    """A loopback HTTP server that is not kvcli's (a proxy's sign-in page, a broken service): every path answers
+    answers[method] = (status, content type or None, body); yields its URL and stops it."""
+    import http.server
+
+    class Canned(http.server.BaseHTTPRequestHandler):
+        def answer(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            status, kind, body = answers[self.command]
+            self.send_response(status)
+            if kind is not None:
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_HEAD = do_GET = do_POST = do_PUT = answer
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Canned)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_port}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+
 class CacheServer:
     """`kvcli serve-cache ROOT --port 0 …` as a subprocess; `url` is known once it has printed its address."""
 

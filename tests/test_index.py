@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 
 import httpx
 import pytest
 import torch
-from servers import MODEL, CacheServer, moto_server
+from servers import MODEL, CacheServer, foreign_server
 
 from kvcli.codecs.presets import PRESET_CODECS, make_codec
 from kvcli.container import format, keys, kvfile
-from kvcli.errors import FormatError
+from kvcli.errors import FormatError, StorageError
 from kvcli.modeling.kvcache import KVCache
 from kvcli.reuse.ingest import encode_file
 from kvcli.storage import index, remote, store
@@ -132,24 +131,6 @@ def test_prefix_reader_names_a_damaged_segment_and_refuses_bad_lengths():
 
 
 @pytest.fixture(scope="module")
-def s3_env():
-    pytest.importorskip("s3fs")
-    boto3 = pytest.importorskip("boto3")
-    with moto_server() as env:
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        boto3.client("s3").create_bucket(Bucket="caches")
-        try:
-            yield env
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-
-
-@pytest.fixture(scope="module")
 def token_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("token") / "token"
     path.write_text(TOKEN)
@@ -231,6 +212,103 @@ def test_stale_and_damaged_entries_are_skipped(any_store):
     assert [chunk for chunk, name in inside._entries() if name == other_key] == [chunks[1]]
 
 
+def test_litter_where_the_index_keeps_folders_is_no_error(tmp_path):
+    """A file or a symbolic link named like a chunk key in .index (a hand edit, a copy tool): lookups skip it, and the
+    next write of an entry there replaces it rather than failing or writing through the link."""
+    (tmp_path / "root").mkdir()
+    st = store.DirStore(tmp_path / "root")
+    doc = document(12, 300)
+    chunk = keys.chunk_keys(MODEL, "float32", doc)[0]
+    (tmp_path / "root" / index.INDEX).mkdir()
+    (tmp_path / "root" / index.INDEX / chunk).write_bytes(b"a file, not a folder")
+    assert st.lookup_prefix(MODEL, "float32", doc) is None
+    key = st.put(None, cache_file(doc))
+    assert st.lookup_prefix(MODEL, "float32", doc).file_key == key
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    st._remove_entry(chunk, key)
+    (tmp_path / "root" / index.INDEX / chunk).symlink_to(outside)
+    assert st.lookup_prefix(MODEL, "float32", doc) is None  # a link names no file the index wrote
+    assert st.rebuild_index()["entries"] == 1
+    assert list(outside.iterdir()) == [] and st.lookup_prefix(MODEL, "float32", doc).file_key == key
+    # a folder where an entry belongs: the rebuild removes the one of no file and rewrites the file's own
+    (tmp_path / "root" / index.INDEX / ("f" * 64) / ("e" * 64) / "x").mkdir(parents=True)
+    st._remove_entry(chunk, key)
+    (tmp_path / "root" / index.INDEX / chunk / key).mkdir(parents=True)
+    assert st.rebuild_index() == {"store": st.url, "files": 1, "indexed": 1, "entries": 1, "removed": 1}
+    assert sorted(st._entries()) == [(chunk, key)] and (tmp_path / "root" / index.INDEX / chunk / key).is_file()
+
+
+def test_a_delete_racing_a_put_of_the_same_file_never_leaves_it_unfound(tmp_path):
+    """Another writer's put of the same file lands right after delete() removed it: the file is stored again and
+    must stay findable, so delete() may not remove entries after the file."""
+    data = cache_file(document(13, 300))
+
+    class Racing(store.DirStore):
+        def _remove(self, key):
+            removed = super()._remove(key)
+            store.DirStore(self.root).put(None, data)  # the other writer, between this delete's steps
+            return removed
+
+    (tmp_path / "root").mkdir()
+    st = Racing(tmp_path / "root")
+    key = store.DirStore(tmp_path / "root").put(None, data)
+    assert st.delete(key)
+    assert st.exists(key) and st.lookup_prefix(MODEL, "float32", document(13, 300)).file_key == key
+
+
+@pytest.mark.parametrize("parts", [False, True])
+def test_an_upload_of_a_stored_file_mends_its_missing_entries(tmp_path, token_file, parts):
+    """A server killed between a file and its entries answers the client's retry with 200 (the file stays): that
+    retry, a PUT or an upload in parts, writes the entries the killed one did not."""
+    import shutil
+
+    (tmp_path / "root").mkdir()
+    doc = document(15, 600)
+    data = cache_file(doc)
+    with CacheServer(tmp_path / "root", "--writable", "--token-file", token_file) as server:
+        client = store.ServerStore(server.url, token=TOKEN)
+        key = client.put(None, data)
+        before = sorted(store.DirStore(tmp_path / "root")._entries())
+        shutil.rmtree(tmp_path / "root" / index.INDEX)
+        assert client.lookup_prefix(MODEL, "float32", doc) is None
+        if parts:
+            with format.BytesSource(data) as src:
+                upload = store.header_digest(src, format.read_header(src))
+            client.put_part(key, upload, 0, data)
+            client.complete_upload(key, upload, len(data))
+        else:
+            client.put(None, data)
+        assert sorted(store.DirStore(tmp_path / "root")._entries()) == before
+        assert client.lookup_prefix(MODEL, "float32", doc).file_key == key
+        client.close()
+
+
+def test_a_server_answer_that_is_not_json_is_a_storage_error(tmp_path):
+    """A proxy in front of a server that answers 200 with an HTML page: exit 8's error, not a JSON traceback."""
+    with foreign_server({"POST": (200, "text/html", b"<html>signed out</html>")}) as url:
+        client = store.ServerStore(url, timeout_s=5)
+        with pytest.raises(StorageError, match="an unusable answer"):
+            client.prefix_hits(MODEL, "float32", document(14, 300))
+        client.close()
+
+
+def test_an_entry_naming_another_models_file_of_the_same_tokens_is_no_hit(any_store):
+    st, inside = any_store
+    doc = document(18, 600)
+    gen = torch.Generator().manual_seed(0)
+    kv = KVCache(doc, [torch.randn(2, 600, 16, generator=gen) for _ in range(2)],
+                 [torch.randn(2, 600, 16, generator=gen) for _ in range(2)])
+    perturbed = dict(MODEL, weights_digest="d" * 64)  # the same architecture and tokenizer, other weights
+    meta, parts = kvfile.encode(kv, perturbed, make_codec("raw"), chunk_tokens=64)
+    foreign = st.put(None, encode_file(meta, parts))
+    for chunk in keys.chunk_keys(MODEL, "float32", doc):  # planted under this model's chunks
+        inside._write_entry(chunk, foreign, b"{}")
+    assert st.lookup_prefix(MODEL, "float32", doc) is None
+    assert st.lookup_prefix(perturbed, "float32", doc).file_key == foreign
+    assert st.lookup_prefix(MODEL, "float16", doc) is None
+
+
 def test_rebuild_from_the_files_alone_is_idempotent(any_store):
     st, inside = any_store  # over a server, the rebuild runs on the server's own store
     docs = [document(20 + i, n) for i, n in enumerate((300, 600, 800))]
@@ -250,6 +328,24 @@ def test_rebuild_from_the_files_alone_is_idempotent(any_store):
     assert st.lookup_prefix(MODEL, "float32", docs[2]) is None
 
 
+def test_a_rebuild_keeps_the_entries_of_a_file_stored_while_it_runs(tmp_path):
+    """On a live store a put lands after the rebuild listed the files: its entries are not in the rebuild's list,
+    and must not be removed as stale (the file would be unfindable until the next rebuild)."""
+    (tmp_path / "root").mkdir()
+    doc = document(16, 600)
+
+    class Live(store.DirStore):
+        def _entries(self):
+            store.DirStore(self.root).put(None, cache_file(doc))  # another writer, after the listing of files
+            return super()._entries()
+
+    st = Live(tmp_path / "root")
+    st.put(None, cache_file(document(17, 300)))
+    st._write_entry("f" * 64, "e" * 64, b"{}")  # litter, still removed
+    assert st.rebuild_index()["removed"] == 1
+    assert store.DirStore(tmp_path / "root").lookup_prefix(MODEL, "float32", doc).tokens == 512
+
+
 def test_http_lookup_is_one_request_and_checks_its_input(tmp_path, token_file):
     (tmp_path / "root").mkdir()
     seen = []
@@ -263,7 +359,7 @@ def test_http_lookup_is_one_request_and_checks_its_input(tmp_path, token_file):
         assert client.lookup_prefix(MODEL, "float32", doc + [5]).tokens == 1024
         assert seen == ["/v1/prefix"]
         client.close()
-        for body in (b"[]", b"{\"chunk_keys\": [\"xyz\"]}", b"not json", json.dumps({"chunk_keys": ["0" * 64] * 20000}).encode()):
+        for body in (b"[]", b"{\"chunk_keys\": [\"xyz\"]}", b"not json", b"[" * 200_000, json.dumps({"chunk_keys": ["0" * 64] * 20000}).encode()):
             r = httpx.post(f"{server.url}/v1/prefix", content=body)
             assert r.status_code in (400, 413) and "error" in r.json(), (body[:30], r.status_code)
         assert httpx.post(f"{server.url}/v1/prefix", json={"chunk_keys": []}).json() == {"hits": []}

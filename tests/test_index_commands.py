@@ -116,6 +116,46 @@ def test_generate_store_skips_a_stale_entry_and_a_damaged_file(cli, llama, tmp_p
     assert entries(root) == []
 
 
+def test_generate_store_computes_the_tokens_of_a_file_that_fails_to_decode(cli, llama, tmp_path, stored_doc):
+    """A file whose header (and so its chunk keys) is sound but whose first segment is damaged passes the lookup and
+    fails the decode: one warning line, every token computed, the answer of a full prefill."""
+    doc, root, key = stored_doc
+    args = ("--model", llama, "-n", "6", "--json")
+    path = root / f"{key}.kvc"
+    data = bytearray(path.read_bytes())
+    header = format.read_header(format.BytesSource(bytes(data)))
+    seg = next(s for s in header.segments if s.kind == "k" and s.layer == 0 and s.token_start == 0)
+    data[header.data_offset + seg.offset] ^= 0x40
+    path.write_bytes(bytes(data))
+    result = ok(cli("generate", "--store", root, "--document", doc, QUESTION, *args))
+    answer = json.loads(result.stdout)
+    assert answer["stored_tokens"] == 0 and answer["stored_key"] is None
+    assert answer["text"] == json.loads(ok(cli("generate", "--document", doc, QUESTION, *args)).stdout)["text"]
+    [warning] = [line for line in result.stderr.splitlines() if line.startswith("Warning: ")]
+    assert key in warning and "checksum" in warning and "computing its 256 tokens" in warning
+
+
+def test_a_damaged_hit_gives_way_to_another_file_of_the_same_prefix(cli, llama, stored_doc, capfd):
+    from kvcli.modeling import inference
+    from kvcli.reuse import prefix
+
+    doc, root, key = stored_doc
+    [raw] = lines(ok(cli("prefill", doc, "--out-dir", root, "--model", llama, "-q", "raw")))
+    path = root / f"{key}.kvc"  # the lossless file, the first hit (as exact as raw, and smaller)
+    data = bytearray(path.read_bytes())
+    header = format.read_header(format.BytesSource(bytes(data)))
+    seg = next(s for s in header.segments if s.kind == "v" and s.layer == 1 and s.token_start == 0)
+    data[header.data_offset + seg.offset + seg.length // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    lm = models.load(llama, "float32")
+    ids = inference.document_ids(lm, doc.read_text()) + inference.prompt_ids(lm, QUESTION)
+    assert [hit.file_key for hit in store.DirStore(root).prefix_hits(lm.identity, lm.dtype, ids)] == [key, raw["key"]]
+    kv, hit = prefix.load_stored_prefix(store.DirStore(root), lm, ids)
+    assert hit.file_key == raw["key"] and kv.num_tokens == 256
+    [warning] = capfd.readouterr().err.splitlines()
+    assert warning.startswith(f"Warning: {key}: cannot load the stored prefix, trying another stored file: ")
+
+
 def test_index_rebuild_from_the_files_alone(cli, tmp_path, stored_doc):
     doc, root, key = stored_doc
     before = entries(root)
@@ -219,6 +259,60 @@ def test_the_loaded_prefix_gives_the_logits_of_a_full_prefill(llama, tmp_path, s
     assert torch.allclose(loaded, full, atol=1e-4), (loaded - full).abs().max()
     shifted = inference.logits_after(lm, kv, ids[257:])[-1]  # the test can tell a wrong continuation apart
     assert not torch.allclose(shifted, full, atol=1e-2)
+
+
+def test_a_server_killed_or_a_file_deleted_between_lookup_and_read_leaves_the_tokens_to_compute(
+        llama, stored_doc, capfd):
+    from kvcli.modeling import inference
+    from kvcli.reuse import prefix
+
+    doc, root, key = stored_doc
+    lm = models.load(llama, "float32")
+    ids = inference.document_ids(lm, doc.read_text()) + inference.prompt_ids(lm, QUESTION)
+    with CacheServer(root) as server:
+        class KilledAfterLookup(store.ServerStore):
+            def prefix_hits_for(self, keys):
+                hits = super().prefix_hits_for(keys)
+                server.stop()
+                return hits
+
+        client = KilledAfterLookup(server.url, timeout_s=10)
+        assert prefix.load_stored_prefix(client, lm, ids) == (None, None)
+        client.close()
+
+    class DeletedAfterLookup(store.DirStore):
+        def prefix_hits_for(self, keys):
+            hits = super().prefix_hits_for(keys)
+            (root / f"{key}.kvc").unlink()  # another process's delete, between this lookup and its read
+            return hits
+
+    assert prefix.load_stored_prefix(DeletedAfterLookup(root), lm, ids) == (None, None)
+    warnings = capfd.readouterr().err.splitlines()
+    assert len(warnings) == 2 and all(line.startswith(f"Warning: {key}: cannot load") for line in warnings), warnings
+
+
+def test_a_prompt_of_whole_chunks_and_one_shorter_than_a_chunk(cli, llama, tmp_path):
+    import torch
+
+    from kvcli.modeling import inference
+    from kvcli.reuse import prefix
+
+    doc = written(tmp_path / "doc.txt", text(6, 511))  # 512 tokens with the BOS: exactly two chunks
+    root = tmp_path / "store"
+    [line] = lines(ok(cli("prefill", doc, "--out-dir", root, "--model", llama, "-q", "lossless")))
+    assert line["tokens"] == 512 and len(entries(root)) == 2
+    lm = models.load(llama, "float32")
+    ids = inference.document_ids(lm, doc.read_text())
+    # the prompt is the whole stored file: all but its last token loaded, that one computed for the logits
+    kv, hit = prefix.load_stored_prefix(store.DirStore(root), lm, ids)
+    assert hit.tokens == 512 and kv.num_tokens == 511
+    assert torch.allclose(inference.logits_after(lm, kv, ids[511:])[-1], inference.logits_after(lm, None, ids)[-1],
+                          atol=1e-4)
+    args = ("--model", llama, "-n", "4", "--json")
+    short = written(tmp_path / "short.txt", doc.read_text()[:40])  # shares 41 tokens, no whole chunk
+    answer = json.loads(ok(cli("generate", "--store", root, "--document", short, QUESTION, *args)).stdout)
+    assert answer["stored_tokens"] == 0 and answer["text"] == json.loads(
+        ok(cli("generate", "--document", short, QUESTION, *args)).stdout)["text"]
 
 
 @pytest.mark.slow  # starts moto_server

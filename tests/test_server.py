@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from servers import KVCLI, REPO, CacheServer, ThrottleProxy, make_big_cache, make_cache, moto_server
+from servers import KVCLI, REPO, CacheServer, ThrottleProxy, foreign_server, make_big_cache, make_cache, moto_server
 
 from kvcli.container import format, keys
 from kvcli.errors import FormatError, StorageError
@@ -548,34 +548,13 @@ def test_push_resumes_through_a_server_on_s3(tmp_path, token_file):
 
 def test_push_refuses_a_server_that_names_no_usable_part_size(tmp_path):
     """A server that is not kvcli's (or a broken one) gets a storage error, not a crash."""
-    import http.server
-
-    class Odd(http.server.BaseHTTPRequestHandler):
-        def do_HEAD(self):
-            self.send_response(404)
-            self.end_headers()
-
-        def do_GET(self):
-            body = json.dumps({"part_bytes": 0, "parts": []}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Odd)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
     path = tmp_path / "big.kvc"
     path.write_bytes(make_big_cache(seed=56, mib=9))
-    try:
+    answers = {"HEAD": (404, None, b""),
+               "GET": (200, "application/json", json.dumps({"part_bytes": 0, "parts": []}).encode())}
+    with foreign_server(answers) as url:
         with pytest.raises(StorageError, match="unusable part size 0"):
-            store.push(store.open_store(f"http://127.0.0.1:{httpd.server_port}"), path)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+            store.push(store.open_store(url), path)
 
 
 def test_stalled_clients_time_out_and_the_server_stays_healthy(tmp_path, token_file):

@@ -23,25 +23,6 @@ def corrupt(data: bytes, at: int) -> bytes:
     return data[:at] + bytes([data[at] ^ 0x40]) + data[at + 1 :]
 
 
-@pytest.fixture(scope="module")
-def s3_env():
-    pytest.importorskip("s3fs")
-    boto3 = pytest.importorskip("boto3")
-    pytest.importorskip("moto")
-    with moto_server() as env:
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        boto3.client("s3").create_bucket(Bucket="caches")
-        try:
-            yield env
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-
-
 @pytest.fixture(params=["dir", "s3"])
 def any_store(request, tmp_path):
     if request.param == "dir":

@@ -4,9 +4,10 @@ job sends to vLLM, so that `prefill --chat-prefix` stores exactly the tokens suc
 from __future__ import annotations
 
 from ..container import format, kvfile
-from ..errors import UsageError
+from ..errors import FormatError, InputError, ModelMismatchError, StorageError, UsageError
 from ..modeling import models
 from ..modeling.kvcache import KVCache
+from ..stdio import write_stderr_text
 from ..storage.store import open_ranged
 from . import pipeline
 
@@ -43,19 +44,36 @@ def load_stored_prefix(store, lm: models.LoadedModel, ids: list[int]):
     """The longest stored prefix of `ids` decoded for `lm`, and its hit; (None, None) when the store holds none.
 
     At most len(ids) - 1 tokens are loaded: the model computes at least the last one, which gives the logits of the
-    first new token. The file is checked against the model and the tokens before anything is decoded."""
-    hit = store.lookup_prefix(lm.identity, lm.dtype, ids)
-    if hit is None or len(ids) < 2:
+    first new token. The file is checked against the model and the tokens before anything is decoded. A file that
+    fails to load (damaged, gone since the lookup, a store that fails mid-read, another layout) costs a one-line
+    warning on stderr and the next file that holds the prefix is tried; when none loads, the caller computes every
+    token: a bad stored file may slow an answer, never change it."""
+    hits = store.prefix_hits(lm.identity, lm.dtype, ids)
+    if not hits or len(ids) < 2:
         return None, None
-    n = min(hit.tokens, len(ids) - 1)
+    n = min(hits[0].tokens, len(ids) - 1)
+    for i, hit in enumerate(hits, 1):
+        try:
+            kv = _load(store, hit, lm, ids, n)
+        except (FormatError, InputError, StorageError, ModelMismatchError) as err:
+            then = "trying another stored file" if i < len(hits) else f"computing its {n} tokens instead"
+            write_stderr_text(f"Warning: {hit.file_key}: cannot load the stored prefix, {then}: "
+                              f"{' '.join(str(err).split())}\n")
+            continue
+        if kv is not None:
+            return kv, hit
+    return None, None
+
+
+def _load(store, hit, lm: models.LoadedModel, ids: list[int], n: int) -> KVCache | None:
     with open_ranged(store, hit.file_key, hit.bytes) as src:
         header = format.read_header(src)
         where = getattr(src, "path", hit.file_key)
         pipeline.check_identity(header, lm, where)
         if header.token_ids[:n] != ids[:n]:  # the index is a hint: the file decides
-            return None, None
+            return None
         pipeline.check_layout(header.layers, header.token_ids[:n], lm, where)
         kv = kvfile.PrefixReader(src, header, n).cache(next(lm.model.parameters()).device)
     if kv.dtype != lm.model.dtype:
         kv = KVCache(kv.token_ids, [k.to(lm.model.dtype) for k in kv.keys], [v.to(lm.model.dtype) for v in kv.values])
-    return kv, hit
+    return kv

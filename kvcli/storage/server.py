@@ -473,6 +473,7 @@ async def complete_upload(request: Request) -> Response:
 def complete_or_keep(store, key: str, upload: str, size: int) -> str | None:
     """The key, completed from the staged parts; None when a sound file of the key is stored (it stays)."""
     if kept_size(store, key) is not None:
+        store.mend_entries(key)
         return None
     try:
         return store.complete_upload(key, upload, size, exclusive=keeps(store, key))
@@ -505,7 +506,7 @@ async def prefix_lookup(request: Request) -> Response:
     body = b"".join([chunk async for chunk in receive_body(request, PREFIX_BODY_BYTES, "prefix lookups")])
     try:
         keys = json.loads(body)["chunk_keys"]
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):  # RecursionError: arrays nested past Python's stack
         raise HTTPError(400, 'the body must be a JSON object {"chunk_keys": [...]}') from None
     check_chunk_keys(keys)
     hits = await run_in_threadpool(settings_of(request).store.prefix_hits_for, keys)

@@ -33,6 +33,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +50,8 @@ from .index import INDEX, FileChunks, PrefixHit
 COPY_BLOCK = 1 << 20
 PART_BYTES = 8 << 20  # an upload part; a push of a larger file goes in parts and resumes where it broke off
 STALE_UPLOAD_S = 24 * 3600  # staged parts untouched this long belong to an upload nobody will finish
+HEADER_CACHE_ITEMS = 65536  # per cache of what headers say (FileStore._from_header)
+REBUILD_WORKERS = 8  # rebuild_index's concurrent header reads and entry writes, on any store
 UPLOADS = ".uploads"  # the staging prefix in a store: never a key, so listings never see it
 _PART_NAME = re.compile(r"[0-9a-f]{16}")
 
@@ -250,17 +253,30 @@ class FileStore(index.PrefixLookup):
         with open_data(data) as src:
             header = validate(src)
             key = checked_key(key, header, getattr(src, "path", "<upload>"))
-            self._write(key, src, exclusive)
+            try:
+                self._write(key, src, exclusive)
+            except FileExistsError:
+                self.mend_entries(key, header)
+                raise
             self._record(key, header, src.size)
         return key
 
+    def mend_entries(self, key: str, header: format.Header | None = None) -> None:
+        """An upload of a stored key leaves the file, and still indexes it if its writer was killed before its
+        entries (a client's retry after a server died mid-put mends what it left), for one existence check.
+        `header`: the upload's, whose chunk keys are the stored file's (equal keys, equal tokens); None: read."""
+        info = index.file_chunks(header, 0) if header is not None else self.chunks_of(key)
+        if info is not None:
+            self.ensure_indexed(key, list(info.chunks))
+
     def delete(self, key: str) -> bool:
-        """Remove a cache, then its index entries; False if there was none."""
+        """Remove a cache's index entries, then the cache; False if there was none. Entries first: a put of the same
+        key racing with this leaves at worst entries of a file that is gone (a lookup skips them, a rebuild removes
+        them), never a stored file that no lookup finds."""
         info = self.chunks_of(key)
-        removed = self._remove(key)
         if info is not None:
             self._map(lambda chunk: self._remove_entry(chunk, key), info.chunks)
-        return removed
+        return self._remove(key)
 
     def list(self, model: str | None = None) -> list[dict]:
         check_hex(model, "model")
@@ -314,6 +330,7 @@ class FileStore(index.PrefixLookup):
                 self._write(key, src, exclusive)
             except FileExistsError:
                 self._remove_upload(key, upload)
+                self.mend_entries(key, header)
                 raise
             self._record(key, header, size)
         self._remove_upload(key, upload)
@@ -334,8 +351,13 @@ class FileStore(index.PrefixLookup):
 
     def entry(self, key: str, size: int) -> dict | None:
         """The listing entry of a stored file, from its header; None if it vanished or is not a valid cache."""
+        return self._from_header(self._headers, key, size, lambda header: describe(key, header, size))
+
+    def _from_header(self, cache: dict, key: str, size: int, make):
+        """make(the stored file's header), kept in `cache` by key and size; None if the file vanished or is damaged.
+        A cache is a copy of what the files say, so dropping it all when it is full costs only rereads."""
         with self._lock:
-            cached = self._headers.get((key, size))
+            cached = cache.get((key, size))
         if cached is not None:
             return cached
         try:
@@ -343,24 +365,28 @@ class FileStore(index.PrefixLookup):
                 header = format.read_header(src)
         except (FormatError, InputError):
             return None
-        entry = describe(key, header, size)
+        return self._keep(cache, key, size, make(header))
+
+    def _keep(self, cache: dict, key: str, size: int, value):
         with self._lock:
-            self._headers[(key, size)] = entry
-        return entry
+            if len(cache) >= HEADER_CACHE_ITEMS:
+                cache.clear()
+            cache[(key, size)] = value
+        return value
 
     # -- the prefix index (index.py)
 
-    def _map(self, fn, items) -> list:
+    def _map(self, fn, items, workers: int | None = None) -> list:
         items = list(items)
-        if self.index_workers <= 1 or len(items) <= 1:
+        workers = self.index_workers if workers is None else workers
+        if workers <= 1 or len(items) <= 1:
             return [fn(item) for item in items]
-        with ThreadPoolExecutor(max_workers=min(self.index_workers, len(items))) as pool:
+        with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
             return list(pool.map(fn, items))
 
     def _record(self, key: str, header: format.Header, size: int) -> None:
         """Index a file just stored: called after the write, so no entry names a file that is not there."""
-        info = index.file_chunks(header, size)
-        self._remember(key, size, info)
+        info = self._keep(self._chunks, key, size, index.file_chunks(header, size))
         self._write_entries(key, index.entries(key, info))
 
     def _write_entries(self, key: str, found: list[tuple[str, bytes]]) -> None:
@@ -381,29 +407,12 @@ class FileStore(index.PrefixLookup):
         self._write_entries(key, index.entries(key, info))
         return True
 
-    def _remember(self, key: str, size: int, info: FileChunks) -> None:
-        with self._lock:
-            if len(self._chunks) >= 65536:  # a copy of the files, so dropping it all costs only rereads
-                self._chunks.clear()
-            self._chunks[(key, size)] = info
-
     def chunks_of(self, key: str) -> FileChunks | None:
         """A stored file's chunk keys and what a hit reports, from its header; None if it is gone or damaged."""
         size = self.size(key)
         if size is None:
             return None
-        with self._lock:
-            cached = self._chunks.get((key, size))
-        if cached is not None:
-            return cached
-        try:
-            with StoredSource(self, key, size) as src:
-                header = format.read_header(src)
-        except (FormatError, InputError):
-            return None
-        info = index.file_chunks(header, size)
-        self._remember(key, size, info)
-        return info
+        return self._from_header(self._chunks, key, size, lambda header: index.file_chunks(header, size))
 
     def prefix_hits_for(self, keys: list[str]) -> list[PrefixHit]:
         """The verified hits of the longest stored prefix of a chunk-key chain (index.best_hits)."""
@@ -419,22 +428,30 @@ class FileStore(index.PrefixLookup):
 
     def rebuild_index(self) -> dict:
         """Make the index what the files say, from the files alone: every entry of every stored file written
-        (again: the same bytes), every other entry removed. Idempotent; returns counts."""
-        expected: set[tuple[str, str]] = set()
-        files = indexed = 0
-        for key, _ in sorted(self._keys()):
-            files += 1
-            info = self.chunks_of(key)
-            if info is None or not info.chunks:
-                continue
-            indexed += 1
-            found = index.entries(key, info)
-            self._write_entries(key, found)
-            expected.update((chunk, key) for chunk, _ in found)
-        stale = [pair for pair in self._entries() if pair not in expected]
-        self._map(lambda pair: self._remove_entry(*pair), stale)
-        return {"store": self.url, "files": files, "indexed": indexed, "entries": len(expected),
+        (again: the same bytes), every other entry removed. Idempotent; returns counts. Headers are read, entries
+        written and removed REBUILD_WORKERS at a time, on a directory too: there each entry costs a synchronous
+        metadata write, and thousands of them one by one took seconds per thousand (docs/format.md)."""
+        workers = max(self.index_workers, REBUILD_WORKERS)
+        keys = sorted(key for key, _ in self._keys())
+        found = [(key, index.entries(key, info)) for key, info in zip(keys, self._map(self.chunks_of, keys, workers))
+                 if info is not None and info.chunks]
+        # every file's last entry after all its others, as _write_entries orders them
+        self._map(lambda entry: self._write_entry(*entry),
+                  [(chunk, key, data) for key, entries in found for chunk, data in entries[:-1]], workers)
+        self._map(lambda entry: self._write_entry(*entry),
+                  [(entries[-1][0], key, entries[-1][1]) for key, entries in found], workers)
+        expected = {(chunk, key) for key, entries in found for chunk, _ in entries}
+        unlisted = [pair for pair in self._entries() if pair not in expected]
+        # a file stored since the listing above (a live store) has entries that are no litter: those stay
+        stale = [pair for pair, gone in zip(unlisted, self._map(self._names_no_file, unlisted, workers)) if gone]
+        self._map(lambda pair: self._remove_entry(*pair), stale, workers)
+        return {"store": self.url, "files": len(keys), "indexed": len(found), "entries": len(expected),
                 "removed": len(stale)}
+
+    def _names_no_file(self, pair: tuple[str, str]) -> bool:
+        chunk, key = pair
+        info = self.chunks_of(key)
+        return info is None or chunk not in info.chunks
 
     # subclasses
     def _size(self, key: str) -> int | None: ...
@@ -565,7 +582,7 @@ class DirStore(FileStore):
     def _index_files(self, chunk: str) -> list[str]:
         try:
             names = os.listdir(self.root / INDEX / chunk)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # a stray file where a folder belongs names no file
             return []
         except OSError as err:
             raise StorageError(f"{self.root / INDEX / chunk}: cannot list: {err.strerror}") from None
@@ -576,11 +593,18 @@ class DirStore(FileStore):
 
     def _write_entry(self, chunk: str, key: str, data: bytes) -> None:
         directory = self.root / INDEX / chunk
+        with contextlib.suppress(OSError):
+            if not stat.S_ISDIR(os.lstat(directory).st_mode):
+                # litter where only kvcli writes folders (a file, a link that would lead writes out of the store)
+                directory.unlink()
         for attempt in range(2):  # a removal of the chunk's last entry elsewhere may remove the folder meanwhile
             try:
                 directory.mkdir(parents=True, exist_ok=True)
             except OSError as err:
                 raise StorageError(f"{directory}: cannot create: {err.strerror}") from None
+            with contextlib.suppress(OSError):
+                if stat.S_ISDIR(os.lstat(directory / key).st_mode):  # litter where an entry belongs, as above
+                    shutil.rmtree(directory / key, ignore_errors=True)
             try:
                 format.atomic_write(str(directory / key), [data])
                 return
@@ -594,6 +618,8 @@ class DirStore(FileStore):
             os.unlink(directory / key)
         except FileNotFoundError:
             return
+        except IsADirectoryError:  # litter named like an entry (rmtree never follows a link out of the store)
+            shutil.rmtree(directory / key, ignore_errors=True)
         except OSError as err:
             raise StorageError(f"{directory / key}: cannot delete: {err.strerror}") from None
         with contextlib.suppress(OSError):
@@ -642,6 +668,10 @@ class DirStore(FileStore):
         for attempt in range(2):  # a completion or sweep elsewhere may remove the directory between the two steps
             try:
                 directory.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:  # not a folder: only kvcli writes in the index, so it is litter, replaced
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    directory.unlink()
+                continue
             except OSError as err:
                 raise StorageError(f"{directory}: cannot create: {err.strerror}") from None
             try:
@@ -996,16 +1026,16 @@ class ServerStore(index.PrefixLookup):
         return self._request("GET", "/v1/lookup", params=params).json()["caches"]
 
     def ensure_indexed(self, key: str, chunks: list[str]) -> bool:
-        """Nothing to do from here: a server indexes what it stores, and `kvcli index rebuild` on its own store
-        mends what a killed server left."""
+        """Nothing to do from here: a server indexes what it stores and mends the entries of a stored file when it is
+        uploaded again; `kvcli index rebuild` on its own store mends the rest of what a killed server left."""
         return False
 
     def prefix_hits_for(self, keys: list[str]) -> list[PrefixHit]:
         """One request for the whole chain: the server reads its index and verifies the files (index.best_hits)."""
         keys = index.check_chunk_keys(keys)
-        body = self._request("POST", "/v1/prefix", json={"chunk_keys": keys}).json()
+        response = self._request("POST", "/v1/prefix", json={"chunk_keys": keys})
         try:
-            hits = [PrefixHit.from_json(hit, self.url) for hit in body["hits"]]
+            hits = [PrefixHit.from_json(hit, self.url) for hit in response.json()["hits"]]
         except (TypeError, KeyError, ValueError) as err:
             raise StorageError(f"{self.url}/v1/prefix: an unusable answer: {err}") from None
         if any(hit.tokens > len(keys) * index.CHUNK_TOKENS for hit in hits):
