@@ -179,12 +179,14 @@ def test_cache_dir_keeps_bounded_least_recently_used_copies_of_a_server_that_req
         assert hit is not None and hit.file_key == names[0] and hit.tokens == 256
         assert claimable(hit, COPY_TOKENS + 2, BLOCK, 0) == 256
         t = paged_target(COPY_TOKENS)
-        loader = Loader(store, MODEL, t, stats, 1, 30, file_opener(store, settings))
+        opener = file_opener(store, settings, stats)
+        loader = Loader(store, MODEL, t, stats, 1, 30, opener)
 
         def load_and_check(i: int) -> None:
             for layer in t.layers:
                 layer.zero_()
             job = load(loader, names[i], kvs[i], COPY_TOKENS)
+            opener.wait()  # the copy is made after the load, in the background
             assert job.fault is None and written(t, kvs[i], COPY_TOKENS)
             time.sleep(0.02)  # recency is the copy's mtime: keep the order unambiguous
 
@@ -213,14 +215,42 @@ def test_cache_dir_copies_from_s3_serve_after_the_store_is_gone(tmp_path, monkey
         store = open_connector_store(settings)
         key = stored(store, kv)
         t, stats = paged_target(COPY_TOKENS), Stats()
-        loader = Loader(store, MODEL, t, stats, 1, 30, file_opener(store, settings))
-        assert load(loader, key, kv, COPY_TOKENS).fault is None and copies(local) == {key}
+        opener = file_opener(store, settings, stats)
+        loader = Loader(store, MODEL, t, stats, 1, 30, opener)
+        assert load(loader, key, kv, COPY_TOKENS).fault is None
+        opener.wait()
+        assert copies(local) == {key}
         env.proc.kill()
         env.proc.wait(10)
         for layer in t.layers:
             layer.zero_()
         assert load(loader, key, kv, COPY_TOKENS).fault is None and written(t, kv, COPY_TOKENS)
-    assert stats.snapshot() == {"loads": 2, "loaded_tokens": 2 * COPY_TOKENS}
+    assert stats.snapshot() == {"loads": 2, "loaded_tokens": 2 * COPY_TOKENS, "cache_dir_copies": 1}
+
+
+def test_a_load_of_a_prefix_over_a_slow_link_reads_the_prefix_and_leaves_a_whole_copy(tmp_path):
+    """The file spans more fetch blocks than a download runs at once, and the load needs only its first chunk:
+    the load must not wait for the rest of the file, and the copy must still be whole (a download cut short when
+    the load closed its file used to leave none, so every load fetched again)."""
+    root, local = tmp_path / "root", tmp_path / "copies"
+    kv = random_cache(tokens=24576, seed=21)  # about 10 MB: 10 blocks of 1 MiB, 4 fetched at once
+    key = stored(DirStore(root, create=True), kv)
+    stats = Stats()
+    with CacheServer(root) as server:
+        with ThrottleProxy(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), rate=4_000_000) as proxy:
+            settings = Settings(store=f"http://127.0.0.1:{proxy.port}", quality="none", cache_dir=str(local))
+            store = open_connector_store(settings)
+            t = paged_target(256)
+            opener = file_opener(store, settings, stats)
+            loader = Loader(store, MODEL, t, stats, 1, 30, opener)
+            job = load(loader, key, kv, 256)
+            assert job.fault is None and written(t, kv, 256)
+            opener.wait()
+    assert copies(local) == {key} and (local / f"{key}.kvc").read_bytes() == (root / f"{key}.kvc").read_bytes()
+    for layer in t.layers:
+        layer.zero_()
+    assert load(loader, key, kv, 256).fault is None and written(t, kv, 256)  # the store is gone: from the copy
+    assert stats.snapshot() == {"loads": 2, "loaded_tokens": 512, "cache_dir_copies": 1}
 
 
 # ---------------------------------------------------------------- an index naming another model's file

@@ -34,7 +34,7 @@ from .loading import Loader, LoadJob, PagedTarget
 from .saving import Saver, SaveJob, save_codec
 from .settings import Settings
 from .stats import STATS
-from .store_access import claimable, file_opener, lookup, open_connector_store
+from .store_access import LocalCopies, claimable, file_opener, lookup, open_connector_store
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -234,9 +234,9 @@ class KvcliConnector(KVConnectorBase_V1):
         target = PagedTarget(layers, layout, self.block_size, heads, head_dim, head_dim, model_config.dtype)
         self._layer_of = {name: i for i, name in enumerate(names)}
         self._target = target
+        self._opener = file_opener(self.store, self.settings, STATS)
         self._loader = Loader(self.store, self.identity, target, STATS, self.settings.max_loads,
-                              self.settings.load_timeout_s, file_opener(self.store, self.settings),
-                              _decode_backend(layers[0].device))
+                              self.settings.load_timeout_s, self._opener, _decode_backend(layers[0].device))
         if self.settings.saves:
             codec = save_codec(self.settings.quality, self.identity, _read_config(self.model_dir), len(layers))
             self._saver = Saver(self.store, codec, self.identity, self.dtype, STATS, self.settings.max_pending_saves,
@@ -304,6 +304,8 @@ class KvcliConnector(KVConnectorBase_V1):
             self._saver.close()
         if self._loader is not None:
             self._loader.close()
+            if isinstance(self._opener, LocalCopies):
+                self._opener.close()
         STATS.flush(self._stats_path)
 
 
