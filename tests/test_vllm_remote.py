@@ -79,11 +79,9 @@ KILL_TOKENS = 8192  # about 3 MB lossless: seconds on the throttled link below
 RATE = 200_000  # bytes/s per connection
 
 
-def killed_mid_load(store, stop_store, caplog) -> None:
-    """Loads a stored file through `store` (reached through a throttled proxy) twice over: the store is stopped once
-    the first load has opened the file and while its bytes are still on the wire."""
-    kv = random_cache(tokens=KILL_TOKENS, seed=3)
-    key = keys.key_of_header(format.read_header(format.BytesSource(stored_bytes(kv))))
+def killed_mid_load(store, key: str, kv, stop_store, caplog) -> None:
+    """Loads the stored file `key` through `store` (reached through a throttled proxy) twice over: the store is
+    stopped once the first load has opened the file, while its bytes are still on the wire."""
     t, stats = paged_target(KILL_TOKENS), Stats()
     opened = []
     loader = Loader(store, MODEL, t, stats, 1, 30, lambda k: opened.append(k) or open_ranged(store, k))
@@ -93,7 +91,7 @@ def killed_mid_load(store, stop_store, caplog) -> None:
     deadline = time.monotonic() + 20
     while not opened and time.monotonic() < deadline:
         time.sleep(0.01)
-    time.sleep(0.3)  # the header is read; the segments' range read is under way at RATE
+    time.sleep(0.3)  # the header's or the segments' bytes are coming at RATE
     assert opened and not job.done.is_set() and not job.events[0].is_set(), "the kill must land mid-transfer"
     stop_store()
     for layer in range(LAYERS):
@@ -110,27 +108,20 @@ def killed_mid_load(store, stop_store, caplog) -> None:
     assert len(logged) == 1 and "store_unavailable" in logged[0].getMessage()
 
 
-def stored_bytes(kv) -> bytes:
-    from kvcli.codecs.presets import make_codec
-    from kvcli.container import kvfile
-
-    meta, parts = kvfile.encode(kv, MODEL, make_codec("lossless"), 8)
-    return format.build_header(meta, parts) + b"".join(p.data for p in parts)
-
-
 def test_serve_cache_killed_mid_load(tmp_path, caplog):
-    root = tmp_path / "root"
-    DirStore(root, create=True).put(None, stored_bytes(random_cache(tokens=KILL_TOKENS, seed=3)))
+    root, kv = tmp_path / "root", random_cache(tokens=KILL_TOKENS, seed=3)
+    key = stored(DirStore(root, create=True), kv)
     with CacheServer(root) as server:
         port = int(server.url.rsplit(":", 1)[1])
         with ThrottleProxy(("127.0.0.1", port), rate=RATE) as proxy:
             store = open_store(f"http://127.0.0.1:{proxy.port}")
-            killed_mid_load(store, lambda: server.stop(signal.SIGKILL), caplog)
+            killed_mid_load(store, key, kv, lambda: server.stop(signal.SIGKILL), caplog)
 
 
 def test_s3_killed_mid_load(tmp_path, caplog, monkeypatch):
     with s3_environment(monkeypatch) as env:
-        open_store("s3://caches/kill").put(None, stored_bytes(random_cache(tokens=KILL_TOKENS, seed=3)))
+        kv = random_cache(tokens=KILL_TOKENS, seed=3)
+        key = stored(open_store("s3://caches/kill"), kv)
         port = int(env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
         with ThrottleProxy(("127.0.0.1", port), rate=RATE) as proxy:
             monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
@@ -140,8 +131,7 @@ def test_s3_killed_mid_load(tmp_path, caplog, monkeypatch):
                 env.proc.kill()
                 env.proc.wait(10)
 
-            killed_mid_load(store, kill, caplog)
-
+            killed_mid_load(store, key, kv, kill, caplog)
 
 
 # ---------------------------------------------------------------- cache_dir and token_file
