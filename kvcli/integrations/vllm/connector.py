@@ -28,14 +28,13 @@ from vllm.logger import init_logger
 
 from ...container import kvfile
 from ...container.keys import CHUNK_TOKENS
-from ...storage import remote
-from ...storage.store import DirStore, open_ranged, open_store
 from . import paged
 from .engine_identity import model_identity
 from .loading import Loader, LoadJob, PagedTarget
 from .saving import Saver, SaveJob, save_codec
 from .settings import Settings
 from .stats import STATS
+from .store_access import LocalCopies, claimable, file_opener, lookup, open_connector_store
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -96,9 +95,7 @@ class KvcliConnector(KVConnectorBase_V1):
         self.enabled = self._usable(vllm_config)
         self.identity = self._identity() if self.enabled else None
         self.enabled = self.identity is not None
-        token = remote.read_token(None, self.settings.token_file) if self.settings.token_file else None
-        self.store = open_store(self.settings.store, token, create=self.settings.saves
-                                and "://" not in self.settings.store)
+        self.store = open_connector_store(self.settings)
         self._plans: dict[str, _Plan] = {}
         self._loader: Loader | None = None
         self._saver: Saver | None = None
@@ -146,24 +143,10 @@ class KvcliConnector(KVConnectorBase_V1):
         plan = self._plans.get(request.request_id)
         if plan is None:
             prompt = list(request.prompt_token_ids)
-            plan = self._plans[request.request_id] = _Plan(prompt, self._lookup(prompt))
+            plan = self._plans[request.request_id] = _Plan(prompt, lookup(self.store, self.identity, self.dtype,
+                                                                          prompt, STATS))
         plan.local = num_computed_tokens
-        if plan.hit is None:
-            return 0, False
-        usable = min(plan.hit.tokens, len(request.prompt_token_ids) - 1) // self.block_size * self.block_size
-        return max(0, usable - num_computed_tokens), False
-
-    def _lookup(self, token_ids: list[int]):
-        STATS.add("lookups")
-        try:
-            hit = self.store.lookup_prefix(self.identity, self.dtype, token_ids)
-        except Exception as err:  # the store is down or refuses: a miss, never a failed request
-            STATS.fault("store_unavailable", f"the prefix lookup failed: {type(err).__name__}: {err}")
-            return None
-        if hit is not None:
-            STATS.add("lookup_hits")
-            STATS.add("lookup_hit_tokens", hit.tokens)
-        return hit
+        return claimable(plan.hit, len(plan.prompt), self.block_size, num_computed_tokens), False
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
         plan = self._plans.get(request.request_id)
@@ -251,22 +234,15 @@ class KvcliConnector(KVConnectorBase_V1):
         target = PagedTarget(layers, layout, self.block_size, heads, head_dim, head_dim, model_config.dtype)
         self._layer_of = {name: i for i, name in enumerate(names)}
         self._target = target
+        self._opener = file_opener(self.store, self.settings, STATS)
         self._loader = Loader(self.store, self.identity, target, STATS, self.settings.max_loads,
-                              self.settings.load_timeout_s, self._opener(), _decode_backend(layers[0].device))
+                              self.settings.load_timeout_s, self._opener, _decode_backend(layers[0].device))
         if self.settings.saves:
             codec = save_codec(self.settings.quality, self.identity, _read_config(self.model_dir), len(layers))
             self._saver = Saver(self.store, codec, self.identity, self.dtype, STATS, self.settings.max_pending_saves,
                                 settled=lambda: STATS.flush(self._stats_path))
         logger.info("kvcli connector: store %s, %d layers, %s layout, saves at %s", self.settings.store,
                     len(layers), layout, self.settings.quality)
-
-    def _opener(self):
-        """How a stored file is opened: from the store, or through the bounded local copies of remote caches."""
-        if not self.settings.cache_dir or isinstance(self.store, DirStore):
-            return lambda key: open_ranged(self.store, key)  # only the prefix's bytes travel
-        local = remote.LocalCache(self.settings.cache_dir, self.settings.cache_dir_bytes)
-        token = getattr(self.store, "token", None)
-        return lambda key: remote.open_source(self.store.url_for(key), local, token)
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._connector_metadata
@@ -328,6 +304,8 @@ class KvcliConnector(KVConnectorBase_V1):
             self._saver.close()
         if self._loader is not None:
             self._loader.close()
+            if isinstance(self._opener, LocalCopies):
+                self._opener.close()
         STATS.flush(self._stats_path)
 
 
