@@ -42,6 +42,7 @@ from rate_distortion import kvcli_codec, model_options
 from kvcli.calibration import quality
 from kvcli.calibration.calibrate import default_texts
 from kvcli.codecs import entropy
+from kvcli.codecs.presets import LOSSY_SCALES
 from kvcli.codecs.quantize import rope_tables, rotate_keys
 from kvcli.container import format, kvfile
 from kvcli.modeling import inference, models
@@ -242,40 +243,47 @@ def main() -> None:
     ap.add_argument("--scales", type=float, nargs="*", default=[0.6, 0.75, 1.0, 1.3, 1.55, 2.0, 2.6, 3.3],
                     help="kvq scales of the base rows (balanced is 0.75, small 1.55)")
     ap.add_argument("--candidate-scales", type=float, nargs="*", default=[0.75, 1.55, 2.6])
-    ap.add_argument("--candidates", nargs="*", default=["xf-layer", "xf-head", "xf-layer-drop", "recent"])
+    ap.add_argument("--candidates", nargs="*", default=["xf-layer", "xf-head", "xf-layer-drop", "recent"],
+                    help="NAME (at every --candidate-scales value) or NAME@SCALE")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     lm = models.load(args.model, "float32")
     env = {**environment(), "model": lm.name}
     profile = args.profile[0]
 
-    def codec_at(scale: float):
-        return kvcli_codec(lm, "balanced", profile, scale / 0.75)
+    runs = [("base", s) for s in args.scales]
+    for c in args.candidates:
+        name, _, at = c.partition("@")
+        runs += [(name, float(s)) for s in ([at] if at else args.candidate_scales)]
+    names = {name for name, _ in runs}
 
-    cov = fit_bases(lm, codec_at(BASIS_SCALE)) if any(c.startswith("xf") for c in args.candidates) else {}
+    def codec_at(scale: float):
+        return kvcli_codec(lm, "balanced", profile, scale / LOSSY_SCALES["balanced"])
+
+    cov = fit_bases(lm, codec_at(BASIS_SCALE)) if any(c.startswith("xf") for c in names) else {}
     probe = inference.prefill(lm, inference.document_ids(lm, "a b c d e f g h"))
     heads = {(layer, kind): probe.keys[layer].shape[0] for layer in range(probe.num_layers) for kind in (0, 1)}
     xfs = transforms(cov, heads) if cov else {}
     xfs["xf-layer-drop"] = xfs.get("xf-layer")
-    for name in ("xf-layer", "xf-head", "xf-layer-drop"):
-        for scale in args.candidate_scales if name in args.candidates else ():
+    for name, scale in runs:
+        if name.startswith("xf"):
             floor = DROP_BELOW * (scale / BASIS_SCALE) ** 2 if name.endswith("-drop") else -1
             # float16, only the nonzero blocks (xf-head: per head), only the components kept
             used = sum(int((var >= floor).sum()) * (int((b[:, 0] != 0).sum())) for b, var in xfs[name].values())
             emit({"what": "kvq_levers_dictionary", "candidate": name, "scale": scale, "dictionary_bytes": 2 * used,
                   **env})
-    runs = [("base", s) for s in args.scales] + [(c, s) for c in args.candidates for s in args.candidate_scales]
     rows: dict[tuple[str, float], list[dict]] = defaultdict(list)
     for doc in corpus(args.corpus)[: args.documents or None]:
         ref = quality.reference(lm, inference.document_ids(lm, doc.read_text()))
-        overhead = {}
+        base, overhead = {}, {}
         for name, scale in runs:
             codec = codec_at(scale)
-            if scale not in overhead:
-                base_kv, base_bits, _, elements = run_candidate(codec, ref.kv, "base", None)
+            if scale not in overhead:  # the real file's bytes beside its streams, the same for every candidate
+                base[scale] = run_candidate(codec, ref.kv, "base", None)
                 real = file_bits(lm, codec, ref.kv)
-                overhead[scale] = (real - base_bits, real)
-            decoded, bits, banded, elements = run_candidate(codec, ref.kv, name, xfs.get(name), scale)
+                overhead[scale] = (real - base[scale][1], real)
+            decoded, bits, banded, elements = base[scale] if name == "base" else \
+                run_candidate(codec, ref.kv, name, xfs.get(name), scale)
             side, real = overhead[scale]
             agree = quality.compare(lm, ref, decoded)
             row = {"what": "kvq_levers", "document": doc.name, "candidate": name, "scale": scale,
