@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -260,7 +261,9 @@ def main() -> None:
     def codec_at(scale: float):
         return kvcli_codec(lm, "balanced", profile, scale / LOSSY_SCALES["balanced"])
 
+    t0 = time.perf_counter()
     cov = fit_bases(lm, codec_at(BASIS_SCALE)) if any(c.startswith("xf") for c in names) else {}
+    emit({"what": "kvq_levers_basis_fit", "seconds": round(time.perf_counter() - t0, 1), **env})
     probe = inference.prefill(lm, inference.document_ids(lm, "a b c d e f g h"))
     heads = {(layer, kind): probe.keys[layer].shape[0] for layer in range(probe.num_layers) for kind in (0, 1)}
     xfs = transforms(cov, heads) if cov else {}
