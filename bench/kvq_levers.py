@@ -7,7 +7,7 @@ Every candidate starts from what kvq version 3 computes for a cache (its plan's 
 weights: `KvqCodec._fit_one` itself) and changes one thing in the space kvq quantizes in, the unit-step space
 u = (x - center) / (step * g) (keys with RoPE undone; kvq's integers are round(u)):
 
-- `base`: round(u), as version 3 (the check of this simulation against real files is the `file_bits` field);
+- `base`: round(u), as version 3;
 - `xf-layer`: an orthogonal transform per (layer, K/V) over the layer's heads concatenated, the eigenvectors of
   u's covariance on kvcli's calibration texts (never the corpus), then round() per component: uniform unit steps
   over the components are reverse water-filling at distortion 1/12, so the sensitivities' allocation holds;
@@ -20,9 +20,9 @@ u = (x - center) / (step * g) (keys with RoPE undone; kvq's integers are round(u
 
 Bits are estimated as kvq codes them: per channel (or component) the class of its integers' spread, tuples of m
 tokens as kvq's joint symbols with one table per class over the whole cache, escapes at 32 bits per value,
-plus each table's used symbols at 16 bits; sinks, plans, token weights and header cost what the real
-version-3 file of the same cache at the same scale spends beside its streams (`file_bits` - its stream
-estimate), the same for every candidate. A transform's basis is the per-model dictionary and is reported apart
+plus each table's used symbols at 16 bits. A `base` row's bits are those of the real version-3 file of the
+cache at that scale; a candidate's are that file's bits plus the difference of the two stream estimates (sinks,
+plans, token weights and header cost the same for every candidate). A transform's basis is the per-model dictionary and is reported apart
 (`dictionary_bytes`, float16). Quality: top-1 and KL on the corpus protocol (bench/rate_distortion.py's).
 One JSON line per (document, candidate, scale), then a summary per (candidate, scale) over the documents.
 """
@@ -30,6 +30,7 @@ One JSON line per (document, candidate, scale), then a summary per (candidate, s
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from collections import defaultdict
@@ -237,9 +238,38 @@ def file_bits(lm, codec, kv: KVCache) -> float:
     return 8 * len(data)
 
 
+def at_bits(curve: list[tuple[float, float]], bits: float) -> float | None:
+    """KL on a curve of (bits, KL) points at `bits`, linear in log KL between the neighbouring points; None
+    outside the curve."""
+    curve = sorted(curve)
+    for (b0, k0), (b1, k1) in zip(curve, curve[1:]):
+        if b0 <= bits <= b1:
+            t = (bits - b0) / (b1 - b0)
+            return float(np.exp((1 - t) * np.log(k0) + t * np.log(k1)))
+    return None
+
+
+def summarize(lines: list[dict]) -> list[dict]:
+    """Per (candidate, scale): the base curve's KL at the candidate's bits and at its bits with band contexts,
+    from the means over documents; a ratio under 1 moves the frontier."""
+    summary = [r for r in lines if r.get("what") == "kvq_levers_summary"]
+    base = [(r["bits_per_element"], r["kl"]) for r in summary if r["candidate"] == "base"]
+    out = []
+    for r in summary:
+        equal = at_bits(base, r["bits_per_element"])
+        banded = at_bits(base, r["bits_bands"])
+        out.append({"what": "kvq_levers_frontier", "model": r.get("model"), "candidate": r["candidate"],
+                    "scale": r["scale"], "bits_per_element": r["bits_per_element"], "kl": r["kl"],
+                    "kl_ratio_at_equal_bits": round(r["kl"] / equal, 3) if equal and r["candidate"] != "base" else None,
+                    "bits_with_bands": r["bits_bands"],
+                    "kl_ratio_with_bands": round(r["kl"] / banded, 3) if banded else None})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model_options(ap)
+    ap.add_argument("--summarize", type=Path, help="only print the frontier lines of an earlier run's output")
     ap.add_argument("--documents", type=int, default=0)
     ap.add_argument("--scales", type=float, nargs="*", default=[0.6, 0.75, 1.0, 1.3, 1.55, 2.0, 2.6, 3.3],
                     help="kvq scales of the base rows (balanced is 0.75, small 1.55)")
@@ -247,6 +277,10 @@ def main() -> None:
     ap.add_argument("--candidates", nargs="*", default=["xf-layer", "xf-head", "xf-layer-drop", "recent"],
                     help="NAME (at every --candidate-scales value) or NAME@SCALE")
     args = ap.parse_args()
+    if args.summarize:
+        for line in summarize([json.loads(x) for x in args.summarize.read_text().splitlines() if x.strip()]):
+            emit(line)
+        return
     torch.set_grad_enabled(False)
     lm = models.load(args.model, "float32")
     env = {**environment(), "model": lm.name}
@@ -292,15 +326,17 @@ def main() -> None:
             row = {"what": "kvq_levers", "document": doc.name, "candidate": name, "scale": scale,
                    "bits_per_element": round((bits + side) / elements, 4),
                    "bits_bands": round((banded + side) / elements, 4),
-                   "file_bits": round(real / elements, 4) if name == "base" else None,
                    "top1": round(agree.top1, 4), "kl": round(agree.kl, 6)}
             rows[(name, scale)].append(row)
             emit({**row, **env})
+    summary = []
     for (name, scale), rs in rows.items():
         mean = {k: round(statistics.mean(r[k] for r in rs), 5) for k in ("bits_per_element", "bits_bands", "top1", "kl")}
-        if name == "base":
-            mean["file_bits"] = round(statistics.mean(r["file_bits"] for r in rs), 5)
-        emit({"what": "kvq_levers_summary", "candidate": name, "scale": scale, "documents": len(rs), **mean, **env})
+        summary.append({"what": "kvq_levers_summary", "candidate": name, "scale": scale, "documents": len(rs),
+                        **mean, **env})
+        emit(summary[-1])
+    for line in summarize(summary):
+        emit(line)
 
 
 if __name__ == "__main__":
