@@ -249,17 +249,33 @@ def at_bits(curve: list[tuple[float, float]], bits: float) -> float | None:
     return None
 
 
+def means(lines: list[dict]) -> list[dict]:
+    """Summary lines from the per-document lines of a run cut short: means over the documents that have every
+    (candidate, scale) of the run."""
+    rows = [r for r in lines if r.get("what") == "kvq_levers"]
+    runs = {(r["candidate"], r["scale"]) for r in rows}
+    complete = {d for d in {r["document"] for r in rows}
+                if {(r["candidate"], r["scale"]) for r in rows if r["document"] == d} == runs}
+    out = []
+    for name, scale in sorted(runs):
+        rs = [r for r in rows if (r["candidate"], r["scale"]) == (name, scale) and r["document"] in complete]
+        out.append({"candidate": name, "scale": scale, "documents": len(rs), "model": rs[0].get("model"),
+                    **{k: round(statistics.mean(r[k] for r in rs), 5)
+                       for k in ("bits_per_element", "bits_bands", "top1", "kl")}})
+    return out
+
+
 def summarize(lines: list[dict]) -> list[dict]:
     """Per (candidate, scale): the base curve's KL at the candidate's bits and at its bits with band contexts,
     from the means over documents; a ratio under 1 moves the frontier."""
-    summary = [r for r in lines if r.get("what") == "kvq_levers_summary"]
+    summary = [r for r in lines if r.get("what") == "kvq_levers_summary"] or means(lines)
     base = [(r["bits_per_element"], r["kl"]) for r in summary if r["candidate"] == "base"]
     out = []
     for r in summary:
         equal = at_bits(base, r["bits_per_element"])
         banded = at_bits(base, r["bits_bands"])
         out.append({"what": "kvq_levers_frontier", "model": r.get("model"), "candidate": r["candidate"],
-                    "scale": r["scale"], "bits_per_element": r["bits_per_element"], "kl": r["kl"],
+                    "scale": r["scale"], "documents": r["documents"], "top1": r["top1"], "bits_per_element": r["bits_per_element"], "kl": r["kl"],
                     "kl_ratio_at_equal_bits": round(r["kl"] / equal, 3) if equal and r["candidate"] != "base" else None,
                     "bits_with_bands": r["bits_bands"],
                     "kl_ratio_with_bands": round(r["kl"] / banded, 3) if banded else None})
