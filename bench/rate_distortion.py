@@ -35,7 +35,7 @@ from kvcli.modeling.kvcache import KVCache
 from kvcli.modeling.rope import inv_freq_per_layer
 from kvcli.reuse import pipeline
 
-KVCLI_PRESETS = ("lossless", "high", "balanced", "small")
+KVCLI_PRESETS = ("lossless", "high", "balanced", "small", "tiny")
 
 
 def kvcli_codec(lm, preset: str, profile: str, step_scale: float = 1.0):

@@ -11,7 +11,7 @@ from .raw import RawCodec
 
 # Step size relative to a layer's RMS at the geometric-mean sensitivity. Set on calibration text, never on
 # the benchmark corpus (docs/codec.md, "Presets").
-LOSSY_SCALES = {"high": 0.24, "balanced": 0.75, "small": 1.55}
+LOSSY_SCALES = {"high": 0.24, "balanced": 0.75, "small": 1.55, "tiny": 2.6}
 # Each preset's codec class: what callers ask (`lossless`, say) before the codec is built.
 PRESET_CODECS: dict[str, type[Codec]] = {"lossless": ZstdCodec, **dict.fromkeys(LOSSY_SCALES, KvqCodec),
                                          "raw": RawCodec}

@@ -214,6 +214,18 @@ def test_default_quality_is_balanced_and_inspect_shows_bits(cli, llama, doc_file
     assert "K bits/el" in text and "quality=balanced" in text
 
 
+def test_quality_tiny_is_the_smallest_preset(cli, llama, doc_file, tmp_path):
+    sizes = {}
+    for preset in ("small", "tiny"):
+        out = tmp_path / f"{preset}.kvc"
+        assert cli("prefill", doc_file, "-o", out, "--model", llama, "-q", preset).exit_code == 0
+        info = json.loads(cli("inspect", out, "--json").stdout)
+        assert info["codec"]["name"] == "kvq" and info["codec"]["params"]["quality"] == preset
+        sizes[preset] = out.stat().st_size
+        assert cli("verify", out).exit_code == 0
+    assert sizes["tiny"] < sizes["small"]
+
+
 def test_lossy_cache_answers(cli, llama, doc_file, tmp_path):
     out = tmp_path / "lossy.kvc"
     assert cli("prefill", doc_file, "-o", out, "--model", llama, "-q", "high").exit_code == 0

@@ -17,7 +17,7 @@ from ..stdio import abandon_stdout, is_terminal, write_stderr_text, write_stdout
 state = {"debug": False}
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Model directory, .gguf file or hub id [default: bundled SmolLM2-135M-Instruct]")
-QualityOpt = typer.Option("balanced", "--quality", "-q", help="lossless, high, balanced, small, or raw")
+QualityOpt = typer.Option("balanced", "--quality", "-q", help="lossless, high, balanced, small, tiny, or raw")
 StepScaleOpt = typer.Option(1.0, "--step-scale", min=1e-3, max=1e3, help="Expert: multiply the preset's quantization steps (recorded in the header)")
 SinksOpt = typer.Option(None, "--sinks", min=0, max=4096, help="Expert: leading tokens kept exact by lossy presets [default: the first token]")
 ChunkOpt = typer.Option(256, "--chunk-tokens", min=1, max=65536, help="Tokens per segment")
