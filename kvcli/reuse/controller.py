@@ -3,10 +3,10 @@ time-to-first-token deadline, each chunk from the stored quality level the link 
 from its tokens when that is sooner (docs/streaming.md).
 
 The levels of one document are the files of a store with its tokens (`store.lookup(tokens_sha256=…)`) whose
-headers can be mixed (docs/format.md, "Mixed-level decoding"). Before the first chunk the throughput comes from
-the last run against the same store (kept in $KVCLI_CACHE_DIR/links/), else from the first range read (the
-header's). After every chunk the plan is made again from the throughput, decode and prefill speeds measured so
-far. The speeds of this machine are kept in $KVCLI_CACHE_DIR/speeds/, so a later run starts from measurements.
+headers can be mixed (docs/format.md, "Mixed-level decoding"). Before the first chunk the throughput is the
+slower of the last run's against the same store (kept in $KVCLI_CACHE_DIR/links/) and the first range read's (the
+header's). Once a chunk's bytes are in, the next chunk is planned from the throughput, decode and prefill speeds
+measured so far, and its fetch starts while this one decodes. The speeds of this machine are kept in $KVCLI_CACHE_DIR/speeds/, so a later run starts from measurements.
 """
 
 from __future__ import annotations
