@@ -3,10 +3,11 @@ time-to-first-token deadline, each chunk from the stored quality level the link 
 from its tokens when that is sooner (docs/streaming.md).
 
 The levels of one document are the files of a store with its tokens (`store.lookup(tokens_sha256=…)`) whose
-headers can be mixed (docs/format.md, "Mixed-level decoding"). Before the first chunk the throughput is the
-slower of the last run's against the same store (kept in $KVCLI_CACHE_DIR/links/) and the first range read's (the
-header's). Once a chunk's bytes are in, the next chunk is planned from the throughput, decode and prefill speeds
-measured so far, and its fetch starts while this one decodes. The speeds of this machine are kept in $KVCLI_CACHE_DIR/speeds/, so a later run starts from measurements.
+headers can be mixed (docs/format.md, "Mixed-level decoding"). Before the first chunk the throughput is the last
+run's against the same store (kept in $KVCLI_CACHE_DIR/links/) unless the first range read (the header's) took
+over twice what that predicts: then the first read's. Once a chunk's bytes are in, the next chunk is planned from
+the throughput, decode and prefill speeds measured so far, and its fetch starts while this one decodes. The speeds
+of this machine are kept in $KVCLI_CACHE_DIR/speeds/, so a later run starts from measurements.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ HEAD_BYTES = 16 << 10  # a header of 240 segments (30 layers, 4 chunks) is about
 # of the throughput and not only of the latency (on loopback a kvcli server answers a 16 KiB read in about 40 ms
 # on this 2-core machine, a 1 Gbit/s link moves 256 KiB in 2 ms), small next to the file itself.
 PROBE_BYTES = 256 << 10
+# The remembered throughput is stale when the probe takes this many times longer than it predicts (a busy machine's
+# pauses alone come to tens of milliseconds; a link down from 1 Gbit/s to 20 Mbit/s is 50 times slower).
+STALE = 2.0
 _DEADLINE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s)?\s*\Z")
 
 
@@ -343,10 +347,13 @@ class Stream:
         self.request_s = remembered.get("request_s", min(probe["small_reads"] or [probe["seconds"]]))
         moving = max(probe["seconds"] - self.request_s, 0.1 * probe["seconds"], 1e-6)
         probed = probe["bytes"] / moving
-        # The last run's throughput may be stale (a link that has since slowed), and this run's probe has just
-        # measured the link as it is now: until a chunk's fetch is measured, the plan takes the slower of the two.
-        self.initial_bytes_per_s = min(remembered.get("bytes_per_s", math.inf), probed)
-        from_history = self.initial_bytes_per_s < probed
+        # The last run's throughput may be stale (a link that has slowed since), and this run's probe has just
+        # measured the link as it is now; but on a fast link the probe is mostly latency and understates it. So
+        # the last run's holds unless the probe took over STALE times what it predicts.
+        remembered_bytes_per_s = remembered.get("bytes_per_s", 0.0)
+        from_history = bool(remembered) and probe["seconds"] <= STALE * (
+            self.request_s + probe["bytes"] / remembered_bytes_per_s)
+        self.initial_bytes_per_s = remembered_bytes_per_s if from_history else probed
         self.samples: deque[tuple[int, float]] = deque(maxlen=WINDOW)
         self.recomputable = all(layer.token_start == 0 for layer in header.layers)
         self.header = header
