@@ -5,7 +5,7 @@ from its tokens when that is sooner (docs/streaming.md).
 The levels of one document are the files of a store with its tokens (`store.lookup(tokens_sha256=…)`) whose
 headers can be mixed (docs/format.md, "Mixed-level decoding"). Before the first chunk the throughput is the last
 run's against the same store (kept in $KVCLI_CACHE_DIR/links/) unless the first range read (the header's) took
-over twice what that predicts: then the first read's. Once a chunk's bytes are in, the next chunk is planned from
+over twice what that predicts or was faster: then the first read's. Once a chunk's bytes are in, the next chunk is planned from
 the throughput, decode and prefill speeds measured so far, and its fetch starts while this one decodes. The speeds
 of this machine are kept in $KVCLI_CACHE_DIR/speeds/, so a later run starts from measurements.
 """
@@ -349,9 +349,9 @@ class Stream:
         probed = probe["bytes"] / moving
         # The last run's throughput may be stale (a link that has slowed since), and this run's probe has just
         # measured the link as it is now; but on a fast link the probe is mostly latency and understates it. So
-        # the last run's holds unless the probe took over STALE times what it predicts.
+        # the last run's holds unless the probe took over STALE times what it predicts, or says the link is faster.
         remembered_bytes_per_s = remembered.get("bytes_per_s", 0.0)
-        from_history = bool(remembered) and probe["seconds"] <= STALE * (
+        from_history = bool(remembered) and remembered_bytes_per_s >= probed and probe["seconds"] <= STALE * (
             self.request_s + probe["bytes"] / remembered_bytes_per_s)
         self.initial_bytes_per_s = remembered_bytes_per_s if from_history else probed
         self.samples: deque[tuple[int, float]] = deque(maxlen=WINDOW)
