@@ -5,9 +5,9 @@ from its tokens when that is sooner (docs/streaming.md).
 The levels of one document are the files of a store with its tokens (`store.lookup(tokens_sha256=…)`) whose
 headers can be mixed (docs/format.md, "Mixed-level decoding"). Before the first chunk the throughput is the last
 run's against the same store (kept in $KVCLI_CACHE_DIR/links/) unless the first range read (the header's) took
-over twice what that predicts or was faster: then the first read's. Once a chunk's bytes are in, the next chunk is planned from
-the throughput, decode and prefill speeds measured so far, and its fetch starts while this one decodes. The speeds
-of this machine are kept in $KVCLI_CACHE_DIR/speeds/, so a later run starts from measurements.
+over twice what that predicts or was faster: then the first read's. Once a chunk's bytes are in, the next chunk
+is planned from the throughput, decode and prefill speeds measured so far, and its fetch starts while this one
+decodes. The speeds of this machine are kept in $KVCLI_CACHE_DIR/speeds/, so a later run starts from them.
 """
 
 from __future__ import annotations
