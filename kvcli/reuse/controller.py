@@ -3,10 +3,11 @@ time-to-first-token deadline, each chunk from the stored quality level the link 
 from its tokens when that is sooner (docs/streaming.md).
 
 The levels of one document are the files of a store with its tokens (`store.lookup(tokens_sha256=…)`) whose
-headers can be mixed (docs/format.md, "Mixed-level decoding"). Before the first chunk the throughput comes from
-the last run against the same store (kept in $KVCLI_CACHE_DIR/links/), else from the first range read (the
-header's). After every chunk the plan is made again from the throughput, decode and prefill speeds measured so
-far. The speeds of this machine are kept in $KVCLI_CACHE_DIR/speeds/, so a later run starts from measurements.
+headers can be mixed (docs/format.md, "Mixed-level decoding"). Before the first chunk the throughput is the last
+run's against the same store (kept in $KVCLI_CACHE_DIR/links/) unless the first range read (the header's) took
+over twice what that predicts or was faster: then the first read's. Once a chunk's bytes are in, the next chunk
+is planned from the throughput, decode and prefill speeds measured so far, and its fetch starts while this one
+decodes. The speeds of this machine are kept in $KVCLI_CACHE_DIR/speeds/, so a later run starts from them.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ HEAD_BYTES = 16 << 10  # a header of 240 segments (30 layers, 4 chunks) is about
 # of the throughput and not only of the latency (on loopback a kvcli server answers a 16 KiB read in about 40 ms
 # on this 2-core machine, a 1 Gbit/s link moves 256 KiB in 2 ms), small next to the file itself.
 PROBE_BYTES = 256 << 10
+# The remembered throughput is stale when the probe takes this many times longer than it predicts (a busy machine's
+# pauses alone come to tens of milliseconds; a link down from 1 Gbit/s to 20 Mbit/s is 50 times slower).
+STALE = 2.0
 _DEADLINE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s)?\s*\Z")
 
 
@@ -302,6 +306,16 @@ class Plan:
 
 
 @dataclass
+class ReadAhead:
+    """A chunk's fetch started while the chunk before it decodes."""
+
+    chunk: int
+    plan: Plan
+    started: float
+    future: object
+
+
+@dataclass
 class Stream:
     """One cache streamed under a deadline. run() returns the cache; `report` says what was chosen and why."""
 
@@ -332,7 +346,14 @@ class Stream:
         # A small read's time is mostly latency; without one (a single level), the probe's time bounds it.
         self.request_s = remembered.get("request_s", min(probe["small_reads"] or [probe["seconds"]]))
         moving = max(probe["seconds"] - self.request_s, 0.1 * probe["seconds"], 1e-6)
-        self.initial_bytes_per_s = remembered.get("bytes_per_s", probe["bytes"] / moving)
+        probed = probe["bytes"] / moving
+        # The last run's throughput may be stale (a link that has slowed since), and this run's probe has just
+        # measured the link as it is now; but on a fast link the probe is mostly latency and understates it. So
+        # the last run's holds unless the probe took over STALE times what it predicts, or says the link is faster.
+        remembered_bytes_per_s = remembered.get("bytes_per_s", 0.0)
+        from_history = bool(remembered) and remembered_bytes_per_s >= probed and probe["seconds"] <= STALE * (
+            self.request_s + probe["bytes"] / remembered_bytes_per_s)
+        self.initial_bytes_per_s = remembered_bytes_per_s if from_history else probed
         self.samples: deque[tuple[int, float]] = deque(maxlen=WINDOW)
         self.recomputable = all(layer.token_start == 0 for layer in header.layers)
         self.header = header
@@ -342,7 +363,8 @@ class Stream:
         self.report = {"deadline_s": self.deadline_s, "min_quality": self.min_quality,
                        "levels": [{"quality": lv.quality, "key": lv.key, "bytes": lv.source.size} for lv in self.levels],
                        "initial_mbit_s": round(self.initial_bytes_per_s * 8e-6, 3),
-                       "initial_from": "history" if remembered else "probe",
+                       "initial_from": "history" if from_history else "probe",
+                       "probe_mbit_s": round(probed * 8e-6, 3),
                        "open_s": round(time.perf_counter() - started, 4), "chunks": []}
 
     def stream(self) -> KVCache:
@@ -350,13 +372,21 @@ class Stream:
         header, started = self.header, self.started
         keys, values = kvfile.allocate(header, next(self.lm.model.parameters()).device)
         stalled, warned, fetched = False, False, False
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcli-stream")
+        self.ahead = None
+        # Two threads: a chunk fetched again after a damaged one need not queue behind the next chunk's read-ahead.
+        pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvcli-stream")
         try:
             for chunk, (lo, hi) in enumerate(self.bounds):
                 tried: set[str] = set()
                 while True:
                     budget = self.deadline_s - (time.perf_counter() - started) - self.reserve()
-                    plan = self.plan(chunk, budget, tried, stalled)
+                    ahead = self.ahead if self.ahead is not None and self.ahead.chunk == chunk else None
+                    if ahead is not None:
+                        self.ahead = None
+                    if ahead is not None and not tried and not stalled:
+                        plan = ahead.plan  # made once the last chunk's bytes were in, while it decoded
+                    else:
+                        plan, ahead = self.plan(chunk, budget, tried, stalled), None
                     if "predicted_s" not in self.report:
                         self.report["predicted_s"] = round(plan.seconds + time.perf_counter() - started, 4)
                         self.report["predicted_ttft_s"] = round(self.report["predicted_s"] + self.reserve(), 4)
@@ -364,7 +394,7 @@ class Stream:
                         warned = True
                         print(f"kvcli: the deadline of {self.deadline_s:g} s cannot be met at --min-quality "
                               f"{self.min_quality} or by recomputing; taking the fastest path", file=sys.stderr)
-                    note = self.attempt(pool, chunk, plan, budget, keys, values)
+                    note = self.attempt(pool, chunk, plan, budget, keys, values, ahead)
                     if note is None:
                         fetched |= plan.choice != RECOMPUTE
                         break
@@ -438,8 +468,11 @@ class Stream:
         recompute = self.recompute_s(chunk)
         return recompute if recompute < min(self.fetch_s(lv, chunk) for lv in levels) else self.fetch_s(level, chunk)
 
-    def attempt(self, pool: ThreadPoolExecutor, chunk: int, plan: Plan, budget: float, keys, values) -> str | None:
-        """The chunk done as planned (None), or why not."""
+    def attempt(self, pool: ThreadPoolExecutor, chunk: int, plan: Plan, budget: float, keys, values,
+                ahead: "ReadAhead | None" = None) -> str | None:
+        """The chunk done as planned (None), or why not. Its fetch is `ahead`'s where that was started already;
+        once its bytes are in, the next chunk is planned and, if it is to be fetched, its read starts while this
+        one decodes."""
         lo, hi = self.bounds[chunk]
         entry = {"chunk": chunk, "tokens": [lo, hi], "choice": plan.choice}
         if plan.choice == RECOMPUTE:
@@ -457,10 +490,10 @@ class Stream:
         rest = sum(self.recompute_s(j) for j in range(chunk, len(self.bounds)))
         wait = max(budget - rest if budget > rest else rest, 2 * predicted + STALL_FLOOR_S)
         wait = min(wait, STALL_CAP_S)
-        t0 = time.perf_counter()
-        future = pool.submit(self.fetch, level, chunk)
+        t0 = ahead.started if ahead is not None else time.perf_counter()
+        future = ahead.future if ahead is not None else pool.submit(self.fetch, level, chunk)
         try:
-            decoder, data, fetch_seconds = future.result(timeout=wait)
+            decoder, data, fetch_seconds = future.result(timeout=max(wait - (time.perf_counter() - t0), 0.0))
         except FetchTimeout:
             return f"stalled: no answer in {wait:.3f} s"
         except (StorageError, InputError) as err:
@@ -470,6 +503,7 @@ class Stream:
         size = level.spans[chunk][1]
         if fetch_seconds is not None:
             self.samples.append((size, fetch_seconds))
+        self.read_ahead(pool, chunk + 1, self.decode_s(level, chunk))
         t1 = time.perf_counter()
         try:
             decoder.decode_chunk(chunk, decoder.split(chunk, data), keys, values)
@@ -478,9 +512,22 @@ class Stream:
         decode_seconds = time.perf_counter() - t1
         if self.elements[chunk]:
             self.speeds.measure(f"decode_s_per_element.{level.quality}", decode_seconds / self.elements[chunk])
-        self.report["chunks"].append({**entry, "bytes": size, "seconds": round(time.perf_counter() - t0, 4),
-                                      "decode_s": round(decode_seconds, 4)})
+        done = time.perf_counter()
+        self.report["chunks"].append({**entry, "bytes": size, "seconds": round(done - t0, 4),
+                                      "decode_s": round(decode_seconds, 4),
+                                      "span_s": [round(t0 - self.started, 4), round(done - self.started, 4)]})
         return None
+
+    def read_ahead(self, pool: ThreadPoolExecutor, chunk: int, decoding_s: float) -> None:
+        """The next chunk planned now, the current one's decode still to come, and its fetch started if it is one
+        (a recomputed chunk has to wait for the chunks before it)."""
+        if chunk >= len(self.bounds):
+            return
+        budget = self.deadline_s - (time.perf_counter() - self.started) - self.reserve() - decoding_s
+        plan = self.plan(chunk, budget, set(), False)
+        if plan.choice != RECOMPUTE:
+            level = next(lv for lv in self.levels if lv.quality == plan.choice)
+            self.ahead = ReadAhead(chunk, plan, time.perf_counter(), pool.submit(self.fetch, level, chunk))
 
     @staticmethod
     def fetch(level: Level, chunk: int) -> tuple[kvfile.LevelDecoder, bytes, float | None]:
