@@ -202,11 +202,16 @@ def moto_server():
 
 class ThrottleProxy:
     """A TCP proxy on loopback forwarding to `target` (host, port), server-to-client at `rate` bytes/s and
-    client-to-server at `up_rate` bytes/s (None: as fast as it goes). While `stalled` is set, nothing more is
-    forwarded either way, on open connections too: a store that stopped answering."""
+    client-to-server at `up_rate` bytes/s (None: as fast as it goes). With `shared`, those rates are one link's,
+    shared by all connections (a client reading on several connections gets no more); without, each connection
+    gets them. While `stalled` is set, nothing more is forwarded either way, on open connections too: a store that
+    stopped answering."""
 
-    def __init__(self, target: tuple[str, int], rate: float | None = None, up_rate: float | None = None):
-        self.target, self.rate, self.up_rate = target, rate, up_rate
+    def __init__(self, target: tuple[str, int], rate: float | None = None, up_rate: float | None = None,
+                 shared: bool = False):
+        self.target, self.rate, self.up_rate, self.shared = target, rate, up_rate, shared
+        self.link_lock = threading.Lock()
+        self.link_free_at: dict[str, float] = {}  # per direction: when the shared link is next idle
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.stopped = threading.Event()
@@ -232,12 +237,12 @@ class ThrottleProxy:
             except OSError:  # the target died: so does this connection, as if made to the target
                 client.close()
                 continue
-            for src, dst, rate in ((client, upstream, self.up_rate), (upstream, client, self.rate)):
-                t = threading.Thread(target=self._pipe, args=(src, dst, rate), daemon=True)
+            for src, dst, rate, way in ((client, upstream, self.up_rate, "up"), (upstream, client, self.rate, "down")):
+                t = threading.Thread(target=self._pipe, args=(src, dst, rate, way), daemon=True)
                 t.start()
                 self.threads.append(t)
 
-    def _pipe(self, src: socket.socket, dst: socket.socket, rate: float | None) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, rate: float | None, way: str) -> None:
         chunk = 16384 if rate is None else max(1024, int(rate / 50))
         try:
             while not self.stopped.is_set():
@@ -246,8 +251,10 @@ class ThrottleProxy:
                     break
                 while self.stalled.is_set() and not self.stopped.is_set():
                     time.sleep(0.01)
+                if rate and self.shared:
+                    time.sleep(self._reserve(way, rate, len(data)))
                 dst.sendall(data)
-                if rate:
+                if rate and not self.shared:
                     time.sleep(len(data) / rate)
         except OSError:
             pass
@@ -256,6 +263,14 @@ class ThrottleProxy:
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
                 s.close()
+
+    def _reserve(self, way: str, rate: float, nbytes: int) -> float:
+        """Seconds to wait before sending nbytes on the shared link: its time slot after everything queued."""
+        with self.link_lock:
+            now = time.monotonic()
+            start = max(now, self.link_free_at.get(way, now))
+            self.link_free_at[way] = start + nbytes / rate
+            return self.link_free_at[way] - now
 
     def stop(self) -> None:
         self.stopped.set()

@@ -89,7 +89,7 @@ def test_a_slow_link_gets_a_lower_level_and_the_answer_of_those_chunks_decoded_a
     with CacheServer(root) as srv:
         host, port = urlsplit(srv.url).hostname, urlsplit(srv.url).port
         # 100 kB/s: the lossless file (308 kB) takes 3 s, the high one (54 kB) half a second.
-        with ThrottleProxy((host, port), rate=100e3) as proxy:
+        with ThrottleProxy((host, port), rate=100e3, shared=True) as proxy:
             stream = stream_of(lm, f"http://127.0.0.1:{proxy.port}/v1/caches/{keys['lossless']}", 2.0, SLOW)
             kv = stream.run()
     picks = picks_of(stream.report)
@@ -109,7 +109,7 @@ def test_min_quality_bounds_the_choice_and_a_missed_deadline_is_said(stored, tin
     lm = tiny_lm("llama")
     with CacheServer(root) as srv:
         host, port = urlsplit(srv.url).hostname, urlsplit(srv.url).port
-        with ThrottleProxy((host, port), rate=100e3) as proxy:
+        with ThrottleProxy((host, port), rate=100e3, shared=True) as proxy:
             stream = stream_of(lm, f"http://127.0.0.1:{proxy.port}/v1/caches/{keys['small']}", 0.3, SLOW,
                                min_quality="high")
             stream.run()
@@ -215,7 +215,7 @@ def test_a_remembered_fast_link_that_has_slowed_is_not_trusted_for_the_first_chu
     lm = tiny_lm("llama")
     with CacheServer(root) as srv:
         host, port = urlsplit(srv.url).hostname, urlsplit(srv.url).port
-        with ThrottleProxy((host, port), rate=100e3) as proxy:
+        with ThrottleProxy((host, port), rate=100e3, shared=True) as proxy:
             stream = stream_of(lm, f"http://127.0.0.1:{proxy.port}/v1/caches/{keys['lossless']}", 2.0, SLOW)
             controller.keep_link(stream.store.url, 125e6, 1e-3)
             stream.run()
@@ -274,7 +274,7 @@ def test_the_next_chunk_is_fetched_while_this_one_decodes(stored, tiny_lm):
     lm = tiny_lm("llama")
     with CacheServer(root) as srv:
         host, port = urlsplit(srv.url).hostname, urlsplit(srv.url).port
-        with ThrottleProxy((host, port), rate=400e3) as proxy:
+        with ThrottleProxy((host, port), rate=400e3, shared=True) as proxy:
             stream = stream_of(lm, f"http://127.0.0.1:{proxy.port}/v1/caches/{keys['small']}", 10.0, SLOW)
             kv = stream.run()
     done = [c for c in stream.report["chunks"] if "failed" not in c]

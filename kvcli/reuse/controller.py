@@ -256,26 +256,26 @@ def _open(store, key: str) -> tuple[RangeSource, format.Header]:
 
 def open_levels(store, key: str, min_quality: str) -> tuple[format.Header, list[Level], dict]:
     """The named cache's header, the levels of its document at min_quality or better (best first), and the
-    probe: the bytes and seconds of the named file's first read, and the times of the other levels' HEAD_BYTES
-    reads, which are mostly the link's latency per read."""
+    probe: the seconds of the size request (a request that moves no data: the link's latency), and the bytes and
+    seconds of the named file's first read, made alone on the link so that its time is latency plus transfer."""
+    started = time.perf_counter()
     size = store.size(key)
     if size is None:
         raise InputError(f"{store.url_for(key)}: no such cache")
+    request_s = time.perf_counter() - started
     started = time.perf_counter()
     src = RangeSource(store, key, size, min(max(size // 8, HEAD_BYTES), PROBE_BYTES))
-    probe = {"bytes": len(src.head), "seconds": time.perf_counter() - started, "small_reads": []}
+    probe = {"bytes": len(src.head), "seconds": time.perf_counter() - started, "request_s": request_s}
     header = format.read_header(src)
     entries = store.lookup(model=header.model["weights_digest"], tokens_sha256=tokens_sha256(header.token_ids))
     others = sorted(e["key"] for e in entries if e["key"] != key and e.get("dtype") == header.dtype)
 
     def level(other: str):
-        t0 = time.perf_counter()
         try:
             got = _open(store, other)
             kvfile.check_mixable([header, got[1]], [src.path, got[0].path])
         except (FormatError, InputError, StorageError):
             return None  # not a level of this cache (or unreadable now): the others still serve
-        probe["small_reads"].append((time.perf_counter() - t0) / 2)  # a size request and a range read
         return other, got
 
     found = {key: (src, header)}
@@ -343,8 +343,10 @@ class Stream:
         pipeline.check_identity(header, self.lm, where)
         pipeline.check_layout(header.layers, header.token_ids, self.lm, where)
         remembered = recall_link(self.store.url)
-        # A small read's time is mostly latency; without one (a single level), the probe's time bounds it.
-        self.request_s = remembered.get("request_s", min(probe["small_reads"] or [probe["seconds"]]))
+        # The latency as this run measured it: the other levels' small reads share the link, so on a slow one their
+        # times are mostly transfer, and latency taken from them made the probe's transfer look short (a 100 kB/s
+        # link read as 475 kB/s).
+        self.request_s = min(probe["request_s"], probe["seconds"])
         moving = max(probe["seconds"] - self.request_s, 0.1 * probe["seconds"], 1e-6)
         probed = probe["bytes"] / moving
         # The last run's throughput may be stale (a link that has slowed since), and this run's probe has just
