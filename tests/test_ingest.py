@@ -490,7 +490,7 @@ def test_a_level_missing_from_the_store_is_the_only_one_written(cli, llama, corp
 
 @pytest.mark.parametrize("quality, message", [("high,,small", "preset names separated by commas"),
                                               ("high,high", "names a preset twice"),
-                                              ("high,tiny", "unknown --quality 'tiny'")])
+                                              ("high,huge", "unknown --quality 'huge'")])
 def test_bad_level_lists_are_usage_errors(cli, llama, corpus, tmp_path, quality, message):
     result = run_store(cli, corpus, "--out-dir", tmp_path / "store", "--model", llama, "-q", quality)
     assert result.exit_code == 2 and message in result.stderr and result.stdout == ""

@@ -283,3 +283,21 @@ def test_the_next_chunk_is_fetched_while_this_one_decodes(stored, tiny_lm):
     spans = [c["span_s"] for c in done]
     assert all(spans[i + 1][0] < spans[i][1] for i in range(len(spans) - 1)), spans
     assert same(kv, mixed_reference(root, keys, picks))
+
+
+def test_every_preset_is_a_level_in_quality_order(cli, llama, tmp_path):
+    """A level stored at any preset the CLI takes is one the controller can choose, ranked by its scale."""
+    from kvcli.codecs.presets import LOSSY_SCALES, QUALITIES
+    from kvcli.storage.store import open_store
+
+    assert set(QUALITIES) <= set(controller.QUALITY_RANK)
+    lossy = sorted(LOSSY_SCALES, key=LOSSY_SCALES.get)  # finest step first
+    assert sorted(lossy, key=controller.QUALITY_RANK.get, reverse=True) == lossy
+    doc = tmp_path / "doc.txt"
+    doc.write_text("Anna Brisk has kept the lamp of the Velmora lighthouse burning for thirty years. " * 3)
+    root = tmp_path / "store"
+    result = cli("prefill", doc, "--out-dir", root, "--model", llama, "-q", "small,tiny", "--chunk-tokens", "32")
+    assert result.exit_code == 0, result.stderr
+    keys = {line["quality"]: line["key"] for line in map(json.loads, result.stdout.splitlines())}
+    _, levels, _ = controller.open_levels(open_store(str(root)), keys["small"], "tiny")
+    assert [lv.quality for lv in levels] == ["small", "tiny"]

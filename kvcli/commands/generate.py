@@ -69,7 +69,7 @@ def generate(
                                            "place by then (1.5s, 800ms), choosing per chunk among the stored quality "
                                            "levels or recomputing (docs/streaming.md)"),
     min_quality: Optional[str] = typer.Option(None, "--min-quality", help="With --deadline: the lowest level it may "
-                                              "choose (small, balanced, high, lossless) [default: small]"),
+                                              "choose (tiny, small, balanced, high, lossless) [default: small]"),
 ) -> None:
     """Answer PROMPT after a cached context (--cache) or after a full prefill of a document (--document)."""
     from ..errors import UsageError

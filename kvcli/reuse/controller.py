@@ -33,7 +33,7 @@ from ..modeling import inference, models
 from ..modeling.kvcache import KVCache
 
 # Worst to best. raw and lossless hold the model's values exactly, as a recomputed chunk does.
-QUALITY_RANK = {"small": 0, "balanced": 1, "high": 2, "lossless": 3, "raw": 3}
+QUALITY_RANK = {"tiny": 0, "small": 1, "balanced": 2, "high": 3, "lossless": 4, "raw": 4}
 RECOMPUTE = "recompute"
 # Before anything is measured on this machine: prefill costs 2 × parameters FLOPs per token at this rate.
 ASSUMED_FLOPS = {"cpu": 2e10, "cuda": 2e12}
@@ -457,7 +457,7 @@ class Stream:
             if seconds <= budget:
                 return Plan(RECOMPUTE if recompute_here else level.quality, seconds, True)
         options = [(self.recompute_s(chunk), RECOMPUTE)] + [(self.fetch_s(lv, chunk), lv.quality) for lv in usable]
-        seconds, choice = min(options, key=lambda o: (o[0], -QUALITY_RANK.get(o[1], 4)))
+        seconds, choice = min(options, key=lambda o: (o[0], -QUALITY_RANK.get(o[1], 5)))
         if not math.isfinite(seconds):
             raise (StorageError if stalled else FormatError)(
                 f"{self.store.url_for(self.key)}: chunk {chunk} can be neither fetched (every level failed) nor "
