@@ -50,6 +50,18 @@ def stream_of(lm, url: str, deadline: float, priors: dict, min_quality: str = "s
     return Stream(lm, store, key, deadline, min_quality, speeds=Speeds(**priors))
 
 
+def run_throttled(root, key: str, lm, deadline: float, rate: float, before_run=None, **kw) -> tuple[Stream, KVCache]:
+    """Stream `key` from a serve-cache of `root` behind one shared link of `rate` bytes/s; `before_run(stream)`
+    runs once the stream exists, before its first byte."""
+    with CacheServer(root) as srv:
+        host, port = urlsplit(srv.url).hostname, urlsplit(srv.url).port
+        with ThrottleProxy((host, port), rate=rate, shared=True) as proxy:
+            stream = stream_of(lm, f"http://127.0.0.1:{proxy.port}/v1/caches/{key}", deadline, SLOW, **kw)
+            if before_run is not None:
+                before_run(stream)
+            return stream, stream.run()
+
+
 def picks_of(report: dict) -> list[str]:
     """The choice each chunk was finally served by, in chunk order."""
     done = [c for c in report["chunks"] if "failed" not in c]
@@ -86,12 +98,8 @@ def test_a_fast_link_gets_the_top_level_for_every_chunk(stored, tiny_lm):
 def test_a_slow_link_gets_a_lower_level_and_the_answer_of_those_chunks_decoded_alone(stored, tiny_lm):
     root, keys = stored
     lm = tiny_lm("llama")
-    with CacheServer(root) as srv:
-        host, port = urlsplit(srv.url).hostname, urlsplit(srv.url).port
-        # 100 kB/s: the lossless file (308 kB) takes 3 s, the high one (54 kB) half a second.
-        with ThrottleProxy((host, port), rate=100e3, shared=True) as proxy:
-            stream = stream_of(lm, f"http://127.0.0.1:{proxy.port}/v1/caches/{keys['lossless']}", 2.0, SLOW)
-            kv = stream.run()
+    # 100 kB/s: the lossless file (308 kB) takes 3 s, the high one (54 kB) half a second.
+    stream, kv = run_throttled(root, keys["lossless"], lm, 2.0, 100e3)
     picks = picks_of(stream.report)
     # Lower levels, save perhaps the last chunks, which the time left may let through at the top level; the whole
     # top level alone would need 3.1 s at this rate.
@@ -107,12 +115,7 @@ def test_a_slow_link_gets_a_lower_level_and_the_answer_of_those_chunks_decoded_a
 def test_min_quality_bounds_the_choice_and_a_missed_deadline_is_said(stored, tiny_lm, capfd):
     root, keys = stored
     lm = tiny_lm("llama")
-    with CacheServer(root) as srv:
-        host, port = urlsplit(srv.url).hostname, urlsplit(srv.url).port
-        with ThrottleProxy((host, port), rate=100e3, shared=True) as proxy:
-            stream = stream_of(lm, f"http://127.0.0.1:{proxy.port}/v1/caches/{keys['small']}", 0.3, SLOW,
-                               min_quality="high")
-            stream.run()
+    stream, _ = run_throttled(root, keys["small"], lm, 0.3, 100e3, min_quality="high")
     assert set(picks_of(stream.report)) == {"high"}  # the fastest path allowed: never small
     assert [lv["quality"] for lv in stream.report["levels"]] == ["lossless", "high"]
     assert "the deadline of 0.3 s cannot be met at --min-quality high" in capfd.readouterr().err
@@ -213,12 +216,8 @@ def test_a_remembered_fast_link_that_has_slowed_is_not_trusted_for_the_first_chu
     chunk is planned, so the first chunk is not fetched at the top level (3 s for the lossless file alone)."""
     root, keys = stored
     lm = tiny_lm("llama")
-    with CacheServer(root) as srv:
-        host, port = urlsplit(srv.url).hostname, urlsplit(srv.url).port
-        with ThrottleProxy((host, port), rate=100e3, shared=True) as proxy:
-            stream = stream_of(lm, f"http://127.0.0.1:{proxy.port}/v1/caches/{keys['lossless']}", 2.0, SLOW)
-            controller.keep_link(stream.store.url, 125e6, 1e-3)
-            stream.run()
+    stream, _ = run_throttled(root, keys["lossless"], lm, 2.0, 100e3,
+                              before_run=lambda st: controller.keep_link(st.store.url, 125e6, 1e-3))
     assert stream.report["initial_from"] == "probe" and stream.report["initial_mbit_s"] < 2.0
     assert picks_of(stream.report)[0] != "lossless"
     assert stream.report["cache_s"] < 3.0
@@ -272,11 +271,7 @@ def test_the_next_chunk_is_fetched_while_this_one_decodes(stored, tiny_lm):
     fetch before the chunk before it had finished decoding; the answer is still the same chunks decoded alone."""
     root, keys = stored
     lm = tiny_lm("llama")
-    with CacheServer(root) as srv:
-        host, port = urlsplit(srv.url).hostname, urlsplit(srv.url).port
-        with ThrottleProxy((host, port), rate=400e3, shared=True) as proxy:
-            stream = stream_of(lm, f"http://127.0.0.1:{proxy.port}/v1/caches/{keys['small']}", 10.0, SLOW)
-            kv = stream.run()
+    stream, kv = run_throttled(root, keys["small"], lm, 10.0, 400e3)
     done = [c for c in stream.report["chunks"] if "failed" not in c]
     picks = [c["choice"] for c in done]
     assert RECOMPUTE not in picks
