@@ -217,7 +217,7 @@ def test_a_remembered_fast_link_that_has_slowed_is_not_trusted_for_the_first_chu
     root, keys = stored
     lm = tiny_lm("llama")
     stream, _ = run_throttled(root, keys["lossless"], lm, 2.0, 100e3,
-                              before_run=lambda st: controller.keep_link(st.store.url, 125e6, 1e-3))
+                              before_run=lambda st: controller.keep_link(st.store.url, 125e6))
     assert stream.report["initial_from"] == "probe" and stream.report["initial_mbit_s"] < 2.0
     assert picks_of(stream.report)[0] != "lossless"
     assert stream.report["cache_s"] < 3.0

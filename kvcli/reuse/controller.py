@@ -182,13 +182,13 @@ def remember_first_token(lm: models.LoadedModel, seconds: float) -> None:
 
 
 def recall_link(store_url: str) -> dict[str, float]:
-    """The last run's throughput and request latency to this store, if there was one."""
+    """The last run's throughput to this store, if there was one (latency is measured afresh by every run)."""
     known = _recall(_memory("links", store_url))
-    return known if {"bytes_per_s", "request_s"} <= set(known) else {}
+    return known if "bytes_per_s" in known else {}
 
 
-def keep_link(store_url: str, bytes_per_s: float, request_s: float) -> None:
-    _remember(_memory("links", store_url), {"bytes_per_s": bytes_per_s, "request_s": request_s})
+def keep_link(store_url: str, bytes_per_s: float) -> None:
+    _remember(_memory("links", store_url), {"bytes_per_s": bytes_per_s})
 
 
 def _blend(old: float, new: float) -> float:
@@ -410,7 +410,7 @@ class Stream:
         self.report["measured_mbit_s"] = round(self.bytes_per_s * 8e-6, 3)
         self.report["cache_s"] = round(time.perf_counter() - started, 4)
         if fetched:
-            keep_link(self.store.url, self.bytes_per_s, self.request_s)
+            keep_link(self.store.url, self.bytes_per_s)
         self.speeds.keep(self.lm)
         return KVCache(list(header.token_ids), keys, values)
 
