@@ -1,6 +1,6 @@
 """CacheGen's streaming controller: a context streamed chunk by chunk so that it is in place before a
-time-to-first-token deadline, each chunk from the stored quality level the link can carry in time, or recomputed
-from its tokens when that is sooner (docs/streaming.md).
+time-to-first-token deadline, each chunk at the best quality that arrives in time: from a stored quality level, or
+recomputed from its tokens, which is exact (docs/streaming.md).
 
 The levels of one document are the files of a store with its tokens (`store.lookup(tokens_sha256=…)`) whose
 headers can be mixed (docs/format.md, "Mixed-level decoding"). Before the first chunk the throughput is the last
@@ -34,7 +34,11 @@ from ..modeling.kvcache import KVCache
 
 # Worst to best. raw and lossless hold the model's values exactly, as a recomputed chunk does.
 QUALITY_RANK = {"tiny": 0, "small": 1, "balanced": 2, "high": 3, "lossless": 4, "raw": 4}
+EXACT = QUALITY_RANK["lossless"]  # the rank of a recomputed chunk: the model's own values
 RECOMPUTE = "recompute"
+# A recomputed chunk's predicted time, as the plan weighs it against fetches: the prefill estimate is the least
+# reliable one on a busy machine (other work slows the forward pass, not the link).
+RECOMPUTE_MARGIN = 1.25
 # Before anything is measured on this machine: prefill costs 2 × parameters FLOPs per token at this rate.
 ASSUMED_FLOPS = {"cpu": 2e10, "cuda": 2e12}
 # Before a chunk has been decoded on this machine (the first decode replaces it).
@@ -359,6 +363,7 @@ class Stream:
         self.samples: deque[tuple[int, float]] = deque(maxlen=WINDOW)
         self.recomputable = all(layer.token_start == 0 for layer in header.layers)
         self.header = header
+        self.ahead: ReadAhead | None = None
         size = header.chunk_tokens
         self.bounds = [(lo, min(lo + size, header.num_tokens)) for lo in range(0, header.num_tokens, size)]
         self.elements = kvfile.chunk_elements(header)
@@ -374,7 +379,6 @@ class Stream:
         header, started = self.header, self.started
         keys, values = kvfile.allocate(header, next(self.lm.model.parameters()).device)
         stalled, warned, fetched = False, False, False
-        self.ahead = None
         # Two threads: a chunk fetched again after a damaged one need not queue behind the next chunk's read-ahead.
         pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvcli-stream")
         try:
@@ -396,7 +400,7 @@ class Stream:
                         warned = True
                         print(f"kvcli: the deadline of {self.deadline_s:g} s cannot be met at --min-quality "
                               f"{self.min_quality} or by recomputing; taking the fastest path", file=sys.stderr)
-                    note = self.attempt(pool, chunk, plan, budget, keys, values, ahead)
+                    note = self.attempt(pool, chunk, plan, budget, keys, values, ahead, stalled)
                     if note is None:
                         fetched |= plan.choice != RECOMPUTE
                         break
@@ -440,49 +444,56 @@ class Stream:
         lo, hi = self.bounds[chunk]
         return (hi - lo) * self.speeds.prefill_s_per_token if self.recomputable else math.inf
 
+    def recompute_cost(self, chunk: int) -> float:
+        """Recomputing as the plan weighs it: its prefill estimate is the least reliable one on a busy machine."""
+        return RECOMPUTE_MARGIN * self.recompute_s(chunk)
+
     def plan(self, chunk: int, budget: float, tried: set[str], stalled: bool) -> Plan:
-        """This chunk's choice: the best level at which it and every later chunk fit the budget, a chunk being
-        recomputed instead where the link is so slow that recomputing is sooner than fetching it at any level
-        (its cost is a prefill estimate: a chunk fetched at a lower level is the safer bet whenever the link
-        allows one); else the fastest path. A level this chunk already failed at is not chosen again for it."""
+        """This chunk's choice. For each quality, best first (recomputing is exact, as good as `lossless`): can
+        this chunk and every later one be had at that quality or better in the time left, each by its fastest way
+        (a level at least that good, or recomputing)? The first quality that fits gives this chunk its fastest
+        way at that quality; if none fits, the fastest path. A level this chunk already failed at is not chosen
+        again for it."""
         rest = range(chunk + 1, len(self.bounds))
         levels = [] if stalled else self.levels
         usable = [lv for lv in levels if lv.quality not in tried]
-        recompute_here = self.recompute_s(chunk) < min((self.fetch_s(lv, chunk) for lv in usable), default=math.inf)
-        for level in levels:
-            if level.quality in tried and not recompute_here:
-                continue
-            first = self.recompute_s(chunk) if recompute_here else self.fetch_s(level, chunk)
-            seconds = first + sum(self.cost(level, j, levels) for j in rest)
+        for rank in sorted({lv.rank for lv in levels} | {EXACT}, reverse=True):
+            # Recomputing last: on a tie the fetch is taken.
+            options = [(self.fetch_s(lv, chunk), lv.quality) for lv in usable if lv.rank >= rank] + [
+                (self.recompute_cost(chunk), RECOMPUTE)]
+            first, choice = min(options, key=lambda o: (o[0], -QUALITY_RANK.get(o[1], EXACT)))
+            seconds = first + sum(self.cost(j, [lv for lv in levels if lv.rank >= rank]) for j in rest)
             if seconds <= budget:
-                return Plan(RECOMPUTE if recompute_here else level.quality, seconds, True)
-        options = [(self.recompute_s(chunk), RECOMPUTE)] + [(self.fetch_s(lv, chunk), lv.quality) for lv in usable]
-        seconds, choice = min(options, key=lambda o: (o[0], -QUALITY_RANK.get(o[1], 5)))
+                return Plan(choice, seconds, True)
+        options = [(self.fetch_s(lv, chunk), lv.quality) for lv in usable] + [(self.recompute_cost(chunk), RECOMPUTE)]
+        seconds, choice = min(options, key=lambda o: (o[0], -QUALITY_RANK.get(o[1], EXACT)))
         if not math.isfinite(seconds):
             raise (StorageError if stalled else FormatError)(
                 f"{self.store.url_for(self.key)}: chunk {chunk} can be neither fetched (every level failed) nor "
                 "recomputed (the model has sliding-window layers)")
-        seconds += sum(min([self.recompute_s(j)] + [self.fetch_s(lv, j) for lv in levels]) for j in rest)
+        seconds += sum(self.cost(j, levels) for j in rest)
         return Plan(choice, seconds, seconds <= budget)
 
-    def cost(self, level: Level, chunk: int, levels: list[Level]) -> float:
-        """A later chunk's predicted time in a plan at `level`: recomputed if that is sooner than any fetch."""
-        recompute = self.recompute_s(chunk)
-        return recompute if recompute < min(self.fetch_s(lv, chunk) for lv in levels) else self.fetch_s(level, chunk)
+    def cost(self, chunk: int, levels: list[Level]) -> float:
+        """A later chunk's predicted time in a plan: its fastest way among these levels and recomputing."""
+        return min([self.recompute_cost(chunk)] + [self.fetch_s(lv, chunk) for lv in levels])
 
     def attempt(self, pool: ThreadPoolExecutor, chunk: int, plan: Plan, budget: float, keys, values,
-                ahead: "ReadAhead | None" = None) -> str | None:
+                ahead: "ReadAhead | None" = None, stalled: bool = False) -> str | None:
         """The chunk done as planned (None), or why not. Its fetch is `ahead`'s where that was started already;
-        once its bytes are in, the next chunk is planned and, if it is to be fetched, its read starts while this
-        one decodes."""
+        once its bytes are in (or before it is recomputed), the next chunk is planned and, if it is to be fetched,
+        its read starts while this one decodes (or is recomputed)."""
         lo, hi = self.bounds[chunk]
         entry = {"chunk": chunk, "tokens": [lo, hi], "choice": plan.choice}
         if plan.choice == RECOMPUTE:
+            if not stalled:  # the link is idle while this chunk is prefilled: the next chunk's read can start now
+                self.read_ahead(pool, chunk + 1, self.recompute_s(chunk), only_if_met=True)
             t0 = time.perf_counter()
             self.recompute(lo, hi, keys, values)
-            seconds = time.perf_counter() - t0
-            self.speeds.measure("prefill_s_per_token", seconds / (hi - lo))
-            self.report["chunks"].append({**entry, "bytes": 0, "seconds": round(seconds, 4)})
+            done = time.perf_counter()
+            self.speeds.measure("prefill_s_per_token", (done - t0) / (hi - lo))
+            self.report["chunks"].append({**entry, "bytes": 0, "seconds": round(done - t0, 4),
+                                          "span_s": [round(t0 - self.started, 4), round(done - self.started, 4)]})
             return None
         level = next(lv for lv in self.levels if lv.quality == plan.choice)
         predicted = self.fetch_s(level, chunk)
@@ -515,19 +526,23 @@ class Stream:
         if self.elements[chunk]:
             self.speeds.measure(f"decode_s_per_element.{level.quality}", decode_seconds / self.elements[chunk])
         done = time.perf_counter()
+        if fetch_seconds is None:
+            entry["with_header"] = True  # its bytes came with the first read: it cost no transfer of its own
         self.report["chunks"].append({**entry, "bytes": size, "seconds": round(done - t0, 4),
                                       "decode_s": round(decode_seconds, 4),
                                       "span_s": [round(t0 - self.started, 4), round(done - self.started, 4)]})
         return None
 
-    def read_ahead(self, pool: ThreadPoolExecutor, chunk: int, decoding_s: float) -> None:
-        """The next chunk planned now, the current one's decode still to come, and its fetch started if it is one
-        (a recomputed chunk has to wait for the chunks before it)."""
+    def read_ahead(self, pool: ThreadPoolExecutor, chunk: int, decoding_s: float, only_if_met: bool = False) -> None:
+        """The next chunk planned now, the current one's decode (or prefill) still to come, and its fetch started
+        if it is one (a recomputed chunk has to wait for the chunks before it). `only_if_met`: not where the plan
+        misses the deadline, since then the prediction for the current chunk may be what is wrong (a prefill
+        estimate not yet measured), and the next chunk is better planned once the current one is done."""
         if chunk >= len(self.bounds):
             return
         budget = self.deadline_s - (time.perf_counter() - self.started) - self.reserve() - decoding_s
         plan = self.plan(chunk, budget, set(), False)
-        if plan.choice != RECOMPUTE:
+        if plan.choice != RECOMPUTE and (plan.meets or not only_if_met):
             level = next(lv for lv in self.levels if lv.quality == plan.choice)
             self.ahead = ReadAhead(chunk, plan, time.perf_counter(), pool.submit(self.fetch, level, chunk))
 
