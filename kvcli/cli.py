@@ -15,6 +15,7 @@ from . import __version__
 from .commands import calibrate, files, generate, prefill, store
 from .commands.common import print_error, state
 from .errors import Terminated
+from .stdio import write_stdout_text
 
 
 class KvcliGroup(TyperGroup):
@@ -71,7 +72,7 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        print(f"kvcli {__version__}")
+        write_stdout_text(f"kvcli {__version__}\n")
         raise typer.Exit()
 
 

@@ -23,7 +23,6 @@ so no separate reference pass runs.
 
 from __future__ import annotations
 
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from ..modeling import inference
 from ..modeling.kvcache import KVCache, to_model_cache
 from ..modeling.models import LoadedModel
 from ..modeling.rope import inv_freq_per_layer
+from ..stdio import write_stderr_text
 from . import profiles, quality
 
 COARSE_SCALE = 1.0
@@ -326,6 +326,6 @@ def find_or_calibrate(lm: LoadedModel) -> Profile | None:
     t0 = time.perf_counter()
     profile, details = calibrate(lm, default_texts())
     path = profiles.save(profile, lm.identity, details)
-    print(f"kvcli: calibrated {lm.name} for lossy presets in {time.perf_counter() - t0:.0f} s, once: stored in "
-          f"{path} (set {profiles.AUTO_CALIBRATE_ENV}=0 to skip)", file=sys.stderr)
+    write_stderr_text(f"kvcli: calibrated {lm.name} for lossy presets in {time.perf_counter() - t0:.0f} s, once: "
+                      f"stored in {path} (set {profiles.AUTO_CALIBRATE_ENV}=0 to skip)\n")
     return profiles.load(path)  # as stored: rounded, as every later run will read it

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from ..stdio import is_terminal, write_stdout_text
 from .common import ModelOpt, emit_json, handled
 
 
@@ -26,7 +27,6 @@ def calibrate(
     from ..calibration import profiles
     from ..errors import UsageError
     from ..modeling import inference, models
-    from ..stdio import is_terminal
     from .common import check_output, stderr_console
 
     if method not in calib.METHODS:
@@ -49,7 +49,7 @@ def calibrate(
     if as_json:
         emit_json(summary)
     else:
-        print(f"wrote profile {path} (sensitivity spans {s.max() / max(s.min(), 1e-12):.0f}x across layers)")
+        write_stdout_text(f"wrote profile {path} (sensitivity spans {s.max() / max(s.min(), 1e-12):.0f}x across layers)\n")
 
 
 def register(app: typer.Typer) -> None:

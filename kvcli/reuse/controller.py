@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import re
-import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +30,7 @@ from ..container.keys import KEY_PATTERN, tokens_sha256
 from ..errors import FormatError, InputError, StorageError, UsageError
 from ..modeling import inference, models
 from ..modeling.kvcache import KVCache
+from ..stdio import write_stderr_text
 
 # Worst to best. raw and lossless hold the model's values exactly, as a recomputed chunk does.
 QUALITY_RANK = {"tiny": 0, "small": 1, "balanced": 2, "high": 3, "lossless": 4, "raw": 4}
@@ -398,8 +398,9 @@ class Stream:
                         self.report["predicted_ttft_s"] = round(self.report["predicted_s"] + self.reserve(), 4)
                     if not plan.meets and not warned:
                         warned = True
-                        print(f"kvcli: the deadline of {self.deadline_s:g} s cannot be met at --min-quality "
-                              f"{self.min_quality} or by recomputing; taking the fastest path", file=sys.stderr)
+                        write_stderr_text(f"kvcli: the deadline of {self.deadline_s:g} s cannot be met at "
+                                          f"--min-quality {self.min_quality} or by recomputing; taking the fastest "
+                                          "path\n")
                     note = self.attempt(pool, chunk, plan, budget, keys, values, ahead, stalled)
                     if note is None:
                         fetched |= plan.choice != RECOMPUTE

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ from ..container import format, identity, kvfile
 from ..errors import InputError, ModelMismatchError, UsageError
 from ..modeling import inference, models
 from ..modeling.kvcache import KVCache
+from ..stdio import write_stderr_text
 from . import compose
 
 _warned_no_profile: set[str] = set()
@@ -139,9 +139,9 @@ def codec_for(quality: str, lm: models.LoadedModel, step_scale: float = 1.0, sin
     profile = find_or_calibrate(lm)
     if profile is None and lm.identity["weights_digest"] not in _warned_no_profile:
         _warned_no_profile.add(lm.identity["weights_digest"])
-        print(f"kvcli: no calibration profile for {lm.name} (KVCLI_AUTO_CALIBRATE=0): --quality {quality} uses "
-              "uniform steps, which costs quality at the same size; run `kvcli calibrate --model ...` once to "
-              "measure one", file=sys.stderr)
+        write_stderr_text(f"kvcli: no calibration profile for {lm.name} (KVCLI_AUTO_CALIBRATE=0): --quality "
+                          f"{quality} uses uniform steps, which costs quality at the same size; run `kvcli calibrate "
+                          "--model ...` once to measure one\n")
     return make_codec(quality, profile, inv_freq_per_layer(lm.model), step_scale,
                       DEFAULT_SINKS if sinks is None else sinks)
 

@@ -14,7 +14,6 @@ import functools
 import importlib
 import os
 import re
-import sys
 import threading
 import time
 import zlib
@@ -25,6 +24,7 @@ from urllib.parse import urlsplit
 from ..container import format
 from ..container.keys import KEY_PATTERN, check_key, checked_key
 from ..errors import FormatError, InputError, StorageError, UsageError
+from ..stdio import write_stderr_text
 
 HEAD_PREFETCH = 64 << 10  # one request usually holds the preamble and the whole header
 BLOCK_BYTES = 1 << 20
@@ -414,7 +414,7 @@ class LocalCache:
         try:
             format.atomic_write(str(self.dir / f"{key}.kvc"), [data])
         except StorageError as err:
-            print(f"kvcli: no local copy kept: {err}", file=sys.stderr)
+            write_stderr_text(f"kvcli: no local copy kept: {err}\n")
             return
         self.evict(keep=key)
 
