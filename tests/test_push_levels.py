@@ -51,6 +51,14 @@ def cache_of(cli, llama, doc_file, tmp_path):
     return make
 
 
+def listed_levels(target, path) -> dict[str, str]:
+    """{quality: key} of the files a store lists for the document of the file at `path`."""
+    with format.FileSource(path) as src:
+        header = format.read_header(src)
+    entries = target.lookup(model=header.model["weights_digest"], tokens_sha256=keys.tokens_sha256(header.token_ids))
+    return {entry["quality"]: entry["key"] for entry in entries}
+
+
 def found_levels(target, key: str) -> list[tuple[str, str]]:
     """(quality, key) of every level the streaming controller finds for the cache `key`, best first."""
     _, levels, _ = controller.open_levels(target, key, "tiny")
@@ -69,6 +77,7 @@ def test_levels_pushed_to_a_directory_are_the_documents_levels_and_a_rerun_sends
     assert level_keys["lossless"] == file_key(source) and len(set(level_keys.values())) == 3
     assert (root / f"{level_keys['lossless']}.kvc").read_bytes() == source.read_bytes()  # the file itself
     assert stored_files(root) == sorted(f"{key}.kvc" for key in level_keys.values())
+    assert listed_levels(store.DirStore(root), source) == level_keys
     # What the streaming controller sees as the document's levels, named by any one of them.
     assert found_levels(store.DirStore(root), level_keys["small"]) == [(q, level_keys[q]) for q in
                                                                       ("lossless", "high", "small")]
@@ -110,6 +119,7 @@ def test_levels_pushed_to_a_serve_cache_are_found_through_it(cli, llama, cache_o
         assert all(lv["url"] == f"{server.url}/v1/caches/{lv['key']}" and lv["sent"] == lv["bytes"] > 0
                    for lv in first["levels"])
         remote = store.open_store(server.url)
+        assert listed_levels(remote, source) == {lv["quality"]: lv["key"] for lv in first["levels"]}
         assert found_levels(remote, first["levels"][2]["key"]) == [(lv["quality"], lv["key"])
                                                                    for lv in first["levels"]]
         again = json.loads(ok(cli(*args)).stdout)
