@@ -40,12 +40,21 @@ def file_key(path) -> str:
 
 
 @pytest.fixture
-def cache_of(cli, llama, doc_file, tmp_path):
-    """cache_of(quality) -> doc_file prefilled by the tiny Llama into one file, in 32-token chunks."""
+def doc(tmp_path):
+    """401 tokens for the byte-level tiny Llama: more than the last 256, whose queries weigh the tokens."""
+    path = tmp_path / "doc.txt"
+    path.write_text(("The harbour town of Velmora sits between two cliffs. Its lighthouse keeper, Anna Brisk, has "
+                     "kept the lamp burning for thirty years. Every evening she climbs 112 steps. " * 3)[:400])
+    return path
+
+
+@pytest.fixture
+def cache_of(cli, llama, doc, tmp_path):
+    """cache_of(quality) -> doc prefilled by the tiny Llama into one file, in 32-token chunks."""
 
     def make(quality: str, *extra: str):
         out = tmp_path / f"doc-{quality}{''.join(extra)}.kvc"
-        ok(cli("prefill", doc_file, "-o", out, "--model", llama, "--chunk-tokens", "32", "-q", quality, *extra))
+        ok(cli("prefill", doc, "-o", out, "--model", llama, "--chunk-tokens", "32", "-q", quality, *extra))
         return out
 
     return make
@@ -87,13 +96,10 @@ def test_levels_pushed_to_a_directory_are_the_documents_levels_and_a_rerun_sends
     assert [(lv["quality"], lv["key"]) for lv in answer["stream"]["levels"]] == [
         (q, level_keys[q]) for q in ("lossless", "high", "small")]
 
-    # Each encoded level is what `kvcli decode` then `kvcli encode` of that preset gives, byte for byte.
-    exported = tmp_path / "kv.safetensors"
-    ok(cli("decode", source, "-o", exported))
+    # Each encoded level is what a prefill at that preset writes, byte for byte: the attention its tokens receive
+    # (which lossy presets weigh them by) measured again from the file.
     for quality in ("high", "small"):
-        alone = tmp_path / f"alone-{quality}.kvc"
-        ok(cli("encode", exported, "-o", alone, "--model", llama, "-q", quality, "--chunk-tokens", "32"))
-        assert (root / f"{level_keys[quality]}.kvc").read_bytes() == alone.read_bytes(), quality
+        assert (root / f"{level_keys[quality]}.kvc").read_bytes() == cache_of(quality).read_bytes(), quality
 
     stamps = {name: os.stat(root / name).st_mtime_ns for name in stored_files(root)}
     again = json.loads(ok(cli("push", source, root, "-q", "lossless,high,small", "--model", llama, "--json")).stdout)
@@ -193,15 +199,15 @@ def test_usage_and_model_errors(cli, llama, cache_of, tiny_model_dir, tmp_path):
     assert ok(cli("push", source, root, "-q", "raw", "--model", other)).stdout.startswith("raw ")
 
 
-def test_the_ray_entry_point_stores_every_level_from_one_prefill(cli, llama, doc_file, tmp_path, monkeypatch):
+def test_the_ray_entry_point_stores_every_level_from_one_prefill(cli, llama, doc, tmp_path, monkeypatch):
     from kvcli.reuse import ingest
 
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1767225600")
     rows = ingest.PrefillBatches(str(tmp_path / "ray"), model=llama, quality="lossless,small", chunk_tokens=32)(
-        {"id": ["doc"], "text": [doc_file.read_text()]})
+        {"id": ["doc"], "text": [doc.read_text()]})
     assert rows["quality"] == ["lossless", "small"] and rows["status"] == ["written", "written"]
     by_cli = tmp_path / "cli"
-    lines = [json.loads(line) for line in ok(cli("prefill", doc_file, "--out-dir", by_cli, "--model", llama, "-q",
+    lines = [json.loads(line) for line in ok(cli("prefill", doc, "--out-dir", by_cli, "--model", llama, "-q",
                                                  "lossless,small", "--chunk-tokens", "32")).stdout.splitlines()]
     assert rows["key"] == [line["key"] for line in lines]
     for key in rows["key"]:

@@ -7,9 +7,10 @@ A level is only ever made from a file at least as good: a lossless or raw file g
 its own level (the file itself, never a re-encode) and the lossy levels below it, and a file written with
 --step-scale (no preset, so no level) gives none. Anything else is refused before any work.
 
-FILE is validated and decoded once; each level it is not is encoded from the decoded cache as `kvcli encode`
-encodes that preset for the model (its calibration profile, the preset's sinks), in FILE's own chunks, so the
-levels mix (docs/format.md, "Mixed-level decoding"). Every level is encoded, to a temporary directory, before
+FILE is validated and decoded once; each level it is not is encoded from the decoded cache as a prefill encodes
+that preset for the model (its calibration profile, the preset's sinks, the attention the tokens receive, measured
+again by running the last tokens: inference.measure_attention), in FILE's own chunks, so the levels mix
+(docs/format.md, "Mixed-level decoding"). Every level is encoded, to a temporary directory, before
 the first upload starts: a level that cannot be encoded leaves the store as it was. The uploads are store.push,
 one level after another; one that fails leaves the levels before it stored whole and indexed, which a rerun skips
 as it skips every level already stored (not even encoded again).
@@ -24,6 +25,7 @@ from ..codecs.presets import PRESET_CODECS, QUALITIES, make_codec
 from ..container import format, keys, kvfile
 from ..errors import InternalError, UsageError
 from ..storage import store as stores
+from ..modeling import inference
 from . import pipeline
 from .controller import QUALITY_RANK, quality_of
 
@@ -63,14 +65,14 @@ def check_derivable(header: format.Header, path: str, qualities: tuple[str, ...]
 
 
 def level_codec(quality: str, header: format.Header, path: str, model: str | None, loaded: dict):
-    """The preset's codec as `kvcli encode` builds it; the model is loaded once, and only for a lossy preset (its
-    calibration profile and rotary frequencies), and must be the one that made the file."""
+    """The preset's codec as a prefill builds it; the model is loaded once, and only for a lossy preset (its
+    calibration profile, rotary frequencies and attention), and must be the one that made the file."""
     if exact(quality):
         return make_codec(quality)
     if "lm" not in loaded:
         from ..modeling import models
 
-        loaded["lm"] = models.load(model, "float32")
+        loaded["lm"] = models.load(model, header.dtype, loaded["device"])
         pipeline.check_identity(header, loaded["lm"], path)
     return pipeline.EncodeOptions(quality).codec(loaded["lm"])
 
@@ -84,7 +86,7 @@ def push_levels(target, path: str | Path, qualities, model: str | None = None, d
     with format.FileSource(path) as src:
         header = stores.validate(src)
         source = check_derivable(header, path, qualities)
-        loaded: dict = {}
+        loaded: dict = {"device": device}
         plans = []  # (quality, key, codec to encode it with; None: FILE itself, or stored already)
         for quality in qualities:
             if quality == source:
@@ -95,7 +97,7 @@ def push_levels(target, path: str | Path, qualities, model: str | None = None, d
                                   header.token_ids)
             plans.append((quality, key, None if stores.stored_soundly(target, key) else codec))
         with tempfile.TemporaryDirectory(prefix="kvcli-push-") as staging:
-            files = encode_levels(src, header, path, plans, Path(staging), device, backend)
+            files = encode_levels(src, header, path, plans, Path(staging), loaded.get("lm"), device, backend)
             levels = []
             for quality, key, _ in plans:
                 made = "file" if quality == source else "encoded" if quality in files else "stored"
@@ -112,15 +114,18 @@ def upload(target, key: str, file: str | None) -> dict:
             "sent": 0}
 
 
-def encode_levels(src: format.ByteSource, header: format.Header, path: str, plans, staging: Path, device: str,
+def encode_levels(src: format.ByteSource, header: format.Header, path: str, plans, staging: Path, lm, device: str,
                   backend: str) -> dict[str, str]:
-    """Each level still to store, encoded from one decode of the file into `staging`: {quality: path}."""
+    """Each level still to store, encoded from one decode of the file into `staging`: {quality: path}. With the
+    model (lossy levels), the attention the tokens receive is measured first, as a prefill measures it."""
     todo = [(quality, codec) for quality, _, codec in plans if codec is not None]
     key_of = {quality: key for quality, key, _ in plans}
     if not todo:
         return {}
     kv = kvfile.decode(src, header, device=device, backend=backend)
-    extra = {"created_at": header.created_at, **({"source": header.source} if header.source else {})}
+    if lm is not None:
+        kv.attention = inference.measure_attention(lm, kv)
+    extra = {name: value for name, value in (("created_at", header.created_at), ("source", header.source)) if value}
     files = {}
     for quality, codec in todo:
         pipeline.check_finite(kv, pipeline.EncodeOptions(quality), path)
