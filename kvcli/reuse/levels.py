@@ -24,8 +24,8 @@ from pathlib import Path
 from ..codecs.presets import PRESET_CODECS, QUALITIES, make_codec
 from ..container import format, keys, kvfile
 from ..errors import InternalError, UsageError
-from ..storage import store as stores
 from ..modeling import inference
+from ..storage import store as stores
 from . import pipeline
 from .controller import QUALITY_RANK, quality_of
 
@@ -51,10 +51,10 @@ def check_derivable(header: format.Header, path: str, qualities: tuple[str, ...]
     source = quality_of(header)
     if source is None:
         params = header.codec.get("params") or {}
-        raise UsageError(f"{path}: written with {header.codec.get('name')} at --step-scale "
-                         f"{params.get('step_scale', '?')}, which is no preset, so it gives no level; push it "
-                         "without --quality, or prefill the document with --quality "
-                         f"{','.join(qualities)}")
+        how = (f"--step-scale {params['step_scale']:g}" if isinstance(params.get("step_scale"), (int, float))
+               else f"codec {header.codec.get('name')!r}")
+        raise UsageError(f"{path}: written with {how}, which is no preset, so it gives no level; push it without "
+                         f"--quality, or prefill the document with --quality {','.join(qualities)}")
     for quality in qualities:
         if quality == source or exact(source) or (not exact(quality) and QUALITY_RANK[quality] < QUALITY_RANK[source]):
             continue
@@ -123,12 +123,13 @@ def encode_levels(src: format.ByteSource, header: format.Header, path: str, plan
     if not todo:
         return {}
     kv = kvfile.decode(src, header, device=device, backend=backend)
-    if lm is not None:
+    for quality, _ in todo:
+        pipeline.check_finite(kv, pipeline.EncodeOptions(quality), path)
+    if any(not codec.lossless for _, codec in todo):
         kv.attention = inference.measure_attention(lm, kv)
     extra = {name: value for name, value in (("created_at", header.created_at), ("source", header.source)) if value}
     files = {}
     for quality, codec in todo:
-        pipeline.check_finite(kv, pipeline.EncodeOptions(quality), path)
         meta, parts = pipeline.encode_cache(kv, header.model, codec, header.chunk_tokens, extra, backend)
         files[quality] = str(staging / f"{quality}.kvc")
         format.write_kvc(files[quality], meta, parts)
