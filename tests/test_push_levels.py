@@ -87,6 +87,9 @@ def test_levels_pushed_to_a_directory_are_the_documents_levels_and_a_rerun_sends
     assert (root / f"{level_keys['lossless']}.kvc").read_bytes() == source.read_bytes()  # the file itself
     assert stored_files(root) == sorted(f"{key}.kvc" for key in level_keys.values())
     assert listed_levels(store.DirStore(root), source) == level_keys
+    sizes = {q: os.path.getsize(root / f"{key}.kvc") for q, key in level_keys.items()}
+    assert ok(cli("ls", root)).stdout == "".join(f"{key} {q} 401 {sizes[q]}\n" for q, key in
+                                                 sorted(level_keys.items(), key=lambda item: item[1]))
     # What the streaming controller sees as the document's levels, named by any one of them.
     assert found_levels(store.DirStore(root), level_keys["small"]) == [(q, level_keys[q]) for q in
                                                                       ("lossless", "high", "small")]
@@ -111,6 +114,11 @@ def test_levels_pushed_to_a_directory_are_the_documents_levels_and_a_rerun_sends
 
 
 def test_levels_pushed_to_a_serve_cache_are_found_through_it(cli, llama, cache_of, tmp_path):
+    def cache_of_text(path):
+        out = path.with_suffix(".kvc")
+        ok(cli("prefill", path, "-o", out, "--model", llama, "-q", "lossless"))
+        return out
+
     source = cache_of("raw")
     served = tmp_path / "served"
     served.mkdir()
@@ -126,6 +134,13 @@ def test_levels_pushed_to_a_serve_cache_are_found_through_it(cli, llama, cache_o
                    for lv in first["levels"])
         remote = store.open_store(server.url)
         assert listed_levels(remote, source) == {lv["quality"]: lv["key"] for lv in first["levels"]}
+        other = tmp_path / "other.txt"
+        other.write_text("Another document altogether.")
+        ok(cli("push", cache_of_text(other), server.url, "--token-file", token))
+        listed = json.loads(ok(cli("ls", server.url, "--levels-of", source, "--json")).stdout)["caches"]
+        assert sorted((e["quality"], e["key"]) for e in listed) == sorted((lv["quality"], lv["key"])
+                                                                           for lv in first["levels"])
+        assert len(json.loads(ok(cli("ls", server.url, "--json")).stdout)["caches"]) == 4
         assert found_levels(remote, first["levels"][2]["key"]) == [(lv["quality"], lv["key"])
                                                                    for lv in first["levels"]]
         again = json.loads(ok(cli(*args)).stdout)
@@ -191,6 +206,7 @@ def test_usage_and_model_errors(cli, llama, cache_of, tiny_model_dir, tmp_path):
     one_line_error(cli("push", source, root, "-q", "high,high", "--model", llama), 2, "names a preset twice")
     one_line_error(cli("push", source, root, "-q", "best", "--model", llama), 2, "unknown --quality 'best'")
     one_line_error(cli("push", source, root, "--model", llama), 2, "--model serves the levels of --quality")
+    one_line_error(cli("ls", root, "--levels-of", source, "--tokens-sha256", "0" * 64), 2, "--levels-of names")
     # a lossy level needs the model that made the file: its calibration and rotary frequencies
     other = str(tiny_model_dir("llama", 1))
     one_line_error(cli("push", source, root, "-q", "lossless,small", "--model", other), 6, "different model")

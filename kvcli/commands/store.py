@@ -1,4 +1,4 @@
-"""Commands on cache stores: `serve-cache`, `push`, `pull` (docs/server.md), `index rebuild` (docs/format.md)."""
+"""Commands on cache stores: `serve-cache`, `push`, `pull`, `ls` (docs/server.md), `index rebuild` (docs/format.md)."""
 
 from __future__ import annotations
 
@@ -116,6 +116,36 @@ def push(
         emit_json(result)
     else:
         write_stdout_text("".join(f"{lv['quality']} {lv['key']} {lv['url']}\n" for lv in result["levels"]))
+
+
+def ls(
+    url: str = typer.Argument(..., help="Store: a directory, s3://bucket/prefix or http(s)://host:port"),
+    levels_of: Optional[str] = typer.Option(None, "--levels-of", help="Only the files of this .kvc file's document "
+                                            "(its model and tokens): its quality levels"),
+    model: Optional[str] = typer.Option(None, "--model-digest", help="Only files of this model (weights digest)"),
+    tokens: Optional[str] = typer.Option(None, "--tokens-sha256", help="Only files of these tokens"),
+    source: Optional[str] = typer.Option(None, "--source-sha256", help="Only files made from this document"),
+    token_file: Optional[str] = TokenFileOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object, the server's listing"),
+) -> None:
+    """List a store's caches, one line each: KEY QUALITY TOKENS BYTES (--json: every field of the listing)."""
+    from ..container import format, keys
+    from ..errors import UsageError
+    from ..storage import remote, store
+
+    if levels_of is not None:
+        if model or tokens:
+            raise UsageError("--levels-of names the model and tokens itself; give it without --model-digest or "
+                             "--tokens-sha256")
+        with format.FileSource(levels_of) as src:
+            header = format.read_header(src)
+        model, tokens = header.model["weights_digest"], keys.tokens_sha256(header.token_ids)
+    target = store.open_store(url, remote.read_token(None, token_file))
+    entries = target.lookup(model, tokens, source) if tokens or source else target.list(model)
+    if as_json:
+        emit_json({"caches": entries})
+    else:
+        write_stdout_text("".join(f"{e['key']} {e['quality']} {e['tokens']} {e['bytes']}\n" for e in entries))
 
 
 def pull(
@@ -241,7 +271,7 @@ def index_rebuild(
 
 def register(app: typer.Typer) -> None:
     app.command("serve-cache")(handled(serve_cache))
-    for command in (push, pull):
+    for command in (push, pull, ls):
         app.command()(handled(command))
     index = typer.Typer(no_args_is_help=True, help="The prefix index of a store (docs/format.md, \"Prefix index\").")
     index.command("rebuild")(handled(index_rebuild))
