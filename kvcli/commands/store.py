@@ -145,7 +145,9 @@ def ls(
     if as_json:
         emit_json({"caches": entries})
     else:
-        write_stdout_text("".join(f"{e['key']} {e['quality']} {e['tokens']} {e['bytes']}\n" for e in entries))
+        # '-': the entries of a server older than the quality field
+        write_stdout_text("".join(f"{e['key']} {e.get('quality') or '-'} {e['tokens']} {e['bytes']}\n"
+                                  for e in entries))
 
 
 def pull(
