@@ -10,6 +10,7 @@ from kvcli.codecs.presets import make_codec
 
 from kvcli.container import format, kvfile
 from kvcli.modeling import batching, importance, inference, models
+from kvcli.modeling.kvcache import KVCache
 from kvcli.reuse import pipeline
 
 ARCHS = ["llama", "qwen2", "gemma3", "mistral-sliding"]
@@ -59,6 +60,22 @@ def test_batched_prefill_measures_each_document_as_alone(tiny_model_dir, arch):
         alone = inference.prefill(lm, ids, attention=True)
         for a, b in zip(kv.attention, alone.attention):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_cache_without_weights_gets_the_prefills_from_its_last_queries_run_again(tiny_model_dir, arch):
+    """What `push --quality` measures for a decoded file (kvcli/reuse/levels.py): the last QUERIES tokens run after
+    the cache of the others give the weights the whole prefill measured; a sliding-window layer's cache lacks the
+    keys before its window, so such a model gets none."""
+    lm = models.load(str(tiny_model_dir(arch)))
+    ids = [0] + torch.randint(2, 250, (400,), generator=torch.Generator().manual_seed(3)).tolist()
+    kv = inference.prefill(lm, ids, attention=True)
+    again = inference.measure_attention(lm, KVCache(kv.token_ids, kv.keys, kv.values))
+    if min(k.shape[1] for k in kv.keys) < len(ids):
+        assert again is None
+        return
+    for a, b in zip(again, kv.attention):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
 def test_prefill_measures_nothing_unless_asked(tiny_model_dir):

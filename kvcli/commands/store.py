@@ -1,4 +1,4 @@
-"""Commands on cache stores: `serve-cache`, `push`, `pull` (docs/server.md), `index rebuild` (docs/format.md)."""
+"""Commands on cache stores: `serve-cache`, `push`, `pull`, `ls` (docs/server.md), `index rebuild` (docs/format.md)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from .common import check_output, emit_json, handled
+from ..stdio import write_stdout_text
+from .common import BackendOpt, DeviceOpt, check_output, emit_json, handled
 
 TokenFileOpt = typer.Option(None, "--token-file", help="File whose first line is the bearer token "
                             "[default: $KVCLI_TOKEN_FILE, then $KVCLI_TOKEN]")
@@ -76,20 +77,77 @@ def serve_cache(
 def push(
     file: str = typer.Argument(..., help=".kvc file to upload"),
     url: str = typer.Argument(..., help="Store: http(s)://host:port (a kvcli server), a directory or s3://bucket/prefix"),
+    quality: Optional[str] = typer.Option(None, "--quality", "-q", help="Store these levels of FILE's document "
+                                          "instead of FILE alone, each encoded from FILE (high,balanced,small); "
+                                          "FILE's own level is FILE, and no level better than FILE is made"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="With --quality: the model that made FILE, for "
+                                        "the lossy levels' calibration [default: bundled SmolLM2-135M-Instruct]"),
+    device: str = DeviceOpt,
+    backend: str = BackendOpt,
     token_file: Optional[str] = TokenFileOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
 ) -> None:
     """Validate FILE and store it under its key; print the key and the cache's URL. A cache already there is not
-    sent again; a large file goes to a server or object store in parts, and a push that broke off resumes."""
+    sent again; a large file goes to a server or object store in parts, and a push that broke off resumes. With
+    --quality, one line per level: quality, key, URL."""
+    from ..errors import UsageError
     from ..storage import remote, store
 
+    qualities = where = None
+    if quality is not None:
+        from ..kernels.placement import resolve
+        from ..reuse import ingest, levels
+
+        qualities = levels.check_qualities(ingest.parse_qualities(quality))
+        where = resolve(device, backend)
+    elif model is not None:
+        raise UsageError("--model serves the levels of --quality; without it push stores FILE as it is")
     target = store.open_store(url, remote.read_token(None, token_file), create=True)
     target.check_writable()  # even when the cache is there already: a client that cannot write is never told it wrote
-    result = store.push(target, file)
+    if qualities is None:
+        result = store.push(target, file)
+        if as_json:
+            emit_json(result)
+        else:
+            print(f"{result['key']} {result['url']}")
+        return
+    result = levels.push_levels(target, file, qualities, model, where.device, where.backend)
     if as_json:
         emit_json(result)
     else:
-        print(f"{result['key']} {result['url']}")
+        write_stdout_text("".join(f"{lv['quality']} {lv['key']} {lv['url']}\n" for lv in result["levels"]))
+
+
+def ls(
+    url: str = typer.Argument(..., help="Store: a directory, s3://bucket/prefix or http(s)://host:port"),
+    levels_of: Optional[str] = typer.Option(None, "--levels-of", help="Only the files of this .kvc file's document "
+                                            "(its model and tokens): its quality levels"),
+    model: Optional[str] = typer.Option(None, "--model-digest", help="Only files of this model (weights digest)"),
+    tokens: Optional[str] = typer.Option(None, "--tokens-sha256", help="Only files of these tokens"),
+    source: Optional[str] = typer.Option(None, "--source-sha256", help="Only files made from this document"),
+    token_file: Optional[str] = TokenFileOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object, the server's listing"),
+) -> None:
+    """List a store's caches, one line each: KEY QUALITY TOKENS BYTES (--json: every field of the listing)."""
+    from ..container import format, keys
+    from ..errors import UsageError
+    from ..storage import remote, store
+
+    if levels_of is not None:
+        if model or tokens:
+            raise UsageError("--levels-of names the model and tokens itself; give it without --model-digest or "
+                             "--tokens-sha256")
+        with format.FileSource(levels_of) as src:
+            header = format.read_header(src)
+        model, tokens = header.model["weights_digest"], keys.tokens_sha256(header.token_ids)
+    target = store.open_store(url, remote.read_token(None, token_file))
+    entries = target.lookup(model, tokens, source) if tokens or source else target.list(model)
+    if as_json:
+        emit_json({"caches": entries})
+    else:
+        # '-': the entries of a server older than the quality field
+        write_stdout_text("".join(f"{e['key']} {e.get('quality') or '-'} {e['tokens']} {e['bytes']}\n"
+                                  for e in entries))
 
 
 def pull(
@@ -215,7 +273,7 @@ def index_rebuild(
 
 def register(app: typer.Typer) -> None:
     app.command("serve-cache")(handled(serve_cache))
-    for command in (push, pull):
+    for command in (push, pull, ls):
         app.command()(handled(command))
     index = typer.Typer(no_args_is_help=True, help="The prefix index of a store (docs/format.md, \"Prefix index\").")
     index.command("rebuild")(handled(index_rebuild))

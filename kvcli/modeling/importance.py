@@ -80,10 +80,11 @@ def _received(module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 
 
 @contextmanager
-def recording(lm: LoadedModel, lengths: list[int]):
+def recording(lm: LoadedModel, lengths: list[int], start: int = 0):
     """Record the weights of a prefill of len(lengths) right-padded rows with these true lengths, run inside the
     block. Yields a list per row; after the block each holds (kv_heads, held) per layer (None for a layer that
-    could not be measured), or None when there are no rows or the model cannot be measured."""
+    could not be measured), or None when there are no rows or the model cannot be measured. `start`: the prefill
+    runs positions from there on after a cache of the ones before (it must run at least the last QUERIES)."""
     mods = _modules(lm) if lengths else None
     if mods is None:
         yield None
@@ -114,17 +115,20 @@ def recording(lm: LoadedModel, lengths: list[int]):
         window = windows[module.layer_idx]
         for row, n in enumerate(lengths):
             lo = max(0, n - QUERIES)
+            if lo < start:
+                return
             pick = min(row, cos.shape[0] - 1)
             if layer.keys.shape[2] >= n:  # every position cached (batched prefills are right-padded)
                 keys = layer.keys[row, :, :n]
-            elif window:  # a sliding window's cache: the keys its window needs, from the layer's own projection
-                first = max(0, lo - window + 1)
+            elif window and not start:  # a sliding window's cache: the keys its window needs, from the layer's own
+                first = max(0, lo - window + 1)  # projection of hidden states only a prefill from 0 has
                 keys = _project(module.k_proj, getattr(module, "k_norm", None), hidden[row, first:n],
                                 cos[pick, first:n], sin[pick, first:n], layer.keys.shape[1])
             else:
                 return
-            rows[row][module.layer_idx] = _received(module, hidden[row, lo:n], cos[pick, lo:n], sin[pick, lo:n],
-                                                    keys, n, window)
+            rows[row][module.layer_idx] = _received(module, hidden[row, lo - start : n - start],
+                                                    cos[pick, lo - start : n - start],
+                                                    sin[pick, lo - start : n - start], keys, n, window)
 
     for m in mods:
         hooks.append(m.register_forward_hook(hook, with_kwargs=True))

@@ -133,6 +133,25 @@ def prefill(lm: LoadedModel, ids: list[int], attention: bool = False) -> KVCache
 
 
 @torch.inference_mode()
+def measure_attention(lm: LoadedModel, kv: KVCache) -> list[torch.Tensor] | None:
+    """The attention kv's tokens receive, as prefill(attention=True) measures it, for a cache that came without it
+    (decoded from a file): only the last importance.QUERIES tokens run again, after the cache of the ones before.
+    None where a layer holds a sliding window (the cache lacks the keys before it) or the model cannot be
+    measured."""
+    if any(kv.token_start(i) for i in range(kv.num_layers)):
+        return None
+    n = kv.num_tokens
+    start = max(0, n - importance.QUERIES)
+    dtype = lm.model.dtype
+    past = KVCache(kv.token_ids[:start], [k[:, :start].to(dtype) for k in kv.keys],
+                   [v[:, :start].to(dtype) for v in kv.values])
+    cache = to_model_cache(past, lm.model) if start else empty_cache(lm)
+    with importance.recording(lm, [n], start) as rows:
+        _forward(lm, kv.token_ids[start:], cache, last_only=True)
+    return importance.held(rows[0] if rows else None, kv.keys)
+
+
+@torch.inference_mode()
 def extend(lm: LoadedModel, kv: KVCache | None, ids: list[int]) -> KVCache:
     """The cache of the cached context `kv` (or none) followed by `ids`: a prefill of `ids` that attends to `kv`.
     The streaming controller recomputes a chunk this way after the chunks it loaded (kvcli/reuse/controller.py)."""

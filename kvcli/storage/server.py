@@ -679,7 +679,8 @@ SCHEMAS = {
         "model_name": {"type": "string"}, "architecture": {"type": "string"},
         "dtype": {"type": "string"}, "tokens": {"type": "integer"},
         "tokens_sha256": {"type": "string", "description": "SHA-256 of the token ids as u32 LE"},
-        "codec": {"type": "string"}, "created_at": {"type": ["string", "null"]},
+        "codec": {"type": "string"}, "quality": {"type": "string", "description": "The --quality preset"},
+        "created_at": {"type": ["string", "null"]},
         "source_sha256": {"type": ["string", "null"]}}},
     "Listing": {"type": "object", "required": ["caches"], "properties": {
         "caches": {"type": "array", "items": {"$ref": "#/components/schemas/Entry"}}}},

@@ -20,7 +20,8 @@ digest, so two files of one key never mix), and complete by validating the assem
 replica over the same store can take the next part or the completion, and a restart loses nothing.
 
 Listing entries are dicts: key, bytes, model (the weights digest: what `model=` filters on), model_name,
-architecture, dtype, tokens, tokens_sha256, codec, created_at, source_sha256.
+architecture, dtype, tokens, tokens_sha256, codec, quality (the --quality preset), created_at, source_sha256.
+The levels of one document are the entries of `lookup(model=…, tokens_sha256=…)`, one file per quality.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ def describe(key: str, header: format.Header, size: int) -> dict:
         "tokens": header.num_tokens,
         "tokens_sha256": tokens_sha256(header.token_ids),
         "codec": header.codec["name"],
+        "quality": index.quality_of(header.codec),
         "created_at": header.created_at or None,
         "source_sha256": (header.source or {}).get("sha256"),
     }
