@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ..stdio import write_stdout_text
+from ..stdio import write_stderr_text, write_stdout_text
 from .common import BackendOpt, DeviceOpt, check_output, emit_json, handled
 
 TokenFileOpt = typer.Option(None, "--token-file", help="File whose first line is the bearer token "
@@ -65,8 +65,8 @@ def serve_cache(
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     # One plain line first, for scripts and tests that start the server on port 0.
-    print(f"kvcli serve-cache: listening on http://{shown}:{bound} ({'writable' if writable else 'read-only'}, "
-          f"store {backend.url})", file=sys.stderr, flush=True)
+    write_stderr_text(f"kvcli serve-cache: listening on http://{shown}:{bound} "
+                      f"({'writable' if writable else 'read-only'}, store {backend.url})\n")
     if host not in ("127.0.0.1", "::1", "localhost") and not (token and read_token):
         logging.getLogger("kvcli.server").warning("listening on %s: reads are open to anyone who can reach it", host)
     with sock:
@@ -109,7 +109,7 @@ def push(
         if as_json:
             emit_json(result)
         else:
-            print(f"{result['key']} {result['url']}")
+            write_stdout_text(f"{result['key']} {result['url']}\n")
         return
     result = levels.push_levels(target, file, qualities, model, where.device, where.backend)
     if as_json:
@@ -181,7 +181,7 @@ def pull(
         emit_json(result)
     else:
         resumed = f", resumed at byte {result['resumed_from']:,}" if result["resumed_from"] else ""
-        print(f"wrote {out}: {result['bytes']:,} bytes{resumed}", file=sys.stderr)
+        write_stderr_text(f"wrote {out}: {result['bytes']:,} bytes{resumed}\n")
 
 
 def download(fetcher, url: str, out: str) -> dict:
