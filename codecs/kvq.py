@@ -25,8 +25,9 @@ import numpy as np
 import torch
 import zstandard
 
-from . import _ans, entropy
+from . import entropy
 from .base import ITEMSIZE, Codec, CodecError, Decoder, Encoder, SegmentContext, bytes_to_tensor, tensor_bytes, unzstd
+from .kvq_ops import _kvq
 from .quantize import dequantize_rotate_ref, quantize, rope_tables, unrotate_keys
 
 FORMAT_VERSION = 3
@@ -148,14 +149,14 @@ class KvqCodec(Codec):
 
     def _pre(self, x: torch.Tensor, layer: int, kind: int, token_start: int) -> torch.Tensor:
         """(heads, tokens, dim) -> float32 (heads, dim, tokens) in the quantization space (pre-RoPE for keys):
-        _pre_ref's values, for a float32 CPU tensor in one C pass (_ans.unrotate) instead of torch's six."""
+        _pre_ref's values, for a float32 CPU tensor in one C pass (_kvq.unrotate) instead of torch's six."""
         if x.device.type != "cpu" or x.dtype != torch.float32 or x.requires_grad or x.shape[1] == 0:
             return self._pre_ref(x, layer, kind, token_start)
         heads, tokens, dim = x.shape
         freq = self._freq(layer, kind, dim)
         cos, sin = rope_tables(freq, token_start, tokens) if freq is not None else (None, None)
         body = torch.empty((heads, dim, tokens), dtype=torch.float32)
-        _ans.unrotate(x.numpy(), *(t.numpy() if t is not None else None for t in (cos, sin)), body.numpy())
+        _kvq.unrotate(x.numpy(), *(t.numpy() if t is not None else None for t in (cos, sin)), body.numpy())
         return body
 
     def _pre_ref(self, x: torch.Tensor, layer: int, kind: int, token_start: int) -> torch.Tensor:
@@ -401,14 +402,14 @@ class Fitted:
 
 def deviations(body: torch.Tensor, center: torch.Tensor,
                token_factor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """deviations_ref's tensors, in one C pass (_ans.deviations) for a float32 CPU body; torch's where any
+    """deviations_ref's tensors, in one C pass (_kvq.deviations) for a float32 CPU body; torch's where any
     deviation is not finite, so that _fit_layer's error path sees what it always saw."""
     if body.device.type != "cpu" or body.requires_grad or body.numel() == 0:
         return deviations_ref(body, center, token_factor)
     body, center = body.float().contiguous(), center.float().contiguous()
     factor = token_factor.float().contiguous().numpy() if token_factor is not None else None
     spread, squares = torch.empty(center.shape), torch.empty(body.shape)
-    if not _ans.deviations(body.numpy(), center.numpy(), factor, body.shape[0], spread.numpy(), squares.numpy()):
+    if not _kvq.deviations(body.numpy(), center.numpy(), factor, body.shape[0], spread.numpy(), squares.numpy()):
         return deviations_ref(body, center, token_factor)
     return spread, squares
 
@@ -424,7 +425,7 @@ def deviations_ref(body: torch.Tensor, center: torch.Tensor,
 
 def quantize_classes(body: torch.Tensor, center: torch.Tensor, step: torch.Tensor,
                      token_factor: torch.Tensor | None) -> tuple[torch.Tensor, np.ndarray]:
-    """quantize_classes_ref's integers and classes in one C pass (_ans.quantize) over a CPU body: the integers
+    """quantize_classes_ref's integers and classes in one C pass (_kvq.quantize) over a CPU body: the integers
     are written straight as int16 when they fit (as nearly always), the classes' sums taken on the way. The
     rounding rule is codecs/quantize.py's quantize; the C pass repeats it, and tests/test_fast_encode.py holds
     the two to the same integers."""
@@ -435,7 +436,7 @@ def quantize_classes(body: torch.Tensor, center: torch.Tensor, step: torch.Tenso
     std = np.empty(center.shape, np.float64)
     for dtype in (torch.int16, torch.int32):
         q = torch.empty(body.shape, dtype=dtype)
-        if _ans.quantize(body.numpy(), center.numpy(), step.numpy(), factor, body.shape[0], q.numpy(), std):
+        if _kvq.quantize(body.numpy(), center.numpy(), step.numpy(), factor, body.shape[0], q.numpy(), std):
             return q, entropy.class_of(std)
     raise AssertionError("kvq integers always fit int32")
 
@@ -614,7 +615,7 @@ class KvqDecoder(_Planned, Decoder):
 
     def dequantize_body(self, ctx: SegmentContext, skip: int, symbols: entropy.Symbols, body: torch.Tensor) -> None:
         """Expand, dequantize (with token weights where the file has them), rotate keys and cast into body
-        (heads, tokens - skip, dim), a CPU tensor of the file's dtype, with _ans.reconstruct: one pass over each
+        (heads, tokens - skip, dim), a CPU tensor of the file's dtype, with _kvq.reconstruct: one pass over each
         element, without the GIL, values bit for bit dequantize_body_ref's. The C code refuses strides that would
         write outside body's storage."""
         kind = KINDS.index(ctx.kind)
@@ -627,7 +628,7 @@ class KvqDecoder(_Planned, Decoder):
         lay = symbols.layout
         storage = torch.empty(0, dtype=torch.uint8).set_(body.untyped_storage()).numpy()
         place = np.array([body.storage_offset(), ctx.heads, ctx.dim, *body.stride()], np.int64)
-        _ans.reconstruct(symbols.symbols, lay.spec, lay.rows, lay.tokens, *self.tables.digits, symbols.escapes,
+        _kvq.reconstruct(symbols.symbols, lay.spec, lay.rows, lay.tokens, *self.tables.digits, symbols.escapes,
                          center, step, factor.numpy() if factor is not None else None, cos, sin, storage, place,
                          HOST_DTYPES[body.dtype])
 
@@ -647,7 +648,7 @@ class KvqDecoder(_Planned, Decoder):
         body.copy_(values.transpose(1, 2))
 
 
-HOST_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # _ans.reconstruct's dtype codes
+HOST_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # _kvq.reconstruct's dtype codes
 
 
 # ---------------------------------------------------------------- plan bytes

@@ -1,4 +1,4 @@
-"""kvq's fused CPU reconstruction (_ans.reconstruct, KvqDecoder.dequantize_body) against the torch reference
+"""kvq's fused CPU reconstruction (_kvq.reconstruct, KvqDecoder.dequantize_body) against the torch reference
 (dequantize_body_ref, dequantize_rotate_ref): bit for bit in every dtype and shape, the float16 clamp and
 round-to-nearest-even casts at their edges, outputs it must refuse, and the GIL released while it runs."""
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from coder_inputs import fit_tables, ticks_during
-from kvcli.codecs import _ans
+from kvcli.codecs.kvq_ops import _kvq
 from kvcli.codecs.kvq import FLOAT16_MAX, HOST_DTYPES, KvqCodec
 from kvcli.codecs.quantize import rope_tables, rotate_keys
 
@@ -86,7 +86,7 @@ def test_all_sink_segments_and_a_segment_that_starts_with_sinks():
 
 
 def escaped(q: np.ndarray):
-    """_ans.reconstruct's leading arguments for integers q (heads, dim, tokens) of any value: one group of class
+    """_kvq.reconstruct's leading arguments for integers q (heads, dim, tokens) of any value: one group of class
     16 (m = 1, K = 255) whose every symbol is the escape, so each integer comes from the escapes as it is."""
     heads, dim, tokens = q.shape
     tables = fit_tables({16: [np.zeros((1, 4), np.int32)]})
@@ -98,7 +98,7 @@ def escaped(q: np.ndarray):
 
 
 def fused_args(q, center, step, rope, out: torch.Tensor, place=None, factor=None) -> tuple:
-    """_ans.reconstruct's arguments for q (heads, dim, tokens) into out (heads, tokens, dim); rope: (cos, sin)
+    """_kvq.reconstruct's arguments for q (heads, dim, tokens) into out (heads, tokens, dim); rope: (cos, sin)
     or None; factor: token weights (heads, tokens) or None."""
     heads, dim, _ = q.shape
     storage = torch.empty(0, dtype=torch.uint8).set_(out.untyped_storage()).numpy()
@@ -111,7 +111,7 @@ def fused_args(q, center, step, rope, out: torch.Tensor, place=None, factor=None
 
 
 def fused(*args, **kwargs) -> None:
-    _ans.reconstruct(*fused_args(*args, **kwargs))
+    _kvq.reconstruct(*fused_args(*args, **kwargs))
 
 
 def reference(q, center, step, rope, dtype, factor=None) -> torch.Tensor:
@@ -221,13 +221,13 @@ def test_a_layout_that_does_not_cover_every_channel_is_refused():
     storage = torch.empty(0, dtype=torch.uint8).set_(out.untyped_storage()).numpy()
     tail = [np.zeros(4, np.float32), np.ones(4, np.float32), None, None, None, storage,
             np.array([0, 1, 4, 12, 1, 3], np.int64), 0]
-    _ans.reconstruct(*args, *tail)
+    _kvq.reconstruct(*args, *tail)
     args[2] = np.array([0, 1, 1, 3], np.int64)  # channel 1 twice, channel 2 never
     with pytest.raises(ValueError, match="cover every channel"):
-        _ans.reconstruct(*args, *tail)
+        _kvq.reconstruct(*args, *tail)
     args[2] = np.array([0, 1, 2, 4], np.int64)  # a channel past the output
     with pytest.raises(ValueError, match="group layout"):
-        _ans.reconstruct(*args, *tail)
+        _kvq.reconstruct(*args, *tail)
 
 
 def test_escapes_must_be_exactly_those_the_symbols_use():
@@ -238,7 +238,7 @@ def test_escapes_must_be_exactly_those_the_symbols_use():
             np.array([0, 1, 2, 6, 1, 3], np.int64), 0]
     args[6] = np.zeros(5, np.int32)  # one short
     with pytest.raises(ValueError, match="escapes"):
-        _ans.reconstruct(*args, *tail)
+        _kvq.reconstruct(*args, *tail)
 
 
 def test_reconstruction_releases_the_gil():
@@ -250,7 +250,7 @@ def test_reconstruction_releases_the_gil():
     rope = rope_tables(torch.from_numpy(1.0 / 10000 ** (np.arange(0, dim, 2) / dim)).float(), 0, tokens)
     out = channel_major(heads, tokens, dim, torch.float16)
     args = fused_args(q, center, step, rope, out)
-    during = ticks_during(lambda: _ans.reconstruct(*args))
+    during = ticks_during(lambda: _kvq.reconstruct(*args))
     assert torch.equal(bits(out), bits(reference(q, center, step, rope, torch.float16)))
     assert during >= 10, during
 

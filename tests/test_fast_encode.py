@@ -1,7 +1,7 @@
 """kvq's fast encoder writes exactly the bytes of the reference path it replaced.
 
-The fast path: KvqCodec._pre, kvq.deviations and kvq.quantize_classes in C passes (codecs/_ans.c), layers fitted
-on two threads, table counts by _ans.count_tuples and each segment coded by one _ans.encode_rows call. The
+The fast path: KvqCodec._pre, kvq.deviations and kvq.quantize_classes in C passes (codecs/kvq_ops/quantize.c),
+layers fitted on two threads, table counts by _ans.count_tuples and each segment coded by one _ans.encode_rows call. The
 reference path: _pre_ref, deviations_ref and quantize_classes_ref in torch (codecs/quantize.py's quantize is the
 rounding rule), and the per-group to_tuples + rans.encode_streams coder below. Whole files are compared for
 caches that reach every branch (sliding windows, token weights, a profile, int32 integers, odd shapes, half
