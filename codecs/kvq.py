@@ -26,7 +26,8 @@ import torch
 import zstandard
 
 from . import entropy
-from .base import ITEMSIZE, Codec, CodecError, Decoder, Encoder, SegmentContext, bytes_to_tensor, tensor_bytes, unzstd
+from .base import (ITEMSIZE, Codec, CodecError, Decoder, Encoder, SegmentContext, bytes_to_tensor, check_backend,
+                   tensor_bytes, unzstd)
 from .kvq_ops import _kvq
 from .quantize import dequantize_rotate_ref, quantize, rope_tables, unrotate_keys
 
@@ -242,10 +243,12 @@ class KvqCodec(Codec):
     # ------------------------------------------------------------ factories
 
     def fit(self, keys: list[torch.Tensor], values: list[torch.Tensor], token_starts: list[int],
-            attention: list[torch.Tensor] | None = None) -> "KvqEncoder":
-        """Plans and tables from the whole cache, quantizing every element once: the encoder keeps the integers
-        and codes the segments that are slices of these tensors from them. With `attention` (per layer
-        (kv_heads, held), kvcli/modeling/importance.py) and a token alpha above 0, token weights too."""
+            attention: list[torch.Tensor] | None = None, backend: str = "torch") -> "KvqEncoder":
+        """Plans and tables from the whole cache, quantizing every element once on the CPU: the encoder keeps the
+        integers and codes the segments that are slices of these tensors from them; with backend "triton" it
+        quantizes the others where they live. With `attention` (per layer (kv_heads, held),
+        kvcli/modeling/importance.py) and a token alpha above 0, token weights too."""
+        check_backend(backend)
         jobs = [(layer, kind) for layer in range(len(token_starts)) for kind in range(2)]
 
         def fit_one(job: tuple[int, int]):
@@ -268,7 +271,7 @@ class KvqCodec(Codec):
                     counts[cls] = counts[cls] + n if cls in counts else n
         freqs = [self._freq(layer, 0, keys[layer].shape[2]) for layer in range(len(token_starts))]
         inv_freq = [None if f is None else f.numpy() for f in freqs]
-        return KvqEncoder(self, plans, entropy.tables_of(counts), inv_freq, tokens, fitted)
+        return KvqEncoder(self, plans, entropy.tables_of(counts), inv_freq, tokens, fitted, backend)
 
     def _fit_one(self, x: torch.Tensor, layer: int, kind: int, start: int, attention: torch.Tensor | None):
         """fit's work for one layer and kind: (plan, integers, token weights or None, symbol counts of a table
@@ -298,7 +301,8 @@ class KvqCodec(Codec):
                   for cls in np.unique(plan.classes)}
         return plan, q, weights, counts
 
-    def open(self, aux: dict[str, bytes], layers: int) -> "KvqDecoder":
+    def open(self, aux: dict[str, bytes], layers: int, backend: str = "torch") -> "KvqDecoder":
+        check_backend(backend)
         version = self.version
         allowed = [{"kvq.plan", "kvq.tables"}] + ([{"kvq.plan", "kvq.tables", "kvq.tokens"}] if version >= 3 else [])
         if set(aux) not in allowed:
@@ -309,7 +313,7 @@ class KvqCodec(Codec):
         if len(plans) != 2 * layers:  # a plan for a layer the file does not have would be read and never used
             raise CodecError(f"kvq.plan has {len(plans) // 2} layers, the header {layers}")
         tokens = unpack_tokens(unzstd(aux["kvq.tokens"], AUX_LIMIT), plans) if "kvq.tokens" in aux else {}
-        return KvqDecoder(self, plans, tables, inv_freq, tokens)
+        return KvqDecoder(self, plans, tables, inv_freq, tokens, backend)
 
 
 class _TooFine(Exception):
@@ -336,11 +340,13 @@ class TokenWeights:
 
 class _Planned:
     """What encoder and decoder share: the codec, per-(layer, kind) plans, entropy tables, rotary frequencies,
-    token weights."""
+    token weights, and the backend they were built for (base.BACKENDS)."""
 
     def __init__(self, codec: KvqCodec, plans: dict[tuple[int, int], LayerPlan], tables: entropy.ClassTables,
-                 inv_freq: list[np.ndarray | None], tokens: dict[tuple[int, int], TokenWeights] | None = None):
+                 inv_freq: list[np.ndarray | None], tokens: dict[tuple[int, int], TokenWeights] | None = None,
+                 backend: str = "torch"):
         self.codec = codec
+        self.backend = backend
         self.tokens = tokens or {}
         self.plans = plans
         self.tables = tables
@@ -463,8 +469,8 @@ class KvqEncoder(_Planned, Encoder):
 
     def __init__(self, codec: KvqCodec, plans: dict[tuple[int, int], LayerPlan], tables: entropy.ClassTables,
                  inv_freq: list[np.ndarray | None], tokens: dict[tuple[int, int], TokenWeights] | None = None,
-                 fitted: dict[tuple[int, int], Fitted] | None = None):
-        super().__init__(codec, plans, tables, inv_freq, tokens)
+                 fitted: dict[tuple[int, int], Fitted] | None = None, backend: str = "torch"):
+        super().__init__(codec, plans, tables, inv_freq, tokens, backend)
         self.fitted = fitted or {}
         self._layouts: dict = {}  # entropy.Layout by (layer, kind, non-sink tokens); threads compute the same
         tables.reciprocals  # computed once here rather than by both coding threads
@@ -530,13 +536,13 @@ class KvqEncoder(_Planned, Encoder):
 
 class KvqDecoder(_Planned, Decoder):
     batch_elements = 1 << 23
-    device_path = True
     # decode_onto's batches: the kernels want many streams per launch; about 10 bytes of device scratch each.
     device_batch_elements = 1 << 26
     channel_major = True  # dequantization works per channel
 
     def __init__(self, *args):
         super().__init__(*args)
+        self.on_device = self.backend == "triton"
         self._segments: dict = {}  # _segment's results by layout; every thread computes the same values
         self._layouts: dict = {}  # entropy.Layout by (layer, kind, non-sink tokens), likewise
         self._host = {key: (c.numpy().reshape(-1), st.numpy().reshape(-1)) for key, (c, st) in self._tensors.items()}
@@ -590,6 +596,8 @@ class KvqDecoder(_Planned, Decoder):
         entropy() followed by reconstruct()."""
         from ..kernels import kvq_decode  # needs triton; imported only when asked for
 
+        if not self.on_device:
+            raise ValueError("decode_onto needs a decoder opened with backend triton")
         if not segments:
             return
         device = segments[0][2].device
