@@ -24,11 +24,11 @@ import numpy as np
 import torch
 import transformers
 from kvcli.codecs import entropy
+from kvcli.codecs.kvq_ops import dequantize_triton as dq
+from kvcli.codecs.kvq_ops.dequantize_triton import dequantize_rotate
+from kvcli.codecs.kvq_ops.quantize_triton import quantize_unrotate
 from kvcli.codecs.presets import make_codec
-from kvcli.kernels import dequantize as dq
 from kvcli.kernels import rans_decode
-from kvcli.kernels.dequantize import dequantize_rotate
-from kvcli.kernels.quantize import quantize_unrotate
 
 from kvcli.container import format, kvfile
 from kvcli.modeling.kvcache import KVCache

@@ -4,7 +4,7 @@ The host checks every segment's sizes and cuts out its stream (KvqDecoder.split,
 transfer and one rANS launch (kernels/rans_decode.py) decode every stream of the batch; the per-segment escape
 counts come back with the streams' status in one transfer, so the escape frames are checked and decompressed
 exactly as the CPU path does (entropy.escape_values); torch gathers expand joint symbols and escapes; and one fused
-dequantize launch (kernels/dequantize.py) per run of consecutive segments of a layer and kind writes the cache.
+dequantize launch (codecs/kvq_ops/dequantize_triton.py) per run of consecutive segments of a layer and kind writes the cache.
 Symbols and values are the CPU path's, bit for bit, and every refusal is the CPU path's, naming the segment.
 """
 
@@ -17,8 +17,8 @@ import torch
 
 from ..codecs import entropy, rans
 from ..codecs.base import CodecError, SegmentContext, bytes_to_tensor
+from ..codecs.kvq_ops.dequantize_triton import dequantize_rotate
 from . import rans_decode
-from .dequantize import dequantize_rotate
 
 
 MAX_TUPLE = 4  # the longest joint symbol (entropy.class_layout); shorter ones are padded to it

@@ -13,7 +13,7 @@ from kvcli.codecs.base import CodecError
 from kvcli.codecs.kvq import KvqCodec, Profile
 from kvcli.codecs.lossless import ZstdCodec
 from kvcli.codecs.raw import RawCodec
-from kvcli.codecs.quantize import rope_tables, unrotate_keys
+from kvcli.codecs.kvq_ops.rope import rope_tables, unrotate_keys
 
 from kvcli.container import format, kvfile
 from kvcli.errors import FormatError, KvcliError

@@ -1,6 +1,7 @@
 """kvq's fused CPU reconstruction (_kvq.reconstruct, KvqDecoder.dequantize_body) against the torch reference
-(dequantize_body_ref, dequantize_rotate_ref): bit for bit in every dtype and shape, the float16 clamp and
-round-to-nearest-even casts at their edges, outputs it must refuse, and the GIL released while it runs."""
+(dequantize_body_ref, dequantize_rotate_ref): whole files, the float16 clamp and round-to-nearest-even casts at
+their edges, outputs it must refuse, and the GIL released while it runs (random values in every dtype, shape and
+layout: tests/test_kvq_ops.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 from coder_inputs import fit_tables, ticks_during
+from kvcli.codecs.kvq import FLOAT16_MAX, KvqCodec
 from kvcli.codecs.kvq_ops import _kvq
-from kvcli.codecs.kvq import FLOAT16_MAX, HOST_DTYPES, KvqCodec
-from kvcli.codecs.quantize import rope_tables, rotate_keys
+from kvcli.codecs.kvq_ops.dequantize import HOST_DTYPES
+from kvcli.codecs.kvq_ops.rope import rope_tables, rotate_keys
 
 from kvcli.container import format, kvfile
 from kvcli.modeling.kvcache import KVCache
@@ -129,27 +131,6 @@ def reference(q, center, step, rope, dtype, factor=None) -> torch.Tensor:
 
 def channel_major(heads, tokens, dim, dtype) -> torch.Tensor:
     return torch.full((heads, dim, tokens), float("nan"), dtype=dtype).transpose(1, 2)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=NAMES.get)
-@pytest.mark.parametrize("rope", [False, True])
-@pytest.mark.parametrize("weighted", [False, True])
-def test_random_values_match_the_reference_in_every_layout(dtype, rope, weighted):
-    """Wide-ranging integers, centres and steps, with and without token weights; channel-major storage, a plain
-    (heads, tokens, dim) tensor (strided writes) and a slice in the middle of a larger one."""
-    rng = np.random.default_rng(5)
-    heads, dim, tokens = 3, 8, 21
-    q = (rng.standard_normal((heads, dim, tokens)) * 10.0 ** rng.integers(0, 6, (heads, dim, 1))).astype(np.int32)
-    center = torch.from_numpy(rng.standard_normal((heads, dim)).astype(np.float32) * 100)
-    step = torch.from_numpy(np.exp(rng.uniform(-12, 4, (heads, dim))).astype(np.float32))
-    tables = rope_tables(torch.from_numpy(1.0 / 10000 ** (np.arange(0, dim, 2) / dim)).float(), 1234, tokens)
-    rope = tables if rope else None
-    factor = torch.from_numpy(np.float32(2.0 ** (rng.integers(-24, 25, (heads, tokens)) / 8))) if weighted else None
-    want = reference(q, center, step, rope, dtype, factor)
-    for out in (channel_major(heads, tokens, dim, dtype), torch.full((heads, tokens, dim), float("nan"), dtype=dtype),
-                channel_major(heads, tokens + 9, dim, dtype)[:, 4 : 4 + tokens]):
-        fused(q, center, step, rope, out, factor=factor)
-        assert torch.equal(bits(out), bits(want))
 
 
 def test_float16_clamps_to_its_largest_finite_value():

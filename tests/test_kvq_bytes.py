@@ -63,7 +63,8 @@ def fixed_cache(dtype: torch.dtype) -> KVCache:
 
 def fixed_profile() -> Profile:
     rng = np.random.Generator(np.random.PCG64(7))
-    return Profile("fixed", rng.random((LAYERS, 2, HEADS)) + 0.1, [rng.random((HEADS, DIM)) + 0.05 for _ in range(LAYERS)])
+    sensitivity = rng.random((LAYERS, 2, HEADS)) + 0.1
+    return Profile("fixed", sensitivity, [rng.random((HEADS, DIM)) + 0.05 for _ in range(LAYERS)])
 
 
 def fixed_digest(quality: str, dtype: str, backend: str = "torch") -> str:
