@@ -156,10 +156,11 @@ SHARED int expansion_get(View *sym, View *spec, View *rows, int64_t tokens, View
 
 /* Every group's channels into out (row r of `tokens` values at out + r * tokens), without the GIL. Returns 1
  * for a symbol past its alphabet or escapes that are not exactly those the symbols use.
- * Never inlined: inlined into reconstruct it made the reconstruction's loops about 18% slower (same-process A/B
- * of the two builds, CPU time), as the one function of both callers it was in _ans.c. */
-__attribute__((noinline)) SHARED int expand_all(const Layout *l, const uint16_t *s, const int32_t *digits, const int64_t *offsets,
-                      const int32_t *escapes, Py_ssize_t n_esc, int32_t *out) {
+ * Never inlined, as when expand and reconstruct shared it in one file: inlined into reconstruct, its one caller
+ * in dequantize.c, it made reconstruct 13-23% slower (the same decode's calls replayed on both builds). */
+__attribute__((noinline)) SHARED int expand_all(const Layout *l, const uint16_t *s, const int32_t *digits,
+                                                const int64_t *offsets, const int32_t *escapes, Py_ssize_t n_esc,
+                                                int32_t *out) {
     int fault = 0;
     Py_ssize_t used = 0;
     const int64_t *row = l->rows;
