@@ -37,7 +37,7 @@ FORMAT_VERSION = 3
 READABLE_VERSIONS = (2, 3)  # version 2 is version 3 without token weights
 DEFAULT_SINKS = 1  # the first token is the sink; 4 measured no better on development text, at +0.04 bits/element
 MIN_STEP = 2.0**-14  # smallest normal float16: steps are stored as float16
-MAX_STEP = FLOAT16_MAX = 65504.0  # largest float16
+MAX_STEP = dequantize.FLOAT16_MAX  # largest float16: steps are stored as float16
 MAX_LEVEL = 2**30  # |q| stays below this, so escapes fit int32 with room to spare
 KINDS = ("k", "v")
 TABLE_SAMPLE_TOKENS = 1024
@@ -472,7 +472,7 @@ class KvqDecoder(_Planned, Decoder):
         self._segments: dict = {}  # _segment's results by layout; every thread computes the same values
         self._layouts: dict = {}  # entropy.Layout by (layer, kind, non-sink tokens), likewise
         self._host = {key: (c.numpy().reshape(-1), st.numpy().reshape(-1)) for key, (c, st) in self._tensors.items()}
-        self._device_states: dict = {}  # per device: tables and layouts on it (kernels/kvq_decode.py)
+        self._device_states: dict = {}  # per device: tables and layouts on it (kvq_ops/decode_triton.py)
         self._lock = threading.Lock()
 
     def _layout(self, ctx: SegmentContext) -> tuple[LayerPlan, int, entropy.Limits]:
@@ -517,10 +517,10 @@ class KvqDecoder(_Planned, Decoder):
         return self._layouts[key]
 
     def decode_onto(self, segments: list[tuple[SegmentContext, bytes, torch.Tensor]]) -> None:
-        """The device path of backend "triton" (kernels/kvq_decode.py): a batch of segments decoded straight into
+        """The device path of backend "triton" (kvq_ops/decode_triton.py): a batch of segments decoded straight into
         their (heads, tokens, dim) outputs on one device, in a few launches, with the values and refusals of
         entropy() followed by reconstruct()."""
-        from ..kernels import kvq_decode  # needs triton; imported only when asked for
+        from .kvq_ops import decode_triton  # needs triton; imported only when asked for
 
         if not self.on_device:
             raise ValueError("decode_onto needs a decoder opened with backend triton")
@@ -530,8 +530,8 @@ class KvqDecoder(_Planned, Decoder):
         with self._lock:
             state = self._device_states.get(str(device))
             if state is None:
-                state = self._device_states[str(device)] = kvq_decode.DeviceState(self, device)
-        kvq_decode.decode_onto(state, segments)
+                state = self._device_states[str(device)] = decode_triton.DeviceState(self, device)
+        decode_triton.decode_onto(state, segments)
 
     def reconstruct(self, ctx: SegmentContext, data: bytes, symbols: entropy.Symbols, out: torch.Tensor) -> None:
         """The exact sinks into out[:, :sinks], the body into out[:, sinks:]: in C for a CPU output of the file's

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 from coder_inputs import fit_tables, ticks_during
-from kvcli.codecs.kvq import FLOAT16_MAX, KvqCodec
+from kvcli.codecs.kvq import KvqCodec
 from kvcli.codecs.kvq_ops import _kvq
-from kvcli.codecs.kvq_ops.dequantize import HOST_DTYPES
+from kvcli.codecs.kvq_ops.dequantize import FLOAT16_MAX, HOST_DTYPES
 from kvcli.codecs.kvq_ops.rope import rope_tables, rotate_keys
 
 from kvcli.container import format, kvfile

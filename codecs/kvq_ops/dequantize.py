@@ -19,7 +19,7 @@ from .. import entropy
 from . import _kvq
 from .rope import rope_tables, rotate_keys
 
-FLOAT16_MAX = 65504.0
+FLOAT16_MAX = 65504.0  # largest finite float16
 HOST_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # _kvq.reconstruct's dtype codes
 
 
