@@ -24,11 +24,11 @@ import numpy as np
 import torch
 import transformers
 from kvcli.codecs import entropy
+from kvcli.codecs.kvq_ops import dequantize_triton as dq
+from kvcli.codecs.kvq_ops.dequantize_triton import dequantize_rotate
+from kvcli.codecs.kvq_ops.quantize_triton import quantize_unrotate
 from kvcli.codecs.presets import make_codec
-from kvcli.kernels import dequantize as dq
 from kvcli.kernels import rans_decode
-from kvcli.kernels.dequantize import dequantize_rotate
-from kvcli.kernels.quantize import quantize_unrotate
 
 from kvcli.container import format, kvfile
 from kvcli.modeling.kvcache import KVCache
@@ -150,7 +150,7 @@ def bench_tensor_config(env, out, device, tokens, heads, dim, repeats) -> None:
 
 def decode_on_device(data: bytes, device: torch.device) -> KVCache:
     """The product's GPU file path: a .kvc in host memory to cache tensors on `device` (kvfile.decode with the
-    triton backend: KvqDecoder.decode_onto, kernels/kvq_decode.py)."""
+    triton backend: KvqDecoder.decode_onto, codecs/kvq_ops/decode_triton.py)."""
     src = format.BytesSource(data)
     return kvfile.decode(src, format.read_header(src), device=device, backend="triton")
 
@@ -173,7 +173,7 @@ def host_profile(data: bytes, device: torch.device, top: int = 8) -> list[list]:
 def bench_host(env, out, tokens: int, chunk: int, repeats: int) -> None:
     """The device path's per-segment host work without a device: read and CRC32, size checks and cuts
     (KvqDecoder.split), and packing the upload, on a synthetic cache of Qwen2.5-0.5B's shape."""
-    from kvcli.kernels import kvq_decode
+    from kvcli.codecs.kvq_ops import decode_triton
 
     layers, heads, dim = QWEN_05B["num_hidden_layers"], QWEN_05B["num_key_value_heads"], 64
     g = torch.Generator().manual_seed(0)
@@ -189,7 +189,7 @@ def bench_host(env, out, tokens: int, chunk: int, repeats: int) -> None:
     segs, ctxs = kvfile._segments(header)
     datas = [format.read_segment(src, header, seg) for seg in segs]
     split = decoder.split(list(zip(ctxs, datas)))
-    state = kvq_decode.DeviceState(decoder, torch.device("cpu"))
+    state = decode_triton.DeviceState(decoder, torch.device("cpu"))
     counts = [state.layout(c.layer, ("k", "v").index(c.kind), c.tokens - skip).symbols for c, (_, skip, _) in
               zip(ctxs, split)]
     stages = {"read_and_crc32": lambda: [format.read_segment(src, header, seg) for seg in segs],

@@ -44,8 +44,9 @@ from rate_distortion import kvcli_codec, model_options
 from kvcli.calibration import quality
 from kvcli.calibration.calibrate import default_texts
 from kvcli.codecs import entropy
+from kvcli.codecs.kvq_ops import quantize
+from kvcli.codecs.kvq_ops.rope import rope_tables, rotate_keys
 from kvcli.codecs.presets import LOSSY_SCALES
-from kvcli.codecs.quantize import rope_tables, rotate_keys
 from kvcli.container import format, kvfile
 from kvcli.modeling import inference, models
 from kvcli.modeling.kvcache import KVCache
@@ -64,7 +65,7 @@ def unit_space(codec, x: torch.Tensor, layer: int, kind: int, start: int, attent
     None, skip)."""
     plan, _, weights, _ = codec._fit_one(x, layer, kind, start, attention)
     skip = codec._skip(x.shape[1], start)
-    body = codec._pre_ref(x[:, skip:], layer, kind, start + skip).double()
+    body = quantize.to_channels_ref(x[:, skip:], codec._freq(layer, kind, x.shape[2]), start + skip).double()
     center = torch.from_numpy(plan.center.astype(np.float64))
     step = torch.from_numpy(plan.step.astype(np.float64))
     g = weights.factors(start + skip, x.shape[1] - skip).double() if weights is not None else None

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvcli.codecs.quantize import rope_tables, rotate_keys, unrotate_keys
+from kvcli.codecs.kvq_ops.rope import rope_tables, rotate_keys, unrotate_keys
 from kvcli.modeling import inference
 from kvcli.modeling.kvcache import KVCache
 from kvcli.modeling.rope import inv_freq_per_layer

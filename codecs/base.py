@@ -3,6 +3,8 @@
 - `Codec` is the configuration: name, params, how to rebuild it from a header (`from_params`, validated against
   the class's declared PARAMS), and the two factories `fit` (whole cache -> Encoder) and `open` (aux blobs and
   the header's layer count -> Decoder). `registry.codec_from_header` rebuilds one from a file's header.
+- Both factories take the backend, the one choice of where the codec's hot paths run (BACKENDS); it is made
+  there, once, and never changes.
 - `Encoder` and `Decoder` are immutable once built, so threads may share them.
 - Decoding is two declared stages, in this order: `entropy` turns a batch of segments' bytes into symbols (on
   the CPU; a GPU entropy decoder may replace it), and `reconstruct` writes one segment's values into a
@@ -20,6 +22,9 @@ import numpy as np
 import torch
 import zstandard
 
+# Where a codec's hot paths run: "torch" (in C for CPU tensors where the codec has it, torch elsewhere) or
+# "triton" (the codec's Triton kernels where it has them, on the tensors' device). The bytes are the same either way.
+BACKENDS = ("torch", "triton")
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -94,21 +99,19 @@ class Codec(ABC):
 
     @abstractmethod
     def fit(self, keys: list[torch.Tensor], values: list[torch.Tensor], token_starts: list[int],
-            attention: list[torch.Tensor] | None = None) -> "Encoder":
-        """An encoder for this cache (it may fit shared tables on all of it). `attention`, per layer (kv_heads,
-        held), is what each token received during prefill (kvcli/modeling/importance.py), where measured; lossy codecs
-        may spend fewer bits on tokens that received little."""
+            attention: list[torch.Tensor] | None = None, backend: str = "torch") -> "Encoder":
+        """An encoder for this cache (it may fit shared tables on all of it) that codes segments with `backend`
+        (check_backend). `attention`, per layer (kv_heads, held), is what each token received during prefill
+        (kvcli/modeling/importance.py), where measured; lossy codecs may spend fewer bits on tokens that received
+        little."""
 
     @abstractmethod
-    def open(self, aux: dict[str, bytes], layers: int) -> "Decoder":
-        """A decoder for one file of `layers` layers (the header's count), from the aux blobs its encoder wrote."""
+    def open(self, aux: dict[str, bytes], layers: int, backend: str = "torch") -> "Decoder":
+        """A decoder for one file of `layers` layers (the header's count), from the aux blobs its encoder wrote,
+        that decodes with `backend` (check_backend)."""
 
 
 class Encoder(ABC):
-    # Where segments are quantized: "torch", or "triton" for a codec with kernels (kvfile.encode sets it from
-    # --backend before the first segment; the bytes are the same either way).
-    backend: str = "torch"
-
     def aux(self) -> dict[str, bytes]:
         """Blobs shared by all segments (entropy tables, say), stored once per file."""
         return {}
@@ -127,9 +130,9 @@ class Decoder(ABC):
     # Whether reconstruct writes fastest into channel-major storage: the caller then allocates each layer as
     # (heads, dim, tokens) and hands reconstruct (heads, tokens, dim) views of it.
     channel_major: ClassVar[bool] = False
-    # A decoder with a device path decodes whole batches straight into tensors on a device (decode_onto) when
-    # the backend is "triton"; others run entropy() then reconstruct() there as on the CPU.
-    device_path: ClassVar[bool] = False
+    # Whether decode_onto decodes whole batches straight into tensors on their device: a codec with kernels
+    # opened with backend "triton". Other decoders run entropy() then reconstruct() there as on the CPU.
+    on_device: bool = False
     device_batch_elements: ClassVar[int] = 1 << 26
 
     @abstractmethod
@@ -146,8 +149,14 @@ class Decoder(ABC):
 
     def decode_onto(self, segments: list[tuple[SegmentContext, bytes, torch.Tensor]]) -> None:
         """Both stages for a batch of (context, bytes, out) on out's device with the codec's kernels; only for
-        decoders whose device_path is true. CodecError with `index` naming the failing segment."""
+        decoders whose on_device is true. CodecError with `index` naming the failing segment."""
         raise NotImplementedError(f"{type(self).__name__} has no device path")
+
+
+def check_backend(backend: str) -> None:
+    """ValueError for a backend outside BACKENDS: kernels.placement.resolve has turned --backend into one."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
 
 
 def reject_aux(codec: str, aux: dict[str, bytes]) -> None:

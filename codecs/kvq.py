@@ -10,6 +10,9 @@ kvq keeps the per-channel modelling and the neighbour redundancy, and changes th
 - the first `sinks` tokens (attention sinks) are kept exactly;
 - entropy tables are fitted once per file and shared by channel classes; neighbouring tokens of a channel
   are coded as one joint symbol, which captures their similarity without a serial delta chain.
+
+This module plans a file and runs its segments through kvq's arithmetic, whose torch, C and Triton forms live in
+codecs/kvq_ops/ (docs/codec.md, "Where the code lives").
 """
 
 from __future__ import annotations
@@ -25,15 +28,16 @@ import numpy as np
 import torch
 import zstandard
 
-from . import _ans, entropy
-from .base import ITEMSIZE, Codec, CodecError, Decoder, Encoder, SegmentContext, bytes_to_tensor, tensor_bytes, unzstd
-from .quantize import dequantize_rotate_ref, quantize, rope_tables, unrotate_keys
+from . import entropy
+from .base import (ITEMSIZE, Codec, CodecError, Decoder, Encoder, SegmentContext, bytes_to_tensor, check_backend,
+                   tensor_bytes, unzstd)
+from .kvq_ops import dequantize, quantize
 
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (2, 3)  # version 2 is version 3 without token weights
 DEFAULT_SINKS = 1  # the first token is the sink; 4 measured no better on development text, at +0.04 bits/element
 MIN_STEP = 2.0**-14  # smallest normal float16: steps are stored as float16
-MAX_STEP = FLOAT16_MAX = 65504.0  # largest float16
+MAX_STEP = dequantize.FLOAT16_MAX  # largest float16: steps are stored as float16
 MAX_LEVEL = 2**30  # |q| stays below this, so escapes fit int32 with room to spare
 KINDS = ("k", "v")
 TABLE_SAMPLE_TOKENS = 1024
@@ -146,26 +150,6 @@ class KvqCodec(Codec):
             return None
         return torch.from_numpy(np.asarray(freq, dtype=np.float32))
 
-    def _pre(self, x: torch.Tensor, layer: int, kind: int, token_start: int) -> torch.Tensor:
-        """(heads, tokens, dim) -> float32 (heads, dim, tokens) in the quantization space (pre-RoPE for keys):
-        _pre_ref's values, for a float32 CPU tensor in one C pass (_ans.unrotate) instead of torch's six."""
-        if x.device.type != "cpu" or x.dtype != torch.float32 or x.requires_grad or x.shape[1] == 0:
-            return self._pre_ref(x, layer, kind, token_start)
-        heads, tokens, dim = x.shape
-        freq = self._freq(layer, kind, dim)
-        cos, sin = rope_tables(freq, token_start, tokens) if freq is not None else (None, None)
-        body = torch.empty((heads, dim, tokens), dtype=torch.float32)
-        _ans.unrotate(x.numpy(), *(t.numpy() if t is not None else None for t in (cos, sin)), body.numpy())
-        return body
-
-    def _pre_ref(self, x: torch.Tensor, layer: int, kind: int, token_start: int) -> torch.Tensor:
-        x = x.float().transpose(1, 2).contiguous()
-        freq = self._freq(layer, kind, x.shape[1])
-        if freq is None or x.shape[2] == 0:
-            return x
-        cos, sin = rope_tables(freq, token_start, x.shape[2])
-        return unrotate_keys(x, cos, sin)
-
     def token_exponents(self, attention: torch.Tensor, skip: int) -> np.ndarray:
         """int8 (heads, held) token-weight exponents from the attention each held token received (kvcli/
         importance.py): -8 * alpha * log2(attention / the head's geometric mean over non-sink tokens), rounded
@@ -190,7 +174,7 @@ class KvqCodec(Codec):
             return LayerPlan(np.zeros_like(ones), ones, np.zeros((heads, dim), dtype=np.int8)), empty
         center = body.mean(dim=2).clamp(-MAX_STEP, MAX_STEP).to(torch.float16).float()
         # Per head, of what is quantized: with token weights, the deviations in units of their tokens' factors.
-        spread, squares = deviations(body, center, token_factor)
+        spread, squares = quantize.deviations(body, center, token_factor)
         # NaN or infinite where the body is, or where finite values are so large that their mean overflowed: a
         # second pass over the body, only on the way to an error, tells which.
         if not torch.isfinite(spread).all():
@@ -215,7 +199,7 @@ class KvqCodec(Codec):
                              f"their channel mean are beyond kvq's range ({MAX_STEP * MAX_LEVEL:.3g}); use lossless")
         # float16 rounding may shave 2^-11 off a floored step: |q| stays below 2^31 all the same.
         step = torch.maximum(step.clamp(MIN_STEP, 60000), floor).to(torch.float16).float()
-        q, classes = quantize_classes(body, center, step, token_factor)
+        q, classes = quantize.quantize_classes(body, center, step, token_factor)
         return LayerPlan(center.numpy().astype(np.float16), step.numpy().astype(np.float16), classes), q
 
     def _skip(self, tokens: int, token_start: int) -> int:
@@ -234,17 +218,19 @@ class KvqCodec(Codec):
                                             attention if self.token_alpha > 0 else None)
         skip = self._skip(x.shape[1], token_start)
         factor = weights.factors(token_start + skip, x.shape[1] - skip) if weights is not None else None
-        approx = dequantize_rotate_ref(q, _t(plan.center), _t(plan.step), self._freq(layer, kind, x.shape[2]),
-                                       token_start + skip, factor)
+        approx = dequantize.dequantize_rotate_ref(q, _t(plan.center), _t(plan.step),
+                                                  self._freq(layer, kind, x.shape[2]), token_start + skip, factor)
         return torch.cat([x[:, :skip].cpu(), approx.transpose(1, 2).to(x.dtype)], 1).to(x.device)
 
     # ------------------------------------------------------------ factories
 
     def fit(self, keys: list[torch.Tensor], values: list[torch.Tensor], token_starts: list[int],
-            attention: list[torch.Tensor] | None = None) -> "KvqEncoder":
-        """Plans and tables from the whole cache, quantizing every element once: the encoder keeps the integers
-        and codes the segments that are slices of these tensors from them. With `attention` (per layer
-        (kv_heads, held), kvcli/modeling/importance.py) and a token alpha above 0, token weights too."""
+            attention: list[torch.Tensor] | None = None, backend: str = "torch") -> "KvqEncoder":
+        """Plans and tables from the whole cache, quantizing every element once on the CPU: the encoder keeps the
+        integers and codes the segments that are slices of these tensors from them; with backend "triton" it
+        quantizes the others where they live. With `attention` (per layer (kv_heads, held),
+        kvcli/modeling/importance.py) and a token alpha above 0, token weights too."""
+        check_backend(backend)
         jobs = [(layer, kind) for layer in range(len(token_starts)) for kind in range(2)]
 
         def fit_one(job: tuple[int, int]):
@@ -267,7 +253,7 @@ class KvqCodec(Codec):
                     counts[cls] = counts[cls] + n if cls in counts else n
         freqs = [self._freq(layer, 0, keys[layer].shape[2]) for layer in range(len(token_starts))]
         inv_freq = [None if f is None else f.numpy() for f in freqs]
-        return KvqEncoder(self, plans, entropy.tables_of(counts), inv_freq, tokens, fitted)
+        return KvqEncoder(self, plans, entropy.tables_of(counts), inv_freq, tokens, fitted, backend)
 
     def _fit_one(self, x: torch.Tensor, layer: int, kind: int, start: int, attention: torch.Tensor | None):
         """fit's work for one layer and kind: (plan, integers, token weights or None, symbol counts of a table
@@ -276,7 +262,7 @@ class KvqCodec(Codec):
         if skip and not torch.isfinite(x[:, :skip]).all():
             raise CodecError(f"layer {layer} {KINDS[kind].upper()} holds non-finite values (NaN or Inf) in "
                              "its sink tokens, which kvq cannot code; use lossless")
-        body = self._pre(x[:, skip:], layer, kind, start + skip)
+        body = quantize.to_channels(x[:, skip:], self._freq(layer, kind, x.shape[2]), start + skip)
         weights = factor = None
         if attention is not None:
             if attention.shape != x.shape[:2]:
@@ -297,7 +283,8 @@ class KvqCodec(Codec):
                   for cls in np.unique(plan.classes)}
         return plan, q, weights, counts
 
-    def open(self, aux: dict[str, bytes], layers: int) -> "KvqDecoder":
+    def open(self, aux: dict[str, bytes], layers: int, backend: str = "torch") -> "KvqDecoder":
+        check_backend(backend)
         version = self.version
         allowed = [{"kvq.plan", "kvq.tables"}] + ([{"kvq.plan", "kvq.tables", "kvq.tokens"}] if version >= 3 else [])
         if set(aux) not in allowed:
@@ -308,7 +295,7 @@ class KvqCodec(Codec):
         if len(plans) != 2 * layers:  # a plan for a layer the file does not have would be read and never used
             raise CodecError(f"kvq.plan has {len(plans) // 2} layers, the header {layers}")
         tokens = unpack_tokens(unzstd(aux["kvq.tokens"], AUX_LIMIT), plans) if "kvq.tokens" in aux else {}
-        return KvqDecoder(self, plans, tables, inv_freq, tokens)
+        return KvqDecoder(self, plans, tables, inv_freq, tokens, backend)
 
 
 class _TooFine(Exception):
@@ -335,11 +322,13 @@ class TokenWeights:
 
 class _Planned:
     """What encoder and decoder share: the codec, per-(layer, kind) plans, entropy tables, rotary frequencies,
-    token weights."""
+    token weights, and the backend they were built for (base.BACKENDS)."""
 
     def __init__(self, codec: KvqCodec, plans: dict[tuple[int, int], LayerPlan], tables: entropy.ClassTables,
-                 inv_freq: list[np.ndarray | None], tokens: dict[tuple[int, int], TokenWeights] | None = None):
+                 inv_freq: list[np.ndarray | None], tokens: dict[tuple[int, int], TokenWeights] | None = None,
+                 backend: str = "torch"):
         self.codec = codec
+        self.backend = backend
         self.tokens = tokens or {}
         self.plans = plans
         self.tables = tables
@@ -399,71 +388,14 @@ class Fitted:
         return self.q[:, :, first : first + x.shape[1] - skip] if first >= 0 else None
 
 
-def deviations(body: torch.Tensor, center: torch.Tensor,
-               token_factor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """deviations_ref's tensors, in one C pass (_ans.deviations) for a float32 CPU body; torch's where any
-    deviation is not finite, so that _fit_layer's error path sees what it always saw."""
-    if body.device.type != "cpu" or body.requires_grad or body.numel() == 0:
-        return deviations_ref(body, center, token_factor)
-    body, center = body.float().contiguous(), center.float().contiguous()
-    factor = token_factor.float().contiguous().numpy() if token_factor is not None else None
-    spread, squares = torch.empty(center.shape), torch.empty(body.shape)
-    if not _ans.deviations(body.numpy(), center.numpy(), factor, body.shape[0], spread.numpy(), squares.numpy()):
-        return deviations_ref(body, center, token_factor)
-    return spread, squares
-
-
-def deviations_ref(body: torch.Tensor, center: torch.Tensor,
-                   token_factor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per channel the largest |body - center|; per element ((body - center) / token_factor)^2, whose mean per
-    head is the rms that sets the head's step."""
-    dev = body - center[..., None]
-    spread_of = dev if token_factor is None else dev / token_factor[:, None, :]
-    return dev.abs().amax(dim=2), spread_of.pow(2)
-
-
-def quantize_classes(body: torch.Tensor, center: torch.Tensor, step: torch.Tensor,
-                     token_factor: torch.Tensor | None) -> tuple[torch.Tensor, np.ndarray]:
-    """quantize_classes_ref's integers and classes in one C pass (_ans.quantize) over a CPU body: the integers
-    are written straight as int16 when they fit (as nearly always), the classes' sums taken on the way. The
-    rounding rule is codecs/quantize.py's quantize; the C pass repeats it, and tests/test_fast_encode.py holds
-    the two to the same integers."""
-    if body.device.type != "cpu" or body.shape[2] < 2 or body.numel() == 0:
-        return quantize_classes_ref(body, center, step, token_factor)
-    body, center, step = (t.float().contiguous() for t in (body, center, step))
-    factor = token_factor.float().contiguous().numpy() if token_factor is not None else None
-    std = np.empty(center.shape, np.float64)
-    for dtype in (torch.int16, torch.int32):
-        q = torch.empty(body.shape, dtype=dtype)
-        if _ans.quantize(body.numpy(), center.numpy(), step.numpy(), factor, body.shape[0], q.numpy(), std):
-            return q, entropy.class_of(std)
-    raise AssertionError("kvq integers always fit int32")
-
-
-def quantize_classes_ref(body: torch.Tensor, center: torch.Tensor, step: torch.Tensor,
-                         token_factor: torch.Tensor | None) -> tuple[torch.Tensor, np.ndarray]:
-    """quantize's integers (int16 where every one fits, else int32) and the class of each channel."""
-    q = quantize(body, center, step, token_factor).cpu()
-    return _narrow(q), entropy.classes_of(q.numpy())
-
-
-def _narrow(q: torch.Tensor) -> torch.Tensor:
-    """int16 when every integer of the layer fits, as nearly always: half the memory the encoder holds."""
-    if q.numel():
-        lo, hi = torch.aminmax(q)
-        if int(lo) >= -(1 << 15) and int(hi) < 1 << 15:
-            return q.to(torch.int16)
-    return q
-
-
 class KvqEncoder(_Planned, Encoder):
     """With backend "triton", _prepare quantizes each segment fit did not see on its tensor's device with
-    kernels/quantize.py, which gives the torch path's integers exactly."""
+    kvq_ops/quantize_triton.py, which gives the torch path's integers exactly."""
 
     def __init__(self, codec: KvqCodec, plans: dict[tuple[int, int], LayerPlan], tables: entropy.ClassTables,
                  inv_freq: list[np.ndarray | None], tokens: dict[tuple[int, int], TokenWeights] | None = None,
-                 fitted: dict[tuple[int, int], Fitted] | None = None):
-        super().__init__(codec, plans, tables, inv_freq, tokens)
+                 fitted: dict[tuple[int, int], Fitted] | None = None, backend: str = "torch"):
+        super().__init__(codec, plans, tables, inv_freq, tokens, backend)
         self.fitted = fitted or {}
         self._layouts: dict = {}  # entropy.Layout by (layer, kind, non-sink tokens); threads compute the same
         tables.reciprocals  # computed once here rather than by both coding threads
@@ -513,12 +445,13 @@ class KvqEncoder(_Planned, Encoder):
         if q is None:
             factor = self._token_factors(ctx, skip)
         if q is None and self.backend == "triton":
-            from ..kernels.quantize import quantize_unrotate  # needs triton; imported only when asked for
+            from .kvq_ops.quantize_triton import quantize_unrotate  # needs triton; imported only when asked for
 
             q = quantize_unrotate(x[:, skip:], center, step, self._freq(ctx.layer, kind), ctx.token_start + skip,
                                   factor).cpu()
         elif q is None:
-            q = quantize(self.codec._pre(x[:, skip:], ctx.layer, kind, ctx.token_start + skip), center, step, factor)
+            q = quantize.quantize_segment(x[:, skip:], center, step, self._freq(ctx.layer, kind),
+                                          ctx.token_start + skip, factor)
         rows = q.numpy().reshape(ctx.heads * ctx.dim, ctx.tokens - skip)  # a view: no copy of fit's integers
         sinks = tensor_bytes(x[:, :skip].cpu()).tobytes() if skip else b""
         key = (ctx.layer, kind, ctx.tokens - skip)
@@ -529,17 +462,17 @@ class KvqEncoder(_Planned, Encoder):
 
 class KvqDecoder(_Planned, Decoder):
     batch_elements = 1 << 23
-    device_path = True
     # decode_onto's batches: the kernels want many streams per launch; about 10 bytes of device scratch each.
     device_batch_elements = 1 << 26
     channel_major = True  # dequantization works per channel
 
     def __init__(self, *args):
         super().__init__(*args)
+        self.on_device = self.backend == "triton"
         self._segments: dict = {}  # _segment's results by layout; every thread computes the same values
         self._layouts: dict = {}  # entropy.Layout by (layer, kind, non-sink tokens), likewise
         self._host = {key: (c.numpy().reshape(-1), st.numpy().reshape(-1)) for key, (c, st) in self._tensors.items()}
-        self._device_states: dict = {}  # per device: tables and layouts on it (kernels/kvq_decode.py)
+        self._device_states: dict = {}  # per device: tables and layouts on it (kvq_ops/decode_triton.py)
         self._lock = threading.Lock()
 
     def _layout(self, ctx: SegmentContext) -> tuple[LayerPlan, int, entropy.Limits]:
@@ -584,19 +517,21 @@ class KvqDecoder(_Planned, Decoder):
         return self._layouts[key]
 
     def decode_onto(self, segments: list[tuple[SegmentContext, bytes, torch.Tensor]]) -> None:
-        """The device path of backend "triton" (kernels/kvq_decode.py): a batch of segments decoded straight into
+        """The device path of backend "triton" (kvq_ops/decode_triton.py): a batch of segments decoded straight into
         their (heads, tokens, dim) outputs on one device, in a few launches, with the values and refusals of
         entropy() followed by reconstruct()."""
-        from ..kernels import kvq_decode  # needs triton; imported only when asked for
+        from .kvq_ops import decode_triton  # needs triton; imported only when asked for
 
+        if not self.on_device:
+            raise ValueError("decode_onto needs a decoder opened with backend triton")
         if not segments:
             return
         device = segments[0][2].device
         with self._lock:
             state = self._device_states.get(str(device))
             if state is None:
-                state = self._device_states[str(device)] = kvq_decode.DeviceState(self, device)
-        kvq_decode.decode_onto(state, segments)
+                state = self._device_states[str(device)] = decode_triton.DeviceState(self, device)
+        decode_triton.decode_onto(state, segments)
 
     def reconstruct(self, ctx: SegmentContext, data: bytes, symbols: entropy.Symbols, out: torch.Tensor) -> None:
         """The exact sinks into out[:, :sinks], the body into out[:, sinks:]: in C for a CPU output of the file's
@@ -614,40 +549,19 @@ class KvqDecoder(_Planned, Decoder):
 
     def dequantize_body(self, ctx: SegmentContext, skip: int, symbols: entropy.Symbols, body: torch.Tensor) -> None:
         """Expand, dequantize (with token weights where the file has them), rotate keys and cast into body
-        (heads, tokens - skip, dim), a CPU tensor of the file's dtype, with _ans.reconstruct: one pass over each
-        element, without the GIL, values bit for bit dequantize_body_ref's. The C code refuses strides that would
-        write outside body's storage."""
+        (heads, tokens - skip, dim), a CPU tensor of the file's dtype, in C (dequantize.reconstruct): values bit
+        for bit dequantize_body_ref's."""
         kind = KINDS.index(ctx.kind)
         center, step = self._host[(ctx.layer, kind)]
-        freq = self._freq(ctx.layer, kind)
-        cos = sin = None
-        if freq is not None:
-            cos, sin = (t.numpy() for t in rope_tables(freq, ctx.token_start + skip, ctx.tokens - skip))
-        factor = self._token_factors(ctx, skip)
-        lay = symbols.layout
-        storage = torch.empty(0, dtype=torch.uint8).set_(body.untyped_storage()).numpy()
-        place = np.array([body.storage_offset(), ctx.heads, ctx.dim, *body.stride()], np.int64)
-        _ans.reconstruct(symbols.symbols, lay.spec, lay.rows, lay.tokens, *self.tables.digits, symbols.escapes,
-                         center, step, factor.numpy() if factor is not None else None, cos, sin, storage, place,
-                         HOST_DTYPES[body.dtype])
+        dequantize.reconstruct(symbols, self.tables, center, step, self._freq(ctx.layer, kind), ctx.token_start + skip,
+                               self._token_factors(ctx, skip), body)
 
     def dequantize_body_ref(self, ctx: SegmentContext, skip: int, symbols: entropy.Symbols,
                             body: torch.Tensor) -> None:
-        """dequantize_body in torch (dequantize_rotate_ref), on body's device and into any dtype."""
-        kind = KINDS.index(ctx.kind)
-        device = body.device
-        center, step = (t.to(device) for t in self._tensors[(ctx.layer, kind)])
-        freq = self._freq(ctx.layer, kind)
-        q = torch.from_numpy(symbols.rows(self.tables)).reshape(ctx.heads, ctx.dim, ctx.tokens - skip).to(device)
-        factor = self._token_factors(ctx, skip)
-        values = dequantize_rotate_ref(q, center, step, freq.to(device) if freq is not None else None,
-                                       ctx.token_start + skip, factor.to(device) if factor is not None else None)
-        if ctx.dtype == "float16":  # a value within step/2 of 65504 must not round to infinity
-            values = values.clamp(-FLOAT16_MAX, FLOAT16_MAX)
-        body.copy_(values.transpose(1, 2))
-
-
-HOST_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # _ans.reconstruct's dtype codes
+        """dequantize_body in torch (dequantize.reconstruct_ref), on body's device and into any dtype."""
+        center, step = self._tensors[(ctx.layer, KINDS.index(ctx.kind))]
+        dequantize.reconstruct_ref(symbols, self.tables, center, step, self._freq(ctx.layer, KINDS.index(ctx.kind)),
+                                   ctx.token_start + skip, self._token_factors(ctx, skip), body, ctx.dtype)
 
 
 # ---------------------------------------------------------------- plan bytes

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import zstandard
 
-from .base import (ITEMSIZE, Codec, CodecError, Decoder, Encoder, SegmentContext, bytes_to_tensor, reject_aux,
-                   tensor_bytes, unzstd)
+from .base import (ITEMSIZE, Codec, CodecError, Decoder, Encoder, SegmentContext, bytes_to_tensor, check_backend,
+                   reject_aux, tensor_bytes, unzstd)
 
 DEFAULT_LEVEL = 3
 
@@ -42,10 +42,12 @@ class ZstdCodec(Codec, Encoder, Decoder):
         codec.level = params.get("level", DEFAULT_LEVEL)
         return codec
 
-    def fit(self, keys, values, token_starts, attention=None) -> "ZstdCodec":
+    def fit(self, keys, values, token_starts, attention=None, backend: str = "torch") -> "ZstdCodec":
+        check_backend(backend)  # no kernels: every backend codes alike
         return self
 
-    def open(self, aux: dict[str, bytes], layers: int) -> "ZstdCodec":
+    def open(self, aux: dict[str, bytes], layers: int, backend: str = "torch") -> "ZstdCodec":
+        check_backend(backend)
         reject_aux(self.name, aux)
         return self
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import Codec, CodecError, Decoder, Encoder, SegmentContext, bytes_to_tensor, reject_aux, tensor_bytes
+from .base import (Codec, CodecError, Decoder, Encoder, SegmentContext, bytes_to_tensor, check_backend, reject_aux,
+                   tensor_bytes)
 
 
 class RawCodec(Codec, Encoder, Decoder):
@@ -15,10 +16,12 @@ class RawCodec(Codec, Encoder, Decoder):
     lossless = True
     max_expansion = 1.0
 
-    def fit(self, keys, values, token_starts, attention=None) -> "RawCodec":
+    def fit(self, keys, values, token_starts, attention=None, backend: str = "torch") -> "RawCodec":
+        check_backend(backend)  # no kernels: every backend codes alike
         return self
 
-    def open(self, aux: dict[str, bytes], layers: int) -> "RawCodec":
+    def open(self, aux: dict[str, bytes], layers: int, backend: str = "torch") -> "RawCodec":
+        check_backend(backend)
         reject_aux(self.name, aux)
         return self
 

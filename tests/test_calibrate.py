@@ -36,7 +36,7 @@ def test_rope_frequencies_found_for_each_architecture(tiny_lm):
 
 def test_pre_rope_keys_are_what_the_model_projects(tiny_lm):
     """Undoing RoPE with the frequencies found must give back k_proj's output: the codec's premise."""
-    from kvcli.codecs.quantize import rope_tables, unrotate_keys
+    from kvcli.codecs.kvq_ops.rope import rope_tables, unrotate_keys
 
     lm = tiny_lm("llama")
     ids = inference.document_ids(lm, TEXT)[:40]

@@ -11,7 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kvcli.codecs.base import CodecError
 from kvcli.codecs.kvq import KvqCodec, Profile
-from kvcli.codecs.quantize import rope_tables, unrotate_keys
+from kvcli.codecs.lossless import ZstdCodec
+from kvcli.codecs.raw import RawCodec
+from kvcli.codecs.kvq_ops.rope import rope_tables, unrotate_keys
 
 from kvcli.container import format, kvfile
 from kvcli.errors import FormatError, KvcliError
@@ -228,3 +230,21 @@ def test_token_weights_give_way_where_finer_steps_would_leave_the_integer_range(
     assert set(decoder.tokens) == {(0, 0), (0, 1), (1, 0)}
     out = kvfile.decode(src, format.read_header(src))
     assert abs(float(out.values[1][0, 5, 0]) - 1e13) < 1e13 * 0.01
+
+
+def test_the_backend_is_chosen_once_when_a_codec_is_opened():
+    kv = synthetic_cache(3, 1, 2, 12, 8, torch.float32)
+    for codec in (KvqCodec(0.5), ZstdCodec(), RawCodec()):
+        with pytest.raises(ValueError, match="backend"):
+            codec.fit(kv.keys, kv.values, [0], backend="cuda")
+        with pytest.raises(ValueError, match="backend"):
+            codec.open({}, 1, backend="cuda")
+    encoder = KvqCodec(0.5).fit(kv.keys, kv.values, [0], backend="triton")
+    assert encoder.backend == "triton" and "backend" not in type(encoder).__dict__
+    data = build(*kvfile.encode(kv, IDENT, KvqCodec(0.5), 5))
+    src = format.BytesSource(data)
+    decoder = kvfile.open_decoder(src, format.read_header(src))[1]
+    assert decoder.backend == "torch" and not decoder.on_device
+    with pytest.raises(ValueError, match="opened with backend triton"):  # its device path is the triton backend's
+        decoder.decode_onto([])
+    assert kvfile.open_decoder(src, format.read_header(src), "triton")[1].on_device

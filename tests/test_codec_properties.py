@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kvcli.codecs.presets import LOSSY_SCALES, make_codec
-from kvcli.codecs.quantize import rope_tables, unrotate_keys
+from kvcli.codecs.kvq_ops.rope import rope_tables, unrotate_keys
 
 from kvcli.container import format, kvfile
 from kvcli.modeling.kvcache import KVCache

@@ -1,6 +1,7 @@
-"""kvq's fused CPU reconstruction (_ans.reconstruct, KvqDecoder.dequantize_body) against the torch reference
-(dequantize_body_ref, dequantize_rotate_ref): bit for bit in every dtype and shape, the float16 clamp and
-round-to-nearest-even casts at their edges, outputs it must refuse, and the GIL released while it runs."""
+"""kvq's fused CPU reconstruction (_kvq.reconstruct, KvqDecoder.dequantize_body) against the torch reference
+(dequantize_body_ref, dequantize_rotate_ref): whole files, the float16 clamp and round-to-nearest-even casts at
+their edges, outputs it must refuse, and the GIL released while it runs (random values in every dtype, shape and
+layout: tests/test_kvq_ops.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 from coder_inputs import fit_tables, ticks_during
-from kvcli.codecs import _ans
-from kvcli.codecs.kvq import FLOAT16_MAX, HOST_DTYPES, KvqCodec
-from kvcli.codecs.quantize import rope_tables, rotate_keys
+from kvcli.codecs.kvq import KvqCodec
+from kvcli.codecs.kvq_ops import _kvq
+from kvcli.codecs.kvq_ops.dequantize import FLOAT16_MAX, HOST_DTYPES
+from kvcli.codecs.kvq_ops.rope import rope_tables, rotate_keys
 
 from kvcli.container import format, kvfile
 from kvcli.modeling.kvcache import KVCache
@@ -86,7 +88,7 @@ def test_all_sink_segments_and_a_segment_that_starts_with_sinks():
 
 
 def escaped(q: np.ndarray):
-    """_ans.reconstruct's leading arguments for integers q (heads, dim, tokens) of any value: one group of class
+    """_kvq.reconstruct's leading arguments for integers q (heads, dim, tokens) of any value: one group of class
     16 (m = 1, K = 255) whose every symbol is the escape, so each integer comes from the escapes as it is."""
     heads, dim, tokens = q.shape
     tables = fit_tables({16: [np.zeros((1, 4), np.int32)]})
@@ -98,7 +100,7 @@ def escaped(q: np.ndarray):
 
 
 def fused_args(q, center, step, rope, out: torch.Tensor, place=None, factor=None) -> tuple:
-    """_ans.reconstruct's arguments for q (heads, dim, tokens) into out (heads, tokens, dim); rope: (cos, sin)
+    """_kvq.reconstruct's arguments for q (heads, dim, tokens) into out (heads, tokens, dim); rope: (cos, sin)
     or None; factor: token weights (heads, tokens) or None."""
     heads, dim, _ = q.shape
     storage = torch.empty(0, dtype=torch.uint8).set_(out.untyped_storage()).numpy()
@@ -111,7 +113,7 @@ def fused_args(q, center, step, rope, out: torch.Tensor, place=None, factor=None
 
 
 def fused(*args, **kwargs) -> None:
-    _ans.reconstruct(*fused_args(*args, **kwargs))
+    _kvq.reconstruct(*fused_args(*args, **kwargs))
 
 
 def reference(q, center, step, rope, dtype, factor=None) -> torch.Tensor:
@@ -129,27 +131,6 @@ def reference(q, center, step, rope, dtype, factor=None) -> torch.Tensor:
 
 def channel_major(heads, tokens, dim, dtype) -> torch.Tensor:
     return torch.full((heads, dim, tokens), float("nan"), dtype=dtype).transpose(1, 2)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=NAMES.get)
-@pytest.mark.parametrize("rope", [False, True])
-@pytest.mark.parametrize("weighted", [False, True])
-def test_random_values_match_the_reference_in_every_layout(dtype, rope, weighted):
-    """Wide-ranging integers, centres and steps, with and without token weights; channel-major storage, a plain
-    (heads, tokens, dim) tensor (strided writes) and a slice in the middle of a larger one."""
-    rng = np.random.default_rng(5)
-    heads, dim, tokens = 3, 8, 21
-    q = (rng.standard_normal((heads, dim, tokens)) * 10.0 ** rng.integers(0, 6, (heads, dim, 1))).astype(np.int32)
-    center = torch.from_numpy(rng.standard_normal((heads, dim)).astype(np.float32) * 100)
-    step = torch.from_numpy(np.exp(rng.uniform(-12, 4, (heads, dim))).astype(np.float32))
-    tables = rope_tables(torch.from_numpy(1.0 / 10000 ** (np.arange(0, dim, 2) / dim)).float(), 1234, tokens)
-    rope = tables if rope else None
-    factor = torch.from_numpy(np.float32(2.0 ** (rng.integers(-24, 25, (heads, tokens)) / 8))) if weighted else None
-    want = reference(q, center, step, rope, dtype, factor)
-    for out in (channel_major(heads, tokens, dim, dtype), torch.full((heads, tokens, dim), float("nan"), dtype=dtype),
-                channel_major(heads, tokens + 9, dim, dtype)[:, 4 : 4 + tokens]):
-        fused(q, center, step, rope, out, factor=factor)
-        assert torch.equal(bits(out), bits(want))
 
 
 def test_float16_clamps_to_its_largest_finite_value():
@@ -221,13 +202,13 @@ def test_a_layout_that_does_not_cover_every_channel_is_refused():
     storage = torch.empty(0, dtype=torch.uint8).set_(out.untyped_storage()).numpy()
     tail = [np.zeros(4, np.float32), np.ones(4, np.float32), None, None, None, storage,
             np.array([0, 1, 4, 12, 1, 3], np.int64), 0]
-    _ans.reconstruct(*args, *tail)
+    _kvq.reconstruct(*args, *tail)
     args[2] = np.array([0, 1, 1, 3], np.int64)  # channel 1 twice, channel 2 never
     with pytest.raises(ValueError, match="cover every channel"):
-        _ans.reconstruct(*args, *tail)
+        _kvq.reconstruct(*args, *tail)
     args[2] = np.array([0, 1, 2, 4], np.int64)  # a channel past the output
     with pytest.raises(ValueError, match="group layout"):
-        _ans.reconstruct(*args, *tail)
+        _kvq.reconstruct(*args, *tail)
 
 
 def test_escapes_must_be_exactly_those_the_symbols_use():
@@ -238,7 +219,7 @@ def test_escapes_must_be_exactly_those_the_symbols_use():
             np.array([0, 1, 2, 6, 1, 3], np.int64), 0]
     args[6] = np.zeros(5, np.int32)  # one short
     with pytest.raises(ValueError, match="escapes"):
-        _ans.reconstruct(*args, *tail)
+        _kvq.reconstruct(*args, *tail)
 
 
 def test_reconstruction_releases_the_gil():
@@ -250,7 +231,7 @@ def test_reconstruction_releases_the_gil():
     rope = rope_tables(torch.from_numpy(1.0 / 10000 ** (np.arange(0, dim, 2) / dim)).float(), 0, tokens)
     out = channel_major(heads, tokens, dim, torch.float16)
     args = fused_args(q, center, step, rope, out)
-    during = ticks_during(lambda: _ans.reconstruct(*args))
+    during = ticks_during(lambda: _kvq.reconstruct(*args))
     assert torch.equal(bits(out), bits(reference(q, center, step, rope, torch.float16)))
     assert during >= 10, during
 

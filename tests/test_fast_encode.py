@@ -1,11 +1,11 @@
 """kvq's fast encoder writes exactly the bytes of the reference path it replaced.
 
-The fast path: KvqCodec._pre, kvq.deviations and kvq.quantize_classes in C passes (codecs/_ans.c), layers fitted
-on two threads, table counts by _ans.count_tuples and each segment coded by one _ans.encode_rows call. The
-reference path: _pre_ref, deviations_ref and quantize_classes_ref in torch (codecs/quantize.py's quantize is the
-rounding rule), and the per-group to_tuples + rans.encode_streams coder below. Whole files are compared for
-caches that reach every branch (sliding windows, token weights, a profile, int32 integers, odd shapes, half
-dtypes, values on rounding ties), and each C pass against its reference on crafted values.
+The fast path: to_channels, deviations and quantize_classes of codecs/kvq_ops/quantize.py in C passes, layers
+fitted on two threads, table counts by _ans.count_tuples and each segment coded by one _ans.encode_rows call. The
+reference path: their torch forms (to_channels_ref, deviations_ref, quantize_classes_ref), and the per-group
+to_tuples + rans.encode_streams coder below. Whole files are compared for caches that reach every branch (sliding
+windows, token weights, a profile, int32 integers, odd shapes, half dtypes, values on rounding ties); each C pass
+against its torch form on crafted values is tests/test_kvq_ops.py.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 import zstandard
 from kvcli.codecs import _ans, entropy, kvq, rans
 from kvcli.codecs.kvq import KvqCodec, Profile
+from kvcli.codecs.kvq_ops import quantize
 
 from kvcli.container import format, kvfile
 from kvcli.modeling.kvcache import KVCache
@@ -54,9 +55,9 @@ def reference(monkeypatch):
     """Call it to switch the encoder to the reference path for the rest of the test."""
 
     def switch():
-        monkeypatch.setattr(KvqCodec, "_pre", KvqCodec._pre_ref)
-        monkeypatch.setattr(kvq, "deviations", kvq.deviations_ref)
-        monkeypatch.setattr(kvq, "quantize_classes", kvq.quantize_classes_ref)
+        monkeypatch.setattr(quantize, "to_channels", quantize.to_channels_ref)
+        monkeypatch.setattr(quantize, "deviations", quantize.deviations_ref)
+        monkeypatch.setattr(quantize, "quantize_classes", quantize.quantize_classes_ref)
         monkeypatch.setattr(entropy, "count_symbols", count_symbols_ref)
         monkeypatch.setattr(entropy, "encode_segments", encode_segments_ref)
 
@@ -121,56 +122,6 @@ def test_integers_beyond_int16_are_the_reference_bytes(reference):
     assert [fitted[k].q.dtype for k in ((0, 0), (0, 1), (1, 1))] == [torch.int32, torch.int16, torch.int32]
     reference()
     assert fast == file_bytes(kv, codec, 16)
-
-
-def test_quantize_classes_round_ties_to_even_like_quantize():
-    """Values on exact ties (n + 1/2 steps from the center), near 2^23 steps, at 2^15 and signed zeros."""
-    g = torch.Generator().manual_seed(0)
-    heads, dim, tokens = 2, 5, 64
-    center = (torch.randn(heads, dim, generator=g) * 4).half().float()
-    step = torch.exp2(torch.randint(-6, 4, (heads, dim), generator=g).float())
-    n = torch.randint(-40, 40, (heads, dim, tokens), generator=g).float()
-    n[0, 0, :8] = torch.tensor([0.5, -0.5, 1.5, -1.5, 2.5, -2.5, -0.0, 0.0])
-    n[1, 1, :6] = torch.tensor([2.0**23 - 0.5, -(2.0**23) + 1.5, 2.0**23 + 2, 32767.5, -32768.5, 2.0**24])
-    body = center[..., None] + n * step[..., None]
-    factor = torch.exp2(torch.randint(-3, 4, (heads, tokens), generator=g).float() / 8)
-    for f in (None, factor):
-        q, classes = kvq.quantize_classes(body, center, step, f)
-        q_ref, classes_ref = kvq.quantize_classes_ref(body, center, step, f)
-        assert q.dtype == q_ref.dtype == torch.int32 and torch.equal(q, q_ref)
-        assert np.array_equal(classes, classes_ref)
-    small = body[:, :, 10:]
-    small = center[..., None] + (small - center[..., None]).clamp(-30, 30)
-    q, classes = kvq.quantize_classes(small, center, step, None)
-    q_ref, classes_ref = kvq.quantize_classes_ref(small, center, step, None)
-    assert q.dtype == q_ref.dtype == torch.int16 and torch.equal(q, q_ref) and np.array_equal(classes, classes_ref)
-
-
-@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), 3e38])
-def test_deviations_match_the_reference(bad):
-    g = torch.Generator().manual_seed(1)
-    body = torch.randn(3, 4, 33, generator=g) * 100
-    center = body.mean(dim=2).half().float()
-    factor = torch.exp2(torch.randint(-24, 25, (3, 33), generator=g).float() / 8)
-    if bad is not None:
-        body[1, 2, 7] = bad
-    for f in (None, factor):
-        spread, squares = kvq.deviations(body, center, f)
-        spread_ref, squares_ref = kvq.deviations_ref(body, center, f)
-        assert torch.equal(spread.nan_to_num(-1.0), spread_ref.nan_to_num(-1.0))
-        assert torch.equal(squares.nan_to_num(-1.0), squares_ref.nan_to_num(-1.0))
-
-
-@pytest.mark.parametrize("rope", [False, True])
-@pytest.mark.parametrize("dim", [10, 16])  # blocks of 4 x 4 where a half is a multiple of 4, else scalar only
-def test_pre_matches_the_reference_on_strided_slices(rope, dim):
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(3, 50, dim, generator=g) * 7
-    every_other = torch.randn(3, 50, 2 * dim, generator=g)[:, :, ::2]  # channels not contiguous
-    codec = KvqCodec(1.0, 1, None, inv_freq(dim, 1) if rope else None)
-    views = (x[:, 3:41], x.transpose(0, 1).contiguous().transpose(0, 1)[:, 1:], x[:, 7:8], every_other[:, 2:40])
-    for view in views:
-        assert torch.equal(codec._pre(view, 0, 0, 5), codec._pre_ref(view, 0, 0, 5))
 
 
 @pytest.mark.parametrize("rows_dtype", [np.int16, np.int32])

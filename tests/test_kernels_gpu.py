@@ -1,5 +1,5 @@
 """Triton kernels against their references, bit for bit: the rANS decoder against codecs/rans.py, the fused
-quantize and dequantize against codecs/quantize.py.
+quantize and dequantize against their torch forms in codecs/kvq_ops/.
 
 On CPU they run under TRITON_INTERPRET=1 (set in conftest) on small shapes: the interpreter takes tens of
 milliseconds per decoder step, so multi-lane streams are tested with a shorter lane length (the same decoder,
@@ -18,10 +18,11 @@ pytest.importorskip("triton")
 from coder_inputs import random_streams  # noqa: E402
 from kvcli.codecs import entropy, rans  # noqa: E402
 from kvcli.codecs.kvq import KvqCodec  # noqa: E402
-from kvcli.codecs.quantize import dequantize_rotate_ref  # noqa: E402
+from kvcli.codecs.kvq_ops.dequantize import dequantize_rotate_ref  # noqa: E402
 from kvcli.kernels import rans_decode  # noqa: E402
-from kvcli.kernels.dequantize import dequantize_rotate  # noqa: E402
-from kvcli.kernels.quantize import quantize_unrotate, quantize_unrotate_ref  # noqa: E402
+from kvcli.codecs.kvq_ops.dequantize_triton import dequantize_rotate  # noqa: E402
+from kvcli.codecs.kvq_ops.quantize import quantize_segment_ref  # noqa: E402
+from kvcli.codecs.kvq_ops.quantize_triton import quantize_unrotate  # noqa: E402
 
 from kvcli.container import format, kvfile  # noqa: E402
 from kvcli.modeling.kvcache import KVCache  # noqa: E402
@@ -139,8 +140,7 @@ def test_device_tables_are_the_reference_lookup(device):
 
 
 def test_rope_tables_on_device_equal_the_references_for_any_range(device):
-    from kvcli.codecs.quantize import rope_tables
-    from kvcli.kernels.dequantize import rope_tables_on
+    from kvcli.codecs.kvq_ops.rope import rope_tables, rope_tables_on
 
     freq = rope(16, True)
     for start, tokens in ((0, 3), (4000, 200), (70000, 5), (17, 1)):  # the second and third grow the table
@@ -228,27 +228,13 @@ def rope(dim: int, rotate: bool):
 SHAPES = [(1, 1, 2), (3, 7, 6), (2, 65, 64), (1, 130, 10), (2, 3, 128)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads,tokens,dim", SHAPES)
-@pytest.mark.parametrize("rotate", [False, True])
-def test_quantize_matches_reference(device, dtype, heads, tokens, dim, rotate):
-    g = torch.Generator().manual_seed(heads * 1000 + tokens * 10 + dim)
-    x = cache_view(heads, tokens, dim, dtype, device, g)
-    center, step = plan(heads, dim, g, device)
-    freq = rope(dim, rotate)
-    got = quantize_unrotate(x, center, step, freq, 1234)
-    want = quantize_unrotate_ref(x, center, step, freq, 1234)
-    assert got.dtype == torch.int32 and got.shape == (heads, dim, tokens)
-    assert torch.equal(got, want)
-
-
 def test_quantize_rounds_ties_to_even_and_keeps_large_levels(device):
     center = torch.zeros(1, 6, device=device)
     step = torch.tensor([[0.5, 0.25, 1.0, 1.0, 2.0**-14, 1.0]], device=device)
     levels = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.0, 2.0**22 + 0.5, -(2.0**23) - 1, 2.0**30])
     x = (levels[None, :, None] * step[0].cpu()[None, None, :]).to(device)  # (1, tokens, 6)
     got = quantize_unrotate(x, center, step, None, 0)
-    want = quantize_unrotate_ref(x, center, step, None, 0)
+    want = quantize_segment_ref(x, center, step, None, 0)
     assert torch.equal(got, want)
     assert got[0, 2, :7].tolist() == [0, 2, 2, 0, -2, -2, 3]
 

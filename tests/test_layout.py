@@ -60,5 +60,7 @@ def test_python_m_kvcli_in_root_runs_a_model(tiny_model_dir, tmp_path):
 def test_the_wheel_lists_every_folder_of_modules():
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     listed = {setuptools["package-dir"].get(name, name.replace(".", "/")) for name in setuptools["packages"]}
-    folders = {str(p.parent.relative_to(REPO)) for p in (REPO / "kvcli").rglob("*.py")}
-    assert folders | {"codecs", "kernels"} == listed
+    # Python modules, and the C of an extension module, which setuptools builds into its folder's package.
+    folders = {str(p.parent.relative_to(REPO)) for top in ("kvcli", "codecs", "kernels") for pattern in ("*.py", "*.c")
+               for p in (REPO / top).rglob(pattern)}
+    assert folders == listed

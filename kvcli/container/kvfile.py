@@ -106,10 +106,8 @@ def encode(kv: KVCache, model_identity: dict, codec: Codec, chunk_tokens: int = 
     triton = backend == "triton"
     host = KVCache(kv.token_ids, [k.to("cpu", copy=triton) for k in kv.keys],
                    [v.to("cpu", copy=triton) for v in kv.values])
-    encoder = codec.fit(host.keys, host.values, [s.token_start for s in shapes], kv.attention)
-    if triton:
-        encoder.backend = backend
-    else:
+    encoder = codec.fit(host.keys, host.values, [s.token_start for s in shapes], kv.attention, backend)
+    if not triton:
         kv = host
     jobs = []
     for c_start, c_end in _chunks(0, kv.num_tokens, chunk_tokens):
@@ -139,8 +137,9 @@ def encode(kv: KVCache, model_identity: dict, codec: Codec, chunk_tokens: int = 
     return meta, parts
 
 
-def open_decoder(src: format.ByteSource, header: format.Header) -> tuple[Codec, Decoder]:
-    """The file's codec, validated, and its decoder built from the aux segments (checksums verified)."""
+def open_decoder(src: format.ByteSource, header: format.Header, backend: str = "torch") -> tuple[Codec, Decoder]:
+    """The file's codec, validated, and its decoder for `backend` built from the aux segments (checksums
+    verified)."""
     name = getattr(src, "path", "<input>")
     try:
         codec = codec_from_header(header.codec.get("name"), header.codec.get("params"))
@@ -148,7 +147,7 @@ def open_decoder(src: format.ByteSource, header: format.Header) -> tuple[Codec, 
         raise FormatError(f"{name}: codec: {err}") from None
     aux = {s.name: format.read_segment(src, header, s) for s in header.segments if s.kind == "aux"}
     try:
-        return codec, codec.open(aux, len(header.layers))
+        return codec, codec.open(aux, len(header.layers), backend)
     except CodecError as err:
         raise FormatError(f"{name}: codec tables: {err}") from None
 
@@ -198,11 +197,11 @@ def decode(src: format.ByteSource, header: format.Header, threads: int | None = 
     device = torch.device(device)
     backend = resolve(device.type, backend or "auto").backend
     name = getattr(src, "path", "<input>")
-    codec, decoder = open_decoder(src, header)
+    codec, decoder = open_decoder(src, header, backend)
     check_decoded_size(header, codec, name, available_memory(device))
     keys, values = _allocate(header, device, decoder.channel_major)
     segs, ctxs = _segments(header)
-    on_device = backend == "triton" and decoder.device_path
+    on_device = decoder.on_device
     threads = threads or usable_cores()
     total = sum(c.heads * c.tokens * c.dim for c in ctxs)
     target = (decoder.device_batch_elements if on_device
@@ -295,9 +294,9 @@ class PrefixReader:
             end = header.data_offset + max(s.offset + s.length for s in needed)
             src = SpanSource(src, start, src.read(start, end - start))
         self._src = src
-        self.codec, self.decoder = open_decoder(src, header)
+        self.codec, self.decoder = open_decoder(src, header, backend)
         check_decoded_size(header, self.codec, name, None)
-        self._on_device = backend == "triton" and self.decoder.device_path
+        self._on_device = self.decoder.on_device
         self._by_layer: dict[tuple[int, str], list[int]] = {}
         for i in wanted:
             self._by_layer.setdefault((segs[i].layer, segs[i].kind), []).append(i)

@@ -1,8 +1,9 @@
-"""kvq's quantization on the GPU, the inverse of kernels/dequantize.py, in one pass: read a cache layer in
-transformers' layout, un-rotate keys, centre, divide by the step, round, and write channel-major int32.
+"""The Triton form of kvq's segment quantization (quantize.py holds the torch and C forms), the inverse of
+dequantize_triton.py, in one pass on the GPU: read a cache layer in transformers' layout, un-rotate keys, centre,
+divide by the step, round, and write channel-major int32.
 
-Reference: codecs/quantize.py, composed as kvq's encoder composes it (`quantize_unrotate_ref` below):
-float32 cast, transpose to (heads, dim, tokens), `unrotate_keys` with `rope_tables`, then `quantize`. Every
+Reference: quantize.py's quantize_segment_ref, which composes the encoder's operations: float32 cast, transpose
+to (heads, dim, tokens), `unrotate_keys` with `rope_tables` (to_channels_ref), then `quantize`. Every
 product and sum is its own float32 operation (multiply-add fusion off), the division is correctly rounded and
 rounding goes to nearest-even, so the kernel gives the reference's integers exactly.
 """
@@ -13,9 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..codecs.quantize import quantize, rope_tables, unrotate_keys
-from . import dequantize
-from .dequantize import rope_tables_on, tile
+from . import dequantize_triton
+from .dequantize_triton import tile
+from .rope import rope_tables_on
+
 ROUND_MAGIC = tl.constexpr(8388608.0)  # 2^23: adding it to |v| < 2^23 rounds to an integer, nearest-even
 
 
@@ -90,16 +92,5 @@ def quantize_unrotate(x: torch.Tensor, center: torch.Tensor, step: torch.Tensor,
     grid = (heads, triton.cdiv(tokens, block))
     quantize_unrotate_kernel[grid](x, center, step, cos, sin, cos.stride(0), token_factor if scaled else center, q,
                                    dim, tokens, *x.stride(), ROTATE=rotate, SCALED=scaled, CHANNELS=channels,
-                                   BLOCK=block, num_warps=dequantize.NUM_WARPS, enable_fp_fusion=False)
+                                   BLOCK=block, num_warps=dequantize_triton.NUM_WARPS, enable_fp_fusion=False)
     return q
-
-
-def quantize_unrotate_ref(x: torch.Tensor, center: torch.Tensor, step: torch.Tensor, inv_freq: torch.Tensor | None,
-                          token_start: int, token_factor: torch.Tensor | None = None) -> torch.Tensor:
-    """The torch reference: kvq's encoder path (KvqCodec._pre, then quantize) on any device."""
-    body = x.float().transpose(1, 2).contiguous()
-    if inv_freq is not None and body.shape[2]:
-        cos, sin = rope_tables(inv_freq, token_start, body.shape[2])
-        body = unrotate_keys(body, cos.to(x.device), sin.to(x.device))
-    return quantize(body, center.float().to(x.device), step.float().to(x.device),
-                    token_factor.float().to(x.device) if token_factor is not None else None)

@@ -1,10 +1,11 @@
-"""kvq's file path on a device (backend "triton"): a batch of segments' bytes to cache tensors in a few launches.
+"""kvq's decoding with backend "triton" (KvqDecoder.decode_onto): a batch of segments' bytes to cache tensors on a
+device in a few launches.
 
 The host checks every segment's sizes and cuts out its stream (KvqDecoder.split, as the CPU path does); one
 transfer and one rANS launch (kernels/rans_decode.py) decode every stream of the batch; the per-segment escape
 counts come back with the streams' status in one transfer, so the escape frames are checked and decompressed
 exactly as the CPU path does (entropy.escape_values); torch gathers expand joint symbols and escapes; and one fused
-dequantize launch (kernels/dequantize.py) per run of consecutive segments of a layer and kind writes the cache.
+dequantize launch (dequantize_triton.py) per run of consecutive segments of a layer and kind writes the cache.
 Symbols and values are the CPU path's, bit for bit, and every refusal is the CPU path's, naming the segment.
 """
 
@@ -15,10 +16,10 @@ import threading
 import numpy as np
 import torch
 
-from ..codecs import entropy, rans
-from ..codecs.base import CodecError, SegmentContext, bytes_to_tensor
-from . import rans_decode
-from .dequantize import dequantize_rotate
+from ...kernels import rans_decode
+from .. import entropy, rans
+from ..base import CodecError, SegmentContext, bytes_to_tensor
+from .dequantize_triton import dequantize_rotate
 
 
 MAX_TUPLE = 4  # the longest joint symbol (entropy.class_layout); shorter ones are padded to it

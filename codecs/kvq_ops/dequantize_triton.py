@@ -1,12 +1,12 @@
-"""kvq's tensor stage on the GPU: integers to values, RoPE back onto keys, cast, in one pass.
+"""The Triton form of kvq's dequantization (dequantize.py holds the torch and C forms): integers to values, RoPE
+back onto keys, cast, in one pass on the GPU.
 
-Reference: codecs/quantize.py (dequantize_rotate_ref), which is also the CPU path. Kernels import from codecs,
-never the reverse at import time.
+Reference: dequantize.py's dequantize_rotate_ref. Imported only where the triton backend runs (it needs triton).
 
 q is channel-major int32 (heads, dim, tokens); center and step are float32 (heads, dim). For keys, inv_freq
 (dim / 2,) rotates channel pairs (i, i + dim/2) by (token_start + t) * inv_freq[i] (rotate-half layout); the
 launcher passes the reference's own cos and sin tables (float64 angles rounded once), built once per rotary
-frequency vector and device and kept there (rope_tables_on). Every product and sum is
+frequency vector and device and kept there (rope.rope_tables_on). Every product and sum is
 its own float32 operation (the launch turns off multiply-add fusion), so the kernel reproduces the reference's
 values bit for bit (docs/codec.md, "Reconstruction").
 
@@ -17,24 +17,17 @@ float16 and rounding to nearest-even on the cast, as `Tensor.copy_` does.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from ..codecs.quantize import rope_tables
+from .rope import rope_tables_on
 
 BLOCK_TOKENS = 256
 # Values per program (per half with RoPE) and warps: bench/kernel_bandwidth.py --sweep on an H200 found 4096 and 8 the
 # fastest for dequantizing keys and values together (234 us for 2 x 33.5 M elements; 2048/4: 250, 8192/8: 278).
 TILE_ELEMENTS = 4096
 NUM_WARPS = 8
-TABLE_CACHE = 8  # (inv_freq, device) pairs whose cos/sin tables stay on the device
-_tables: OrderedDict = OrderedDict()
-_tables_lock = threading.Lock()
 FLOAT16_MAX = tl.constexpr(65504.0)
 
 
@@ -88,24 +81,6 @@ def dequantize_rotate_kernel(q_ptr, center_ptr, step_ptr, cos_ptr, sin_ptr, cs_s
         tl.store(out_a + half * out_sc, _cast(yb, out_ptr, CLAMP, BF16), mask=mask)
     else:
         tl.store(out_a, _cast(xa, out_ptr, CLAMP, BF16), mask=mask)
-
-
-def rope_tables_on(inv_freq: torch.Tensor, token_start: int, tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference's cos and sin tables (half, tokens) on `device`, as views into a per-(inv_freq, device)
-    table of positions [0, 2^k) built once by `rope_tables`: every entry depends on its position alone, so a
-    slice equals the table the reference builds for that range, and a file's layers share one build."""
-    freq = np.ascontiguousarray(inv_freq.detach().cpu().numpy(), dtype=np.float32)
-    key = (freq.tobytes(), str(torch.device(device)))
-    need = token_start + tokens
-    with _tables_lock:
-        hit = _tables.get(key)
-        if hit is None or hit[0].shape[1] < need:
-            cos, sin = rope_tables(torch.from_numpy(freq), 0, triton.next_power_of_2(max(need, 4096)))
-            hit = _tables[key] = (cos.to(device), sin.to(device))
-            while len(_tables) > TABLE_CACHE:
-                _tables.popitem(last=False)
-        _tables.move_to_end(key)
-    return hit[0][:, token_start:need], hit[1][:, token_start:need]
 
 
 def tile(width: int) -> tuple[int, int]:

@@ -1,0 +1,90 @@
+"""The bytes every preset writes for one fixed cache, pinned by SHA-256: a restructuring of the codec's code must
+not change one of them.
+
+The digests were taken at cc2a417, before kvq's arithmetic moved into codecs/kvq_ops/, and must never be edited
+to make this test pass: a change of a digest is a change of the format's bytes, which needs a new bitstream
+version. The cache is built from numpy's PCG64, whose stream numpy keeps stable across releases, and exercises
+what changes bytes: rotary keys, a sliding-window layer, sinks, a profile with key weights, token weights, three
+dtypes, several chunks. Both backends must give the same bytes (the triton one under TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from kvcli.codecs.kvq import Profile
+from kvcli.codecs.presets import QUALITIES, make_codec
+
+from kvcli.container import kvfile
+from kvcli.modeling.kvcache import KVCache
+
+IDENT = {"architecture": "X", "config_digest": "a" * 64, "weights_digest": "b" * 64, "tokenizer_digest": "c" * 64}
+LAYERS, HEADS, TOKENS, DIM, WINDOW = 3, 2, 80, 16, 50
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# (quality, dtype) -> SHA-256 of the codec's params and every segment (fixed_digest), computed at cc2a417.
+DIGESTS = {
+    ('lossless', 'bfloat16'): "03e6f49547bda8c6f318afa51b7aace66432e19c7293ac2c18ee05b3aa7eea5f",
+    ('lossless', 'float16'): "d61d73f4535addbe077387e0aebc931cd6f563a6672cf1f513762d301c92f7a9",
+    ('lossless', 'float32'): "f8cb5ee29a1e29339e286a3dcbf5bbe42256936fdd834f34626d5abac4918fd9",
+    ('high', 'bfloat16'): "c32e93de5d71dd94e5778d5ecc3acd7d9d77abaccd6b2291d3d1cbebd3010d44",
+    ('high', 'float16'): "c671c9f46a2c8a79f64c4640c4251302d482a89c303a47afccbe79355328a8fd",
+    ('high', 'float32'): "926d1cbb4d647ec2c741e330d91260c85d08e8407d9a4c2e8824e65c44c2a9b1",
+    ('balanced', 'bfloat16'): "2b63f84ee78ae2607a3471141a3c4db8a1d90b4dac023c5c434be16adf6da47c",
+    ('balanced', 'float16'): "b2f6baa53fb4d66e663bc7ae2e4dff734d63b9378fb271fa834021ea72eaf9b2",
+    ('balanced', 'float32'): "452375725f44fee6695e83390a06f9583700e8c5d20b277720e9391e2805eb64",
+    ('small', 'bfloat16'): "f2486e621f7fd9016acc5c1dfb609ebfda335cc72160793f753b678a54038578",
+    ('small', 'float16'): "6e0de8dc7157e290df93cee92551b60574200c4fd12c093e982d186cb82ac74c",
+    ('small', 'float32'): "ff84b0a037f4751fbcbb41b5b193e9f3ffdfb065c1b78a2f0d7ef6a8134e751e",
+    ('tiny', 'bfloat16'): "28afc13d0f4930b57a24c6b70a0dd5c381016cd89c880c43666253213cd12752",
+    ('tiny', 'float16'): "4c01c86111d0476825e2cee70713be09ab3778502c9aedaf72e6c00dbf1f85a6",
+    ('tiny', 'float32'): "51f69d2669098ca159ea947551bb58d5754d224e200f975a2eb8bb92cbfed815",
+    ('raw', 'bfloat16'): "e08fd3a96bb2e36977e777104708e60570376df4c98418a554c941cc26692d46",
+    ('raw', 'float16'): "e5a8cdeb8e4b1542ad6ae234f5e9118bbb5f6cfbfa1cffa08b46eacaca5a41a1",
+    ('raw', 'float32'): "4610b89a75b59b4c4104fc8731e1c83fb32750eb4f72a86da2fe4b7c97ebe5f5",
+}
+
+
+def fixed_cache(dtype: torch.dtype) -> KVCache:
+    rng = np.random.Generator(np.random.PCG64(20261206))
+    keys, values, attention = [], [], []
+    for layer in range(LAYERS):
+        held = WINDOW if layer == 1 else TOKENS  # layer 1 keeps a sliding window: its first position is 30
+        drift = rng.standard_normal((HEADS, 1, DIM)) * 4
+        keys.append(torch.from_numpy((rng.standard_normal((HEADS, held, DIM)) + drift).astype(np.float32)).to(dtype))
+        values.append(torch.from_numpy(rng.standard_normal((HEADS, held, DIM)).astype(np.float32)).to(dtype))
+        attention.append(torch.from_numpy(rng.random((HEADS, held)).astype(np.float32) ** 3))
+    return KVCache(list(range(TOKENS)), keys, values, attention)
+
+
+def fixed_profile() -> Profile:
+    rng = np.random.Generator(np.random.PCG64(7))
+    sensitivity = rng.random((LAYERS, 2, HEADS)) + 0.1
+    return Profile("fixed", sensitivity, [rng.random((HEADS, DIM)) + 0.05 for _ in range(LAYERS)])
+
+
+def fixed_digest(quality: str, dtype: str, backend: str = "torch") -> str:
+    inv_freq = [1.0 / (10000 ** (np.arange(0, DIM, 2, dtype=np.float32) / DIM)) for _ in range(LAYERS)]
+    codec = make_codec(quality, fixed_profile(), inv_freq)
+    meta, parts = kvfile.encode(fixed_cache(DTYPES[dtype]), IDENT, codec, 32, backend=backend)
+    h = hashlib.sha256(json.dumps(meta["codec"], sort_keys=True).encode())
+    for p in parts:
+        h.update(json.dumps([p.kind, p.layer, p.token_start, p.token_count, p.name, len(p.data)]).encode())
+        h.update(p.data)
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("quality", QUALITIES)
+def test_every_preset_writes_the_bytes_it_wrote_before(quality, dtype):
+    assert fixed_digest(quality, dtype) == DIGESTS[(quality, dtype)]
+
+
+@pytest.mark.parametrize("quality", ["high", "small"])
+def test_the_triton_backend_writes_the_same_bytes(quality):
+    pytest.importorskip("triton")
+    assert fixed_digest(quality, "float32", "triton") == DIGESTS[(quality, "float32")]

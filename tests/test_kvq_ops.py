@@ -1,0 +1,154 @@
+"""One parity test per operation of kvq's arithmetic (codecs/kvq_ops/): every form of it, torch (the reference),
+C and Triton where the operation has them, gives the same bits.
+
+Triton runs under TRITON_INTERPRET=1 on the CPU (set in conftest), compiled on CUDA with `pytest --gpu`. The crafted
+edge cases of each form (casts, clamps, refusals) stay with its own tests: tests/test_fast_decode.py,
+tests/test_fast_encode.py, tests/test_kernels*.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from kvcli.codecs import entropy
+from kvcli.codecs.kvq_ops import dequantize, quantize
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(1, 1, 2), (3, 7, 6), (2, 65, 64), (1, 130, 10), (2, 3, 128)]  # (heads, tokens, dim)
+
+
+def inv_freq(dim: int) -> torch.Tensor:
+    return torch.from_numpy(1.0 / (10000 ** (np.arange(0, dim, 2, dtype=np.float32) / dim)))
+
+
+def triton_forms():
+    """The Triton modules, or None where triton is not installed (the CPU-only install)."""
+    try:
+        from kvcli.codecs.kvq_ops import dequantize_triton, quantize_triton
+    except ImportError:
+        return None
+    return quantize_triton, dequantize_triton
+
+
+def bits(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(torch.int16 if x.element_size() == 2 else torch.int32)
+
+
+@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("dim", [10, 16])  # blocks of 4 x 4 where a half is a multiple of 4, else scalar only
+def test_to_channels(rope, dim):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 50, dim, generator=g) * 7
+    every_other = torch.randn(3, 50, 2 * dim, generator=g)[:, :, ::2]  # channels not contiguous
+    freq = inv_freq(dim) if rope else None
+    views = (x[:, 3:41], x.transpose(0, 1).contiguous().transpose(0, 1)[:, 1:], x[:, 7:8], every_other[:, 2:40])
+    for view in views:
+        assert torch.equal(quantize.to_channels(view, freq, 5), quantize.to_channels_ref(view, freq, 5))
+
+
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), 3e38])
+def test_deviations(bad):
+    g = torch.Generator().manual_seed(1)
+    body = torch.randn(3, 4, 33, generator=g) * 100
+    center = body.mean(dim=2).half().float()
+    factor = torch.exp2(torch.randint(-24, 25, (3, 33), generator=g).float() / 8)
+    if bad is not None:
+        body[1, 2, 7] = bad
+    for f in (None, factor):
+        spread, squares = quantize.deviations(body, center, f)
+        spread_ref, squares_ref = quantize.deviations_ref(body, center, f)
+        assert torch.equal(spread.nan_to_num(-1.0), spread_ref.nan_to_num(-1.0))
+        assert torch.equal(squares.nan_to_num(-1.0), squares_ref.nan_to_num(-1.0))
+
+
+def test_quantize_classes():
+    """Values on exact ties (n + 1/2 steps from the center), near 2^23 steps, at 2^15 and signed zeros."""
+    g = torch.Generator().manual_seed(0)
+    heads, dim, tokens = 2, 5, 64
+    center = (torch.randn(heads, dim, generator=g) * 4).half().float()
+    step = torch.exp2(torch.randint(-6, 4, (heads, dim), generator=g).float())
+    n = torch.randint(-40, 40, (heads, dim, tokens), generator=g).float()
+    n[0, 0, :8] = torch.tensor([0.5, -0.5, 1.5, -1.5, 2.5, -2.5, -0.0, 0.0])
+    n[1, 1, :6] = torch.tensor([2.0**23 - 0.5, -(2.0**23) + 1.5, 2.0**23 + 2, 32767.5, -32768.5, 2.0**24])
+    body = center[..., None] + n * step[..., None]
+    factor = torch.exp2(torch.randint(-3, 4, (heads, tokens), generator=g).float())  # powers of two keep the ties
+    for f in (None, factor):
+        x = body if f is None else center[..., None] + n * step[..., None] * f[:, None, :]
+        q, classes = quantize.quantize_classes(x, center, step, f)
+        q_ref, classes_ref = quantize.quantize_classes_ref(x, center, step, f)
+        assert q.dtype == q_ref.dtype == torch.int32 and torch.equal(q, q_ref)
+        assert np.array_equal(classes, classes_ref)
+    small = body[:, :, 10:]
+    small = center[..., None] + (small - center[..., None]).clamp(-30, 30)
+    q, classes = quantize.quantize_classes(small, center, step, None)
+    q_ref, classes_ref = quantize.quantize_classes_ref(small, center, step, None)
+    assert q.dtype == q_ref.dtype == torch.int16 and torch.equal(q, q_ref) and np.array_equal(classes, classes_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,tokens,dim", SHAPES)
+@pytest.mark.parametrize("rope", [False, True])
+def test_quantize_segment(device, dtype, heads, tokens, dim, rope):
+    """A segment in the cache's own layout (a strided slice of a (tokens, heads, dim) buffer), with token weights,
+    its values on ties of the rounding where they are exactly representable."""
+    g = torch.Generator().manual_seed(heads * 1000 + tokens * 10 + dim)
+    center = (torch.randn(heads, dim, generator=g) * 3).half().float()
+    step = torch.exp2(torch.randint(-8, 2, (heads, dim), generator=g).float())
+    halves = torch.randint(-600, 600, (heads, dim, tokens), generator=g).float() / 2  # n + 1/2 steps: ties
+    x = (center[..., None] + halves * step[..., None]).transpose(1, 2).to(dtype)
+    x = x.transpose(0, 1).contiguous().transpose(0, 1)  # (heads, tokens, dim) view of a (tokens, heads, dim) buffer
+    factor = torch.exp2(torch.randint(-24, 25, (heads, tokens), generator=g).float() / 8)
+    freq = inv_freq(dim) if rope else None
+    for f in (None, factor):
+        want = quantize.quantize_segment_ref(x, center, step, freq, 1234, f)
+        assert torch.equal(quantize.quantize_segment(x, center, step, freq, 1234, f), want)
+        forms = triton_forms()
+        if forms is not None:
+            got = forms[0].quantize_unrotate(x.to(device), center.to(device), step.to(device), freq, 1234,
+                                             f.to(device) if f is not None else None)
+            assert torch.equal(got.cpu(), want)
+
+
+def as_symbols(q: np.ndarray) -> tuple[entropy.Symbols, entropy.ClassTables]:
+    """Integers q (heads, dim, tokens) of any value as a decoded segment: one group of class 16 (m = 1, K = 255)
+    whose every symbol is the escape, so each integer comes from the escapes as it is."""
+    heads, dim, tokens = q.shape
+    tables = entropy.tables_of({16: np.ones(entropy.alphabet(16), np.int64)})
+    layout = entropy.Layout.of([entropy.Group(16, np.arange(heads * dim, dtype=np.int64))], tokens, tables)
+    symbols = np.full(heads * dim * tokens, entropy.alphabet(16) - 1, np.uint16)
+    return entropy.Symbols(layout, symbols, np.ascontiguousarray(q, dtype=np.int32).reshape(-1)), tables
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,tokens,dim", SHAPES)
+@pytest.mark.parametrize("rope", [False, True])
+def test_dequantize(device, dtype, heads, tokens, dim, rope):
+    """Wide-ranging integers, centres and steps, with and without token weights, into channel-major storage, a
+    plain (heads, tokens, dim) tensor (strided writes) and a slice in the middle of a larger one."""
+    rng = np.random.default_rng(heads * 1000 + tokens * 10 + dim)
+    q = (rng.standard_normal((heads, dim, tokens)) * 10.0 ** rng.integers(0, 6, (heads, dim, 1))).astype(np.int32)
+    center = torch.from_numpy(rng.standard_normal((heads, dim)).astype(np.float32) * 100).half().float()
+    step = torch.from_numpy(np.exp(rng.uniform(-12, 4, (heads, dim))).astype(np.float32)).half().float()
+    factor = torch.from_numpy(np.float32(2.0 ** (rng.integers(-24, 25, (heads, tokens)) / 8)))
+    freq = inv_freq(dim) if rope else None
+    symbols, tables = as_symbols(q)
+    name = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
+
+    def outputs(where):
+        channel_major = torch.full((heads, dim, tokens + 9), float("nan"), dtype=dtype, device=where).transpose(1, 2)
+        return (channel_major[:, :tokens], torch.full((heads, tokens, dim), float("nan"), dtype=dtype, device=where),
+                channel_major[:, 4 : 4 + tokens])
+
+    for f in (None, factor):
+        want = torch.empty((heads, tokens, dim), dtype=dtype)
+        dequantize.reconstruct_ref(symbols, tables, center, step, freq, 1234, f, want, name)
+        for out in outputs("cpu"):
+            dequantize.reconstruct(symbols, tables, center.reshape(-1).numpy(), step.reshape(-1).numpy(), freq, 1234, f,
+                                   out)
+            assert torch.equal(bits(out), bits(want))
+        forms = triton_forms()
+        for out in outputs(device) if forms is not None else ():
+            forms[1].dequantize_rotate(torch.from_numpy(q).to(device), center.to(device), step.to(device), freq, 1234,
+                                       out, f.to(device) if f is not None else None)
+            assert torch.equal(bits(out.cpu()), bits(want))
