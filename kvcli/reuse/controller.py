@@ -250,18 +250,22 @@ class RangeSource(format.Source):
         return data
 
 
-def _open(store, key: str) -> tuple[RangeSource, format.Header]:
+def _open(store, key: str) -> tuple[RangeSource, format.Header, float]:
+    """The file's source and header, and the seconds of its size request (a request that moves no data)."""
+    started = time.perf_counter()
     size = store.size(key)
+    request_s = time.perf_counter() - started
     if size is None:
         raise InputError(f"{store.url_for(key)}: no such cache")
     src = RangeSource(store, key, size)
-    return src, format.read_header(src)
+    return src, format.read_header(src), request_s
 
 
 def open_levels(store, key: str, min_quality: str) -> tuple[format.Header, list[Level], dict]:
     """The named cache's header, the levels of its document at min_quality or better (best first), and the
-    probe: the seconds of the size request (a request that moves no data: the link's latency), and the bytes and
-    seconds of the named file's first read, made alone on the link so that its time is latency plus transfer."""
+    probe: the bytes and seconds of the named file's first read, made alone on the link so that its time is latency
+    plus transfer, and the link's latency: the shortest of the size requests (one per level; they move no data,
+    and the shortest is the one least delayed by this machine's other work)."""
     started = time.perf_counter()
     size = store.size(key)
     if size is None:
@@ -282,12 +286,13 @@ def open_levels(store, key: str, min_quality: str) -> tuple[format.Header, list[
             return None  # not a level of this cache (or unreadable now): the others still serve
         return other, got
 
-    found = {key: (src, header)}
+    found = {key: (src, header, request_s)}
     if others:
         with ThreadPoolExecutor(max_workers=min(4, len(others)), thread_name_prefix="kvcli-levels") as pool:
             found.update(item for item in pool.map(level, others) if item is not None)
+    probe["request_s"] = min(r for _, _, r in found.values())
     levels: dict[str, Level] = {}
-    for k, (s, h) in found.items():
+    for k, (s, h, _) in found.items():
         quality = quality_of(h)
         if quality is None or QUALITY_RANK[quality] < QUALITY_RANK[min_quality] or quality in levels:
             continue
@@ -347,9 +352,10 @@ class Stream:
         pipeline.check_identity(header, self.lm, where)
         pipeline.check_layout(header.layers, header.token_ids, self.lm, where)
         remembered = recall_link(self.store.url)
-        # The latency as this run measured it: the other levels' small reads share the link, so on a slow one their
-        # times are mostly transfer, and latency taken from them made the probe's transfer look short (a 100 kB/s
-        # link read as 475 kB/s).
+        # The latency as this run measured it, from requests that move no data: the other levels' small reads share
+        # the link, so on a slow one their times are mostly transfer, and latency taken from them made the probe's
+        # transfer look short (a 100 kB/s link read as 475 kB/s); one size request alone, slowed by a busy moment of
+        # this machine, made 4 KiB fetches over that link read as 280 kB/s.
         self.request_s = min(probe["request_s"], probe["seconds"])
         moving = max(probe["seconds"] - self.request_s, 0.1 * probe["seconds"], 1e-6)
         probed = probe["bytes"] / moving
