@@ -75,11 +75,16 @@ class _Plan:
     """What the scheduler side knows of a request between its lookup and the step that runs it."""
 
     prompt: list[int]
-    hit: Any = None  # the index's PrefixHit, or None
+    hits: list = field(default_factory=list)  # the index's PrefixHits: every file holding the longest stored prefix
     local: int = 0  # tokens vLLM's own prefix cache had when it last asked
     load: tuple[int, int] | None = None  # [start, end) to load, once blocks are allocated
     save_tokens: list[int] | None = None  # the prompt, if it is to be saved
     block_ids: list[int] = field(default_factory=list)
+
+    @property
+    def hit(self):
+        """The file a load reads: the best of the hits (exact copies first, then the finer presets)."""
+        return self.hits[0] if self.hits else None
 
 
 class KvcliConnector(KVConnectorBase_V1):
@@ -188,9 +193,14 @@ class KvcliConnector(KVConnectorBase_V1):
         plan.load = None
 
     def _worth_saving(self, plan: _Plan) -> bool:
-        """A prompt with a full chunk the store does not hold yet (the index serves whole chunks only)."""
+        """A prompt with a full chunk the store does not hold yet at one of the levels saved (the index serves whole
+        chunks only)."""
         full = len(plan.prompt) // CHUNK_TOKENS * CHUNK_TOKENS
-        return self.settings.saves and full > 0 and (plan.hit is None or plan.hit.tokens < full)
+        if not self.settings.saves or full == 0:
+            return False
+        if plan.hit is None or plan.hit.tokens < full:
+            return True
+        return bool(set(self.settings.qualities) - {hit.quality for hit in plan.hits})
 
     def _emit_save(self, req_id: str, plan: _Plan, computed: int, meta: KvcliConnectorMetadata) -> None:
         """Once the step that computes the prompt's last token is scheduled, its KV is complete after that step."""
@@ -238,8 +248,9 @@ class KvcliConnector(KVConnectorBase_V1):
         self._loader = Loader(self.store, self.identity, target, STATS, self.settings.max_loads,
                               self.settings.load_timeout_s, self._opener, _decode_backend(layers[0].device))
         if self.settings.saves:
-            codec = save_codec(self.settings.quality, self.identity, _read_config(self.model_dir), len(layers))
-            self._saver = Saver(self.store, codec, self.identity, self.dtype, STATS, self.settings.max_pending_saves,
+            config = _read_config(self.model_dir)
+            codecs = {q: save_codec(q, self.identity, config, len(layers)) for q in self.settings.qualities}
+            self._saver = Saver(self.store, codecs, self.identity, self.dtype, STATS, self.settings.max_pending_saves,
                                 settled=lambda: STATS.flush(self._stats_path))
         logger.info("kvcli connector: store %s, %d layers, %s layout, saves at %s", self.settings.store,
                     len(layers), layout, self.settings.quality)

@@ -12,7 +12,9 @@ from ...storage.remote import DEFAULT_CACHE_DIR_BYTES
 class Settings:
     store: str  # a directory, s3://bucket/prefix, or a serve-cache URL
     token_file: str | None = None  # the serve-cache bearer token, first line of this file
-    quality: str = "balanced"  # the preset saves are written at, or "none" to only load
+    # The preset saves are written at, or several ("high,balanced,small": each its own file, the levels a deadline
+    # load chooses among), or "none" to only load.
+    quality: str = "balanced"
     cache_dir: str | None = None  # local copies of remote caches, least recently used evicted first
     cache_dir_bytes: int = DEFAULT_CACHE_DIR_BYTES
     max_loads: int = 2  # caches decoded at once (threads)
@@ -33,14 +35,23 @@ class Settings:
         return cls(**extra)
 
     def __post_init__(self) -> None:
-        if self.quality != "none" and self.quality not in QUALITIES:
-            raise ValueError(f"kvcli connector: quality must be none or one of {', '.join(QUALITIES)}, not {self.quality!r}")
+        names = self.qualities
+        if self.quality != "none" and (not names or any(q not in QUALITIES for q in names) or len(set(names)) != len(names)):
+            raise ValueError(f"kvcli connector: quality must be none, or one or more of {', '.join(QUALITIES)} separated "
+                             f"by commas, each once, not {self.quality!r}")
         for name in ("max_loads", "max_pending_saves", "cache_dir_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "cache_dir_bytes" else 1):
                 raise ValueError(f"kvcli connector: {name} must be a positive integer, not {value!r}")
         if not isinstance(self.load_timeout_s, (int, float)) or not self.load_timeout_s > 0:
             raise ValueError(f"kvcli connector: load_timeout_s must be a number above 0, not {self.load_timeout_s!r}")
+
+    @property
+    def qualities(self) -> tuple[str, ...]:
+        """The presets saves are written at, in the order given; () when saves are off."""
+        if not isinstance(self.quality, str) or self.quality == "none":
+            return ()
+        return tuple(name.strip() for name in self.quality.split(","))
 
     @property
     def saves(self) -> bool:
