@@ -206,3 +206,38 @@ def test_a_deadline_is_read_as_generate_reads_it():
     assert Settings.from_extra({"store": "/x", "deadline": "800ms"}).deadline == 0.8
     assert Settings.from_extra({"store": "/x", "deadline": 2}).deadline == 2.0
     assert Settings.from_extra({"store": "/x"}).deadline is None
+
+
+def test_a_large_file_over_a_fast_link_is_loaded_not_given_back(tmp_path, monkeypatch):
+    """vLLM computing the prompt takes 2 s, the 11.5 MB lossless file crosses loopback several times sooner:
+    every chunk is loaded, none given back (with no remembered throughput, from the header read's probe, whose
+    latency is the load's own size request)."""
+    monkeypatch.setenv("KVCLI_CACHE_DIR", str(tmp_path / "cache"))
+    gen = torch.Generator().manual_seed(5)
+    tokens = 4096
+    kv = KVCache(torch.randint(0, 1000, (tokens,), generator=gen).tolist(),
+                 [torch.randn(HEADS, tokens, DIM, generator=gen) for _ in range(LAYERS)],
+                 [torch.randn(HEADS, tokens, DIM, generator=gen) for _ in range(LAYERS)])
+    root = tmp_path / "root"
+    saver = Saver(DirStore(root, create=True), {"lossless": make_codec("lossless")}, MODEL, "float32", Stats(), 1)
+    (key,) = saver.save(SaveJob(kv.token_ids, kv.keys, kv.values)).values()
+    saver.close()
+    prompt = kv.token_ids + [1]
+    # vLLM computing the prompt: 2 s; the file (11.5 MB) crosses loopback several times faster
+    speeds = plans.EngineSpeeds(plans.speeds_name(MODEL, "cpu", "float32"), 2.0 / len(prompt))
+    with CacheServer(root) as server:
+        store = open_store(server.url)
+        began, seen = time.perf_counter(), time.time()
+        hits = lookup(store, MODEL, "float32", prompt, Stats())
+        spec = DeadlineSpec(seen + 30, len(prompt), tuple(plans.levels_of(hits, "small")), "lossless",
+                            time.perf_counter() - began)
+        t = PagedTarget([torch.zeros(-(-len(prompt) // BLOCK), HEADS, BLOCK, 2 * DIM) for _ in range(LAYERS)], "cpu",
+                        BLOCK, HEADS, DIM, DIM, torch.float32)
+        stats = Stats()
+        loader = Loader(store, MODEL, t, stats, 1, 30, lambda k: open_ranged(store, k), speeds=speeds)
+        job = LoadJob("r", key, prompt[:tokens], 0, tokens, list(range(len(t.layers[0]))), LAYERS, deadline=spec)
+        loader.start(job)
+        loader.finish(job, time.monotonic() + 30)
+        loader.close()
+    assert job.fault is None and job.given_back is None, stats.snapshot()
+    assert stats.snapshot()["deadline_chunks_lossless"] == tokens // 256

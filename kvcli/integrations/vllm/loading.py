@@ -264,12 +264,14 @@ class DeadlineLoad:
             self.loader.speeds.keep()
             stats.add("deadline_actual_ms", round(1000 * (time.perf_counter() - began)))
 
-    def open(self, quality: str) -> tuple[int, float] | tuple[None, None]:
-        """The level's header read, checked, and its decoder built; the bytes and seconds of that read where it
-        crossed the link (a probe), else Nones."""
+    def open(self, quality: str) -> tuple[int, float, float] | tuple[None, None, None]:
+        """The level's header read, checked, and its decoder built. Where the file is read over the link: the
+        bytes and seconds of the header's read (the probe), and the seconds of opening it, a size request that
+        moves no data (the latency); else Nones."""
         level = self.levels[quality]
         t0 = time.perf_counter()
         src = self.loader.open_cache(level.file_key)
+        t1 = time.perf_counter()
         try:
             header = format.read_header(src)
             self.loader._check(header, self.job, level.file_key)
@@ -282,21 +284,22 @@ class DeadlineLoad:
             src.close()
             raise
         if isinstance(src, StoredSource):
-            return min(src.size, HEAD_PREFETCH), time.perf_counter() - t0
-        return None, None
+            return min(src.size, HEAD_PREFETCH), time.perf_counter() - t1, t1 - t0
+        return None, None, None
 
-    def estimate(self, nbytes: int | None, seconds: float | None) -> None:
-        """The first throughput: the store's remembered one, unless the probe took over STALE times what it
-        predicts or shows a faster link (reuse/controller.py makes the same choice)."""
+    def estimate(self, nbytes: int | None, seconds: float | None, request_s: float | None) -> None:
+        """The latency (this load's size request, which moves no data) and the first throughput: the assumed one
+        (the store's remembered throughput, or a fast link) unless the probe (the header's read) took over STALE
+        times what it predicts, or under 1/STALE of it. The probe's prediction is made with the slower of the size
+        request and the scheduler's lookup: on loopback either varies by tens of milliseconds, as much as a 64 KiB
+        read takes, and such a read says nothing of a fast link."""
         if nbytes is None:
             return
         costs = self.costs
-        costs.latency_s = min(costs.latency_s, seconds)
-        probed = nbytes / max(seconds - costs.latency_s, 0.1 * seconds, 1e-6)
-        remembered = controller.recall_link(self.loader.store.url).get("bytes_per_s")
-        if (remembered is None or probed > remembered
-                or seconds > controller.STALE * (costs.latency_s + nbytes / remembered)):
-            costs.bytes_per_s = probed
+        costs.latency_s = min(request_s, seconds)
+        slowest = max(request_s, self.spec.latency_s) + nbytes / costs.bytes_per_s
+        if seconds > controller.STALE * slowest or seconds * controller.STALE < costs.latency_s + nbytes / costs.bytes_per_s:
+            costs.bytes_per_s = nbytes / max(seconds - costs.latency_s, 0.1 * seconds, 1e-6)
 
     def bytes_per_s(self) -> float:
         moving = sum(max(s - self.costs.latency_s, 0.1 * s) for _, s in self.samples)
