@@ -178,6 +178,7 @@ class KvcliConnector(KVConnectorBase_V1):
                                                            latency_s=time.perf_counter() - began)
         plan.local = num_computed_tokens
         tokens = claimable(plan.hit, len(plan.prompt), self.block_size, num_computed_tokens)
+        plan.claim = None  # vLLM may ask again (its own prefix cache, the time left may have changed): claim afresh
         if self._speeds is None or tokens == 0:
             return tokens, False
         return self._claim(plan, num_computed_tokens, num_computed_tokens + tokens), False
