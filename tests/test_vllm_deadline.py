@@ -2,7 +2,8 @@
 chunk-by-chunk load (loading.DeadlineLoad) against a real `serve-cache` of three levels, reached through a
 throttled proxy (one link's rate, shared by its connections), into synthetic paged tensors in the CPU layout:
 
-- a fast link claims the top level, the whole prefix;
+- a fast link claims the top level, the whole prefix (the first load to a store, which has no throughput to go by,
+  takes its first chunk from the lowest level);
 - the link slows after a load remembered it fast: the claim is still the top level, the worker's first read
   measures the slow link and the chunks come from lower levels, each equal to its own level's decode;
 - then the claim itself is a lower level; and nothing at all where computing the prompt is sooner;
@@ -117,14 +118,21 @@ def test_the_claim_and_the_load_follow_the_link(served):
     prompt = kv.token_ids + list(range(8))
     speeds = plans.EngineSpeeds(plans.speeds_name(MODEL, "cpu", "float32"), PREFILL_S)
 
-    # a fast link: the top level, the whole prefix, every chunk from it; the load remembers the link
+    # a fast link: the top level, the whole prefix; the link unmeasured yet, the first chunk's read (of the
+    # lowest level) measures it, and the others come from the top level; the load remembers the link
     t, stats = target(), Stats()
     chosen, job = load(open_store(url), speeds, t, prompt, stats)
     assert (chosen.level.quality, chosen.end, chosen.meets) == ("high", TOKENS, True)
     assert job.fault is None and job.given_back is None and job.recompute_blocks(BLOCK) == set()
-    assert chunk_sources(t, references) == ["high"] * 4
+    assert chunk_sources(t, references) == ["small"] + ["high"] * 3
     counts = stats.snapshot()
-    assert counts["deadline_chunks_high"] == 4 and "deadline_chunks_degraded" not in counts
+    assert counts["deadline_chunks_high"] == 3 and counts["deadline_chunks_degraded"] == 1
+
+    # and now that it is remembered, every chunk from the top level
+    t, stats = target(), Stats()
+    chosen, job = load(open_store(url), speeds, t, prompt, stats)
+    assert chosen.level.quality == "high" and chunk_sources(t, references) == ["high"] * 4
+    assert "deadline_chunks_degraded" not in stats.snapshot()
 
     # the link slows (a new client, new connections at the new rate): the claim, from memory, is still the top
     # level; the worker's first read measures the slow link and takes the chunks from lower levels

@@ -27,7 +27,7 @@ from ...container import format, identity, kvfile
 from ...errors import FormatError, InputError, ModelMismatchError, StorageError
 from ...reuse import controller
 from ...storage.remote import HEAD_PREFETCH
-from ...storage.store import StoredSource
+from ...storage.store import DirStore, StoredSource
 from . import deadline as plans
 from . import paged
 from .stats import Stats
@@ -229,13 +229,16 @@ class DeadlineLoad:
         self.order = [level.quality for level in self.spec.levels]
         self.opened: dict[str, kvfile.LevelDecoder] = {}
         self.samples: deque[tuple[int, float]] = deque(maxlen=controller.WINDOW)
+        self.unmeasured = False  # no throughput known for this link yet: the first chunk measures it
 
     def run(self) -> None:
         job, spec, stats = self.job, self.spec, self.loader.stats
         began = time.perf_counter()
         try:
-            self.estimate(*self.open(spec.claimed))
-            header = self.opened[spec.claimed].header
+            decoder, probe = self.open(spec.claimed)
+            self.opened[spec.claimed] = decoder
+            self.estimate(*probe)
+            header = decoder.header
             size = header.chunk_tokens
             bounds = plans.chunks_of(job.start, job.end, size)
             keys, values = self.allocate(header, -(-job.end // size) * size)
@@ -247,6 +250,8 @@ class DeadlineLoad:
                 give_back_s = self.costs.compute_s(spec.prompt_tokens - lo)
                 rest = {q: self.rest_s(q, bounds[k:], size) for q in self.order}
                 choice, meets = plans.replan(rest, give_back_s, budget, self.order)
+                if k == 0 and self.unmeasured and choice != plans.GIVE_BACK:
+                    choice = self.order[-1]  # the cheapest read that measures the link, and serves a chunk
                 if k == 0:  # the first plan's time for the load (none for a load given back whole)
                     stats.add("deadline_predicted_ms", round(1000 * (time.perf_counter() - began + rest.get(choice, 0))))
                 if not meets:
@@ -264,10 +269,10 @@ class DeadlineLoad:
             self.loader.speeds.keep()
             stats.add("deadline_actual_ms", round(1000 * (time.perf_counter() - began)))
 
-    def open(self, quality: str) -> tuple[int, float, float] | tuple[None, None, None]:
-        """The level's header read, checked, and its decoder built. Where the file is read over the link: the
-        bytes and seconds of the header's read (the probe), and the seconds of opening it, a size request that
-        moves no data (the latency); else Nones."""
+    def open(self, quality: str) -> tuple[kvfile.LevelDecoder, tuple]:
+        """The level's header read, checked, and its decoder built; and where the file is read over the link, the
+        bytes and seconds of the header's read (the probe) and the seconds of opening it, a size request that
+        moves no data (the latency), else Nones."""
         level = self.levels[quality]
         t0 = time.perf_counter()
         src = self.loader.open_cache(level.file_key)
@@ -279,20 +284,22 @@ class DeadlineLoad:
                 if (other.header.dtype, other.header.chunk_tokens) != (header.dtype, header.chunk_tokens):
                     raise FormatError(f"{level.file_key}: cannot be mixed with {other.name}: its dtype or chunking "
                                       "differs")
-            self.opened[quality] = kvfile.LevelDecoder(src, header)
+            decoder = kvfile.LevelDecoder(src, header)
         except BaseException:
             src.close()
             raise
         if isinstance(src, StoredSource):
-            return min(src.size, HEAD_PREFETCH), time.perf_counter() - t1, t1 - t0
-        return None, None, None
+            return decoder, (min(src.size, HEAD_PREFETCH), time.perf_counter() - t1, t1 - t0)
+        return decoder, (None, None, None)
 
     def estimate(self, nbytes: int | None, seconds: float | None, request_s: float | None) -> None:
         """The latency (this load's size request, which moves no data) and the first throughput: the assumed one
         (the store's remembered throughput, or a fast link) unless the probe (the header's read) took over STALE
         times what it predicts, or under 1/STALE of it. The probe's prediction is made with the slower of the size
         request and the scheduler's lookup: on loopback either varies by tens of milliseconds, as much as a 64 KiB
-        read takes, and such a read says nothing of a fast link."""
+        read takes, and such a read says nothing of a fast link. Where nothing is remembered either (a remote
+        store's first load), the link is unmeasured: the first chunk comes from the lowest level, and its read
+        measures the link for the rest."""
         if nbytes is None:
             return
         costs = self.costs
@@ -300,6 +307,9 @@ class DeadlineLoad:
         slowest = max(request_s, self.spec.latency_s) + nbytes / costs.bytes_per_s
         if seconds > controller.STALE * slowest or seconds * controller.STALE < costs.latency_s + nbytes / costs.bytes_per_s:
             costs.bytes_per_s = nbytes / max(seconds - costs.latency_s, 0.1 * seconds, 1e-6)
+        else:
+            self.unmeasured = (not controller.recall_link(self.loader.store.url)
+                               and not isinstance(self.loader.store, DirStore))
 
     def bytes_per_s(self) -> float:
         moving = sum(max(s - self.costs.latency_s, 0.1 * s) for _, s in self.samples)
@@ -331,23 +341,26 @@ class DeadlineLoad:
                    values) -> bool:
         """Tokens [lo, hi) of `chunk` from the level into the blocks; False where its read stalled."""
         job, stats = self.job, self.loader.stats
-        if quality not in self.opened:
-            self.open(quality)
-        decoder = self.opened[quality]
-        offset, length = decoder.spans[chunk]
-        predicted = self.costs.latency_s + length / self.costs.bytes_per_s
+        level = self.levels[quality]
+        span = level.bytes_of(lo, hi) if quality not in self.opened else self.opened[quality].spans[chunk][1]
+        predicted = self.costs.latency_s + span / self.costs.bytes_per_s
         # Given up at the last moment at which giving the rest back still meets the deadline; where it cannot, once
         # the read has taken as long as that would. Never before twice the prediction (a busy machine pauses).
         wait = budget - give_back_s if budget > give_back_s else give_back_s
         wait = min(max(wait, 2 * predicted + controller.STALL_FLOOR_S), controller.STALL_CAP_S)
         t0 = time.perf_counter()
-        future = self.loader._fetches.submit(decoder.src.read, offset, length)
         try:
-            data = future.result(timeout=wait)
+            if quality not in self.opened:  # a level's header read stalls as a chunk's does
+                self.opened[quality] = self.loader._fetches.submit(self.open, quality).result(timeout=wait)[0]
+            decoder = self.opened[quality]
+            offset, length = decoder.spans[chunk]
+            read_at = time.perf_counter()
+            future = self.loader._fetches.submit(decoder.src.read, offset, length)
+            data = future.result(timeout=max(wait - (read_at - t0), 0.0))
         except FetchTimeout:
             stats.add("deadline_stalls")
             return False
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - read_at
         if isinstance(decoder.src, StoredSource) and offset + length > min(decoder.src.size, HEAD_PREFETCH):
             self.samples.append((length, seconds))
             self.costs.bytes_per_s = self.bytes_per_s()
