@@ -295,7 +295,7 @@ class DeadlineLoad:
     def estimate(self, nbytes: int | None, seconds: float | None, request_s: float | None) -> None:
         """The latency (this load's size request, which moves no data) and the first throughput: the assumed one
         (the store's remembered throughput, or a fast link) unless the probe (the header's read) took over STALE
-        times what it predicts, or under 1/STALE of what the remembered one predicts. The probe's prediction is made with the slower of the size
+        times what it predicts plus 0.25 s, or under 1/STALE of what the remembered one predicts. The probe's prediction is made with the slower of the size
         request and the scheduler's lookup: on loopback either varies by tens of milliseconds, as much as a 64 KiB
         read takes, and such a read says nothing of a fast link. Where nothing is remembered either (a remote
         store's first load), the link is unmeasured: the first chunk comes from the lowest level, and its read
@@ -307,7 +307,8 @@ class DeadlineLoad:
         remembered = bool(controller.recall_link(self.loader.store.url))
         slowest = max(request_s, self.spec.latency_s) + nbytes / costs.bytes_per_s
         faster = remembered and seconds * controller.STALE < costs.latency_s + nbytes / costs.bytes_per_s
-        if seconds > controller.STALE * slowest or faster:
+        # A busy machine pauses a read by tens of milliseconds: a slower link shows only beyond that.
+        if seconds > controller.STALE * slowest + controller.STALL_FLOOR_S or faster:
             costs.bytes_per_s = nbytes / max(seconds - costs.latency_s, 0.1 * seconds, 1e-6)
         else:
             self.unmeasured = not remembered and not isinstance(self.loader.store, DirStore)
