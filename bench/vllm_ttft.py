@@ -3,6 +3,7 @@ and with the kvcli connector loading from a local directory store and from `kvcl
 link, at each quality. One JSON line per (document, setting).
 
     .venv/bin/python bench/vllm_ttft.py [--tokens 2048] [--qualities lossless,balanced] [--rates 1e9,1e8]
+        [--deadlines 2,4]
 
 Each setting runs in a fresh engine (tests/vllm_runs.py, prefix caching off so that every repetition loads or
 computes). The stores are written by vLLM itself: an engine with saves on answers every prompt once, waits for its
@@ -10,6 +11,12 @@ saves, then answers them again loading (the "dir" lines). The served settings re
 serve-cache and a TCP proxy limited to the given bits per second (tests/servers.py's ThrottleProxy, in this
 process: on a small CPU it may not reach the nominal rate, so the line also gives the file's bytes).
 TTFT is the wall time of a 1-token answer, submission to return, inside the engine's process.
+
+With --deadlines, the stores of every quality are merged into one (files and index entries: the levels of each
+document) and served at each rate to an engine whose connector has that `deadline` (docs/vllm.md, "Deadline"); its
+lines give the fraction of deadlines met and the connector's counters (levels claimed, chunks per level, chunks
+given back). These engines keep their link and speed measurements in a scratch KVCLI_CACHE_DIR of their own, which
+the repetitions share: the first load of a run has no remembered throughput.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -32,13 +40,13 @@ VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 QUESTION = "\nQuestion: What is this document about?\nAnswer:"
 
 
-def engine(spec: dict, workdir: Path, name: str) -> list[dict]:
+def engine(spec: dict, workdir: Path, name: str, env: dict | None = None) -> list[dict]:
     spec_path = workdir / f"{name}.json"
     spec_path.write_text(json.dumps(spec))
     with open(workdir / f"{name}.log", "w") as log:
         out = subprocess.run([str(VLLM_PYTHON), str(REPO / "tests" / "vllm_runs.py"), str(spec_path)], cwd=REPO,
                              stdout=subprocess.PIPE, stderr=log, text=True, timeout=3600,
-                             env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"})
+                             env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", **(env or {})})
     lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0 or len(lines) != len(spec["prompts"]) + 1:
         raise SystemExit(f"engine {name} failed ({out.returncode}); see {workdir / (name + '.log')}")
@@ -63,6 +71,8 @@ def main() -> None:
     parser.add_argument("--qualities", default="lossless,balanced")
     parser.add_argument("--rates", default="1e9,1e8", help="link speeds for serve-cache, bits per second")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--deadlines", default="", help="seconds, comma-separated: the connector's deadline option "
+                        "over the merged levels of --qualities, at each rate")
     args = parser.parse_args()
     if not VLLM_PYTHON.exists():
         raise SystemExit(f"{VLLM_PYTHON} is missing: bash scripts/setup.sh vllm")
@@ -105,6 +115,42 @@ def main() -> None:
                 for i, (name, ids) in enumerate(docs):
                     emit(name, len(ids), {"setting": "serve-cache", "quality": quality, "link_bits_per_s": rate},
                          runs[i::len(docs)][: args.repeats], baseline[name], env)
+        if args.deadlines:
+            deadlines(args, base, docs, baseline, env, work)
+
+
+def deadlines(args, base: dict, docs: list, baseline: dict, env: dict, work: Path) -> None:
+    """The connector's deadline over the merged levels, at each rate and deadline (module doc)."""
+    merged = work / "store-levels"
+    for quality in args.qualities.split(","):
+        shutil.copytree(work / f"store-{quality}", merged, dirs_exist_ok=True)
+    prompts = [ids for _, ids in docs]
+    for rate in (float(r) for r in args.rates.split(",")):
+        for seconds in (float(d) for d in args.deadlines.split(",")):
+            name = f"deadline-{seconds:g}-{rate:g}"
+            cache = work / f"cache-{name}"
+            cache.mkdir()
+            (cache / "models").symlink_to(models_dir(), target_is_directory=True)
+            with CacheServer(merged) as server:
+                host, port = server.url.removeprefix("http://").split(":")
+                with ThrottleProxy((host, int(port)), rate=rate / 8) as proxy:
+                    settings = {"store": f"http://127.0.0.1:{proxy.port}", "quality": "none", "deadline": seconds,
+                                "stats_dir": str(work / f"stats-{name}")}
+                    runs = engine({**base, "prompts": prompts * args.repeats, "connector": settings}, work, name,
+                                  {"KVCLI_CACHE_DIR": str(cache)})
+            counters = {k: v for k, v in runs[-1]["stats"].items() if k.startswith("deadline_")}
+            for i, (doc, ids) in enumerate(docs):
+                mine = runs[i::len(docs)][: args.repeats]
+                met = sum(r["seconds"] <= seconds for r in mine) / len(mine)
+                emit(doc, len(ids), {"setting": "deadline", "deadline_s": seconds, "link_bits_per_s": rate,
+                                     "levels": args.qualities, "deadline_met": round(met, 3),
+                                     "connector": counters}, mine, baseline[doc], env)
+
+
+def models_dir() -> Path:
+    from kvcli.container.identity import cache_root
+
+    return cache_root() / "models"
 
 
 if __name__ == "__main__":

@@ -2,14 +2,15 @@
 (tests/vllm_runs.py) on the default model in float32, one engine per role:
 
 - R: vLLM without a connector, the reference answers;
-- A: saves the first prompt's KV to a directory store (lossless);
+- A: saves the first prompt's KV to a directory store at two levels (lossless and balanced, one file each);
 - B: a fresh engine reading the same files from S3 (moto_server): the same tokens as R, num_cached_tokens shows
   the hit (512 of a 573-token prompt, 512 for a second question, 256 for a prompt sharing only 300 tokens); then
   the S3 server is stopped and the next answer is computed, right, with the fault counted;
-- F: a serve-cache server over a copy of the store whose file has a damaged segment in a late layer: vLLM
-  recomputes the blocks and answers right; a cache made by `kvcli prefill` (transformers) answers in vLLM, with the
-  KL of its next-token distribution against vLLM's own prefill measured; then the server is stopped: the next
-  prompt is computed too.
+- F: under a deadline, a serve-cache server over a copy of the store whose lossless file has a damaged segment in
+  a late layer: the load claims that level and vLLM recomputes the blocks and answers right; a cache made by
+  `kvcli prefill` (transformers, lossless and balanced) answers in vLLM (a deadline load of its lossless level,
+  chunk by chunk), with the KL of its next-token
+  distribution against vLLM's own prefill measured; then the server is stopped: the next prompt is computed too.
 And the other way: the cache vLLM saved answers in `kvcli generate`, with the KL against kvcli's own prefill.
 
 Skipped only when .venv-vllm is absent outside CI (`bash scripts/setup.sh vllm` builds it); in CI (CI=true) a
@@ -28,6 +29,8 @@ from pathlib import Path
 import pytest
 
 from kvcli.container import format
+from kvcli.integrations.vllm.deadline import speeds_name
+from kvcli.reuse import controller
 from kvcli.storage.store import DirStore, open_store
 from servers import KVCLI, REPO, CacheServer, moto_server
 
@@ -112,12 +115,28 @@ def connector(store: str, tmp: Path, name: str, **settings) -> dict:
     return {"store": store, "stats_dir": str(tmp / name / "stats"), **settings}
 
 
+def lossless_file(directory: Path) -> Path:
+    """The store's lossless file (engine A saves two levels)."""
+    (path,) = [p for p in directory.glob("*.kvc") if header_of(p).codec["name"] == "zstd"]
+    return path
+
+
+def header_of(path: Path) -> format.Header:
+    src = format.open_source(str(path))
+    try:
+        return format.read_header(src)
+    finally:
+        src.close()
+
+
 def damage_late_segment(path: Path) -> str:
-    """Flip one byte inside a value segment of the second-to-last layer: the header and index stay sound."""
+    """Flip one byte inside the second chunk's value segment of the second-to-last layer: the header and index stay
+    sound (a first load under a deadline takes its first chunk from the lowest level: the second is read here)."""
     src = format.open_source(str(path))
     header = format.read_header(src)
     src.close()
-    seg = next(s for s in header.segments if s.kind == "v" and s.layer == len(header.layers) - 2)
+    seg = next(s for s in header.segments if s.kind == "v" and s.layer == len(header.layers) - 2
+               and s.token_start == header.chunk_tokens)
     data = bytearray(path.read_bytes())
     data[header.data_offset + seg.offset + seg.length // 2] ^= 0x40
     path.write_bytes(bytes(data))
@@ -132,7 +151,8 @@ def engines(vllm_python, prompts, tmp_path_factory):
     reference = run_engine(vllm_python, tmp, "R", {**base, "prompts": ids, "connector": None, "logprobs_for": [3]})
     store = tmp / "store"
     saver = run_engine(vllm_python, tmp, "A", {**base, "prompts": ids[:1], "await_saves": 1,
-                                                "connector": connector(str(store), tmp, "A", quality="lossless")})
+                                                "connector": connector(str(store), tmp, "A",
+                                                                       quality="lossless,balanced")})
     return {"tmp": tmp, "ids": ids, "model": model, "store": store, "R": reference, "A": saver, "second": second}
 
 
@@ -141,7 +161,11 @@ def test_a_saved_prefix_answers_in_a_fresh_engine_from_s3(vllm_python, engines):
     the loaded tokens (whole 256-token chunks, whole blocks, never the last prompt token)."""
     tmp, ids, ref = engines["tmp"], engines["ids"], engines["R"]
     assert engines["A"][0]["tokens"] == ref[0]["tokens"]
-    assert engines["A"][1]["stats"]["saves"] == 1
+    saved = engines["A"][1]["stats"]
+    assert saved["saves"] == 1 and saved["saved_files_lossless"] == 1 and saved["saved_files_balanced"] == 1
+    header = header_of(lossless_file(engines["store"]))  # both levels hold the prompt's chunks in the index
+    hits = DirStore(engines["store"]).prefix_hits(header.model, header.dtype, ids[0])
+    assert sorted(h.quality for h in hits) == ["balanced", "lossless"] and {h.tokens for h in hits} == {512}
     with moto_server() as aws:
         import boto3
 
@@ -183,16 +207,17 @@ def test_faults_end_in_recomputation_and_a_kvcli_prefill_cache_answers(vllm_pyth
     tmp, ids, ref = engines["tmp"], engines["ids"], engines["R"]
     root = tmp / "damaged"
     shutil.copytree(engines["store"], root)
-    (path,) = root.glob("*.kvc")
+    path = lossless_file(root)
     damage_late_segment(path)
-    made = subprocess.run([*KVCLI, "prefill", str(engines["second"]), "--out-dir", str(root), "--quality", "lossless"],
+    made = subprocess.run([*KVCLI, "prefill", str(engines["second"]), "--out-dir", str(root), "--quality",
+                           "lossless,balanced"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stderr
     (tmp / "F-hand").mkdir()
     with CacheServer(root) as server:
         spec = {"model": engines["model"], "max_tokens": 8, "prompts": [ids[0], ids[3], ids[1]], "pause_before": [2],
                 "handshake_dir": str(tmp / "F-hand"), "logprobs_for": [1],
-                "connector": connector(server.url, tmp, "F", quality="none")}
+                "connector": connector(server.url, tmp, "F", quality="none", deadline="20s")}
         answers = run_engine(vllm_python, tmp, "F", spec, on_pause=lambda i: server.stop())
     assert answers[0]["tokens"] == ref[0]["tokens"]  # recomputed after the damaged segment
     assert answers[1]["num_cached_tokens"] == 256  # the kvcli prefill cache's whole chunk
@@ -204,6 +229,18 @@ def test_faults_end_in_recomputation_and_a_kvcli_prefill_cache_answers(vllm_pyth
     stats = answers[3]["stats"]
     assert stats["fault_corrupt"] == 1 and stats["recomputed_blocks"] >= 1 and stats["loads"] == 1
     assert stats["fault_store_unavailable"] >= 1
+    # under the deadline both loads claimed the top level, lossless (the deadline is far; balanced, 10 times
+    # smaller, loads sooner than vLLM computes the prompt, so nothing is given back). The first load, the link
+    # unmeasured, took its first chunk from balanced, then met the damaged lossless chunk; the good one is one chunk
+    print(f"connector counters: {stats}")
+    assert stats["deadline_level_lossless"] == 2 and stats["deadline_loads"] == 2
+    assert stats["deadline_chunks_balanced"] == 1 and stats["deadline_chunks_lossless"] == 1
+    assert "deadline_chunks_given_back" not in stats
+    # vLLM's steps measured the prefill rate, the load the decode speed: kept for the next claim
+    header = header_of(path)
+    kept = controller._recall(controller._memory("speeds", speeds_name(header.model, "cpu", header.dtype)))
+    print(f"\nspeeds kept by the engine: {kept}")
+    assert kept["prefill_s_per_token"] > 0 and kept["decode_s_per_element.lossless"] > 0
     log = (tmp / "F" / "engine.log").read_text()
     assert log.count("kvcli connector: cannot load") == 1  # logged once
 
@@ -216,7 +253,7 @@ def test_a_cache_vllm_saved_answers_in_kvcli_generate(engines, tmp_path):
     from kvcli.modeling import inference, models
     from kvcli.reuse import pipeline
 
-    (path,) = engines["store"].glob("*.kvc")
+    path = lossless_file(engines["store"])
     out = subprocess.run([*KVCLI, "generate", "--cache", str(path), QUESTION2, "--max-new-tokens", "8"], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip(), out.stderr

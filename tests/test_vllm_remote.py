@@ -159,14 +159,14 @@ def test_cache_dir_keeps_bounded_least_recently_used_copies_of_a_server_that_req
         stats = Stats()
         # without the token the server refuses the lookup: a miss, counted as the store's fault
         anonymous = open_connector_store(Settings(store=server.url, quality="none"))
-        assert lookup(anonymous, MODEL, "float32", kvs[0].token_ids, stats) is None
+        assert lookup(anonymous, MODEL, "float32", kvs[0].token_ids, stats) == []
         assert stats.snapshot() == {"lookups": 1, "fault_store_unavailable": 1}
 
         settings = Settings(store=server.url, token_file=str(token_file), quality="none", cache_dir=str(local),
                             cache_dir_bytes=bound)
         store = open_connector_store(settings)
-        hit = lookup(store, MODEL, "float32", kvs[0].token_ids + [7, 8], stats)
-        assert hit is not None and hit.file_key == names[0] and hit.tokens == 256
+        (hit,) = lookup(store, MODEL, "float32", kvs[0].token_ids + [7, 8], stats)
+        assert hit.file_key == names[0] and hit.tokens == 256
         assert claimable(hit, COPY_TOKENS + 2, BLOCK, 0) == 256
         t = paged_target(COPY_TOKENS)
         opener = file_opener(store, settings, stats)
@@ -268,7 +268,7 @@ def test_an_index_naming_a_file_of_the_perturbed_model_gives_no_hit_and_no_claim
             store = open_store(stack.enter_context(CacheServer(root)).url)
         stats = Stats()
         # the file itself is sound and indexed: the perturbed model finds it
-        assert claimable(lookup(store, perturbed, header.dtype, prompt, stats), len(prompt), BLOCK, 0) == 512
-        hit = lookup(store, MODEL, header.dtype, prompt, stats)
-        assert hit is None and claimable(hit, len(prompt), BLOCK, 0) == 0
+        (hit,) = lookup(store, perturbed, header.dtype, prompt, stats)
+        assert claimable(hit, len(prompt), BLOCK, 0) == 512
+        assert lookup(store, MODEL, header.dtype, prompt, stats) == [] and claimable(None, len(prompt), BLOCK, 0) == 0
         assert stats.snapshot() == {"lookups": 2, "lookup_hits": 1, "lookup_hit_tokens": 512}

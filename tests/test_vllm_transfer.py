@@ -112,10 +112,10 @@ def test_a_store_that_is_down_is_a_fault_not_an_error(tmp_path):
 
 def test_saves_are_idempotent_by_key_and_a_full_queue_skips(tmp_path):
     store, stats = DirStore(tmp_path, create=True), Stats()
-    saver = Saver(store, make_codec("lossless"), MODEL, "float32", stats, max_pending=1)
+    saver = Saver(store, {"lossless": make_codec("lossless")}, MODEL, "float32", stats, max_pending=1)
     small = random_cache(seed=1)
-    key = saver.save(SaveJob(small.token_ids, small.keys, small.values))
-    assert store.exists(key) and key == saver.key_of(small.token_ids)
+    key = saver.save(SaveJob(small.token_ids, small.keys, small.values))["lossless"]
+    assert store.exists(key) and key == saver.key_of(small.token_ids, "lossless")
     big = random_cache(tokens=4096, seed=2)  # keeps the thread encoding while the queue fills
     assert saver.submit(SaveJob(big.token_ids, big.keys, big.values))
     accepted = [saver.submit(SaveJob(small.token_ids, small.keys, small.values)) for _ in range(3)]

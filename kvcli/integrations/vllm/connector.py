@@ -1,8 +1,9 @@
 """KvcliConnector: vLLM's v1 KV connector over a kvcli store (docs/vllm.md).
 
 Scheduler side: one prefix-index lookup per request finds the longest stored prefix of its prompt, and claims it
-in whole blocks, never the prompt's last token (vLLM must compute at least one). It also picks the prompts worth
-saving: those with a full 256-token chunk the store does not hold yet.
+in whole blocks, never the prompt's last token (vLLM must compute at least one); under a `deadline`, at the level
+that fits the time left, or not at all where computing the prompt is sooner (deadline.py). It also picks the
+prompts worth saving: those with a full 256-token chunk the store does not hold yet at one of the levels saved.
 Worker side: loads run on background threads, layer by layer, straight into the request's blocks
 (loading.py); saves copy the prompt's KV out of the blocks during the step that completes the prompt and hand the
 copy to the background saver (saving.py). A load that fails for any reason reports its blocks through
@@ -28,9 +29,10 @@ from vllm.logger import init_logger
 
 from ...container import kvfile
 from ...container.keys import CHUNK_TOKENS
+from . import deadline as plans
 from . import paged
 from .engine_identity import model_identity
-from .loading import Loader, LoadJob, PagedTarget
+from .loading import DeadlineSpec, Loader, LoadJob, PagedTarget
 from .saving import Saver, SaveJob, save_codec
 from .settings import Settings
 from .stats import STATS
@@ -55,6 +57,7 @@ class LoadSpec:
     start: int
     end: int
     block_ids: list[int]
+    deadline: DeadlineSpec | None = None
 
 
 @dataclass
@@ -68,6 +71,7 @@ class SaveSpec:
 class KvcliConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+    step_tokens: int = 0  # tokens the step computes: a step that loads nothing measures the prefill rate
 
 
 @dataclass
@@ -75,11 +79,20 @@ class _Plan:
     """What the scheduler side knows of a request between its lookup and the step that runs it."""
 
     prompt: list[int]
-    hit: Any = None  # the index's PrefixHit, or None
+    hits: list = field(default_factory=list)  # the index's PrefixHits: every file holding the longest stored prefix
     local: int = 0  # tokens vLLM's own prefix cache had when it last asked
     load: tuple[int, int] | None = None  # [start, end) to load, once blocks are allocated
     save_tokens: list[int] | None = None  # the prompt, if it is to be saved
     block_ids: list[int] = field(default_factory=list)
+    seen: float = 0.0  # time.time() when the scheduler first saw the request: its deadline counts from there
+    latency_s: float = 0.0  # the lookup's time
+    claim: Any = None  # under a deadline, deadline.Claim
+    counted: bool = False
+
+    @property
+    def hit(self):
+        """The file a load reads: the best of the hits (exact copies first, then the finer presets)."""
+        return self.hits[0] if self.hits else None
 
 
 class KvcliConnector(KVConnectorBase_V1):
@@ -102,6 +115,9 @@ class KvcliConnector(KVConnectorBase_V1):
         self._jobs: list[LoadJob] = []
         self._copies: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._deadline = 0.0
+        self._speeds = self._engine_speeds(vllm_config) if self.enabled and self.settings.deadline else None
+        self._step_began = 0.0
+        self._warned_deadline = False
         # The scheduler and the worker may be different processes: each writes its own file.
         self._stats_path = None
         if self.settings.stats_dir:
@@ -131,6 +147,20 @@ class KvcliConnector(KVConnectorBase_V1):
             logger.warning("kvcli connector disabled: cannot identify the model %s: %s", self.model_dir, err)
             return None
 
+    def _engine_speeds(self, vllm_config) -> plans.EngineSpeeds | None:
+        """This engine's speeds for deadline loads; without them (a model whose size cannot be read) loads claim
+        as they do without a deadline."""
+        model_config, parallel = vllm_config.model_config, vllm_config.parallel_config
+        device = str(vllm_config.device_config.device_type)
+        try:
+            self.elements_per_token = (model_config.get_num_layers(parallel) * model_config.get_num_kv_heads(parallel)
+                                       * 2 * model_config.get_head_size())
+            prior = plans.prefill_prior(self.model_dir, _read_config(self.model_dir), device)
+        except Exception as err:
+            logger.warning("kvcli connector: loads ignore the deadline: %s: %s", type(err).__name__, err)
+            return None
+        return plans.EngineSpeeds(plans.speeds_name(self.identity, device, self.dtype), prior)
+
     @property
     def requires_kv_delivery(self) -> bool:
         return False  # a dropped save is a later cache miss, nothing more
@@ -142,19 +172,42 @@ class KvcliConnector(KVConnectorBase_V1):
             return 0, False
         plan = self._plans.get(request.request_id)
         if plan is None:
-            prompt = list(request.prompt_token_ids)
-            plan = self._plans[request.request_id] = _Plan(prompt, lookup(self.store, self.identity, self.dtype,
-                                                                          prompt, STATS))
+            prompt, seen, began = list(request.prompt_token_ids), time.time(), time.perf_counter()
+            hits = lookup(self.store, self.identity, self.dtype, prompt, STATS)
+            plan = self._plans[request.request_id] = _Plan(prompt, hits, seen=seen,
+                                                           latency_s=time.perf_counter() - began)
         plan.local = num_computed_tokens
-        return claimable(plan.hit, len(plan.prompt), self.block_size, num_computed_tokens), False
+        tokens = claimable(plan.hit, len(plan.prompt), self.block_size, num_computed_tokens)
+        plan.claim = None  # vLLM may ask again (its own prefix cache, the time left may have changed): claim afresh
+        if self._speeds is None or tokens == 0:
+            return tokens, False
+        return self._claim(plan, num_computed_tokens, num_computed_tokens + tokens), False
+
+    def _claim(self, plan: _Plan, start: int, end: int) -> int:
+        """Under a deadline: tokens [start, end) at the level that fits the time left, or none (deadline.choose)."""
+        left = plan.seen + self.settings.deadline - time.time()
+        plan.claim = plans.claim(plan.hits, self.store.url, plan.latency_s, self._speeds.current(),
+                                 self.elements_per_token, self.settings.min_quality, len(plan.prompt), start, end, left)
+        return plan.claim.end - start
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
         plan = self._plans.get(request.request_id)
         if plan is not None and num_external_tokens > 0:
             plan.load = (plan.local, plan.local + num_external_tokens)
+        if plan is not None and plan.claim is not None and not plan.counted:
+            plan.counted = True
+            claim = plan.claim
+            STATS.add(f"deadline_level_{claim.level.quality}" if claim.level else "deadline_text_fallback")
+            if not claim.meets:
+                STATS.add("deadline_unmeetable")
+                if not self._warned_deadline:
+                    self._warned_deadline = True
+                    logger.warning("kvcli connector: a deadline of %g s cannot be met at min_quality %s nor by "
+                                   "computing the prompt; taking the fastest path (counted as deadline_unmeetable)",
+                                   self.settings.deadline, self.settings.min_quality)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
-        meta = KvcliConnectorMetadata()
+        meta = KvcliConnectorMetadata(step_tokens=scheduler_output.total_num_scheduled_tokens)
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             plan = self._plans.get(new.req_id)
@@ -184,13 +237,24 @@ class KvcliConnector(KVConnectorBase_V1):
         if plan.load is None or plan.hit is None:
             return
         start, end = plan.load
-        meta.loads.append(LoadSpec(req_id, plan.hit.file_key, plan.prompt[:end], start, end, list(plan.block_ids)))
+        file_key, deadline = plan.hit.file_key, None
+        if plan.claim is not None and plan.claim.level is not None:
+            file_key = plan.claim.level.file_key
+            deadline = DeadlineSpec(plan.seen + self.settings.deadline, len(plan.prompt),
+                                    tuple(plans.levels_of(plan.hits, self.settings.min_quality)),
+                                    plan.claim.level.quality, plan.latency_s)
+        meta.loads.append(LoadSpec(req_id, file_key, plan.prompt[:end], start, end, list(plan.block_ids), deadline))
         plan.load = None
 
     def _worth_saving(self, plan: _Plan) -> bool:
-        """A prompt with a full chunk the store does not hold yet (the index serves whole chunks only)."""
+        """A prompt with a full chunk the store does not hold yet at one of the levels saved (the index serves whole
+        chunks only)."""
         full = len(plan.prompt) // CHUNK_TOKENS * CHUNK_TOKENS
-        return self.settings.saves and full > 0 and (plan.hit is None or plan.hit.tokens < full)
+        if not self.settings.saves or full == 0:
+            return False
+        if plan.hit is None or plan.hit.tokens < full:
+            return True
+        return bool(set(self.settings.qualities) - {hit.quality for hit in plan.hits})
 
     def _emit_save(self, req_id: str, plan: _Plan, computed: int, meta: KvcliConnectorMetadata) -> None:
         """Once the step that computes the prompt's last token is scheduled, its KV is complete after that step."""
@@ -236,10 +300,12 @@ class KvcliConnector(KVConnectorBase_V1):
         self._target = target
         self._opener = file_opener(self.store, self.settings, STATS)
         self._loader = Loader(self.store, self.identity, target, STATS, self.settings.max_loads,
-                              self.settings.load_timeout_s, self._opener, _decode_backend(layers[0].device))
+                              self.settings.load_timeout_s, self._opener, _decode_backend(layers[0].device),
+                              self._speeds)
         if self.settings.saves:
-            codec = save_codec(self.settings.quality, self.identity, _read_config(self.model_dir), len(layers))
-            self._saver = Saver(self.store, codec, self.identity, self.dtype, STATS, self.settings.max_pending_saves,
+            config = _read_config(self.model_dir)
+            codecs = {q: save_codec(q, self.identity, config, len(layers)) for q in self.settings.qualities}
+            self._saver = Saver(self.store, codecs, self.identity, self.dtype, STATS, self.settings.max_pending_saves,
                                 settled=lambda: STATS.flush(self._stats_path))
         logger.info("kvcli connector: store %s, %d layers, %s layout, saves at %s", self.settings.store,
                     len(layers), layout, self.settings.quality)
@@ -251,7 +317,7 @@ class KvcliConnector(KVConnectorBase_V1):
         self._deadline = time.monotonic() + self.settings.load_timeout_s
         for spec in meta.loads:
             job = LoadJob(spec.req_id, spec.file_key, spec.token_ids, spec.start, spec.end, spec.block_ids,
-                          len(self._target.layers))
+                          len(self._target.layers), deadline=spec.deadline)
             self._jobs.append(job)
             self._loader.start(job)
 
@@ -275,8 +341,14 @@ class KvcliConnector(KVConnectorBase_V1):
             keys, values = paged.read_tokens(kv_layer, t.layout, where, t.key_dim, t.value_dim)
             self._copies.setdefault(spec.req_id, {})[layer] = (keys.cpu(), values.cpu())
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        self._step_began = time.perf_counter()  # vLLM binds the metadata just before the step's forward pass
+
     def wait_for_save(self):
         meta = self._connector_metadata
+        if self._speeds is not None and isinstance(meta, KvcliConnectorMetadata) and not meta.loads:
+            self._speeds.measure_step(time.perf_counter() - self._step_began, meta.step_tokens)
         if self._saver is not None and isinstance(meta, KvcliConnectorMetadata):
             for spec in meta.saves:
                 copies = self._copies.pop(spec.req_id, {})
@@ -291,8 +363,7 @@ class KvcliConnector(KVConnectorBase_V1):
         failed: set[int] = set()
         for job in self._jobs:
             self._loader.finish(job, self._deadline)
-            if job.fault:
-                failed |= job.blocks(self.block_size)
+            failed |= job.recompute_blocks(self.block_size)
         self._jobs = []
         if failed:
             STATS.add("recomputed_blocks", len(failed))

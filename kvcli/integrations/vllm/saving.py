@@ -1,8 +1,10 @@
 """Saving a prefix vLLM computed: a copy taken during the forward step, then encoded and written by one background
 thread, so the step waits for nothing but the copy.
 
-The queue is bounded: when it is full, the save is skipped and counted (the prefix is simply not stored, a later
-request computes and offers it again). A prefix whose key is already in the store is not encoded again.
+With several levels (`quality: "high,balanced,small"`), the one copy is encoded once per level, each level its own
+content-addressed file with its own index entries. The queue is bounded in prefixes (copies), not files: when it is
+full, the save is skipped and counted (the prefix is simply not stored, a later request computes and offers it
+again). A level whose key is already in the store is not encoded again.
 """
 
 from __future__ import annotations
@@ -54,9 +56,13 @@ def save_codec(quality: str, model_identity: dict, config: dict, layers: int) ->
 
 
 class Saver:
-    def __init__(self, store, codec: Codec, model_identity: dict, dtype: str, stats: Stats, max_pending: int,
-                 chunk_tokens: int = kvfile.DEFAULT_CHUNK_TOKENS, settled=None):
-        self.store, self.codec, self.identity, self.dtype = store, codec, model_identity, dtype
+    """codecs: {quality: codec} of every level saved, in the order they are encoded."""
+
+    def __init__(self, store, codecs: dict[str, Codec], model_identity: dict, dtype: str, stats: Stats,
+                 max_pending: int, chunk_tokens: int = kvfile.DEFAULT_CHUNK_TOKENS, settled=None):
+        if not codecs:
+            raise ValueError("a saver needs at least one level")
+        self.store, self.codecs, self.identity, self.dtype = store, dict(codecs), model_identity, dtype
         self.stats, self.chunk_tokens = stats, chunk_tokens
         # called after each save settles: an idle engine takes no more steps, so nothing else would publish it
         self.settled = settled or (lambda: None)
@@ -64,9 +70,9 @@ class Saver:
         self._thread = threading.Thread(target=self._run, name="kvcli-saver", daemon=True)
         self._thread.start()
 
-    def key_of(self, token_ids: list[int]) -> str:
-        return keys.derive_key(self.identity, self.dtype, {"name": self.codec.name, "params": self.codec.params()},
-                               token_ids)
+    def key_of(self, token_ids: list[int], quality: str) -> str:
+        codec = self.codecs[quality]
+        return keys.derive_key(self.identity, self.dtype, {"name": codec.name, "params": codec.params()}, token_ids)
 
     def submit(self, job: SaveJob) -> bool:
         try:
@@ -93,19 +99,27 @@ class Saver:
                 self.stats.fault("save", f"a save of {len(job.token_ids)} tokens failed: {type(err).__name__}: {err}")
             self.settled()
 
-    def save(self, job: SaveJob) -> str:
-        key = self.key_of(job.token_ids)
-        if self.store.exists(key):
-            self.stats.add("saves_already_stored")
-            return key
+    def save(self, job: SaveJob) -> dict[str, str]:
+        """Every level of the prefix stored: {quality: key}. Counted per prefix (`saves`, or `saves_already_stored`
+        when every level was there) and per file (`saved_files_QUALITY`, `saved_bytes`)."""
         kv = KVCache(list(job.token_ids), job.keys, job.values)
-        meta, parts = kvfile.encode(kv, self.identity, self.codec, self.chunk_tokens, {"created_at": _now()})
-        data = format.build_header(meta, parts) + b"".join(p.data for p in parts)
-        self.store.put(key, data)
-        self.stats.add("saves")
-        self.stats.add("saved_tokens", len(job.token_ids))
-        self.stats.add("saved_bytes", len(data))
-        return key
+        stored, written = {}, 0
+        for quality, codec in self.codecs.items():
+            key = stored[quality] = self.key_of(job.token_ids, quality)
+            if self.store.exists(key):
+                continue
+            meta, parts = kvfile.encode(kv, self.identity, codec, self.chunk_tokens, {"created_at": _now()})
+            data = format.build_header(meta, parts) + b"".join(p.data for p in parts)
+            self.store.put(key, data)
+            written += 1
+            self.stats.add(f"saved_files_{quality}")
+            self.stats.add("saved_bytes", len(data))
+        if written:
+            self.stats.add("saves")
+            self.stats.add("saved_tokens", len(job.token_ids))
+        else:
+            self.stats.add("saves_already_stored")
+        return stored
 
 
 def _now() -> str:

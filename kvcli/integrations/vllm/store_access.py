@@ -99,18 +99,19 @@ class _ThenCopy(StoredSource):
         self._then()
 
 
-def lookup(store, identity: dict, dtype: str, token_ids: list[int], stats: Stats) -> PrefixHit | None:
-    """The longest stored prefix of a prompt, in one index lookup; a store that is down or refuses is a miss."""
+def lookup(store, identity: dict, dtype: str, token_ids: list[int], stats: Stats) -> list[PrefixHit]:
+    """Every stored file (each quality level) that holds the longest stored prefix of a prompt, best first
+    (store.prefix_hits: one index lookup); a store that is down or refuses is a miss ([])."""
     stats.add("lookups")
     try:
-        hit = store.lookup_prefix(identity, dtype, token_ids)
+        hits = store.prefix_hits(identity, dtype, token_ids)
     except Exception as err:  # never a failed request
         stats.fault("store_unavailable", f"the prefix lookup failed: {type(err).__name__}: {err}")
-        return None
-    if hit is not None:
+        return []
+    if hits:
         stats.add("lookup_hits")
-        stats.add("lookup_hit_tokens", hit.tokens)
-    return hit
+        stats.add("lookup_hit_tokens", hits[0].tokens)
+    return hits
 
 
 def claimable(hit: PrefixHit | None, prompt_tokens: int, block_size: int, computed: int) -> int:
