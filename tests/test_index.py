@@ -13,7 +13,7 @@ import torch
 from servers import MODEL, CacheServer, foreign_server
 
 from kvcli.codecs.presets import PRESET_CODECS, make_codec
-from kvcli.container import format, keys, kvfile
+from kvcli.container import format, keys, kvfile, level
 from kvcli.errors import FormatError, StorageError
 from kvcli.modeling.kvcache import KVCache
 from kvcli.reuse.ingest import encode_file
@@ -82,9 +82,13 @@ def test_chunk_keys_chain_and_what_they_depend_on():
 
 def test_preset_names_of_codecs_agree_with_the_presets():
     for quality, cls in PRESET_CODECS.items():
-        if cls.name in index.PRESET_OF_CODEC:
-            assert index.PRESET_OF_CODEC[cls.name] == quality
-    assert index.quality_of({"name": "kvq", "params": {"quality": "small"}}) == "small"
+        if cls.name in level.PRESET_OF_CODEC:
+            assert level.PRESET_OF_CODEC[cls.name] == quality
+    assert set(PRESET_CODECS) == set(level.QUALITY_RANK)  # every preset is a level, and nothing else is
+    assert level.quality_of({"name": "kvq", "params": {"quality": "small"}}) == "small"
+    # A step-scaled kvq file is no preset's: not a level, and listed by its codec's name.
+    scaled = {"name": "kvq", "params": {"quality": "small", "step_scale": 1.5}}
+    assert level.quality_of(scaled) is None and level.label_of(scaled) == "kvq"
 
 
 # ---------------------------------------------------------------- reading the first N tokens

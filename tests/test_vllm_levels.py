@@ -11,7 +11,7 @@ from kvcli.container import format
 from kvcli.integrations.vllm.saving import Saver, SaveJob
 from kvcli.integrations.vllm.settings import Settings
 from kvcli.integrations.vllm.stats import Stats
-from kvcli.reuse.controller import quality_of
+from kvcli.container.level import quality_of
 from kvcli.storage.store import DirStore
 from servers import MODEL
 from test_vllm_transfer import random_cache
@@ -40,7 +40,7 @@ def test_one_copy_is_saved_as_one_file_per_level_each_indexed_once(tmp_path):
     assert list(stored) == list(LEVELS) and len(set(stored.values())) == 3
     for quality, key in stored.items():  # each level its own file, written at its preset
         src = format.open_source(store.path_of(key))
-        assert quality_of(format.read_header(src)) == quality
+        assert quality_of(format.read_header(src).codec) == quality
         src.close()
     hits = store.prefix_hits(MODEL, "float32", kv.token_ids + [1])
     assert sorted((h.quality, h.file_key, h.tokens) for h in hits) == sorted((q, k, 512) for q, k in stored.items())

@@ -27,14 +27,12 @@ from urllib.parse import urlsplit
 from ..container import format, kvfile
 from ..container.identity import cache_root
 from ..container.keys import KEY_PATTERN, tokens_sha256
+from ..container.level import EXACT, QUALITY_RANK, quality_of
 from ..errors import FormatError, InputError, StorageError, UsageError
 from ..modeling import inference, models
 from ..modeling.kvcache import KVCache
 from ..stdio import write_stderr_text
 
-# Worst to best. raw and lossless hold the model's values exactly, as a recomputed chunk does.
-QUALITY_RANK = {"tiny": 0, "small": 1, "balanced": 2, "high": 3, "lossless": 4, "raw": 4}
-EXACT = QUALITY_RANK["lossless"]  # the rank of a recomputed chunk: the model's own values
 RECOMPUTE = "recompute"
 # A recomputed chunk's predicted time, as the plan weighs it against fetches: the prefill estimate is the least
 # reliable one on a busy machine (other work slows the forward pass, not the link).
@@ -73,18 +71,6 @@ def check_quality(name: str) -> str:
     if name not in QUALITY_RANK:
         raise UsageError(f"--min-quality {name!r}: choose one of {', '.join(QUALITY_RANK)}")
     return name
-
-
-def quality_of(header: format.Header) -> str | None:
-    """The preset a file was written with, or None for a codec setting no preset has (not a level)."""
-    name, params = header.codec.get("name"), header.codec.get("params") or {}
-    if name == "zstd":
-        return "lossless"
-    if name == "raw":
-        return "raw"
-    if name == "kvq" and params.get("step_scale", 1.0) == 1.0 and params.get("quality") in QUALITY_RANK:
-        return params["quality"]
-    return None
 
 
 def locate(url: str, token: str | None = None, timeout_s: float = 60.0):
@@ -156,8 +142,12 @@ class Speeds:
         device = next(lm.model.parameters()).device.type
         # The embedding table is looked up, not multiplied: it costs no FLOPs.
         params = sum(p.numel() for p in lm.model.parameters()) - lm.model.get_input_embeddings().weight.numel()
-        known = _recall(_memory("speeds", cls.name(lm)))
-        return cls(2 * max(params, 1) / ASSUMED_FLOPS.get(device, ASSUMED_FLOPS["cpu"]), measured=known)
+        return cls.recall_as(cls.name(lm), 2 * max(params, 1) / ASSUMED_FLOPS.get(device, ASSUMED_FLOPS["cpu"]))
+
+    @classmethod
+    def recall_as(cls, name: str, prefill_s_per_token: float) -> "Speeds":
+        """The speeds kept under `name` (an engine other than kvcli's own keeps its own), over this prior."""
+        return cls(prefill_s_per_token, measured=_recall(_memory("speeds", name)))
 
     def get(self, name: str) -> float:
         return self.measured.get(name, self.priors.get(name.split(".")[0], 0.0))
@@ -174,8 +164,11 @@ class Speeds:
         self.measured[name] = _blend(self.measured[name], value) if name in self.measured else value
 
     def keep(self, lm: models.LoadedModel) -> None:
+        self.keep_as(self.name(lm))
+
+    def keep_as(self, name: str) -> None:
         if self.measured:
-            _remember(_memory("speeds", self.name(lm)), self.measured)
+            _remember(_memory("speeds", name), self.measured)
 
 
 def remember_first_token(lm: models.LoadedModel, seconds: float) -> None:
@@ -293,7 +286,7 @@ def open_levels(store, key: str, min_quality: str) -> tuple[format.Header, list[
     probe["request_s"] = min(r for _, _, r in found.values())
     levels: dict[str, Level] = {}
     for k, (s, h, _) in found.items():
-        quality = quality_of(h)
+        quality = quality_of(h.codec)
         if quality is None or QUALITY_RANK[quality] < QUALITY_RANK[min_quality] or quality in levels:
             continue
         try:

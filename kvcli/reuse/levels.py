@@ -27,7 +27,7 @@ from ..errors import InternalError, UsageError
 from ..modeling import inference
 from ..storage import store as stores
 from . import pipeline
-from .controller import QUALITY_RANK, quality_of
+from ..container.level import QUALITY_RANK, quality_of
 
 
 def check_qualities(qualities) -> tuple[str, ...]:
@@ -48,7 +48,7 @@ def exact(quality: str) -> bool:
 
 def check_derivable(header: format.Header, path: str, qualities: tuple[str, ...]) -> str | None:
     """The file's own level (None: it is none), once every level asked for is one the file can give."""
-    source = quality_of(header)
+    source = quality_of(header.codec)
     if source is None:
         params = header.codec.get("params") or {}
         how = (f"--step-scale {params['step_scale']:g}" if isinstance(params.get("step_scale"), (int, float))

@@ -20,15 +20,11 @@ from dataclasses import asdict, dataclass
 
 from ..container import format
 from ..container.keys import CHUNK_TOKENS, KEY_PATTERN, canonical_json, chunk_keys
+from ..container.level import QUALITY_RANK, label_of
 from ..errors import UsageError
 
 INDEX = ".index"  # beside ".uploads": never a key, so listings of caches never see it
 MAX_CHUNKS = format.MAX_TOKENS // CHUNK_TOKENS  # a lookup of more chunk keys than any file can hold is refused
-# The preset (--quality) a file was written with, for codecs whose params do not name it (codecs/presets.py:
-# "lossless" is zstd, "raw" is raw; kvq's params carry "quality"). The storage layer never imports the codecs.
-PRESET_OF_CODEC = {"zstd": "lossless", "raw": "raw"}
-# Between hits of equal length: exact copies first, then the finer lossy presets, then the smaller file.
-QUALITY_RANK = {"raw": 0, "lossless": 0, "high": 1, "balanced": 2, "small": 3}
 
 
 @dataclass(frozen=True)
@@ -71,12 +67,6 @@ class FileChunks:
         return PrefixHit(file_key, chunks * CHUNK_TOKENS, self.codec, self.quality, self.bytes, self.file_tokens)
 
 
-def quality_of(codec: dict) -> str:
-    params = codec.get("params") or {}
-    quality = params.get("quality") if isinstance(params, dict) else None
-    return quality if isinstance(quality, str) else PRESET_OF_CODEC.get(codec.get("name"), codec.get("name", ""))
-
-
 def indexable(header: format.Header) -> bool:
     """Whether every chunk-aligned prefix of the file can be served from it. A layer whose window dropped its
     first tokens (token_start > 0) holds only the end of the document: such a file serves no shorter prefix."""
@@ -85,7 +75,7 @@ def indexable(header: format.Header) -> bool:
 
 def file_chunks(header: format.Header, size: int) -> FileChunks:
     keys = chunk_keys(header.model, header.dtype, header.token_ids) if indexable(header) else []
-    return FileChunks(tuple(keys), header.codec["name"], quality_of(header.codec), size, header.num_tokens)
+    return FileChunks(tuple(keys), header.codec["name"], label_of(header.codec), size, header.num_tokens)
 
 
 def entries(file_key: str, info: FileChunks) -> list[tuple[str, bytes]]:
@@ -111,7 +101,9 @@ def common_chunks(a, b) -> int:
 
 
 def rank(hit: PrefixHit, prefer: str | None = None) -> tuple:
-    return (-hit.tokens, hit.quality != prefer, QUALITY_RANK.get(hit.quality, len(QUALITY_RANK)), hit.bytes,
+    """Longest first; between hits of equal length, the preferred quality, then exact copies, then the finer lossy
+    presets (files of no preset last), then the smaller file."""
+    return (-hit.tokens, hit.quality != prefer, -QUALITY_RANK.get(hit.quality, -1), hit.bytes,
             hit.file_key)
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 from urllib.parse import urlsplit
 
-from ..container import format
+from ..container import format, level
 from ..container.keys import KEY_PATTERN, check_key, checked_key, tokens_sha256
 from ..errors import FormatError, InputError, StorageError, UsageError
 from . import index, remote
@@ -111,7 +111,7 @@ def describe(key: str, header: format.Header, size: int) -> dict:
         "tokens": header.num_tokens,
         "tokens_sha256": tokens_sha256(header.token_ids),
         "codec": header.codec["name"],
-        "quality": index.quality_of(header.codec),
+        "quality": level.label_of(header.codec),
         "created_at": header.created_at or None,
         "source_sha256": (header.source or {}).get("sha256"),
     }

@@ -25,7 +25,8 @@ from pathlib import Path
 from ...container.identity import read_safetensors_header, weight_files
 from ...container.keys import CHUNK_TOKENS
 from ...reuse import controller
-from ...reuse.controller import QUALITY_RANK, Speeds
+from ...container.level import QUALITY_RANK
+from ...reuse.controller import Speeds
 from ...storage.remote import HEAD_PREFETCH
 
 GIVE_BACK = "give_back"  # the worker's choice for the rest of a load: vLLM recomputes its blocks
@@ -154,12 +155,11 @@ def speeds_name(model_identity: dict, device: str, dtype: str) -> str:
 
 
 def recall_speeds(name: str, prefill_prior: float) -> Speeds:
-    return Speeds(prefill_prior, measured=controller._recall(controller._memory("speeds", name)))
+    return Speeds.recall_as(name, prefill_prior)
 
 
 def keep_speeds(name: str, speeds: Speeds) -> None:
-    if speeds.measured:
-        controller._remember(controller._memory("speeds", name), speeds.measured)
+    speeds.keep_as(name)
 
 
 class EngineSpeeds:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...container import format, identity, kvfile
+from ...container.level import QUALITY_RANK
 from ...errors import FormatError, InputError, ModelMismatchError, StorageError
 from ...reuse import controller
 from ...storage.remote import HEAD_PREFETCH
@@ -379,7 +380,7 @@ class DeadlineLoad:
                 paged.write_tokens(kv_layer, self.loader.target.layout, where, keys[layer][:, lo:hi],
                                    values[layer][:, lo:hi])
         stats.add(f"deadline_chunks_{quality}")
-        if controller.QUALITY_RANK[quality] < controller.QUALITY_RANK[self.spec.claimed]:
+        if QUALITY_RANK[quality] < QUALITY_RANK[self.spec.claimed]:
             stats.add("deadline_chunks_degraded")
         return True
 

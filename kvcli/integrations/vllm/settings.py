@@ -6,7 +6,8 @@ from dataclasses import dataclass, fields
 
 from ...codecs.presets import QUALITIES
 from ...errors import UsageError
-from ...reuse.controller import QUALITY_RANK, parse_deadline
+from ...container.level import QUALITY_RANK
+from ...reuse.controller import parse_deadline
 from ...storage.remote import DEFAULT_CACHE_DIR_BYTES
 
 
