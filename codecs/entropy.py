@@ -25,6 +25,9 @@ MIN_CLASS, MAX_CLASS = -12, 16  # class c holds channels whose symbol std is abo
 MAX_ALPHABET = 1024
 MAX_HALF_RANGE = 255
 HEAD = struct.Struct("<III")  # lanes, words, escape bytes
+# Version 4 (docs/codec.md, "Version 4"): a token's band is (e + 24) div 6 of its weight's exponent e in [-24, 24].
+BAND_WIDTH, BANDS = 6, 9
+PLAIN_BAND = 4  # the band of e = 0: every token of a layer and kind without token weights
 
 
 def class_of(std: np.ndarray) -> np.ndarray:
@@ -144,18 +147,34 @@ def _digits_table(half: int, m: int) -> np.ndarray:
 # ---------------------------------------------------------------- tables
 
 
+def bands_of(exponents: np.ndarray) -> np.ndarray:
+    """uint8 bands of token-weight exponents (any shape)."""
+    return ((exponents.astype(np.int16) + 24) // BAND_WIDTH).astype(np.uint8)
+
+
 @dataclass(frozen=True)
 class ClassTables:
-    """One frequency table per class (ascending), and the rANS tables built from them."""
+    """The frequency tables, in (class, band) order, and the rANS tables built from them: versions 2 and 3 have one
+    per class (bands None), version 4 one per (class, band) pair present (bands[i] the band of table i)."""
 
     classes: tuple[int, ...]
     coder: rans.Tables
+    bands: tuple[int, ...] | None = None
 
     def index(self, cls: int) -> int:
+        """The first table of a class: its only one, or in version 4 the one whose layout the digits take."""
         try:
             return self.classes.index(cls)
         except ValueError:
             raise CodecError(f"no entropy table for class {cls}") from None
+
+    @functools.cached_property
+    def by_band(self) -> np.ndarray:
+        """Version 4: int32 (classes, BANDS) table index of (class - MIN_CLASS, band), -1 where none."""
+        lut = np.full((MAX_CLASS - MIN_CLASS + 1, BANDS), -1, np.int32)
+        for i, (cls, band) in enumerate(zip(self.classes, self.bands or ())):
+            lut[cls - MIN_CLASS, band] = i
+        return lut
 
     @functools.cached_property
     def reciprocals(self) -> np.ndarray:
@@ -191,6 +210,25 @@ class Layout:
         rows = np.concatenate([g.rows for g in groups] + [np.zeros(0, np.int64)]).astype(np.int64)
         return cls(runs, spec.reshape(-1, 4), rows, tokens)
 
+    def table_ids(self, tables: ClassTables, bands: np.ndarray, dim: int) -> np.ndarray:
+        """Version 4: the uint16 table of every symbol, from the bands (heads, tokens) of the segment's coded tokens
+        (docs/codec.md, "Version 4"); CodecError if a (class, band) a symbol uses has no table."""
+        out, at = [np.zeros(0, np.int32)], 0
+        for first, count, _, m in self.spec.tolist():
+            cls = tables.classes[first]
+            heads = self.rows[at : at + count] // dim
+            at += count
+            ids = tables.by_band[cls - MIN_CLASS][bands[:, ::m]][heads]  # (channels, tuples)
+            if (ids < 0).any():
+                band = int(bands[:, ::m][heads][ids < 0][0])
+                raise CodecError(f"no entropy table for class {cls} band {band}")
+            out.append(ids.reshape(-1))
+        return np.concatenate(out).astype(np.uint16)
+
+    def with_runs(self, ids: np.ndarray) -> "Layout":
+        """This layout with the runs of one segment's table per symbol (version 4)."""
+        return Layout(rans.Runs.of(ids), self.spec, self.rows, self.tokens)
+
 
 @dataclass(frozen=True)
 class Symbols:
@@ -219,27 +257,51 @@ def count_symbols(cls: int, rows: np.ndarray) -> np.ndarray:
     return counts
 
 
-def tables_of(counts: dict[int, np.ndarray]) -> ClassTables:
-    """One table per class from its symbol counts (count_symbols)."""
-    return ClassTables(tuple(sorted(counts)), rans.Tables([rans.normalize_counts(counts[c]) for c in sorted(counts)]))
+def count_banded(cls: int, rows: np.ndarray, bands: np.ndarray) -> dict[int, np.ndarray]:
+    """Version 4's count_symbols: per band, how often each joint symbol of class `cls` occurs in rows (n, tokens)
+    whose tuples take the bands (n, tokens) of their first tokens."""
+    m = class_layout(cls)[1]
+    symbols, _ = to_tuples(rows, class_layout(cls)[0], m)
+    size = alphabet(cls)
+    both = np.bincount(bands[:, ::m].reshape(-1).astype(np.int64) * size + symbols, minlength=BANDS * size)
+    both = both.reshape(BANDS, size)
+    return {int(b): both[b] for b in np.unique(bands[:, ::m]).tolist()}
+
+
+def tables_of(counts: dict) -> ClassTables:
+    """One table per class (keys int) or per (class, band) (keys pairs, version 4) from its symbol counts."""
+    keys = sorted(counts)
+    freqs = rans.Tables([rans.normalize_counts(counts[k]) for k in keys])
+    if keys and isinstance(keys[0], tuple):
+        return ClassTables(tuple(k[0] for k in keys), freqs, tuple(k[1] for k in keys))
+    return ClassTables(tuple(keys), freqs)
 
 
 def pack_tables(tables: ClassTables) -> bytes:
     out = [struct.pack("<H", len(tables.classes))]
-    for cls, freq in zip(tables.classes, tables.coder.freqs):
-        out += [struct.pack("<b", cls), freq.astype("<u2").tobytes()]
+    for i, (cls, freq) in enumerate(zip(tables.classes, tables.coder.freqs)):
+        out += [struct.pack("<b", cls) + (struct.pack("<B", tables.bands[i]) if tables.bands is not None else b""),
+                freq.astype("<u2").tobytes()]
     return b"".join(out)
 
 
-def unpack_tables(data: bytes) -> ClassTables:
+def unpack_tables(data: bytes, banded: bool = False) -> ClassTables:
+    """Versions 2 and 3 (one table per class) or, banded, version 4 (per (class, band))."""
     try:
         (count,) = struct.unpack_from("<H", data, 0)
         pos = 2
-        classes, freqs = [], []
+        classes, freqs, bands = [], [], []
         for _ in range(count):
             (cls,) = struct.unpack_from("<b", data, pos)
             pos += 1
-            if not MIN_CLASS <= cls <= MAX_CLASS or (classes and cls <= classes[-1]):
+            if banded:
+                (band,) = struct.unpack_from("<B", data, pos)
+                pos += 1
+                if not MIN_CLASS <= cls <= MAX_CLASS or band >= BANDS or (
+                        classes and (cls, band) <= (classes[-1], bands[-1])):
+                    raise CodecError(f"table of class {cls} band {band} out of range or out of order")
+                bands.append(band)
+            elif not MIN_CLASS <= cls <= MAX_CLASS or (classes and cls <= classes[-1]):
                 raise CodecError(f"table class {cls} out of range or out of order")
             size = alphabet(cls)
             if pos + 2 * size > len(data):
@@ -255,7 +317,7 @@ def unpack_tables(data: bytes) -> ClassTables:
         raise CodecError(str(err)) from None
     if pos != len(data):
         raise CodecError("entropy tables have trailing bytes")
-    return ClassTables(tuple(classes), rans.Tables(freqs))
+    return ClassTables(tuple(classes), rans.Tables(freqs), tuple(bands) if banded else None)
 
 
 # ---------------------------------------------------------------- segments
@@ -270,16 +332,29 @@ class Coded:
     end: int  # offset of the sink bytes
 
 
-def encode_segments(tables: ClassTables, segments: list[tuple[Layout, np.ndarray, Limits]]) -> list[bytes]:
-    """Per segment (layout, rows (heads*dim, tokens) int16 or int32, limits): its bytes up to the sinks. Each
-    segment is one C call (_ans.encode_rows: joint symbols and rANS coding) without the GIL."""
+def encode_segments(tables: ClassTables, segments: list[tuple]) -> list[bytes]:
+    """Per segment (layout, rows (heads*dim, tokens) int16 or int32, limits[, table per symbol]): its bytes up to
+    the sinks. Each segment is one C call (_ans.encode_rows: joint symbols and rANS coding) without the GIL; with
+    a table per symbol (version 4), two: the joint symbols (to_tuples per group), then the coder."""
     out = []
-    for lay, rows, lim in segments:
+    for lay, rows, lim, *ids in segments:
         states = np.empty(lim.lanes, np.uint32)
         words = np.empty(lim.symbols, np.uint16)
         escapes = np.empty(lim.max_escape_values, np.int32)
         n_words = used = 0
-        if lim.symbols:
+        if lim.symbols and ids and ids[0] is not None:
+            symbols, values, at = [], [], 0
+            for _, count, half, m in lay.spec.tolist():
+                sym, esc = to_tuples(rows[lay.rows[at : at + count]], half, m)
+                at += count
+                symbols.append(sym)
+                values.append(esc)
+            (stream,) = rans.encode_streams(tables.coder, [(np.concatenate(symbols), ids[0])])
+            states[:] = stream.states
+            n_words, used = len(stream.words), sum(len(v) for v in values)
+            words[lim.symbols - n_words :] = stream.words
+            escapes[:used] = np.concatenate(values)
+        elif lim.symbols:
             rows = rows if rows.dtype in (np.int16, np.int32) else rows.astype(np.int32)
             n_words, used = _ans.encode_rows(*tables.coder.coder_arrays, tables.reciprocals, rows, lay.spec, lay.rows,
                                              states, words, escapes)

@@ -32,7 +32,7 @@ def count_symbols_ref(cls: int, rows: np.ndarray) -> np.ndarray:
 def encode_segments_ref(tables: entropy.ClassTables, segments) -> list[bytes]:
     """The coder before encode_rows: each group's joint symbols and a table index per symbol, then one batch."""
     jobs, escapes = [], []
-    for lay, rows, _ in segments:
+    for lay, rows, _, *given in segments:
         symbols, ids, esc, first = [], [], [], 0
         for table, channels, half, m in lay.spec.tolist():
             s, e = entropy.to_tuples(np.asarray(rows)[lay.rows[first : first + channels]], half, m)
@@ -40,6 +40,8 @@ def encode_segments_ref(tables: entropy.ClassTables, segments) -> list[bytes]:
             symbols.append(s)
             ids.append(np.full(len(s), table, np.uint16))
             esc.append(e)
+        if given and given[0] is not None:  # version 4: the table of each symbol, from its band
+            ids = [given[0]]
         jobs.append((np.concatenate(symbols + [np.zeros(0, np.int32)]), np.concatenate(ids + [np.zeros(0, np.uint16)])))
         escapes.append(np.concatenate(esc + [np.zeros(0, np.int32)]).astype("<i4"))
     out = []
