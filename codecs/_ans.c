@@ -276,6 +276,107 @@ done:
     return result;
 }
 
+/* decode_stream with one table per symbol (kvq version 4's tables per (class, band)): the table changes from
+ * symbol to symbol, so the search tables are looked up per symbol instead of per run. */
+__attribute__((noinline)) static void decode_stream_ids(const Search *q, const uint16_t *restrict ids, int64_t n,
+                                                       int64_t lanes, uint32_t *restrict x,
+                                                       const uint16_t *restrict words, int64_t n_words,
+                                                       uint16_t *restrict out, int64_t *read, int64_t *bad) {
+    int64_t p = 0;
+    for (int64_t t0 = 0; t0 < n; t0 += lanes) {
+        int64_t end = n - t0 < lanes ? n - t0 : lanes;
+        for (int64_t j = 0; j < end; j++) {
+            const uint32_t k = ids[t0 + j];
+            const uint32_t *c = q->cum + q->cum_base[k];
+            const uint16_t *bucket = q->bucket + (size_t)k * BUCKETS;
+            uint32_t v = x[j], slot = v & WORD_MASK;
+            uint32_t s = bucket[slot >> BUCKET_SHIFT];
+            while (c[s + 1] <= slot) s++;
+            x[j] = (c[s + 1] - c[s]) * (v >> WORD_BITS) + slot - c[s];
+            out[t0 + j] = (uint16_t)s;
+        }
+        for (int64_t j = 0; j < end; j++) {
+            uint32_t v = x[j], need = v < STATE_LOW, inside = p < n_words;
+            uint32_t w = words[inside ? p : n_words] & -inside;
+            x[j] = (v << (need * WORD_BITS)) | (w & -need);
+            p += need;
+        }
+    }
+    int64_t off = 0;
+    for (int64_t j = 0; j < lanes; j++) off += x[j] != STATE_LOW;
+    *read = p;
+    *bad = off;
+}
+
+PyDoc_STRVAR(decode_ids_doc,
+             "decode_ids(fc, base, size, ids, counts, lanes, states, words, n_words, out, read, bad)\n\n"
+             "decode with the table of every symbol given (ids, uint16, one per symbol of every stream) instead of\n"
+             "runs; the other arguments are decode's. A table index out of range is refused (ValueError).");
+
+static PyObject *decode_ids(PyObject *self, PyObject *args) {
+    enum { FC, BASE, SIZE, IDS, COUNTS, LANES, STATES, WORDS, NWORDS, OUT, READ, BAD, N };
+    PyObject *o[N];
+    View v[N] = {{0}};
+    static const Py_ssize_t item[N] = {8, 4, 4, 2, 8, 8, 4, 2, 8, 2, 8, 8};
+    static const int writable[N] = {0, 0, 0, 0, 0, 0, 1, 0, 0, 1, 1, 1};
+    static const char *names[N] = {"fc", "base", "size", "ids", "counts", "lanes", "states", "words", "n_words",
+                                   "out", "read", "bad"};
+    Tables t;
+    Search q = {0};
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8],
+                          &o[9], &o[10], &o[11]))
+        return NULL;
+    for (int i = 0; i < N; i++)
+        if (view_get(o[i], &v[i], writable[i], item[i], names[i])) goto done;
+    if (tables_get(&v[FC], &v[BASE], &v[SIZE], &t)) goto done;
+    const int64_t *counts = DATA(v[COUNTS], int64_t), *lanes = DATA(v[LANES], int64_t),
+                  *n_words = DATA(v[NWORDS], int64_t);
+    const uint16_t *ids = DATA(v[IDS], uint16_t);
+    Py_ssize_t streams = ITEMS(v[COUNTS], int64_t), symbols = ITEMS(v[OUT], uint16_t);
+    if (ITEMS(v[LANES], int64_t) != streams || ITEMS(v[NWORDS], int64_t) != streams ||
+        ITEMS(v[READ], int64_t) != streams || ITEMS(v[BAD], int64_t) != streams ||
+        ITEMS(v[IDS], uint16_t) != symbols) {
+        PyErr_SetString(PyExc_ValueError, "decode_ids: array sizes disagree");
+        goto done;
+    }
+    if (layout_check(counts, lanes, streams, symbols, ITEMS(v[STATES], uint32_t))) goto done;
+    int64_t w = 0;
+    for (Py_ssize_t k = 0; k < streams; k++) {
+        if (n_words[k] < 0 || n_words[k] > counts[k]) {
+            PyErr_Format(PyExc_ValueError, "decode_ids: stream %zd has %lld words", k, (long long)n_words[k]);
+            goto done;
+        }
+        w += n_words[k];
+    }
+    for (Py_ssize_t i = 0; i < symbols; i++)
+        if (ids[i] >= t.count) {
+            PyErr_SetString(PyExc_ValueError, "decode_ids: a symbol's table does not exist");
+            goto done;
+        }
+    if (w + 1 != ITEMS(v[WORDS], uint16_t)) {
+        PyErr_SetString(PyExc_ValueError, "decode_ids: the word array is not every stream's words and one spare");
+        goto done;
+    }
+    if (search_get(&t, &q)) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    const uint16_t *words = DATA(v[WORDS], uint16_t);
+    uint32_t *x = DATA(v[STATES], uint32_t);
+    uint16_t *out = DATA(v[OUT], uint16_t);
+    for (Py_ssize_t k = 0; k < streams; k++) {
+        decode_stream_ids(&q, ids, counts[k], lanes[k], x, words, n_words[k], out, DATA(v[READ], int64_t) + k,
+                          DATA(v[BAD], int64_t) + k);
+        ids += counts[k], out += counts[k], x += lanes[k], words += n_words[k];
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    search_free(&q);
+    for (int i = 0; i < N; i++) view_release(&v[i]);
+    return result;
+}
+
 /* ------------------------------------------------------------------------------------------ encode */
 
 /* Codes lane j's symbols from the last step to the first (ANS is a stack); the words go backwards from
@@ -810,6 +911,7 @@ static PyObject *check_constants(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"decode", decode, METH_VARARGS, decode_doc},
+    {"decode_ids", decode_ids, METH_VARARGS, decode_ids_doc},
     {"encode", encode, METH_VARARGS, encode_doc},
     {"count_escapes", count_escapes, METH_VARARGS, count_escapes_doc},
     {"expand", expand, METH_VARARGS, expand_doc},

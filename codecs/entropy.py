@@ -28,6 +28,7 @@ HEAD = struct.Struct("<III")  # lanes, words, escape bytes
 # Version 4 (docs/codec.md, "Version 4"): a token's band is (e + 24) div 6 of its weight's exponent e in [-24, 24].
 BAND_WIDTH, BANDS = 6, 9
 PLAIN_BAND = 4  # the band of e = 0: every token of a layer and kind without token weights
+NO_TABLE = 0xFFFF  # a file has at most (MAX_CLASS - MIN_CLASS + 1) * BANDS = 261 tables
 
 
 def class_of(std: np.ndarray) -> np.ndarray:
@@ -170,8 +171,8 @@ class ClassTables:
 
     @functools.cached_property
     def by_band(self) -> np.ndarray:
-        """Version 4: int32 (classes, BANDS) table index of (class - MIN_CLASS, band), -1 where none."""
-        lut = np.full((MAX_CLASS - MIN_CLASS + 1, BANDS), -1, np.int32)
+        """Version 4: uint16 (classes, BANDS) table index of (class - MIN_CLASS, band), NO_TABLE where none."""
+        lut = np.full((MAX_CLASS - MIN_CLASS + 1, BANDS), NO_TABLE, np.uint16)
         for i, (cls, band) in enumerate(zip(self.classes, self.bands or ())):
             lut[cls - MIN_CLASS, band] = i
         return lut
@@ -213,21 +214,29 @@ class Layout:
     def table_ids(self, tables: ClassTables, bands: np.ndarray, dim: int) -> np.ndarray:
         """Version 4: the uint16 table of every symbol, from the bands (heads, tokens) of the segment's coded tokens
         (docs/codec.md, "Version 4"); CodecError if a (class, band) a symbol uses has no table."""
-        out, at = [np.zeros(0, np.int32)], 0
-        for first, count, _, m in self.spec.tolist():
-            cls = tables.classes[first]
-            heads = self.rows[at : at + count] // dim
-            at += count
-            ids = tables.by_band[cls - MIN_CLASS][bands[:, ::m]][heads]  # (channels, tuples)
-            if (ids < 0).any():
-                band = int(bands[:, ::m][heads][ids < 0][0])
-                raise CodecError(f"no entropy table for class {cls} band {band}")
-            out.append(ids.reshape(-1))
-        return np.concatenate(out).astype(np.uint16)
+        cls_at, cell = self._band_cells(tables, dim)
+        ids = np.take(tables.by_band.reshape(-1), cls_at + np.take(np.ascontiguousarray(bands).reshape(-1), cell))
+        if (ids == NO_TABLE).any():
+            k = int(np.flatnonzero(ids == NO_TABLE)[0])
+            raise CodecError(f"no entropy table for class {int(cls_at[k]) // BANDS + MIN_CLASS} band "
+                             f"{int(bands.reshape(-1)[cell[k]])}")
+        return ids
 
-    def with_runs(self, ids: np.ndarray) -> "Layout":
-        """This layout with the runs of one segment's table per symbol (version 4)."""
-        return Layout(rans.Runs.of(ids), self.spec, self.rows, self.tokens)
+    def _band_cells(self, tables: ClassTables, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per symbol: (class - MIN_CLASS) * BANDS, and the flat (head, token) cell of its tuple's first token in
+        the segment's bands; computed once per layout (each segment of it only gathers)."""
+        cached = self.__dict__.get("_cells")
+        if cached is None:
+            cls_at, cell, at = [np.zeros(0, np.int16)], [np.zeros(0, np.intp)], 0
+            for first, count, _, m in self.spec.tolist():
+                heads = self.rows[at : at + count] // dim
+                at += count
+                starts = np.arange(0, self.tokens, m, dtype=np.int64)
+                cell.append((heads[:, None] * self.tokens + starts[None, :]).reshape(-1).astype(np.intp))
+                cls_at.append(np.full(count * len(starts), (tables.classes[first] - MIN_CLASS) * BANDS, np.int16))
+            cached = (np.concatenate(cls_at), np.concatenate(cell))
+            object.__setattr__(self, "_cells", cached)  # a cache on a frozen dataclass, same for every thread
+        return cached
 
 
 @dataclass(frozen=True)
@@ -388,17 +397,21 @@ def split_segment(data: bytes, lim: Limits) -> Coded:
     return Coded(rans.Stream(states, stream_words), bytes(data[pos : pos + esc_bytes]), pos + esc_bytes)
 
 
-def decode_segments(tables: ClassTables, segments: list[tuple[Layout, Coded]]) -> list[Symbols]:
-    """Per segment (layout, coded part): its symbols and escape values, every stream decoded in one C call.
+def decode_segments(tables: ClassTables, segments: list[tuple]) -> list[Symbols]:
+    """Per segment (layout, coded part[, table per symbol]): its symbols and escape values, every stream decoded
+    in one C call; with a table per symbol (version 4: Layout.table_ids), every segment has one.
 
     Raises CodecError with `.index` set to the failing segment's position in `segments`.
     """
     try:
-        symbols = rans.decode_runs(tables.coder, [(lay.runs, coded.stream) for lay, coded in segments])
+        if segments and len(segments[0]) > 2:
+            symbols = rans.decode_ids(tables.coder, [(ids, coded.stream) for _, coded, ids in segments])
+        else:
+            symbols = rans.decode_runs(tables.coder, [(lay.runs, coded.stream) for lay, coded in segments])
     except rans.StreamError as err:
         raise CodecError(str(err), index=getattr(err, "index", None)) from None
     out = []
-    for i, ((lay, coded), sym) in enumerate(zip(segments, symbols)):
+    for i, ((lay, coded, *_), sym) in enumerate(zip(segments, symbols)):
         try:
             values = escape_values(coded, _ans.count_escapes(sym, lay.spec, lay.rows, lay.tokens))
         except CodecError as err:

@@ -545,7 +545,7 @@ class KvqDecoder(_Planned, Decoder):
             try:
                 lay = self._entropy_layout(ctx.layer, KINDS.index(ctx.kind), ctx.tokens - skip)
                 ids = self._table_ids(ctx, skip, lay)
-                jobs.append((lay if ids is None else lay.with_runs(ids), coded))
+                jobs.append((lay, coded) if ids is None else (lay, coded, ids))
             except CodecError as err:
                 raise CodecError(str(err), index=i) from None
         return entropy.decode_segments(self.tables, jobs)
