@@ -377,6 +377,53 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(band_ids_doc,
+             "band_ids(base, cell, bands, lut, out) -> int\n\n"
+             "kvq version 4's table of every symbol: out[i] = lut[base[i] + bands[cell[i]]] (base int16, cell int64,\n"
+             "bands uint8, lut and out uint16), without the GIL. Returns the first i whose entry is 0xFFFF (no\n"
+             "table), or -1. An index out of range is refused (ValueError).");
+
+static PyObject *band_ids(PyObject *self, PyObject *args) {
+    PyObject *o[5];
+    View base = {0}, cell = {0}, bands = {0}, lut = {0}, out = {0};
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "OOOOO", &o[0], &o[1], &o[2], &o[3], &o[4])) return NULL;
+    if (view_get(o[0], &base, 0, 2, "base") || view_get(o[1], &cell, 0, 8, "cell") ||
+        view_get(o[2], &bands, 0, 1, "bands") || view_get(o[3], &lut, 0, 2, "lut") ||
+        view_get(o[4], &out, 1, 2, "out"))
+        goto done;
+    const Py_ssize_t n = ITEMS(out, uint16_t), nb = ITEMS(bands, uint8_t), nl = ITEMS(lut, uint16_t);
+    if (ITEMS(base, int16_t) != n || ITEMS(cell, int64_t) != n) {
+        PyErr_SetString(PyExc_ValueError, "band_ids: one base and one cell per symbol");
+        goto done;
+    }
+    const int16_t *b = DATA(base, int16_t);
+    const int64_t *c = DATA(cell, int64_t);
+    const uint8_t *band = DATA(bands, uint8_t);
+    const uint16_t *l = DATA(lut, uint16_t);
+    uint16_t *o16 = DATA(out, uint16_t);
+    Py_ssize_t missing = -1, bad = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (c[i] < 0 || c[i] >= nb || b[i] < 0 || (Py_ssize_t)b[i] + band[c[i]] >= nl) {
+            bad = 1;
+            break;
+        }
+        uint16_t k = l[b[i] + band[c[i]]];
+        o16[i] = k;
+        if (k == 0xFFFF && missing < 0) missing = i;
+    }
+    Py_END_ALLOW_THREADS
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "band_ids: an index out of range");
+        goto done;
+    }
+    result = PyLong_FromSsize_t(missing);
+done:
+    view_release(&base), view_release(&cell), view_release(&bands), view_release(&lut), view_release(&out);
+    return result;
+}
+
 /* ------------------------------------------------------------------------------------------ encode */
 
 /* Codes lane j's symbols from the last step to the first (ANS is a stack); the words go backwards from
@@ -912,6 +959,7 @@ static PyObject *check_constants(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"decode", decode, METH_VARARGS, decode_doc},
     {"decode_ids", decode_ids, METH_VARARGS, decode_ids_doc},
+    {"band_ids", band_ids, METH_VARARGS, band_ids_doc},
     {"encode", encode, METH_VARARGS, encode_doc},
     {"count_escapes", count_escapes, METH_VARARGS, count_escapes_doc},
     {"expand", expand, METH_VARARGS, expand_doc},

@@ -215,11 +215,11 @@ class Layout:
         """Version 4: the uint16 table of every symbol, from the bands (heads, tokens) of the segment's coded tokens
         (docs/codec.md, "Version 4"); CodecError if a (class, band) a symbol uses has no table."""
         cls_at, cell = self._band_cells(tables, dim)
-        ids = np.take(tables.by_band.reshape(-1), cls_at + np.take(np.ascontiguousarray(bands).reshape(-1), cell))
-        if (ids == NO_TABLE).any():
-            k = int(np.flatnonzero(ids == NO_TABLE)[0])
-            raise CodecError(f"no entropy table for class {int(cls_at[k]) // BANDS + MIN_CLASS} band "
-                             f"{int(bands.reshape(-1)[cell[k]])}")
+        bands = np.ascontiguousarray(bands, dtype=np.uint8).reshape(-1)
+        ids = np.empty(len(cell), np.uint16)
+        k = _ans.band_ids(cls_at, cell, bands, tables.by_band.reshape(-1), ids)  # in C, without the GIL
+        if k >= 0:
+            raise CodecError(f"no entropy table for class {int(cls_at[k]) // BANDS + MIN_CLASS} band {int(bands[cell[k]])}")
         return ids
 
     def _band_cells(self, tables: ClassTables, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -227,12 +227,12 @@ class Layout:
         the segment's bands; computed once per layout (each segment of it only gathers)."""
         cached = self.__dict__.get("_cells")
         if cached is None:
-            cls_at, cell, at = [np.zeros(0, np.int16)], [np.zeros(0, np.intp)], 0
+            cls_at, cell, at = [np.zeros(0, np.int16)], [np.zeros(0, np.int64)], 0
             for first, count, _, m in self.spec.tolist():
                 heads = self.rows[at : at + count] // dim
                 at += count
                 starts = np.arange(0, self.tokens, m, dtype=np.int64)
-                cell.append((heads[:, None] * self.tokens + starts[None, :]).reshape(-1).astype(np.intp))
+                cell.append((heads[:, None] * self.tokens + starts[None, :]).reshape(-1).astype(np.int64))
                 cls_at.append(np.full(count * len(starts), (tables.classes[first] - MIN_CLASS) * BANDS, np.int16))
             cached = (np.concatenate(cls_at), np.concatenate(cell))
             object.__setattr__(self, "_cells", cached)  # a cache on a frozen dataclass, same for every thread

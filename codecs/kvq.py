@@ -33,7 +33,7 @@ from .base import (ITEMSIZE, Codec, CodecError, Decoder, Encoder, SegmentContext
                    tensor_bytes, unzstd)
 from .kvq_ops import dequantize, quantize
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # Version 2 is version 3 without token weights; version 4 is version 3 with entropy tables per (class,
 # token-exponent band) (docs/codec.md, "Version 4").
 READABLE_VERSIONS = (2, 3, 4)
@@ -220,7 +220,7 @@ class KvqCodec(Codec):
         Calibration uses it to measure how much the encoder's own error in one place costs the model.
         """
         plan, q, weights, _ = self._fit_one(x.cpu(), layer, kind, token_start,
-                                            attention if self.token_alpha > 0 else None)
+                                            attention if self.token_alpha > 0 else None, tables=False)
         skip = self._skip(x.shape[1], token_start)
         factor = weights.factors(token_start + skip, x.shape[1] - skip) if weights is not None else None
         approx = dequantize.dequantize_rotate_ref(q, _t(plan.center), _t(plan.step),
@@ -267,9 +267,10 @@ class KvqCodec(Codec):
             counts = {key: n if n.any() else pooled[key[0]] for key, n in counts.items()}
         return KvqEncoder(self, plans, entropy.tables_of(counts), inv_freq, tokens, fitted, backend)
 
-    def _fit_one(self, x: torch.Tensor, layer: int, kind: int, start: int, attention: torch.Tensor | None):
+    def _fit_one(self, x: torch.Tensor, layer: int, kind: int, start: int, attention: torch.Tensor | None,
+                 tables: bool = True):
         """fit's work for one layer and kind: (plan, integers, token weights or None, symbol counts of a table
-        sample per class of the plan)."""
+        sample per class of the plan, or in version 4 per (class, band); {} unless `tables`)."""
         skip = self._skip(x.shape[1], start)
         if skip and not torch.isfinite(x[:, :skip]).all():
             raise CodecError(f"layer {layer} {KINDS[kind].upper()} holds non-finite values (NaN or Inf) in "
@@ -287,6 +288,8 @@ class KvqCodec(Codec):
         except _TooFine:  # values so far out that a token's finer steps would leave int32: no weights
             weights = None
             plan, q = self._fit_layer(body, layer, kind)
+        if not tables:
+            return plan, q, weights, {}
         # Every class a plan names gets a table, used or not. Tables are a model, not a census: a contiguous
         # window of tokens keeps neighbour statistics.
         mid = max(0, (body.shape[2] - TABLE_SAMPLE_TOKENS) // 2)
@@ -298,7 +301,7 @@ class KvqCodec(Codec):
         # Version 4: every band among the layer's coded tokens gets a table for every class of the plan.
         bands = entropy.bands_of(weights.exponents[:, skip:]) if weights is not None else \
             np.full((x.shape[0], body.shape[2]), entropy.PLAIN_BAND, np.uint8)
-        present = np.unique(bands).tolist()
+        present = np.unique(bands).tolist() or [entropy.PLAIN_BAND]  # a body of no tokens: classes still need one
         win_bands = np.broadcast_to(bands[:, None, mid : mid + window.shape[2]], window.shape)
         counts = {}
         for cls in np.unique(plan.classes).tolist():
