@@ -786,14 +786,15 @@ done:
 }
 
 PyDoc_STRVAR(encode_rows_doc,
-             "encode_rows(fc, base, size, reciprocals, rows, spec, channels, states, words, escapes)\n"
+             "encode_rows(fc, base, size, reciprocals, rows, spec, channels, states, words, escapes[, ids])\n"
              "    -> (words used, escapes used)\n\n"
              "One segment's stream straight from its integers: to_tuples of each group's channels (spec and channels\n"
              "as for expand: per group (table, channels, K, m), int64; the groups' rows of `rows`, int64), the\n"
              "symbols coded as encode() codes one stream, its lane count the length of states. rows: int16 or int32\n"
              "(channels, tokens), rows at any stride, tokens contiguous. words (uint16) has one entry per symbol;\n"
              "the stream's words are its last `words used`. escapes (int32) takes the escaped tuples' values.\n"
-             "reciprocals: reciprocals(fc)'s, which replace the coder's divisions.");
+             "reciprocals: reciprocals(fc)'s, which replace the coder's divisions. ids (uint16, one per symbol; kvq\n"
+             "version 4): each symbol's table, of its group's alphabet, instead of the group's.");
 
 /* Whether a buffer holds native int16 or int32 (struct codes h, i, or l where long has 4 bytes): a float32
  * array has the item size of int32 and would be coded as its bit patterns. */
@@ -806,8 +807,8 @@ static int native_signed(const Py_buffer *b) {
 }
 
 static PyObject *encode_rows(PyObject *self, PyObject *args) {
-    PyObject *o[10];
-    View v[10] = {{0}};
+    PyObject *o[10], *o_ids = Py_None;
+    View v[10] = {{0}}, vids = {0};
     Py_buffer rows = {0};
     int rows_held = 0;
     Tables t;
@@ -822,7 +823,8 @@ static PyObject *encode_rows(PyObject *self, PyObject *args) {
     static const int writable[N] = {0, 0, 0, 0, 0, 0, 0, 1, 1, 1};
     static const char *names[N] = {"fc", "base", "size", "reciprocals", "", "spec", "channels", "states", "words",
                                    "escapes"};
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8], &o[9]))
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOO|O", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8], &o[9],
+                          &o_ids))
         return NULL;
     for (int i = 0; i < N; i++)
         if (i != ROWS && view_get(o[i], &v[i], writable[i], item[i], names[i])) goto done;
@@ -845,6 +847,25 @@ static PyObject *encode_rows(PyObject *self, PyObject *args) {
     if (ITEMS(v[RCP], uint64_t) != ITEMS(v[FC], uint64_t)) {
         PyErr_SetString(PyExc_ValueError, "encode_rows: one reciprocal per frequency");
         goto done;
+    }
+    const uint16_t *ids = NULL;
+    if (o_ids != Py_None) {
+        if (view_get(o_ids, &vids, 0, 2, "ids")) goto done;
+        if (ITEMS(vids, uint16_t) != n) {
+            PyErr_SetString(PyExc_ValueError, "encode_rows: one table id per symbol");
+            goto done;
+        }
+        ids = DATA(vids, uint16_t);
+        /* each symbol's table must have its group's alphabet: the symbols are formed for the group's */
+        Py_ssize_t i = 0;
+        for (Py_ssize_t g = 0; g < l.groups; g++) {
+            const int64_t *e = l.spec + 4 * g, per = e[1] * ((tokens + e[3] - 1) / e[3]);
+            for (int64_t k = 0; k < per; k++, i++)
+                if (ids[i] >= t.count || t.size[ids[i]] != escape_symbol(e) + 1) {
+                    PyErr_Format(PyExc_ValueError, "encode_rows: symbol %zd's table is not its class's alphabet", i);
+                    goto done;
+                }
+        }
     }
     int64_t escape_room = 0;
     for (Py_ssize_t g = 0; g < l.groups; g++) {
@@ -892,6 +913,7 @@ static PyObject *encode_rows(PyObject *self, PyObject *args) {
     const uint64_t *rcp = NULL;
     for (int64_t i = n - 1; i >= 0; i--) {
         while (i < start) start -= count[g], fc = entry[g], rcp = inverse[g--];
+        if (ids) fc = t.fc + 2 * (size_t)t.base[ids[i]], rcp = DATA(v[RCP], uint64_t) + t.base[ids[i]];
         const uint32_t *en = fc + 2 * sym[i];
         const uint64_t r = rcp[sym[i]];
         uint32_t u = x[j], f = en[0];
@@ -908,6 +930,7 @@ static PyObject *encode_rows(PyObject *self, PyObject *args) {
     result = Py_BuildValue("LL", (long long)n_words, (long long)used);
 done:
     PyMem_RawFree(sym), PyMem_RawFree(entry), PyMem_RawFree(inverse), PyMem_RawFree(count);
+    view_release(&vids);
     if (rows_held) PyBuffer_Release(&rows);
     for (int i = 0; i < N; i++) view_release(&v[i]);
     return result;

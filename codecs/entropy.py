@@ -1,7 +1,8 @@
 """kvq's entropy stage: channel classes, joint symbols, frequency tables and the bytes of a segment's stream.
 
 Channels (one per layer, K/V, head and head-dim index) are sorted into classes by the spread of their quantized
-values. Each class has one frequency table, fitted on the whole file and stored once. To cut the number of coder
+values. Each class has one frequency table (version 4: one per band of token-weight exponents its tuples'
+first tokens fall in), fitted on the whole file and stored once. To cut the number of coder
 steps, and to exploit that neighbouring tokens are alike, a class codes `m` consecutive tokens of a channel as
 one joint symbol (m = 4, 2 or 1, the largest whose alphabet stays small). Tuples with a value outside the
 table's range are coded as an escape symbol, and their values go to a side stream. The symbols are coded with
@@ -342,31 +343,19 @@ class Coded:
 
 
 def encode_segments(tables: ClassTables, segments: list[tuple]) -> list[bytes]:
-    """Per segment (layout, rows (heads*dim, tokens) int16 or int32, limits[, table per symbol]): its bytes up to
-    the sinks. Each segment is one C call (_ans.encode_rows: joint symbols and rANS coding) without the GIL; with
-    a table per symbol (version 4), two: the joint symbols (to_tuples per group), then the coder."""
+    """Per segment (layout, rows (heads*dim, tokens) int16 or int32, limits[, table per symbol or None]): its bytes
+    up to the sinks. Each segment is one C call (_ans.encode_rows: joint symbols and rANS coding) without the GIL;
+    with a table per symbol (version 4: Layout.table_ids), each symbol is coded with its own."""
     out = []
     for lay, rows, lim, *ids in segments:
         states = np.empty(lim.lanes, np.uint32)
         words = np.empty(lim.symbols, np.uint16)
         escapes = np.empty(lim.max_escape_values, np.int32)
         n_words = used = 0
-        if lim.symbols and ids and ids[0] is not None:
-            symbols, values, at = [], [], 0
-            for _, count, half, m in lay.spec.tolist():
-                sym, esc = to_tuples(rows[lay.rows[at : at + count]], half, m)
-                at += count
-                symbols.append(sym)
-                values.append(esc)
-            (stream,) = rans.encode_streams(tables.coder, [(np.concatenate(symbols), ids[0])])
-            states[:] = stream.states
-            n_words, used = len(stream.words), sum(len(v) for v in values)
-            words[lim.symbols - n_words :] = stream.words
-            escapes[:used] = np.concatenate(values)
-        elif lim.symbols:
+        if lim.symbols:
             rows = rows if rows.dtype in (np.int16, np.int32) else rows.astype(np.int32)
             n_words, used = _ans.encode_rows(*tables.coder.coder_arrays, tables.reciprocals, rows, lay.spec, lay.rows,
-                                             states, words, escapes)
+                                             states, words, escapes, ids[0] if ids else None)
         frame = zstandard.ZstdCompressor(level=3).compress(escapes[:used].astype("<i4").tobytes()) if used else b""
         assert len(frame) <= lim.max_escape_bytes
         out.append(HEAD.pack(lim.lanes, n_words, len(frame)) + states.astype("<u4").tobytes()

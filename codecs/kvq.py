@@ -8,8 +8,9 @@ kvq keeps the per-channel modelling and the neighbour redundancy, and changes th
 - one step per (layer, K/V, head, channel): set per (layer, K/V) from the model's measured sensitivity
   (a profile, kvcli calibrate), and per key channel from the queries' energy in that channel;
 - the first `sinks` tokens (attention sinks) are kept exactly;
-- entropy tables are fitted once per file and shared by channel classes; neighbouring tokens of a channel
-  are coded as one joint symbol, which captures their similarity without a serial delta chain.
+- entropy tables are fitted once per file and shared by channel classes (version 4: by class and token-weight
+  band, docs/codec.md "Version 4"); neighbouring tokens of a channel are coded as one joint symbol, which
+  captures their similarity without a serial delta chain.
 
 This module plans a file and runs its segments through kvq's arithmetic, whose torch, C and Triton forms live in
 codecs/kvq_ops/ (docs/codec.md, "Where the code lives").
