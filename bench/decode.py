@@ -3,7 +3,7 @@ same decode with reconstruction in torch (KvqDecoder.dequantize_body_ref, the pa
 interleaved in one process so that their ratio survives a shared machine.
 
     python bench/decode.py [--document FILE] [--tokens 2048] [--presets balanced lossless ...] [--repeats 5]
-                           [--threads N]
+                           [--threads N] [--kvq-versions 3 4]
 
 One JSON line per preset: elements, bits per element, decode seconds (median, min, max over the repeats, each
 after a warm-up), elements per second from the median, and for kvq presets the torch-reconstruction seconds
@@ -18,7 +18,7 @@ import time
 
 import torch
 from common import DEFAULT_CORPUS, emit, environment, spread
-from kvcli.codecs.kvq import KvqDecoder
+from kvcli.codecs.kvq import FORMAT_VERSION, KvqCodec, KvqDecoder
 
 from kvcli.calibration import quality
 from kvcli.container import format, kvfile
@@ -45,34 +45,44 @@ def main() -> None:
     ap.add_argument("--presets", nargs="+", default=["balanced", "small", "high", "lossless"])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="decoding threads (default: usable cores)")
+    ap.add_argument("--kvq-versions", type=int, nargs="+", choices=(3, 4), default=[FORMAT_VERSION],
+                    help="kvq bitstream versions to write each lossy preset in, timed side by side")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     lm = models.load(None, "float32")
     ids = inference.document_ids(lm, open(args.document, encoding="utf-8").read())[: args.tokens]
     ref = quality.reference(lm, ids)
     elements = sum(k.numel() + v.numel() for k, v in zip(ref.kv.keys, ref.kv.values))
+    files = []
     for preset in args.presets:
-        meta, parts = kvfile.encode(ref.kv, lm.identity, pipeline.codec_for(preset, lm), 256)
-        data = format.build_header(meta, parts) + b"".join(p.data for p in parts)
-        src = format.BytesSource(data)
-        header = format.read_header(src)
-        lossy = header.codec["name"] == "kvq"
-        variants = [False, True] if lossy else [False]
-        times: dict[bool, list[float]] = {v: [] for v in variants}
-        for v in variants:  # warm-up
-            decode_seconds(src, header, args.threads, v)
-        for _ in range(args.repeats):
-            for v in variants:
+        codec = pipeline.codec_for(preset, lm)
+        for version in (args.kvq_versions if isinstance(codec, KvqCodec) else [None]):
+            if version is not None:  # the preset's codec, writing this bitstream version
+                codec = KvqCodec(codec.scale, codec.sinks, codec.profile, codec.inv_freq, codec.meta,
+                                 codec.token_alpha, version)
+            meta, parts = kvfile.encode(ref.kv, lm.identity, codec, 256)
+            data = format.build_header(meta, parts) + b"".join(p.data for p in parts)
+            src = format.BytesSource(data)
+            header = format.read_header(src)
+            variants = [False, True] if header.codec["name"] == "kvq" else [False]
+            for v in variants:  # warm-up
+                decode_seconds(src, header, args.threads, v)
+            files.append((preset, version, len(data), src, header, {v: [] for v in variants}))
+    # Every file's repeats interleaved, so that versions and presets see the same load.
+    for _ in range(args.repeats):
+        for *_, src, header, times in files:
+            for v in times:
                 times[v].append(decode_seconds(src, header, args.threads, v))
+    for preset, version, size, src, header, times in files:
         fast = statistics.median(times[False])
         record = {"bench": "decode", "preset": preset, "document": args.document.rsplit("/", 1)[-1],
-                  "tokens": ref.kv.num_tokens, "elements": elements, "bits_per_element": round(8 * len(data) / elements, 4),
+                  "tokens": ref.kv.num_tokens, "elements": elements, "bits_per_element": round(8 * size / elements, 4),
                   "decode_s": spread(times[False]), "decode_elements_per_s": round(elements / fast)}
-        if lossy:
+        if version is not None:
             slow = statistics.median(times[True])
-            record |= {"torch_reconstruct_decode_s": spread(times[True]), "speedup": round(slow / fast, 3)}
+            record |= {"kvq_version": version, "torch_reconstruct_decode_s": spread(times[True]),
+                       "speedup": round(slow / fast, 3)}
         emit(record | {"decode_threads": args.threads or kvfile.usable_cores(), **environment()})
-
 
 if __name__ == "__main__":
     main()

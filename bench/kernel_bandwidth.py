@@ -212,10 +212,13 @@ def entropy_inputs(data: bytes, device: torch.device):
     for seg, ctx in zip(*kvfile._segments(header)):
         _, skip, lim = decoder._segment(ctx)
         coded = entropy.split_segment(format.read_segment(src, header, seg), lim)
-        tid = [np.full(g.tuples(ctx.tokens - skip), decoder.tables.index(g.cls), np.uint8)
-               for g in decoder._groups[(ctx.layer, ("k", "v").index(ctx.kind))]]
-        ids += tid
-        counts.append(sum(len(t) for t in tid))
+        kind = ("k", "v").index(ctx.kind)
+        tid = decoder._table_ids(ctx, skip, decoder._entropy_layout(ctx.layer, kind, ctx.tokens - skip))
+        if tid is None:  # before version 4: each group's class table
+            tid = np.concatenate([np.full(g.tuples(ctx.tokens - skip), decoder.tables.index(g.cls), np.uint16)
+                                  for g in decoder._groups[(ctx.layer, kind)]] + [np.zeros(0, np.uint16)])
+        ids.append(tid.astype(np.uint8 if decoder.tables.coder.count <= 256 else np.int32))
+        counts.append(len(tid))
         streams.append(coded.stream)
         elements += ctx.heads * ctx.dim * (ctx.tokens - skip)
     return tables, torch.from_numpy(np.concatenate(ids)).to(device), counts, streams, elements

@@ -276,6 +276,154 @@ done:
     return result;
 }
 
+/* decode_stream with one table per symbol (kvq version 4's tables per (class, band)): the table changes from
+ * symbol to symbol, so the search tables are looked up per symbol instead of per run. */
+__attribute__((noinline)) static void decode_stream_ids(const Search *q, const uint16_t *restrict ids, int64_t n,
+                                                       int64_t lanes, uint32_t *restrict x,
+                                                       const uint16_t *restrict words, int64_t n_words,
+                                                       uint16_t *restrict out, int64_t *read, int64_t *bad) {
+    int64_t p = 0;
+    for (int64_t t0 = 0; t0 < n; t0 += lanes) {
+        int64_t end = n - t0 < lanes ? n - t0 : lanes;
+        for (int64_t j = 0; j < end; j++) {
+            const uint32_t k = ids[t0 + j];
+            const uint32_t *c = q->cum + q->cum_base[k];
+            const uint16_t *bucket = q->bucket + (size_t)k * BUCKETS;
+            uint32_t v = x[j], slot = v & WORD_MASK;
+            uint32_t s = bucket[slot >> BUCKET_SHIFT];
+            while (c[s + 1] <= slot) s++;
+            x[j] = (c[s + 1] - c[s]) * (v >> WORD_BITS) + slot - c[s];
+            out[t0 + j] = (uint16_t)s;
+        }
+        for (int64_t j = 0; j < end; j++) {
+            uint32_t v = x[j], need = v < STATE_LOW, inside = p < n_words;
+            uint32_t w = words[inside ? p : n_words] & -inside;
+            x[j] = (v << (need * WORD_BITS)) | (w & -need);
+            p += need;
+        }
+    }
+    int64_t off = 0;
+    for (int64_t j = 0; j < lanes; j++) off += x[j] != STATE_LOW;
+    *read = p;
+    *bad = off;
+}
+
+PyDoc_STRVAR(decode_ids_doc,
+             "decode_ids(fc, base, size, ids, counts, lanes, states, words, n_words, out, read, bad)\n\n"
+             "decode with the table of every symbol given (ids, uint16, one per symbol of every stream) instead of\n"
+             "runs; the other arguments are decode's. A table index out of range is refused (ValueError).");
+
+static PyObject *decode_ids(PyObject *self, PyObject *args) {
+    enum { FC, BASE, SIZE, IDS, COUNTS, LANES, STATES, WORDS, NWORDS, OUT, READ, BAD, N };
+    PyObject *o[N];
+    View v[N] = {{0}};
+    static const Py_ssize_t item[N] = {8, 4, 4, 2, 8, 8, 4, 2, 8, 2, 8, 8};
+    static const int writable[N] = {0, 0, 0, 0, 0, 0, 1, 0, 0, 1, 1, 1};
+    static const char *names[N] = {"fc", "base", "size", "ids", "counts", "lanes", "states", "words", "n_words",
+                                   "out", "read", "bad"};
+    Tables t;
+    Search q = {0};
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8],
+                          &o[9], &o[10], &o[11]))
+        return NULL;
+    for (int i = 0; i < N; i++)
+        if (view_get(o[i], &v[i], writable[i], item[i], names[i])) goto done;
+    if (tables_get(&v[FC], &v[BASE], &v[SIZE], &t)) goto done;
+    const int64_t *counts = DATA(v[COUNTS], int64_t), *lanes = DATA(v[LANES], int64_t),
+                  *n_words = DATA(v[NWORDS], int64_t);
+    const uint16_t *ids = DATA(v[IDS], uint16_t);
+    Py_ssize_t streams = ITEMS(v[COUNTS], int64_t), symbols = ITEMS(v[OUT], uint16_t);
+    if (ITEMS(v[LANES], int64_t) != streams || ITEMS(v[NWORDS], int64_t) != streams ||
+        ITEMS(v[READ], int64_t) != streams || ITEMS(v[BAD], int64_t) != streams ||
+        ITEMS(v[IDS], uint16_t) != symbols) {
+        PyErr_SetString(PyExc_ValueError, "decode_ids: array sizes disagree");
+        goto done;
+    }
+    if (layout_check(counts, lanes, streams, symbols, ITEMS(v[STATES], uint32_t))) goto done;
+    int64_t w = 0;
+    for (Py_ssize_t k = 0; k < streams; k++) {
+        if (n_words[k] < 0 || n_words[k] > counts[k]) {
+            PyErr_Format(PyExc_ValueError, "decode_ids: stream %zd has %lld words", k, (long long)n_words[k]);
+            goto done;
+        }
+        w += n_words[k];
+    }
+    for (Py_ssize_t i = 0; i < symbols; i++)
+        if (ids[i] >= t.count) {
+            PyErr_SetString(PyExc_ValueError, "decode_ids: a symbol's table does not exist");
+            goto done;
+        }
+    if (w + 1 != ITEMS(v[WORDS], uint16_t)) {
+        PyErr_SetString(PyExc_ValueError, "decode_ids: the word array is not every stream's words and one spare");
+        goto done;
+    }
+    if (search_get(&t, &q)) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    const uint16_t *words = DATA(v[WORDS], uint16_t);
+    uint32_t *x = DATA(v[STATES], uint32_t);
+    uint16_t *out = DATA(v[OUT], uint16_t);
+    for (Py_ssize_t k = 0; k < streams; k++) {
+        decode_stream_ids(&q, ids, counts[k], lanes[k], x, words, n_words[k], out, DATA(v[READ], int64_t) + k,
+                          DATA(v[BAD], int64_t) + k);
+        ids += counts[k], out += counts[k], x += lanes[k], words += n_words[k];
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    search_free(&q);
+    for (int i = 0; i < N; i++) view_release(&v[i]);
+    return result;
+}
+
+PyDoc_STRVAR(band_ids_doc,
+             "band_ids(base, cell, bands, lut, out) -> int\n\n"
+             "kvq version 4's table of every symbol: out[i] = lut[base[i] + bands[cell[i]]] (base int16, cell int64,\n"
+             "bands uint8, lut and out uint16), without the GIL. Returns the first i whose entry is 0xFFFF (no\n"
+             "table), or -1. An index out of range is refused (ValueError).");
+
+static PyObject *band_ids(PyObject *self, PyObject *args) {
+    PyObject *o[5];
+    View base = {0}, cell = {0}, bands = {0}, lut = {0}, out = {0};
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "OOOOO", &o[0], &o[1], &o[2], &o[3], &o[4])) return NULL;
+    if (view_get(o[0], &base, 0, 2, "base") || view_get(o[1], &cell, 0, 8, "cell") ||
+        view_get(o[2], &bands, 0, 1, "bands") || view_get(o[3], &lut, 0, 2, "lut") ||
+        view_get(o[4], &out, 1, 2, "out"))
+        goto done;
+    const Py_ssize_t n = ITEMS(out, uint16_t), nb = ITEMS(bands, uint8_t), nl = ITEMS(lut, uint16_t);
+    if (ITEMS(base, int16_t) != n || ITEMS(cell, int64_t) != n) {
+        PyErr_SetString(PyExc_ValueError, "band_ids: one base and one cell per symbol");
+        goto done;
+    }
+    const int16_t *b = DATA(base, int16_t);
+    const int64_t *c = DATA(cell, int64_t);
+    const uint8_t *band = DATA(bands, uint8_t);
+    const uint16_t *l = DATA(lut, uint16_t);
+    uint16_t *o16 = DATA(out, uint16_t);
+    Py_ssize_t missing = -1, bad = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (c[i] < 0 || c[i] >= nb || b[i] < 0 || (Py_ssize_t)b[i] + band[c[i]] >= nl) {
+            bad = 1;
+            break;
+        }
+        uint16_t k = l[b[i] + band[c[i]]];
+        o16[i] = k;
+        if (k == 0xFFFF && missing < 0) missing = i;
+    }
+    Py_END_ALLOW_THREADS
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "band_ids: an index out of range");
+        goto done;
+    }
+    result = PyLong_FromSsize_t(missing);
+done:
+    view_release(&base), view_release(&cell), view_release(&bands), view_release(&lut), view_release(&out);
+    return result;
+}
+
 /* ------------------------------------------------------------------------------------------ encode */
 
 /* Codes lane j's symbols from the last step to the first (ANS is a stack); the words go backwards from
@@ -638,14 +786,15 @@ done:
 }
 
 PyDoc_STRVAR(encode_rows_doc,
-             "encode_rows(fc, base, size, reciprocals, rows, spec, channels, states, words, escapes)\n"
+             "encode_rows(fc, base, size, reciprocals, rows, spec, channels, states, words, escapes[, ids])\n"
              "    -> (words used, escapes used)\n\n"
              "One segment's stream straight from its integers: to_tuples of each group's channels (spec and channels\n"
              "as for expand: per group (table, channels, K, m), int64; the groups' rows of `rows`, int64), the\n"
              "symbols coded as encode() codes one stream, its lane count the length of states. rows: int16 or int32\n"
              "(channels, tokens), rows at any stride, tokens contiguous. words (uint16) has one entry per symbol;\n"
              "the stream's words are its last `words used`. escapes (int32) takes the escaped tuples' values.\n"
-             "reciprocals: reciprocals(fc)'s, which replace the coder's divisions.");
+             "reciprocals: reciprocals(fc)'s, which replace the coder's divisions. ids (uint16, one per symbol; kvq\n"
+             "version 4): each symbol's table, of its group's alphabet, instead of the group's.");
 
 /* Whether a buffer holds native int16 or int32 (struct codes h, i, or l where long has 4 bytes): a float32
  * array has the item size of int32 and would be coded as its bit patterns. */
@@ -658,8 +807,8 @@ static int native_signed(const Py_buffer *b) {
 }
 
 static PyObject *encode_rows(PyObject *self, PyObject *args) {
-    PyObject *o[10];
-    View v[10] = {{0}};
+    PyObject *o[10], *o_ids = Py_None;
+    View v[10] = {{0}}, vids = {0};
     Py_buffer rows = {0};
     int rows_held = 0;
     Tables t;
@@ -674,7 +823,8 @@ static PyObject *encode_rows(PyObject *self, PyObject *args) {
     static const int writable[N] = {0, 0, 0, 0, 0, 0, 0, 1, 1, 1};
     static const char *names[N] = {"fc", "base", "size", "reciprocals", "", "spec", "channels", "states", "words",
                                    "escapes"};
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8], &o[9]))
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOO|O", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8], &o[9],
+                          &o_ids))
         return NULL;
     for (int i = 0; i < N; i++)
         if (i != ROWS && view_get(o[i], &v[i], writable[i], item[i], names[i])) goto done;
@@ -697,6 +847,25 @@ static PyObject *encode_rows(PyObject *self, PyObject *args) {
     if (ITEMS(v[RCP], uint64_t) != ITEMS(v[FC], uint64_t)) {
         PyErr_SetString(PyExc_ValueError, "encode_rows: one reciprocal per frequency");
         goto done;
+    }
+    const uint16_t *ids = NULL;
+    if (o_ids != Py_None) {
+        if (view_get(o_ids, &vids, 0, 2, "ids")) goto done;
+        if (ITEMS(vids, uint16_t) != n) {
+            PyErr_SetString(PyExc_ValueError, "encode_rows: one table id per symbol");
+            goto done;
+        }
+        ids = DATA(vids, uint16_t);
+        /* each symbol's table must have its group's alphabet: the symbols are formed for the group's */
+        Py_ssize_t i = 0;
+        for (Py_ssize_t g = 0; g < l.groups; g++) {
+            const int64_t *e = l.spec + 4 * g, per = e[1] * ((tokens + e[3] - 1) / e[3]);
+            for (int64_t k = 0; k < per; k++, i++)
+                if (ids[i] >= t.count || t.size[ids[i]] != escape_symbol(e) + 1) {
+                    PyErr_Format(PyExc_ValueError, "encode_rows: symbol %zd's table is not its class's alphabet", i);
+                    goto done;
+                }
+        }
     }
     int64_t escape_room = 0;
     for (Py_ssize_t g = 0; g < l.groups; g++) {
@@ -744,6 +913,7 @@ static PyObject *encode_rows(PyObject *self, PyObject *args) {
     const uint64_t *rcp = NULL;
     for (int64_t i = n - 1; i >= 0; i--) {
         while (i < start) start -= count[g], fc = entry[g], rcp = inverse[g--];
+        if (ids) fc = t.fc + 2 * (size_t)t.base[ids[i]], rcp = DATA(v[RCP], uint64_t) + t.base[ids[i]];
         const uint32_t *en = fc + 2 * sym[i];
         const uint64_t r = rcp[sym[i]];
         uint32_t u = x[j], f = en[0];
@@ -760,6 +930,7 @@ static PyObject *encode_rows(PyObject *self, PyObject *args) {
     result = Py_BuildValue("LL", (long long)n_words, (long long)used);
 done:
     PyMem_RawFree(sym), PyMem_RawFree(entry), PyMem_RawFree(inverse), PyMem_RawFree(count);
+    view_release(&vids);
     if (rows_held) PyBuffer_Release(&rows);
     for (int i = 0; i < N; i++) view_release(&v[i]);
     return result;
@@ -810,6 +981,8 @@ static PyObject *check_constants(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"decode", decode, METH_VARARGS, decode_doc},
+    {"decode_ids", decode_ids, METH_VARARGS, decode_ids_doc},
+    {"band_ids", band_ids, METH_VARARGS, band_ids_doc},
     {"encode", encode, METH_VARARGS, encode_doc},
     {"count_escapes", count_escapes, METH_VARARGS, count_escapes_doc},
     {"expand", expand, METH_VARARGS, expand_doc},

@@ -1,7 +1,8 @@
 """kvq's entropy stage: channel classes, joint symbols, frequency tables and the bytes of a segment's stream.
 
 Channels (one per layer, K/V, head and head-dim index) are sorted into classes by the spread of their quantized
-values. Each class has one frequency table, fitted on the whole file and stored once. To cut the number of coder
+values. Each class has one frequency table (version 4: one per band of token-weight exponents its tuples'
+first tokens fall in), fitted on the whole file and stored once. To cut the number of coder
 steps, and to exploit that neighbouring tokens are alike, a class codes `m` consecutive tokens of a channel as
 one joint symbol (m = 4, 2 or 1, the largest whose alphabet stays small). Tuples with a value outside the
 table's range are coded as an escape symbol, and their values go to a side stream. The symbols are coded with
@@ -25,6 +26,10 @@ MIN_CLASS, MAX_CLASS = -12, 16  # class c holds channels whose symbol std is abo
 MAX_ALPHABET = 1024
 MAX_HALF_RANGE = 255
 HEAD = struct.Struct("<III")  # lanes, words, escape bytes
+# Version 4 (docs/codec.md, "Version 4"): a token's band is (e + 24) div 6 of its weight's exponent e in [-24, 24].
+BAND_WIDTH, BANDS = 6, 9
+PLAIN_BAND = 4  # the band of e = 0: every token of a layer and kind without token weights
+NO_TABLE = 0xFFFF  # a file has at most (MAX_CLASS - MIN_CLASS + 1) * BANDS = 261 tables
 
 
 def class_of(std: np.ndarray) -> np.ndarray:
@@ -144,18 +149,34 @@ def _digits_table(half: int, m: int) -> np.ndarray:
 # ---------------------------------------------------------------- tables
 
 
+def bands_of(exponents: np.ndarray) -> np.ndarray:
+    """uint8 bands of token-weight exponents (any shape)."""
+    return ((exponents.astype(np.int16) + 24) // BAND_WIDTH).astype(np.uint8)
+
+
 @dataclass(frozen=True)
 class ClassTables:
-    """One frequency table per class (ascending), and the rANS tables built from them."""
+    """The frequency tables, in (class, band) order, and the rANS tables built from them: versions 2 and 3 have one
+    per class (bands None), version 4 one per (class, band) pair present (bands[i] the band of table i)."""
 
     classes: tuple[int, ...]
     coder: rans.Tables
+    bands: tuple[int, ...] | None = None
 
     def index(self, cls: int) -> int:
+        """The first table of a class: its only one, or in version 4 the one whose layout the digits take."""
         try:
             return self.classes.index(cls)
         except ValueError:
             raise CodecError(f"no entropy table for class {cls}") from None
+
+    @functools.cached_property
+    def by_band(self) -> np.ndarray:
+        """Version 4: uint16 (classes, BANDS) table index of (class - MIN_CLASS, band), NO_TABLE where none."""
+        lut = np.full((MAX_CLASS - MIN_CLASS + 1, BANDS), NO_TABLE, np.uint16)
+        for i, (cls, band) in enumerate(zip(self.classes, self.bands or ())):
+            lut[cls - MIN_CLASS, band] = i
+        return lut
 
     @functools.cached_property
     def reciprocals(self) -> np.ndarray:
@@ -191,6 +212,33 @@ class Layout:
         rows = np.concatenate([g.rows for g in groups] + [np.zeros(0, np.int64)]).astype(np.int64)
         return cls(runs, spec.reshape(-1, 4), rows, tokens)
 
+    def table_ids(self, tables: ClassTables, bands: np.ndarray, dim: int) -> np.ndarray:
+        """Version 4: the uint16 table of every symbol, from the bands (heads, tokens) of the segment's coded tokens
+        (docs/codec.md, "Version 4"); CodecError if a (class, band) a symbol uses has no table."""
+        cls_at, cell = self._band_cells(tables, dim)
+        bands = np.ascontiguousarray(bands, dtype=np.uint8).reshape(-1)
+        ids = np.empty(len(cell), np.uint16)
+        k = _ans.band_ids(cls_at, cell, bands, tables.by_band.reshape(-1), ids)  # in C, without the GIL
+        if k >= 0:
+            raise CodecError(f"no entropy table for class {int(cls_at[k]) // BANDS + MIN_CLASS} band {int(bands[cell[k]])}")
+        return ids
+
+    def _band_cells(self, tables: ClassTables, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per symbol: (class - MIN_CLASS) * BANDS, and the flat (head, token) cell of its tuple's first token in
+        the segment's bands; computed once per layout (each segment of it only gathers)."""
+        cached = self.__dict__.get("_cells")
+        if cached is None:
+            cls_at, cell, at = [np.zeros(0, np.int16)], [np.zeros(0, np.int64)], 0
+            for first, count, _, m in self.spec.tolist():
+                heads = self.rows[at : at + count] // dim
+                at += count
+                starts = np.arange(0, self.tokens, m, dtype=np.int64)
+                cell.append((heads[:, None] * self.tokens + starts[None, :]).reshape(-1).astype(np.int64))
+                cls_at.append(np.full(count * len(starts), (tables.classes[first] - MIN_CLASS) * BANDS, np.int16))
+            cached = (np.concatenate(cls_at), np.concatenate(cell))
+            object.__setattr__(self, "_cells", cached)  # a cache on a frozen dataclass, same for every thread
+        return cached
+
 
 @dataclass(frozen=True)
 class Symbols:
@@ -219,27 +267,51 @@ def count_symbols(cls: int, rows: np.ndarray) -> np.ndarray:
     return counts
 
 
-def tables_of(counts: dict[int, np.ndarray]) -> ClassTables:
-    """One table per class from its symbol counts (count_symbols)."""
-    return ClassTables(tuple(sorted(counts)), rans.Tables([rans.normalize_counts(counts[c]) for c in sorted(counts)]))
+def count_banded(cls: int, rows: np.ndarray, bands: np.ndarray) -> dict[int, np.ndarray]:
+    """Version 4's count_symbols: per band, how often each joint symbol of class `cls` occurs in rows (n, tokens)
+    whose tuples take the bands (n, tokens) of their first tokens."""
+    m = class_layout(cls)[1]
+    symbols, _ = to_tuples(rows, class_layout(cls)[0], m)
+    size = alphabet(cls)
+    both = np.bincount(bands[:, ::m].reshape(-1).astype(np.int64) * size + symbols, minlength=BANDS * size)
+    both = both.reshape(BANDS, size)
+    return {int(b): both[b] for b in np.unique(bands[:, ::m]).tolist()}
+
+
+def tables_of(counts: dict) -> ClassTables:
+    """One table per class (keys int) or per (class, band) (keys pairs, version 4) from its symbol counts."""
+    keys = sorted(counts)
+    freqs = rans.Tables([rans.normalize_counts(counts[k]) for k in keys])
+    if keys and isinstance(keys[0], tuple):
+        return ClassTables(tuple(k[0] for k in keys), freqs, tuple(k[1] for k in keys))
+    return ClassTables(tuple(keys), freqs)
 
 
 def pack_tables(tables: ClassTables) -> bytes:
     out = [struct.pack("<H", len(tables.classes))]
-    for cls, freq in zip(tables.classes, tables.coder.freqs):
-        out += [struct.pack("<b", cls), freq.astype("<u2").tobytes()]
+    for i, (cls, freq) in enumerate(zip(tables.classes, tables.coder.freqs)):
+        out += [struct.pack("<b", cls) + (struct.pack("<B", tables.bands[i]) if tables.bands is not None else b""),
+                freq.astype("<u2").tobytes()]
     return b"".join(out)
 
 
-def unpack_tables(data: bytes) -> ClassTables:
+def unpack_tables(data: bytes, banded: bool = False) -> ClassTables:
+    """Versions 2 and 3 (one table per class) or, banded, version 4 (per (class, band))."""
     try:
         (count,) = struct.unpack_from("<H", data, 0)
         pos = 2
-        classes, freqs = [], []
+        classes, freqs, bands = [], [], []
         for _ in range(count):
             (cls,) = struct.unpack_from("<b", data, pos)
             pos += 1
-            if not MIN_CLASS <= cls <= MAX_CLASS or (classes and cls <= classes[-1]):
+            if banded:
+                (band,) = struct.unpack_from("<B", data, pos)
+                pos += 1
+                if not MIN_CLASS <= cls <= MAX_CLASS or band >= BANDS or (
+                        classes and (cls, band) <= (classes[-1], bands[-1])):
+                    raise CodecError(f"table of class {cls} band {band} out of range or out of order")
+                bands.append(band)
+            elif not MIN_CLASS <= cls <= MAX_CLASS or (classes and cls <= classes[-1]):
                 raise CodecError(f"table class {cls} out of range or out of order")
             size = alphabet(cls)
             if pos + 2 * size > len(data):
@@ -255,7 +327,7 @@ def unpack_tables(data: bytes) -> ClassTables:
         raise CodecError(str(err)) from None
     if pos != len(data):
         raise CodecError("entropy tables have trailing bytes")
-    return ClassTables(tuple(classes), rans.Tables(freqs))
+    return ClassTables(tuple(classes), rans.Tables(freqs), tuple(bands) if banded else None)
 
 
 # ---------------------------------------------------------------- segments
@@ -270,11 +342,12 @@ class Coded:
     end: int  # offset of the sink bytes
 
 
-def encode_segments(tables: ClassTables, segments: list[tuple[Layout, np.ndarray, Limits]]) -> list[bytes]:
-    """Per segment (layout, rows (heads*dim, tokens) int16 or int32, limits): its bytes up to the sinks. Each
-    segment is one C call (_ans.encode_rows: joint symbols and rANS coding) without the GIL."""
+def encode_segments(tables: ClassTables, segments: list[tuple]) -> list[bytes]:
+    """Per segment (layout, rows (heads*dim, tokens) int16 or int32, limits[, table per symbol or None]): its bytes
+    up to the sinks. Each segment is one C call (_ans.encode_rows: joint symbols and rANS coding) without the GIL;
+    with a table per symbol (version 4: Layout.table_ids), each symbol is coded with its own."""
     out = []
-    for lay, rows, lim in segments:
+    for lay, rows, lim, *ids in segments:
         states = np.empty(lim.lanes, np.uint32)
         words = np.empty(lim.symbols, np.uint16)
         escapes = np.empty(lim.max_escape_values, np.int32)
@@ -282,7 +355,7 @@ def encode_segments(tables: ClassTables, segments: list[tuple[Layout, np.ndarray
         if lim.symbols:
             rows = rows if rows.dtype in (np.int16, np.int32) else rows.astype(np.int32)
             n_words, used = _ans.encode_rows(*tables.coder.coder_arrays, tables.reciprocals, rows, lay.spec, lay.rows,
-                                             states, words, escapes)
+                                             states, words, escapes, ids[0] if ids else None)
         frame = zstandard.ZstdCompressor(level=3).compress(escapes[:used].astype("<i4").tobytes()) if used else b""
         assert len(frame) <= lim.max_escape_bytes
         out.append(HEAD.pack(lim.lanes, n_words, len(frame)) + states.astype("<u4").tobytes()
@@ -313,17 +386,21 @@ def split_segment(data: bytes, lim: Limits) -> Coded:
     return Coded(rans.Stream(states, stream_words), bytes(data[pos : pos + esc_bytes]), pos + esc_bytes)
 
 
-def decode_segments(tables: ClassTables, segments: list[tuple[Layout, Coded]]) -> list[Symbols]:
-    """Per segment (layout, coded part): its symbols and escape values, every stream decoded in one C call.
+def decode_segments(tables: ClassTables, segments: list[tuple]) -> list[Symbols]:
+    """Per segment (layout, coded part[, table per symbol]): its symbols and escape values, every stream decoded
+    in one C call; with a table per symbol (version 4: Layout.table_ids), every segment has one.
 
     Raises CodecError with `.index` set to the failing segment's position in `segments`.
     """
     try:
-        symbols = rans.decode_runs(tables.coder, [(lay.runs, coded.stream) for lay, coded in segments])
+        if segments and len(segments[0]) > 2:
+            symbols = rans.decode_ids(tables.coder, [(ids, coded.stream) for _, coded, ids in segments])
+        else:
+            symbols = rans.decode_runs(tables.coder, [(lay.runs, coded.stream) for lay, coded in segments])
     except rans.StreamError as err:
         raise CodecError(str(err), index=getattr(err, "index", None)) from None
     out = []
-    for i, ((lay, coded), sym) in enumerate(zip(segments, symbols)):
+    for i, ((lay, coded, *_), sym) in enumerate(zip(segments, symbols)):
         try:
             values = escape_values(coded, _ans.count_escapes(sym, lay.spec, lay.rows, lay.tokens))
         except CodecError as err:

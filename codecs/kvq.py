@@ -8,8 +8,9 @@ kvq keeps the per-channel modelling and the neighbour redundancy, and changes th
 - one step per (layer, K/V, head, channel): set per (layer, K/V) from the model's measured sensitivity
   (a profile, kvcli calibrate), and per key channel from the queries' energy in that channel;
 - the first `sinks` tokens (attention sinks) are kept exactly;
-- entropy tables are fitted once per file and shared by channel classes; neighbouring tokens of a channel
-  are coded as one joint symbol, which captures their similarity without a serial delta chain.
+- entropy tables are fitted once per file and shared by channel classes (version 4: by class and token-weight
+  band, docs/codec.md "Version 4"); neighbouring tokens of a channel are coded as one joint symbol, which
+  captures their similarity without a serial delta chain.
 
 This module plans a file and runs its segments through kvq's arithmetic, whose torch, C and Triton forms live in
 codecs/kvq_ops/ (docs/codec.md, "Where the code lives").
@@ -33,8 +34,11 @@ from .base import (ITEMSIZE, Codec, CodecError, Decoder, Encoder, SegmentContext
                    tensor_bytes, unzstd)
 from .kvq_ops import dequantize, quantize
 
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (2, 3)  # version 2 is version 3 without token weights
+FORMAT_VERSION = 4
+# Version 2 is version 3 without token weights; version 4 is version 3 with entropy tables per (class,
+# token-exponent band) (docs/codec.md, "Version 4").
+READABLE_VERSIONS = (2, 3, 4)
+WRITABLE_VERSIONS = (3, 4)
 DEFAULT_SINKS = 1  # the first token is the sink; 4 measured no better on development text, at +0.04 bits/element
 MIN_STEP = 2.0**-14  # smallest normal float16: steps are stored as float16
 MAX_STEP = dequantize.FLOAT16_MAX  # largest float16: steps are stored as float16
@@ -111,7 +115,7 @@ class KvqCodec(Codec):
 
     def __init__(self, scale: float, sinks: int = DEFAULT_SINKS, profile: Profile | None = None,
                  inv_freq: list[np.ndarray | None] | None = None, meta: dict | None = None,
-                 token_alpha: float = DEFAULT_TOKEN_ALPHA):
+                 token_alpha: float = DEFAULT_TOKEN_ALPHA, version: int = FORMAT_VERSION):
         if not (math.isfinite(scale) and scale > 0):
             raise CodecError(f"kvq step scale must be finite and positive, got {scale}")
         if not 0 <= sinks <= 1 << 22:
@@ -121,7 +125,9 @@ class KvqCodec(Codec):
         self.scale = float(scale)
         self.sinks = int(sinks)
         self.token_alpha = float(token_alpha)  # encoder policy: 0 writes no token weights
-        self.version = FORMAT_VERSION  # what a decoder was opened for; encoders write FORMAT_VERSION
+        if version not in WRITABLE_VERSIONS:
+            raise CodecError(f"kvq writes bitstream versions {', '.join(map(str, WRITABLE_VERSIONS))}, not {version}")
+        self.version = version  # what an encoder writes, or a decoder was opened for
         self.profile = profile
         self.inv_freq = inv_freq  # per layer (head_dim / 2,) float32, None where keys are coded as they are
         self.meta = dict(meta or {})
@@ -136,7 +142,7 @@ class KvqCodec(Codec):
                              f"versions {', '.join(map(str, READABLE_VERSIONS))}); re-create the file with this kvcli")
         meta = {k: v for k, v in params.items() if k not in ("version", "scale", "sinks")}
         codec = cls(float(params["scale"]), params["sinks"], meta=meta)
-        codec.version = params["version"]
+        codec.version = params["version"]  # set here: version 2 is read, never written
         return codec
 
     # ------------------------------------------------------------ quantization space
@@ -215,7 +221,7 @@ class KvqCodec(Codec):
         Calibration uses it to measure how much the encoder's own error in one place costs the model.
         """
         plan, q, weights, _ = self._fit_one(x.cpu(), layer, kind, token_start,
-                                            attention if self.token_alpha > 0 else None)
+                                            attention if self.token_alpha > 0 else None, tables=False)
         skip = self._skip(x.shape[1], token_start)
         factor = weights.factors(token_start + skip, x.shape[1] - skip) if weights is not None else None
         approx = dequantize.dequantize_rotate_ref(q, _t(plan.center), _t(plan.step),
@@ -240,7 +246,7 @@ class KvqCodec(Codec):
 
         plans: dict[tuple[int, int], LayerPlan] = {}
         tokens: dict[tuple[int, int], TokenWeights] = {}
-        counts: dict[int, np.ndarray] = {}
+        counts: dict = {}  # by class, or in version 4 by (class, band)
         fitted: dict[tuple[int, int], Fitted] = {}
         # Two threads: the passes over the elements (C) and torch's reductions run without the GIL. Results and
         # errors come in job order, as from a loop.
@@ -253,11 +259,19 @@ class KvqCodec(Codec):
                     counts[cls] = counts[cls] + n if cls in counts else n
         freqs = [self._freq(layer, 0, keys[layer].shape[2]) for layer in range(len(token_starts))]
         inv_freq = [None if f is None else f.numpy() for f in freqs]
+        if self.version >= 4:
+            # A pair no window tuple counted (a segment's tuples start at its own first token) takes its class's
+            # counts over all bands.
+            pooled: dict[int, np.ndarray] = {}
+            for (cls, _), n in counts.items():
+                pooled[cls] = pooled[cls] + n if cls in pooled else n.copy()
+            counts = {key: n if n.any() else pooled[key[0]] for key, n in counts.items()}
         return KvqEncoder(self, plans, entropy.tables_of(counts), inv_freq, tokens, fitted, backend)
 
-    def _fit_one(self, x: torch.Tensor, layer: int, kind: int, start: int, attention: torch.Tensor | None):
+    def _fit_one(self, x: torch.Tensor, layer: int, kind: int, start: int, attention: torch.Tensor | None,
+                 tables: bool = True):
         """fit's work for one layer and kind: (plan, integers, token weights or None, symbol counts of a table
-        sample per class of the plan)."""
+        sample per class of the plan, or in version 4 per (class, band); {} unless `tables`)."""
         skip = self._skip(x.shape[1], start)
         if skip and not torch.isfinite(x[:, :skip]).all():
             raise CodecError(f"layer {layer} {KINDS[kind].upper()} holds non-finite values (NaN or Inf) in "
@@ -275,12 +289,27 @@ class KvqCodec(Codec):
         except _TooFine:  # values so far out that a token's finer steps would leave int32: no weights
             weights = None
             plan, q = self._fit_layer(body, layer, kind)
+        if not tables:
+            return plan, q, weights, {}
         # Every class a plan names gets a table, used or not. Tables are a model, not a census: a contiguous
         # window of tokens keeps neighbour statistics.
         mid = max(0, (body.shape[2] - TABLE_SAMPLE_TOKENS) // 2)
         window = q[:, :, mid : mid + TABLE_SAMPLE_TOKENS].numpy()  # (H, D, T)
-        counts = {int(cls): entropy.count_symbols(int(cls), window[plan.classes == cls])
-                  for cls in np.unique(plan.classes)}
+        if self.version < 4:
+            counts = {int(cls): entropy.count_symbols(int(cls), window[plan.classes == cls])
+                      for cls in np.unique(plan.classes)}
+            return plan, q, weights, counts
+        # Version 4: every band among the layer's coded tokens gets a table for every class of the plan.
+        bands = entropy.bands_of(weights.exponents[:, skip:]) if weights is not None else \
+            np.full((x.shape[0], body.shape[2]), entropy.PLAIN_BAND, np.uint8)
+        present = np.unique(bands).tolist() or [entropy.PLAIN_BAND]  # a body of no tokens: classes still need one
+        win_bands = np.broadcast_to(bands[:, None, mid : mid + window.shape[2]], window.shape)
+        counts = {}
+        for cls in np.unique(plan.classes).tolist():
+            mask = plan.classes == cls
+            got = entropy.count_banded(cls, window[mask], np.ascontiguousarray(win_bands[mask]))
+            for band in present:
+                counts[(cls, band)] = got.get(band, np.zeros(entropy.alphabet(cls), np.int64))
         return plan, q, weights, counts
 
     def open(self, aux: dict[str, bytes], layers: int, backend: str = "torch") -> "KvqDecoder":
@@ -290,7 +319,7 @@ class KvqCodec(Codec):
         if set(aux) not in allowed:
             raise CodecError(f"kvq version {version} needs aux segments kvq.plan and kvq.tables"
                              f"{' (and optionally kvq.tokens)' if version >= 3 else ''}, found {sorted(aux)}")
-        tables = entropy.unpack_tables(unzstd(aux["kvq.tables"], AUX_LIMIT))
+        tables = entropy.unpack_tables(unzstd(aux["kvq.tables"], AUX_LIMIT), banded=version >= 4)
         plans, inv_freq = unpack_plans(unzstd(aux["kvq.plan"], AUX_LIMIT))
         if len(plans) != 2 * layers:  # a plan for a layer the file does not have would be read and never used
             raise CodecError(f"kvq.plan has {len(plans) // 2} layers, the header {layers}")
@@ -360,6 +389,18 @@ class _Planned:
                              f"{weights.first + weights.exponents.shape[1]}) do not cover the segment")
         return weights
 
+    def _table_ids(self, ctx: SegmentContext, skip: int, lay: entropy.Layout) -> np.ndarray | None:
+        """Version 4: the table of each of a segment's symbols (entropy.Layout.table_ids); None before."""
+        if self.tables.bands is None:
+            return None
+        weights = self._token_weights(ctx, skip)
+        if weights is None:
+            bands = np.full((ctx.heads, ctx.tokens - skip), entropy.PLAIN_BAND, np.uint8)
+        else:
+            lo = ctx.token_start + skip - weights.first
+            bands = entropy.bands_of(weights.exponents[:, lo : lo + ctx.tokens - skip])
+        return lay.table_ids(self.tables, bands, ctx.dim)
+
     def _token_factors(self, ctx: SegmentContext, skip: int) -> torch.Tensor | None:
         """float32 (heads, non-sink tokens) step factors of a segment's body, or None (_token_weights)."""
         weights = self._token_weights(ctx, skip)
@@ -426,8 +467,8 @@ class KvqEncoder(_Planned, Encoder):
 
         def run(batch: list[int]) -> None:
             prepared = [self._prepare(*jobs[i]) for i in batch]
-            coded = entropy.encode_segments(self.tables, [p[:3] for p in prepared])
-            for i, head, (_, _, lim, sinks) in zip(batch, coded, prepared):
+            coded = entropy.encode_segments(self.tables, [p[:3] + p[4:] for p in prepared])
+            for i, head, (_, _, lim, sinks, _) in zip(batch, coded, prepared):
                 out[i] = head + sinks
                 assert len(out[i]) <= lim.max_bytes
 
@@ -436,7 +477,8 @@ class KvqEncoder(_Planned, Encoder):
         return out
 
     def _prepare(self, x: torch.Tensor, ctx: SegmentContext):
-        """(entropy layout, rows (heads*dim, tokens) int16 or int32, limits, sink bytes) of one segment."""
+        """(entropy layout, rows (heads*dim, tokens) int16 or int32, limits, sink bytes, table per symbol or None
+        before version 4) of one segment."""
         plan, skip, lim = self._segment(ctx)
         kind = KINDS.index(ctx.kind)
         center, step = self._tensors[(ctx.layer, kind)]
@@ -457,7 +499,8 @@ class KvqEncoder(_Planned, Encoder):
         key = (ctx.layer, kind, ctx.tokens - skip)
         if key not in self._layouts:
             self._layouts[key] = entropy.Layout.of(self._groups[(ctx.layer, kind)], ctx.tokens - skip, self.tables)
-        return self._layouts[key], rows, lim, sinks
+        lay = self._layouts[key]
+        return lay, rows, lim, sinks, self._table_ids(ctx, skip, lay)
 
 
 class KvqDecoder(_Planned, Decoder):
@@ -504,7 +547,9 @@ class KvqDecoder(_Planned, Decoder):
         jobs = []
         for i, ((ctx, _), (_, skip, coded)) in enumerate(zip(segments, self.split(segments))):
             try:
-                jobs.append((self._entropy_layout(ctx.layer, KINDS.index(ctx.kind), ctx.tokens - skip), coded))
+                lay = self._entropy_layout(ctx.layer, KINDS.index(ctx.kind), ctx.tokens - skip)
+                ids = self._table_ids(ctx, skip, lay)
+                jobs.append((lay, coded) if ids is None else (lay, coded, ids))
             except CodecError as err:
                 raise CodecError(str(err), index=i) from None
         return entropy.decode_segments(self.tables, jobs)

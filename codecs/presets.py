@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Codec
-from .kvq import DEFAULT_SINKS, DEFAULT_TOKEN_ALPHA, KvqCodec, Profile
+from .kvq import DEFAULT_SINKS, DEFAULT_TOKEN_ALPHA, FORMAT_VERSION, KvqCodec, Profile
 from .lossless import ZstdCodec
 from .raw import RawCodec
 
@@ -20,7 +20,8 @@ DEFAULT_QUALITY = "balanced"
 
 
 def make_codec(quality: str, profile: Profile | None = None, inv_freq: list[np.ndarray | None] | None = None,
-               step_scale: float = 1.0, sinks: int = DEFAULT_SINKS) -> Codec:
+               step_scale: float = 1.0, sinks: int = DEFAULT_SINKS, version: int = FORMAT_VERSION) -> Codec:
+    """The preset's codec; a lossy one writes kvq bitstream `version` (kvq.WRITABLE_VERSIONS)."""
     cls = PRESET_CODECS.get(quality)
     if cls is None:
         raise ValueError(f"unknown quality {quality!r}; choose one of {', '.join(QUALITIES)}")
@@ -28,4 +29,4 @@ def make_codec(quality: str, profile: Profile | None = None, inv_freq: list[np.n
         return cls()
     meta = {"quality": quality, "step_scale": step_scale, "profile": f"{profile.name}:{profile.digest()}" if profile else "none",
             "token_alpha": DEFAULT_TOKEN_ALPHA}
-    return KvqCodec(LOSSY_SCALES[quality] * step_scale, sinks, profile, inv_freq, meta, DEFAULT_TOKEN_ALPHA)
+    return KvqCodec(LOSSY_SCALES[quality] * step_scale, sinks, profile, inv_freq, meta, DEFAULT_TOKEN_ALPHA, version)

@@ -165,25 +165,37 @@ def decode_runs(tables: Tables, streams: list[tuple[Runs, Stream]]) -> list[np.n
     Raises StreamError, for the first stream in the batch that fails, unless every stream's states start in
     range and it ends with every state back at STATE_LOW and every word read. The C decoder runs without the GIL.
     """
-    counts, lanes = _layout([runs.symbols for runs, _ in streams])
-    for k, (n, (_, st), lane) in enumerate(zip(counts.tolist(), streams, lanes.tolist())):
-        # The caller has checked the sizes against its limits (entropy.split_segment); states are data.
-        assert len(st.states) == lane and len(st.words) <= n
-        if lane and int(st.states.min()) < STATE_LOW:
-            raise StreamError("a lane's initial state is below 2^16", k)
-    states = np.concatenate([st.states for _, st in streams] + [np.zeros(0, np.uint32)]).astype(np.uint32)
-    # One spare word at the end lets the decoder read branch-free; reads past a stream's words count, read 0.
-    words = np.concatenate([st.words for _, st in streams] + [np.zeros(1, np.uint16)]).astype(np.uint16, copy=False)
-    n_words = np.array([len(st.words) for _, st in streams], dtype=np.int64)
     run_tables = np.concatenate([r.run_tables for r, _ in streams] + [np.zeros(0, np.uint16)]).astype(np.uint16,
                                                                                                       copy=False)
     run_lengths = np.concatenate([r.run_lengths for r, _ in streams] + [np.zeros(0, np.int64)]).astype(np.int64,
                                                                                                        copy=False)
     runs = np.array([len(r.run_tables) for r, _ in streams], dtype=np.int64)
+    return _decode(tables, [runs.symbols for runs, _ in streams], [st for _, st in streams],
+                   lambda *arrays: _ans.decode(*tables.coder_arrays, run_tables, run_lengths, runs, *arrays))
+
+
+def decode_ids(tables: Tables, streams: list[tuple[np.ndarray, Stream]]) -> list[np.ndarray]:
+    """decode_runs with the table of every symbol given (uint16), as kvq version 4's tables per (class, band) need:
+    one C pass that looks the table up per symbol, where runs of one symbol would cost more than the symbols."""
+    ids = np.concatenate([i for i, _ in streams] + [np.zeros(0, np.uint16)]).astype(np.uint16, copy=False)
+    return _decode(tables, [len(i) for i, _ in streams], [st for _, st in streams],
+                   lambda *arrays: _ans.decode_ids(*tables.coder_arrays, ids, *arrays))
+
+
+def _decode(tables: Tables, symbols: list[int], streams: list[Stream], call) -> list[np.ndarray]:
+    counts, lanes = _layout(symbols)
+    for k, (n, st, lane) in enumerate(zip(counts.tolist(), streams, lanes.tolist())):
+        # The caller has checked the sizes against its limits (entropy.split_segment); states are data.
+        assert len(st.states) == lane and len(st.words) <= n
+        if lane and int(st.states.min()) < STATE_LOW:
+            raise StreamError("a lane's initial state is below 2^16", k)
+    states = np.concatenate([st.states for st in streams] + [np.zeros(0, np.uint32)]).astype(np.uint32)
+    # One spare word at the end lets the decoder read branch-free; reads past a stream's words count, read 0.
+    words = np.concatenate([st.words for st in streams] + [np.zeros(1, np.uint16)]).astype(np.uint16, copy=False)
+    n_words = np.array([len(st.words) for st in streams], dtype=np.int64)
     out = np.empty(int(counts.sum()), np.uint16)
     read, off = np.empty(len(streams), np.int64), np.empty(len(streams), np.int64)
-    _ans.decode(*tables.coder_arrays, run_tables, run_lengths, runs, counts, lanes, states, words, n_words, out,
-                read, off)
+    call(counts, lanes, states, words, n_words, out, read, off)
     for k in range(len(streams)):
         if read[k] != n_words[k]:
             raise StreamError(f"the entropy decoder read {read[k]} of {n_words[k]} words", k)

@@ -43,13 +43,21 @@ def unzstd(frame: bytes, exact: int | None, limit: int) -> bytes:
     return out
 
 
-def read_tables(raw: bytes) -> dict[int, list[int]]:
+def read_tables(raw: bytes, banded: bool) -> dict:
+    """class -> frequencies; banded (version 4): (class, band) -> frequencies."""
     (count,) = struct.unpack_from("<H", raw, 0)
     pos, tables, last = 2, {}, None
     for _ in range(count):
         (cls,) = struct.unpack_from("<b", raw, pos)
         pos += 1
-        if not -12 <= cls <= 16 or (last is not None and cls <= last):
+        key = cls
+        if banded:
+            (band,) = struct.unpack_from("<B", raw, pos)
+            pos += 1
+            if band > 8:
+                raise Invalid("table band")
+            key = (cls, band)
+        if not -12 <= cls <= 16 or (last is not None and key <= last):
             raise Invalid("table class")
         half, m = layout(cls)
         size = (2 * half + 1) ** m + 1
@@ -57,8 +65,8 @@ def read_tables(raw: bytes) -> dict[int, list[int]]:
         pos += 2 * size
         if min(freq) < 1 or sum(freq) != 1 << PRECISION:
             raise Invalid("table frequencies")
-        tables[cls] = freq
-        last = cls
+        tables[key] = freq
+        last = key
     if pos != len(raw):
         raise Invalid("tables trailing bytes")
     return tables
@@ -148,7 +156,8 @@ def read_tokens(raw: bytes, plans) -> dict[tuple[int, str], tuple[int, np.ndarra
     return out
 
 
-def decode_segment(data: bytes, seg, shape, dtype: str, sinks: int, plan, tables, freq, weights) -> np.ndarray:
+def decode_segment(data: bytes, seg, shape, dtype: str, sinks: int, plan, tables, freq, weights,
+                   banded: bool) -> np.ndarray:
     """float32 (heads, tokens, dim) values before the final cast, and the raw sink bytes."""
     center, step, classes = plan
     heads, dim = center.shape
@@ -158,11 +167,24 @@ def decode_segment(data: bytes, seg, shape, dtype: str, sinks: int, plan, tables
     itemsize = format.DTYPES[dtype]
     flat = classes.reshape(-1)
     groups = [(int(c), [r for r in range(heads * dim) if flat[r] == c]) for c in sorted(set(flat.tolist()))]
+    lo = None
+    if weights is not None:
+        first, e = weights
+        lo = seg.token_start + skip - first
+        if lo < 0 or lo + coded > e.shape[1] or e.shape[0] != heads:
+            raise Invalid("token weights do not cover the segment")
     table_of, pieces = [], []
     for cls, rows in groups:
         half, m = layout(cls)
         n_tuples = -(-coded // m) if coded else 0
-        table_of += [tables[cls]] * (len(rows) * n_tuples)
+        for r in rows:
+            for u in range(n_tuples):
+                key = cls
+                if banded:  # the band of the tuple's first token at the channel's head; 4 without weights
+                    key = (cls, (int(e[r // dim, lo + u * m]) + 24) // 6 if lo is not None else 4)
+                if key not in tables:
+                    raise Invalid("no table for a symbol's class and band")
+                table_of.append(tables[key])
         pieces.append((cls, rows, half, m, n_tuples))
     lanes, n_words, esc_bytes = struct.unpack_from("<III", data, 0)
     pos = 12
@@ -203,10 +225,6 @@ def decode_segment(data: bytes, seg, shape, dtype: str, sinks: int, plan, tables
             v += 1
     x = q.reshape(heads, dim, coded).astype(np.float32) * step[..., None]
     if weights is not None:
-        first, e = weights
-        lo = seg.token_start + skip - first
-        if lo < 0 or lo + coded > e.shape[1] or e.shape[0] != heads:
-            raise Invalid("token weights do not cover the segment")
         factor = np.array([np.float32(2.0 ** (k / 8)) for k in e[:, lo : lo + coded].reshape(-1)], np.float32)
         x = x * factor.reshape(heads, 1, coded)
     x = x + center[..., None]
@@ -234,8 +252,8 @@ def decode_file(data: bytes) -> dict[tuple[int, str], np.ndarray]:
     src = format.BytesSource(data)
     header = format.read_header(src)
     params = header.codec["params"]
-    if header.codec["name"] != "kvq" or params.get("version") not in (2, 3):
-        raise Invalid("not a kvq version 2 or 3 file")
+    if header.codec["name"] != "kvq" or params.get("version") not in (2, 3, 4):
+        raise Invalid("not a kvq version 2, 3 or 4 file")
     aux = {s.name: format.read_segment(src, header, s) for s in header.segments if s.kind == "aux"}
     if "kvq.tokens" in aux and params["version"] < 3:
         raise Invalid("token weights in a version 2 file")
@@ -243,7 +261,8 @@ def decode_file(data: bytes) -> dict[tuple[int, str], np.ndarray]:
     if len(plans) != 2 * len(header.layers):
         raise Invalid("plan layer count differs from the header's")
     weights = read_tokens(unzstd(aux["kvq.tokens"], None, 64 << 20), plans) if "kvq.tokens" in aux else {}
-    tables = read_tables(unzstd(aux["kvq.tables"], None, 64 << 20))
+    banded = params["version"] == 4
+    tables = read_tables(unzstd(aux["kvq.tables"], None, 64 << 20), banded)
     bits = "<u4" if header.dtype == "float32" else "<u2"
     out = {}
     for li, shape in enumerate(header.layers):
@@ -257,7 +276,7 @@ def decode_file(data: bytes) -> dict[tuple[int, str], np.ndarray]:
         values, sink_raw, skip = decode_segment(format.read_segment(src, header, seg), seg, shape, header.dtype,
                                                 params["sinks"], plans[(seg.layer, seg.kind)], tables,
                                                 freqs.get(seg.layer) if seg.kind == "k" else None,
-                                                weights.get((seg.layer, seg.kind)))
+                                                weights.get((seg.layer, seg.kind)), banded)
         lo = seg.token_start - shape.token_start
         target = out[(seg.layer, seg.kind)]
         heads, dim = target.shape[0], target.shape[2]

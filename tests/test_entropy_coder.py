@@ -38,6 +38,23 @@ def test_streams_round_trip_and_match_the_reference_decoder():
         assert kvq_reference.rans_decode(st.states.tolist(), st.words.tolist(), table_of) == sym.tolist()
 
 
+def test_a_table_per_symbol_decodes_as_runs_do():
+    """rans.decode_ids (kvq version 4: the table changes from symbol to symbol) gives decode_runs' symbols, and
+    its refusals: a damaged stream named by index, a table that does not exist."""
+    tables, streams, out = coded(3, (0, 1, 1025, 3000))
+    jobs = [(np.asarray(t, np.uint16), st) for (_, t), st in zip(streams, out)]
+    got = rans.decode_ids(tables, jobs)
+    for (sym, _), a, b in zip(streams, got, rans.decode_streams(tables, [(t, st) for t, st in jobs])):
+        assert np.array_equal(a, sym) and np.array_equal(a, b)
+    with pytest.raises(rans.StreamError, match="the entropy decoder") as info:
+        rans.decode_ids(tables, jobs[:2] + [(jobs[2][0], damaged(jobs[2][1], "state changed"))])
+    assert info.value.index == 2
+    bad = jobs[2][0].copy()
+    bad[7] = len(tables.freqs)
+    with pytest.raises(ValueError, match="table does not exist"):
+        rans.decode_ids(tables, [(bad, jobs[2][1])])
+
+
 def test_encoder_starts_from_the_spec_states():
     """An empty stream has no lanes and no words; one symbol of the extreme table leaves a known state."""
     tables = tables_of(np.random.default_rng(0))

@@ -32,7 +32,7 @@ def count_symbols_ref(cls: int, rows: np.ndarray) -> np.ndarray:
 def encode_segments_ref(tables: entropy.ClassTables, segments) -> list[bytes]:
     """The coder before encode_rows: each group's joint symbols and a table index per symbol, then one batch."""
     jobs, escapes = [], []
-    for lay, rows, _ in segments:
+    for lay, rows, _, *given in segments:
         symbols, ids, esc, first = [], [], [], 0
         for table, channels, half, m in lay.spec.tolist():
             s, e = entropy.to_tuples(np.asarray(rows)[lay.rows[first : first + channels]], half, m)
@@ -40,6 +40,8 @@ def encode_segments_ref(tables: entropy.ClassTables, segments) -> list[bytes]:
             symbols.append(s)
             ids.append(np.full(len(s), table, np.uint16))
             esc.append(e)
+        if given and given[0] is not None:  # version 4: the table of each symbol, from its band
+            ids = [given[0]]
         jobs.append((np.concatenate(symbols + [np.zeros(0, np.int32)]), np.concatenate(ids + [np.zeros(0, np.uint16)])))
         escapes.append(np.concatenate(esc + [np.zeros(0, np.int32)]).astype("<i4"))
     out = []
@@ -175,3 +177,19 @@ def test_coder_refuses_rows_that_are_not_int16_or_int32(dtype):
     with pytest.raises(ValueError, match="rows must be int16 or int32"):
         _ans.encode_rows(*tables.coder.coder_arrays, tables.reciprocals, rows, np.array([[0, 1, 1, 4]], np.int64),
                          np.zeros(1, np.int64), np.empty(1, np.uint32), np.empty(2, np.uint16), np.empty(8, np.int32))
+
+
+def test_coder_refuses_a_symbol_table_of_another_alphabet():
+    """Version 4's table per symbol: one whose alphabet is not the group's (or that does not exist) is refused,
+    never read past; the group's own tables code."""
+    tables = entropy.tables_of({(-12, 0): np.ones(3**4 + 1, np.int64), (-12, 1): np.arange(1, 3**4 + 2),
+                                (0, 4): np.ones(11**2 + 1, np.int64)})
+    rows = np.ones((1, 8), np.int16)
+    args = [*tables.coder.coder_arrays, tables.reciprocals, rows, np.array([[0, 1, 1, 4]], np.int64),
+            np.zeros(1, np.int64), np.empty(1, np.uint32), np.empty(2, np.uint16), np.empty(8, np.int32)]
+    _ans.encode_rows(*args, np.array([0, 1], np.uint16))
+    for bad in ([0, 2], [3, 0]):
+        with pytest.raises(ValueError, match="symbol 1's table|symbol 0's table"):
+            _ans.encode_rows(*args, np.array(bad, np.uint16))
+    with pytest.raises(ValueError, match="one table id per symbol"):
+        _ans.encode_rows(*args, np.array([0], np.uint16))

@@ -31,3 +31,18 @@ def test_kernel_decode_path_matches_cpu_path(device, short_lanes):
     assert all(b.device.type == device.type for b in on_device.keys + on_device.values)
     for a, b in zip(cpu.keys + cpu.values, on_device.keys + on_device.values):
         assert torch.equal(a, b.cpu())
+
+
+def test_kernel_decode_path_reads_version_4(device, preset="small"):
+    """Version 4's tables per (class, token band): the golden files (token weights, a sliding-window layer,
+    3-token tails) decode on the kernel path to the CPU path's bits."""
+    from pathlib import Path
+
+    data = (Path(__file__).parent / "golden" / f"v4-tiny-kvq-{preset}.kvc").read_bytes()
+    src = format.BytesSource(data)
+    header = format.read_header(src)
+    assert header.codec["params"]["version"] == 4
+    cpu = kvfile.decode(src, header, threads=1)
+    on_device = kvfile.decode(src, header, device=device, backend="triton")
+    for a, b in zip(cpu.keys + cpu.values, on_device.keys + on_device.values):
+        assert torch.equal(a, b.cpu())

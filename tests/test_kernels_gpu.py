@@ -186,9 +186,12 @@ def kvq_segments(seed: int, tokens: int, heads: int, dim: int, outliers: float):
     for seg, ctx in zip(*kvfile._segments(header)):
         _, skip, lim = decoder._segment(ctx)
         coded = entropy.split_segment(format.read_segment(src, header, seg), lim)
-        groups = decoder._groups[(ctx.layer, ("k", "v").index(ctx.kind))]
-        ids = [np.full(g.tuples(ctx.tokens - skip), decoder.tables.index(g.cls), np.uint32) for g in groups]
-        jobs.append((np.concatenate(ids) if ids else np.zeros(0, np.uint32), coded.stream))
+        kind = ("k", "v").index(ctx.kind)
+        ids = decoder._table_ids(ctx, skip, decoder._entropy_layout(ctx.layer, kind, ctx.tokens - skip))
+        if ids is None:  # before version 4: each group's class table
+            ids = np.concatenate([np.full(g.tuples(ctx.tokens - skip), decoder.tables.index(g.cls), np.uint32)
+                                  for g in decoder._groups[(ctx.layer, kind)]] + [np.zeros(0, np.uint32)])
+        jobs.append((ids.astype(np.uint32), coded.stream))
     return decoder, jobs
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 import zstandard
 
+from kvcli.codecs import entropy
 from kvcli.container import format, kvfile
 from kvcli.errors import FormatError
 
@@ -37,9 +38,18 @@ def kvcli_bits(data: bytes) -> dict:
     return out
 
 
+VERSIONS = make_golden_kvq.VERSIONS
+
+
+def golden(preset: str, version: int = 3) -> bytes:
+    return (GOLDEN / VERSIONS[version].format(preset)).read_bytes()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("preset", PRESETS)
-def test_reference_decoder_matches_kvcli_bit_for_bit(preset):
-    data = (GOLDEN / f"tiny-kvq-{preset}.kvc").read_bytes()
+def test_reference_decoder_matches_kvcli_bit_for_bit(preset, version):
+    data = golden(preset, version)
+    assert format.read_header(format.BytesSource(data)).codec["params"]["version"] == version
     ours, theirs = kvcli_bits(data), kvq_reference.decode_file(data)
     assert ours.keys() == theirs.keys()
     for key in ours:
@@ -47,35 +57,55 @@ def test_reference_decoder_matches_kvcli_bit_for_bit(preset):
         assert np.array_equal(ours[key], theirs[key]), key
 
 
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("preset", PRESETS)
-def test_writer_reproduces_the_golden_bytes(preset):
-    assert make_golden_kvq.golden_bytes(preset) == (GOLDEN / f"tiny-kvq-{preset}.kvc").read_bytes()
+def test_writer_reproduces_the_golden_bytes(preset, version):
+    assert make_golden_kvq.golden_bytes(preset, version) == golden(preset, version)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_golden_files_exercise_escapes_tails_and_sinks(preset):
+def test_version_4_changes_only_the_entropy_tables(preset):
+    """Same integers, other tables: versions 3 and 4 of a cache decode to the same bits, and version 4's tables
+    are per (class, band), with more than one band where the cache has token weights."""
+    v3, v4 = kvcli_bits(golden(preset, 3)), kvcli_bits(golden(preset, 4))
+    assert v3.keys() == v4.keys()
+    for key, bits in v4.items():
+        assert np.array_equal(bits, v3[key]), key
+    tables = entropy.unpack_tables(aux_payload(golden(preset, 4), "kvq.tables"), banded=True)
+    assert len(set(tables.bands)) > 1 and len(tables.classes) > len(set(tables.classes))
+
+
+def aux_payload(data: bytes, name: str) -> bytes:
+    src = format.BytesSource(data)
+    header = format.read_header(src)
+    seg = next(s for s in header.segments if s.name == name)
+    return zstandard.ZstdDecompressor().decompress(format.read_segment(src, header, seg))
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("preset", PRESETS)
+def test_golden_files_exercise_escapes_tails_and_sinks(preset, version):
     """The golden files are only worth their bytes if they reach the decoder's corners."""
-    header = format.read_header(format.BytesSource((GOLDEN / f"tiny-kvq-{preset}.kvc").read_bytes()))
+    header = format.read_header(format.BytesSource(golden(preset, version)))
     tensor = [s for s in header.segments if s.kind != "aux"]
     assert min(s.token_count for s in tensor) <= 3
-    data = (GOLDEN / f"tiny-kvq-{preset}.kvc").read_bytes()
+    data = golden(preset, version)
     escapes = [HEAD.unpack_from(data, header.data_offset + s.offset)[2] for s in tensor]
     assert sum(e > 0 for e in escapes) >= 2
 
 
 # ---------------------------------------------------------------- one refusal per check
 
-META, PARTS = None, None
+ENCODED: dict[int, tuple] = {}
 
 
-def golden_parts():
-    global META, PARTS
-    if PARTS is None:
+def golden_parts(version: int = 3):
+    if version not in ENCODED:
         dtype, sinks = make_golden_kvq.PRESETS["balanced"]
-        codec = make_golden_kvq.make_codec("balanced", None, make_golden_kvq.inv_freq(), 1.0, sinks)
-        META, PARTS = kvfile.encode(make_golden_kvq.golden_cache(dtype), make_golden_kvq.IDENTITY, codec,
-                                    make_golden_kvq.CHUNK)
-    return META, PARTS
+        codec = make_golden_kvq.make_codec("balanced", None, make_golden_kvq.inv_freq(), 1.0, sinks, version)
+        ENCODED[version] = kvfile.encode(make_golden_kvq.golden_cache(dtype), make_golden_kvq.IDENTITY, codec,
+                                         make_golden_kvq.CHUNK)
+    return ENCODED[version]
 
 
 def segment_fields(blob: bytes) -> dict:
@@ -99,8 +129,8 @@ def tensor_index(pred) -> int:
     return next(i for i, p in enumerate(parts) if p.kind != "aux" and pred(p, segment_fields(p.data)))
 
 
-def refused(parts, message: str, where: str | None = None) -> None:
-    meta, _ = golden_parts()
+def refused(parts, message: str, where: str | None = None, version: int = 3) -> None:
+    meta, _ = golden_parts(version)
     data = format.build_header(meta, parts) + b"".join(p.data for p in parts)
     for run in (kvfile.decode, kvfile.verify):
         src = format.BytesSource(data, "g.kvc")
@@ -223,8 +253,8 @@ def test_segment_parts_must_add_up():
 # ---------------------------------------------------------------- tables and plans
 
 
-def with_aux(name: str, change) -> list:
-    _, parts = golden_parts()
+def with_aux(name: str, change, version: int = 3) -> list:
+    _, parts = golden_parts(version)
     parts = list(parts)
     i = next(j for j, p in enumerate(parts) if p.name == name)
     raw = bytearray(zstandard.ZstdDecompressor().decompress(parts[i].data))
@@ -290,6 +320,60 @@ def test_tables_must_be_in_class_order():
 
 def test_tables_have_no_trailing_bytes():
     refused(with_aux("kvq.tables", lambda raw: raw + b"\0"), "entropy tables have trailing bytes")
+
+
+def v4_tables(raw: bytearray) -> list[tuple[int, int, int, int]]:
+    """Version 4's kvq.tables entries: (offset, class, band, bytes)."""
+    from kvq_reference import layout
+
+    pos, out = 2, []
+    for _ in range(struct.unpack_from("<H", raw, 0)[0]):
+        cls, band = struct.unpack_from("<bB", raw, pos)
+        half, m = layout(cls)
+        out.append((pos, cls, band, 2 + 2 * ((2 * half + 1) ** m + 1)))
+        pos += out[-1][3]
+    return out
+
+
+def test_version_4_tables_bands_lie_in_range():
+    def change(raw):
+        raw[v4_tables(raw)[0][0] + 1] = entropy.BANDS
+        return raw
+
+    refused(with_aux("kvq.tables", change, 4), "out of range or out of order", version=4)
+
+
+def test_version_4_tables_are_in_class_and_band_order():
+    def change(raw):
+        (a, cls, band, _), (b, cls_b, band_b, _) = v4_tables(raw)[:2]
+        assert cls == cls_b and band < band_b
+        raw[a + 1], raw[b + 1] = band_b, band
+        return raw
+
+    refused(with_aux("kvq.tables", change, 4), "out of range or out of order", version=4)
+
+
+def test_version_4_segments_need_a_table_for_every_class_and_band_they_use():
+    """Drop the table of the first class's most common band: a segment that codes a tuple of that class in that
+    band is refused (coverage per segment)."""
+    meta, parts = golden_parts(4)
+    tokens = kvq_reference.read_tokens(aux_payload(format.build_header(meta, parts) + b"".join(p.data for p in parts),
+                                                   "kvq.tokens"), {(l, k): (np.zeros((2, 8)),) for l in range(3)
+                                                                   for k in "kv"})
+    bands = np.concatenate([(e.reshape(-1) + 24) // 6 for _, e in tokens.values()])
+    common = int(np.bincount(bands).argmax())
+
+    dropped = []
+
+    def change(raw):
+        entries = v4_tables(raw)
+        pos, cls, band, size = next(e for e in entries if e[2] == common)
+        dropped.append((cls, band))
+        struct.pack_into("<H", raw, 0, len(entries) - 1)
+        return raw[:pos] + raw[pos + size :]
+
+    parts = with_aux("kvq.tables", change, 4)
+    refused(parts, f"no entropy table for class {dropped[0][0]} band {dropped[0][1]}", version=4)
 
 
 def test_plan_steps_must_be_positive():

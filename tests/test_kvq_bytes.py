@@ -1,5 +1,6 @@
 """The bytes every preset writes for one fixed cache, pinned by SHA-256: a restructuring of the codec's code must
-not change one of them.
+not change one of them. The lossy presets are pinned twice: in version 4 (the default) and in version 3, which the
+encoder still writes when asked (make_codec(version=3)).
 
 The digests were taken at cc2a417, before kvq's arithmetic moved into codecs/kvq_ops/, and must never be edited
 to make this test pass: a change of a digest is a change of the format's bytes, which needs a new bitstream
@@ -49,6 +50,24 @@ DIGESTS = {
 }
 
 
+# (quality, dtype) -> the same digest for kvq bitstream version 4 (tables per class and token-exponent band),
+# taken when version 4 was written (branch h-bands). Version 3's digests above stay: the encoder still writes it.
+V4_DIGESTS = {
+    ('high', 'bfloat16'): "850f43d5e785be4199f12b023fb631b13435e3f94e17612426e4ad2813c70b5b",
+    ('high', 'float16'): "9364941fe53d9c8055645f3ad57e7888b3dceb8f6336103757ce683bafd1b6aa",
+    ('high', 'float32'): "ee773c858113bac7273b79cbecd5c064f4c2650553bf5e4afcc117f29383d93a",
+    ('balanced', 'bfloat16'): "ab86286d97cfe21737c0b9c1d4ff2df07ed87d37cc3a8776de8b8568005ef89a",
+    ('balanced', 'float16'): "f964e6861d44ba6cf3200d0f41249435b75c74fbac36012551b49cccf0f12e99",
+    ('balanced', 'float32'): "6bcea221ba421820f92f7f44ed72208ff3fdb3e49cbfc2bafca8dbf17456ac73",
+    ('small', 'bfloat16'): "c0f44a2ad999c9c937f644255e166c580951c433c8a3dfb8bb98095fce1ffa9c",
+    ('small', 'float16'): "200cd3b867a1b6f854153236680abec076b774916cd2085425a44081a554be97",
+    ('small', 'float32'): "3dfa4c8fd015d372e837171edd77d362fc4e59d3c8e53fbbbe41b61add56d68f",
+    ('tiny', 'bfloat16'): "542129366f874b116453e20e81a59b00201bc8129461c997338bc3917f303f9b",
+    ('tiny', 'float16'): "b95e5a26d36f8a2d3d42c0912314f2d43702dca43cdcd5d339c22c9f177ac03e",
+    ('tiny', 'float32'): "5e39c63a8f3c9ef28471686fa5b5e50a6c1915dda86cded71c773c13a0bd7194",
+}
+
+
 def fixed_cache(dtype: torch.dtype) -> KVCache:
     rng = np.random.Generator(np.random.PCG64(20261206))
     keys, values, attention = [], [], []
@@ -67,9 +86,9 @@ def fixed_profile() -> Profile:
     return Profile("fixed", sensitivity, [rng.random((HEADS, DIM)) + 0.05 for _ in range(LAYERS)])
 
 
-def fixed_digest(quality: str, dtype: str, backend: str = "torch") -> str:
+def fixed_digest(quality: str, dtype: str, backend: str = "torch", version: int | None = None) -> str:
     inv_freq = [1.0 / (10000 ** (np.arange(0, DIM, 2, dtype=np.float32) / DIM)) for _ in range(LAYERS)]
-    codec = make_codec(quality, fixed_profile(), inv_freq)
+    codec = make_codec(quality, fixed_profile(), inv_freq, **({"version": version} if version else {}))
     meta, parts = kvfile.encode(fixed_cache(DTYPES[dtype]), IDENT, codec, 32, backend=backend)
     h = hashlib.sha256(json.dumps(meta["codec"], sort_keys=True).encode())
     for p in parts:
@@ -81,10 +100,24 @@ def fixed_digest(quality: str, dtype: str, backend: str = "torch") -> str:
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 @pytest.mark.parametrize("quality", QUALITIES)
 def test_every_preset_writes_the_bytes_it_wrote_before(quality, dtype):
-    assert fixed_digest(quality, dtype) == DIGESTS[(quality, dtype)]
+    """kvq presets at version 3, which the encoder still writes on request (make_codec(version=3))."""
+    assert fixed_digest(quality, dtype, version=3 if (quality, dtype) in V4_DIGESTS else None) == DIGESTS[(quality, dtype)]
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("quality", sorted({q for q, _ in V4_DIGESTS}))
+def test_every_lossy_preset_writes_the_version_4_bytes_it_wrote_before(quality, dtype):
+    """Version 4 is the default: the presets as they are write these bytes."""
+    assert fixed_digest(quality, dtype) == V4_DIGESTS[(quality, dtype)]
 
 
 @pytest.mark.parametrize("quality", ["high", "small"])
 def test_the_triton_backend_writes_the_same_bytes(quality):
     pytest.importorskip("triton")
-    assert fixed_digest(quality, "float32", "triton") == DIGESTS[(quality, "float32")]
+    assert fixed_digest(quality, "float32", "triton", version=3) == DIGESTS[(quality, "float32")]
+
+
+@pytest.mark.parametrize("quality", ["high", "small"])
+def test_the_triton_backend_writes_the_same_version_4_bytes(quality):
+    pytest.importorskip("triton")
+    assert fixed_digest(quality, "float32", "triton") == V4_DIGESTS[(quality, "float32")]

@@ -107,7 +107,8 @@ def decode_onto(state: DeviceState, segments: list[tuple[SegmentContext, bytes, 
         except CodecError as err:
             raise CodecError(str(err), index=i) from None
     runs = _runs(order, lay, segments, split)
-    symbols, is_esc, first_value, esc_all = _entropy(state, [split[i][2] for i in order], order, lay, runs)
+    symbols, is_esc, first_value, esc_all = _entropy(state, [split[i][2] for i in order], order, lay, runs,
+                                                     _banded_ids(state, segments, split, order))
     pos = 0
     for run in runs:
         span = slice(pos, pos + lay[run[0]].symbols * len(run))
@@ -129,10 +130,29 @@ def decode_onto(state: DeviceState, segments: list[tuple[SegmentContext, bytes, 
             out[:, :skip].copy_(bytes_to_tensor(bytes(data[coded.end :]), sink_ctx))
 
 
+def _banded_ids(state: DeviceState, segments, split, order: list[int]) -> torch.Tensor | None:
+    """Version 4: the table of every symbol of the batch (in `order`), from its segment's token bands, computed on
+    the host as the CPU path does (KvqDecoder._table_ids) and sent in one transfer; None before version 4."""
+    decoder = state.decoder
+    if decoder.tables.bands is None:
+        return None
+    ids = []
+    for i in order:
+        ctx, skip = segments[i][0], split[i][1]
+        try:
+            lay = decoder._entropy_layout(ctx.layer, ("k", "v").index(ctx.kind), ctx.tokens - skip)
+            ids.append(decoder._table_ids(ctx, skip, lay))
+        except CodecError as err:
+            raise CodecError(str(err), index=i) from None
+    wide = torch.uint8 if decoder.tables.coder.count <= 256 else torch.int32
+    return torch.from_numpy(np.concatenate(ids).astype(np.int32)).to(state.device).to(wide)
+
+
 def _entropy(state: DeviceState, coded: list[entropy.Coded], order: list[int], lay: list[Layout],
-             runs: list[list[int]]):
+             runs: list[list[int]], table_ids: torch.Tensor | None = None):
     """Decode every stream (in `order`) in one launch and check it as the CPU path does. Returns each symbol
     (int32), whether it escapes, the index of its first escape value in the batch's escape array, and that array.
+    table_ids: version 4's table of every symbol (_banded_ids); before, each layout's.
 
     split_segment has checked every size against the limits that the layouts' symbol counts come from."""
     device = state.device
@@ -146,7 +166,8 @@ def _entropy(state: DeviceState, coded: list[entropy.Coded], order: list[int], l
         """A layout field for every symbol of the batch: one repeat per run, one concatenation."""
         return torch.cat([getattr(lay[run[0]], field).repeat(len(run)) for run in runs])
 
-    symbols, status = rans_decode.launch(state.tables, per_symbol("table_ids"), batch)
+    symbols, status = rans_decode.launch(state.tables, per_symbol("table_ids") if table_ids is None else table_ids,
+                                         batch)
     symbols = symbols.to(torch.int32) & 0xFFFF
     is_esc = symbols == per_symbol("esc_code")
     width = torch.where(is_esc, per_symbol("widths"), 0).to(torch.int64)  # escape values each symbol takes

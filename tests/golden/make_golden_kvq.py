@@ -6,7 +6,8 @@ tokens), with the things that stress a decoder: a 25-sigma outlier token, a cons
 different spread. The values come from integer arithmetic only, so every platform builds the same cache.
 Run it only for a deliberate change of the kvq bitstream; tests/test_kvq_bitstream.py pins these bytes. The
 version 2 files (`v2-tiny-kvq-*.kvc`, no token weights) were written by kvcli before version 3 and stay as they
-are: readers must keep decoding them.
+are: readers must keep decoding them. `tiny-kvq-*.kvc` are version 3, `v4-tiny-kvq-*.kvc` the same caches in
+version 4 (tables per class and token-exponent band): the encoder writes both.
 """
 
 from __future__ import annotations
@@ -60,9 +61,12 @@ def inv_freq() -> list[np.ndarray]:
     return [(1.0 / 10000 ** (np.arange(0, DIM, 2) / DIM)).astype(np.float32) for _ in range(LAYERS)]
 
 
-def golden_bytes(preset: str) -> bytes:
+VERSIONS = {3: "tiny-kvq-{}.kvc", 4: "v4-tiny-kvq-{}.kvc"}
+
+
+def golden_bytes(preset: str, version: int) -> bytes:
     dtype, sinks = PRESETS[preset]
-    codec = make_codec(preset, None, inv_freq(), 1.0, sinks)
+    codec = make_codec(preset, None, inv_freq(), 1.0, sinks, version)
     meta, parts = kvfile.encode(golden_cache(dtype), IDENTITY, codec, CHUNK)
     meta["created_by"] = "kvcli golden"  # independent of the package version
     meta["created_at"] = "2026-01-01T00:00:00Z"
@@ -71,7 +75,8 @@ def golden_bytes(preset: str) -> bytes:
 
 def main() -> None:
     for preset in PRESETS:
-        (HERE / f"tiny-kvq-{preset}.kvc").write_bytes(golden_bytes(preset))
+        for version, name in VERSIONS.items():
+            (HERE / name.format(preset)).write_bytes(golden_bytes(preset, version))
 
 
 if __name__ == "__main__":
