@@ -108,7 +108,7 @@ def test_header_records_the_codec_settings():
     kv = synthetic_cache(2, 1, 1, 10, 4, torch.float16)
     data, _ = encode_decode(kv, KvqCodec(0.5, 2, None, None, {"quality": "balanced"}), 8)
     header = format.read_header(format.BytesSource(data))
-    assert header.codec == {"name": "kvq", "params": {"version": 4, "scale": 0.5, "sinks": 2, "quality": "balanced"}}
+    assert header.codec == {"name": "kvq", "params": {"version": 3, "scale": 0.5, "sinks": 2, "quality": "balanced"}}
 
 
 KV = synthetic_cache(3, 2, 2, 40, 8, torch.float16)

@@ -1,6 +1,6 @@
 """The bytes every preset writes for one fixed cache, pinned by SHA-256: a restructuring of the codec's code must
-not change one of them. The lossy presets are pinned twice: in version 4 (the default) and in version 3, which the
-encoder still writes when asked (make_codec(version=3)).
+not change one of them. The lossy presets are pinned twice: in version 3 (the default) and in version 4, which the
+encoder writes when asked (make_codec(version=4)).
 
 The digests were taken at cc2a417, before kvq's arithmetic moved into codecs/kvq_ops/, and must never be edited
 to make this test pass: a change of a digest is a change of the format's bytes, which needs a new bitstream
@@ -51,7 +51,7 @@ DIGESTS = {
 
 
 # (quality, dtype) -> the same digest for kvq bitstream version 4 (tables per class and token-exponent band),
-# taken when version 4 was written (branch h-bands). Version 3's digests above stay: the encoder still writes it.
+# taken when version 4 was written (branch h-bands); the encoder writes it when asked.
 V4_DIGESTS = {
     ('high', 'bfloat16'): "850f43d5e785be4199f12b023fb631b13435e3f94e17612426e4ad2813c70b5b",
     ('high', 'float16'): "9364941fe53d9c8055645f3ad57e7888b3dceb8f6336103757ce683bafd1b6aa",
@@ -100,24 +100,24 @@ def fixed_digest(quality: str, dtype: str, backend: str = "torch", version: int 
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 @pytest.mark.parametrize("quality", QUALITIES)
 def test_every_preset_writes_the_bytes_it_wrote_before(quality, dtype):
-    """kvq presets at version 3, which the encoder still writes on request (make_codec(version=3))."""
-    assert fixed_digest(quality, dtype, version=3 if (quality, dtype) in V4_DIGESTS else None) == DIGESTS[(quality, dtype)]
+    """Every preset as it is (kvq at version 3, the default)."""
+    assert fixed_digest(quality, dtype) == DIGESTS[(quality, dtype)]
 
 
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 @pytest.mark.parametrize("quality", sorted({q for q, _ in V4_DIGESTS}))
 def test_every_lossy_preset_writes_the_version_4_bytes_it_wrote_before(quality, dtype):
-    """Version 4 is the default: the presets as they are write these bytes."""
-    assert fixed_digest(quality, dtype) == V4_DIGESTS[(quality, dtype)]
+    """kvq presets at version 4, written on request (make_codec(version=4))."""
+    assert fixed_digest(quality, dtype, version=4) == V4_DIGESTS[(quality, dtype)]
 
 
 @pytest.mark.parametrize("quality", ["high", "small"])
 def test_the_triton_backend_writes_the_same_bytes(quality):
     pytest.importorskip("triton")
-    assert fixed_digest(quality, "float32", "triton", version=3) == DIGESTS[(quality, "float32")]
+    assert fixed_digest(quality, "float32", "triton") == DIGESTS[(quality, "float32")]
 
 
 @pytest.mark.parametrize("quality", ["high", "small"])
 def test_the_triton_backend_writes_the_same_version_4_bytes(quality):
     pytest.importorskip("triton")
-    assert fixed_digest(quality, "float32", "triton") == V4_DIGESTS[(quality, "float32")]
+    assert fixed_digest(quality, "float32", "triton", version=4) == V4_DIGESTS[(quality, "float32")]
