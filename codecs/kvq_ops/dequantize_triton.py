@@ -17,6 +17,8 @@ float16 and rounding to nearest-even on the cast, as `Tensor.copy_` does.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -89,6 +91,40 @@ def tile(width: int) -> tuple[int, int]:
     return channels, max(1, min(BLOCK_TOKENS, TILE_ELEMENTS // channels))
 
 
+class Launch(NamedTuple):
+    """What the quantize and dequantize kernels both take besides their own tensors."""
+
+    center: torch.Tensor
+    step: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    token_factor: torch.Tensor
+    rotate: bool
+    scaled: bool
+    channels: int
+    block: int
+    grid: tuple[int, int]
+
+
+def launch(center: torch.Tensor, step: torch.Tensor, inv_freq: torch.Tensor | None, token_start: int,
+           token_factor: torch.Tensor | None, heads: int, dim: int, tokens: int, device) -> Launch:
+    """Checked arguments on `device`: float32 centres and steps, the rotary tables, the token factors, the tile and
+    grid. Where the kernel does not rotate or scale, the centres stand in as unused pointers."""
+    rotate = inv_freq is not None
+    if rotate and dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {dim}")
+    center, step = center.float().to(device).contiguous(), step.float().to(device).contiguous()
+    cos, sin = rope_tables_on(inv_freq, token_start, tokens, device) if rotate else (center, center)
+    scaled = token_factor is not None
+    if scaled:
+        if token_factor.shape != (heads, tokens):
+            raise ValueError(f"token_factor must be (heads, tokens) = {(heads, tokens)}, got {tuple(token_factor.shape)}")
+        token_factor = token_factor.float().to(device).contiguous()
+    channels, block = tile(dim // 2 if rotate else dim)
+    return Launch(center, step, cos, sin, token_factor if scaled else center, rotate, scaled, channels, block,
+                  (heads, triton.cdiv(tokens, block)))
+
+
 def dequantize_rotate(q: torch.Tensor, center: torch.Tensor, step: torch.Tensor, inv_freq: torch.Tensor | None,
                       token_start: int, out: torch.Tensor | None = None,
                       token_factor: torch.Tensor | None = None) -> torch.Tensor:
@@ -107,24 +143,10 @@ def dequantize_rotate(q: torch.Tensor, center: torch.Tensor, step: torch.Tensor,
         result = view = out
     if tokens == 0 or heads == 0 or dim == 0:
         return result
-    rotate = inv_freq is not None
-    if rotate and dim % 2:
-        raise ValueError(f"RoPE needs an even head_dim, got {dim}")
-    center, step = center.float().contiguous(), step.float().contiguous()
-    if rotate:
-        cos, sin = rope_tables_on(inv_freq, token_start, tokens, q.device)
-    else:
-        cos = sin = center  # unused pointers when not rotating
-    scaled = token_factor is not None
-    if scaled:
-        if token_factor.shape != (heads, tokens):
-            raise ValueError(f"token_factor must be (heads, tokens) = {(heads, tokens)}, got {tuple(token_factor.shape)}")
-        token_factor = token_factor.float().to(q.device).contiguous()
-    channels, block = tile(dim // 2 if rotate else dim)
-    grid = (heads, triton.cdiv(tokens, block))
-    dequantize_rotate_kernel[grid](q.contiguous(), center, step, cos, sin, cos.stride(0),
-                                   token_factor if scaled else center, view, dim, tokens,
-                                   *view.stride(), ROTATE=rotate, CLAMP=view.dtype == torch.float16,
-                                   BF16=view.dtype == torch.bfloat16, SCALED=scaled, CHANNELS=channels, BLOCK=block,
-                                   num_warps=NUM_WARPS, enable_fp_fusion=False)
+    a = launch(center, step, inv_freq, token_start, token_factor, heads, dim, tokens, q.device)
+    dequantize_rotate_kernel[a.grid](q.contiguous(), a.center, a.step, a.cos, a.sin, a.cos.stride(0), a.token_factor,
+                                     view, dim, tokens, *view.stride(), ROTATE=a.rotate,
+                                     CLAMP=view.dtype == torch.float16, BF16=view.dtype == torch.bfloat16,
+                                     SCALED=a.scaled, CHANNELS=a.channels, BLOCK=a.block, num_warps=NUM_WARPS,
+                                     enable_fp_fusion=False)
     return result

@@ -15,8 +15,6 @@ import triton
 import triton.language as tl
 
 from . import dequantize_triton
-from .dequantize_triton import tile
-from .rope import rope_tables_on
 
 ROUND_MAGIC = tl.constexpr(8388608.0)  # 2^23: adding it to |v| < 2^23 rounds to an integer, nearest-even
 
@@ -75,22 +73,8 @@ def quantize_unrotate(x: torch.Tensor, center: torch.Tensor, step: torch.Tensor,
     q = torch.empty((heads, dim, tokens), dtype=torch.int32, device=x.device)
     if tokens == 0 or heads == 0 or dim == 0:
         return q
-    rotate = inv_freq is not None
-    if rotate and dim % 2:
-        raise ValueError(f"RoPE needs an even head_dim, got {dim}")
-    center, step = center.float().to(x.device).contiguous(), step.float().to(x.device).contiguous()
-    if rotate:
-        cos, sin = rope_tables_on(inv_freq, token_start, tokens, x.device)
-    else:
-        cos = sin = center  # unused pointers when not rotating
-    scaled = token_factor is not None
-    if scaled:
-        if token_factor.shape != (heads, tokens):
-            raise ValueError(f"token_factor must be (heads, tokens) = {(heads, tokens)}, got {tuple(token_factor.shape)}")
-        token_factor = token_factor.float().to(x.device).contiguous()
-    channels, block = tile(dim // 2 if rotate else dim)
-    grid = (heads, triton.cdiv(tokens, block))
-    quantize_unrotate_kernel[grid](x, center, step, cos, sin, cos.stride(0), token_factor if scaled else center, q,
-                                   dim, tokens, *x.stride(), ROTATE=rotate, SCALED=scaled, CHANNELS=channels,
-                                   BLOCK=block, num_warps=dequantize_triton.NUM_WARPS, enable_fp_fusion=False)
+    a = dequantize_triton.launch(center, step, inv_freq, token_start, token_factor, heads, dim, tokens, x.device)
+    quantize_unrotate_kernel[a.grid](x, a.center, a.step, a.cos, a.sin, a.cos.stride(0), a.token_factor, q, dim, tokens,
+                                     *x.stride(), ROTATE=a.rotate, SCALED=a.scaled, CHANNELS=a.channels,
+                                     BLOCK=a.block, num_warps=dequantize_triton.NUM_WARPS, enable_fp_fusion=False)
     return q
