@@ -149,6 +149,40 @@ static int search_get(const Tables *t, Search *q) {
     return 0;
 }
 
+/* One lane's symbol under the table (c, bucket), its state advanced: the spec's decode step. */
+static inline __attribute__((always_inline)) uint16_t decode_symbol(uint32_t *restrict x, const uint32_t *c,
+                                                                    const uint16_t *bucket) {
+    uint32_t v = *x, slot = v & WORD_MASK;
+    uint32_t s = bucket[slot >> BUCKET_SHIFT];
+    while (c[s + 1] <= slot) s++;  /* c[size] = TOTAL ends it inside the table */
+    *x = (c[s + 1] - c[s]) * (v >> WORD_BITS) + slot - c[s];
+    return (uint16_t)s;
+}
+
+/* A step's renormalizing pass: only the word pointer is serial, so it is branch-free (about one symbol in four
+ * renormalizes, at random). A read past the stream's words counts but reads 0, as the GPU kernel does; the
+ * caller refuses the stream for it. The word array's spare word keeps the load in bounds. */
+static inline __attribute__((always_inline)) void renormalize(uint32_t *restrict x, int64_t end,
+                                                              const uint16_t *restrict words, int64_t n_words,
+                                                              int64_t *p) {
+    int64_t at = *p;
+    for (int64_t j = 0; j < end; j++) {
+        uint32_t v = x[j], need = v < STATE_LOW, inside = at < n_words;
+        uint32_t w = words[inside ? at : n_words] & -inside;
+        x[j] = (v << (need * WORD_BITS)) | (w & -need);
+        at += need;
+    }
+    *p = at;
+}
+
+/* A stream's end: the words it read, and how many lanes are not back at 2^16 (the stream is valid at 0). */
+static inline void finish_stream(const uint32_t *x, int64_t lanes, int64_t p, int64_t *read, int64_t *bad) {
+    int64_t off = 0;
+    for (int64_t j = 0; j < lanes; j++) off += x[j] != STATE_LOW;
+    *read = p;
+    *bad = off;
+}
+
 /* One stream; its symbols' tables are runs (run_table, run_length), checked by the caller to cover exactly the
  * stream's n symbols with tables that exist. */
 __attribute__((noinline)) static void decode_stream(const Search *q, const uint16_t *restrict run_table,
@@ -168,26 +202,11 @@ __attribute__((noinline)) static void decode_stream(const Search *q, const uint1
                 bucket = q->bucket + (size_t)run_table[r] * BUCKETS;
                 run_end += run_length[r++];
             }
-            uint32_t v = x[j], slot = v & WORD_MASK;
-            uint32_t s = bucket[slot >> BUCKET_SHIFT];
-            while (c[s + 1] <= slot) s++;  /* c[size] = TOTAL ends it inside the table */
-            x[j] = (c[s + 1] - c[s]) * (v >> WORD_BITS) + slot - c[s];
-            out[t0 + j] = (uint16_t)s;
+            out[t0 + j] = decode_symbol(x + j, c, bucket);
         }
-        /* ... and renormalizing, only the word pointer is serial: branch-free, since about one symbol in four
-         * renormalizes, at random. A read past the stream's words counts but reads 0, as the GPU kernel does;
-         * the caller refuses the stream for it. The word array's spare word keeps the load in bounds. */
-        for (int64_t j = 0; j < end; j++) {
-            uint32_t v = x[j], need = v < STATE_LOW, inside = p < n_words;
-            uint32_t w = words[inside ? p : n_words] & -inside;
-            x[j] = (v << (need * WORD_BITS)) | (w & -need);
-            p += need;
-        }
+        renormalize(x, end, words, n_words, &p);  /* ... and renormalizing */
     }
-    int64_t off = 0;
-    for (int64_t j = 0; j < lanes; j++) off += x[j] != STATE_LOW;
-    *read = p;
-    *bad = off;
+    finish_stream(x, lanes, p, read, bad);
 }
 
 PyDoc_STRVAR(decode_doc,
@@ -287,25 +306,11 @@ __attribute__((noinline)) static void decode_stream_ids(const Search *q, const u
         int64_t end = n - t0 < lanes ? n - t0 : lanes;
         for (int64_t j = 0; j < end; j++) {
             const uint32_t k = ids[t0 + j];
-            const uint32_t *c = q->cum + q->cum_base[k];
-            const uint16_t *bucket = q->bucket + (size_t)k * BUCKETS;
-            uint32_t v = x[j], slot = v & WORD_MASK;
-            uint32_t s = bucket[slot >> BUCKET_SHIFT];
-            while (c[s + 1] <= slot) s++;
-            x[j] = (c[s + 1] - c[s]) * (v >> WORD_BITS) + slot - c[s];
-            out[t0 + j] = (uint16_t)s;
+            out[t0 + j] = decode_symbol(x + j, q->cum + q->cum_base[k], q->bucket + (size_t)k * BUCKETS);
         }
-        for (int64_t j = 0; j < end; j++) {
-            uint32_t v = x[j], need = v < STATE_LOW, inside = p < n_words;
-            uint32_t w = words[inside ? p : n_words] & -inside;
-            x[j] = (v << (need * WORD_BITS)) | (w & -need);
-            p += need;
-        }
+        renormalize(x, end, words, n_words, &p);
     }
-    int64_t off = 0;
-    for (int64_t j = 0; j < lanes; j++) off += x[j] != STATE_LOW;
-    *read = p;
-    *bad = off;
+    finish_stream(x, lanes, p, read, bad);
 }
 
 PyDoc_STRVAR(decode_ids_doc,
