@@ -32,6 +32,7 @@ from ..errors import FormatError, InputError, StorageError, UsageError
 from ..modeling import inference, models
 from ..modeling.kvcache import KVCache
 from ..stdio import write_stderr_text
+from ..storage.store import StoredSource
 
 RECOMPUTE = "recompute"
 # A recomputed chunk's predicted time, as the plan weighs it against fetches: the prefill estimate is the least
@@ -223,34 +224,15 @@ class Level:
         return self.decoder
 
 
-class RangeSource(format.Source):
-    """Range reads of one stored file, each its own request but the first: HEAD_BYTES, which usually hold the
-    preamble and the header, kept. (StoredSource's 64 KiB would fetch a small level whole before it is chosen.)"""
-
-    def __init__(self, store, key: str, size: int, head_bytes: int = HEAD_BYTES):
-        self.store, self.key, self.size = store, key, size
-        self.path = store.url_for(key)
-        self.head = store.read(key, 0, min(size, head_bytes))
-
-    def read(self, offset: int, length: int) -> bytes:
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise ValueError(f"read [{offset}, {offset + length}) outside a {self.size}-byte file")
-        if offset + length <= len(self.head):
-            return self.head[offset : offset + length]
-        data = self.store.read(self.key, offset, length)
-        if len(data) != length:
-            raise FormatError(f"{self.path}: changed or truncated while being read")
-        return data
-
-
-def _open(store, key: str) -> tuple[RangeSource, format.Header, float]:
-    """The file's source and header, and the seconds of its size request (a request that moves no data)."""
+def _open(store, key: str) -> tuple[StoredSource, format.Header, float]:
+    """The file's source and header, and the seconds of its size request (a request that moves no data). Its first
+    HEAD_BYTES are kept (StoredSource's 64 KiB would fetch a small level whole before it is chosen)."""
     started = time.perf_counter()
     size = store.size(key)
     request_s = time.perf_counter() - started
     if size is None:
         raise InputError(f"{store.url_for(key)}: no such cache")
-    src = RangeSource(store, key, size)
+    src = StoredSource(store, key, size, HEAD_BYTES)
     return src, format.read_header(src), request_s
 
 
@@ -265,8 +247,9 @@ def open_levels(store, key: str, min_quality: str) -> tuple[format.Header, list[
         raise InputError(f"{store.url_for(key)}: no such cache")
     request_s = time.perf_counter() - started
     started = time.perf_counter()
-    src = RangeSource(store, key, size, min(max(size // 8, HEAD_BYTES), PROBE_BYTES))
-    probe = {"bytes": len(src.head), "seconds": time.perf_counter() - started, "request_s": request_s}
+    src = StoredSource(store, key, size, min(max(size // 8, HEAD_BYTES), PROBE_BYTES))
+    head = src.head  # the probe: read now, alone on the link
+    probe = {"bytes": len(head), "seconds": time.perf_counter() - started, "request_s": request_s}
     header = format.read_header(src)
     entries = store.lookup(model=header.model["weights_digest"], tokens_sha256=tokens_sha256(header.token_ids))
     others = sorted(e["key"] for e in entries if e["key"] != key and e.get("dtype") == header.dtype)

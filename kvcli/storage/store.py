@@ -474,21 +474,27 @@ class FileStore(index.PrefixLookup):
 
 
 class StoredSource(format.Source):
-    """A ByteSource over one stored file in any store. The first read fetches the first 64 KiB, which usually holds
-    the preamble and the whole header, so listing a remote store costs one request per file."""
+    """A ByteSource over one stored file in any store. Its first `head_bytes` (64 KiB unless asked otherwise: that
+    usually holds the preamble and the whole header, so listing a remote store costs one request per file) are
+    fetched once, at the first read, and kept; any other range is its own request."""
 
-    def __init__(self, store, key: str, size: int):
+    def __init__(self, store, key: str, size: int, head_bytes: int = remote.HEAD_PREFETCH):
         self.store, self.key, self.size = store, key, size
         self.path = store.url_for(key)
-        self._head = b""
+        self.head_bytes = head_bytes
+        self._head: bytes | None = None
+
+    @property
+    def head(self) -> bytes:
+        if self._head is None:
+            self._head = self.store.read(self.key, 0, min(self.size, self.head_bytes))
+        return self._head
 
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ValueError(f"read [{offset}, {offset + length}) outside a {self.size}-byte file")
-        if not self._head:
-            self._head = self.store.read(self.key, 0, min(self.size, remote.HEAD_PREFETCH))
-        if offset + length <= len(self._head):
-            return self._head[offset : offset + length]
+        if offset + length <= len(self.head):
+            return self.head[offset : offset + length]
         data = self.store.read(self.key, offset, length)
         if len(data) != length:
             raise FormatError(f"{self.path}: changed or truncated while being read")
