@@ -1,8 +1,8 @@
 """Whatever the writer writes, the reader reads back within the documented error bound (docs/codec.md).
 
 Property tests over the cases that broke the writer/reader agreement before (issue 6): short segments, 1-3
-token tails, escape-heavy data (25+ sigma outliers, constant channels, huge values), at every lossy preset and
-sink count 0, 1 and 4.
+token tails, escape-heavy data (25+ sigma outliers, constant channels, huge values), at every lossy preset,
+sink count 0, 1 and 4, and kvq bitstream versions 3 and 4.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ def inv_freq(layers: int, dim: int) -> list[np.ndarray]:
     return [(1.0 / 10000 ** (np.arange(0, dim, 2) / dim)).astype(np.float32) for _ in range(layers)]
 
 
-def roundtrip(kv: KVCache, preset: str, sinks: int, chunk: int, rope: bool):
+def roundtrip(kv: KVCache, preset: str, sinks: int, chunk: int, rope: bool, version: int = 3):
     freqs = inv_freq(kv.num_layers, kv.keys[0].shape[2]) if rope else None
-    meta, parts = kvfile.encode(kv, IDENT, make_codec(preset, None, freqs, 1.0, sinks), chunk)
+    meta, parts = kvfile.encode(kv, IDENT, make_codec(preset, None, freqs, 1.0, sinks, version), chunk)
     src = format.BytesSource(format.build_header(meta, parts) + b"".join(p.data for p in parts))
     header = format.read_header(src)
     assert kvfile.verify(src, header)["ok"]
@@ -93,15 +93,15 @@ def cache(seed: int, layers: int, heads: int, tokens: int, dim: int, dtype: str,
        layers=st.integers(1, 2), heads=st.integers(1, 3), dim=st.sampled_from([2, 4, 8]),
        dtype=st.sampled_from(sorted(DTYPES)), outliers=st.sampled_from([0.0, 25.0, 60.0]), constant=st.booleans(),
        huge=st.sampled_from([0.0, 3e4, -1e9]), rope=st.booleans(), window=st.none() | st.integers(1, 6),
-       attention=st.booleans(), seed=st.integers(0, 2**31))
+       attention=st.booleans(), version=st.sampled_from([3, 4]), seed=st.integers(0, 2**31))
 def test_whatever_the_writer_writes_the_reader_reads_within_the_bound(
         preset, sinks, chunk, tail, full_chunks, layers, heads, dim, dtype, outliers, constant, huge, rope, window,
-        attention, seed):
+        attention, version, seed):
     if dtype == "float16" and abs(huge) > 6e4:
         huge = 3e4  # float16 holds no larger value
     tokens = full_chunks * chunk + tail
     kv = cache(seed, layers, heads, tokens, dim, dtype, outliers, constant, huge, window, attention)
-    out, decoder, freqs = roundtrip(kv, preset, sinks, chunk, rope)
+    out, decoder, freqs = roundtrip(kv, preset, sinks, chunk, rope, version)
     assert_within_bound(kv, out, decoder, freqs, sinks, dtype)
 
 
