@@ -98,7 +98,7 @@ def push(
         from ..kernels.placement import resolve
         from ..reuse import ingest, levels
 
-        qualities = levels.check_qualities(ingest.parse_qualities(quality))
+        qualities = ingest.check_qualities(ingest.parse_qualities(quality))
         where = resolve(device, backend)
     elif model is not None:
         raise UsageError("--model serves the levels of --quality; without it push stores FILE as it is")

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator
 
+from ..codecs.presets import QUALITIES
 from ..container import format, keys, kvfile
 from ..errors import InputError, KvcliError, StorageError, UsageError
 from ..modeling import batching, inference, models
@@ -214,13 +215,27 @@ class Settings:
         for name, value in (("--max-tokens", self.max_tokens), ("--batch-tokens", self.batch_tokens)):
             if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise UsageError(f"{name} must be an integer of at least 1, not {value!r}")
-        if len(set(self.qualities)) != len(self.qualities):
-            raise UsageError(f"--quality names a preset twice: {','.join(self.qualities)}")
-        self.levels()  # each preset is checked as EncodeOptions are
+        if self.qualities:
+            check_qualities(self.qualities)
+        self.levels()  # and every other option of each level, as EncodeOptions check them
 
     def levels(self) -> list[pipeline.EncodeOptions]:
         """The options of every level written, in the order given."""
         return [replace(self.encode, quality=q) for q in self.qualities] or [self.encode]
+
+
+def check_qualities(qualities) -> tuple[str, ...]:
+    """Presets named for levels (prefill --out-dir, the Ray path, push --quality): known ones, at least one, each
+    once."""
+    qualities = tuple(qualities)
+    for quality in qualities:
+        if quality not in QUALITIES:
+            raise UsageError(f"unknown --quality {quality!r}; choose one of {', '.join(QUALITIES)}")
+    if not qualities:
+        raise UsageError("--quality names no preset")
+    if len(set(qualities)) != len(qualities):
+        raise UsageError(f"--quality names a preset twice: {','.join(qualities)}")
+    return qualities
 
 
 def parse_qualities(text: str) -> tuple[str, ...]:

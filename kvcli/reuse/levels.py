@@ -21,25 +21,14 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from ..codecs.presets import PRESET_CODECS, QUALITIES, make_codec
+from ..codecs.presets import PRESET_CODECS, make_codec
 from ..container import format, keys, kvfile
 from ..errors import InternalError, UsageError
 from ..modeling import inference
 from ..storage import store as stores
-from . import pipeline
 from ..container.level import QUALITY_RANK, quality_of
-
-
-def check_qualities(qualities) -> tuple[str, ...]:
-    qualities = tuple(qualities)
-    for quality in qualities:
-        if quality not in QUALITIES:
-            raise UsageError(f"unknown --quality {quality!r}; choose one of {', '.join(QUALITIES)}")
-    if not qualities:
-        raise UsageError("--quality names no preset")
-    if len(set(qualities)) != len(qualities):
-        raise UsageError(f"--quality names a preset twice: {','.join(qualities)}")
-    return qualities
+from . import pipeline
+from .ingest import check_qualities
 
 
 def exact(quality: str) -> bool:
