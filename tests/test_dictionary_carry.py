@@ -6,15 +6,17 @@ what they decode to."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import zlib
 
 import httpx
 import pytest
+import torch
 from servers import MODEL, CacheServer, make_cache
 
-from kvcli.container import dictionary, format, keys
+from kvcli.container import dictionary, format, keys, kvfile
 from kvcli.errors import FormatError
 from kvcli.storage import remote, store
 
@@ -273,3 +275,111 @@ def test_cache_dir_keeps_the_dictionaries_of_its_copies_and_evicts_only_unused_o
     assert local.find(keys_[2]) is None and not (local.dir / f"{keys_[2]}.kvc").exists()
     copy_through(local, f"{server.url}/v1/caches/{keys_[2]}")
     assert (local.dir / d2.name).read_bytes() == d2.data and local.find(keys_[2]) is not None
+
+
+# ---------------------------------------------------------------- real files: kvq version 4 with a transform
+
+
+@pytest.fixture(scope="module")
+def transform_file(tiny_lm, tmp_path_factory):
+    """A tiny model's cache coded by kvq version 4 with a per-head transform (orthonormal bases from random
+    covariances), the dictionary holding it, and the codec: made in a writer's own cache directory, which no reader
+    below sees. (path of the file with its dictionary beside it, dictionary, codec, the cache, the model)"""
+    import numpy as np
+
+    from kvcli.codecs.kvq import KvqCodec
+    from kvcli.codecs.transform import Transforms
+    from kvcli.modeling import inference
+    from kvcli.reuse import pipeline
+
+    lm = tiny_lm("llama")
+    kv = inference.prefill(lm, list(range(3, 203)))
+    rng = np.random.default_rng(5)
+    bases = {}
+    for layer, (k, v) in enumerate(zip(kv.keys, kv.values)):
+        for kind, x in enumerate((k, v)):
+            heads, dim = x.shape[0], x.shape[2]
+            a = rng.standard_normal((heads, dim, dim))
+            bases[(layer, kind)] = np.linalg.eigh(a @ a.transpose(0, 2, 1))[1][:, :, ::-1]  # by decreasing variance
+    transforms = Transforms.from_bases(bases)
+    d = dictionary.parse(dictionary.build(transforms.pack(), lm.identity))
+    codec = KvqCodec(0.5, 4, version=4, transforms=transforms, dictionary=d.sha)
+    written = tmp_path_factory.mktemp("writer") / "doc.kvc"
+    old = os.environ.get("KVCLI_CACHE_DIR")
+    os.environ["KVCLI_CACHE_DIR"] = str(written.parent / "writer-cache")
+    try:
+        dictionary.save_to_cache(d)
+        pipeline.write_cache(str(written), kv, lm.identity, codec, 64)
+    finally:
+        os.environ["KVCLI_CACHE_DIR"] = old
+    return written, d, codec, kv, lm
+
+
+def decoded(src) -> list:
+    with src:
+        header = format.read_header(src)
+        kv = kvfile.decode(src, header)
+    return [t.clone() for t in kv.keys + kv.values]
+
+
+def same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_a_transform_file_decodes_from_every_store_on_a_machine_without_its_dictionary(target, transform_file,
+                                                                                     fresh_cache, cli, token_file,
+                                                                                     tmp_path, request):
+    root, url_of, dicts = target
+    written, d, _, _, _ = transform_file
+    assert (written.parent / d.name).read_bytes() == d.data  # the writer put it beside the file
+    want = decoded(format.FileSource(written))
+    pushed = cli("push", written, root, "--token-file", token_file, "--json")
+    assert pushed.exit_code == 0, pushed.stderr
+    key = json.loads(pushed.stdout)["key"]
+    st = store.open_store(root, token=TOKEN)
+    assert same(decoded(st.open(key)), want) and same(decoded(store.open_ranged(st, key)), want)
+    assert not (fresh_cache / "dicts").exists()  # found in the store, not copied into the reader's cache
+    if url_of(key) is not None:
+        out = tmp_path / "pulled" / "doc.kvc"
+        out.parent.mkdir()
+        assert cli("pull", url_of(key), "-o", out).exit_code == 0
+        verified = cli("verify", out)
+        assert verified.exit_code == 0, verified.stderr
+        assert f"dictionary {d.sha[:16]}… from {out.parent}/dicts/{d.sha}.kvd" in verified.stdout
+        local = remote.LocalCache(tmp_path / "copies")
+        assert same(decoded(remote.open_source(url_of(key), local)), want)
+        assert (local.dir / d.name).read_bytes() == d.data
+        assert same(decoded(remote.open_source(url_of(key), local)), want)  # now from the copy
+    # A store whose dictionary went missing (removed by hand): the reader names it and every place looked in.
+    if isinstance(st, store.DirStore):
+        (st.root / d.name).unlink()
+    elif isinstance(st, store.FsspecStore):
+        st.fs.rm_file(f"{st.prefix}/{d.name}")
+    else:
+        (request.getfixturevalue("server_root") / d.name).unlink()
+    with pytest.raises(dictionary.DictionaryMissing) as err:
+        decoded(store.open_store(root, token=TOKEN).open(key))
+    assert str(err.value) == (f"{st.url_for(key) if not isinstance(st, store.DirStore) else st.path_of(key)}: its "
+                              f"dictionary {d.sha} is missing: looked in {dicts}, {fresh_cache}/dicts, {SHIPPED}")
+    if isinstance(st, store.DirStore):
+        refused = cli("verify", st.path_of(key))
+        assert refused.exit_code == 4 and refused.stderr == f"Error: {err.value}\n"
+
+
+def test_vllm_saves_put_the_dictionary_before_the_first_file(transform_file, tmp_path, fresh_cache, monkeypatch):
+    from kvcli.integrations.vllm.saving import Saver, SaveJob
+    from kvcli.integrations.vllm.stats import Stats
+
+    written, d, codec, kv, lm = transform_file
+    monkeypatch.setenv("KVCLI_CACHE_DIR", str(written.parent / "writer-cache"))  # the engine's machine
+    st = store.DirStore(tmp_path / "saved", create=True)
+    stats = Stats()
+    saver = Saver(st, {"balanced": codec}, lm.identity, "float32", stats, 1)
+    try:
+        stored = saver.save(SaveJob(kv.token_ids, kv.keys, kv.values))
+    finally:
+        saver.close()
+    assert st.read_dictionary(d.sha) == d.data and stats.snapshot()["saved_files_balanced"] == 1
+    monkeypatch.setenv("KVCLI_CACHE_DIR", str(fresh_cache))  # a loading engine elsewhere
+    got = decoded(store.open_ranged(st, stored["balanced"]))
+    assert [t.shape for t in got] == [t.shape for t in kv.keys + kv.values]

@@ -398,14 +398,19 @@ def path_sha(request: Request) -> str:
 async def get_dictionary(request: Request) -> Response:
     check_readable(request)
     sha = path_sha(request)
-    data = await run_in_threadpool(settings_of(request).store.read_dictionary, sha)
+    st = settings_of(request).store
+    headers = {"ETag": f'"{sha}"', "Cache-Control": "public, max-age=31536000, immutable"}
+    if request.method == "HEAD" or none_match(request.headers.get("if-none-match"), headers["ETag"]):
+        size = await run_in_threadpool(st.dictionary_size, sha)
+        if size is None:
+            raise HTTPError(404, f"no dictionary {sha}")
+        if request.method != "HEAD":
+            return Response(status_code=304, headers=headers)
+        return Response(headers={**headers, "Content-Length": str(size)}, media_type="application/octet-stream")
+    data = await run_in_threadpool(st.read_dictionary, sha)
     if data is None:
         raise HTTPError(404, f"no dictionary {sha}")
-    headers = {"ETag": f'"{sha}"', "Cache-Control": "public, max-age=31536000, immutable",
-               "Content-Length": str(len(data))}
-    if none_match(request.headers.get("if-none-match"), headers["ETag"]):
-        return Response(status_code=304, headers=headers)
-    return Response(b"" if request.method == "HEAD" else data, headers=headers, media_type="application/octet-stream")
+    return Response(data, headers=headers, media_type="application/octet-stream")
 
 
 DICT_BODY_BYTES = dictionary.PREAMBLE.size + dictionary.MAX_HEADER_BYTES + dictionary.MAX_PAYLOAD_BYTES

@@ -177,6 +177,9 @@ class DictionaryShelf:
         """The stored bytes of dictionary `sha`, None when the store lacks it (a reader checks them against `sha`)."""
         return self._read_dict(dictionary.check_sha(sha, self.dicts_url))
 
+    def dictionary_size(self, sha: str) -> int | None:
+        return self._dict_size(dictionary.check_sha(sha, self.dicts_url))
+
     def has_dictionary(self, sha: str) -> bool:
         sha = dictionary.check_sha(sha, self.dicts_url)
         if sha in self._dicts_seen:
