@@ -97,7 +97,8 @@ def test_every_store_takes_a_file_only_after_its_dictionary(any_store, request):
         st.put(None, data)
     assert err.value.exit_code == 4 and not st.exists(key)
     if isinstance(st, store.ServerStore):
-        assert str(err.value).endswith(": refused by the server: " + refusal(d.sha, key, f"{server_root_of(request)}/dicts"))
+        where = f"{request.getfixturevalue('server_root')}/dicts"
+        assert str(err.value).endswith(": refused by the server: " + refusal(d.sha, key, where))
     else:
         assert str(err.value) == refusal(d.sha, key, st.dicts_url)
     assert st.put_dictionary(d) is True and st.put_dictionary(d) is False  # idempotent
@@ -117,10 +118,6 @@ def test_every_store_takes_a_file_only_after_its_dictionary(any_store, request):
     if not isinstance(again, store.ServerStore):
         assert listed == [key] and again.rebuild_index()["files"] == 1
         assert again.read_dictionary(d.sha) == d.data
-
-
-def server_root_of(request):
-    return request.getfixturevalue("server_root")
 
 
 def test_an_upload_in_parts_waits_for_its_dictionary_with_its_parts_kept(any_store, request):

@@ -3,9 +3,10 @@
 Reads: GET/HEAD /v1/caches/{key} (Range, ETag = key), listing, lookup, GET/HEAD /v1/dicts/{sha} (a dictionary).
 Writes (--writable, bearer token): PUT validates the whole upload (magic, version, header, every CRC, key against
 content, and that the store has the dictionary the file names) before the store makes it visible atomically;
-PUT /v1/dicts/{sha} takes a dictionary whose bytes hash to its name and parse; DELETE; resumable uploads in parts under /v1/uploads/{key}/{upload}, staged in the store
-itself (kvcli.store), so any replica takes the next part. Plus /healthz, /metrics (Prometheus text) and
-/openapi.json, generated from the same route table (ENDPOINTS) as the routes. docs/server.md.
+PUT /v1/dicts/{sha} takes a dictionary whose bytes hash to its name and parse; DELETE; resumable uploads in parts
+under /v1/uploads/{key}/{upload}, staged in the store itself (kvcli.store), so any replica takes the next part.
+Plus /healthz, /metrics (Prometheus text) and /openapi.json, generated from the same route table (ENDPOINTS) as the
+routes. docs/server.md.
 
 kvcli.storage.serving runs it under uvicorn, with a protocol that bounds what slow clients can hold.
 """
