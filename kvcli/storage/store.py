@@ -1129,9 +1129,12 @@ class ServerStore(DictionaryShelf, index.PrefixLookup):
         self._request("PUT", f"/v1/dicts/{sha}", content=data, headers={"Content-Type": "application/octet-stream"})
 
     def put(self, key: str | None, data: Data) -> str:
-        """Validated here first (a bad file never crosses the network), then validated again by the server."""
+        """Validated here first (a bad file never crosses the network, nor one whose dictionary the server lacks),
+        then validated again by the server."""
         with open_data(data) as src:
-            key = checked_key(key, validate(src), getattr(src, "path", "<upload>"))
+            header = validate(src)
+            key = checked_key(key, header, getattr(src, "path", "<upload>"))
+            self.check_dictionary(header, f"cache {key}")
             response = self._request("PUT", f"/v1/caches/{key}", content=iter_blocks(src),
                                      headers={"Content-Length": str(src.size),
                                               "Content-Type": "application/octet-stream"})
