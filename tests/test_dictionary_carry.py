@@ -382,3 +382,20 @@ def test_vllm_saves_put_the_dictionary_before_the_first_file(transform_file, tmp
     monkeypatch.setenv("KVCLI_CACHE_DIR", str(fresh_cache))  # a loading engine elsewhere
     got = decoded(store.open_ranged(st, stored["balanced"]))
     assert [t.shape for t in got] == [t.shape for t in kv.keys + kv.values]
+
+
+def test_a_self_contained_file_needs_no_dictionary_in_the_store(transform_file, tmp_path, fresh_cache, cli,
+                                                                monkeypatch):
+    from kvcli.reuse import pipeline
+
+    written, d, codec, kv, lm = transform_file
+    alone = tmp_path / "alone.kvc"
+    monkeypatch.setenv("KVCLI_CACHE_DIR", str(written.parent / "writer-cache"))
+    pipeline.write_cache(str(alone), kv, lm.identity, codec, 64, self_contained=True)
+    monkeypatch.setenv("KVCLI_CACHE_DIR", str(fresh_cache))
+    assert not (tmp_path / "dicts").exists()
+    pushed = cli("push", alone, tmp_path / "store", "--json")
+    assert pushed.exit_code == 0, pushed.stderr
+    st = store.open_store(str(tmp_path / "store"))
+    assert not st.has_dictionary(d.sha)
+    assert same(decoded(st.open(json.loads(pushed.stdout)["key"])), decoded(format.FileSource(written)))
