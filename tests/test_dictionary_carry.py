@@ -68,7 +68,7 @@ def server(server_root, token_file):
 
 @pytest.fixture(params=["dir", "s3", "server"])
 def any_store(request, tmp_path):
-    """A fresh store of each kind, and where its dictionaries are: (open it again, its dicts place)."""
+    """Opens a fresh store of each kind (again and again: a new object each call)."""
     name = request.node.name.replace("[", "-").rstrip("]")
     if request.param == "dir":
         return lambda: store.open_store(str(tmp_path / "root"), create=True)
