@@ -399,3 +399,31 @@ def test_a_self_contained_file_needs_no_dictionary_in_the_store(transform_file, 
     st = store.open_store(str(tmp_path / "store"))
     assert not st.has_dictionary(d.sha)
     assert same(decoded(st.open(json.loads(pushed.stdout)["key"])), decoded(format.FileSource(written)))
+
+
+def test_ingest_puts_the_dictionary_in_the_store_before_its_first_file(target, transform_file, fresh_cache,
+                                                                     monkeypatch, request):
+    """prefill --out-dir's (and the Ray path's) engine, over each store kind. Presets do not code with a transform
+    yet (no profile names a dictionary for the tiny model), so the level's options give the test's transform codec."""
+    from dataclasses import dataclass
+
+    from kvcli.reuse import ingest, pipeline
+
+    root, _, _ = target
+    written, d, codec, _, lm = transform_file
+
+    @dataclass(frozen=True)
+    class TransformOptions(pipeline.EncodeOptions):
+        def codec(self, lm):
+            return codec
+
+    monkeypatch.setenv("KVCLI_CACHE_DIR", str(written.parent / "writer-cache"))  # the ingesting machine
+    st = store.open_store(root, token=TOKEN, create=True)
+    text = f"Dictionaries travel first ({request.node.name}). " * 3
+    engine = ingest.Ingest(lm, st, ingest.Settings(TransformOptions("balanced", chunk_tokens=64)))
+    assert st.read_dictionary(d.sha) == d.data  # before any document is read
+    lines = list(engine.run([ingest.record_source({"id": "a", "text": text}, "row 0")]))
+    assert [line["status"] for line in lines] == ["written"], [line["error"] for line in lines]
+    monkeypatch.setenv("KVCLI_CACHE_DIR", str(fresh_cache))  # a reader elsewhere
+    got = decoded(store.open_store(root, token=TOKEN).open(lines[0]["key"]))
+    assert got[0].shape[1] == lines[0]["tokens"]
