@@ -37,6 +37,7 @@ from ..modeling.kvcache import KVCache, to_model_cache
 from ..modeling.models import LoadedModel
 from ..modeling.rope import inv_freq_per_layer
 from ..stdio import write_stderr_text
+from . import bases as bases_
 from . import profiles, quality
 
 COARSE_SCALE = 1.0
@@ -284,16 +285,29 @@ def passes(lm: LoadedModel, texts: int, method: str) -> int:
     return texts * (FISHER_GROUPS + sum(len(b) for b in blocks_per_kind(cfg.num_hidden_layers)))
 
 
+@dataclass
+class Calibration:
+    profile: Profile  # as it is stored (profiles.as_stored): the numbers every later encoder reads
+    details: dict  # how it was measured, for the profile's JSON
+    bases: bases_.Bases | None  # kvq's per-head transform under `profile` (None unless asked)
+
+
 def calibrate(lm: LoadedModel, texts: list[tuple[str, str]], prefix: int = quality.PREFIX_TOKENS,
-              method: str = "fisher", progress=None) -> tuple[Profile, dict]:
+              method: str = "fisher", progress=None, transform: bool = True) -> Calibration:
+    """The profile of `lm` from `texts`, and with `transform` the bases of kvq's per-head transform under it,
+    fitted on the caches the calibration prefilled (each text's prefix, with its attention): the covariance
+    needs the final profile's key weights, so the caches are kept until it is known instead of prefilled again."""
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
     inv_freq = inv_freq_per_layer(lm.model)
     weights = None
     per_doc = []
+    caches = []
     for _, text in texts:
         context, w = prefill_and_key_weights(lm, inference.document_ids(lm, text), prefix)
         kv = context[0]
+        if transform:
+            caches.append(kv)
         weights = w if weights is None else [a + b for a, b in zip(weights, w)] if w else None
         # The presets' token alpha, so that the probe weighs tokens as the encoder will.
         probe = KvqCodec(COARSE_SCALE, profile=Profile("probe", np.ones((kv.num_layers, 2)), w), inv_freq=inv_freq,
@@ -307,14 +321,20 @@ def calibrate(lm: LoadedModel, texts: list[tuple[str, str]], prefix: int = quali
             per_doc.append(scale_to_blocks(predicted, block_kl(lm, reference, coarse, blocks, progress), blocks))
     if weights is not None:
         weights = [w / len(texts) for w in weights]
-    profile = Profile(f"{lm.name}", np.mean(per_doc, axis=0), weights)
+    profile = profiles.as_stored(Profile(f"{lm.name}", np.mean(per_doc, axis=0), weights))
     details = {"texts": [name for name, _ in texts], "prefix_tokens": prefix, "method": method,
                "continuation_tokens": quality.CONTINUATION_TOKENS, "coarse_scale": COARSE_SCALE,
                "coarse_token_alpha": DEFAULT_TOKEN_ALPHA}
     if method == "fisher":
         details.update(fisher_groups=FISHER_GROUPS, key_layers_alone=KEY_LAYERS_ALONE, key_blocks=KEY_BLOCKS,
                        value_blocks=VALUE_BLOCKS, seed=SEED)
-    return profile, details
+    if not transform:
+        return Calibration(profile, details, None)
+    moments = bases_.Moments()
+    codec = bases_.codec_for(lm, profile)
+    while caches:  # each cache freed once counted
+        moments.add(codec, caches.pop(0))
+    return Calibration(profile, details, moments.bases())
 
 
 def find_or_calibrate(lm: LoadedModel) -> Profile | None:
@@ -324,8 +344,8 @@ def find_or_calibrate(lm: LoadedModel) -> Profile | None:
     if found is not None or not profiles.auto_calibrate():
         return found
     t0 = time.perf_counter()
-    profile, details = calibrate(lm, default_texts())
-    path = profiles.save(profile, lm.identity, details)
+    result = calibrate(lm, default_texts())
+    path = profiles.save(result.profile, lm.identity, result.details)
     write_stderr_text(f"kvcli: calibrated {lm.name} for lossy presets in {time.perf_counter() - t0:.0f} s, once: "
                       f"stored in {path} (set {profiles.AUTO_CALIBRATE_ENV}=0 to skip)\n")
     return profiles.load(path)  # as stored: rounded, as every later run will read it

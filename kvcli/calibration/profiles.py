@@ -40,14 +40,27 @@ def user_dir() -> Path:
     return identity.cache_root() / "profiles"
 
 
+def _numbers(profile: Profile) -> dict:
+    """The profile's numbers as JSON stores them: rounded."""
+    return {"sensitivity": np.round(profile.sensitivity, 9).tolist(),
+            "key_weights": [np.round(w, 6).tolist() for w in profile.key_weights] if profile.key_weights else None}
+
+
+def as_stored(profile: Profile) -> Profile:
+    """The profile as a later run will read it back from its JSON (what its digest and a transform fitted under
+    it must describe)."""
+    numbers = _numbers(profile)
+    return Profile(profile.name, np.asarray(numbers["sensitivity"], dtype=np.float64),
+                   [np.asarray(w, dtype=np.float64) for w in numbers["key_weights"]] if numbers["key_weights"] else None)
+
+
 def to_json(profile: Profile, model_identity: dict, details: dict) -> dict:
     return {
         "format": PROFILE_FORMAT,
         "version": PROFILE_VERSION,
         "name": profile.name,
         "model": {k: model_identity[k] for k in ("architecture", "name", "config_digest", "weights_digest")},
-        "sensitivity": np.round(profile.sensitivity, 9).tolist(),
-        "key_weights": [np.round(w, 6).tolist() for w in profile.key_weights] if profile.key_weights else None,
+        **_numbers(profile),
         **details,
     }
 

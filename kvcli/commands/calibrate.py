@@ -40,8 +40,9 @@ def calibrate(
     with Progress(console=stderr_console(), transient=True, redirect_stdout=False,
                   disable=not is_terminal(sys.stderr)) as bar:
         task = bar.add_task("calibrating", total=calib.passes(lm, len(texts), method))
-        profile, details = calib.calibrate(lm, texts, method=method, progress=lambda: bar.advance(task))
-    path = profiles.save(profile, lm.identity, details, Path(out) if out else None)
+        result = calib.calibrate(lm, texts, method=method, progress=lambda: bar.advance(task))
+    details = result.details
+    path = profiles.save(result.profile, lm.identity, details, Path(out) if out else None)
     profile = profiles.load(path)  # as stored: the digest must describe the rounded numbers the codec will use
     s = profile.sensitivity
     summary = {"profile": str(path), "name": profile.name, "digest": profile.digest(), "layers": layers,

@@ -1,0 +1,109 @@
+"""kvq's per-head transform learned by calibration (kvcli/calibration/bases.py, issue 20)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from kvcli.codecs.kvq import Profile
+
+from kvcli.calibration import bases, calibrate
+from kvcli.modeling import inference
+
+TEXT = ("Calibration measures which layers of a model are sensitive to errors in the cached keys and values. "
+        "Every layer is probed on its own, with coarse quantization, and the change in the next-token "
+        "distribution is recorded. ") * 6
+OTHER = ("def merge(left, right):\n    out = []\n    while left and right:\n        out.append(left.pop(0) if "
+         "left[0] < right[0] else right.pop(0))\n    return out + left + right\n\n") * 8
+
+
+def _profile(layers: int, heads: int, dim: int, seed: int = 0, flat_keys: bool = False) -> Profile:
+    rng = np.random.default_rng(seed)
+    weights = None if flat_keys else [rng.uniform(0.05, 20.0, (heads, dim)) for _ in range(layers)]
+    return Profile("test", rng.uniform(0.01, 1.0, (layers, 2, heads)), weights)
+
+
+def _covariances(lm, profile, text, prefix=300):
+    """Per (layer, kind): per head the second moment of the codec's unit-step values on `text`."""
+    moments = bases.Moments()
+    kv = calibrate.quality.context(lm, inference.document_ids(lm, text), prefix)[0]
+    moments.add(bases.codec_for(lm, profile), kv)
+    return {key: (total / moments.counts[key]).numpy() for key, total in moments.sums.items()}
+
+
+def _off_diagonal(c: np.ndarray) -> float:
+    """Energy off the diagonal relative to the whole, over the heads of a (heads, D, D) stack."""
+    return float(sum((m**2).sum() - (np.diag(m) ** 2).sum() for m in c) / sum((m**2).sum() for m in c))
+
+
+def test_unit_space_is_where_the_codec_rounds(tiny_lm):
+    """The space the bases are fitted in is the encoder's: rounding it gives the codec's own integers (keys
+    pre-RoPE, the profile's key weights, the token weights from attention)."""
+    lm = tiny_lm("llama")
+    profile = _profile(4, 2, 16)
+    codec = bases.codec_for(lm, profile)
+    kv = calibrate.quality.context(lm, inference.document_ids(lm, TEXT), 300)[0]
+    assert kv.attention is not None
+    for layer in (0, 3):
+        for kind, x in enumerate((kv.keys[layer], kv.values[layer])):
+            u = bases.unit_space(codec, x, layer, kind, kv.token_start(layer), kv.attention[layer])
+            _, q, weights, _ = codec._fit_one(x, layer, kind, kv.token_start(layer), kv.attention[layer], tables=False)
+            assert weights is not None and u.shape == q.shape and u.abs().max() > 4
+            differ = torch.round(u) != q.double()
+            # float64 here against the codec's float32: only values within float32 rounding of a half may differ
+            assert differ.float().mean() < 1e-3 and ((u[differ].abs() % 1) - 0.5).abs().le(1e-4).all()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_bases_are_orthonormal_by_decreasing_variance_and_decorrelate(tiny_lm, arch):
+    lm = tiny_lm(arch)
+    cfg = lm.model.config.get_text_config(decoder=True)
+    heads, dim = cfg.num_key_value_heads, cfg.head_dim
+    profile = _profile(cfg.num_hidden_layers, heads, dim)
+    learned = bases.learn_bases(lm, profile, [("a", TEXT), ("b", OTHER)], prefix=300)
+    assert sorted(learned) == [(layer, kind) for layer in range(cfg.num_hidden_layers) for kind in (0, 1)]
+    fitted = _covariances(lm, profile, TEXT)
+    other = _covariances(lm, profile, OTHER)
+    shrink = []
+    for key, (b, var) in learned.items():
+        assert b.shape == (heads, dim, dim) and var.shape == (heads, dim) and b.dtype == var.dtype == np.float64
+        assert np.allclose(b.transpose(0, 2, 1) @ b, np.eye(dim), atol=1e-10)
+        assert (np.diff(var, axis=1) <= 0).all() and (var >= 0).all() and var[:, 0].min() > 0
+        rows = np.abs(b).argmax(axis=1)  # each column's sign is fixed: its largest entry is positive
+        assert (np.take_along_axis(b, rows[:, None, :], axis=1) > 0).all()
+        # Both texts' second moments together are diagonal in the basis, with the variances on the diagonal
+        # (the texts hold about as many tokens each); each text's alone is much closer to diagonal than it was
+        # (measured 0.04-0.50 of the off-diagonal energy, 0.25 on average).
+        rotated = b.transpose(0, 2, 1) @ ((fitted[key] + other[key]) / 2) @ b
+        assert _off_diagonal(rotated) < 0.01 and np.allclose(np.diagonal(rotated, axis1=1, axis2=2), var, rtol=0.2)
+        shrink += [_off_diagonal(b.transpose(0, 2, 1) @ c @ b) / _off_diagonal(c) for c in (fitted[key], other[key])]
+    assert max(shrink) < 0.65 and np.mean(shrink) < 0.35
+
+
+def test_bases_follow_the_profiles_key_weights(tiny_lm):
+    """Key weights rescale channels, which turns the eigenvectors: a basis fitted without them leaves the
+    weighted space's keys correlated, while values (no per-channel weights) get the same basis."""
+    lm = tiny_lm("llama")
+    weighted, flat = _profile(4, 2, 16), _profile(4, 2, 16, flat_keys=True)
+    texts = [("a", TEXT)]
+    mine, theirs = bases.learn_bases(lm, weighted, texts, 300), bases.learn_bases(lm, flat, texts, 300)
+    cov = _covariances(lm, weighted, TEXT)
+    for layer in range(4):
+        keys = cov[(layer, 0)]
+        right = _off_diagonal(mine[(layer, 0)][0].transpose(0, 2, 1) @ keys @ mine[(layer, 0)][0])
+        wrong = _off_diagonal(theirs[(layer, 0)][0].transpose(0, 2, 1) @ keys @ theirs[(layer, 0)][0])
+        assert right < 1e-12 and wrong > 1e-3, (right, wrong)
+        assert np.allclose(np.abs(mine[(layer, 1)][0]), np.abs(theirs[(layer, 1)][0]), atol=1e-6)
+
+
+def test_calibrate_fits_the_transform_on_its_own_caches(tiny_lm):
+    """calibrate() learns the bases from the caches it prefilled, under the profile it made (as stored): the
+    same numbers as learn_bases running its own prefills."""
+    lm = tiny_lm("qwen2")
+    texts = [("a", TEXT * 2), ("b", OTHER * 2)]
+    result = calibrate.calibrate(lm, texts, prefix=300)
+    again = bases.learn_bases(lm, result.profile, texts, 300)
+    assert sorted(result.bases) == sorted(again)
+    for key, (b, var) in result.bases.items():
+        assert np.allclose(b, again[key][0], atol=1e-8) and np.allclose(var, again[key][1], rtol=1e-8)
+    assert calibrate.calibrate(lm, texts[:1], prefix=300, transform=False).bases is None
