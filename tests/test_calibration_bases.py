@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
 from kvcli.codecs.kvq import Profile
 
-from kvcli.calibration import bases, calibrate
+from kvcli.calibration import bases, calibrate, profiles
+from kvcli.container import dictionary
 from kvcli.modeling import inference
 
 TEXT = ("Calibration measures which layers of a model are sensitive to errors in the cached keys and values. "
@@ -107,3 +111,82 @@ def test_calibrate_fits_the_transform_on_its_own_caches(tiny_lm):
     for key, (b, var) in result.bases.items():
         assert np.allclose(b, again[key][0], atol=1e-8) and np.allclose(var, again[key][1], rtol=1e-8)
     assert calibrate.calibrate(lm, texts[:1], prefix=300, transform=False).bases is None
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVCLI_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _calibrate(cli, model_dir, tmp_path, *extra):
+    doc = tmp_path / "calib.txt"
+    doc.write_text(TEXT * 2)
+    result = cli("calibrate", "--model", model_dir, "--text", doc, "--json", *extra)
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_calibrate_writes_the_dictionary_its_profile_names(cli, tiny_lm, tiny_model_dir, cache_dir, tmp_path):
+    from kvcli.codecs.transform import SCALE_BITS, Transforms
+
+    lm = tiny_lm("llama")
+    summary = _calibrate(cli, tiny_model_dir("llama"), tmp_path)
+    sha = summary["dictionary"]
+    stored = profiles.lookup(lm.identity)
+    assert stored is not None and stored.dictionary == sha and not stored.shipped
+    assert json.loads(next((cache_dir / "profiles").glob("*.json")).read_text())["dictionary"] == sha
+    assert [p.name for p in (cache_dir / dictionary.DICT_DIR).iterdir()] == [f"{sha}.kvd"]
+    found = dictionary.find(sha, dictionary.own_places(), "test")
+    dictionary.check_model(found, lm.identity, "test")
+    matrices = Transforms.unpack(found.payload).matrices
+    assert sorted(matrices) == [(layer, kind) for layer in range(4) for kind in (0, 1)]
+    # The profile's transform: the bases learn_bases fits under it on the same text, as int16 matrices.
+    learned = bases.learn_bases(lm, stored.profile, [("calib.txt", TEXT * 2)])
+    for key, m in matrices.items():
+        assert m.shape == (2, 16, 16) and np.abs(m / 2**SCALE_BITS - learned[key][0]).max() <= 2**-SCALE_BITS
+    # Without the transform: no dictionary, and the profile names none.
+    shutil.rmtree(cache_dir)
+    assert _calibrate(cli, tiny_model_dir("llama"), tmp_path, "--no-transform")["dictionary"] is None
+    assert profiles.lookup(lm.identity).dictionary is None and not (cache_dir / dictionary.DICT_DIR).exists()
+
+
+def test_a_missing_dictionary_is_learned_again_or_refused(cli, tiny_lm, tiny_model_dir, cache_dir, tmp_path,
+                                                        monkeypatch, capsys, doc_file):
+    """A profile naming a dictionary that is gone: with automatic calibration on, its transform is learned again
+    from the stored profile (on the bundled texts); with it off, encoding refuses, naming the dictionary and
+    where it looked (exit 4)."""
+    lm = tiny_lm("llama")
+    sha = _calibrate(cli, tiny_model_dir("llama"), tmp_path)["dictionary"]
+    path = cache_dir / dictionary.name_of(sha)
+    path.unlink()
+    monkeypatch.setenv("KVCLI_AUTO_CALIBRATE", "0")
+    with pytest.raises(dictionary.DictionaryMissing, match=sha):
+        calibrate.calibration_for(lm)
+    result = cli("prefill", doc_file, "-o", tmp_path / "x.kvc", "--model", tiny_model_dir("llama"), "-q", "small")
+    assert result.exit_code == 4 and not (tmp_path / "x.kvc").exists()
+    assert result.stderr.startswith("Error: profile ") and sha in result.stderr
+    assert str(cache_dir / dictionary.DICT_DIR) in result.stderr and "kvcli's shipped dictionaries" in result.stderr
+    monkeypatch.setenv("KVCLI_AUTO_CALIBRATE", "1")
+    capsys.readouterr()
+    stored = calibrate.calibration_for(lm)
+    assert "dictionary of" in capsys.readouterr().err and stored.dictionary is not None
+    relearned = dictionary.find(stored.dictionary, dictionary.own_places(), "test")
+    assert relearned.where.startswith(str(cache_dir))
+    assert profiles.lookup(lm.identity).dictionary == stored.dictionary  # the profile names what was written
+    again = calibrate.calibration_for(lm)
+    assert (again.dictionary, again.where) == (stored.dictionary, stored.where)
+    assert "dictionary of" not in capsys.readouterr().err  # learned once
+
+
+def test_the_shipped_profile_names_its_shipped_dictionary(default_lm):
+    """The default model's transform ships with kvcli (scripts/ship-dictionary.py made it from the shipped
+    profile), so its files decode on any machine."""
+    from kvcli.codecs.transform import Transforms
+
+    stored = profiles.lookup(default_lm.identity)
+    assert stored.shipped and stored.dictionary is not None
+    found = dictionary.find(stored.dictionary, [dictionary.ShippedPlace()], "test")
+    dictionary.check_model(found, default_lm.identity, "test")
+    matrices = Transforms.unpack(found.payload).matrices
+    assert len(matrices) == 60 and all(m.shape == (3, 64, 64) for m in matrices.values())

@@ -19,7 +19,8 @@ import torch
 
 from ..codecs.kvq import KvqCodec, Profile
 from ..codecs.kvq_ops import quantize
-from ..codecs.presets import LOSSY_SCALES, make_codec
+from ..codecs.presets import make_codec
+from ..container import dictionary
 from ..modeling import inference
 from ..modeling.kvcache import KVCache
 from ..modeling.models import LoadedModel
@@ -96,3 +97,12 @@ def learn_bases(lm: LoadedModel, profile: Profile, texts: list[tuple[str, str]],
         if progress:
             progress()
     return moments.bases()
+
+
+def to_dictionary(learned: Bases, model_identity: dict) -> dictionary.Dictionary:
+    """The dictionary file holding the transform (codecs/transform.py: the bases as int16 matrices)."""
+    from ..codecs.transform import Transforms
+
+    payload = Transforms.from_bases({key: b for key, (b, _) in learned.items()}).pack()
+    data = dictionary.build(payload, model_identity)
+    return dictionary.parse(data, dictionary.sha_of(data), "the learned transform")

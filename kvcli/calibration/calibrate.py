@@ -27,11 +27,13 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..codecs.kvq import DEFAULT_TOKEN_ALPHA, KvqCodec, Profile
+from ..container import dictionary
 from ..modeling import inference
 from ..modeling.kvcache import KVCache, to_model_cache
 from ..modeling.models import LoadedModel
@@ -337,15 +339,58 @@ def calibrate(lm: LoadedModel, texts: list[tuple[str, str]], prefix: int = quali
     return Calibration(profile, details, moments.bases())
 
 
-def find_or_calibrate(lm: LoadedModel) -> Profile | None:
-    """The model's stored profile; without one, calibrate now (once: the profile is stored under the user's
-    profile directory, keyed by the model's identity), unless automatic calibration is turned off."""
-    found = profiles.find(lm.identity)
-    if found is not None or not profiles.auto_calibrate():
-        return found
+def store(lm: LoadedModel, result: Calibration, path=None) -> Path:
+    """Store a calibration: the transform's dictionary in the user's cache first, then the profile naming it (at
+    `path`, or in the user's profile directory), so that no profile names a dictionary not yet written."""
+    sha = None
+    if result.bases is not None:
+        found = bases_.to_dictionary(result.bases, lm.identity)
+        dictionary.save_to_cache(found)
+        sha = found.sha
+    return profiles.save(result.profile, lm.identity, result.details, path, sha)
+
+
+def calibration_for(lm: LoadedModel) -> profiles.Stored | None:
+    """The model's stored profile and the dictionary it names; without a profile, calibrate now (once: stored
+    under the user's directories, keyed by the model's identity), unless automatic calibration is turned off.
+
+    A profile naming a dictionary that none of this machine's places holds (the user's cache emptied, say) has
+    its transform learned again from the profile (a prefill per calibration text) where automatic calibration
+    is on; otherwise it is refused with DictionaryMissing (exit 4), as is a shipped profile's (kvcli ships both)."""
+    stored = profiles.lookup(lm.identity)
+    if stored is None:
+        if not profiles.auto_calibrate():
+            return None
+        t0 = time.perf_counter()
+        path = store(lm, calibrate(lm, default_texts()))
+        write_stderr_text(f"kvcli: calibrated {lm.name} for lossy presets in {time.perf_counter() - t0:.0f} s, once: "
+                          f"stored in {path} (set {profiles.AUTO_CALIBRATE_ENV}=0 to skip)\n")
+        return profiles.read(path)  # as stored: rounded, as every later run will read it
+    if stored.dictionary is None or _holds(stored.dictionary):
+        return stored
+    if stored.shipped or not profiles.auto_calibrate():
+        raise dictionary.DictionaryMissing(
+            stored.dictionary, f"profile {stored.where} (`kvcli calibrate` learns it again)",
+            [place.where for place in dictionary.own_places()])
     t0 = time.perf_counter()
-    result = calibrate(lm, default_texts())
-    path = profiles.save(result.profile, lm.identity, result.details)
-    write_stderr_text(f"kvcli: calibrated {lm.name} for lossy presets in {time.perf_counter() - t0:.0f} s, once: "
-                      f"stored in {path} (set {profiles.AUTO_CALIBRATE_ENV}=0 to skip)\n")
-    return profiles.load(path)  # as stored: rounded, as every later run will read it
+    found = bases_.to_dictionary(bases_.learn_bases(lm, stored.profile, default_texts()), lm.identity)
+    dictionary.save_to_cache(found)
+    if found.sha != stored.dictionary:
+        profiles.set_dictionary(Path(stored.where), found.sha)
+    write_stderr_text(f"kvcli: the transform dictionary of {stored.where} was missing: learned it again in "
+                      f"{time.perf_counter() - t0:.0f} s, stored in {dictionary.cache_place().where}\n")
+    return profiles.read(Path(stored.where))
+
+
+def _holds(sha: str) -> bool:
+    try:
+        dictionary.find(sha, dictionary.own_places(), "")
+        return True
+    except dictionary.DictionaryMissing:
+        return False
+
+
+def find_or_calibrate(lm: LoadedModel) -> Profile | None:
+    """calibration_for's profile."""
+    stored = calibration_for(lm)
+    return None if stored is None else stored.profile
