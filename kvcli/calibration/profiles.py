@@ -6,6 +6,10 @@ weights digests (docs/format.md, "Model identity"), so a re-saved or resharded c
 profile. With none found, the first lossy encode calibrates the model (kvcli.calibration.calibrate.find_or_calibrate) and
 stores the result in the user's directory; with KVCLI_AUTO_CALIBRATE=0 it falls back to uniform steps instead
 (docs/codec.md, "Calibration and profiles").
+
+A profile may name a dictionary (`"dictionary"`: its SHA-256): kvq's per-head transform learned under the profile,
+kept in the user's cache (kvcli/container/dictionary.py), or for a shipped profile shipped beside it in
+profiles/dicts/.
 """
 
 from __future__ import annotations
