@@ -33,6 +33,8 @@ from . import entropy
 from .base import (ITEMSIZE, Codec, CodecError, Decoder, Encoder, SegmentContext, bytes_to_tensor, check_backend,
                    tensor_bytes, unzstd)
 from .kvq_ops import dequantize, quantize
+from .kvq_ops import transform as transform_ops
+from .transform import MAX_COMPONENT, Transforms
 
 # Written unless asked otherwise. Version 4 (make_codec(version=4)) is 5% smaller, but decodes 1.5-1.8x slower per
 # element on CPU (docs/codec.md, "Version 4"): it becomes the default when it decodes as fast as version 3.
@@ -113,11 +115,12 @@ class KvqCodec(Codec):
     max_expansion = 4096.0
     PARAMS = {"version": ((int,), True), "scale": ((int, float), True), "sinks": ((int,), True),
               "quality": ((str,), False), "step_scale": ((int, float), False), "profile": ((str,), False),
-              "token_alpha": ((int, float), False)}
+              "token_alpha": ((int, float), False), "dictionary": ((str,), False)}
 
     def __init__(self, scale: float, sinks: int = DEFAULT_SINKS, profile: Profile | None = None,
                  inv_freq: list[np.ndarray | None] | None = None, meta: dict | None = None,
-                 token_alpha: float = DEFAULT_TOKEN_ALPHA, version: int = FORMAT_VERSION):
+                 token_alpha: float = DEFAULT_TOKEN_ALPHA, version: int = FORMAT_VERSION,
+                 transforms: Transforms | None = None, dictionary: str | None = None):
         if not (math.isfinite(scale) and scale > 0):
             raise CodecError(f"kvq step scale must be finite and positive, got {scale}")
         if not 0 <= sinks <= 1 << 22:
@@ -133,18 +136,36 @@ class KvqCodec(Codec):
         self.profile = profile
         self.inv_freq = inv_freq  # per layer (head_dim / 2,) float32, None where keys are coded as they are
         self.meta = dict(meta or {})
+        # The SHA-256 of the dictionary file that holds the transform (kvcli/container/dictionary.py), and the
+        # transform itself: given to an encoder, attached to a decoder's codec by the container (attach).
+        self.dictionary = _check_dictionary(dictionary, version) if dictionary is not None else None
+        if transforms is not None and self.dictionary is None:
+            raise CodecError("a kvq transform needs the SHA-256 of its dictionary, which the file names")
+        self.transforms = transforms
 
     def params(self) -> dict:
-        return {"version": self.version, "scale": self.scale, "sinks": self.sinks, **self.meta}
+        named = {"dictionary": self.dictionary} if self.dictionary is not None else {}
+        return {"version": self.version, "scale": self.scale, "sinks": self.sinks, **self.meta, **named}
+
+    def attach(self, transforms: Transforms) -> "KvqCodec":
+        """Give a codec read from a header the transform of the dictionary it names, before open."""
+        if self.dictionary is None:
+            raise CodecError("this kvq file names no dictionary: it takes no transform")
+        if not isinstance(transforms, Transforms):
+            raise TypeError(f"attach takes Transforms, not {type(transforms).__name__}")
+        self.transforms = transforms
+        return self
 
     @classmethod
     def _from_checked(cls, params: dict) -> "KvqCodec":
         if params["version"] not in READABLE_VERSIONS:
             raise CodecError(f"kvq bitstream version {params['version']} is not supported (this build reads "
                              f"versions {', '.join(map(str, READABLE_VERSIONS))}); re-create the file with this kvcli")
-        meta = {k: v for k, v in params.items() if k not in ("version", "scale", "sinks")}
+        meta = {k: v for k, v in params.items() if k not in ("version", "scale", "sinks", "dictionary")}
         codec = cls(float(params["scale"]), params["sinks"], meta=meta)
         codec.version = params["version"]  # set here: version 2 is read, never written
+        if "dictionary" in params:
+            codec.dictionary = _check_dictionary(params["dictionary"], codec.version)
         return codec
 
     # ------------------------------------------------------------ quantization space
@@ -173,8 +194,9 @@ class KvqCodec(Codec):
     def _fit_layer(self, body: torch.Tensor, layer: int, kind: int,
                    token_factor: torch.Tensor | None = None) -> tuple[LayerPlan, torch.Tensor]:
         """The plan of one layer's K or V body (heads, dim, tokens) in the quantization space, and its integers
-        (same shape; int16 where every one fits, else int32), which the classes are measured on; token_factor
-        (heads, tokens) scales each token's steps. CodecError for non-finite or too large values."""
+        (same shape; int16 where every one fits, else int32; with a transform, per component), which the classes
+        are measured on; token_factor (heads, tokens) scales each token's steps. CodecError for non-finite or too
+        large values."""
         heads, dim, tokens = body.shape
         if tokens == 0:
             ones = np.ones((heads, dim), dtype=np.float16)
@@ -197,9 +219,17 @@ class KvqCodec(Codec):
             w = torch.from_numpy(np.asarray(self.profile.key_weights[layer], dtype=np.float64)).clamp_min(1e-12)
             w = w / w.log().mean().exp()
             step = step * w.pow(-0.5).float().clamp(1 / 16, 16)
-        # No channel needs more than MAX_LEVEL steps from its center: escapes stay far inside int32.
+        # No channel needs more than MAX_LEVEL steps from its center: escapes stay far inside int32. With a
+        # transform no component may reach MAX_COMPONENT: a component sums at most `gain` times a channel's largest
+        # unit value, so channels stay within half of MAX_COMPONENT / gain (the half for the steps' float16 rounding).
         finest = token_factor.min(dim=1).values[:, None] if token_factor is not None and tokens else 1.0
-        floor = spread / (MAX_LEVEL * finest)
+        key = (layer, kind)
+        transformed = self.transforms is not None and key in self.transforms.matrices
+        if transformed:
+            gain = torch.from_numpy(self.transforms.gain(key)).float()[:, None]
+            floor = spread * gain / (MAX_COMPONENT / 2 * finest)
+        else:
+            floor = spread / (MAX_LEVEL * finest)
         if (floor > MAX_STEP).any():
             if token_factor is not None:
                 raise _TooFine()
@@ -207,7 +237,12 @@ class KvqCodec(Codec):
                              f"their channel mean are beyond kvq's range ({MAX_STEP * MAX_LEVEL:.3g}); use lossless")
         # float16 rounding may shave 2^-11 off a floored step: |q| stays below 2^31 all the same.
         step = torch.maximum(step.clamp(MIN_STEP, 60000), floor).to(torch.float16).float()
-        q, classes = quantize.quantize_classes(body, center, step, token_factor)
+        if transformed:
+            q = quantize.narrow(transform_ops.quantize_components(body, center, step, token_factor,
+                                                                  self.transforms.inverse(key)))
+            classes = entropy.classes_of(q.numpy())
+        else:
+            q, classes = quantize.quantize_classes(body, center, step, token_factor)
         return LayerPlan(center.numpy().astype(np.float16), step.numpy().astype(np.float16), classes), q
 
     def _skip(self, tokens: int, token_start: int) -> int:
@@ -226,6 +261,8 @@ class KvqCodec(Codec):
                                             attention if self.token_alpha > 0 else None, tables=False)
         skip = self._skip(x.shape[1], token_start)
         factor = weights.factors(token_start + skip, x.shape[1] - skip) if weights is not None else None
+        if self.transforms is not None and (layer, kind) in self.transforms.matrices:
+            q = transform_ops.untransform_ref(q.int(), torch.from_numpy(self.transforms.matrices[(layer, kind)]))
         approx = dequantize.dequantize_rotate_ref(q, _t(plan.center), _t(plan.step),
                                                   self._freq(layer, kind, x.shape[2]), token_start + skip, factor)
         return torch.cat([x[:, :skip].cpu(), approx.transpose(1, 2).to(x.dtype)], 1).to(x.device)
@@ -239,6 +276,8 @@ class KvqCodec(Codec):
         quantizes the others where they live. With `attention` (per layer (kv_heads, held),
         kvcli/modeling/importance.py) and a token alpha above 0, token weights too."""
         check_backend(backend)
+        self._check_transforms({(layer, kind): (x.shape[0], x.shape[2]) for layer in range(len(token_starts))
+                                for kind, x in enumerate((keys[layer], values[layer]))})
         jobs = [(layer, kind) for layer in range(len(token_starts)) for kind in range(2)]
 
         def fit_one(job: tuple[int, int]):
@@ -268,7 +307,19 @@ class KvqCodec(Codec):
             for (cls, _), n in counts.items():
                 pooled[cls] = pooled[cls] + n if cls in pooled else n.copy()
             counts = {key: n if n.any() else pooled[key[0]] for key, n in counts.items()}
-        return KvqEncoder(self, plans, entropy.tables_of(counts), inv_freq, tokens, fitted, backend)
+        return KvqEncoder(self, plans, entropy.tables_of(counts), inv_freq, tokens, fitted, backend, self.transforms)
+
+    def _check_transforms(self, shapes: dict[tuple[int, int], tuple[int, int]]) -> None:
+        """CodecError unless a codec that names a dictionary has its transform, and every matrix fits the (heads,
+        dim) of its layer and kind in `shapes` (the cache's, or the file's plans)."""
+        if self.dictionary is None:
+            return
+        if self.transforms is None:
+            raise CodecError(f"the file needs dictionary {self.dictionary}, and none was attached")
+        for (layer, kind), m in self.transforms.matrices.items():
+            if shapes.get((layer, kind)) != m.shape[:2]:
+                raise CodecError(f"the transform of layer {layer} {KINDS[kind].upper()} has (heads, dim) "
+                                 f"{m.shape[:2]}, the cache {shapes.get((layer, kind), 'no such layer')}")
 
     def _fit_one(self, x: torch.Tensor, layer: int, kind: int, start: int, attention: torch.Tensor | None,
                  tables: bool = True):
@@ -326,7 +377,8 @@ class KvqCodec(Codec):
         if len(plans) != 2 * layers:  # a plan for a layer the file does not have would be read and never used
             raise CodecError(f"kvq.plan has {len(plans) // 2} layers, the header {layers}")
         tokens = unpack_tokens(unzstd(aux["kvq.tokens"], AUX_LIMIT), plans) if "kvq.tokens" in aux else {}
-        return KvqDecoder(self, plans, tables, inv_freq, tokens, backend)
+        self._check_transforms({key: p.center.shape for key, p in plans.items()})
+        return KvqDecoder(self, plans, tables, inv_freq, tokens, backend, self.transforms)
 
 
 class _TooFine(Exception):
@@ -353,12 +405,15 @@ class TokenWeights:
 
 class _Planned:
     """What encoder and decoder share: the codec, per-(layer, kind) plans, entropy tables, rotary frequencies,
-    token weights, and the backend they were built for (base.BACKENDS)."""
+    token weights, the transform's matrices by (layer, kind) (int16 tensors; none without a transform), and the
+    backend they were built for (base.BACKENDS)."""
 
     def __init__(self, codec: KvqCodec, plans: dict[tuple[int, int], LayerPlan], tables: entropy.ClassTables,
                  inv_freq: list[np.ndarray | None], tokens: dict[tuple[int, int], TokenWeights] | None = None,
-                 backend: str = "torch"):
+                 backend: str = "torch", transforms: Transforms | None = None):
         self.codec = codec
+        self.transforms = transforms
+        self._matrices = {key: torch.from_numpy(m) for key, m in transforms.matrices.items()} if transforms else {}
         self.backend = backend
         self.tokens = tokens or {}
         self.plans = plans
@@ -437,8 +492,9 @@ class KvqEncoder(_Planned, Encoder):
 
     def __init__(self, codec: KvqCodec, plans: dict[tuple[int, int], LayerPlan], tables: entropy.ClassTables,
                  inv_freq: list[np.ndarray | None], tokens: dict[tuple[int, int], TokenWeights] | None = None,
-                 fitted: dict[tuple[int, int], Fitted] | None = None, backend: str = "torch"):
-        super().__init__(codec, plans, tables, inv_freq, tokens, backend)
+                 fitted: dict[tuple[int, int], Fitted] | None = None, backend: str = "torch",
+                 transforms: Transforms | None = None):
+        super().__init__(codec, plans, tables, inv_freq, tokens, backend, transforms)
         self.fitted = fitted or {}
         self._layouts: dict = {}  # entropy.Layout by (layer, kind, non-sink tokens); threads compute the same
         tables.reciprocals  # computed once here rather than by both coding threads
@@ -488,7 +544,11 @@ class KvqEncoder(_Planned, Encoder):
         q = fitted.rows(x, ctx.token_start, skip) if fitted is not None else None
         if q is None:
             factor = self._token_factors(ctx, skip)
-        if q is None and self.backend == "triton":
+        if q is None and (ctx.layer, kind) in self._matrices:  # on the CPU, in float64, with either backend
+            body = quantize.to_channels(x[:, skip:].cpu(), self._freq(ctx.layer, kind), ctx.token_start + skip)
+            inverse = self.transforms.inverse((ctx.layer, kind))
+            q = transform_ops.quantize_components(body, center, step, factor, inverse)
+        elif q is None and self.backend == "triton":
             from .kvq_ops.quantize_triton import quantize_unrotate  # needs triton; imported only when asked for
 
             q = quantize_unrotate(x[:, skip:], center, step, self._freq(ctx.layer, kind), ctx.token_start + skip,
@@ -513,10 +573,12 @@ class KvqDecoder(_Planned, Decoder):
 
     def __init__(self, *args):
         super().__init__(*args)
-        self.on_device = self.backend == "triton"
+        # A transformed file decodes on a device through entropy() and reconstruct()'s torch form.
+        self.on_device = self.backend == "triton" and not self._matrices
         self._segments: dict = {}  # _segment's results by layout; every thread computes the same values
         self._layouts: dict = {}  # entropy.Layout by (layer, kind, non-sink tokens), likewise
         self._host = {key: (c.numpy().reshape(-1), st.numpy().reshape(-1)) for key, (c, st) in self._tensors.items()}
+        self._blas = {key: transform_ops.Matrices(m.numpy()) for key, m in self._matrices.items()}
         self._device_states: dict = {}  # per device: tables and layouts on it (kvq_ops/decode_triton.py)
         self._lock = threading.Lock()
 
@@ -554,7 +616,11 @@ class KvqDecoder(_Planned, Decoder):
                 jobs.append((lay, coded) if ids is None else (lay, coded, ids))
             except CodecError as err:
                 raise CodecError(str(err), index=i) from None
-        return entropy.decode_segments(self.tables, jobs)
+        out = entropy.decode_segments(self.tables, jobs)
+        for i, ((ctx, _), symbols) in enumerate(zip(segments, out)):
+            if (ctx.layer, KINDS.index(ctx.kind)) in self._matrices:
+                check_components(symbols.escapes, i)
+        return out
 
     def _entropy_layout(self, layer: int, kind: int, tokens: int) -> entropy.Layout:
         """CodecError if a class of the plan has no table."""
@@ -597,18 +663,28 @@ class KvqDecoder(_Planned, Decoder):
     def dequantize_body(self, ctx: SegmentContext, skip: int, symbols: entropy.Symbols, body: torch.Tensor) -> None:
         """Expand, dequantize (with token weights where the file has them), rotate keys and cast into body
         (heads, tokens - skip, dim), a CPU tensor of the file's dtype, in C (dequantize.reconstruct): values bit
-        for bit dequantize_body_ref's."""
+        for bit dequantize_body_ref's. A transformed layer's M q comes from BLAS first (transform.untransform)."""
         kind = KINDS.index(ctx.kind)
         center, step = self._host[(ctx.layer, kind)]
+        matrices = self._blas.get((ctx.layer, kind))
+        if matrices is not None:
+            # |q| is at most the largest half range of the segment's classes, or an escape's magnitude.
+            largest = max(int(symbols.layout.spec[:, 2].max(initial=0)),
+                          int(np.abs(symbols.escapes.astype(np.int64)).max(initial=0)))
+            values = transform_ops.untransform(symbols.rows(self.tables), matrices, largest)
+            dequantize.reconstruct_values(values, center, step, self._freq(ctx.layer, kind), ctx.token_start + skip,
+                                          self._token_factors(ctx, skip), body)
+            return
         dequantize.reconstruct(symbols, self.tables, center, step, self._freq(ctx.layer, kind), ctx.token_start + skip,
                                self._token_factors(ctx, skip), body)
 
     def dequantize_body_ref(self, ctx: SegmentContext, skip: int, symbols: entropy.Symbols,
                             body: torch.Tensor) -> None:
         """dequantize_body in torch (dequantize.reconstruct_ref), on body's device and into any dtype."""
-        center, step = self._tensors[(ctx.layer, KINDS.index(ctx.kind))]
-        dequantize.reconstruct_ref(symbols, self.tables, center, step, self._freq(ctx.layer, KINDS.index(ctx.kind)),
-                                   ctx.token_start + skip, self._token_factors(ctx, skip), body, ctx.dtype)
+        key = (ctx.layer, KINDS.index(ctx.kind))
+        center, step = self._tensors[key]
+        dequantize.reconstruct_ref(symbols, self.tables, center, step, self._freq(*key), ctx.token_start + skip,
+                                   self._token_factors(ctx, skip), body, ctx.dtype, self._matrices.get(key))
 
 
 # ---------------------------------------------------------------- plan bytes
@@ -710,6 +786,22 @@ def unpack_tokens(data: bytes, plans: dict[tuple[int, int], LayerPlan]) -> dict[
     if pos != len(data):
         raise CodecError(f"kvq.tokens has {len(data) - pos} trailing bytes")
     return tokens
+
+
+def check_components(escapes: np.ndarray, index: int) -> None:
+    """CodecError unless a transformed segment's escaped integers lie in (-MAX_COMPONENT, MAX_COMPONENT), which
+    keeps the decoder's M q exact in float64 (the others lie in [-255, 255])."""
+    if escapes.size and int(np.abs(escapes.astype(np.int64)).max()) >= MAX_COMPONENT:
+        raise CodecError("a transformed segment holds a component integer beyond +-2^30", index=index)
+
+
+def _check_dictionary(sha, version: int) -> str:
+    """The param `dictionary`: 64 lowercase hex digits, in a version-4 file only."""
+    if version != 4:
+        raise CodecError(f"kvq version {version} takes no dictionary (only version 4 does)")
+    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        raise CodecError(f"kvq dictionary must be a SHA-256 as 64 lowercase hex digits, got {sha!r}")
+    return sha
 
 
 def has_nonfinite(raw: bytes, dtype: str) -> bool:

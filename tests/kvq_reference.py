@@ -156,9 +156,38 @@ def read_tokens(raw: bytes, plans) -> dict[tuple[int, str], tuple[int, np.ndarra
     return out
 
 
+def read_transforms(raw: bytes) -> dict[tuple[int, str], np.ndarray]:
+    """A dictionary's transform payload: (layer, "k"/"v") -> int64 matrices (heads, dim, dim)."""
+    (count,) = struct.unpack_from("<I", raw, 0)
+    pos, out, last = 4, {}, None
+    for _ in range(count):
+        layer, kind, heads, dim = struct.unpack_from("<IBHH", raw, pos)
+        pos += 9
+        if kind > 1 or heads < 1 or not 1 <= dim <= 256 or (last is not None and (layer, kind) <= last):
+            raise Invalid("transform entry")
+        last = (layer, kind)
+        n = heads * dim * dim
+        if pos + 2 * n > len(raw):
+            raise Invalid("transform truncated")
+        out[(layer, "kv"[kind])] = np.frombuffer(raw, "<i2", n, pos).astype(np.int64).reshape(heads, dim, dim)
+        pos += 2 * n
+    if pos != len(raw):
+        raise Invalid("transform trailing bytes")
+    return out
+
+
+def untransform(q: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """float32(M q) * 2^-10 per head, M q in int64 (exact: |q| < 2^30), rounded once to float32."""
+    if np.abs(q).max(initial=0) >= 1 << 30:
+        raise Invalid("component integer beyond 2^30")
+    y = np.einsum("hij,hjt->hit", matrix, q)
+    return y.astype(np.float32) * np.float32(2.0**-10)
+
+
 def decode_segment(data: bytes, seg, shape, dtype: str, sinks: int, plan, tables, freq, weights,
-                   banded: bool) -> np.ndarray:
-    """float32 (heads, tokens, dim) values before the final cast, and the raw sink bytes."""
+                   banded: bool, matrix: np.ndarray | None = None) -> np.ndarray:
+    """float32 (heads, tokens, dim) values before the final cast, and the raw sink bytes; with a transform's
+    matrices (heads, dim, dim) the integers are components."""
     center, step, classes = plan
     heads, dim = center.shape
     tokens = seg.token_count
@@ -223,7 +252,9 @@ def decode_segment(data: bytes, seg, shape, dtype: str, sinks: int, plan, tables
             if u * m + j < coded:
                 q[r, u * m + j] = values[v]
             v += 1
-    x = q.reshape(heads, dim, coded).astype(np.float32) * step[..., None]
+    q = q.reshape(heads, dim, coded)
+    w = untransform(q, matrix) if matrix is not None else q.astype(np.float32)
+    x = w * step[..., None]
     if weights is not None:
         factor = np.array([np.float32(2.0 ** (k / 8)) for k in e[:, lo : lo + coded].reshape(-1)], np.float32)
         x = x * factor.reshape(heads, 1, coded)
@@ -247,8 +278,9 @@ def to_dtype_bits(x: np.ndarray, dtype: str) -> np.ndarray:
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-def decode_file(data: bytes) -> dict[tuple[int, str], np.ndarray]:
-    """(layer, "k"/"v") -> the decoded tensor's bits, (heads, held tokens, dim), as uint32 or uint16."""
+def decode_file(data: bytes, transform: bytes | None = None) -> dict[tuple[int, str], np.ndarray]:
+    """(layer, "k"/"v") -> the decoded tensor's bits, (heads, held tokens, dim), as uint32 or uint16. A file that
+    names a dictionary needs its transform payload."""
     src = format.BytesSource(data)
     header = format.read_header(src)
     params = header.codec["params"]
@@ -262,6 +294,14 @@ def decode_file(data: bytes) -> dict[tuple[int, str], np.ndarray]:
         raise Invalid("plan layer count differs from the header's")
     weights = read_tokens(unzstd(aux["kvq.tokens"], None, 64 << 20), plans) if "kvq.tokens" in aux else {}
     banded = params["version"] == 4
+    matrices = {}
+    if "dictionary" in params:
+        if not banded or transform is None:
+            raise Invalid("a dictionary named outside version 4, or not given")
+        matrices = read_transforms(transform)
+        for (layer, kind), m in matrices.items():
+            if (layer, kind) not in plans or plans[(layer, kind)][0].shape != m.shape[:2]:
+                raise Invalid("transform does not fit the plans")
     tables = read_tables(unzstd(aux["kvq.tables"], None, 64 << 20), banded)
     bits = "<u4" if header.dtype == "float32" else "<u2"
     out = {}
@@ -276,7 +316,8 @@ def decode_file(data: bytes) -> dict[tuple[int, str], np.ndarray]:
         values, sink_raw, skip = decode_segment(format.read_segment(src, header, seg), seg, shape, header.dtype,
                                                 params["sinks"], plans[(seg.layer, seg.kind)], tables,
                                                 freqs.get(seg.layer) if seg.kind == "k" else None,
-                                                weights.get((seg.layer, seg.kind)), banded)
+                                                weights.get((seg.layer, seg.kind)), banded,
+                                                matrices.get((seg.layer, seg.kind)))
         lo = seg.token_start - shape.token_start
         target = out[(seg.layer, seg.kind)]
         heads, dim = target.shape[0], target.shape[2]

@@ -7,10 +7,12 @@
 
 #define KVQ_EXPORT __attribute__((visibility("hidden")))
 
-KVQ_EXPORT extern const char kvq_unrotate_doc[], kvq_deviations_doc[], kvq_quantize_doc[], kvq_reconstruct_doc[];
+KVQ_EXPORT extern const char kvq_unrotate_doc[], kvq_deviations_doc[], kvq_quantize_doc[], kvq_reconstruct_doc[],
+    kvq_dequantize_values_doc[];
 KVQ_EXPORT PyObject *kvq_unrotate(PyObject *self, PyObject *args);
 KVQ_EXPORT PyObject *kvq_deviations(PyObject *self, PyObject *args);
 KVQ_EXPORT PyObject *kvq_quantize(PyObject *self, PyObject *args);
 KVQ_EXPORT PyObject *kvq_reconstruct(PyObject *self, PyObject *args);
+KVQ_EXPORT PyObject *kvq_dequantize_values(PyObject *self, PyObject *args);
 
 #endif

@@ -1,7 +1,8 @@
 /* kvq's reconstruction on the CPU (the C form of codecs/kvq_ops/dequantize.py): a segment's joint symbols
  * expanded, dequantized, rotated back (keys) and cast straight into the cache tensor, in one pass over each
- * element with the GIL released. The torch form beside it is the reference; tests/test_kvq_ops.py holds the
- * forms to the same bits. */
+ * element with the GIL released; or, for version 4's transform, the same from the float32 values M q that the
+ * caller computed exactly (dequantize_values). The torch form beside it is the reference; tests/test_kvq_ops.py
+ * holds the forms to the same bits. */
 #include "_symbols.h"
 #include "_kvq.h"
 
@@ -49,13 +50,20 @@ static inline void put(void *out, ptrdiff_t at, float y, const int dtype) {
         ((uint16_t *)out)[at] = bfloat_of(y);
 }
 
+/* What step 1 multiplies by the step: float32(q) of the integers, or with a transform float32(M q) * 2^-10 of the
+ * values M q (exact: a power of two; `unit` is 2^-10). `floats` is a constant at every call, so each loop is
+ * compiled for one kind of input. */
+static inline float value_at(const void *restrict q, int64_t t, const int floats, const float unit) {
+    return floats ? ((const float *)q)[t] * unit : (float)((const int32_t *)q)[t];
+}
+
 /* One channel: center + (q * step) * factor into out[t * ts]. Without token weights the factors are 1, and
  * multiplying by 1 is exact, so one loop serves both. */
-static inline void dequantize_row(const int32_t *restrict q, int64_t n, float step, float center,
+static inline void dequantize_row(const void *restrict q, int64_t n, float step, float center,
                                   const float *restrict factor, void *restrict out, const ptrdiff_t ts,
-                                  const int dtype) {
+                                  const int dtype, const int floats, const float unit) {
     for (int64_t t = 0; t < n; t++) {
-        float v = (float)q[t] * step;
+        float v = value_at(q, t, floats, unit) * step;
         v = v * factor[t];
         v = v + center;
         put(out, t * ts, v, dtype);
@@ -63,12 +71,13 @@ static inline void dequantize_row(const int32_t *restrict q, int64_t n, float st
 }
 
 /* A rotary pair of channels (i, i + dim/2): each dequantized, then rotated by its token's angle. */
-static inline void rotate_rows(const int32_t *restrict qa, const int32_t *restrict qb, int64_t n, float step_a,
+static inline void rotate_rows(const void *restrict qa, const void *restrict qb, int64_t n, float step_a,
                                float center_a, float step_b, float center_b, const float *restrict factor,
                                const float *restrict cos, const float *restrict sin, void *restrict out_a,
-                               void *restrict out_b, const ptrdiff_t ts, const int dtype) {
+                               void *restrict out_b, const ptrdiff_t ts, const int dtype, const int floats,
+                               const float unit) {
     for (int64_t t = 0; t < n; t++) {
-        float a = (float)qa[t] * step_a, b = (float)qb[t] * step_b;
+        float a = value_at(qa, t, floats, unit) * step_a, b = value_at(qb, t, floats, unit) * step_b;
         a = a * factor[t];
         b = b * factor[t];
         a = a + center_a;
@@ -104,10 +113,12 @@ static int place_check(const Place *p, int64_t tokens, Py_ssize_t items) {
     return 0;
 }
 
-static void reconstruct_all(const int32_t *q, int64_t tokens, const float *center, const float *step,
-                            const float *factors, int64_t factor_stride, const float *cos, const float *sin,
-                            const Place *p, char *out, int dtype) {
+/* Every channel of a segment: q holds int32 integers, or (floats) the float32 values M q. */
+static inline void reconstruct_all(const void *q, int64_t tokens, const float *center, const float *step,
+                                   const float *factors, int64_t factor_stride, const float *cos, const float *sin,
+                                   const Place *p, char *out, int dtype, const int floats) {
     const size_t item = dtype == F32 ? 4 : 2;
+    const float unit = 0x1p-10f;  /* 2^-SCALE_BITS, codecs/transform.py */
     const int64_t half = p->dim / 2;
     for (int64_t h = 0; h < p->heads; h++) {
         char *head = out + (size_t)(p->offset + h * p->sh) * item;
@@ -119,8 +130,8 @@ static void reconstruct_all(const int32_t *q, int64_t tokens, const float *cente
                 int64_t c2 = c + half;
                 void *dst2 = head + (size_t)((d + half) * p->sd) * item;
                 const float *cs = cos + d * tokens, *sn = sin + d * tokens;
-                const int32_t *qa = q + c * tokens, *qb = q + c2 * tokens;
-#define ROTATE(ts, dt) rotate_rows(qa, qb, tokens, step[c], center[c], step[c2], center[c2], factor, cs, sn, dst, dst2, ts, dt)
+                const char *qa = (const char *)q + c * tokens * 4, *qb = (const char *)q + c2 * tokens * 4;
+#define ROTATE(ts, dt) rotate_rows(qa, qb, tokens, step[c], center[c], step[c2], center[c2], factor, cs, sn, dst, dst2, ts, dt, floats, unit)
                 if (p->st == 1) {  /* channel-major storage: each channel's tokens are contiguous */
                     if (dtype == F32) ROTATE(1, F32); else if (dtype == F16) ROTATE(1, F16); else ROTATE(1, BF16);
                 } else {
@@ -128,8 +139,8 @@ static void reconstruct_all(const int32_t *q, int64_t tokens, const float *cente
                 }
 #undef ROTATE
             } else {
-                const int32_t *qa = q + c * tokens;
-#define DEQUANTIZE(ts, dt) dequantize_row(qa, tokens, step[c], center[c], factor, dst, ts, dt)
+                const char *qa = (const char *)q + c * tokens * 4;
+#define DEQUANTIZE(ts, dt) dequantize_row(qa, tokens, step[c], center[c], factor, dst, ts, dt, floats, unit)
                 if (p->st == 1) {
                     if (dtype == F32) DEQUANTIZE(1, F32); else if (dtype == F16) DEQUANTIZE(1, F16); else DEQUANTIZE(1, BF16);
                 } else {
@@ -139,6 +150,31 @@ static void reconstruct_all(const int32_t *q, int64_t tokens, const float *cente
             }
         }
     }
+}
+
+/* What both entries check of their outputs, given the views center, step, factor, cos, sin, out, place in that
+ * order from `views`: the place inside out's buffer, the per-channel and per-token arrays of its sizes. 0 with
+ * *p filled, or -1 with ValueError set. */
+static int output_get(const View *views, Place *p, int64_t tokens, int dtype, int rope, int scaled, const char *what) {
+    enum { CENTER, STEP, FACTOR, COS, SIN, OUT, PLACE };
+    if (dtype < F32 || dtype > BF16 || ITEMS(views[PLACE], int64_t) != 6) {
+        PyErr_Format(PyExc_ValueError, "%s: dtype must be 0, 1 or 2 and place six integers", what);
+        return -1;
+    }
+    const int64_t *pl = DATA(views[PLACE], int64_t);
+    *p = (Place){pl[0], pl[1], pl[2], pl[3], pl[4], pl[5]};
+    if (place_check(p, tokens, views[OUT].buf.len / (dtype == F32 ? 4 : 2))) {
+        PyErr_Format(PyExc_ValueError, "%s: the output's shape and strides leave its buffer or overlap", what);
+        return -1;
+    }
+    int64_t channels = p->heads * p->dim, half = p->dim / 2;
+    if (ITEMS(views[CENTER], float) != channels || ITEMS(views[STEP], float) != channels ||
+        (scaled && ITEMS(views[FACTOR], float) != p->heads * tokens) ||
+        (rope && (p->dim % 2 || ITEMS(views[COS], float) != half * tokens || ITEMS(views[SIN], float) != half * tokens))) {
+        PyErr_Format(PyExc_ValueError, "%s: centers, steps, token weights or rotary tables do not match the output", what);
+        return -1;
+    }
+    return 0;
 }
 
 const char kvq_reconstruct_doc[] = PyDoc_STR(
@@ -175,25 +211,10 @@ PyObject *kvq_reconstruct(PyObject *self, PyObject *args) {
         if (i != TOK && (rope || (i != COS && i != SIN)) && (scaled || i != FACTOR) &&
             view_get(o[i], &v[i], i == OUT, item[i], names[i]))
             goto done;
-    if (dtype < F32 || dtype > BF16 || ITEMS(v[PLACE], int64_t) != 6) {
-        PyErr_SetString(PyExc_ValueError, "reconstruct: dtype must be 0, 1 or 2 and place six integers");
+    Place p;
+    if (output_get(&v[CENTER], &p, tokens, dtype, rope, scaled, "reconstruct"))
         goto done;
-    }
-    const int64_t *pl = DATA(v[PLACE], int64_t);
-    Place p = {pl[0], pl[1], pl[2], pl[3], pl[4], pl[5]};
-    Py_ssize_t items = v[OUT].buf.len / (dtype == F32 ? 4 : 2);
-    if (place_check(&p, tokens, items)) {
-        PyErr_SetString(PyExc_ValueError, "reconstruct: the output's shape and strides leave its buffer or overlap");
-        goto done;
-    }
     int64_t channels = p.heads * p.dim;
-    if (ITEMS(v[CENTER], float) != channels || ITEMS(v[STEP], float) != channels ||
-        (scaled && ITEMS(v[FACTOR], float) != p.heads * tokens) ||
-        (rope && (p.dim % 2 || ITEMS(v[COS], float) != p.dim / 2 * tokens || ITEMS(v[SIN], float) != p.dim / 2 * tokens))) {
-        PyErr_SetString(PyExc_ValueError,
-                        "reconstruct: centers, steps, token weights or rotary tables do not match the output");
-        goto done;
-    }
     if (expansion_get(&v[SYM], &v[SPEC], &v[ROWS], tokens, &v[DIGITS], &v[OFFSETS], channels, &l, "reconstruct"))
         goto done;
     if (l.channels != channels) {  /* with layout_get's bounds: every channel exactly once */
@@ -227,7 +248,7 @@ PyObject *kvq_reconstruct(PyObject *self, PyObject *args) {
         reconstruct_all(q, tokens, DATA(v[CENTER], float), DATA(v[STEP], float),
                         scaled ? DATA(v[FACTOR], float) : ones, scaled ? tokens : 0,
                         rope ? DATA(v[COS], float) : NULL, rope ? DATA(v[SIN], float) : NULL, &p,
-                        (char *)v[OUT].buf.buf, dtype);
+                        (char *)v[OUT].buf.buf, dtype, 0);
     Py_END_ALLOW_THREADS
     if (fault) {
         PyErr_SetString(PyExc_ValueError, "reconstruct: a symbol past its alphabet, or escapes not count_escapes' count");
@@ -237,6 +258,63 @@ PyObject *kvq_reconstruct(PyObject *self, PyObject *args) {
     Py_INCREF(result);
 done:
     PyMem_RawFree(q);
+    PyMem_RawFree(ones);
+    for (int i = 0; i < N; i++) view_release(&v[i]);
+    return result;
+}
+
+const char kvq_dequantize_values_doc[] = PyDoc_STR(
+             "dequantize_values(values, tokens, center, step, factor, cos, sin, out, place, dtype)\n\n"
+             "reconstruct's steps after the expansion, for version 4's transform: values float32 (heads * dim, tokens),\n"
+             "M q computed exactly by the caller, each taken as values * 2^-10 in place of float32(q); the other\n"
+             "arguments as reconstruct's.");
+
+PyObject *kvq_dequantize_values(PyObject *self, PyObject *args) {
+    enum { VALUES, CENTER, STEP, FACTOR, COS, SIN, OUT, PLACE, N };
+    PyObject *o[N];
+    long long tokens;
+    int dtype;
+    View v[N] = {{0}};
+    static const Py_ssize_t item[N] = {4, 4, 4, 4, 4, 4, 1, 8};
+    static const char *names[N] = {"values", "center", "step", "factor", "cos", "sin", "out", "place"};
+    PyObject *result = NULL;
+    float *ones = NULL;
+    if (!PyArg_ParseTuple(args, "OLOOOOOOOi", &o[VALUES], &tokens, &o[CENTER], &o[STEP], &o[FACTOR], &o[COS],
+                          &o[SIN], &o[OUT], &o[PLACE], &dtype))
+        return NULL;
+    int rope = o[COS] != Py_None, scaled = o[FACTOR] != Py_None;
+    if (rope != (o[SIN] != Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "dequantize_values: cos and sin go together");
+        return NULL;
+    }
+    for (int i = 0; i < N; i++)
+        if ((rope || (i != COS && i != SIN)) && (scaled || i != FACTOR) &&
+            view_get(o[i], &v[i], i == OUT, item[i], names[i]))
+            goto done;
+    Place p;
+    if (output_get(&v[CENTER], &p, tokens, dtype, rope, scaled, "dequantize_values"))
+        goto done;
+    if (ITEMS(v[VALUES], float) != p.heads * p.dim * tokens) {
+        PyErr_SetString(PyExc_ValueError, "dequantize_values: values must be (heads * dim, tokens)");
+        goto done;
+    }
+    if (!scaled) {
+        ones = PyMem_RawMalloc((size_t)tokens * sizeof(float));
+        if (!ones) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        for (int64_t t = 0; t < tokens; t++) ones[t] = 1.0f;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    reconstruct_all(DATA(v[VALUES], float), tokens, DATA(v[CENTER], float), DATA(v[STEP], float),
+                    scaled ? DATA(v[FACTOR], float) : ones, scaled ? tokens : 0,
+                    rope ? DATA(v[COS], float) : NULL, rope ? DATA(v[SIN], float) : NULL, &p,
+                    (char *)v[OUT].buf.buf, dtype, 1);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
     PyMem_RawFree(ones);
     for (int i = 0; i < N; i++) view_release(&v[i]);
     return result;

@@ -3,7 +3,10 @@
 
 - dequantize_rotate_ref: centre + (q * step) * token factor per channel, then RoPE back onto keys;
 - reconstruct / reconstruct_ref: a segment's entropy-decoded symbols expanded, dequantized, rotated and cast into
-  a (heads, tokens, dim) view of the cache, clamped to the float16 range for a float16 file.
+  a (heads, tokens, dim) view of the cache, clamped to the float16 range for a float16 file (reconstruct_ref also
+  with version 4's transform, transform.untransform_ref in front);
+- reconstruct_values: reconstruct's C pass from the values M q of version 4's transform (transform.untransform)
+  instead of integers.
 
 Decoding arithmetic is specified to the bit (docs/codec.md, "Reconstruction"): float32 throughout, every multiply
 and add a separate IEEE operation (no fused multiply-add), so that every form and an independent decoder
@@ -18,6 +21,7 @@ import torch
 from .. import entropy
 from . import _kvq
 from .rope import rope_tables, rotate_keys
+from .transform import untransform_ref
 
 FLOAT16_MAX = 65504.0  # largest finite float16
 HOST_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # _kvq.reconstruct's dtype codes
@@ -26,7 +30,7 @@ HOST_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # _kvq.re
 def dequantize(q: torch.Tensor, center: torch.Tensor, step: torch.Tensor,
                token_factor: torch.Tensor | None = None) -> torch.Tensor:
     """float32 center + (float32(q) * step) * token_factor: each multiply and the add a separate float32
-    operation (never fused, so every decoder agrees)."""
+    operation (never fused, so every decoder agrees). q: int32, or a transform's float32 values in its place."""
     v = torch.mul(q, step[..., None])  # int32 * float32 promotes q exactly as .float()
     if token_factor is not None:
         v.mul_(token_factor[:, None, :])
@@ -63,15 +67,33 @@ def reconstruct(symbols: entropy.Symbols, tables: entropy.ClassTables, center: n
                      HOST_DTYPES[body.dtype])
 
 
+def reconstruct_values(values: torch.Tensor, center: np.ndarray, step: np.ndarray, inv_freq: torch.Tensor | None,
+                       token_start: int, token_factor: torch.Tensor | None, body: torch.Tensor) -> None:
+    """reconstruct_ref's values for a transformed segment into body (as reconstruct) from values float32 (heads,
+    dim, tokens), the exact M q of its integers (transform.untransform), in one C pass (_kvq.dequantize_values)."""
+    heads, tokens, dim = body.shape
+    cos = sin = None
+    if inv_freq is not None:
+        cos, sin = (t.numpy() for t in rope_tables(inv_freq, token_start, tokens))
+    storage = torch.empty(0, dtype=torch.uint8).set_(body.untyped_storage()).numpy()
+    place = np.array([body.storage_offset(), heads, dim, *body.stride()], np.int64)
+    _kvq.dequantize_values(values.contiguous().numpy(), tokens, center, step,
+                           token_factor.numpy() if token_factor is not None else None, cos, sin, storage, place,
+                           HOST_DTYPES[body.dtype])
+
+
 def reconstruct_ref(symbols: entropy.Symbols, tables: entropy.ClassTables, center: torch.Tensor, step: torch.Tensor,
                     inv_freq: torch.Tensor | None, token_start: int, token_factor: torch.Tensor | None,
-                    body: torch.Tensor, file_dtype: str) -> None:
+                    body: torch.Tensor, file_dtype: str, matrix: torch.Tensor | None = None) -> None:
     """The segment's integers (symbols expanded under `tables`) through dequantize_rotate_ref into body, a
-    (heads, tokens, dim) view on any device and of any float dtype; center and step: float32 (heads, dim). The
-    values of a float16 file are clamped to its range."""
+    (heads, tokens, dim) view on any device and of any float dtype; center and step: float32 (heads, dim). With
+    a transform's int16 matrices (heads, dim, dim), the integers are components, and untransform_ref's values
+    take their place. The values of a float16 file are clamped to its range."""
     heads, tokens, dim = body.shape
     device = body.device
     q = torch.from_numpy(symbols.rows(tables)).reshape(heads, dim, tokens).to(device)
+    if matrix is not None:
+        q = untransform_ref(q, matrix)
     values = dequantize_rotate_ref(q, center.to(device), step.to(device),
                                    inv_freq.to(device) if inv_freq is not None else None, token_start,
                                    token_factor.to(device) if token_factor is not None else None)

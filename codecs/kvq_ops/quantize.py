@@ -99,10 +99,10 @@ def quantize_classes_ref(body: torch.Tensor, center: torch.Tensor, step: torch.T
                          token_factor: torch.Tensor | None) -> tuple[torch.Tensor, np.ndarray]:
     """quantize's integers (int16 where every one fits, else int32) and the class of each channel."""
     q = quantize(body, center, step, token_factor).cpu()
-    return _narrow(q), entropy.classes_of(q.numpy())
+    return narrow(q), entropy.classes_of(q.numpy())
 
 
-def _narrow(q: torch.Tensor) -> torch.Tensor:
+def narrow(q: torch.Tensor) -> torch.Tensor:
     """int16 when every integer of the layer fits, as nearly always: half the memory the encoder holds."""
     if q.numel():
         lo, hi = torch.aminmax(q)
