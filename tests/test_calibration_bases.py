@@ -190,3 +190,35 @@ def test_the_shipped_profile_names_its_shipped_dictionary(default_lm):
     dictionary.check_model(found, default_lm.identity, "test")
     matrices = Transforms.unpack(found.payload).matrices
     assert len(matrices) == 60 and all(m.shape == (3, 64, 64) for m in matrices.values())
+
+
+def test_files_coded_with_the_learned_transform_are_smaller(tiny_lm, cache_dir, tmp_path):
+    """What calibration stores is what kvq version 4 codes with: a file written with the stored dictionary's
+    transform names it, gets it beside itself, decodes through it, and on text like the calibration's is smaller
+    at no worse KL (measured on the tiny Llama: 8% smaller at `small`, KL 0.00026 against 0.00033)."""
+    from kvcli.codecs.kvq import KvqCodec
+    from kvcli.codecs.presets import make_codec
+    from kvcli.codecs.transform import Transforms
+    from kvcli.container import format
+    from kvcli.modeling.rope import inv_freq_per_layer
+    from kvcli.reuse import pipeline
+
+    lm = tiny_lm("llama")
+    path = calibrate.store(lm, calibrate.calibrate(lm, [("a", TEXT * 2), ("b", OTHER * 2)], prefix=300))
+    stored = profiles.read(path)
+    found = dictionary.find(stored.dictionary, dictionary.own_places(), "test")
+    ref = calibrate.quality.reference(lm, inference.document_ids(lm, OTHER * 2), prefix=300, continuation=64)
+    plain = make_codec("small", stored.profile, inv_freq_per_layer(lm.model), version=4)
+    coded = KvqCodec(plain.scale, plain.sinks, plain.profile, plain.inv_freq, plain.meta, plain.token_alpha, 4,
+                     transforms=Transforms.unpack(found.payload), dictionary=found.sha)
+    sizes, kls = [], []
+    for name, codec in (("plain", plain), ("coded", coded)):
+        out = tmp_path / "out" / f"{name}.kvc"
+        out.parent.mkdir(exist_ok=True)
+        sizes.append(pipeline.write_cache(str(out), ref.kv, lm.identity, codec, 256))
+        with format.FileSource(out) as src:
+            header = format.read_header(src)
+            kls.append(calibrate.quality.compare(lm, ref, pipeline.load_cache(src, header, lm).kv).kl)
+        assert header.codec["params"].get("dictionary") == (found.sha if name == "coded" else None)
+    assert (tmp_path / "out" / dictionary.name_of(found.sha)).read_bytes() == found.data
+    assert sizes[1] < 0.95 * sizes[0] and kls[1] < 1.2 * kls[0]
