@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from common import emit, environment
 
-from kvcli.calibration import calibrate, profiles
+from kvcli.calibration import bases, calibrate, profiles
 from kvcli.modeling import models
 
 
@@ -58,21 +58,24 @@ class Counter:
 
 
 def timed_phases(counter: Counter, seconds: dict) -> None:
-    """Wrap calibrate's phases so that each is timed and its passes counted under its own name."""
-    for name in ("prefill_and_key_weights", "coarse_cache", "fisher_sensitivity", "continuation_reference", "block_kl",
-                 "probe_sensitivity"):
-        inner = getattr(calibrate, name)
+    """Wrap calibrate's phases so that each is timed and its passes counted under its own name (the transform's
+    as `transform_moments`, the covariances, and `transform_bases`, the eigenvectors)."""
+    phases = [(calibrate, name, name) for name in ("prefill_and_key_weights", "coarse_cache", "fisher_sensitivity",
+                                                   "continuation_reference", "block_kl", "probe_sensitivity")]
+    phases += [(bases.Moments, "add", "transform_moments"), (bases.Moments, "bases", "transform_bases")]
+    for owner, name, phase in phases:
+        inner = getattr(owner, name)
 
-        def wrapper(*args, _inner=inner, _name=name, **kwargs):
-            counter.phase = _name
+        def wrapper(*args, _inner=inner, _phase=phase, **kwargs):
+            counter.phase = _phase
             t0 = time.perf_counter()
             try:
                 return _inner(*args, **kwargs)
             finally:
-                seconds[_name] += time.perf_counter() - t0
+                seconds[_phase] += time.perf_counter() - t0
                 counter.phase = "other"
 
-        setattr(calibrate, name, wrapper)
+        setattr(owner, name, wrapper)
 
 
 def main() -> None:
@@ -93,7 +96,8 @@ def main() -> None:
     timed_phases(counter, seconds)
     texts = calibrate.default_texts()
     t0 = time.perf_counter()
-    profile, details = calibrate.calibrate(lm, texts, method=args.method)
+    result = calibrate.calibrate(lm, texts, method=args.method)
+    profile, details = result.profile, result.details
     total_s = time.perf_counter() - t0
     emit({"what": "calibrate_phase", "phase": "model_load", "seconds": round(load_s, 2), **env})
     for phase in seconds:

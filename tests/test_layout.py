@@ -64,3 +64,18 @@ def test_the_wheel_lists_every_folder_of_modules():
     folders = {str(p.parent.relative_to(REPO)) for top in ("kvcli", "codecs", "kernels") for pattern in ("*.py", "*.c")
                for p in (REPO / top).rglob(pattern)}
     assert folders == listed
+
+
+def test_the_wheel_carries_every_data_file_of_its_packages():
+    """Shipped profiles, their dictionaries and the calibration texts are package data: each must match one of
+    pyproject's patterns, or an installed kvcli would lack it (the default model's files then name a dictionary
+    no machine has)."""
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    for package, patterns in setuptools["package-data"].items():
+        folder = REPO / setuptools["package-dir"].get(package, package.replace(".", "/"))
+        data = [p.relative_to(folder) for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                and p.suffix not in (".py", ".c", ".h", ".so")]
+        assert data, package
+        missing = [str(p) for p in data if not any(p.match(pattern) and len(p.parts) == len(Path(pattern).parts)
+                                                  for pattern in patterns)]
+        assert not missing, f"{package}: not in [tool.setuptools.package-data]: {missing}"

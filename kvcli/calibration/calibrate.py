@@ -27,16 +27,19 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..codecs.kvq import DEFAULT_TOKEN_ALPHA, KvqCodec, Profile
+from ..container import dictionary
 from ..modeling import inference
 from ..modeling.kvcache import KVCache, to_model_cache
 from ..modeling.models import LoadedModel
 from ..modeling.rope import inv_freq_per_layer
 from ..stdio import write_stderr_text
+from . import bases as bases_
 from . import profiles, quality
 
 COARSE_SCALE = 1.0
@@ -284,16 +287,29 @@ def passes(lm: LoadedModel, texts: int, method: str) -> int:
     return texts * (FISHER_GROUPS + sum(len(b) for b in blocks_per_kind(cfg.num_hidden_layers)))
 
 
+@dataclass
+class Calibration:
+    profile: Profile  # as it is stored (profiles.as_stored): the numbers every later encoder reads
+    details: dict  # how it was measured, for the profile's JSON
+    bases: bases_.Bases | None  # kvq's per-head transform under `profile` (None unless asked)
+
+
 def calibrate(lm: LoadedModel, texts: list[tuple[str, str]], prefix: int = quality.PREFIX_TOKENS,
-              method: str = "fisher", progress=None) -> tuple[Profile, dict]:
+              method: str = "fisher", progress=None, transform: bool = True) -> Calibration:
+    """The profile of `lm` from `texts`, and with `transform` the bases of kvq's per-head transform under it,
+    fitted on the caches the calibration prefilled (each text's prefix, with its attention): the covariance
+    needs the final profile's key weights, so the caches are kept until it is known instead of prefilled again."""
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
     inv_freq = inv_freq_per_layer(lm.model)
     weights = None
     per_doc = []
+    caches = []
     for _, text in texts:
         context, w = prefill_and_key_weights(lm, inference.document_ids(lm, text), prefix)
         kv = context[0]
+        if transform:
+            caches.append(kv)
         weights = w if weights is None else [a + b for a, b in zip(weights, w)] if w else None
         # The presets' token alpha, so that the probe weighs tokens as the encoder will.
         probe = KvqCodec(COARSE_SCALE, profile=Profile("probe", np.ones((kv.num_layers, 2)), w), inv_freq=inv_freq,
@@ -307,25 +323,74 @@ def calibrate(lm: LoadedModel, texts: list[tuple[str, str]], prefix: int = quali
             per_doc.append(scale_to_blocks(predicted, block_kl(lm, reference, coarse, blocks, progress), blocks))
     if weights is not None:
         weights = [w / len(texts) for w in weights]
-    profile = Profile(f"{lm.name}", np.mean(per_doc, axis=0), weights)
+    profile = profiles.as_stored(Profile(f"{lm.name}", np.mean(per_doc, axis=0), weights))
     details = {"texts": [name for name, _ in texts], "prefix_tokens": prefix, "method": method,
                "continuation_tokens": quality.CONTINUATION_TOKENS, "coarse_scale": COARSE_SCALE,
                "coarse_token_alpha": DEFAULT_TOKEN_ALPHA}
     if method == "fisher":
         details.update(fisher_groups=FISHER_GROUPS, key_layers_alone=KEY_LAYERS_ALONE, key_blocks=KEY_BLOCKS,
                        value_blocks=VALUE_BLOCKS, seed=SEED)
-    return profile, details
+    if not transform:
+        return Calibration(profile, details, None)
+    moments = bases_.Moments()
+    codec = bases_.codec_for(lm, profile)
+    while caches:  # each cache freed once counted
+        moments.add(codec, caches.pop(0))
+    return Calibration(profile, details, moments.bases())
+
+
+def store(lm: LoadedModel, result: Calibration, path=None) -> Path:
+    """Store a calibration: the transform's dictionary in the user's cache first, then the profile naming it (at
+    `path`, or in the user's profile directory), so that no profile names a dictionary not yet written."""
+    sha = None
+    if result.bases is not None:
+        found = bases_.to_dictionary(result.bases, lm.identity)
+        dictionary.save_to_cache(found)
+        sha = found.sha
+    return profiles.save(result.profile, lm.identity, result.details, path, sha)
+
+
+def calibration_for(lm: LoadedModel) -> profiles.Stored | None:
+    """The model's stored profile and the dictionary it names; without a profile, calibrate now (once: stored
+    under the user's directories, keyed by the model's identity), unless automatic calibration is turned off.
+
+    A profile naming a dictionary that none of this machine's places holds (the user's cache emptied, say) has
+    its transform learned again from the profile (a prefill per calibration text) where automatic calibration
+    is on; otherwise it is refused with DictionaryMissing (exit 4), as is a shipped profile's (kvcli ships both)."""
+    stored = profiles.lookup(lm.identity)
+    if stored is None:
+        if not profiles.auto_calibrate():
+            return None
+        t0 = time.perf_counter()
+        path = store(lm, calibrate(lm, default_texts()))
+        write_stderr_text(f"kvcli: calibrated {lm.name} for lossy presets in {time.perf_counter() - t0:.0f} s, once: "
+                          f"stored in {path} (set {profiles.AUTO_CALIBRATE_ENV}=0 to skip)\n")
+        return profiles.read(path)  # as stored: rounded, as every later run will read it
+    if stored.dictionary is None or _holds(stored.dictionary):
+        return stored
+    if stored.shipped or not profiles.auto_calibrate():
+        raise dictionary.DictionaryMissing(
+            stored.dictionary, f"profile {stored.where} (`kvcli calibrate` learns it again)",
+            [place.where for place in dictionary.own_places()])
+    t0 = time.perf_counter()
+    found = bases_.to_dictionary(bases_.learn_bases(lm, stored.profile, default_texts()), lm.identity)
+    dictionary.save_to_cache(found)
+    if found.sha != stored.dictionary:
+        profiles.set_dictionary(Path(stored.where), found.sha)
+    write_stderr_text(f"kvcli: the transform dictionary of {stored.where} was missing: learned it again in "
+                      f"{time.perf_counter() - t0:.0f} s, stored in {dictionary.cache_place().where}\n")
+    return profiles.read(Path(stored.where))
+
+
+def _holds(sha: str) -> bool:
+    try:
+        dictionary.find(sha, dictionary.own_places(), "")
+        return True
+    except dictionary.DictionaryMissing:
+        return False
 
 
 def find_or_calibrate(lm: LoadedModel) -> Profile | None:
-    """The model's stored profile; without one, calibrate now (once: the profile is stored under the user's
-    profile directory, keyed by the model's identity), unless automatic calibration is turned off."""
-    found = profiles.find(lm.identity)
-    if found is not None or not profiles.auto_calibrate():
-        return found
-    t0 = time.perf_counter()
-    profile, details = calibrate(lm, default_texts())
-    path = profiles.save(profile, lm.identity, details)
-    write_stderr_text(f"kvcli: calibrated {lm.name} for lossy presets in {time.perf_counter() - t0:.0f} s, once: "
-                      f"stored in {path} (set {profiles.AUTO_CALIBRATE_ENV}=0 to skip)\n")
-    return profiles.load(path)  # as stored: rounded, as every later run will read it
+    """calibration_for's profile."""
+    stored = calibration_for(lm)
+    return None if stored is None else stored.profile

@@ -6,6 +6,10 @@ weights digests (docs/format.md, "Model identity"), so a re-saved or resharded c
 profile. With none found, the first lossy encode calibrates the model (kvcli.calibration.calibrate.find_or_calibrate) and
 stores the result in the user's directory; with KVCLI_AUTO_CALIBRATE=0 it falls back to uniform steps instead
 (docs/codec.md, "Calibration and profiles").
+
+A profile may name a dictionary (`"dictionary"`: its SHA-256): kvq's per-head transform learned under the profile,
+kept in the user's cache (kvcli/container/dictionary.py), or for a shipped profile shipped beside it in
+profiles/dicts/.
 """
 
 from __future__ import annotations
@@ -13,17 +17,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from ..codecs.kvq import Profile
-from ..container import identity
+from ..container import dictionary, identity
 from ..errors import FormatError
 
 PROFILE_FORMAT = "kvcli-profile"
 PROFILE_VERSION = 1
+MODEL_FIELDS = dictionary.MODEL_FIELDS  # what a profile and a dictionary record of the model they were made for
 AUTO_CALIBRATE_ENV = "KVCLI_AUTO_CALIBRATE"
 
 
@@ -40,20 +46,53 @@ def user_dir() -> Path:
     return identity.cache_root() / "profiles"
 
 
-def to_json(profile: Profile, model_identity: dict, details: dict) -> dict:
+def _numbers(profile: Profile) -> dict:
+    """The profile's numbers as JSON stores them: rounded."""
+    return {"sensitivity": np.round(profile.sensitivity, 9).tolist(),
+            "key_weights": [np.round(w, 6).tolist() for w in profile.key_weights] if profile.key_weights else None}
+
+
+def as_stored(profile: Profile) -> Profile:
+    """The profile as a later run will read it back from its JSON (what its digest and a transform fitted under
+    it must describe)."""
+    numbers = _numbers(profile)
+    return Profile(profile.name, np.asarray(numbers["sensitivity"], dtype=np.float64),
+                   [np.asarray(w, dtype=np.float64) for w in numbers["key_weights"]] if numbers["key_weights"] else None)
+
+
+def to_json(profile: Profile, model_identity: dict, details: dict, dictionary: str | None = None) -> dict:
+    """The profile's JSON; `dictionary` names the SHA-256 of the dictionary holding kvq's transform learned
+    under it (kvcli/calibration/bases.py), where one was."""
     return {
         "format": PROFILE_FORMAT,
         "version": PROFILE_VERSION,
         "name": profile.name,
-        "model": {k: model_identity[k] for k in ("architecture", "name", "config_digest", "weights_digest")},
-        "sensitivity": np.round(profile.sensitivity, 9).tolist(),
-        "key_weights": [np.round(w, 6).tolist() for w in profile.key_weights] if profile.key_weights else None,
+        "model": {k: model_identity[k] for k in MODEL_FIELDS},
+        **_numbers(profile),
+        **({"dictionary": dictionary} if dictionary is not None else {}),
         **details,
     }
 
 
+@dataclass(frozen=True)
+class Stored:
+    """A profile as found: its numbers, the dictionary it names (None for a profile without a transform: one
+    made before transforms were learned, or with --no-transform), and where it was read."""
+
+    profile: Profile
+    model: dict  # MODEL_FIELDS of the model it was made for
+    dictionary: str | None
+    where: str
+    shipped: bool = False
+
+
 def from_json(doc: dict, where: str) -> tuple[Profile, dict]:
-    if doc.get("format") != PROFILE_FORMAT or doc.get("version") != PROFILE_VERSION:
+    stored = _stored(doc, where)
+    return stored.profile, stored.model
+
+
+def _stored(doc: dict, where: str, shipped: bool = False) -> Stored:
+    if not isinstance(doc, dict) or doc.get("format") != PROFILE_FORMAT or doc.get("version") != PROFILE_VERSION:
         raise FormatError(f"{where}: not a kvcli profile of version {PROFILE_VERSION}")
     try:
         sens = np.asarray(doc["sensitivity"], dtype=np.float64)
@@ -62,41 +101,68 @@ def from_json(doc: dict, where: str) -> tuple[Profile, dict]:
             raise ValueError("sensitivity must be (layers, 2) or (layers, 2, kv_heads) and finite")
         if weights is not None and (len(weights) != sens.shape[0] or any(w.ndim != 2 for w in weights)):
             raise ValueError("key_weights must hold one (kv_heads, head_dim) array per layer")
-        return Profile(str(doc["name"]), sens, weights), doc["model"]
+        if not isinstance(doc["model"], dict):
+            raise ValueError("model must be an object")
+        profile = Profile(str(doc["name"]), sens, weights)
     except (KeyError, TypeError, ValueError) as err:
         raise FormatError(f"{where}: malformed profile: {err}") from None
+    sha = doc.get("dictionary")
+    return Stored(profile, doc["model"], None if sha is None else dictionary.check_sha(sha, f"{where}: malformed profile"),
+                  where, shipped)
 
 
-def save(profile: Profile, model_identity: dict, details: dict, path: Path | None = None) -> Path:
+def save(profile: Profile, model_identity: dict, details: dict, path: Path | None = None,
+         dictionary: str | None = None) -> Path:
     from ..container.format import atomic_write
 
     path = path or user_dir() / f"{profile_key(model_identity)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(str(path), [json.dumps(to_json(profile, model_identity, details), separators=(",", ":")).encode()])
+    doc = to_json(profile, model_identity, details, dictionary)
+    atomic_write(str(path), [json.dumps(doc, separators=(",", ":")).encode()])
     return path
 
 
-def load(path: Path) -> Profile:
+def set_dictionary(path: Path, sha: str) -> None:
+    """Name another dictionary in a stored profile (its transform learned again), the rest kept as it is."""
+    from ..container.format import atomic_write
+
+    doc = json.loads(Path(path).read_text())
+    doc["dictionary"] = dictionary.check_sha(sha, str(path))
+    atomic_write(str(path), [json.dumps(doc, separators=(",", ":")).encode()])
+
+
+def read(path: Path) -> Stored:
     try:
         doc = json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
         raise FormatError(f"{path}: cannot read profile: {err}") from None
-    return from_json(doc, str(path))[0]
+    return _stored(doc, str(path))
+
+
+def load(path: Path) -> Profile:
+    return read(path).profile
 
 
 def _candidates():
+    """(entry, shipped) for every profile, the user's first."""
     if user_dir().is_dir():
-        yield from sorted(user_dir().glob("*.json"))
-    shipped = resources.files("kvcli.calibration") / "profiles"
-    for entry in sorted(shipped.iterdir(), key=lambda e: e.name):
+        for path in sorted(user_dir().glob("*.json")):
+            yield path, False
+    for entry in sorted(shipped_dir().iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".json"):
-            yield entry
+            yield entry, True
 
 
-def find(model_identity: dict) -> Profile | None:
-    """The profile made for exactly this model (same config and weights digests), or None."""
+def shipped_dir():
+    """The profiles shipped inside kvcli; their dictionaries lie in its dictionary.DICT_DIR (ShippedPlace)."""
+    return resources.files("kvcli.calibration") / "profiles"
+
+
+def lookup(model_identity: dict) -> Stored | None:
+    """The profile made for exactly this model (same config and weights digests), with the dictionary it
+    names, or None."""
     wanted = (model_identity["config_digest"], model_identity["weights_digest"])
-    for entry in _candidates():
+    for entry, shipped in _candidates():
         try:
             doc = json.loads(entry.read_text())
             model = doc["model"]
@@ -104,5 +170,11 @@ def find(model_identity: dict) -> Profile | None:
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise FormatError(f"{entry}: cannot read profile ({err}); delete it or rerun kvcli calibrate") from None
         if found == wanted:
-            return from_json(doc, str(entry))[0]
+            return _stored(doc, str(entry), shipped)
     return None
+
+
+def find(model_identity: dict) -> Profile | None:
+    """The profile made for exactly this model, or None."""
+    stored = lookup(model_identity)
+    return None if stored is None else stored.profile

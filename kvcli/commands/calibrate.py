@@ -17,6 +17,7 @@ def calibrate(
     out: Optional[str] = typer.Option(None, "--output", "-o", help="Write the profile here instead of the profile directory"),
     method: str = typer.Option("fisher", "--method", help="fisher (a few passes per text) or probes (one pass per head: slow, the reference)"),
     as_json: bool = typer.Option(False, "--json", help="Print the profile's summary as JSON"),
+    transform: bool = typer.Option(True, "--transform/--no-transform", help="Also learn kvq's per-head transform (a dictionary in the user's cache, named by the profile)"),
 ) -> None:
     """Measure MODEL's sensitivity to cache loss once; lossy presets then use the stored profile."""
     from pathlib import Path
@@ -40,16 +41,19 @@ def calibrate(
     with Progress(console=stderr_console(), transient=True, redirect_stdout=False,
                   disable=not is_terminal(sys.stderr)) as bar:
         task = bar.add_task("calibrating", total=calib.passes(lm, len(texts), method))
-        profile, details = calib.calibrate(lm, texts, method=method, progress=lambda: bar.advance(task))
-    path = profiles.save(profile, lm.identity, details, Path(out) if out else None)
-    profile = profiles.load(path)  # as stored: the digest must describe the rounded numbers the codec will use
-    s = profile.sensitivity
+        result = calib.calibrate(lm, texts, method=method, progress=lambda: bar.advance(task), transform=transform)
+    path = calib.store(lm, result, Path(out) if out else None)
+    stored = profiles.read(path)  # as stored: the digest must describe the rounded numbers the codec will use
+    profile, s = stored.profile, stored.profile.sensitivity
     summary = {"profile": str(path), "name": profile.name, "digest": profile.digest(), "layers": layers,
-               "sensitivity_range": [float(s.min()), float(s.max())], "texts": details["texts"], "method": method}
+               "sensitivity_range": [float(s.min()), float(s.max())], "texts": result.details["texts"],
+               "method": method, "dictionary": stored.dictionary}
     if as_json:
         emit_json(summary)
     else:
-        write_stdout_text(f"wrote profile {path} (sensitivity spans {s.max() / max(s.min(), 1e-12):.0f}x across layers)\n")
+        named = f"; transform in dictionary {stored.dictionary}" if stored.dictionary else ""
+        write_stdout_text(f"wrote profile {path} (sensitivity spans {s.max() / max(s.min(), 1e-12):.0f}x across "
+                          f"layers{named})\n")
 
 
 def register(app: typer.Typer) -> None:
