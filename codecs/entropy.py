@@ -30,6 +30,9 @@ HEAD = struct.Struct("<III")  # lanes, words, escape bytes
 BAND_WIDTH, BANDS = 6, 9
 PLAIN_BAND = 4  # the band of e = 0: every token of a layer and kind without token weights
 NO_TABLE = 0xFFFF  # a file has at most (MAX_CLASS - MIN_CLASS + 1) * BANDS = 261 tables
+# Version 4's symbols take one of several tables per class, symbol by symbol: with half the search buckets of
+# rans.BUCKET_BITS those tables share the cache better (codecs/_ans.c, search).
+BANDED_BUCKET_BITS = 11
 
 
 def class_of(std: np.ndarray) -> np.ndarray:
@@ -272,8 +275,10 @@ def count_banded(cls: int, rows: np.ndarray, bands: np.ndarray) -> dict[int, np.
 def tables_of(counts: dict) -> ClassTables:
     """One table per class (keys int) or per (class, band) (keys pairs, version 4) from its symbol counts."""
     keys = sorted(counts)
-    freqs = rans.Tables([rans.normalize_counts(counts[k]) for k in keys])
-    if keys and isinstance(keys[0], tuple):
+    banded = bool(keys) and isinstance(keys[0], tuple)
+    freqs = rans.Tables([rans.normalize_counts(counts[k]) for k in keys],
+                        bucket_bits=BANDED_BUCKET_BITS if banded else rans.BUCKET_BITS)
+    if banded:
         return ClassTables(tuple(k[0] for k in keys), freqs, tuple(k[1] for k in keys))
     return ClassTables(tuple(keys), freqs)
 
@@ -311,7 +316,8 @@ def unpack_tables(data: bytes, banded: bool = False) -> ClassTables:
             pos += 2 * size
             classes.append(cls)
         # every table's frequencies checked at once (rans.check_table's rules), the first bad one named
-        coder = rans.Tables(freqs, lambda k: f"table for class {classes[k]}")
+        coder = rans.Tables(freqs, lambda k: f"table for class {classes[k]}",
+                            BANDED_BUCKET_BITS if banded else rans.BUCKET_BITS)
     except struct.error:
         raise CodecError("entropy tables are truncated") from None
     except rans.StreamError as err:

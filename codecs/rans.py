@@ -25,6 +25,7 @@ WORD_BITS = 16
 WORD_MASK = (1 << WORD_BITS) - 1
 STEPS_PER_LANE = 1024  # the lane count rule: a stream of n symbols has ceil(n / STEPS_PER_LANE) lanes
 MAX_ALPHABET = 1 << 16
+BUCKET_BITS = 12  # the C decoder's search buckets per table (2^12), where a stream switches tables rarely
 _ans.check_constants(PRECISION_BITS, STATE_LOW, WORD_BITS)
 
 
@@ -52,10 +53,12 @@ class Stream:
 class Tables:
     """Frequency tables, indexed 0..count-1, each summing to TOTAL with every entry >= 1. Immutable."""
 
-    def __init__(self, freqs: list[np.ndarray], what=lambda k: f"table {k}"):
+    def __init__(self, freqs: list[np.ndarray], what=lambda k: f"table {k}", bucket_bits: int = BUCKET_BITS):
         """StreamError, naming the first bad table as what(k) says, unless every table passes check_table. The
-        checks and cumulative frequencies run over all tables at once: a version 4 file has up to 261 of them."""
+        checks and cumulative frequencies run over all tables at once: a version 4 file has up to 261 of them.
+        bucket_bits: the decoder's search buckets per table (codecs/_ans.c, search), 11 or 12."""
         self.count = len(freqs)
+        self.bucket_bits = bucket_bits
         self.freqs = [np.asarray(f, dtype=np.uint32) for f in freqs]
         size = np.array([len(f) for f in self.freqs], dtype=np.int64)
         base = np.cumsum(size) - size
@@ -77,7 +80,7 @@ class Tables:
     def search(self):
         """The C decoder's search tables (an opaque capsule of _ans.search), built once: per batch, a file's 206
         version 4 tables took 0.5 ms."""
-        return _ans.search(*self.coder_arrays)
+        return _ans.search(*self.coder_arrays, self.bucket_bits)
 
     def lookup(self) -> tuple[np.ndarray, np.ndarray]:
         """The GPU decoder's tables over (table, slot), (count + 1) * TOTAL entries each: the symbol (uint16),

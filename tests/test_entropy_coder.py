@@ -28,9 +28,12 @@ def coded(seed: int = 0, sizes=(5, 8 * 1024 + 1, 4)):
     return tables, streams, rans.encode_streams(tables, streams)
 
 
-def test_streams_round_trip_and_match_the_reference_decoder():
-    """Lane counts 0 to 3, partial last steps; the plain-Python decoder of tests/kvq_reference.py agrees."""
+@pytest.mark.parametrize("bits", [11, 12])
+def test_streams_round_trip_and_match_the_reference_decoder(bits):
+    """Lane counts 0 to 3, partial last steps, both bucket sizes of the decoder's search tables; the plain-Python
+    decoder of tests/kvq_reference.py agrees."""
     tables, streams, out = coded(1, (0, 1, 2, 1023, 1024, 1025, 2048, 3000))
+    tables = rans.Tables(tables.freqs, bucket_bits=bits)
     assert [len(st.states) for st in out] == [0, 1, 1, 1, 1, 2, 2, 3]
     decoded = rans.decode_streams(tables, [(t, st) for (_, t), st in zip(streams, out)])
     for (sym, tid), st, got in zip(streams, out, decoded):
@@ -214,9 +217,12 @@ def shifted_cum(fc):
                                              (lambda fc: fc * 2, "freq")])  # tables that do not sum to 2^16
 def test_c_search_tables_refuse_bad_tables(change, message):
     fc, base, size = tables_of(np.random.default_rng(0)).coder_arrays
-    _ans.search(fc, base, size)
-    with pytest.raises(ValueError, match=message):
-        _ans.search(change(fc), base, size)
+    for bits in (11, 12):
+        _ans.search(fc, base, size, bits)
+        with pytest.raises(ValueError, match=message):
+            _ans.search(change(fc), base, size, bits)
+    with pytest.raises(ValueError, match="bucket bits"):
+        _ans.search(fc, base, size, 13)
 
 
 def raw_banded_args(tables, segments):
