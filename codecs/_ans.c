@@ -1009,18 +1009,21 @@ done:
 /* ------------------------------------------------------------------------------------------ encoder: segments */
 
 PyDoc_STRVAR(count_tuples_doc,
-             "count_tuples(rows, tokens, half, m, counts)\n\n"
-             "Adds to counts (int64, (2K + 1)^m + 1) how often each joint symbol of to_tuples(rows, ...) occurs.");
+             "count_tuples(rows, tokens, half, m, counts[, bands])\n\n"
+             "Adds to counts (int64, (2K + 1)^m + 1) how often each joint symbol of to_tuples(rows, ...) occurs. With\n"
+             "bands (uint8, one per value of rows, each below 9; kvq version 4), counts has 9 such rows and each tuple\n"
+             "counts in the row of its first token's band.");
 
 static PyObject *count_tuples(PyObject *self, PyObject *args) {
-    PyObject *o_rows, *o_counts;
+    PyObject *o_rows, *o_counts, *o_bands = Py_None;
     long long tokens, half, m;
-    View rows = {0}, cv = {0};
+    View rows = {0}, cv = {0}, bv = {0};
     PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "OLLLO", &o_rows, &tokens, &half, &m, &o_counts)) return NULL;
+    if (!PyArg_ParseTuple(args, "OLLLO|O", &o_rows, &tokens, &half, &m, &o_counts, &o_bands)) return NULL;
     if (PyObject_GetBuffer(o_rows, &rows.buf, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) goto done;
     rows.held = 1;
-    if (view_get(o_counts, &cv, 1, 8, "counts")) goto done;
+    if (view_get(o_counts, &cv, 1, 8, "counts") || (o_bands != Py_None && view_get(o_bands, &bv, 0, 1, "bands")))
+        goto done;
     Py_ssize_t item = rows.buf.itemsize;
     if ((item != 2 && item != 4) || tokens < 1 || !tuple_shape_ok(half, m) ||
         rows.buf.len % (item * tokens)) {
@@ -1029,11 +1032,23 @@ static PyObject *count_tuples(PyObject *self, PyObject *args) {
     }
     uint32_t esc = 1;
     for (int64_t j = 0; j < m; j++) esc *= 2 * (uint32_t)half + 1;
-    if (ITEMS(cv, int64_t) != (Py_ssize_t)esc + 1) {
-        PyErr_SetString(PyExc_ValueError, "count_tuples: counts must have one entry per symbol of the alphabet");
+    const int64_t n = rows.buf.len / item / tokens, per_row = (tokens + m - 1) / m;
+    const uint8_t *band = bv.held ? DATA(bv, uint8_t) : NULL;
+    if (ITEMS(cv, int64_t) != (Py_ssize_t)(esc + 1) * (band ? BANDS : 1)) {
+        PyErr_SetString(PyExc_ValueError, "count_tuples: counts must have one entry per symbol of the alphabet (per band)");
         goto done;
     }
-    const int64_t n = rows.buf.len / item / tokens, per_row = (tokens + m - 1) / m;
+    if (band) {
+        if (ITEMS(bv, uint8_t) != n * tokens) {
+            PyErr_SetString(PyExc_ValueError, "count_tuples: one band per value of rows");
+            goto done;
+        }
+        for (Py_ssize_t i = 0; i < ITEMS(bv, uint8_t); i++)
+            if (band[i] >= BANDS) {
+                PyErr_SetString(PyExc_ValueError, "count_tuples: a band past the last");
+                goto done;
+            }
+    }
     uint32_t *buf = PyMem_RawMalloc(per_row * sizeof(uint32_t));
     if (!buf) {
         PyErr_NoMemory();
@@ -1044,14 +1059,19 @@ static PyObject *count_tuples(PyObject *self, PyObject *args) {
     for (int64_t r = 0; r < n; r++) {
         row_symbols((const char *)rows.buf.buf + r * tokens * item, item == 4, tokens, (int)m, (int32_t)half, buf,
                     NULL, NULL);
-        for (int64_t i = 0; i < per_row; i++) counts[buf[i]]++;
+        if (band) {
+            const uint8_t *b = band + r * tokens;
+            for (int64_t i = 0; i < per_row; i++) counts[(int64_t)b[i * m] * (esc + 1) + buf[i]]++;
+        } else {
+            for (int64_t i = 0; i < per_row; i++) counts[buf[i]]++;
+        }
     }
     Py_END_ALLOW_THREADS
     PyMem_RawFree(buf);
     result = Py_None;
     Py_INCREF(result);
 done:
-    view_release(&rows), view_release(&cv);
+    view_release(&rows), view_release(&cv), view_release(&bv);
     return result;
 }
 

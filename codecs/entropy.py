@@ -264,12 +264,11 @@ def count_symbols(cls: int, rows: np.ndarray) -> np.ndarray:
 def count_banded(cls: int, rows: np.ndarray, bands: np.ndarray) -> dict[int, np.ndarray]:
     """Version 4's count_symbols: per band, how often each joint symbol of class `cls` occurs in rows (n, tokens)
     whose tuples take the bands (n, tokens) of their first tokens."""
-    m = class_layout(cls)[1]
-    symbols, _ = to_tuples(rows, class_layout(cls)[0], m)
-    size = alphabet(cls)
-    both = np.bincount(bands[:, ::m].reshape(-1).astype(np.int64) * size + symbols, minlength=BANDS * size)
-    both = both.reshape(BANDS, size)
-    return {int(b): both[b] for b in np.unique(bands[:, ::m]).tolist()}
+    both = np.zeros((BANDS, alphabet(cls)), np.int64)
+    if rows.size:  # in C without the GIL, as count_symbols
+        rows = np.ascontiguousarray(rows if rows.dtype in (np.int16, np.int32) else rows.astype(np.int32))
+        _ans.count_tuples(rows, rows.shape[1], *class_layout(cls), both, np.ascontiguousarray(bands, np.uint8))
+    return {int(b): both[b] for b in np.flatnonzero(both.any(axis=1)).tolist()}  # the bands some tuple starts in
 
 
 def tables_of(counts: dict) -> ClassTables:

@@ -375,3 +375,25 @@ def test_the_c_decoder_releases_the_gil():
     during = ticks_during(lambda: _ans.decode(*args))
     assert np.array_equal(args[6], np.full_like(states, rans.STATE_LOW))  # the decode itself succeeded
     assert during >= 10, during
+
+
+@pytest.mark.parametrize("cls", [-10, 2, 9])  # tuple lengths 4, 2, 1
+def test_banded_counts_are_the_tuples_of_each_band(cls):
+    """Version 4's table counts (count_banded, in C) against to_tuples' symbols counted by their first token's
+    band: a token count that pads, escapes, bands that change from token to token."""
+    rng = np.random.default_rng(cls + 20)
+    rows = (rng.normal(size=(6, 13)) * 2.0 ** (cls / 2)).round().astype(np.int32)
+    rows[:, 5] = 900  # escapes
+    bands = rng.choice([1, 4, 8], size=rows.shape).astype(np.uint8)
+    got = entropy.count_banded(cls, rows, bands)
+    half, m = entropy.class_layout(cls)
+    symbols, _ = entropy.to_tuples(rows, half, m)
+    firsts = bands[:, ::m].reshape(-1)
+    assert sorted(got) == sorted(set(firsts.tolist()))
+    for band, counts in got.items():
+        assert np.array_equal(counts, np.bincount(symbols[firsts == band], minlength=entropy.alphabet(cls)))
+    counts = np.zeros((entropy.BANDS, entropy.alphabet(cls)), np.int64)
+    with pytest.raises(ValueError, match="band past the last"):
+        _ans.count_tuples(rows, 13, half, m, counts, np.full(rows.shape, 9, np.uint8))
+    with pytest.raises(ValueError, match="one band per value"):
+        _ans.count_tuples(rows, 13, half, m, counts, bands[:, :-1].copy())
