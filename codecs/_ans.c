@@ -1,7 +1,8 @@
 /* kvcli's entropy coder in C (docs/codec.md, "Entropy stream" and "Channel classes, tuples, symbols"): batch
  * encode and decode of kvcli's interleaved rANS streams, one stream after another, kvq's joint symbols both ways
- * (to_tuples, count_tuples, count_escapes, expand), each channel's spread for its class, and a segment's joint
- * symbols coded in one call (encode_rows), each with the GIL released so that threads code batches in parallel.
+ * (to_tuples, count_tuples, count_escapes, expand), kvq version 4's table of each symbol (decode_banded,
+ * table_ids), each channel's spread for its class, and a segment's joint symbols coded in one call (encode_rows),
+ * each with the GIL released so that threads code batches in parallel.
  * kvq's arithmetic (un-RoPE, quantization, reconstruction) is codecs/kvq_ops/, another extension.
  *
  * codecs/rans.py and codecs/entropy.py are the only callers: they build the arrays and turn the per-stream
@@ -97,8 +98,9 @@ static int layout_check(const int64_t *counts, const int64_t *lanes, Py_ssize_t 
  * slot's symbol is its bucket's or a later one, found by a forward search that rarely takes a step. 2^12 buckets
  * keep a table at 8 KiB, so a segment's one table per class stays in cache (a 2^16-entry slot table per class,
  * 128 KiB, did not, and its misses took half the decoder's time). Where each symbol of a class takes one of
- * several tables (kvq version 4: a table per band), 2^11 buckets decoded faster: 5-10% less time for version 4
- * streams, where version 3's lost 3-5% (the same streams timed batch by batch against each build, one process). */
+ * several tables (kvq version 4: a table per band), 2^11 buckets decoded faster: 5-11% less time for version 4
+ * streams, where version 3's took 4-6% more (the same streams timed batch by batch against each build, one
+ * process). */
 typedef struct {
     Py_ssize_t count;
     int bits;

@@ -35,8 +35,8 @@ from .base import (ITEMSIZE, Codec, CodecError, Decoder, Encoder, SegmentContext
                    tensor_bytes, unzstd)
 from .kvq_ops import dequantize, quantize
 
-# Written unless asked otherwise. Version 4 (make_codec(version=4)) is 5% smaller, but decodes 1.5-1.8x slower per
-# element on CPU (docs/codec.md, "Version 4"): it becomes the default when it decodes as fast as version 3.
+# Written unless asked otherwise. Version 4 (make_codec(version=4)) is 3-5% smaller, but still decodes about 1.1x
+# slower per element on CPU (docs/codec.md, "Version 4"): it becomes the default when it decodes as fast as version 3.
 FORMAT_VERSION = 3
 # Version 2 is version 3 without token weights; version 4 is version 3 with entropy tables per (class,
 # token-exponent band) (docs/codec.md, "Version 4").
