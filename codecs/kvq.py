@@ -18,6 +18,7 @@ codecs/kvq_ops/ (docs/codec.md, "Where the code lives").
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import struct
@@ -36,8 +37,8 @@ from .kvq_ops import dequantize, quantize
 from .kvq_ops import transform as transform_ops
 from .transform import MAX_COMPONENT, Transforms
 
-# Written unless asked otherwise. Version 4 (make_codec(version=4)) is 5% smaller, but decodes 1.5-1.8x slower per
-# element on CPU (docs/codec.md, "Version 4"): it becomes the default when it decodes as fast as version 3.
+# Written unless asked otherwise. Version 4 (make_codec(version=4)) is 3-5% smaller, but still decodes about 1.1x
+# slower per element on CPU (docs/codec.md, "Version 4"): it becomes the default when it decodes as fast as version 3.
 FORMAT_VERSION = 3
 # Version 2 is version 3 without token weights; version 4 is version 3 with entropy tables per (class,
 # token-exponent band) (docs/codec.md, "Version 4").
@@ -392,6 +393,11 @@ class TokenWeights:
     first: int
     exponents: np.ndarray
 
+    @functools.cached_property
+    def bands(self) -> np.ndarray:
+        """Version 4's band (uint8, heads, tokens) of every exponent, computed once (threads compute the same)."""
+        return entropy.bands_of(self.exponents)
+
     def factors(self, start: int, tokens: int) -> torch.Tensor:
         """float32 (heads, tokens) step factors 2^(e/8) of positions [start, start + tokens), which must lie
         inside the weights' range (callers check with covers)."""
@@ -446,17 +452,21 @@ class _Planned:
                              f"{weights.first + weights.exponents.shape[1]}) do not cover the segment")
         return weights
 
-    def _table_ids(self, ctx: SegmentContext, skip: int, lay: entropy.Layout) -> np.ndarray | None:
-        """Version 4: the table of each of a segment's symbols (entropy.Layout.table_ids); None before."""
+    def _bands(self, ctx: SegmentContext, skip: int) -> np.ndarray | None:
+        """Version 4: the bands (heads, non-sink tokens) uint8 of a segment's coded tokens, which choose its symbols'
+        tables (docs/codec.md, "Version 4"); None before."""
         if self.tables.bands is None:
             return None
         weights = self._token_weights(ctx, skip)
         if weights is None:
-            bands = np.full((ctx.heads, ctx.tokens - skip), entropy.PLAIN_BAND, np.uint8)
-        else:
-            lo = ctx.token_start + skip - weights.first
-            bands = entropy.bands_of(weights.exponents[:, lo : lo + ctx.tokens - skip])
-        return lay.table_ids(self.tables, bands, ctx.dim)
+            return np.full((ctx.heads, ctx.tokens - skip), entropy.PLAIN_BAND, np.uint8)
+        lo = ctx.token_start + skip - weights.first
+        return weights.bands[:, lo : lo + ctx.tokens - skip]
+
+    def _table_ids(self, ctx: SegmentContext, skip: int, lay: entropy.Layout) -> np.ndarray | None:
+        """Version 4: the table of each of a segment's symbols (entropy.Layout.table_ids); None before."""
+        bands = self._bands(ctx, skip)
+        return None if bands is None else lay.table_ids(self.tables, bands, ctx.dim)
 
     def _token_factors(self, ctx: SegmentContext, skip: int) -> torch.Tensor | None:
         """float32 (heads, non-sink tokens) step factors of a segment's body, or None (_token_weights)."""
@@ -612,8 +622,8 @@ class KvqDecoder(_Planned, Decoder):
         for i, ((ctx, _), (_, skip, coded)) in enumerate(zip(segments, self.split(segments))):
             try:
                 lay = self._entropy_layout(ctx.layer, KINDS.index(ctx.kind), ctx.tokens - skip)
-                ids = self._table_ids(ctx, skip, lay)
-                jobs.append((lay, coded) if ids is None else (lay, coded, ids))
+                bands = self._bands(ctx, skip)
+                jobs.append((lay, coded) if bands is None else (lay, coded, bands, ctx.dim))
             except CodecError as err:
                 raise CodecError(str(err), index=i) from None
         out = entropy.decode_segments(self.tables, jobs)

@@ -132,7 +132,8 @@ def decode_onto(state: DeviceState, segments: list[tuple[SegmentContext, bytes, 
 
 def _banded_ids(state: DeviceState, segments, split, order: list[int]) -> torch.Tensor | None:
     """Version 4: the table of every symbol of the batch (in `order`), from its segment's token bands, computed on
-    the host as the CPU path does (KvqDecoder._table_ids) and sent in one transfer; None before version 4."""
+    the host by the CPU decoder's own mapping (KvqDecoder._table_ids, _ans.table_ids) and sent in one transfer;
+    None before version 4."""
     decoder = state.decoder
     if decoder.tables.bands is None:
         return None
