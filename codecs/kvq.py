@@ -573,8 +573,7 @@ class KvqDecoder(_Planned, Decoder):
 
     def __init__(self, *args):
         super().__init__(*args)
-        # A transformed file decodes on a device through entropy() and reconstruct()'s torch form.
-        self.on_device = self.backend == "triton" and not self._matrices
+        self.on_device = self.backend == "triton"
         self._segments: dict = {}  # _segment's results by layout; every thread computes the same values
         self._layouts: dict = {}  # entropy.Layout by (layer, kind, non-sink tokens), likewise
         self._host = {key: (c.numpy().reshape(-1), st.numpy().reshape(-1)) for key, (c, st) in self._tensors.items()}

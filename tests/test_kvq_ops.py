@@ -171,9 +171,10 @@ def transform_case(rng: np.random.Generator, heads: int, tokens: int, dim: int, 
 
 @pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("heads,tokens,dim", SHAPES + [(1, 5, 256)])
-def test_untransform(heads, tokens, dim, wide):
-    """M q exact, rounded once to float32, times 2^-10: the torch reference against int64 arithmetic. (Its C form
-    runs inside reconstruct, test_reconstruct_transformed; its Triton form inside the device decoder.)"""
+def test_untransform(device, heads, tokens, dim, wide):
+    """M q exact, rounded once to float32, times 2^-10: the torch reference and the Triton form (its dot product in
+    float32, or for wide integers its float64 fallback) against int64 arithmetic. (The C form runs inside
+    reconstruct: test_reconstruct_transformed.)"""
     from kvcli.codecs.kvq_ops import transform
 
     rng = np.random.default_rng(heads * 1000 + tokens * 10 + dim + wide)
@@ -181,6 +182,13 @@ def test_untransform(heads, tokens, dim, wide):
     exact = np.einsum("hij,hjt->hit", matrix.astype(np.int64), q.astype(np.int64))
     want = torch.from_numpy(exact.astype(np.float32) * np.float32(2.0**-10))  # int64 -> float32: one rounding
     assert torch.equal(bits(transform.untransform_ref(torch.from_numpy(q), torch.from_numpy(matrix))), bits(want))
+    if triton_forms() is not None:
+        from kvcli.codecs.kvq_ops import transform_triton
+
+        largest = int(np.abs(q.astype(np.int64)).max())
+        assert (largest * transform_triton.row_sum(torch.from_numpy(matrix)) < transform_triton.FLOAT32_EXACT) != wide
+        got = transform_triton.untransform(torch.from_numpy(q).to(device), torch.from_numpy(matrix).to(device), largest)
+        assert torch.equal(bits(got.cpu()), bits(want))
 
 
 @pytest.mark.parametrize("wide", [False, True])

@@ -241,13 +241,32 @@ def test_roundtrip_gives_the_files_values():
             assert torch.equal(codec.roundtrip(x, layer, kind, 0), y)
 
 
-def test_triton_backend_decodes_transformed_files_to_the_same_bits(device):
-    kv = correlated_cache(6, torch.float16)
-    _, codec, xf = codecs_for(kv)
-    data = build(kv, codec)
-    a, b = decode(data, xf), decode(data, xf, backend="triton", device=device)
-    for x, y in zip(a.keys + a.values, b.keys + b.values):
-        assert np.array_equal(bits_of(x), bits_of(y))
+def test_triton_backend_decodes_transformed_files_to_the_same_bits(device, dtype="bfloat16"):
+    """The device decoder (decode_onto: rANS kernel, transform_triton, dequantize_triton) against the CPU's, on a
+    file with token weights, sinks and segments that run on from one another."""
+    pytest.importorskip("triton")
+    kv = correlated_cache(6, DTYPES[dtype], tokens=40)
+    _, codec, xf = codecs_for(kv, sinks=2)
+    data = build(kv, codec, 16, attention(kv, 3))
+    want = decode(data, xf)
+    src = format.BytesSource(data)
+    header = format.read_header(src)
+    read = codec_from_header(header.codec["name"], header.codec["params"]).attach(xf)
+    aux = {s.name: format.read_segment(src, header, s) for s in header.segments if s.kind == "aux"}
+    decoder = read.open(aux, LAYERS, "triton")
+    assert decoder.on_device
+    outs = {(layer, kind): torch.full((HEADS, 40, DIM), float("nan"), dtype=DTYPES[dtype], device=device)
+            for layer in range(LAYERS) for kind in "kv"}
+    jobs = []
+    for seg in header.segments:
+        if seg.kind != "aux":
+            ctx = SegmentContext(seg.kind, seg.layer, seg.token_start, HEADS, seg.token_count, DIM, header.dtype)
+            out = outs[(seg.layer, seg.kind)][:, seg.token_start : seg.token_start + seg.token_count]
+            jobs.append((ctx, format.read_segment(src, header, seg), out))
+    decoder.decode_onto(jobs)
+    for layer in range(LAYERS):
+        for kind, cpu in (("k", want.keys[layer]), ("v", want.values[layer])):
+            assert np.array_equal(bits_of(outs[(layer, kind)].cpu()), bits_of(cpu)), (layer, kind)
 
 
 # ---------------------------------------------------------------- params and refusals
