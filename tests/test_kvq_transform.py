@@ -14,6 +14,7 @@ import kvq_reference
 import numpy as np
 import pytest
 import torch
+import zstandard
 from kvcli.codecs.base import CodecError, SegmentContext
 from kvcli.codecs.kvq import KvqCodec
 from kvcli.codecs.kvq_ops import quantize
@@ -335,3 +336,45 @@ def test_a_transform_must_fit_the_cache_and_the_files_plans():
         decode(build(kv, codec), beyond)
     with pytest.raises(CodecError, match="layer 1 V has"):
         decode(build(kv, codec), wrong)
+
+
+def with_escape(data: bytes, value: int) -> bytes:
+    """The file with the first escape value of its first segment that has any set to `value`."""
+    src = format.BytesSource(data)
+    header = format.read_header(src)
+    meta = {k: getattr(header, k) for k in ("model", "dtype", "token_ids", "chunk_tokens", "codec")}
+    meta |= {"layers": [vars(s) for s in header.layers], "created_by": "test"}
+    parts, done = [], False
+    for seg in header.segments:
+        raw = format.read_segment(src, header, seg)
+        if seg.kind != "aux" and not done:
+            lanes, words, size = struct.unpack_from("<III", raw, 0)
+            at = 12 + 4 * lanes + 2 * words
+            if size:
+                values = np.frombuffer(zstandard.ZstdDecompressor().decompress(raw[at : at + size]), "<i4").copy()
+                values[0] = value
+                frame = zstandard.ZstdCompressor().compress(values.tobytes())
+                raw = struct.pack("<III", lanes, words, len(frame)) + raw[12 : at] + frame + raw[at + size :]
+                done = True
+        parts.append(format.SegmentData(seg.kind, seg.layer, seg.token_start, seg.token_count, raw, seg.name))
+    assert done
+    return format.build_header(meta, parts) + b"".join(p.data for p in parts)
+
+
+def test_component_integers_must_lie_within_2_to_the_30():
+    """Beyond, M q could leave float64's exact integers: every decoder refuses the segment; up to 2^30 - 1 it
+    decodes, and as the reference decoder does."""
+    kv = correlated_cache(10, tokens=40)
+    kv.values[0][0, 5] *= 300  # an outlier token: escapes
+    _, codec, xf = codecs_for(kv, sinks=0)
+    data = build(kv, codec)
+    edge = with_escape(data, (1 << 30) - 1)
+    ours, theirs = decode(edge, xf), kvq_reference.decode_file(edge, xf.pack())
+    for layer in range(LAYERS):
+        for kind, got in (("k", ours.keys[layer]), ("v", ours.values[layer])):
+            assert np.array_equal(bits_of(got), theirs[(layer, kind)]), (layer, kind)
+    for value in (1 << 30, -(1 << 30), -(1 << 31)):
+        with pytest.raises(CodecError, match="beyond"):
+            decode(with_escape(data, value), xf)
+        with pytest.raises(kvq_reference.Invalid):
+            kvq_reference.decode_file(with_escape(data, value), xf.pack())
