@@ -242,29 +242,37 @@ def test_roundtrip_gives_the_files_values():
             assert torch.equal(codec.roundtrip(x, layer, kind, 0), y)
 
 
-def test_triton_backend_decodes_transformed_files_to_the_same_bits(device, dtype="bfloat16"):
-    """The device decoder (decode_onto: rANS kernel, transform_triton, dequantize_triton) against the CPU's, on a
-    file with token weights, sinks and segments that run on from one another."""
-    pytest.importorskip("triton")
-    kv = correlated_cache(6, DTYPES[dtype], tokens=40)
-    _, codec, xf = codecs_for(kv, sinks=2)
-    data = build(kv, codec, 16, attention(kv, 3))
-    want = decode(data, xf)
+def decode_on_device(data: bytes, transforms: Transforms, device) -> dict:
+    """(layer, kind) -> tensor: every segment through the triton backend's device decoder (decode_onto)."""
     src = format.BytesSource(data)
     header = format.read_header(src)
-    read = codec_from_header(header.codec["name"], header.codec["params"]).attach(xf)
+    read = codec_from_header(header.codec["name"], header.codec["params"]).attach(transforms)
     aux = {s.name: format.read_segment(src, header, s) for s in header.segments if s.kind == "aux"}
-    decoder = read.open(aux, LAYERS, "triton")
+    decoder = read.open(aux, len(header.layers), "triton")
     assert decoder.on_device
-    outs = {(layer, kind): torch.full((HEADS, 40, DIM), float("nan"), dtype=DTYPES[dtype], device=device)
-            for layer in range(LAYERS) for kind in "kv"}
+    outs = {(layer, kind): torch.full((shape.kv_heads, header.num_tokens, shape.key_dim), float("nan"),
+                                      dtype=DTYPES[header.dtype], device=device)
+            for layer, shape in enumerate(header.layers) for kind in "kv"}
     jobs = []
     for seg in header.segments:
         if seg.kind != "aux":
-            ctx = SegmentContext(seg.kind, seg.layer, seg.token_start, HEADS, seg.token_count, DIM, header.dtype)
+            shape = header.layers[seg.layer]
+            ctx = SegmentContext(seg.kind, seg.layer, seg.token_start, shape.kv_heads, seg.token_count,
+                                 shape.key_dim, header.dtype)
             out = outs[(seg.layer, seg.kind)][:, seg.token_start : seg.token_start + seg.token_count]
             jobs.append((ctx, format.read_segment(src, header, seg), out))
     decoder.decode_onto(jobs)
+    return outs
+
+
+def test_triton_backend_decodes_transformed_files_to_the_same_bits(device):
+    """The device decoder (decode_onto: rANS kernel, transform_triton, dequantize_triton) against the CPU's, on a
+    file with token weights, sinks and segments that run on from one another."""
+    pytest.importorskip("triton")
+    kv = correlated_cache(6, torch.bfloat16, tokens=40)
+    _, codec, xf = codecs_for(kv, sinks=2)
+    data = build(kv, codec, 16, attention(kv, 3))
+    want, outs = decode(data, xf), decode_on_device(data, xf, device)
     for layer in range(LAYERS):
         for kind, cpu in (("k", want.keys[layer]), ("v", want.values[layer])):
             assert np.array_equal(bits_of(outs[(layer, kind)].cpu()), bits_of(cpu)), (layer, kind)
@@ -378,3 +386,12 @@ def test_component_integers_must_lie_within_2_to_the_30():
             decode(with_escape(data, value), xf)
         with pytest.raises(kvq_reference.Invalid):
             kvq_reference.decode_file(with_escape(data, value), xf.pack())
+
+
+def test_the_device_decoder_refuses_component_integers_beyond_2_to_the_30(device):
+    pytest.importorskip("triton")
+    kv = correlated_cache(10, tokens=40)
+    kv.values[0][0, 5] *= 300
+    _, codec, xf = codecs_for(kv, sinks=0)
+    with pytest.raises(CodecError, match="beyond"):
+        decode_on_device(with_escape(build(kv, codec), 1 << 30), xf, device)
