@@ -51,6 +51,9 @@ def encode(
     chunk_tokens: int = ChunkOpt,
     device: str = DeviceOpt,
     backend: str = BackendOpt,
+    self_contained: bool = typer.Option(False, "--self-contained",
+                                        help="Embed the model's dictionary, if the codec uses one, in the file: "
+                                             "for a file sent alone (written to stdout, it always is)"),
 ) -> None:
     """Write a cache produced elsewhere (a safetensors export) as a .kvc file for MODEL."""
     from ..container.tensorfile import load_tensors
@@ -70,7 +73,7 @@ def encode(
     pipeline.check_finite(kv, options, tensors)
     codec = options.codec(lm)
     pipeline.write_cache(out, kv, lm.identity, codec, options.chunk_tokens, {**pipeline.provenance(), **provenance},
-                         options.backend)
+                         options.backend, self_contained)
 
 
 def inspect(
@@ -101,7 +104,9 @@ def verify(
     if as_json:
         emit_json({"file": file, **result})
     else:
-        write_stdout_text(f"{file}: ok ({result['segments']} segments)\n")
+        found = result["dictionary"]
+        uses = f", dictionary {found['sha256'][:16]}… from {found['found_in']}" if found else ""
+        write_stdout_text(f"{file}: ok ({result['segments']} segments{uses})\n")
 
 
 def register(app: typer.Typer) -> None:

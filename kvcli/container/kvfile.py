@@ -16,7 +16,7 @@ from ..codecs.registry import codec_from_header
 from ..errors import FormatError
 from ..kernels.placement import resolve
 from ..modeling.kvcache import KVCache
-from . import format
+from . import dictionary, format
 
 DEFAULT_CHUNK_TOKENS = 256
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -139,17 +139,46 @@ def encode(kv: KVCache, model_identity: dict, codec: Codec, chunk_tokens: int = 
 
 def open_decoder(src: format.ByteSource, header: format.Header, backend: str = "torch") -> tuple[Codec, Decoder]:
     """The file's codec, validated, and its decoder for `backend` built from the aux segments (checksums
-    verified)."""
+    verified), with the dictionary the file names attached (DictionaryMissing, a FormatError, where none is found)."""
+    codec, decoder, _ = _open(src, header, backend)
+    return codec, decoder
+
+
+def _open(src: format.ByteSource, header: format.Header,
+          backend: str = "torch") -> tuple[Codec, Decoder, dictionary.Dictionary | None]:
     name = getattr(src, "path", "<input>")
     try:
         codec = codec_from_header(header.codec.get("name"), header.codec.get("params"))
     except CodecError as err:
         raise FormatError(f"{name}: codec: {err}") from None
     aux = {s.name: format.read_segment(src, header, s) for s in header.segments if s.kind == "aux"}
+    embedded = aux.pop(dictionary.AUX_NAME, None)
+    needed = getattr(codec, "dictionary", None)
+    if embedded is not None and needed is None:
+        raise FormatError(f"{name}: carries a dictionary its codec does not use")
+    found = attach_dictionary(codec, needed, embedded, src, header, name) if needed is not None else None
     try:
-        return codec, codec.open(aux, len(header.layers), backend)
+        return codec, codec.open(aux, len(header.layers), backend), found
     except CodecError as err:
         raise FormatError(f"{name}: codec tables: {err}") from None
+
+
+def attach_dictionary(codec: Codec, sha: str, embedded: bytes | None, src: format.ByteSource,
+                      header: format.Header, name: str) -> dictionary.Dictionary:
+    """Find the dictionary the file names (in the file, then the places its source names, then the user's
+    cache), check it was made for the file's model, and hand its transforms to the codec."""
+    from ..codecs.transform import Transforms
+
+    if embedded is not None:
+        found = dictionary.parse(embedded, sha, f"{name}: its embedded dictionary")
+    else:
+        found = dictionary.find(sha, dictionary.places_for(src), name)
+    dictionary.check_model(found, header.model, name)
+    try:
+        codec.attach(Transforms.unpack(found.payload))
+    except CodecError as err:
+        raise FormatError(f"{name}: dictionary {sha[:16]}…: {err}") from None
+    return found
 
 
 def _batches(segs: list[format.Segment], ctxs: list[SegmentContext], target: int) -> list[list[int]]:
@@ -369,13 +398,14 @@ def verify(src: format.ByteSource, header: format.Header) -> dict:
     """Everything a reader checks short of loading a model: codec name and params, aux tables, every checksum,
     the decoded-size bounds, and every segment's entropy stage (sizes, stream, escape counts)."""
     name = getattr(src, "path", "<input>")
-    codec, decoder = open_decoder(src, header)
+    codec, decoder, found = _open(src, header)
     check_decoded_size(header, codec, name, None)
     segs, ctxs = _segments(header)
     for batch in _batches(segs, ctxs, decoder.batch_elements):
         _entropy(decoder, name, segs, batch, ctxs, [format.read_segment(src, header, segs[i]) for i in batch])
     return {"ok": True, "codec": codec.name, "segments": len(header.segments), "tensor_segments": len(segs),
-            "decoded_bytes": decoded_bytes(header.layers, header.num_tokens, header.dtype)}
+            "decoded_bytes": decoded_bytes(header.layers, header.num_tokens, header.dtype),
+            "dictionary": {"sha256": found.sha, "found_in": found.where} if found is not None else None}
 
 
 def format_dtype(name: str) -> torch.dtype:

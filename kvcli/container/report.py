@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import format
+from . import dictionary, format
 
 FP16_BYTES = 2
 
@@ -20,6 +20,9 @@ def describe(header: format.Header, file_size: int) -> dict:
                           "k_bits_per_element": round(8 * k / k_el, 3), "v_bits_per_element": round(8 * v / v_el, 3)})
     aux = sum(s.length for s in header.segments if s.kind == "aux")
     first = header.layers[0]
+    params = header.codec.get("params")
+    sha = params.get("dictionary") if isinstance(params, dict) else None
+    embedded = any(s.kind == "aux" and s.name == dictionary.AUX_NAME for s in header.segments)
     return {
         "format_version": f"{header.major}.{header.minor}",
         "model": header.model,
@@ -29,6 +32,7 @@ def describe(header: format.Header, file_size: int) -> dict:
         "head_dim": first.key_dim,
         "dtype": header.dtype,
         "codec": header.codec,
+        "dictionary": {"sha256": sha, "embedded": embedded, "name": dictionary.name_of(sha)} if isinstance(sha, str) else None,
         "chunk_tokens": header.chunk_tokens,
         "segments": len(header.segments),
         "file_bytes": file_size,
@@ -65,6 +69,9 @@ def render(info: dict) -> str:
         f"tokens       {info['tokens']}",
         f"layers       {info['layers']} x {info['kv_heads']} kv heads x head_dim {info['head_dim']}, {info['dtype']}",
         f"codec        {codec['name']}" + (f" ({params})" if params else ""),
+        *([f"dictionary   {info['dictionary']['sha256']} ("
+           + ("embedded in the file)" if info["dictionary"]["embedded"] else f"{info['dictionary']['name']} in its store)")]
+          if info.get("dictionary") else []),
         f"segments     {info['segments']} (chunks of {info['chunk_tokens']} tokens)",
         f"size         {info['file_bytes']:,} bytes (header {info['header_bytes']:,}, tables {info['aux_bytes']:,})",
         f"bits/element {info['bits_per_element']}",

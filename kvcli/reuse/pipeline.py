@@ -12,7 +12,7 @@ import torch
 from ..codecs.base import Codec, CodecError
 from ..codecs.kvq import DEFAULT_SINKS
 from ..codecs.presets import DEFAULT_QUALITY, PRESET_CODECS, QUALITIES, make_codec
-from ..container import format, identity, kvfile
+from ..container import dictionary, format, identity, kvfile
 from ..errors import InputError, ModelMismatchError, UsageError
 from ..modeling import inference, models
 from ..modeling.kvcache import KVCache
@@ -178,9 +178,29 @@ def encode_cache(kv: KVCache, lm_identity: dict, codec: Codec, chunk_tokens: int
         raise InputError(f"cannot store this cache with codec {codec.name}: {err}") from None
 
 
+def codec_dictionary(codec: Codec) -> dictionary.Dictionary | None:
+    """The dictionary a codec's files name (kvq version 4 with a transform), from this machine's own places."""
+    sha = getattr(codec, "dictionary", None)
+    return None if sha is None else dictionary.find(sha, dictionary.own_places(), f"codec {codec.name}")
+
+
+def with_dictionary(parts: list[format.SegmentData], found: dictionary.Dictionary) -> list[format.SegmentData]:
+    """The file's segments with its dictionary embedded (aux segments come first)."""
+    return [format.SegmentData("aux", -1, 0, 0, found.data, dictionary.AUX_NAME)] + parts
+
+
 def write_cache(out: str, kv: KVCache, lm_identity: dict, codec: Codec, chunk_tokens: int,
-                extra: dict | None = None, backend: str = "torch") -> int:
+                extra: dict | None = None, backend: str = "torch", self_contained: bool = False) -> int:
+    """Write the file. A file that names a dictionary gets it beside itself (OUT's directory/dicts/, written
+    first, so no reader sees the file without it), or inside itself with `self_contained` and on a stream, which
+    has no beside."""
     meta, parts = encode_cache(kv, lm_identity, codec, chunk_tokens, extra, backend)
+    found = codec_dictionary(codec)
+    if found is not None:
+        if self_contained or out == "-" or format.is_stream(out):
+            parts = with_dictionary(parts, found)
+        else:
+            dictionary.save(found, os.path.dirname(out) or ".")
     return format.write_kvc(out, meta, parts)
 
 

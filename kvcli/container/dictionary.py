@@ -1,0 +1,224 @@
+"""Dictionaries: what a codec shares across every cache of one model (kvq version 4's per-head transforms), stored
+once as a content-addressed `.kvd` file and named by its SHA-256 in the headers of the files that need it.
+
+A dictionary lives at `dicts/SHA256.kvd` under a store's root and under the user's cache directory; a file sent
+alone can carry its own (the container aux segment `dictionary`, `kvcli encode --self-contained`). A reader looks
+in the file itself, then in each place its source names (the file's directory, its store), then in the user's
+cache; a dictionary found nowhere is a FormatError that names it and every place looked in. Byte layout:
+docs/format.md, "Dictionaries".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ..errors import FormatError
+from . import identity
+from .format import FileSource
+
+MAGIC = b"KVCDICT\x00"
+VERSION = 1
+PREAMBLE = struct.Struct("<8sHI")  # magic, version, header length
+MAX_HEADER_BYTES = 1 << 16
+MAX_PAYLOAD_BYTES = 256 << 20  # a 4,096-dim model's transforms, 16 bits each, fit many times over
+DICT_DIR = "dicts"
+SUFFIX = ".kvd"
+AUX_NAME = "dictionary"  # the container aux segment of a self-contained file
+KINDS = ("kvq-transform",)
+MODEL_FIELDS = ("architecture", "name", "config_digest", "weights_digest")
+SHA = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class Dictionary:
+    sha: str  # of the whole file: its name
+    kind: str
+    model: dict  # MODEL_FIELDS of the model it was learned for
+    payload: bytes  # the codec's own bytes (codecs/transform.py: Transforms.pack)
+    data: bytes  # the whole file, as stored
+    where: str = ""  # where it was read from, for messages and reports
+
+    @property
+    def name(self) -> str:
+        return name_of(self.sha)
+
+
+def sha_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def name_of(sha: str) -> str:
+    """A dictionary's path relative to a store root."""
+    return f"{DICT_DIR}/{sha}{SUFFIX}"
+
+
+def check_sha(value: object, where: str) -> str:
+    """A dictionary name as a header carries it: 64 lowercase hex digits."""
+    if not isinstance(value, str) or not SHA.fullmatch(value):
+        raise FormatError(f"{where}: a dictionary is named by 64 lowercase hex digits (its SHA-256), not {value!r}")
+    return value
+
+
+def build(payload: bytes, model_identity: dict, kind: str = KINDS[0]) -> bytes:
+    """The bytes of a .kvd file holding `payload` for the model `model_identity` describes."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown dictionary kind {kind!r}")
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise ValueError(f"dictionary payload of {len(payload):,} bytes is over {MAX_PAYLOAD_BYTES:,}")
+    header = json.dumps({"kind": kind, "model": {k: str(model_identity[k]) for k in MODEL_FIELDS},
+                         "payload_bytes": len(payload), "payload_sha256": sha_of(payload)},
+                        sort_keys=True, separators=(",", ":")).encode()
+    return PREAMBLE.pack(MAGIC, VERSION, len(header)) + header + payload
+
+
+def parse(data: bytes, expect_sha: str | None = None, where: str = "<dictionary>") -> Dictionary:
+    """A .kvd file's contents, every field checked; with `expect_sha`, the bytes must hash to it (a dictionary
+    is only ever used under the name its contents give it). FormatError naming `where` otherwise."""
+    sha = sha_of(data)
+    if expect_sha is not None and sha != expect_sha:
+        raise FormatError(f"{where}: holds dictionary {sha[:16]}…, not {expect_sha[:16]}… (damaged or misnamed)")
+    if len(data) < PREAMBLE.size:
+        raise FormatError(f"{where}: truncated dictionary ({len(data)} bytes)")
+    magic, version, hlen = PREAMBLE.unpack_from(data, 0)
+    if magic != MAGIC:
+        raise FormatError(f"{where}: not a kvcli dictionary (bad magic)")
+    if version != VERSION:
+        raise FormatError(f"{where}: dictionary version {version} is not supported (this build reads {VERSION})")
+    if hlen > MAX_HEADER_BYTES or PREAMBLE.size + hlen > len(data):
+        raise FormatError(f"{where}: dictionary header length {hlen} is beyond the file")
+    try:
+        doc = json.loads(data[PREAMBLE.size : PREAMBLE.size + hlen].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise FormatError(f"{where}: dictionary header is not JSON: {err}") from None
+    if not isinstance(doc, dict) or set(doc) != {"kind", "model", "payload_bytes", "payload_sha256"}:
+        raise FormatError(f"{where}: dictionary header must hold exactly kind, model, payload_bytes, payload_sha256")
+    kind, model, size, digest = doc["kind"], doc["model"], doc["payload_bytes"], doc["payload_sha256"]
+    if kind not in KINDS:
+        raise FormatError(f"{where}: unknown dictionary kind {kind!r}")
+    if (not isinstance(model, dict) or set(model) != set(MODEL_FIELDS)
+            or not all(isinstance(v, str) for v in model.values())):
+        raise FormatError(f"{where}: dictionary model must hold the strings {', '.join(MODEL_FIELDS)}")
+    start = PREAMBLE.size + hlen
+    if type(size) is not int or size != len(data) - start:
+        raise FormatError(f"{where}: dictionary payload is {len(data) - start} bytes, its header says {size!r}")
+    payload = bytes(data[start:])
+    if digest != sha_of(payload):
+        raise FormatError(f"{where}: dictionary payload checksum mismatch (damaged)")
+    return Dictionary(sha, kind, dict(model), payload, bytes(data), where)
+
+
+def check_model(d: Dictionary, model_identity: dict, where: str) -> None:
+    """A dictionary learned for another model would decode garbage: refuse it."""
+    for field in ("config_digest", "weights_digest"):
+        if d.model[field] != str(model_identity.get(field)):
+            raise FormatError(f"{where}: dictionary {d.sha[:16]}… was made for model {d.model['name']!r}, "
+                              f"not this file's {model_identity.get('name')!r} ({field} differs)")
+
+
+class Place(Protocol):
+    """Somewhere dictionaries may be: `where` for messages, `read(sha)` gives the file's bytes or None."""
+
+    where: str
+
+    def read(self, sha: str) -> bytes | None: ...
+
+
+class DirPlace:
+    """`ROOT/dicts/` of a directory: a directory store's root, a file's own directory, the user's cache."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.where = str(self.root / DICT_DIR)
+
+    def read(self, sha: str) -> bytes | None:
+        try:
+            return (self.root / name_of(sha)).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as err:
+            raise FormatError(f"{self.root / name_of(sha)}: cannot read dictionary: {err.strerror}") from None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DirPlace) and other.root.resolve() == self.root.resolve()
+
+    def __hash__(self) -> int:
+        return hash(self.root)
+
+
+class DictionaryMissing(FormatError):
+    """A file names a dictionary that none of the places holds."""
+
+    def __init__(self, sha: str, needed_by: str, places: list[str]):
+        self.sha, self.places = sha, places
+        looked = ", ".join(places) if places else "nowhere (no place to look)"
+        super().__init__(f"{needed_by}: its dictionary {sha} is missing: looked in {looked}")
+
+
+class ShippedPlace:
+    """The dictionaries shipped inside kvcli beside the shipped calibration profiles (the default model's)."""
+
+    where = "kvcli's shipped dictionaries"
+
+    def read(self, sha: str) -> bytes | None:
+        from importlib import resources
+
+        entry = resources.files("kvcli.calibration") / "profiles" / name_of(sha)
+        return entry.read_bytes() if entry.is_file() else None
+
+
+def cache_place() -> DirPlace:
+    return DirPlace(identity.cache_root())
+
+
+def own_places() -> list[Place]:
+    """Where this machine keeps dictionaries whatever the file: the user's cache, then kvcli's shipped ones."""
+    return [cache_place(), ShippedPlace()]
+
+
+def places_for(source: object) -> list[Place]:
+    """Where a source's dictionaries may be: the places it names (a store's root), else a local file's
+    directory, then own_places."""
+    found: list[Place] = list(getattr(source, "dictionary_places", None) or [])
+    path = getattr(source, "path", None)
+    if not found and isinstance(source, FileSource):
+        found.append(DirPlace(Path(path).parent))
+    for place in own_places():
+        if place not in found:
+            found.append(place)
+    return found
+
+
+def find(sha: str, places: list[Place], needed_by: str) -> Dictionary:
+    """The dictionary named `sha` from the first place holding it (checked against its name);
+    DictionaryMissing naming every place otherwise."""
+    for place in places:
+        data = place.read(sha)
+        if data is not None:
+            return parse(data, sha, f"{place.where}/{sha}{SUFFIX}")
+    raise DictionaryMissing(sha, needed_by, [p.where for p in places])
+
+
+def save(d: Dictionary, root: str | Path) -> Path:
+    """Write `d` under ROOT/dicts/ unless it is there already (content-addressed: same name, same bytes)."""
+    from .format import atomic_write
+
+    path = Path(root) / name_of(d.sha)
+    if path.is_file():
+        try:
+            parse(path.read_bytes(), d.sha, str(path))
+            return path
+        except FormatError:
+            pass  # damaged: replaced below
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(str(path), [d.data])
+    return path
+
+
+def save_to_cache(d: Dictionary) -> Path:
+    return save(d, identity.cache_root())

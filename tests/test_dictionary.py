@@ -1,0 +1,129 @@
+"""The .kvd dictionary file (kvcli/container/dictionary.py): its layout and every refusal, where readers look for
+one and what they say when it is nowhere."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+
+from kvcli.container import dictionary, format
+from kvcli.errors import FormatError
+
+MODEL = {"architecture": "LlamaForCausalLM", "name": "tiny", "config_digest": "c" * 64, "weights_digest": "w" * 64,
+         "tokenizer_digest": "t" * 64}
+PAYLOAD = bytes(range(256)) * 3
+
+
+def made(payload: bytes = PAYLOAD, model: dict = MODEL) -> dictionary.Dictionary:
+    return dictionary.parse(dictionary.build(payload, model))
+
+
+def test_round_trip_names_the_file_by_its_sha256():
+    data = dictionary.build(PAYLOAD, MODEL)
+    d = dictionary.parse(data)
+    assert d.sha == dictionary.sha_of(data) and d.payload == PAYLOAD and d.data == data
+    assert d.kind == "kvq-transform"
+    assert d.model == {k: MODEL[k] for k in dictionary.MODEL_FIELDS}  # the tokenizer does not shape the transform
+    assert d.name == f"dicts/{d.sha}.kvd"
+    assert data[:8] == b"KVCDICT\x00" and struct.unpack_from("<H", data, 8) == (1,)
+    # Content-addressed: the same contents give the same name on every machine.
+    assert dictionary.build(PAYLOAD, MODEL) == data
+
+
+def rebuilt(header: dict, payload: bytes = PAYLOAD, version: int = 1, magic: bytes = dictionary.MAGIC) -> bytes:
+    raw = json.dumps(header).encode()
+    return dictionary.PREAMBLE.pack(magic, version, len(raw)) + raw + payload
+
+
+def good_header() -> dict:
+    data = dictionary.build(PAYLOAD, MODEL)
+    hlen = struct.unpack_from("<I", data, 10)[0]
+    return json.loads(data[14 : 14 + hlen])
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda: b"KVC", "truncated"),
+    (lambda: rebuilt(good_header(), magic=b"NOTADICT"), "bad magic"),
+    (lambda: rebuilt(good_header(), version=2), "version 2 is not supported"),
+    (lambda: dictionary.PREAMBLE.pack(dictionary.MAGIC, 1, 10**6) + b"{}", "beyond the file"),
+    (lambda: rebuilt(good_header())[:-1], "payload is 767 bytes"),
+    (lambda: rebuilt(good_header(), PAYLOAD[:-1] + b"\x00"), "checksum mismatch"),
+    (lambda: rebuilt({**good_header(), "kind": "zstd"}), "unknown dictionary kind"),
+    (lambda: rebuilt({**good_header(), "extra": 1}), "exactly kind, model"),
+    (lambda: rebuilt({**good_header(), "model": {"name": "x"}}), "model must hold"),
+    (lambda: rebuilt({**good_header(), "payload_bytes": True}), "header says True"),
+    (lambda: dictionary.PREAMBLE.pack(dictionary.MAGIC, 1, 3) + b"{x}", "not JSON"),
+])
+def test_every_malformed_dictionary_is_refused_by_name(mutate, message):
+    with pytest.raises(FormatError, match=message) as err:
+        dictionary.parse(mutate(), where="somewhere/x.kvd")
+    assert str(err.value).startswith("somewhere/x.kvd: ")
+
+
+def test_a_dictionary_under_another_name_is_refused():
+    a, b = made(), made(PAYLOAD[::-1])
+    with pytest.raises(FormatError, match="damaged or misnamed"):
+        dictionary.parse(a.data, b.sha)
+
+
+def test_a_dictionary_for_another_model_is_refused():
+    d = made()
+    dictionary.check_model(d, MODEL, "f.kvc")
+    with pytest.raises(FormatError, match="weights_digest differs"):
+        dictionary.check_model(d, {**MODEL, "weights_digest": "x" * 64}, "f.kvc")
+
+
+def test_header_names_are_checked():
+    assert dictionary.check_sha("a" * 64, "h") == "a" * 64
+    for bad in ("A" * 64, "a" * 63, 7, None, "../" + "a" * 61):
+        with pytest.raises(FormatError, match="64 lowercase hex"):
+            dictionary.check_sha(bad, "h")
+
+
+def test_find_takes_the_first_place_holding_it_and_checks_its_bytes(tmp_path):
+    d = made()
+    first, second = tmp_path / "first", tmp_path / "second"
+    dictionary.save(d, second)
+    assert dictionary.find(d.sha, [dictionary.DirPlace(first), dictionary.DirPlace(second)], "f.kvc").where \
+        == f"{second}/dicts/{d.sha}.kvd"
+    # A damaged copy in the first place is an error, not a reason to look further: it names the damaged file.
+    (first / "dicts").mkdir(parents=True)
+    (first / d.name).write_bytes(d.data[:-1] + b"\x00")
+    with pytest.raises(FormatError, match=f"{first}/dicts/{d.sha}.kvd: holds dictionary"):
+        dictionary.find(d.sha, [dictionary.DirPlace(first), dictionary.DirPlace(second)], "f.kvc")
+
+
+def test_a_missing_dictionary_names_itself_and_every_place_looked_in(tmp_path):
+    sha = made().sha
+    places = [dictionary.DirPlace(tmp_path / "a"), dictionary.DirPlace(tmp_path / "b")]
+    with pytest.raises(dictionary.DictionaryMissing) as err:
+        dictionary.find(sha, places, "doc.kvc")
+    assert err.value.exit_code == 4
+    assert str(err.value) == f"doc.kvc: its dictionary {sha} is missing: looked in {tmp_path}/a/dicts, {tmp_path}/b/dicts"
+
+
+def test_save_is_idempotent_and_mends_a_damaged_copy(tmp_path):
+    d = made()
+    path = dictionary.save(d, tmp_path)
+    mtime = path.stat().st_mtime_ns
+    assert dictionary.save(d, tmp_path) == path and path.stat().st_mtime_ns == mtime
+    path.write_bytes(b"garbage")
+    dictionary.save(d, tmp_path)
+    assert path.read_bytes() == d.data
+
+
+def test_a_local_file_is_looked_up_beside_itself_then_in_the_users_cache(tmp_path):
+    f = tmp_path / "doc.kvc"
+    f.write_bytes(b"x")
+    with format.FileSource(f) as src:
+        places = dictionary.places_for(src)
+    assert [p.where for p in places] == [f"{tmp_path}/dicts", str(dictionary.cache_place().root / "dicts"),
+                                         dictionary.ShippedPlace.where]
+    # A stream has no beside.
+    assert [p.where for p in dictionary.places_for(format.BytesSource(b"", "<stdin>"))] == [p.where for p in places[1:]]
+
+
+def test_the_shipped_place_reads_nothing_it_does_not_hold():
+    assert dictionary.ShippedPlace().read("0" * 64) is None
