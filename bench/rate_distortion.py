@@ -3,6 +3,11 @@
     python bench/rate_distortion.py [--model M] [--profile auto|none|PATH] [--corpus DIR] [--plot rd.png] [--step-scales S ...]
                                     [--codecs NAME ...] [--documents N]
 
+With `--transform fit|DICT.kvd`, every kvcli lossy row is run a second time as kvq version 4 with the per-head
+transform (rows `kvcli:PRESET+xf`; bench/xf_dictionary.py: "fit" learns it on the calibration texts and saves it
+in $KVCLI_CACHE_DIR, so point that at a temporary directory). Their bits count the file's bytes only; the
+dictionary's are reported apart (`dictionary_bytes`, per model).
+
 KVTC (bench/kvtc.py) runs when named: `--codecs kvtc@1.0 kvtc@1.5`, the number its target bits per element
 before DEFLATE; its basis is fitted once on kvcli's calibration texts and its bytes reported apart
 (`dictionary_bytes`).
@@ -22,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+import xf_dictionary
 from baselines import registry
 from common import DEFAULT_CORPUS, corpus, emit, environment
 from kvtc import Kvtc
@@ -39,10 +45,11 @@ from kvcli.reuse import pipeline
 KVCLI_PRESETS = ("lossless", "high", "balanced", "small", "tiny")
 
 
-def kvcli_codec(lm, preset: str, profile: str, step_scale: float = 1.0, version: int | None = None):
+def kvcli_codec(lm, preset: str, profile: str, step_scale: float = 1.0, version: int | None = None,
+                transform=None):
     """auto: what `kvcli prefill` would use (a stored profile, else automatic calibration); none: uniform
     steps; else the profile stored at that path, whatever model it names. version: the kvq bitstream version
-    to write (default: kvcli's)."""
+    to write (default: kvcli's); transform: a dictionary (xf_dictionary.load) to write version 4 with."""
     if profile == "auto":
         codec = pipeline.codec_for(preset, lm, step_scale)
     else:
@@ -50,12 +57,14 @@ def kvcli_codec(lm, preset: str, profile: str, step_scale: float = 1.0, version:
         codec = make_codec(preset, chosen, inv_freq_per_layer(lm.model), step_scale)
     if version is not None and isinstance(codec, KvqCodec):
         codec = KvqCodec(codec.scale, codec.sinks, codec.profile, codec.inv_freq, codec.meta, codec.token_alpha, version)
+    if transform is not None and isinstance(codec, KvqCodec):
+        codec = xf_dictionary.with_transform(codec, transform)
     return codec
 
 
 def measure_kvcli(lm, ref: quality.Reference, preset: str, profile: str, step_scale: float = 1.0,
-                  version: int | None = None):
-    codec = kvcli_codec(lm, preset, profile, step_scale, version)
+                  version: int | None = None, transform=None):
+    codec = kvcli_codec(lm, preset, profile, step_scale, version, transform)
     t0 = time.perf_counter()
     meta, parts = kvfile.encode(ref.kv, lm.identity, codec, 256)
     data = format.build_header(meta, parts) + b"".join(p.data for p in parts)
@@ -116,6 +125,8 @@ def main() -> None:
     ap.add_argument("--greedy-tokens", type=int, default=64, help="greedy continuation length; 0 skips it")
     ap.add_argument("--step-scales", type=float, nargs="*", default=[],
                     help="also run each kvcli preset at these --step-scale values (rows kvcli:PRESET@SCALE)")
+    ap.add_argument("--transform", help="also each kvcli lossy row as version 4 with the per-head transform "
+                    "(rows LABEL+xf): fit (learned on the calibration texts), or a dictionary file")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     lm = models.load(args.model, "float32")
@@ -136,6 +147,12 @@ def main() -> None:
             for name in names if name.startswith("kvcli:") for prof, tag in zip(args.profile, tags)]
     runs += [(f"{label}@{scale:g}", name, prof, scale) for label, name, prof, _ in list(runs)
              if name != "kvcli:lossless" for scale in args.step_scales]
+    found = xf_dictionary.load(lm, args.transform, kvcli_codec(lm, "balanced", args.profile[0]), env) \
+        if args.transform else None
+    if found is not None:
+        runs += [(f"{label}+xf", name, prof, scale) for label, name, prof, scale in list(runs)
+                 if name != "kvcli:lossless"]
+        dictionary.update({label: len(found.data) for label, *_ in runs if label.endswith("+xf")})
     runs += [(name, name, None, 1.0) for name in names if not name.startswith("kvcli:")]
     docs = corpus(args.corpus)[: args.documents or None]
     rows: dict[str, list[dict]] = {label: [] for label, _, _, _ in runs}
@@ -147,7 +164,7 @@ def main() -> None:
         for label, name, prof, scale in runs:
             if prof is not None:
                 size, enc_s, dec_s, decoded = measure_kvcli(lm, ref, name.split(":", 1)[1], prof, scale,
-                                                            args.kvq_version)
+                                                            args.kvq_version, found if label.endswith("+xf") else None)
             else:
                 enc, dec = baselines[name]
                 size, enc_s, dec_s, decoded = measure_baseline(ref, enc, dec)
@@ -155,7 +172,7 @@ def main() -> None:
             diverge = quality.first_divergence(exact_greedy, quality.greedy_continuation(
                 lm, ref, decoded, args.greedy_tokens)) if exact_greedy else None
             row = {"what": "rate_distortion", "document": doc.name, "codec": label, "profile": prof,
-                   "kvq_version": args.kvq_version or FORMAT_VERSION,
+                   "kvq_version": 4 if label.endswith("+xf") else args.kvq_version or FORMAT_VERSION,
                    "tokens": ref.kv.num_tokens, "bits_per_element": round(8 * size / elements, 4), "bytes": size,
                    "top1": round(agree.top1, 4), "dnll": round(agree.dnll, 5), "kl": round(agree.kl, 6),
                    "first_divergence": diverge, "encode_elements_per_s": round(elements / enc_s),
