@@ -397,3 +397,17 @@ def test_the_device_decoder_refuses_component_integers_beyond_2_to_the_30(device
     _, codec, xf = codecs_for(kv, sinks=0)
     with pytest.raises(CodecError, match="beyond"):
         decode_on_device(with_escape(build(kv, codec), 1 << 30), xf, device)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_segments_fit_did_not_see_encode_to_the_same_transformed_bytes(backend):
+    """Copies of the cache's values are transformed and quantized afresh (on the CPU with either backend); the bytes
+    equal those coded from fit's integers."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    kv = correlated_cache(11, tokens=48)
+    _, codec, _ = codecs_for(kv, sinks=1)
+    encoder = codec.fit(kv.keys, kv.values, [0] * LAYERS, backend=backend)
+    jobs = [(t[layer][:, start : start + 16], SegmentContext(kind, layer, start, HEADS, 16, DIM, "float32"))
+            for start in (0, 16, 32) for layer in range(LAYERS) for kind, t in (("k", kv.keys), ("v", kv.values))]
+    assert encoder.encode_many(jobs) == encoder.encode_many([(x.clone(), ctx) for x, ctx in jobs])
