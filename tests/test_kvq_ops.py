@@ -154,11 +154,18 @@ def test_dequantize(device, dtype, heads, tokens, dim, rope):
             assert torch.equal(bits(out.cpu()), bits(want))
 
 
-def transform_case(rng: np.random.Generator, heads: int, tokens: int, dim: int, wide: bool):
-    """int16 matrices (heads, dim, dim) of rounded orthonormal columns times 2^10 (what calibration writes), or
-    with `wide` any int16 and integers up to 2^30 - 1, where M q needs float64 (up to 2^53 for dim 256); and
-    integers q (heads, dim, tokens) int32 of kvq's usual spread, with escapes."""
-    if wide:
+def transform_case(rng: np.random.Generator, heads: int, tokens: int, dim: int, wide):
+    """int16 matrices M (heads, dim, dim) and integers q (heads, dim, tokens) int32 in one of the C form's regimes
+    (transform.c), by the bound B = max|q| times M's largest row sum of |M|:
+    - False: rounded orthonormal columns times 2^10 (what calibration writes) and integers of kvq's usual spread
+      (B < 2^24 and |q| < 2^15: int16 pairs with AVX-512 VNNI, else float32);
+    - "mid": entries of M in {-1, 0, 1} and |q| from 2^15 to 60,000 (B < 2^24 but q past int16: float32);
+    - True ("wide"): any int16 and |q| up to 2^30 - 1 (M q up to 2^53 for dim 256: int64)."""
+    if wide == "mid":
+        matrix = rng.integers(-1, 2, (heads, dim, dim)).astype(np.int16)
+        q = rng.integers(-60000, 60001, (heads, dim, tokens)).astype(np.int32)
+        q[..., 0] = 1 << 15
+    elif wide:
         matrix = rng.integers(-(1 << 15), 1 << 15, (heads, dim, dim)).astype(np.int16)
         q = rng.integers(-(1 << 30) + 1, 1 << 30, (heads, dim, tokens)).astype(np.int32)
     else:
@@ -191,20 +198,19 @@ def test_untransform(device, heads, tokens, dim, wide):
         assert torch.equal(bits(got.cpu()), bits(want))
 
 
-@pytest.mark.parametrize("wide", [False, True])
+@pytest.mark.parametrize("wide", [False, "mid", True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,tokens,dim", SHAPES + [(2, 37, 256)])
 @pytest.mark.parametrize("rope", [False, True])
 def test_reconstruct_transformed(dtype, heads, tokens, dim, rope, wide):
     """A transformed segment's reconstruction in C (dequantize.reconstruct with the matrices: transform.c's M q in
-    float32 blocks, or in int64 where the integers are too large for float32) against the torch reference, into
-    the output layouts of test_dequantize."""
-    rng = np.random.default_rng(heads * 1000 + tokens * 10 + dim + 7 + wide)
+    each of its regimes, transform_case) against the torch reference, into the output layouts of test_dequantize."""
+    rng = np.random.default_rng(heads * 1000 + tokens * 10 + dim + 7 + (wide is True) + 2 * (wide == "mid"))
     matrix, q = transform_case(rng, heads, tokens, dim, wide)
     center = torch.from_numpy(rng.standard_normal((heads, dim)).astype(np.float32) * 100).half().float()
     step = torch.from_numpy(np.exp(rng.uniform(-12, 4, (heads, dim))).astype(np.float32)).half().float()
     if wide:  # values that stay finite in every dtype
-        step = torch.full((heads, dim), 2.0**-40)
+        step = torch.full((heads, dim), 2.0**-40 if wide is True else 2.0**-4)
     factor = torch.from_numpy(np.float32(2.0 ** (rng.integers(-24, 25, (heads, tokens)) / 8)))
     freq = inv_freq(dim) if rope else None
     symbols, tables = as_symbols(q)

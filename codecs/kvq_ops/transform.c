@@ -2,11 +2,14 @@
  * per head, M q for the int16 matrix M (dim, dim) and a segment's integers q (dim, tokens), exactly. reconstruct
  * (dequantize.c) calls it between the expansion and the dequantization, with the GIL released.
  *
- * Exact in any summation order (docs/codec.md, "Reconstruction"): where max|q| times M's largest row sum of |M|
- * is below 2^24, every partial sum is an integer float32 holds, so a blocked float32 product that the compiler
- * vectorizes gives M q exactly; otherwise int64 sums, rounded once to float32. */
+ * Exact in any summation order (docs/codec.md, "Reconstruction"), by the bound B = max|q| times M's largest row sum
+ * of |M|, which bounds every partial sum: where the CPU has AVX-512 VNNI, every |q| fits int16 and B < 2^31, int16
+ * pairs multiplied and summed into int32 (vpdpwssd, exact), each sum rounded once to float32; else where B < 2^24,
+ * a blocked float32 product that the compiler vectorizes (float32 holds every partial sum); else int64 sums, each
+ * rounded once to float32. */
 #include "_kvq.h"
 
+#include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>  /* abs */
 #include <string.h>  /* memcpy */
@@ -52,6 +55,52 @@ static void head_f32(const float *restrict m, const float *restrict qf, float *r
         }
 }
 
+#define VNNI_ROWS 8  /* output rows per block, one 16-token int32 accumulator each */
+#define VNNI_TILE 16
+
+/* One head with AVX-512 VNNI: y (dim, tokens) from mp (dim, pairs), M's rows as int16 pairs (M[i][2k], M[i][2k+1])
+ * in one int32, and qp (pairs, tokens), q's rows 2k and 2k + 1 interleaved likewise; every sum exact in int32
+ * here, converted to float32 (rounded to nearest, ties to even). Blocks of VNNI_ROWS rows and 16 tokens; the
+ * edges one int64 sum at a time from m and q. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+static void head_vnni(const int32_t *restrict mp, const int32_t *restrict qp, const int16_t *restrict m,
+                      const int32_t *restrict q, float *restrict y, int64_t dim, int64_t tokens) {
+    const int64_t pairs = (dim + 1) / 2, rows = dim - dim % VNNI_ROWS, cols = tokens - tokens % VNNI_TILE;
+    for (int64_t i0 = 0; i0 < rows; i0 += VNNI_ROWS)
+        for (int64_t t0 = 0; t0 < cols; t0 += VNNI_TILE) {
+            __m512i acc[VNNI_ROWS];
+            for (int r = 0; r < VNNI_ROWS; r++) acc[r] = _mm512_setzero_si512();
+            for (int64_t k = 0; k < pairs; k++) {
+                const __m512i v = _mm512_loadu_si512(qp + k * tokens + t0);
+                for (int r = 0; r < VNNI_ROWS; r++)
+                    acc[r] = _mm512_dpwssd_epi32(acc[r], v, _mm512_set1_epi32(mp[(i0 + r) * pairs + k]));
+            }
+            for (int r = 0; r < VNNI_ROWS; r++)
+                _mm512_storeu_ps(y + (i0 + r) * tokens + t0, _mm512_cvtepi32_ps(acc[r]));
+        }
+    for (int64_t i = 0; i < dim; i++)
+        for (int64_t t = i < rows ? cols : 0; t < tokens; t++) {
+            int64_t s = 0;
+            for (int64_t j = 0; j < dim; j++) s += (int64_t)m[i * dim + j] * q[j * tokens + t];
+            y[i * tokens + t] = (float)s;
+        }
+}
+
+static int has_vnni(void) {
+    static int known = -1;
+    if (known < 0) {
+        __builtin_cpu_init();
+        known = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    }
+    return known;
+}
+
+/* Two int16 in one int32, `lo` in the low half: the operand layout of vpdpwssd. */
+static inline int32_t pair(int32_t lo, int32_t hi) {
+    return (int32_t)((uint32_t)(uint16_t)lo | ((uint32_t)(uint16_t)hi << 16));
+}
+
 /* One head in int64, each sum rounded once to float32 (the conversion rounds to nearest, ties to even). */
 static void head_exact(const int16_t *m, const int32_t *q, float *y, int64_t dim, int64_t tokens) {
     for (int64_t i = 0; i < dim; i++)
@@ -72,6 +121,31 @@ int kvq_untransform(const int32_t *q, const int16_t *matrix, int64_t heads, int6
         int64_t s = 0;
         for (int64_t j = 0; j < dim; j++) s += abs(matrix[r * dim + j]);
         row_sum = s > row_sum ? s : row_sum;
+    }
+    if (largest < (1 << 15) && largest * row_sum < ((int64_t)1 << 31) && has_vnni()) {
+        const int64_t pairs = (dim + 1) / 2;
+        int32_t *mp = PyMem_RawMalloc((size_t)(dim * pairs) * sizeof(int32_t));
+        int32_t *qp = PyMem_RawMalloc((size_t)(pairs * tokens) * sizeof(int32_t));
+        if (!mp || !qp) {
+            PyMem_RawFree(mp);
+            PyMem_RawFree(qp);
+            return -1;
+        }
+        for (int64_t h = 0; h < heads; h++) {
+            const int16_t *mh = matrix + h * dim * dim;
+            const int32_t *qh = q + h * dim * tokens;
+            for (int64_t i = 0; i < dim; i++)
+                for (int64_t k = 0; k < pairs; k++)
+                    mp[i * pairs + k] = pair(mh[i * dim + 2 * k], 2 * k + 1 < dim ? mh[i * dim + 2 * k + 1] : 0);
+            for (int64_t k = 0; k < pairs; k++)
+                for (int64_t t = 0; t < tokens; t++)
+                    qp[k * tokens + t] = pair(qh[2 * k * tokens + t],
+                                              2 * k + 1 < dim ? qh[(2 * k + 1) * tokens + t] : 0);
+            head_vnni(mp, qp, mh, qh, y + h * dim * tokens, dim, tokens);
+        }
+        PyMem_RawFree(mp);
+        PyMem_RawFree(qp);
+        return 0;
     }
     if (largest * row_sum >= FLOAT32_EXACT) {
         for (int64_t h = 0; h < heads; h++)
