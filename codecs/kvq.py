@@ -583,12 +583,11 @@ class KvqDecoder(_Planned, Decoder):
 
     def __init__(self, *args):
         super().__init__(*args)
-        # A transformed file decodes on a device through entropy() and reconstruct()'s torch form.
-        self.on_device = self.backend == "triton" and not self._matrices
+        self.on_device = self.backend == "triton"
         self._segments: dict = {}  # _segment's results by layout; every thread computes the same values
         self._layouts: dict = {}  # entropy.Layout by (layer, kind, non-sink tokens), likewise
         self._host = {key: (c.numpy().reshape(-1), st.numpy().reshape(-1)) for key, (c, st) in self._tensors.items()}
-        self._blas = {key: transform_ops.Matrices(m.numpy()) for key, m in self._matrices.items()}
+        self._host_matrices = {key: m.numpy() for key, m in self._matrices.items()}
         self._device_states: dict = {}  # per device: tables and layouts on it (kvq_ops/decode_triton.py)
         self._lock = threading.Lock()
 
@@ -673,20 +672,11 @@ class KvqDecoder(_Planned, Decoder):
     def dequantize_body(self, ctx: SegmentContext, skip: int, symbols: entropy.Symbols, body: torch.Tensor) -> None:
         """Expand, dequantize (with token weights where the file has them), rotate keys and cast into body
         (heads, tokens - skip, dim), a CPU tensor of the file's dtype, in C (dequantize.reconstruct): values bit
-        for bit dequantize_body_ref's. A transformed layer's M q comes from BLAS first (transform.untransform)."""
+        for bit dequantize_body_ref's; a transformed layer's M q on the way (kvq_ops/transform.c)."""
         kind = KINDS.index(ctx.kind)
         center, step = self._host[(ctx.layer, kind)]
-        matrices = self._blas.get((ctx.layer, kind))
-        if matrices is not None:
-            # |q| is at most the largest half range of the segment's classes, or an escape's magnitude.
-            largest = max(int(symbols.layout.spec[:, 2].max(initial=0)),
-                          int(np.abs(symbols.escapes.astype(np.int64)).max(initial=0)))
-            values = transform_ops.untransform(symbols.rows(self.tables), matrices, largest)
-            dequantize.reconstruct_values(values, center, step, self._freq(ctx.layer, kind), ctx.token_start + skip,
-                                          self._token_factors(ctx, skip), body)
-            return
         dequantize.reconstruct(symbols, self.tables, center, step, self._freq(ctx.layer, kind), ctx.token_start + skip,
-                               self._token_factors(ctx, skip), body)
+                               self._token_factors(ctx, skip), body, self._host_matrices.get((ctx.layer, kind)))
 
     def dequantize_body_ref(self, ctx: SegmentContext, skip: int, symbols: entropy.Symbols,
                             body: torch.Tensor) -> None:
