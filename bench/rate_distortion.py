@@ -28,7 +28,7 @@ from kvtc import Kvtc
 
 from kvcli.calibration import profiles, quality
 from kvcli.calibration.calibrate import default_texts
-from kvcli.codecs.kvq import FORMAT_VERSION, KvqCodec
+from kvcli.codecs.kvq import KvqCodec
 from kvcli.codecs.presets import make_codec
 from kvcli.container import format, kvfile
 from kvcli.modeling import inference, models
@@ -39,23 +39,26 @@ from kvcli.reuse import pipeline
 KVCLI_PRESETS = ("lossless", "high", "balanced", "small", "tiny")
 
 
-def kvcli_codec(lm, preset: str, profile: str, step_scale: float = 1.0, version: int | None = None):
-    """auto: what `kvcli prefill` would use (a stored profile, else automatic calibration); none: uniform
-    steps; else the profile stored at that path, whatever model it names. version: the kvq bitstream version
-    to write (default: kvcli's)."""
+def kvcli_codec(lm, preset: str, profile: str, step_scale: float = 1.0, version: int | None = None,
+                transform: bool = True):
+    """auto: what `kvcli prefill` would use (a stored profile, else automatic calibration; with its dictionary's
+    transform unless `transform` is False); none: uniform steps; else the profile stored at that path, whatever
+    model it names. version: the kvq bitstream version to write (default: kvcli's; a transform needs 4)."""
     if profile == "auto":
-        codec = pipeline.codec_for(preset, lm, step_scale)
+        codec = pipeline.codec_for(preset, lm, step_scale, transform=transform)
     else:
         chosen = None if profile == "none" else profiles.load(Path(profile))
         codec = make_codec(preset, chosen, inv_freq_per_layer(lm.model), step_scale)
-    if version is not None and isinstance(codec, KvqCodec):
+    if version is not None and isinstance(codec, KvqCodec) and version != codec.version:
+        if codec.transforms is not None:
+            raise SystemExit(f"kvq version {version} has no transform: add --no-transform")
         codec = KvqCodec(codec.scale, codec.sinks, codec.profile, codec.inv_freq, codec.meta, codec.token_alpha, version)
     return codec
 
 
 def measure_kvcli(lm, ref: quality.Reference, preset: str, profile: str, step_scale: float = 1.0,
-                  version: int | None = None):
-    codec = kvcli_codec(lm, preset, profile, step_scale, version)
+                  version: int | None = None, transform: bool = True):
+    codec = kvcli_codec(lm, preset, profile, step_scale, version, transform)
     t0 = time.perf_counter()
     meta, parts = kvfile.encode(ref.kv, lm.identity, codec, 256)
     data = format.build_header(meta, parts) + b"".join(p.data for p in parts)
@@ -67,7 +70,7 @@ def measure_kvcli(lm, ref: quality.Reference, preset: str, profile: str, step_sc
         t0 = time.perf_counter()
         decoded = kvfile.decode(src, header)
         times.append(time.perf_counter() - t0)
-    return len(data), enc_s, statistics.median(times), decoded
+    return len(data), enc_s, statistics.median(times), decoded, header.codec.get("params", {})
 
 
 def measure_baseline(ref: quality.Reference, enc, dec):
@@ -111,6 +114,8 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, help="write a PNG of bits/element against top-1 agreement")
     ap.add_argument("--kvq-version", type=int, choices=(3, 4),
                     help="kvq bitstream version kvcli's presets write [default: kvcli's]")
+    ap.add_argument("--no-transform", action="store_true",
+                    help="kvcli's presets without the model's per-head transform (its profile's dictionary)")
     ap.add_argument("--codecs", nargs="*", help="subset of codecs to run (kvcli:PRESET or a baseline name)")
     ap.add_argument("--documents", type=int, default=0, help="only the first N documents")
     ap.add_argument("--greedy-tokens", type=int, default=64, help="greedy continuation length; 0 skips it")
@@ -146,16 +151,17 @@ def main() -> None:
         elements = sum(k.numel() + v.numel() for k, v in zip(ref.kv.keys, ref.kv.values))
         for label, name, prof, scale in runs:
             if prof is not None:
-                size, enc_s, dec_s, decoded = measure_kvcli(lm, ref, name.split(":", 1)[1], prof, scale,
-                                                            args.kvq_version)
+                size, enc_s, dec_s, decoded, params = measure_kvcli(lm, ref, name.split(":", 1)[1], prof, scale,
+                                                                    args.kvq_version, not args.no_transform)
             else:
                 enc, dec = baselines[name]
                 size, enc_s, dec_s, decoded = measure_baseline(ref, enc, dec)
+                params = {}
             agree = quality.compare(lm, ref, decoded)
             diverge = quality.first_divergence(exact_greedy, quality.greedy_continuation(
                 lm, ref, decoded, args.greedy_tokens)) if exact_greedy else None
             row = {"what": "rate_distortion", "document": doc.name, "codec": label, "profile": prof,
-                   "kvq_version": args.kvq_version or FORMAT_VERSION,
+                   "kvq_version": params.get("version"), "dictionary": params.get("dictionary"),
                    "tokens": ref.kv.num_tokens, "bits_per_element": round(8 * size / elements, 4), "bytes": size,
                    "top1": round(agree.top1, 4), "dnll": round(agree.dnll, 5), "kl": round(agree.kl, 6),
                    "first_divergence": diverge, "encode_elements_per_s": round(elements / enc_s),

@@ -26,8 +26,10 @@ MODEL = {"architecture": "TinyForCausalLM", "name": "tiny", "config_digest": "c"
 
 
 def make_cache(tokens: int = 40, layers: int = 2, dim: int = 16, chunk: int = 8, seed: int = 0,
-               model: dict | None = None, source: str | None = None, created_at: str = "2026-01-31T12:00:00Z") -> bytes:
-    """A valid .kvc (raw codec, random float16 values): the store checks containers, not what they decode to."""
+               model: dict | None = None, source: str | None = None, created_at: str = "2026-01-31T12:00:00Z",
+               codec_params: dict | None = None) -> bytes:
+    """A valid .kvc (raw codec, random float16 values): the store checks containers, not what they decode to
+    (`codec_params` {"dictionary": SHA}: a file that names a dictionary, for what carries dictionaries)."""
     rng = random.Random(seed)
     parts = []
     for start in range(0, tokens, chunk):
@@ -37,7 +39,7 @@ def make_cache(tokens: int = 40, layers: int = 2, dim: int = 16, chunk: int = 8,
                 parts.append(format.SegmentData(kind, layer, start, count, rng.randbytes(count * dim * 2)))
     meta = {"model": model or MODEL, "dtype": "float16", "token_ids": [rng.randrange(50000) for _ in range(tokens)],
             "layers": [{"kv_heads": 1, "key_dim": dim, "value_dim": dim, "token_start": 0}] * layers,
-            "chunk_tokens": chunk, "codec": {"name": "raw", "params": {}}, "created_by": "tests",
+            "chunk_tokens": chunk, "codec": {"name": "raw", "params": codec_params or {}}, "created_by": "tests",
             "created_at": created_at}
     if source:
         meta["source"] = {"sha256": source, "bytes": 123}

@@ -196,7 +196,6 @@ def test_files_coded_with_the_learned_transform_are_smaller(tiny_lm, cache_dir, 
     """What calibration stores is what kvq version 4 codes with: a file written with the stored dictionary's
     transform names it, gets it beside itself, decodes through it, and on text like the calibration's is smaller
     at no worse KL (measured on the tiny Llama: 8% smaller at `small`, KL 0.00026 against 0.00033)."""
-    from kvcli.codecs.kvq import KvqCodec
     from kvcli.codecs.presets import make_codec
     from kvcli.codecs.transform import Transforms
     from kvcli.container import format
@@ -208,9 +207,13 @@ def test_files_coded_with_the_learned_transform_are_smaller(tiny_lm, cache_dir, 
     stored = profiles.read(path)
     found = dictionary.find(stored.dictionary, dictionary.own_places(), "test")
     ref = calibrate.quality.reference(lm, inference.document_ids(lm, OTHER * 2), prefix=300, continuation=64)
-    plain = make_codec("small", stored.profile, inv_freq_per_layer(lm.model), version=4)
-    coded = KvqCodec(plain.scale, plain.sinks, plain.profile, plain.inv_freq, plain.meta, plain.token_alpha, 4,
-                     transforms=Transforms.unpack(found.payload), dictionary=found.sha)
+    # What every command's codec is (pipeline.codec_for): the preset through the stored profile's transform.
+    coded = pipeline.codec_for("small", lm)
+    assert coded.dictionary == found.sha and coded.version == 4
+    assert coded.transforms.pack() == Transforms.unpack(found.payload).pack()
+    plain = pipeline.codec_for("small", lm, transform=False)
+    assert plain.transforms is None and plain.dictionary is None
+    plain = make_codec("small", stored.profile, inv_freq_per_layer(lm.model), version=4)  # the same bands
     sizes, kls = [], []
     for name, codec in (("plain", plain), ("coded", coded)):
         out = tmp_path / "out" / f"{name}.kvc"

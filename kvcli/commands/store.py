@@ -168,9 +168,10 @@ def pull(
     if "://" not in url:
         raise UsageError(f"{url}: expected an http(s):// or s3:// URL")
     check_output(out)
-    fetcher = remote.make_fetcher(url, remote.read_token(None, token_file))
+    token = remote.read_token(None, token_file)
+    fetcher = remote.make_fetcher(url, token)
     try:
-        result = download(fetcher, url, out)
+        result = download(fetcher, url, out, token)
     except remote.ConnectionFailed as err:
         if str(err).startswith(url):
             raise
@@ -184,15 +185,16 @@ def pull(
         write_stderr_text(f"wrote {out}: {result['bytes']:,} bytes{resumed}\n")
 
 
-def download(fetcher, url: str, out: str) -> dict:
+def download(fetcher, url: str, out: str, token: str | None = None) -> dict:
     """Append the missing bytes to a hidden partial file (named for the URL, so another URL never resumes it),
     verify header and CRCs, refetch any damaged segment, check that the content's key is the one the URL names,
+    put the dictionary the file names in OUT's directory's dicts/ (from the store, else this machine's own places),
     then rename the file into place."""
     import hashlib
     import os
     from pathlib import Path
 
-    from ..container import format, keys
+    from ..container import dictionary, format, keys
     from ..errors import FormatError, StorageError
     from ..storage import remote, store
 
@@ -219,12 +221,18 @@ def download(fetcher, url: str, out: str) -> dict:
             os.fsync(fh.fileno())
         repair(fetcher, partial)
         with format.FileSource(partial) as src:
-            key = keys.checked_key(remote.url_key(url), store.validate(src), url)
+            header = store.validate(src)
+            key = keys.checked_key(remote.url_key(url), header, url)
     except FormatError as err:
         partial.unlink(missing_ok=True)  # the remote file itself is bad: nothing to resume
         raise type(err)(str(err).replace(str(partial), url)) from None  # the removed partial means nothing to a user
     except OSError as err:
         raise StorageError(f"{partial}: {err.strerror}") from None
+    # Missing everywhere: the error names every place, and the partial stays for a run that finds it.
+    place = store.url_place(url, token)
+    found = dictionary.to_carry(None, header, url, ([place] if place else []) + dictionary.own_places())
+    if found is not None:
+        dictionary.save(found, target.parent)
     os.replace(partial, target)
     return {"output": out, "key": key, "bytes": size, "resumed_from": resumed_from}
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import FormatError
-from . import identity
+from . import format, identity
 from .format import FileSource
 
 MAGIC = b"KVCDICT\x00"
@@ -191,6 +191,29 @@ def places_for(source: object) -> list[Place]:
     for place in own_places():
         if place not in found:
             found.append(place)
+    return found
+
+
+def named_by(header: format.Header) -> str | None:
+    """The dictionary a file's codec names (checked: 64 lowercase hex), None for a file that needs none."""
+    params = header.codec.get("params")
+    sha = params.get("dictionary") if isinstance(params, dict) else None
+    return None if sha is None else check_sha(sha, "codec params")
+
+
+def embeds(header: format.Header) -> bool:
+    return any(s.kind == "aux" and s.name == AUX_NAME for s in header.segments)
+
+
+def to_carry(src: object, header: format.Header, name: str, places: list[Place] | None = None) -> Dictionary | None:
+    """The dictionary a copy of this file needs beside it wherever it goes: None when the file needs none or
+    carries its own; else found in `places` (default: where a reader of `src` looks) and checked against the
+    file's model. DictionaryMissing, naming every place, when it is nowhere."""
+    sha = named_by(header)
+    if sha is None or embeds(header):
+        return None
+    found = find(sha, places_for(src) if places is None else places, name)
+    check_model(found, header.model, name)
     return found
 
 

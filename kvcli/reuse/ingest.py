@@ -18,6 +18,7 @@ from ..codecs.presets import QUALITIES
 from ..container import format, keys, kvfile
 from ..errors import InputError, KvcliError, StorageError, UsageError
 from ..modeling import batching, inference, models
+from ..storage import remote
 from . import pipeline
 from . import prefix as stored_prefix
 
@@ -307,6 +308,10 @@ class Ingest:
         self.failure: type[KvcliError] | None = None  # the class of the first document's failure
         if getattr(store, "root", None) is not None:  # a directory: a rerun that only skips writes nothing, so
             format.sweep_stale_temporaries(store.root)  # the temporaries of a killed run are swept here
+        for _, codec in self.levels:  # before the first file that names one (the store refuses the file otherwise)
+            found = pipeline.codec_dictionary(codec)
+            if found is not None:
+                remote.retried(lambda: store.put_dictionary(found), remote.ConnectionFailed)
 
     def _failed(self, err: KvcliError) -> str:
         self.failure = self.failure or type(err)

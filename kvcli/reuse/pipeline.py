@@ -11,9 +11,9 @@ import torch
 
 from ..codecs.base import Codec, CodecError
 from ..codecs.kvq import DEFAULT_SINKS
-from ..codecs.presets import DEFAULT_QUALITY, PRESET_CODECS, QUALITIES, make_codec
+from ..codecs.presets import DEFAULT_QUALITY, PRESET_CODECS, QUALITIES, TRANSFORM_PRESETS, make_codec
 from ..container import dictionary, format, identity, kvfile
-from ..errors import InputError, ModelMismatchError, UsageError
+from ..errors import FormatError, InputError, ModelMismatchError, UsageError
 from ..modeling import inference, models
 from ..modeling.kvcache import KVCache
 from ..stdio import write_stderr_text
@@ -128,22 +128,33 @@ def load_cache(src: format.ByteSource, header: format.Header, lm: models.LoadedM
     return CacheFile(header, kv)
 
 
-def codec_for(quality: str, lm: models.LoadedModel, step_scale: float = 1.0, sinks: int | None = None) -> Codec:
+def codec_for(quality: str, lm: models.LoadedModel, step_scale: float = 1.0, sinks: int | None = None,
+              transform: bool = True) -> Codec:
     """The preset's codec for this model: its calibration profile (measured now if it has none and automatic
-    calibration is on) and its rotary frequencies."""
-    from ..calibration.calibrate import find_or_calibrate
+    calibration is on), its rotary frequencies, and for TRANSFORM_PRESETS the per-head transform of the
+    dictionary the profile names (unless `transform` is False)."""
+    from ..calibration.calibrate import calibration_for
+    from ..codecs.transform import Transforms
     from ..modeling.rope import inv_freq_per_layer
 
     if quality not in PRESET_CODECS or PRESET_CODECS[quality].lossless:  # nothing to calibrate (or refused)
         return make_codec(quality)
-    profile = find_or_calibrate(lm)
-    if profile is None and lm.identity["weights_digest"] not in _warned_no_profile:
+    stored = calibration_for(lm)
+    if stored is None and lm.identity["weights_digest"] not in _warned_no_profile:
         _warned_no_profile.add(lm.identity["weights_digest"])
         write_stderr_text(f"kvcli: no calibration profile for {lm.name} (KVCLI_AUTO_CALIBRATE=0): --quality "
                           f"{quality} uses uniform steps, which costs quality at the same size; run `kvcli calibrate "
                           "--model ...` once to measure one\n")
-    return make_codec(quality, profile, inv_freq_per_layer(lm.model), step_scale,
-                      DEFAULT_SINKS if sinks is None else sinks)
+    transforms = sha = None
+    if transform and stored is not None and stored.dictionary is not None and quality in TRANSFORM_PRESETS:
+        found = dictionary.find(stored.dictionary, dictionary.own_places(), f"profile {stored.where}")
+        dictionary.check_model(found, lm.identity, f"profile {stored.where}")
+        try:
+            transforms, sha = Transforms.unpack(found.payload), found.sha
+        except CodecError as err:
+            raise FormatError(f"{found.where}: {err}") from None
+    return make_codec(quality, stored.profile if stored is not None else None, inv_freq_per_layer(lm.model),
+                      step_scale, DEFAULT_SINKS if sinks is None else sinks, transforms=transforms, dictionary=sha)
 
 
 def provenance(source: inference.Document | None = None) -> dict:

@@ -10,6 +10,7 @@ the reader, which names the bad segment.
 from __future__ import annotations
 
 import bisect
+import collections
 import functools
 import importlib
 import os
@@ -19,9 +20,10 @@ import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import urlsplit
 
-from ..container import format
+from ..container import dictionary, format
 from ..container.keys import KEY_PATTERN, check_key, checked_key
 from ..errors import FormatError, InputError, StorageError, UsageError
 from ..stdio import write_stderr_text
@@ -34,6 +36,7 @@ RETRIES = 4
 BACKOFF_S = 0.1
 DEFAULT_CACHE_DIR_BYTES = 4 << 30
 CACHE_DIR_BYTES_ENV = "KVCLI_CACHE_DIR_BYTES"
+DICT_GRACE_S = 60.0  # a cache directory's dictionary this fresh may be about to get its copy: never evicted
 TOKEN_ENV = "KVCLI_TOKEN"
 TOKEN_FILE_ENV = "KVCLI_TOKEN_FILE"
 _URL_KEY = re.compile(r"([0-9a-f]{64})(?:\.kvc)?\Z")
@@ -236,9 +239,11 @@ class RemoteSource(format.Source):
     document's bytes under a key never reaches the reader or a local copy."""
 
     def __init__(self, fetcher, workers: int = WORKERS, block_bytes: int = BLOCK_BYTES, retries: int = RETRIES,
-                 backoff_s: float = BACKOFF_S, on_complete=None, key: str | None = None):
+                 backoff_s: float = BACKOFF_S, on_complete=None, key: str | None = None,
+                 dictionary_places: list | None = None):
         self.fetcher = fetcher
         self.path = fetcher.name
+        self.dictionary_places = dictionary_places or []  # where the file's store keeps dictionaries (dictionary.py)
         self.retries, self.backoff_s = retries, backoff_s
         self.refetches = 0
         self._on_complete = on_complete
@@ -369,6 +374,8 @@ def cache_dir_bytes() -> int:
 
 class LocalCache:
     """Local copies of remote caches as DIR/KEY.kvc, at most `max_bytes` in all; the least recently used go first.
+    A copy that names a dictionary has it at DIR/dicts/SHA.kvd, written before the copy and counted in the bound;
+    eviction removes a dictionary only once no kept copy names it.
 
     Recency is the file's mtime, touched on every hit, so several processes sharing DIR agree on it."""
 
@@ -399,50 +406,93 @@ class LocalCache:
         except (OSError, InputError):
             return None
         try:
-            checked_key(key, validate(src), str(path))
+            header = validate(src)
+            checked_key(key, header, str(path))
+            sha = dictionary.named_by(header)
+            if sha is not None and not dictionary.embeds(header) and not (self.dir / dictionary.name_of(sha)).is_file():
+                # evicted by another process sharing DIR meanwhile: fetching again brings both back
+                raise FormatError(f"{path}: its dictionary is gone")
         except FormatError:
             src.close()
             path.unlink(missing_ok=True)
             return None
         return src
 
-    def add(self, key: str, data: bytes | bytearray) -> None:
-        """Keep a verified download. The copy only saves a later fetch: failing to write it (a full disk) is said
-        on stderr and is not the command's failure."""
+    def add(self, key: str, data: bytes | bytearray, places: list | None = None) -> None:
+        """Keep a verified download, after its dictionary (from DIR/dicts or `places`, the file's store). The copy
+        only saves a later fetch: failing to write it (a full disk, a dictionary not found) is said on stderr and is
+        not the command's failure."""
         if len(data) > self.max_bytes:
             return
+        path = self.dir / f"{key}.kvc"
         try:
-            format.atomic_write(str(self.dir / f"{key}.kvc"), [data])
-        except StorageError as err:
+            src = format.BytesSource(bytes(data), str(path))
+            found = dictionary.to_carry(src, format.read_header(src), str(path),
+                                        [dictionary.DirPlace(self.dir), *(places or [])])
+            if found is not None:
+                os.utime(dictionary.save(found, self.dir))  # fresh: evict() leaves it while this copy is written
+            format.atomic_write(str(path), [data])
+        except (FormatError, StorageError) as err:
             write_stderr_text(f"kvcli: no local copy kept: {err}\n")
             return
         self.evict(keep=key)
 
     def evict(self, keep: str = "") -> int:
-        """Remove least recently used copies until the total fits; returns the bytes removed."""
-        entries = []
-        for path in self.dir.glob("*.kvc"):
-            if not KEY_PATTERN.fullmatch(path.stem):  # not a copy kvcli made: a user's own file in the directory
-                continue
-            try:
-                st = path.stat()
-            except OSError:
-                continue
-            entries.append((st.st_mtime, path, st.st_size))
-        total = sum(size for _, _, size in entries)
+        """Remove least recently used copies until the total (dictionaries included) fits, and with each the
+        dictionaries no kept copy names; returns the bytes removed."""
+        copies = [(st.st_mtime, path, st.st_size) for path, st in _stats(self.dir.glob("*.kvc"))
+                  if KEY_PATTERN.fullmatch(path.stem)]  # anything else is not a copy kvcli made: a user's own file
+        dicts = {path.stem: (path, st) for path, st in _stats((self.dir / dictionary.DICT_DIR).glob("*.kvd"))
+                 if dictionary.SHA.fullmatch(path.stem)}
+        total = sum(size for _, _, size in copies) + sum(st.st_size for _, st in dicts.values())
+        if total <= self.max_bytes:
+            return 0
+        names = {path: _dictionary_named(path) for _, path, _ in copies}
+        users = collections.Counter(names.values())
         removed = 0
-        for _, path, size in sorted(entries):
+
+        def drop(path: Path, size: int) -> None:
+            nonlocal total, removed
+            try:
+                path.unlink()
+            except OSError:
+                return
+            total -= size
+            removed += size
+
+        fresh = time.time() - DICT_GRACE_S
+        for sha, (path, st) in dicts.items():  # unused: they save no fetch
+            if not users[sha] and st.st_mtime < fresh:
+                drop(path, st.st_size)
+        for _, path, size in sorted(copies):
             if total <= self.max_bytes:
                 break
             if path.stem == keep:
                 continue
-            try:
-                path.unlink()
-            except OSError:
-                continue
-            total -= size
-            removed += size
+            drop(path, size)
+            sha = names[path]
+            users[sha] -= 1
+            if sha in dicts and not users[sha] and dicts[sha][1].st_mtime < fresh:
+                drop(dicts[sha][0], dicts[sha][1].st_size)
         return removed
+
+
+def _stats(paths) -> Iterator[tuple[Path, os.stat_result]]:
+    for path in paths:
+        try:
+            yield path, path.stat()
+        except OSError:
+            continue
+
+
+def _dictionary_named(path: Path) -> str | None:
+    """The dictionary a kept copy needs beside it (None: none, its own, or a copy whose header does not read)."""
+    try:
+        with format.FileSource(path) as src:
+            header = format.read_header(src)
+            return None if dictionary.embeds(header) else dictionary.named_by(header)
+    except (FormatError, InputError, StorageError):
+        return None
 
 
 # ---------------------------------------------------------------- entry point
@@ -506,6 +556,8 @@ def open_source(location: str, cache_dir: str | LocalCache | None = None, token:
     leaves one behind."""
     if "://" not in location:
         return format.open_source(location)
+    from .store import url_place  # store.py imports this module
+
     key = url_key(check_url(location))
     local = None
     if cache_dir and key:
@@ -514,5 +566,7 @@ def open_source(location: str, cache_dir: str | LocalCache | None = None, token:
         hit = local.find(key)
         if hit is not None:
             return hit
-    return RemoteSource(make_fetcher(location, token, transport), workers=workers, key=key,
-                        on_complete=(lambda data: local.add(key, data)) if local else None)
+    place = url_place(location, read_token(token), transport)
+    places = [place] if place is not None else []
+    return RemoteSource(make_fetcher(location, token, transport), workers=workers, key=key, dictionary_places=places,
+                        on_complete=(lambda data: local.add(key, data, places)) if local else None)

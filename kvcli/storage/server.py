@@ -1,10 +1,12 @@
 """`kvcli serve-cache`: a Starlette app over one store (kvcli.store), stateless, so replicas scale out.
 
-Reads: GET/HEAD /v1/caches/{key} (Range, ETag = key), listing, lookup. Writes (--writable, bearer token):
-PUT validates the whole upload (magic, version, header, every CRC, key against content) before the store makes
-it visible atomically; DELETE; resumable uploads in parts under /v1/uploads/{key}/{upload}, staged in the store
-itself (kvcli.store), so any replica takes the next part. Plus /healthz, /metrics (Prometheus text) and
-/openapi.json, generated from the same route table (ENDPOINTS) as the routes. docs/server.md.
+Reads: GET/HEAD /v1/caches/{key} (Range, ETag = key), listing, lookup, GET/HEAD /v1/dicts/{sha} (a dictionary).
+Writes (--writable, bearer token): PUT validates the whole upload (magic, version, header, every CRC, key against
+content, and that the store has the dictionary the file names) before the store makes it visible atomically;
+PUT /v1/dicts/{sha} takes a dictionary whose bytes hash to its name and parse; DELETE; resumable uploads in parts
+under /v1/uploads/{key}/{upload}, staged in the store itself (kvcli.store), so any replica takes the next part.
+Plus /healthz, /metrics (Prometheus text) and /openapi.json, generated from the same route table (ENDPOINTS) as the
+routes. docs/server.md.
 
 kvcli.storage.serving runs it under uvicorn, with a protocol that bounds what slow clients can hold.
 """
@@ -30,6 +32,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from .. import __version__
+from ..container import dictionary
 from ..container.keys import KEY_PATTERN
 from ..errors import FormatError, InputError, KvcliError, StorageError, UsageError
 from .index import MAX_CHUNKS, check_chunk_keys
@@ -386,6 +389,47 @@ async def put_cache(request: Request) -> Response:
     return stored_response(request, key, received if kept is None else kept, kept is not None)
 
 
+def path_sha(request: Request) -> str:
+    sha = request.path_params["sha"]
+    if not KEY_PATTERN.fullmatch(sha):
+        raise HTTPError(400, "a dictionary is named by 64 lowercase hex digits (the SHA-256 of its bytes)")
+    return sha
+
+
+async def get_dictionary(request: Request) -> Response:
+    check_readable(request)
+    sha = path_sha(request)
+    st = settings_of(request).store
+    headers = {"ETag": f'"{sha}"', "Cache-Control": "public, max-age=31536000, immutable"}
+    if request.method == "HEAD" or none_match(request.headers.get("if-none-match"), headers["ETag"]):
+        size = await run_in_threadpool(st.dictionary_size, sha)
+        if size is None:
+            raise HTTPError(404, f"no dictionary {sha}")
+        if request.method != "HEAD":
+            return Response(status_code=304, headers=headers)
+        return Response(headers={**headers, "Content-Length": str(size)}, media_type="application/octet-stream")
+    data = await run_in_threadpool(st.read_dictionary, sha)
+    if data is None:
+        raise HTTPError(404, f"no dictionary {sha}")
+    return Response(data, headers=headers, media_type="application/octet-stream")
+
+
+DICT_BODY_BYTES = dictionary.PREAMBLE.size + dictionary.MAX_HEADER_BYTES + dictionary.MAX_PAYLOAD_BYTES
+
+
+async def put_dictionary(request: Request) -> Response:
+    """Content-addressed: the bytes must hash to the name and parse as a dictionary before the store keeps them."""
+    check_writable(request)
+    sha = path_sha(request)
+    settings = settings_of(request)
+    cap = min(DICT_BODY_BYTES, settings.max_upload)
+    data = b"".join([chunk async for chunk in receive_body(request, cap, "dictionaries")])
+    found = await run_in_threadpool(dictionary.parse, data, sha, f"dictionary {sha}")
+    written = await run_in_threadpool(settings.store.put_dictionary, found)
+    return JSONResponse({"sha256": sha, "url": str(request.url_for("dictionary", sha=sha)), "bytes": len(data)},
+                        status_code=201 if written else 200)
+
+
 async def delete_cache(request: Request) -> Response:
     check_writable(request)
     key = path_key(request)
@@ -586,7 +630,8 @@ ENDPOINTS = (
     Endpoint("PUT", "/v1/caches/{key}", put_cache,
              "Upload a cache (at most {max_upload} bytes); validated before it is visible",
              {**STORED, "408": ERROR, "413": ERROR,
-              "422": ("Corrupt file or key does not match the content", "error"), **WRITE_ERRORS},
+              "422": ("Corrupt file, key does not match the content, or the store lacks the dictionary the file "
+                      "names (PUT /v1/dicts/{sha} first)", "error"), **WRITE_ERRORS},
              write=True, body=True),
     Endpoint("DELETE", "/v1/caches/{key}", delete_cache, "Delete a cache", {"204": ("Deleted", None), **WRITE_ERRORS},
              write=True),
@@ -599,13 +644,24 @@ ENDPOINTS = (
              "Assemble the staged parts, validate them as PUT /v1/caches/{{key}} does, store the cache atomically "
              "and drop the parts",
              {**STORED, "409": ("Parts missing: send them and complete again", "error"), "413": ERROR,
-              "422": ("Corrupt file, or key or upload id does not match the content; the staged parts are dropped",
-                      "error"), **WRITE_ERRORS},
+              "422": ("Corrupt file, or key or upload id does not match the content: the staged parts are dropped; "
+                      "or the store lacks the dictionary the file names: the parts stay, PUT /v1/dicts/{sha} and "
+                      "complete again", "error"), **WRITE_ERRORS},
              write=True, params=({"name": "bytes", "in": "query", "required": True,
                                   "schema": {"type": "integer", "minimum": 0}, "description": "File size"},)),
     Endpoint("PUT", "/v1/uploads/{key}/{upload}/{offset}", put_part,
              "Stage one part (1 to {part_bytes} bytes); sending it again replaces it",
              {"200": ("Staged", None), "408": ERROR, "413": ERROR, **WRITE_ERRORS}, write=True, body=True),
+    Endpoint("GET", "/v1/dicts/{sha}", get_dictionary, "Read a dictionary (docs/format.md, \"Dictionaries\")",
+             {"200": ("The .kvd file", "octets"), "304": ("If-None-Match matched the ETag (the SHA-256)", None),
+              **READ_ERRORS}),
+    Endpoint("HEAD", "/v1/dicts/{sha}", get_dictionary, "Size and ETag of a dictionary",
+             {"200": ("Exists", None), **READ_ERRORS}),
+    Endpoint("PUT", "/v1/dicts/{sha}", put_dictionary,
+             "Store a dictionary, before the first cache that names it; its bytes must hash to {{sha}} and parse",
+             {"201": ("Stored", "StoredDictionary"), "200": ("Already stored", "StoredDictionary"), "408": ERROR,
+              "413": ERROR, "422": ("Not a dictionary, or its SHA-256 is not the name", "error"), **WRITE_ERRORS},
+             write=True, body=True),
     Endpoint("GET", "/v1/caches", list_caches, "List caches with metadata from their headers",
              {"200": ("Matching caches", "Listing"), "400": ERROR, "401": ERROR, "403": ERROR},
              params=(hex_query("model", "weights digest of the model"),)),
@@ -623,7 +679,7 @@ ENDPOINTS = (
     Endpoint("GET", "/metrics", metrics_text, "Prometheus metrics", {"200": ("Text exposition format", "text")}),
     Endpoint("GET", "/openapi.json", openapi, "This document", {"200": ("OpenAPI", None)}),
 )
-ROUTE_NAMES = {"/v1/caches/{key}": "cache"}  # for url_for
+ROUTE_NAMES = {"/v1/caches/{key}": "cache", "/v1/dicts/{sha}": "dictionary"}  # for url_for
 METHODS = {e.method for e in ENDPOINTS}
 
 
@@ -668,6 +724,8 @@ PATH_PARAMS = {
     "key": {"schema": {"type": "string", "pattern": HEX64}, "description": "Cache key (docs/format.md)"},
     "upload": {"schema": {"type": "string", "pattern": HEX64},
                "description": "Upload id: SHA-256 of the file's bytes before its first segment (preamble and header)"},
+    "sha": {"schema": {"type": "string", "pattern": HEX64},
+            "description": "Dictionary name: the SHA-256 of its bytes (docs/format.md, \"Dictionaries\")"},
     "offset": {"schema": {"type": "integer", "minimum": 0}, "multiple_of": "part_bytes",
                "description": "Byte offset of the part, a multiple of {part_bytes}"},
 }
@@ -686,6 +744,8 @@ SCHEMAS = {
         "caches": {"type": "array", "items": {"$ref": "#/components/schemas/Entry"}}}},
     "Stored": {"type": "object", "required": ["key", "url", "bytes"], "properties": {
         "key": {"type": "string"}, "url": {"type": "string"}, "bytes": {"type": "integer"}}},
+    "StoredDictionary": {"type": "object", "required": ["sha256", "url", "bytes"], "properties": {
+        "sha256": {"type": "string"}, "url": {"type": "string"}, "bytes": {"type": "integer"}}},
     "PrefixLookup": {"type": "object", "required": ["chunk_keys"], "properties": {
         "chunk_keys": {"type": "array", "maxItems": MAX_CHUNKS, "items": {"type": "string", "pattern": HEX64},
                        "description": "The prompt's chunk keys in order (docs/format.md, \"Chunk keys\")"}}},

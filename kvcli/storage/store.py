@@ -15,6 +15,10 @@ headers (a per-process cache of parsed headers is keyed by key and size, and is 
 Writes are atomic: a temporary file renamed into place on filesystems, one PUT (or one completed multipart
 upload) on object stores, so readers never see a torn file and two writers of one key leave one valid file.
 
+Dictionaries (kvcli/container/dictionary.py) live at ROOT/dicts/SHA256.kvd, content-addressed, put before the first
+file that names one: a store refuses a file naming a dictionary it lacks (DictionaryNotStored), so no reader of a
+store ever meets a file whose dictionary is not there. Listings, the index and sweeps never look under dicts/.
+
 Resumable uploads stage parts in the store itself, under ROOT/.uploads/KEY/UPLOAD/OFFSET (UPLOAD: the header
 digest, so two files of one key never mix), and complete by validating the assembled parts like any put: any
 replica over the same store can take the next part or the completion, and a restart loses nothing.
@@ -42,7 +46,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 from urllib.parse import urlsplit
 
-from ..container import format, level
+from ..container import dictionary, format, level
 from ..container.keys import KEY_PATTERN, check_key, checked_key, tokens_sha256
 from ..errors import FormatError, InputError, StorageError, UsageError
 from . import index, remote
@@ -129,6 +133,85 @@ def check_hex(value: str | None, what: str) -> str | None:
     return value
 
 
+# ---------------------------------------------------------------- dictionaries: what every store shares
+
+
+class DictionaryNotStored(dictionary.DictionaryMissing):
+    """A file offered to a store that lacks the dictionary the file names: the dictionary must go first."""
+
+    def __init__(self, sha: str, needed_by: str, where: str):
+        super().__init__(sha, needed_by, [where])
+        self.args = (f"{needed_by}: its dictionary {sha} is not in {where}: a store takes a file only after the "
+                     f"dictionary it names (kvcli push carries it; over HTTP, PUT /v1/dicts/{sha} first)",)
+
+
+class StorePlace:
+    """A store's dicts/ as a place a reader looks for dictionaries (dictionary.Place)."""
+
+    def __init__(self, store):
+        self.store = store
+        self.where = store.dicts_url
+
+    def read(self, sha: str) -> bytes | None:
+        return self.store.read_dictionary(sha)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StorePlace) and other.where == self.where
+
+    def __hash__(self) -> int:
+        return hash(self.where)
+
+
+class DictionaryShelf:
+    """The dictionary methods every store shares over its own _dict_size, _read_dict and _write_dict."""
+
+    url: str
+    dicts_url: str
+    # Dictionaries found stored: content-addressed and never deleted by kvcli, so asked for once per store object.
+    _dicts_seen: set[str]
+
+    def dictionary_place(self) -> StorePlace:
+        return StorePlace(self)
+
+    def read_dictionary(self, sha: str) -> bytes | None:
+        """The stored bytes of dictionary `sha`, None when the store lacks it (a reader checks them against `sha`)."""
+        return self._read_dict(dictionary.check_sha(sha, self.dicts_url))
+
+    def dictionary_size(self, sha: str) -> int | None:
+        return self._dict_size(dictionary.check_sha(sha, self.dicts_url))
+
+    def has_dictionary(self, sha: str) -> bool:
+        sha = dictionary.check_sha(sha, self.dicts_url)
+        if sha in self._dicts_seen:
+            return True
+        found = self._dict_size(sha) is not None
+        if found:
+            self._dicts_seen.add(sha)
+        return found
+
+    def put_dictionary(self, found: dictionary.Dictionary) -> bool:
+        """Store a checked dictionary under its name, atomically, before any file that names it; True if written.
+        One stored with its size stays (its name is its content's hash: the same bytes); one of another size is
+        damaged and replaced."""
+        size = self._dict_size(found.sha)
+        if size == len(found.data):
+            self._dicts_seen.add(found.sha)
+            return False
+        self._write_dict(found.sha, found.data, replace=size is not None)
+        self._dicts_seen.add(found.sha)
+        return True
+
+    def check_dictionary(self, header: format.Header, name: str) -> None:
+        """DictionaryNotStored unless the file needs no dictionary, carries its own, or the store has it."""
+        sha = dictionary.named_by(header)
+        if sha is not None and not dictionary.embeds(header) and not self.has_dictionary(sha):
+            raise DictionaryNotStored(sha, name, self.dicts_url)
+
+    def _dict_size(self, sha: str) -> int | None: ...
+    def _read_dict(self, sha: str) -> bytes | None: ...
+    def _write_dict(self, sha: str, data: bytes, replace: bool) -> None: ...
+
+
 # ---------------------------------------------------------------- resumable uploads: what every store shares
 
 
@@ -204,7 +287,7 @@ class PartsSource(format.Source):
 # ---------------------------------------------------------------- stores over files
 
 
-class FileStore(index.PrefixLookup):
+class FileStore(DictionaryShelf, index.PrefixLookup):
     """What directory and object stores share: validation, listing and lookup from the files' headers, and the
     prefix index (index.py).
 
@@ -215,6 +298,7 @@ class FileStore(index.PrefixLookup):
     index_workers = 1  # concurrent requests of one index lookup or update; a remote store raises it
 
     def __init__(self):
+        self._dicts_seen = set()
         self._headers: dict[tuple[str, int], dict] = {}
         self._chunks: dict[tuple[str, int], FileChunks] = {}
         self._lock = threading.Lock()
@@ -255,6 +339,7 @@ class FileStore(index.PrefixLookup):
         with open_data(data) as src:
             header = validate(src)
             key = checked_key(key, header, getattr(src, "path", "<upload>"))
+            self.check_dictionary(header, f"cache {key}")
             try:
                 self._write(key, src, exclusive)
             except FileExistsError:
@@ -328,6 +413,7 @@ class FileStore(index.PrefixLookup):
             except FormatError:
                 self._remove_upload(key, upload)
                 raise
+            self.check_dictionary(header, f"cache {key}")  # the parts stay: complete again once it is stored
             try:
                 self._write(key, src, exclusive)
             except FileExistsError:
@@ -481,6 +567,7 @@ class StoredSource(format.Source):
     def __init__(self, store, key: str, size: int, head_bytes: int = remote.HEAD_PREFETCH):
         self.store, self.key, self.size = store, key, size
         self.path = store.url_for(key)
+        self.dictionary_places = [store.dictionary_place()]
         self.head_bytes = head_bytes
         self._head: bytes | None = None
 
@@ -526,6 +613,7 @@ class DirStore(FileStore):
                 raise StorageError(f"{self.root}: cannot create the store: {err.strerror}") from None
         if not self.root.is_dir():
             raise InputError(f"{self.root}: no such store directory")
+        self.dicts_url = str(self.root / dictionary.DICT_DIR)
 
     def path_of(self, key: str) -> str:
         return str(self.root / f"{key}.kvc")
@@ -577,6 +665,30 @@ class DirStore(FileStore):
 
     def _write(self, key: str, src: format.ByteSource, exclusive: bool = False) -> None:
         format.atomic_write(self.path_of(key), iter_blocks(src), exclusive)
+
+    def _dict_size(self, sha: str) -> int | None:
+        try:
+            return os.stat(self.root / dictionary.name_of(sha)).st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as err:
+            raise StorageError(f"{self.root / dictionary.name_of(sha)}: {err.strerror}") from None
+
+    def _read_dict(self, sha: str) -> bytes | None:
+        try:
+            return (self.root / dictionary.name_of(sha)).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as err:
+            raise StorageError(f"{self.root / dictionary.name_of(sha)}: {err.strerror}") from None
+
+    def _write_dict(self, sha: str, data: bytes, replace: bool) -> None:
+        try:
+            (self.root / dictionary.DICT_DIR).mkdir(exist_ok=True)
+        except OSError as err:
+            raise StorageError(f"{self.dicts_url}: cannot create: {err.strerror}") from None
+        with contextlib.suppress(FileExistsError):  # another writer's: the same bytes, since the name is their hash
+            format.atomic_write(str(self.root / dictionary.name_of(sha)), [data], exclusive=not replace)
 
     def _remove(self, key: str) -> bool:
         try:
@@ -729,6 +841,7 @@ class FsspecStore(FileStore):
         self.url = url.rstrip("/")
         self.fs, self.prefix = remote.filesystem(self.url, **options)
         self.prefix = self.prefix.rstrip("/")
+        self.dicts_url = f"{self.url}/{dictionary.DICT_DIR}"
 
     def path_of(self, key: str) -> str:
         return f"{self.prefix}/{key}.kvc"
@@ -766,7 +879,30 @@ class FsspecStore(FileStore):
     def open(self, key: str) -> format.ByteSource:
         if self.size(key) is None:
             raise InputError(f"{self.url}: no cache {key}")
-        return remote.RemoteSource(remote.FsspecFetcher(self.url_for(key)))
+        return remote.RemoteSource(remote.FsspecFetcher(self.url_for(key)),
+                                   dictionary_places=[self.dictionary_place()])
+
+    def _dict_size(self, sha: str) -> int | None:
+        try:
+            return int(self.fs.size(f"{self.prefix}/{dictionary.name_of(sha)}"))
+        except FileNotFoundError:
+            return None
+        except remote.store_exceptions() as err:
+            raise remote.storage_error(err, f"{self.url}/{dictionary.name_of(sha)}") from None
+
+    def _read_dict(self, sha: str) -> bytes | None:
+        try:
+            return self.fs.cat_file(f"{self.prefix}/{dictionary.name_of(sha)}")
+        except FileNotFoundError:
+            return None
+        except remote.store_exceptions() as err:
+            raise remote.storage_error(err, f"{self.url}/{dictionary.name_of(sha)}") from None
+
+    def _write_dict(self, sha: str, data: bytes, replace: bool) -> None:
+        try:
+            self.fs.pipe_file(f"{self.prefix}/{dictionary.name_of(sha)}", data)  # one PUT: atomic
+        except remote.store_exceptions() as err:
+            raise remote.storage_error(err, f"{self.url}/{dictionary.name_of(sha)}: cannot write") from None
 
     def _keys(self) -> Iterator[tuple[str, int]]:
         try:
@@ -926,13 +1062,15 @@ def modified(info: dict) -> float:
 # ---------------------------------------------------------------- a kvcli server as a store
 
 
-class ServerStore(index.PrefixLookup):
+class ServerStore(DictionaryShelf, index.PrefixLookup):
     """The same API over HTTP against `kvcli serve-cache` (docs/server.md), with an optional bearer token."""
 
     def __init__(self, url: str, token: str | None = None, transport=None, timeout_s: float = 60.0):
         import httpx
 
         self.url = url.rstrip("/")
+        self.dicts_url = f"{self.url}/v1/dicts"
+        self._dicts_seen = set()
         self.token = remote.read_token(token)
         self.transport = transport
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -942,7 +1080,8 @@ class ServerStore(index.PrefixLookup):
     def url_for(self, key: str) -> str:
         return f"{self.url}/v1/caches/{check_key(key)}"
 
-    def _request(self, method: str, path: str, **kwargs):
+    def _request(self, method: str, path: str, missing_ok: bool = False, **kwargs):
+        """The response; a 404 is returned, not raised, for HEAD, DELETE and with `missing_ok`."""
         import httpx
 
         try:
@@ -951,7 +1090,7 @@ class ServerStore(index.PrefixLookup):
             raise remote.ConnectionFailed(f"{self.url}{path}: {type(err).__name__}: {err}") from None
         if response.status_code == 409:
             raise UploadConflict(f"{self.url}{path}: refused{remote.server_message(response)}")
-        if response.status_code != 404 or method not in ("HEAD", "DELETE"):
+        if response.status_code != 404 or not (missing_ok or method in ("HEAD", "DELETE")):
             try:
                 remote.check_status(response, f"{self.url}{path}")
             except remote.Transient as err:
@@ -974,12 +1113,28 @@ class ServerStore(index.PrefixLookup):
         return response.content
 
     def open(self, key: str) -> format.ByteSource:
-        return remote.RemoteSource(remote.HttpFetcher(self.url_for(key), self.token, self.transport))
+        return remote.RemoteSource(remote.HttpFetcher(self.url_for(key), self.token, self.transport),
+                                   dictionary_places=[self.dictionary_place()])
+
+    def _dict_size(self, sha: str) -> int | None:
+        response = self._request("HEAD", f"/v1/dicts/{sha}")
+        return None if response.status_code == 404 else int(response.headers["content-length"])
+
+    def _read_dict(self, sha: str) -> bytes | None:
+        response = self._request("GET", f"/v1/dicts/{sha}", missing_ok=True)
+        return None if response.status_code == 404 else response.content
+
+    def _write_dict(self, sha: str, data: bytes, replace: bool) -> None:
+        # The server checks the bytes against the name and parses them before they are visible.
+        self._request("PUT", f"/v1/dicts/{sha}", content=data, headers={"Content-Type": "application/octet-stream"})
 
     def put(self, key: str | None, data: Data) -> str:
-        """Validated here first (a bad file never crosses the network), then validated again by the server."""
+        """Validated here first (a bad file never crosses the network, nor one whose dictionary the server lacks),
+        then validated again by the server."""
         with open_data(data) as src:
-            key = checked_key(key, validate(src), getattr(src, "path", "<upload>"))
+            header = validate(src)
+            key = checked_key(key, header, getattr(src, "path", "<upload>"))
+            self.check_dictionary(header, f"cache {key}")
             response = self._request("PUT", f"/v1/caches/{key}", content=iter_blocks(src),
                                      headers={"Content-Length": str(src.size),
                                               "Content-Type": "application/octet-stream"})
@@ -1072,15 +1227,23 @@ def stored_soundly(target, key: str) -> bool:
 def push(target, path: str | Path) -> dict:
     """Validate a file and store it under its key; nothing is sent when the store has it. A file larger than one
     part goes to a remote store in parts: parts staged by an earlier run that broke off are not sent again.
-    Returns key, url, bytes, uploaded, resumed_from (bytes from the start already staged) and sent."""
+    Returns key, url, bytes, uploaded, resumed_from (bytes from the start already staged) and sent.
+
+    A file that names a dictionary it does not carry takes it from where a reader of the file looks (beside it, the
+    user's cache, kvcli's shipped ones; the target store last) and puts it first; found nowhere, it is a
+    DictionaryMissing naming every place, and nothing is sent."""
     with format.FileSource(path) as src:
         header = validate(src)
         key = checked_key(None, header, src.path)
+        carried = dictionary.to_carry(src, header, src.path,
+                                      dictionary.places_for(src) + [target.dictionary_place()])
         result = {"key": key, "url": target.url_for(key), "bytes": src.size, "uploaded": False, "resumed_from": 0,
                   "sent": 0}
         if stored_soundly(target, key):
             return result
         result["uploaded"] = True
+        if carried is not None:
+            remote.retried(lambda: target.put_dictionary(carried), remote.ConnectionFailed)
         if isinstance(target, DirStore) or src.size <= getattr(target, "part_bytes", PART_BYTES):
             # Nothing worth resuming: one atomic put.
             remote.retried(lambda: target.put(key, src.path), remote.ConnectionFailed)
@@ -1108,6 +1271,18 @@ def push(target, path: str | Path) -> dict:
                 if attempt:
                     raise
         raise AssertionError("unreachable")
+
+
+def url_place(location: str, token: str | None = None, transport=None) -> StorePlace | None:
+    """dicts/ of the store a cache URL points into: the server's /v1/dicts for a kvcli server's …/v1/caches/KEY, the
+    folder holding KEY.kvc for an object store; None for a URL of any other shape."""
+    if "://" not in location:
+        return None
+    parts = urlsplit(location)
+    if parts.scheme in ("http", "https"):
+        marker = location.find("/v1/caches/")
+        return StorePlace(ServerStore(location[:marker], token, transport)) if marker > 0 else None
+    return StorePlace(FsspecStore(location.rsplit("/", 1)[0])) if remote.url_key(location) else None
 
 
 def open_store(root: str, token: str | None = None, create: bool = False, **options):

@@ -66,6 +66,7 @@ class Saver:
         self.stats, self.chunk_tokens = stats, chunk_tokens
         # called after each save settles: an idle engine takes no more steps, so nothing else would publish it
         self.settled = settled or (lambda: None)
+        self._carried: set[str] = set()  # dictionaries put in the store by this saver
         self._queue: queue.Queue = queue.Queue(max_pending)
         self._thread = threading.Thread(target=self._run, name="kvcli-saver", daemon=True)
         self._thread.start()
@@ -110,6 +111,7 @@ class Saver:
                 continue
             meta, parts = kvfile.encode(kv, self.identity, codec, self.chunk_tokens, {"created_at": _now()})
             data = format.build_header(meta, parts) + b"".join(p.data for p in parts)
+            self._carry_dictionary(codec)
             self.store.put(key, data)
             written += 1
             self.stats.add(f"saved_files_{quality}")
@@ -120,6 +122,17 @@ class Saver:
         else:
             self.stats.add("saves_already_stored")
         return stored
+
+
+    def _carry_dictionary(self, codec: Codec) -> None:
+        """The dictionary a level's files name, put in the store before its first file (once per saver)."""
+        sha = getattr(codec, "dictionary", None)
+        if sha is None or sha in self._carried:
+            return
+        from ...reuse.pipeline import codec_dictionary
+
+        self.store.put_dictionary(codec_dictionary(codec))
+        self._carried.add(sha)
 
 
 def _now() -> str:
