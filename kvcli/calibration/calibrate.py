@@ -388,9 +388,3 @@ def _holds(sha: str) -> bool:
         return True
     except dictionary.DictionaryMissing:
         return False
-
-
-def find_or_calibrate(lm: LoadedModel) -> Profile | None:
-    """calibration_for's profile."""
-    stored = calibration_for(lm)
-    return None if stored is None else stored.profile
