@@ -225,3 +225,16 @@ def test_files_coded_with_the_learned_transform_are_smaller(tiny_lm, cache_dir, 
         assert header.codec["params"].get("dictionary") == (found.sha if name == "coded" else None)
     assert (tmp_path / "out" / dictionary.name_of(found.sha)).read_bytes() == found.data
     assert sizes[1] < 0.95 * sizes[0] and kls[1] < 1.2 * kls[0]
+
+
+def test_heads_wider_than_the_transform_takes_are_left_out():
+    """kvq's exact inverse holds up to transform.MAX_DIM: wider heads are coded without a transform, and a
+    model with only those gets no dictionary."""
+    from kvcli.codecs.transform import MAX_DIM, Transforms
+
+    identity = {"architecture": "a", "name": "n", "config_digest": "c", "weights_digest": "w"}
+    wide = (np.eye(MAX_DIM + 2)[None], np.ones((1, MAX_DIM + 2)))
+    narrow = (np.eye(8)[None].repeat(2, 0), np.ones((2, 8)))
+    found = bases.to_dictionary({(0, 0): wide, (0, 1): narrow}, identity)
+    assert sorted(Transforms.unpack(found.payload).matrices) == [(0, 1)] and found.model["name"] == "n"
+    assert bases.to_dictionary({(0, 0): wide}, identity) is None

@@ -99,10 +99,15 @@ def learn_bases(lm: LoadedModel, profile: Profile, texts: list[tuple[str, str]],
     return moments.bases()
 
 
-def to_dictionary(learned: Bases, model_identity: dict) -> dictionary.Dictionary:
-    """The dictionary file holding the transform (codecs/transform.py: the bases as int16 matrices)."""
-    from ..codecs.transform import Transforms
+def to_dictionary(learned: Bases, model_identity: dict) -> dictionary.Dictionary | None:
+    """The dictionary file holding the transform (codecs/transform.py: the bases as int16 matrices). Heads wider
+    than the transform's MAX_DIM, whose exact inverse it does not guarantee, are left out (kvq codes those layers
+    without a transform); None where that leaves nothing."""
+    from ..codecs.transform import MAX_DIM, Transforms
 
-    payload = Transforms.from_bases({key: b for key, (b, _) in learned.items()}).pack()
+    kept = {key: b for key, (b, _) in learned.items() if b.shape[-1] <= MAX_DIM}
+    if not kept:
+        return None
+    payload = Transforms.from_bases(kept).pack()
     data = dictionary.build(payload, model_identity)
     return dictionary.parse(data, dictionary.sha_of(data), "the learned transform")

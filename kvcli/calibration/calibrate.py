@@ -342,12 +342,10 @@ def calibrate(lm: LoadedModel, texts: list[tuple[str, str]], prefix: int = quali
 def store(lm: LoadedModel, result: Calibration, path=None) -> Path:
     """Store a calibration: the transform's dictionary in the user's cache first, then the profile naming it (at
     `path`, or in the user's profile directory), so that no profile names a dictionary not yet written."""
-    sha = None
-    if result.bases is not None:
-        found = bases_.to_dictionary(result.bases, lm.identity)
+    found = bases_.to_dictionary(result.bases, lm.identity) if result.bases is not None else None
+    if found is not None:
         dictionary.save_to_cache(found)
-        sha = found.sha
-    return profiles.save(result.profile, lm.identity, result.details, path, sha)
+    return profiles.save(result.profile, lm.identity, result.details, path, found.sha if found else None)
 
 
 def calibration_for(lm: LoadedModel) -> profiles.Stored | None:
@@ -374,6 +372,8 @@ def calibration_for(lm: LoadedModel) -> profiles.Stored | None:
             [place.where for place in dictionary.own_places()])
     t0 = time.perf_counter()
     found = bases_.to_dictionary(bases_.learn_bases(lm, stored.profile, default_texts()), lm.identity)
+    if found is None:  # every head wider than this build transforms (the dictionary made by another build)
+        raise dictionary.DictionaryMissing(stored.dictionary, f"profile {stored.where}", [])
     dictionary.save_to_cache(found)
     if found.sha != stored.dictionary:
         profiles.set_dictionary(Path(stored.where), found.sha)
@@ -388,9 +388,3 @@ def _holds(sha: str) -> bool:
         return True
     except dictionary.DictionaryMissing:
         return False
-
-
-def find_or_calibrate(lm: LoadedModel) -> Profile | None:
-    """calibration_for's profile."""
-    stored = calibration_for(lm)
-    return None if stored is None else stored.profile

@@ -3,7 +3,7 @@
 Lookup order for a model: the user's profile directory ($KVCLI_CACHE_DIR/profiles, written by
 `kvcli calibrate`), then the profiles shipped inside kvcli. A profile matches a model by its config and
 weights digests (docs/format.md, "Model identity"), so a re-saved or resharded copy of a model still finds its
-profile. With none found, the first lossy encode calibrates the model (kvcli.calibration.calibrate.find_or_calibrate) and
+profile. With none found, the first lossy encode calibrates the model (kvcli.calibration.calibrate.calibration_for) and
 stores the result in the user's directory; with KVCLI_AUTO_CALIBRATE=0 it falls back to uniform steps instead
 (docs/codec.md, "Calibration and profiles").
 

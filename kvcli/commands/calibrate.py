@@ -14,7 +14,7 @@ from .common import ModelOpt, emit_json, handled
 def calibrate(
     model: Optional[str] = ModelOpt,
     text: Optional[list[str]] = typer.Option(None, "--text", "-t", help="Calibration document (repeatable) [default: the two bundled texts]"),
-    out: Optional[str] = typer.Option(None, "--output", "-o", help="Write the profile here instead of the profile directory"),
+    out: Optional[str] = typer.Option(None, "--output", "-o", help="Write the profile here instead of the profile directory (its transform dictionary still goes to the user cache)"),
     method: str = typer.Option("fisher", "--method", help="fisher (a few passes per text) or probes (one pass per head: slow, the reference)"),
     as_json: bool = typer.Option(False, "--json", help="Print the profile's summary as JSON"),
     transform: bool = typer.Option(True, "--transform/--no-transform", help="Also learn kvq's per-head transform (a dictionary in the user's cache, named by the profile)"),
