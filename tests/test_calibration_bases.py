@@ -238,3 +238,49 @@ def test_heads_wider_than_the_transform_takes_are_left_out():
     found = bases.to_dictionary({(0, 0): wide, (0, 1): narrow}, identity)
     assert sorted(Transforms.unpack(found.payload).matrices) == [(0, 1)] and found.model["name"] == "n"
     assert bases.to_dictionary({(0, 0): wide}, identity) is None
+
+
+def test_the_cli_writes_names_and_checks_a_files_dictionary(cli, tiny_model_dir, cache_dir, tmp_path, doc_file,
+                                                            monkeypatch):
+    """prefill puts the dictionary beside the file first; inspect names it; verify says where it found it, and
+    elsewhere which one is missing and every place looked in (exit 4); encode --self-contained and a file written
+    to stdout carry their own."""
+    model = tiny_model_dir("llama")
+    sha = _calibrate(cli, model, tmp_path)["dictionary"]
+    out = tmp_path / "out"
+    out.mkdir()
+    small, balanced = out / "small.kvc", out / "balanced.kvc"
+    for path, quality in ((small, "small"), (balanced, "balanced")):
+        result = cli("prefill", doc_file, "-o", path, "--model", model, "-q", quality)
+        assert result.exit_code == 0, result.stderr
+    assert (out / dictionary.name_of(sha)).read_bytes() == (cache_dir / dictionary.name_of(sha)).read_bytes()
+    info = json.loads(cli("inspect", small, "--json").stdout)
+    assert info["dictionary"] == {"sha256": sha, "embedded": False, "name": f"dicts/{sha}.kvd"}
+    assert f"dictionary   {sha} (dicts/{sha}.kvd in its store)\n" in cli("inspect", small).stdout
+    assert json.loads(cli("inspect", balanced, "--json").stdout)["dictionary"] is None  # balanced codes without it
+    assert cli("verify", small).stdout == f"{small}: ok ({info['segments']} segments, dictionary {sha[:16]}… from " \
+                                          f"{out}/dicts/{sha}.kvd)\n"
+    # On a machine without it, the file beside nothing: which dictionary, every place looked in, exit 4.
+    (out / dictionary.name_of(sha)).unlink()
+    monkeypatch.setenv("KVCLI_CACHE_DIR", str(tmp_path / "elsewhere"))
+    result = cli("verify", small)
+    assert result.exit_code == 4 and result.stdout == ""
+    assert result.stderr == (f"Error: {small}: its dictionary {sha} is missing: looked in {out}/dicts, "
+                             f"{tmp_path}/elsewhere/dicts, kvcli's shipped dictionaries\n")
+    assert cli("verify", balanced).exit_code == 0  # a file that needs none stays self-contained
+    # A file sent alone: encode --self-contained embeds it, and a file written to stdout always does.
+    monkeypatch.setenv("KVCLI_CACHE_DIR", str(cache_dir))
+    exported = tmp_path / "x.safetensors"
+    assert cli("decode", small, "-o", exported).exit_code == 0
+    alone = tmp_path / "alone" / "x.kvc"
+    alone.parent.mkdir()
+    result = cli("encode", exported, "-o", alone, "--model", model, "-q", "small", "--self-contained")
+    assert result.exit_code == 0, result.stderr
+    piped = cli("prefill", doc_file, "-o", "-", "--model", model, "-q", "small").stdout_bytes
+    (tmp_path / "alone" / "piped.kvc").write_bytes(piped)
+    assert not (tmp_path / "alone" / "dicts").exists()
+    monkeypatch.setenv("KVCLI_CACHE_DIR", str(tmp_path / "elsewhere"))
+    for path in (alone, tmp_path / "alone" / "piped.kvc"):
+        assert json.loads(cli("inspect", path, "--json").stdout)["dictionary"]["embedded"] is True
+        result = cli("verify", path)
+        assert result.exit_code == 0 and result.stdout.endswith(f"dictionary {sha[:16]}… from {path} (embedded))\n")

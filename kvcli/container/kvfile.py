@@ -170,7 +170,7 @@ def attach_dictionary(codec: Codec, sha: str, embedded: bytes | None, src: forma
     from ..codecs.transform import Transforms
 
     if embedded is not None:
-        found = dictionary.parse(embedded, sha, f"{name}: its embedded dictionary")
+        found = dictionary.parse(embedded, sha, f"{name} (embedded)")
     else:
         found = dictionary.find(sha, dictionary.places_for(src), name)
     dictionary.check_model(found, header.model, name)

@@ -20,9 +20,7 @@ def describe(header: format.Header, file_size: int) -> dict:
                           "k_bits_per_element": round(8 * k / k_el, 3), "v_bits_per_element": round(8 * v / v_el, 3)})
     aux = sum(s.length for s in header.segments if s.kind == "aux")
     first = header.layers[0]
-    params = header.codec.get("params")
-    sha = params.get("dictionary") if isinstance(params, dict) else None
-    embedded = any(s.kind == "aux" and s.name == dictionary.AUX_NAME for s in header.segments)
+    sha = dictionary.named_by(header)
     return {
         "format_version": f"{header.major}.{header.minor}",
         "model": header.model,
@@ -32,7 +30,7 @@ def describe(header: format.Header, file_size: int) -> dict:
         "head_dim": first.key_dim,
         "dtype": header.dtype,
         "codec": header.codec,
-        "dictionary": {"sha256": sha, "embedded": embedded, "name": dictionary.name_of(sha)} if isinstance(sha, str) else None,
+        "dictionary": {"sha256": sha, "embedded": dictionary.embeds(header), "name": dictionary.name_of(sha)} if sha else None,
         "chunk_tokens": header.chunk_tokens,
         "segments": len(header.segments),
         "file_bytes": file_size,
