@@ -17,6 +17,6 @@ FLAGS = {"extra_compile_args": ["-O3", "-ffp-contract=off"], "include_dirs": ["c
 setup(ext_modules=[
     Extension("kvcli.codecs._ans", ["codecs/_ans.c"], **FLAGS),
     Extension("kvcli.codecs.kvq_ops._kvq", ["codecs/kvq_ops/_kvq.c", "codecs/kvq_ops/quantize.c",
-                                             "codecs/kvq_ops/dequantize.c"],
+                                             "codecs/kvq_ops/dequantize.c", "codecs/kvq_ops/transform.c"],
               **FLAGS | {"depends": FLAGS["depends"] + ["codecs/kvq_ops/_kvq.h"]}),
 ])

@@ -3,11 +3,14 @@ same decode with reconstruction in torch (KvqDecoder.dequantize_body_ref, the pa
 interleaved in one process so that their ratio survives a shared machine.
 
     python bench/decode.py [--document FILE] [--tokens 2048] [--presets balanced lossless ...] [--repeats 5]
-                           [--threads N] [--kvq-versions 3 4]
+                           [--threads N] [--kvq-versions 3 4] [--transform fit|DICT.kvd]
 
 One JSON line per preset: elements, bits per element, decode seconds (median, min, max over the repeats, each
 after a warm-up), elements per second from the median, and for kvq presets the torch-reconstruction seconds
-and the speed-up. Timings depend on load: run it on a quiet machine for absolute figures.
+and the speed-up. With --transform, each lossy preset is also written as version 4 with the per-head transform
+(bench/xf_dictionary.py; "fit" learns it on the calibration texts and saves it in $KVCLI_CACHE_DIR: point that at a
+temporary directory), its line marked "transform": true. Timings depend on load: run it on a quiet machine for
+absolute figures.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import statistics
 import time
 
 import torch
+import xf_dictionary
 from common import DEFAULT_CORPUS, emit, environment, spread
 from kvcli.codecs.kvq import FORMAT_VERSION, KvqCodec, KvqDecoder
 
@@ -47,17 +51,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="decoding threads (default: usable cores)")
     ap.add_argument("--kvq-versions", type=int, nargs="+", choices=(3, 4), default=[FORMAT_VERSION],
                     help="kvq bitstream versions to write each lossy preset in, timed side by side")
+    ap.add_argument("--transform", help="also version 4 with the per-head transform: fit, or a dictionary file")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     lm = models.load(None, "float32")
     ids = inference.document_ids(lm, open(args.document, encoding="utf-8").read())[: args.tokens]
     ref = quality.reference(lm, ids)
     elements = sum(k.numel() + v.numel() for k, v in zip(ref.kv.keys, ref.kv.values))
+    found = xf_dictionary.load(lm, args.transform, pipeline.codec_for("balanced", lm), environment()) \
+        if args.transform else None
     files = []
     for preset in args.presets:
-        codec = pipeline.codec_for(preset, lm)
-        for version in (args.kvq_versions if isinstance(codec, KvqCodec) else [None]):
-            if version is not None:  # the preset's codec, writing this bitstream version
+        preset_codec = pipeline.codec_for(preset, lm)
+        kvq = isinstance(preset_codec, KvqCodec)
+        for version in (args.kvq_versions + (["4+xf"] if found else []) if kvq else [None]):
+            codec = preset_codec
+            if version == "4+xf":
+                codec = xf_dictionary.with_transform(codec, found)
+            elif version is not None:  # the preset's codec, writing this bitstream version
                 codec = KvqCodec(codec.scale, codec.sinks, codec.profile, codec.inv_freq, codec.meta,
                                  codec.token_alpha, version)
             meta, parts = kvfile.encode(ref.kv, lm.identity, codec, 256)
@@ -80,8 +91,8 @@ def main() -> None:
                   "decode_s": spread(times[False]), "decode_elements_per_s": round(elements / fast)}
         if version is not None:
             slow = statistics.median(times[True])
-            record |= {"kvq_version": version, "torch_reconstruct_decode_s": spread(times[True]),
-                       "speedup": round(slow / fast, 3)}
+            record |= {"kvq_version": 4 if version == "4+xf" else version, "transform": version == "4+xf",
+                       "torch_reconstruct_decode_s": spread(times[True]), "speedup": round(slow / fast, 3)}
         emit(record | {"decode_threads": args.threads or kvfile.usable_cores(), **environment()})
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 /* kvcli's entropy coder in C (docs/codec.md, "Entropy stream" and "Channel classes, tuples, symbols"): batch
  * encode and decode of kvcli's interleaved rANS streams, one stream after another, kvq's joint symbols both ways
- * (to_tuples, count_tuples, count_escapes, expand), each channel's spread for its class, and a segment's joint
- * symbols coded in one call (encode_rows), each with the GIL released so that threads code batches in parallel.
+ * (to_tuples, count_tuples, count_escapes, expand), kvq version 4's table of each symbol (decode_banded,
+ * table_ids), each channel's spread for its class, and a segment's joint symbols coded in one call (encode_rows),
+ * each with the GIL released so that threads code batches in parallel.
  * kvq's arithmetic (un-RoPE, quantization, reconstruction) is codecs/kvq_ops/, another extension.
  *
  * codecs/rans.py and codecs/entropy.py are the only callers: they build the arrays and turn the per-stream
@@ -87,73 +88,118 @@ static int layout_check(const int64_t *counts, const int64_t *lanes, Py_ssize_t 
 
 /* ------------------------------------------------------------------------------------------ decode */
 
-#define BUCKET_BITS 12
-#define BUCKETS (1u << BUCKET_BITS)
-#define BUCKET_SHIFT (PRECISION_BITS - BUCKET_BITS)
+#define SEARCH_NAME "kvcli.codecs._ans.Search"
+#define BLOCK_ALIGN 64
 
-/* The decoder's search tables, built per call from the frequency tables (each checked here to be contiguous
- * and to sum to TOTAL): per table its cumulative frequencies with TOTAL appended (size + 1 entries from
- * cum_base[k]), and per bucket of 2^BUCKET_SHIFT slots the symbol that holds the bucket's first slot. A slot's
- * symbol is its bucket's or a later one, found by a forward search that rarely takes a step. 2^12 buckets
- * keep a table at 8 KiB, so a segment's tables stay in cache; a 2^16-entry slot table per class (128 KiB)
- * did not, and its misses took half the decoder's time. */
+/* The decoder's search tables, built once per set of frequency tables (search(): a capsule that the decode
+ * functions take, so that a file's tables are built when it is opened, not per batch; 206 tables of a version 4
+ * file took 0.5 ms per batch). Each table is one block: per bucket of 2^(16 - bits) slots the symbol that holds
+ * the bucket's first slot (uint16), then the cumulative frequencies with TOTAL appended (size + 1 uint32). A
+ * slot's symbol is its bucket's or a later one, found by a forward search that rarely takes a step. 2^12 buckets
+ * keep a table at 8 KiB, so a segment's one table per class stays in cache (a 2^16-entry slot table per class,
+ * 128 KiB, did not, and its misses took half the decoder's time). Where each symbol of a class takes one of
+ * several tables (kvq version 4: a table per band), 2^11 buckets decoded faster: 5-11% less time for version 4
+ * streams, where version 3's took 4-6% more (the same streams timed batch by batch against each build, one
+ * process). */
 typedef struct {
-    uint32_t *cum;
-    int64_t *cum_base;
-    uint16_t *bucket;
+    Py_ssize_t count;
+    int bits;
+    const uint8_t **block;
+    uint8_t *arena;
 } Search;
 
-static void search_free(Search *q) {
-    PyMem_RawFree(q->cum), PyMem_RawFree(q->cum_base), PyMem_RawFree(q->bucket);
-    q->cum = NULL, q->cum_base = NULL, q->bucket = NULL;
+static size_t block_bytes(int bits, uint32_t size) {
+    return ((sizeof(uint16_t) << bits) + (size + 1) * sizeof(uint32_t) + BLOCK_ALIGN - 1) / BLOCK_ALIGN * BLOCK_ALIGN;
 }
 
-static int search_get(const Tables *t, Search *q) {
-    int64_t n = 0;
-    for (Py_ssize_t k = 0; k < t->count; k++) n += t->size[k] + 1;
-    q->cum = PyMem_RawMalloc((size_t)n * sizeof(uint32_t) + 1);
-    q->cum_base = PyMem_RawMalloc((size_t)t->count * sizeof(int64_t) + 1);
-    q->bucket = PyMem_RawMalloc((size_t)t->count * BUCKETS * sizeof(uint16_t) + 1);
-    if (!q->cum || !q->cum_base || !q->bucket) {
+static void search_free(Search *q) {
+    if (!q) return;
+    PyMem_RawFree(q->block), PyMem_RawFree(q->arena), PyMem_RawFree(q);
+}
+
+static void search_destroy(PyObject *capsule) { search_free(PyCapsule_GetPointer(capsule, SEARCH_NAME)); }
+
+/* From tables that tables_get checked, each checked here to be contiguous and to sum to TOTAL. */
+static Search *search_build(const Tables *t, int bits) {
+    const uint32_t buckets = 1u << bits, shift = PRECISION_BITS - bits;
+    size_t bytes = 0;
+    for (Py_ssize_t k = 0; k < t->count; k++) bytes += block_bytes(bits, t->size[k]);
+    Search *q = PyMem_RawCalloc(1, sizeof(Search));
+    if (q) {
+        q->count = t->count;
+        q->bits = bits;
+        q->block = PyMem_RawMalloc((size_t)t->count * sizeof(*q->block) + 1);
+        q->arena = PyMem_RawMalloc(bytes + BLOCK_ALIGN);
+    }
+    if (!q || !q->block || !q->arena) {
         search_free(q);
         PyErr_NoMemory();
-        return -1;
+        return NULL;
     }
-    int64_t at = 0;
+    uint8_t *at = q->arena + (BLOCK_ALIGN - (uintptr_t)q->arena % BLOCK_ALIGN) % BLOCK_ALIGN;
     for (Py_ssize_t k = 0; k < t->count; k++) {
-        uint32_t *c = q->cum + at, end = 0;
-        uint16_t *bucket = q->bucket + (size_t)k * BUCKETS;
-        q->cum_base[k] = at;
+        uint16_t *bucket = (uint16_t *)at;
+        uint32_t *c = (uint32_t *)(bucket + buckets), end = 0;
+        q->block[k] = at;
         for (uint32_t s = 0; s < t->size[k]; s++) {
             uint32_t f = t->fc[2 * (t->base[k] + s)];
             if (t->fc[2 * (t->base[k] + s) + 1] != end) {
                 PyErr_Format(PyExc_ValueError, "table %zd: cum of symbol %u is %u, not %u", k, s,
                              t->fc[2 * (t->base[k] + s) + 1], end);
                 search_free(q);
-                return -1;
+                return NULL;
             }
             c[s] = end;
             /* the buckets whose first slot lies in [end, end + f) */
-            uint32_t b = (end + (1u << BUCKET_SHIFT) - 1) >> BUCKET_SHIFT;
-            for (; b < BUCKETS && b << BUCKET_SHIFT < end + f; b++) bucket[b] = (uint16_t)s;
+            uint32_t b = (end + (1u << shift) - 1) >> shift;
+            for (; b < buckets && b << shift < end + f; b++) bucket[b] = (uint16_t)s;
             end += f;
         }
         if (end != TOTAL) {
             PyErr_Format(PyExc_ValueError, "table %zd sums to %u", k, end);
             search_free(q);
-            return -1;
+            return NULL;
         }
         c[t->size[k]] = TOTAL;
-        at += t->size[k] + 1;
+        at += block_bytes(bits, t->size[k]);
     }
-    return 0;
+    return q;
 }
 
-/* One lane's symbol under the table (c, bucket), its state advanced: the spec's decode step. */
-static inline __attribute__((always_inline)) uint16_t decode_symbol(uint32_t *restrict x, const uint32_t *c,
-                                                                    const uint16_t *bucket) {
+PyDoc_STRVAR(search_doc,
+             "search(fc, base, size, bits) -> capsule\n\n"
+             "The decoder's search tables of these frequency tables, 2^bits buckets each (bits 11 or 12), which decode\n"
+             "and decode_banded take. A table whose cumulative frequencies are not contiguous or do not sum to 2^16 is\n"
+             "refused (ValueError).");
+
+static PyObject *search(PyObject *self, PyObject *args) {
+    PyObject *o[3], *result = NULL;
+    View v[3] = {{0}};
+    Tables t;
+    int bits;
+    if (!PyArg_ParseTuple(args, "OOOi", &o[0], &o[1], &o[2], &bits)) return NULL;
+    if (bits != 11 && bits != 12) {
+        PyErr_SetString(PyExc_ValueError, "search: 11 or 12 bucket bits");
+        return NULL;
+    }
+    if (view_get(o[0], &v[0], 0, 8, "fc") || view_get(o[1], &v[1], 0, 4, "base") ||
+        view_get(o[2], &v[2], 0, 4, "size") || tables_get(&v[0], &v[1], &v[2], &t))
+        goto done;
+    Search *q = search_build(&t, bits);
+    if (q && !(result = PyCapsule_New(q, SEARCH_NAME, search_destroy))) search_free(q);
+done:
+    for (int i = 0; i < 3; i++) view_release(&v[i]);
+    return result;
+}
+
+/* One lane's symbol under a table's block of 2^bits buckets (a constant where it inlines), its state advanced:
+ * the spec's decode step. */
+static inline __attribute__((always_inline)) uint16_t decode_symbol(uint32_t *restrict x, const uint8_t *block,
+                                                                    const int bits) {
+    const uint16_t *bucket = (const uint16_t *)block;
+    const uint32_t *c = (const uint32_t *)(bucket + (1u << bits));
     uint32_t v = *x, slot = v & WORD_MASK;
-    uint32_t s = bucket[slot >> BUCKET_SHIFT];
+    uint32_t s = bucket[slot >> (PRECISION_BITS - bits)];
     while (c[s + 1] <= slot) s++;  /* c[size] = TOTAL ends it inside the table */
     *x = (c[s + 1] - c[s]) * (v >> WORD_BITS) + slot - c[s];
     return (uint16_t)s;
@@ -183,81 +229,120 @@ static inline void finish_stream(const uint32_t *x, int64_t lanes, int64_t p, in
     *bad = off;
 }
 
+/* The arguments every decode function shares after its tables (counts ... bad, 8 of them), checked. */
+enum { COUNTS, LANES, STATES, WORDS, NWORDS, OUT, READ, BAD, NSTREAM };
+
+typedef struct {
+    View v[NSTREAM];
+    Py_ssize_t streams;
+} Streams;
+
+static int streams_get(PyObject *const *o, Streams *s, const char *what) {
+    static const Py_ssize_t item[NSTREAM] = {8, 8, 4, 2, 8, 2, 8, 8};
+    static const int writable[NSTREAM] = {0, 0, 1, 0, 0, 1, 1, 1};
+    static const char *names[NSTREAM] = {"counts", "lanes", "states", "words", "n_words", "out", "read", "bad"};
+    for (int i = 0; i < NSTREAM; i++)
+        if (view_get(o[i], &s->v[i], writable[i], item[i], names[i])) return -1;
+    const int64_t *counts = DATA(s->v[COUNTS], int64_t), *n_words = DATA(s->v[NWORDS], int64_t);
+    s->streams = ITEMS(s->v[COUNTS], int64_t);
+    if (ITEMS(s->v[LANES], int64_t) != s->streams || ITEMS(s->v[NWORDS], int64_t) != s->streams ||
+        ITEMS(s->v[READ], int64_t) != s->streams || ITEMS(s->v[BAD], int64_t) != s->streams) {
+        PyErr_Format(PyExc_ValueError, "%s: array sizes disagree", what);
+        return -1;
+    }
+    if (layout_check(counts, DATA(s->v[LANES], int64_t), s->streams, ITEMS(s->v[OUT], uint16_t),
+                     ITEMS(s->v[STATES], uint32_t)))
+        return -1;
+    int64_t w = 0;
+    for (Py_ssize_t k = 0; k < s->streams; k++) {
+        if (n_words[k] < 0 || n_words[k] > counts[k]) {  /* at most one word per symbol */
+            PyErr_Format(PyExc_ValueError, "%s: stream %zd has %lld words", what, k, (long long)n_words[k]);
+            return -1;
+        }
+        w += n_words[k];
+    }
+    if (w + 1 != ITEMS(s->v[WORDS], uint16_t)) {
+        PyErr_Format(PyExc_ValueError, "%s: the word array is not every stream's words and one spare", what);
+        return -1;
+    }
+    return 0;
+}
+
+static void streams_release(Streams *s) {
+    for (int i = 0; i < NSTREAM; i++) view_release(&s->v[i]);
+}
+
+static const Search *search_of(PyObject *capsule) {
+    return PyCapsule_GetPointer(capsule, SEARCH_NAME);  /* sets an exception for anything but search()'s */
+}
+
 /* One stream; its symbols' tables are runs (run_table, run_length), checked by the caller to cover exactly the
  * stream's n symbols with tables that exist. */
-__attribute__((noinline)) static void decode_stream(const Search *q, const uint16_t *restrict run_table,
-                                                   const int64_t *restrict run_length, int64_t n, int64_t lanes,
-                                                   uint32_t *restrict x, const uint16_t *restrict words,
-                                                   int64_t n_words, uint16_t *restrict out, int64_t *read,
-                                                   int64_t *bad) {
-    const uint32_t *c = q->cum;
-    const uint16_t *bucket = q->bucket;
+static inline __attribute__((always_inline)) void decode_stream_bits(
+    const Search *q, const uint16_t *restrict run_table, const int64_t *restrict run_length, int64_t n,
+    int64_t lanes, uint32_t *restrict x, const uint16_t *restrict words, int64_t n_words, uint16_t *restrict out,
+    int64_t *read, int64_t *bad, const int bits) {
+    const uint8_t *block = NULL;
     int64_t p = 0, r = 0, run_end = 0;
     for (int64_t t0 = 0; t0 < n; t0 += lanes) {
         int64_t end = n - t0 < lanes ? n - t0 : lanes;
         /* The spec's two passes. Decoding, lanes are independent, so the CPU overlaps them ... */
         for (int64_t j = 0; j < end; j++) {
             while (t0 + j >= run_end) {  /* a step crosses into the next group's table at most a few times */
-                c = q->cum + q->cum_base[run_table[r]];
-                bucket = q->bucket + (size_t)run_table[r] * BUCKETS;
+                block = q->block[run_table[r]];
                 run_end += run_length[r++];
             }
-            out[t0 + j] = decode_symbol(x + j, c, bucket);
+            out[t0 + j] = decode_symbol(x + j, block, bits);
         }
         renormalize(x, end, words, n_words, &p);  /* ... and renormalizing */
     }
     finish_stream(x, lanes, p, read, bad);
 }
 
+__attribute__((noinline)) static void decode_stream(const Search *q, const uint16_t *run_table,
+                                                   const int64_t *run_length, int64_t n, int64_t lanes, uint32_t *x,
+                                                   const uint16_t *words, int64_t n_words, uint16_t *out,
+                                                   int64_t *read, int64_t *bad) {
+    if (q->bits == 11)
+        decode_stream_bits(q, run_table, run_length, n, lanes, x, words, n_words, out, read, bad, 11);
+    else
+        decode_stream_bits(q, run_table, run_length, n, lanes, x, words, n_words, out, read, bad, 12);
+}
+
 PyDoc_STRVAR(decode_doc,
-             "decode(fc, base, size, run_tables, run_lengths, runs, counts, lanes, states, words, n_words, out, read,\n"
-             "       bad)\n\n"
-             "Decode every stream into out (uint16 symbols). The symbols' tables as runs: run_tables (uint16) and\n"
-             "run_lengths (int64), runs[k] (int64) of them for stream k, adding up to its count; words: every stream's\n"
-             "words and one spare word at the end; counts, lanes, n_words: int64 per stream; states: uint32,\n"
-             "overwritten with the final states; read, bad: int64 per stream, set to the words read and the lanes not\n"
-             "back at 2^16. A table whose cumulative frequencies are not contiguous is refused (ValueError).");
+             "decode(search, run_tables, run_lengths, runs, counts, lanes, states, words, n_words, out, read, bad)\n\n"
+             "Decode every stream into out (uint16 symbols) with search()'s tables. The symbols' tables as runs:\n"
+             "run_tables (uint16) and run_lengths (int64), runs[k] (int64) of them for stream k, adding up to its\n"
+             "count; words: every stream's words and one spare word at the end; counts, lanes, n_words: int64 per\n"
+             "stream; states: uint32, overwritten with the final states; read, bad: int64 per stream, set to the words\n"
+             "read and the lanes not back at 2^16.");
 
 static PyObject *decode(PyObject *self, PyObject *args) {
-    enum { FC, BASE, SIZE, RTAB, RLEN, RUNS, COUNTS, LANES, STATES, WORDS, NWORDS, OUT, READ, BAD, N };
+    enum { SEARCH, RTAB, RLEN, RUNS, N = RUNS + 1 + NSTREAM };
     PyObject *o[N];
-    View v[N] = {{0}};
-    static const Py_ssize_t item[N] = {8, 4, 4, 2, 8, 8, 8, 8, 4, 2, 8, 2, 8, 8};
-    static const int writable[N] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 1, 1, 1};
-    static const char *names[N] = {"fc", "base", "size", "run_tables", "run_lengths", "runs", "counts", "lanes",
-                                   "states", "words", "n_words", "out", "read", "bad"};
-    Tables t;
-    Search q = {0};
+    View v[RUNS + 1] = {{0}};
+    Streams st = {{{0}}};
     PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8],
-                          &o[9], &o[10], &o[11], &o[12], &o[13]))
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8],
+                          &o[9], &o[10], &o[11]))
         return NULL;
-    for (int i = 0; i < N; i++)
-        if (view_get(o[i], &v[i], writable[i], item[i], names[i])) goto done;
-    if (tables_get(&v[FC], &v[BASE], &v[SIZE], &t)) goto done;
-    const int64_t *counts = DATA(v[COUNTS], int64_t), *lanes = DATA(v[LANES], int64_t),
-                  *n_words = DATA(v[NWORDS], int64_t), *runs = DATA(v[RUNS], int64_t),
+    const Search *q = search_of(o[SEARCH]);
+    if (!q || view_get(o[RTAB], &v[RTAB], 0, 2, "run_tables") || view_get(o[RLEN], &v[RLEN], 0, 8, "run_lengths") ||
+        view_get(o[RUNS], &v[RUNS], 0, 8, "runs") || streams_get(o + RUNS + 1, &st, "decode"))
+        goto done;
+    const int64_t *counts = DATA(st.v[COUNTS], int64_t), *runs = DATA(v[RUNS], int64_t),
                   *run_length = DATA(v[RLEN], int64_t);
     const uint16_t *run_table = DATA(v[RTAB], uint16_t);
-    Py_ssize_t streams = ITEMS(v[COUNTS], int64_t), symbols = ITEMS(v[OUT], uint16_t);
-    if (ITEMS(v[LANES], int64_t) != streams || ITEMS(v[NWORDS], int64_t) != streams ||
-        ITEMS(v[RUNS], int64_t) != streams || ITEMS(v[READ], int64_t) != streams ||
-        ITEMS(v[BAD], int64_t) != streams || ITEMS(v[RLEN], int64_t) != ITEMS(v[RTAB], uint16_t)) {
+    if (ITEMS(v[RUNS], int64_t) != st.streams || ITEMS(v[RLEN], int64_t) != ITEMS(v[RTAB], uint16_t)) {
         PyErr_SetString(PyExc_ValueError, "decode: array sizes disagree");
         goto done;
     }
-    if (layout_check(counts, lanes, streams, symbols, ITEMS(v[STATES], uint32_t))) goto done;
-    int64_t w = 0, r = 0;
-    for (Py_ssize_t k = 0; k < streams; k++) {
-        if (n_words[k] < 0 || n_words[k] > counts[k]) {  /* at most one word per symbol */
-            PyErr_Format(PyExc_ValueError, "decode: stream %zd has %lld words", k, (long long)n_words[k]);
-            goto done;
-        }
-        w += n_words[k];
+    int64_t r = 0;
+    for (Py_ssize_t k = 0; k < st.streams; k++) {
         int64_t covered = 0;  /* the runs cover the stream's symbols exactly, with tables that exist */
         if (runs[k] < 0 || runs[k] > ITEMS(v[RTAB], uint16_t) - r) goto bad_runs;
         for (int64_t e = r + runs[k]; r < e; r++) {
-            if (run_length[r] < 0 || run_length[r] > counts[k] - covered || run_table[r] >= t.count) goto bad_runs;
+            if (run_length[r] < 0 || run_length[r] > counts[k] - covered || run_table[r] >= q->count) goto bad_runs;
             covered += run_length[r];
         }
         if (covered != counts[k]) {
@@ -271,18 +356,14 @@ static PyObject *decode(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "decode: runs left over after the last stream");
         goto done;
     }
-    if (w + 1 != ITEMS(v[WORDS], uint16_t)) {
-        PyErr_SetString(PyExc_ValueError, "decode: the word array is not every stream's words and one spare");
-        goto done;
-    }
-    if (search_get(&t, &q)) goto done;
     Py_BEGIN_ALLOW_THREADS
-    const uint16_t *words = DATA(v[WORDS], uint16_t);
-    uint32_t *x = DATA(v[STATES], uint32_t);
-    uint16_t *out = DATA(v[OUT], uint16_t);
-    for (Py_ssize_t k = 0; k < streams; k++) {
-        decode_stream(&q, run_table, run_length, counts[k], lanes[k], x, words, n_words[k], out,
-                      DATA(v[READ], int64_t) + k, DATA(v[BAD], int64_t) + k);
+    const uint16_t *words = DATA(st.v[WORDS], uint16_t);
+    uint32_t *x = DATA(st.v[STATES], uint32_t);
+    uint16_t *out = DATA(st.v[OUT], uint16_t);
+    const int64_t *lanes = DATA(st.v[LANES], int64_t), *n_words = DATA(st.v[NWORDS], int64_t);
+    for (Py_ssize_t k = 0; k < st.streams; k++) {
+        decode_stream(q, run_table, run_length, counts[k], lanes[k], x, words, n_words[k], out,
+                      DATA(st.v[READ], int64_t) + k, DATA(st.v[BAD], int64_t) + k);
         run_table += runs[k], run_length += runs[k];
         out += counts[k], x += lanes[k], words += n_words[k];
     }
@@ -290,142 +371,328 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     result = Py_None;
     Py_INCREF(result);
 done:
-    search_free(&q);
-    for (int i = 0; i < N; i++) view_release(&v[i]);
+    for (int i = 0; i <= RUNS; i++) view_release(&v[i]);
+    streams_release(&st);
     return result;
 }
 
-/* decode_stream with one table per symbol (kvq version 4's tables per (class, band)): the table changes from
- * symbol to symbol, so the search tables are looked up per symbol instead of per run. */
-__attribute__((noinline)) static void decode_stream_ids(const Search *q, const uint16_t *restrict ids, int64_t n,
-                                                       int64_t lanes, uint32_t *restrict x,
-                                                       const uint16_t *restrict words, int64_t n_words,
-                                                       uint16_t *restrict out, int64_t *read, int64_t *bad) {
-    int64_t p = 0;
+/* ------------------------------------------------------------------------------------------ kvq version 4 */
+
+/* kvq version 4's tables per (class, band) (docs/codec.md, "Version 4"). A segment's symbols take their tables
+ * from its layout (spec and rows as for expand: per group (table, channels, K, m), then the groups' channels as
+ * flat head * dim + channel indices), the bands (heads, tokens) of its coded tokens, and lut: the table of
+ * (class - MIN_CLASS) * BANDS + band, NO_TABLE where the file has none, with lut_rows[k] the first entry of table
+ * k's class. Tuple u of a channel of head h takes lut[lut_rows[its group's table] + bands[h][u * m]]. All the
+ * channels of one head in a group (consecutive: a group's channels ascend) share that row of tables, so the
+ * coder builds it once per (group, head) block, not per symbol. */
+#define BANDS 9
+#define NO_TABLE 0xFFFF
+
+typedef struct {
+    const int64_t *spec, *rows;
+    const uint8_t *bands;
+    int64_t groups, channels, tokens, heads, dim;
+} Banded;
+
+typedef struct {
+    const uint16_t *lut;
+    const int64_t *lut_rows;
+} BandTables;
+
+/* One (group, head) block of consecutive channels, and (decoder) its row of tables. */
+typedef struct {
+    int64_t group, head, channels, per;
+    const uint8_t *const *row;
+} Block;
+
+/* A segment's blocks in symbol order (at most one per channel); returns their count. */
+static int64_t blocks_of(const Banded *s, Block *blocks) {
+    int64_t nb = 0, c = 0;
+    for (int64_t g = 0; g < s->groups; g++) {
+        const int64_t m = s->spec[4 * g + 3], per = (s->tokens + m - 1) / m;
+        for (int64_t end = c + s->spec[4 * g + 1]; c < end; c++) {
+            const int64_t h = s->rows[c] / s->dim;
+            if (nb && blocks[nb - 1].group == g && blocks[nb - 1].head == h)
+                blocks[nb - 1].channels++;
+            else
+                blocks[nb++] = (Block){g, h, 1, per, NULL};
+        }
+    }
+    return nb;
+}
+
+/* A block's tables, tuple by tuple, into row; -1, or the lut entry of a (class, band) without a table. */
+static int64_t block_tables(const BandTables *bt, const Banded *s, const Block *b, uint16_t *row) {
+    const int64_t *e = s->spec + 4 * b->group, lut_row = bt->lut_rows[e[0]];
+    const uint8_t *band = s->bands + b->head * s->tokens;
+    for (int64_t u = 0; u < b->per; u++) {
+        const int64_t at = lut_row + band[u * e[3]];
+        if ((row[u] = bt->lut[at]) == NO_TABLE) return at;
+    }
+    return -1;
+}
+
+/* Everything decode_banded and table_ids index with, checked before the GIL is released: the segment's groups,
+ * channels and bands inside their arrays (advancing *spec, *rows, *bands past them), every group's table and
+ * tuple length, every channel inside (heads, dim), every band below BANDS. Returns the segment's symbols, or -1
+ * with an exception. */
+static int64_t banded_get(const int64_t *shape, const View *spec, const View *rows, const View *bands,
+                          Py_ssize_t *at_spec, Py_ssize_t *at_rows, Py_ssize_t *at_bands, Py_ssize_t tables,
+                          const int64_t *lut_rows, Py_ssize_t lut_len, Banded *s) {
+    *s = (Banded){NULL, NULL, NULL, shape[0], shape[1], shape[2], shape[3], shape[4]};
+    int64_t n = 0, channels = 0;
+    if (s->groups < 0 || s->channels < 0 || s->tokens < 0 || s->heads < 0 || s->dim < 1 ||
+        s->groups > (ITEMS(*spec, int64_t) - 4 * *at_spec) / 4 || s->channels > ITEMS(*rows, int64_t) - *at_rows ||
+        s->heads > (1 << 20) || s->tokens > (1 << 30) || s->heads * s->tokens > ITEMS(*bands, uint8_t) - *at_bands)
+        goto bad;
+    s->spec = DATA(*spec, int64_t) + 4 * *at_spec;
+    s->rows = DATA(*rows, int64_t) + *at_rows;
+    s->bands = DATA(*bands, uint8_t) + *at_bands;
+    for (int64_t g = 0; g < s->groups; g++) {
+        const int64_t *e = s->spec + 4 * g;
+        if (e[0] < 0 || e[0] >= tables || lut_rows[e[0]] < 0 || lut_rows[e[0]] > lut_len - BANDS || e[1] < 0 ||
+            e[1] > s->channels - channels || !tuple_shape_ok(e[2], e[3]))
+            goto bad;
+        channels += e[1];
+        n += e[1] * ((s->tokens + e[3] - 1) / e[3]);
+    }
+    if (channels != s->channels) goto bad;
+    for (int64_t c = 0; c < s->channels; c++)
+        if (s->rows[c] < 0 || s->rows[c] / s->dim >= s->heads) goto bad;
+    for (int64_t i = 0; i < s->heads * s->tokens; i++)
+        if (s->bands[i] >= BANDS) goto bad;
+    *at_spec += s->groups, *at_rows += s->channels, *at_bands += s->heads * s->tokens;
+    return n;
+bad:
+    PyErr_SetString(PyExc_ValueError, "banded layout: groups, channels or bands do not match the arrays");
+    return -1;
+}
+
+/* The lut and its rows: every entry a table that exists or NO_TABLE. */
+static int band_tables_get(const View *lut, const View *lut_rows, Py_ssize_t tables, BandTables *bt) {
+    bt->lut = DATA(*lut, uint16_t);
+    bt->lut_rows = DATA(*lut_rows, int64_t);
+    if (ITEMS(*lut_rows, int64_t) != tables) {
+        PyErr_SetString(PyExc_ValueError, "lut_rows must have one entry per table");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < ITEMS(*lut, uint16_t); i++)
+        if (bt->lut[i] >= tables && bt->lut[i] != NO_TABLE) {
+            PyErr_SetString(PyExc_ValueError, "lut names a table that does not exist");
+            return -1;
+        }
+    return 0;
+}
+
+/* The spec's two passes per step, as decode_stream, with the table of symbol i from its channel's row (blocks
+ * built): a step's lanes hold consecutive symbols, so those of one channel take consecutive entries of its row. */
+static inline __attribute__((always_inline)) void decode_steps_banded(const Block *blocks, int64_t n, int64_t lanes,
+                                                                      uint32_t *restrict x,
+                                                                      const uint16_t *restrict words, int64_t n_words,
+                                                                      uint16_t *restrict out, int64_t *read,
+                                                                      int64_t *bad, const int bits) {
+    const Block *block = blocks - 1;
+    const uint8_t *const *row = NULL;
+    int64_t p = 0, left = 0, start = 0, chan_end = 0;
     for (int64_t t0 = 0; t0 < n; t0 += lanes) {
-        int64_t end = n - t0 < lanes ? n - t0 : lanes;
-        for (int64_t j = 0; j < end; j++) {
-            const uint32_t k = ids[t0 + j];
-            out[t0 + j] = decode_symbol(x + j, q->cum + q->cum_base[k], q->bucket + (size_t)k * BUCKETS);
+        const int64_t end = n - t0 < lanes ? n - t0 : lanes;
+        for (int64_t j = 0; j < end;) {
+            while (t0 + j >= chan_end) {  /* the next channel: of this block, or the first of the next */
+                if (!left) left = (++block)->channels;
+                left--;
+                row = block->row;
+                start = chan_end;
+                chan_end += block->per;
+            }
+            const int64_t stop = chan_end - t0 < end ? chan_end - t0 : end;
+            const uint8_t *const *tables = row + (t0 + j - start);
+            for (int64_t k = 0; k < stop - j; k++) out[t0 + j + k] = decode_symbol(x + j + k, tables[k], bits);
+            j = stop;
         }
         renormalize(x, end, words, n_words, &p);
     }
     finish_stream(x, lanes, p, read, bad);
 }
 
-PyDoc_STRVAR(decode_ids_doc,
-             "decode_ids(fc, base, size, ids, counts, lanes, states, words, n_words, out, read, bad)\n\n"
-             "decode with the table of every symbol given (ids, uint16, one per symbol of every stream) instead of\n"
-             "runs; the other arguments are decode's. A table index out of range is refused (ValueError).");
+/* One stream of a banded segment. Each block's row of tables is built first (ids: scratch for a row; rows:
+ * scratch for every block's row of table blocks); a (class, band) without a table leaves the stream undecoded
+ * and *missing its lut entry. */
+__attribute__((noinline)) static void decode_stream_banded(const Search *q, const BandTables *bt, const Banded *s,
+                                                          Block *blocks, uint16_t *ids, const uint8_t **rows,
+                                                          int64_t n, int64_t lanes, uint32_t *x,
+                                                          const uint16_t *words, int64_t n_words, uint16_t *out,
+                                                          int64_t *read, int64_t *bad, int64_t *missing) {
+    const int64_t nb = blocks_of(s, blocks);
+    const uint8_t **at = rows;
+    *missing = -1, *read = -1, *bad = 0;
+    for (int64_t b = 0; b < nb; b++) {
+        if ((*missing = block_tables(bt, s, blocks + b, ids)) >= 0) return;
+        for (int64_t u = 0; u < blocks[b].per; u++) at[u] = q->block[ids[u]];
+        blocks[b].row = at;
+        at += blocks[b].per;
+    }
+    if (q->bits == 11)
+        decode_steps_banded(blocks, n, lanes, x, words, n_words, out, read, bad, 11);
+    else
+        decode_steps_banded(blocks, n, lanes, x, words, n_words, out, read, bad, 12);
+}
 
-static PyObject *decode_ids(PyObject *self, PyObject *args) {
-    enum { FC, BASE, SIZE, IDS, COUNTS, LANES, STATES, WORDS, NWORDS, OUT, READ, BAD, N };
+/* The tables of one banded segment's symbols, block by block (the first channel of a block computes the row, the
+ * others copy it); -1, or the lut entry of a (class, band) without a table. */
+static int64_t banded_ids(const BandTables *bt, const Banded *s, Block *blocks, uint16_t *ids) {
+    const int64_t nb = blocks_of(s, blocks);
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t missing = block_tables(bt, s, blocks + b, ids);
+        if (missing >= 0) return missing;
+        for (int64_t c = 1; c < blocks[b].channels; c++) memcpy(ids + c * blocks[b].per, ids, blocks[b].per * 2);
+        ids += blocks[b].channels * blocks[b].per;
+    }
+    return -1;
+}
+
+PyDoc_STRVAR(decode_banded_doc,
+             "decode_banded(search, lut, lut_rows, spec, rows, bands, shape, counts, lanes, states, words, n_words, out,\n"
+             "              read, bad, missing)\n\n"
+             "decode for kvq version 4 segments, each symbol's table from its segment's layout and bands: shape (int64,\n"
+             "per stream: groups, channels, tokens, heads, dim) says how many of spec (int64, 4 per group), rows\n"
+             "(int64) and bands (uint8, heads * tokens) are each stream's; lut (uint16) the table of (class - MIN_CLASS)\n"
+             "* 9 + band, 0xFFFF for none; lut_rows (int64, per table) the first lut entry of its class. missing (int64\n"
+             "per stream): -1, or the lut entry of a (class, band) that the stream uses and that has no table (it is\n"
+             "then not decoded). The other arguments are decode's.");
+
+static PyObject *decode_banded(PyObject *self, PyObject *args) {
+    enum { SEARCH, LUT, LUT_ROWS, SPEC, ROWS, BANDS_, SHAPE, FIRST, MISSING = FIRST + NSTREAM, N };
     PyObject *o[N];
     View v[N] = {{0}};
-    static const Py_ssize_t item[N] = {8, 4, 4, 2, 8, 8, 4, 2, 8, 2, 8, 8};
-    static const int writable[N] = {0, 0, 0, 0, 0, 0, 1, 0, 0, 1, 1, 1};
-    static const char *names[N] = {"fc", "base", "size", "ids", "counts", "lanes", "states", "words", "n_words",
-                                   "out", "read", "bad"};
-    Tables t;
-    Search q = {0};
+    Streams st = {{{0}}};
+    Block *blocks = NULL;
+    uint16_t *ids = NULL;
+    const uint8_t **rows = NULL;
     PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8],
-                          &o[9], &o[10], &o[11]))
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8],
+                          &o[9], &o[10], &o[11], &o[12], &o[13], &o[14], &o[15]))
         return NULL;
-    for (int i = 0; i < N; i++)
-        if (view_get(o[i], &v[i], writable[i], item[i], names[i])) goto done;
-    if (tables_get(&v[FC], &v[BASE], &v[SIZE], &t)) goto done;
-    const int64_t *counts = DATA(v[COUNTS], int64_t), *lanes = DATA(v[LANES], int64_t),
-                  *n_words = DATA(v[NWORDS], int64_t);
-    const uint16_t *ids = DATA(v[IDS], uint16_t);
-    Py_ssize_t streams = ITEMS(v[COUNTS], int64_t), symbols = ITEMS(v[OUT], uint16_t);
-    if (ITEMS(v[LANES], int64_t) != streams || ITEMS(v[NWORDS], int64_t) != streams ||
-        ITEMS(v[READ], int64_t) != streams || ITEMS(v[BAD], int64_t) != streams ||
-        ITEMS(v[IDS], uint16_t) != symbols) {
-        PyErr_SetString(PyExc_ValueError, "decode_ids: array sizes disagree");
+    static const Py_ssize_t item[FIRST] = {0, 2, 8, 8, 8, 1, 8};
+    static const char *names[FIRST] = {"", "lut", "lut_rows", "spec", "rows", "bands", "shape"};
+    const Search *q = search_of(o[SEARCH]);
+    if (!q) goto done;
+    for (int i = LUT; i < FIRST; i++)
+        if (view_get(o[i], &v[i], 0, item[i], names[i])) goto done;
+    if (view_get(o[MISSING], &v[MISSING], 1, 8, "missing") || streams_get(o + FIRST, &st, "decode_banded")) goto done;
+    BandTables bt;
+    if (band_tables_get(&v[LUT], &v[LUT_ROWS], q->count, &bt)) goto done;
+    if (ITEMS(v[SHAPE], int64_t) != 5 * st.streams || ITEMS(v[MISSING], int64_t) != st.streams) {
+        PyErr_SetString(PyExc_ValueError, "decode_banded: one shape and one missing entry per stream");
         goto done;
     }
-    if (layout_check(counts, lanes, streams, symbols, ITEMS(v[STATES], uint32_t))) goto done;
-    int64_t w = 0;
-    for (Py_ssize_t k = 0; k < streams; k++) {
-        if (n_words[k] < 0 || n_words[k] > counts[k]) {
-            PyErr_Format(PyExc_ValueError, "decode_ids: stream %zd has %lld words", k, (long long)n_words[k]);
+    const int64_t *shape = DATA(v[SHAPE], int64_t), *counts = DATA(st.v[COUNTS], int64_t);
+    Py_ssize_t at_spec = 0, at_rows = 0, at_bands = 0;
+    int64_t most_channels = 1, most_rows = 1, most_tokens = 1;
+    for (Py_ssize_t k = 0; k < st.streams; k++) {
+        Banded s;
+        int64_t n = banded_get(shape + 5 * k, &v[SPEC], &v[ROWS], &v[BANDS_], &at_spec, &at_rows, &at_bands,
+                               q->count, bt.lut_rows, ITEMS(v[LUT], uint16_t), &s);
+        if (n < 0) goto done;
+        if (n != counts[k]) {
+            PyErr_Format(PyExc_ValueError, "decode_banded: stream %zd's layout has %lld symbols, not %lld", k,
+                         (long long)n, (long long)counts[k]);
             goto done;
         }
-        w += n_words[k];
+        int64_t row_entries = 0, c = 0;  /* the blocks' rows, walked as blocks_of walks them */
+        for (int64_t g = 0; g < s.groups; g++) {
+            const int64_t *e = s.spec + 4 * g;
+            for (int64_t end = c + e[1], head = -1; c < end; c++)
+                if (s.rows[c] / s.dim != head) {
+                    head = s.rows[c] / s.dim;
+                    row_entries += (s.tokens + e[3] - 1) / e[3];
+                }
+        }
+        most_channels = s.channels > most_channels ? s.channels : most_channels;
+        most_rows = row_entries > most_rows ? row_entries : most_rows;
+        most_tokens = s.tokens > most_tokens ? s.tokens : most_tokens;
     }
-    for (Py_ssize_t i = 0; i < symbols; i++)
-        if (ids[i] >= t.count) {
-            PyErr_SetString(PyExc_ValueError, "decode_ids: a symbol's table does not exist");
-            goto done;
-        }
-    if (w + 1 != ITEMS(v[WORDS], uint16_t)) {
-        PyErr_SetString(PyExc_ValueError, "decode_ids: the word array is not every stream's words and one spare");
+    if (4 * at_spec != ITEMS(v[SPEC], int64_t) || at_rows != ITEMS(v[ROWS], int64_t) ||
+        at_bands != ITEMS(v[BANDS_], uint8_t)) {
+        PyErr_SetString(PyExc_ValueError, "decode_banded: spec, rows or bands left over after the last stream");
         goto done;
     }
-    if (search_get(&t, &q)) goto done;
+    blocks = PyMem_RawMalloc((size_t)most_channels * sizeof(Block));
+    ids = PyMem_RawMalloc((size_t)most_tokens * sizeof(uint16_t));
+    rows = PyMem_RawMalloc((size_t)most_rows * sizeof(*rows));
+    if (!blocks || !ids || !rows) {
+        PyErr_NoMemory();
+        goto done;
+    }
     Py_BEGIN_ALLOW_THREADS
-    const uint16_t *words = DATA(v[WORDS], uint16_t);
-    uint32_t *x = DATA(v[STATES], uint32_t);
-    uint16_t *out = DATA(v[OUT], uint16_t);
-    for (Py_ssize_t k = 0; k < streams; k++) {
-        decode_stream_ids(&q, ids, counts[k], lanes[k], x, words, n_words[k], out, DATA(v[READ], int64_t) + k,
-                          DATA(v[BAD], int64_t) + k);
-        ids += counts[k], out += counts[k], x += lanes[k], words += n_words[k];
+    const uint16_t *words = DATA(st.v[WORDS], uint16_t);
+    uint32_t *x = DATA(st.v[STATES], uint32_t);
+    uint16_t *out = DATA(st.v[OUT], uint16_t);
+    const int64_t *lanes = DATA(st.v[LANES], int64_t), *n_words = DATA(st.v[NWORDS], int64_t);
+    Py_ssize_t at_s = 0, at_r = 0, at_b = 0;
+    for (Py_ssize_t k = 0; k < st.streams; k++) {
+        const int64_t *sh = shape + 5 * k;
+        const Banded s = {DATA(v[SPEC], int64_t) + 4 * at_s, DATA(v[ROWS], int64_t) + at_r,
+                          DATA(v[BANDS_], uint8_t) + at_b, sh[0], sh[1], sh[2], sh[3], sh[4]};
+        decode_stream_banded(q, &bt, &s, blocks, ids, rows, counts[k], lanes[k], x, words, n_words[k], out,
+                             DATA(st.v[READ], int64_t) + k, DATA(st.v[BAD], int64_t) + k,
+                             DATA(v[MISSING], int64_t) + k);
+        at_s += sh[0], at_r += sh[1], at_b += sh[3] * sh[2];
+        out += counts[k], x += lanes[k], words += n_words[k];
     }
     Py_END_ALLOW_THREADS
     result = Py_None;
     Py_INCREF(result);
 done:
-    search_free(&q);
+    PyMem_RawFree(blocks), PyMem_RawFree(ids), PyMem_RawFree(rows);
     for (int i = 0; i < N; i++) view_release(&v[i]);
+    streams_release(&st);
     return result;
 }
 
-PyDoc_STRVAR(band_ids_doc,
-             "band_ids(base, cell, bands, lut, out) -> int\n\n"
-             "kvq version 4's table of every symbol: out[i] = lut[base[i] + bands[cell[i]]] (base int16, cell int64,\n"
-             "bands uint8, lut and out uint16), without the GIL. Returns the first i whose entry is 0xFFFF (no\n"
-             "table), or -1. An index out of range is refused (ValueError).");
+PyDoc_STRVAR(table_ids_doc,
+             "table_ids(lut, lut_rows, spec, rows, bands, shape, out) -> int\n\n"
+             "kvq version 4: the table of every symbol of one segment (out, uint16), as decode_banded takes them (the\n"
+             "arguments are its, for one stream; lut_rows' length is the table count). Returns -1, or the lut entry of\n"
+             "a (class, band) without a table that a symbol uses.");
 
-static PyObject *band_ids(PyObject *self, PyObject *args) {
-    PyObject *o[5];
-    View base = {0}, cell = {0}, bands = {0}, lut = {0}, out = {0};
+static PyObject *table_ids(PyObject *self, PyObject *args) {
+    enum { LUT, LUT_ROWS, SPEC, ROWS, BANDS_, SHAPE, OUT, N };
+    PyObject *o[N];
+    View v[N] = {{0}};
+    Block *blocks = NULL;
     PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "OOOOO", &o[0], &o[1], &o[2], &o[3], &o[4])) return NULL;
-    if (view_get(o[0], &base, 0, 2, "base") || view_get(o[1], &cell, 0, 8, "cell") ||
-        view_get(o[2], &bands, 0, 1, "bands") || view_get(o[3], &lut, 0, 2, "lut") ||
-        view_get(o[4], &out, 1, 2, "out"))
-        goto done;
-    const Py_ssize_t n = ITEMS(out, uint16_t), nb = ITEMS(bands, uint8_t), nl = ITEMS(lut, uint16_t);
-    if (ITEMS(base, int16_t) != n || ITEMS(cell, int64_t) != n) {
-        PyErr_SetString(PyExc_ValueError, "band_ids: one base and one cell per symbol");
+    static const Py_ssize_t item[N] = {2, 8, 8, 8, 1, 8, 2};
+    static const char *names[N] = {"lut", "lut_rows", "spec", "rows", "bands", "shape", "out"};
+    if (!PyArg_ParseTuple(args, "OOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6])) return NULL;
+    for (int i = 0; i < N; i++)
+        if (view_get(o[i], &v[i], i == OUT, item[i], names[i])) goto done;
+    BandTables bt;
+    Banded s;
+    Py_ssize_t at_spec = 0, at_rows = 0, at_bands = 0, tables = ITEMS(v[LUT_ROWS], int64_t);
+    if (band_tables_get(&v[LUT], &v[LUT_ROWS], tables, &bt)) goto done;
+    if (ITEMS(v[SHAPE], int64_t) != 5) {
+        PyErr_SetString(PyExc_ValueError, "table_ids: shape is one segment's");
         goto done;
     }
-    const int16_t *b = DATA(base, int16_t);
-    const int64_t *c = DATA(cell, int64_t);
-    const uint8_t *band = DATA(bands, uint8_t);
-    const uint16_t *l = DATA(lut, uint16_t);
-    uint16_t *o16 = DATA(out, uint16_t);
-    Py_ssize_t missing = -1, bad = 0;
+    int64_t n = banded_get(DATA(v[SHAPE], int64_t), &v[SPEC], &v[ROWS], &v[BANDS_], &at_spec, &at_rows, &at_bands,
+                           tables, bt.lut_rows, ITEMS(v[LUT], uint16_t), &s);
+    if (n < 0) goto done;
+    if (n != ITEMS(v[OUT], uint16_t)) {
+        PyErr_SetString(PyExc_ValueError, "table_ids: out must have one entry per symbol");
+        goto done;
+    }
+    if (!(blocks = PyMem_RawMalloc((size_t)(s.channels + 1) * sizeof(Block)))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int64_t missing;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (c[i] < 0 || c[i] >= nb || b[i] < 0 || (Py_ssize_t)b[i] + band[c[i]] >= nl) {
-            bad = 1;
-            break;
-        }
-        uint16_t k = l[b[i] + band[c[i]]];
-        o16[i] = k;
-        if (k == 0xFFFF && missing < 0) missing = i;
-    }
+    missing = banded_ids(&bt, &s, blocks, DATA(v[OUT], uint16_t));
     Py_END_ALLOW_THREADS
-    if (bad) {
-        PyErr_SetString(PyExc_ValueError, "band_ids: an index out of range");
-        goto done;
-    }
-    result = PyLong_FromSsize_t(missing);
+    result = PyLong_FromLongLong(missing);
 done:
-    view_release(&base), view_release(&cell), view_release(&bands), view_release(&lut), view_release(&out);
+    PyMem_RawFree(blocks);
+    for (int i = 0; i < N; i++) view_release(&v[i]);
     return result;
 }
 
@@ -744,18 +1011,21 @@ done:
 /* ------------------------------------------------------------------------------------------ encoder: segments */
 
 PyDoc_STRVAR(count_tuples_doc,
-             "count_tuples(rows, tokens, half, m, counts)\n\n"
-             "Adds to counts (int64, (2K + 1)^m + 1) how often each joint symbol of to_tuples(rows, ...) occurs.");
+             "count_tuples(rows, tokens, half, m, counts[, bands])\n\n"
+             "Adds to counts (int64, (2K + 1)^m + 1) how often each joint symbol of to_tuples(rows, ...) occurs. With\n"
+             "bands (uint8, one per value of rows, each below 9; kvq version 4), counts has 9 such rows and each tuple\n"
+             "counts in the row of its first token's band.");
 
 static PyObject *count_tuples(PyObject *self, PyObject *args) {
-    PyObject *o_rows, *o_counts;
+    PyObject *o_rows, *o_counts, *o_bands = Py_None;
     long long tokens, half, m;
-    View rows = {0}, cv = {0};
+    View rows = {0}, cv = {0}, bv = {0};
     PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "OLLLO", &o_rows, &tokens, &half, &m, &o_counts)) return NULL;
+    if (!PyArg_ParseTuple(args, "OLLLO|O", &o_rows, &tokens, &half, &m, &o_counts, &o_bands)) return NULL;
     if (PyObject_GetBuffer(o_rows, &rows.buf, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) goto done;
     rows.held = 1;
-    if (view_get(o_counts, &cv, 1, 8, "counts")) goto done;
+    if (view_get(o_counts, &cv, 1, 8, "counts") || (o_bands != Py_None && view_get(o_bands, &bv, 0, 1, "bands")))
+        goto done;
     Py_ssize_t item = rows.buf.itemsize;
     if ((item != 2 && item != 4) || tokens < 1 || !tuple_shape_ok(half, m) ||
         rows.buf.len % (item * tokens)) {
@@ -764,11 +1034,23 @@ static PyObject *count_tuples(PyObject *self, PyObject *args) {
     }
     uint32_t esc = 1;
     for (int64_t j = 0; j < m; j++) esc *= 2 * (uint32_t)half + 1;
-    if (ITEMS(cv, int64_t) != (Py_ssize_t)esc + 1) {
-        PyErr_SetString(PyExc_ValueError, "count_tuples: counts must have one entry per symbol of the alphabet");
+    const int64_t n = rows.buf.len / item / tokens, per_row = (tokens + m - 1) / m;
+    const uint8_t *band = bv.held ? DATA(bv, uint8_t) : NULL;
+    if (ITEMS(cv, int64_t) != (Py_ssize_t)(esc + 1) * (band ? BANDS : 1)) {
+        PyErr_SetString(PyExc_ValueError, "count_tuples: counts must have one entry per symbol of the alphabet (per band)");
         goto done;
     }
-    const int64_t n = rows.buf.len / item / tokens, per_row = (tokens + m - 1) / m;
+    if (band) {
+        if (ITEMS(bv, uint8_t) != n * tokens) {
+            PyErr_SetString(PyExc_ValueError, "count_tuples: one band per value of rows");
+            goto done;
+        }
+        for (Py_ssize_t i = 0; i < ITEMS(bv, uint8_t); i++)
+            if (band[i] >= BANDS) {
+                PyErr_SetString(PyExc_ValueError, "count_tuples: a band past the last");
+                goto done;
+            }
+    }
     uint32_t *buf = PyMem_RawMalloc(per_row * sizeof(uint32_t));
     if (!buf) {
         PyErr_NoMemory();
@@ -779,14 +1061,19 @@ static PyObject *count_tuples(PyObject *self, PyObject *args) {
     for (int64_t r = 0; r < n; r++) {
         row_symbols((const char *)rows.buf.buf + r * tokens * item, item == 4, tokens, (int)m, (int32_t)half, buf,
                     NULL, NULL);
-        for (int64_t i = 0; i < per_row; i++) counts[buf[i]]++;
+        if (band) {
+            const uint8_t *b = band + r * tokens;
+            for (int64_t i = 0; i < per_row; i++) counts[(int64_t)b[i * m] * (esc + 1) + buf[i]]++;
+        } else {
+            for (int64_t i = 0; i < per_row; i++) counts[buf[i]]++;
+        }
     }
     Py_END_ALLOW_THREADS
     PyMem_RawFree(buf);
     result = Py_None;
     Py_INCREF(result);
 done:
-    view_release(&rows), view_release(&cv);
+    view_release(&rows), view_release(&cv), view_release(&bv);
     return result;
 }
 
@@ -985,9 +1272,10 @@ static PyObject *check_constants(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
+    {"search", search, METH_VARARGS, search_doc},
     {"decode", decode, METH_VARARGS, decode_doc},
-    {"decode_ids", decode_ids, METH_VARARGS, decode_ids_doc},
-    {"band_ids", band_ids, METH_VARARGS, band_ids_doc},
+    {"decode_banded", decode_banded, METH_VARARGS, decode_banded_doc},
+    {"table_ids", table_ids, METH_VARARGS, table_ids_doc},
     {"encode", encode, METH_VARARGS, encode_doc},
     {"count_escapes", count_escapes, METH_VARARGS, count_escapes_doc},
     {"expand", expand, METH_VARARGS, expand_doc},

@@ -30,6 +30,9 @@ HEAD = struct.Struct("<III")  # lanes, words, escape bytes
 BAND_WIDTH, BANDS = 6, 9
 PLAIN_BAND = 4  # the band of e = 0: every token of a layer and kind without token weights
 NO_TABLE = 0xFFFF  # a file has at most (MAX_CLASS - MIN_CLASS + 1) * BANDS = 261 tables
+# Version 4's symbols take one of several tables per class, symbol by symbol: with half the search buckets of
+# rans.BUCKET_BITS those tables share the cache better (codecs/_ans.c, search).
+BANDED_BUCKET_BITS = 11
 
 
 def class_of(std: np.ndarray) -> np.ndarray:
@@ -171,12 +174,13 @@ class ClassTables:
             raise CodecError(f"no entropy table for class {cls}") from None
 
     @functools.cached_property
-    def by_band(self) -> np.ndarray:
-        """Version 4: uint16 (classes, BANDS) table index of (class - MIN_CLASS, band), NO_TABLE where none."""
-        lut = np.full((MAX_CLASS - MIN_CLASS + 1, BANDS), NO_TABLE, np.uint16)
+    def by_band(self) -> tuple[np.ndarray, np.ndarray]:
+        """Version 4, for the C coder: the uint16 table index of (class - MIN_CLASS) * BANDS + band (NO_TABLE where
+        none), and per table the first of its class's entries (int64)."""
+        lut = np.full((MAX_CLASS - MIN_CLASS + 1) * BANDS, NO_TABLE, np.uint16)
         for i, (cls, band) in enumerate(zip(self.classes, self.bands or ())):
-            lut[cls - MIN_CLASS, band] = i
-        return lut
+            lut[(cls - MIN_CLASS) * BANDS + band] = i
+        return lut, (np.array(self.classes, np.int64) - MIN_CLASS) * BANDS
 
     @functools.cached_property
     def reciprocals(self) -> np.ndarray:
@@ -214,30 +218,20 @@ class Layout:
 
     def table_ids(self, tables: ClassTables, bands: np.ndarray, dim: int) -> np.ndarray:
         """Version 4: the uint16 table of every symbol, from the bands (heads, tokens) of the segment's coded tokens
-        (docs/codec.md, "Version 4"); CodecError if a (class, band) a symbol uses has no table."""
-        cls_at, cell = self._band_cells(tables, dim)
-        bands = np.ascontiguousarray(bands, dtype=np.uint8).reshape(-1)
-        ids = np.empty(len(cell), np.uint16)
-        k = _ans.band_ids(cls_at, cell, bands, tables.by_band.reshape(-1), ids)  # in C, without the GIL
-        if k >= 0:
-            raise CodecError(f"no entropy table for class {int(cls_at[k]) // BANDS + MIN_CLASS} band {int(bands[cell[k]])}")
+        (docs/codec.md, "Version 4"), in C (_ans.table_ids, the decoder's own mapping); CodecError if a (class,
+        band) a symbol uses has no table."""
+        bands = np.ascontiguousarray(bands, dtype=np.uint8)
+        ids = np.empty(self.runs.symbols, np.uint16)
+        shape = np.array([len(self.spec), len(self.rows), self.tokens, bands.shape[0], dim], np.int64)
+        missing = _ans.table_ids(*tables.by_band, self.spec, self.rows, bands, shape, ids)
+        if missing >= 0:
+            raise CodecError(missing_table(missing))
         return ids
 
-    def _band_cells(self, tables: ClassTables, dim: int) -> tuple[np.ndarray, np.ndarray]:
-        """Per symbol: (class - MIN_CLASS) * BANDS, and the flat (head, token) cell of its tuple's first token in
-        the segment's bands; computed once per layout (each segment of it only gathers)."""
-        cached = self.__dict__.get("_cells")
-        if cached is None:
-            cls_at, cell, at = [np.zeros(0, np.int16)], [np.zeros(0, np.int64)], 0
-            for first, count, _, m in self.spec.tolist():
-                heads = self.rows[at : at + count] // dim
-                at += count
-                starts = np.arange(0, self.tokens, m, dtype=np.int64)
-                cell.append((heads[:, None] * self.tokens + starts[None, :]).reshape(-1).astype(np.int64))
-                cls_at.append(np.full(count * len(starts), (tables.classes[first] - MIN_CLASS) * BANDS, np.int16))
-            cached = (np.concatenate(cls_at), np.concatenate(cell))
-            object.__setattr__(self, "_cells", cached)  # a cache on a frozen dataclass, same for every thread
-        return cached
+
+def missing_table(entry: int) -> str:
+    """The refusal of a symbol whose (class, band), entry `entry` of ClassTables.by_band, has no table."""
+    return f"no entropy table for class {entry // BANDS + MIN_CLASS} band {entry % BANDS}"
 
 
 @dataclass(frozen=True)
@@ -270,19 +264,20 @@ def count_symbols(cls: int, rows: np.ndarray) -> np.ndarray:
 def count_banded(cls: int, rows: np.ndarray, bands: np.ndarray) -> dict[int, np.ndarray]:
     """Version 4's count_symbols: per band, how often each joint symbol of class `cls` occurs in rows (n, tokens)
     whose tuples take the bands (n, tokens) of their first tokens."""
-    m = class_layout(cls)[1]
-    symbols, _ = to_tuples(rows, class_layout(cls)[0], m)
-    size = alphabet(cls)
-    both = np.bincount(bands[:, ::m].reshape(-1).astype(np.int64) * size + symbols, minlength=BANDS * size)
-    both = both.reshape(BANDS, size)
-    return {int(b): both[b] for b in np.unique(bands[:, ::m]).tolist()}
+    both = np.zeros((BANDS, alphabet(cls)), np.int64)
+    if rows.size:  # in C without the GIL, as count_symbols
+        rows = np.ascontiguousarray(rows if rows.dtype in (np.int16, np.int32) else rows.astype(np.int32))
+        _ans.count_tuples(rows, rows.shape[1], *class_layout(cls), both, np.ascontiguousarray(bands, np.uint8))
+    return {int(b): both[b] for b in np.flatnonzero(both.any(axis=1)).tolist()}  # the bands some tuple starts in
 
 
 def tables_of(counts: dict) -> ClassTables:
     """One table per class (keys int) or per (class, band) (keys pairs, version 4) from its symbol counts."""
     keys = sorted(counts)
-    freqs = rans.Tables([rans.normalize_counts(counts[k]) for k in keys])
-    if keys and isinstance(keys[0], tuple):
+    banded = bool(keys) and isinstance(keys[0], tuple)
+    freqs = rans.Tables([rans.normalize_counts(counts[k]) for k in keys],
+                        bucket_bits=BANDED_BUCKET_BITS if banded else rans.BUCKET_BITS)
+    if banded:
         return ClassTables(tuple(k[0] for k in keys), freqs, tuple(k[1] for k in keys))
     return ClassTables(tuple(keys), freqs)
 
@@ -316,18 +311,19 @@ def unpack_tables(data: bytes, banded: bool = False) -> ClassTables:
             size = alphabet(cls)
             if pos + 2 * size > len(data):
                 raise CodecError(f"table for class {cls} is truncated")
-            freq = np.frombuffer(data, dtype="<u2", count=size, offset=pos).astype(np.uint32)
+            freqs.append(np.frombuffer(data, dtype="<u2", count=size, offset=pos))
             pos += 2 * size
-            rans.check_table(freq, f"table for class {cls}")
             classes.append(cls)
-            freqs.append(freq)
+        # every table's frequencies checked at once (rans.check_table's rules), the first bad one named
+        coder = rans.Tables(freqs, lambda k: f"table for class {classes[k]}",
+                            BANDED_BUCKET_BITS if banded else rans.BUCKET_BITS)
     except struct.error:
         raise CodecError("entropy tables are truncated") from None
     except rans.StreamError as err:
         raise CodecError(str(err)) from None
     if pos != len(data):
         raise CodecError("entropy tables have trailing bytes")
-    return ClassTables(tuple(classes), rans.Tables(freqs), tuple(bands) if banded else None)
+    return ClassTables(tuple(classes), coder, tuple(bands) if banded else None)
 
 
 # ---------------------------------------------------------------- segments
@@ -387,14 +383,15 @@ def split_segment(data: bytes, lim: Limits) -> Coded:
 
 
 def decode_segments(tables: ClassTables, segments: list[tuple]) -> list[Symbols]:
-    """Per segment (layout, coded part[, table per symbol]): its symbols and escape values, every stream decoded
-    in one C call; with a table per symbol (version 4: Layout.table_ids), every segment has one.
+    """Per segment (layout, coded part[, bands (heads, tokens) uint8 of its coded tokens, head dim]): its symbols
+    and escape values, every stream decoded in one C call; with bands (version 4), every segment has them, and the
+    C decoder takes each symbol's table from them as Layout.table_ids does.
 
     Raises CodecError with `.index` set to the failing segment's position in `segments`.
     """
     try:
         if segments and len(segments[0]) > 2:
-            symbols = rans.decode_ids(tables.coder, [(ids, coded.stream) for _, coded, ids in segments])
+            symbols = decode_banded(tables, segments)
         else:
             symbols = rans.decode_runs(tables.coder, [(lay.runs, coded.stream) for lay, coded in segments])
     except rans.StreamError as err:
@@ -407,6 +404,25 @@ def decode_segments(tables: ClassTables, segments: list[tuple]) -> list[Symbols]
             raise CodecError(str(err), index=i) from None
         out.append(Symbols(lay, sym, values))
     return out
+
+
+def decode_banded(tables: ClassTables, segments: list[tuple]) -> list[np.ndarray]:
+    """Version 4's streams, per segment (layout, coded part, bands (heads, tokens) uint8, head dim): the symbols of
+    each, every stream in one C call (_ans.decode_banded, which takes each symbol's table as Layout.table_ids
+    does); StreamError names the first stream that fails, a (class, band) without a table included."""
+    def joined(arrays: list[np.ndarray], dtype) -> np.ndarray:
+        return np.concatenate(arrays + [np.zeros(0, dtype)]).astype(dtype, copy=False)
+
+    spec = joined([lay.spec.reshape(-1) for lay, *_ in segments], np.int64)
+    rows = joined([lay.rows for lay, *_ in segments], np.int64)
+    bands = joined([b.reshape(-1) for _, _, b, _ in segments], np.uint8)
+    shape = np.array([(len(lay.spec), len(lay.rows), lay.tokens, b.shape[0], dim) for lay, _, b, dim in segments],
+                     np.int64).reshape(-1)
+    missing = np.empty(len(segments), np.int64)
+    return rans.decode_with([lay.runs.symbols for lay, *_ in segments], [coded.stream for _, coded, *_ in segments],
+                            lambda *arrays: _ans.decode_banded(tables.coder.search, *tables.by_band, spec, rows, bands,
+                                                               shape, *arrays, missing),
+                            lambda k: missing_table(int(missing[k])) if missing[k] >= 0 else None)
 
 
 def escape_values(coded: Coded, escaped: int) -> np.ndarray:

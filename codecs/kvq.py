@@ -18,6 +18,7 @@ codecs/kvq_ops/ (docs/codec.md, "Where the code lives").
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import struct
@@ -36,8 +37,8 @@ from .kvq_ops import dequantize, quantize
 from .kvq_ops import transform as transform_ops
 from .transform import MAX_COMPONENT, Transforms
 
-# Written unless asked otherwise. Version 4 (make_codec(version=4)) is 5% smaller, but decodes 1.5-1.8x slower per
-# element on CPU (docs/codec.md, "Version 4"): it becomes the default when it decodes as fast as version 3.
+# Written unless asked otherwise. Version 4 (make_codec(version=4)) is 3-5% smaller, but still decodes about 1.1x
+# slower per element on CPU (docs/codec.md, "Version 4"): it becomes the default when it decodes as fast as version 3.
 FORMAT_VERSION = 3
 # Version 2 is version 3 without token weights; version 4 is version 3 with entropy tables per (class,
 # token-exponent band) (docs/codec.md, "Version 4").
@@ -392,6 +393,11 @@ class TokenWeights:
     first: int
     exponents: np.ndarray
 
+    @functools.cached_property
+    def bands(self) -> np.ndarray:
+        """Version 4's band (uint8, heads, tokens) of every exponent, computed once (threads compute the same)."""
+        return entropy.bands_of(self.exponents)
+
     def factors(self, start: int, tokens: int) -> torch.Tensor:
         """float32 (heads, tokens) step factors 2^(e/8) of positions [start, start + tokens), which must lie
         inside the weights' range (callers check with covers)."""
@@ -446,17 +452,21 @@ class _Planned:
                              f"{weights.first + weights.exponents.shape[1]}) do not cover the segment")
         return weights
 
-    def _table_ids(self, ctx: SegmentContext, skip: int, lay: entropy.Layout) -> np.ndarray | None:
-        """Version 4: the table of each of a segment's symbols (entropy.Layout.table_ids); None before."""
+    def _bands(self, ctx: SegmentContext, skip: int) -> np.ndarray | None:
+        """Version 4: the bands (heads, non-sink tokens) uint8 of a segment's coded tokens, which choose its symbols'
+        tables (docs/codec.md, "Version 4"); None before."""
         if self.tables.bands is None:
             return None
         weights = self._token_weights(ctx, skip)
         if weights is None:
-            bands = np.full((ctx.heads, ctx.tokens - skip), entropy.PLAIN_BAND, np.uint8)
-        else:
-            lo = ctx.token_start + skip - weights.first
-            bands = entropy.bands_of(weights.exponents[:, lo : lo + ctx.tokens - skip])
-        return lay.table_ids(self.tables, bands, ctx.dim)
+            return np.full((ctx.heads, ctx.tokens - skip), entropy.PLAIN_BAND, np.uint8)
+        lo = ctx.token_start + skip - weights.first
+        return weights.bands[:, lo : lo + ctx.tokens - skip]
+
+    def _table_ids(self, ctx: SegmentContext, skip: int, lay: entropy.Layout) -> np.ndarray | None:
+        """Version 4: the table of each of a segment's symbols (entropy.Layout.table_ids); None before."""
+        bands = self._bands(ctx, skip)
+        return None if bands is None else lay.table_ids(self.tables, bands, ctx.dim)
 
     def _token_factors(self, ctx: SegmentContext, skip: int) -> torch.Tensor | None:
         """float32 (heads, non-sink tokens) step factors of a segment's body, or None (_token_weights)."""
@@ -573,12 +583,11 @@ class KvqDecoder(_Planned, Decoder):
 
     def __init__(self, *args):
         super().__init__(*args)
-        # A transformed file decodes on a device through entropy() and reconstruct()'s torch form.
-        self.on_device = self.backend == "triton" and not self._matrices
+        self.on_device = self.backend == "triton"
         self._segments: dict = {}  # _segment's results by layout; every thread computes the same values
         self._layouts: dict = {}  # entropy.Layout by (layer, kind, non-sink tokens), likewise
         self._host = {key: (c.numpy().reshape(-1), st.numpy().reshape(-1)) for key, (c, st) in self._tensors.items()}
-        self._blas = {key: transform_ops.Matrices(m.numpy()) for key, m in self._matrices.items()}
+        self._host_matrices = {key: m.numpy() for key, m in self._matrices.items()}
         self._device_states: dict = {}  # per device: tables and layouts on it (kvq_ops/decode_triton.py)
         self._lock = threading.Lock()
 
@@ -612,8 +621,8 @@ class KvqDecoder(_Planned, Decoder):
         for i, ((ctx, _), (_, skip, coded)) in enumerate(zip(segments, self.split(segments))):
             try:
                 lay = self._entropy_layout(ctx.layer, KINDS.index(ctx.kind), ctx.tokens - skip)
-                ids = self._table_ids(ctx, skip, lay)
-                jobs.append((lay, coded) if ids is None else (lay, coded, ids))
+                bands = self._bands(ctx, skip)
+                jobs.append((lay, coded) if bands is None else (lay, coded, bands, ctx.dim))
             except CodecError as err:
                 raise CodecError(str(err), index=i) from None
         out = entropy.decode_segments(self.tables, jobs)
@@ -663,20 +672,11 @@ class KvqDecoder(_Planned, Decoder):
     def dequantize_body(self, ctx: SegmentContext, skip: int, symbols: entropy.Symbols, body: torch.Tensor) -> None:
         """Expand, dequantize (with token weights where the file has them), rotate keys and cast into body
         (heads, tokens - skip, dim), a CPU tensor of the file's dtype, in C (dequantize.reconstruct): values bit
-        for bit dequantize_body_ref's. A transformed layer's M q comes from BLAS first (transform.untransform)."""
+        for bit dequantize_body_ref's; a transformed layer's M q on the way (kvq_ops/transform.c)."""
         kind = KINDS.index(ctx.kind)
         center, step = self._host[(ctx.layer, kind)]
-        matrices = self._blas.get((ctx.layer, kind))
-        if matrices is not None:
-            # |q| is at most the largest half range of the segment's classes, or an escape's magnitude.
-            largest = max(int(symbols.layout.spec[:, 2].max(initial=0)),
-                          int(np.abs(symbols.escapes.astype(np.int64)).max(initial=0)))
-            values = transform_ops.untransform(symbols.rows(self.tables), matrices, largest)
-            dequantize.reconstruct_values(values, center, step, self._freq(ctx.layer, kind), ctx.token_start + skip,
-                                          self._token_factors(ctx, skip), body)
-            return
         dequantize.reconstruct(symbols, self.tables, center, step, self._freq(ctx.layer, kind), ctx.token_start + skip,
-                               self._token_factors(ctx, skip), body)
+                               self._token_factors(ctx, skip), body, self._host_matrices.get((ctx.layer, kind)))
 
     def dequantize_body_ref(self, ctx: SegmentContext, skip: int, symbols: entropy.Symbols,
                             body: torch.Tensor) -> None:

@@ -11,6 +11,7 @@ owns the constants and every check on data; the C code only refuses arrays that 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,7 @@ WORD_BITS = 16
 WORD_MASK = (1 << WORD_BITS) - 1
 STEPS_PER_LANE = 1024  # the lane count rule: a stream of n symbols has ceil(n / STEPS_PER_LANE) lanes
 MAX_ALPHABET = 1 << 16
+BUCKET_BITS = 12  # the C decoder's search buckets per table (2^12), where a stream switches tables rarely
 _ans.check_constants(PRECISION_BITS, STATE_LOW, WORD_BITS)
 
 
@@ -51,17 +53,34 @@ class Stream:
 class Tables:
     """Frequency tables, indexed 0..count-1, each summing to TOTAL with every entry >= 1. Immutable."""
 
-    def __init__(self, freqs: list[np.ndarray]):
-        for k, f in enumerate(freqs):
-            check_table(f, f"table {k}")
+    def __init__(self, freqs: list[np.ndarray], what=lambda k: f"table {k}", bucket_bits: int = BUCKET_BITS):
+        """StreamError, naming the first bad table as what(k) says, unless every table passes check_table. The
+        checks and cumulative frequencies run over all tables at once: a version 4 file has up to 261 of them.
+        bucket_bits: the decoder's search buckets per table (codecs/_ans.c, search), 11 or 12."""
         self.count = len(freqs)
+        self.bucket_bits = bucket_bits
         self.freqs = [np.asarray(f, dtype=np.uint32) for f in freqs]
-        size = np.array([len(f) for f in self.freqs], dtype=np.uint32)
-        base = (np.cumsum(size, dtype=np.uint32) - size).astype(np.uint32)
+        size = np.array([len(f) for f in self.freqs], dtype=np.int64)
+        base = np.cumsum(size) - size
         freq = np.concatenate(self.freqs + [np.zeros(0, np.uint32)])
-        cum = np.concatenate([np.cumsum(f, dtype=np.uint32) - f for f in self.freqs] + [np.zeros(0, np.uint32)])
+        if self.count:
+            at = np.minimum(base, max(len(freq) - 1, 0))  # reduceat needs indices inside; empty tables fail anyway
+            wide = freq.astype(np.int64) if len(freq) else np.zeros(1, np.int64)
+            bad = ((size < 2) | (size > MAX_ALPHABET) | (np.minimum.reduceat(wide, at) < 1)
+                   | (np.add.reduceat(wide, at) != TOTAL))
+            for k in np.flatnonzero(bad)[:1].tolist():
+                check_table(self.freqs[k], what(k))
+        # Each table's cumulative frequencies: the running sum over all tables, less TOTAL per table before it.
+        cum = (np.cumsum(freq, dtype=np.int64) - freq - np.repeat(np.arange(self.count, dtype=np.int64) * TOTAL, size))
         # What the C coder reads: (freq, cum) of every symbol of every table, each table's first symbol and size.
-        self.coder_arrays = (np.stack([freq, cum], axis=1).copy(), base, size)
+        self.coder_arrays = (np.stack([freq, cum.astype(np.uint32)], axis=1), base.astype(np.uint32),
+                             size.astype(np.uint32))
+
+    @functools.cached_property
+    def search(self):
+        """The C decoder's search tables (an opaque capsule of _ans.search), built once: per batch, a file's 206
+        version 4 tables took 0.5 ms."""
+        return _ans.search(*self.coder_arrays, self.bucket_bits)
 
     def lookup(self) -> tuple[np.ndarray, np.ndarray]:
         """The GPU decoder's tables over (table, slot), (count + 1) * TOTAL entries each: the symbol (uint16),
@@ -139,7 +158,7 @@ class Runs:
     run_tables: np.ndarray  # uint16
     run_lengths: np.ndarray  # int64
 
-    @property
+    @functools.cached_property
     def symbols(self) -> int:
         return int(self.run_lengths.sum())
 
@@ -170,19 +189,14 @@ def decode_runs(tables: Tables, streams: list[tuple[Runs, Stream]]) -> list[np.n
     run_lengths = np.concatenate([r.run_lengths for r, _ in streams] + [np.zeros(0, np.int64)]).astype(np.int64,
                                                                                                        copy=False)
     runs = np.array([len(r.run_tables) for r, _ in streams], dtype=np.int64)
-    return _decode(tables, [runs.symbols for runs, _ in streams], [st for _, st in streams],
-                   lambda *arrays: _ans.decode(*tables.coder_arrays, run_tables, run_lengths, runs, *arrays))
+    return decode_with([runs.symbols for runs, _ in streams], [st for _, st in streams],
+                       lambda *arrays: _ans.decode(tables.search, run_tables, run_lengths, runs, *arrays))
 
 
-def decode_ids(tables: Tables, streams: list[tuple[np.ndarray, Stream]]) -> list[np.ndarray]:
-    """decode_runs with the table of every symbol given (uint16), as kvq version 4's tables per (class, band) need:
-    one C pass that looks the table up per symbol, where runs of one symbol would cost more than the symbols."""
-    ids = np.concatenate([i for i, _ in streams] + [np.zeros(0, np.uint16)]).astype(np.uint16, copy=False)
-    return _decode(tables, [len(i) for i, _ in streams], [st for _, st in streams],
-                   lambda *arrays: _ans.decode_ids(*tables.coder_arrays, ids, *arrays))
-
-
-def _decode(tables: Tables, symbols: list[int], streams: list[Stream], call) -> list[np.ndarray]:
+def decode_with(symbols: list[int], streams: list[Stream], call, refusal=None) -> list[np.ndarray]:
+    """decode_runs' checks and arrays around a C decoder that takes the tables its own way (kvq version 4's
+    _ans.decode_banded): call(counts, lanes, states, words, n_words, out, read, bad) decodes every stream, and
+    refusal(k), where given, is the caller's reason to refuse stream k (checked first), or None."""
     counts, lanes = _layout(symbols)
     for k, (n, st, lane) in enumerate(zip(counts.tolist(), streams, lanes.tolist())):
         # The caller has checked the sizes against its limits (entropy.split_segment); states are data.
@@ -197,6 +211,9 @@ def _decode(tables: Tables, symbols: list[int], streams: list[Stream], call) -> 
     read, off = np.empty(len(streams), np.int64), np.empty(len(streams), np.int64)
     call(counts, lanes, states, words, n_words, out, read, off)
     for k in range(len(streams)):
+        why = refusal(k) if refusal is not None else None
+        if why:
+            raise StreamError(why, k)
         if read[k] != n_words[k]:
             raise StreamError(f"the entropy decoder read {read[k]} of {n_words[k]} words", k)
         if off[k]:

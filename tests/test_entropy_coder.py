@@ -12,6 +12,7 @@ import pytest
 import kvq_reference
 from coder_inputs import fit_tables, random_streams, ticks_during
 from kvcli.codecs import _ans, entropy, rans
+from kvcli.codecs.base import CodecError
 
 
 def tables_of(rng) -> rans.Tables:
@@ -27,9 +28,12 @@ def coded(seed: int = 0, sizes=(5, 8 * 1024 + 1, 4)):
     return tables, streams, rans.encode_streams(tables, streams)
 
 
-def test_streams_round_trip_and_match_the_reference_decoder():
-    """Lane counts 0 to 3, partial last steps; the plain-Python decoder of tests/kvq_reference.py agrees."""
+@pytest.mark.parametrize("bits", [11, 12])
+def test_streams_round_trip_and_match_the_reference_decoder(bits):
+    """Lane counts 0 to 3, partial last steps, both bucket sizes of the decoder's search tables; the plain-Python
+    decoder of tests/kvq_reference.py agrees."""
     tables, streams, out = coded(1, (0, 1, 2, 1023, 1024, 1025, 2048, 3000))
+    tables = rans.Tables(tables.freqs, bucket_bits=bits)
     assert [len(st.states) for st in out] == [0, 1, 1, 1, 1, 2, 2, 3]
     decoded = rans.decode_streams(tables, [(t, st) for (_, t), st in zip(streams, out)])
     for (sym, tid), st, got in zip(streams, out, decoded):
@@ -38,21 +42,72 @@ def test_streams_round_trip_and_match_the_reference_decoder():
         assert kvq_reference.rans_decode(st.states.tolist(), st.words.tolist(), table_of) == sym.tolist()
 
 
-def test_a_table_per_symbol_decodes_as_runs_do():
-    """rans.decode_ids (kvq version 4: the table changes from symbol to symbol) gives decode_runs' symbols, and
-    its refusals: a damaged stream named by index, a table that does not exist."""
-    tables, streams, out = coded(3, (0, 1, 1025, 3000))
-    jobs = [(np.asarray(t, np.uint16), st) for (_, t), st in zip(streams, out)]
-    got = rans.decode_ids(tables, jobs)
-    for (sym, _), a, b in zip(streams, got, rans.decode_streams(tables, [(t, st) for t, st in jobs])):
-        assert np.array_equal(a, sym) and np.array_equal(a, b)
+def banded_case(seed: int = 3, pairs_left_out=()):
+    """kvq version 4 segments of 3 heads x 5 channels, with their tables per (class, band), bands and symbols
+    uniform over each symbol's table: (tables, [(layout, stream, bands, symbols, table ids)])."""
+    rng = np.random.default_rng(seed)
+    classes = rng.choice([-10, 0, 2, 9], size=(3, 5)).astype(np.int8)  # tuple lengths 4, 2, 2, 1
+    pairs = {(int(c), b) for c in np.unique(classes) for b in (2, 3, 4, 6)} - set(pairs_left_out)
+    tables = entropy.tables_of({p: rng.integers(0, 60, entropy.alphabet(p[0])) for p in pairs})
+    segments = []
+    for tokens in (0, 1, 9, 700):
+        lay = entropy.Layout.of(entropy.groups_of(classes), tokens, tables)
+        bands = rng.choice([2, 3, 4], size=(3, tokens)).astype(np.uint8)
+        ids = lay.table_ids(tables, bands, 5)
+        assert np.array_equal(ids, spec_ids(tables, classes, tokens, bands))
+        sizes = np.array([len(f) for f in tables.coder.freqs])
+        symbols = (rng.random(len(ids)) * sizes[ids]).astype(np.int64)
+        (stream,) = rans.encode_streams(tables.coder, [(symbols, ids)])
+        segments.append((lay, stream, bands, symbols, ids))
+    return tables, segments
+
+
+def spec_ids(tables, classes, tokens, bands):
+    """docs/codec.md's rule, written out: channel by channel in symbol order, tuple u takes the table of its class
+    and of the band of its first token, u * m, at the channel's head."""
+    pairs = {(c, b): k for k, (c, b) in enumerate(zip(tables.classes, tables.bands))}
+    out = []
+    for cls in sorted(set(classes.reshape(-1).tolist())):
+        m = entropy.class_layout(cls)[1]
+        for flat in np.flatnonzero(classes.reshape(-1) == cls).tolist():
+            out += [pairs[(cls, int(bands[flat // classes.shape[1], u]))] for u in range(0, tokens, m)]
+    return np.array(out, np.uint16)
+
+
+def banded_jobs(segments):
+    return [(lay, entropy.Coded(stream, b"", 0), bands, 5) for lay, stream, bands, *_ in segments]
+
+
+def test_banded_streams_decode_as_a_table_per_symbol_does():
+    """kvq version 4's decoder (each symbol's table from its channel's head and its tuple's band) gives the symbols
+    that decode_streams gives for Layout.table_ids' tables: one stream that needs 0, 1 and several lanes."""
+    tables, segments = banded_case()
+    got = entropy.decode_banded(tables, banded_jobs(segments))
+    runs = rans.decode_streams(tables.coder, [(ids, stream) for _, stream, _, _, ids in segments])
+    for (_, _, _, symbols, _), a, b in zip(segments, got, runs):
+        assert np.array_equal(a, symbols) and np.array_equal(a, b)
+
+
+def test_banded_decoder_names_the_stream_that_fails():
+    """A damaged stream, and a (class, band) without a table, each refused by their index in the batch; the
+    encoder's Layout.table_ids refuses the same pair."""
+    tables, segments = banded_case()
+    jobs = banded_jobs(segments)
+    lay, coded, bands, dim = jobs[2]
+    jobs[2] = (lay, entropy.Coded(damaged(coded.stream, "state changed"), b"", 0), bands, dim)
     with pytest.raises(rans.StreamError, match="the entropy decoder") as info:
-        rans.decode_ids(tables, jobs[:2] + [(jobs[2][0], damaged(jobs[2][1], "state changed"))])
+        entropy.decode_banded(tables, jobs)
     assert info.value.index == 2
-    bad = jobs[2][0].copy()
-    bad[7] = len(tables.freqs)
-    with pytest.raises(ValueError, match="table does not exist"):
-        rans.decode_ids(tables, [(bad, jobs[2][1])])
+    cls = tables.classes[0]  # the first group's class, so its pair is the first a symbol misses
+    tables, segments = banded_case(pairs_left_out=[(cls, 6)])  # the same classes; band 6 for all but cls
+    jobs = banded_jobs(segments)
+    lay, coded, bands, dim = jobs[3]
+    jobs[3] = (lay, coded, np.full_like(bands, 6), dim)
+    with pytest.raises(rans.StreamError, match=f"no entropy table for class {cls} band 6") as info:
+        entropy.decode_banded(tables, jobs)
+    assert info.value.index == 3
+    with pytest.raises(CodecError, match=f"no entropy table for class {cls} band 6"):
+        lay.table_ids(tables, np.full_like(bands, 6), dim)
 
 
 def test_encoder_starts_from_the_spec_states():
@@ -114,7 +169,7 @@ def raw_decode_args(tables, streams, out):
     """The arrays rans.decode_runs hands the C decoder, as a mutable list."""
     counts = np.array([len(t) for _, t in streams], np.int64)
     runs = [rans.Runs.of(t) for _, t in streams]
-    return [*tables.coder_arrays, np.concatenate([r.run_tables for r in runs]),
+    return [tables.search, np.concatenate([r.run_tables for r in runs]),
             np.concatenate([r.run_lengths for r in runs]), np.array([len(r.run_tables) for r in runs], np.int64), counts,
             np.array([rans.lanes_for(n) for n in counts], np.int64),
             np.concatenate([st.states for st in out]), np.concatenate([st.words for st in out] + [np.zeros(1, np.uint16)]),
@@ -122,32 +177,24 @@ def raw_decode_args(tables, streams, out):
             np.empty(len(out), np.int64), np.empty(len(out), np.int64)]
 
 
-def shifted_cum(a):
-    """Table 0's second symbol starts one slot late: each entry is in range, the table is not contiguous."""
-    fc = a[0].copy()
-    fc[1, 1] += 1
-    a[0] = fc
-
-
 def extra_run(a):
     """One empty run after the last stream's."""
-    a[3], a[4] = np.append(a[3], np.uint16(0)), np.append(a[4], 0)
+    a[1], a[2] = np.append(a[1], np.uint16(0)), np.append(a[2], 0)
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda a: a.__setitem__(3, np.full_like(a[3], 3)), "tables that exist"),  # only 3 tables
-    (lambda a: a.__setitem__(4, a[4] + 1), "do not cover"),  # every run one symbol long
-    (lambda a: a.__setitem__(5, a[5] - 1), "do not cover"),  # each stream's last run missing
+    (lambda a: a.__setitem__(1, np.full_like(a[1], 3)), "tables that exist"),  # only 3 tables
+    (lambda a: a.__setitem__(2, a[2] + 1), "do not cover"),  # every run one symbol long
+    (lambda a: a.__setitem__(3, a[3] - 1), "do not cover"),  # each stream's last run missing
     (extra_run, "left over"),
-    (lambda a: a.__setitem__(4, a[4][:-1]), "sizes disagree"),
-    (lambda a: a.__setitem__(7, a[7] + 1), "do not add up"),  # more lanes than states
-    (lambda a: a.__setitem__(7, np.zeros_like(a[7])), "lanes for"),  # symbols but no lanes
-    (lambda a: a.__setitem__(9, a[9][:-1]), "spare"),  # no spare word
-    (lambda a: a.__setitem__(8, a[8][:-1]), "do not add up"),
-    (lambda a: a.__setitem__(11, a[11][:-1]), "do not add up"),  # output shorter than the symbols
-    (shifted_cum, "cum of symbol 1 is"),
-    (lambda a: a.__setitem__(0, a[0] * 2), "freq"),  # tables that do not sum to 2^16
-    (lambda a: a.__setitem__(11, np.zeros(len(a[11]), np.uint32)), "do not add up"),  # wrong dtype
+    (lambda a: a.__setitem__(2, a[2][:-1]), "sizes disagree"),
+    (lambda a: a.__setitem__(5, a[5] + 1), "do not add up"),  # more lanes than states
+    (lambda a: a.__setitem__(5, np.zeros_like(a[5])), "lanes for"),  # symbols but no lanes
+    (lambda a: a.__setitem__(7, a[7][:-1]), "spare"),  # no spare word
+    (lambda a: a.__setitem__(6, a[6][:-1]), "do not add up"),
+    (lambda a: a.__setitem__(9, a[9][:-1]), "do not add up"),  # output shorter than the symbols
+    (lambda a: a.__setitem__(9, np.zeros(len(a[9]), np.uint32)), "do not add up"),  # wrong dtype
+    (lambda a: a.__setitem__(0, a[1]), "PyCapsule"),  # search tables that search() did not build
 ])
 def test_c_decoder_refuses_inconsistent_arrays(change, message):
     """Caller bugs are ValueError before any decoding, never a read out of bounds or a StreamError."""
@@ -159,13 +206,87 @@ def test_c_decoder_refuses_inconsistent_arrays(change, message):
         _ans.decode(*args)
 
 
+def shifted_cum(fc):
+    """Table 0's second symbol starts one slot late: each entry is in range, the table is not contiguous."""
+    fc = fc.copy()
+    fc[1, 1] += 1
+    return fc
+
+
+@pytest.mark.parametrize("change, message", [(shifted_cum, "cum of symbol 1 is"),
+                                             (lambda fc: fc * 2, "freq")])  # tables that do not sum to 2^16
+def test_c_search_tables_refuse_bad_tables(change, message):
+    fc, base, size = tables_of(np.random.default_rng(0)).coder_arrays
+    for bits in (11, 12):
+        _ans.search(fc, base, size, bits)
+        with pytest.raises(ValueError, match=message):
+            _ans.search(change(fc), base, size, bits)
+    with pytest.raises(ValueError, match="bucket bits"):
+        _ans.search(fc, base, size, 13)
+
+
+def raw_banded_args(tables, segments):
+    """The arrays entropy.decode_banded hands the C decoder, as a mutable list."""
+    counts = np.array([len(ids) for *_, ids in segments], np.int64)
+    return [tables.coder.search, *tables.by_band, np.concatenate([lay.spec.reshape(-1) for lay, *_ in segments]),
+            np.concatenate([lay.rows for lay, *_ in segments]),
+            np.concatenate([bands.reshape(-1) for _, _, bands, *_ in segments]),
+            np.array([(len(lay.spec), len(lay.rows), lay.tokens, 3, 5) for lay, *_ in segments], np.int64).reshape(-1),
+            counts, np.array([rans.lanes_for(n) for n in counts], np.int64),
+            np.concatenate([st.states for _, st, *_ in segments]),
+            np.concatenate([st.words for _, st, *_ in segments] + [np.zeros(1, np.uint16)]),
+            np.array([len(st.words) for _, st, *_ in segments], np.int64), np.empty(int(counts.sum()), np.uint16),
+            np.empty(len(segments), np.int64), np.empty(len(segments), np.int64), np.empty(len(segments), np.int64)]
+
+
+def past_heads(a):
+    """A channel of head 3 where the segments have 3 heads."""
+    a[4] = a[4].copy()
+    a[4][-1] = 3 * 5
+
+
+def band_nine(a):
+    a[5] = a[5].copy()
+    a[5][-1] = 9
+
+
+def longer_segment(a):
+    """The last segment one token longer than its symbols and bands."""
+    a[6] = a[6].copy()
+    a[6][-3] += 1
+
+
+@pytest.mark.parametrize("change, message", [
+    (past_heads, "do not match"),
+    (band_nine, "do not match"),
+    (longer_segment, "do not match"),
+    (lambda a: a.__setitem__(4, a[4][:-1]), "do not match"),  # the last segment's channels run out
+    (lambda a: a.__setitem__(4, np.append(a[4], 0)), "left over"),
+    (lambda a: a.__setitem__(1, np.where(a[1] == 0xFFFF, len(a[2]), a[1])), "does not exist"),
+    (lambda a: a.__setitem__(2, a[2] + 1_000), "do not match"),  # a class's row past the lut
+    (lambda a: a.__setitem__(2, a[2][:-1]), "one entry per table"),
+    (lambda a: a.__setitem__(6, a[6][:-1]), "one shape"),
+    (lambda a: a.__setitem__(15, a[15][:-1]), "one shape"),  # missing: one per stream
+])
+def test_c_banded_decoder_refuses_inconsistent_arrays(change, message):
+    """As the run decoder: caller bugs are ValueError before any decoding."""
+    tables, segments = banded_case()
+    args = raw_banded_args(tables, segments)
+    _ans.decode_banded(*args)
+    assert args[-1].tolist() == [-1] * len(segments)
+    args = raw_banded_args(tables, segments)
+    change(args)
+    with pytest.raises(ValueError, match=message):
+        _ans.decode_banded(*args)
+
+
 def test_c_decoder_refuses_runs_whose_lengths_wrap_around():
     """Runs of 2^63 - 1, 2^63 - 1 and n + 2 symbols sum to n in 64-bit arithmetic; no run may pass the stream."""
     tables, streams, out = coded(sizes=(5,))
     args = raw_decode_args(tables, streams, out)
-    args[3] = np.zeros(3, np.uint16)
-    args[4] = np.array([2**63 - 1, 2**63 - 1, 5 + 2], np.int64)
-    args[5] = np.array([3], np.int64)
+    args[1] = np.zeros(3, np.uint16)
+    args[2] = np.array([2**63 - 1, 2**63 - 1, 5 + 2], np.int64)
+    args[3] = np.array([3], np.int64)
     with pytest.raises(ValueError, match="do not cover"):
         _ans.decode(*args)
 
@@ -250,7 +371,29 @@ def test_the_c_decoder_releases_the_gil():
     interval is raised so that no forced switch can hand it the GIL: only a release can."""
     tables, _, jobs = big_batch(2_000_000)
     args = raw_decode_args(tables, [(None, t) for t, _ in jobs], [st for _, st in jobs])
-    states = args[8].copy()
+    states = args[6].copy()
     during = ticks_during(lambda: _ans.decode(*args))
-    assert np.array_equal(args[8], np.full_like(states, rans.STATE_LOW))  # the decode itself succeeded
+    assert np.array_equal(args[6], np.full_like(states, rans.STATE_LOW))  # the decode itself succeeded
     assert during >= 10, during
+
+
+@pytest.mark.parametrize("cls", [-10, 2, 9])  # tuple lengths 4, 2, 1
+def test_banded_counts_are_the_tuples_of_each_band(cls):
+    """Version 4's table counts (count_banded, in C) against to_tuples' symbols counted by their first token's
+    band: a token count that pads, escapes, bands that change from token to token."""
+    rng = np.random.default_rng(cls + 20)
+    rows = (rng.normal(size=(6, 13)) * 2.0 ** (cls / 2)).round().astype(np.int32)
+    rows[:, 5] = 900  # escapes
+    bands = rng.choice([1, 4, 8], size=rows.shape).astype(np.uint8)
+    got = entropy.count_banded(cls, rows, bands)
+    half, m = entropy.class_layout(cls)
+    symbols, _ = entropy.to_tuples(rows, half, m)
+    firsts = bands[:, ::m].reshape(-1)
+    assert sorted(got) == sorted(set(firsts.tolist()))
+    for band, counts in got.items():
+        assert np.array_equal(counts, np.bincount(symbols[firsts == band], minlength=entropy.alphabet(cls)))
+    counts = np.zeros((entropy.BANDS, entropy.alphabet(cls)), np.int64)
+    with pytest.raises(ValueError, match="band past the last"):
+        _ans.count_tuples(rows, 13, half, m, counts, np.full(rows.shape, 9, np.uint8))
+    with pytest.raises(ValueError, match="one band per value"):
+        _ans.count_tuples(rows, 13, half, m, counts, bands[:, :-1].copy())

@@ -211,6 +211,21 @@ def test_a_layout_that_does_not_cover_every_channel_is_refused():
         _kvq.reconstruct(*args, *tail)
 
 
+def test_a_transform_must_be_one_matrix_per_head_of_the_output():
+    args = list(escaped(np.ones((2, 4, 3), np.int32)))
+    out = channel_major(2, 3, 4, torch.float32)
+    storage = torch.empty(0, dtype=torch.uint8).set_(out.untyped_storage()).numpy()
+    tail = [np.zeros(8, np.float32), np.ones(8, np.float32), None, None, None, storage,
+            np.array([0, 2, 4, 12, 1, 3], np.int64), 0]
+    _kvq.reconstruct(*args, *tail, np.eye(4, dtype=np.int16)[None].repeat(2, 0) * 1024)
+    assert torch.equal(out, torch.ones_like(out))  # 1024 q, times 2^-10
+    for wrong in (np.eye(4, dtype=np.int16)[None], np.eye(3, dtype=np.int16)[None].repeat(2, 0)):
+        out.fill_(7)
+        with pytest.raises(ValueError, match="matrices do not match"):
+            _kvq.reconstruct(*args, *tail, wrong)
+        assert torch.equal(out, torch.full_like(out, 7))
+
+
 def test_escapes_must_be_exactly_those_the_symbols_use():
     args = list(escaped(np.zeros((1, 2, 3), np.int32)))
     out = channel_major(1, 3, 2, torch.float32)

@@ -3,6 +3,7 @@ refusal test per integrity check of the decoder (docs/codec.md, "Every check a k
 
 from __future__ import annotations
 
+import hashlib
 import re
 import struct
 import sys
@@ -581,3 +582,58 @@ def test_segment_boundaries_need_not_follow_chunk_tokens():
     ours, theirs = kvcli_bits(data), kvq_reference.decode_file(data)
     for key in regular:
         assert np.array_equal(ours[key], regular[key]) and np.array_equal(theirs[key], regular[key]), key
+
+
+# ---------------------------------------------------------------- version 4 with a transform
+
+
+def transformed_path(preset: str) -> Path:
+    return GOLDEN / make_golden_kvq.TRANSFORMED.format(preset)
+
+
+def golden_transform_payload() -> bytes:
+    """The dictionary beside the golden files, read without kvcli's dictionary module: its payload follows the
+    preamble (8 bytes of magic, u16 version, u32 header length) and the JSON header (docs/format.md)."""
+    (path,) = (GOLDEN / "dicts").glob("*.kvd")
+    data = path.read_bytes()
+    (length,) = struct.unpack_from("<I", data, 10)
+    return data[14 + length :]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_transformed_golden_files_decode_as_the_reference_decoder_does(preset):
+    """kvcli finds the dictionary beside the file (dicts/SHA.kvd) and decodes what the reference decoder, given
+    the dictionary's transform bytes, computes from docs/codec.md alone."""
+    path = transformed_path(preset)
+    src = format.FileSource(path)
+    kv = kvfile.decode(src, format.read_header(src), threads=1)
+    theirs = kvq_reference.decode_file(path.read_bytes(), golden_transform_payload())
+    for layer, (k, v) in enumerate(zip(kv.keys, kv.values)):
+        for kind, t in (("k", k), ("v", v)):
+            wide = t.element_size() == 4
+            ours = t.contiguous().view(torch.int32 if wide else torch.int16).numpy()
+            assert np.array_equal(ours.view(np.uint32 if wide else np.uint16), theirs[(layer, kind)]), (layer, kind)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_writer_reproduces_the_transformed_golden_bytes(preset):
+    data = make_golden_kvq.golden_dictionary()
+    assert (GOLDEN / "dicts" / f"{hashlib.sha256(data).hexdigest()}.kvd").read_bytes() == data
+    assert make_golden_kvq.golden_bytes(preset, 4, True) == transformed_path(preset).read_bytes()
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_transformed_golden_files_exercise_both_kinds_of_layer(preset):
+    """Transformed layers and kinds beside plain ones, escapes among the components, and values other than those of
+    the same cache without a transform (so a decoder that ignored the transform would fail the tests above)."""
+    data = transformed_path(preset).read_bytes()
+    header = format.read_header(format.BytesSource(data))
+    assert header.codec["params"]["dictionary"] == hashlib.sha256(make_golden_kvq.golden_dictionary()).hexdigest()
+    matrices = kvq_reference.read_transforms(golden_transform_payload())
+    assert set(matrices) == {(layer, kind) for layer in range(3) for kind in "kv"} - {(1, "k"), (2, "v")}
+    tensor = [s for s in header.segments if s.kind != "aux"]
+    escapes = [(s.layer, s.kind) for s in tensor if HEAD.unpack_from(data, header.data_offset + s.offset)[2]]
+    assert any(key in matrices for key in escapes)
+    plain = kvq_reference.decode_file(golden(preset, 4))
+    theirs = kvq_reference.decode_file(data, golden_transform_payload())
+    assert all(not np.array_equal(theirs[key], plain[key]) for key in matrices)

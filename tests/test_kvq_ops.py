@@ -154,11 +154,18 @@ def test_dequantize(device, dtype, heads, tokens, dim, rope):
             assert torch.equal(bits(out.cpu()), bits(want))
 
 
-def transform_case(rng: np.random.Generator, heads: int, tokens: int, dim: int, wide: bool):
-    """int16 matrices (heads, dim, dim) of rounded orthonormal columns times 2^10 (what calibration writes), or
-    with `wide` any int16 and integers up to 2^30 - 1, where M q needs float64 (up to 2^53 for dim 256); and
-    integers q (heads, dim, tokens) int32 of kvq's usual spread, with escapes."""
-    if wide:
+def transform_case(rng: np.random.Generator, heads: int, tokens: int, dim: int, wide):
+    """int16 matrices M (heads, dim, dim) and integers q (heads, dim, tokens) int32 in one of the C form's regimes
+    (transform.c), by the bound B = max|q| times M's largest row sum of |M|:
+    - False: rounded orthonormal columns times 2^10 (what calibration writes) and integers of kvq's usual spread
+      (B < 2^24 and |q| < 2^15: int16 pairs with AVX-512 VNNI, else float32);
+    - "mid": entries of M in {-1, 0, 1} and |q| from 2^15 to 60,000 (B < 2^24 but q past int16: float32);
+    - True ("wide"): any int16 and |q| up to 2^30 - 1 (M q up to 2^53 for dim 256: int64)."""
+    if wide == "mid":
+        matrix = rng.integers(-1, 2, (heads, dim, dim)).astype(np.int16)
+        q = rng.integers(-60000, 60001, (heads, dim, tokens)).astype(np.int32)
+        q[..., 0] = 1 << 15
+    elif wide:
         matrix = rng.integers(-(1 << 15), 1 << 15, (heads, dim, dim)).astype(np.int16)
         q = rng.integers(-(1 << 30) + 1, 1 << 30, (heads, dim, tokens)).astype(np.int32)
     else:
@@ -172,46 +179,48 @@ def transform_case(rng: np.random.Generator, heads: int, tokens: int, dim: int, 
 @pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("heads,tokens,dim", SHAPES + [(1, 5, 256)])
 def test_untransform(device, heads, tokens, dim, wide):
-    """M q exact and rounded once to float32, then times 2^-10: BLAS's float32 and float64 paths (transform.untransform),
-    the torch reference and the Triton form against int64 arithmetic."""
+    """M q exact, rounded once to float32, times 2^-10: the torch reference and the Triton form (its dot product in
+    float32, or for wide integers its float64 fallback) against int64 arithmetic. (The C form runs inside
+    reconstruct: test_reconstruct_transformed.)"""
     from kvcli.codecs.kvq_ops import transform
 
     rng = np.random.default_rng(heads * 1000 + tokens * 10 + dim + wide)
     matrix, q = transform_case(rng, heads, tokens, dim, wide)
     exact = np.einsum("hij,hjt->hit", matrix.astype(np.int64), q.astype(np.int64))
     want = torch.from_numpy(exact.astype(np.float32) * np.float32(2.0**-10))  # int64 -> float32: one rounding
-    ref = transform.untransform_ref(torch.from_numpy(q), torch.from_numpy(matrix))
-    assert torch.equal(bits(ref), bits(want))
-    largest = int(np.abs(q.astype(np.int64)).max())
-    matrices = transform.Matrices(matrix)
-    assert (largest * matrices.row_sum < transform.FLOAT32_EXACT) == (not wide or dim * tokens == 0)
-    got = transform.untransform(q.reshape(heads * dim, tokens), matrices, largest) * 2.0**-10
-    assert torch.equal(bits(got), bits(want))
+    assert torch.equal(bits(transform.untransform_ref(torch.from_numpy(q), torch.from_numpy(matrix))), bits(want))
+    if triton_forms() is not None:
+        from kvcli.codecs.kvq_ops import transform_triton
+
+        largest = int(np.abs(q.astype(np.int64)).max())
+        assert (largest * transform_triton.row_sum(torch.from_numpy(matrix)) < transform_triton.FLOAT32_EXACT) != wide
+        got = transform_triton.untransform(torch.from_numpy(q).to(device), torch.from_numpy(matrix).to(device), largest)
+        assert torch.equal(bits(got.cpu()), bits(want))
 
 
+@pytest.mark.parametrize("wide", [False, "mid", True])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads,tokens,dim", SHAPES)
+@pytest.mark.parametrize("heads,tokens,dim", SHAPES + [(2, 37, 256)])
 @pytest.mark.parametrize("rope", [False, True])
-def test_reconstruct_values(dtype, heads, tokens, dim, rope):
-    """A transformed segment's reconstruction in C from M q (dequantize.reconstruct_values) against the torch
-    reference (reconstruct_ref with the matrices), into the output layouts of test_dequantize."""
-    from kvcli.codecs.kvq_ops import transform
-
-    rng = np.random.default_rng(heads * 1000 + tokens * 10 + dim + 7)
-    matrix, q = transform_case(rng, heads, tokens, dim, False)
+def test_reconstruct_transformed(dtype, heads, tokens, dim, rope, wide):
+    """A transformed segment's reconstruction in C (dequantize.reconstruct with the matrices: transform.c's M q in
+    each of its regimes, transform_case) against the torch reference, into the output layouts of test_dequantize."""
+    rng = np.random.default_rng(heads * 1000 + tokens * 10 + dim + 7 + (wide is True) + 2 * (wide == "mid"))
+    matrix, q = transform_case(rng, heads, tokens, dim, wide)
     center = torch.from_numpy(rng.standard_normal((heads, dim)).astype(np.float32) * 100).half().float()
     step = torch.from_numpy(np.exp(rng.uniform(-12, 4, (heads, dim))).astype(np.float32)).half().float()
+    if wide:  # values that stay finite in every dtype
+        step = torch.full((heads, dim), 2.0**-40 if wide is True else 2.0**-4)
     factor = torch.from_numpy(np.float32(2.0 ** (rng.integers(-24, 25, (heads, tokens)) / 8)))
     freq = inv_freq(dim) if rope else None
     symbols, tables = as_symbols(q)
     name = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
-    values = transform.untransform(symbols.rows(tables), transform.Matrices(matrix), int(np.abs(q).max()))
     channel_major = torch.full((heads, dim, tokens + 9), float("nan"), dtype=dtype).transpose(1, 2)
     for f in (None, factor):
         want = torch.empty((heads, tokens, dim), dtype=dtype)
         dequantize.reconstruct_ref(symbols, tables, center, step, freq, 1234, f, want, name, torch.from_numpy(matrix))
         for out in (channel_major[:, :tokens], torch.empty((heads, tokens, dim), dtype=dtype),
                     channel_major[:, 4 : 4 + tokens]):
-            dequantize.reconstruct_values(values, center.reshape(-1).numpy(), step.reshape(-1).numpy(), freq, 1234, f,
-                                          out)
+            dequantize.reconstruct(symbols, tables, center.reshape(-1).numpy(), step.reshape(-1).numpy(), freq, 1234, f,
+                                   out, matrix)
             assert torch.equal(bits(out), bits(want))

@@ -14,6 +14,7 @@ import kvq_reference
 import numpy as np
 import pytest
 import torch
+import zstandard
 from kvcli.codecs.base import CodecError, SegmentContext
 from kvcli.codecs.kvq import KvqCodec
 from kvcli.codecs.kvq_ops import quantize
@@ -241,13 +242,40 @@ def test_roundtrip_gives_the_files_values():
             assert torch.equal(codec.roundtrip(x, layer, kind, 0), y)
 
 
+def decode_on_device(data: bytes, transforms: Transforms, device) -> dict:
+    """(layer, kind) -> tensor: every segment through the triton backend's device decoder (decode_onto)."""
+    src = format.BytesSource(data)
+    header = format.read_header(src)
+    read = codec_from_header(header.codec["name"], header.codec["params"]).attach(transforms)
+    aux = {s.name: format.read_segment(src, header, s) for s in header.segments if s.kind == "aux"}
+    decoder = read.open(aux, len(header.layers), "triton")
+    assert decoder.on_device
+    outs = {(layer, kind): torch.full((shape.kv_heads, header.num_tokens, shape.key_dim), float("nan"),
+                                      dtype=DTYPES[header.dtype], device=device)
+            for layer, shape in enumerate(header.layers) for kind in "kv"}
+    jobs = []
+    for seg in header.segments:
+        if seg.kind != "aux":
+            shape = header.layers[seg.layer]
+            ctx = SegmentContext(seg.kind, seg.layer, seg.token_start, shape.kv_heads, seg.token_count,
+                                 shape.key_dim, header.dtype)
+            out = outs[(seg.layer, seg.kind)][:, seg.token_start : seg.token_start + seg.token_count]
+            jobs.append((ctx, format.read_segment(src, header, seg), out))
+    decoder.decode_onto(jobs)
+    return outs
+
+
 def test_triton_backend_decodes_transformed_files_to_the_same_bits(device):
-    kv = correlated_cache(6, torch.float16)
-    _, codec, xf = codecs_for(kv)
-    data = build(kv, codec)
-    a, b = decode(data, xf), decode(data, xf, backend="triton", device=device)
-    for x, y in zip(a.keys + a.values, b.keys + b.values):
-        assert np.array_equal(bits_of(x), bits_of(y))
+    """The device decoder (decode_onto: rANS kernel, transform_triton, dequantize_triton) against the CPU's, on a
+    file with token weights, sinks and segments that run on from one another."""
+    pytest.importorskip("triton")
+    kv = correlated_cache(6, torch.bfloat16, tokens=40)
+    _, codec, xf = codecs_for(kv, sinks=2)
+    data = build(kv, codec, 16, attention(kv, 3))
+    want, outs = decode(data, xf), decode_on_device(data, xf, device)
+    for layer in range(LAYERS):
+        for kind, cpu in (("k", want.keys[layer]), ("v", want.values[layer])):
+            assert np.array_equal(bits_of(outs[(layer, kind)].cpu()), bits_of(cpu)), (layer, kind)
 
 
 # ---------------------------------------------------------------- params and refusals
@@ -318,3 +346,68 @@ def test_a_transform_must_fit_the_cache_and_the_files_plans():
         decode(build(kv, codec), beyond)
     with pytest.raises(CodecError, match="layer 1 V has"):
         decode(build(kv, codec), wrong)
+
+
+def with_escape(data: bytes, value: int) -> bytes:
+    """The file with the first escape value of its first segment that has any set to `value`."""
+    src = format.BytesSource(data)
+    header = format.read_header(src)
+    meta = {k: getattr(header, k) for k in ("model", "dtype", "token_ids", "chunk_tokens", "codec")}
+    meta |= {"layers": [vars(s) for s in header.layers], "created_by": "test"}
+    parts, done = [], False
+    for seg in header.segments:
+        raw = format.read_segment(src, header, seg)
+        if seg.kind != "aux" and not done:
+            lanes, words, size = struct.unpack_from("<III", raw, 0)
+            at = 12 + 4 * lanes + 2 * words
+            if size:
+                values = np.frombuffer(zstandard.ZstdDecompressor().decompress(raw[at : at + size]), "<i4").copy()
+                values[0] = value
+                frame = zstandard.ZstdCompressor().compress(values.tobytes())
+                raw = struct.pack("<III", lanes, words, len(frame)) + raw[12 : at] + frame + raw[at + size :]
+                done = True
+        parts.append(format.SegmentData(seg.kind, seg.layer, seg.token_start, seg.token_count, raw, seg.name))
+    assert done
+    return format.build_header(meta, parts) + b"".join(p.data for p in parts)
+
+
+def test_component_integers_must_lie_within_2_to_the_30():
+    """Beyond, M q could leave float64's exact integers: every decoder refuses the segment; up to 2^30 - 1 it
+    decodes, and as the reference decoder does."""
+    kv = correlated_cache(10, tokens=40)
+    kv.values[0][0, 5] *= 300  # an outlier token: escapes
+    _, codec, xf = codecs_for(kv, sinks=0)
+    data = build(kv, codec)
+    edge = with_escape(data, (1 << 30) - 1)
+    ours, theirs = decode(edge, xf), kvq_reference.decode_file(edge, xf.pack())
+    for layer in range(LAYERS):
+        for kind, got in (("k", ours.keys[layer]), ("v", ours.values[layer])):
+            assert np.array_equal(bits_of(got), theirs[(layer, kind)]), (layer, kind)
+    for value in (1 << 30, -(1 << 30), -(1 << 31)):
+        with pytest.raises(CodecError, match="beyond"):
+            decode(with_escape(data, value), xf)
+        with pytest.raises(kvq_reference.Invalid):
+            kvq_reference.decode_file(with_escape(data, value), xf.pack())
+
+
+def test_the_device_decoder_refuses_component_integers_beyond_2_to_the_30(device):
+    pytest.importorskip("triton")
+    kv = correlated_cache(10, tokens=40)
+    kv.values[0][0, 5] *= 300
+    _, codec, xf = codecs_for(kv, sinks=0)
+    with pytest.raises(CodecError, match="beyond"):
+        decode_on_device(with_escape(build(kv, codec), 1 << 30), xf, device)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_segments_fit_did_not_see_encode_to_the_same_transformed_bytes(backend):
+    """Copies of the cache's values are transformed and quantized afresh (on the CPU with either backend); the bytes
+    equal those coded from fit's integers."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    kv = correlated_cache(11, tokens=48)
+    _, codec, _ = codecs_for(kv, sinks=1)
+    encoder = codec.fit(kv.keys, kv.values, [0] * LAYERS, backend=backend)
+    jobs = [(t[layer][:, start : start + 16], SegmentContext(kind, layer, start, HEADS, 16, DIM, "float32"))
+            for start in (0, 16, 32) for layer in range(LAYERS) for kind, t in (("k", kv.keys), ("v", kv.values))]
+    assert encoder.encode_many(jobs) == encoder.encode_many([(x.clone(), ctx) for x, ctx in jobs])

@@ -1,6 +1,6 @@
 /* The extension kvcli.codecs.kvq_ops._kvq: the C forms of kvq's operations, defined beside their torch forms
- * (quantize.c: unrotate, deviations, quantize; dequantize.c: reconstruct, dequantize_values). The .py files
- * beside them are its only callers. */
+ * (quantize.c: unrotate, deviations, quantize; dequantize.c: reconstruct, with transform.c's inverse transform).
+ * The .py files beside them are its only callers. */
 #include "_kvq.h"
 
 static PyMethodDef methods[] = {
@@ -8,7 +8,6 @@ static PyMethodDef methods[] = {
     {"deviations", kvq_deviations, METH_VARARGS, kvq_deviations_doc},
     {"quantize", kvq_quantize, METH_VARARGS, kvq_quantize_doc},
     {"reconstruct", kvq_reconstruct, METH_VARARGS, kvq_reconstruct_doc},
-    {"dequantize_values", kvq_dequantize_values, METH_VARARGS, kvq_dequantize_values_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -4,8 +4,9 @@ device in a few launches.
 The host checks every segment's sizes and cuts out its stream (KvqDecoder.split, as the CPU path does); one
 transfer and one rANS launch (kernels/rans_decode.py) decode every stream of the batch; the per-segment escape
 counts come back with the streams' status in one transfer, so the escape frames are checked and decompressed
-exactly as the CPU path does (entropy.escape_values); torch gathers expand joint symbols and escapes; and one fused
-dequantize launch (dequantize_triton.py) per run of consecutive segments of a layer and kind writes the cache.
+exactly as the CPU path does (entropy.escape_values); torch gathers expand joint symbols and escapes; version 4's
+transform, where the file has one, is one launch per run (transform_triton.py); and one fused dequantize launch
+(dequantize_triton.py) per run of consecutive segments of a layer and kind writes the cache.
 Symbols and values are the CPU path's, bit for bit, and every refusal is the CPU path's, naming the segment.
 """
 
@@ -19,7 +20,9 @@ import torch
 from ...kernels import rans_decode
 from .. import entropy, rans
 from ..base import CodecError, SegmentContext, bytes_to_tensor
+from ..transform import MAX_COMPONENT
 from .dequantize_triton import dequantize_rotate
+from .transform_triton import row_sum, untransform
 
 
 MAX_TUPLE = 4  # the longest joint symbol (entropy.class_layout); shorter ones are padded to it
@@ -50,6 +53,8 @@ class Layout:
             channel.append(np.where(real, g.rows[j // per_row][:, None], -1))
             token.append(np.where(real, t, 0))
         self.symbols, self.tokens = sum(len(a) for a in ids), tokens
+        # The largest magnitude a symbol's values take (escapes aside): version 4's transform needs a bound on |q|.
+        self.largest = max((entropy.class_layout(g.cls)[0] for g in groups), default=0)
         cat = (lambda parts, shape: np.concatenate(parts) if parts else np.zeros(shape, np.int64))
         # One transfer for the per-symbol fields, one for the destinations, one for the digits.
         packed = torch.from_numpy(np.stack([cat(a, 0).astype(np.int32) for a in (ids, esc, widths, base)]))
@@ -69,6 +74,7 @@ class DeviceState:
         self.tables = rans_decode.DeviceTables(decoder.tables.coder, device)
         self._layouts: dict[tuple[int, int, int], Layout] = {}
         self._plans: dict[tuple[int, int], tuple] = {}
+        self._transforms: dict[tuple[int, int], tuple | None] = {}
         self._lock = threading.Lock()
 
     def plan(self, layer: int, kind: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -79,6 +85,15 @@ class DeviceState:
                 self._plans[(layer, kind)] = (center.to(self.device), step.to(self.device),
                                               self.decoder._freq(layer, kind))
             return self._plans[(layer, kind)]
+
+    def transform(self, layer: int, kind: int) -> tuple[torch.Tensor, int] | None:
+        """Version 4's transform of a layer's K or V on the device (int16 (heads, dim, dim)) and its largest row
+        sum of |M|; None where the layer and kind are coded without one."""
+        with self._lock:
+            if (layer, kind) not in self._transforms:
+                matrix = self.decoder._matrices.get((layer, kind))
+                self._transforms[(layer, kind)] = None if matrix is None else (matrix.to(self.device), row_sum(matrix))
+            return self._transforms[(layer, kind)]
 
     def layout(self, layer: int, kind: int, tokens: int) -> Layout:
         with self._lock:
@@ -107,8 +122,12 @@ def decode_onto(state: DeviceState, segments: list[tuple[SegmentContext, bytes, 
         except CodecError as err:
             raise CodecError(str(err), index=i) from None
     runs = _runs(order, lay, segments, split)
-    symbols, is_esc, first_value, esc_all = _entropy(state, [split[i][2] for i in order], order, lay, runs,
-                                                     _banded_ids(state, segments, split, order))
+    symbols, is_esc, first_value, esc_all, peaks = _entropy(state, [split[i][2] for i in order], order, lay, runs,
+                                                            _banded_ids(state, segments, split, order))
+    for k, i in enumerate(order):  # the CPU path's check (KvqDecoder.entropy): M q must stay exact in float64
+        ctx = segments[i][0]
+        if peaks[k] >= MAX_COMPONENT and state.transform(ctx.layer, ("k", "v").index(ctx.kind)) is not None:
+            raise CodecError("a transformed segment holds a component integer beyond +-2^30", index=i)
     pos = 0
     for run in runs:
         span = slice(pos, pos + lay[run[0]].symbols * len(run))
@@ -122,7 +141,12 @@ def decode_onto(state: DeviceState, segments: list[tuple[SegmentContext, bytes, 
             center, step, freq = state.plan(ctx.layer, kind)
             weights = state.decoder.tokens.get((ctx.layer, kind))  # split() checked they cover every segment
             factor = weights.factors(ctx.token_start + skip, q.shape[1]) if weights is not None else None
-            dequantize_rotate(q.view(ctx.heads, ctx.dim, -1), center, step, freq, ctx.token_start + skip,
+            q = q.view(ctx.heads, ctx.dim, -1)
+            transform = state.transform(ctx.layer, kind)
+            if transform is not None:  # float32 values M q * 2^-10 take the integers' place
+                largest = max([lay[run[0]].largest] + [peaks[k] for k in run])
+                q = untransform(q, transform[0], largest, transform[1])
+            dequantize_rotate(q, center, step, freq, ctx.token_start + skip,
                               out=_joined([segments[order[k]][2][:, skip:] for k in run]), token_factor=factor)
     for (ctx, data, out), (_, skip, coded) in zip(segments, split):
         if skip:
@@ -132,7 +156,8 @@ def decode_onto(state: DeviceState, segments: list[tuple[SegmentContext, bytes, 
 
 def _banded_ids(state: DeviceState, segments, split, order: list[int]) -> torch.Tensor | None:
     """Version 4: the table of every symbol of the batch (in `order`), from its segment's token bands, computed on
-    the host as the CPU path does (KvqDecoder._table_ids) and sent in one transfer; None before version 4."""
+    the host by the CPU decoder's own mapping (KvqDecoder._table_ids, _ans.table_ids) and sent in one transfer;
+    None before version 4."""
     decoder = state.decoder
     if decoder.tables.bands is None:
         return None
@@ -151,8 +176,9 @@ def _banded_ids(state: DeviceState, segments, split, order: list[int]) -> torch.
 def _entropy(state: DeviceState, coded: list[entropy.Coded], order: list[int], lay: list[Layout],
              runs: list[list[int]], table_ids: torch.Tensor | None = None):
     """Decode every stream (in `order`) in one launch and check it as the CPU path does. Returns each symbol
-    (int32), whether it escapes, the index of its first escape value in the batch's escape array, and that array.
-    table_ids: version 4's table of every symbol (_banded_ids); before, each layout's.
+    (int32), whether it escapes, the index of its first escape value in the batch's escape array, that array, and
+    per stream the largest magnitude of its escape values (0 without). table_ids: version 4's table of every symbol
+    (_banded_ids); before, each layout's.
 
     split_segment has checked every size against the limits that the layouts' symbol counts come from."""
     device = state.device
@@ -188,7 +214,8 @@ def _entropy(state: DeviceState, coded: list[entropy.Coded], order: list[int], l
         except CodecError as err:
             raise CodecError(str(err), index=i) from None
     esc_all = torch.from_numpy(np.concatenate(values + [np.zeros(1, np.int32)])).to(device)
-    return symbols, is_esc, ends - width, esc_all
+    peaks = [int(np.abs(v.astype(np.int64)).max(initial=0)) for v in values]
+    return symbols, is_esc, ends - width, esc_all, peaks
 
 
 def _expand(la: Layout, ns: int, symbols, is_esc, first_value, esc_all, rows: int) -> torch.Tensor | None:

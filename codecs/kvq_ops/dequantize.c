@@ -1,8 +1,8 @@
 /* kvq's reconstruction on the CPU (the C form of codecs/kvq_ops/dequantize.py): a segment's joint symbols
  * expanded, dequantized, rotated back (keys) and cast straight into the cache tensor, in one pass over each
- * element with the GIL released; or, for version 4's transform, the same from the float32 values M q that the
- * caller computed exactly (dequantize_values). The torch form beside it is the reference; tests/test_kvq_ops.py
- * holds the forms to the same bits. */
+ * element with the GIL released; for version 4's transform, with the exact M q (transform.c) between the
+ * expansion and the dequantization. The torch form beside it is the reference; tests/test_kvq_ops.py holds the
+ * forms to the same bits. */
 #include "_symbols.h"
 #include "_kvq.h"
 
@@ -114,9 +114,10 @@ static int place_check(const Place *p, int64_t tokens, Py_ssize_t items) {
 }
 
 /* Every channel of a segment: q holds int32 integers, or (floats) the float32 values M q. */
-static inline void reconstruct_all(const void *q, int64_t tokens, const float *center, const float *step,
-                                   const float *factors, int64_t factor_stride, const float *cos, const float *sin,
-                                   const Place *p, char *out, int dtype, const int floats) {
+static inline __attribute__((always_inline)) void
+reconstruct_all(const void *q, int64_t tokens, const float *center, const float *step, const float *factors,
+                int64_t factor_stride, const float *cos, const float *sin, const Place *p, char *out, int dtype,
+                const int floats) {
     const size_t item = dtype == F32 ? 4 : 2;
     const float unit = 0x1p-10f;  /* 2^-SCALE_BITS, codecs/transform.py */
     const int64_t half = p->dim / 2;
@@ -152,69 +153,63 @@ static inline void reconstruct_all(const void *q, int64_t tokens, const float *c
     }
 }
 
-/* What both entries check of their outputs, given the views center, step, factor, cos, sin, out, place in that
- * order from `views`: the place inside out's buffer, the per-channel and per-token arrays of its sizes. 0 with
- * *p filled, or -1 with ValueError set. */
-static int output_get(const View *views, Place *p, int64_t tokens, int dtype, int rope, int scaled, const char *what) {
-    enum { CENTER, STEP, FACTOR, COS, SIN, OUT, PLACE };
-    if (dtype < F32 || dtype > BF16 || ITEMS(views[PLACE], int64_t) != 6) {
-        PyErr_Format(PyExc_ValueError, "%s: dtype must be 0, 1 or 2 and place six integers", what);
-        return -1;
-    }
-    const int64_t *pl = DATA(views[PLACE], int64_t);
-    *p = (Place){pl[0], pl[1], pl[2], pl[3], pl[4], pl[5]};
-    if (place_check(p, tokens, views[OUT].buf.len / (dtype == F32 ? 4 : 2))) {
-        PyErr_Format(PyExc_ValueError, "%s: the output's shape and strides leave its buffer or overlap", what);
-        return -1;
-    }
-    int64_t channels = p->heads * p->dim, half = p->dim / 2;
-    if (ITEMS(views[CENTER], float) != channels || ITEMS(views[STEP], float) != channels ||
-        (scaled && ITEMS(views[FACTOR], float) != p->heads * tokens) ||
-        (rope && (p->dim % 2 || ITEMS(views[COS], float) != half * tokens || ITEMS(views[SIN], float) != half * tokens))) {
-        PyErr_Format(PyExc_ValueError, "%s: centers, steps, token weights or rotary tables do not match the output", what);
-        return -1;
-    }
-    return 0;
-}
-
 const char kvq_reconstruct_doc[] = PyDoc_STR(
              "reconstruct(symbols, spec, rows, tokens, digits, offsets, escapes, center, step, factor, cos, sin, out,\n"
-             "            place, dtype)\n\n"
+             "            place, dtype, matrix=None)\n\n"
              "One segment's body, expanded as expand does, dequantized, rotated (keys: cos and sin float32 (dim / 2,\n"
              "tokens); None for no rotation) and cast to dtype (0 float32, 1 float16, 2 bfloat16) straight into out,\n"
              "the writable bytes of the cache tensor's storage. center, step: float32 per channel (heads * dim);\n"
              "factor: float32 token weights (heads, tokens), or None; place: int64 (offset, heads, dim, stride of\n"
-             "heads, of tokens, of dim) in elements of dtype.");
+             "heads, of tokens, of dim) in elements of dtype; matrix: version 4's transform, int16 (heads, dim, dim),\n"
+             "whose M q (exact) takes the integers' place, times 2^-10, or None.");
 
 PyObject *kvq_reconstruct(PyObject *self, PyObject *args) {
-    enum { SYM, SPEC, ROWS, TOK, DIGITS, OFFSETS, ESC, CENTER, STEP, FACTOR, COS, SIN, OUT, PLACE, N };
+    enum { SYM, SPEC, ROWS, TOK, DIGITS, OFFSETS, ESC, CENTER, STEP, FACTOR, COS, SIN, OUT, PLACE, MATRIX, N };
     PyObject *o[N];
     long long tokens;
     int dtype;
     View v[N] = {{0}};
-    static const Py_ssize_t item[N] = {2, 8, 8, 0, 4, 8, 4, 4, 4, 4, 4, 4, 1, 8};
+    static const Py_ssize_t item[N] = {2, 8, 8, 0, 4, 8, 4, 4, 4, 4, 4, 4, 1, 8, 2};
     static const char *names[N] = {"symbols", "spec", "rows", "", "digits", "offsets", "escapes", "center", "step",
-                                   "factor", "cos", "sin", "out", "place"};
+                                   "factor", "cos", "sin", "out", "place", "matrix"};
     Layout l;
     PyObject *result = NULL;
     int32_t *q = NULL;
-    float *ones = NULL;
-    if (!PyArg_ParseTuple(args, "OOOLOOOOOOOOOOi", &o[SYM], &o[SPEC], &o[ROWS], &tokens, &o[DIGITS], &o[OFFSETS],
-                          &o[ESC], &o[CENTER], &o[STEP], &o[FACTOR], &o[COS], &o[SIN], &o[OUT], &o[PLACE], &dtype))
+    float *ones = NULL, *values = NULL;
+    o[MATRIX] = Py_None;
+    if (!PyArg_ParseTuple(args, "OOOLOOOOOOOOOOi|O", &o[SYM], &o[SPEC], &o[ROWS], &tokens, &o[DIGITS], &o[OFFSETS],
+                          &o[ESC], &o[CENTER], &o[STEP], &o[FACTOR], &o[COS], &o[SIN], &o[OUT], &o[PLACE], &dtype,
+                          &o[MATRIX]))
         return NULL;
-    int rope = o[COS] != Py_None, scaled = o[FACTOR] != Py_None;
+    int rope = o[COS] != Py_None, scaled = o[FACTOR] != Py_None, transformed = o[MATRIX] != Py_None;
     if (rope != (o[SIN] != Py_None)) {
         PyErr_SetString(PyExc_ValueError, "reconstruct: cos and sin go together");
         return NULL;
     }
     for (int i = 0; i < N; i++)
-        if (i != TOK && (rope || (i != COS && i != SIN)) && (scaled || i != FACTOR) &&
+        if (i != TOK && (rope || (i != COS && i != SIN)) && (scaled || i != FACTOR) && (transformed || i != MATRIX) &&
             view_get(o[i], &v[i], i == OUT, item[i], names[i]))
             goto done;
-    Place p;
-    if (output_get(&v[CENTER], &p, tokens, dtype, rope, scaled, "reconstruct"))
+    if (dtype < F32 || dtype > BF16 || ITEMS(v[PLACE], int64_t) != 6) {
+        PyErr_SetString(PyExc_ValueError, "reconstruct: dtype must be 0, 1 or 2 and place six integers");
         goto done;
+    }
+    const int64_t *pl = DATA(v[PLACE], int64_t);
+    Place p = {pl[0], pl[1], pl[2], pl[3], pl[4], pl[5]};
+    Py_ssize_t items = v[OUT].buf.len / (dtype == F32 ? 4 : 2);
+    if (place_check(&p, tokens, items)) {
+        PyErr_SetString(PyExc_ValueError, "reconstruct: the output's shape and strides leave its buffer or overlap");
+        goto done;
+    }
     int64_t channels = p.heads * p.dim;
+    if (ITEMS(v[CENTER], float) != channels || ITEMS(v[STEP], float) != channels ||
+        (scaled && ITEMS(v[FACTOR], float) != p.heads * tokens) ||
+        (rope && (p.dim % 2 || ITEMS(v[COS], float) != p.dim / 2 * tokens || ITEMS(v[SIN], float) != p.dim / 2 * tokens)) ||
+        (transformed && ITEMS(v[MATRIX], int16_t) != channels * p.dim)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "reconstruct: centers, steps, token weights, rotary tables or matrices do not match the output");
+        goto done;
+    }
     if (expansion_get(&v[SYM], &v[SPEC], &v[ROWS], tokens, &v[DIGITS], &v[OFFSETS], channels, &l, "reconstruct"))
         goto done;
     if (l.channels != channels) {  /* with layout_get's bounds: every channel exactly once */
@@ -223,11 +218,12 @@ PyObject *kvq_reconstruct(PyObject *self, PyObject *args) {
     }
     q = PyMem_RawMalloc((size_t)channels * (size_t)tokens * sizeof(int32_t) + 1);
     unsigned char *seen = PyMem_RawCalloc((size_t)channels, 1);
+    if (transformed) values = PyMem_RawMalloc((size_t)channels * (size_t)tokens * sizeof(float) + 1);
     if (!scaled) {
         ones = PyMem_RawMalloc((size_t)tokens * sizeof(float));
         for (int64_t t = 0; ones && t < tokens; t++) ones[t] = 1.0f;
     }
-    if (!q || !seen || (!scaled && !ones)) {
+    if (!q || !seen || (!scaled && !ones) || (transformed && !values)) {
         PyMem_RawFree(seen);
         PyErr_NoMemory();
         goto done;
@@ -240,16 +236,29 @@ PyObject *kvq_reconstruct(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "reconstruct: the groups do not cover every channel once");
         goto done;
     }
-    int fault;
+    int fault, short_of_memory;
     Py_BEGIN_ALLOW_THREADS
     fault = expand_all(&l, DATA(v[SYM], uint16_t), DATA(v[DIGITS], int32_t), DATA(v[OFFSETS], int64_t),
                        DATA(v[ESC], int32_t), ITEMS(v[ESC], int32_t), q);
-    if (!fault)
-        reconstruct_all(q, tokens, DATA(v[CENTER], float), DATA(v[STEP], float),
-                        scaled ? DATA(v[FACTOR], float) : ones, scaled ? tokens : 0,
-                        rope ? DATA(v[COS], float) : NULL, rope ? DATA(v[SIN], float) : NULL, &p,
-                        (char *)v[OUT].buf.buf, dtype, 0);
+    short_of_memory = !fault && transformed &&
+                      kvq_untransform(q, DATA(v[MATRIX], int16_t), p.heads, p.dim, tokens, values);
+    /* Two calls, each with a constant `floats`: each inlines into loops for one kind of input. */
+#define RECONSTRUCT(input, floats)                                                                                  \
+    reconstruct_all(input, tokens, DATA(v[CENTER], float), DATA(v[STEP], float), scaled ? DATA(v[FACTOR], float) : ones, \
+                    scaled ? tokens : 0, rope ? DATA(v[COS], float) : NULL, rope ? DATA(v[SIN], float) : NULL, &p,  \
+                    (char *)v[OUT].buf.buf, dtype, floats)
+    if (!fault && !short_of_memory) {
+        if (transformed)
+            RECONSTRUCT(values, 1);
+        else
+            RECONSTRUCT(q, 0);
+    }
+#undef RECONSTRUCT
     Py_END_ALLOW_THREADS
+    if (short_of_memory) {
+        PyErr_NoMemory();
+        goto done;
+    }
     if (fault) {
         PyErr_SetString(PyExc_ValueError, "reconstruct: a symbol past its alphabet, or escapes not count_escapes' count");
         goto done;
@@ -259,63 +268,8 @@ PyObject *kvq_reconstruct(PyObject *self, PyObject *args) {
 done:
     PyMem_RawFree(q);
     PyMem_RawFree(ones);
+    PyMem_RawFree(values);
     for (int i = 0; i < N; i++) view_release(&v[i]);
     return result;
 }
 
-const char kvq_dequantize_values_doc[] = PyDoc_STR(
-             "dequantize_values(values, tokens, center, step, factor, cos, sin, out, place, dtype)\n\n"
-             "reconstruct's steps after the expansion, for version 4's transform: values float32 (heads * dim, tokens),\n"
-             "M q computed exactly by the caller, each taken as values * 2^-10 in place of float32(q); the other\n"
-             "arguments as reconstruct's.");
-
-PyObject *kvq_dequantize_values(PyObject *self, PyObject *args) {
-    enum { VALUES, CENTER, STEP, FACTOR, COS, SIN, OUT, PLACE, N };
-    PyObject *o[N];
-    long long tokens;
-    int dtype;
-    View v[N] = {{0}};
-    static const Py_ssize_t item[N] = {4, 4, 4, 4, 4, 4, 1, 8};
-    static const char *names[N] = {"values", "center", "step", "factor", "cos", "sin", "out", "place"};
-    PyObject *result = NULL;
-    float *ones = NULL;
-    if (!PyArg_ParseTuple(args, "OLOOOOOOOi", &o[VALUES], &tokens, &o[CENTER], &o[STEP], &o[FACTOR], &o[COS],
-                          &o[SIN], &o[OUT], &o[PLACE], &dtype))
-        return NULL;
-    int rope = o[COS] != Py_None, scaled = o[FACTOR] != Py_None;
-    if (rope != (o[SIN] != Py_None)) {
-        PyErr_SetString(PyExc_ValueError, "dequantize_values: cos and sin go together");
-        return NULL;
-    }
-    for (int i = 0; i < N; i++)
-        if ((rope || (i != COS && i != SIN)) && (scaled || i != FACTOR) &&
-            view_get(o[i], &v[i], i == OUT, item[i], names[i]))
-            goto done;
-    Place p;
-    if (output_get(&v[CENTER], &p, tokens, dtype, rope, scaled, "dequantize_values"))
-        goto done;
-    if (ITEMS(v[VALUES], float) != p.heads * p.dim * tokens) {
-        PyErr_SetString(PyExc_ValueError, "dequantize_values: values must be (heads * dim, tokens)");
-        goto done;
-    }
-    if (!scaled) {
-        ones = PyMem_RawMalloc((size_t)tokens * sizeof(float));
-        if (!ones) {
-            PyErr_NoMemory();
-            goto done;
-        }
-        for (int64_t t = 0; t < tokens; t++) ones[t] = 1.0f;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    reconstruct_all(DATA(v[VALUES], float), tokens, DATA(v[CENTER], float), DATA(v[STEP], float),
-                    scaled ? DATA(v[FACTOR], float) : ones, scaled ? tokens : 0,
-                    rope ? DATA(v[COS], float) : NULL, rope ? DATA(v[SIN], float) : NULL, &p,
-                    (char *)v[OUT].buf.buf, dtype, 1);
-    Py_END_ALLOW_THREADS
-    result = Py_None;
-    Py_INCREF(result);
-done:
-    PyMem_RawFree(ones);
-    for (int i = 0; i < N; i++) view_release(&v[i]);
-    return result;
-}

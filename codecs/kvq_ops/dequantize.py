@@ -4,9 +4,7 @@
 - dequantize_rotate_ref: centre + (q * step) * token factor per channel, then RoPE back onto keys;
 - reconstruct / reconstruct_ref: a segment's entropy-decoded symbols expanded, dequantized, rotated and cast into
   a (heads, tokens, dim) view of the cache, clamped to the float16 range for a float16 file (reconstruct_ref also
-  with version 4's transform, transform.untransform_ref in front);
-- reconstruct_values: reconstruct's C pass from the values M q of version 4's transform (transform.untransform)
-  instead of integers.
+  with version 4's transform, transform.untransform_ref in front; reconstruct, transform.c's inverse transform).
 
 Decoding arithmetic is specified to the bit (docs/codec.md, "Reconstruction"): float32 throughout, every multiply
 and add a separate IEEE operation (no fused multiply-add), so that every form and an independent decoder
@@ -51,10 +49,10 @@ def dequantize_rotate_ref(q: torch.Tensor, center: torch.Tensor, step: torch.Ten
 
 def reconstruct(symbols: entropy.Symbols, tables: entropy.ClassTables, center: np.ndarray, step: np.ndarray,
                 inv_freq: torch.Tensor | None, token_start: int, token_factor: torch.Tensor | None,
-                body: torch.Tensor) -> None:
+                body: torch.Tensor, matrix: np.ndarray | None = None) -> None:
     """reconstruct_ref into body, a CPU (heads, tokens, dim) view of any strides, in one C pass over each element
-    (_kvq.reconstruct) without the GIL. center and step: float32 (heads * dim,). The C code refuses strides that
-    would write outside body's storage."""
+    (_kvq.reconstruct) without the GIL. center and step: float32 (heads * dim,); matrix: version 4's transform,
+    int16 (heads, dim, dim), or None. The C code refuses strides that would write outside body's storage."""
     heads, tokens, dim = body.shape
     cos = sin = None
     if inv_freq is not None:
@@ -64,22 +62,7 @@ def reconstruct(symbols: entropy.Symbols, tables: entropy.ClassTables, center: n
     place = np.array([body.storage_offset(), heads, dim, *body.stride()], np.int64)
     _kvq.reconstruct(symbols.symbols, lay.spec, lay.rows, lay.tokens, *tables.digits, symbols.escapes, center, step,
                      token_factor.numpy() if token_factor is not None else None, cos, sin, storage, place,
-                     HOST_DTYPES[body.dtype])
-
-
-def reconstruct_values(values: torch.Tensor, center: np.ndarray, step: np.ndarray, inv_freq: torch.Tensor | None,
-                       token_start: int, token_factor: torch.Tensor | None, body: torch.Tensor) -> None:
-    """reconstruct_ref's values for a transformed segment into body (as reconstruct) from values float32 (heads,
-    dim, tokens), the exact M q of its integers (transform.untransform), in one C pass (_kvq.dequantize_values)."""
-    heads, tokens, dim = body.shape
-    cos = sin = None
-    if inv_freq is not None:
-        cos, sin = (t.numpy() for t in rope_tables(inv_freq, token_start, tokens))
-    storage = torch.empty(0, dtype=torch.uint8).set_(body.untyped_storage()).numpy()
-    place = np.array([body.storage_offset(), heads, dim, *body.stride()], np.int64)
-    _kvq.dequantize_values(values.contiguous().numpy(), tokens, center, step,
-                           token_factor.numpy() if token_factor is not None else None, cos, sin, storage, place,
-                           HOST_DTYPES[body.dtype])
+                     HOST_DTYPES[body.dtype], matrix)
 
 
 def reconstruct_ref(symbols: entropy.Symbols, tables: entropy.ClassTables, center: torch.Tensor, step: torch.Tensor,

@@ -3,8 +3,7 @@
 - quantize_components: the encoder's integers of a transformed layer, q = round(M^-1 u * 2^10) per token and head,
   u being version 3's unit-step values (x - center) / (step * g);
 - untransform_ref: the decoder's first step, float32(M q) * 2^-10, with M q computed exactly (an integer);
-- untransform: M q for the CPU decoder, exactly, with BLAS (float32 where the integers are small enough, as nearly
-  always, else float64); dequantize.reconstruct_values then applies the 2^-10 and the rest of reconstruction in C.
+- the C form (transform.c) runs inside dequantize.reconstruct, between the expansion and the dequantization.
 
 The decoder's arithmetic is specified to the bit (docs/codec.md, "Reconstruction"): every form computes M q
 exactly, so the order of its sums does not matter, and rounds it once to float32. The encoder's is not: its
@@ -19,7 +18,6 @@ import torch
 from ..transform import SCALE_BITS
 
 UNIT = 2.0**-SCALE_BITS  # exact in float32: the scaling after the rounding changes no bit
-FLOAT32_EXACT = 1 << 24  # float32 holds every integer up to here exactly
 
 
 def quantize_components(body: torch.Tensor, center: torch.Tensor, step: torch.Tensor,
@@ -42,23 +40,3 @@ def untransform_ref(q: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     y = matrix.to(device=q.device, dtype=torch.float64) @ q.double()
     return y.float().mul_(UNIT)
 
-
-class Matrices:
-    """One layer and kind's matrices as the CPU decoder multiplies by them: float32 and float64 copies of the int16
-    (heads, dim, dim), and the largest row sum of |M|, which bounds |M q| by max |q| times it."""
-
-    def __init__(self, matrix: np.ndarray):
-        self.f32 = torch.from_numpy(matrix.astype(np.float32))
-        self.f64 = torch.from_numpy(matrix.astype(np.float64))
-        self.row_sum = int(np.abs(matrix.astype(np.int64)).sum(axis=2).max())
-
-
-def untransform(q: np.ndarray, matrices: Matrices, largest: int) -> torch.Tensor:
-    """float32 (heads, dim, tokens) M q for integers q (heads * dim, tokens) int32 whose magnitudes are at most
-    `largest`: exactly, as an integer in float32. BLAS sums in any order; every partial sum is an integer no larger
-    than largest * row_sum, so float32 is exact below 2^24 and float64 (|q| < 2^30, dim <= 256) always."""
-    heads, dim = matrices.f32.shape[:2]
-    q = torch.from_numpy(q).view(heads, dim, -1)
-    if largest * matrices.row_sum < FLOAT32_EXACT:
-        return torch.bmm(matrices.f32, q.float())
-    return torch.bmm(matrices.f64, q.double()).float()  # an integer below 2^53: rounded once, to nearest

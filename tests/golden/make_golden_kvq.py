@@ -7,7 +7,10 @@ different spread. The values come from integer arithmetic only, so every platfor
 Run it only for a deliberate change of the kvq bitstream; tests/test_kvq_bitstream.py pins these bytes. The
 version 2 files (`v2-tiny-kvq-*.kvc`, no token weights) were written by kvcli before version 3 and stay as they
 are: readers must keep decoding them. `tiny-kvq-*.kvc` are version 3, `v4-tiny-kvq-*.kvc` the same caches in
-version 4 (tables per class and token-exponent band): the encoder writes both.
+version 4 (tables per class and token-exponent band): the encoder writes both. `xf-tiny-kvq-*.kvc` are version 4
+with a per-head transform on every layer and kind but layer 1's K and layer 2's V, which stay without one; their
+dictionary, `dicts/SHA.kvd` beside them (where a reader looks), holds Householder reflections built from the same
+integer noise with float64 operations only (no library routine), so every platform builds the same one.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from kvcli.codecs.kvq import KvqCodec
 from kvcli.codecs.presets import make_codec
+from kvcli.codecs.transform import Transforms
 
-from kvcli.container import format, kvfile
+from kvcli.container import dictionary, format, kvfile
 from kvcli.modeling.kvcache import KVCache
 
 HERE = Path(__file__).parent
@@ -62,11 +67,40 @@ def inv_freq() -> list[np.ndarray]:
 
 
 VERSIONS = {3: "tiny-kvq-{}.kvc", 4: "v4-tiny-kvq-{}.kvc"}
+TRANSFORMED = "xf-tiny-kvq-{}.kvc"
+PLAIN = {(1, 0), (2, 1)}  # (layer, kind) without a transform in the transformed files
 
 
-def golden_bytes(preset: str, version: int) -> bytes:
+def golden_transforms() -> Transforms:
+    """Per (layer, kind, head) a Householder reflection I - 2 v v^T / (v . v), v from the integer noise: each
+    element is a few correctly rounded float64 operations in a fixed order, the same on every platform."""
+    bases = {}
+    for layer in range(LAYERS):
+        for kind in range(2):
+            if (layer, kind) in PLAIN:
+                continue
+            heads = []
+            for head in range(HEADS):
+                v = noise(500 + 10 * layer + 2 * head + kind, DIM)
+                norm = 0.0
+                for x in v.tolist():
+                    norm += x * x
+                heads.append(np.eye(DIM) - np.outer(v, v) * (2.0 / norm))
+            bases[(layer, kind)] = np.stack(heads)
+    return Transforms.from_bases(bases)
+
+
+def golden_dictionary() -> bytes:
+    return dictionary.build(golden_transforms().pack(), IDENTITY)
+
+
+def golden_bytes(preset: str, version: int, transformed: bool = False) -> bytes:
     dtype, sinks = PRESETS[preset]
     codec = make_codec(preset, None, inv_freq(), 1.0, sinks, version)
+    if transformed:
+        data = golden_dictionary()
+        codec = KvqCodec(codec.scale, codec.sinks, codec.profile, codec.inv_freq, codec.meta, codec.token_alpha, 4,
+                         golden_transforms(), dictionary.sha_of(data))
     meta, parts = kvfile.encode(golden_cache(dtype), IDENTITY, codec, CHUNK)
     meta["created_by"] = "kvcli golden"  # independent of the package version
     meta["created_at"] = "2026-01-01T00:00:00Z"
@@ -77,6 +111,10 @@ def main() -> None:
     for preset in PRESETS:
         for version, name in VERSIONS.items():
             (HERE / name.format(preset)).write_bytes(golden_bytes(preset, version))
+        (HERE / TRANSFORMED.format(preset)).write_bytes(golden_bytes(preset, 4, True))
+    data = golden_dictionary()
+    (HERE / dictionary.name_of(dictionary.sha_of(data))).parent.mkdir(exist_ok=True)
+    (HERE / dictionary.name_of(dictionary.sha_of(data))).write_bytes(data)
 
 
 if __name__ == "__main__":
