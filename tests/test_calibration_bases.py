@@ -167,6 +167,9 @@ def test_a_missing_dictionary_is_learned_again_or_refused(cli, tiny_lm, tiny_mod
     assert result.exit_code == 4 and not (tmp_path / "x.kvc").exists()
     assert result.stderr.startswith("Error: profile ") and sha in result.stderr
     assert str(cache_dir / dictionary.DICT_DIR) in result.stderr and "kvcli's shipped dictionaries" in result.stderr
+    # A preset that codes without the transform does not need it.
+    result = cli("prefill", doc_file, "-o", tmp_path / "b.kvc", "--model", tiny_model_dir("llama"), "-q", "balanced")
+    assert result.exit_code == 0, result.stderr
     monkeypatch.setenv("KVCLI_AUTO_CALIBRATE", "1")
     capsys.readouterr()
     stored = calibrate.calibration_for(lm)

@@ -348,13 +348,14 @@ def store(lm: LoadedModel, result: Calibration, path=None) -> Path:
     return profiles.save(result.profile, lm.identity, result.details, path, found.sha if found else None)
 
 
-def calibration_for(lm: LoadedModel) -> profiles.Stored | None:
+def calibration_for(lm: LoadedModel, transform: bool = True) -> profiles.Stored | None:
     """The model's stored profile and the dictionary it names; without a profile, calibrate now (once: stored
     under the user's directories, keyed by the model's identity), unless automatic calibration is turned off.
 
     A profile naming a dictionary that none of this machine's places holds (the user's cache emptied, say) has
     its transform learned again from the profile (a prefill per calibration text) where automatic calibration
-    is on; otherwise it is refused with DictionaryMissing (exit 4), as is a shipped profile's (kvcli ships both)."""
+    is on; otherwise it is refused with DictionaryMissing (exit 4), as is a shipped profile's (kvcli ships both).
+    Without `transform` (a preset that codes without it) the dictionary is neither checked nor learned."""
     stored = profiles.lookup(lm.identity)
     if stored is None:
         if not profiles.auto_calibrate():
@@ -364,7 +365,7 @@ def calibration_for(lm: LoadedModel) -> profiles.Stored | None:
         write_stderr_text(f"kvcli: calibrated {lm.name} for lossy presets in {time.perf_counter() - t0:.0f} s, once: "
                           f"stored in {path} (set {profiles.AUTO_CALIBRATE_ENV}=0 to skip)\n")
         return profiles.read(path)  # as stored: rounded, as every later run will read it
-    if stored.dictionary is None or _holds(stored.dictionary):
+    if not transform or stored.dictionary is None or _holds(stored.dictionary):
         return stored
     if stored.shipped or not profiles.auto_calibrate():
         raise dictionary.DictionaryMissing(

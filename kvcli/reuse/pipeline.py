@@ -139,14 +139,15 @@ def codec_for(quality: str, lm: models.LoadedModel, step_scale: float = 1.0, sin
 
     if quality not in PRESET_CODECS or PRESET_CODECS[quality].lossless:  # nothing to calibrate (or refused)
         return make_codec(quality)
-    stored = calibration_for(lm)
+    transform = transform and quality in TRANSFORM_PRESETS
+    stored = calibration_for(lm, transform)
     if stored is None and lm.identity["weights_digest"] not in _warned_no_profile:
         _warned_no_profile.add(lm.identity["weights_digest"])
         write_stderr_text(f"kvcli: no calibration profile for {lm.name} (KVCLI_AUTO_CALIBRATE=0): --quality "
                           f"{quality} uses uniform steps, which costs quality at the same size; run `kvcli calibrate "
                           "--model ...` once to measure one\n")
     transforms = sha = None
-    if transform and stored is not None and stored.dictionary is not None and quality in TRANSFORM_PRESETS:
+    if transform and stored is not None and stored.dictionary is not None:
         found = dictionary.find(stored.dictionary, dictionary.own_places(), f"profile {stored.where}")
         dictionary.check_model(found, lm.identity, f"profile {stored.where}")
         try:
