@@ -8,6 +8,7 @@ PATH` reads a .kvd made earlier.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -41,7 +42,13 @@ def load(lm, source: str, codec: KvqCodec, env: dict) -> dictionary.Dictionary:
     return found
 
 
+@functools.lru_cache(maxsize=4)
+def transforms_of(payload: bytes) -> Transforms:
+    """One Transforms per dictionary for the whole run: it keeps the inverses the encoder computes once."""
+    return Transforms.unpack(payload)
+
+
 def with_transform(codec: KvqCodec, found: dictionary.Dictionary) -> KvqCodec:
     """`codec` writing version 4 with the dictionary's transform."""
     return KvqCodec(codec.scale, codec.sinks, codec.profile, codec.inv_freq, codec.meta, codec.token_alpha, 4,
-                    Transforms.unpack(found.payload), found.sha)
+                    transforms_of(found.payload), found.sha)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import struct
 
 import numpy as np
+import torch
 
 from .base import CodecError
 
@@ -67,10 +68,13 @@ class Transforms:
         CodecError for a singular matrix (a dictionary no calibration writes)."""
         inv = self._inverses.get(key)
         if inv is None:
-            m = self.matrices[key].astype(np.float64)
-            if (np.linalg.cond(m) > 1e6).any():
+            # torch's LAPACK, not numpy's: numpy's threads made a 256 x 256 inverse take a second on a busy machine.
+            m = torch.from_numpy(self.matrices[key].astype(np.float64))
+            inv, info = torch.linalg.inv_ex(m)
+            residual = (m @ inv - torch.eye(m.shape[1], dtype=torch.float64)).abs().amax() if m.numel() else 0.0
+            if bool((info != 0).any()) or not float(residual) < 1e-6:
                 raise CodecError(f"transform for layer {key[0]} kind {key[1]} is singular: it cannot encode")
-            inv = self._inverses[key] = np.linalg.inv(m) * (1 << SCALE_BITS)
+            inv = self._inverses[key] = inv.numpy() * (1 << SCALE_BITS)
         return inv
 
     def gain(self, key: tuple[int, int]) -> np.ndarray:

@@ -411,3 +411,14 @@ def test_segments_fit_did_not_see_encode_to_the_same_transformed_bytes(backend):
     jobs = [(t[layer][:, start : start + 16], SegmentContext(kind, layer, start, HEADS, 16, DIM, "float32"))
             for start in (0, 16, 32) for layer in range(LAYERS) for kind, t in (("k", kv.keys), ("v", kv.values))]
     assert encoder.encode_many(jobs) == encoder.encode_many([(x.clone(), ctx) for x, ctx in jobs])
+
+
+def test_a_singular_transform_cannot_encode():
+    """A dictionary whose matrix has no inverse (no calibration writes one) decodes, but nothing can be coded with it."""
+    kv = correlated_cache(12, tokens=20)
+    matrices = {(layer, kind): np.repeat(np.eye(DIM, dtype=np.int16)[None] * 1024, HEADS, 0)
+                for layer in range(LAYERS) for kind in range(2)}
+    matrices[(1, 0)][1, 3] = matrices[(1, 0)][1, 4]  # two equal rows
+    codec = KvqCodec(0.5, 1, None, None, version=4, transforms=Transforms(matrices), dictionary="a" * 64)
+    with pytest.raises(CodecError, match="layer 1 kind 0 is singular"):
+        codec.fit(kv.keys, kv.values, [0] * LAYERS)

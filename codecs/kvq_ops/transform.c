@@ -9,8 +9,11 @@
  * rounded once to float32. */
 #include "_kvq.h"
 
-#include <immintrin.h>
 #include <stdint.h>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define KVQ_X86 1  /* the VNNI path and the AVX2 clone exist only here; other CPUs use the portable loops */
+#endif
 #include <stdlib.h>  /* abs */
 #include <string.h>  /* memcpy */
 
@@ -24,7 +27,9 @@ typedef float vec8 __attribute__((vector_size(32)));  /* one AVX2 register, or t
  * ROWS rows and TILE tokens with their accumulators in registers, the edges one sum at a time. Cloned for AVX2
  * with FMA (x86-64-v3) beside the baseline, chosen once at load (the wheel runs on any x86-64). Fused multiply-adds
  * are allowed here, unlike in the rest of the extension: on integers below 2^24 they round nothing (5% faster). */
+#ifdef KVQ_X86
 __attribute__((target_clones("arch=x86-64-v3", "default"), optimize("fp-contract=fast")))
+#endif
 static void head_f32(const float *restrict m, const float *restrict qf, float *restrict y, int64_t dim,
                      int64_t tokens) {
     const int64_t rows = dim - dim % ROWS, cols = tokens - tokens % TILE;
@@ -55,6 +60,7 @@ static void head_f32(const float *restrict m, const float *restrict qf, float *r
         }
 }
 
+#ifdef KVQ_X86
 #define VNNI_ROWS 8  /* output rows per block, one 16-token int32 accumulator each */
 #define VNNI_TILE 16
 
@@ -95,6 +101,13 @@ static int has_vnni(void) {
     }
     return known;
 }
+#else
+static int has_vnni(void) { return 0; }
+static void head_vnni(const int32_t *mp, const int32_t *qp, const int16_t *m, const int32_t *q, float *y,
+                      int64_t dim, int64_t tokens) {
+    (void)mp, (void)qp, (void)m, (void)q, (void)y, (void)dim, (void)tokens;  /* never called: has_vnni is 0 */
+}
+#endif
 
 /* Two int16 in one int32, `lo` in the low half: the operand layout of vpdpwssd. */
 static inline int32_t pair(int32_t lo, int32_t hi) {
