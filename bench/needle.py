@@ -1,14 +1,17 @@
 """Needle retrieval from lossy caches: a fact planted in a document, asked after the document's cache.
 
     python bench/needle.py [--model M] [--profile auto|none|PATH ...] [--corpus DIR] [--tokens 1024]
-                           [--presets balanced small] [--kvtc B ...] [--documents 4] [--seed 0]
+                           [--presets balanced small] [--no-transform] [--kvq-version 3|4] [--kvtc B ...]
+                           [--documents 4] [--seed 0]
 
 Teacher-forced KL (bench/rate_distortion.py) measures how a lossy cache changes the continuation of the
 document itself; this measures whether a fact stated once, anywhere in it, can still be read back. Each corpus
 document is cut to its first --tokens tokens and a sentence "The access code for the archive room is NNNN." (a
 random four-digit code per trial) is inserted after the sentence nearest 10%, 30%, 50%, 70% and 90% of its text.
 The model answers a fixed question greedily (6 tokens) after the exact cache and after each preset's decoded
-file; an answer is correct if it contains the code. `--kvtc B` adds the KVTC baseline at target B bits per element
+file (coded as kvcli codes it: through the model's per-head transform where its profile names a dictionary;
+`--no-transform` and `--kvq-version` as in bench/rate_distortion.py); an answer is correct if it contains the
+code. `--kvtc B` adds the KVTC baseline at target B bits per element
 (bench/kvtc.py, its basis fitted on kvcli's calibration texts). One JSON line per trial, then one summary line
 per codec.
 """
@@ -42,6 +45,10 @@ def main() -> None:
     model_options(ap)
     ap.add_argument("--tokens", type=int, default=1024, help="each document's first N tokens, before planting")
     ap.add_argument("--presets", nargs="+", default=["balanced", "small"])
+    ap.add_argument("--no-transform", action="store_true",
+                    help="kvcli's presets without the model's per-head transform (its profile's dictionary)")
+    ap.add_argument("--kvq-version", type=int, choices=(3, 4),
+                    help="kvq bitstream version kvcli's presets write [default: kvcli's]")
     ap.add_argument("--kvtc", type=float, nargs="*", default=[], help="also KVTC at these target bits per element")
     ap.add_argument("--documents", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
@@ -50,7 +57,8 @@ def main() -> None:
     lm = models.load(args.model, "float32")
     env = {**environment(), "model": lm.name}
     question = inference.prompt_ids(lm, QUESTION)
-    codecs = [(f"kvcli:{preset}" + (f"[{prof}]" if len(args.profile) > 1 else ""), kvcli_codec(lm, preset, prof))
+    codecs = [(f"kvcli:{preset}" + (f"[{prof}]" if len(args.profile) > 1 else ""),
+               kvcli_codec(lm, preset, prof, 1.0, args.kvq_version, not args.no_transform))
               for prof in args.profile for preset in args.presets]
     kvtc = Kvtc.fit(lm, [text for _, text in default_texts()]) if args.kvtc else None
     kvtc_plans = {f"kvtc@{b:g}": kvtc.plans(b) for b in args.kvtc} if kvtc else {}
