@@ -11,8 +11,8 @@ import pytest
 from kvcli.container import dictionary, format
 from kvcli.errors import FormatError
 
-MODEL = {"architecture": "LlamaForCausalLM", "name": "tiny", "config_digest": "c" * 64, "weights_digest": "w" * 64,
-         "tokenizer_digest": "t" * 64}
+MODEL = {"architecture": "LlamaForCausalLM", "name": "tiny", "config_digest": "c" * 64, "weights_digest": "d" * 64,
+         "tokenizer_digest": "e" * 64}
 PAYLOAD = bytes(range(256)) * 3
 
 
@@ -127,3 +127,23 @@ def test_a_local_file_is_looked_up_beside_itself_then_in_the_users_cache(tmp_pat
 
 def test_the_shipped_place_reads_nothing_it_does_not_hold():
     assert dictionary.ShippedPlace().read("0" * 64) is None
+
+
+def test_a_file_carrying_a_dictionary_its_codec_does_not_name_is_refused():
+    import torch
+
+    from kvcli.codecs.presets import make_codec
+    from kvcli.container import kvfile
+    from kvcli.modeling.kvcache import KVCache
+    from kvcli.reuse import pipeline
+
+    gen = torch.Generator().manual_seed(0)
+    kv = KVCache(list(range(5)), [torch.randn(2, 5, 16, generator=gen) for _ in range(2)],
+                 [torch.randn(2, 5, 16, generator=gen) for _ in range(2)])
+    meta, parts = kvfile.encode(kv, MODEL, make_codec("raw"), chunk_tokens=4)
+    data = format.build_header(meta, parts) + b"".join(p.data for p in parts)
+    assert kvfile.decode(format.BytesSource(data), format.read_header(format.BytesSource(data))).num_tokens == 5
+    parts = pipeline.with_dictionary(parts, made())
+    src = format.BytesSource(format.build_header(meta, parts) + b"".join(p.data for p in parts), "x.kvc")
+    with pytest.raises(FormatError, match="^x.kvc: carries a dictionary its codec does not use$"):
+        kvfile.decode(src, format.read_header(src))
