@@ -233,6 +233,7 @@ def serve(app, sock, *, log_level: str = "info", header_timeout_s: float = HEADE
     """Run uvicorn on an already bound socket until SIGTERM or SIGINT, then finish open requests and return."""
     import signal
 
+    import anyio.to_thread
     import uvicorn
 
     warnings = RateLimited()
@@ -247,6 +248,10 @@ def serve(app, sock, *, log_level: str = "info", header_timeout_s: float = HEADE
 
     async def run() -> None:
         asyncio.get_running_loop().set_exception_handler(warnings.loop_exception)
+        # anyio imports its event-loop backend (21 modules) on the first hand-off to the thread pool. Done by the
+        # first request, that import could meet a file table that a flood of connections has filled (EMFILE: a
+        # 500 with a traceback); done here, before any connection, it cannot.
+        await anyio.to_thread.run_sync(lambda: None)
         await server.serve(sockets=[sock])
 
     # uvicorn re-raises the signal that stopped it once it has shut down; a no-op handler makes a requested
