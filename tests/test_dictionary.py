@@ -147,3 +147,10 @@ def test_a_file_carrying_a_dictionary_its_codec_does_not_name_is_refused():
     src = format.BytesSource(format.build_header(meta, parts) + b"".join(p.data for p in parts), "x.kvc")
     with pytest.raises(FormatError, match="^x.kvc: carries a dictionary its codec does not use$"):
         kvfile.decode(src, format.read_header(src))
+
+
+def test_one_directory_reached_by_two_paths_is_one_place(tmp_path):
+    (tmp_path / "store").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "store")
+    first, second = dictionary.DirPlace(tmp_path / "store"), dictionary.DirPlace(tmp_path / "link")
+    assert first == second and len({first, second}) == 1

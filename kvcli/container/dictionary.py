@@ -147,8 +147,8 @@ class DirPlace:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, DirPlace) and other.root.resolve() == self.root.resolve()
 
-    def __hash__(self) -> int:
-        return hash(self.root)
+    def __hash__(self) -> int:  # equal places (one root reached by two paths) hash alike
+        return hash(self.root.resolve())
 
 
 class DictionaryMissing(FormatError):
@@ -212,7 +212,13 @@ def to_carry(src: object, header: format.Header, name: str, places: list[Place] 
     sha = named_by(header)
     if sha is None or embeds(header):
         return None
-    found = find(sha, places_for(src) if places is None else places, name)
+    return resolve(sha, header, name, places_for(src) if places is None else places)
+
+
+def resolve(sha: str, header: format.Header, name: str, places: list[Place], embedded: bytes | None = None) -> Dictionary:
+    """The dictionary `sha` for file `name`: the one it embeds, else the first of `places` holding it; refused
+    when it was made for another model than the file's."""
+    found = parse(embedded, sha, f"{name} (embedded)") if embedded is not None else find(sha, places, name)
     check_model(found, header.model, name)
     return found
 

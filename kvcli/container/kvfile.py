@@ -169,11 +169,7 @@ def attach_dictionary(codec: Codec, sha: str, embedded: bytes | None, src: forma
     cache), check it was made for the file's model, and hand its transforms to the codec."""
     from ..codecs.transform import Transforms
 
-    if embedded is not None:
-        found = dictionary.parse(embedded, sha, f"{name} (embedded)")
-    else:
-        found = dictionary.find(sha, dictionary.places_for(src), name)
-    dictionary.check_model(found, header.model, name)
+    found = dictionary.resolve(sha, header, name, dictionary.places_for(src), embedded)
     try:
         codec.attach(Transforms.unpack(found.payload))
     except CodecError as err:
