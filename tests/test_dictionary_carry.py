@@ -351,6 +351,20 @@ def test_cache_dir_keeps_the_dictionaries_of_its_copies_and_evicts_only_unused_o
     assert (local.dir / d2.name).read_bytes() == d2.data and local.find(keys_[2]) is not None
 
 
+def test_cache_dir_mends_a_damaged_dictionary_of_a_kept_copy(server, tmp_path):
+    st = store.open_store(server.url, token=TOKEN)
+    d = made(12)
+    st.put_dictionary(d)
+    key = st.put(None, naming(d, seed=120))
+    local = remote.LocalCache(tmp_path / "copies")
+    copy_through(local, f"{server.url}/v1/caches/{key}")
+    (local.dir / d.name).write_bytes(d.data[:-1] + bytes([d.data[-1] ^ 1]))  # bit rot
+    # A miss, not a copy every later read refuses: both go, and the next fetch brings both back intact.
+    assert local.find(key) is None and not (local.dir / d.name).exists()
+    copy_through(local, f"{server.url}/v1/caches/{key}")
+    assert (local.dir / d.name).read_bytes() == d.data and local.find(key) is not None
+
+
 # ---------------------------------------------------------------- real files: kvq version 4 with a transform
 
 
