@@ -279,6 +279,27 @@ def test_push_carries_the_dictionary_first_and_pull_brings_it_beside_the_file(ta
     assert out.read_bytes() == data and (out.parent / d.name).read_bytes() == d.data
 
 
+def test_push_of_a_stored_file_puts_its_missing_dictionary(target, tmp_path, fresh_cache, cli, token_file, request,
+                                                           server_root):
+    root, _, _ = target
+    d = made(13 + seed_of(request) % 80)
+    data = naming(d, seed=seed_of(request))
+    st = store.open_store(root, token=TOKEN, create=True)
+    if isinstance(st, store.DirStore):  # stored past the store's check (by hand, or by a kvcli before dictionaries)
+        (st.root / f"{key_of(data)}.kvc").write_bytes(data)
+    elif isinstance(st, store.FsspecStore):
+        st.fs.pipe_file(st.path_of(key_of(data)), data)
+    else:
+        (server_root / f"{key_of(data)}.kvc").write_bytes(data)
+    here = tmp_path / "here"
+    dictionary.save(d, here)
+    (here / "doc.kvc").write_bytes(data)
+    pushed = cli("push", here / "doc.kvc", root, "--token-file", token_file, "--json")
+    assert pushed.exit_code == 0, pushed.stderr
+    assert json.loads(pushed.stdout)["uploaded"] is False  # the file was there
+    assert store.open_store(root, token=TOKEN).read_dictionary(d.sha) == d.data
+
+
 def test_push_without_the_dictionary_anywhere_is_one_line_and_sends_nothing(target, tmp_path, fresh_cache, cli,
                                                                           token_file, request):
     root, _, dicts = target

@@ -1266,8 +1266,8 @@ def push(target, path: str | Path) -> dict:
     Returns key, url, bytes, uploaded, resumed_from (bytes from the start already staged) and sent.
 
     A file that names a dictionary it does not carry takes it from where a reader of the file looks (beside it, the
-    user's cache, kvcli's shipped ones; the target store last) and puts it first; found nowhere, it is a
-    DictionaryMissing naming every place, and nothing is sent."""
+    user's cache, kvcli's shipped ones; the target store last) and puts it first, even when the file is stored
+    already; found nowhere, it is a DictionaryMissing naming every place, and nothing is sent."""
     with format.FileSource(path) as src:
         header = validate(src)
         key = checked_key(None, header, src.path)
@@ -1275,11 +1275,11 @@ def push(target, path: str | Path) -> dict:
                                       dictionary.places_for(src) + [target.dictionary_place()])
         result = {"key": key, "url": target.url_for(key), "bytes": src.size, "uploaded": False, "resumed_from": 0,
                   "sent": 0}
+        if carried is not None:  # also for a file stored already: one put there past the store's check is mended
+            remote.retried(lambda: target.put_dictionary(carried), remote.ConnectionFailed)
         if stored_soundly(target, key):
             return result
         result["uploaded"] = True
-        if carried is not None:
-            remote.retried(lambda: target.put_dictionary(carried), remote.ConnectionFailed)
         if isinstance(target, DirStore) or src.size <= getattr(target, "part_bytes", PART_BYTES):
             # Nothing worth resuming: one atomic put.
             remote.retried(lambda: target.put(key, src.path), remote.ConnectionFailed)
