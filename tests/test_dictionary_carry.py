@@ -279,6 +279,20 @@ def test_push_carries_the_dictionary_first_and_pull_brings_it_beside_the_file(ta
     assert out.read_bytes() == data and (out.parent / d.name).read_bytes() == d.data
 
 
+def test_a_reader_of_many_files_fetches_their_dictionary_once(server, tmp_path):
+    st = store.open_store(server.url, token=TOKEN)
+    d = made(14)
+    st.put_dictionary(d)
+    stored = [st.put(None, naming(d, seed=140 + i)) for i in range(3)]
+    reader = store.open_store(server.url)
+    asked = []
+    reader.client.event_hooks["request"].append(lambda request: asked.append(request.url.path))
+    for key in stored:
+        with reader.open(key) as src:
+            assert dictionary.find(d.sha, dictionary.places_for(src), key).data == d.data
+    assert asked.count(f"/v1/dicts/{d.sha}") == 1
+
+
 def test_push_of_a_stored_file_puts_its_missing_dictionary(target, tmp_path, fresh_cache, cli, token_file, request,
                                                            server_root):
     root, _, _ = target

@@ -153,7 +153,7 @@ class StorePlace:
         self.where = store.dicts_url
 
     def read(self, sha: str) -> bytes | None:
-        return self.store.read_dictionary(sha)
+        return self.store.held_dictionary(sha)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, StorePlace) and other.where == self.where
@@ -167,8 +167,9 @@ class DictionaryShelf:
 
     url: str
     dicts_url: str
-    # Dictionaries found stored: content-addressed and never deleted by kvcli, so asked for once per store object.
-    _dicts_seen: set[str]
+    # Dictionaries found stored and intact: content-addressed and never deleted by kvcli, so asked for once per store
+    # object (a reader of many files fetches one dictionary once, not once per file).
+    _dicts_held: dict[str, bytes]
 
     def dictionary_place(self) -> StorePlace:
         return StorePlace(self)
@@ -180,30 +181,44 @@ class DictionaryShelf:
     def dictionary_size(self, sha: str) -> int | None:
         return self._dict_size(dictionary.check_sha(sha, self.dicts_url))
 
+    def held_dictionary(self, sha: str) -> bytes | None:
+        """read_dictionary, kept once intact: what a reader of the store's files uses. A damaged copy is read again
+        each time, so that one mended meanwhile is seen."""
+        sha = dictionary.check_sha(sha, self.dicts_url)
+        data = self._dicts_held.get(sha)
+        if data is None:
+            data = self._read_dict(sha)
+            if data is not None and dictionary.sha_of(data) == sha:
+                self._dicts_held[sha] = data
+        return data
+
     def has_dictionary(self, sha: str) -> bool:
         """Whether the store holds dictionary `sha`, read and checked against its name the first time: a damaged copy
         is a FormatError naming it, so that no file is taken whose dictionary no reader could use."""
         sha = dictionary.check_sha(sha, self.dicts_url)
-        if sha in self._dicts_seen:
+        if sha in self._dicts_held:
             return True
         data = self._read_dict(sha)
         if data is None:
             return False
-        dictionary.parse(data, sha, f"{self.dicts_url}/{sha}{dictionary.SUFFIX}")
-        self._dicts_seen.add(sha)
+        self._dicts_held[sha] = dictionary.parse(data, sha, f"{self.dicts_url}/{sha}{dictionary.SUFFIX}").data
         return True
 
     def put_dictionary(self, found: dictionary.Dictionary) -> bool:
         """Store a checked dictionary under its name, atomically, before any file that names it; True if written.
         A stored copy stays only when it is these very bytes: anything else under the name (damaged, even at the
         same size; not a regular file) is replaced, so a push mends what a reader would refuse."""
+        if self._dicts_held.get(found.sha) == found.data:
+            with contextlib.suppress(FormatError):  # read intact before and still there: one stat or HEAD, not the
+                if self._dict_size(found.sha) == len(found.data):  # whole dictionary again
+                    return False
         try:
             stored = self._read_dict(found.sha)
         except FormatError:  # not a file at all (a FIFO, a device): replaced
             stored = b""
         if stored != found.data:
             self._write_dict(found)
-        self._dicts_seen.add(found.sha)
+        self._dicts_held[found.sha] = found.data
         return stored != found.data
 
     def check_dictionary(self, src: format.ByteSource, header: format.Header, name: str) -> None:
@@ -309,7 +324,7 @@ class FileStore(DictionaryShelf, index.PrefixLookup):
     index_workers = 1  # concurrent requests of one index lookup or update; a remote store raises it
 
     def __init__(self):
-        self._dicts_seen = set()
+        self._dicts_held = {}
         self._headers: dict[tuple[str, int], dict] = {}
         self._chunks: dict[tuple[str, int], FileChunks] = {}
         self._lock = threading.Lock()
@@ -1084,7 +1099,7 @@ class ServerStore(DictionaryShelf, index.PrefixLookup):
 
         self.url = url.rstrip("/")
         self.dicts_url = f"{self.url}/v1/dicts"
-        self._dicts_seen = set()
+        self._dicts_held = {}
         self.token = remote.read_token(token)
         self.transport = transport
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
