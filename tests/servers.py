@@ -27,11 +27,12 @@ MODEL = {"architecture": "TinyForCausalLM", "name": "tiny", "config_digest": "c"
 
 def make_cache(tokens: int = 40, layers: int = 2, dim: int = 16, chunk: int = 8, seed: int = 0,
                model: dict | None = None, source: str | None = None, created_at: str = "2026-01-31T12:00:00Z",
-               codec_params: dict | None = None) -> bytes:
+               codec_params: dict | None = None, aux: dict[str, bytes] | None = None) -> bytes:
     """A valid .kvc (raw codec, random float16 values): the store checks containers, not what they decode to
-    (`codec_params` {"dictionary": SHA}: a file that names a dictionary, for what carries dictionaries)."""
+    (`codec_params` {"dictionary": SHA}: a file that names a dictionary, for what carries dictionaries; `aux`:
+    aux segments by name, {"dictionary": .kvd bytes} for one that carries its own)."""
     rng = random.Random(seed)
-    parts = []
+    parts = [format.SegmentData("aux", -1, 0, 0, data, name) for name, data in (aux or {}).items()]
     for start in range(0, tokens, chunk):
         count = min(chunk, tokens - start)
         for layer in range(layers):

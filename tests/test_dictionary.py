@@ -154,3 +154,51 @@ def test_one_directory_reached_by_two_paths_is_one_place(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "store")
     first, second = dictionary.DirPlace(tmp_path / "store"), dictionary.DirPlace(tmp_path / "link")
     assert first == second and len({first, second}) == 1
+
+
+def test_what_cannot_be_a_dictionary_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """A link in dicts/ may point anywhere: a FIFO would block a reader (a server's thread) for ever, /dev/zero or a
+    huge file fill its memory. Each is one FormatError naming it, whatever reads: a place, a store, save()."""
+    import os
+    import threading
+
+    d = made()
+    (tmp_path / "dicts").mkdir()
+    path = tmp_path / d.name
+    place = dictionary.DirPlace(tmp_path)
+    os.mkfifo(path)
+    outcome = []
+
+    def read():
+        try:
+            place.read(d.sha)
+        except FormatError as err:
+            outcome.append(str(err))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # blocked in open(): a writer's open and close lets it go
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(10)
+    assert outcome == [f"{path}: not a regular file, so not a dictionary"]
+    dictionary.save(d, tmp_path)  # whatever holds the name is replaced
+    assert path.read_bytes() == d.data
+    path.unlink()
+    path.symlink_to("/dev/zero")
+    with pytest.raises(FormatError, match="not a regular file"):
+        dictionary.find(d.sha, [place], "doc.kvc")
+    path.unlink()
+    monkeypatch.setattr(dictionary, "MAX_FILE_BYTES", 4096)
+    with open(path, "wb") as fh:
+        fh.truncate(4097)
+    with pytest.raises(FormatError, match=f"^{path}: 4,097 bytes, more than any dictionary \\(4,096\\)$"):
+        place.read(d.sha)
+
+
+def test_save_where_dicts_cannot_be_made_is_a_storage_error(tmp_path):
+    from kvcli.errors import StorageError
+
+    (tmp_path / "dicts").write_bytes(b"a user's file")
+    with pytest.raises(StorageError, match=f"^{tmp_path}/dicts: cannot create: File exists$"):
+        dictionary.save(made(), tmp_path)

@@ -10,9 +10,12 @@ docs/format.md, "Dictionaries".
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import re
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,7 @@ VERSION = 1
 PREAMBLE = struct.Struct("<8sHI")  # magic, version, header length
 MAX_HEADER_BYTES = 1 << 16
 MAX_PAYLOAD_BYTES = 256 << 20  # a 4,096-dim model's transforms, 16 bits each, fit many times over
+MAX_FILE_BYTES = PREAMBLE.size + MAX_HEADER_BYTES + MAX_PAYLOAD_BYTES  # no dictionary file is larger
 DICT_DIR = "dicts"
 SUFFIX = ".kvd"
 AUX_NAME = "dictionary"  # the container aux segment of a self-contained file
@@ -121,6 +125,23 @@ def check_model(d: Dictionary, model_identity: dict, where: str) -> None:
                               f"not this file's {model_identity.get('name')!r} ({field} differs)")
 
 
+def read_file(path: str | Path) -> bytes | None:
+    """A dictionary file's bytes, None where there is none. Whatever cannot be one is a FormatError naming it before
+    anything is read: not a regular file (a FIFO would block the reader for ever, /dev/zero never end: a symlink in
+    dicts/ may point anywhere) or larger than any dictionary. Other OSErrors are the caller's to name."""
+    try:  # O_NONBLOCK: opening a FIFO for reading would wait for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError(f"{path}: not a regular file, so not a dictionary")
+        if st.st_size > MAX_FILE_BYTES:
+            raise FormatError(f"{path}: {st.st_size:,} bytes, more than any dictionary ({MAX_FILE_BYTES:,})")
+        return fh.read(MAX_FILE_BYTES + 1)  # a file growing meanwhile fails its name's hash, within this bound
+
+
 class Place(Protocol):
     """Somewhere dictionaries may be: `where` for messages, `read(sha)` gives the file's bytes or None."""
 
@@ -138,9 +159,7 @@ class DirPlace:
 
     def read(self, sha: str) -> bytes | None:
         try:
-            return (self.root / name_of(sha)).read_bytes()
-        except (FileNotFoundError, NotADirectoryError):
-            return None
+            return read_file(self.root / name_of(sha))
         except OSError as err:
             raise FormatError(f"{self.root / name_of(sha)}: cannot read dictionary: {err.strerror}") from None
 
@@ -234,17 +253,24 @@ def find(sha: str, places: list[Place], needed_by: str) -> Dictionary:
 
 
 def save(d: Dictionary, root: str | Path) -> Path:
-    """Write `d` under ROOT/dicts/ unless it is there already (content-addressed: same name, same bytes)."""
+    """Write `d` under ROOT/dicts/ unless it is there already (content-addressed: same name, same bytes); whatever
+    else holds its name (a damaged copy, a FIFO, a link to elsewhere) is replaced. StorageError when it cannot be."""
+    from ..errors import StorageError
     from .format import atomic_write
 
     path = Path(root) / name_of(d.sha)
-    if path.is_file():
-        try:
-            parse(path.read_bytes(), d.sha, str(path))
+    try:
+        if read_file(path) == d.data:
             return path
-        except FormatError:
-            pass  # damaged: replaced below
-    path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass  # replaced below
+    except FormatError:  # a FIFO or a link to a device, which atomic_write would refuse to replace: the entry goes
+        with contextlib.suppress(OSError):
+            path.unlink()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file named dicts, a read-only directory
+        raise StorageError(f"{path.parent}: cannot create: {err.strerror}") from None
     atomic_write(str(path), [d.data])
     return path
 

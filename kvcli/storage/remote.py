@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import functools
 import importlib
 import os
@@ -409,14 +410,25 @@ class LocalCache:
             header = validate(src)
             checked_key(key, header, str(path))
             sha = dictionary.named_by(header)
-            if sha is not None and not dictionary.embeds(header) and not (self.dir / dictionary.name_of(sha)).is_file():
-                # evicted by another process sharing DIR meanwhile: fetching again brings both back
-                raise FormatError(f"{path}: its dictionary is gone")
+            if sha is not None and not dictionary.embeds(header):
+                self._check_dictionary(sha, str(path))
         except FormatError:
             src.close()
             path.unlink(missing_ok=True)
             return None
         return src
+
+    def _check_dictionary(self, sha: str, needed_by: str) -> None:
+        """A FormatError unless DIR/dicts holds the copy's dictionary intact: evicted by another process sharing DIR
+        meanwhile, or damaged (then removed), the copy is a miss, and fetching it again brings both back."""
+        try:
+            dictionary.find(sha, [dictionary.DirPlace(self.dir)], needed_by)
+        except dictionary.DictionaryMissing:
+            raise
+        except FormatError:
+            with contextlib.suppress(OSError):
+                (self.dir / dictionary.name_of(sha)).unlink()
+            raise
 
     def add(self, key: str, data: bytes | bytearray, places: list | None = None) -> None:
         """Keep a verified download, after its dictionary (from DIR/dicts or `places`, the file's store). The copy

@@ -414,15 +414,12 @@ async def get_dictionary(request: Request) -> Response:
     return Response(data, headers=headers, media_type="application/octet-stream")
 
 
-DICT_BODY_BYTES = dictionary.PREAMBLE.size + dictionary.MAX_HEADER_BYTES + dictionary.MAX_PAYLOAD_BYTES
-
-
 async def put_dictionary(request: Request) -> Response:
     """Content-addressed: the bytes must hash to the name and parse as a dictionary before the store keeps them."""
     check_writable(request)
     sha = path_sha(request)
     settings = settings_of(request)
-    cap = min(DICT_BODY_BYTES, settings.max_upload)
+    cap = min(dictionary.MAX_FILE_BYTES, settings.max_upload)
     data = b"".join([chunk async for chunk in receive_body(request, cap, "dictionaries")])
     found = await run_in_threadpool(dictionary.parse, data, sha, f"dictionary {sha}")
     written = await run_in_threadpool(settings.store.put_dictionary, found)

@@ -153,7 +153,7 @@ class StorePlace:
         self.where = store.dicts_url
 
     def read(self, sha: str) -> bytes | None:
-        return self.store.read_dictionary(sha)
+        return self.store.held_dictionary(sha)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, StorePlace) and other.where == self.where
@@ -167,8 +167,9 @@ class DictionaryShelf:
 
     url: str
     dicts_url: str
-    # Dictionaries found stored: content-addressed and never deleted by kvcli, so asked for once per store object.
-    _dicts_seen: set[str]
+    # Dictionaries found stored and intact: content-addressed and never deleted by kvcli, so asked for once per store
+    # object (a reader of many files fetches one dictionary once, not once per file).
+    _dicts_held: dict[str, bytes]
 
     def dictionary_place(self) -> StorePlace:
         return StorePlace(self)
@@ -180,36 +181,61 @@ class DictionaryShelf:
     def dictionary_size(self, sha: str) -> int | None:
         return self._dict_size(dictionary.check_sha(sha, self.dicts_url))
 
-    def has_dictionary(self, sha: str) -> bool:
+    def held_dictionary(self, sha: str) -> bytes | None:
+        """read_dictionary, kept once intact: what a reader of the store's files uses. A damaged copy is read again
+        each time, so that one mended meanwhile is seen."""
         sha = dictionary.check_sha(sha, self.dicts_url)
-        if sha in self._dicts_seen:
+        data = self._dicts_held.get(sha)
+        if data is None:
+            data = self._read_dict(sha)
+            if data is not None and dictionary.sha_of(data) == sha:
+                self._dicts_held[sha] = data
+        return data
+
+    def has_dictionary(self, sha: str) -> bool:
+        """Whether the store holds dictionary `sha`, read and checked against its name the first time: a damaged copy
+        is a FormatError naming it, so that no file is taken whose dictionary no reader could use."""
+        sha = dictionary.check_sha(sha, self.dicts_url)
+        if sha in self._dicts_held:
             return True
-        found = self._dict_size(sha) is not None
-        if found:
-            self._dicts_seen.add(sha)
-        return found
+        data = self._read_dict(sha)
+        if data is None:
+            return False
+        self._dicts_held[sha] = dictionary.parse(data, sha, f"{self.dicts_url}/{sha}{dictionary.SUFFIX}").data
+        return True
 
     def put_dictionary(self, found: dictionary.Dictionary) -> bool:
         """Store a checked dictionary under its name, atomically, before any file that names it; True if written.
-        One stored with its size stays (its name is its content's hash: the same bytes); one of another size is
-        damaged and replaced."""
-        size = self._dict_size(found.sha)
-        if size == len(found.data):
-            self._dicts_seen.add(found.sha)
-            return False
-        self._write_dict(found.sha, found.data, replace=size is not None)
-        self._dicts_seen.add(found.sha)
-        return True
+        A stored copy stays only when it is these very bytes: anything else under the name (damaged, even at the
+        same size; not a regular file) is replaced, so a push mends what a reader would refuse."""
+        if self._dicts_held.get(found.sha) == found.data:
+            with contextlib.suppress(FormatError):  # read intact before and still there: one stat or HEAD, not the
+                if self._dict_size(found.sha) == len(found.data):  # whole dictionary again
+                    return False
+        try:
+            stored = self._read_dict(found.sha)
+        except FormatError:  # not a file at all (a FIFO, a device): replaced
+            stored = b""
+        if stored != found.data:
+            self._write_dict(found)
+        self._dicts_held[found.sha] = found.data
+        return stored != found.data
 
-    def check_dictionary(self, header: format.Header, name: str) -> None:
-        """DictionaryNotStored unless the file needs no dictionary, carries its own, or the store has it."""
+    def check_dictionary(self, src: format.ByteSource, header: format.Header, name: str) -> None:
+        """DictionaryNotStored unless the file needs no dictionary, carries its own, or the store has it. A file
+        carrying one is taken only if it is the dictionary its codec names, made for its model (as a reader checks)."""
         sha = dictionary.named_by(header)
-        if sha is not None and not dictionary.embeds(header) and not self.has_dictionary(sha):
+        embedded = [s for s in header.segments if s.kind == "aux" and s.name == dictionary.AUX_NAME]
+        if embedded:
+            if sha is None:
+                raise FormatError(f"{name}: carries a dictionary its codec does not name")
+            dictionary.resolve(sha, header, name, [], format.read_segment(src, header, embedded[0]))
+        elif sha is not None and not self.has_dictionary(sha):
             raise DictionaryNotStored(sha, name, self.dicts_url)
 
     def _dict_size(self, sha: str) -> int | None: ...
     def _read_dict(self, sha: str) -> bytes | None: ...
-    def _write_dict(self, sha: str, data: bytes, replace: bool) -> None: ...
+    def _write_dict(self, found: dictionary.Dictionary) -> None: ...
 
 
 # ---------------------------------------------------------------- resumable uploads: what every store shares
@@ -298,7 +324,7 @@ class FileStore(DictionaryShelf, index.PrefixLookup):
     index_workers = 1  # concurrent requests of one index lookup or update; a remote store raises it
 
     def __init__(self):
-        self._dicts_seen = set()
+        self._dicts_held = {}
         self._headers: dict[tuple[str, int], dict] = {}
         self._chunks: dict[tuple[str, int], FileChunks] = {}
         self._lock = threading.Lock()
@@ -339,7 +365,7 @@ class FileStore(DictionaryShelf, index.PrefixLookup):
         with open_data(data) as src:
             header = validate(src)
             key = checked_key(key, header, getattr(src, "path", "<upload>"))
-            self.check_dictionary(header, f"cache {key}")
+            self.check_dictionary(src, header, f"cache {key}")
             try:
                 self._write(key, src, exclusive)
             except FileExistsError:
@@ -413,7 +439,7 @@ class FileStore(DictionaryShelf, index.PrefixLookup):
             except FormatError:
                 self._remove_upload(key, upload)
                 raise
-            self.check_dictionary(header, f"cache {key}")  # the parts stay: complete again once it is stored
+            self.check_dictionary(src, header, f"cache {key}")  # the parts stay: complete again once it is stored
             try:
                 self._write(key, src, exclusive)
             except FileExistsError:
@@ -667,28 +693,25 @@ class DirStore(FileStore):
         format.atomic_write(self.path_of(key), iter_blocks(src), exclusive)
 
     def _dict_size(self, sha: str) -> int | None:
+        path = self.root / dictionary.name_of(sha)
         try:
-            return os.stat(self.root / dictionary.name_of(sha)).st_size
+            st = os.stat(path)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as err:
-            raise StorageError(f"{self.root / dictionary.name_of(sha)}: {err.strerror}") from None
+            raise StorageError(f"{path}: {err.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device says size 0: no dictionary is one (dictionary.read_file)
+            raise FormatError(f"{path}: not a regular file, so not a dictionary")
+        return st.st_size
 
     def _read_dict(self, sha: str) -> bytes | None:
         try:
-            return (self.root / dictionary.name_of(sha)).read_bytes()
-        except (FileNotFoundError, NotADirectoryError):
-            return None
+            return dictionary.read_file(self.root / dictionary.name_of(sha))
         except OSError as err:
             raise StorageError(f"{self.root / dictionary.name_of(sha)}: {err.strerror}") from None
 
-    def _write_dict(self, sha: str, data: bytes, replace: bool) -> None:
-        try:
-            (self.root / dictionary.DICT_DIR).mkdir(exist_ok=True)
-        except OSError as err:
-            raise StorageError(f"{self.dicts_url}: cannot create: {err.strerror}") from None
-        with contextlib.suppress(FileExistsError):  # another writer's: the same bytes, since the name is their hash
-            format.atomic_write(str(self.root / dictionary.name_of(sha)), [data], exclusive=not replace)
+    def _write_dict(self, found: dictionary.Dictionary) -> None:
+        dictionary.save(found, self.root)  # concurrent writers rename the same bytes into place
 
     def _remove(self, key: str) -> bool:
         try:
@@ -891,18 +914,24 @@ class FsspecStore(FileStore):
             raise remote.storage_error(err, f"{self.url}/{dictionary.name_of(sha)}") from None
 
     def _read_dict(self, sha: str) -> bytes | None:
+        size = self._dict_size(sha)  # asked first: an object of any size may sit under the name
+        if size is None:
+            return None
+        if size > dictionary.MAX_FILE_BYTES:
+            raise FormatError(f"{self.url}/{dictionary.name_of(sha)}: {size:,} bytes, more than any dictionary "
+                              f"({dictionary.MAX_FILE_BYTES:,})")
         try:
-            return self.fs.cat_file(f"{self.prefix}/{dictionary.name_of(sha)}")
+            return self.fs.cat_file(f"{self.prefix}/{dictionary.name_of(sha)}", start=0, end=size)
         except FileNotFoundError:
             return None
         except remote.store_exceptions() as err:
             raise remote.storage_error(err, f"{self.url}/{dictionary.name_of(sha)}") from None
 
-    def _write_dict(self, sha: str, data: bytes, replace: bool) -> None:
+    def _write_dict(self, found: dictionary.Dictionary) -> None:
         try:
-            self.fs.pipe_file(f"{self.prefix}/{dictionary.name_of(sha)}", data)  # one PUT: atomic
+            self.fs.pipe_file(f"{self.prefix}/{found.name}", found.data)  # one PUT: atomic
         except remote.store_exceptions() as err:
-            raise remote.storage_error(err, f"{self.url}/{dictionary.name_of(sha)}: cannot write") from None
+            raise remote.storage_error(err, f"{self.url}/{found.name}: cannot write") from None
 
     def _keys(self) -> Iterator[tuple[str, int]]:
         try:
@@ -1070,7 +1099,7 @@ class ServerStore(DictionaryShelf, index.PrefixLookup):
 
         self.url = url.rstrip("/")
         self.dicts_url = f"{self.url}/v1/dicts"
-        self._dicts_seen = set()
+        self._dicts_held = {}
         self.token = remote.read_token(token)
         self.transport = transport
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -1088,6 +1117,9 @@ class ServerStore(DictionaryShelf, index.PrefixLookup):
             response = self.client.request(method, path, **kwargs)
         except httpx.TransportError as err:
             raise remote.ConnectionFailed(f"{self.url}{path}: {type(err).__name__}: {err}") from None
+        return self._checked(response, method, path, missing_ok)
+
+    def _checked(self, response, method: str, path: str, missing_ok: bool = False):
         if response.status_code == 409:
             raise UploadConflict(f"{self.url}{path}: refused{remote.server_message(response)}")
         if response.status_code != 404 or not (missing_ok or method in ("HEAD", "DELETE")):
@@ -1121,12 +1153,31 @@ class ServerStore(DictionaryShelf, index.PrefixLookup):
         return None if response.status_code == 404 else int(response.headers["content-length"])
 
     def _read_dict(self, sha: str) -> bytes | None:
-        response = self._request("GET", f"/v1/dicts/{sha}", missing_ok=True)
-        return None if response.status_code == 404 else response.content
+        import httpx
 
-    def _write_dict(self, sha: str, data: bytes, replace: bool) -> None:
+        path = f"/v1/dicts/{sha}"
+        try:  # streamed and bounded: a server answering without end never fills this process's memory
+            with self.client.stream("GET", path) as response:
+                if response.status_code == 404:
+                    return None
+                if response.status_code != 200:
+                    response.read()  # the error's message
+                    self._checked(response, "GET", path)
+                    raise StorageError(f"{self.url}{path}: HTTP {response.status_code} where a dictionary was asked for")
+                data = bytearray()
+                for chunk in response.iter_bytes():
+                    data += chunk
+                    if len(data) > dictionary.MAX_FILE_BYTES:
+                        raise FormatError(f"{self.url}{path}: more than any dictionary's "
+                                          f"{dictionary.MAX_FILE_BYTES:,} bytes")
+                return bytes(data)
+        except httpx.TransportError as err:
+            raise remote.ConnectionFailed(f"{self.url}{path}: {type(err).__name__}: {err}") from None
+
+    def _write_dict(self, found: dictionary.Dictionary) -> None:
         # The server checks the bytes against the name and parses them before they are visible.
-        self._request("PUT", f"/v1/dicts/{sha}", content=data, headers={"Content-Type": "application/octet-stream"})
+        self._request("PUT", f"/v1/dicts/{found.sha}", content=found.data,
+                      headers={"Content-Type": "application/octet-stream"})
 
     def put(self, key: str | None, data: Data) -> str:
         """Validated here first (a bad file never crosses the network, nor one whose dictionary the server lacks),
@@ -1134,7 +1185,7 @@ class ServerStore(DictionaryShelf, index.PrefixLookup):
         with open_data(data) as src:
             header = validate(src)
             key = checked_key(key, header, getattr(src, "path", "<upload>"))
-            self.check_dictionary(header, f"cache {key}")
+            self.check_dictionary(src, header, f"cache {key}")
             response = self._request("PUT", f"/v1/caches/{key}", content=iter_blocks(src),
                                      headers={"Content-Length": str(src.size),
                                               "Content-Type": "application/octet-stream"})
@@ -1230,8 +1281,8 @@ def push(target, path: str | Path) -> dict:
     Returns key, url, bytes, uploaded, resumed_from (bytes from the start already staged) and sent.
 
     A file that names a dictionary it does not carry takes it from where a reader of the file looks (beside it, the
-    user's cache, kvcli's shipped ones; the target store last) and puts it first; found nowhere, it is a
-    DictionaryMissing naming every place, and nothing is sent."""
+    user's cache, kvcli's shipped ones; the target store last) and puts it first, even when the file is stored
+    already; found nowhere, it is a DictionaryMissing naming every place, and nothing is sent."""
     with format.FileSource(path) as src:
         header = validate(src)
         key = checked_key(None, header, src.path)
@@ -1239,11 +1290,11 @@ def push(target, path: str | Path) -> dict:
                                       dictionary.places_for(src) + [target.dictionary_place()])
         result = {"key": key, "url": target.url_for(key), "bytes": src.size, "uploaded": False, "resumed_from": 0,
                   "sent": 0}
+        if carried is not None:  # also for a file stored already: one put there past the store's check is mended
+            remote.retried(lambda: target.put_dictionary(carried), remote.ConnectionFailed)
         if stored_soundly(target, key):
             return result
         result["uploaded"] = True
-        if carried is not None:
-            remote.retried(lambda: target.put_dictionary(carried), remote.ConnectionFailed)
         if isinstance(target, DirStore) or src.size <= getattr(target, "part_bytes", PART_BYTES):
             # Nothing worth resuming: one atomic put.
             remote.retried(lambda: target.put(key, src.path), remote.ConnectionFailed)
