@@ -240,6 +240,12 @@ def test_quantize_components_boundaries():
     redone = _kvq.quantize_components(body.numpy(), center.numpy(), step.numpy(), None, inverse, len(cases),
                                       torch.empty(body.shape, dtype=torch.int32).numpy(), np.empty((len(cases), 1)))
     assert redone >= (naive != q_ref.numpy()).sum()
+    # Outside the bound's proof (a step times factor not a normal float32, or not finite): refused, not guessed.
+    for tiny_step, factor in ((2.0**-70, 2.0**-60), (1.0, float("inf")), (float("nan"), 1.0)):
+        with pytest.raises(ValueError, match="steps times token factors"):
+            _kvq.quantize_components(body.numpy(), center.numpy(), np.full(step.shape, tiny_step, np.float32),
+                                     np.full((len(cases), 8), factor, np.float32), inverse, len(cases),
+                                     torch.empty(body.shape, dtype=torch.int32).numpy(), np.empty((len(cases), 1)))
 
 
 @pytest.mark.parametrize("wide", [False, True])

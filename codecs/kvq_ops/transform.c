@@ -221,8 +221,8 @@ int kvq_untransform(const int32_t *q, const int16_t *matrix, int64_t heads, int6
  * (x_j - c_j) / (s_j g), S = sum_j a_j u_j, and P = sum_j |a_j u_j|. Every float32 operation rounds to nearest,
  * so fl(v) = v (1 + e) + n with |e| <= d and |n| <= 2^-150, n nonzero only below 2^-126 (an addition or
  * subtraction is exact there).
- * - x_j - c_j: relative error <= d. s_j g: >= 2^-14 * 2^-3 (MIN_STEP, the smallest token factor), a normal
- *   product, <= d. The quotient: <= d and 2^-150. So u'_j = u_j (1 + t_j) + n_j, |t_j| <= (1+d)^2/(1-d) - 1
+ * - x_j - c_j: relative error <= d. s_j g: a normal product (kvq's are at least 2^-14 * 2^-3, MIN_STEP times
+ *   the smallest token factor; the function refuses anything below 2^-126), <= d. The quotient: <= d and 2^-150. So u'_j = u_j (1 + t_j) + n_j, |t_j| <= (1+d)^2/(1-d) - 1
  *   <= 3.0001 d. a'_j = float32(a_j) = a_j (1 + e_j) + n'_j.
  * - The float32 sum of the D products is taken as partial sums of B = min(ENC_BLOCK, D) consecutive terms, in any
  *   order and with or without fused multiply-adds, then the ceil(D / B) partial sums added one by one: within
@@ -378,6 +378,24 @@ PyObject *kvq_quantize_components(PyObject *self, PyObject *args) {
         q.buf.len / item != ITEMS(body, float) || ITEMS(inv, double) != channels * dim ||
         (weighted && ITEMS(factor, float) != heads * tokens)) {
         PyErr_SetString(PyExc_ValueError, "quantize_components: array sizes disagree");
+        goto done;
+    }
+    /* The bound needs every step times factor a normal float32 (kvq's lie within [2^-17, 2^19]). */
+    int in_range = 1;
+    float extremes[2][2] = {{INFINITY, 0.0f}, {1.0f, 1.0f}};  /* (least, most) of the steps, of the factors */
+    for (int which = 0; which < 2; which++) {
+        const float *v = which ? (weighted ? DATA(factor, float) : NULL) : DATA(step, float);
+        const Py_ssize_t n = which ? (weighted ? heads * tokens : 0) : channels;
+        if (which && n) extremes[1][0] = INFINITY, extremes[1][1] = 0.0f;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            in_range &= v[i] > 0.0f && v[i] < INFINITY;  /* false for NaN */
+            extremes[which][0] = v[i] < extremes[which][0] ? v[i] : extremes[which][0];
+            extremes[which][1] = v[i] > extremes[which][1] ? v[i] : extremes[which][1];
+        }
+    }
+    if (!in_range || !((double)extremes[0][0] * extremes[1][0] >= 0x1p-126) ||
+        !((double)extremes[0][1] * extremes[1][1] <= 0x1p100)) {
+        PyErr_SetString(PyExc_ValueError, "quantize_components: steps times token factors must lie in [2^-126, 2^100]");
         goto done;
     }
     const int64_t rows = (dim + ENC_ROWS - 1) / ENC_ROWS * ENC_ROWS;
