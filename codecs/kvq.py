@@ -239,9 +239,8 @@ class KvqCodec(Codec):
         # float16 rounding may shave 2^-11 off a floored step: |q| stays below 2^31 all the same.
         step = torch.maximum(step.clamp(MIN_STEP, 60000), floor).to(torch.float16).float()
         if transformed:
-            q = quantize.narrow(transform_ops.quantize_components(body, center, step, token_factor,
-                                                                  self.transforms.inverse(key)))
-            classes = entropy.classes_of(q.numpy())
+            q, classes = transform_ops.quantize_components(body, center, step, token_factor,
+                                                           self.transforms.inverse(key))
         else:
             q, classes = quantize.quantize_classes(body, center, step, token_factor)
         return LayerPlan(center.numpy().astype(np.float16), step.numpy().astype(np.float16), classes), q
@@ -557,7 +556,7 @@ class KvqEncoder(_Planned, Encoder):
         if q is None and (ctx.layer, kind) in self._matrices:  # on the CPU, in float64, with either backend
             body = quantize.to_channels(x[:, skip:].cpu(), self._freq(ctx.layer, kind), ctx.token_start + skip)
             inverse = self.transforms.inverse((ctx.layer, kind))
-            q = transform_ops.quantize_components(body, center, step, factor, inverse)
+            q = transform_ops.quantize_components(body, center, step, factor, inverse)[0]
         elif q is None and self.backend == "triton":
             from .kvq_ops.quantize_triton import quantize_unrotate  # needs triton; imported only when asked for
 

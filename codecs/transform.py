@@ -43,6 +43,7 @@ class Transforms:
                                  f"{MAX_DIM}, got {m.dtype} {m.shape}")
         self.matrices = {key: np.ascontiguousarray(matrices[key]) for key in sorted(matrices)}
         self._inverses: dict[tuple[int, int], np.ndarray] = {}
+        self._gains: dict[tuple[int, int], np.ndarray] = {}
 
     @classmethod
     def from_bases(cls, bases: dict[tuple[int, int], np.ndarray]) -> "Transforms":
@@ -74,13 +75,18 @@ class Transforms:
             residual = (m @ inv - torch.eye(m.shape[1], dtype=torch.float64)).abs().amax() if m.numel() else 0.0
             if bool((info != 0).any()) or not float(residual) < 1e-6:
                 raise CodecError(f"transform for layer {key[0]} kind {key[1]} is singular: it cannot encode")
-            inv = self._inverses[key] = inv.numpy() * (1 << SCALE_BITS)
+            # C order, as the encoder's C form takes it (LAPACK's result is column-major): copied once, not per call.
+            # The gain first: a thread that finds the inverse also finds its gain.
+            inv = np.ascontiguousarray(inv.numpy() * (1 << SCALE_BITS))
+            self._gains[key] = np.abs(inv).sum(axis=2).max(axis=1)
+            self._inverses[key] = inv
         return inv
 
     def gain(self, key: tuple[int, int]) -> np.ndarray:
         """float64 (heads,): per head the largest sum of |M^-1 * 2^SCALE_BITS| over a component's row, so that
         |c| <= gain * max |u|: the encoder's step floor divides by it."""
-        return np.abs(self.inverse(key)).sum(axis=2).max(axis=1)
+        self.inverse(key)
+        return self._gains[key]
 
     def pack(self) -> bytes:
         """u32 count, then per (layer, kind) in increasing order: u32 layer, u8 kind, u16 heads, u16 dim, and the

@@ -157,8 +157,9 @@ def test_dequantize(device, dtype, heads, tokens, dim, rope):
 def transform_case(rng: np.random.Generator, heads: int, tokens: int, dim: int, wide):
     """int16 matrices M (heads, dim, dim) and integers q (heads, dim, tokens) int32 in one of the C form's regimes
     (transform.c), by the bound B = max|q| times M's largest row sum of |M|:
-    - False: rounded orthonormal columns times 2^10 (what calibration writes) and integers of kvq's usual spread
-      (B < 2^24 and |q| < 2^15: int16 pairs with AVX-512 VNNI, else float32);
+    - False: rounded orthonormal columns times 2^10 (what calibration writes) and integers of kvq's usual spread,
+      many pairs of rows zero over 16-token tiles (B < 2^24 and |q| < 2^15: int16 pairs with AVX-512 VNNI, else
+      float32);
     - "mid": entries of M in {-1, 0, 1} and |q| from 2^15 to 60,000 (B < 2^24 but q past int16: float32);
     - True ("wide"): any int16 and |q| up to 2^30 - 1 (M q up to 2^53 for dim 256: int64)."""
     if wide == "mid":
@@ -173,7 +174,78 @@ def transform_case(rng: np.random.Generator, heads: int, tokens: int, dim: int, 
         matrix = np.rint(basis * 1024).astype(np.int16)
         q = np.rint(rng.standard_normal((heads, dim, tokens)) * 10.0 ** rng.integers(0, 3, (heads, dim, 1)))
         q = q.astype(np.int32)
+        # Pairs of components zero over whole 16-token tiles, as trailing components mostly are: transform.c's
+        # VNNI path skips those.
+        for h, k, t in zip(*(rng.integers(0, n, 4 * dim) for n in (heads, (dim + 1) // 2, tokens // 16 + 1))):
+            q[h, 2 * k : 2 * k + 2, 16 * t : 16 * t + 16] = 0
     return matrix, q
+
+
+def float32_components(body, center, step, factor, inverse) -> np.ndarray:
+    """round(inverse @ u) with everything in float32 and nothing redone: what quantize_components would write
+    without its float64 fallback."""
+    size = step.numpy()[..., None] if factor is None else step.numpy()[..., None] * factor.numpy()[:, None, :]
+    u = (body.numpy() - center.numpy()[..., None]) / size
+    return np.rint(np.asarray(inverse, np.float32) @ u).astype(np.int64)
+
+
+@pytest.mark.parametrize("heads,tokens,dim", SHAPES + [(1, 40, 1), (2, 37, 256), (1, 2, 200)])
+def test_quantize_components(heads, tokens, dim):
+    """The encoder's component integers and classes in C (float32, redone in float64 where its bound says so)
+    against the float64 reference, on calibration-like matrices (rounded orthonormal bases, Transforms.inverse) and
+    values up to thousands of steps, where float32 alone rounds many components the other way."""
+    from kvcli.codecs.kvq_ops import transform
+    from kvcli.codecs.transform import Transforms
+
+    rng = np.random.default_rng(heads * 1000 + tokens * 10 + dim)
+    basis = np.linalg.qr(rng.standard_normal((heads, dim, dim)))[0]
+    inverse = Transforms.from_bases({(0, 0): basis}).inverse((0, 0))
+    center = torch.from_numpy(rng.standard_normal((heads, dim)).astype(np.float32) * 10).half().float()
+    step = torch.from_numpy(np.exp(rng.uniform(-6, 1, (heads, dim))).astype(np.float32)).half().float()
+    spread = 10.0 ** rng.uniform(-1, 3.5, (heads, dim, 1))  # per component, in steps
+    u = basis @ (rng.standard_normal((heads, dim, tokens)) * spread)
+    body = torch.from_numpy((u * step.numpy()[..., None] + center.numpy()[..., None]).astype(np.float32))
+    factor = torch.from_numpy(np.float32(2.0 ** (rng.integers(-24, 25, (heads, tokens)) / 8)))
+    differs = 0
+    for f in (None, factor):
+        q, classes = transform.quantize_components(body, center, step, f, inverse)
+        q_ref, classes_ref = transform.quantize_components_ref(body, center, step, f, inverse)
+        assert q.dtype == q_ref.dtype and torch.equal(q, q_ref) and np.array_equal(classes, classes_ref)
+        differs += int((float32_components(body, center, step, f, inverse) != q_ref.numpy()).sum())
+    if heads * tokens * dim > 10_000:
+        assert differs  # float32 alone would not have passed
+
+
+def test_quantize_components_boundaries():
+    """Components within a hair of a half-integer, where float32 rounds the other way: a matrix entry float32
+    cannot hold (1 +- 2^-30), an integer past 2^23 (no fraction bits in float32) and past int16, a difference x -
+    center exact only in float64 (the smallest float16 center). Each head is one case: (inverse, center, step,
+    values)."""
+    from kvcli.codecs.kvq_ops import _kvq, transform
+
+    cases = [(1 + 2.0**-30, 0.0, 1.0, [0.5, 2.5, -2.5, 4.5, 1000.5, -7.5, 3.0, -0.5]),
+             (1 - 2.0**-30, 0.0, 1.0, [1.5, -1.5, 5.5, 0.5, -1000.5, 2.0, 7.5, -3.5]),
+             (2.0**10 * (1 + 2.0**-40), -(2.0**-14), 2.0**-3, [2.0**10, -(2.0**10), 2.0**9, 1.0, 3.0, 0.0, 5.0, 7.0]),
+             (1.0, -(2.0**-24), 1.0, [2.5, 4.5, 0.5, 6.5, 100.5, 8.5, -1.5, -3.5])]
+    inverse = np.array([[[a]] for a, *_ in cases])
+    center = torch.tensor([[c] for _, c, _, _ in cases], dtype=torch.float32)
+    step = torch.tensor([[s] for _, _, s, _ in cases], dtype=torch.float32)
+    body = torch.tensor([[x] for *_, x in cases], dtype=torch.float32)
+    q, _ = transform.quantize_components(body, center, step, None, inverse)
+    q_ref, _ = transform.quantize_components_ref(body, center, step, None, inverse)
+    assert q.dtype == q_ref.dtype == torch.int32 and torch.equal(q, q_ref)
+    assert int(q_ref[2, 0, 0]) == 2**23 + 1  # 2^23 + 1/2 and a hair
+    naive = float32_components(body, center, step, None, inverse)
+    assert (naive != q_ref.numpy()).sum() >= 8  # the cases have teeth
+    redone = _kvq.quantize_components(body.numpy(), center.numpy(), step.numpy(), None, inverse, len(cases),
+                                      torch.empty(body.shape, dtype=torch.int32).numpy(), np.empty((len(cases), 1)))
+    assert redone >= (naive != q_ref.numpy()).sum()
+    # Outside the bound's proof (a step times factor not a normal float32, or not finite): refused, not guessed.
+    for tiny_step, factor in ((2.0**-70, 2.0**-60), (1.0, float("inf")), (float("nan"), 1.0)):
+        with pytest.raises(ValueError, match="steps times token factors"):
+            _kvq.quantize_components(body.numpy(), center.numpy(), np.full(step.shape, tiny_step, np.float32),
+                                     np.full((len(cases), 8), factor, np.float32), inverse, len(cases),
+                                     torch.empty(body.shape, dtype=torch.int32).numpy(), np.empty((len(cases), 1)))
 
 
 @pytest.mark.parametrize("wide", [False, True])

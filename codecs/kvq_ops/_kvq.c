@@ -1,5 +1,6 @@
 /* The extension kvcli.codecs.kvq_ops._kvq: the C forms of kvq's operations, defined beside their torch forms
- * (quantize.c: unrotate, deviations, quantize; dequantize.c: reconstruct, with transform.c's inverse transform).
+ * (quantize.c: unrotate, deviations, quantize; dequantize.c: reconstruct, with transform.c's inverse transform;
+ * transform.c: quantize_components).
  * The .py files beside them are its only callers. */
 #include "_kvq.h"
 
@@ -8,6 +9,7 @@ static PyMethodDef methods[] = {
     {"deviations", kvq_deviations, METH_VARARGS, kvq_deviations_doc},
     {"quantize", kvq_quantize, METH_VARARGS, kvq_quantize_doc},
     {"reconstruct", kvq_reconstruct, METH_VARARGS, kvq_reconstruct_doc},
+    {"quantize_components", kvq_quantize_components, METH_VARARGS, kvq_quantize_components_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -4,14 +4,39 @@
 #define KVCLI_KVQ_H
 
 #include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* What quantize.c and transform.c's encoder both round with. */
+static inline uint32_t bits_of(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    return u;
+}
+
+/* torch.round: to the nearest integer, ties to even. Below 2^23 adding 2^23 leaves no fraction bits, so the
+ * float32 addition rounds (to nearest even, the default mode) and the subtraction is exact; from 2^23 up every
+ * float32 is an integer already. The choice is made on the bits, without a branch, so that the loops around it
+ * vectorize (nearbyintf is a libm call without SSE4.1). */
+static inline float round_even(float y) {
+    const float big = 8388608.0f;
+    float a = fabsf(y), r = (a + big) - big;
+    uint32_t ua = bits_of(a), ur = bits_of(r), small = -(uint32_t)(ua < 0x4B000000u); /* 2^23's bits */
+    ur = (ur & small) | (ua & ~small) | (bits_of(y) & 0x80000000u);
+    memcpy(&r, &ur, 4);
+    return r;
+}
 
 #define KVQ_EXPORT __attribute__((visibility("hidden")))
 
-KVQ_EXPORT extern const char kvq_unrotate_doc[], kvq_deviations_doc[], kvq_quantize_doc[], kvq_reconstruct_doc[];
+KVQ_EXPORT extern const char kvq_unrotate_doc[], kvq_deviations_doc[], kvq_quantize_doc[], kvq_reconstruct_doc[],
+    kvq_quantize_components_doc[];
 KVQ_EXPORT PyObject *kvq_unrotate(PyObject *self, PyObject *args);
 KVQ_EXPORT PyObject *kvq_deviations(PyObject *self, PyObject *args);
 KVQ_EXPORT PyObject *kvq_quantize(PyObject *self, PyObject *args);
 KVQ_EXPORT PyObject *kvq_reconstruct(PyObject *self, PyObject *args);
+KVQ_EXPORT PyObject *kvq_quantize_components(PyObject *self, PyObject *args);
 /* transform.c: M q per head, exactly, into y (heads, dim, tokens) float32; -1 when out of memory. */
 KVQ_EXPORT int kvq_untransform(const int32_t *q, const int16_t *matrix, int64_t heads, int64_t dim, int64_t tokens,
                                float *y);

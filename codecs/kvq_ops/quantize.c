@@ -142,12 +142,6 @@ done:
     return result;
 }
 
-static inline uint32_t bits_of(float x) {
-    uint32_t u;
-    memcpy(&u, &x, 4);
-    return u;
-}
-
 /* One channel's squares into out; returns the bits of its largest |dev|. Compared as bits: for floats without a
  * sign, their order, with NaN and infinity above every finite value, so one integer maximum (which vectorizes)
  * is both the spread and the finiteness test. */
@@ -214,19 +208,6 @@ PyObject *kvq_deviations(PyObject *self, PyObject *args) {
 done:
     view_release(&body), view_release(&center), view_release(&factor), view_release(&spread), view_release(&sq);
     return result;
-}
-
-/* torch.round: to the nearest integer, ties to even. Below 2^23 adding 2^23 leaves no fraction bits, so the
- * float32 addition rounds (to nearest even, the default mode) and the subtraction is exact; from 2^23 up every
- * float32 is an integer already. The choice is made on the bits, without a branch, so that the loops around it
- * vectorize (nearbyintf is a libm call without SSE4.1). */
-static inline float round_even(float y) {
-    const float big = 8388608.0f;
-    float a = fabsf(y), r = (a + big) - big;
-    uint32_t ua = bits_of(a), ur = bits_of(r), small = -(uint32_t)(ua < 0x4B000000u); /* 2^23's bits */
-    ur = (ur & small) | (ua & ~small) | (bits_of(y) & 0x80000000u);
-    memcpy(&r, &ur, 4);
-    return r;
 }
 
 const char kvq_quantize_doc[] = PyDoc_STR(

@@ -7,6 +7,7 @@
  * pairs multiplied and summed into int32 (vpdpwssd, exact), each sum rounded once to float32; else where B < 2^24,
  * a blocked float32 product that the compiler vectorizes (float32 holds every partial sum); else int64 sums, each
  * rounded once to float32. */
+#include "_symbols.h"
 #include "_kvq.h"
 
 #include <stdint.h>
@@ -60,23 +61,30 @@ static void head_f32(const float *restrict m, const float *restrict qf, float *r
         }
 }
 
-#ifdef KVQ_X86
 #define VNNI_ROWS 8  /* output rows per block, one 16-token int32 accumulator each */
 #define VNNI_TILE 16
+
+#ifdef KVQ_X86
 
 /* One head with AVX-512 VNNI: y (dim, tokens) from mp (dim, pairs), M's rows as int16 pairs (M[i][2k], M[i][2k+1])
  * in one int32, and qp (pairs, tokens), q's rows 2k and 2k + 1 interleaved likewise; every sum exact in int32
  * here, converted to float32 (rounded to nearest, ties to even). Blocks of VNNI_ROWS rows and 16 tokens; the
- * edges one int64 sum at a time from m and q. */
+ * edges one int64 sum at a time from m and q. Only the pairs of a 16-token tile that hold a nonzero integer are
+ * summed, nz[tile * pairs + n] for n < count[tile] (ascending): the others add nothing (a third of them at `small`,
+ * half at `tiny`, on SmolLM2, whose trailing components mostly quantize to 0). A list, not a test per pair: the
+ * branch on data would mispredict. */
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-static void head_vnni(const int32_t *restrict mp, const int32_t *restrict qp, const int16_t *restrict m,
-                      const int32_t *restrict q, float *restrict y, int64_t dim, int64_t tokens) {
+static void head_vnni(const int32_t *restrict mp, const int32_t *restrict qp, const int32_t *restrict nz,
+                      const int32_t *restrict count, const int16_t *restrict m, const int32_t *restrict q,
+                      float *restrict y, int64_t dim, int64_t tokens) {
     const int64_t pairs = (dim + 1) / 2, rows = dim - dim % VNNI_ROWS, cols = tokens - tokens % VNNI_TILE;
     for (int64_t i0 = 0; i0 < rows; i0 += VNNI_ROWS)
         for (int64_t t0 = 0; t0 < cols; t0 += VNNI_TILE) {
             __m512i acc[VNNI_ROWS];
             for (int r = 0; r < VNNI_ROWS; r++) acc[r] = _mm512_setzero_si512();
-            for (int64_t k = 0; k < pairs; k++) {
+            const int32_t *list = nz + t0 / VNNI_TILE * pairs;
+            for (int32_t n = 0; n < count[t0 / VNNI_TILE]; n++) {
+                const int64_t k = list[n];
                 const __m512i v = _mm512_loadu_si512(qp + k * tokens + t0);
                 for (int r = 0; r < VNNI_ROWS; r++)
                     acc[r] = _mm512_dpwssd_epi32(acc[r], v, _mm512_set1_epi32(mp[(i0 + r) * pairs + k]));
@@ -103,15 +111,22 @@ static int has_vnni(void) {
 }
 #else
 static int has_vnni(void) { return 0; }
-static void head_vnni(const int32_t *mp, const int32_t *qp, const int16_t *m, const int32_t *q, float *y,
-                      int64_t dim, int64_t tokens) {
-    (void)mp, (void)qp, (void)m, (void)q, (void)y, (void)dim, (void)tokens;  /* never called: has_vnni is 0 */
+static void head_vnni(const int32_t *mp, const int32_t *qp, const int32_t *nz, const int32_t *count,
+                      const int16_t *m, const int32_t *q, float *y, int64_t dim, int64_t tokens) {
+    (void)mp, (void)qp, (void)nz, (void)count, (void)m, (void)q, (void)y, (void)dim, (void)tokens;  /* never called */
 }
 #endif
 
 /* Two int16 in one int32, `lo` in the low half: the operand layout of vpdpwssd. */
 static inline int32_t pair(int32_t lo, int32_t hi) {
     return (int32_t)((uint32_t)(uint16_t)lo | ((uint32_t)(uint16_t)hi << 16));
+}
+
+/* Whether one of VNNI_TILE packed pairs is not zero. */
+static inline uint8_t any_nonzero(const int32_t *v) {
+    int32_t any = 0;
+    for (int t = 0; t < VNNI_TILE; t++) any |= v[t];
+    return any != 0;
 }
 
 /* One head in int64, each sum rounded once to float32 (the conversion rounds to nearest, ties to even). */
@@ -124,24 +139,33 @@ static void head_exact(const int16_t *m, const int32_t *q, float *y, int64_t dim
         }
 }
 
-int kvq_untransform(const int32_t *q, const int16_t *matrix, int64_t heads, int64_t dim, int64_t tokens, float *y) {
-    int64_t largest = 0, row_sum = 0;
-    for (int64_t i = 0; i < heads * dim * tokens; i++) {
-        int64_t a = q[i] < 0 ? -(int64_t)q[i] : q[i];
-        largest = a > largest ? a : largest;
+/* max |q| over n integers: their extremes in int32, which vectorize (a running maximum of |q| in int64 did not, and
+ * took two thirds of kvq_untransform's own time). */
+WIDE static int64_t largest_magnitude(const int32_t *restrict q, int64_t n) {
+    int32_t lo = 0, hi = 0;
+    for (int64_t i = 0; i < n; i++) {
+        lo = q[i] < lo ? q[i] : lo;
+        hi = q[i] > hi ? q[i] : hi;
     }
+    return -(int64_t)lo > hi ? -(int64_t)lo : hi;
+}
+
+int kvq_untransform(const int32_t *q, const int16_t *matrix, int64_t heads, int64_t dim, int64_t tokens, float *y) {
+    int64_t largest = largest_magnitude(q, heads * dim * tokens), row_sum = 0;
     for (int64_t r = 0; r < heads * dim; r++) {
         int64_t s = 0;
         for (int64_t j = 0; j < dim; j++) s += abs(matrix[r * dim + j]);
         row_sum = s > row_sum ? s : row_sum;
     }
     if (largest < (1 << 15) && largest * row_sum < ((int64_t)1 << 31) && has_vnni()) {
-        const int64_t pairs = (dim + 1) / 2;
+        const int64_t pairs = (dim + 1) / 2, tiles = tokens / VNNI_TILE;
         int32_t *mp = PyMem_RawMalloc((size_t)(dim * pairs) * sizeof(int32_t));
         int32_t *qp = PyMem_RawMalloc((size_t)(pairs * tokens) * sizeof(int32_t));
-        if (!mp || !qp) {
+        int32_t *nz = PyMem_RawMalloc((size_t)(pairs * tiles + tiles) * sizeof(int32_t) + 1), *count = nz + pairs * tiles;
+        if (!mp || !qp || !nz) {
             PyMem_RawFree(mp);
             PyMem_RawFree(qp);
+            PyMem_RawFree(nz);
             return -1;
         }
         for (int64_t h = 0; h < heads; h++) {
@@ -150,14 +174,19 @@ int kvq_untransform(const int32_t *q, const int16_t *matrix, int64_t heads, int6
             for (int64_t i = 0; i < dim; i++)
                 for (int64_t k = 0; k < pairs; k++)
                     mp[i * pairs + k] = pair(mh[i * dim + 2 * k], 2 * k + 1 < dim ? mh[i * dim + 2 * k + 1] : 0);
-            for (int64_t k = 0; k < pairs; k++)
-                for (int64_t t = 0; t < tokens; t++)
-                    qp[k * tokens + t] = pair(qh[2 * k * tokens + t],
-                                              2 * k + 1 < dim ? qh[(2 * k + 1) * tokens + t] : 0);
-            head_vnni(mp, qp, mh, qh, y + h * dim * tokens, dim, tokens);
+            for (int64_t i = 0; i < tiles; i++) count[i] = 0;
+            for (int64_t k = 0; k < pairs; k++) {
+                const int32_t *lo = qh + 2 * k * tokens, *hi = 2 * k + 1 < dim ? lo + tokens : NULL;
+                int32_t *out = qp + k * tokens;
+                for (int64_t t = 0; t < tokens; t++) out[t] = pair(lo[t], hi ? hi[t] : 0);
+                for (int64_t i = 0; i < tiles; i++)
+                    if (any_nonzero(out + i * VNNI_TILE)) nz[i * pairs + count[i]++] = (int32_t)k;
+            }
+            head_vnni(mp, qp, nz, count, mh, qh, y + h * dim * tokens, dim, tokens);
         }
         PyMem_RawFree(mp);
         PyMem_RawFree(qp);
+        PyMem_RawFree(nz);
         return 0;
     }
     if (largest * row_sum >= FLOAT32_EXACT) {
@@ -180,4 +209,252 @@ int kvq_untransform(const int32_t *q, const int16_t *matrix, int64_t heads, int6
     PyMem_RawFree(m);
     PyMem_RawFree(qf);
     return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+ * The encoder's side: quantize_components, the C form of transform.py's quantize_components_ref, whose integers
+ * are q = round(M^-1 u) (round half to even) with u = (x - center) / (step * g) per channel and M^-1 (times 2^10,
+ * `inverse` below) in float64. Here the product is taken in float32, 16 tokens at a time; an element is redone in
+ * float64 (component_f64) wherever float32 cannot be trusted to round the same way. Why that is enough:
+ *
+ * Let d = 2^-24 (float32's unit roundoff), D = dim <= 256, a_j = inverse[i][j] (float64), u_j the exact real
+ * (x_j - c_j) / (s_j g), S = sum_j a_j u_j, and P = sum_j |a_j u_j|. Every float32 operation rounds to nearest,
+ * so fl(v) = v (1 + e) + n with |e| <= d and |n| <= 2^-150, n nonzero only below 2^-126 (an addition or
+ * subtraction is exact there).
+ * - x_j - c_j: relative error <= d. s_j g: a normal product (kvq's are at least 2^-14 * 2^-3, MIN_STEP times
+ *   the smallest token factor; the function refuses anything below 2^-126), <= d. The quotient: <= d and 2^-150. So u'_j = u_j (1 + t_j) + n_j, |t_j| <= (1+d)^2/(1-d) - 1
+ *   <= 3.0001 d. a'_j = float32(a_j) = a_j (1 + e_j) + n'_j.
+ * - The float32 sum of the D products is taken as partial sums of B = min(ENC_BLOCK, D) consecutive terms, in any
+ *   order and with or without fused multiply-adds, then the ceil(D / B) partial sums added one by one: within
+ *   (g_B + g_(D/B) + g_B g_(D/B)) sum_j |a'_j u'_j| (g_n = n d / (1 - n d), Higham's bound for n terms) plus
+ *   D 2^-150 of sum_j a'_j u'_j; and |sum_j a'_j u'_j - S| <= ((1+d)(1+3.0001 d) - 1) P + (underflow terms).
+ *   Together, for D <= 256: |c32 - S| <= (B + ceil(D / B) + 5) d P + 2^-100 (every |a|, |u| here is far below
+ *   2^40, so the 2^-150 terms stay below 2^-100). One sum of all D terms would give (D + 5) d P: for D = 256,
+ *   seven times the bound, and seven times the elements to redo.
+ * - The float64 reference (any summation order, as BLAS may choose) is within (D + 3) 2^-53 P of S, so
+ *   |c32 - c64| <= G d P + 2^-100 with G = B + ceil(D / B) + 6.
+ * - P <= |a|_2 |u|_2 (Cauchy-Schwarz). |a|_2 = A_i is computed in float64 once per row. |u|_2 from the float32 u':
+ *   with N = float32(sqrt(float32(sum u'_j^2))), |u|_2 <= N (1 + (D/2 + 5) d) + 2^-70 <= N (1 + 2^-16) + 2^-70.
+ * So with K_i = G d A_i (1 + 2^-12) rounded up to float32 (the 2^-12 covers the 2^-16 above and the float32
+ * roundings of K_i N and of the margin below), E = K_i N + 2^-90 bounds |c32 - c64|. With r = round_even(c32) and
+ * the margin m = 0.5 - |c32 - r| (exact wherever |c32| >= 1/4; below that it is at least 1/4 and rounds by at most
+ * 2^-26), m > E means no half-integer lies between c32 and c64 and c64 is none: round(c64) = r. Otherwise, and for
+ * anything not finite (the comparison fails), the element is computed again in float64. Where |c32| >= 2^23
+ * (where float32 has no fraction bits), E >= G d |c32| / (1 + 2^-15) > 1/2 (G >= 8) and m <= 1/2: always redone.
+ * The float64 recomputation sums in index order, where the reference's BLAS product sums in its own: the two can
+ * differ only where c64 lies within (D + 3) 2^-53 P of a half-integer, as two BLAS builds can; the tests compare
+ * every integer with the reference's. */
+
+#define ENC_TILE 16  /* tokens per block: one vector of 16 float32 (one AVX-512 register, two AVX2 ones) */
+#define ENC_ROWS 8   /* components per block: ENC_ROWS accumulators of ENC_TILE tokens */
+#define ENC_BLOCK 16 /* terms per partial sum (B above) */
+#define ENC_PREFETCH 4 /* tiles ahead */
+
+typedef float vec16 __attribute__((vector_size(64)));
+
+/* One component i of token t of one head in float64, as the reference computes it (separate float64 operations:
+ * this file never fuses them outside head_f32 and block_f32), rounded half to even. */
+static double component_f64(const float *x, int64_t tokens, const float *c, const float *s, const float *g,
+                            const double *a, int64_t dim, int64_t t) {
+    double sum = 0.0;
+    for (int64_t j = 0; j < dim; j++) {
+        double size = g ? (double)s[j] * (double)g[t] : (double)s[j];
+        double u = ((double)x[j * tokens + t] - (double)c[j]) / size;
+        sum += a[j] * u;
+    }
+    return nearbyint(sum);
+}
+
+/* c (rows, ENC_TILE) = m (rows padded to ENC_ROWS, dim) ut (dim, ENC_TILE) in float32: each sum in blocks of
+ * ENC_BLOCK terms, added up block by block (the bound above for that order), fused multiply-adds allowed (the bound
+ * holds either way). Cloned for AVX-512 and AVX2 beside the baseline. */
+#ifdef KVQ_X86
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), optimize("fp-contract=fast")))
+#endif
+static void block_f32(const float *restrict m, const float *restrict ut, float *restrict c, int64_t rows,
+                      int64_t dim) {
+    for (int64_t i0 = 0; i0 < rows; i0 += ENC_ROWS) {
+        vec16 total[ENC_ROWS] = {{0}};
+        for (int64_t j0 = 0; j0 < dim; j0 += ENC_BLOCK) {
+            const int64_t j1 = j0 + ENC_BLOCK < dim ? j0 + ENC_BLOCK : dim;
+            vec16 acc[ENC_ROWS] = {{0}};
+            for (int64_t j = j0; j < j1; j++) {
+                vec16 u;
+                memcpy(&u, ut + j * ENC_TILE, sizeof u);
+                for (int r = 0; r < ENC_ROWS; r++) acc[r] += m[(i0 + r) * dim + j] * u;
+            }
+            for (int r = 0; r < ENC_ROWS; r++) total[r] += acc[r];
+        }
+        for (int r = 0; r < ENC_ROWS; r++) memcpy(c + (i0 + r) * ENC_TILE, &total[r], sizeof total[r]);
+    }
+}
+
+/* One head: q (dim, tokens) int32. x (dim, tokens), c and s (dim,), g (tokens,) or NULL, a (dim, dim) float64;
+ * m (rows, dim) float32 and k (rows,) its bounds K_i, scratch ut (dim, ENC_TILE) and cb (rows, ENC_TILE).
+ * Returns how many elements went through float64, or -1 for one whose integer leaves int32. */
+#ifdef KVQ_X86
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
+static int64_t head_components(const float *x, int64_t tokens, const float *c, const float *s, const float *g,
+                               const double *a, int64_t dim, int64_t rows, const float *m, const float *k,
+                               float *ut, float *cb, int32_t *q) {
+    int64_t redone = 0;
+    for (int64_t t0 = 0; t0 < tokens; t0 += ENC_TILE) {
+        const int64_t n = tokens - t0 < ENC_TILE ? tokens - t0 : ENC_TILE;
+        float norm[ENC_TILE] = {0};
+        for (int64_t j = 0; j < dim; j++) {
+            float *uj = ut + j * ENC_TILE;
+            const float *xj = x + j * tokens + t0;
+            /* A tile reads one line from each of dim rows, too many streams for the hardware to guess ahead. */
+            __builtin_prefetch(xj + ENC_PREFETCH * ENC_TILE);
+            for (int64_t t = 0; t < n; t++) {
+                float size = g ? s[j] * g[t0 + t] : s[j];
+                uj[t] = (xj[t] - c[j]) / size;
+            }
+            for (int64_t t = n; t < ENC_TILE; t++) uj[t] = 0.0f;
+            for (int64_t t = 0; t < ENC_TILE; t++) norm[t] += uj[t] * uj[t];
+        }
+        for (int64_t t = 0; t < ENC_TILE; t++) norm[t] = sqrtf(norm[t]);
+        block_f32(m, ut, cb, rows, dim);
+        for (int64_t i = 0; i < dim; i++) {
+            const float *ci = cb + i * ENC_TILE;
+            int32_t *qi = q + i * tokens + t0;
+            int trusted = 1;
+            float r[ENC_TILE];
+            for (int64_t t = 0; t < ENC_TILE; t++) {
+                r[t] = round_even(ci[t]);
+                float margin = 0.5f - fabsf(ci[t] - r[t]), bound = k[i] * norm[t] + 0x1p-90f;
+                trusted &= margin > bound;
+            }
+            if (trusted) {
+                for (int64_t t = 0; t < n; t++) qi[t] = (int32_t)r[t];
+                continue;
+            }
+            for (int64_t t = 0; t < n; t++) {
+                float margin = 0.5f - fabsf(ci[t] - r[t]), bound = k[i] * norm[t] + 0x1p-90f;
+                if (margin > bound) {
+                    qi[t] = (int32_t)r[t];
+                    continue;
+                }
+                double v = component_f64(x, tokens, c, s, g, a + i * dim, dim, t0 + t);
+                if (!(fabs(v) < 2147483648.0)) return -1;
+                qi[t] = (int32_t)v;
+                redone++;
+            }
+        }
+    }
+    return redone;
+}
+
+const char kvq_quantize_components_doc[] = PyDoc_STR(
+    "quantize_components(body, center, step, factor, inverse, heads, q, std) -> int\n\n"
+    "transform.py's quantize_components_ref, integer for integer: q = round_half_even(inverse @ u) per token and\n"
+    "head, u = (body - center) / (step * factor) (step alone without factor), in float32 with a proven error bound\n"
+    "and in float64 where that bound cannot decide the rounding. body: float32 (heads, dim, tokens), C order;\n"
+    "center, step float32 (heads, dim); factor float32 (heads, tokens) or None; inverse float64 (heads, dim, dim);\n"
+    "q int16 or int32 like body. Also fills std (float64 per component) as spread() would from q. Returns the\n"
+    "count of elements computed in float64, or -1, with q incomplete, if a value does not fit int16 q (quantize\n"
+    "into int32 then). ValueError if an integer does not fit int32.");
+
+PyObject *kvq_quantize_components(PyObject *self, PyObject *args) {
+    PyObject *o_body, *o_center, *o_step, *o_factor, *o_inv, *o_q, *o_std;
+    long long heads;
+    View body = {0}, center = {0}, step = {0}, factor = {0}, inv = {0}, q = {0}, sd = {0};
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "OOOOOLOO", &o_body, &o_center, &o_step, &o_factor, &o_inv, &heads, &o_q, &o_std))
+        return NULL;
+    if (view_get(o_body, &body, 0, 4, "body") || view_get(o_center, &center, 0, 4, "center") ||
+        view_get(o_step, &step, 0, 4, "step") || view_get(o_inv, &inv, 0, 8, "inverse") ||
+        view_get(o_std, &sd, 1, 8, "std"))
+        goto done;
+    if (PyObject_GetBuffer(o_q, &q.buf, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
+    q.held = 1;
+    const int weighted = o_factor != Py_None;
+    if (weighted && view_get(o_factor, &factor, 0, 4, "factor")) goto done;
+    const Py_ssize_t channels = ITEMS(center, float), item = q.buf.itemsize;
+    const int64_t dim = heads >= 1 ? channels / heads : 0, tokens = channels ? ITEMS(body, float) / channels : 0;
+    if (heads < 1 || channels == 0 || channels % heads || ITEMS(step, float) != channels ||
+        ITEMS(sd, double) != channels || ITEMS(body, float) != channels * tokens || (item != 2 && item != 4) ||
+        q.buf.len / item != ITEMS(body, float) || ITEMS(inv, double) != channels * dim ||
+        (weighted && ITEMS(factor, float) != heads * tokens)) {
+        PyErr_SetString(PyExc_ValueError, "quantize_components: array sizes disagree");
+        goto done;
+    }
+    /* The bound needs every step times factor a normal float32 (kvq's lie within [2^-17, 2^19]). */
+    int in_range = 1;
+    float extremes[2][2] = {{INFINITY, 0.0f}, {1.0f, 1.0f}};  /* (least, most) of the steps, of the factors */
+    for (int which = 0; which < 2; which++) {
+        const float *v = which ? (weighted ? DATA(factor, float) : NULL) : DATA(step, float);
+        const Py_ssize_t n = which ? (weighted ? heads * tokens : 0) : channels;
+        if (which && n) extremes[1][0] = INFINITY, extremes[1][1] = 0.0f;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            in_range &= v[i] > 0.0f && v[i] < INFINITY;  /* false for NaN */
+            extremes[which][0] = v[i] < extremes[which][0] ? v[i] : extremes[which][0];
+            extremes[which][1] = v[i] > extremes[which][1] ? v[i] : extremes[which][1];
+        }
+    }
+    if (!in_range || !((double)extremes[0][0] * extremes[1][0] >= 0x1p-126) ||
+        !((double)extremes[0][1] * extremes[1][1] <= 0x1p100)) {
+        PyErr_SetString(PyExc_ValueError, "quantize_components: steps times token factors must lie in [2^-126, 2^100]");
+        goto done;
+    }
+    const int64_t rows = (dim + ENC_ROWS - 1) / ENC_ROWS * ENC_ROWS;
+    float *m = PyMem_RawCalloc((size_t)(rows * dim + rows + dim * ENC_TILE + rows * ENC_TILE), sizeof(float));
+    int32_t *scratch = item == 2 ? PyMem_RawMalloc((size_t)(dim * tokens) * sizeof(int32_t) + 1) : NULL;
+    if (!m || (item == 2 && !scratch)) {
+        PyMem_RawFree(m);
+        PyMem_RawFree(scratch);
+        PyErr_NoMemory();
+        goto done;
+    }
+    float *k = m + rows * dim, *ut = k + rows, *cb = ut + dim * ENC_TILE;
+    int64_t redone = 0;
+    int fits = 1;
+    Py_BEGIN_ALLOW_THREADS
+    const double *a = DATA(inv, double);
+    const int64_t block = dim < ENC_BLOCK ? dim : ENC_BLOCK;
+    const double bound = (double)(block + (dim + block - 1) / block + 6);  /* G */
+    for (int64_t h = 0; h < heads && fits && redone >= 0; h++) {
+        const double *ah = a + h * dim * dim;
+        for (int64_t i = 0; i < dim; i++) {
+            double norm2 = 0.0;
+            for (int64_t j = 0; j < dim; j++) {
+                m[i * dim + j] = (float)ah[i * dim + j];
+                norm2 += ah[i * dim + j] * ah[i * dim + j];
+            }
+            /* K_i, rounded up: the float64 norm's own error (well under 2^-40) is inside the 2^-12. */
+            k[i] = nextafterf((float)(bound * 0x1p-24 * sqrt(norm2) * (1.0 + 0x1p-12)), INFINITY);
+        }
+        int32_t *qh = item == 4 ? (int32_t *)q.buf.buf + h * dim * tokens : scratch;
+        const int64_t got = head_components(DATA(body, float) + h * dim * tokens, tokens, DATA(center, float) + h * dim,
+                                            DATA(step, float) + h * dim, weighted ? DATA(factor, float) + h * tokens : NULL,
+                                            ah, dim, rows, m, k, ut, cb, qh);
+        redone = got < 0 ? -1 : redone + got;
+        for (int64_t i = 0; i < dim && redone >= 0; i++) {
+            const int32_t *row = qh + i * tokens;
+            int32_t lo = 0, hi = 0;
+            for (int64_t t = 0; t < tokens; t++) {
+                lo = row[t] < lo ? row[t] : lo;
+                hi = row[t] > hi ? row[t] : hi;
+            }
+            DATA(sd, double)[h * dim + i] = row_std(row, tokens, lo, hi);
+            if (item == 2) {
+                fits &= lo >= INT16_MIN && hi <= INT16_MAX;
+                int16_t *q16 = (int16_t *)q.buf.buf + (h * dim + i) * tokens;
+                for (int64_t t = 0; t < tokens && fits; t++) q16[t] = (int16_t)row[t];
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(m);
+    PyMem_RawFree(scratch);
+    if (redone < 0) {
+        PyErr_SetString(PyExc_ValueError, "quantize_components: a component integer does not fit int32");
+        goto done;
+    }
+    result = PyLong_FromLongLong(fits ? redone : -1);
+done:
+    view_release(&body), view_release(&center), view_release(&step), view_release(&factor), view_release(&inv),
+        view_release(&q), view_release(&sd);
+    return result;
 }
