@@ -202,3 +202,20 @@ def test_save_where_dicts_cannot_be_made_is_a_storage_error(tmp_path):
     (tmp_path / "dicts").write_bytes(b"a user's file")
     with pytest.raises(StorageError, match=f"^{tmp_path}/dicts: cannot create: File exists$"):
         dictionary.save(made(), tmp_path)
+
+
+def test_a_damaged_copy_in_kvclis_cache_is_discarded_and_the_search_goes_on(tmp_path, capsys):
+    d = made()
+    cache = dictionary.cache_place()  # the test's own KVCLI_CACHE_DIR (conftest)
+    path = dictionary.save(d, cache.root)
+    path.write_bytes(d.data[:-1] + b"\x00")
+    elsewhere = tmp_path / "elsewhere"
+    dictionary.save(d, elsewhere)
+    found = dictionary.find(d.sha, [cache, dictionary.DirPlace(elsewhere)], "f.kvc")
+    assert found.where == f"{elsewhere}/dicts/{d.sha}.kvd" and not path.exists()
+    assert capsys.readouterr().err.count(f"{path}: holds dictionary") == 1
+    # Nowhere else to look: missing, so that whoever needs it fetches or learns it again.
+    path.write_bytes(b"not a dictionary")
+    with pytest.raises(dictionary.DictionaryMissing):
+        dictionary.find(d.sha, [cache], "f.kvc")
+    assert not path.exists()

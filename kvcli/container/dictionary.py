@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import FormatError
+from ..stdio import write_stderr_text
 from . import format, identity
 from .format import FileSource
 
@@ -170,6 +171,17 @@ class DirPlace:
         return hash(self.root.resolve())
 
 
+class CachePlace(DirPlace):
+    """The user's cache (identity.cache_root()/dicts/): kvcli's own copies, which it can always fetch or learn again.
+    A copy there that fails its checks is discarded and the search goes on; a damaged copy elsewhere (a store, a
+    file's directory) is the user's data, and an error naming it."""
+
+    def discard(self, sha: str, err: FormatError) -> None:
+        with contextlib.suppress(OSError):
+            (self.root / name_of(sha)).unlink()
+        write_stderr_text(f"kvcli: {err}: removed it from kvcli's cache\n")
+
+
 class DictionaryMissing(FormatError):
     """A file names a dictionary that none of the places holds."""
 
@@ -191,8 +203,8 @@ class ShippedPlace:
         return entry.read_bytes() if entry.is_file() else None
 
 
-def cache_place() -> DirPlace:
-    return DirPlace(identity.cache_root())
+def cache_place() -> CachePlace:
+    return CachePlace(identity.cache_root())
 
 
 def own_places() -> list[Place]:
@@ -246,9 +258,14 @@ def find(sha: str, places: list[Place], needed_by: str) -> Dictionary:
     """The dictionary named `sha` from the first place holding it (checked against its name);
     DictionaryMissing naming every place otherwise."""
     for place in places:
-        data = place.read(sha)
-        if data is not None:
-            return parse(data, sha, f"{place.where}/{sha}{SUFFIX}")
+        try:
+            data = place.read(sha)
+            if data is not None:
+                return parse(data, sha, f"{place.where}/{sha}{SUFFIX}")
+        except FormatError as err:
+            if not isinstance(place, CachePlace):
+                raise
+            place.discard(sha, err)
     raise DictionaryMissing(sha, needed_by, [p.where for p in places])
 
 
