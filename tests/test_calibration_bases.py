@@ -259,7 +259,7 @@ def test_the_cli_writes_names_and_checks_a_files_dictionary(cli, tiny_model_dir,
     assert (out / dictionary.name_of(sha)).read_bytes() == (cache_dir / dictionary.name_of(sha)).read_bytes()
     info = json.loads(cli("inspect", small, "--json").stdout)
     assert info["dictionary"] == {"sha256": sha, "embedded": False, "name": f"dicts/{sha}.kvd"}
-    assert f"dictionary   {sha} (dicts/{sha}.kvd in its store)\n" in cli("inspect", small).stdout
+    assert f"dictionary   {sha} (dicts/{sha}.kvd, not embedded: from the file's store or directory, or a cache)\n" in cli("inspect", small).stdout
     assert json.loads(cli("inspect", balanced, "--json").stdout)["dictionary"] is None  # balanced codes without it
     assert cli("verify", small).stdout == f"{small}: ok ({info['segments']} segments, dictionary {sha[:16]}… from " \
                                           f"{out}/dicts/{sha}.kvd)\n"

@@ -68,7 +68,8 @@ def render(info: dict) -> str:
         f"layers       {info['layers']} x {info['kv_heads']} kv heads x head_dim {info['head_dim']}, {info['dtype']}",
         f"codec        {codec['name']}" + (f" ({params})" if params else ""),
         *([f"dictionary   {info['dictionary']['sha256']} ("
-           + ("embedded in the file)" if info["dictionary"]["embedded"] else f"{info['dictionary']['name']} in its store)")]
+           + ("embedded in the file)" if info["dictionary"]["embedded"]
+              else f"{info['dictionary']['name']}, not embedded: from the file's store or directory, or a cache)")]
           if info.get("dictionary") else []),
         f"segments     {info['segments']} (chunks of {info['chunk_tokens']} tokens)",
         f"size         {info['file_bytes']:,} bytes (header {info['header_bytes']:,}, tables {info['aux_bytes']:,})",
