@@ -145,7 +145,7 @@ def test_a_file_carrying_a_dictionary_its_codec_does_not_name_is_refused():
     assert kvfile.decode(format.BytesSource(data), format.read_header(format.BytesSource(data))).num_tokens == 5
     parts = pipeline.with_dictionary(parts, made())
     src = format.BytesSource(format.build_header(meta, parts) + b"".join(p.data for p in parts), "x.kvc")
-    with pytest.raises(FormatError, match="^x.kvc: carries a dictionary its codec does not use$"):
+    with pytest.raises(FormatError, match="^x.kvc: carries a dictionary its codec does not name$"):
         kvfile.decode(src, format.read_header(src))
 
 

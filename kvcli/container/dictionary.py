@@ -232,8 +232,25 @@ def named_by(header: format.Header) -> str | None:
     return None if sha is None else check_sha(sha, "codec params")
 
 
+def embedded_segment(header: format.Header) -> format.Segment | None:
+    """The aux segment in which a self-contained file carries its dictionary, None where it carries none."""
+    return next((s for s in header.segments if s.kind == "aux" and s.name == AUX_NAME), None)
+
+
 def embeds(header: format.Header) -> bool:
-    return any(s.kind == "aux" and s.name == AUX_NAME for s in header.segments)
+    return embedded_segment(header) is not None
+
+
+def carried(src: format.ByteSource, header: format.Header, name: str) -> Dictionary | None:
+    """The dictionary a self-contained file carries, checked as every reader and store checks it (the one its
+    codec names, made for its model); None where it carries none."""
+    segment = embedded_segment(header)
+    if segment is None:
+        return None
+    sha = named_by(header)
+    if sha is None:
+        raise FormatError(f"{name}: carries a dictionary its codec does not name")
+    return resolve(sha, header, name, [], format.read_segment(src, header, segment))
 
 
 def to_carry(src: object, header: format.Header, name: str, places: list[Place] | None = None) -> Dictionary | None:

@@ -151,25 +151,24 @@ def _open(src: format.ByteSource, header: format.Header,
         codec = codec_from_header(header.codec.get("name"), header.codec.get("params"))
     except CodecError as err:
         raise FormatError(f"{name}: codec: {err}") from None
-    aux = {s.name: format.read_segment(src, header, s) for s in header.segments if s.kind == "aux"}
-    embedded = aux.pop(dictionary.AUX_NAME, None)
+    aux = {s.name: format.read_segment(src, header, s) for s in header.segments
+           if s.kind == "aux" and s.name != dictionary.AUX_NAME}
+    carried = dictionary.carried(src, header, name)
     needed = getattr(codec, "dictionary", None)
-    if embedded is not None and needed is None:
-        raise FormatError(f"{name}: carries a dictionary its codec does not use")
-    found = attach_dictionary(codec, needed, embedded, src, header, name) if needed is not None else None
+    found = attach_dictionary(codec, needed, carried, src, header, name) if needed is not None else None
     try:
         return codec, codec.open(aux, len(header.layers), backend), found
     except CodecError as err:
         raise FormatError(f"{name}: codec tables: {err}") from None
 
 
-def attach_dictionary(codec: Codec, sha: str, embedded: bytes | None, src: format.ByteSource,
+def attach_dictionary(codec: Codec, sha: str, carried: dictionary.Dictionary | None, src: format.ByteSource,
                       header: format.Header, name: str) -> dictionary.Dictionary:
-    """Find the dictionary the file names (in the file, then the places its source names, then the user's
-    cache), check it was made for the file's model, and hand its transforms to the codec."""
+    """The dictionary the file names, the one it carries (checked already) or else found where its source's
+    readers look and checked against its model, with its transforms handed to the codec."""
     from ..codecs.transform import Transforms
 
-    found = dictionary.resolve(sha, header, name, dictionary.places_for(src), embedded)
+    found = carried if carried is not None else dictionary.resolve(sha, header, name, dictionary.places_for(src))
     try:
         codec.attach(Transforms.unpack(found.payload))
     except CodecError as err:

@@ -225,12 +225,7 @@ class DictionaryShelf:
         """DictionaryNotStored unless the file needs no dictionary, carries its own, or the store has it. A file
         carrying one is taken only if it is the dictionary its codec names, made for its model (as a reader checks)."""
         sha = dictionary.named_by(header)
-        embedded = [s for s in header.segments if s.kind == "aux" and s.name == dictionary.AUX_NAME]
-        if embedded:
-            if sha is None:
-                raise FormatError(f"{name}: carries a dictionary its codec does not name")
-            dictionary.resolve(sha, header, name, [], format.read_segment(src, header, embedded[0]))
-        elif sha is not None and not self.has_dictionary(sha):
+        if dictionary.carried(src, header, name) is None and sha is not None and not self.has_dictionary(sha):
             raise DictionaryNotStored(sha, name, self.dicts_url)
 
     def _dict_size(self, sha: str) -> int | None: ...
