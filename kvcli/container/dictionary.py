@@ -172,9 +172,9 @@ class DirPlace:
 
 
 class CachePlace(DirPlace):
-    """The user's cache (identity.cache_root()/dicts/): kvcli's own copies, which it can always fetch or learn again.
-    A copy there that fails its checks is discarded and the search goes on; a damaged copy elsewhere (a store, a
-    file's directory) is the user's data, and an error naming it."""
+    """`ROOT/dicts/` of a cache kvcli keeps (the user's cache, a `--cache-dir`): its own copies, which it can always
+    fetch or learn again. A copy there that fails its checks is discarded and the search goes on; a damaged copy
+    elsewhere (a store, a file's directory) is the user's data, and an error naming it."""
 
     def discard(self, sha: str, err: FormatError) -> None:
         with contextlib.suppress(OSError):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import bisect
 import collections
-import contextlib
 import functools
 import importlib
 import os
@@ -411,24 +410,14 @@ class LocalCache:
             checked_key(key, header, str(path))
             sha = dictionary.named_by(header)
             if sha is not None and not dictionary.embeds(header):
-                self._check_dictionary(sha, str(path))
+                # Evicted by another process sharing DIR meanwhile, or damaged (then removed): a miss, and fetching
+                # the copy again brings both back.
+                dictionary.find(sha, [dictionary.CachePlace(self.dir)], str(path))
         except FormatError:
             src.close()
             path.unlink(missing_ok=True)
             return None
         return src
-
-    def _check_dictionary(self, sha: str, needed_by: str) -> None:
-        """A FormatError unless DIR/dicts holds the copy's dictionary intact: evicted by another process sharing DIR
-        meanwhile, or damaged (then removed), the copy is a miss, and fetching it again brings both back."""
-        try:
-            dictionary.find(sha, [dictionary.DirPlace(self.dir)], needed_by)
-        except dictionary.DictionaryMissing:
-            raise
-        except FormatError:
-            with contextlib.suppress(OSError):
-                (self.dir / dictionary.name_of(sha)).unlink()
-            raise
 
     def add(self, key: str, data: bytes | bytearray, places: list | None = None) -> None:
         """Keep a verified download, after its dictionary (from DIR/dicts or `places`, the file's store). The copy
