@@ -11,26 +11,33 @@ from .lossless import ZstdCodec
 from .raw import RawCodec
 
 # Step size relative to a layer's RMS at the geometric-mean sensitivity. Set on calibration text, never on
-# the benchmark corpus (docs/codec.md, "Presets").
+# the benchmark corpus (docs/codec.md, "Presets"). A model's profile may set its own scale per preset (chosen for the
+# preset's rate by kvcli/calibration/scales.py); these are the scales where it sets none.
 LOSSY_SCALES = {"high": 0.24, "balanced": 0.75, "small": 1.55, "tiny": 2.6}
+# The presets that name a rate: bits per element that calibration meets on its texts by the model's own scale (issue
+# 20's caps, 2.5 / 1.5 / 1 bits, less 4% for documents that code larger than the calibration texts). `high` names a
+# step instead: it keeps its scale on every model.
+TARGET_BITS = {"balanced": 2.4, "small": 1.44, "tiny": 0.96}
 # Each preset's codec class: what callers ask (`lossless`, say) before the codec is built.
 PRESET_CODECS: dict[str, type[Codec]] = {"lossless": ZstdCodec, **dict.fromkeys(LOSSY_SCALES, KvqCodec),
                                          "raw": RawCodec}
 QUALITIES = tuple(PRESET_CODECS)
 # The lossy presets that code through the model's per-head transform where its profile names a dictionary, in the
-# bitstream version that has it. Below about 1.5 bits per element it moves the frontier (SmolLM2 `small`: KL x0.47
-# at equal bits); at `balanced` it only moves along it (KL x0.97 at 8% fewer bits) and costs decoding time
-# (docs/codec.md, "Version 4 with the per-head transform, measured").
-TRANSFORM_PRESETS = frozenset({"small", "tiny"})
+# bitstream version that has it: at equal bits it cut the KL on both models, at every rate from `tiny`'s to
+# `balanced`'s (SmolLM2 near 2.4 bits: x0.64; docs/codec.md, "Version 4 with the per-head transform, measured").
+# `high` keeps version 3: its steps are fine enough that the transform's decoding time is not worth it.
+TRANSFORM_PRESETS = frozenset({"balanced", "small", "tiny"})
 TRANSFORM_VERSION = 4
 DEFAULT_QUALITY = "balanced"
 
 
 def make_codec(quality: str, profile: Profile | None = None, inv_freq: list[np.ndarray | None] | None = None,
                step_scale: float = 1.0, sinks: int = DEFAULT_SINKS, version: int = FORMAT_VERSION,
-               transforms: Transforms | None = None, dictionary: str | None = None) -> Codec:
+               transforms: Transforms | None = None, dictionary: str | None = None,
+               base_scale: float | None = None) -> Codec:
     """The preset's codec; a lossy one writes kvq bitstream `version` (kvq.WRITABLE_VERSIONS), or with the
-    model's `transforms` (named by their `dictionary`'s SHA-256) version 4 with them."""
+    model's `transforms` (named by their `dictionary`'s SHA-256) version 4 with them. Its step scale is
+    `base_scale` (the model's profile's for the preset) or else LOSSY_SCALES', times `step_scale`."""
     cls = PRESET_CODECS.get(quality)
     if cls is None:
         raise ValueError(f"unknown quality {quality!r}; choose one of {', '.join(QUALITIES)}")
@@ -40,5 +47,5 @@ def make_codec(quality: str, profile: Profile | None = None, inv_freq: list[np.n
             "token_alpha": DEFAULT_TOKEN_ALPHA}
     if transforms is not None:
         version = TRANSFORM_VERSION
-    return KvqCodec(LOSSY_SCALES[quality] * step_scale, sinks, profile, inv_freq, meta, DEFAULT_TOKEN_ALPHA, version,
+    return KvqCodec((LOSSY_SCALES[quality] if base_scale is None else base_scale) * step_scale, sinks, profile, inv_freq, meta, DEFAULT_TOKEN_ALPHA, version,
                     transforms, dictionary)

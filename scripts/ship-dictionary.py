@@ -1,12 +1,13 @@
-"""Learn the default model's kvq transform from its shipped profile and ship it beside the profile.
+"""Learn the default model's kvq transform and its presets' scales from its shipped profile and ship them.
 
     .venv/bin/python scripts/ship-dictionary.py [--check]
 
 Reads kvcli/calibration/profiles/PROFILE.json for the bundled model, learns the per-head transform under it on
 the calibration texts (kvcli.calibration.bases.learn_bases, as `kvcli calibrate` does), writes the dictionary to
 kvcli/calibration/profiles/dicts/SHA.kvd (where kvcli.container.dictionary.ShippedPlace reads it), removes the
-dictionaries it replaces there, and names the new one in the profile (its other fields kept as they are). With
---check it writes nothing and exits 1 unless the shipped files are what it would write.
+dictionaries it replaces there, then chooses the presets' scales for the model as `kvcli calibrate` does
+(kvcli/calibration/scales.py) and writes both into the profile (its other fields kept as they are). With --check it
+writes nothing and exits 1 unless the shipped files are what it would write.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from kvcli.calibration import bases, calibrate, profiles
+from kvcli.calibration import bases, calibrate, profiles, quality
 from kvcli.container import dictionary
-from kvcli.modeling import models
+from kvcli.modeling import inference, models
 
 PROFILES = Path(__file__).resolve().parent.parent / "kvcli" / "calibration" / "profiles"
 
@@ -38,18 +39,22 @@ def main() -> int:
         return 1
     path = matches[0]
     stored = profiles.read(path)
-    found = bases.to_dictionary(bases.learn_bases(lm, stored.profile, calibrate.default_texts()), lm.identity)
+    caches = [quality.context(lm, inference.document_ids(lm, text))[0] for _, text in calibrate.default_texts()]
+    learned, scales, rate = calibrate.transform_and_scales(lm, stored.profile, caches, transform=True)
+    found = bases.to_dictionary(learned, lm.identity)
     if args.check:
-        shipped = dictionary.ShippedPlace().read(found.sha)
-        ok = stored.dictionary == found.sha and shipped == found.data
-        print(f"{'up to date' if ok else 'differs'}: learned {found.sha}, the profile names {stored.dictionary}")
+        shipped = dictionary.ShippedPlace().read(found.sha) if stored.dictionary == found.sha else None
+        stored_scales = profiles.to_json(stored.profile, lm.identity, {}, scales=scales)["scales"]
+        ok = shipped == found.data and stored.scales == stored_scales
+        print(f"{'up to date' if ok else 'differs'}: learned {found.sha} and scales {stored_scales}, the profile "
+              f"names {stored.dictionary} and {stored.scales}")
         return 0 if ok else 1
     written = dictionary.save(found, PROFILES)
     for old in (PROFILES / dictionary.DICT_DIR).glob(f"*{dictionary.SUFFIX}"):
         if old != written:
             old.unlink()
-    profiles.set_dictionary(path, found.sha)
-    print(f"wrote {written} ({len(found.data):,} bytes) and named it in {path}")
+    profiles.update(path, dictionary=found.sha, scales=scales, rate=rate)
+    print(f"wrote {written} ({len(found.data):,} bytes) and named it in {path} with the scales {scales}")
     return 0
 
 

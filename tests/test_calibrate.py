@@ -137,19 +137,20 @@ def test_fisher_ranks_heads_as_the_probes_do(tiny_lm):
     assert np.allclose(scaled[:2, 1] / scaled[:2, 1].sum(), fisher[:2, 1] / fisher[:2, 1].sum())
 
 
-def _kl_top1(lm, ref, codec, tmp_path) -> tuple[float, float]:
+def _kl_top1(lm, ref, codec, tmp_path) -> tuple[float, float, int]:
     path = tmp_path / "probe.kvc"
-    pipeline.write_cache(str(path), ref.kv, lm.identity, codec, 256)
+    size = pipeline.write_cache(str(path), ref.kv, lm.identity, codec, 256)
     with format.FileSource(path) as src:
         decoded = pipeline.load_cache(src, format.read_header(src), lm).kv
     agree = quality.compare(lm, ref, decoded)
-    return agree.kl, agree.top1
+    return agree.kl, agree.top1, size
 
 
 def test_first_lossy_encode_calibrates_once_and_a_resaved_copy_reuses_it(tiny_lm, tiny_model_dir, profile_dir,
                                                                           tmp_path, capsys, monkeypatch):
-    """No stored profile: `balanced` still meets calibrated quality (measured KL 0.0002-0.0003 on the tiny
-    models, 0.004 with uniform steps), the profile is written once, and the same weights saved elsewhere find it."""
+    """No stored profile: `balanced` still meets calibrated quality (measured: KL 0.00046 in 24,103 bytes, where
+    uniform steps at kvcli's default scale gave 0.0014 in 29,163), the profile is written once, and the same
+    weights saved elsewhere find it."""
     from tiny_models import make_model_dir
 
     from kvcli.modeling import models
@@ -160,9 +161,9 @@ def test_first_lossy_encode_calibrates_once_and_a_resaved_copy_reuses_it(tiny_lm
     codec = pipeline.codec_for("balanced", lm)
     stored = list(profile_dir.glob("*.json"))
     assert len(stored) == 1 and capsys.readouterr().err.count("kvcli: calibrated") == 1
-    kl, top1 = _kl_top1(lm, ref, codec, tmp_path)
-    uniform_kl, _ = _kl_top1(lm, ref, make_codec("balanced", None, inv_freq_per_layer(lm.model)), tmp_path)
-    assert kl <= 0.001 and top1 >= 0.9 and kl < uniform_kl / 4
+    kl, top1, size = _kl_top1(lm, ref, codec, tmp_path)
+    uniform_kl, _, uniform_size = _kl_top1(lm, ref, make_codec("balanced", None, inv_freq_per_layer(lm.model)), tmp_path)
+    assert kl <= 0.001 and top1 >= 0.9 and kl < uniform_kl / 2 and size < uniform_size
     mtime = stored[0].stat().st_mtime_ns
     copy = models.load(str(make_model_dir("llama", tmp_path / "resaved", seed=3)))
     again = pipeline.codec_for("small", copy)

@@ -168,7 +168,7 @@ def test_a_missing_dictionary_is_learned_again_or_refused(cli, tiny_lm, tiny_mod
     assert result.stderr.startswith("Error: profile ") and sha in result.stderr
     assert str(cache_dir / dictionary.DICT_DIR) in result.stderr and "kvcli's shipped dictionaries" in result.stderr
     # A preset that codes without the transform does not need it.
-    result = cli("prefill", doc_file, "-o", tmp_path / "b.kvc", "--model", tiny_model_dir("llama"), "-q", "balanced")
+    result = cli("prefill", doc_file, "-o", tmp_path / "b.kvc", "--model", tiny_model_dir("llama"), "-q", "high")
     assert result.exit_code == 0, result.stderr
     monkeypatch.setenv("KVCLI_AUTO_CALIBRATE", "1")
     capsys.readouterr()
@@ -216,7 +216,8 @@ def test_files_coded_with_the_learned_transform_are_smaller(tiny_lm, cache_dir, 
     assert coded.transforms.pack() == Transforms.unpack(found.payload).pack()
     plain = pipeline.codec_for("small", lm, transform=False)
     assert plain.transforms is None and plain.dictionary is None
-    plain = make_codec("small", stored.profile, inv_freq_per_layer(lm.model), version=4)  # the same bands
+    plain = make_codec("small", stored.profile, inv_freq_per_layer(lm.model), version=4,  # the same bands and steps
+                       base_scale=stored.scale("small"))
     sizes, kls = [], []
     for name, codec in (("plain", plain), ("coded", coded)):
         out = tmp_path / "out" / f"{name}.kvc"
@@ -252,15 +253,15 @@ def test_the_cli_writes_names_and_checks_a_files_dictionary(cli, tiny_model_dir,
     sha = _calibrate(cli, model, tmp_path)["dictionary"]
     out = tmp_path / "out"
     out.mkdir()
-    small, balanced = out / "small.kvc", out / "balanced.kvc"
-    for path, quality in ((small, "small"), (balanced, "balanced")):
+    small, high = out / "small.kvc", out / "high.kvc"
+    for path, quality in ((small, "small"), (high, "high")):
         result = cli("prefill", doc_file, "-o", path, "--model", model, "-q", quality)
         assert result.exit_code == 0, result.stderr
     assert (out / dictionary.name_of(sha)).read_bytes() == (cache_dir / dictionary.name_of(sha)).read_bytes()
     info = json.loads(cli("inspect", small, "--json").stdout)
     assert info["dictionary"] == {"sha256": sha, "embedded": False, "name": f"dicts/{sha}.kvd"}
     assert f"dictionary   {sha} (dicts/{sha}.kvd, not embedded: from the file's store or directory, or a cache)\n" in cli("inspect", small).stdout
-    assert json.loads(cli("inspect", balanced, "--json").stdout)["dictionary"] is None  # balanced codes without it
+    assert json.loads(cli("inspect", high, "--json").stdout)["dictionary"] is None  # high codes without it
     assert cli("verify", small).stdout == f"{small}: ok ({info['segments']} segments, dictionary {sha[:16]}… from " \
                                           f"{out}/dicts/{sha}.kvd)\n"
     # On a machine without it, the file beside nothing: which dictionary, every place looked in, exit 4.
@@ -270,7 +271,7 @@ def test_the_cli_writes_names_and_checks_a_files_dictionary(cli, tiny_model_dir,
     assert result.exit_code == 4 and result.stdout == ""
     assert result.stderr == (f"Error: {small}: its dictionary {sha} is missing: looked in {out}/dicts, "
                              f"{tmp_path}/elsewhere/dicts, kvcli's shipped dictionaries\n")
-    assert cli("verify", balanced).exit_code == 0  # a file that needs none stays self-contained
+    assert cli("verify", high).exit_code == 0  # a file that needs none stays self-contained
     # A file sent alone: encode --self-contained embeds it, and a file written to stdout always does.
     monkeypatch.setenv("KVCLI_CACHE_DIR", str(cache_dir))
     exported = tmp_path / "x.safetensors"

@@ -70,6 +70,16 @@ class Moments:
                 self.sums[key] = self.sums[key] + moment if key in self.sums else moment
                 self.counts[key] = self.counts.get(key, 0) + u.shape[2]
 
+    @classmethod
+    def merged(cls, parts: list["Moments"]) -> "Moments":
+        """The moments of every cache added to any of `parts`."""
+        out = cls()
+        for part in parts:
+            for key, total in part.sums.items():
+                out.sums[key] = out.sums[key] + total if key in out.sums else total.clone()
+                out.counts[key] = out.counts.get(key, 0) + part.counts[key]
+        return out
+
     def bases(self) -> Bases:
         """Per (layer, K/V): per head the eigenvectors of the second moment as orthonormal columns, by decreasing
         eigenvalue (the component's variance), each column's sign set so that its largest entry is positive

@@ -41,6 +41,7 @@ from ..modeling.rope import inv_freq_per_layer
 from ..stdio import write_stderr_text
 from . import bases as bases_
 from . import profiles, quality
+from . import scales as scales_
 
 COARSE_SCALE = 1.0
 METHODS = ("fisher", "probes")
@@ -283,8 +284,9 @@ def passes(lm: LoadedModel, texts: int, method: str) -> int:
     """How many progress steps `calibrate` reports."""
     cfg = lm.model.config.get_text_config(decoder=True)
     if method == "probes":
-        return texts * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads
-    return texts * (FISHER_GROUPS + sum(len(b) for b in blocks_per_kind(cfg.num_hidden_layers)))
+        return texts * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads + len(scales_.TARGET_BITS)
+    return texts * (FISHER_GROUPS + sum(len(b) for b in blocks_per_kind(cfg.num_hidden_layers))) \
+        + len(scales_.TARGET_BITS)
 
 
 @dataclass
@@ -292,13 +294,15 @@ class Calibration:
     profile: Profile  # as it is stored (profiles.as_stored): the numbers every later encoder reads
     details: dict  # how it was measured, for the profile's JSON
     bases: bases_.Bases | None  # kvq's per-head transform under `profile` (None unless asked)
+    scales: dict[str, float]  # the presets' step scales for this model (kvcli/calibration/scales.py)
 
 
 def calibrate(lm: LoadedModel, texts: list[tuple[str, str]], prefix: int = quality.PREFIX_TOKENS,
               method: str = "fisher", progress=None, transform: bool = True) -> Calibration:
-    """The profile of `lm` from `texts`, and with `transform` the bases of kvq's per-head transform under it,
-    fitted on the caches the calibration prefilled (each text's prefix, with its attention): the covariance
-    needs the final profile's key weights, so the caches are kept until it is known instead of prefilled again."""
+    """The profile of `lm` from `texts`, with `transform` the bases of kvq's per-head transform under it, and the
+    presets' step scales for this model. The bases and the scales are measured on the caches the calibration
+    prefilled (each text's prefix, with its attention): both need the final profile (its key weights set the
+    covariance), so the caches are kept until it is known instead of prefilled again."""
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
     inv_freq = inv_freq_per_layer(lm.model)
@@ -308,8 +312,7 @@ def calibrate(lm: LoadedModel, texts: list[tuple[str, str]], prefix: int = quali
     for _, text in texts:
         context, w = prefill_and_key_weights(lm, inference.document_ids(lm, text), prefix)
         kv = context[0]
-        if transform:
-            caches.append(kv)
+        caches.append(kv)
         weights = w if weights is None else [a + b for a, b in zip(weights, w)] if w else None
         # The presets' token alpha, so that the probe weighs tokens as the encoder will.
         probe = KvqCodec(COARSE_SCALE, profile=Profile("probe", np.ones((kv.num_layers, 2)), w), inv_freq=inv_freq,
@@ -330,13 +333,24 @@ def calibrate(lm: LoadedModel, texts: list[tuple[str, str]], prefix: int = quali
     if method == "fisher":
         details.update(fisher_groups=FISHER_GROUPS, key_layers_alone=KEY_LAYERS_ALONE, key_blocks=KEY_BLOCKS,
                        value_blocks=VALUE_BLOCKS, seed=SEED)
-    if not transform:
-        return Calibration(profile, details, None)
-    moments = bases_.Moments()
-    codec = bases_.codec_for(lm, profile)
-    while caches:  # each cache freed once counted
-        moments.add(codec, caches.pop(0))
-    return Calibration(profile, details, moments.bases())
+    learned, chosen, details["rate"] = transform_and_scales(lm, profile, caches, transform, progress)
+    return Calibration(profile, details, learned, chosen)
+
+
+def transform_and_scales(lm: LoadedModel, profile: Profile, caches: list[KVCache], transform: bool,
+                         progress=None) -> tuple[bases_.Bases | None, dict[str, float], dict]:
+    """From the calibration texts' caches (with their attention): with `transform` the bases of kvq's per-head
+    transform under `profile`, then the presets' scales for this model, and what choosing them measured."""
+    moments = None
+    if transform:
+        codec = bases_.codec_for(lm, profile)
+        moments = []
+        for kv in caches:
+            moments.append(bases_.Moments())
+            moments[-1].add(codec, kv)
+    learned = bases_.Moments.merged(moments).bases() if moments else None
+    chosen, measured = scales_.choose(lm, profile, caches, moments, progress)
+    return learned, chosen, measured
 
 
 def store(lm: LoadedModel, result: Calibration, path=None) -> Path:
@@ -345,17 +359,20 @@ def store(lm: LoadedModel, result: Calibration, path=None) -> Path:
     found = bases_.to_dictionary(result.bases, lm.identity) if result.bases is not None else None
     if found is not None:
         dictionary.save_to_cache(found)
-    return profiles.save(result.profile, lm.identity, result.details, path, found.sha if found else None)
+    return profiles.save(result.profile, lm.identity, result.details, path, found.sha if found else None,
+                         result.scales)
 
 
-def calibration_for(lm: LoadedModel, transform: bool = True) -> profiles.Stored | None:
+def calibration_for(lm: LoadedModel, transform: bool = True, scaled: bool = True) -> profiles.Stored | None:
     """The model's stored profile and the dictionary it names; without a profile, calibrate now (once: stored
     under the user's directories, keyed by the model's identity), unless automatic calibration is turned off.
 
     A profile naming a dictionary that none of this machine's places holds (the user's cache emptied, say) has
     its transform learned again from the profile (a prefill per calibration text) where automatic calibration
     is on; otherwise it is refused with DictionaryMissing (exit 4), as is a shipped profile's (kvcli ships both).
-    Without `transform` (a preset that codes without it) the dictionary is neither checked nor learned."""
+    Without `transform` (a preset that codes without it) the dictionary is neither checked nor learned. With
+    `scaled` (a preset whose scale a profile sets) a user's profile made before the presets' scales were chosen has
+    them chosen now (a prefill per calibration text) where automatic calibration is on, and stored in it."""
     stored = profiles.lookup(lm.identity)
     if stored is None:
         if not profiles.auto_calibrate():
@@ -366,7 +383,7 @@ def calibration_for(lm: LoadedModel, transform: bool = True) -> profiles.Stored 
                           f"stored in {path} (set {profiles.AUTO_CALIBRATE_ENV}=0 to skip)\n")
         return profiles.read(path)  # as stored: rounded, as every later run will read it
     if not transform or stored.dictionary is None or _holds(stored.dictionary):
-        return stored
+        return _with_scales(lm, stored) if scaled else stored
     if stored.shipped or not profiles.auto_calibrate():
         raise dictionary.DictionaryMissing(
             stored.dictionary, f"profile {stored.where} (`kvcli calibrate` learns it again)",
@@ -377,9 +394,31 @@ def calibration_for(lm: LoadedModel, transform: bool = True) -> profiles.Stored 
         raise dictionary.DictionaryMissing(stored.dictionary, f"profile {stored.where}", [])
     dictionary.save_to_cache(found)
     if found.sha != stored.dictionary:
-        profiles.set_dictionary(Path(stored.where), found.sha)
+        profiles.update(Path(stored.where), dictionary=found.sha)
     write_stderr_text(f"kvcli: the transform dictionary of {stored.where} was missing: learned it again in "
                       f"{time.perf_counter() - t0:.0f} s, stored in {dictionary.cache_place().where}\n")
+    stored = profiles.read(Path(stored.where))
+    return _with_scales(lm, stored) if scaled else stored
+
+
+def _with_scales(lm: LoadedModel, stored: profiles.Stored) -> profiles.Stored:
+    """`stored`, with the presets' scales chosen now and kept in it if it has none (a user's profile made before
+    they were); left as it is where automatic calibration is off, or for a shipped profile (kvcli ships them)."""
+    if stored.scales or stored.shipped or not profiles.auto_calibrate():
+        return stored
+    t0 = time.perf_counter()
+    caches = [quality.context(lm, inference.document_ids(lm, text))[0] for _, text in default_texts()]
+    transform = stored.dictionary is not None
+    learned, chosen, measured = transform_and_scales(lm, stored.profile, caches, transform)
+    found = bases_.to_dictionary(learned, lm.identity) if learned is not None else None
+    if transform and (found is None or found.sha != stored.dictionary):
+        # Scales chosen under another transform than the profile's would not be its presets' rates.
+        write_stderr_text(f"kvcli: {stored.where} names a transform these texts do not give; its presets keep "
+                          f"kvcli's default scales (`kvcli calibrate` measures the model again)\n")
+        return stored
+    profiles.update(Path(stored.where), scales=chosen, rate=measured)
+    write_stderr_text(f"kvcli: chose the presets' scales for {lm.name} in {time.perf_counter() - t0:.0f} s, once: "
+                      f"stored in {stored.where}\n")
     return profiles.read(Path(stored.where))
 
 

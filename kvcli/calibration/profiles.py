@@ -9,7 +9,8 @@ stores the result in the user's directory; with KVCLI_AUTO_CALIBRATE=0 it falls 
 
 A profile may name a dictionary (`"dictionary"`: its SHA-256): kvq's per-head transform learned under the profile,
 kept in the user's cache (kvcli/container/dictionary.py), or for a shipped profile shipped beside it in
-profiles/dicts/.
+profiles/dicts/. It may hold `"scales"`: per lossy preset, the step scale that meets the preset's rate on this
+model (kvcli/calibration/scales.py); a preset it does not name uses codecs/presets.py's LOSSY_SCALES.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -60,9 +62,10 @@ def as_stored(profile: Profile) -> Profile:
                    [np.asarray(w, dtype=np.float64) for w in numbers["key_weights"]] if numbers["key_weights"] else None)
 
 
-def to_json(profile: Profile, model_identity: dict, details: dict, dictionary: str | None = None) -> dict:
+def to_json(profile: Profile, model_identity: dict, details: dict, dictionary: str | None = None,
+            scales: dict[str, float] | None = None) -> dict:
     """The profile's JSON; `dictionary` names the SHA-256 of the dictionary holding kvq's transform learned
-    under it (kvcli/calibration/bases.py), where one was."""
+    under it (kvcli/calibration/bases.py), where one was; `scales` the presets' step scales for this model."""
     return {
         "format": PROFILE_FORMAT,
         "version": PROFILE_VERSION,
@@ -70,6 +73,7 @@ def to_json(profile: Profile, model_identity: dict, details: dict, dictionary: s
         "model": {k: model_identity[k] for k in MODEL_FIELDS},
         **_numbers(profile),
         **({"dictionary": dictionary} if dictionary is not None else {}),
+        **({"scales": {k: round(float(v), 6) for k, v in sorted(scales.items())}} if scales else {}),
         **details,
     }
 
@@ -77,13 +81,19 @@ def to_json(profile: Profile, model_identity: dict, details: dict, dictionary: s
 @dataclass(frozen=True)
 class Stored:
     """A profile as found: its numbers, the dictionary it names (None for a profile without a transform: one
-    made before transforms were learned, or with --no-transform), and where it was read."""
+    made before transforms were learned, or with --no-transform), the presets' step scales it sets (empty for a
+    profile made before they were chosen), and where it was read."""
 
     profile: Profile
     model: dict  # MODEL_FIELDS of the model it was made for
     dictionary: str | None
     where: str
     shipped: bool = False
+    scales: dict[str, float] = field(default_factory=dict)
+
+    def scale(self, quality: str) -> float | None:
+        """The step scale this profile sets for a preset, or None (the preset's default then)."""
+        return self.scales.get(quality)
 
 
 def from_json(doc: dict, where: str) -> tuple[Profile, dict]:
@@ -104,30 +114,52 @@ def _stored(doc: dict, where: str, shipped: bool = False) -> Stored:
         if not isinstance(doc["model"], dict):
             raise ValueError("model must be an object")
         profile = Profile(str(doc["name"]), sens, weights)
+        scales = _scales(doc.get("scales", {}))
     except (KeyError, TypeError, ValueError) as err:
         raise FormatError(f"{where}: malformed profile: {err}") from None
     sha = doc.get("dictionary")
     return Stored(profile, doc["model"], None if sha is None else dictionary.check_sha(sha, f"{where}: malformed profile"),
-                  where, shipped)
+                  where, shipped, scales)
+
+
+def _scales(doc) -> dict[str, float]:
+    from ..codecs.presets import LOSSY_SCALES
+
+    if not isinstance(doc, dict):
+        raise ValueError("scales must be an object")
+    for name, value in doc.items():
+        if name not in LOSSY_SCALES:
+            raise ValueError(f"scales names {name!r}, which is no lossy preset")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"the scale of {name} must be a finite number above 0")
+    return {name: float(value) for name, value in doc.items()}
 
 
 def save(profile: Profile, model_identity: dict, details: dict, path: Path | None = None,
-         dictionary: str | None = None) -> Path:
+         dictionary: str | None = None, scales: dict[str, float] | None = None) -> Path:
     from ..container.format import atomic_write
 
     path = path or user_dir() / f"{profile_key(model_identity)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = to_json(profile, model_identity, details, dictionary)
+    doc = to_json(profile, model_identity, details, dictionary, scales)
     atomic_write(str(path), [json.dumps(doc, separators=(",", ":")).encode()])
     return path
 
 
-def set_dictionary(path: Path, sha: str) -> None:
-    """Name another dictionary in a stored profile (its transform learned again), the rest kept as it is."""
+def update(path: Path, dictionary: str | None = None, scales: dict[str, float] | None = None,
+           rate: dict | None = None) -> None:
+    """Rewrite a stored profile with another dictionary (its transform learned again) or the presets' scales (and
+    what choosing them measured), the rest kept as it is."""
     from ..container.format import atomic_write
+    from ..container import dictionary as dictionary_
 
     doc = json.loads(Path(path).read_text())
-    doc["dictionary"] = dictionary.check_sha(sha, str(path))
+    if dictionary is not None:
+        doc["dictionary"] = dictionary_.check_sha(dictionary, str(path))
+    if scales is not None:
+        doc["scales"] = {k: round(float(v), 6) for k, v in sorted(scales.items())}
+    if rate is not None:
+        doc["rate"] = rate
     atomic_write(str(path), [json.dumps(doc, separators=(",", ":")).encode()])
 
 

@@ -11,7 +11,7 @@ import torch
 
 from ..codecs.base import Codec, CodecError
 from ..codecs.kvq import DEFAULT_SINKS
-from ..codecs.presets import DEFAULT_QUALITY, PRESET_CODECS, QUALITIES, TRANSFORM_PRESETS, make_codec
+from ..codecs.presets import DEFAULT_QUALITY, PRESET_CODECS, QUALITIES, TARGET_BITS, TRANSFORM_PRESETS, make_codec
 from ..container import dictionary, format, identity, kvfile
 from ..errors import FormatError, InputError, ModelMismatchError, UsageError
 from ..modeling import inference, models
@@ -131,8 +131,9 @@ def load_cache(src: format.ByteSource, header: format.Header, lm: models.LoadedM
 def codec_for(quality: str, lm: models.LoadedModel, step_scale: float = 1.0, sinks: int | None = None,
               transform: bool = True) -> Codec:
     """The preset's codec for this model: its calibration profile (measured now if it has none and automatic
-    calibration is on), its rotary frequencies, and for TRANSFORM_PRESETS the per-head transform of the
-    dictionary the profile names (unless `transform` is False)."""
+    calibration is on) with the preset's step scale for this model where the profile sets one, its rotary
+    frequencies, and for TRANSFORM_PRESETS the per-head transform of the dictionary the profile names (unless
+    `transform` is False)."""
     from ..calibration.calibrate import calibration_for
     from ..codecs.transform import Transforms
     from ..modeling.rope import inv_freq_per_layer
@@ -140,7 +141,7 @@ def codec_for(quality: str, lm: models.LoadedModel, step_scale: float = 1.0, sin
     if quality not in PRESET_CODECS or PRESET_CODECS[quality].lossless:  # nothing to calibrate (or refused)
         return make_codec(quality)
     transform = transform and quality in TRANSFORM_PRESETS
-    stored = calibration_for(lm, transform)
+    stored = calibration_for(lm, transform, quality in TARGET_BITS)
     if stored is None and lm.identity["weights_digest"] not in _warned_no_profile:
         _warned_no_profile.add(lm.identity["weights_digest"])
         write_stderr_text(f"kvcli: no calibration profile for {lm.name} (KVCLI_AUTO_CALIBRATE=0): --quality "
@@ -155,7 +156,8 @@ def codec_for(quality: str, lm: models.LoadedModel, step_scale: float = 1.0, sin
         except CodecError as err:
             raise FormatError(f"{found.where}: {err}") from None
     return make_codec(quality, stored.profile if stored is not None else None, inv_freq_per_layer(lm.model),
-                      step_scale, DEFAULT_SINKS if sinks is None else sinks, transforms=transforms, dictionary=sha)
+                      step_scale, DEFAULT_SINKS if sinks is None else sinks, transforms=transforms, dictionary=sha,
+                      base_scale=stored.scale(quality) if stored is not None else None)
 
 
 def provenance(source: inference.Document | None = None) -> dict:

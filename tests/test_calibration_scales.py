@@ -1,0 +1,169 @@
+"""Each lossy preset's step scale chosen per model for the preset's rate (kvcli/calibration/scales.py, issue 20)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from kvcli.calibration import bases, calibrate, profiles, scales
+from kvcli.codecs.presets import LOSSY_SCALES, TARGET_BITS
+from kvcli.errors import FormatError
+from kvcli.reuse import pipeline
+
+TEXT = ("Calibration measures which layers of a model are sensitive to errors in the cached keys and values. "
+        "Every layer is probed on its own, with coarse quantization, and the change in the next-token "
+        "distribution is recorded. ") * 6
+OTHER = ("def merge(left, right):\n    out = []\n    while left and right:\n        out.append(left.pop(0) if "
+         "left[0] < right[0] else right.pop(0))\n    return out + left + right\n\n") * 8
+TEXTS = [("a", TEXT * 2), ("b", OTHER * 2)]
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVCLI_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _caches_and_moments(lm, profile, prefix=300):
+    from kvcli.calibration import quality
+    from kvcli.modeling import inference
+
+    caches = [quality.context(lm, inference.document_ids(lm, text), prefix)[0] for _, text in TEXTS]
+    codec = bases.codec_for(lm, profile)
+    moments = []
+    for kv in caches:
+        moments.append(bases.Moments())
+        moments[-1].add(codec, kv)
+    return caches, moments
+
+
+def test_each_text_is_coded_with_the_transform_learned_on_the_others(tiny_lm):
+    """Leave one out: the dictionary learned on a text codes it smaller than any other document, so its bits would
+    set the scale too fine."""
+    lm = tiny_lm("llama")
+    result = calibrate.calibrate(lm, TEXTS, prefix=300)
+    caches, moments = _caches_and_moments(lm, result.profile)
+    held = scales.held_out(lm, moments)
+    only_b = bases.to_dictionary(moments[1].bases(), lm.identity)
+    only_a = bases.to_dictionary(moments[0].bases(), lm.identity)
+    both = bases.to_dictionary(bases.Moments.merged(moments).bases(), lm.identity)
+    assert [sha for _, sha in held] == [only_b.sha, only_a.sha] and both.sha not in (only_a.sha, only_b.sha)
+    assert both.sha == bases.to_dictionary(result.bases, lm.identity).sha  # calibrate's own, from both texts
+    # What leaving out buys, on this model: coded with its own text's transform a text looks smaller.
+    full = [(t, s) for t, s in scales.held_out(lm, [bases.Moments.merged(moments)])] * 2
+    own = scales.bits_per_element(lm, result.profile, "small", 1.5, caches, full)
+    assert own < scales.bits_per_element(lm, result.profile, "small", 1.5, caches, held)
+    # A single text has no other: it is coded with its own.
+    assert [sha for _, sha in scales.held_out(lm, moments[:1])] == [only_a.sha]
+
+
+def test_merged_moments_are_the_moments_of_every_cache(tiny_lm):
+    lm = tiny_lm("qwen2")
+    result = calibrate.calibrate(lm, TEXTS, prefix=300)
+    caches, moments = _caches_and_moments(lm, result.profile)
+    together = bases.Moments()
+    for kv in caches:
+        together.add(bases.codec_for(lm, result.profile), kv)
+    merged = bases.Moments.merged(moments)
+    assert merged.counts == together.counts
+    assert all((merged.sums[k] - together.sums[k]).abs().max() <= 1e-9 * together.sums[k].abs().max()
+               for k in together.sums)
+    assert moments[0].counts != merged.counts  # merging copied: the parts are unchanged
+
+
+@pytest.mark.parametrize("exponent, target", [(0.7, 1.44), (0.3, 0.96), (1.4, 2.4)])
+def test_solve_finds_the_scale_of_a_rate(exponent, target):
+    calls = []
+
+    def bits(scale):
+        calls.append(scale)
+        return 2.0 * scale ** -exponent + 0.05
+
+    scale, reached = scales.solve(bits, 1.0, target)
+    assert abs(reached / target - 1) <= scales.TOLERANCE and bits(scale) == reached
+    assert len(calls) <= scales.MAX_TRIES + 1
+
+
+def test_solve_returns_the_closest_try_where_the_rate_cannot_be_reached():
+    tried = []
+
+    def bits(scale):  # never under 1.2 bits, whatever the step
+        tried.append(scale)
+        return 1.2 + 1.0 / (1.0 + scale)
+
+    scale, reached = scales.solve(bits, 1.0, 0.5)
+    assert len(tried) == scales.MAX_TRIES and reached == min(1.2 + 1.0 / (1.0 + s) for s in tried)
+
+
+def test_calibration_chooses_each_rated_presets_scale(cli, tiny_lm, tiny_model_dir, cache_dir, tmp_path):
+    """`kvcli calibrate` stores per rated preset the scale at which the texts' held-out files come to the preset's
+    rate; encoders use it (`high` keeps its own); `--step-scale` multiplies it."""
+    lm = tiny_lm("llama")
+    paths = []
+    for name, text in TEXTS:
+        paths += ["--text", tmp_path / f"{name}.txt"]
+        paths[-1].write_text(text)
+    result = cli("calibrate", "--model", tiny_model_dir("llama"), *paths, "--json")
+    assert result.exit_code == 0, result.stderr
+    stored = profiles.lookup(lm.identity)
+    doc = json.loads(next((cache_dir / "profiles").glob("*.json")).read_text())
+    assert sorted(stored.scales) == sorted(TARGET_BITS) and doc["rate"]["held_out"] is True
+    ordered = [LOSSY_SCALES["high"]] + [stored.scales[q] for q in ("balanced", "small", "tiny")]
+    assert ordered == sorted(ordered)  # finer presets keep finer steps
+    # The chosen scales give the rates on the held-out texts (what the profile records they gave).
+    caches, moments = _caches_and_moments(lm, stored.profile, calibrate.quality.PREFIX_TOKENS)
+    held = scales.held_out(lm, moments)
+    for quality, target in TARGET_BITS.items():
+        bits = scales.bits_per_element(lm, stored.profile, quality, stored.scales[quality], caches, held)
+        assert abs(bits / target - 1) <= 2 * scales.TOLERANCE, (quality, bits)
+        assert math.isclose(bits, doc["rate"]["calibration_bits"][quality], rel_tol=2e-3)
+    for quality in TARGET_BITS:
+        assert pipeline.codec_for(quality, lm).params()["scale"] == pytest.approx(stored.scales[quality], rel=1e-12)
+        assert pipeline.codec_for(quality, lm, 0.5).params()["scale"] == pytest.approx(stored.scales[quality] / 2)
+    assert pipeline.codec_for("high", lm).params()["scale"] == LOSSY_SCALES["high"]
+
+
+def test_a_profile_without_scales_gets_them_once(tiny_lm, cache_dir, monkeypatch, capsys):
+    """A user's profile made before the scales were chosen: the first encode chooses them on the bundled texts and
+    stores them in it; with automatic calibration off its presets keep kvcli's default scales."""
+    monkeypatch.setenv("KVCLI_AUTO_CALIBRATE", "1")
+    lm = tiny_lm("llama", seed=5)
+    path = calibrate.store(lm, calibrate.calibrate(lm, calibrate.default_texts()))
+    wanted = profiles.read(path).scales
+    doc = json.loads(path.read_text())
+    del doc["scales"], doc["rate"]
+    path.write_text(json.dumps(doc))
+    monkeypatch.setenv("KVCLI_AUTO_CALIBRATE", "0")
+    assert pipeline.codec_for("small", lm).params()["scale"] == LOSSY_SCALES["small"]
+    assert "scales" not in json.loads(path.read_text())
+    monkeypatch.setenv("KVCLI_AUTO_CALIBRATE", "1")
+    capsys.readouterr()
+    assert pipeline.codec_for("small", lm).params()["scale"] == pytest.approx(wanted["small"], rel=1e-12)
+    assert capsys.readouterr().err.count("chose the presets' scales") == 1
+    assert profiles.read(path).scales == wanted
+    pipeline.codec_for("tiny", lm)
+    assert "chose" not in capsys.readouterr().err  # once
+
+
+def test_the_shipped_profile_sets_every_rated_presets_scale(default_lm):
+    stored = profiles.lookup(default_lm.identity)
+    assert stored.shipped and sorted(stored.scales) == sorted(TARGET_BITS)
+    assert pipeline.codec_for("small", default_lm).params()["scale"] == stored.scales["small"]
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"medium": 1.0}, "scales names 'medium', which is no lossy preset"),
+    ({"small": -1.0}, "the scale of small must be a finite number above 0"),
+    ({"small": True}, "the scale of small must be a finite number above 0"),
+    ({"small": "1.5"}, "the scale of small must be a finite number above 0"),
+    ([1.0], "scales must be an object"),
+])
+def test_malformed_scales_are_refused(value, message):
+    doc = {"format": "kvcli-profile", "version": 1, "name": "x", "model": {}, "sensitivity": [[1.0, 2.0]],
+           "key_weights": None, "scales": value}
+    with pytest.raises(FormatError, match=f"p.json: malformed profile: {message}"):
+        profiles.from_json(doc, "p.json")
+    doc["scales"] = {"small": 1.25}
+    assert profiles._stored(doc, "p.json").scales == {"small": 1.25}
