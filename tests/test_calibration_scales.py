@@ -147,6 +147,33 @@ def test_a_profile_without_scales_gets_them_once(tiny_lm, cache_dir, monkeypatch
     assert "chose" not in capsys.readouterr().err  # once
 
 
+def test_a_profile_learned_on_other_texts_gets_scales_from_the_bundled_ones(tiny_lm, cache_dir, monkeypatch, capsys):
+    """Its transform never saw the bundled texts: they are held out already, and are coded with it."""
+    from kvcli.calibration import quality
+    from kvcli.codecs.transform import Transforms
+    from kvcli.container import dictionary
+    from kvcli.modeling import inference
+
+    monkeypatch.setenv("KVCLI_AUTO_CALIBRATE", "1")
+    lm = tiny_lm("llama", seed=6)
+    path = calibrate.store(lm, calibrate.calibrate(lm, TEXTS, prefix=300))
+    stored = profiles.read(path)
+    doc = json.loads(path.read_text())
+    del doc["scales"], doc["rate"]
+    path.write_text(json.dumps(doc))
+    capsys.readouterr()
+    pipeline.codec_for("balanced", lm)
+    assert capsys.readouterr().err.count("chose the presets' scales") == 1
+    again = profiles.read(path)
+    assert again.dictionary == stored.dictionary and json.loads(path.read_text())["rate"]["held_out"] is True
+    own = dictionary.find(stored.dictionary, dictionary.own_places(), "test")
+    caches = [quality.context(lm, inference.document_ids(lm, t))[0] for _, t in calibrate.default_texts()]
+    coded = [(Transforms.unpack(own.payload), own.sha)] * len(caches)
+    for q, target in TARGET_BITS.items():
+        bits = scales.bits_per_element(lm, again.profile, q, again.scales[q], caches, coded)
+        assert abs(bits / target - 1) <= 2 * scales.TOLERANCE, (q, bits)
+
+
 def test_the_shipped_profile_sets_every_rated_presets_scale(default_lm):
     stored = profiles.lookup(default_lm.identity)
     assert stored.shipped and sorted(stored.scales) == sorted(TARGET_BITS)

@@ -349,7 +349,8 @@ def transform_and_scales(lm: LoadedModel, profile: Profile, caches: list[KVCache
             moments.append(bases_.Moments())
             moments[-1].add(codec, kv)
     learned = bases_.Moments.merged(moments).bases() if moments else None
-    chosen, measured = scales_.choose(lm, profile, caches, moments, progress)
+    transforms = scales_.held_out(lm, moments) if moments else [None] * len(caches)
+    chosen, measured = scales_.choose(lm, profile, caches, transforms, bool(moments) and len(moments) > 1, progress)
     return learned, chosen, measured
 
 
@@ -403,19 +404,22 @@ def calibration_for(lm: LoadedModel, transform: bool = True, scaled: bool = True
 
 def _with_scales(lm: LoadedModel, stored: profiles.Stored) -> profiles.Stored:
     """`stored`, with the presets' scales chosen now and kept in it if it has none (a user's profile made before
-    they were); left as it is where automatic calibration is off, or for a shipped profile (kvcli ships them)."""
+    they were); left as it is where automatic calibration is off, or for a shipped profile (kvcli ships them). The
+    scales are chosen on the bundled texts: where the profile's transform was learned on them, each is coded with
+    the transform learned on the others (as calibration does); where it was learned on other texts (`--text`), the
+    bundled ones are held out already and are coded with it."""
+    from ..codecs.transform import Transforms
+
     if stored.scales or stored.shipped or not profiles.auto_calibrate():
         return stored
     t0 = time.perf_counter()
     caches = [quality.context(lm, inference.document_ids(lm, text))[0] for _, text in default_texts()]
-    transform = stored.dictionary is not None
-    learned, chosen, measured = transform_and_scales(lm, stored.profile, caches, transform)
+    learned, chosen, measured = transform_and_scales(lm, stored.profile, caches, stored.dictionary is not None)
     found = bases_.to_dictionary(learned, lm.identity) if learned is not None else None
-    if transform and (found is None or found.sha != stored.dictionary):
-        # Scales chosen under another transform than the profile's would not be its presets' rates.
-        write_stderr_text(f"kvcli: {stored.where} names a transform these texts do not give; its presets keep "
-                          f"kvcli's default scales (`kvcli calibrate` measures the model again)\n")
-        return stored
+    if stored.dictionary is not None and (found is None or found.sha != stored.dictionary):
+        own = dictionary.find(stored.dictionary, dictionary.own_places(), f"profile {stored.where}")
+        transforms = [(Transforms.unpack(own.payload), own.sha)] * len(caches)
+        chosen, measured = scales_.choose(lm, stored.profile, caches, transforms, True)
     profiles.update(Path(stored.where), scales=chosen, rate=measured)
     write_stderr_text(f"kvcli: chose the presets' scales for {lm.name} in {time.perf_counter() - t0:.0f} s, once: "
                       f"stored in {stored.where}\n")

@@ -75,11 +75,11 @@ def solve(bits, start: float, target: float) -> tuple[float, float]:
     return min(tried, key=lambda t: abs(math.log(t[1] / target)))
 
 
-def choose(lm: LoadedModel, profile, caches: list[KVCache], moments: list[bases_.Moments] | None,
-           progress=None) -> tuple[dict[str, float], dict]:
+def choose(lm: LoadedModel, profile, caches: list[KVCache], transforms: list[tuple[Transforms, str] | None],
+           held: bool, progress=None) -> tuple[dict[str, float], dict]:
     """Per preset of TARGET_BITS its scale for this model, and what was measured (for the profile's details):
-    the texts' bits per element at each chosen scale. `moments` per text (None: the profile has no transform)."""
-    transforms = held_out(lm, moments) if moments else [None] * len(caches)
+    the texts' bits per element at each chosen scale. `transforms`: per text the transform it is coded with (None
+    for none), `held` whether it was learned without that text."""
     scales, reached = {}, {}
     for quality, target in TARGET_BITS.items():
         scale, bits = solve(lambda s: bits_per_element(lm, profile, quality, s, caches, transforms),
@@ -87,5 +87,4 @@ def choose(lm: LoadedModel, profile, caches: list[KVCache], moments: list[bases_
         scales[quality], reached[quality] = scale, round(bits, 4)
         if progress:
             progress()
-    return scales, {"target_bits": TARGET_BITS, "calibration_bits": reached,
-                    "held_out": bool(moments) and len(moments) > 1}
+    return scales, {"target_bits": TARGET_BITS, "calibration_bits": reached, "held_out": held}
