@@ -2,7 +2,7 @@
 same decode with reconstruction in torch (KvqDecoder.dequantize_body_ref, the path before the fused C one),
 interleaved in one process so that their ratio survives a shared machine.
 
-    python bench/decode.py [--document FILE] [--tokens 2048] [--presets balanced lossless ...] [--repeats 5]
+    python bench/decode.py [--model M] [--document FILE] [--tokens 2048] [--presets balanced lossless ...] [--repeats 5]
                            [--threads N] [--kvq-versions 3 4] [--transform fit|DICT.kvd]
 
 One JSON line per preset: elements, bits per element, decode seconds (median, min, max over the repeats, each
@@ -44,6 +44,7 @@ def decode_seconds(src, header, threads: int | None, torch_reconstruct: bool) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", help="model directory or .gguf file [default: the bundled model]")
     ap.add_argument("--document", default=str(DEFAULT_CORPUS / "python-tutorial-controlflow.txt"))
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--presets", nargs="+", default=["balanced", "small", "high", "lossless"])
@@ -54,7 +55,7 @@ def main() -> None:
     ap.add_argument("--transform", help="also version 4 with the per-head transform: fit, or a dictionary file")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    lm = models.load(None, "float32")
+    lm = models.load(args.model, "float32")
     ids = inference.document_ids(lm, open(args.document, encoding="utf-8").read())[: args.tokens]
     ref = quality.reference(lm, ids)
     elements = sum(k.numel() + v.numel() for k, v in zip(ref.kv.keys, ref.kv.values))
@@ -86,7 +87,7 @@ def main() -> None:
                 times[v].append(decode_seconds(src, header, args.threads, v))
     for preset, version, size, src, header, times in files:
         fast = statistics.median(times[False])
-        record = {"bench": "decode", "preset": preset, "document": args.document.rsplit("/", 1)[-1],
+        record = {"bench": "decode", "preset": preset, "model": lm.name, "document": args.document.rsplit("/", 1)[-1],
                   "tokens": ref.kv.num_tokens, "elements": elements, "bits_per_element": round(8 * size / elements, 4),
                   "decode_s": spread(times[False]), "decode_elements_per_s": round(elements / fast)}
         if version is not None:

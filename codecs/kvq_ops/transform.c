@@ -66,38 +66,46 @@ static void head_f32(const float *restrict m, const float *restrict qf, float *r
 
 #ifdef KVQ_X86
 
-/* One head with AVX-512 VNNI: y (dim, tokens) from mp (dim, pairs), M's rows as int16 pairs (M[i][2k], M[i][2k+1])
- * in one int32, and qp (pairs, tokens), q's rows 2k and 2k + 1 interleaved likewise; every sum exact in int32
- * here, converted to float32 (rounded to nearest, ties to even). Blocks of VNNI_ROWS rows and 16 tokens; the
- * edges one int64 sum at a time from m and q. Only the pairs of a 16-token tile that hold a nonzero integer are
- * summed, nz[tile * pairs + n] for n < count[tile] (ascending): the others add nothing (a third of them at `small`,
- * half at `tiny`, on SmolLM2, whose trailing components mostly quantize to 0). A list, not a test per pair: the
- * branch on data would mispredict. */
+/* One head with AVX-512 VNNI: y (dim, tokens) from mp (blocks, pairs, VNNI_ROWS), M's rows as int16 pairs
+ * (M[i][2k], M[i][2k+1]) in one int32, and qp (tiles, pairs, VNNI_TILE), q's rows 2k and 2k + 1 interleaved
+ * likewise, both padded with zeros to whole blocks of rows and tiles of tokens (the padding adds nothing, and no
+ * edge is left to a scalar loop: the int64 edges took most of this function's time on 256-token segments with
+ * sinks or a short last chunk). Every sum exact in int32 here, converted to float32 (rounded to nearest, ties to
+ * even). Only the pairs of a tile that hold a nonzero integer are summed, nz[tile * pairs + n] for n <
+ * count[tile] (ascending): the others add nothing (a third of them at `small`, half at `tiny`, on SmolLM2, whose
+ * trailing components mostly quantize to 0). A list, not a test per pair: the branch on data would mispredict.
+ * Named accumulators, not an array: GCC copied an array's eight registers twice per step. */
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 static void head_vnni(const int32_t *restrict mp, const int32_t *restrict qp, const int32_t *restrict nz,
-                      const int32_t *restrict count, const int16_t *restrict m, const int32_t *restrict q,
-                      float *restrict y, int64_t dim, int64_t tokens) {
-    const int64_t pairs = (dim + 1) / 2, rows = dim - dim % VNNI_ROWS, cols = tokens - tokens % VNNI_TILE;
-    for (int64_t i0 = 0; i0 < rows; i0 += VNNI_ROWS)
-        for (int64_t t0 = 0; t0 < cols; t0 += VNNI_TILE) {
-            __m512i acc[VNNI_ROWS];
-            for (int r = 0; r < VNNI_ROWS; r++) acc[r] = _mm512_setzero_si512();
-            const int32_t *list = nz + t0 / VNNI_TILE * pairs;
-            for (int32_t n = 0; n < count[t0 / VNNI_TILE]; n++) {
+                      const int32_t *restrict count, float *restrict y, int64_t dim, int64_t tokens) {
+    const int64_t pairs = (dim + 1) / 2, blocks = (dim + VNNI_ROWS - 1) / VNNI_ROWS;
+    const int64_t tiles = (tokens + VNNI_TILE - 1) / VNNI_TILE;
+    for (int64_t tile = 0; tile < tiles; tile++) {
+        const int64_t t0 = tile * VNNI_TILE, left = tokens - t0;
+        const __mmask16 keep = left >= VNNI_TILE ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        const int32_t *list = nz + tile * pairs, *qt = qp + tile * pairs * VNNI_TILE;
+        for (int64_t b = 0; b < blocks; b++) {
+            const int32_t *mb = mp + b * pairs * VNNI_ROWS;
+            __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+            for (int32_t n = 0; n < count[tile]; n++) {
                 const int64_t k = list[n];
-                const __m512i v = _mm512_loadu_si512(qp + k * tokens + t0);
-                for (int r = 0; r < VNNI_ROWS; r++)
-                    acc[r] = _mm512_dpwssd_epi32(acc[r], v, _mm512_set1_epi32(mp[(i0 + r) * pairs + k]));
+                const __m512i v = _mm512_loadu_si512(qt + k * VNNI_TILE);
+                const int32_t *w = mb + k * VNNI_ROWS;
+                a0 = _mm512_dpwssd_epi32(a0, v, _mm512_set1_epi32(w[0]));
+                a1 = _mm512_dpwssd_epi32(a1, v, _mm512_set1_epi32(w[1]));
+                a2 = _mm512_dpwssd_epi32(a2, v, _mm512_set1_epi32(w[2]));
+                a3 = _mm512_dpwssd_epi32(a3, v, _mm512_set1_epi32(w[3]));
+                a4 = _mm512_dpwssd_epi32(a4, v, _mm512_set1_epi32(w[4]));
+                a5 = _mm512_dpwssd_epi32(a5, v, _mm512_set1_epi32(w[5]));
+                a6 = _mm512_dpwssd_epi32(a6, v, _mm512_set1_epi32(w[6]));
+                a7 = _mm512_dpwssd_epi32(a7, v, _mm512_set1_epi32(w[7]));
             }
-            for (int r = 0; r < VNNI_ROWS; r++)
-                _mm512_storeu_ps(y + (i0 + r) * tokens + t0, _mm512_cvtepi32_ps(acc[r]));
+            const __m512i acc[VNNI_ROWS] = {a0, a1, a2, a3, a4, a5, a6, a7};
+            const int64_t rows = dim - b * VNNI_ROWS < VNNI_ROWS ? dim - b * VNNI_ROWS : VNNI_ROWS;
+            for (int64_t r = 0; r < rows; r++)
+                _mm512_mask_storeu_ps(y + (b * VNNI_ROWS + r) * tokens + t0, keep, _mm512_cvtepi32_ps(acc[r]));
         }
-    for (int64_t i = 0; i < dim; i++)
-        for (int64_t t = i < rows ? cols : 0; t < tokens; t++) {
-            int64_t s = 0;
-            for (int64_t j = 0; j < dim; j++) s += (int64_t)m[i * dim + j] * q[j * tokens + t];
-            y[i * tokens + t] = (float)s;
-        }
+    }
 }
 
 static int has_vnni(void) {
@@ -111,9 +119,9 @@ static int has_vnni(void) {
 }
 #else
 static int has_vnni(void) { return 0; }
-static void head_vnni(const int32_t *mp, const int32_t *qp, const int32_t *nz, const int32_t *count,
-                      const int16_t *m, const int32_t *q, float *y, int64_t dim, int64_t tokens) {
-    (void)mp, (void)qp, (void)nz, (void)count, (void)m, (void)q, (void)y, (void)dim, (void)tokens;  /* never called */
+static void head_vnni(const int32_t *mp, const int32_t *qp, const int32_t *nz, const int32_t *count, float *y,
+                      int64_t dim, int64_t tokens) {
+    (void)mp, (void)qp, (void)nz, (void)count, (void)y, (void)dim, (void)tokens;  /* never called */
 }
 #endif
 
@@ -158,10 +166,11 @@ int kvq_untransform(const int32_t *q, const int16_t *matrix, int64_t heads, int6
         row_sum = s > row_sum ? s : row_sum;
     }
     if (largest < (1 << 15) && largest * row_sum < ((int64_t)1 << 31) && has_vnni()) {
-        const int64_t pairs = (dim + 1) / 2, tiles = tokens / VNNI_TILE;
-        int32_t *mp = PyMem_RawMalloc((size_t)(dim * pairs) * sizeof(int32_t));
-        int32_t *qp = PyMem_RawMalloc((size_t)(pairs * tokens) * sizeof(int32_t));
-        int32_t *nz = PyMem_RawMalloc((size_t)(pairs * tiles + tiles) * sizeof(int32_t) + 1), *count = nz + pairs * tiles;
+        const int64_t pairs = (dim + 1) / 2, blocks = (dim + VNNI_ROWS - 1) / VNNI_ROWS;
+        const int64_t tiles = (tokens + VNNI_TILE - 1) / VNNI_TILE;
+        int32_t *mp = PyMem_RawMalloc((size_t)(blocks * pairs * VNNI_ROWS) * sizeof(int32_t));
+        int32_t *qp = PyMem_RawMalloc((size_t)(tiles * pairs * VNNI_TILE) * sizeof(int32_t));
+        int32_t *nz = PyMem_RawMalloc((size_t)(pairs * tiles + tiles) * sizeof(int32_t)), *count = nz + pairs * tiles;
         if (!mp || !qp || !nz) {
             PyMem_RawFree(mp);
             PyMem_RawFree(qp);
@@ -171,18 +180,24 @@ int kvq_untransform(const int32_t *q, const int16_t *matrix, int64_t heads, int6
         for (int64_t h = 0; h < heads; h++) {
             const int16_t *mh = matrix + h * dim * dim;
             const int32_t *qh = q + h * dim * tokens;
-            for (int64_t i = 0; i < dim; i++)
-                for (int64_t k = 0; k < pairs; k++)
-                    mp[i * pairs + k] = pair(mh[i * dim + 2 * k], 2 * k + 1 < dim ? mh[i * dim + 2 * k + 1] : 0);
-            for (int64_t i = 0; i < tiles; i++) count[i] = 0;
-            for (int64_t k = 0; k < pairs; k++) {
-                const int32_t *lo = qh + 2 * k * tokens, *hi = 2 * k + 1 < dim ? lo + tokens : NULL;
-                int32_t *out = qp + k * tokens;
-                for (int64_t t = 0; t < tokens; t++) out[t] = pair(lo[t], hi ? hi[t] : 0);
-                for (int64_t i = 0; i < tiles; i++)
-                    if (any_nonzero(out + i * VNNI_TILE)) nz[i * pairs + count[i]++] = (int32_t)k;
+            for (int64_t i = 0; i < blocks * VNNI_ROWS; i++)
+                for (int64_t k = 0; k < pairs; k++) {
+                    const int16_t *row = mh + i * dim;
+                    mp[((i / VNNI_ROWS) * pairs + k) * VNNI_ROWS + i % VNNI_ROWS] =
+                        i < dim ? pair(row[2 * k], 2 * k + 1 < dim ? row[2 * k + 1] : 0) : 0;
+                }
+            for (int64_t tile = 0; tile < tiles; tile++) {
+                const int64_t t0 = tile * VNNI_TILE, n = tokens - t0 < VNNI_TILE ? tokens - t0 : VNNI_TILE;
+                count[tile] = 0;
+                for (int64_t k = 0; k < pairs; k++) {
+                    const int32_t *lo = qh + 2 * k * tokens + t0, *hi = 2 * k + 1 < dim ? lo + tokens : NULL;
+                    int32_t *out = qp + (tile * pairs + k) * VNNI_TILE;
+                    for (int64_t t = 0; t < n; t++) out[t] = pair(lo[t], hi ? hi[t] : 0);
+                    for (int64_t t = n; t < VNNI_TILE; t++) out[t] = 0;
+                    if (any_nonzero(out)) nz[tile * pairs + count[tile]++] = (int32_t)k;
+                }
             }
-            head_vnni(mp, qp, nz, count, mh, qh, y + h * dim * tokens, dim, tokens);
+            head_vnni(mp, qp, nz, count, y + h * dim * tokens, dim, tokens);
         }
         PyMem_RawFree(mp);
         PyMem_RawFree(qp);
