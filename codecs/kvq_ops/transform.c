@@ -64,26 +64,78 @@ static void head_f32(const float *restrict m, const float *restrict qf, float *r
 #define VNNI_ROWS 8  /* output rows per block, one 16-token int32 accumulator each */
 #define VNNI_TILE 16
 
-#ifdef KVQ_X86
+/* Row r of block b in the VNNI product's order: eight consecutive rows, or for keys to be rotated rows 4b to 4b + 3
+ * and their rotary partners dim/2 + 4b to dim/2 + 4b + 3 (dim a multiple of 8), so that a block holds both halves
+ * of four pairs. Rows past dim (padding) have zero matrix entries. */
+static inline int64_t block_row(int64_t b, int r, int64_t dim, int paired) {
+    return paired ? (r < 4 ? 4 * b + r : dim / 2 + 4 * b + r - 4) : b * VNNI_ROWS + r;
+}
 
-/* One head with AVX-512 VNNI: y (dim, tokens) from mp (blocks, pairs, VNNI_ROWS), M's rows as int16 pairs
+#ifdef KVQ_X86
+#define AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+/* Clamped to +-65504, then rounded to the nearest float16, ties to even: dequantize.c's half_of, the same integer
+ * and float32 operations on 16 lanes. */
+AVX512_VNNI static inline __m512i half16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-65504.0f)), _mm512_set1_ps(65504.0f));
+    const __m512i u = _mm512_castps_si512(x), a = _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF));
+    const __m512i sub = _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(_mm512_castsi512_ps(a), _mm512_set1_ps(0.5f))),
+                                         _mm512_set1_epi32(0x3F000000));
+    __m512i normal = _mm512_add_epi32(_mm512_sub_epi32(a, _mm512_set1_epi32(0x38000000)), _mm512_set1_epi32(0xFFF));
+    normal = _mm512_srli_epi32(_mm512_add_epi32(normal, _mm512_and_si512(_mm512_srli_epi32(a, 13), _mm512_set1_epi32(1))), 13);
+    const __m512i magnitude = _mm512_mask_blend_epi32(_mm512_cmplt_epu32_mask(a, _mm512_set1_epi32(0x38800000)), normal, sub);
+    return _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x8000)), magnitude);
+}
+
+/* dequantize.c's bfloat_of on 16 lanes. */
+AVX512_VNNI static inline __m512i bfloat16(__m512 x) {
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    return _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
+}
+
+/* The `keep` lanes of x into dst, cast to the cache dtype. */
+AVX512_VNNI static inline void store16(char *dst, __mmask16 keep, __m512 x, int dtype) {
+    if (dtype == F32)
+        _mm512_mask_storeu_ps(dst, keep, x);
+    else
+        _mm256_mask_storeu_epi16(dst, keep, _mm512_cvtepi32_epi16(dtype == F16 ? half16(x) : bfloat16(x)));
+}
+
+/* Step 1 of "Reconstruction" on the exact sums of channel c: float32(M q) * 2^-10 (exact), * step, * token factor,
+ * + center, each a separate float32 operation. */
+AVX512_VNNI static inline __m512 dequantize16(__m512i sums, const KvqOutput *o, int64_t c, __m512 factor) {
+    __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(0x1p-10f));
+    x = _mm512_mul_ps(x, _mm512_set1_ps(o->step[c]));
+    x = _mm512_mul_ps(x, factor);
+    return _mm512_add_ps(x, _mm512_set1_ps(o->center[c]));
+}
+
+/* One head with AVX-512 VNNI: mp (blocks, pairs, VNNI_ROWS), M's rows (in block_row's order) as int16 pairs
  * (M[i][2k], M[i][2k+1]) in one int32, and qp (tiles, pairs, VNNI_TILE), q's rows 2k and 2k + 1 interleaved
  * likewise, both padded with zeros to whole blocks of rows and tiles of tokens (the padding adds nothing, and no
  * edge is left to a scalar loop: the int64 edges took most of this function's time on 256-token segments with
- * sinks or a short last chunk). Every sum exact in int32 here, converted to float32 (rounded to nearest, ties to
- * even). Only the pairs of a tile that hold a nonzero integer are summed, nz[tile * pairs + n] for n <
- * count[tile] (ascending): the others add nothing (a third of them at `small`, half at `tiny`, on SmolLM2, whose
- * trailing components mostly quantize to 0). A list, not a test per pair: the branch on data would mispredict.
- * Named accumulators, not an array: GCC copied an array's eight registers twice per step. */
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-static void head_vnni(const int32_t *restrict mp, const int32_t *restrict qp, const int32_t *restrict nz,
-                      const int32_t *restrict count, float *restrict y, int64_t dim, int64_t tokens) {
+ * sinks or a short last chunk). Every sum exact in int32 here. Only the pairs of a tile that hold a nonzero
+ * integer are summed, nz[tile * pairs + n] for n < count[tile] (ascending): the others add nothing (a third of
+ * them at `small`, half at `tiny`, on SmolLM2, whose trailing components mostly quantize to 0). A list, not a test
+ * per pair: the branch on data would mispredict. Named accumulators, not an array: GCC copied an array's eight
+ * registers twice per step.
+ * Without o, the sums go to y (dim, tokens) as float32 (rounded to nearest, ties to even). With o (head h), each
+ * block is dequantized, rotated where o has tables (paired order) and cast straight from its registers into o's
+ * output: no float32 buffer between the product and the output, and 16 lanes where reconstruct_all's portable
+ * loops have 4. */
+AVX512_VNNI static void head_vnni(const int32_t *restrict mp, const int32_t *restrict qp, const int32_t *restrict nz,
+                                  const int32_t *restrict count, int64_t dim, int64_t tokens, float *restrict y,
+                                  const KvqOutput *o, int64_t h) {
     const int64_t pairs = (dim + 1) / 2, blocks = (dim + VNNI_ROWS - 1) / VNNI_ROWS;
     const int64_t tiles = (tokens + VNNI_TILE - 1) / VNNI_TILE;
+    const int paired = o && o->cos;
+    const size_t item = o && o->dtype != F32 ? 2 : 4;
     for (int64_t tile = 0; tile < tiles; tile++) {
         const int64_t t0 = tile * VNNI_TILE, left = tokens - t0;
         const __mmask16 keep = left >= VNNI_TILE ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
         const int32_t *list = nz + tile * pairs, *qt = qp + tile * pairs * VNNI_TILE;
+        const __m512 factor = o ? _mm512_maskz_loadu_ps(keep, o->factor + h * o->factor_stride + t0) : _mm512_setzero_ps();
         for (int64_t b = 0; b < blocks; b++) {
             const int32_t *mb = mp + b * pairs * VNNI_ROWS;
             __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
@@ -101,10 +153,54 @@ static void head_vnni(const int32_t *restrict mp, const int32_t *restrict qp, co
                 a7 = _mm512_dpwssd_epi32(a7, v, _mm512_set1_epi32(w[7]));
             }
             const __m512i acc[VNNI_ROWS] = {a0, a1, a2, a3, a4, a5, a6, a7};
-            const int64_t rows = dim - b * VNNI_ROWS < VNNI_ROWS ? dim - b * VNNI_ROWS : VNNI_ROWS;
-            for (int64_t r = 0; r < rows; r++)
-                _mm512_mask_storeu_ps(y + (b * VNNI_ROWS + r) * tokens + t0, keep, _mm512_cvtepi32_ps(acc[r]));
+            if (!o) {
+                for (int r = 0; r < VNNI_ROWS && block_row(b, r, dim, 0) < dim; r++)
+                    _mm512_mask_storeu_ps(y + block_row(b, r, dim, 0) * tokens + t0, keep, _mm512_cvtepi32_ps(acc[r]));
+                continue;
+            }
+            char *head = o->out + (size_t)(h * o->sh + t0) * item;
+            if (!paired) {
+                for (int r = 0; r < VNNI_ROWS && block_row(b, r, dim, 0) < dim; r++) {
+                    const int64_t d = block_row(b, r, dim, 0);
+                    store16(head + (size_t)(d * o->sd) * item, keep, dequantize16(acc[r], o, h * dim + d, factor), o->dtype);
+                }
+                continue;
+            }
+            for (int r = 0; r < 4; r++) {  /* step 2: rows d and d + dim/2 by token t's angle for pair d */
+                const int64_t d = 4 * b + r, d2 = d + dim / 2;
+                const __m512 x = dequantize16(acc[r], o, h * dim + d, factor);
+                const __m512 x2 = dequantize16(acc[r + 4], o, h * dim + d2, factor);
+                const __m512 cs = _mm512_maskz_loadu_ps(keep, o->cos + d * tokens + t0);
+                const __m512 sn = _mm512_maskz_loadu_ps(keep, o->sin + d * tokens + t0);
+                const __m512 first = _mm512_sub_ps(_mm512_mul_ps(x, cs), _mm512_mul_ps(x2, sn));
+                const __m512 second = _mm512_add_ps(_mm512_mul_ps(x2, cs), _mm512_mul_ps(x, sn));
+                store16(head + (size_t)(d * o->sd) * item, keep, first, o->dtype);
+                store16(head + (size_t)(d2 * o->sd) * item, keep, second, o->dtype);
+            }
         }
+    }
+}
+
+/* One head's integers q (dim, tokens) into qp (tiles, pairs, VNNI_TILE) as head_vnni takes them, zero-padded, with
+ * each tile's list of pairs that are not zero (appended without a branch on the data). */
+AVX512_VNNI static void pack_head(const int32_t *restrict q, int64_t dim, int64_t tokens, int32_t *restrict qp,
+                                  int32_t *restrict nz, int32_t *restrict count) {
+    const int64_t pairs = (dim + 1) / 2, tiles = (tokens + VNNI_TILE - 1) / VNNI_TILE;
+    const __m512i low = _mm512_set1_epi32(0xFFFF);
+    for (int64_t tile = 0; tile < tiles; tile++) {
+        const int64_t t0 = tile * VNNI_TILE, left = tokens - t0;
+        const __mmask16 keep = left >= VNNI_TILE ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        int32_t n = 0, *list = nz + tile * pairs;
+        for (int64_t k = 0; k < pairs; k++) {
+            const __m512i lo = _mm512_maskz_loadu_epi32(keep, q + 2 * k * tokens + t0);
+            const __m512i hi = 2 * k + 1 < dim ? _mm512_maskz_loadu_epi32(keep, q + (2 * k + 1) * tokens + t0)
+                                               : _mm512_setzero_si512();
+            const __m512i packed = _mm512_or_si512(_mm512_and_si512(lo, low), _mm512_slli_epi32(hi, 16));
+            _mm512_storeu_si512(qp + (tile * pairs + k) * VNNI_TILE, packed);
+            list[n] = (int32_t)k;
+            n += _mm512_test_epi32_mask(packed, packed) != 0;
+        }
+        count[tile] = n;
     }
 }
 
@@ -119,22 +215,18 @@ static int has_vnni(void) {
 }
 #else
 static int has_vnni(void) { return 0; }
-static void head_vnni(const int32_t *mp, const int32_t *qp, const int32_t *nz, const int32_t *count, float *y,
-                      int64_t dim, int64_t tokens) {
-    (void)mp, (void)qp, (void)nz, (void)count, (void)y, (void)dim, (void)tokens;  /* never called */
+static void head_vnni(const int32_t *mp, const int32_t *qp, const int32_t *nz, const int32_t *count, int64_t dim,
+                      int64_t tokens, float *y, const KvqOutput *o, int64_t h) {
+    (void)mp, (void)qp, (void)nz, (void)count, (void)dim, (void)tokens, (void)y, (void)o, (void)h;  /* never called */
+}
+static void pack_head(const int32_t *q, int64_t dim, int64_t tokens, int32_t *qp, int32_t *nz, int32_t *count) {
+    (void)q, (void)dim, (void)tokens, (void)qp, (void)nz, (void)count;  /* never called */
 }
 #endif
 
 /* Two int16 in one int32, `lo` in the low half: the operand layout of vpdpwssd. */
 static inline int32_t pair(int32_t lo, int32_t hi) {
     return (int32_t)((uint32_t)(uint16_t)lo | ((uint32_t)(uint16_t)hi << 16));
-}
-
-/* Whether one of VNNI_TILE packed pairs is not zero. */
-static inline uint8_t any_nonzero(const int32_t *v) {
-    int32_t any = 0;
-    for (int t = 0; t < VNNI_TILE; t++) any |= v[t];
-    return any != 0;
 }
 
 /* One head in int64, each sum rounded once to float32 (the conversion rounds to nearest, ties to even). */
@@ -158,52 +250,65 @@ WIDE static int64_t largest_magnitude(const int32_t *restrict q, int64_t n) {
     return -(int64_t)lo > hi ? -(int64_t)lo : hi;
 }
 
-int kvq_untransform(const int32_t *q, const int16_t *matrix, int64_t heads, int64_t dim, int64_t tokens, float *y) {
-    int64_t largest = largest_magnitude(q, heads * dim * tokens), row_sum = 0;
+/* max |q| over all heads and M's largest row sum of |M|: B = their product bounds every partial sum. */
+static void bounds(const int32_t *q, const int16_t *matrix, int64_t heads, int64_t dim, int64_t tokens,
+                   int64_t *largest, int64_t *row_sum) {
+    *largest = largest_magnitude(q, heads * dim * tokens);
+    *row_sum = 0;
     for (int64_t r = 0; r < heads * dim; r++) {
         int64_t s = 0;
         for (int64_t j = 0; j < dim; j++) s += abs(matrix[r * dim + j]);
-        row_sum = s > row_sum ? s : row_sum;
+        *row_sum = s > *row_sum ? s : *row_sum;
     }
-    if (largest < (1 << 15) && largest * row_sum < ((int64_t)1 << 31) && has_vnni()) {
-        const int64_t pairs = (dim + 1) / 2, blocks = (dim + VNNI_ROWS - 1) / VNNI_ROWS;
-        const int64_t tiles = (tokens + VNNI_TILE - 1) / VNNI_TILE;
-        int32_t *mp = PyMem_RawMalloc((size_t)(blocks * pairs * VNNI_ROWS) * sizeof(int32_t));
-        int32_t *qp = PyMem_RawMalloc((size_t)(tiles * pairs * VNNI_TILE) * sizeof(int32_t));
-        int32_t *nz = PyMem_RawMalloc((size_t)(pairs * tiles + tiles) * sizeof(int32_t)), *count = nz + pairs * tiles;
-        if (!mp || !qp || !nz) {
-            PyMem_RawFree(mp);
-            PyMem_RawFree(qp);
-            PyMem_RawFree(nz);
-            return -1;
-        }
-        for (int64_t h = 0; h < heads; h++) {
-            const int16_t *mh = matrix + h * dim * dim;
-            const int32_t *qh = q + h * dim * tokens;
-            for (int64_t i = 0; i < blocks * VNNI_ROWS; i++)
-                for (int64_t k = 0; k < pairs; k++) {
-                    const int16_t *row = mh + i * dim;
-                    mp[((i / VNNI_ROWS) * pairs + k) * VNNI_ROWS + i % VNNI_ROWS] =
-                        i < dim ? pair(row[2 * k], 2 * k + 1 < dim ? row[2 * k + 1] : 0) : 0;
-                }
-            for (int64_t tile = 0; tile < tiles; tile++) {
-                const int64_t t0 = tile * VNNI_TILE, n = tokens - t0 < VNNI_TILE ? tokens - t0 : VNNI_TILE;
-                count[tile] = 0;
-                for (int64_t k = 0; k < pairs; k++) {
-                    const int32_t *lo = qh + 2 * k * tokens + t0, *hi = 2 * k + 1 < dim ? lo + tokens : NULL;
-                    int32_t *out = qp + (tile * pairs + k) * VNNI_TILE;
-                    for (int64_t t = 0; t < n; t++) out[t] = pair(lo[t], hi ? hi[t] : 0);
-                    for (int64_t t = n; t < VNNI_TILE; t++) out[t] = 0;
-                    if (any_nonzero(out)) nz[tile * pairs + count[tile]++] = (int32_t)k;
-                }
+}
+
+static int vnni_fits(int64_t largest, int64_t row_sum) {
+    return largest < (1 << 15) && largest * row_sum < ((int64_t)1 << 31) && has_vnni();
+}
+
+/* Every head through head_vnni, into y or o (see there). The matrices are packed per call: 4 KB (SmolLM2) to 128 KB
+ * (Gemma 3) per head, against the segment's dim x tokens products. */
+static int untransform_vnni(const int32_t *q, const int16_t *matrix, int64_t heads, int64_t dim, int64_t tokens,
+                            float *y, const KvqOutput *o) {
+    const int64_t pairs = (dim + 1) / 2, blocks = (dim + VNNI_ROWS - 1) / VNNI_ROWS;
+    const int64_t tiles = (tokens + VNNI_TILE - 1) / VNNI_TILE;
+    const int paired = o && o->cos;
+    int32_t *mp = PyMem_RawMalloc((size_t)(blocks * pairs * VNNI_ROWS) * sizeof(int32_t));
+    int32_t *qp = PyMem_RawMalloc((size_t)(tiles * pairs * VNNI_TILE) * sizeof(int32_t));
+    int32_t *nz = PyMem_RawMalloc((size_t)(pairs * tiles + tiles) * sizeof(int32_t)), *count = nz + pairs * tiles;
+    int status = 0;
+    if (!mp || !qp || !nz)
+        status = -1;
+    for (int64_t h = 0; h < heads && !status; h++) {
+        const int16_t *mh = matrix + h * dim * dim;
+        for (int64_t b = 0; b < blocks; b++)
+            for (int r = 0; r < VNNI_ROWS; r++) {
+                const int64_t i = block_row(b, r, dim, paired);
+                for (int64_t k = 0; k < pairs; k++)
+                    mp[(b * pairs + k) * VNNI_ROWS + r] =
+                        i < dim ? pair(mh[i * dim + 2 * k], 2 * k + 1 < dim ? mh[i * dim + 2 * k + 1] : 0) : 0;
             }
-            head_vnni(mp, qp, nz, count, y + h * dim * tokens, dim, tokens);
-        }
-        PyMem_RawFree(mp);
-        PyMem_RawFree(qp);
-        PyMem_RawFree(nz);
-        return 0;
+        pack_head(q + h * dim * tokens, dim, tokens, qp, nz, count);
+        head_vnni(mp, qp, nz, count, dim, tokens, y ? y + h * dim * tokens : NULL, o, h);
     }
+    PyMem_RawFree(mp);
+    PyMem_RawFree(qp);
+    PyMem_RawFree(nz);
+    return status;
+}
+
+int kvq_untransform_into(const int32_t *q, const int16_t *matrix, int64_t heads, int64_t dim, int64_t tokens,
+                         const KvqOutput *o) {
+    int64_t largest, row_sum;
+    if (!has_vnni() || (o->cos && dim % 8)) return 1;
+    bounds(q, matrix, heads, dim, tokens, &largest, &row_sum);
+    return vnni_fits(largest, row_sum) ? untransform_vnni(q, matrix, heads, dim, tokens, NULL, o) : 1;
+}
+
+int kvq_untransform(const int32_t *q, const int16_t *matrix, int64_t heads, int64_t dim, int64_t tokens, float *y) {
+    int64_t largest, row_sum;
+    bounds(q, matrix, heads, dim, tokens, &largest, &row_sum);
+    if (vnni_fits(largest, row_sum)) return untransform_vnni(q, matrix, heads, dim, tokens, y, NULL);
     if (largest * row_sum >= FLOAT32_EXACT) {
         for (int64_t h = 0; h < heads; h++)
             head_exact(matrix + h * dim * dim, q + h * dim * tokens, y + h * dim * tokens, dim, tokens);
