@@ -74,6 +74,14 @@ static inline int64_t block_row(int64_t b, int r, int64_t dim, int paired) {
 #ifdef KVQ_X86
 #define AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
+/* acc += the int16 pair products of v and the broadcast pair w, summed into int32 lanes (vpdpwssd). In assembly:
+ * GCC's intrinsic copied each accumulator to another register and back at every step. */
+/* An int32 read from int16 storage: M's pairs in place. */
+typedef int32_t __attribute__((may_alias)) pair32;
+static const pair32 zero_pairs[128];  /* a row of padding: dim <= 256 (docs/codec.md, "Transform bytes") */
+
+#define DPWSSD(acc, v, w) __asm__("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(v), "m"(w))
+
 /* Clamped to +-65504, then rounded to the nearest float16, ties to even: dequantize.c's half_of, the same integer
  * and float32 operations on 16 lanes. */
 AVX512_VNNI static inline __m512i half16(__m512 x) {
@@ -111,11 +119,11 @@ AVX512_VNNI static inline __m512 dequantize16(__m512i sums, const KvqOutput *o, 
     return _mm512_add_ps(x, _mm512_set1_ps(o->center[c]));
 }
 
-/* One head with AVX-512 VNNI: mp (blocks, pairs, VNNI_ROWS), M's rows (in block_row's order) as int16 pairs
- * (M[i][2k], M[i][2k+1]) in one int32, and qp (tiles, pairs, VNNI_TILE), q's rows 2k and 2k + 1 interleaved
- * likewise, both padded with zeros to whole blocks of rows and tiles of tokens (the padding adds nothing, and no
- * edge is left to a scalar loop: the int64 edges took most of this function's time on 256-token segments with
- * sinks or a short last chunk). Every sum exact in int32 here. Only the pairs of a tile that hold a nonzero
+/* One head with AVX-512 VNNI: mp (dim, pairs), M's rows as int16 pairs (M[i][2k], M[i][2k+1]) in one int32 (for
+ * an even dim, M's own bytes), and qp (tiles, pairs, VNNI_TILE), q's rows 2k and 2k + 1 interleaved likewise, padded
+ * with zeros to whole tiles of tokens, as blocks of rows are with zero rows (the padding adds nothing, and no edge
+ * is left to a scalar loop: the int64 edges took most of this function's time on 256-token segments with sinks or
+ * a short last chunk). Every sum exact in int32 here. Only the pairs of a tile that hold a nonzero
  * integer are summed, nz[tile * pairs + n] for n < count[tile] (ascending): the others add nothing (a third of
  * them at `small`, half at `tiny`, on SmolLM2, whose trailing components mostly quantize to 0). A list, not a test
  * per pair: the branch on data would mispredict. Named accumulators, not an array: GCC copied an array's eight
@@ -124,7 +132,7 @@ AVX512_VNNI static inline __m512 dequantize16(__m512i sums, const KvqOutput *o, 
  * block is dequantized, rotated where o has tables (paired order) and cast straight from its registers into o's
  * output: no float32 buffer between the product and the output, and 16 lanes where reconstruct_all's portable
  * loops have 4. */
-AVX512_VNNI static void head_vnni(const int32_t *restrict mp, const int32_t *restrict qp, const int32_t *restrict nz,
+AVX512_VNNI static void head_vnni(const pair32 *restrict mp, const int32_t *restrict qp, const int32_t *restrict nz,
                                   const int32_t *restrict count, int64_t dim, int64_t tokens, float *restrict y,
                                   const KvqOutput *o, int64_t h) {
     const int64_t pairs = (dim + 1) / 2, blocks = (dim + VNNI_ROWS - 1) / VNNI_ROWS;
@@ -137,20 +145,23 @@ AVX512_VNNI static void head_vnni(const int32_t *restrict mp, const int32_t *res
         const int32_t *list = nz + tile * pairs, *qt = qp + tile * pairs * VNNI_TILE;
         const __m512 factor = o ? _mm512_maskz_loadu_ps(keep, o->factor + h * o->factor_stride + t0) : _mm512_setzero_ps();
         for (int64_t b = 0; b < blocks; b++) {
-            const int32_t *mb = mp + b * pairs * VNNI_ROWS;
+            const pair32 *w[VNNI_ROWS];
+            for (int r = 0; r < VNNI_ROWS; r++) {
+                const int64_t i = block_row(b, r, dim, paired);
+                w[r] = i < dim ? mp + i * pairs : zero_pairs;
+            }
             __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
             for (int32_t n = 0; n < count[tile]; n++) {
                 const int64_t k = list[n];
                 const __m512i v = _mm512_loadu_si512(qt + k * VNNI_TILE);
-                const int32_t *w = mb + k * VNNI_ROWS;
-                a0 = _mm512_dpwssd_epi32(a0, v, _mm512_set1_epi32(w[0]));
-                a1 = _mm512_dpwssd_epi32(a1, v, _mm512_set1_epi32(w[1]));
-                a2 = _mm512_dpwssd_epi32(a2, v, _mm512_set1_epi32(w[2]));
-                a3 = _mm512_dpwssd_epi32(a3, v, _mm512_set1_epi32(w[3]));
-                a4 = _mm512_dpwssd_epi32(a4, v, _mm512_set1_epi32(w[4]));
-                a5 = _mm512_dpwssd_epi32(a5, v, _mm512_set1_epi32(w[5]));
-                a6 = _mm512_dpwssd_epi32(a6, v, _mm512_set1_epi32(w[6]));
-                a7 = _mm512_dpwssd_epi32(a7, v, _mm512_set1_epi32(w[7]));
+                DPWSSD(a0, v, w[0][k]);
+                DPWSSD(a1, v, w[1][k]);
+                DPWSSD(a2, v, w[2][k]);
+                DPWSSD(a3, v, w[3][k]);
+                DPWSSD(a4, v, w[4][k]);
+                DPWSSD(a5, v, w[5][k]);
+                DPWSSD(a6, v, w[6][k]);
+                DPWSSD(a7, v, w[7][k]);
             }
             const __m512i acc[VNNI_ROWS] = {a0, a1, a2, a3, a4, a5, a6, a7};
             if (!o) {
@@ -215,7 +226,8 @@ static int has_vnni(void) {
 }
 #else
 static int has_vnni(void) { return 0; }
-static void head_vnni(const int32_t *mp, const int32_t *qp, const int32_t *nz, const int32_t *count, int64_t dim,
+typedef int32_t pair32;
+static void head_vnni(const pair32 *mp, const int32_t *qp, const int32_t *nz, const int32_t *count, int64_t dim,
                       int64_t tokens, float *y, const KvqOutput *o, int64_t h) {
     (void)mp, (void)qp, (void)nz, (void)count, (void)dim, (void)tokens, (void)y, (void)o, (void)h;  /* never called */
 }
@@ -262,34 +274,29 @@ static void bounds(const int32_t *q, const int16_t *matrix, int64_t heads, int64
     }
 }
 
-static int vnni_fits(int64_t largest, int64_t row_sum) {
-    return largest < (1 << 15) && largest * row_sum < ((int64_t)1 << 31) && has_vnni();
+static int vnni_fits(int64_t largest, int64_t row_sum, int64_t dim) {
+    return largest < (1 << 15) && largest * row_sum < ((int64_t)1 << 31) && dim <= 256 && has_vnni();
 }
 
-/* Every head through head_vnni, into y or o (see there). The matrices are packed per call: 4 KB (SmolLM2) to 128 KB
- * (Gemma 3) per head, against the segment's dim x tokens products. */
+/* Every head through head_vnni, into y or o (see there). An even dim reads M's pairs where they lie; an odd one
+ * copies each head's rows with a zero after the last column. (Packing M per call took 16% of Gemma 3's
+ * reconstruction: 32 K entries per segment.) */
 static int untransform_vnni(const int32_t *q, const int16_t *matrix, int64_t heads, int64_t dim, int64_t tokens,
                             float *y, const KvqOutput *o) {
-    const int64_t pairs = (dim + 1) / 2, blocks = (dim + VNNI_ROWS - 1) / VNNI_ROWS;
-    const int64_t tiles = (tokens + VNNI_TILE - 1) / VNNI_TILE;
-    const int paired = o && o->cos;
-    int32_t *mp = PyMem_RawMalloc((size_t)(blocks * pairs * VNNI_ROWS) * sizeof(int32_t));
+    const int64_t pairs = (dim + 1) / 2, tiles = (tokens + VNNI_TILE - 1) / VNNI_TILE;
+    int32_t *mp = dim % 2 ? PyMem_RawMalloc((size_t)(dim * pairs) * sizeof(int32_t)) : NULL;
     int32_t *qp = PyMem_RawMalloc((size_t)(tiles * pairs * VNNI_TILE) * sizeof(int32_t));
     int32_t *nz = PyMem_RawMalloc((size_t)(pairs * tiles + tiles) * sizeof(int32_t)), *count = nz + pairs * tiles;
     int status = 0;
-    if (!mp || !qp || !nz)
+    if ((dim % 2 && !mp) || !qp || !nz)
         status = -1;
     for (int64_t h = 0; h < heads && !status; h++) {
         const int16_t *mh = matrix + h * dim * dim;
-        for (int64_t b = 0; b < blocks; b++)
-            for (int r = 0; r < VNNI_ROWS; r++) {
-                const int64_t i = block_row(b, r, dim, paired);
-                for (int64_t k = 0; k < pairs; k++)
-                    mp[(b * pairs + k) * VNNI_ROWS + r] =
-                        i < dim ? pair(mh[i * dim + 2 * k], 2 * k + 1 < dim ? mh[i * dim + 2 * k + 1] : 0) : 0;
-            }
+        for (int64_t i = 0; mp && i < dim; i++)
+            for (int64_t k = 0; k < pairs; k++)
+                mp[i * pairs + k] = pair(mh[i * dim + 2 * k], 2 * k + 1 < dim ? mh[i * dim + 2 * k + 1] : 0);
         pack_head(q + h * dim * tokens, dim, tokens, qp, nz, count);
-        head_vnni(mp, qp, nz, count, dim, tokens, y ? y + h * dim * tokens : NULL, o, h);
+        head_vnni(mp ? mp : (const pair32 *)mh, qp, nz, count, dim, tokens, y ? y + h * dim * tokens : NULL, o, h);
     }
     PyMem_RawFree(mp);
     PyMem_RawFree(qp);
@@ -302,13 +309,13 @@ int kvq_untransform_into(const int32_t *q, const int16_t *matrix, int64_t heads,
     int64_t largest, row_sum;
     if (!has_vnni() || (o->cos && dim % 8)) return 1;
     bounds(q, matrix, heads, dim, tokens, &largest, &row_sum);
-    return vnni_fits(largest, row_sum) ? untransform_vnni(q, matrix, heads, dim, tokens, NULL, o) : 1;
+    return vnni_fits(largest, row_sum, dim) ? untransform_vnni(q, matrix, heads, dim, tokens, NULL, o) : 1;
 }
 
 int kvq_untransform(const int32_t *q, const int16_t *matrix, int64_t heads, int64_t dim, int64_t tokens, float *y) {
     int64_t largest, row_sum;
     bounds(q, matrix, heads, dim, tokens, &largest, &row_sum);
-    if (vnni_fits(largest, row_sum)) return untransform_vnni(q, matrix, heads, dim, tokens, y, NULL);
+    if (vnni_fits(largest, row_sum, dim)) return untransform_vnni(q, matrix, heads, dim, tokens, y, NULL);
     if (largest * row_sum >= FLOAT32_EXACT) {
         for (int64_t h = 0; h < heads; h++)
             head_exact(matrix + h * dim * dim, q + h * dim * tokens, y + h * dim * tokens, dim, tokens);
