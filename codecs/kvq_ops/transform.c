@@ -103,21 +103,24 @@ AVX512_VNNI static inline __m512i bfloat16(__m512 x) {
 }
 
 /* The `keep` lanes of x into dst, cast to the cache dtype. */
-AVX512_VNNI static inline void store16(char *dst, __mmask16 keep, __m512 x, int dtype) {
+AVX512_VNNI static inline __attribute__((always_inline)) void store16(char *dst, __mmask16 keep, __m512 x,
+                                                                      const int dtype) {
     if (dtype == F32)
         _mm512_mask_storeu_ps(dst, keep, x);
     else
         _mm256_mask_storeu_epi16(dst, keep, _mm512_cvtepi32_epi16(dtype == F16 ? half16(x) : bfloat16(x)));
 }
 
-/* Step 1 of "Reconstruction" on the exact sums of channel c: float32(M q) * 2^-10 (exact), * step, * token factor,
- * + center, each a separate float32 operation. */
-AVX512_VNNI static inline __m512 dequantize16(__m512i sums, const KvqOutput *o, int64_t c, __m512 factor) {
+/* Step 1 of "Reconstruction" on the exact sums of one channel: float32(M q) * 2^-10 (exact), * step, * token
+ * factor, + center, each a separate float32 operation. */
+AVX512_VNNI static inline __m512 dequantize16(__m512i sums, float step, float center, __m512 factor) {
     __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(0x1p-10f));
-    x = _mm512_mul_ps(x, _mm512_set1_ps(o->step[c]));
+    x = _mm512_mul_ps(x, _mm512_set1_ps(step));
     x = _mm512_mul_ps(x, factor);
-    return _mm512_add_ps(x, _mm512_set1_ps(o->center[c]));
+    return _mm512_add_ps(x, _mm512_set1_ps(center));
 }
+
+#define BUFFER (-1) /* head_vnni_as's dtype for y */
 
 /* One head with AVX-512 VNNI: mp (dim, pairs), M's rows as int16 pairs (M[i][2k], M[i][2k+1]) in one int32 (for
  * an even dim, M's own bytes), and qp (tiles, pairs, VNNI_TILE), q's rows 2k and 2k + 1 interleaved likewise, padded
@@ -132,18 +135,26 @@ AVX512_VNNI static inline __m512 dequantize16(__m512i sums, const KvqOutput *o, 
  * block is dequantized, rotated where o has tables (paired order) and cast straight from its registers into o's
  * output: no float32 buffer between the product and the output, and 16 lanes where reconstruct_all's portable
  * loops have 4. */
-AVX512_VNNI static void head_vnni(const pair32 *restrict mp, const int32_t *restrict qp, const int32_t *restrict nz,
-                                  const int32_t *restrict count, int64_t dim, int64_t tokens, float *restrict y,
-                                  const KvqOutput *o, int64_t h) {
+AVX512_VNNI static inline __attribute__((always_inline)) void
+head_vnni_as(const pair32 *restrict mp, const int32_t *restrict qp, const int32_t *restrict nz,
+             const int32_t *restrict count, int64_t dim, int64_t tokens, float *restrict y, const KvqOutput *o,
+             int64_t h, const int dtype, const int paired) {
     const int64_t pairs = (dim + 1) / 2, blocks = (dim + VNNI_ROWS - 1) / VNNI_ROWS;
     const int64_t tiles = (tokens + VNNI_TILE - 1) / VNNI_TILE;
-    const int paired = o && o->cos;
-    const size_t item = o && o->dtype != F32 ? 2 : 4;
+    /* o's fields in locals: the stores through char * below could otherwise change them, as far as GCC knows, and
+     * it reloaded them after each one. */
+    const size_t item = dtype == F32 || dtype == BUFFER ? 4 : 2;
+    const float *center = o ? o->center + h * dim : NULL, *step = o ? o->step + h * dim : NULL;
+    const float *factors = o ? o->factor + h * o->factor_stride : NULL;
+    const float *cos = o ? o->cos : NULL, *sin = o ? o->sin : NULL;
+    char *const out = o ? o->out + (size_t)(h * o->sh) * item : NULL;
+    const int64_t sd = o ? o->sd : 0;
     for (int64_t tile = 0; tile < tiles; tile++) {
         const int64_t t0 = tile * VNNI_TILE, left = tokens - t0;
         const __mmask16 keep = left >= VNNI_TILE ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
         const int32_t *list = nz + tile * pairs, *qt = qp + tile * pairs * VNNI_TILE;
-        const __m512 factor = o ? _mm512_maskz_loadu_ps(keep, o->factor + h * o->factor_stride + t0) : _mm512_setzero_ps();
+        const __m512 factor = dtype == BUFFER ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(keep, factors + t0);
+        char *const at = out ? out + (size_t)t0 * item : NULL;
         for (int64_t b = 0; b < blocks; b++) {
             const pair32 *w[VNNI_ROWS];
             for (int r = 0; r < VNNI_ROWS; r++) {
@@ -164,32 +175,44 @@ AVX512_VNNI static void head_vnni(const pair32 *restrict mp, const int32_t *rest
                 DPWSSD(a7, v, w[7][k]);
             }
             const __m512i acc[VNNI_ROWS] = {a0, a1, a2, a3, a4, a5, a6, a7};
-            if (!o) {
-                for (int r = 0; r < VNNI_ROWS && block_row(b, r, dim, 0) < dim; r++)
-                    _mm512_mask_storeu_ps(y + block_row(b, r, dim, 0) * tokens + t0, keep, _mm512_cvtepi32_ps(acc[r]));
-                continue;
-            }
-            char *head = o->out + (size_t)(h * o->sh + t0) * item;
-            if (!paired) {
-                for (int r = 0; r < VNNI_ROWS && block_row(b, r, dim, 0) < dim; r++) {
-                    const int64_t d = block_row(b, r, dim, 0);
-                    store16(head + (size_t)(d * o->sd) * item, keep, dequantize16(acc[r], o, h * dim + d, factor), o->dtype);
+            if (paired) {
+                for (int r = 0; r < 4; r++) {  /* step 2: rows d and d + dim/2 by token t's angle for pair d */
+                    const int64_t d = 4 * b + r, d2 = d + dim / 2;
+                    const __m512 x = dequantize16(acc[r], step[d], center[d], factor);
+                    const __m512 x2 = dequantize16(acc[r + 4], step[d2], center[d2], factor);
+                    const __m512 cs = _mm512_maskz_loadu_ps(keep, cos + d * tokens + t0);
+                    const __m512 sn = _mm512_maskz_loadu_ps(keep, sin + d * tokens + t0);
+                    const __m512 first = _mm512_sub_ps(_mm512_mul_ps(x, cs), _mm512_mul_ps(x2, sn));
+                    const __m512 second = _mm512_add_ps(_mm512_mul_ps(x2, cs), _mm512_mul_ps(x, sn));
+                    store16(at + (size_t)(d * sd) * item, keep, first, dtype);
+                    store16(at + (size_t)(d2 * sd) * item, keep, second, dtype);
                 }
                 continue;
             }
-            for (int r = 0; r < 4; r++) {  /* step 2: rows d and d + dim/2 by token t's angle for pair d */
-                const int64_t d = 4 * b + r, d2 = d + dim / 2;
-                const __m512 x = dequantize16(acc[r], o, h * dim + d, factor);
-                const __m512 x2 = dequantize16(acc[r + 4], o, h * dim + d2, factor);
-                const __m512 cs = _mm512_maskz_loadu_ps(keep, o->cos + d * tokens + t0);
-                const __m512 sn = _mm512_maskz_loadu_ps(keep, o->sin + d * tokens + t0);
-                const __m512 first = _mm512_sub_ps(_mm512_mul_ps(x, cs), _mm512_mul_ps(x2, sn));
-                const __m512 second = _mm512_add_ps(_mm512_mul_ps(x2, cs), _mm512_mul_ps(x, sn));
-                store16(head + (size_t)(d * o->sd) * item, keep, first, o->dtype);
-                store16(head + (size_t)(d2 * o->sd) * item, keep, second, o->dtype);
+            for (int r = 0; r < VNNI_ROWS; r++) {
+                const int64_t d = block_row(b, r, dim, 0);
+                if (d >= dim) break;
+                if (dtype == BUFFER)
+                    _mm512_mask_storeu_ps(y + d * tokens + t0, keep, _mm512_cvtepi32_ps(acc[r]));
+                else
+                    store16(at + (size_t)(d * sd) * item, keep, dequantize16(acc[r], step[d], center[d], factor), dtype);
             }
         }
     }
+}
+
+/* head_vnni_as compiled for each output: the dtype and the rotation constants in each copy. */
+AVX512_VNNI static void head_vnni(const pair32 *restrict mp, const int32_t *restrict qp, const int32_t *restrict nz,
+                                  const int32_t *restrict count, int64_t dim, int64_t tokens, float *restrict y,
+                                  const KvqOutput *o, int64_t h) {
+#define AS(dtype, paired) head_vnni_as(mp, qp, nz, count, dim, tokens, y, o, h, dtype, paired)
+    if (!o)
+        AS(BUFFER, 0);
+    else if (o->cos)
+        o->dtype == F32 ? AS(F32, 1) : o->dtype == F16 ? AS(F16, 1) : AS(BF16, 1);
+    else
+        o->dtype == F32 ? AS(F32, 0) : o->dtype == F16 ? AS(F16, 0) : AS(BF16, 0);
+#undef AS
 }
 
 /* One head's integers q (dim, tokens) into qp (tiles, pairs, VNNI_TILE) as head_vnni takes them, zero-padded, with
