@@ -1,7 +1,7 @@
 /* kvq's reconstruction on the CPU (the C form of codecs/kvq_ops/dequantize.py): a segment's joint symbols
  * expanded, dequantized, rotated back (keys) and cast straight into the cache tensor, in one pass over each
- * element with the GIL released; for version 4's transform, with the exact M q (transform.c) between the
- * expansion and the dequantization. The torch form beside it is the reference; tests/test_kvq_ops.py holds the
+ * element with the GIL released; for version 4's transform, the exact M q (transform.c) after the expansion,
+ * dequantized there from the product's registers where it can, else here from a float32 buffer. The torch form beside it is the reference; tests/test_kvq_ops.py holds the
  * forms to the same bits. */
 #include "_symbols.h"
 #include "_kvq.h"

@@ -1,6 +1,8 @@
 /* kvq version 4's inverse transform on the CPU (the C form of codecs/kvq_ops/transform.py's untransform_ref):
  * per head, M q for the int16 matrix M (dim, dim) and a segment's integers q (dim, tokens), exactly. reconstruct
- * (dequantize.c) calls it between the expansion and the dequantization, with the GIL released.
+ * (dequantize.c) calls it after the expansion, with the GIL released: kvq_untransform_into dequantizes, rotates and
+ * casts the sums straight into a channel-major output (kvfile.decode's), kvq_untransform writes them to a float32
+ * buffer for reconstruct_all (any other output, or where the first does not apply).
  *
  * Exact in any summation order (docs/codec.md, "Reconstruction"), by the bound B = max|q| times M's largest row sum
  * of |M|, which bounds every partial sum: where the CPU has AVX-512 VNNI, every |q| fits int16 and B < 2^31, int16
