@@ -302,16 +302,14 @@ def test_reconstruct_transformed_rounding(dtype, rope):
 
 @pytest.mark.parametrize("wide", [False, "mid", True])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads,tokens,dim", SHAPES + [(2, 37, 256), (2, 21, 7)])
-@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("heads,tokens,dim,rope", [(*shape, rope) for shape in SHAPES + [(2, 37, 256)]
+                                                    for rope in (False, True)] + [(2, 21, 7, False)])
 def test_reconstruct_transformed(dtype, heads, tokens, dim, rope, wide):
     """A transformed segment's reconstruction in C (dequantize.reconstruct with the matrices: transform.c's M q in
     each of its regimes, transform_case) against the torch reference, into the output layouts of test_dequantize.
     Channel-major outputs take transform.c's direct path with AVX-512 VNNI (its rotation in paired row blocks
     where dim is a multiple of 8, the last 16-token tile partial for most shapes, an odd dim's matrix padded), the
-    others its float32 buffer."""
-    if rope and dim % 2:
-        pytest.skip("keys rotate pairs of channels: an odd dim has no rotation")
+    others its float32 buffer. (Keys rotate pairs of channels: an odd dim has no rotation.)"""
     rng = np.random.default_rng(heads * 1000 + tokens * 10 + dim + 7 + (wide is True) + 2 * (wide == "mid"))
     matrix, q = transform_case(rng, heads, tokens, dim, wide)
     center = torch.from_numpy(rng.standard_normal((heads, dim)).astype(np.float32) * 100).half().float()
