@@ -2,11 +2,12 @@
 same decode with reconstruction in torch (KvqDecoder.dequantize_body_ref, the path before the fused C one),
 interleaved in one process so that their ratio survives a shared machine.
 
-    python bench/decode.py [--document FILE] [--tokens 2048] [--presets balanced lossless ...] [--repeats 5]
+    python bench/decode.py [--model M] [--document FILE] [--tokens 2048] [--presets balanced lossless ...] [--repeats 5]
                            [--threads N] [--kvq-versions 3 4] [--transform fit|DICT.kvd]
 
 One JSON line per preset: elements, bits per element, decode seconds (median, min, max over the repeats, each
-after a warm-up), elements per second from the median, and for kvq presets the torch-reconstruction seconds
+after a warm-up) and the process's CPU seconds per decode (all threads; steadier than wall time when other work
+shares the cores), elements per second from the median, and for kvq presets the torch-reconstruction seconds
 and the speed-up. With --transform, each lossy preset is also written as version 4 with the per-head transform
 (bench/xf_dictionary.py; "fit" learns it on the calibration texts and saves it in $KVCLI_CACHE_DIR: point that at a
 temporary directory), its line marked "transform": true. Timings depend on load: run it on a quiet machine for
@@ -30,20 +31,22 @@ from kvcli.modeling import inference, models
 from kvcli.reuse import pipeline
 
 
-def decode_seconds(src, header, threads: int | None, torch_reconstruct: bool) -> float:
+def decode_seconds(src, header, threads: int | None, torch_reconstruct: bool) -> tuple[float, float]:
+    """Wall and process CPU seconds of one decode (CPU time, all threads, moves less with other work on the machine)."""
     fused = KvqDecoder.dequantize_body
     if torch_reconstruct:  # the same decode, every body rebuilt by the torch reference instead
         KvqDecoder.dequantize_body = KvqDecoder.dequantize_body_ref
     try:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         kvfile.decode(src, header, threads=threads)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
     finally:
         KvqDecoder.dequantize_body = fused
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", help="model directory or .gguf file [default: the bundled model]")
     ap.add_argument("--document", default=str(DEFAULT_CORPUS / "python-tutorial-controlflow.txt"))
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--presets", nargs="+", default=["balanced", "small", "high", "lossless"])
@@ -54,7 +57,7 @@ def main() -> None:
     ap.add_argument("--transform", help="also version 4 with the per-head transform: fit, or a dictionary file")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    lm = models.load(None, "float32")
+    lm = models.load(args.model, "float32")
     ids = inference.document_ids(lm, open(args.document, encoding="utf-8").read())[: args.tokens]
     ref = quality.reference(lm, ids)
     elements = sum(k.numel() + v.numel() for k, v in zip(ref.kv.keys, ref.kv.values))
@@ -78,17 +81,21 @@ def main() -> None:
             variants = [False, True] if header.codec["name"] == "kvq" else [False]
             for v in variants:  # warm-up
                 decode_seconds(src, header, args.threads, v)
-            files.append((preset, version, len(data), src, header, {v: [] for v in variants}))
+            files.append((preset, version, len(data), src, header, {v: [] for v in variants}, []))
     # Every file's repeats interleaved, so that versions and presets see the same load.
     for _ in range(args.repeats):
-        for *_, src, header, times in files:
+        for *_, src, header, times, cpu in files:
             for v in times:
-                times[v].append(decode_seconds(src, header, args.threads, v))
-    for preset, version, size, src, header, times in files:
+                wall, used = decode_seconds(src, header, args.threads, v)
+                times[v].append(wall)
+                if not v:
+                    cpu.append(used)
+    for preset, version, size, src, header, times, cpu in files:
         fast = statistics.median(times[False])
-        record = {"bench": "decode", "preset": preset, "document": args.document.rsplit("/", 1)[-1],
+        record = {"bench": "decode", "preset": preset, "model": lm.name, "document": args.document.rsplit("/", 1)[-1],
                   "tokens": ref.kv.num_tokens, "elements": elements, "bits_per_element": round(8 * size / elements, 4),
-                  "decode_s": spread(times[False]), "decode_elements_per_s": round(elements / fast)}
+                  "decode_s": spread(times[False]), "decode_cpu_s": spread(cpu),
+                  "decode_elements_per_s": round(elements / fast)}
         if version is not None:
             slow = statistics.median(times[True])
             record |= {"kvq_version": 4 if version == "4+xf" else version, "transform": version == "4+xf",

@@ -270,13 +270,46 @@ def test_untransform(device, heads, tokens, dim, wide):
         assert torch.equal(bits(got.cpu()), bits(want))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rope", [False, True])
+def test_reconstruct_transformed_rounding(dtype, rope):
+    """The casts of transform.c's direct path (16 lanes) at their edges, against the torch reference: with M = 2^10 I
+    the values are q * step exactly (then a centre of 1/2 on one channel), so odd integers past 2^11 and 2^8 are
+    float16 and bfloat16 ties, steps of 2^-24 and 2^-25 put integers among float16 subnormals and their ties, and a
+    step of 4 takes values past 65504, where float16 clamps. 40 tokens: a partial last tile."""
+    heads, dim, tokens = 1, 16, 40
+    matrix = np.eye(dim, dtype=np.int16)[None] * np.int16(1 << 10)
+    t = np.arange(tokens)
+    rows = [2049 + 2 * t, t - 20, 2 * t - 39, 16370 + t, 4097 + 2 * t, 500 * t + 1, 2 * t + 1, 257 + 2 * t]
+    q = np.array(rows + [-r for r in rows], np.int32)[None]
+    step = torch.tensor([[1.0, 2.0**-24, 2.0**-25, 4.0, 1.0, 2.0**-20, 0.75, 1.0] * 2], dtype=torch.float32)
+    center = torch.zeros((heads, dim), dtype=torch.float32)
+    center[0, 4] = 0.5
+    symbols, tables = as_symbols(q)
+    name = {torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
+    freq = inv_freq(dim) if rope else None
+    want = torch.empty((heads, tokens, dim), dtype=dtype)
+    dequantize.reconstruct_ref(symbols, tables, center, step, freq, 0, None, want, name, torch.from_numpy(matrix))
+    for out in (torch.full((heads, dim, tokens), float("nan"), dtype=dtype).transpose(1, 2),
+                torch.empty((heads, tokens, dim), dtype=dtype)):
+        dequantize.reconstruct(symbols, tables, center.reshape(-1).numpy(), step.reshape(-1).numpy(), freq, 0, None,
+                               out, matrix)
+        assert torch.equal(bits(out), bits(want))
+    if dtype == torch.float16 and not rope:  # the edges are there
+        values = want.float().abs()
+        assert values.max() == 65504 and ((values < 2.0**-14) & (values > 0)).any()
+
+
 @pytest.mark.parametrize("wide", [False, "mid", True])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads,tokens,dim", SHAPES + [(2, 37, 256)])
-@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("heads,tokens,dim,rope", [(*shape, rope) for shape in SHAPES + [(2, 37, 256)]
+                                                    for rope in (False, True)] + [(2, 21, 7, False)])
 def test_reconstruct_transformed(dtype, heads, tokens, dim, rope, wide):
     """A transformed segment's reconstruction in C (dequantize.reconstruct with the matrices: transform.c's M q in
-    each of its regimes, transform_case) against the torch reference, into the output layouts of test_dequantize."""
+    each of its regimes, transform_case) against the torch reference, into the output layouts of test_dequantize.
+    Channel-major outputs take transform.c's direct path with AVX-512 VNNI (its rotation in paired row blocks
+    where dim is a multiple of 8, the last 16-token tile partial for most shapes, an odd dim's matrix padded), the
+    others its float32 buffer. (Keys rotate pairs of channels: an odd dim has no rotation.)"""
     rng = np.random.default_rng(heads * 1000 + tokens * 10 + dim + 7 + (wide is True) + 2 * (wide == "mid"))
     matrix, q = transform_case(rng, heads, tokens, dim, wide)
     center = torch.from_numpy(rng.standard_normal((heads, dim)).astype(np.float32) * 100).half().float()

@@ -41,4 +41,25 @@ KVQ_EXPORT PyObject *kvq_quantize_components(PyObject *self, PyObject *args);
 KVQ_EXPORT int kvq_untransform(const int32_t *q, const int16_t *matrix, int64_t heads, int64_t dim, int64_t tokens,
                                float *y);
 
+/* The cache dtypes reconstruct writes. */
+enum { F32 = 0, F16 = 1, BF16 = 2 };
+
+/* A segment's output and what step 1 and 2 of "Reconstruction" need (dequantize.c's reconstruct_all, per head h):
+ * center and step per channel (heads * dim), factor + h * factor_stride the head's token factors (ones with stride
+ * 0), cos and sin (dim / 2, tokens) or NULL, and element (h, t, d) at out + (h * sh + d * sd + t) items of dtype:
+ * channel-major, each channel's tokens contiguous. */
+typedef struct {
+    const float *center, *step, *factor, *cos, *sin;
+    int64_t factor_stride, sh, sd;
+    char *out;
+    int dtype;
+} KvqOutput;
+
+/* transform.c: M q, dequantized, rotated and cast straight into o's output, the values of kvq_untransform then
+ * reconstruct_all, bit for bit, without the float32 buffer between them. 1 (nothing written) where it does not
+ * apply: no AVX-512 VNNI, integers past its bound, or keys whose dim is not a multiple of 8; -1 when out of
+ * memory. */
+KVQ_EXPORT int kvq_untransform_into(const int32_t *q, const int16_t *matrix, int64_t heads, int64_t dim,
+                                    int64_t tokens, const KvqOutput *o);
+
 #endif

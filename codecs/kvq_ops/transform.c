@@ -1,6 +1,8 @@
 /* kvq version 4's inverse transform on the CPU (the C form of codecs/kvq_ops/transform.py's untransform_ref):
  * per head, M q for the int16 matrix M (dim, dim) and a segment's integers q (dim, tokens), exactly. reconstruct
- * (dequantize.c) calls it between the expansion and the dequantization, with the GIL released.
+ * (dequantize.c) calls it after the expansion, with the GIL released: kvq_untransform_into dequantizes, rotates and
+ * casts the sums straight into a channel-major output (kvfile.decode's), kvq_untransform writes them to a float32
+ * buffer for reconstruct_all (any other output, or where the first does not apply).
  *
  * Exact in any summation order (docs/codec.md, "Reconstruction"), by the bound B = max|q| times M's largest row sum
  * of |M|, which bounds every partial sum: where the CPU has AVX-512 VNNI, every |q| fits int16 and B < 2^31, int16
@@ -64,40 +66,178 @@ static void head_f32(const float *restrict m, const float *restrict qf, float *r
 #define VNNI_ROWS 8  /* output rows per block, one 16-token int32 accumulator each */
 #define VNNI_TILE 16
 
-#ifdef KVQ_X86
+/* Row r of block b in the VNNI product's order: eight consecutive rows, or for keys to be rotated rows 4b to 4b + 3
+ * and their rotary partners dim/2 + 4b to dim/2 + 4b + 3 (dim a multiple of 8), so that a block holds both halves
+ * of four pairs. Rows past dim (padding) have zero matrix entries. */
+static inline int64_t block_row(int64_t b, int r, int64_t dim, int paired) {
+    return paired ? (r < 4 ? 4 * b + r : dim / 2 + 4 * b + r - 4) : b * VNNI_ROWS + r;
+}
 
-/* One head with AVX-512 VNNI: y (dim, tokens) from mp (dim, pairs), M's rows as int16 pairs (M[i][2k], M[i][2k+1])
- * in one int32, and qp (pairs, tokens), q's rows 2k and 2k + 1 interleaved likewise; every sum exact in int32
- * here, converted to float32 (rounded to nearest, ties to even). Blocks of VNNI_ROWS rows and 16 tokens; the
- * edges one int64 sum at a time from m and q. Only the pairs of a 16-token tile that hold a nonzero integer are
- * summed, nz[tile * pairs + n] for n < count[tile] (ascending): the others add nothing (a third of them at `small`,
- * half at `tiny`, on SmolLM2, whose trailing components mostly quantize to 0). A list, not a test per pair: the
- * branch on data would mispredict. */
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-static void head_vnni(const int32_t *restrict mp, const int32_t *restrict qp, const int32_t *restrict nz,
-                      const int32_t *restrict count, const int16_t *restrict m, const int32_t *restrict q,
-                      float *restrict y, int64_t dim, int64_t tokens) {
-    const int64_t pairs = (dim + 1) / 2, rows = dim - dim % VNNI_ROWS, cols = tokens - tokens % VNNI_TILE;
-    for (int64_t i0 = 0; i0 < rows; i0 += VNNI_ROWS)
-        for (int64_t t0 = 0; t0 < cols; t0 += VNNI_TILE) {
-            __m512i acc[VNNI_ROWS];
-            for (int r = 0; r < VNNI_ROWS; r++) acc[r] = _mm512_setzero_si512();
-            const int32_t *list = nz + t0 / VNNI_TILE * pairs;
-            for (int32_t n = 0; n < count[t0 / VNNI_TILE]; n++) {
-                const int64_t k = list[n];
-                const __m512i v = _mm512_loadu_si512(qp + k * tokens + t0);
-                for (int r = 0; r < VNNI_ROWS; r++)
-                    acc[r] = _mm512_dpwssd_epi32(acc[r], v, _mm512_set1_epi32(mp[(i0 + r) * pairs + k]));
+#ifdef KVQ_X86
+#define AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+/* acc += the int16 pair products of v and the broadcast pair w, summed into int32 lanes (vpdpwssd). In assembly:
+ * GCC's intrinsic copied each accumulator to another register and back at every step. */
+/* An int32 read from int16 storage: M's pairs in place. */
+typedef int32_t __attribute__((may_alias)) pair32;
+static const pair32 zero_pairs[128];  /* a row of padding: dim <= 256 (docs/codec.md, "Transform bytes") */
+
+#define DPWSSD(acc, v, w) __asm__("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(v), "m"(w))
+
+/* Clamped to +-65504, then rounded to the nearest float16, ties to even: dequantize.c's half_of, the same integer
+ * and float32 operations on 16 lanes. */
+AVX512_VNNI static inline __m512i half16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-65504.0f)), _mm512_set1_ps(65504.0f));
+    const __m512i u = _mm512_castps_si512(x), a = _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF));
+    const __m512i sub = _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(_mm512_castsi512_ps(a), _mm512_set1_ps(0.5f))),
+                                         _mm512_set1_epi32(0x3F000000));
+    __m512i normal = _mm512_add_epi32(_mm512_sub_epi32(a, _mm512_set1_epi32(0x38000000)), _mm512_set1_epi32(0xFFF));
+    normal = _mm512_srli_epi32(_mm512_add_epi32(normal, _mm512_and_si512(_mm512_srli_epi32(a, 13), _mm512_set1_epi32(1))), 13);
+    const __m512i magnitude = _mm512_mask_blend_epi32(_mm512_cmplt_epu32_mask(a, _mm512_set1_epi32(0x38800000)), normal, sub);
+    return _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x8000)), magnitude);
+}
+
+/* dequantize.c's bfloat_of on 16 lanes. */
+AVX512_VNNI static inline __m512i bfloat16(__m512 x) {
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    return _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
+}
+
+/* The `keep` lanes of x into dst, cast to the cache dtype. */
+AVX512_VNNI static inline __attribute__((always_inline)) void store16(char *dst, __mmask16 keep, __m512 x,
+                                                                      const int dtype) {
+    if (dtype == F32)
+        _mm512_mask_storeu_ps(dst, keep, x);
+    else
+        _mm256_mask_storeu_epi16(dst, keep, _mm512_cvtepi32_epi16(dtype == F16 ? half16(x) : bfloat16(x)));
+}
+
+/* Step 1 of "Reconstruction" on the exact sums of one channel: float32(M q) * 2^-10 (exact), * step, * token
+ * factor, + center, each a separate float32 operation. */
+AVX512_VNNI static inline __m512 dequantize16(__m512i sums, float step, float center, __m512 factor) {
+    __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(0x1p-10f));
+    x = _mm512_mul_ps(x, _mm512_set1_ps(step));
+    x = _mm512_mul_ps(x, factor);
+    return _mm512_add_ps(x, _mm512_set1_ps(center));
+}
+
+#define BUFFER (-1) /* head_vnni_as's dtype for y */
+
+/* One head with AVX-512 VNNI: mp (dim, pairs), M's rows as int16 pairs (M[i][2k], M[i][2k+1]) in one int32 (for
+ * an even dim, M's own bytes), and qp (tiles, pairs, VNNI_TILE), q's rows 2k and 2k + 1 interleaved likewise, padded
+ * with zeros to whole tiles of tokens, as blocks of rows are with zero rows (the padding adds nothing, and no edge
+ * is left to a scalar loop: the int64 edges took most of this function's time on 256-token segments with sinks or
+ * a short last chunk). Every sum exact in int32 here. Only the pairs of a tile that hold a nonzero
+ * integer are summed, nz[tile * pairs + n] for n < count[tile] (ascending): the others add nothing (a third of
+ * them at `small`, half at `tiny`, on SmolLM2, whose trailing components mostly quantize to 0). A list, not a test
+ * per pair: the branch on data would mispredict. Named accumulators, not an array: GCC copied an array's eight
+ * registers twice per step.
+ * Without o, the sums go to y (dim, tokens) as float32 (rounded to nearest, ties to even). With o (head h), each
+ * block is dequantized, rotated where o has tables (paired order) and cast straight from its registers into o's
+ * output: no float32 buffer between the product and the output, and 16 lanes where reconstruct_all's portable
+ * loops have 4. */
+AVX512_VNNI static inline __attribute__((always_inline)) void
+head_vnni_as(const pair32 *restrict mp, const int32_t *restrict qp, const int32_t *restrict nz,
+             const int32_t *restrict count, int64_t dim, int64_t tokens, float *restrict y, const KvqOutput *o,
+             int64_t h, const int dtype, const int paired) {
+    const int64_t pairs = (dim + 1) / 2, blocks = (dim + VNNI_ROWS - 1) / VNNI_ROWS;
+    const int64_t tiles = (tokens + VNNI_TILE - 1) / VNNI_TILE;
+    /* o's fields in locals: the stores through char * below could otherwise change them, as far as GCC knows, and
+     * it reloaded them after each one. */
+    const size_t item = dtype == F32 || dtype == BUFFER ? 4 : 2;
+    const float *center = o ? o->center + h * dim : NULL, *step = o ? o->step + h * dim : NULL;
+    const float *factors = o ? o->factor + h * o->factor_stride : NULL;
+    const float *cos = o ? o->cos : NULL, *sin = o ? o->sin : NULL;
+    char *const out = o ? o->out + (size_t)(h * o->sh) * item : NULL;
+    const int64_t sd = o ? o->sd : 0;
+    for (int64_t tile = 0; tile < tiles; tile++) {
+        const int64_t t0 = tile * VNNI_TILE, left = tokens - t0;
+        const __mmask16 keep = left >= VNNI_TILE ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        const int32_t *list = nz + tile * pairs, *qt = qp + tile * pairs * VNNI_TILE;
+        const __m512 factor = dtype == BUFFER ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(keep, factors + t0);
+        char *const at = out ? out + (size_t)t0 * item : NULL;
+        for (int64_t b = 0; b < blocks; b++) {
+            const pair32 *w[VNNI_ROWS];
+            for (int r = 0; r < VNNI_ROWS; r++) {
+                const int64_t i = block_row(b, r, dim, paired);
+                w[r] = i < dim ? mp + i * pairs : zero_pairs;
             }
-            for (int r = 0; r < VNNI_ROWS; r++)
-                _mm512_storeu_ps(y + (i0 + r) * tokens + t0, _mm512_cvtepi32_ps(acc[r]));
+            __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+            for (int32_t n = 0; n < count[tile]; n++) {
+                const int64_t k = list[n];
+                const __m512i v = _mm512_loadu_si512(qt + k * VNNI_TILE);
+                DPWSSD(a0, v, w[0][k]);
+                DPWSSD(a1, v, w[1][k]);
+                DPWSSD(a2, v, w[2][k]);
+                DPWSSD(a3, v, w[3][k]);
+                DPWSSD(a4, v, w[4][k]);
+                DPWSSD(a5, v, w[5][k]);
+                DPWSSD(a6, v, w[6][k]);
+                DPWSSD(a7, v, w[7][k]);
+            }
+            const __m512i acc[VNNI_ROWS] = {a0, a1, a2, a3, a4, a5, a6, a7};
+            if (paired) {
+                for (int r = 0; r < 4; r++) {  /* step 2: rows d and d + dim/2 by token t's angle for pair d */
+                    const int64_t d = 4 * b + r, d2 = d + dim / 2;
+                    const __m512 x = dequantize16(acc[r], step[d], center[d], factor);
+                    const __m512 x2 = dequantize16(acc[r + 4], step[d2], center[d2], factor);
+                    const __m512 cs = _mm512_maskz_loadu_ps(keep, cos + d * tokens + t0);
+                    const __m512 sn = _mm512_maskz_loadu_ps(keep, sin + d * tokens + t0);
+                    const __m512 first = _mm512_sub_ps(_mm512_mul_ps(x, cs), _mm512_mul_ps(x2, sn));
+                    const __m512 second = _mm512_add_ps(_mm512_mul_ps(x2, cs), _mm512_mul_ps(x, sn));
+                    store16(at + (size_t)(d * sd) * item, keep, first, dtype);
+                    store16(at + (size_t)(d2 * sd) * item, keep, second, dtype);
+                }
+                continue;
+            }
+            for (int r = 0; r < VNNI_ROWS; r++) {
+                const int64_t d = block_row(b, r, dim, 0);
+                if (d >= dim) break;
+                if (dtype == BUFFER)
+                    _mm512_mask_storeu_ps(y + d * tokens + t0, keep, _mm512_cvtepi32_ps(acc[r]));
+                else
+                    store16(at + (size_t)(d * sd) * item, keep, dequantize16(acc[r], step[d], center[d], factor), dtype);
+            }
         }
-    for (int64_t i = 0; i < dim; i++)
-        for (int64_t t = i < rows ? cols : 0; t < tokens; t++) {
-            int64_t s = 0;
-            for (int64_t j = 0; j < dim; j++) s += (int64_t)m[i * dim + j] * q[j * tokens + t];
-            y[i * tokens + t] = (float)s;
+    }
+}
+
+/* head_vnni_as compiled for each output: the dtype and the rotation constants in each copy. */
+AVX512_VNNI static void head_vnni(const pair32 *restrict mp, const int32_t *restrict qp, const int32_t *restrict nz,
+                                  const int32_t *restrict count, int64_t dim, int64_t tokens, float *restrict y,
+                                  const KvqOutput *o, int64_t h) {
+#define AS(dtype, paired) head_vnni_as(mp, qp, nz, count, dim, tokens, y, o, h, dtype, paired)
+    if (!o)
+        AS(BUFFER, 0);
+    else if (o->cos)
+        o->dtype == F32 ? AS(F32, 1) : o->dtype == F16 ? AS(F16, 1) : AS(BF16, 1);
+    else
+        o->dtype == F32 ? AS(F32, 0) : o->dtype == F16 ? AS(F16, 0) : AS(BF16, 0);
+#undef AS
+}
+
+/* One head's integers q (dim, tokens) into qp (tiles, pairs, VNNI_TILE) as head_vnni takes them, zero-padded, with
+ * each tile's list of pairs that are not zero (appended without a branch on the data). */
+AVX512_VNNI static void pack_head(const int32_t *restrict q, int64_t dim, int64_t tokens, int32_t *restrict qp,
+                                  int32_t *restrict nz, int32_t *restrict count) {
+    const int64_t pairs = (dim + 1) / 2, tiles = (tokens + VNNI_TILE - 1) / VNNI_TILE;
+    const __m512i low = _mm512_set1_epi32(0xFFFF);
+    for (int64_t tile = 0; tile < tiles; tile++) {
+        const int64_t t0 = tile * VNNI_TILE, left = tokens - t0;
+        const __mmask16 keep = left >= VNNI_TILE ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        int32_t n = 0, *list = nz + tile * pairs;
+        for (int64_t k = 0; k < pairs; k++) {
+            const __m512i lo = _mm512_maskz_loadu_epi32(keep, q + 2 * k * tokens + t0);
+            const __m512i hi = 2 * k + 1 < dim ? _mm512_maskz_loadu_epi32(keep, q + (2 * k + 1) * tokens + t0)
+                                               : _mm512_setzero_si512();
+            const __m512i packed = _mm512_or_si512(_mm512_and_si512(lo, low), _mm512_slli_epi32(hi, 16));
+            _mm512_storeu_si512(qp + (tile * pairs + k) * VNNI_TILE, packed);
+            list[n] = (int32_t)k;
+            n += _mm512_test_epi32_mask(packed, packed) != 0;
         }
+        count[tile] = n;
+    }
 }
 
 static int has_vnni(void) {
@@ -111,22 +251,19 @@ static int has_vnni(void) {
 }
 #else
 static int has_vnni(void) { return 0; }
-static void head_vnni(const int32_t *mp, const int32_t *qp, const int32_t *nz, const int32_t *count,
-                      const int16_t *m, const int32_t *q, float *y, int64_t dim, int64_t tokens) {
-    (void)mp, (void)qp, (void)nz, (void)count, (void)m, (void)q, (void)y, (void)dim, (void)tokens;  /* never called */
+typedef int32_t pair32;
+static void head_vnni(const pair32 *mp, const int32_t *qp, const int32_t *nz, const int32_t *count, int64_t dim,
+                      int64_t tokens, float *y, const KvqOutput *o, int64_t h) {
+    (void)mp, (void)qp, (void)nz, (void)count, (void)dim, (void)tokens, (void)y, (void)o, (void)h;  /* never called */
+}
+static void pack_head(const int32_t *q, int64_t dim, int64_t tokens, int32_t *qp, int32_t *nz, int32_t *count) {
+    (void)q, (void)dim, (void)tokens, (void)qp, (void)nz, (void)count;  /* never called */
 }
 #endif
 
 /* Two int16 in one int32, `lo` in the low half: the operand layout of vpdpwssd. */
 static inline int32_t pair(int32_t lo, int32_t hi) {
     return (int32_t)((uint32_t)(uint16_t)lo | ((uint32_t)(uint16_t)hi << 16));
-}
-
-/* Whether one of VNNI_TILE packed pairs is not zero. */
-static inline uint8_t any_nonzero(const int32_t *v) {
-    int32_t any = 0;
-    for (int t = 0; t < VNNI_TILE; t++) any |= v[t];
-    return any != 0;
 }
 
 /* One head in int64, each sum rounded once to float32 (the conversion rounds to nearest, ties to even). */
@@ -150,45 +287,60 @@ WIDE static int64_t largest_magnitude(const int32_t *restrict q, int64_t n) {
     return -(int64_t)lo > hi ? -(int64_t)lo : hi;
 }
 
-int kvq_untransform(const int32_t *q, const int16_t *matrix, int64_t heads, int64_t dim, int64_t tokens, float *y) {
-    int64_t largest = largest_magnitude(q, heads * dim * tokens), row_sum = 0;
+/* max |q| over all heads and M's largest row sum of |M|: B = their product bounds every partial sum. */
+static void bounds(const int32_t *q, const int16_t *matrix, int64_t heads, int64_t dim, int64_t tokens,
+                   int64_t *largest, int64_t *row_sum) {
+    *largest = largest_magnitude(q, heads * dim * tokens);
+    *row_sum = 0;
     for (int64_t r = 0; r < heads * dim; r++) {
         int64_t s = 0;
         for (int64_t j = 0; j < dim; j++) s += abs(matrix[r * dim + j]);
-        row_sum = s > row_sum ? s : row_sum;
+        *row_sum = s > *row_sum ? s : *row_sum;
     }
-    if (largest < (1 << 15) && largest * row_sum < ((int64_t)1 << 31) && has_vnni()) {
-        const int64_t pairs = (dim + 1) / 2, tiles = tokens / VNNI_TILE;
-        int32_t *mp = PyMem_RawMalloc((size_t)(dim * pairs) * sizeof(int32_t));
-        int32_t *qp = PyMem_RawMalloc((size_t)(pairs * tokens) * sizeof(int32_t));
-        int32_t *nz = PyMem_RawMalloc((size_t)(pairs * tiles + tiles) * sizeof(int32_t) + 1), *count = nz + pairs * tiles;
-        if (!mp || !qp || !nz) {
-            PyMem_RawFree(mp);
-            PyMem_RawFree(qp);
-            PyMem_RawFree(nz);
-            return -1;
-        }
-        for (int64_t h = 0; h < heads; h++) {
-            const int16_t *mh = matrix + h * dim * dim;
-            const int32_t *qh = q + h * dim * tokens;
-            for (int64_t i = 0; i < dim; i++)
-                for (int64_t k = 0; k < pairs; k++)
-                    mp[i * pairs + k] = pair(mh[i * dim + 2 * k], 2 * k + 1 < dim ? mh[i * dim + 2 * k + 1] : 0);
-            for (int64_t i = 0; i < tiles; i++) count[i] = 0;
-            for (int64_t k = 0; k < pairs; k++) {
-                const int32_t *lo = qh + 2 * k * tokens, *hi = 2 * k + 1 < dim ? lo + tokens : NULL;
-                int32_t *out = qp + k * tokens;
-                for (int64_t t = 0; t < tokens; t++) out[t] = pair(lo[t], hi ? hi[t] : 0);
-                for (int64_t i = 0; i < tiles; i++)
-                    if (any_nonzero(out + i * VNNI_TILE)) nz[i * pairs + count[i]++] = (int32_t)k;
-            }
-            head_vnni(mp, qp, nz, count, mh, qh, y + h * dim * tokens, dim, tokens);
-        }
-        PyMem_RawFree(mp);
-        PyMem_RawFree(qp);
-        PyMem_RawFree(nz);
-        return 0;
+}
+
+static int vnni_fits(int64_t largest, int64_t row_sum, int64_t dim) {
+    return largest < (1 << 15) && largest * row_sum < ((int64_t)1 << 31) && dim <= 256 && has_vnni();
+}
+
+/* Every head through head_vnni, into y or o (see there). An even dim reads M's pairs where they lie; an odd one
+ * copies each head's rows with a zero after the last column. (Packing M per call took 16% of Gemma 3's
+ * reconstruction: 32 K entries per segment.) */
+static int untransform_vnni(const int32_t *q, const int16_t *matrix, int64_t heads, int64_t dim, int64_t tokens,
+                            float *y, const KvqOutput *o) {
+    const int64_t pairs = (dim + 1) / 2, tiles = (tokens + VNNI_TILE - 1) / VNNI_TILE;
+    int32_t *mp = dim % 2 ? PyMem_RawMalloc((size_t)(dim * pairs) * sizeof(int32_t)) : NULL;
+    int32_t *qp = PyMem_RawMalloc((size_t)(tiles * pairs * VNNI_TILE) * sizeof(int32_t));
+    int32_t *nz = PyMem_RawMalloc((size_t)(pairs * tiles + tiles) * sizeof(int32_t)), *count = nz + pairs * tiles;
+    int status = 0;
+    if ((dim % 2 && !mp) || !qp || !nz)
+        status = -1;
+    for (int64_t h = 0; h < heads && !status; h++) {
+        const int16_t *mh = matrix + h * dim * dim;
+        for (int64_t i = 0; mp && i < dim; i++)
+            for (int64_t k = 0; k < pairs; k++)
+                mp[i * pairs + k] = pair(mh[i * dim + 2 * k], 2 * k + 1 < dim ? mh[i * dim + 2 * k + 1] : 0);
+        pack_head(q + h * dim * tokens, dim, tokens, qp, nz, count);
+        head_vnni(mp ? mp : (const pair32 *)mh, qp, nz, count, dim, tokens, y ? y + h * dim * tokens : NULL, o, h);
     }
+    PyMem_RawFree(mp);
+    PyMem_RawFree(qp);
+    PyMem_RawFree(nz);
+    return status;
+}
+
+int kvq_untransform_into(const int32_t *q, const int16_t *matrix, int64_t heads, int64_t dim, int64_t tokens,
+                         const KvqOutput *o) {
+    int64_t largest, row_sum;
+    if (!has_vnni() || (o->cos && dim % 8)) return 1;
+    bounds(q, matrix, heads, dim, tokens, &largest, &row_sum);
+    return vnni_fits(largest, row_sum, dim) ? untransform_vnni(q, matrix, heads, dim, tokens, NULL, o) : 1;
+}
+
+int kvq_untransform(const int32_t *q, const int16_t *matrix, int64_t heads, int64_t dim, int64_t tokens, float *y) {
+    int64_t largest, row_sum;
+    bounds(q, matrix, heads, dim, tokens, &largest, &row_sum);
+    if (vnni_fits(largest, row_sum, dim)) return untransform_vnni(q, matrix, heads, dim, tokens, y, NULL);
     if (largest * row_sum >= FLOAT32_EXACT) {
         for (int64_t h = 0; h < heads; h++)
             head_exact(matrix + h * dim * dim, q + h * dim * tokens, y + h * dim * tokens, dim, tokens);

@@ -5,7 +5,8 @@
   its C form (transform.c, `quantize_components`) takes the product in float32 and redoes in float64 only the
   elements whose rounding a proven error bound leaves open, for the same integers;
 - untransform_ref: the decoder's first step, float32(M q) * 2^-10, with M q computed exactly (an integer);
-- the C form (transform.c) runs inside dequantize.reconstruct, between the expansion and the dequantization.
+- the C form (transform.c) runs inside dequantize.reconstruct, after the expansion: for a channel-major output it
+  also dequantizes, rotates and casts (the values of dequantize.c's loops, bit for bit).
 
 The decoder's arithmetic is specified to the bit (docs/codec.md, "Reconstruction"): every form computes M q
 exactly, so the order of its sums does not matter, and rounds it once to float32. The encoder's is not: its
