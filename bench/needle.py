@@ -2,7 +2,7 @@
 
     python bench/needle.py [--model M] [--profile auto|none|PATH ...] [--corpus DIR] [--tokens 1024]
                            [--presets balanced small] [--no-transform] [--kvq-version 3|4] [--kvtc B ...]
-                           [--documents 4] [--seed 0]
+                           [--documents 4] [--seed 0] [--variants SPEC ...]
 
 Teacher-forced KL (bench/rate_distortion.py) measures how a lossy cache changes the continuation of the
 document itself; this measures whether a fact stated once, anywhere in it, can still be read back. Each corpus
@@ -10,7 +10,8 @@ document is cut to its first --tokens tokens and a sentence "The access code for
 random four-digit code per trial) is inserted after the sentence nearest 10%, 30%, 50%, 70% and 90% of its text.
 The model answers a fixed question greedily (6 tokens) after the exact cache and after each preset's decoded
 file (coded as kvcli codes it: through the model's per-head transform where its profile names a dictionary;
-`--no-transform` and `--kvq-version` as in bench/rate_distortion.py); an answer is correct if it contains the
+`--no-transform`, `--kvq-version` as in bench/rate_distortion.py; `--variants` replaces each preset's row by its
+rows kvcli:PRESET{SPEC}, as there); an answer is correct if it contains the
 code. `--kvtc B` adds the KVTC baseline at target B bits per element
 (bench/kvtc.py, its basis fitted on kvcli's calibration texts). One JSON line per trial, then one summary line
 per codec.
@@ -24,7 +25,7 @@ import random
 import torch
 from common import corpus, emit, environment
 from kvtc import Kvtc
-from rate_distortion import kvcli_codec, model_options
+from rate_distortion import kvcli_codec, model_options, variants_option
 
 from kvcli.calibration.calibrate import default_texts
 from kvcli.container import format, kvfile
@@ -52,14 +53,17 @@ def main() -> None:
     ap.add_argument("--kvtc", type=float, nargs="*", default=[], help="also KVTC at these target bits per element")
     ap.add_argument("--documents", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    variants_option(ap)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     lm = models.load(args.model, "float32")
     env = {**environment(), "model": lm.name}
     question = inference.prompt_ids(lm, QUESTION)
-    codecs = [(f"kvcli:{preset}" + (f"[{prof}]" if len(args.profile) > 1 else ""),
-               kvcli_codec(lm, preset, prof, 1.0, args.kvq_version, not args.no_transform))
-              for prof in args.profile for preset in args.presets]
+    variants = args.variants or [("", {})]
+    codecs = [(f"kvcli:{preset}" + (f"[{prof}]" if len(args.profile) > 1 else "") + (f"{{{spec}}}" if spec else ""),
+               kvcli_codec(lm, preset, prof, settings.get("scale", 1.0), args.kvq_version, not args.no_transform,
+                           settings))
+              for prof in args.profile for preset in args.presets for spec, settings in variants]
     kvtc = Kvtc.fit(lm, [text for _, text in default_texts()]) if args.kvtc else None
     kvtc_plans = {f"kvtc@{b:g}": kvtc.plans(b) for b in args.kvtc} if kvtc else {}
     correct = {"exact": 0, **{label: 0 for label, _ in codecs}, **{label: 0 for label in kvtc_plans}}

@@ -1,11 +1,15 @@
 """Rate-distortion of kvcli's presets against baseline codecs, all measured in one run.
 
     python bench/rate_distortion.py [--model M] [--profile auto|none|PATH] [--corpus DIR] [--plot rd.png] [--step-scales S ...]
-                                    [--codecs NAME ...] [--documents N]
+                                    [--codecs NAME ...] [--documents N] [--variants SPEC ...]
 
 KVTC (bench/kvtc.py) runs when named: `--codecs kvtc@1.0 kvtc@1.5`, the number its target bits per element
 before DEFLATE; its basis is fitted once on kvcli's calibration texts and its bytes reported apart
 (`dictionary_bytes`).
+
+`--variants alpha=A,coarsest=C,scale=S ...` adds rows `kvcli:PRESET{SPEC}` for each kvcli preset with other encoder
+settings: the token weights' alpha (0: none), the largest token exponent (docs/codec.md, "Token weights"), the step
+scale; what a SPEC leaves out stays the preset's.
 
 Protocol (issue "The CacheGen-style lossy codec"): the model (default: the bundled one) in float32; prefix = the first 2,048 tokens of
 each document, exact cache as the reference; the next 128 tokens teacher-forced; top-1 agreement and dNLL over
@@ -39,11 +43,35 @@ from kvcli.reuse import pipeline
 KVCLI_PRESETS = ("lossless", "high", "balanced", "small", "tiny")
 
 
+VARIANT_KEYS = {"alpha": float, "coarsest": int, "scale": float}
+
+
+def variant(spec: str) -> tuple[str, dict]:
+    """(spec, settings) from `alpha=A,coarsest=C,scale=S` (any subset), for --variants."""
+    settings = {}
+    for part in spec.split(","):
+        key, _, value = part.partition("=")
+        if key not in VARIANT_KEYS:
+            raise argparse.ArgumentTypeError(f"{spec!r}: a variant sets {', '.join(VARIANT_KEYS)}, not {key!r}")
+        try:
+            settings[key] = VARIANT_KEYS[key](value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{spec!r}: {key} takes a number, not {value!r}") from None
+    return spec, settings
+
+
+def variants_option(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--variants", type=variant, nargs="*", default=[], metavar="SPEC",
+                    help="kvcli's presets with other encoder settings, alpha=A,coarsest=C,scale=S "
+                         "(rows kvcli:PRESET{SPEC})")
+
+
 def kvcli_codec(lm, preset: str, profile: str, step_scale: float = 1.0, version: int | None = None,
-                transform: bool = True):
+                transform: bool = True, settings: dict | None = None):
     """auto: what `kvcli prefill` would use (a stored profile, else automatic calibration; with its dictionary's
     transform unless `transform` is False); none: uniform steps; else the profile stored at that path, whatever
-    model it names. version: the kvq bitstream version to write (default: kvcli's; a transform needs 4)."""
+    model it names. version: the kvq bitstream version to write (default: kvcli's; a transform needs 4).
+    settings: a --variants' alpha and coarsest in place of the preset's (its scale is the caller's step_scale)."""
     if profile == "auto":
         codec = pipeline.codec_for(preset, lm, step_scale, transform=transform)
     else:
@@ -53,12 +81,17 @@ def kvcli_codec(lm, preset: str, profile: str, step_scale: float = 1.0, version:
         if codec.transforms is not None:
             raise SystemExit(f"kvq version {version} has no transform: add --no-transform")
         codec = KvqCodec(codec.scale, codec.sinks, codec.profile, codec.inv_freq, codec.meta, codec.token_alpha, version)
+    if settings and isinstance(codec, KvqCodec):
+        alpha = settings.get("alpha", codec.token_alpha)
+        codec = KvqCodec(codec.scale, codec.sinks, codec.profile, codec.inv_freq, {**codec.meta, "token_alpha": alpha},
+                         alpha, codec.version, codec.transforms, codec.dictionary,
+                         settings.get("coarsest", codec.token_coarsest))
     return codec
 
 
 def measure_kvcli(lm, ref: quality.Reference, preset: str, profile: str, step_scale: float = 1.0,
-                  version: int | None = None, transform: bool = True):
-    codec = kvcli_codec(lm, preset, profile, step_scale, version, transform)
+                  version: int | None = None, transform: bool = True, settings: dict | None = None):
+    codec = kvcli_codec(lm, preset, profile, step_scale, version, transform, settings)
     t0 = time.perf_counter()
     meta, parts = kvfile.encode(ref.kv, lm.identity, codec, 256)
     data = format.build_header(meta, parts) + b"".join(p.data for p in parts)
@@ -121,6 +154,7 @@ def main() -> None:
     ap.add_argument("--greedy-tokens", type=int, default=64, help="greedy continuation length; 0 skips it")
     ap.add_argument("--step-scales", type=float, nargs="*", default=[],
                     help="also run each kvcli preset at these --step-scale values (rows kvcli:PRESET@SCALE)")
+    variants_option(ap)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     lm = models.load(args.model, "float32")
@@ -137,22 +171,25 @@ def main() -> None:
     # file's stem, or its whole path where two stems are the same: rows with one label are averaged together).
     stems = [Path(prof).stem for prof in args.profile]
     tags = stems if len(set(stems)) == len(stems) else args.profile
-    runs = [(name if len(args.profile) == 1 else f"{name}[{tag}]", name, prof, 1.0)
+    runs = [(name if len(args.profile) == 1 else f"{name}[{tag}]", name, prof, 1.0, None)
             for name in names if name.startswith("kvcli:") for prof, tag in zip(args.profile, tags)]
-    runs += [(f"{label}@{scale:g}", name, prof, scale) for label, name, prof, _ in list(runs)
-             if name != "kvcli:lossless" for scale in args.step_scales]
-    runs += [(name, name, None, 1.0) for name in names if not name.startswith("kvcli:")]
+    plain = [run for run in runs if run[1] != "kvcli:lossless"]
+    runs += [(f"{label}@{scale:g}", name, prof, scale, None) for label, name, prof, _, _ in plain
+             for scale in args.step_scales]
+    runs += [(f"{label}{{{spec}}}", name, prof, settings.get("scale", 1.0), settings)
+             for label, name, prof, _, _ in plain for spec, settings in args.variants]
+    runs += [(name, name, None, 1.0, None) for name in names if not name.startswith("kvcli:")]
     docs = corpus(args.corpus)[: args.documents or None]
-    rows: dict[str, list[dict]] = {label: [] for label, _, _, _ in runs}
+    rows: dict[str, list[dict]] = {label: [] for label, _, _, _, _ in runs}
     for doc in docs:
         ids = inference.document_ids(lm, doc.read_text())
         ref = quality.reference(lm, ids)
         exact_greedy = quality.greedy_continuation(lm, ref, ref.kv, args.greedy_tokens) if args.greedy_tokens else None
         elements = sum(k.numel() + v.numel() for k, v in zip(ref.kv.keys, ref.kv.values))
-        for label, name, prof, scale in runs:
+        for label, name, prof, scale, settings in runs:
             if prof is not None:
                 size, enc_s, dec_s, decoded, params = measure_kvcli(lm, ref, name.split(":", 1)[1], prof, scale,
-                                                                    args.kvq_version, not args.no_transform)
+                                                                    args.kvq_version, not args.no_transform, settings)
             else:
                 enc, dec = baselines[name]
                 size, enc_s, dec_s, decoded = measure_baseline(ref, enc, dec)

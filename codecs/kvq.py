@@ -121,16 +121,23 @@ class KvqCodec(Codec):
     def __init__(self, scale: float, sinks: int = DEFAULT_SINKS, profile: Profile | None = None,
                  inv_freq: list[np.ndarray | None] | None = None, meta: dict | None = None,
                  token_alpha: float = DEFAULT_TOKEN_ALPHA, version: int = FORMAT_VERSION,
-                 transforms: Transforms | None = None, dictionary: str | None = None):
+                 transforms: Transforms | None = None, dictionary: str | None = None,
+                 token_coarsest: int = TOKEN_EXPONENT_LIMIT):
         if not (math.isfinite(scale) and scale > 0):
             raise CodecError(f"kvq step scale must be finite and positive, got {scale}")
         if not 0 <= sinks <= 1 << 22:
             raise CodecError(f"kvq sinks must be in [0, 2^22], got {sinks}")
         if not (math.isfinite(token_alpha) and 0 <= token_alpha <= 4):
             raise CodecError(f"kvq token alpha must be in [0, 4], got {token_alpha}")
+        if not 0 <= token_coarsest <= TOKEN_EXPONENT_LIMIT:
+            raise CodecError(f"kvq token_coarsest must be in [0, {TOKEN_EXPONENT_LIMIT}], got {token_coarsest}")
         self.scale = float(scale)
         self.sinks = int(sinks)
         self.token_alpha = float(token_alpha)  # encoder policy: 0 writes no token weights
+        # Encoder policy too: the largest exponent a token gets, so that a token the prefill's last queries ignored
+        # (a fact only a later question asks for) is coded at most 2^(token_coarsest/8) coarser than its head's
+        # typical token.
+        self.token_coarsest = int(token_coarsest)
         if version not in WRITABLE_VERSIONS:
             raise CodecError(f"kvq writes bitstream versions {', '.join(map(str, WRITABLE_VERSIONS))}, not {version}")
         self.version = version  # what an encoder writes, or a decoder was opened for
@@ -190,7 +197,7 @@ class KvqCodec(Codec):
         if body.shape[1]:
             mean = body.log2().mean(dim=1, keepdim=True)
             e[:, skip:] = (-8 * self.token_alpha * (body.log2() - mean)).round()
-        return e.clamp(-TOKEN_EXPONENT_LIMIT, TOKEN_EXPONENT_LIMIT).numpy().astype(np.int8)
+        return e.clamp(-TOKEN_EXPONENT_LIMIT, self.token_coarsest).numpy().astype(np.int8)
 
     def _fit_layer(self, body: torch.Tensor, layer: int, kind: int,
                    token_factor: torch.Tensor | None = None) -> tuple[LayerPlan, torch.Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Codec
-from .kvq import DEFAULT_SINKS, DEFAULT_TOKEN_ALPHA, FORMAT_VERSION, KvqCodec, Profile
+from .kvq import DEFAULT_SINKS, DEFAULT_TOKEN_ALPHA, FORMAT_VERSION, TOKEN_EXPONENT_LIMIT, KvqCodec, Profile
 from .transform import Transforms
 from .lossless import ZstdCodec
 from .raw import RawCodec
@@ -18,6 +18,11 @@ LOSSY_SCALES = {"high": 0.24, "balanced": 0.75, "small": 1.55, "tiny": 2.6}
 # 20's caps, 2.5 / 1.5 / 1 bits, less 4% for documents that code larger than the calibration texts). `high` names a
 # step instead: it keeps its scale on every model.
 TARGET_BITS = {"balanced": 2.4, "small": 1.44, "tiny": 0.96}
+# The largest token exponent a preset's encoder writes (KvqCodec's token_coarsest), where it is not
+# TOKEN_EXPONENT_LIMIT: at `tiny`'s coarse steps a fact the prefill's last queries ignored, coded up to 8x coarser,
+# could not be read back (SmolLM2 lost the needle's last digits); capped at 2^(4/8) it can, at no cost in KL at equal
+# bits (docs/codec.md, "Presets").
+TOKEN_COARSEST = {"tiny": 4}
 # Each preset's codec class: what callers ask (`lossless`, say) before the codec is built.
 PRESET_CODECS: dict[str, type[Codec]] = {"lossless": ZstdCodec, **dict.fromkeys(LOSSY_SCALES, KvqCodec),
                                          "raw": RawCodec}
@@ -48,4 +53,4 @@ def make_codec(quality: str, profile: Profile | None = None, inv_freq: list[np.n
     if transforms is not None:
         version = TRANSFORM_VERSION
     return KvqCodec((LOSSY_SCALES[quality] if base_scale is None else base_scale) * step_scale, sinks, profile, inv_freq, meta, DEFAULT_TOKEN_ALPHA, version,
-                    transforms, dictionary)
+                    transforms, dictionary, TOKEN_COARSEST.get(quality, TOKEN_EXPONENT_LIMIT))

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kvcli.codecs.base import CodecError
+from kvcli.codecs.kvq import KvqCodec
 from kvcli.codecs.presets import make_codec
 
 from kvcli.container import format, kvfile
@@ -101,6 +103,18 @@ def test_exponents_follow_the_attention_and_spare_the_sinks():
     # alpha 0.25: 16x the head's geometric mean of attention -> steps 2^-1, i.e. exponent -8; clipped at +-24.
     mean = torch.log2(a[0, 1:].clamp_min(1e-12)).mean().item()
     assert e[0, 2] == round(-2 * (4 - mean)) and e[0, 4] == 24 and e[0, 5] == -24
+
+
+def test_token_coarsest_caps_only_the_coarse_side():
+    """A token the last queries ignored gets at most 2^(coarsest/8) coarser steps; finer ones are untouched."""
+    a = torch.tensor([[1.0, 1.0, 16.0, 1 / 16, 2.0**-40, 2.0**40]])
+    full = make_codec("balanced").token_exponents(a, skip=1)
+    capped = KvqCodec(1.0, token_coarsest=4).token_exponents(a, skip=1)
+    assert full[0, 3] > 4 and full[0, 4] == 24
+    assert capped[0, 3] == capped[0, 4] == 4
+    assert (capped[0, [0, 1, 2, 5]] == full[0, [0, 1, 2, 5]]).all() and capped[0, 5] == -24
+    with pytest.raises(CodecError, match="token_coarsest"):
+        KvqCodec(1.0, token_coarsest=25)
 
 
 def test_a_model_the_hooks_cannot_read_still_prefills_without_weights(tmp_path):
