@@ -7,6 +7,11 @@ to make this test pass: a change of a digest is a change of the format's bytes, 
 version. The cache is built from numpy's PCG64, whose stream numpy keeps stable across releases, and exercises
 what changes bytes: rotary keys, a sliding-window layer, sinks, a profile with key weights, token weights, three
 dtypes, several chunks. Both backends must give the same bytes (the triton one under TRITON_INTERPRET=1).
+
+Those digests pin the codec's arithmetic with the encoder's full range of token exponents. `tiny` later got a cap on
+them (codecs/presets.py TOKEN_COARSEST: an encoder policy within the same format, which every decoder reads as it
+did), so its preset's own bytes are pinned apart (TINY_CAPPED_DIGESTS, taken when the cap was added), and the
+arithmetic pins are checked with the cap lifted.
 """
 
 from __future__ import annotations
@@ -17,8 +22,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from kvcli.codecs.kvq import Profile
-from kvcli.codecs.presets import QUALITIES, make_codec
+from kvcli.codecs.kvq import TOKEN_EXPONENT_LIMIT, Profile
+from kvcli.codecs.presets import QUALITIES, TOKEN_COARSEST, make_codec
 
 from kvcli.container import kvfile
 from kvcli.modeling.kvcache import KVCache
@@ -68,6 +73,17 @@ V4_DIGESTS = {
 }
 
 
+# (version, dtype) -> the digest of `tiny` as its preset writes it, with its token cap (taken at 1f3a542's code).
+TINY_CAPPED_DIGESTS = {
+    (3, 'bfloat16'): "c012ab5c809e09af9b8d0baf4d59cb55beef5c59a74d49ad9e5bc108610349d9",
+    (3, 'float16'): "2eb15554191bcb9e55e2fe10dcb6b25d5074b8673b9005a0aec6279d75d3b0fe",
+    (3, 'float32'): "596b6a0a62145202451d8d595efd588aefca1658f482afc04ddc803396c8f3fa",
+    (4, 'bfloat16'): "437e2e8bd24504017fe7c67692630d9f361f5eecb347d05527bf20077bda62c5",
+    (4, 'float16'): "fd1736e2771853c45809f479d47bf8063eaa4c2bfe4a1c0b2de6a283ffd80f91",
+    (4, 'float32'): "f4c009503714a7ce6c15a899e732858dc95ee51448fc551a76b98eec55eb05b3",
+}
+
+
 def fixed_cache(dtype: torch.dtype) -> KVCache:
     rng = np.random.Generator(np.random.PCG64(20261206))
     keys, values, attention = [], [], []
@@ -86,9 +102,14 @@ def fixed_profile() -> Profile:
     return Profile("fixed", sensitivity, [rng.random((HEADS, DIM)) + 0.05 for _ in range(LAYERS)])
 
 
-def fixed_digest(quality: str, dtype: str, backend: str = "torch", version: int | None = None) -> str:
+def fixed_digest(quality: str, dtype: str, backend: str = "torch", version: int | None = None,
+                 preset_policy: bool = False) -> str:
+    """The digest of what `quality`'s codec writes for the fixed cache: its arithmetic with every token exponent
+    allowed, or with `preset_policy` as the preset writes it (tiny's token cap)."""
     inv_freq = [1.0 / (10000 ** (np.arange(0, DIM, 2, dtype=np.float32) / DIM)) for _ in range(LAYERS)]
     codec = make_codec(quality, fixed_profile(), inv_freq, **({"version": version} if version else {}))
+    if not preset_policy and hasattr(codec, "token_coarsest"):
+        codec.token_coarsest = TOKEN_EXPONENT_LIMIT
     meta, parts = kvfile.encode(fixed_cache(DTYPES[dtype]), IDENT, codec, 32, backend=backend)
     h = hashlib.sha256(json.dumps(meta["codec"], sort_keys=True).encode())
     for p in parts:
@@ -109,6 +130,13 @@ def test_every_preset_writes_the_bytes_it_wrote_before(quality, dtype):
 def test_every_lossy_preset_writes_the_version_4_bytes_it_wrote_before(quality, dtype):
     """kvq presets at version 4, written on request (make_codec(version=4))."""
     assert fixed_digest(quality, dtype, version=4) == V4_DIGESTS[(quality, dtype)]
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("version", [3, 4])
+def test_tiny_writes_the_bytes_it_wrote_with_its_token_cap(version, dtype):
+    assert TOKEN_COARSEST["tiny"] < TOKEN_EXPONENT_LIMIT  # else the arithmetic pins above already cover it
+    assert fixed_digest("tiny", dtype, version=version, preset_policy=True) == TINY_CAPPED_DIGESTS[(version, dtype)]
 
 
 @pytest.mark.parametrize("quality", ["high", "small"])
