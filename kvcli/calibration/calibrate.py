@@ -341,17 +341,21 @@ def transform_and_scales(lm: LoadedModel, profile: Profile, caches: list[KVCache
                          progress=None) -> tuple[bases_.Bases | None, dict[str, float], dict]:
     """From the calibration texts' caches (with their attention): with `transform` the bases of kvq's per-head
     transform under `profile`, then the presets' scales for this model, and what choosing them measured."""
-    moments = None
-    if transform:
-        codec = bases_.codec_for(lm, profile)
-        moments = []
-        for kv in caches:
-            moments.append(bases_.Moments())
-            moments[-1].add(codec, kv)
+    moments = _moments(lm, profile, caches) if transform else None
     learned = bases_.Moments.merged(moments).bases() if moments else None
     transforms = scales_.held_out(lm, moments) if moments else [None] * len(caches)
     chosen, measured = scales_.choose(lm, profile, caches, transforms, bool(moments) and len(moments) > 1, progress)
     return learned, chosen, measured
+
+
+def _moments(lm: LoadedModel, profile: Profile, caches: list[KVCache]) -> list[bases_.Moments]:
+    """Per cache, the second moments the transform under `profile` is learned from."""
+    codec = bases_.codec_for(lm, profile)
+    moments = []
+    for kv in caches:
+        moments.append(bases_.Moments())
+        moments[-1].add(codec, kv)
+    return moments
 
 
 def store(lm: LoadedModel, result: Calibration, path=None) -> Path:
@@ -414,12 +418,16 @@ def _with_scales(lm: LoadedModel, stored: profiles.Stored) -> profiles.Stored:
         return stored
     t0 = time.perf_counter()
     caches = [quality.context(lm, inference.document_ids(lm, text))[0] for _, text in default_texts()]
-    learned, chosen, measured = transform_and_scales(lm, stored.profile, caches, stored.dictionary is not None)
-    found = bases_.to_dictionary(learned, lm.identity) if learned is not None else None
-    if stored.dictionary is not None and (found is None or found.sha != stored.dictionary):
-        own = dictionary.find(stored.dictionary, dictionary.own_places(), f"profile {stored.where}")
-        transforms = [(Transforms.unpack(own.payload), own.sha)] * len(caches)
-        chosen, measured = scales_.choose(lm, stored.profile, caches, transforms, True)
+    transforms, held = [None] * len(caches), False
+    if stored.dictionary is not None:
+        moments = _moments(lm, stored.profile, caches)
+        found = bases_.to_dictionary(bases_.Moments.merged(moments).bases(), lm.identity)
+        if found is not None and found.sha == stored.dictionary:
+            transforms, held = scales_.held_out(lm, moments), len(moments) > 1
+        else:
+            own = dictionary.find(stored.dictionary, dictionary.own_places(), f"profile {stored.where}")
+            transforms, held = [(Transforms.unpack(own.payload), own.sha)] * len(caches), True
+    chosen, measured = scales_.choose(lm, stored.profile, caches, transforms, held)
     profiles.update(Path(stored.where), scales=chosen, rate=measured)
     write_stderr_text(f"kvcli: chose the presets' scales for {lm.name} in {time.perf_counter() - t0:.0f} s, once: "
                       f"stored in {stored.where}\n")
