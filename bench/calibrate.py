@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from common import emit, environment
 
-from kvcli.calibration import bases, calibrate, profiles
+from kvcli.calibration import bases, calibrate, profiles, quality
 from kvcli.modeling import models
 
 
@@ -60,8 +60,9 @@ class Counter:
 def timed_phases(counter: Counter, seconds: dict) -> None:
     """Wrap calibrate's phases so that each is timed and its passes counted under its own name (the transform's
     as `transform_moments`, the covariances, and `transform_bases`, the eigenvectors)."""
-    phases = [(calibrate, name, name) for name in ("prefill_and_key_weights", "coarse_cache", "fisher_sensitivity",
+    phases = [(calibrate, name, name) for name in ("prefill_and_key_weights", "fisher_sensitivity",
                                                    "continuation_reference", "block_kl", "probe_sensitivity")]
+    phases += [(quality, "decoded_as", "decoded_as")]
     phases += [(bases.Moments, "add", "transform_moments"), (bases.Moments, "bases", "transform_bases")]
     for owner, name, phase in phases:
         inner = getattr(owner, name)

@@ -61,6 +61,7 @@ AUX_LEVEL = 12
 TOKEN_EXPONENT_LIMIT = 24
 TOKEN_FACTORS = np.float32(2.0 ** (np.arange(-TOKEN_EXPONENT_LIMIT, TOKEN_EXPONENT_LIMIT + 1) / 8))
 DEFAULT_TOKEN_ALPHA = 0.25
+TOKEN_ALPHA_LIMIT = 4
 
 
 @dataclass
@@ -127,8 +128,8 @@ class KvqCodec(Codec):
             raise CodecError(f"kvq step scale must be finite and positive, got {scale}")
         if not 0 <= sinks <= 1 << 22:
             raise CodecError(f"kvq sinks must be in [0, 2^22], got {sinks}")
-        if not (math.isfinite(token_alpha) and 0 <= token_alpha <= 4):
-            raise CodecError(f"kvq token alpha must be in [0, 4], got {token_alpha}")
+        if not (math.isfinite(token_alpha) and 0 <= token_alpha <= TOKEN_ALPHA_LIMIT):
+            raise CodecError(f"kvq token alpha must be in [0, {TOKEN_ALPHA_LIMIT}], got {token_alpha}")
         if not 0 <= token_coarsest <= TOKEN_EXPONENT_LIMIT:
             raise CodecError(f"kvq token_coarsest must be in [0, {TOKEN_EXPONENT_LIMIT}], got {token_coarsest}")
         self.scale = float(scale)

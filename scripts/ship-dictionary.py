@@ -5,8 +5,8 @@
 Reads kvcli/calibration/profiles/PROFILE.json for the bundled model, learns the per-head transform under it on
 the calibration texts (kvcli.calibration.bases.learn_bases, as `kvcli calibrate` does), writes the dictionary to
 kvcli/calibration/profiles/dicts/SHA.kvd (where kvcli.container.dictionary.ShippedPlace reads it), removes the
-dictionaries it replaces there, then chooses the presets' scales for the model as `kvcli calibrate` does
-(kvcli/calibration/scales.py) and writes both into the profile (its other fields kept as they are). With --check it
+dictionaries it replaces there, then chooses the presets' token alpha and scales for the model as `kvcli calibrate`
+does (kvcli/calibration/scales.py) and writes them into the profile (its other fields kept as they are). With --check it
 writes nothing and exits 1 unless the shipped files are what it would write.
 """
 
@@ -39,22 +39,23 @@ def main() -> int:
         return 1
     path = matches[0]
     stored = profiles.read(path)
-    caches = [quality.context(lm, inference.document_ids(lm, text))[0] for _, text in calibrate.default_texts()]
-    learned, scales, rate = calibrate.transform_and_scales(lm, stored.profile, caches, transform=True)
+    contexts = [quality.context(lm, inference.document_ids(lm, text)) for _, text in calibrate.default_texts()]
+    learned, scales, alpha, rate = calibrate.transform_and_scales(lm, stored.profile, contexts, transform=True)
     found = bases.to_dictionary(learned, lm.identity)
     if args.check:
         shipped = dictionary.ShippedPlace().read(found.sha) if stored.dictionary == found.sha else None
         stored_scales = profiles.to_json(stored.profile, lm.identity, {}, scales=scales)["scales"]
-        ok = shipped == found.data and stored.scales == stored_scales
-        print(f"{'up to date' if ok else 'differs'}: learned {found.sha} and scales {stored_scales}, the profile "
-              f"names {stored.dictionary} and {stored.scales}")
+        ok = shipped == found.data and stored.scales == stored_scales and stored.token_alpha == alpha
+        print(f"{'up to date' if ok else 'differs'}: learned {found.sha}, scales {stored_scales} and token alpha "
+              f"{alpha}, the profile names {stored.dictionary}, {stored.scales} and {stored.token_alpha}")
         return 0 if ok else 1
     written = dictionary.save(found, PROFILES)
     for old in (PROFILES / dictionary.DICT_DIR).glob(f"*{dictionary.SUFFIX}"):
         if old != written:
             old.unlink()
-    profiles.update(path, dictionary=found.sha, scales=scales, rate=rate)
-    print(f"wrote {written} ({len(found.data):,} bytes) and named it in {path} with the scales {scales}")
+    profiles.update(path, dictionary=found.sha, scales=scales, rate=rate, token_alpha=alpha)
+    print(f"wrote {written} ({len(found.data):,} bytes) and named it in {path} with the scales {scales} and token "
+          f"alpha {alpha}")
     return 0
 
 

@@ -78,7 +78,7 @@ def test_probes_that_start_at_the_changed_layer_measure_what_full_passes_do(tiny
     lm = tiny_lm(arch)
     context, _ = calibrate.prefill_and_key_weights(lm, inference.document_ids(lm, TEXT * 2), 200)
     kv = context[0]
-    coarse = calibrate.coarse_cache(kv, KvqCodec(1.0, inv_freq=inv_freq_per_layer(lm.model)))
+    coarse = quality.decoded_as(kv, KvqCodec(1.0, inv_freq=inv_freq_per_layer(lm.model)))
     own = calibrate.continuation_reference(lm, context)
     _, from_fisher = calibrate.fisher_sensitivity(lm, context, coarse)
     assert torch.allclose(from_fisher.ref.logits, own.ref.logits, atol=1e-5) and not from_fisher.ref.logits.requires_grad
@@ -92,7 +92,7 @@ def test_probes_that_start_at_the_changed_layer_measure_what_full_passes_do(tiny
     assert all(not hasattr(layer, "forward") or "forward" not in vars(layer) for layer in lm.model.model.layers)
 
 
-def test_coarse_cache_is_what_encoding_with_the_probe_decodes_to(tiny_lm, tmp_path):
+def test_decoded_as_is_what_encoding_with_the_probe_decodes_to(tiny_lm, tmp_path):
     """The probe's perturbation carries the encoder's token weights: decoding a file written with the probe
     codec gives the coarse cache back, and the weights change it (uniform token steps would not match)."""
     lm = tiny_lm("llama")
@@ -100,14 +100,14 @@ def test_coarse_cache_is_what_encoding_with_the_probe_decodes_to(tiny_lm, tmp_pa
     kv = context[0]
     assert kv.attention is not None
     probe = KvqCodec(1.0, inv_freq=inv_freq_per_layer(lm.model))
-    coarse = calibrate.coarse_cache(kv, probe)
+    coarse = quality.decoded_as(kv, probe)
     path = tmp_path / "probe.kvc"
     pipeline.write_cache(str(path), kv, lm.identity, probe, 256)
     with format.FileSource(path) as src:
         decoded = pipeline.load_cache(src, format.read_header(src), lm).kv
     for a, b in zip(coarse.keys + coarse.values, decoded.keys + decoded.values):
         assert torch.allclose(a, b, atol=1e-5)
-    uniform = calibrate.coarse_cache(KVCache(kv.token_ids, kv.keys, kv.values), probe)
+    uniform = quality.decoded_as(KVCache(kv.token_ids, kv.keys, kv.values), probe)
     assert not all(torch.allclose(a, b, atol=1e-5) for a, b in zip(uniform.values, coarse.values))
 
 
@@ -126,7 +126,7 @@ def test_fisher_ranks_heads_as_the_probes_do(tiny_lm):
     """The fast estimate must order (layer, K/V, head) places as the per-head probes measure them."""
     lm = tiny_lm("qwen2")
     context, _ = calibrate.prefill_and_key_weights(lm, inference.document_ids(lm, TEXT * 2), 200)
-    coarse = calibrate.coarse_cache(context[0], KvqCodec(1.0, inv_freq=inv_freq_per_layer(lm.model)))
+    coarse = quality.decoded_as(context[0], KvqCodec(1.0, inv_freq=inv_freq_per_layer(lm.model)))
     probes = calibrate.probe_sensitivity(lm, calibrate.continuation_reference(lm, context), coarse)
     fisher, _ = calibrate.fisher_sensitivity(lm, context, coarse)
     assert probes.shape == fisher.shape == (4, 2, 2) and (probes >= 0).all() and (fisher > 0).all()

@@ -116,13 +116,68 @@ def test_calibration_chooses_each_rated_presets_scale(cli, tiny_lm, tiny_model_d
     caches, moments = _caches_and_moments(lm, stored.profile, calibrate.quality.PREFIX_TOKENS)
     held = scales.held_out(lm, moments)
     for quality, target in TARGET_BITS.items():
-        bits = scales.bits_per_element(lm, stored.profile, quality, stored.scales[quality], caches, held)
+        bits = scales.bits_per_element(lm, stored.profile, quality, stored.scales[quality], caches, held,
+                                       stored.token_alpha)
         assert abs(bits / target - 1) <= 2 * scales.TOLERANCE, (quality, bits)
         assert math.isclose(bits, doc["rate"]["calibration_bits"][quality], rel_tol=2e-3)
     for quality in TARGET_BITS:
         assert pipeline.codec_for(quality, lm).params()["scale"] == pytest.approx(stored.scales[quality], rel=1e-12)
         assert pipeline.codec_for(quality, lm, 0.5).params()["scale"] == pytest.approx(stored.scales[quality] / 2)
     assert pipeline.codec_for("high", lm).params()["scale"] == LOSSY_SCALES["high"]
+
+
+def test_calibration_chooses_the_token_alpha_with_the_least_kl_at_the_rate(cli, tiny_lm, tiny_model_dir, cache_dir,
+                                                                            tmp_path):
+    """Each of ALPHAS is tried at ALPHA_PRESET's rate (its own scale), the least KL kept; the rated presets code
+    with it, `high` with kvq's default."""
+    from kvcli.calibration import quality
+    from kvcli.codecs.kvq import DEFAULT_TOKEN_ALPHA
+    from kvcli.modeling import inference
+
+    lm = tiny_lm("llama", seed=3)
+    paths = []
+    for name, text in TEXTS:
+        paths += ["--text", tmp_path / f"{name}.txt"]
+        paths[-1].write_text(text)
+    result = cli("calibrate", "--model", tiny_model_dir("llama", seed=3), *paths, "--json")
+    assert result.exit_code == 0, result.stderr
+    stored = profiles.lookup(lm.identity)
+    tried = json.loads(next((cache_dir / "profiles").glob("*.json")).read_text())["rate"]["alpha_kl"]
+    assert sorted(map(float, tried)) == sorted(scales.ALPHAS)
+    assert stored.token_alpha == min(scales.ALPHAS, key=lambda a: tried[f"{a:g}"])
+    # What the profile records is what those alphas give: recomputed for two of them.
+    contexts = [quality.context(lm, inference.document_ids(lm, text)) for _, text in TEXTS]
+    caches, moments = _caches_and_moments(lm, stored.profile, quality.PREFIX_TOKENS)
+    held = scales.held_out(lm, moments)
+    refs = [quality.Reference(kv, feed, targets, inference.logits_after(lm, kv, feed).float())
+            for kv, feed, targets in contexts]
+    for alpha in scales.ALPHAS[:2]:
+        scale, _ = scales.solve(lambda s: scales.bits_per_element(lm, stored.profile, scales.ALPHA_PRESET, s, caches,
+                                                                  held, alpha),
+                                LOSSY_SCALES[scales.ALPHA_PRESET], TARGET_BITS[scales.ALPHA_PRESET])
+        found = scales.kl(lm, stored.profile, scales.ALPHA_PRESET, scale, alpha, refs, held)
+        assert math.isclose(found, tried[f"{alpha:g}"], rel_tol=1e-4)
+    for quality_ in TARGET_BITS:
+        assert pipeline.codec_for(quality_, lm).token_alpha == stored.token_alpha
+    assert pipeline.codec_for("high", lm).token_alpha == DEFAULT_TOKEN_ALPHA
+
+
+def test_a_profile_without_a_token_alpha_codes_at_the_default(tiny_lm, cache_dir, monkeypatch):
+    """One made before alphas were chosen has its scales chosen at kvq's default alpha: it keeps coding at it."""
+    from kvcli.codecs.kvq import DEFAULT_TOKEN_ALPHA
+
+    monkeypatch.setenv("KVCLI_AUTO_CALIBRATE", "1")
+    lm = tiny_lm("llama", seed=4)
+    path = calibrate.store(lm, calibrate.calibrate(lm, TEXTS, prefix=300))
+    doc = json.loads(path.read_text())
+    doc["token_alpha"] = max(scales.ALPHAS)
+    path.write_text(json.dumps(doc))
+    assert pipeline.codec_for("small", lm).token_alpha == max(scales.ALPHAS)
+    del doc["token_alpha"]
+    path.write_text(json.dumps(doc))
+    codec = pipeline.codec_for("small", lm)
+    assert codec.token_alpha == DEFAULT_TOKEN_ALPHA and codec.params()["token_alpha"] == DEFAULT_TOKEN_ALPHA
+    assert "token_alpha" not in json.loads(path.read_text())  # its scales are kept: nothing to choose again
 
 
 def test_a_profile_without_scales_gets_them_once(tiny_lm, cache_dir, monkeypatch, capsys):
@@ -132,8 +187,9 @@ def test_a_profile_without_scales_gets_them_once(tiny_lm, cache_dir, monkeypatch
     lm = tiny_lm("llama", seed=5)
     path = calibrate.store(lm, calibrate.calibrate(lm, calibrate.default_texts()))
     wanted = profiles.read(path).scales
+    alpha = profiles.read(path).token_alpha
     doc = json.loads(path.read_text())
-    del doc["scales"], doc["rate"]
+    del doc["scales"], doc["rate"], doc["token_alpha"]
     path.write_text(json.dumps(doc))
     monkeypatch.setenv("KVCLI_AUTO_CALIBRATE", "0")
     assert pipeline.codec_for("small", lm).params()["scale"] == LOSSY_SCALES["small"]
@@ -141,8 +197,8 @@ def test_a_profile_without_scales_gets_them_once(tiny_lm, cache_dir, monkeypatch
     monkeypatch.setenv("KVCLI_AUTO_CALIBRATE", "1")
     capsys.readouterr()
     assert pipeline.codec_for("small", lm).params()["scale"] == pytest.approx(wanted["small"], rel=1e-12)
-    assert capsys.readouterr().err.count("chose the presets' scales") == 1
-    assert profiles.read(path).scales == wanted
+    assert capsys.readouterr().err.count("chose the presets' token alpha and scales") == 1
+    assert profiles.read(path).scales == wanted and profiles.read(path).token_alpha == alpha
     pipeline.codec_for("tiny", lm)
     assert "chose" not in capsys.readouterr().err  # once
 
@@ -159,18 +215,18 @@ def test_a_profile_learned_on_other_texts_gets_scales_from_the_bundled_ones(tiny
     path = calibrate.store(lm, calibrate.calibrate(lm, TEXTS, prefix=300))
     stored = profiles.read(path)
     doc = json.loads(path.read_text())
-    del doc["scales"], doc["rate"]
+    del doc["scales"], doc["rate"], doc["token_alpha"]
     path.write_text(json.dumps(doc))
     capsys.readouterr()
     pipeline.codec_for("balanced", lm)
-    assert capsys.readouterr().err.count("chose the presets' scales") == 1
+    assert capsys.readouterr().err.count("chose the presets' token alpha and scales") == 1
     again = profiles.read(path)
     assert again.dictionary == stored.dictionary and json.loads(path.read_text())["rate"]["held_out"] is True
     own = dictionary.find(stored.dictionary, dictionary.own_places(), "test")
     caches = [quality.context(lm, inference.document_ids(lm, t))[0] for _, t in calibrate.default_texts()]
     coded = [(Transforms.unpack(own.payload), own.sha)] * len(caches)
     for q, target in TARGET_BITS.items():
-        bits = scales.bits_per_element(lm, again.profile, q, again.scales[q], caches, coded)
+        bits = scales.bits_per_element(lm, again.profile, q, again.scales[q], caches, coded, again.token_alpha)
         assert abs(bits / target - 1) <= 2 * scales.TOLERANCE, (q, bits)
 
 
@@ -194,3 +250,13 @@ def test_malformed_scales_are_refused(value, message):
         profiles.from_json(doc, "p.json")
     doc["scales"] = {"small": 1.25}
     assert profiles._stored(doc, "p.json").scales == {"small": 1.25}
+
+
+@pytest.mark.parametrize("value", [-0.1, 4.5, True, "0.3", [0.3], float("nan")])
+def test_a_malformed_token_alpha_is_refused(value):
+    doc = {"format": "kvcli-profile", "version": 1, "name": "x", "model": {}, "sensitivity": [[1.0, 2.0]],
+           "key_weights": None, "token_alpha": value}
+    with pytest.raises(FormatError, match=r"p.json: malformed profile: token_alpha must be a number in \[0, 4\]"):
+        profiles.from_json(doc, "p.json")
+    doc["token_alpha"] = 0.45
+    assert profiles._stored(doc, "p.json").token_alpha == 0.45

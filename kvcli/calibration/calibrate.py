@@ -115,7 +115,7 @@ def _start_at(lm: LoadedModel, reference: Reference, start: int):
 
 
 def prefill_and_key_weights(lm: LoadedModel, ids: list[int], prefix: int) -> tuple[quality.Context, list | None]:
-    """A text's context (its prefix prefilled, with the attention its tokens receive: coarse_cache weighs tokens
+    """A text's context (its prefix prefilled, with the attention its tokens receive: quality.decoded_as weighs tokens
     by it as encoding does) and, from that prefill, per layer (kv_heads, head_dim) mean squared query, or None
     if the model's queries cannot be reached."""
     cfg = lm.model.config.get_text_config(decoder=True)
@@ -155,18 +155,6 @@ def continuation_reference(lm: LoadedModel, context: quality.Context) -> Referen
     with _capture_layer_outputs(lm, outputs):
         logits = inference.logits_after(lm, kv, feed).float()
     return Reference(quality.Reference(kv, feed, targets, logits), outputs or None)
-
-
-def coarse_cache(kv: KVCache, probe: KvqCodec) -> KVCache:
-    """Every layer's K and V quantized at the probe's step, with the token weights that encoding derives from
-    kv.attention (KvqCodec.fit's per-layer fit): the perturbation each sensitivity describes. Under uniform token
-    steps instead, the profile measures an error the encoder never makes (docs/codec.md, "Calibration time")."""
-    out: tuple[list, list] = ([], [])
-    for layer in range(kv.num_layers):
-        attention = kv.attention[layer] if kv.attention is not None else None
-        for kind, x in enumerate((kv.keys[layer], kv.values[layer])):
-            out[kind].append(probe.roundtrip(x, layer, kind, kv.token_start(layer), attention))
-    return KVCache(kv.token_ids, *out)
 
 
 @torch.inference_mode()
@@ -295,6 +283,7 @@ class Calibration:
     details: dict  # how it was measured, for the profile's JSON
     bases: bases_.Bases | None  # kvq's per-head transform under `profile` (None unless asked)
     scales: dict[str, float]  # the presets' step scales for this model (kvcli/calibration/scales.py)
+    token_alpha: float  # the token weights' alpha they were chosen at (kvcli/calibration/scales.py)
 
 
 def calibrate(lm: LoadedModel, texts: list[tuple[str, str]], prefix: int = quality.PREFIX_TOKENS,
@@ -308,16 +297,18 @@ def calibrate(lm: LoadedModel, texts: list[tuple[str, str]], prefix: int = quali
     inv_freq = inv_freq_per_layer(lm.model)
     weights = None
     per_doc = []
-    caches = []
+    contexts = []
     for _, text in texts:
         context, w = prefill_and_key_weights(lm, inference.document_ids(lm, text), prefix)
         kv = context[0]
-        caches.append(kv)
+        contexts.append(context)
         weights = w if weights is None else [a + b for a, b in zip(weights, w)] if w else None
         # The presets' token alpha, so that the probe weighs tokens as the encoder will.
         probe = KvqCodec(COARSE_SCALE, profile=Profile("probe", np.ones((kv.num_layers, 2)), w), inv_freq=inv_freq,
                          token_alpha=DEFAULT_TOKEN_ALPHA)
-        coarse = coarse_cache(kv, probe)
+        # Under uniform token steps instead, the profile would measure an error the encoder never makes
+        # (docs/codec.md, "Calibration time").
+        coarse = quality.decoded_as(kv, probe)
         if method == "probes":
             per_doc.append(probe_sensitivity(lm, continuation_reference(lm, context), coarse, progress))
         else:
@@ -333,19 +324,21 @@ def calibrate(lm: LoadedModel, texts: list[tuple[str, str]], prefix: int = quali
     if method == "fisher":
         details.update(fisher_groups=FISHER_GROUPS, key_layers_alone=KEY_LAYERS_ALONE, key_blocks=KEY_BLOCKS,
                        value_blocks=VALUE_BLOCKS, seed=SEED)
-    learned, chosen, details["rate"] = transform_and_scales(lm, profile, caches, transform, progress)
-    return Calibration(profile, details, learned, chosen)
+    learned, chosen, alpha, details["rate"] = transform_and_scales(lm, profile, contexts, transform, progress)
+    return Calibration(profile, details, learned, chosen, alpha)
 
 
-def transform_and_scales(lm: LoadedModel, profile: Profile, caches: list[KVCache], transform: bool,
-                         progress=None) -> tuple[bases_.Bases | None, dict[str, float], dict]:
-    """From the calibration texts' caches (with their attention): with `transform` the bases of kvq's per-head
-    transform under `profile`, then the presets' scales for this model, and what choosing them measured."""
-    moments = _moments(lm, profile, caches) if transform else None
+def transform_and_scales(lm: LoadedModel, profile: Profile, contexts: list[quality.Context], transform: bool,
+                         progress=None) -> tuple[bases_.Bases | None, dict[str, float], float, dict]:
+    """From the calibration texts' contexts (caches with their attention, and continuations): with `transform` the
+    bases of kvq's per-head transform under `profile`, then the presets' token alpha and scales for this model, and
+    what choosing them measured."""
+    moments = _moments(lm, profile, [kv for kv, _, _ in contexts]) if transform else None
     learned = bases_.Moments.merged(moments).bases() if moments else None
-    transforms = scales_.held_out(lm, moments) if moments else [None] * len(caches)
-    chosen, measured = scales_.choose(lm, profile, caches, transforms, bool(moments) and len(moments) > 1, progress)
-    return learned, chosen, measured
+    transforms = scales_.held_out(lm, moments) if moments else [None] * len(contexts)
+    chosen, alpha, measured = scales_.choose(lm, profile, contexts, transforms, bool(moments) and len(moments) > 1,
+                                             progress)
+    return learned, chosen, alpha, measured
 
 
 def _moments(lm: LoadedModel, profile: Profile, caches: list[KVCache]) -> list[bases_.Moments]:
@@ -365,7 +358,7 @@ def store(lm: LoadedModel, result: Calibration, path=None) -> Path:
     if found is not None:
         dictionary.save_to_cache(found)
     return profiles.save(result.profile, lm.identity, result.details, path, found.sha if found else None,
-                         result.scales)
+                         result.scales, result.token_alpha)
 
 
 def calibration_for(lm: LoadedModel, transform: bool = True, scaled: bool = True) -> profiles.Stored | None:
@@ -417,7 +410,8 @@ def _with_scales(lm: LoadedModel, stored: profiles.Stored) -> profiles.Stored:
     if stored.scales or stored.shipped or not profiles.auto_calibrate():
         return stored
     t0 = time.perf_counter()
-    caches = [quality.context(lm, inference.document_ids(lm, text))[0] for _, text in default_texts()]
+    contexts = [quality.context(lm, inference.document_ids(lm, text)) for _, text in default_texts()]
+    caches = [kv for kv, _, _ in contexts]
     transforms, held = [None] * len(caches), False
     if stored.dictionary is not None:
         moments = _moments(lm, stored.profile, caches)
@@ -427,9 +421,9 @@ def _with_scales(lm: LoadedModel, stored: profiles.Stored) -> profiles.Stored:
         else:
             own = dictionary.find(stored.dictionary, dictionary.own_places(), f"profile {stored.where}")
             transforms, held = [(Transforms.unpack(own.payload), own.sha)] * len(caches), True
-    chosen, measured = scales_.choose(lm, stored.profile, caches, transforms, held)
-    profiles.update(Path(stored.where), scales=chosen, rate=measured)
-    write_stderr_text(f"kvcli: chose the presets' scales for {lm.name} in {time.perf_counter() - t0:.0f} s, once: "
+    chosen, alpha, measured = scales_.choose(lm, stored.profile, contexts, transforms, held)
+    profiles.update(Path(stored.where), scales=chosen, rate=measured, token_alpha=alpha)
+    write_stderr_text(f"kvcli: chose the presets' token alpha and scales for {lm.name} in {time.perf_counter() - t0:.0f} s, once: "
                       f"stored in {stored.where}\n")
     return profiles.read(Path(stored.where))
 

@@ -10,7 +10,10 @@ stores the result in the user's directory; with KVCLI_AUTO_CALIBRATE=0 it falls 
 A profile may name a dictionary (`"dictionary"`: its SHA-256): kvq's per-head transform learned under the profile,
 kept in the user's cache (kvcli/container/dictionary.py), or for a shipped profile shipped beside it in
 profiles/dicts/. It may hold `"scales"`: per lossy preset, the step scale that meets the preset's rate on this
-model (kvcli/calibration/scales.py); a preset it does not name uses codecs/presets.py's LOSSY_SCALES.
+model (kvcli/calibration/scales.py); a preset it does not name uses codecs/presets.py's LOSSY_SCALES. And
+`"token_alpha"`: the token weights' alpha those presets code with on this model, chosen with the scales; a profile
+without it (made before alphas were chosen) codes them with kvq's DEFAULT_TOKEN_ALPHA, at which its scales were
+chosen.
 """
 
 from __future__ import annotations
@@ -63,9 +66,10 @@ def as_stored(profile: Profile) -> Profile:
 
 
 def to_json(profile: Profile, model_identity: dict, details: dict, dictionary: str | None = None,
-            scales: dict[str, float] | None = None) -> dict:
+            scales: dict[str, float] | None = None, token_alpha: float | None = None) -> dict:
     """The profile's JSON; `dictionary` names the SHA-256 of the dictionary holding kvq's transform learned
-    under it (kvcli/calibration/bases.py), where one was; `scales` the presets' step scales for this model."""
+    under it (kvcli/calibration/bases.py), where one was; `scales` the presets' step scales for this model and
+    `token_alpha` the token weights' alpha they were chosen at."""
     return {
         "format": PROFILE_FORMAT,
         "version": PROFILE_VERSION,
@@ -74,6 +78,7 @@ def to_json(profile: Profile, model_identity: dict, details: dict, dictionary: s
         **_numbers(profile),
         **({"dictionary": dictionary} if dictionary is not None else {}),
         **({"scales": {k: round(float(v), 6) for k, v in sorted(scales.items())}} if scales else {}),
+        **({"token_alpha": round(float(token_alpha), 6)} if token_alpha is not None else {}),
         **details,
     }
 
@@ -82,7 +87,7 @@ def to_json(profile: Profile, model_identity: dict, details: dict, dictionary: s
 class Stored:
     """A profile as found: its numbers, the dictionary it names (None for a profile without a transform: one
     made before transforms were learned, or with --no-transform), the presets' step scales it sets (empty for a
-    profile made before they were chosen), and where it was read."""
+    profile made before they were chosen) and their token alpha (None: kvq's default), and where it was read."""
 
     profile: Profile
     model: dict  # MODEL_FIELDS of the model it was made for
@@ -90,6 +95,7 @@ class Stored:
     where: str
     shipped: bool = False
     scales: dict[str, float] = field(default_factory=dict)
+    token_alpha: float | None = None
 
     def scale(self, quality: str) -> float | None:
         """The step scale this profile sets for a preset, or None (the preset's default then)."""
@@ -115,11 +121,12 @@ def _stored(doc: dict, where: str, shipped: bool = False) -> Stored:
             raise ValueError("model must be an object")
         profile = Profile(str(doc["name"]), sens, weights)
         scales = _scales(doc.get("scales", {}))
+        alpha = _token_alpha(doc.get("token_alpha"))
     except (KeyError, TypeError, ValueError) as err:
         raise FormatError(f"{where}: malformed profile: {err}") from None
     sha = doc.get("dictionary")
     return Stored(profile, doc["model"], None if sha is None else dictionary.check_sha(sha, f"{where}: malformed profile"),
-                  where, shipped, scales)
+                  where, shipped, scales, alpha)
 
 
 def _scales(doc) -> dict[str, float]:
@@ -135,21 +142,32 @@ def _scales(doc) -> dict[str, float]:
     return {name: float(value) for name, value in doc.items()}
 
 
+def _token_alpha(value) -> float | None:
+    from ..codecs.kvq import TOKEN_ALPHA_LIMIT
+
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= TOKEN_ALPHA_LIMIT:
+        raise ValueError(f"token_alpha must be a number in [0, {TOKEN_ALPHA_LIMIT}]")
+    return float(value)
+
+
 def save(profile: Profile, model_identity: dict, details: dict, path: Path | None = None,
-         dictionary: str | None = None, scales: dict[str, float] | None = None) -> Path:
+         dictionary: str | None = None, scales: dict[str, float] | None = None,
+         token_alpha: float | None = None) -> Path:
     from ..container.format import atomic_write
 
     path = path or user_dir() / f"{profile_key(model_identity)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = to_json(profile, model_identity, details, dictionary, scales)
+    doc = to_json(profile, model_identity, details, dictionary, scales, token_alpha)
     atomic_write(str(path), [json.dumps(doc, separators=(",", ":")).encode()])
     return path
 
 
 def update(path: Path, dictionary: str | None = None, scales: dict[str, float] | None = None,
-           rate: dict | None = None) -> None:
+           rate: dict | None = None, token_alpha: float | None = None) -> None:
     """Rewrite a stored profile with another dictionary (its transform learned again) or the presets' scales (and
-    what choosing them measured), the rest kept as it is."""
+    what choosing them measured, and the token alpha they were chosen at), the rest kept as it is."""
     from ..container.format import atomic_write
     from ..container import dictionary as dictionary_
 
@@ -160,6 +178,8 @@ def update(path: Path, dictionary: str | None = None, scales: dict[str, float] |
         doc["scales"] = {k: round(float(v), 6) for k, v in sorted(scales.items())}
     if rate is not None:
         doc["rate"] = rate
+    if token_alpha is not None:
+        doc["token_alpha"] = round(float(token_alpha), 6)
     atomic_write(str(path), [json.dumps(doc, separators=(",", ":")).encode()])
 
 

@@ -19,6 +19,17 @@ PREFIX_TOKENS = 2048
 CONTINUATION_TOKENS = 128
 
 
+def decoded_as(kv: KVCache, codec) -> KVCache:
+    """Every layer's K and V as a file of kvq `codec` decodes them, with the token weights that encoding derives
+    from kv.attention (KvqCodec.fit's per-layer fit), without entropy coding."""
+    out: tuple[list, list] = ([], [])
+    for layer in range(kv.num_layers):
+        attention = kv.attention[layer] if kv.attention is not None else None
+        for kind, x in enumerate((kv.keys[layer], kv.values[layer])):
+            out[kind].append(codec.roundtrip(x, layer, kind, kv.token_start(layer), attention))
+    return KVCache(kv.token_ids, *out)
+
+
 @dataclass
 class Reference:
     kv: KVCache  # exact cache of the prefix

@@ -157,7 +157,8 @@ def codec_for(quality: str, lm: models.LoadedModel, step_scale: float = 1.0, sin
             raise FormatError(f"{found.where}: {err}") from None
     return make_codec(quality, stored.profile if stored is not None else None, inv_freq_per_layer(lm.model),
                       step_scale, DEFAULT_SINKS if sinks is None else sinks, transforms=transforms, dictionary=sha,
-                      base_scale=stored.scale(quality) if stored is not None else None)
+                      base_scale=stored.scale(quality) if stored is not None else None,
+                      token_alpha=stored.token_alpha if stored is not None and quality in TARGET_BITS else None)
 
 
 def provenance(source: inference.Document | None = None) -> dict:
