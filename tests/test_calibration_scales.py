@@ -142,6 +142,8 @@ def test_calibration_chooses_the_token_alpha_with_the_least_kl_at_the_rate(cli, 
     result = cli("calibrate", "--model", tiny_model_dir("llama", seed=3), *paths, "--json")
     assert result.exit_code == 0, result.stderr
     stored = profiles.lookup(lm.identity)
+    summary = json.loads(result.stdout)
+    assert summary["token_alpha"] == stored.token_alpha and summary["scales"] == stored.scales
     tried = json.loads(next((cache_dir / "profiles").glob("*.json")).read_text())["rate"]["alpha_kl"]
     assert sorted(map(float, tried)) == sorted(scales.ALPHAS)
     assert stored.token_alpha == min(scales.ALPHAS, key=lambda a: tried[f"{a:g}"])

@@ -47,13 +47,14 @@ def calibrate(
     profile, s = stored.profile, stored.profile.sensitivity
     summary = {"profile": str(path), "name": profile.name, "digest": profile.digest(), "layers": layers,
                "sensitivity_range": [float(s.min()), float(s.max())], "texts": result.details["texts"],
-               "method": method, "dictionary": stored.dictionary}
+               "method": method, "dictionary": stored.dictionary, "token_alpha": stored.token_alpha,
+               "scales": stored.scales}
     if as_json:
         emit_json(summary)
     else:
         named = f"; transform in dictionary {stored.dictionary}" if stored.dictionary else ""
         write_stdout_text(f"wrote profile {path} (sensitivity spans {s.max() / max(s.min(), 1e-12):.0f}x across "
-                          f"layers{named})\n")
+                          f"layers{named}; token alpha {stored.token_alpha:g})\n")
 
 
 def register(app: typer.Typer) -> None:
