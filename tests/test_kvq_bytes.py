@@ -8,10 +8,10 @@ version. The cache is built from numpy's PCG64, whose stream numpy keeps stable 
 what changes bytes: rotary keys, a sliding-window layer, sinks, a profile with key weights, token weights, three
 dtypes, several chunks. Both backends must give the same bytes (the triton one under TRITON_INTERPRET=1).
 
-Those digests pin the codec's arithmetic with the encoder's full range of token exponents. `tiny` later got a cap on
-them (codecs/presets.py TOKEN_COARSEST: an encoder policy within the same format, which every decoder reads as it
-did), so its preset's own bytes are pinned apart (TINY_CAPPED_DIGESTS, taken when the cap was added), and the
-arithmetic pins are checked with the cap lifted.
+Those digests pin the codec's arithmetic with the encoder's full range of token exponents. `tiny` and later `small`
+got a cap on them (codecs/presets.py TOKEN_COARSEST: an encoder policy within the same format, which every decoder
+reads as it did), so their presets' own bytes are pinned apart (CAPPED_DIGESTS, taken when each cap was added), and
+the arithmetic pins are checked with the caps lifted.
 """
 
 from __future__ import annotations
@@ -73,14 +73,21 @@ V4_DIGESTS = {
 }
 
 
-# (version, dtype) -> the digest of `tiny` as its preset writes it, with its token cap (taken at 1f3a542's code).
-TINY_CAPPED_DIGESTS = {
-    (3, 'bfloat16'): "c012ab5c809e09af9b8d0baf4d59cb55beef5c59a74d49ad9e5bc108610349d9",
-    (3, 'float16'): "2eb15554191bcb9e55e2fe10dcb6b25d5074b8673b9005a0aec6279d75d3b0fe",
-    (3, 'float32'): "596b6a0a62145202451d8d595efd588aefca1658f482afc04ddc803396c8f3fa",
-    (4, 'bfloat16'): "437e2e8bd24504017fe7c67692630d9f361f5eecb347d05527bf20077bda62c5",
-    (4, 'float16'): "fd1736e2771853c45809f479d47bf8063eaa4c2bfe4a1c0b2de6a283ffd80f91",
-    (4, 'float32'): "f4c009503714a7ce6c15a899e732858dc95ee51448fc551a76b98eec55eb05b3",
+# (quality, version, dtype) -> the digest of a capped preset as it writes it, with its token cap (`tiny`'s taken at
+# 1f3a542's code, `small`'s when its cap was added).
+CAPPED_DIGESTS = {
+    ('tiny', 3, 'bfloat16'): "c012ab5c809e09af9b8d0baf4d59cb55beef5c59a74d49ad9e5bc108610349d9",
+    ('tiny', 3, 'float16'): "2eb15554191bcb9e55e2fe10dcb6b25d5074b8673b9005a0aec6279d75d3b0fe",
+    ('tiny', 3, 'float32'): "596b6a0a62145202451d8d595efd588aefca1658f482afc04ddc803396c8f3fa",
+    ('tiny', 4, 'bfloat16'): "437e2e8bd24504017fe7c67692630d9f361f5eecb347d05527bf20077bda62c5",
+    ('tiny', 4, 'float16'): "fd1736e2771853c45809f479d47bf8063eaa4c2bfe4a1c0b2de6a283ffd80f91",
+    ('tiny', 4, 'float32'): "f4c009503714a7ce6c15a899e732858dc95ee51448fc551a76b98eec55eb05b3",
+    ('small', 3, 'bfloat16'): "39c1261a9c063c440744b23520264c6a7bbb543428b00c3724fb8dad67c711bb",
+    ('small', 3, 'float16'): "5de74c55a4a5f0343f705d99e29dc6f80eec1b91be8b6d13af8fa50a372f8a64",
+    ('small', 3, 'float32'): "efb69d895167e558439b22b4c41e583a31314ea8c1db634749b4bf3d45c78f71",
+    ('small', 4, 'bfloat16'): "15b6b07480c2a06fbe8c22f1703840bbca2807a4110200e0640ff7ca04e1d371",
+    ('small', 4, 'float16'): "9b5b9a08a7440b4b77869d67494b2efd398b5ec0eac07548b1991c75c57f9e20",
+    ('small', 4, 'float32'): "51cb67728cecf729a59dc981b0ba3a6d83b806061dbaf025d77e9565bc5dcdc5",
 }
 
 
@@ -105,7 +112,7 @@ def fixed_profile() -> Profile:
 def fixed_digest(quality: str, dtype: str, backend: str = "torch", version: int | None = None,
                  preset_policy: bool = False) -> str:
     """The digest of what `quality`'s codec writes for the fixed cache: its arithmetic with every token exponent
-    allowed, or with `preset_policy` as the preset writes it (tiny's token cap)."""
+    allowed, or with `preset_policy` as the preset writes it (its token cap)."""
     inv_freq = [1.0 / (10000 ** (np.arange(0, DIM, 2, dtype=np.float32) / DIM)) for _ in range(LAYERS)]
     codec = make_codec(quality, fixed_profile(), inv_freq, **({"version": version} if version else {}))
     if not preset_policy and hasattr(codec, "token_coarsest"):
@@ -134,9 +141,10 @@ def test_every_lossy_preset_writes_the_version_4_bytes_it_wrote_before(quality, 
 
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 @pytest.mark.parametrize("version", [3, 4])
-def test_tiny_writes_the_bytes_it_wrote_with_its_token_cap(version, dtype):
-    assert TOKEN_COARSEST["tiny"] < TOKEN_EXPONENT_LIMIT  # else the arithmetic pins above already cover it
-    assert fixed_digest("tiny", dtype, version=version, preset_policy=True) == TINY_CAPPED_DIGESTS[(version, dtype)]
+@pytest.mark.parametrize("quality", sorted(TOKEN_COARSEST))
+def test_a_capped_preset_writes_the_bytes_it_wrote_with_its_token_cap(quality, version, dtype):
+    assert TOKEN_COARSEST[quality] < TOKEN_EXPONENT_LIMIT  # else the arithmetic pins above already cover it
+    assert fixed_digest(quality, dtype, version=version, preset_policy=True) == CAPPED_DIGESTS[(quality, version, dtype)]
 
 
 @pytest.mark.parametrize("quality", ["high", "small"])

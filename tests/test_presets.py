@@ -30,18 +30,19 @@ def _bits(lm, kv, codec) -> float:
     return 8 * size / sum(k.numel() + v.numel() for k, v in zip(kv.keys, kv.values))
 
 
-def test_tiny_codes_no_token_much_coarser_than_its_head_typical_one(tiny_lm):
-    """`tiny` caps the token exponents at TOKEN_COARSEST (its steps at most 2^(4/8) coarser for an ignored token);
-    `small` keeps the whole range, and so reaches past the cap on the same cache."""
+def test_small_and_tiny_code_no_token_much_coarser_than_its_head_typical_one(tiny_lm):
+    """`small` and `tiny` cap the token exponents at TOKEN_COARSEST (steps at most 2^(8/8) and 2^(4/8) coarser for an
+    ignored token); `balanced` keeps the whole range, and so reaches past both caps on the same cache."""
     lm = tiny_lm("llama")
     kv = _ignored_cache(lm)
     starts = [kv.token_start(layer) for layer in range(kv.num_layers)]
     top = {}
-    for quality in ("small", "tiny"):
+    for quality in ("balanced", "small", "tiny"):
         encoder = make_codec(quality, inv_freq=inv_freq_per_layer(lm.model)).fit(kv.keys, kv.values, starts,
                                                                                   kv.attention)
         top[quality] = max(int(w.exponents.max()) for w in encoder.tokens.values())
-    assert top["tiny"] == TOKEN_COARSEST["tiny"] == 4 and top["small"] > 4
+    assert top["tiny"] == TOKEN_COARSEST["tiny"] == 4 and top["small"] == TOKEN_COARSEST["small"] == 8
+    assert top["balanced"] > 8
 
 
 def test_calibration_chooses_tiny_scale_with_tiny_cap(tiny_lm):
