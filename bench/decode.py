@@ -7,8 +7,9 @@ interleaved in one process so that their ratio survives a shared machine.
 
 One JSON line per preset: elements, bits per element, decode seconds (median, min, max over the repeats, each
 after a warm-up) and the process's CPU seconds per decode (all threads; steadier than wall time when other work
-shares the cores), elements per second from the median, and for kvq presets the torch-reconstruction seconds
-and the speed-up. With --transform, each lossy preset is also written as version 4 with the per-head transform
+shares the cores), elements per second from the median, the seconds of opening the file's decoder alone (part of
+each decode, once per file whatever its size: the aux segments' tables, and a dictionary found, verified and
+unpacked), and for kvq presets the torch-reconstruction seconds and the speed-up. With --transform, each lossy preset is also written as version 4 with the per-head transform
 (bench/xf_dictionary.py; "fit" learns it on the calibration texts and saves it in $KVCLI_CACHE_DIR: point that at a
 temporary directory), its line marked "transform": true. Timings depend on load: run it on a quiet machine for
 absolute figures.
@@ -42,6 +43,13 @@ def decode_seconds(src, header, threads: int | None, torch_reconstruct: bool) ->
         return time.perf_counter() - t0, time.process_time() - c0
     finally:
         KvqDecoder.dequantize_body = fused
+
+
+def open_seconds(src, header) -> float:
+    """Wall seconds of opening the file's decoder, as each decode does first (kvfile.open_decoder)."""
+    t0 = time.perf_counter()
+    kvfile.open_decoder(src, header)
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -81,20 +89,21 @@ def main() -> None:
             variants = [False, True] if header.codec["name"] == "kvq" else [False]
             for v in variants:  # warm-up
                 decode_seconds(src, header, args.threads, v)
-            files.append((preset, version, len(data), src, header, {v: [] for v in variants}, []))
+            files.append((preset, version, len(data), src, header, {v: [] for v in variants}, [], []))
     # Every file's repeats interleaved, so that versions and presets see the same load.
     for _ in range(args.repeats):
-        for *_, src, header, times, cpu in files:
+        for *_, src, header, times, cpu, opening in files:
             for v in times:
                 wall, used = decode_seconds(src, header, args.threads, v)
                 times[v].append(wall)
                 if not v:
                     cpu.append(used)
-    for preset, version, size, src, header, times, cpu in files:
+            opening.append(open_seconds(src, header))
+    for preset, version, size, src, header, times, cpu, opening in files:
         fast = statistics.median(times[False])
         record = {"bench": "decode", "preset": preset, "model": lm.name, "document": args.document.rsplit("/", 1)[-1],
                   "tokens": ref.kv.num_tokens, "elements": elements, "bits_per_element": round(8 * size / elements, 4),
-                  "decode_s": spread(times[False]), "decode_cpu_s": spread(cpu),
+                  "decode_s": spread(times[False]), "decode_cpu_s": spread(cpu), "open_s": spread(opening),
                   "decode_elements_per_s": round(elements / fast)}
         if version is not None:
             slow = statistics.median(times[True])

@@ -594,7 +594,7 @@ class KvqDecoder(_Planned, Decoder):
         self._segments: dict = {}  # _segment's results by layout; every thread computes the same values
         self._layouts: dict = {}  # entropy.Layout by (layer, kind, non-sink tokens), likewise
         self._host = {key: (c.numpy().reshape(-1), st.numpy().reshape(-1)) for key, (c, st) in self._tensors.items()}
-        self._host_matrices = {key: m.numpy() for key, m in self._matrices.items()}
+        self._prepared: dict = {}  # transform_ops.prepare's matrices by (layer, kind), made on first use
         self._device_states: dict = {}  # per device: tables and layouts on it (kvq_ops/decode_triton.py)
         self._lock = threading.Lock()
 
@@ -680,10 +680,13 @@ class KvqDecoder(_Planned, Decoder):
         """Expand, dequantize (with token weights where the file has them), rotate keys and cast into body
         (heads, tokens - skip, dim), a CPU tensor of the file's dtype, in C (dequantize.reconstruct): values bit
         for bit dequantize_body_ref's; a transformed layer's M q on the way (kvq_ops/transform.c)."""
-        kind = KINDS.index(ctx.kind)
-        center, step = self._host[(ctx.layer, kind)]
-        dequantize.reconstruct(symbols, self.tables, center, step, self._freq(ctx.layer, kind), ctx.token_start + skip,
-                               self._token_factors(ctx, skip), body, self._host_matrices.get((ctx.layer, kind)))
+        key = (ctx.layer, KINDS.index(ctx.kind))
+        center, step = self._host[key]
+        matrix = self._prepared.get(key)
+        if matrix is None and key in self._matrices:  # threads may both prepare it: the same values
+            matrix = self._prepared[key] = transform_ops.prepare(self._matrices[key].numpy())
+        dequantize.reconstruct(symbols, self.tables, center, step, self._freq(*key), ctx.token_start + skip,
+                               self._token_factors(ctx, skip), body, matrix)
 
     def dequantize_body_ref(self, ctx: SegmentContext, skip: int, symbols: entropy.Symbols,
                             body: torch.Tensor) -> None:

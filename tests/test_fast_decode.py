@@ -10,7 +10,7 @@ import pytest
 import torch
 from coder_inputs import fit_tables, ticks_during
 from kvcli.codecs.kvq import KvqCodec
-from kvcli.codecs.kvq_ops import _kvq
+from kvcli.codecs.kvq_ops import _kvq, transform
 from kvcli.codecs.kvq_ops.dequantize import FLOAT16_MAX, HOST_DTYPES
 from kvcli.codecs.kvq_ops.rope import rope_tables, rotate_keys
 
@@ -217,12 +217,15 @@ def test_a_transform_must_be_one_matrix_per_head_of_the_output():
     storage = torch.empty(0, dtype=torch.uint8).set_(out.untyped_storage()).numpy()
     tail = [np.zeros(8, np.float32), np.ones(8, np.float32), None, None, None, storage,
             np.array([0, 2, 4, 12, 1, 3], np.int64), 0]
-    _kvq.reconstruct(*args, *tail, np.eye(4, dtype=np.int16)[None].repeat(2, 0) * 1024)
+    _kvq.reconstruct(*args, *tail, *transform.prepare(np.eye(4, dtype=np.int16)[None].repeat(2, 0) * 1024))
     assert torch.equal(out, torch.ones_like(out))  # 1024 q, times 2^-10
-    for wrong in (np.eye(4, dtype=np.int16)[None], np.eye(3, dtype=np.int16)[None].repeat(2, 0)):
+    right = transform.prepare(np.eye(4, dtype=np.int16)[None].repeat(2, 0))
+    for wrong in (transform.prepare(np.eye(4, dtype=np.int16)[None]),
+                  transform.prepare(np.eye(3, dtype=np.int16)[None].repeat(2, 0)),
+                  right._replace(pairs=right.pairs[:1]), right._replace(pairs=None)):
         out.fill_(7)
-        with pytest.raises(ValueError, match="matrices do not match"):
-            _kvq.reconstruct(*args, *tail, wrong)
+        with pytest.raises(ValueError, match="matrices do not match|matrix and pairs"):
+            _kvq.reconstruct(*args, *tail, *wrong)
         assert torch.equal(out, torch.full_like(out, 7))
 
 

@@ -270,6 +270,50 @@ def test_untransform(device, heads, tokens, dim, wide):
         assert torch.equal(bits(got.cpu()), bits(want))
 
 
+@pytest.mark.parametrize("heads,dim", [(1, 1), (2, 7), (3, 10), (1, 64), (2, 256)])
+def test_prepare(heads, dim):
+    """transform.prepare, what transform.c's product reads: each row's int16 pairs (M[i][2k], M[i][2k + 1]) in one
+    int32 (low half first), rows padded with zeros to a multiple of 8 (an odd dim's last pair with a zero), the
+    matrix's own bytes where dim is a multiple of 8; and the largest row sum of |M|, which with max |q| bounds the
+    product's int32 sums."""
+    from kvcli.codecs.kvq_ops import transform
+
+    rng = np.random.default_rng(heads * 1000 + dim)
+    matrix = rng.integers(-(1 << 15), 1 << 15, (heads, dim, dim)).astype(np.int16)
+    prepared = transform.prepare(matrix)
+    rows, pairs = -(-dim // 8) * 8, (dim + 1) // 2
+    wide = np.zeros((heads, rows, 2 * pairs), np.int64)
+    wide[:, :dim, :dim] = matrix
+    want = (wide[..., 0::2] & 0xFFFF) | (wide[..., 1::2] << 16)
+    assert prepared.pairs.shape == (heads, rows, pairs) and prepared.pairs.dtype == np.int32
+    assert np.array_equal(prepared.pairs.astype(np.int64) & 0xFFFFFFFF, want & 0xFFFFFFFF)
+    assert prepared.row_sum == int(np.abs(matrix.astype(np.int64)).sum(axis=2).max())
+    assert np.shares_memory(prepared.pairs, prepared.matrix) == (dim % 8 == 0)
+
+
+def test_reconstruct_transformed_int32_bound():
+    """transform.c's VNNI product sums in int32, so it takes integers only where max |q| times M's largest row sum
+    of |M| stays below 2^31: with every entry 32767 and dim 64, at most 1023. At 1023 the product runs (its sums
+    reach 2^31 - 2^21.04); at 1025, below 2^15 still, a token's sums pass 2^31 and must go through the wider loops.
+    Both against the torch reference."""
+    heads, dim, tokens = 1, 64, 20
+    matrix = np.full((heads, dim, dim), 32767, np.int16)
+    center, step = torch.zeros((heads, dim)), torch.ones((heads, dim))
+    for top in (1023, 1025):
+        q = np.ones((heads, dim, tokens), np.int32)
+        q[..., 3] = top  # a token whose every component is the largest
+        q[0, 5, 7] = -top
+        symbols, tables = as_symbols(q)
+        want = torch.empty((heads, tokens, dim))
+        dequantize.reconstruct_ref(symbols, tables, center, step, None, 0, None, want, "float32",
+                                   torch.from_numpy(matrix))
+        assert (float(want[0, 3, 0]) * 1024 >= 2**31) == (top == 1025)  # M q itself, times 2^-10
+        out = torch.full((heads, dim, tokens), float("nan")).transpose(1, 2)
+        dequantize.reconstruct(symbols, tables, center.reshape(-1).numpy(), step.reshape(-1).numpy(), None, 0,
+                               None, out, matrix)
+        assert torch.equal(bits(out), bits(want))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("rope", [False, True])
 def test_reconstruct_transformed_rounding(dtype, rope):

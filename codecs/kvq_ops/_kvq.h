@@ -31,15 +31,17 @@ static inline float round_even(float y) {
 #define KVQ_EXPORT __attribute__((visibility("hidden")))
 
 KVQ_EXPORT extern const char kvq_unrotate_doc[], kvq_deviations_doc[], kvq_quantize_doc[], kvq_reconstruct_doc[],
-    kvq_quantize_components_doc[];
+    kvq_quantize_components_doc[], kvq_pair_rows_doc[];
 KVQ_EXPORT PyObject *kvq_unrotate(PyObject *self, PyObject *args);
 KVQ_EXPORT PyObject *kvq_deviations(PyObject *self, PyObject *args);
 KVQ_EXPORT PyObject *kvq_quantize(PyObject *self, PyObject *args);
 KVQ_EXPORT PyObject *kvq_reconstruct(PyObject *self, PyObject *args);
 KVQ_EXPORT PyObject *kvq_quantize_components(PyObject *self, PyObject *args);
-/* transform.c: M q per head, exactly, into y (heads, dim, tokens) float32; -1 when out of memory. */
-KVQ_EXPORT int kvq_untransform(const int32_t *q, const int16_t *matrix, int64_t heads, int64_t dim, int64_t tokens,
-                               float *y);
+KVQ_EXPORT PyObject *kvq_pair_rows(PyObject *self, PyObject *args);
+/* transform.c: M q per head, exactly, into y (heads, dim, tokens) float32; -1 when out of memory. mp and row_sum:
+ * pair_rows's for matrix (see there; an understated row_sum would let the int32 sums wrap). */
+KVQ_EXPORT int kvq_untransform(const int32_t *q, const int16_t *matrix, const int32_t *mp, int64_t row_sum,
+                               int64_t heads, int64_t dim, int64_t tokens, float *y);
 
 /* The cache dtypes reconstruct writes. */
 enum { F32 = 0, F16 = 1, BF16 = 2 };
@@ -57,9 +59,8 @@ typedef struct {
 
 /* transform.c: M q, dequantized, rotated and cast straight into o's output, the values of kvq_untransform then
  * reconstruct_all, bit for bit, without the float32 buffer between them. 1 (nothing written) where it does not
- * apply: no AVX-512 VNNI, integers past its bound, or keys whose dim is not a multiple of 8; -1 when out of
- * memory. */
-KVQ_EXPORT int kvq_untransform_into(const int32_t *q, const int16_t *matrix, int64_t heads, int64_t dim,
-                                    int64_t tokens, const KvqOutput *o);
+ * apply: no AVX-512 VNNI, or integers past its bound; -1 when out of memory. */
+KVQ_EXPORT int kvq_untransform_into(const int32_t *q, const int32_t *mp, int64_t row_sum, int64_t heads,
+                                    int64_t dim, int64_t tokens, const KvqOutput *o);
 
 #endif

@@ -154,40 +154,41 @@ reconstruct_all(const void *q, int64_t tokens, const float *center, const float 
 
 const char kvq_reconstruct_doc[] = PyDoc_STR(
              "reconstruct(symbols, spec, rows, tokens, digits, offsets, escapes, center, step, factor, cos, sin, out,\n"
-             "            place, dtype, matrix=None)\n\n"
+             "            place, dtype, matrix=None, pairs=None, row_sum=0)\n\n"
              "One segment's body, expanded as expand does, dequantized, rotated (keys: cos and sin float32 (dim / 2,\n"
              "tokens); None for no rotation) and cast to dtype (0 float32, 1 float16, 2 bfloat16) straight into out,\n"
              "the writable bytes of the cache tensor's storage. center, step: float32 per channel (heads * dim);\n"
              "factor: float32 token weights (heads, tokens), or None; place: int64 (offset, heads, dim, stride of\n"
              "heads, of tokens, of dim) in elements of dtype; matrix: version 4's transform, int16 (heads, dim, dim),\n"
-             "whose M q (exact) takes the integers' place, times 2^-10, or None.");
+             "whose M q (exact) takes the integers' place, times 2^-10, or None; with it pairs and row_sum, what\n"
+             "pair_rows makes of it.");
 
 PyObject *kvq_reconstruct(PyObject *self, PyObject *args) {
-    enum { SYM, SPEC, ROWS, TOK, DIGITS, OFFSETS, ESC, CENTER, STEP, FACTOR, COS, SIN, OUT, PLACE, MATRIX, N };
+    enum { SYM, SPEC, ROWS, TOK, DIGITS, OFFSETS, ESC, CENTER, STEP, FACTOR, COS, SIN, OUT, PLACE, MATRIX, PAIRS, N };
     PyObject *o[N];
-    long long tokens;
+    long long tokens, row_sum = 0;
     int dtype;
     View v[N] = {{0}};
-    static const Py_ssize_t item[N] = {2, 8, 8, 0, 4, 8, 4, 4, 4, 4, 4, 4, 1, 8, 2};
+    static const Py_ssize_t item[N] = {2, 8, 8, 0, 4, 8, 4, 4, 4, 4, 4, 4, 1, 8, 2, 4};
     static const char *names[N] = {"symbols", "spec", "rows", "", "digits", "offsets", "escapes", "center", "step",
-                                   "factor", "cos", "sin", "out", "place", "matrix"};
+                                   "factor", "cos", "sin", "out", "place", "matrix", "pairs"};
     Layout l;
     PyObject *result = NULL;
     int32_t *q = NULL;
     float *ones = NULL, *values = NULL;
-    o[MATRIX] = Py_None;
-    if (!PyArg_ParseTuple(args, "OOOLOOOOOOOOOOi|O", &o[SYM], &o[SPEC], &o[ROWS], &tokens, &o[DIGITS], &o[OFFSETS],
+    o[MATRIX] = o[PAIRS] = Py_None;
+    if (!PyArg_ParseTuple(args, "OOOLOOOOOOOOOOi|OOL", &o[SYM], &o[SPEC], &o[ROWS], &tokens, &o[DIGITS], &o[OFFSETS],
                           &o[ESC], &o[CENTER], &o[STEP], &o[FACTOR], &o[COS], &o[SIN], &o[OUT], &o[PLACE], &dtype,
-                          &o[MATRIX]))
+                          &o[MATRIX], &o[PAIRS], &row_sum))
         return NULL;
     int rope = o[COS] != Py_None, scaled = o[FACTOR] != Py_None, transformed = o[MATRIX] != Py_None;
-    if (rope != (o[SIN] != Py_None)) {
-        PyErr_SetString(PyExc_ValueError, "reconstruct: cos and sin go together");
+    if (rope != (o[SIN] != Py_None) || transformed != (o[PAIRS] != Py_None) || row_sum < 0) {
+        PyErr_SetString(PyExc_ValueError, "reconstruct: cos and sin go together, as matrix and pairs do");
         return NULL;
     }
     for (int i = 0; i < N; i++)
-        if (i != TOK && (rope || (i != COS && i != SIN)) && (scaled || i != FACTOR) && (transformed || i != MATRIX) &&
-            view_get(o[i], &v[i], i == OUT, item[i], names[i]))
+        if (i != TOK && (rope || (i != COS && i != SIN)) && (scaled || i != FACTOR) &&
+            (transformed || (i != MATRIX && i != PAIRS)) && view_get(o[i], &v[i], i == OUT, item[i], names[i]))
             goto done;
     if (dtype < F32 || dtype > BF16 || ITEMS(v[PLACE], int64_t) != 6) {
         PyErr_SetString(PyExc_ValueError, "reconstruct: dtype must be 0, 1 or 2 and place six integers");
@@ -204,7 +205,8 @@ PyObject *kvq_reconstruct(PyObject *self, PyObject *args) {
     if (ITEMS(v[CENTER], float) != channels || ITEMS(v[STEP], float) != channels ||
         (scaled && ITEMS(v[FACTOR], float) != p.heads * tokens) ||
         (rope && (p.dim % 2 || ITEMS(v[COS], float) != p.dim / 2 * tokens || ITEMS(v[SIN], float) != p.dim / 2 * tokens)) ||
-        (transformed && ITEMS(v[MATRIX], int16_t) != channels * p.dim)) {
+        (transformed && (ITEMS(v[MATRIX], int16_t) != channels * p.dim ||
+                         ITEMS(v[PAIRS], int32_t) != p.heads * ((p.dim + 7) / 8 * 8) * ((p.dim + 1) / 2)))) {
         PyErr_SetString(PyExc_ValueError,
                         "reconstruct: centers, steps, token weights, rotary tables or matrices do not match the output");
         goto done;
@@ -246,13 +248,14 @@ PyObject *kvq_reconstruct(PyObject *self, PyObject *args) {
         const KvqOutput o = {DATA(v[CENTER], float), DATA(v[STEP], float), scaled ? DATA(v[FACTOR], float) : ones,
                              rope ? DATA(v[COS], float) : NULL, rope ? DATA(v[SIN], float) : NULL, scaled ? tokens : 0,
                              p.sh, p.sd, (char *)v[OUT].buf.buf + (size_t)p.offset * (dtype == F32 ? 4 : 2), dtype};
-        const int got = kvq_untransform_into(q, DATA(v[MATRIX], int16_t), p.heads, p.dim, tokens, &o);
+        const int got = kvq_untransform_into(q, DATA(v[PAIRS], int32_t), row_sum, p.heads, p.dim, tokens, &o);
         short_of_memory = got < 0;
         buffered = got == 1;
     }
     if (!fault && buffered && !short_of_memory) {
         values = PyMem_RawMalloc((size_t)channels * (size_t)tokens * sizeof(float) + 1);
-        short_of_memory = !values || kvq_untransform(q, DATA(v[MATRIX], int16_t), p.heads, p.dim, tokens, values);
+        short_of_memory = !values || kvq_untransform(q, DATA(v[MATRIX], int16_t), DATA(v[PAIRS], int32_t), row_sum,
+                                                     p.heads, p.dim, tokens, values);
     }
     /* Two calls, each with a constant `floats`: each inlines into loops for one kind of input. */
 #define RECONSTRUCT(input, floats)                                                                                  \

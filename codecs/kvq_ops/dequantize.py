@@ -19,7 +19,7 @@ import torch
 from .. import entropy
 from . import _kvq
 from .rope import rope_tables, rotate_keys
-from .transform import untransform_ref
+from .transform import Prepared, prepare, untransform_ref
 
 FLOAT16_MAX = 65504.0  # largest finite float16
 HOST_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # _kvq.reconstruct's dtype codes
@@ -49,10 +49,11 @@ def dequantize_rotate_ref(q: torch.Tensor, center: torch.Tensor, step: torch.Ten
 
 def reconstruct(symbols: entropy.Symbols, tables: entropy.ClassTables, center: np.ndarray, step: np.ndarray,
                 inv_freq: torch.Tensor | None, token_start: int, token_factor: torch.Tensor | None,
-                body: torch.Tensor, matrix: np.ndarray | None = None) -> None:
+                body: torch.Tensor, matrix: np.ndarray | Prepared | None = None) -> None:
     """reconstruct_ref into body, a CPU (heads, tokens, dim) view of any strides, in one C pass over each element
     (_kvq.reconstruct) without the GIL. center and step: float32 (heads * dim,); matrix: version 4's transform,
-    int16 (heads, dim, dim), or None. The C code refuses strides that would write outside body's storage."""
+    int16 (heads, dim, dim), best prepared once (transform.prepare), or None. The C code refuses strides that
+    would write outside body's storage."""
     heads, tokens, dim = body.shape
     cos = sin = None
     if inv_freq is not None:
@@ -60,9 +61,11 @@ def reconstruct(symbols: entropy.Symbols, tables: entropy.ClassTables, center: n
     lay = symbols.layout
     storage = torch.empty(0, dtype=torch.uint8).set_(body.untyped_storage()).numpy()
     place = np.array([body.storage_offset(), heads, dim, *body.stride()], np.int64)
+    if matrix is not None and not isinstance(matrix, Prepared):
+        matrix = prepare(matrix)
     _kvq.reconstruct(symbols.symbols, lay.spec, lay.rows, lay.tokens, *tables.digits, symbols.escapes, center, step,
                      token_factor.numpy() if token_factor is not None else None, cos, sin, storage, place,
-                     HOST_DTYPES[body.dtype], matrix)
+                     HOST_DTYPES[body.dtype], *(matrix if matrix is not None else ()))
 
 
 def reconstruct_ref(symbols: entropy.Symbols, tables: entropy.ClassTables, center: torch.Tensor, step: torch.Tensor,

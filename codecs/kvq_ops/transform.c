@@ -78,10 +78,6 @@ static inline int64_t block_row(int64_t b, int r, int64_t dim, int paired) {
 
 /* acc += the int16 pair products of v and the broadcast pair w, summed into int32 lanes (vpdpwssd). In assembly:
  * GCC's intrinsic copied each accumulator to another register and back at every step. */
-/* An int32 read from int16 storage: M's pairs in place. */
-typedef int32_t __attribute__((may_alias)) pair32;
-static const pair32 zero_pairs[128];  /* a row of padding: dim <= 256 (docs/codec.md, "Transform bytes") */
-
 #define DPWSSD(acc, v, w) __asm__("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(v), "m"(w))
 
 /* Clamped to +-65504, then rounded to the nearest float16, ties to even: dequantize.c's half_of, the same integer
@@ -124,9 +120,9 @@ AVX512_VNNI static inline __m512 dequantize16(__m512i sums, float step, float ce
 
 #define BUFFER (-1) /* head_vnni_as's dtype for y */
 
-/* One head with AVX-512 VNNI: mp (dim, pairs), M's rows as int16 pairs (M[i][2k], M[i][2k+1]) in one int32 (for
- * an even dim, M's own bytes), and qp (tiles, pairs, VNNI_TILE), q's rows 2k and 2k + 1 interleaved likewise, padded
- * with zeros to whole tiles of tokens, as blocks of rows are with zero rows (the padding adds nothing, and no edge
+/* One head with AVX-512 VNNI: mp (rows, pairs), M's rows as int16 pairs (M[i][2k], M[i][2k+1]) in one int32, zero
+ * rows past dim up to a whole block (pair_rows), and qp (tiles, pairs, VNNI_TILE), q's rows 2k and 2k + 1
+ * interleaved likewise, padded with zeros to whole tiles of tokens (the padding adds nothing, and no edge
  * is left to a scalar loop: the int64 edges took most of this function's time on 256-token segments with sinks or
  * a short last chunk). Every sum exact in int32 here. Only the pairs of a tile that hold a nonzero
  * integer are summed, nz[tile * pairs + n] for n < count[tile] (ascending): the others add nothing (a third of
@@ -138,7 +134,7 @@ AVX512_VNNI static inline __m512 dequantize16(__m512i sums, float step, float ce
  * output: no float32 buffer between the product and the output, and 16 lanes where reconstruct_all's portable
  * loops have 4. */
 AVX512_VNNI static inline __attribute__((always_inline)) void
-head_vnni_as(const pair32 *restrict mp, const int32_t *restrict qp, const int32_t *restrict nz,
+head_vnni_as(const int32_t *restrict mp, const int32_t *restrict qp, const int32_t *restrict nz,
              const int32_t *restrict count, int64_t dim, int64_t tokens, float *restrict y, const KvqOutput *o,
              int64_t h, const int dtype, const int paired) {
     const int64_t pairs = (dim + 1) / 2, blocks = (dim + VNNI_ROWS - 1) / VNNI_ROWS;
@@ -158,11 +154,8 @@ head_vnni_as(const pair32 *restrict mp, const int32_t *restrict qp, const int32_
         const __m512 factor = dtype == BUFFER ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(keep, factors + t0);
         char *const at = out ? out + (size_t)t0 * item : NULL;
         for (int64_t b = 0; b < blocks; b++) {
-            const pair32 *w[VNNI_ROWS];
-            for (int r = 0; r < VNNI_ROWS; r++) {
-                const int64_t i = block_row(b, r, dim, paired);
-                w[r] = i < dim ? mp + i * pairs : zero_pairs;
-            }
+            const int32_t *w[VNNI_ROWS];
+            for (int r = 0; r < VNNI_ROWS; r++) w[r] = mp + block_row(b, r, dim, paired) * pairs;
             __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
             for (int32_t n = 0; n < count[tile]; n++) {
                 const int64_t k = list[n];
@@ -204,7 +197,7 @@ head_vnni_as(const pair32 *restrict mp, const int32_t *restrict qp, const int32_
 }
 
 /* head_vnni_as compiled for each output: the dtype and the rotation constants in each copy. */
-AVX512_VNNI static void head_vnni(const pair32 *restrict mp, const int32_t *restrict qp, const int32_t *restrict nz,
+AVX512_VNNI static void head_vnni(const int32_t *restrict mp, const int32_t *restrict qp, const int32_t *restrict nz,
                                   const int32_t *restrict count, int64_t dim, int64_t tokens, float *restrict y,
                                   const KvqOutput *o, int64_t h) {
 #define AS(dtype, paired) head_vnni_as(mp, qp, nz, count, dim, tokens, y, o, h, dtype, paired)
@@ -218,11 +211,13 @@ AVX512_VNNI static void head_vnni(const pair32 *restrict mp, const int32_t *rest
 }
 
 /* One head's integers q (dim, tokens) into qp (tiles, pairs, VNNI_TILE) as head_vnni takes them, zero-padded, with
- * each tile's list of pairs that are not zero (appended without a branch on the data). */
-AVX512_VNNI static void pack_head(const int32_t *restrict q, int64_t dim, int64_t tokens, int32_t *restrict qp,
-                                  int32_t *restrict nz, int32_t *restrict count) {
+ * each tile's list of pairs that are not zero (appended without a branch on the data). Returns max |q|, found on
+ * the way (a pass of its own over q took as long as the packing): the int16 pairs hold q only below 2^15. */
+AVX512_VNNI static int64_t pack_head(const int32_t *restrict q, int64_t dim, int64_t tokens, int32_t *restrict qp,
+                                     int32_t *restrict nz, int32_t *restrict count) {
     const int64_t pairs = (dim + 1) / 2, tiles = (tokens + VNNI_TILE - 1) / VNNI_TILE;
     const __m512i low = _mm512_set1_epi32(0xFFFF);
+    __m512i least = _mm512_setzero_si512(), most = least;
     for (int64_t tile = 0; tile < tiles; tile++) {
         const int64_t t0 = tile * VNNI_TILE, left = tokens - t0;
         const __mmask16 keep = left >= VNNI_TILE ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
@@ -231,6 +226,8 @@ AVX512_VNNI static void pack_head(const int32_t *restrict q, int64_t dim, int64_
             const __m512i lo = _mm512_maskz_loadu_epi32(keep, q + 2 * k * tokens + t0);
             const __m512i hi = 2 * k + 1 < dim ? _mm512_maskz_loadu_epi32(keep, q + (2 * k + 1) * tokens + t0)
                                                : _mm512_setzero_si512();
+            least = _mm512_min_epi32(least, _mm512_min_epi32(lo, hi));
+            most = _mm512_max_epi32(most, _mm512_max_epi32(lo, hi));
             const __m512i packed = _mm512_or_si512(_mm512_and_si512(lo, low), _mm512_slli_epi32(hi, 16));
             _mm512_storeu_si512(qp + (tile * pairs + k) * VNNI_TILE, packed);
             list[n] = (int32_t)k;
@@ -238,6 +235,8 @@ AVX512_VNNI static void pack_head(const int32_t *restrict q, int64_t dim, int64_
         }
         count[tile] = n;
     }
+    const int64_t lo = _mm512_reduce_min_epi32(least), hi = _mm512_reduce_max_epi32(most);
+    return -lo > hi ? -lo : hi;
 }
 
 static int has_vnni(void) {
@@ -251,13 +250,13 @@ static int has_vnni(void) {
 }
 #else
 static int has_vnni(void) { return 0; }
-typedef int32_t pair32;
-static void head_vnni(const pair32 *mp, const int32_t *qp, const int32_t *nz, const int32_t *count, int64_t dim,
+static void head_vnni(const int32_t *mp, const int32_t *qp, const int32_t *nz, const int32_t *count, int64_t dim,
                       int64_t tokens, float *y, const KvqOutput *o, int64_t h) {
     (void)mp, (void)qp, (void)nz, (void)count, (void)dim, (void)tokens, (void)y, (void)o, (void)h;  /* never called */
 }
-static void pack_head(const int32_t *q, int64_t dim, int64_t tokens, int32_t *qp, int32_t *nz, int32_t *count) {
+static int64_t pack_head(const int32_t *q, int64_t dim, int64_t tokens, int32_t *qp, int32_t *nz, int32_t *count) {
     (void)q, (void)dim, (void)tokens, (void)qp, (void)nz, (void)count;  /* never called */
+    return 0;
 }
 #endif
 
@@ -287,61 +286,99 @@ WIDE static int64_t largest_magnitude(const int32_t *restrict q, int64_t n) {
     return -(int64_t)lo > hi ? -(int64_t)lo : hi;
 }
 
-/* max |q| over all heads and M's largest row sum of |M|: B = their product bounds every partial sum. */
-static void bounds(const int32_t *q, const int16_t *matrix, int64_t heads, int64_t dim, int64_t tokens,
-                   int64_t *largest, int64_t *row_sum) {
-    *largest = largest_magnitude(q, heads * dim * tokens);
-    *row_sum = 0;
+/* M's largest sum of |M| over a row, over every head's rows: with max |q| it bounds every partial sum. Each sum in
+ * int32 (at most 256 * 2^15), which vectorizes. */
+WIDE static int64_t largest_row_sum(const int16_t *restrict matrix, int64_t heads, int64_t dim) {
+    int32_t most = 0;
     for (int64_t r = 0; r < heads * dim; r++) {
-        int64_t s = 0;
-        for (int64_t j = 0; j < dim; j++) s += abs(matrix[r * dim + j]);
-        *row_sum = s > *row_sum ? s : *row_sum;
+        int32_t s = 0;
+        for (int64_t j = 0; j < dim; j++) s += abs((int32_t)matrix[r * dim + j]);
+        most = s > most ? s : most;
     }
+    return most;
 }
 
-static int vnni_fits(int64_t largest, int64_t row_sum, int64_t dim) {
-    return largest < (1 << 15) && largest * row_sum < ((int64_t)1 << 31) && dim <= 256 && has_vnni();
+const char kvq_pair_rows_doc[] = PyDoc_STR(
+    "pair_rows(matrix, heads, out) -> int\n\n"
+    "The operand of the inverse transform's AVX-512 VNNI product: matrix int16 (heads, dim, dim); out int32\n"
+    "(heads, rows, pairs), rows = dim rounded up to 8 and pairs = ceil(dim / 2), receives row i's int16 pairs\n"
+    "(M[i][2k], M[i][2k + 1]) (zero past dim), or None where they are matrix's own bytes (dim a multiple of 8).\n"
+    "Returns the largest sum of |M| over a row, which reconstruct takes with the pairs (with max |q|, it bounds\n"
+    "every partial sum).");
+
+PyObject *kvq_pair_rows(PyObject *self, PyObject *args) {
+    PyObject *o_matrix, *o_out, *result = NULL;
+    long long heads;
+    View matrix = {0}, out = {0};
+    if (!PyArg_ParseTuple(args, "OLO", &o_matrix, &heads, &o_out)) return NULL;
+    if (view_get(o_matrix, &matrix, 0, 2, "matrix") || (o_out != Py_None && view_get(o_out, &out, 1, 4, "out")))
+        goto done;
+    int64_t dim = 0;
+    while (heads >= 1 && dim <= 256 && heads * dim * dim < ITEMS(matrix, int16_t)) dim++;
+    const int64_t pairs = (dim + 1) / 2, rows = (dim + VNNI_ROWS - 1) / VNNI_ROWS * VNNI_ROWS;
+    if (heads < 1 || dim < 1 || heads * dim * dim != ITEMS(matrix, int16_t) ||
+        (o_out == Py_None ? dim % VNNI_ROWS != 0 : ITEMS(out, int32_t) != heads * rows * pairs)) {
+        PyErr_SetString(PyExc_ValueError, "pair_rows: matrix must be (heads, dim, dim), dim at most 256, and out "
+                                          "(heads, rows, pairs), or None for a dim that is a multiple of 8");
+        goto done;
+    }
+    const int16_t *m = DATA(matrix, int16_t);
+    int32_t *o = o_out == Py_None ? NULL : DATA(out, int32_t);
+    int64_t row_sum;
+    Py_BEGIN_ALLOW_THREADS
+    for (int64_t h = 0; o && h < heads; h++)
+        for (int64_t i = 0; i < rows; i++)
+            for (int64_t k = 0; k < pairs; k++) {
+                const int16_t *row = m + (h * dim + (i < dim ? i : 0)) * dim;
+                o[(h * rows + i) * pairs + k] = i < dim ? pair(row[2 * k], 2 * k + 1 < dim ? row[2 * k + 1] : 0) : 0;
+            }
+    row_sum = largest_row_sum(m, heads, dim);
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromLongLong(row_sum);
+done:
+    view_release(&matrix), view_release(&out);
+    return result;
 }
 
-/* Every head through head_vnni, into y or o (see there). An even dim reads M's pairs where they lie; an odd one
- * copies each head's rows with a zero after the last column. (Packing M per call took 16% of Gemma 3's
- * reconstruction: 32 K entries per segment.) */
-static int untransform_vnni(const int32_t *q, const int16_t *matrix, int64_t heads, int64_t dim, int64_t tokens,
-                            float *y, const KvqOutput *o) {
+/* Every head through head_vnni, into y or o (see there), where the CPU has AVX-512 VNNI and B = max |q| times
+ * row_sum (M's largest row sum of |M|) keeps every partial sum exact in int32, with every |q| below 2^15; else 1,
+ * nothing written. Every head is packed, and max |q| known, before any is summed. mp: pair_rows's. */
+static int untransform_vnni(const int32_t *q, const int32_t *mp, int64_t row_sum, int64_t heads, int64_t dim,
+                            int64_t tokens, float *y, const KvqOutput *o) {
+    if (!has_vnni() || dim > 256 || (o && o->cos && dim % 8)) return 1;
     const int64_t pairs = (dim + 1) / 2, tiles = (tokens + VNNI_TILE - 1) / VNNI_TILE;
-    int32_t *mp = dim % 2 ? PyMem_RawMalloc((size_t)(dim * pairs) * sizeof(int32_t)) : NULL;
-    int32_t *qp = PyMem_RawMalloc((size_t)(tiles * pairs * VNNI_TILE) * sizeof(int32_t));
-    int32_t *nz = PyMem_RawMalloc((size_t)(pairs * tiles + tiles) * sizeof(int32_t)), *count = nz + pairs * tiles;
-    int status = 0;
-    if ((dim % 2 && !mp) || !qp || !nz)
-        status = -1;
+    const int64_t rows = (dim + VNNI_ROWS - 1) / VNNI_ROWS * VNNI_ROWS, per_head = tiles * pairs * VNNI_TILE;
+    int32_t *qp = PyMem_RawMalloc((size_t)(heads * per_head) * sizeof(int32_t));
+    int32_t *nz = PyMem_RawMalloc((size_t)(heads * (pairs + 1) * tiles) * sizeof(int32_t));
+    int status = !qp || !nz ? -1 : 0;
+    int64_t largest = 0;
     for (int64_t h = 0; h < heads && !status; h++) {
-        const int16_t *mh = matrix + h * dim * dim;
-        for (int64_t i = 0; mp && i < dim; i++)
-            for (int64_t k = 0; k < pairs; k++)
-                mp[i * pairs + k] = pair(mh[i * dim + 2 * k], 2 * k + 1 < dim ? mh[i * dim + 2 * k + 1] : 0);
-        pack_head(q + h * dim * tokens, dim, tokens, qp, nz, count);
-        head_vnni(mp ? mp : (const pair32 *)mh, qp, nz, count, dim, tokens, y ? y + h * dim * tokens : NULL, o, h);
+        int32_t *list = nz + h * (pairs + 1) * tiles;
+        const int64_t m = pack_head(q + h * dim * tokens, dim, tokens, qp + h * per_head, list, list + pairs * tiles);
+        largest = m > largest ? m : largest;
     }
-    PyMem_RawFree(mp);
+    if (!status && !(largest < (1 << 15) && largest * row_sum < ((int64_t)1 << 31))) status = 1;
+    for (int64_t h = 0; h < heads && !status; h++) {
+        const int32_t *list = nz + h * (pairs + 1) * tiles;
+        head_vnni(mp + h * rows * pairs, qp + h * per_head, list, list + pairs * tiles, dim, tokens,
+                  y ? y + h * dim * tokens : NULL, o, h);
+    }
     PyMem_RawFree(qp);
     PyMem_RawFree(nz);
     return status;
 }
 
-int kvq_untransform_into(const int32_t *q, const int16_t *matrix, int64_t heads, int64_t dim, int64_t tokens,
-                         const KvqOutput *o) {
-    int64_t largest, row_sum;
-    if (!has_vnni() || (o->cos && dim % 8)) return 1;
-    bounds(q, matrix, heads, dim, tokens, &largest, &row_sum);
-    return vnni_fits(largest, row_sum, dim) ? untransform_vnni(q, matrix, heads, dim, tokens, NULL, o) : 1;
+int kvq_untransform_into(const int32_t *q, const int32_t *mp, int64_t row_sum, int64_t heads, int64_t dim,
+                         int64_t tokens, const KvqOutput *o) {
+    return untransform_vnni(q, mp, row_sum, heads, dim, tokens, NULL, o);
 }
 
-int kvq_untransform(const int32_t *q, const int16_t *matrix, int64_t heads, int64_t dim, int64_t tokens, float *y) {
-    int64_t largest, row_sum;
-    bounds(q, matrix, heads, dim, tokens, &largest, &row_sum);
-    if (vnni_fits(largest, row_sum, dim)) return untransform_vnni(q, matrix, heads, dim, tokens, y, NULL);
-    if (largest * row_sum >= FLOAT32_EXACT) {
+int kvq_untransform(const int32_t *q, const int16_t *matrix, const int32_t *mp, int64_t row_sum, int64_t heads,
+                    int64_t dim, int64_t tokens, float *y) {
+    const int fast = untransform_vnni(q, mp, row_sum, heads, dim, tokens, y, NULL);
+    if (fast <= 0) return fast;
+    /* Past the VNNI bound (or without VNNI): the portable loops, by the bound taken from the matrices here. */
+    if (largest_magnitude(q, heads * dim * tokens) * largest_row_sum(matrix, heads, dim) >= FLOAT32_EXACT) {
         for (int64_t h = 0; h < heads; h++)
             head_exact(matrix + h * dim * dim, q + h * dim * tokens, y + h * dim * tokens, dim, tokens);
         return 0;
