@@ -32,6 +32,27 @@ def test_round_trip_names_the_file_by_its_sha256():
     assert dictionary.build(PAYLOAD, MODEL) == data
 
 
+def test_bytes_checked_once_are_not_hashed_again_and_other_bytes_are(monkeypatch):
+    """A process decoding many files of one model checks its dictionary's bytes once: equal bytes later are that
+    dictionary (under the new place's name, with what codecs derived from it); any other bytes under its name are
+    checked in full, so a damaged copy is still refused."""
+    data = dictionary.build(PAYLOAD + b"once", MODEL)
+    sha = dictionary.sha_of(data)
+    first = dictionary.parse(data, sha, "a.kvd")
+    first.derived["transforms"] = object()
+    hashed = []
+    monkeypatch.setattr(dictionary, "sha_of", lambda b: hashed.append(len(b)) or dictionary.hashlib.sha256(b).hexdigest())
+    again = dictionary.parse(bytes(data), sha, "b.kvd")
+    assert hashed == [] and (again.sha, again.data, again.payload) == (first.sha, first.data, first.payload)
+    assert again.where == "b.kvd"
+    assert again.derived["transforms"] is first.derived["transforms"]
+    damaged = bytearray(data)
+    damaged[-1] ^= 1
+    with pytest.raises(FormatError, match="c.kvd: holds dictionary"):
+        dictionary.parse(bytes(damaged), sha, "c.kvd")
+    assert hashed
+
+
 def rebuilt(header: dict, payload: bytes = PAYLOAD, version: int = 1, magic: bytes = dictionary.MAGIC) -> bytes:
     raw = json.dumps(header).encode()
     return dictionary.PREAMBLE.pack(magic, version, len(raw)) + raw + payload

@@ -17,7 +17,9 @@ import os
 import re
 import stat
 import struct
-from dataclasses import dataclass
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -48,6 +50,8 @@ class Dictionary:
     payload: bytes  # the codec's own bytes (codecs/transform.py: Transforms.pack)
     data: bytes  # the whole file, as stored
     where: str = ""  # where it was read from, for messages and reports
+    # What a codec made of the payload (its unpacked transforms), shared by every copy parse returns of it.
+    derived: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -82,9 +86,31 @@ def build(payload: bytes, model_identity: dict, kind: str = KINDS[0]) -> bytes:
     return PREAMBLE.pack(MAGIC, VERSION, len(header)) + header + payload
 
 
+# Dictionaries this process has checked, by name: bytes equal to one of them are that dictionary, checked already.
+# Comparing a Gemma 3 dictionary's 4.7 MB costs 0.25 ms where hashing it twice costs 8 ms, once per file decoded.
+_CHECKED: OrderedDict[str, Dictionary] = OrderedDict()
+CHECKED_KEEP = 8  # models at a time
+_CHECKED_LOCK = threading.Lock()
+
+
 def parse(data: bytes, expect_sha: str | None = None, where: str = "<dictionary>") -> Dictionary:
     """A .kvd file's contents, every field checked; with `expect_sha`, the bytes must hash to it (a dictionary
     is only ever used under the name its contents give it). FormatError naming `where` otherwise."""
+    with _CHECKED_LOCK:
+        known = _CHECKED.get(expect_sha) if expect_sha is not None else None
+        if known is not None:
+            _CHECKED.move_to_end(expect_sha)
+    if known is not None and known.data == data:
+        return replace(known, where=where)
+    found = _parse(data, expect_sha, where)
+    with _CHECKED_LOCK:
+        _CHECKED[found.sha] = found
+        while len(_CHECKED) > CHECKED_KEEP:
+            _CHECKED.popitem(last=False)
+    return found
+
+
+def _parse(data: bytes, expect_sha: str | None, where: str) -> Dictionary:
     sha = sha_of(data)
     if expect_sha is not None and sha != expect_sha:
         raise FormatError(f"{where}: holds dictionary {sha[:16]}…, not {expect_sha[:16]}… (damaged or misnamed)")

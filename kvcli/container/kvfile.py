@@ -170,7 +170,10 @@ def attach_dictionary(codec: Codec, sha: str, carried: dictionary.Dictionary | N
 
     found = carried if carried is not None else dictionary.resolve(sha, header, name, dictionary.places_for(src))
     try:
-        codec.attach(Transforms.unpack(found.payload))
+        transforms = found.derived.get("transforms")
+        if transforms is None:
+            transforms = found.derived["transforms"] = Transforms.unpack(found.payload)
+        codec.attach(transforms)
     except CodecError as err:
         raise FormatError(f"{name}: dictionary {sha[:16]}…: {err}") from None
     return found
