@@ -2,6 +2,10 @@
 
     python bench/rate_distortion.py [--model M] [--profile auto|none|PATH] [--corpus DIR] [--plot rd.png] [--step-scales S ...]
                                     [--codecs NAME ...] [--documents N] [--variants SPEC ...]
+    python bench/rate_distortion.py --plot rd.png --plot-from RUN.jsonl ...
+
+`--plot-from` draws the plot from the summary lines of earlier runs instead of measuring (a codec in a later file
+replaces the same codec of an earlier one), for runs that measured different codecs of one model on one corpus.
 
 KVTC (bench/kvtc.py) runs when named: `--codecs kvtc@1.0 kvtc@1.5`, the number its target bits per element
 before DEFLATE; its basis is fitted once on kvcli's calibration texts and its bytes reported apart
@@ -155,7 +159,14 @@ def main() -> None:
     ap.add_argument("--step-scales", type=float, nargs="*", default=[],
                     help="also run each kvcli preset at these --step-scale values (rows kvcli:PRESET@SCALE)")
     variants_option(ap)
+    ap.add_argument("--plot-from", type=Path, nargs="+", metavar="JSONL",
+                    help="with --plot: plot these runs' summary lines instead of measuring")
     args = ap.parse_args()
+    if args.plot_from:
+        if not args.plot:
+            raise SystemExit("--plot-from needs --plot")
+        replot(args.plot_from, args.plot)
+        return
     torch.set_grad_enabled(False)
     lm = models.load(args.model, "float32")
     env = {**environment(), "model": lm.name}
@@ -220,6 +231,21 @@ def main() -> None:
         emit(line)
     if args.plot:
         plot(summary, args.plot, lm.name)
+
+
+def replot(runs: list[Path], path: Path) -> None:
+    import json
+
+    summary: dict[str, dict] = {}
+    for run in runs:
+        for line in run.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("what") == "rate_distortion_summary":
+                summary[row["codec"]] = row
+    names = {row.get("model") for row in summary.values()}
+    if len(names) != 1:
+        raise SystemExit(f"--plot-from: the runs must be of one model, found {sorted(map(str, names))}")
+    plot(list(summary.values()), path, names.pop())
 
 
 def plot(summary: list[dict], path: Path, model: str) -> None:
