@@ -111,6 +111,15 @@ def test_decoded_as_is_what_encoding_with_the_probe_decodes_to(tiny_lm, tmp_path
     assert not all(torch.allclose(a, b, atol=1e-5) for a, b in zip(uniform.values, coarse.values))
 
 
+@pytest.mark.parametrize("method", ["fisher", "probes"])
+def test_progress_advances_once_per_counted_pass(tiny_lm, method):
+    """The progress bar's total (passes) is what calibrate reports, the token alpha and the scales included."""
+    lm = tiny_lm("llama")
+    steps = []
+    calibrate.calibrate(lm, [("t", TEXT)], prefix=200, method=method, progress=lambda: steps.append(1))
+    assert len(steps) == calibrate.passes(lm, 1, method)
+
+
 @pytest.mark.parametrize("layers", [2, 4, 5, 18, 30])
 def test_probe_blocks_cover_every_layer_once(layers):
     keys, values = calibrate.blocks_per_kind(layers)

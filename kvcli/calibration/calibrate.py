@@ -268,13 +268,15 @@ def _kl(lm: LoadedModel, reference: Reference, kv: KVCache, start: int = 0) -> f
         return max(quality.compare(lm, reference.ref, kv).kl, 0.0)
 
 
+CHOICES = len(scales_.ALPHAS) + len(scales_.TARGET_BITS)  # progress steps of the token alpha and the scales
+
+
 def passes(lm: LoadedModel, texts: int, method: str) -> int:
     """How many progress steps `calibrate` reports."""
     cfg = lm.model.config.get_text_config(decoder=True)
     if method == "probes":
-        return texts * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads + len(scales_.TARGET_BITS)
-    return texts * (FISHER_GROUPS + sum(len(b) for b in blocks_per_kind(cfg.num_hidden_layers))) \
-        + len(scales_.TARGET_BITS)
+        return texts * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads + CHOICES
+    return texts * (FISHER_GROUPS + sum(len(b) for b in blocks_per_kind(cfg.num_hidden_layers))) + CHOICES
 
 
 @dataclass

@@ -28,9 +28,9 @@ import numpy as np
 from ..codecs.presets import LOSSY_SCALES, TARGET_BITS, TRANSFORM_PRESETS, make_codec
 from ..codecs.transform import Transforms
 from ..container import format, kvfile
+from ..modeling import inference
 from ..modeling.kvcache import KVCache
 from ..modeling.models import LoadedModel
-from ..modeling import inference
 from ..modeling.rope import inv_freq_per_layer
 from . import bases as bases_
 from . import quality
@@ -117,6 +117,8 @@ def choose(lm: LoadedModel, profile, contexts: list[quality.Context], transforms
         solved[alpha] = solve(lambda s: bits_per_element(lm, profile, ALPHA_PRESET, s, caches, transforms, alpha),
                               LOSSY_SCALES[ALPHA_PRESET], TARGET_BITS[ALPHA_PRESET])
         tried[alpha] = kl(lm, profile, ALPHA_PRESET, solved[alpha][0], alpha, references, transforms)
+        if progress:
+            progress()
     alpha = min(ALPHAS, key=tried.get)
     scales, reached = {}, {}
     for preset, target in TARGET_BITS.items():
