@@ -21,9 +21,9 @@ TARGET_BITS = {"balanced": 2.4, "small": 1.44, "tiny": 0.96}
 # The largest token exponent a preset's encoder writes (KvqCodec's token_coarsest), where it is not
 # TOKEN_EXPONENT_LIMIT: at `tiny`'s coarse steps a fact the prefill's last queries ignored, coded up to 8x coarser,
 # could not be read back (SmolLM2 lost the needle's last digits); capped at 2^(4/8) it can, at no cost in KL at equal
-# bits. `small` at a model's larger token alpha (Gemma 3's 0.45) lost them too; capped at 2^(8/8) it keeps them
-# (docs/codec.md, "Presets").
-TOKEN_COARSEST = {"small": 8, "tiny": 4}
+# bits. At a model's larger token alpha (Gemma 3's 0.45, SmolLM2's 0.35) `small` and `balanced` lost them too;
+# capped at 2^(8/8) they keep them (docs/codec.md, "Presets").
+TOKEN_COARSEST = {"balanced": 8, "small": 8, "tiny": 4}
 # Each preset's codec class: what callers ask (`lossless`, say) before the codec is built.
 PRESET_CODECS: dict[str, type[Codec]] = {"lossless": ZstdCodec, **dict.fromkeys(LOSSY_SCALES, KvqCodec),
                                          "raw": RawCodec}

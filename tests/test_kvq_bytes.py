@@ -9,7 +9,7 @@ what changes bytes: rotary keys, a sliding-window layer, sinks, a profile with k
 dtypes, several chunks. Both backends must give the same bytes (the triton one under TRITON_INTERPRET=1).
 
 Those digests pin the codec's arithmetic with the encoder's full range of token exponents. `tiny` and later `small`
-got a cap on them (codecs/presets.py TOKEN_COARSEST: an encoder policy within the same format, which every decoder
+and `balanced` got a cap on them (codecs/presets.py TOKEN_COARSEST: an encoder policy within the same format, which every decoder
 reads as it did), so their presets' own bytes are pinned apart (CAPPED_DIGESTS, taken when each cap was added), and
 the arithmetic pins are checked with the caps lifted.
 """
@@ -74,7 +74,7 @@ V4_DIGESTS = {
 
 
 # (quality, version, dtype) -> the digest of a capped preset as it writes it, with its token cap (`tiny`'s taken at
-# 1f3a542's code, `small`'s when its cap was added).
+# 1f3a542's code, `small`'s and `balanced`'s when their caps were added).
 CAPPED_DIGESTS = {
     ('tiny', 3, 'bfloat16'): "c012ab5c809e09af9b8d0baf4d59cb55beef5c59a74d49ad9e5bc108610349d9",
     ('tiny', 3, 'float16'): "2eb15554191bcb9e55e2fe10dcb6b25d5074b8673b9005a0aec6279d75d3b0fe",
@@ -88,6 +88,12 @@ CAPPED_DIGESTS = {
     ('small', 4, 'bfloat16'): "15b6b07480c2a06fbe8c22f1703840bbca2807a4110200e0640ff7ca04e1d371",
     ('small', 4, 'float16'): "9b5b9a08a7440b4b77869d67494b2efd398b5ec0eac07548b1991c75c57f9e20",
     ('small', 4, 'float32'): "51cb67728cecf729a59dc981b0ba3a6d83b806061dbaf025d77e9565bc5dcdc5",
+    ('balanced', 3, 'bfloat16'): "9348ca3ac3fa77a1a9a1d89983ae231c0534b4f15f9631f9a5278d64be81097c",
+    ('balanced', 3, 'float16'): "31b50af19fbf48c15bcb9517894ea137789f006b08a98fb36fa5822553d14378",
+    ('balanced', 3, 'float32'): "e16c2687159795a0a7bacc2cc72c5ff8f0f848b7309183de98d270575102ce3b",
+    ('balanced', 4, 'bfloat16'): "5e2cc45bfbcdbab1abb73bbb2f487cf8a4bbb4f24d03143f8e524029a04276d2",
+    ('balanced', 4, 'float16'): "d1979bfe2aa2c27e1b90ca25e90ea08cb65f4cb50387b15401dbd2ba7e9b8442",
+    ('balanced', 4, 'float32'): "b375faf152c4f7ef4aac358d8ffb850ada2cd1ef2420dd041cab246e464e25af",
 }
 
 

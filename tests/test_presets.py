@@ -30,19 +30,21 @@ def _bits(lm, kv, codec) -> float:
     return 8 * size / sum(k.numel() + v.numel() for k, v in zip(kv.keys, kv.values))
 
 
-def test_small_and_tiny_code_no_token_much_coarser_than_its_head_typical_one(tiny_lm):
-    """`small` and `tiny` cap the token exponents at TOKEN_COARSEST (steps at most 2^(8/8) and 2^(4/8) coarser for an
-    ignored token); `balanced` keeps the whole range, and so reaches past both caps on the same cache."""
+def test_the_rated_presets_code_no_token_much_coarser_than_its_head_typical_one(tiny_lm):
+    """`balanced` and `small` cap the token exponents at 8, `tiny` at 4 (TOKEN_COARSEST: steps at most 2^(8/8) and
+    2^(4/8) coarser for an ignored token); `high` keeps the whole range, and so reaches past the caps on the same
+    cache."""
     lm = tiny_lm("llama")
     kv = _ignored_cache(lm)
     starts = [kv.token_start(layer) for layer in range(kv.num_layers)]
     top = {}
-    for quality in ("balanced", "small", "tiny"):
+    for quality in ("high", "balanced", "small", "tiny"):
         encoder = make_codec(quality, inv_freq=inv_freq_per_layer(lm.model)).fit(kv.keys, kv.values, starts,
                                                                                   kv.attention)
         top[quality] = max(int(w.exponents.max()) for w in encoder.tokens.values())
-    assert top["tiny"] == TOKEN_COARSEST["tiny"] == 4 and top["small"] == TOKEN_COARSEST["small"] == 8
-    assert top["balanced"] > 8
+    assert top["tiny"] == TOKEN_COARSEST["tiny"] == 4
+    assert top["balanced"] == top["small"] == TOKEN_COARSEST["small"] == TOKEN_COARSEST["balanced"] == 8
+    assert top["high"] > 8
 
 
 def test_calibration_chooses_tiny_scale_with_tiny_cap(tiny_lm):
