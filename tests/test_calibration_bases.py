@@ -58,6 +58,22 @@ def test_unit_space_is_where_the_codec_rounds(tiny_lm):
             assert differ.float().mean() < 1e-3 and ((u[differ].abs() % 1) - 0.5).abs().le(1e-4).all()
 
 
+def test_the_space_does_not_follow_the_presets_alpha_or_cap(tiny_lm, monkeypatch):
+    """The bases' space is balanced's at kvq's default alpha with every token exponent: a preset's cap or a model's
+    alpha (encoder policy) must not change a profile's dictionary, or leaving a text out would no longer find it."""
+    from kvcli.codecs import presets
+    from kvcli.codecs.kvq import DEFAULT_TOKEN_ALPHA, TOKEN_EXPONENT_LIMIT
+
+    lm = tiny_lm("llama")
+    profile = calibrate.calibrate(lm, [("t", TEXT)], prefix=120).profile
+    codec = bases.codec_for(lm, profile)
+    assert codec.token_coarsest == TOKEN_EXPONENT_LIMIT and codec.token_alpha == DEFAULT_TOKEN_ALPHA
+    before = bases.learn_bases(lm, profile, [("t", TEXT)])
+    monkeypatch.setitem(presets.TOKEN_COARSEST, bases.PRESET, 0)
+    after = bases.learn_bases(lm, profile, [("t", TEXT)])
+    assert all(np.array_equal(before[key][0], after[key][0]) for key in before)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_bases_are_orthonormal_by_decreasing_variance_and_decorrelate(tiny_lm, arch):
     lm = tiny_lm(arch)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..codecs.kvq import KvqCodec, Profile
+from ..codecs.kvq import TOKEN_EXPONENT_LIMIT, KvqCodec, Profile
 from ..codecs.kvq_ops import quantize
 from ..codecs.presets import make_codec
 from ..container import dictionary
@@ -34,8 +34,13 @@ Bases = dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]  # (layer, kind) ->
 
 
 def codec_for(lm: LoadedModel, profile: Profile) -> KvqCodec:
-    """The codec whose unit-step space the bases are fitted in: the preset's, under `profile`."""
-    return make_codec(PRESET, profile, inv_freq_per_layer(lm.model))
+    """The codec whose unit-step space the bases are fitted in: the preset's, under `profile`, at kvq's default
+    token alpha and with every token exponent. The space stays what it was when the presets' alphas and caps were
+    encoder policy of their own, so a profile's dictionary does not change with them (the shipped one included),
+    and leaving the texts out (kvcli/calibration/scales.py) still finds the profile's own dictionary."""
+    codec = make_codec(PRESET, profile, inv_freq_per_layer(lm.model))
+    codec.token_coarsest = TOKEN_EXPONENT_LIMIT
+    return codec
 
 
 def unit_space(codec: KvqCodec, x: torch.Tensor, layer: int, kind: int, start: int,
