@@ -305,7 +305,8 @@ def calibrate(lm: LoadedModel, texts: list[tuple[str, str]], prefix: int = quali
         kv = context[0]
         contexts.append(context)
         weights = w if weights is None else [a + b for a, b in zip(weights, w)] if w else None
-        # The presets' token alpha, so that the probe weighs tokens as the encoder will.
+        # kvq's default token alpha: the model's own is chosen after the profile, on it (scales.choose), and is
+        # near it (0.25-0.45), so the probe weighs tokens about as the encoder will.
         probe = KvqCodec(COARSE_SCALE, profile=Profile("probe", np.ones((kv.num_layers, 2)), w), inv_freq=inv_freq,
                          token_alpha=DEFAULT_TOKEN_ALPHA)
         # Under uniform token steps instead, the profile would measure an error the encoder never makes
