@@ -8,7 +8,6 @@ import pytest
 import torch
 from kvcli.codecs.base import CodecError
 from kvcli.codecs.kvq import KvqCodec
-from kvcli.codecs.presets import make_codec
 
 from kvcli.container import format, kvfile
 from kvcli.modeling import batching, importance, inference, models
@@ -96,7 +95,7 @@ def test_lossy_prefill_writes_token_weights_and_lossless_does_not(cli, llama, do
 
 
 def test_exponents_follow_the_attention_and_spare_the_sinks():
-    codec = make_codec("balanced")
+    codec = KvqCodec(1.0)  # kvq's default alpha, no cap (the rated presets cap the coarse side: test_presets.py)
     a = torch.tensor([[1.0, 1.0, 16.0, 1 / 16, 2.0**-40, 2.0**40]])
     e = codec.token_exponents(a, skip=1)
     assert e[0, 0] == 0  # a sink
@@ -108,7 +107,7 @@ def test_exponents_follow_the_attention_and_spare_the_sinks():
 def test_token_coarsest_caps_only_the_coarse_side():
     """A token the last queries ignored gets at most 2^(coarsest/8) coarser steps; finer ones are untouched."""
     a = torch.tensor([[1.0, 1.0, 16.0, 1 / 16, 2.0**-40, 2.0**40]])
-    full = make_codec("balanced").token_exponents(a, skip=1)
+    full = KvqCodec(1.0).token_exponents(a, skip=1)
     capped = KvqCodec(1.0, token_coarsest=4).token_exponents(a, skip=1)
     assert full[0, 3] > 4 and full[0, 4] == 24
     assert capped[0, 3] == capped[0, 4] == 4
