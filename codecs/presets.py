@@ -40,11 +40,13 @@ DEFAULT_QUALITY = "balanced"
 def make_codec(quality: str, profile: Profile | None = None, inv_freq: list[np.ndarray | None] | None = None,
                step_scale: float = 1.0, sinks: int = DEFAULT_SINKS, version: int = FORMAT_VERSION,
                transforms: Transforms | None = None, dictionary: str | None = None,
-               base_scale: float | None = None, token_alpha: float | None = None) -> Codec:
+               base_scale: float | None = None, token_alpha: float | None = None,
+               token_coarsest: int | None = None) -> Codec:
     """The preset's codec; a lossy one writes kvq bitstream `version` (kvq.WRITABLE_VERSIONS), or with the
     model's `transforms` (named by their `dictionary`'s SHA-256) version 4 with them. Its step scale is
     `base_scale` (the model's profile's for the preset) or else LOSSY_SCALES', times `step_scale`; its token
-    weights' alpha `token_alpha` (the model's profile's) or else kvq's default."""
+    weights' alpha `token_alpha` (the model's profile's) or else kvq's default; its largest token exponent
+    `token_coarsest` or else the preset's (TOKEN_COARSEST)."""
     cls = PRESET_CODECS.get(quality)
     if cls is None:
         raise ValueError(f"unknown quality {quality!r}; choose one of {', '.join(QUALITIES)}")
@@ -56,4 +58,5 @@ def make_codec(quality: str, profile: Profile | None = None, inv_freq: list[np.n
     if transforms is not None:
         version = TRANSFORM_VERSION
     return KvqCodec((LOSSY_SCALES[quality] if base_scale is None else base_scale) * step_scale, sinks, profile, inv_freq, meta, alpha, version,
-                    transforms, dictionary, TOKEN_COARSEST.get(quality, TOKEN_EXPONENT_LIMIT))
+                    transforms, dictionary,
+                    TOKEN_COARSEST.get(quality, TOKEN_EXPONENT_LIMIT) if token_coarsest is None else token_coarsest)

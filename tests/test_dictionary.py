@@ -53,6 +53,23 @@ def test_bytes_checked_once_are_not_hashed_again_and_other_bytes_are(monkeypatch
     assert hashed
 
 
+def test_the_process_keeps_only_the_last_dictionaries_checked(monkeypatch):
+    """At most CHECKED_KEEP: one checked before that many others is checked in full again; the last used stays."""
+    monkeypatch.setattr(dictionary, "_CHECKED", dictionary.OrderedDict())
+    datas = [dictionary.build(PAYLOAD + bytes([i]), MODEL) for i in range(dictionary.CHECKED_KEEP + 1)]
+    shas = [dictionary.sha_of(d) for d in datas]
+    for d, sha in zip(datas, shas):
+        dictionary.parse(d, sha)
+    assert list(dictionary._CHECKED) == shas[1:]
+    hashed = []
+    real = dictionary.sha_of
+    monkeypatch.setattr(dictionary, "sha_of", lambda b: hashed.append(1) or real(b))
+    dictionary.parse(datas[-1], shas[-1])
+    assert hashed == []
+    assert dictionary.parse(datas[0], shas[0]).sha == shas[0] and hashed  # evicted: hashed again
+    assert list(dictionary._CHECKED)[-1] == shas[0] and shas[1] not in dictionary._CHECKED
+
+
 def rebuilt(header: dict, payload: bytes = PAYLOAD, version: int = 1, magic: bytes = dictionary.MAGIC) -> bytes:
     raw = json.dumps(header).encode()
     return dictionary.PREAMBLE.pack(magic, version, len(raw)) + raw + payload

@@ -120,9 +120,8 @@ def fixed_digest(quality: str, dtype: str, backend: str = "torch", version: int 
     """The digest of what `quality`'s codec writes for the fixed cache: its arithmetic with every token exponent
     allowed, or with `preset_policy` as the preset writes it (its token cap)."""
     inv_freq = [1.0 / (10000 ** (np.arange(0, DIM, 2, dtype=np.float32) / DIM)) for _ in range(LAYERS)]
-    codec = make_codec(quality, fixed_profile(), inv_freq, **({"version": version} if version else {}))
-    if not preset_policy and hasattr(codec, "token_coarsest"):
-        codec.token_coarsest = TOKEN_EXPONENT_LIMIT
+    codec = make_codec(quality, fixed_profile(), inv_freq, **({"version": version} if version else {}),
+                       token_coarsest=None if preset_policy else TOKEN_EXPONENT_LIMIT)
     meta, parts = kvfile.encode(fixed_cache(DTYPES[dtype]), IDENT, codec, 32, backend=backend)
     h = hashlib.sha256(json.dumps(meta["codec"], sort_keys=True).encode())
     for p in parts:

@@ -38,9 +38,7 @@ def codec_for(lm: LoadedModel, profile: Profile) -> KvqCodec:
     token alpha and with every token exponent. The space stays what it was when the presets' alphas and caps were
     encoder policy of their own, so a profile's dictionary does not change with them (the shipped one included),
     and leaving the texts out (kvcli/calibration/scales.py) still finds the profile's own dictionary."""
-    codec = make_codec(PRESET, profile, inv_freq_per_layer(lm.model))
-    codec.token_coarsest = TOKEN_EXPONENT_LIMIT
-    return codec
+    return make_codec(PRESET, profile, inv_freq_per_layer(lm.model), token_coarsest=TOKEN_EXPONENT_LIMIT)
 
 
 def unit_space(codec: KvqCodec, x: torch.Tensor, layer: int, kind: int, start: int,

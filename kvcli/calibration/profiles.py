@@ -77,10 +77,15 @@ def to_json(profile: Profile, model_identity: dict, details: dict, dictionary: s
         "model": {k: model_identity[k] for k in MODEL_FIELDS},
         **_numbers(profile),
         **({"dictionary": dictionary} if dictionary is not None else {}),
-        **({"scales": {k: round(float(v), 6) for k, v in sorted(scales.items())}} if scales else {}),
-        **({"token_alpha": round(float(token_alpha), 6)} if token_alpha is not None else {}),
+        **_chosen(scales, token_alpha),
         **details,
     }
+
+
+def _chosen(scales: dict[str, float] | None, token_alpha: float | None) -> dict:
+    """The JSON fields of what calibration chose for the presets, as stored: the ones given, rounded."""
+    return {**({"scales": {k: round(float(v), 6) for k, v in sorted(scales.items())}} if scales else {}),
+            **({"token_alpha": round(float(token_alpha), 6)} if token_alpha is not None else {})}
 
 
 @dataclass(frozen=True)
@@ -174,12 +179,9 @@ def update(path: Path, dictionary: str | None = None, scales: dict[str, float] |
     doc = json.loads(Path(path).read_text())
     if dictionary is not None:
         doc["dictionary"] = dictionary_.check_sha(dictionary, str(path))
-    if scales is not None:
-        doc["scales"] = {k: round(float(v), 6) for k, v in sorted(scales.items())}
+    doc.update(_chosen(scales, token_alpha))
     if rate is not None:
         doc["rate"] = rate
-    if token_alpha is not None:
-        doc["token_alpha"] = round(float(token_alpha), 6)
     atomic_write(str(path), [json.dumps(doc, separators=(",", ":")).encode()])
 
 

@@ -96,10 +96,9 @@ def golden_dictionary() -> bytes:
 
 def golden_bytes(preset: str, version: int, transformed: bool = False) -> bytes:
     dtype, sinks = PRESETS[preset]
-    codec = make_codec(preset, None, inv_freq(), 1.0, sinks, version)
     # Every token exponent the format allows, whatever cap the preset's encoder keeps (codecs/presets.py
     # TOKEN_COARSEST, a policy within the format): the golden files cover the whole range.
-    codec.token_coarsest = TOKEN_EXPONENT_LIMIT
+    codec = make_codec(preset, None, inv_freq(), 1.0, sinks, version, token_coarsest=TOKEN_EXPONENT_LIMIT)
     if transformed:
         data = golden_dictionary()
         codec = KvqCodec(codec.scale, codec.sinks, codec.profile, codec.inv_freq, codec.meta, codec.token_alpha, 4,
