@@ -133,6 +133,34 @@ def test_find_takes_the_first_place_holding_it_and_checks_its_bytes(tmp_path):
         dictionary.find(d.sha, [dictionary.DirPlace(first), dictionary.DirPlace(second)], "f.kvc")
 
 
+def test_decoding_reads_an_unchanged_file_once_and_a_changed_or_removed_one_again(tmp_path, monkeypatch):
+    """find(reread=False), as decoders open a file: a dictionary file this process read and checked is not read
+    again while its signature holds; a rewrite (even of the same size) is read and checked, a removal is missing.
+    find() by default (kvcli verify) reads every time."""
+    d = made(PAYLOAD + b"seen")
+    places = [dictionary.DirPlace(tmp_path)]
+    path = dictionary.save(d, tmp_path)
+    reads = []
+    real = dictionary.read_file
+    monkeypatch.setattr(dictionary, "read_file", lambda p: reads.append(p) or real(p))
+    assert dictionary.find(d.sha, places, "f.kvc", reread=False).data == d.data and len(reads) == 1
+    again = dictionary.find(d.sha, places, "g.kvc", reread=False)
+    assert len(reads) == 1 and again.data == d.data and again.where == f"{tmp_path}/dicts/{d.sha}.kvd"
+    dictionary.find(d.sha, places, "h.kvc")
+    assert len(reads) == 2
+    damaged = bytearray(d.data)
+    damaged[-1] ^= 1
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(FormatError, match="holds dictionary"):
+        dictionary.find(d.sha, places, "f.kvc", reread=False)
+    assert len(reads) == 3
+    path.write_bytes(d.data)
+    dictionary.find(d.sha, places, "f.kvc", reread=False)
+    path.unlink()
+    with pytest.raises(dictionary.DictionaryMissing):
+        dictionary.find(d.sha, places, "f.kvc", reread=False)
+
+
 def test_a_missing_dictionary_names_itself_and_every_place_looked_in(tmp_path):
     sha = made().sha
     places = [dictionary.DirPlace(tmp_path / "a"), dictionary.DirPlace(tmp_path / "b")]

@@ -140,12 +140,12 @@ def encode(kv: KVCache, model_identity: dict, codec: Codec, chunk_tokens: int = 
 def open_decoder(src: format.ByteSource, header: format.Header, backend: str = "torch") -> tuple[Codec, Decoder]:
     """The file's codec, validated, and its decoder for `backend` built from the aux segments (checksums
     verified), with the dictionary the file names attached (DictionaryMissing, a FormatError, where none is found)."""
-    codec, decoder, _ = _open(src, header, backend)
+    codec, decoder, _ = _open(src, header, backend, reread=False)
     return codec, decoder
 
 
-def _open(src: format.ByteSource, header: format.Header,
-          backend: str = "torch") -> tuple[Codec, Decoder, dictionary.Dictionary | None]:
+def _open(src: format.ByteSource, header: format.Header, backend: str = "torch",
+          reread: bool = True) -> tuple[Codec, Decoder, dictionary.Dictionary | None]:
     name = getattr(src, "path", "<input>")
     try:
         codec = codec_from_header(header.codec.get("name"), header.codec.get("params"))
@@ -155,7 +155,7 @@ def _open(src: format.ByteSource, header: format.Header,
            if s.kind == "aux" and s.name != dictionary.AUX_NAME}
     carried = dictionary.carried(src, header, name)
     needed = getattr(codec, "dictionary", None)
-    found = attach_dictionary(codec, needed, carried, src, header, name) if needed is not None else None
+    found = attach_dictionary(codec, needed, carried, src, header, name, reread) if needed is not None else None
     try:
         return codec, codec.open(aux, len(header.layers), backend), found
     except CodecError as err:
@@ -163,12 +163,14 @@ def _open(src: format.ByteSource, header: format.Header,
 
 
 def attach_dictionary(codec: Codec, sha: str, carried: dictionary.Dictionary | None, src: format.ByteSource,
-                      header: format.Header, name: str) -> dictionary.Dictionary:
+                      header: format.Header, name: str, reread: bool = True) -> dictionary.Dictionary:
     """The dictionary the file names, the one it carries (checked already) or else found where its source's
-    readers look and checked against its model, with its transforms handed to the codec."""
+    readers look (`reread`: dictionary.find's) and checked against its model, with its transforms handed to the
+    codec."""
     from ..codecs.transform import Transforms
 
-    found = carried if carried is not None else dictionary.resolve(sha, header, name, dictionary.places_for(src))
+    found = carried if carried is not None else dictionary.resolve(sha, header, name, dictionary.places_for(src),
+                                                                   reread=reread)
     try:
         transforms = found.derived.get("transforms")
         if transforms is None:
