@@ -4,6 +4,7 @@ one and what they say when it is nowhere."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import pytest
@@ -137,6 +138,7 @@ def test_decoding_reads_an_unchanged_file_once_and_a_changed_or_removed_one_agai
     """find(reread=False), as decoders open a file: a dictionary file this process read and checked is not read
     again while its signature holds; a rewrite (even of the same size) is read and checked, a removal is missing.
     find() by default (kvcli verify) reads every time."""
+    monkeypatch.setattr(dictionary.time, "time_ns", lambda: 1 << 62)  # long after any write: not racy
     d = made(PAYLOAD + b"seen")
     places = [dictionary.DirPlace(tmp_path)]
     path = dictionary.save(d, tmp_path)
@@ -144,8 +146,10 @@ def test_decoding_reads_an_unchanged_file_once_and_a_changed_or_removed_one_agai
     real = dictionary.read_file
     monkeypatch.setattr(dictionary, "read_file", lambda p: reads.append(p) or real(p))
     assert dictionary.find(d.sha, places, "f.kvc", reread=False).data == d.data and len(reads) == 1
+    made(PAYLOAD + b"other")
     again = dictionary.find(d.sha, places, "g.kvc", reread=False)
     assert len(reads) == 1 and again.data == d.data and again.where == f"{tmp_path}/dicts/{d.sha}.kvd"
+    assert list(dictionary._CHECKED)[-1] == d.sha  # used last, so evicted last
     dictionary.find(d.sha, places, "h.kvc")
     assert len(reads) == 2
     damaged = bytearray(d.data)
@@ -156,9 +160,34 @@ def test_decoding_reads_an_unchanged_file_once_and_a_changed_or_removed_one_agai
     assert len(reads) == 3
     path.write_bytes(d.data)
     dictionary.find(d.sha, places, "f.kvc", reread=False)
+    before = path.stat()
+    path.write_bytes(bytes(damaged))  # in place, its modification time put back (cp -p, rsync -t): ctime moves
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(FormatError, match="holds dictionary"):
+        dictionary.find(d.sha, places, "f.kvc", reread=False)
+    path.write_bytes(d.data)
+    dictionary.find(d.sha, places, "f.kvc", reread=False)
     path.unlink()
     with pytest.raises(dictionary.DictionaryMissing):
         dictionary.find(d.sha, places, "f.kvc", reread=False)
+
+
+def test_a_file_changed_just_before_its_read_is_read_again(tmp_path, monkeypatch):
+    """Within RACY_NS of its last change a file could change again within the same timestamp tick: not kept."""
+    d = made(PAYLOAD + b"racy")
+    path = dictionary.save(d, tmp_path)
+    changed = max(path.stat().st_mtime_ns, path.stat().st_ctime_ns)
+    monkeypatch.setattr(dictionary.time, "time_ns", lambda: changed + dictionary.RACY_NS - 1)
+    reads = []
+    real = dictionary.read_file
+    monkeypatch.setattr(dictionary, "read_file", lambda p: reads.append(p) or real(p))
+    for _ in range(2):
+        dictionary.find(d.sha, [dictionary.DirPlace(tmp_path)], "f.kvc", reread=False)
+    assert len(reads) == 2
+    monkeypatch.setattr(dictionary.time, "time_ns", lambda: changed + dictionary.RACY_NS)
+    for _ in range(2):
+        dictionary.find(d.sha, [dictionary.DirPlace(tmp_path)], "f.kvc", reread=False)
+    assert len(reads) == 3
 
 
 def test_a_missing_dictionary_names_itself_and_every_place_looked_in(tmp_path):

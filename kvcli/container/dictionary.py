@@ -18,6 +18,7 @@ import re
 import stat
 import struct
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -94,7 +95,8 @@ _CHECKED_LOCK = threading.Lock()
 # Dictionary files this process read and checked, by path: the file's signature (device, inode, size, modification
 # and change times; any write changes the change time) taken before the read, and the dictionary's name. Decoding
 # takes the checked dictionary from _CHECKED while its file keeps that signature instead of reading the file again
-# (a Gemma 3 decode read 4.7 MB each time: 3.5 ms of 70). A stat still runs, so a removed file is still missing.
+# (a Gemma 3 decode read 4.7 MB each time: 3.5 ms of 70). A stat still runs, so a removed file is still missing;
+# network filesystems that cache attributes may answer that stat from their cache.
 # `kvcli verify` and everything else read the file every time.
 _SEEN: OrderedDict[str, tuple[tuple, str]] = OrderedDict()
 SEEN_KEEP = 4 * CHECKED_KEEP  # paths: one dictionary may lie in several places
@@ -351,11 +353,22 @@ def _signature(path: Path) -> tuple | None:
 def _unchanged(path: str, signature: tuple, sha: str) -> Dictionary | None:
     """The checked dictionary `sha` if `path` held it when last read and has kept its signature since."""
     with _CHECKED_LOCK:
-        seen = _SEEN.get(path)
-        return _CHECKED.get(sha) if seen == (signature, sha) else None
+        if _SEEN.get(path) != (signature, sha) or sha not in _CHECKED:
+            return None
+        _SEEN.move_to_end(path)
+        _CHECKED.move_to_end(sha)
+        return _CHECKED[sha]
+
+
+# A file modified this close to its read may be modified again within the same timestamp tick, unseen (filesystems
+# with 1 s or 2 s timestamps, coarse kernel clocks): such a file is read again next time ("racily clean", as git
+# says of its index).
+RACY_NS = 2_000_000_000
 
 
 def _remember(path: str, signature: tuple, sha: str) -> None:
+    if time.time_ns() - max(signature[3], signature[4]) < RACY_NS:
+        return
     with _CHECKED_LOCK:
         _SEEN[path] = (signature, sha)
         _SEEN.move_to_end(path)
