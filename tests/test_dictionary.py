@@ -172,6 +172,17 @@ def test_decoding_reads_an_unchanged_file_once_and_a_changed_or_removed_one_agai
         dictionary.find(d.sha, places, "f.kvc", reread=False)
 
 
+def test_the_process_remembers_only_the_last_files_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(dictionary.time, "time_ns", lambda: 1 << 62)
+    monkeypatch.setattr(dictionary, "_SEEN", dictionary.OrderedDict())
+    monkeypatch.setattr(dictionary, "SEEN_KEEP", 2)
+    d = made(PAYLOAD + b"kept")
+    paths = [str(dictionary.save(d, tmp_path / str(i))) for i in range(3)]
+    for i in range(3):
+        dictionary.find(d.sha, [dictionary.DirPlace(tmp_path / str(i))], "f.kvc", reread=False)
+    assert list(dictionary._SEEN) == paths[1:]
+
+
 def test_a_file_changed_just_before_its_read_is_read_again(tmp_path, monkeypatch):
     """Within RACY_NS of its last change a file could change again within the same timestamp tick: not kept."""
     d = made(PAYLOAD + b"racy")

@@ -449,6 +449,25 @@ def same(a: list, b: list) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def test_decoders_read_a_checked_dictionary_once_and_verify_reads_it_every_time(transform_file, fresh_cache, tmp_path,
+                                                                              monkeypatch):
+    written, d, _, _, _ = transform_file
+    copy = tmp_path / "doc.kvc"
+    copy.write_bytes(written.read_bytes())
+    (tmp_path / "dicts").mkdir()
+    (tmp_path / d.name).write_bytes(d.data)
+    monkeypatch.setattr(dictionary.time, "time_ns", lambda: 1 << 62)  # long after the writes: not racy
+    reads = []
+    real = dictionary.read_file
+    monkeypatch.setattr(dictionary, "read_file", lambda p: reads.append(str(p)) or real(p))
+    beside = str(tmp_path / d.name)
+    assert same(decoded(format.FileSource(copy)), decoded(format.FileSource(copy)))
+    assert reads.count(beside) == 1
+    with format.FileSource(copy) as src:
+        assert kvfile.verify(src, format.read_header(src))["dictionary"]["sha256"] == d.sha
+    assert reads.count(beside) == 2
+
+
 def test_a_transform_file_decodes_from_every_store_on_a_machine_without_its_dictionary(target, transform_file,
                                                                                      fresh_cache, cli, token_file,
                                                                                      tmp_path, request):
