@@ -594,7 +594,9 @@ class KvqDecoder(_Planned, Decoder):
         self._segments: dict = {}  # _segment's results by layout; every thread computes the same values
         self._layouts: dict = {}  # entropy.Layout by (layer, kind, non-sink tokens), likewise
         self._host = {key: (c.numpy().reshape(-1), st.numpy().reshape(-1)) for key, (c, st) in self._tensors.items()}
-        self._prepared: dict = {}  # transform_ops.prepare's matrices by (layer, kind), made on first use
+        # transform_ops.prepare's matrices by (layer, kind), made on first use: kept with the transforms, which a
+        # process shares among every file of one dictionary (Dictionary.derived), so prepared once per process.
+        self._prepared: dict = self.transforms.prepared if self.transforms is not None else {}
         self._device_states: dict = {}  # per device: tables and layouts on it (kvq_ops/decode_triton.py)
         self._lock = threading.Lock()
 

@@ -44,6 +44,7 @@ class Transforms:
         self.matrices = {key: np.ascontiguousarray(matrices[key]) for key in sorted(matrices)}
         self._inverses: dict[tuple[int, int], np.ndarray] = {}
         self._gains: dict[tuple[int, int], np.ndarray] = {}
+        self.prepared: dict = {}  # the CPU decoder's layout of each matrix (kvq_ops.transform.prepare), filled by it
 
     @classmethod
     def from_bases(cls, bases: dict[tuple[int, int], np.ndarray]) -> "Transforms":

@@ -460,9 +460,17 @@ def test_decoders_read_a_checked_dictionary_once_and_verify_reads_it_every_time(
     reads = []
     real = dictionary.read_file
     monkeypatch.setattr(dictionary, "read_file", lambda p: reads.append(str(p)) or real(p))
+    from kvcli.codecs import kvq
+
+    prepared = []
+    real_prepare = kvq.transform_ops.prepare
+    monkeypatch.setattr(kvq.transform_ops, "prepare", lambda m: prepared.append(1) or real_prepare(m))
     beside = str(tmp_path / d.name)
-    assert same(decoded(format.FileSource(copy)), decoded(format.FileSource(copy)))
+    first = decoded(format.FileSource(copy))
+    once = len(prepared)
+    assert same(first, decoded(format.FileSource(copy)))
     assert reads.count(beside) == 1
+    assert len(prepared) == once  # the second file's decoder takes the matrices the first one prepared
     with format.FileSource(copy) as src:
         assert kvfile.verify(src, format.read_header(src))["dictionary"]["sha256"] == d.sha
     assert reads.count(beside) == 2

@@ -93,7 +93,8 @@ _CHECKED: OrderedDict[str, Dictionary] = OrderedDict()
 CHECKED_KEEP = 8  # models at a time
 _CHECKED_LOCK = threading.Lock()
 # Dictionary files this process read and checked, by path: the file's signature (device, inode, size, modification
-# and change times; any write changes the change time) taken before the read, and the dictionary's name. Decoding
+# and change times: a write changes the change time, within one timestamp tick perhaps not, see RACY_NS) taken
+# before the read, and the dictionary's name. Decoding
 # takes the checked dictionary from _CHECKED while its file keeps that signature instead of reading the file again
 # (a Gemma 3 decode read 4.7 MB each time: 3.5 ms of 70). A stat still runs, so a removed file is still missing;
 # network filesystems that cache attributes may answer that stat from their cache.
@@ -200,7 +201,7 @@ class DirPlace:
         try:
             return read_file(self.file_of(sha))
         except OSError as err:
-            raise FormatError(f"{self.root / name_of(sha)}: cannot read dictionary: {err.strerror}") from None
+            raise FormatError(f"{self.file_of(sha)}: cannot read dictionary: {err.strerror}") from None
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, DirPlace) and other.root.resolve() == self.root.resolve()
